@@ -1,0 +1,47 @@
+"""The one error hierarchy of pagefork.
+
+Every error a caller can act on derives from :class:`PageforkError`; its message says what
+was wrong and where (file, entry index, fork id).
+"""
+
+from __future__ import annotations
+
+
+class PageforkError(Exception):
+    """Base class of every error pagefork raises on purpose."""
+
+
+class UffdError(PageforkError):
+    """A userfaultfd system call or ioctl failed, or userfaultfd is unavailable."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class HandshakeError(PageforkError):
+    """A VMM's handshake message (mappings JSON and uffd) is malformed or unusable."""
+
+
+class MemFileError(PageforkError):
+    """The template mem-file is missing, unreadable, or does not fit the regions."""
+
+
+class ForkError(PageforkError):
+    """A fork id is invalid, unknown, duplicated, or its session failed."""
+
+
+class HotPageFileError(PageforkError):
+    """A hot-page file is corrupt: the message names the file and the entry index."""
+
+
+class PrefetchError(PageforkError):
+    """A hot-page list does not fit a fork's regions, or installing it failed."""
+
+
+class TemplateError(PageforkError):
+    """A template (mem-file, vmstate, metadata) is missing or broken."""
+
+
+class VmmError(PageforkError):
+    """A VMM (the built-in KVM microVM or Firecracker) failed or refused a request."""

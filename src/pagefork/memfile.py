@@ -1,0 +1,128 @@
+"""The template mem-file: mapped once, read-only and shared, and indexed for zero pages.
+
+Every fork's ``UFFDIO_COPY`` reads straight from this one mapping, so all forks of a template
+share the page cache and the server holds no per-fork copy. Which 4 KiB pages are all zero is
+worked out once at open, so the fault path never scans a page to choose ``UFFDIO_ZEROPAGE``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import stat
+from types import TracebackType
+
+from pagefork.errors import MemFileError
+from pagefork.regions import PAGE_SIZE
+from pagefork.uffd import libc
+
+_libc = libc()
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_SCAN_CHUNK = 1 << 20
+_ZERO_CHUNK = bytes(_SCAN_CHUNK)
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def scan_zero_pages(data: bytes | memoryview | mmap.mmap) -> bytearray:
+    """One byte per 4 KiB page of ``data``: 1 where the page is all zero (a partial tail is
+    judged on its bytes)."""
+    size = len(data)
+    npages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+    zeros = bytearray(npages)
+    view = memoryview(data)
+    try:
+        for start in range(0, size, _SCAN_CHUNK):
+            chunk = view[start : start + _SCAN_CHUNK]
+            first = start // PAGE_SIZE
+            if len(chunk) == _SCAN_CHUNK and chunk == _ZERO_CHUNK:
+                zeros[first : first + _SCAN_CHUNK // PAGE_SIZE] = b"\x01" * (_SCAN_CHUNK // PAGE_SIZE)
+                continue
+            for i, off in enumerate(range(0, len(chunk), PAGE_SIZE)):
+                page = chunk[off : off + PAGE_SIZE]
+                if page == _ZERO_PAGE[: len(page)]:
+                    zeros[first + i] = 1
+    finally:
+        view.release()
+    return zeros
+
+
+class MemFile:
+    """A template mem-file opened read-only and mapped once with ``MAP_SHARED``.
+
+    ``address`` is the mapping's address in this process: the ``src`` of every ``UFFDIO_COPY``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MemFileError(f"mem-file {self.path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise MemFileError(f"mem-file {self.path}: not a regular file")
+            if st.st_size == 0:
+                raise MemFileError(f"mem-file {self.path}: file is empty")
+            self.size = st.st_size
+            with mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ) as view:
+                self._zeros = scan_zero_pages(view)
+            addr = _libc.mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr is None or addr == _MAP_FAILED:
+                err = ctypes.get_errno()
+                raise MemFileError(f"mem-file {self.path}: mmap failed: {os.strerror(err)}")
+            self.address: int = addr
+        finally:
+            os.close(fd)
+        self._closed = False
+
+    @property
+    def zero_page_count(self) -> int:
+        """How many 4 KiB pages of the mem-file are all zero."""
+        return self._zeros.count(1)
+
+    def is_zero(self, offset: int, length: int = PAGE_SIZE) -> bool:
+        """True when ``[offset, offset+length)`` of the mem-file is all zero (no scanning)."""
+        first = offset // PAGE_SIZE
+        last = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
+        return self._zeros.find(0, first, last) < 0
+
+    @property
+    def zero_map(self) -> bytes:
+        """One byte per 4 KiB page, 1 where the page is zero (a copy; read-only use)."""
+        return bytes(self._zeros)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Copy ``length`` bytes at ``offset`` out of the mapping (for checks, not the fault path)."""
+        if offset < 0 or offset + length > self.size:
+            raise MemFileError(f"mem-file {self.path}: read {offset:#x}+{length:#x} out of range")
+        return ctypes.string_at(self.address + offset, length)
+
+    def close(self) -> None:
+        """Unmap the file; idempotent. No fork may be served from it afterwards."""
+        if not self._closed:
+            self._closed = True
+            _libc.munmap(self.address, self.size)
+
+    def __enter__(self) -> MemFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

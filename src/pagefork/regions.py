@@ -1,0 +1,90 @@
+"""Guest memory regions: translation between a VMM's host addresses and mem-file offsets.
+
+Pure data, no I/O. A :class:`Region` is one entry of Firecracker's handshake: a range of the
+VMM's address space backed by a byte range of the template mem-file.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """One guest memory region as the VMM mapped it.
+
+    ``base`` is the VMM's host virtual address, ``offset`` the region's byte offset in the
+    mem-file, ``page_size`` the granule faults are served in (4 KiB, or 2 MiB for hugetlbfs).
+    """
+
+    base: int
+    size: int
+    offset: int
+    page_size: int = PAGE_SIZE
+
+    @property
+    def end(self) -> int:
+        """One past the region's last host address."""
+        return self.base + self.size
+
+    def contains(self, address: int) -> bool:
+        """True when the host ``address`` lies inside this region."""
+        return self.base <= address < self.base + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a host address lands: region index, its page's offset in the region, and file."""
+
+    region: int
+    page_offset: int
+    file_offset: int
+    page_size: int
+
+
+class RegionMap:
+    """Looks up which region a host address belongs to (bisect over sorted bases)."""
+
+    __slots__ = ("_bases", "_order", "regions")
+
+    def __init__(self, regions: Iterable[Region]) -> None:
+        self.regions: tuple[Region, ...] = tuple(regions)
+        self._order = sorted(range(len(self.regions)), key=lambda i: self.regions[i].base)
+        self._bases = [self.regions[i].base for i in self._order]
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def index_of(self, address: int) -> int:
+        """The index (handshake order) of the region holding ``address``, or -1."""
+        pos = bisect.bisect_right(self._bases, address) - 1
+        if pos < 0:
+            return -1
+        idx = self._order[pos]
+        return idx if address < self.regions[idx].end else -1
+
+    def locate(self, address: int) -> Location | None:
+        """Translate a faulting host address to its page, or None when outside every region."""
+        idx = self.index_of(address)
+        if idx < 0:
+            return None
+        r = self.regions[idx]
+        page_offset = (address - r.base) & ~(r.page_size - 1)
+        return Location(idx, page_offset, r.offset + page_offset, r.page_size)
+
+    def total_size(self) -> int:
+        """Bytes of guest memory across all regions."""
+        return sum(r.size for r in self.regions)
+
+
+def overlapping(regions: Sequence[Region]) -> tuple[int, int] | None:
+    """Indices of the first pair of regions whose host ranges overlap, or None."""
+    order = sorted(range(len(regions)), key=lambda i: regions[i].base)
+    for a, b in zip(order, order[1:]):
+        if regions[a].end > regions[b].base:
+            return (a, b)
+    return None

@@ -1,0 +1,440 @@
+"""The page server: one template mem-file, many fork sessions, one socket per fork.
+
+:class:`PageServer` maps the mem-file once and serves every fork's uffd from it. Forks are
+registered by id (:meth:`PageServer.register_fork` gives each a 0600 Unix socket), or arrive on a
+shared socket (:meth:`PageServer.listen`, what ``pagefork serve`` uses). One acceptor thread
+watches the listening sockets; each accepted connection gets a :class:`ForkSession` thread.
+Every public method is safe to call from any thread while faults are served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import select
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from pagefork.errors import ForkError, PageforkError
+from pagefork.hotpages import HotPage, HotPageList, HotPageRecorder
+from pagefork.memfile import MemFile
+from pagefork.prefetch import PrefetchResult, execute_plan, plan_prefetch
+from pagefork.regions import Region
+from pagefork.session import FailurePolicy, ForkSession, SessionOptions
+from pagefork.stats import ForkStats
+
+log = logging.getLogger("pagefork")
+
+_FORK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: sun_path holds 108 bytes including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one :class:`PageServer`.
+
+    ``page_size`` 0 takes each region's page size from the handshake (4 KiB when absent).
+    ``on_failure`` is what a fork-fatal error does to the VMM: ``kill`` (SIGKILL its pid, as
+    Firecracker's docs advise: a guest whose handler is gone hangs forever) or ``close``.
+    ``record_hot_pages`` records every fork; ``record_max_pages`` / ``record_max_seconds``
+    bound the recording window. ``on_fork_end`` / ``on_connect`` are called from the fork's
+    thread with its id.
+    """
+
+    mem_file_path: str
+    socket_dir: str
+    page_size: int = 0
+    on_failure: FailurePolicy = "kill"
+    handshake_timeout: float = 10.0
+    record_hot_pages: bool = False
+    record_max_pages: int | None = None
+    record_max_seconds: float | None = None
+    on_connect: Callable[[str], None] | None = None
+    on_fork_end: Callable[[str, ForkStats], None] | None = None
+    on_window_closed: Callable[[str, HotPageList], None] | None = None
+
+
+@dataclass
+class _Fork:
+    fork_id: str
+    record: bool
+    listener: socket.socket | None = None
+    socket_path: str | None = None
+    session: ForkSession | None = None
+    sessions_seen: int = 0
+    ephemeral: bool = False
+    last_error: str | None = None
+
+
+def validate_fork_id(fork_id: str) -> str:
+    """Return ``fork_id`` if it is safe as a file name (no separators, no traversal)."""
+    if not isinstance(fork_id, str) or not _FORK_ID.fullmatch(fork_id):
+        raise ForkError(
+            f"invalid fork id {fork_id!r}: use 1-64 characters from [A-Za-z0-9._-], "
+            "starting with a letter or digit"
+        )
+    return fork_id
+
+
+def bind_private_socket(path: str) -> socket.socket:
+    """Create a listening Unix socket at ``path`` with mode 0600, without a umask race.
+
+    The socket is bound in a fresh 0700 directory, chmod-ed, then renamed into place, so it is
+    never reachable by others with looser permissions. A stale socket at ``path`` is replaced;
+    one a live server still listens on is refused.
+    """
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise ForkError(f"socket path too long ({len(path)} > {_MAX_SOCKET_PATH} bytes): {path}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ForkError(f"socket directory {parent} does not exist")
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ForkError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise ForkError(f"{path} is in use by a live server")
+        finally:
+            probe.close()
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".pagefork-", dir=parent)
+    except OSError as exc:
+        raise ForkError(f"cannot create a socket in {parent}: {exc.strerror}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        tmp = os.path.join(tmpdir, "s")
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise ForkError(f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return sock
+
+
+class PageServer:
+    """Serves forks of one template mem-file over Firecracker's UFFD protocol."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._options = SessionOptions(
+            on_failure=config.on_failure,
+            handshake_timeout=config.handshake_timeout,
+            page_size=config.page_size,
+        )
+        if config.page_size and (config.page_size < 4096 or config.page_size & (config.page_size - 1)):
+            raise PageforkError(f"page size {config.page_size} is not a power of two >= 4096")
+        if not os.path.isdir(config.socket_dir):
+            raise ForkError(f"socket directory {config.socket_dir} does not exist")
+        self.memfile = MemFile(config.mem_file_path)
+        self._lock = threading.Lock()
+        # Notified whenever a fork's session is accepted, connects or ends.
+        self._changed = threading.Condition(self._lock)
+        self._forks: dict[str, _Fork] = {}
+        self._listeners: dict[int, _Fork | None] = {}
+        self._shared: dict[int, tuple[socket.socket, str]] = {}
+        self._next_conn = 0
+        self._closed = False
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._acceptor = threading.Thread(target=self._accept_loop, name="pagefork-accept", daemon=True)
+        self._acceptor.start()
+
+    # --- registration ------------------------------------------------------------------------
+    def register_fork(self, fork_id: str, record: bool | None = None) -> str:
+        """Create the fork's socket (mode 0600 in ``socket_dir``) and return its path.
+
+        ``record`` overrides ``ServerConfig.record_hot_pages`` for this fork.
+        """
+        validate_fork_id(fork_id)
+        path = os.path.join(self.config.socket_dir, f"{fork_id}.sock")
+        with self._lock:
+            self._check_open()
+            if fork_id in self._forks:
+                raise ForkError(f"fork {fork_id} is already registered")
+            sock = bind_private_socket(path)
+            entry = _Fork(
+                fork_id,
+                record=self.config.record_hot_pages if record is None else record,
+                listener=sock,
+                socket_path=path,
+            )
+            self._forks[fork_id] = entry
+            self._listeners[sock.fileno()] = entry
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+        return path
+
+    def listen(self, path: str) -> None:
+        """Accept any number of forks on one socket at ``path`` (ids ``fork-1``, ``fork-2``...)."""
+        with self._lock:
+            self._check_open()
+            sock = bind_private_socket(path)
+            self._shared[sock.fileno()] = (sock, path)
+            self._listeners[sock.fileno()] = None
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+
+    def unregister_fork(self, fork_id: str) -> None:
+        """Stop serving the fork, close its uffd and connection, remove its socket.
+
+        An unknown id is a no-op.
+        """
+        with self._lock:
+            entry = self._forks.pop(fork_id, None)
+            if entry is None:
+                return
+            self._drop_listener(entry)
+            session = entry.session
+        if session is not None:
+            session.stop()
+
+    def _drop_listener(self, entry: _Fork) -> None:
+        sock = entry.listener
+        if sock is not None:
+            entry.listener = None
+            self._listeners.pop(sock.fileno(), None)
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(sock.fileno())
+            sock.close()
+        if entry.socket_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.socket_path)
+            entry.socket_path = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PageforkError("page server is closed")
+
+    def _get(self, fork_id: str) -> _Fork:
+        with self._lock:
+            entry = self._forks.get(fork_id)
+        if entry is None:
+            raise ForkError(f"unknown fork {fork_id!r}")
+        return entry
+
+    # --- queries -----------------------------------------------------------------------------
+    def forks(self) -> list[str]:
+        """Ids of the forks registered or connected now."""
+        with self._lock:
+            return list(self._forks)
+
+    def wait_connected(self, fork_id: str, timeout: float = 10.0) -> list[Region]:
+        """Wait for the fork's handshake and return its regions.
+
+        Raises :class:`ForkError` on timeout (naming the last handshake error, if any) or when
+        the fork's session ended.
+        """
+        session = self._wait_session(fork_id, timeout)
+        return list(session.regions)
+
+    def _wait_session(self, fork_id: str, timeout: float) -> ForkSession:
+        entry = self._get(fork_id)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                session = entry.session
+                if session is not None and session.connected.is_set():
+                    return session
+                if session is not None and session.ended.is_set():
+                    entry.last_error = session.stats.error
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    why = f" (last error: {entry.last_error})" if entry.last_error else ""
+                    raise ForkError(f"fork {fork_id}: no handshake within {timeout:g}s{why}")
+                self._changed.wait(left)
+
+    def stats(self, fork_id: str) -> ForkStats:
+        """Counters and latency percentiles of one fork."""
+        entry = self._get(fork_id)
+        if entry.session is None:
+            return ForkStats(fork=fork_id, state="waiting", error=entry.last_error)
+        return entry.session.snapshot_stats()
+
+    def hot_pages(self, fork_id: str) -> HotPageList:
+        """The pages the fork faulted on demand, in first-touch order (it must be recording)."""
+        entry = self._get(fork_id)
+        session = entry.session
+        if not entry.record:
+            raise ForkError(f"fork {fork_id} is not recording hot pages")
+        if session is None or session.recorder is None:
+            return HotPageList()
+        return session.recorder.hot_pages
+
+    # --- prefetch ----------------------------------------------------------------------------
+    def prefetch(
+        self, fork_id: str, hot_pages: HotPageList | Sequence[HotPage], timeout: float = 10.0
+    ) -> PrefetchResult:
+        """Install ``hot_pages`` into the fork before its guest runs.
+
+        Waits for the fork's handshake (up to ``timeout``), validates the whole list against
+        the fork's regions (:class:`PrefetchError` naming the first bad entry, nothing
+        installed), then copies it in coalesced runs. Safe to race the fork's own faults.
+        """
+        session = self._wait_session(fork_id, timeout)
+        pages = hot_pages.in_order() if isinstance(hot_pages, HotPageList) else list(hot_pages)
+        plan = plan_prefetch(pages, session.regions, self.memfile.is_zero)
+
+        def run(s: ForkSession) -> PrefetchResult:
+            return execute_plan(plan, s, timeout=timeout)
+
+        result = session.run_prefetch(run)
+        assert isinstance(result, PrefetchResult)
+        session.stats.prefetched_pages += result.installed
+        return result
+
+    # --- accepting ---------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                events = self._epoll.poll()
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                return
+            for fd, _ in events:
+                if fd == self._wake_fd:
+                    return
+                with self._lock:
+                    if self._closed or fd not in self._listeners:
+                        continue
+                    self._accept(fd)
+
+    def _accept(self, fd: int) -> None:
+        """Accept one connection on listener ``fd`` (called with the lock held)."""
+        entry = self._listeners[fd]
+        sock = entry.listener if entry is not None else self._shared[fd][0]
+        assert sock is not None
+        try:
+            conn, _ = sock.accept()
+        except OSError as exc:
+            log.warning("accept failed: %s", exc.strerror)
+            return
+        if entry is None:
+            self._next_conn += 1
+            fork_id = f"fork-{self._next_conn}"
+            entry = _Fork(fork_id, record=self.config.record_hot_pages, ephemeral=True)
+            self._forks[fork_id] = entry
+        elif entry.session is not None and not (
+            entry.session.ended.is_set() and not entry.session.connected.is_set()
+        ):
+            # One VMM per fork socket; a retry is allowed only after a failed handshake.
+            log.warning("fork %s: refusing a second connection", entry.fork_id)
+            conn.close()
+            return
+        if entry.session is not None:
+            entry.last_error = entry.session.stats.error
+        recorder = self._make_recorder(entry.fork_id) if entry.record else None
+        session = ForkSession(
+            entry.fork_id,
+            conn,
+            self.memfile,
+            self._options,
+            recorder,
+            on_connect=self._session_connected,
+            on_end=self._session_ended,
+        )
+        entry.session = session
+        entry.sessions_seen += 1
+        session.start()
+        self._changed.notify_all()
+
+    def _make_recorder(self, fork_id: str) -> HotPageRecorder:
+        cb = self.config.on_window_closed
+
+        def closed(pages: HotPageList) -> None:
+            if cb is not None:
+                cb(fork_id, pages)
+
+        return HotPageRecorder(
+            max_pages=self.config.record_max_pages,
+            max_seconds=self.config.record_max_seconds,
+            on_close=closed,
+        )
+
+    def _session_connected(self, session: ForkSession) -> None:
+        with self._changed:
+            self._changed.notify_all()
+        cb = self.config.on_connect
+        if cb is not None:
+            # Off the fork's thread: the callback may prefetch while the fault loop serves.
+            threading.Thread(
+                target=self._run_callback,
+                args=(cb, session.fork_id),
+                name=f"pagefork-connect-{session.fork_id}",
+                daemon=True,
+            ).start()
+
+    @staticmethod
+    def _run_callback(cb: Callable[[str], None], fork_id: str) -> None:
+        try:
+            cb(fork_id)
+        except Exception:
+            log.exception("fork %s: connect callback failed", fork_id)
+
+    def _session_ended(self, session: ForkSession) -> None:
+        with self._lock:
+            entry = self._forks.get(session.fork_id)
+            if entry is not None and entry.session is session:
+                if session.stats.error:
+                    entry.last_error = session.stats.error
+                self._changed.notify_all()
+                if entry.ephemeral:
+                    del self._forks[session.fork_id]
+        if self.config.on_fork_end is not None and session.connected.is_set():
+            self.config.on_fork_end(session.fork_id, session.snapshot_stats())
+
+    # --- shutdown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop every fork, join every thread, remove every socket; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            entries = list(self._forks.values())
+            self._forks.clear()
+            for entry in entries:
+                self._drop_listener(entry)
+            for sock, path in self._shared.values():
+                sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            self._shared.clear()
+            self._listeners.clear()
+        os.eventfd_write(self._wake_fd, 1)
+        self._acceptor.join()
+        for entry in entries:
+            if entry.session is not None:
+                entry.session.stop()
+        self._epoll.close()
+        os.close(self._wake_fd)
+        self.memfile.close()
+
+    def __enter__(self) -> PageServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,444 @@
+"""One fork's session: its handshake, its fault loop, and the target prefetch copies into.
+
+A :class:`ForkSession` owns one accepted connection from a VMM. Its thread receives the
+handshake (mappings JSON + uffd), then serves the uffd's events until the VMM hangs up, the
+server stops it, or a fatal error applies the fork's failure policy. Every kernel rule sits
+next to the ioctl it concerns.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from pagefork import uffd
+from pagefork.errors import ForkError, HandshakeError, PrefetchError
+from pagefork.handshake import MAX_HANDSHAKE_BYTES, parse_mappings, payload_complete
+from pagefork.memfile import MemFile
+from pagefork.regions import PAGE_SIZE, Region, RegionMap
+from pagefork.removed import RemovedRanges
+from pagefork.stats import ForkStats, LatencyWindow
+
+if TYPE_CHECKING:
+    from pagefork.hotpages import HotPageRecorder
+
+log = logging.getLogger("pagefork")
+
+FailurePolicy = Literal["kill", "close"]
+
+#: Events read per ``read(2)`` of the uffd: one syscall drains a burst of faults.
+_READ_BATCH = 64
+_MSG = struct.Struct("=B3xIQQQ")
+_PEERCRED = struct.Struct("3i")
+_COPY_DONTWAKE = uffd.UFFDIO_COPY_MODE_DONTWAKE
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How a session serves: failure policy, handshake timeout, page-size default."""
+
+    on_failure: FailurePolicy = "kill"
+    handshake_timeout: float = 10.0
+    page_size: int = 0
+
+
+class _Fatal(Exception):
+    """A fork-fatal condition inside the fault loop (never escapes the session)."""
+
+
+class ForkSession:
+    """Serves one fork's uffd from the shared mem-file, on its own thread."""
+
+    def __init__(
+        self,
+        fork_id: str,
+        conn: socket.socket,
+        memfile: MemFile,
+        options: SessionOptions,
+        recorder: HotPageRecorder | None = None,
+        on_connect: Callable[[ForkSession], None] | None = None,
+        on_end: Callable[[ForkSession], None] | None = None,
+    ) -> None:
+        self.fork_id = fork_id
+        self._conn = conn
+        self._mem = memfile
+        self._opts = options
+        self.recorder = recorder
+        self._on_connect = on_connect
+        self._on_end = on_end
+        self.pid: int | None = None
+        self.regions: list[Region] = []
+        self._map = RegionMap(())
+        self._uffd = -1
+        self.removed = RemovedRanges()
+        self.stats = ForkStats(fork=fork_id, state="handshake")
+        self.latency = LatencyWindow()
+        self.connected = threading.Event()
+        self.ended = threading.Event()
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # Prefetch copies from other threads; it waits on this condition for the fault loop to
+        # read pending events (a copy gets EAGAIN while a REMOVE event is unread).
+        self._events_cond = threading.Condition()
+        self._events_gen = 0
+        self._prefetch_lock = threading.Lock()
+        self._prefetch_ioctls: uffd.UffdIoctls | None = None
+        self._prefetched = False
+        self._gen_before = 0
+        self._loop_done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"pagefork-fork-{fork_id}", daemon=True)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the session's thread (handshake, then fault loop)."""
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop serving and wait for the thread to finish; idempotent."""
+        if self._thread.is_alive():
+            try:
+                os.eventfd_write(self._stop_fd, 1)
+            except OSError:
+                pass
+            if threading.current_thread() is not self._thread:
+                self._thread.join(timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the session's thread to end."""
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            self._handshake()
+        except HandshakeError as exc:
+            log.warning("fork %s: bad handshake: %s", self.fork_id, exc)
+            self.stats.state = "failed"
+            self.stats.errors += 1
+            self.stats.error = f"handshake: {exc}"
+        else:
+            self.stats.state = "serving"
+            self.connected.set()
+            if self._on_connect is not None:
+                self._on_connect(self)
+            try:
+                self._serve()
+            except _Fatal as exc:
+                self.stats.errors += 1
+                self.stats.error = str(exc)
+                self.stats.state = "failed"
+                self._apply_failure_policy(str(exc))
+            except Exception as exc:  # a bug must end this fork only, never the server
+                log.exception("fork %s: fault loop crashed", self.fork_id)
+                self.stats.errors += 1
+                self.stats.error = f"internal error: {exc!r}"
+                self.stats.state = "failed"
+                self._apply_failure_policy(self.stats.error)
+            else:
+                if self.stats.state == "serving":
+                    self.stats.state = "ended"
+        finally:
+            self._loop_done.set()
+            self._close_fds()
+            if self.recorder is not None:
+                self.recorder.close()
+            self.ended.set()
+            if self._on_end is not None:
+                try:
+                    self._on_end(self)
+                except Exception:
+                    log.exception("fork %s: end callback failed", self.fork_id)
+
+    def _close_fds(self) -> None:
+        with self._prefetch_lock:
+            if self._uffd >= 0:
+                os.close(self._uffd)
+                self._uffd = -1
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+        os.close(self._stop_fd)
+
+    def _apply_failure_policy(self, why: str) -> None:
+        pid = self.pid
+        if self._opts.on_failure == "kill" and pid is not None and pid > 1 and pid != os.getpid():
+            log.error("fork %s: %s; killing VMM pid %d (its guest would hang)", self.fork_id, why, pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            log.error("fork %s: %s; closing its connection", self.fork_id, why)
+
+    # --- handshake ---------------------------------------------------------------------------
+    def _handshake(self) -> None:
+        conn = self._conn
+        try:
+            pid, _, _ = _PEERCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+            self.pid = pid if pid > 0 else None
+            self.stats.pid = self.pid
+        except OSError:
+            pass
+        deadline = time.monotonic() + self._opts.handshake_timeout
+        data = bytearray()
+        fds: list[int] = []
+        try:
+            while not payload_complete(bytes(data)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HandshakeError(
+                        f"timed out after {self._opts.handshake_timeout:g}s waiting for mappings"
+                    )
+                ready, _, _ = select.select([conn, self._stop_fd], [], [], left)
+                if self._stop_fd in ready:
+                    raise HandshakeError("server stopped before the handshake completed")
+                if not ready:
+                    continue
+                msg, anc, flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+                for level, kind, payload in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+                if flags & socket.MSG_CTRUNC:
+                    raise HandshakeError("too many file descriptors in the handshake")
+                if not msg:
+                    raise HandshakeError(
+                        f"peer closed the connection after {len(data)} bytes, before the "
+                        "mappings were complete"
+                    )
+                data += msg
+                if len(data) > MAX_HANDSHAKE_BYTES:
+                    raise HandshakeError(f"handshake payload exceeds {MAX_HANDSHAKE_BYTES} bytes")
+            if len(fds) != 1:
+                raise HandshakeError(f"expected exactly one uffd with the mappings, got {len(fds)}")
+            if not uffd.is_userfaultfd(fds[0]):
+                raise HandshakeError("the file descriptor sent is not a userfaultfd")
+            regions = parse_mappings(
+                bytes(data), self._mem.size, self._opts.page_size or PAGE_SIZE
+            )
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        # Firecracker created the uffd O_NONBLOCK; make sure of it (never UFFDIO_API again).
+        flags = fcntl.fcntl(fds[0], fcntl.F_GETFL)
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(fds[0], fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        self._uffd = fds[0]
+        self.regions = regions
+        self._map = RegionMap(regions)
+        if self.recorder is not None:
+            self.recorder.start()
+
+    # --- fault loop --------------------------------------------------------------------------
+    def _serve(self) -> None:
+        fd = self._uffd
+        ep = select.epoll(3)
+        try:
+            ep.register(fd, select.EPOLLIN)
+            ep.register(self._conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+            ep.register(self._stop_fd, select.EPOLLIN)
+            self._loop(ep, fd, self._conn.fileno())
+        finally:
+            ep.close()
+
+    def _loop(self, ep: select.epoll, fd: int, conn_fd: int) -> None:
+        ioctls = uffd.UffdIoctls(fd)
+        stop_fd = self._stop_fd
+        read_size = uffd.UFFD_MSG_SIZE * _READ_BATCH
+        deferred: list[int] = []
+        while True:
+            # With faults deferred on EAGAIN, don't sleep: poll briefly and retry them.
+            for rfd, _ev in ep.poll(0.001 if deferred else -1):
+                if rfd == fd:
+                    continue
+                if rfd == stop_fd:
+                    return
+                if rfd == conn_fd and self._peer_gone():
+                    self.stats.state = "ended"
+                    return
+            try:
+                data = os.read(fd, read_size)
+            except BlockingIOError:
+                data = b""
+            if data:
+                deferred = self._handle_events(ioctls, data, deferred)
+            elif deferred:
+                deferred = self._retry(ioctls, deferred)
+
+    def _peer_gone(self) -> bool:
+        try:
+            chunk = self._conn.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        # Firecracker sends nothing after the handshake; extra bytes are ignored.
+        return chunk == b""
+
+    def _handle_events(self, ioctls: uffd.UffdIoctls, data: bytes, deferred: list[int]) -> list[int]:
+        faults: list[int] = []
+        for event, _, a, b, c in _MSG.iter_unpack(data):
+            if event == uffd.UFFD_EVENT_PAGEFAULT:
+                faults.append(b)
+            else:
+                self._handle_other(event, a, b, c)
+        with self._events_cond:
+            self._events_gen += 1
+            self._events_cond.notify_all()
+        # Faults deferred on EAGAIN go first: they have waited longest.
+        pending = deferred + faults if deferred else faults
+        again: list[int] = []
+        for address in pending:
+            if not self._serve_fault(ioctls, address):
+                again.append(address)
+        if again:
+            self.stats.eagain_retries += len(again)
+        return again
+
+    def _retry(self, ioctls: uffd.UffdIoctls, deferred: list[int]) -> list[int]:
+        again = [a for a in deferred if not self._serve_fault(ioctls, a)]
+        self.stats.eagain_retries += len(again)
+        return again
+
+    def _handle_other(self, event: int, a: int, b: int, c: int) -> None:
+        if event == uffd.UFFD_EVENT_REMOVE:
+            # Balloon inflation: template bytes are stale here from now on; serve zeros.
+            self.removed.add(a, b)
+            self.stats.removed_bytes += b - a
+        elif event == uffd.UFFD_EVENT_REMAP:
+            self._remap(a, b, c)
+        elif event == uffd.UFFD_EVENT_UNMAP:
+            log.info("fork %s: range %#x-%#x unmapped by the VMM", self.fork_id, a, b)
+        elif event == uffd.UFFD_EVENT_FORK:
+            # We serve the VMM, not its children: drop the child's uffd.
+            os.close(a & 0xFFFFFFFF)
+        else:
+            log.warning("fork %s: ignoring unknown uffd event %#x", self.fork_id, event)
+
+    def _remap(self, old: int, new: int, length: int) -> None:
+        for i, r in enumerate(self.regions):
+            if r.base == old and r.size == length:
+                self.regions[i] = Region(new, r.size, r.offset, r.page_size)
+                self._map = RegionMap(self.regions)
+                return
+        log.warning("fork %s: mremap of %#x does not match a whole region", self.fork_id, old)
+
+    def _serve_fault(self, ioctls: uffd.UffdIoctls, address: int) -> bool:
+        """Install the page holding ``address``; False when the kernel said EAGAIN (retry)."""
+        t0 = time.perf_counter_ns()
+        idx = self._map.index_of(address)
+        if idx < 0:
+            raise _Fatal(f"fault at {address:#x} is outside every region")
+        region = self.regions[idx]
+        psize = region.page_size
+        page_offset = (address - region.base) & ~(psize - 1)
+        dst = region.base + page_offset
+        file_offset = region.offset + page_offset
+        stats = self.stats
+        try:
+            if (self.removed and self.removed.contains(dst)) or self._mem.is_zero(file_offset, psize):
+                ioctls.zeropage(dst, psize)
+                stats.zero_pages += 1
+            else:
+                ioctls.copy(dst, self._mem.address + file_offset, psize)
+                stats.pages_copied += 1
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                # Prefetch or another vCPU installed it first: the page is there, all is well.
+                stats.already_present += 1
+            elif exc.errno == errno.EAGAIN:
+                # An unread non-cooperative event (REMOVE) blocks copies: defer, drain, retry.
+                return False
+            elif exc.errno == errno.ESRCH:
+                raise _Fatal("the VMM's address space is gone (it exited)") from None
+            else:
+                raise _Fatal(
+                    f"{'UFFDIO_COPY' if exc.errno != errno.ENOENT else 'copy'} at {dst:#x} "
+                    f"(region {idx}) failed: {os.strerror(exc.errno or 0)}"
+                ) from None
+        stats.faults += 1
+        if self._prefetched:
+            stats.misses += 1
+        rec = self.recorder
+        if rec is not None:
+            rec.record(idx, page_offset)
+        self.latency.add(time.perf_counter_ns() - t0)
+        return True
+
+    # --- the prefetch target (pagefork.prefetch.PrefetchTarget) ------------------------------
+    @property
+    def src_base(self) -> int:
+        """Address of the mem-file mapping: the source of every copy."""
+        return self._mem.address
+
+    def _prefetch_fd(self) -> uffd.UffdIoctls:
+        if self._uffd < 0:
+            raise PrefetchError(f"fork {self.fork_id}: session has ended")
+        if self._prefetch_ioctls is None:
+            self._prefetch_ioctls = uffd.UffdIoctls(self._uffd)
+        return self._prefetch_ioctls
+
+    def copy(self, dst: int, src: int, length: int, mode: int) -> int:
+        """``UFFDIO_COPY`` for prefetch (same errno contract as :class:`uffd.UffdIoctls`)."""
+        self._gen_before = self._events_gen
+        return self._prefetch_fd().copy(dst, src, length, mode)
+
+    def zeropage(self, dst: int, length: int, mode: int) -> int:
+        """``UFFDIO_ZEROPAGE`` for prefetch."""
+        self._gen_before = self._events_gen
+        return self._prefetch_fd().zeropage(dst, length, mode)
+
+    def wake(self, start: int, length: int) -> None:
+        """``UFFDIO_WAKE`` over a range prefetch filled with DONTWAKE."""
+        self._prefetch_fd().wake(start, length)
+
+    def removed_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Parts of ``[start, end)`` the guest removed (prefetch must skip them)."""
+        return self.removed.overlaps(start, end)
+
+    def await_events(self, timeout: float) -> None:
+        """Wait until the fault loop has read the events that made a copy fail with EAGAIN."""
+        deadline = time.monotonic() + timeout
+        seen = self._gen_before
+        while True:
+            with self._events_cond:
+                if self._events_gen != seen:
+                    return
+                self._events_cond.wait(0.002)
+                if self._events_gen != seen:
+                    return
+            if self._loop_done.is_set():
+                raise PrefetchError(f"fork {self.fork_id}: session ended during prefetch")
+            # Nothing unread: the kernel was finishing the remove itself; just retry.
+            if self._uffd >= 0 and not select.select([self._uffd], [], [], 0)[0]:
+                return
+            if time.monotonic() > deadline:
+                raise PrefetchError(
+                    f"fork {self.fork_id}: uffd events stayed unread for {timeout:g}s"
+                )
+
+    def run_prefetch(self, fn: Callable[[ForkSession], object]) -> object:
+        """Run a prefetch against this session, serialised with other prefetches."""
+        if not self.connected.is_set():
+            raise ForkError(f"fork {self.fork_id}: not connected")
+        with self._prefetch_lock:
+            self._prefetched = True
+            return fn(self)
+
+    def snapshot_stats(self) -> ForkStats:
+        """A copy of the fork's stats with current latency percentiles."""
+        s = ForkStats(**{**self.stats.to_dict(), "latency_us": self.latency.percentiles_us()})
+        return s

@@ -1,0 +1,67 @@
+"""Per-fork counters and fault-service latency, cheap enough to update on the fault path."""
+
+from __future__ import annotations
+
+import array
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: How many recent fault latencies a fork keeps for its percentiles.
+LATENCY_WINDOW = 1 << 16
+
+
+class LatencyWindow:
+    """A ring of the last :data:`LATENCY_WINDOW` latencies in nanoseconds."""
+
+    __slots__ = ("_n", "_ring")
+
+    def __init__(self) -> None:
+        self._ring = array.array("Q", bytes(8 * LATENCY_WINDOW))
+        self._n = 0
+
+    def add(self, ns: int) -> None:
+        """Record one latency (called from the fault loop only)."""
+        self._ring[self._n % LATENCY_WINDOW] = ns
+        self._n += 1
+
+    def __len__(self) -> int:
+        return min(self._n, LATENCY_WINDOW)
+
+    def percentiles_us(self, points: tuple[float, ...] = (50, 90, 99)) -> dict[str, float]:
+        """Percentiles (nearest rank) and max of the recorded window, in microseconds."""
+        n = len(self)
+        if n == 0:
+            return {}
+        values = sorted(self._ring[:n])
+        out = {f"p{p:g}": values[min(n - 1, int(p / 100 * n))] / 1000 for p in points}
+        out["max"] = values[-1] / 1000
+        return out
+
+
+@dataclass
+class ForkStats:
+    """A snapshot of one fork's counters.
+
+    ``faults`` counts page-fault events served on demand; ``pages_copied`` and ``zero_pages``
+    count pages installed by the fault loop; ``prefetched_pages`` those installed by prefetch;
+    ``misses`` demand faults after a prefetch ran (the pages the hot set did not have).
+    """
+
+    fork: str
+    state: str = "waiting"
+    pid: int | None = None
+    faults: int = 0
+    pages_copied: int = 0
+    zero_pages: int = 0
+    already_present: int = 0
+    removed_bytes: int = 0
+    eagain_retries: int = 0
+    errors: int = 0
+    prefetched_pages: int = 0
+    misses: int = 0
+    latency_us: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stats as plain JSON-ready data."""
+        return asdict(self)

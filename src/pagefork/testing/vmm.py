@@ -1,0 +1,264 @@
+"""A test VMM that does what Firecracker does with a uffd backend, in its own process.
+
+Run as ``python -m pagefork.testing.vmm --socket S --mem-file F --region SIZE[@GAP] ...``. It
+creates a uffd (``O_CLOEXEC|O_NONBLOCK``), calls ``UFFDIO_API`` with ``EVENT_REMOVE``, maps
+each region ``MAP_PRIVATE|MAP_ANONYMOUS`` (with a hole between regions), registers them in
+MISSING mode, connects to the page server and sends the bare JSON array of mappings plus the
+uffd in one ``sendmsg``, keeping the socket open. It then obeys JSON-line commands on stdin
+(``touch``, ``remove``, ``check_zero``, ``exit``, ``crash``) and answers on stdout, checking every
+touched page against the mem-file byte for byte.
+
+:class:`VmmProcess` starts and drives one from a test or benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pagefork import uffd
+from pagefork.handshake import encode_mappings
+from pagefork.regions import PAGE_SIZE, Region
+
+_libc = uffd.libc()
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_HUGETLB = 0x40000
+_MADV_DONTNEED = 4
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64K``, ``8M``, ``1G`` -> bytes."""
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    return int(text[:-1] if mult > 1 else text) * mult
+
+
+class GuestMemory:
+    """The regions of the test VMM, registered with its own uffd."""
+
+    def __init__(self, sizes: Sequence[int], gap: int, page_size: int, hugetlb: bool) -> None:
+        self.page_size = page_size
+        self.uffd = uffd.open_userfaultfd()
+        features, _ = uffd.uffdio_api(self.uffd, uffd.UFFD_FEATURE_EVENT_REMOVE)
+        span = sum(sizes) + gap * (len(sizes) - 1)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_HUGETLB if hugetlb else 0)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        base = _libc.mmap(None, span + page_size, prot, flags, -1, 0)
+        if base in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap of guest memory failed")
+        # Align the first region to the page size, then punch the holes between regions.
+        aligned = (base + page_size - 1) & ~(page_size - 1)
+        self.regions: list[Region] = []
+        addr, offset = aligned, 0
+        for i, size in enumerate(sizes):
+            self.regions.append(Region(addr, size, offset, page_size))
+            addr += size
+            offset += size
+            if i < len(sizes) - 1 and gap:
+                _libc.munmap(addr, gap)
+                addr += gap
+        for r in self.regions:
+            uffd.uffdio_register(self.uffd, r.base, r.size)
+
+    def address(self, region: int, offset: int) -> int:
+        """Host address of ``offset`` inside ``region``."""
+        return self.regions[region].base + offset
+
+
+class TestVmm:
+    """The process side: connects, hands over the uffd, then obeys commands."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        sizes = [parse_size(s) for s in args.region]
+        self.mem = GuestMemory(sizes, parse_size(args.gap), args.page_size, args.hugetlb)
+        fd = os.open(args.mem_file, os.O_RDONLY)
+        try:
+            self.template = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self.removed: list[tuple[int, int]] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(args.socket)
+        advertised = [
+            Region(r.base, r.size - (args.shrink if i == 0 else 0), r.offset, r.page_size)
+            for i, r in enumerate(self.mem.regions)
+        ]
+        payload = encode_mappings(advertised, version=args.fc_version)
+        socket.send_fds(self.sock, [payload], [self.mem.uffd])
+
+    def _expected(self, region: int, offset: int, length: int) -> bytes:
+        r = self.mem.regions[region]
+        addr = r.base + offset
+        if any(lo <= addr < hi for lo, hi in self.removed):
+            return bytes(length)
+        return self.template[r.offset + offset : r.offset + offset + length]
+
+    def touch(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Read (and check) pages; several threads fault concurrently when asked."""
+        ps = self.mem.page_size
+        pages = [tuple(p) for p in cmd.get("pages", [])]
+        if cmd.get("all"):
+            pages = [(i, o) for i, r in enumerate(self.mem.regions) for o in range(0, r.size, ps)]
+        if cmd.get("order") == "random":
+            random.Random(cmd.get("seed", 0)).shuffle(pages)
+        verify = cmd.get("verify", True)
+        nthreads = max(1, int(cmd.get("threads", 1)))
+        length = ps if verify else 1
+        mismatches: list[list[int]] = []
+        lock = threading.Lock()
+
+        def work(chunk: list[tuple[int, int]]) -> None:
+            buf = ctypes.create_string_buffer(length)
+            memmove = ctypes.memmove  # releases the GIL: threads fault concurrently
+            address = self.mem.address
+            for region, off in chunk:
+                memmove(buf, address(region, off), length)
+                if verify and buf.raw != self._expected(region, off, length):
+                    with lock:
+                        mismatches.append([region, off])
+
+        t0 = time.perf_counter()
+        if nthreads == 1:
+            work(pages)
+        else:
+            threads = [threading.Thread(target=work, args=(pages[i::nthreads],)) for i in range(nthreads)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        seconds = time.perf_counter() - t0
+        return {"touched": len(pages), "mismatches": mismatches[:20], "bad": len(mismatches), "seconds": seconds}
+
+    def remove(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Balloon inflation: ``madvise(MADV_DONTNEED)`` a range (the server sees REMOVE)."""
+        addr = self.mem.address(cmd["region"], cmd["offset"])
+        if _libc.madvise(addr, cmd["length"], _MADV_DONTNEED) != 0:
+            return {"error": os.strerror(ctypes.get_errno())}
+        self.removed.append((addr, addr + cmd["length"]))
+        return {}
+
+    def check_zero(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Read a range (faulting it in) and say whether it is all zero."""
+        data = ctypes.string_at(self.mem.address(cmd["region"], cmd["offset"]), cmd["length"])
+        return {"zero": data == bytes(cmd["length"])}
+
+    def run(self) -> None:
+        """Answer commands until ``exit`` or end of input."""
+        print(json.dumps({"ready": True, "pid": os.getpid(), "regions": [[r.base, r.size] for r in self.mem.regions]}), flush=True)
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            op = cmd["cmd"]
+            if op == "exit":
+                break
+            if op == "crash":
+                os.kill(os.getpid(), signal.SIGKILL)
+            handler = {"touch": self.touch, "remove": self.remove, "check_zero": self.check_zero}[op]
+            print(json.dumps({"ok": True, **handler(cmd)}), flush=True)
+        self.sock.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m pagefork.testing.vmm``."""
+    p = argparse.ArgumentParser(prog="pagefork-test-vmm", description=__doc__)
+    p.add_argument("--socket", required=True, help="page server socket to connect to")
+    p.add_argument("--mem-file", required=True, help="template mem-file, to check pages against")
+    p.add_argument("--region", action="append", required=True, help="region size, e.g. 8M (repeat)")
+    p.add_argument("--gap", default="2M", help="unmapped hole between regions")
+    p.add_argument("--page-size", type=int, default=PAGE_SIZE)
+    p.add_argument("--hugetlb", action="store_true", help="back regions with 2 MiB hugepages")
+    p.add_argument("--fc-version", default="1.12", help="Firecracker version whose fields to send")
+    p.add_argument("--shrink", type=int, default=0, help="advertise region 0 this much smaller")
+    TestVmm(p.parse_args(argv)).run()
+
+
+class VmmProcess:
+    """Starts a :class:`TestVmm` in a child process and sends it commands."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        mem_file: str,
+        regions: Sequence[str] = ("8M",),
+        *extra: str,
+        timeout: float = 60.0,
+    ) -> None:
+        cmd = [sys.executable, "-m", "pagefork.testing.vmm", "--socket", socket_path, "--mem-file", mem_file]
+        for r in regions:
+            cmd += ["--region", r]
+        cmd += list(extra)
+        self.timeout = timeout
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.hello = self._reply()
+        self.pid: int = self.hello["pid"]
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready = threading.Event()
+        out: list[str] = []
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            out.append(self.proc.stdout.readline())
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(self.timeout):
+            self.kill()
+            raise TimeoutError(f"test VMM gave no answer within {self.timeout}s")
+        if not out[0]:
+            raise EOFError(f"test VMM exited (code {self.proc.wait(5)})")
+        reply: dict[str, Any] = json.loads(out[0])
+        return reply
+
+    def send(self, **cmd: Any) -> dict[str, Any]:
+        """Send one command and wait (bounded) for its answer."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> int:
+        """Ask the VMM to exit and reap it; returns its exit code."""
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write('{"cmd": "exit"}\n')
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+            try:
+                self.proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the VMM (a crash mid-run) and close the pipes to it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+if __name__ == "__main__":
+    main()
