@@ -20,11 +20,22 @@ MAX_HANDSHAKE_BYTES = 1 << 20
 
 
 def payload_complete(data: bytes) -> bool:
-    """True when ``data`` holds one whole JSON value (the payload may arrive in pieces)."""
+    """True when ``data`` is ready to parse: one whole JSON value, or bytes that no further
+    data can make valid. False while it is a prefix of a valid value (the payload may arrive
+    over several reads)."""
     try:
-        json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return False
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut at the end may complete with the next read.
+        return exc.reason != "unexpected end of data"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        # Errors at the very end, an open string or a cut literal mean "more to come".
+        tail = text[exc.pos :].rstrip()
+        if not tail or exc.msg.startswith("Unterminated string"):
+            return False
+        return not any(word.startswith(tail) for word in ("true", "false", "null"))
     return True
 
 
@@ -63,9 +74,11 @@ def parse_mappings(
     if len(payload) > MAX_HANDSHAKE_BYTES:
         raise HandshakeError(f"handshake payload too large ({len(payload)} bytes)")
     try:
-        doc = json.loads(payload)
+        text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise HandshakeError("handshake payload is not UTF-8") from None
+    try:
+        doc = json.loads(text)
     except ValueError as exc:
         raise HandshakeError(f"handshake payload is not JSON: {exc}") from None
     if isinstance(doc, dict) and "mappings" in doc:

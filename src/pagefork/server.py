@@ -53,7 +53,7 @@ class ServerConfig:
     """
 
     mem_file_path: str
-    socket_dir: str
+    socket_dir: str | None = None
     page_size: int = 0
     on_failure: FailurePolicy = "kill"
     handshake_timeout: float = 10.0
@@ -143,7 +143,7 @@ class PageServer:
         )
         if config.page_size and (config.page_size < 4096 or config.page_size & (config.page_size - 1)):
             raise PageforkError(f"page size {config.page_size} is not a power of two >= 4096")
-        if not os.path.isdir(config.socket_dir):
+        if config.socket_dir is not None and not os.path.isdir(config.socket_dir):
             raise ForkError(f"socket directory {config.socket_dir} does not exist")
         self.memfile = MemFile(config.mem_file_path)
         self._lock = threading.Lock()
@@ -151,7 +151,7 @@ class PageServer:
         self._changed = threading.Condition(self._lock)
         self._forks: dict[str, _Fork] = {}
         self._listeners: dict[int, _Fork | None] = {}
-        self._shared: dict[int, tuple[socket.socket, str]] = {}
+        self._shared: dict[int, tuple[socket.socket, str, bool | Callable[[str], bool] | None]] = {}
         self._next_conn = 0
         self._closed = False
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -167,6 +167,8 @@ class PageServer:
         ``record`` overrides ``ServerConfig.record_hot_pages`` for this fork.
         """
         validate_fork_id(fork_id)
+        if self.config.socket_dir is None:
+            raise ForkError("register_fork needs ServerConfig.socket_dir")
         path = os.path.join(self.config.socket_dir, f"{fork_id}.sock")
         with self._lock:
             self._check_open()
@@ -184,12 +186,15 @@ class PageServer:
             self._epoll.register(sock.fileno(), select.EPOLLIN)
         return path
 
-    def listen(self, path: str) -> None:
-        """Accept any number of forks on one socket at ``path`` (ids ``fork-1``, ``fork-2``...)."""
+    def listen(self, path: str, record: bool | Callable[[str], bool] | None = None) -> None:
+        """Accept any number of forks on one socket at ``path`` (ids ``fork-1``, ``fork-2``...).
+
+        ``record`` decides per fork whether it records hot pages (default: the config's).
+        """
         with self._lock:
             self._check_open()
             sock = bind_private_socket(path)
-            self._shared[sock.fileno()] = (sock, path)
+            self._shared[sock.fileno()] = (sock, path, record)
             self._listeners[sock.fileno()] = None
             self._epoll.register(sock.fileno(), select.EPOLLIN)
 
@@ -255,12 +260,20 @@ class PageServer:
                 if session is not None and session.connected.is_set():
                     return session
                 if session is not None and session.ended.is_set():
-                    entry.last_error = session.stats.error
+                    # Say why now rather than at the timeout; the VMM may retry later.
+                    raise ForkError(f"fork {fork_id}: {session.stats.error or 'session ended'}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     why = f" (last error: {entry.last_error})" if entry.last_error else ""
                     raise ForkError(f"fork {fork_id}: no handshake within {timeout:g}s{why}")
                 self._changed.wait(left)
+
+    def wait_ended(self, fork_id: str, timeout: float = 10.0) -> ForkStats:
+        """Wait until the fork's session has ended (VMM gone, failure, or stop); its stats."""
+        session = self._wait_session(fork_id, timeout)
+        if not session.ended.wait(timeout):
+            raise ForkError(f"fork {fork_id}: still serving after {timeout:g}s")
+        return session.snapshot_stats()
 
     def stats(self, fork_id: str) -> ForkStats:
         """Counters and latency percentiles of one fork."""
@@ -331,7 +344,11 @@ class PageServer:
         if entry is None:
             self._next_conn += 1
             fork_id = f"fork-{self._next_conn}"
-            entry = _Fork(fork_id, record=self.config.record_hot_pages, ephemeral=True)
+            rule = self._shared[fd][2]
+            record = rule(fork_id) if callable(rule) else rule
+            if record is None:
+                record = self.config.record_hot_pages
+            entry = _Fork(fork_id, record=record, ephemeral=True)
             self._forks[fork_id] = entry
         elif entry.session is not None and not (
             entry.session.ended.is_set() and not entry.session.connected.is_set()
@@ -413,7 +430,7 @@ class PageServer:
             self._forks.clear()
             for entry in entries:
                 self._drop_listener(entry)
-            for sock, path in self._shared.values():
+            for sock, path, _ in self._shared.values():
                 sock.close()
                 with contextlib.suppress(OSError):
                     os.unlink(path)

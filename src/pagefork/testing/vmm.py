@@ -79,6 +79,14 @@ class GuestMemory:
         return self.regions[region].base + offset
 
 
+def _wchan(tid: int) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/wchan") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 class TestVmm:
     """The process side: connects, hands over the uffd, then obeys commands."""
 
@@ -98,7 +106,40 @@ class TestVmm:
             for i, r in enumerate(self.mem.regions)
         ]
         payload = encode_mappings(advertised, version=args.fc_version)
+        blocked = self._block_before_handshake(args.pending_faults, args.pending_remove)
         socket.send_fds(self.sock, [payload], [self.mem.uffd])
+        for t in blocked:
+            t.join()
+
+    def _block_before_handshake(self, faults: int, remove: str | None) -> list[threading.Thread]:
+        """Leave ``faults`` faults (pages 0..faults-1 of region 0) and a REMOVE event pending
+        in the uffd before the server sees it, so its first read finds them all queued.
+
+        More pending faults than the server reads at once leave the REMOVE unread while it
+        copies: the kernel answers those copies with EAGAIN, deterministically.
+        """
+        threads: list[threading.Thread] = []
+        sink = ctypes.create_string_buffer(1)
+        for i in range(faults):
+            addr = self.mem.address(0, i * self.mem.page_size)
+            threads.append(threading.Thread(target=ctypes.memmove, args=(sink, addr, 1)))
+        if remove:
+            region, offset, length = (parse_size(x) for x in remove.split(":"))
+            addr = self.mem.address(region, offset)
+            self.removed.append((addr, addr + length))
+            threads.append(
+                threading.Thread(target=_libc.madvise, args=(addr, length, _MADV_DONTNEED))
+            )
+        deadline = time.monotonic() + 30
+        for t in threads:
+            t.start()
+            # Poll until it sleeps in the kernel's userfaultfd code, so its event is queued
+            # before the next one is made.
+            while t.native_id is None or "userfault" not in _wchan(t.native_id):
+                if not t.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError("pre-handshake access did not block in userfaultfd")
+                time.sleep(0.001)
+        return threads
 
     def _expected(self, region: int, offset: int, length: int) -> bytes:
         r = self.mem.regions[region]
@@ -181,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--page-size", type=int, default=PAGE_SIZE)
     p.add_argument("--hugetlb", action="store_true", help="back regions with 2 MiB hugepages")
     p.add_argument("--fc-version", default="1.12", help="Firecracker version whose fields to send")
+    p.add_argument("--pending-faults", type=int, default=0, help="faults queued before handshake")
+    p.add_argument("--pending-remove", help="REGION:OFFSET:LENGTH to madvise before handshake")
     p.add_argument("--shrink", type=int, default=0, help="advertise region 0 this much smaller")
     TestVmm(p.parse_args(argv)).run()
 

@@ -1,0 +1,96 @@
+"""Shared fixtures: a template mem-file, a page server, test VMM processes, leak checks."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pagefork.errors import UffdError
+from pagefork.server import PageServer, ServerConfig
+from pagefork.testing.vmm import VmmProcess
+from pagefork.uffd import open_userfaultfd
+
+PAGE = 4096
+
+
+def _uffd_available() -> str | None:
+    try:
+        fd = open_userfaultfd()
+    except UffdError as exc:
+        return f"userfaultfd unavailable here: {exc}"
+    os.close(fd)
+    return None
+
+
+UFFD_MISSING = _uffd_available()
+needs_uffd = pytest.mark.skipif(UFFD_MISSING is not None, reason=UFFD_MISSING or "")
+
+
+def make_mem_file(path: Path, pages: int, seed: int = 1, zero_every: int = 4) -> Path:
+    """A mem-file of ``pages`` pages: random bytes, every ``zero_every``-th page all zero."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        for i in range(pages):
+            f.write(bytes(PAGE) if i % zero_every == 0 else rng.randbytes(PAGE))
+    return path
+
+
+@pytest.fixture
+def mem_file(tmp_path: Path) -> Path:
+    """A 12 MiB template mem-file (fits an 8M + 4M two-region guest)."""
+    return make_mem_file(tmp_path / "mem", 3072)
+
+
+def open_fds() -> set[str]:
+    """This process's open file descriptors."""
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves file descriptors or threads behind."""
+    fds, threads = open_fds(), set(threading.enumerate())
+    yield
+    extra_threads = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+    assert not extra_threads, f"threads leaked: {extra_threads}"
+    leaked = open_fds() - fds
+    # The fd listing itself may show one transient descriptor.
+    leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, f"fds leaked: {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked]}"
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, mem_file: Path) -> Iterator[Callable[..., PageServer]]:
+    """Build page servers on the test's mem-file; all are closed at the end."""
+    servers: list[PageServer] = []
+
+    def make(**kw: object) -> PageServer:
+        kw.setdefault("mem_file_path", str(mem_file))
+        kw.setdefault("socket_dir", str(tmp_path))
+        server = PageServer(ServerConfig(**kw))  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def vmms(mem_file: Path) -> Iterator[Callable[..., VmmProcess]]:
+    """Start test VMM processes; all are reaped at the end."""
+    procs: list[VmmProcess] = []
+
+    def start(socket_path: str, *extra: str, regions: tuple[str, ...] = ("8M", "4M")) -> VmmProcess:
+        vmm = VmmProcess(socket_path, str(mem_file), regions, *extra)
+        procs.append(vmm)
+        return vmm
+
+    yield start
+    for p in procs:
+        p.kill()

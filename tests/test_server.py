@@ -1,0 +1,217 @@
+"""The page server against real userfaultfd faults from a test VMM in another process."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import PAGE, needs_uffd
+from pagefork.errors import ForkError, MemFileError
+from pagefork.server import PageServer, ServerConfig
+
+pytestmark = needs_uffd
+
+MIB = 1 << 20
+
+
+def test_every_page_of_two_regions_matches_the_template(no_leaks, make_server, vmms):
+    server = make_server()
+    vmm = vmms(server.register_fork("a"))
+    regions = server.wait_connected("a", timeout=10)
+    assert [r.size for r in regions] == [8 * MIB, 4 * MIB]
+    assert regions[1].offset == 8 * MIB and regions[1].base > regions[0].end  # a hole between
+
+    reply = vmm.send(cmd="touch", all=True)
+    assert reply["touched"] == 3072 and reply["bad"] == 0, reply["mismatches"]
+    stats = server.stats("a")
+    assert stats.faults == 3072
+    assert stats.zero_pages == 3072 // 4  # every 4th template page is zero: UFFDIO_ZEROPAGE
+    assert stats.pages_copied == 3072 - 3072 // 4
+    assert stats.pid == vmm.pid and stats.errors == 0
+    assert stats.latency_us["p50"] > 0
+    vmm.close()
+    server.unregister_fork("a")
+
+
+def test_random_order_and_second_touch_needs_no_fault(make_server, vmms):
+    server = make_server()
+    vmm = vmms(server.register_fork("a"))
+    assert vmm.send(cmd="touch", all=True, order="random", seed=7)["bad"] == 0
+    assert vmm.send(cmd="touch", all=True, order="random", seed=8)["bad"] == 0
+    assert server.stats("a").faults == 3072  # pages present after first touch
+
+
+def test_concurrent_faults_from_guest_threads(make_server, vmms):
+    server = make_server()
+    vmm = vmms(server.register_fork("a"))
+    reply = vmm.send(cmd="touch", all=True, order="random", threads=6)
+    assert reply["bad"] == 0
+    stats = server.stats("a")
+    # Two threads may fault on one page only if they touch the same page; they don't here.
+    assert stats.faults + stats.already_present == 3072
+
+
+def test_several_forks_of_one_template_at_once(make_server, vmms):
+    server = make_server()
+    forks = [vmms(server.register_fork(f"f{i}")) for i in range(4)]
+    replies: list[dict] = []
+    threads = [
+        threading.Thread(target=lambda v=v, i=i: replies.append(v.send(cmd="touch", all=True, order="random", seed=i)))
+        for i, v in enumerate(forks)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(replies) == 4 and all(r["bad"] == 0 for r in replies)
+    assert [server.stats(f"f{i}").faults for i in range(4)] == [3072] * 4
+
+
+def test_removed_range_reads_zero_and_stays_zero(make_server, vmms):
+    server = make_server()
+    vmm = vmms(server.register_fork("a"))
+    # Touch everything, then balloon-remove 1 MiB: the guest must see zeros there, never the
+    # template's bytes, while the rest keeps the template.
+    assert vmm.send(cmd="touch", all=True)["bad"] == 0
+    assert vmm.send(cmd="remove", region=1, offset=MIB, length=MIB) == {"ok": True}
+    assert vmm.send(cmd="check_zero", region=1, offset=MIB, length=MIB)["zero"] is True
+    assert vmm.send(cmd="touch", all=True)["bad"] == 0  # checks removed pages against zeros
+    stats = server.stats("a")
+    assert stats.removed_bytes == MIB
+    assert stats.faults == 3072 + 256
+
+
+def test_remove_before_first_touch_serves_zero_pages(make_server, vmms):
+    server = make_server()
+    vmm = vmms(server.register_fork("a"))
+    assert vmm.send(cmd="remove", region=0, offset=0, length=2 * MIB) == {"ok": True}
+    assert vmm.send(cmd="check_zero", region=0, offset=0, length=2 * MIB)["zero"] is True
+    assert server.stats("a").zero_pages == 512
+
+
+def test_copy_eagain_while_remove_unread_is_deferred_and_retried(make_server, vmms):
+    server = make_server()
+    # 80 faults and then a REMOVE are queued before the handshake: the server's first read
+    # takes 64 faults, the REMOVE stays unread, so the kernel refuses those copies with EAGAIN.
+    vmm = vmms(server.register_fork("a"), "--pending-faults", "80", "--pending-remove", "1:0:1M")
+    stats = server.wait_connected("a") and server.stats("a")
+    reply = vmm.send(cmd="touch", all=True)
+    assert reply["bad"] == 0
+    assert vmm.send(cmd="check_zero", region=1, offset=0, length=MIB)["zero"] is True
+    stats = server.stats("a")
+    assert stats.eagain_retries >= 1
+    assert stats.errors == 0 and stats.removed_bytes == MIB
+
+
+def test_vmm_dying_mid_run_ends_its_session_without_leaks(no_leaks, make_server, vmms):
+    server = make_server()
+    healthy = vmms(server.register_fork("ok"))
+    doomed = vmms(server.register_fork("doomed"))
+    assert doomed.send(cmd="touch", all=False, pages=[[0, 0], [0, PAGE]])["bad"] == 0
+    doomed.kill()
+    ended = server.wait_ended("doomed", timeout=10)
+    assert ended.state == "ended" and ended.errors == 0 and ended.faults == 2
+    assert healthy.send(cmd="touch", all=True)["bad"] == 0  # the other fork is unaffected
+    healthy.close()
+    server.wait_ended("ok", timeout=10)
+    server.unregister_fork("doomed")
+    server.unregister_fork("ok")
+    server.close()
+
+
+def test_fault_outside_every_region_kills_only_that_vmm(make_server, vmms):
+    server = make_server()
+    healthy = vmms(server.register_fork("ok"))
+    # The VMM registers 8 MiB but tells the server about 4 MiB less: a fault in the tail is
+    # outside every region the server knows.
+    bad = vmms(server.register_fork("bad"), "--shrink", str(4 * MIB))
+    server.wait_connected("bad")
+    bad.proc.stdin.write('{"cmd": "touch", "pages": [[0, %d]]}\n' % (6 * MIB))
+    bad.proc.stdin.flush()
+    stats = server.wait_ended("bad", timeout=10)
+    assert stats.state == "failed" and stats.errors == 1
+    assert "outside every region" in (stats.error or "")
+    assert bad.proc.wait(10) == -9  # SIGKILL: its guest would otherwise hang forever
+    assert healthy.send(cmd="touch", all=True)["bad"] == 0
+
+
+def test_close_policy_leaves_the_vmm_alive(make_server, vmms):
+    server = make_server(on_failure="close")
+    bad = vmms(server.register_fork("bad"), "--shrink", str(4 * MIB))
+    server.wait_connected("bad")
+    bad.proc.stdin.write('{"cmd": "touch", "pages": [[0, %d]]}\n' % (6 * MIB))
+    bad.proc.stdin.flush()
+    assert server.wait_ended("bad", timeout=10).state == "failed"
+    assert bad.proc.poll() is None
+
+
+def test_server_close_with_connected_forks_joins_everything(no_leaks, tmp_path, mem_file, vmms):
+    server = PageServer(ServerConfig(str(mem_file), str(tmp_path)))
+    paths = [server.register_fork(f"f{i}") for i in range(3)]
+    procs = [vmms(p) for p in paths]
+    for i, p in enumerate(procs):
+        server.wait_connected(f"f{i}")
+        assert p.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    server.close()
+    server.close()  # idempotent
+    assert not any(os.path.exists(p) for p in paths)
+    for p in procs:
+        p.kill()
+
+
+def test_fork_socket_is_private_and_ids_are_validated(make_server, tmp_path):
+    server = make_server()
+    path = server.register_fork("vm-1.a_b")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert path == str(tmp_path / "vm-1.a_b.sock")
+    for bad in ("", "../x", "a/b", ".hidden", "x" * 65, "a b"):
+        with pytest.raises(ForkError, match="invalid fork id"):
+            server.register_fork(bad)
+    with pytest.raises(ForkError, match="already registered"):
+        server.register_fork("vm-1.a_b")
+    server.unregister_fork("vm-1.a_b")
+    assert not os.path.exists(path)
+    server.unregister_fork("never-registered")  # no-op
+    with pytest.raises(ForkError, match="unknown fork"):
+        server.stats("never-registered")
+
+
+def test_wait_connected_times_out_clearly(make_server):
+    server = make_server()
+    server.register_fork("a")
+    with pytest.raises(ForkError, match="no handshake within 0.2s"):
+        server.wait_connected("a", timeout=0.2)
+
+
+def test_missing_mem_file_is_a_clear_error(tmp_path):
+    with pytest.raises(MemFileError, match="No such file"):
+        PageServer(ServerConfig(str(tmp_path / "nope"), str(tmp_path)))
+
+
+def test_multiple_forks_on_one_shared_socket(tmp_path: Path, mem_file: Path, vmms):
+    ended: list[str] = []
+    done = threading.Event()
+
+    def on_end(fork_id: str, stats) -> None:
+        ended.append(f"{fork_id}:{stats.faults}")
+        if len(ended) == 2:
+            done.set()
+
+    server = PageServer(ServerConfig(str(mem_file), on_fork_end=on_end))
+    try:
+        sock = str(tmp_path / "shared.sock")
+        server.listen(sock)
+        a = vmms(sock)
+        b = vmms(sock)
+        assert a.send(cmd="touch", pages=[[0, 0], [1, 0]])["bad"] == 0
+        assert b.send(cmd="touch", pages=[[0, PAGE]])["bad"] == 0
+        a.close()
+        b.close()
+        assert done.wait(10)
+        assert sorted(ended) == ["fork-1:2", "fork-2:1"] or sorted(ended) == ["fork-1:1", "fork-2:2"]
+    finally:
+        server.close()
