@@ -52,7 +52,10 @@ def test_mappings_object_form_is_accepted() -> None:
         (b"[]", "no mappings"),
         (b'"hello"', "must be a JSON array"),
         (b"[1]", "mapping 0: expected an object"),
-        (json.dumps([m(0x1000, 0x1000, 0), {"size": 1}]).encode(), "mapping 1: field 'base_host_virt_addr'"),
+        (
+            json.dumps([m(0x1000, 0x1000, 0), {"size": 1}]).encode(),
+            "mapping 1: field 'base_host_virt_addr'",
+        ),
         (json.dumps([m(0x1001, 0x1000, 0)]).encode(), "base_host_virt_addr 0x1001 is not aligned"),
         (json.dumps([m(0x1000, 0x1800, 0)]).encode(), "size 0x1800 is not aligned"),
         (json.dumps([m(0x1000, 0, 0)]).encode(), "size is 0"),
@@ -61,7 +64,10 @@ def test_mappings_object_form_is_accepted() -> None:
         (json.dumps([m(0x1000, 0x1000, 0, page_size=3000)]).encode(), "not a power of two"),
         (json.dumps([m(0x1000, 0x1000, 0, page_size=2048)]).encode(), "not a power of two >= 4096"),
         (json.dumps([m(0x1000, 0x10000, 0x8000)]).encode(), "ends past the mem-file"),
-        (json.dumps([m(0x1000, 0x4000, 0), m(0x3000, 0x1000, 0x4000)]).encode(), "mappings 0 and 1 overlap"),
+        (
+            json.dumps([m(0x1000, 0x4000, 0), m(0x3000, 0x1000, 0x4000)]).encode(),
+            "mappings 0 and 1 overlap",
+        ),
     ],
 )
 def test_bad_payloads_name_what_is_wrong(payload: bytes, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -60,7 +61,11 @@ def test_several_forks_of_one_template_at_once(make_server, vmms):
     forks = [vmms(server.register_fork(f"f{i}")) for i in range(4)]
     replies: list[dict] = []
     threads = [
-        threading.Thread(target=lambda v=v, i=i: replies.append(v.send(cmd="touch", all=True, order="random", seed=i)))
+        threading.Thread(
+            target=lambda v=v, i=i: replies.append(
+                v.send(cmd="touch", all=True, order="random", seed=i)
+            )
+        )
         for i, v in enumerate(forks)
     ]
     for t in threads:
@@ -130,7 +135,7 @@ def test_fault_outside_every_region_kills_only_that_vmm(make_server, vmms):
     # outside every region the server knows.
     bad = vmms(server.register_fork("bad"), "--shrink", str(4 * MIB))
     server.wait_connected("bad")
-    bad.proc.stdin.write('{"cmd": "touch", "pages": [[0, %d]]}\n' % (6 * MIB))
+    bad.proc.stdin.write(json.dumps({"cmd": "touch", "pages": [[0, 6 * MIB]]}) + "\n")
     bad.proc.stdin.flush()
     stats = server.wait_ended("bad", timeout=10)
     assert stats.state == "failed" and stats.errors == 1
@@ -143,7 +148,7 @@ def test_close_policy_leaves_the_vmm_alive(make_server, vmms):
     server = make_server(on_failure="close")
     bad = vmms(server.register_fork("bad"), "--shrink", str(4 * MIB))
     server.wait_connected("bad")
-    bad.proc.stdin.write('{"cmd": "touch", "pages": [[0, %d]]}\n' % (6 * MIB))
+    bad.proc.stdin.write(json.dumps({"cmd": "touch", "pages": [[0, 6 * MIB]]}) + "\n")
     bad.proc.stdin.flush()
     assert server.wait_ended("bad", timeout=10).state == "failed"
     assert bad.proc.poll() is None
@@ -183,7 +188,7 @@ def test_fork_socket_is_private_and_ids_are_validated(make_server, tmp_path):
 def test_wait_connected_times_out_clearly(make_server):
     server = make_server()
     server.register_fork("a")
-    with pytest.raises(ForkError, match="no handshake within 0.2s"):
+    with pytest.raises(ForkError, match=r"no handshake within 0\.2s"):
         server.wait_connected("a", timeout=0.2)
 
 
@@ -212,6 +217,9 @@ def test_multiple_forks_on_one_shared_socket(tmp_path: Path, mem_file: Path, vmm
         a.close()
         b.close()
         assert done.wait(10)
-        assert sorted(ended) == ["fork-1:2", "fork-2:1"] or sorted(ended) == ["fork-1:1", "fork-2:2"]
+        assert sorted(ended) == ["fork-1:2", "fork-2:1"] or sorted(ended) == [
+            "fork-1:1",
+            "fork-2:2",
+        ]
     finally:
         server.close()

@@ -14,9 +14,9 @@ class PageforkError(Exception):
 class UffdError(PageforkError):
     """A userfaultfd system call or ioctl failed, or userfaultfd is unavailable."""
 
-    def __init__(self, message: str, errno: int = 0) -> None:
+    def __init__(self, message: str, errno: int | None = 0) -> None:
         super().__init__(message)
-        self.errno = errno
+        self.errno = errno or 0
 
 
 class HandshakeError(PageforkError):

@@ -47,7 +47,9 @@ def scan_zero_pages(data: bytes | memoryview | mmap.mmap) -> bytearray:
             chunk = view[start : start + _SCAN_CHUNK]
             first = start // PAGE_SIZE
             if len(chunk) == _SCAN_CHUNK and chunk == _ZERO_CHUNK:
-                zeros[first : first + _SCAN_CHUNK // PAGE_SIZE] = b"\x01" * (_SCAN_CHUNK // PAGE_SIZE)
+                zeros[first : first + _SCAN_CHUNK // PAGE_SIZE] = b"\x01" * (
+                    _SCAN_CHUNK // PAGE_SIZE
+                )
                 continue
             for i, off in enumerate(range(0, len(chunk), PAGE_SIZE)):
                 page = chunk[off : off + PAGE_SIZE]
@@ -105,7 +107,7 @@ class MemFile:
         return bytes(self._zeros)
 
     def read(self, offset: int, length: int) -> bytes:
-        """Copy ``length`` bytes at ``offset`` out of the mapping (for checks, not the fault path)."""
+        """Copy ``length`` bytes at ``offset`` out of the mapping (checks, not the fault path)."""
         if offset < 0 or offset + length > self.size:
             raise MemFileError(f"mem-file {self.path}: read {offset:#x}+{length:#x} out of range")
         return ctypes.string_at(self.address + offset, length)

@@ -7,6 +7,7 @@ VMM's address space backed by a byte range of the template mem-file.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ class RegionMap:
 def overlapping(regions: Sequence[Region]) -> tuple[int, int] | None:
     """Indices of the first pair of regions whose host ranges overlap, or None."""
     order = sorted(range(len(regions)), key=lambda i: regions[i].base)
-    for a, b in zip(order, order[1:]):
+    for a, b in itertools.pairwise(order):
         if regions[a].end > regions[b].base:
             return (a, b)
     return None

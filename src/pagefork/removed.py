@@ -60,4 +60,4 @@ class RemovedRanges:
     def ranges(self) -> list[tuple[int, int]]:
         """All removed ranges."""
         with self._lock:
-            return list(zip(self._starts, self._ends))
+            return list(zip(self._starts, self._ends, strict=True))

@@ -141,7 +141,9 @@ class PageServer:
             handshake_timeout=config.handshake_timeout,
             page_size=config.page_size,
         )
-        if config.page_size and (config.page_size < 4096 or config.page_size & (config.page_size - 1)):
+        if config.page_size and (
+            config.page_size < 4096 or config.page_size & (config.page_size - 1)
+        ):
             raise PageforkError(f"page size {config.page_size} is not a power of two >= 4096")
         if config.socket_dir is not None and not os.path.isdir(config.socket_dir):
             raise ForkError(f"socket directory {config.socket_dir} does not exist")
@@ -157,7 +159,9 @@ class PageServer:
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll = select.epoll()
         self._epoll.register(self._wake_fd, select.EPOLLIN)
-        self._acceptor = threading.Thread(target=self._accept_loop, name="pagefork-accept", daemon=True)
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name="pagefork-accept", daemon=True
+        )
         self._acceptor.start()
 
     # --- registration ------------------------------------------------------------------------

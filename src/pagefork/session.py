@@ -97,7 +97,9 @@ class ForkSession:
         self._prefetched = False
         self._gen_before = 0
         self._loop_done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"pagefork-fork-{fork_id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"pagefork-fork-{fork_id}", daemon=True
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,7 +175,9 @@ class ForkSession:
     def _apply_failure_policy(self, why: str) -> None:
         pid = self.pid
         if self._opts.on_failure == "kill" and pid is not None and pid > 1 and pid != os.getpid():
-            log.error("fork %s: %s; killing VMM pid %d (its guest would hang)", self.fork_id, why, pid)
+            log.error(
+                "fork %s: %s; killing VMM pid %d (its guest would hang)", self.fork_id, why, pid
+            )
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -202,7 +206,7 @@ class ForkSession:
                     raise HandshakeError(
                         f"timed out after {self._opts.handshake_timeout:g}s waiting for mappings"
                     )
-                ready, _, _ = select.select([conn, self._stop_fd], [], [], left)
+                ready, _, _ = select.select([conn.fileno(), self._stop_fd], [], [], left)
                 if self._stop_fd in ready:
                     raise HandshakeError("server stopped before the handshake completed")
                 if not ready:
@@ -225,9 +229,7 @@ class ForkSession:
                 raise HandshakeError(f"expected exactly one uffd with the mappings, got {len(fds)}")
             if not uffd.is_userfaultfd(fds[0]):
                 raise HandshakeError("the file descriptor sent is not a userfaultfd")
-            regions = parse_mappings(
-                bytes(data), self._mem.size, self._opts.page_size or PAGE_SIZE
-            )
+            regions = parse_mappings(bytes(data), self._mem.size, self._opts.page_size or PAGE_SIZE)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -288,7 +290,9 @@ class ForkSession:
         # Firecracker sends nothing after the handshake; extra bytes are ignored.
         return chunk == b""
 
-    def _handle_events(self, ioctls: uffd.UffdIoctls, data: bytes, deferred: list[int]) -> list[int]:
+    def _handle_events(
+        self, ioctls: uffd.UffdIoctls, data: bytes, deferred: list[int]
+    ) -> list[int]:
         faults: list[int] = []
         for event, _, a, b, c in _MSG.iter_unpack(data):
             if event == uffd.UFFD_EVENT_PAGEFAULT:
@@ -349,7 +353,9 @@ class ForkSession:
         file_offset = region.offset + page_offset
         stats = self.stats
         try:
-            if (self.removed and self.removed.contains(dst)) or self._mem.is_zero(file_offset, psize):
+            if (self.removed and self.removed.contains(dst)) or self._mem.is_zero(
+                file_offset, psize
+            ):
                 ioctls.zeropage(dst, psize)
                 stats.zero_pages += 1
             else:

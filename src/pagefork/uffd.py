@@ -175,7 +175,9 @@ def open_userfaultfd(flags: int = _O_CLOEXEC | _O_NONBLOCK) -> int:
     try:
         dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise UffdError(f"userfaultfd unavailable: /dev/userfaultfd: {exc.strerror}", exc.errno) from None
+        raise UffdError(
+            f"userfaultfd unavailable: /dev/userfaultfd: {exc.strerror}", exc.errno
+        ) from None
     try:
         return fcntl.ioctl(dev, USERFAULTFD_IOC_NEW, flags)
     except OSError as exc:
@@ -199,13 +201,17 @@ def uffdio_api(fd: int, features: int = UFFD_FEATURE_EVENT_REMOVE) -> tuple[int,
     return got, ioctls
 
 
-def uffdio_register(fd: int, start: int, length: int, mode: int = UFFDIO_REGISTER_MODE_MISSING) -> int:
+def uffdio_register(
+    fd: int, start: int, length: int, mode: int = UFFDIO_REGISTER_MODE_MISSING
+) -> int:
     """``UFFDIO_REGISTER`` ``[start, start+length)``; returns the ioctls allowed on it."""
     buf = bytearray(struct.pack("=QQQQ", start, length, mode, 0))
     try:
         fcntl.ioctl(fd, UFFDIO_REGISTER, buf, True)
     except OSError as exc:
-        raise UffdError(f"UFFDIO_REGISTER {start:#x}+{length:#x}: {exc.strerror}", exc.errno) from None
+        raise UffdError(
+            f"UFFDIO_REGISTER {start:#x}+{length:#x}: {exc.strerror}", exc.errno
+        ) from None
     return int(struct.unpack_from("=Q", buf, 24)[0])
 
 
@@ -306,8 +312,8 @@ __all__ = [
     "Remove",
     "UffdEvent",
     "UffdIoctls",
-    "Unmap",
     "UnknownEvent",
+    "Unmap",
     "decode_msg",
     "decode_msgs",
     "is_userfaultfd",

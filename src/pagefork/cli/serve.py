@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
     if args.hot_pages:
         hot = load(args.hot_pages)
         if not len(hot):
-            log.warning("hot-page file %s is empty or missing: forks are served on demand", args.hot_pages)
+            log.warning(
+                "hot-page file %s is empty or missing: forks are served on demand", args.hot_pages
+            )
     record_path: str | None = args.record
     per_fork = record_path is not None and "{fork}" in record_path
     recorded: set[str] = set()

@@ -34,7 +34,14 @@ from pagefork.regions import PAGE_SIZE, Region
 
 _libc = uffd.libc()
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_HUGETLB = 0x40000
@@ -53,7 +60,7 @@ class GuestMemory:
     def __init__(self, sizes: Sequence[int], gap: int, page_size: int, hugetlb: bool) -> None:
         self.page_size = page_size
         self.uffd = uffd.open_userfaultfd()
-        features, _ = uffd.uffdio_api(self.uffd, uffd.UFFD_FEATURE_EVENT_REMOVE)
+        uffd.uffdio_api(self.uffd, uffd.UFFD_FEATURE_EVENT_REMOVE)
         span = sum(sizes) + gap * (len(sizes) - 1)
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_HUGETLB if hugetlb else 0)
         prot = mmap.PROT_READ | mmap.PROT_WRITE
@@ -176,13 +183,20 @@ class TestVmm:
         if nthreads == 1:
             work(pages)
         else:
-            threads = [threading.Thread(target=work, args=(pages[i::nthreads],)) for i in range(nthreads)]
+            threads = [
+                threading.Thread(target=work, args=(pages[i::nthreads],)) for i in range(nthreads)
+            ]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
         seconds = time.perf_counter() - t0
-        return {"touched": len(pages), "mismatches": mismatches[:20], "bad": len(mismatches), "seconds": seconds}
+        return {
+            "touched": len(pages),
+            "mismatches": mismatches[:20],
+            "bad": len(mismatches),
+            "seconds": seconds,
+        }
 
     def remove(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Balloon inflation: ``madvise(MADV_DONTNEED)`` a range (the server sees REMOVE)."""
@@ -199,7 +213,16 @@ class TestVmm:
 
     def run(self) -> None:
         """Answer commands until ``exit`` or end of input."""
-        print(json.dumps({"ready": True, "pid": os.getpid(), "regions": [[r.base, r.size] for r in self.mem.regions]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ready": True,
+                    "pid": os.getpid(),
+                    "regions": [[r.base, r.size] for r in self.mem.regions],
+                }
+            ),
+            flush=True,
+        )
         for line in sys.stdin:
             cmd = json.loads(line)
             op = cmd["cmd"]
@@ -207,7 +230,9 @@ class TestVmm:
                 break
             if op == "crash":
                 os.kill(os.getpid(), signal.SIGKILL)
-            handler = {"touch": self.touch, "remove": self.remove, "check_zero": self.check_zero}[op]
+            handler = {"touch": self.touch, "remove": self.remove, "check_zero": self.check_zero}[
+                op
+            ]
             print(json.dumps({"ok": True, **handler(cmd)}), flush=True)
         self.sock.close()
 
@@ -239,7 +264,15 @@ class VmmProcess:
         *extra: str,
         timeout: float = 60.0,
     ) -> None:
-        cmd = [sys.executable, "-m", "pagefork.testing.vmm", "--socket", socket_path, "--mem-file", mem_file]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pagefork.testing.vmm",
+            "--socket",
+            socket_path,
+            "--mem-file",
+            mem_file,
+        ]
         for r in regions:
             cmd += ["--region", r]
         cmd += list(extra)
