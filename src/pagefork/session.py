@@ -96,6 +96,7 @@ class ForkSession:
         self._prefetch_ioctls: uffd.UffdIoctls | None = None
         self._prefetched = False
         self._gen_before = 0
+        self._read_lock = threading.Lock()
         self._loop_done = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"pagefork-fork-{fork_id}", daemon=True
@@ -260,10 +261,15 @@ class ForkSession:
         ioctls = uffd.UffdIoctls(fd)
         stop_fd = self._stop_fd
         read_size = uffd.UFFD_MSG_SIZE * _READ_BATCH
+        read_lock = self._read_lock
         deferred: list[int] = []
+        rec = self.recorder
         while True:
-            # With faults deferred on EAGAIN, don't sleep: poll briefly and retry them.
-            for rfd, _ev in ep.poll(0.001 if deferred else -1):
+            # With faults deferred on EAGAIN, don't sleep: poll briefly and retry them. While
+            # a recording window is open, wake now and then so a time limit can close it.
+            timeout = 0.001 if deferred else (0.25 if rec is not None and not rec.closed else -1)
+            ready = ep.poll(timeout)
+            for rfd, _ev in ready:
                 if rfd == fd:
                     continue
                 if rfd == stop_fd:
@@ -271,14 +277,20 @@ class ForkSession:
                 if rfd == conn_fd and self._peer_gone():
                     self.stats.state = "ended"
                     return
-            try:
-                data = os.read(fd, read_size)
-            except BlockingIOError:
-                data = b""
-            if data:
-                deferred = self._handle_events(ioctls, data, deferred)
+            if not ready and rec is not None:
+                rec.poll()
+            # Reading and noting REMOVE ranges happen under one lock that prefetch's copies
+            # also take: a copy can never land between the read of a REMOVE and its noting.
+            with read_lock:
+                try:
+                    data = os.read(fd, read_size)
+                except BlockingIOError:
+                    data = b""
+                faults = self._decode(data) if data else None
+            if faults is not None:
+                deferred = self._serve_all(ioctls, deferred + faults if deferred else faults)
             elif deferred:
-                deferred = self._retry(ioctls, deferred)
+                deferred = self._serve_all(ioctls, deferred)
 
     def _peer_gone(self) -> bool:
         try:
@@ -290,9 +302,8 @@ class ForkSession:
         # Firecracker sends nothing after the handshake; extra bytes are ignored.
         return chunk == b""
 
-    def _handle_events(
-        self, ioctls: uffd.UffdIoctls, data: bytes, deferred: list[int]
-    ) -> list[int]:
+    def _decode(self, data: bytes) -> list[int]:
+        """Split a read into fault addresses and act on the other events at once."""
         faults: list[int] = []
         for event, _, a, b, c in _MSG.iter_unpack(data):
             if event == uffd.UFFD_EVENT_PAGEFAULT:
@@ -302,18 +313,11 @@ class ForkSession:
         with self._events_cond:
             self._events_gen += 1
             self._events_cond.notify_all()
-        # Faults deferred on EAGAIN go first: they have waited longest.
-        pending = deferred + faults if deferred else faults
-        again: list[int] = []
-        for address in pending:
-            if not self._serve_fault(ioctls, address):
-                again.append(address)
-        if again:
-            self.stats.eagain_retries += len(again)
-        return again
+        return faults
 
-    def _retry(self, ioctls: uffd.UffdIoctls, deferred: list[int]) -> list[int]:
-        again = [a for a in deferred if not self._serve_fault(ioctls, a)]
+    def _serve_all(self, ioctls: uffd.UffdIoctls, pending: list[int]) -> list[int]:
+        """Serve faults (deferred ones first); return those the kernel said EAGAIN to."""
+        again = [address for address in pending if not self._serve_fault(ioctls, address)]
         self.stats.eagain_retries += len(again)
         return again
 
@@ -399,13 +403,22 @@ class ForkSession:
 
     def copy(self, dst: int, src: int, length: int, mode: int) -> int:
         """``UFFDIO_COPY`` for prefetch (same errno contract as :class:`uffd.UffdIoctls`)."""
-        self._gen_before = self._events_gen
-        return self._prefetch_fd().copy(dst, src, length, mode)
+        with self._read_lock:
+            self._check_not_removed(dst, length)
+            return self._prefetch_fd().copy(dst, src, length, mode)
 
     def zeropage(self, dst: int, length: int, mode: int) -> int:
         """``UFFDIO_ZEROPAGE`` for prefetch."""
+        with self._read_lock:
+            self._check_not_removed(dst, length)
+            return self._prefetch_fd().zeropage(dst, length, mode)
+
+    def _check_not_removed(self, dst: int, length: int) -> None:
+        # A REMOVE noted since the caller looked at removed_ranges(): answer as the kernel
+        # does for an unread one, so the caller re-reads the ranges and retries.
         self._gen_before = self._events_gen
-        return self._prefetch_fd().zeropage(dst, length, mode)
+        if self.removed and self.removed.overlaps(dst, dst + length):
+            raise OSError(errno.EAGAIN, "range removed by the guest meanwhile")
 
     def wake(self, start: int, length: int) -> None:
         """``UFFDIO_WAKE`` over a range prefetch filled with DONTWAKE."""
