@@ -155,6 +155,8 @@ class PageServer:
         self._listeners: dict[int, _Fork | None] = {}
         self._shared: dict[int, tuple[socket.socket, str, bool | Callable[[str], bool] | None]] = {}
         self._next_conn = 0
+        self._callbacks: list[threading.Thread] = []
+        self._callbacks_lock = threading.Lock()
         self._closed = False
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll = select.epoll()
@@ -382,8 +384,9 @@ class PageServer:
         cb = self.config.on_window_closed
 
         def closed(pages: HotPageList) -> None:
+            # Called on the fault loop's thread; saving a file there would stall faults.
             if cb is not None:
-                cb(fork_id, pages)
+                self._spawn(cb, fork_id, pages)
 
         return HotPageRecorder(
             max_pages=self.config.record_max_pages,
@@ -391,25 +394,27 @@ class PageServer:
             on_close=closed,
         )
 
+    def _spawn(self, cb: Callable[..., None], fork_id: str, *args: object) -> None:
+        """Run a user callback on its own thread (joined by :meth:`close`)."""
+
+        def run() -> None:
+            try:
+                cb(fork_id, *args)
+            except Exception:
+                log.exception("fork %s: callback %s failed", fork_id, getattr(cb, "__name__", cb))
+
+        t = threading.Thread(target=run, name=f"pagefork-callback-{fork_id}", daemon=True)
+        with self._callbacks_lock:
+            self._callbacks = [c for c in self._callbacks if c.is_alive()]
+            self._callbacks.append(t)
+        t.start()
+
     def _session_connected(self, session: ForkSession) -> None:
         with self._changed:
             self._changed.notify_all()
-        cb = self.config.on_connect
-        if cb is not None:
+        if self.config.on_connect is not None:
             # Off the fork's thread: the callback may prefetch while the fault loop serves.
-            threading.Thread(
-                target=self._run_callback,
-                args=(cb, session.fork_id),
-                name=f"pagefork-connect-{session.fork_id}",
-                daemon=True,
-            ).start()
-
-    @staticmethod
-    def _run_callback(cb: Callable[[str], None], fork_id: str) -> None:
-        try:
-            cb(fork_id)
-        except Exception:
-            log.exception("fork %s: connect callback failed", fork_id)
+            self._spawn(self.config.on_connect, session.fork_id)
 
     def _session_ended(self, session: ForkSession) -> None:
         with self._lock:
@@ -445,6 +450,10 @@ class PageServer:
         for entry in entries:
             if entry.session is not None:
                 entry.session.stop()
+        with self._callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for t in callbacks:
+            t.join()
         self._epoll.close()
         os.close(self._wake_fd)
         self.memfile.close()

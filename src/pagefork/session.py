@@ -9,9 +9,11 @@ next to the ioctl it concerns.
 from __future__ import annotations
 
 import array
+import ctypes
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import select
 import signal
@@ -45,6 +47,24 @@ _PEERCRED = struct.Struct("3i")
 _COPY_DONTWAKE = uffd.UFFDIO_COPY_MODE_DONTWAKE
 
 
+def zero_source(size: int) -> int:
+    """Address of ``size`` readable zero bytes (one mapping per size, kept for the process)."""
+    addr = _ZERO_SOURCES.get(size)
+    if addr is None:
+        with _ZERO_LOCK:
+            addr = _ZERO_SOURCES.get(size)
+            if addr is None:
+                # Never written, so every page stays the shared zero page: no memory cost.
+                view = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+                _ZERO_SOURCES[size] = addr
+    return addr
+
+
+_ZERO_SOURCES: dict[int, int] = {}
+_ZERO_LOCK = threading.Lock()
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     """How a session serves: failure policy, handshake timeout, page-size default."""
@@ -56,6 +76,10 @@ class SessionOptions:
 
 class _Fatal(Exception):
     """A fork-fatal condition inside the fault loop (never escapes the session)."""
+
+
+class _PeerGone(Exception):
+    """The VMM exited; its session ends as cleanly as a hang-up."""
 
 
 class ForkSession:
@@ -136,6 +160,8 @@ class ForkSession:
                 self._on_connect(self)
             try:
                 self._serve()
+            except _PeerGone:
+                self.stats.state = "ended"
             except _Fatal as exc:
                 self.stats.errors += 1
                 self.stats.error = str(exc)
@@ -356,37 +382,52 @@ class ForkSession:
         dst = region.base + page_offset
         file_offset = region.offset + page_offset
         stats = self.stats
+        # Count before the ioctl: it wakes the guest, which may read our stats right after.
+        stats.faults += 1
+        if self._prefetched:
+            stats.misses += 1
         try:
             if (self.removed and self.removed.contains(dst)) or self._mem.is_zero(
                 file_offset, psize
             ):
-                ioctls.zeropage(dst, psize)
                 stats.zero_pages += 1
+                if psize == PAGE_SIZE:
+                    ioctls.zeropage(dst, psize)
+                else:
+                    # hugetlbfs has no UFFDIO_ZEROPAGE (EINVAL): copy from a zero page.
+                    ioctls.copy(dst, zero_source(psize), psize)
             else:
-                ioctls.copy(dst, self._mem.address + file_offset, psize)
                 stats.pages_copied += 1
+                ioctls.copy(dst, self._mem.address + file_offset, psize)
         except OSError as exc:
+            self._uncount_install(dst, file_offset, psize)
             if exc.errno == errno.EEXIST:
                 # Prefetch or another vCPU installed it first: the page is there, all is well.
                 stats.already_present += 1
             elif exc.errno == errno.EAGAIN:
                 # An unread non-cooperative event (REMOVE) blocks copies: defer, drain, retry.
+                stats.faults -= 1
+                if self._prefetched:
+                    stats.misses -= 1
                 return False
             elif exc.errno == errno.ESRCH:
-                raise _Fatal("the VMM's address space is gone (it exited)") from None
+                raise _PeerGone from None  # the VMM's address space is gone: it exited
             else:
                 raise _Fatal(
-                    f"{'UFFDIO_COPY' if exc.errno != errno.ENOENT else 'copy'} at {dst:#x} "
-                    f"(region {idx}) failed: {os.strerror(exc.errno or 0)}"
+                    f"installing the page at {dst:#x} (region {idx}) failed: "
+                    f"{os.strerror(exc.errno or 0)}"
                 ) from None
-        stats.faults += 1
-        if self._prefetched:
-            stats.misses += 1
         rec = self.recorder
         if rec is not None:
             rec.record(idx, page_offset)
         self.latency.add(time.perf_counter_ns() - t0)
         return True
+
+    def _uncount_install(self, dst: int, file_offset: int, psize: int) -> None:
+        if (self.removed and self.removed.contains(dst)) or self._mem.is_zero(file_offset, psize):
+            self.stats.zero_pages -= 1
+        else:
+            self.stats.pages_copied -= 1
 
     # --- the prefetch target (pagefork.prefetch.PrefetchTarget) ------------------------------
     @property

@@ -1,0 +1,252 @@
+"""``pagefork hotpages``: inspect, merge and compare hot-page files (HPL1/HPL2).
+
+The library treats a missing hot-page file as an empty list (no hot set, no prefetch); here the
+user named the file, so a missing path is an error like a corrupt one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pagefork.errors import PageforkError
+from pagefork.hotpages import HotPage, HotPageList, at_least, intersection, load, union
+from pagefork.regions import PAGE_SIZE
+
+#: How many differing pages the human form of ``diff`` lists per side.
+_DIFF_LIST_LIMIT = 20
+
+_PAGE_SIZE_NOTE = (
+    "Hot-page files do not store page sizes: runs and bytes assume 4 KiB pages "
+    "(a hugepage region's pages count as 4 KiB each)."
+)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``hotpages`` and its sub-commands ``show``, ``merge`` and ``diff``."""
+    parser = subparsers.add_parser(
+        "hotpages",
+        help="inspect, merge and compare hot-page files",
+        description="Inspect, merge and compare hot-page files (HPL1 or HPL2).",
+    )
+    sub = parser.add_subparsers(dest="hotpages_command", metavar="ACTION")
+    sub.required = True
+
+    show = sub.add_parser(
+        "show",
+        help="summarize a hot-page file",
+        description="Summarize a hot-page file: pages, regions, contiguous runs. "
+        + _PAGE_SIZE_NOTE,
+    )
+    show.add_argument("file", metavar="FILE", help="an HPL1 or HPL2 hot-page file")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(func=run_show)
+
+    merge = sub.add_parser(
+        "merge",
+        help="combine the hot sets of several warm-up runs",
+        description="Combine hot-page files from several warm-up runs. Pages keep the "
+        "first-touch order of the first file they appear in.",
+    )
+    merge.add_argument("files", nargs="+", metavar="FILE", help="hot-page files to combine")
+    merge.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write")
+    merge.add_argument(
+        "--mode",
+        choices=("union", "intersect", "min-count"),
+        default="union",
+        help="union: pages in any file (default); intersect: pages in every file; "
+        "min-count: pages in at least --min-count files",
+    )
+    merge.add_argument(
+        "--min-count", type=int, metavar="K", help="with --mode min-count: keep pages in >= K files"
+    )
+    merge.add_argument(
+        "--format",
+        choices=("hpl1", "hpl2"),
+        default="hpl2",
+        help="hpl2 keeps first-touch order and times (default); hpl1 is sorted, seed-compatible",
+    )
+    merge.set_defaults(func=run_merge)
+
+    diff = sub.add_parser(
+        "diff",
+        help="compare two hot-page files",
+        description="List the pages only in A, only in B, and the count in both.",
+    )
+    diff.add_argument("a", metavar="A", help="first hot-page file")
+    diff.add_argument("b", metavar="B", help="second hot-page file")
+    diff.add_argument("--json", action="store_true", help="print one JSON object")
+    diff.set_defaults(func=run_diff)
+
+
+# --- summaries (pure) ------------------------------------------------------------------------
+
+
+def count_runs(pages: list[HotPage]) -> int:
+    """Contiguous runs of 4 KiB pages in ``pages`` (sorted, deduplicated)."""
+    runs = 0
+    previous: HotPage | None = None
+    for page in pages:
+        if (
+            previous is None
+            or page.region != previous.region
+            or page.page_offset != previous.page_offset + PAGE_SIZE
+        ):
+            runs += 1
+        previous = page
+    return runs
+
+
+def summarize(hot: HotPageList) -> dict[str, Any]:
+    """The numbers ``show`` prints: count, bytes, runs, per-region figures, first/last page."""
+    pages = hot.snapshot()
+    by_region: dict[int, list[HotPage]] = {}
+    for page in pages:
+        by_region.setdefault(page.region, []).append(page)
+    regions = [
+        {
+            "region": region,
+            "pages": len(group),
+            "runs": count_runs(group),
+            "bytes": len(group) * PAGE_SIZE,
+            "first_offset": group[0].page_offset,
+            "last_offset": group[-1].page_offset,
+        }
+        for region, group in sorted(by_region.items())
+    ]
+    times = [t for t in hot.times() if t is not None]
+    return {
+        "format": hot.source_format,
+        "count": len(pages),
+        "bytes": len(pages) * PAGE_SIZE,
+        "runs": count_runs(pages),
+        "first": list(pages[0]) if pages else None,
+        "last": list(pages[-1]) if pages else None,
+        "first_touch_span_seconds": max(times) if times else None,
+        "regions": regions,
+        "pages": [list(page) for page in pages],
+    }
+
+
+def _load_named(path: str) -> HotPageList:
+    return load(path, missing_ok=False)
+
+
+def _console() -> Console:
+    # Built per call so it writes to the sys.stdout of the moment (tests capture it); no
+    # markup, so a path with brackets prints as it is.
+    return Console(file=sys.stdout, highlight=False, markup=False, soft_wrap=True)
+
+
+# --- handlers --------------------------------------------------------------------------------
+
+
+def run_show(args: argparse.Namespace) -> int:
+    """``hotpages show FILE [--json]``."""
+    hot = _load_named(args.file)
+    summary = summarize(hot)
+    if args.json:
+        print(json.dumps({"file": args.file, **summary}))
+        return 0
+    console = _console()
+    head = Table(title=f"{args.file}", show_header=False, box=None)
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("format", summary["format"] or "-")
+    head.add_row("pages", str(summary["count"]))
+    head.add_row("bytes", f"{summary['bytes']} (assuming 4 KiB pages)")
+    head.add_row("runs", f"{summary['runs']} (contiguous 4 KiB pages)")
+    if summary["first"] is not None:
+        head.add_row("first", f"region {summary['first'][0]}, offset {summary['first'][1]:#x}")
+        head.add_row("last", f"region {summary['last'][0]}, offset {summary['last'][1]:#x}")
+    if summary["first_touch_span_seconds"] is not None:
+        span = summary["first_touch_span_seconds"]
+        head.add_row("last first touch", f"{span:.6f} s after the handshake")
+    console.print(head)
+    if summary["regions"]:
+        table = Table(title="per region")
+        for name in ("region", "pages", "runs", "bytes", "first offset", "last offset"):
+            table.add_column(name, justify="right")
+        for r in summary["regions"]:
+            table.add_row(
+                str(r["region"]),
+                str(r["pages"]),
+                str(r["runs"]),
+                str(r["bytes"]),
+                f"{r['first_offset']:#x}",
+                f"{r['last_offset']:#x}",
+            )
+        console.print(table)
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """``hotpages merge FILE... -o OUT [--mode ...] [--min-count K] [--format ...]``."""
+    if args.mode == "min-count" and args.min_count is None:
+        raise PageforkError("hotpages merge: --mode min-count needs --min-count K")
+    if args.mode != "min-count" and args.min_count is not None:
+        raise PageforkError("hotpages merge: --min-count only applies to --mode min-count")
+    n = len(args.files)
+    if args.mode == "min-count" and not 1 <= args.min_count <= n:
+        raise PageforkError(
+            f"hotpages merge: --min-count must be between 1 and {n} (the number of files)"
+        )
+    lists = [_load_named(path) for path in args.files]
+    if args.mode == "union":
+        merged = union(lists)
+    elif args.mode == "intersect":
+        merged = intersection(lists)
+    else:
+        merged = at_least(lists, args.min_count)
+    merged.save(args.output, fmt=args.format)
+    how = f"min-count {args.min_count}" if args.mode == "min-count" else args.mode
+    print(f"wrote {len(merged)} pages to {args.output} ({how} of {n} files, {args.format})")
+    return 0
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    """``hotpages diff A B [--json]``."""
+    a = _load_named(args.a)
+    b = _load_named(args.b)
+    set_a = set(a.snapshot())
+    set_b = set(b.snapshot())
+    only_a = sorted(set_a - set_b)
+    only_b = sorted(set_b - set_a)
+    common = len(set_a & set_b)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "a": args.a,
+                    "b": args.b,
+                    "count_a": len(set_a),
+                    "count_b": len(set_b),
+                    "common": common,
+                    "only_in_a": [list(p) for p in only_a],
+                    "only_in_b": [list(p) for p in only_b],
+                }
+            )
+        )
+        return 0
+    console = _console()
+    table = Table(title=f"{args.a} vs {args.b}")
+    table.add_column("", style="bold")
+    table.add_column("pages", justify="right")
+    table.add_row(f"only in {args.a}", str(len(only_a)))
+    table.add_row(f"only in {args.b}", str(len(only_b)))
+    table.add_row("in both", str(common))
+    console.print(table)
+    for path, pages in ((args.a, only_a), (args.b, only_b)):
+        if not pages:
+            continue
+        console.print(f"only in {path}:")
+        for page in pages[:_DIFF_LIST_LIMIT]:
+            console.print(f"  region {page.region} offset {page.page_offset:#x}")
+        if len(pages) > _DIFF_LIST_LIMIT:
+            console.print(f"  ... and {len(pages) - _DIFF_LIST_LIMIT} more (--json lists all)")
+    return 0

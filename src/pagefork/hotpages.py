@@ -1,0 +1,590 @@
+"""Hot-page lists: the pages a warm-up fork touched, how they are recorded and stored.
+
+A :class:`HotPageList` keeps the pages of one fork in first-touch order (the order later forks
+want them prefetched in). The :class:`HotPageRecorder` fills one from the page server's fault
+loop inside a bounded window. Lists from several warm-up runs combine with :func:`union`,
+:func:`intersection` and :func:`at_least`.
+
+Two file formats, both a 4-byte magic followed by unsigned LEB128 varints (Go's
+``binary.PutUvarint``: 7 bits per byte, low group first, at most 10 bytes, value < 2**64):
+
+``HPL1`` (byte-compatible with the seed)::
+
+    "HPL1" count { region page_offset } * count        sorted by (region, page_offset), unique
+
+``HPL2`` (ours: keeps first-touch order and, optionally, first-touch times)::
+
+    "HPL2" flags count { region page_offset [time] } * count     first-touch order, unique
+
+``flags`` bit 0 set means every entry carries ``time``: 0 for "unknown", else the first-touch
+time in microseconds since the fork's handshake, plus 1. Other flag bits are reserved and
+rejected, so a newer writer's extension fails loudly instead of being misread.
+
+Entry indices in error messages count from 0. Encoding and decoding are pure functions over
+bytes (:func:`encode_hpl1`, :func:`encode_hpl2`, :func:`decode`); :func:`save` and :func:`load`
+add the file I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, NamedTuple
+
+from pagefork.errors import HotPageFileError
+
+MAGIC_HPL1 = b"HPL1"
+MAGIC_HPL2 = b"HPL2"
+#: HPL2 flag: every entry carries a first-touch time varint.
+HPL2_FLAG_TIMES = 1 << 0
+_HPL2_KNOWN_FLAGS = HPL2_FLAG_TIMES
+
+#: Page offsets in a file are byte offsets; every page size we serve is a multiple of 4 KiB,
+#: so an offset that is not 4 KiB aligned can only come from a corrupt file.
+_FILE_ALIGN = 4096
+_U64_MAX = (1 << 64) - 1
+_VARINT_MAX_BYTES = 10
+
+HotPageFormat = Literal["hpl1", "hpl2"]
+
+
+class HotPage(NamedTuple):
+    """One guest page: region index (handshake order) and the page's byte offset in it.
+
+    A NamedTuple so that it is hashable, ordered by (region, page_offset), and as cheap to
+    build as a plain tuple on the fault path.
+    """
+
+    region: int
+    page_offset: int
+
+
+class HotPageList:
+    """The distinct pages a fork touched, in first-touch order, with first-touch times.
+
+    Thread-safe: the fault loop may :meth:`add` while another thread takes a :meth:`snapshot`.
+    Memory is bounded by the number of distinct pages, not by the number of adds.
+    """
+
+    __slots__ = ("_lock", "_order", "_seen", "_times", "source_format")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Plain (region, offset) tuples internally: they hash and compare equal to HotPage, and
+        # skip the NamedTuple constructor on the fault path.
+        self._order: list[tuple[int, int]] = []
+        self._times: list[float | None] = []
+        self._seen: set[tuple[int, int]] = set()
+        #: "hpl1"/"hpl2" when the list was decoded from a file, else None.
+        self.source_format: HotPageFormat | None = None
+
+    @classmethod
+    def from_pages(
+        cls, pages: Iterable[tuple[int, int]], times: Iterable[float | None] | None = None
+    ) -> HotPageList:
+        """A list of ``pages`` in the given order (later duplicates are dropped).
+
+        ``times``, when given, is aligned with ``pages`` (one first-touch time per entry).
+        """
+        hot = cls()
+        if times is None:
+            for region, offset in pages:
+                hot._add_unlocked(region, offset, None)
+        else:
+            pages = list(pages)
+            times = list(times)
+            if len(times) != len(pages):
+                raise ValueError(f"{len(pages)} pages but {len(times)} times")
+            for (region, offset), t in zip(pages, times, strict=True):
+                hot._add_unlocked(region, offset, t)
+        return hot
+
+    def _add_unlocked(self, region: int, page_offset: int, t: float | None) -> bool:
+        key = (region, page_offset)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        self._order.append(key)
+        self._times.append(t)
+        return True
+
+    def add(self, region: int, page_offset: int, t: float | None = None) -> bool:
+        """Record a touch of ``(region, page_offset)``; True when the page is new.
+
+        ``t`` is the touch time in seconds since the fork's handshake; only the first touch's
+        time is kept.
+        """
+        with self._lock:
+            return self._add_unlocked(region, page_offset, t)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, page: object) -> bool:
+        return page in self._seen
+
+    def __iter__(self) -> Iterator[HotPage]:
+        """The pages in first-touch order (iterates over a copy: safe while others add)."""
+        return iter(self.in_order())
+
+    def __repr__(self) -> str:
+        return f"<HotPageList {len(self._order)} pages>"
+
+    def snapshot(self) -> list[HotPage]:
+        """The pages sorted by (region, page_offset), deduplicated: the seed's semantics."""
+        with self._lock:
+            keys = sorted(self._order)
+        return [HotPage(r, o) for r, o in keys]
+
+    def in_order(self) -> list[HotPage]:
+        """The pages in first-touch order."""
+        with self._lock:
+            keys = list(self._order)
+        return [HotPage(r, o) for r, o in keys]
+
+    def times(self) -> list[float | None]:
+        """First-touch times in seconds (None where unknown), aligned with :meth:`in_order`."""
+        with self._lock:
+            return list(self._times)
+
+    def entries(self) -> list[tuple[HotPage, float | None]]:
+        """``(page, first-touch time)`` pairs in first-touch order, taken under one lock."""
+        with self._lock:
+            return [(HotPage(r, o), t) for (r, o), t in zip(self._order, self._times, strict=True)]
+
+    def save(self, path: str | os.PathLike[str], fmt: HotPageFormat = "hpl1") -> None:
+        """Write the list to ``path`` atomically; see :func:`save`."""
+        save(self, path, fmt)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, strict: bool = False) -> HotPageList:
+        """Read a list from ``path``; see :func:`load`."""
+        return load(path, strict=strict)
+
+
+# --- combining warm-up runs ------------------------------------------------------------------
+
+
+def at_least(lists: Iterable[HotPageList], k: int) -> HotPageList:
+    """The pages seen in at least ``k`` of the ``n`` lists (1 <= k <= n).
+
+    Pages are ordered by first appearance across the lists taken in sequence (so the first
+    list's first-touch order wins), and each keeps the time of that first appearance.
+    """
+    snapshots = [hot.entries() for hot in lists]
+    if not 1 <= k <= len(snapshots):
+        raise ValueError(f"k must be between 1 and {len(snapshots)} (the number of lists), not {k}")
+    counts: dict[HotPage, int] = {}
+    first_time: dict[HotPage, float | None] = {}
+    # dict insertion order is the order of first appearance across the lists in sequence.
+    for entries in snapshots:
+        for page, t in entries:
+            if page in counts:
+                counts[page] += 1
+            else:
+                counts[page] = 1
+                first_time[page] = t
+    kept = [page for page, count in counts.items() if count >= k]
+    return HotPageList.from_pages(kept, [first_time[page] for page in kept])
+
+
+def union(lists: Iterable[HotPageList]) -> HotPageList:
+    """The pages seen in any of the lists (empty for no lists)."""
+    lists = list(lists)
+    return at_least(lists, 1) if lists else HotPageList()
+
+
+def intersection(lists: Iterable[HotPageList]) -> HotPageList:
+    """The pages seen in every one of the lists (empty for no lists).
+
+    Pages any one run skipped are left to demand faults: keeping only what every warm-up run
+    touched drops pages that depended on one run's timing.
+    """
+    lists = list(lists)
+    return at_least(lists, len(lists)) if lists else HotPageList()
+
+
+# --- varints (unsigned LEB128, as Go's encoding/binary) --------------------------------------
+
+
+def _put_uvarint(out: bytearray, value: int) -> None:
+    if value < 0 or value > _U64_MAX:
+        raise ValueError(f"value {value} does not fit an unsigned 64-bit varint")
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+class _Truncated(Exception):
+    """The data ended inside a varint."""
+
+
+class _Overflow(Exception):
+    """A varint runs past 10 bytes or past 2**64-1."""
+
+
+def _get_uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    """Decode the varint at ``pos``; returns (value, position after it)."""
+    value = 0
+    shift = 0
+    end = len(data)
+    for i in range(_VARINT_MAX_BYTES):
+        if pos >= end:
+            raise _Truncated
+        byte = data[pos]
+        pos += 1
+        if byte < 0x80:
+            # The 10th byte may only carry bit 63 (Go's rule: anything more overflows).
+            if i == _VARINT_MAX_BYTES - 1 and byte > 1:
+                raise _Overflow
+            return value | (byte << shift), pos
+        value |= (byte & 0x7F) << shift
+        shift += 7
+    raise _Overflow
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+def encode_hpl1(pages: Iterable[tuple[int, int]]) -> bytes:
+    """The HPL1 bytes of ``pages``: sorted and deduplicated, as the seed writes them."""
+    unique = sorted(set(pages))
+    out = bytearray(MAGIC_HPL1)
+    _put_uvarint(out, len(unique))
+    for region, offset in unique:
+        _put_uvarint(out, region)
+        _put_uvarint(out, offset)
+    return bytes(out)
+
+
+def _time_to_varint(t: float | None) -> int:
+    if t is None:
+        return 0
+    return max(0, round(t * 1_000_000)) + 1
+
+
+def encode_hpl2(hot: HotPageList, *, with_times: bool | None = None) -> bytes:
+    """The HPL2 bytes of ``hot``: first-touch order and, optionally, first-touch times.
+
+    ``with_times`` defaults to "when any page has a known time".
+    """
+    entries = hot.entries()
+    if with_times is None:
+        with_times = any(t is not None for _, t in entries)
+    out = bytearray(MAGIC_HPL2)
+    _put_uvarint(out, HPL2_FLAG_TIMES if with_times else 0)
+    _put_uvarint(out, len(entries))
+    for (region, offset), t in entries:
+        _put_uvarint(out, region)
+        _put_uvarint(out, offset)
+        if with_times:
+            _put_uvarint(out, _time_to_varint(t))
+    return bytes(out)
+
+
+def encode(hot: HotPageList, fmt: HotPageFormat = "hpl1") -> bytes:
+    """The bytes of ``hot`` in file format ``fmt``."""
+    if fmt == "hpl1":
+        return encode_hpl1(hot.in_order())
+    if fmt == "hpl2":
+        return encode_hpl2(hot)
+    raise ValueError(f"unknown hot-page format {fmt!r} (expected 'hpl1' or 'hpl2')")
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def decode(data: bytes, name: str = "<bytes>", *, strict: bool = False) -> HotPageList:
+    """Parse an HPL1 or HPL2 file's bytes; errors name ``name`` and the entry index.
+
+    The seed always writes HPL1 sorted and deduplicated, but nothing else depends on that, so
+    by default an unsorted HPL1 file is accepted in file order and repeated entries are
+    dropped (first occurrence wins). With ``strict=True`` both are errors, in either format.
+    """
+    data = bytes(data)
+    magic = data[:4]
+    if magic not in (MAGIC_HPL1, MAGIC_HPL2):
+        if len(data) < 4 and (MAGIC_HPL1.startswith(magic) or MAGIC_HPL2.startswith(magic)):
+            raise HotPageFileError(f"{name}: truncated header ({len(data)} bytes)")
+        raise HotPageFileError(f"{name}: not a hot-page file (magic {magic!r}, expected HPL1/HPL2)")
+    hpl2 = magic == MAGIC_HPL2
+    pos = 4
+
+    def header_varint(what: str) -> int:
+        nonlocal pos
+        try:
+            value, pos = _get_uvarint(data, pos)
+        except _Truncated:
+            raise HotPageFileError(f"{name}: truncated {what}") from None
+        except _Overflow:
+            raise HotPageFileError(f"{name}: {what}: varint overflows 64 bits") from None
+        return value
+
+    flags = header_varint("flags") if hpl2 else 0
+    if flags & ~_HPL2_KNOWN_FLAGS:
+        raise HotPageFileError(f"{name}: unknown flags {flags:#x}")
+    with_times = bool(flags & HPL2_FLAG_TIMES)
+    count = header_varint("count")
+    # Every entry needs at least one byte per varint: check the untrusted count against the
+    # bytes actually present before allocating anything from it.
+    min_entry = 3 if with_times else 2
+    remaining = len(data) - pos
+    if count > remaining // min_entry:
+        raise HotPageFileError(
+            f"{name}: count {count} is more than {remaining} bytes can hold "
+            f"(at most {remaining // min_entry} entries)"
+        )
+
+    hot = HotPageList()
+    hot.source_format = "hpl2" if hpl2 else "hpl1"
+    previous: tuple[int, int] | None = None
+    index = 0
+    field = ""
+    try:
+        for index in range(count):
+            field = "region index"
+            region, pos = _get_uvarint(data, pos)
+            field = "page offset"
+            offset, pos = _get_uvarint(data, pos)
+            t: float | None = None
+            if with_times:
+                field = "time"
+                raw, pos = _get_uvarint(data, pos)
+                t = None if raw == 0 else (raw - 1) / 1_000_000
+            if offset % _FILE_ALIGN:
+                raise HotPageFileError(
+                    f"{name}: entry {index}: page offset {offset:#x} is not 4 KiB aligned"
+                )
+            key = (region, offset)
+            if strict and not hpl2 and previous is not None and key < previous:
+                raise HotPageFileError(
+                    f"{name}: entry {index}: (region {region}, offset {offset:#x}) "
+                    "is out of order (HPL1 is sorted)"
+                )
+            previous = key
+            if not hot._add_unlocked(region, offset, t) and strict:
+                raise HotPageFileError(
+                    f"{name}: entry {index}: (region {region}, offset {offset:#x}) is a duplicate"
+                )
+    except _Truncated:
+        raise HotPageFileError(f"{name}: entry {index}: truncated {field}") from None
+    except _Overflow:
+        raise HotPageFileError(
+            f"{name}: entry {index}: {field}: varint overflows 64 bits"
+        ) from None
+    if pos != len(data):
+        raise HotPageFileError(
+            f"{name}: {len(data) - pos} trailing bytes after the last entry (entry {count - 1})"
+            if count
+            else f"{name}: {len(data) - pos} trailing bytes after an empty list"
+        )
+    return hot
+
+
+# --- file I/O --------------------------------------------------------------------------------
+
+
+def load(
+    path: str | os.PathLike[str], *, strict: bool = False, missing_ok: bool = True
+) -> HotPageList:
+    """Read a hot-page file (HPL1 or HPL2).
+
+    A missing file is an empty list — the seed's rule: no hot set means no prefetch — unless
+    ``missing_ok`` is False. A corrupt or unreadable file raises :class:`HotPageFileError`.
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        if missing_ok:
+            return HotPageList()
+        raise HotPageFileError(f"{name}: no such file") from None
+    except OSError as exc:
+        raise HotPageFileError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    return decode(data, name, strict=strict)
+
+
+def save(hot: HotPageList, path: str | os.PathLike[str], fmt: HotPageFormat = "hpl1") -> None:
+    """Write ``hot`` to ``path`` in format ``fmt``, atomically.
+
+    Readers see the old file or the new one, never a torn write: the bytes go to a temporary
+    file in the same directory (same filesystem, so the rename is atomic), which is fsynced,
+    renamed over ``path``, and the directory fsynced so the rename itself survives a crash.
+    """
+    data = encode(hot, fmt)
+    name = os.fspath(path)
+    directory = os.path.dirname(name) or "."
+    try:
+        fd, tmp = tempfile.mkstemp(
+            dir=directory, prefix=f".{os.path.basename(name)}.", suffix=".tmp"
+        )
+    except OSError as exc:
+        raise HotPageFileError(f"{name}: cannot write: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; a hot set is not a secret
+            os.fsync(f.fileno())
+        os.replace(tmp, name)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise HotPageFileError(f"{name}: cannot write: {exc.strerror or exc}") from None
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise HotPageFileError(
+            f"{name}: written, but fsync of {directory}: {exc.strerror}"
+        ) from None
+
+
+# --- recording -------------------------------------------------------------------------------
+
+
+class HotPageRecorder:
+    """Records one fork's hot set from the fault loop, inside a bounded window.
+
+    The window opens at :meth:`start` (the fork's handshake, t=0) and closes at the first of:
+    ``max_pages`` distinct pages recorded, ``max_seconds`` elapsed (noticed by :meth:`record`
+    or :meth:`poll`), or :meth:`close`. ``on_close`` then gets the list, exactly once, in the
+    thread that closed the window (the fault loop's, when :meth:`record` closes it): it should
+    hand slow work such as saving the file to another thread. Bounding the window matters: a
+    hot set that grows into all of memory makes restores slower.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_closed",
+        "_closing",
+        "_deadline",
+        "_list",
+        "_max_pages",
+        "_max_seconds",
+        "_on_close",
+        "_start",
+    )
+
+    def __init__(
+        self,
+        max_pages: int | None = None,
+        max_seconds: float | None = None,
+        on_close: Callable[[HotPageList], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_pages is not None and max_pages < 1:
+            raise ValueError(f"max_pages must be at least 1, not {max_pages}")
+        if max_seconds is not None and max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive, not {max_seconds}")
+        self._max_pages = max_pages
+        self._max_seconds = max_seconds
+        self._on_close = on_close
+        self._clock = clock
+        self._list = HotPageList()
+        self._start: float | None = None
+        self._deadline = float("inf")
+        self._closed = False
+        self._closing = False  # set under the lock by whoever will call on_close
+
+    def start(self) -> None:
+        """Mark the fork's handshake: t=0 for recorded times and for ``max_seconds``."""
+        with self._list._lock:
+            self._start = self._clock()
+            if self._max_seconds is not None:
+                self._deadline = self._start + self._max_seconds
+
+    @property
+    def closed(self) -> bool:
+        """True once the recording window has closed."""
+        return self._closed
+
+    @property
+    def hot_pages(self) -> HotPageList:
+        """The list being recorded (complete once :attr:`closed`)."""
+        return self._list
+
+    def record(self, region: int, page_offset: int) -> None:
+        """Record a demand fault on ``(region, page_offset)``; no-op once closed.
+
+        Called once per fault, so it takes one lock and allocates only the list entry. A
+        recording before :meth:`start` starts the window.
+        """
+        hot = self._list
+        close_now = False
+        with hot._lock:
+            if self._closing:
+                return
+            now = self._clock()
+            if self._start is None:
+                self._start = now
+                if self._max_seconds is not None:
+                    self._deadline = now + self._max_seconds
+            if now >= self._deadline:
+                # Outside the window: this fault is not part of the hot set.
+                self._closing = close_now = True
+            elif (
+                hot._add_unlocked(region, page_offset, now - self._start)
+                and self._max_pages is not None
+                and len(hot._order) >= self._max_pages
+            ):
+                self._closing = close_now = True
+        if close_now:
+            self._finish()
+
+    def poll(self) -> bool:
+        """Close the window if ``max_seconds`` has passed; returns :attr:`closed`."""
+        hot = self._list
+        close_now = False
+        with hot._lock:
+            if not self._closing and self._clock() >= self._deadline:
+                self._closing = close_now = True
+        if close_now:
+            self._finish()
+        return self._closed
+
+    def close(self) -> None:
+        """Close the window (the fork ended); idempotent."""
+        with self._list._lock:
+            if self._closing:
+                return
+            self._closing = True
+        self._finish()
+
+    def _finish(self) -> None:
+        # Called by exactly one thread (the one that set _closing), outside the lock so that
+        # on_close may take its time or read the list.
+        self._closed = True
+        if self._on_close is not None:
+            self._on_close(self._list)
+
+
+__all__ = [
+    "HPL2_FLAG_TIMES",
+    "MAGIC_HPL1",
+    "MAGIC_HPL2",
+    "HotPage",
+    "HotPageFormat",
+    "HotPageList",
+    "HotPageRecorder",
+    "at_least",
+    "decode",
+    "encode",
+    "encode_hpl1",
+    "encode_hpl2",
+    "intersection",
+    "load",
+    "save",
+    "union",
+]

@@ -1,0 +1,411 @@
+"""Prefetch: install a hot-page list into a fork before (or while) its vCPUs run.
+
+Two halves, as in the rest of pagefork. :func:`plan_prefetch` is pure: it validates the list
+against the fork's regions, coalesces pages into contiguous runs, splits them into copy and
+zero-page runs, and orders the runs by first touch. :func:`execute_plan` issues the ioctls
+against a :class:`PrefetchTarget` (the fork's session, or a fake in tests) and applies the
+kernel's rules at the place each one matters: EEXIST means a vCPU got there first, EAGAIN with
+bytes done means a partial copy (retry the rest), EAGAIN with none done means an unread
+``UFFD_EVENT_REMOVE``, and removed ranges must never get template bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pagefork.errors import PrefetchError
+from pagefork.regions import PAGE_SIZE, Region
+from pagefork.uffd import UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_ZEROPAGE_MODE_DONTWAKE
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A contiguous range of one region installed with one ioctl (when nothing races it).
+
+    ``zero`` runs are all-zero in the template and use ``UFFDIO_ZEROPAGE``; the others use
+    ``UFFDIO_COPY`` from ``file_offset`` of the mem-file. ``page_size`` is the region's page
+    size: the unit in which a run is split when part of it is already present or removed.
+    """
+
+    region: int
+    host_start: int
+    file_offset: int
+    length: int
+    zero: bool
+    page_size: int = PAGE_SIZE
+
+    @property
+    def host_end(self) -> int:
+        """One past the run's last host address."""
+        return self.host_start + self.length
+
+    @property
+    def pages(self) -> int:
+        """Pages (of the region's page size) in the run."""
+        return self.length // self.page_size
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchPlan:
+    """The runs to install, in first-touch order, and what they add up to.
+
+    ``pages`` counts distinct pages (in each region's page size), ``bytes`` their total size,
+    ``regions`` the region indices touched and ``wake_ranges`` the ``(base, size)`` of each,
+    woken once at the end.
+    """
+
+    runs: tuple[Run, ...]
+    pages: int
+    bytes: int
+    regions: frozenset[int]
+    wake_ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchResult:
+    """What one prefetch did.
+
+    ``requested == installed + already_present + skipped_removed`` (all in pages of each
+    region's page size). ``ioctls`` counts every ``UFFDIO_COPY``/``UFFDIO_ZEROPAGE`` issued
+    (failed ones included) and the final ``UFFDIO_WAKE``s; ``bytes`` is what this prefetch
+    installed.
+    """
+
+    requested: int
+    installed: int
+    already_present: int
+    skipped_removed: int
+    runs: int
+    ioctls: int
+    bytes: int
+    seconds: float
+
+
+class PrefetchTarget(Protocol):
+    """The fork a plan is installed into; the session implements it over its uffd.
+
+    ``copy`` and ``zeropage`` return the bytes installed and raise ``OSError`` with the kernel's
+    errno; the exception carries ``done``, the bytes installed before the error (may be 0).
+    """
+
+    @property
+    def src_base(self) -> int:
+        """Address of the mem-file mapping in this process: copy source = src_base + offset."""
+        ...
+
+    def copy(self, dst: int, src: int, length: int, mode: int) -> int:
+        """``UFFDIO_COPY`` ``length`` bytes from our ``src`` to the fork's ``dst``."""
+        ...
+
+    def zeropage(self, dst: int, length: int, mode: int) -> int:
+        """``UFFDIO_ZEROPAGE`` over ``[dst, dst+length)``."""
+        ...
+
+    def wake(self, start: int, length: int) -> None:
+        """``UFFDIO_WAKE`` threads blocked on faults in ``[start, start+length)``."""
+        ...
+
+    def removed_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Host subranges of ``[start, end)`` the guest removed (balloon, UFFD_EVENT_REMOVE)."""
+        ...
+
+    def await_events(self, timeout: float) -> None:
+        """Block until the fault loop has read the uffd's pending events.
+
+        Raises :class:`PrefetchError` when that takes longer than ``timeout`` seconds.
+        """
+        ...
+
+
+# --- planning --------------------------------------------------------------------------------
+
+
+def _check_entry(index: int, region: int, offset: int, regions: Sequence[Region]) -> None:
+    where = f"entry {index}: (region {region}, offset {offset:#x})"
+    if not 0 <= region < len(regions):
+        raise PrefetchError(f"{where}: no region {region} (fork has {len(regions)})")
+    r = regions[region]
+    if offset < 0 or offset % r.page_size:
+        raise PrefetchError(f"{where}: not aligned to the region's {r.page_size:#x}-byte pages")
+    if offset >= r.size:
+        raise PrefetchError(f"{where}: beyond the end of region {region} (size {r.size:#x})")
+
+
+def plan_prefetch(
+    pages: Sequence[tuple[int, int]],
+    regions: Sequence[Region],
+    is_zero: Callable[[int, int], bool],
+) -> PrefetchPlan:
+    """Plan the ioctls that install ``pages`` (first-touch order) into a fork's ``regions``.
+
+    The whole list is validated first, so a list from another template fails with a
+    :class:`PrefetchError` naming its first bad entry before a single page is installed.
+    ``is_zero(file_offset, length)`` tells whether a mem-file range is all zero.
+    """
+    first_touch: dict[tuple[int, int], int] = {}
+    for index, (region, offset) in enumerate(pages):
+        _check_entry(index, region, offset, regions)
+        first_touch.setdefault((region, offset), index)
+
+    by_region: dict[int, list[int]] = {}
+    for region, offset in first_touch:
+        by_region.setdefault(region, []).append(offset)
+
+    keyed: list[tuple[int, Run]] = []
+    total_pages = 0
+    total_bytes = 0
+    for region, offsets in by_region.items():
+        offsets.sort()
+        r = regions[region]
+        ps = r.page_size
+        total_pages += len(offsets)
+        total_bytes += len(offsets) * ps
+        start = 0
+        for i in range(1, len(offsets) + 1):
+            if i == len(offsets) or offsets[i] != offsets[i - 1] + ps:
+                keyed.extend(_split_zero(region, r, offsets[start:i], first_touch, is_zero))
+                start = i
+
+    # Earliest-touched run first: a guest resumed while prefetch is still going finds the
+    # pages it needs first already installed.
+    keyed.sort(key=lambda kr: kr[0])
+    touched = sorted(by_region)
+    return PrefetchPlan(
+        runs=tuple(run for _, run in keyed),
+        pages=total_pages,
+        bytes=total_bytes,
+        regions=frozenset(touched),
+        wake_ranges=tuple((regions[i].base, regions[i].size) for i in touched),
+    )
+
+
+def _split_zero(
+    region: int,
+    r: Region,
+    offsets: list[int],
+    first_touch: dict[tuple[int, int], int],
+    is_zero: Callable[[int, int], bool],
+) -> list[tuple[int, Run]]:
+    """Split one contiguous group of page offsets into maximal all-zero / non-zero runs, each
+    keyed by its earliest first-touch position."""
+    ps = r.page_size
+
+    def make(lo: int, hi: int, zero: bool) -> tuple[int, Run]:
+        key = min(first_touch[(region, off)] for off in offsets[lo:hi])
+        start = offsets[lo]
+        run = Run(region, r.base + start, r.offset + start, (hi - lo) * ps, zero, ps)
+        return key, run
+
+    # hugetlbfs does not support UFFDIO_ZEROPAGE (the kernel returns EINVAL): copy its zeros.
+    if ps != PAGE_SIZE:
+        return [make(0, len(offsets), False)]
+    # One check for the common all-zero or all-data group before going page by page.
+    if is_zero(r.offset + offsets[0], len(offsets) * ps):
+        return [make(0, len(offsets), True)]
+    flags = [is_zero(r.offset + off, ps) for off in offsets]
+    out: list[tuple[int, Run]] = []
+    lo = 0
+    for i in range(1, len(offsets) + 1):
+        if i == len(offsets) or flags[i] != flags[lo]:
+            out.append(make(lo, i, flags[lo]))
+            lo = i
+    return out
+
+
+# --- execution -------------------------------------------------------------------------------
+
+
+class _Tally:
+    """Mutable counters while a plan executes."""
+
+    __slots__ = ("already_present", "installed", "installed_bytes", "ioctls", "skipped_removed")
+
+    def __init__(self) -> None:
+        self.installed = 0
+        self.installed_bytes = 0
+        self.already_present = 0
+        self.skipped_removed = 0
+        self.ioctls = 0
+
+
+def _removed_pages(
+    target: PrefetchTarget, start: int, end: int, page_size: int
+) -> list[tuple[int, int]]:
+    """The removed subranges of ``[start, end)``, widened to whole pages, sorted and merged:
+    a page any byte of which was removed is skipped."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(target.removed_ranges(start, end)):
+        lo = max(start, lo - lo % page_size)
+        hi = min(end, -(-hi // page_size) * page_size)
+        if lo >= hi:
+            continue
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _errno_name(code: int | None) -> str:
+    if code is None:
+        return "no errno"
+    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
+
+
+def _install_run(
+    run: Run,
+    target: PrefetchTarget,
+    src_base: int,
+    tally: _Tally,
+    deadline: float,
+    clock: Callable[[], float],
+) -> None:
+    ps = run.page_size
+    end = run.host_end
+    cursor = run.host_start
+    removed = _removed_pages(target, cursor, end, ps)
+    ri = 0
+    while cursor < end:
+        while ri < len(removed) and removed[ri][1] <= cursor:
+            ri += 1
+        if ri < len(removed) and removed[ri][0] <= cursor:
+            # The guest gave these pages back (balloon): they must read as zero from now on,
+            # so template bytes must never land there. The fault loop serves them zero pages.
+            tally.skipped_removed += (removed[ri][1] - cursor) // ps
+            cursor = removed[ri][1]
+            continue
+        stop = removed[ri][0] if ri < len(removed) else end
+        length = stop - cursor
+        tally.ioctls += 1
+        try:
+            # DONTWAKE: one UFFDIO_WAKE per region at the end instead of one per run.
+            if run.zero:
+                done = target.zeropage(cursor, length, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+            else:
+                src = src_base + run.file_offset + (cursor - run.host_start)
+                done = target.copy(cursor, src, length, UFFDIO_COPY_MODE_DONTWAKE)
+        except OSError as exc:
+            # The kernel may have installed a prefix before failing; count it as ours.
+            partial = getattr(exc, "done", 0) or 0
+            partial = max(0, min(partial - partial % ps, length - ps))
+            tally.installed += partial // ps
+            tally.installed_bytes += partial
+            cursor += partial
+            if exc.errno == errno.EEXIST:
+                # The page at cursor is present: a vCPU's fault got there first. That is
+                # success for that page; carry on with the rest of the run after it.
+                tally.already_present += 1
+                cursor += ps
+            elif exc.errno == errno.EAGAIN:
+                if partial == 0:
+                    # Nothing done: the mm is changing. While a UFFD_EVENT_REMOVE is unread
+                    # every copy fails with EAGAIN; let the fault loop read it first.
+                    remaining = deadline - clock()
+                    if remaining <= 0:
+                        raise PrefetchError(
+                            f"run at {cursor:#x} (region {run.region}): timed out waiting for "
+                            "the fault loop to read pending uffd events (EAGAIN)"
+                        ) from None
+                    target.await_events(remaining)
+                # else: a partial copy. The kernel reports any copy that stopped early
+                # (typically at a page that is already present) as EAGAIN with the bytes done;
+                # retrying from where it stopped surfaces the real cause (EEXIST) at once.
+                # Either way the guest may have removed pages meanwhile: re-read the ranges.
+                removed = _removed_pages(target, cursor, end, ps)
+                ri = 0
+            else:
+                op = "UFFDIO_ZEROPAGE" if run.zero else "UFFDIO_COPY"
+                raise PrefetchError(
+                    f"run at {run.host_start:#x} (region {run.region}, {run.length:#x} bytes): "
+                    f"{op} at {cursor:#x} failed: {_errno_name(exc.errno)}"
+                ) from None
+            continue
+        done -= done % ps
+        if done <= 0:
+            raise PrefetchError(
+                f"run at {run.host_start:#x} (region {run.region}): ioctl at {cursor:#x} "
+                "installed nothing"
+            )
+        done = min(done, length)
+        tally.installed += done // ps
+        tally.installed_bytes += done
+        cursor += done
+
+
+def _wake_regions(
+    plan: PrefetchPlan, target: PrefetchTarget, tally: _Tally, *, quiet: bool
+) -> None:
+    # Threads may be blocked on pages we installed with DONTWAKE; without this they would
+    # sleep until some unrelated wake.
+    for base, size in plan.wake_ranges:
+        tally.ioctls += 1
+        try:
+            target.wake(base, size)
+        except OSError as exc:
+            if not quiet:
+                raise PrefetchError(
+                    f"UFFDIO_WAKE {base:#x}+{size:#x}: {_errno_name(exc.errno)}"
+                ) from None
+
+
+def execute_plan(
+    plan: PrefetchPlan,
+    target: PrefetchTarget,
+    *,
+    timeout: float = 10.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> PrefetchResult:
+    """Install ``plan`` into ``target``: one ioctl per run, then one wake per touched region.
+
+    ``timeout`` bounds, from the start, the time spent waiting for the fault loop after
+    EAGAIN. The regions are woken even when a run fails with :class:`PrefetchError`.
+    """
+    started = clock()
+    deadline = started + timeout
+    tally = _Tally()
+    src_base = target.src_base
+    try:
+        for run in plan.runs:
+            _install_run(run, target, src_base, tally, deadline, clock)
+    except BaseException:
+        _wake_regions(plan, target, tally, quiet=True)
+        raise
+    _wake_regions(plan, target, tally, quiet=False)
+    return PrefetchResult(
+        requested=plan.pages,
+        installed=tally.installed,
+        already_present=tally.already_present,
+        skipped_removed=tally.skipped_removed,
+        runs=len(plan.runs),
+        ioctls=tally.ioctls,
+        bytes=tally.installed_bytes,
+        seconds=clock() - started,
+    )
+
+
+def prefetch(
+    pages: Sequence[tuple[int, int]],
+    regions: Sequence[Region],
+    is_zero: Callable[[int, int], bool],
+    target: PrefetchTarget,
+    *,
+    timeout: float = 10.0,
+) -> PrefetchResult:
+    """Plan and install ``pages`` in one call (see :func:`plan_prefetch`, :func:`execute_plan`)."""
+    return execute_plan(plan_prefetch(pages, regions, is_zero), target, timeout=timeout)
+
+
+__all__ = [
+    "PrefetchPlan",
+    "PrefetchResult",
+    "PrefetchTarget",
+    "Run",
+    "execute_plan",
+    "plan_prefetch",
+    "prefetch",
+]

@@ -1,0 +1,483 @@
+"""Prefetch planning (validation, coalescing, zero runs, order) and execution against a fake
+uffd that applies the kernel's rules: EEXIST, EAGAIN with partial copies, removed ranges."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_uffd
+from pagefork.errors import PrefetchError
+from pagefork.hotpages import HotPage
+from pagefork.memfile import MemFile
+from pagefork.prefetch import (
+    PrefetchPlan,
+    Run,
+    execute_plan,
+    plan_prefetch,
+    prefetch,
+)
+from pagefork.regions import Region
+from pagefork.uffd import (
+    UFFDIO_COPY_MODE_DONTWAKE,
+    UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+    UffdIoctls,
+    open_userfaultfd,
+    uffdio_api,
+    uffdio_register,
+)
+
+P = 0x1000
+H = 0x200000
+SRC = 0x7F00_0000_0000
+BASE0 = 0x1_0000_0000
+BASE1 = 0x2_0000_0000
+
+#: Two 4 KiB regions laid out back to back in the mem-file.
+REGIONS = [Region(BASE0, 16 * P, 0), Region(BASE1, 8 * P, 16 * P)]
+
+
+def never_zero(offset: int, length: int) -> bool:
+    return False
+
+
+def zero_at(*file_pages: int) -> Callable[[int, int], bool]:
+    """An ``is_zero`` for a mem-file whose listed 4 KiB pages (by index) are all zero."""
+    zeros = set(file_pages)
+
+    def is_zero(offset: int, length: int) -> bool:
+        return all(page in zeros for page in range(offset // P, (offset + length) // P))
+
+    return is_zero
+
+
+def hp(*pairs: tuple[int, int]) -> list[HotPage]:
+    return [HotPage(r, o) for r, o in pairs]
+
+
+def oserror(code: int, done: int) -> OSError:
+    exc = OSError(code, "fake")
+    exc.done = done  # type: ignore[attr-defined]
+    return exc
+
+
+@dataclass
+class FakeUffd:
+    """A fork's memory as the kernel sees it, one page size per fake.
+
+    The kernel copies page by page; at a ``present`` page it stops. With nothing done that is
+    EEXIST; after some pages it reports the partial copy as EAGAIN with ``done`` (Linux's
+    ``userfaultfd_copy``), or as EEXIST with ``done`` when ``eexist_after_progress`` is set.
+    ``eagain_on`` lists call numbers that fail with EAGAIN after ``eagain_done`` bytes (0: an
+    unread event); ``removed_after_await`` ranges appear once await_events ran.
+    """
+
+    page_size: int = P
+    present: set[int] = field(default_factory=set)
+    removed: list[tuple[int, int]] = field(default_factory=list)
+    removed_after_await: list[tuple[int, int]] = field(default_factory=list)
+    eagain_on: set[int] = field(default_factory=set)
+    eagain_done: int = 0
+    eexist_after_progress: bool = False
+    fail_with: dict[int, int] = field(default_factory=dict)
+    calls: list[tuple[object, ...]] = field(default_factory=list)
+    installed: dict[int, object] = field(default_factory=dict)
+    ioctl_count: int = 0
+    src_base: int = SRC
+
+    def _fill(self, name: str, dst: int, length: int, source: Callable[[int], object]) -> int:
+        call = self.ioctl_count
+        self.ioctl_count += 1
+        if call in self.fail_with:
+            raise oserror(self.fail_with[call], 0)
+        if call in self.eagain_on:
+            for off in range(0, self.eagain_done, self.page_size):
+                self._install(dst + off, source(off))
+            raise oserror(errno.EAGAIN, self.eagain_done)
+        for off in range(0, length, self.page_size):
+            if dst + off in self.present or dst + off in self.installed:
+                partial_errno = errno.EEXIST if self.eexist_after_progress else errno.EAGAIN
+                raise oserror(errno.EEXIST if off == 0 else partial_errno, off)
+            self._install(dst + off, source(off))
+        return length
+
+    def _install(self, addr: int, what: object) -> None:
+        assert addr not in self.installed and addr not in self.present
+        for lo, hi in self.removed:
+            assert not lo <= addr < hi, f"template bytes installed in removed page {addr:#x}"
+        self.installed[addr] = what
+
+    def copy(self, dst: int, src: int, length: int, mode: int) -> int:
+        self.calls.append(("copy", dst, src, length, mode))
+        return self._fill("copy", dst, length, lambda off: src + off)
+
+    def zeropage(self, dst: int, length: int, mode: int) -> int:
+        self.calls.append(("zero", dst, length, mode))
+        return self._fill("zero", dst, length, lambda off: "zero")
+
+    def wake(self, start: int, length: int) -> None:
+        self.calls.append(("wake", start, length))
+
+    def removed_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        return [
+            (max(lo, start), min(hi, end)) for lo, hi in self.removed if lo < end and hi > start
+        ]
+
+    def await_events(self, timeout: float) -> None:
+        self.calls.append(("await",))
+        self.removed.extend(self.removed_after_await)
+        self.removed_after_await = []
+
+
+C = UFFDIO_COPY_MODE_DONTWAKE
+Z = UFFDIO_ZEROPAGE_MODE_DONTWAKE
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ((3, 0x2000), r"^entry 5: \(region 3, offset 0x2000\): no region 3 \(fork has 2\)$"),
+        ((-1, 0), r"^entry 5: \(region -1, offset 0x0\): no region -1"),
+        ((1, 0x1800), r"^entry 5: \(region 1, offset 0x1800\): not aligned to the region's 0x1000"),
+        ((1, 8 * P), r"^entry 5: \(region 1, offset 0x8000\): beyond the end of region 1 \(size"),
+        ((0, -P), r"^entry 5: .*: not aligned"),
+    ],
+)
+def test_prefetch_rejects_a_bad_entry_before_installing_anything(
+    bad: tuple[int, int], message: str
+) -> None:
+    pages = hp((0, 0), (0, P), (1, 0), (0, 2 * P), (1, P), bad, (0, 3 * P), (9, 9))
+    uffd = FakeUffd()
+    with pytest.raises(PrefetchError, match=message):
+        prefetch(pages, REGIONS, never_zero, uffd)
+    assert uffd.calls == []
+
+
+def test_prefetch_rejects_offset_outside_a_hugepage_region_alignment() -> None:
+    regions = [Region(BASE0, 4 * H, 0, page_size=H)]
+    with pytest.raises(PrefetchError, match=r"entry 1: .*not aligned to the region's 0x200000"):
+        plan_prefetch(hp((0, H), (0, P)), regions, never_zero)
+
+
+# --- planning --------------------------------------------------------------------------------
+
+
+def test_plan_coalesces_contiguous_pages_and_orders_runs_by_first_touch() -> None:
+    pages = hp((0, 5 * P), (1, 2 * P), (0, P), (0, 6 * P), (0, 2 * P), (1, 3 * P), (0, 5 * P))
+    plan = plan_prefetch(pages, REGIONS, never_zero)
+    assert plan.runs == (
+        Run(0, BASE0 + 5 * P, 5 * P, 2 * P, zero=False),  # touched first (entry 0)
+        Run(1, BASE1 + 2 * P, 16 * P + 2 * P, 2 * P, zero=False),  # entry 1
+        Run(0, BASE0 + P, P, 2 * P, zero=False),  # entry 2
+    )
+    assert plan.pages == 6
+    assert plan.bytes == 6 * P
+    assert plan.regions == frozenset({0, 1})
+    assert plan.wake_ranges == ((BASE0, 16 * P), (BASE1, 8 * P))
+
+
+def test_plan_splits_runs_into_zero_and_data_subruns() -> None:
+    # File pages 2, 3 and 5 are zero; the list covers pages 0..6 of region 0.
+    plan = plan_prefetch(hp(*[(0, i * P) for i in range(7)]), REGIONS, zero_at(2, 3, 5))
+    assert [(r.host_start - BASE0, r.length, r.zero) for r in plan.runs] == [
+        (0, 2 * P, False),
+        (2 * P, 2 * P, True),
+        (4 * P, P, False),
+        (5 * P, P, True),
+        (6 * P, P, False),
+    ]
+
+
+def test_plan_uses_one_zero_run_for_an_all_zero_group() -> None:
+    plan = plan_prefetch(hp((1, 0), (1, P), (1, 2 * P)), REGIONS, zero_at(16, 17, 18))
+    assert plan.runs == (Run(1, BASE1, 16 * P, 3 * P, zero=True),)
+
+
+def test_plan_never_uses_zeropage_on_hugepage_regions() -> None:
+    # hugetlbfs has no UFFDIO_ZEROPAGE: its zero pages are copied.
+    regions = [Region(BASE0, 4 * H, 0, page_size=H)]
+    plan = plan_prefetch(hp((0, 2 * H), (0, H)), regions, lambda off, n: True)
+    assert plan.runs == (Run(0, BASE0 + H, H, 2 * H, zero=False, page_size=H),)
+    assert plan.pages == 2
+    assert plan.bytes == 2 * H
+
+
+def test_plan_of_an_empty_list_is_empty() -> None:
+    plan = plan_prefetch([], REGIONS, never_zero)
+    assert plan == PrefetchPlan((), 0, 0, frozenset(), ())
+
+
+def test_plan_uses_the_memfile_zero_index(tmp_path: Path) -> None:
+    path = f"{tmp_path}/mem"
+    with open(path, "wb") as f:
+        f.write(b"\x01" * P + bytes(2 * P) + b"\x02" * P)
+    with MemFile(path) as mem:
+        plan = plan_prefetch(
+            hp(*[(0, i * P) for i in range(4)]), [Region(BASE0, 4 * P, 0)], mem.is_zero
+        )
+    assert [r.zero for r in plan.runs] == [False, True, False]
+
+
+# --- execution -------------------------------------------------------------------------------
+
+
+def test_execute_issues_one_dontwake_ioctl_per_run_then_one_wake_per_region() -> None:
+    pages = hp((0, 3 * P), (0, 4 * P), (1, 0), (0, 0), (0, 5 * P))
+    plan = plan_prefetch(pages, REGIONS, zero_at(0))
+    uffd = FakeUffd()
+    result = execute_plan(plan, uffd)
+    assert uffd.calls == [
+        ("copy", BASE0 + 3 * P, SRC + 3 * P, 3 * P, C),
+        ("copy", BASE1, SRC + 16 * P, P, C),
+        ("zero", BASE0, P, Z),
+        ("wake", BASE0, 16 * P),
+        ("wake", BASE1, 8 * P),
+    ]
+    assert result.requested == 5
+    assert result.installed == 5
+    assert result.already_present == 0
+    assert result.skipped_removed == 0
+    assert result.runs == 3
+    assert result.ioctls == 5
+    assert result.bytes == 5 * P
+    assert result.seconds >= 0
+
+
+def test_execute_counts_a_page_a_vcpu_installed_first_and_continues_after_it() -> None:
+    plan = plan_prefetch(hp(*[(0, i * P) for i in range(5)]), REGIONS, never_zero)
+    uffd = FakeUffd(present={BASE0 + 2 * P})
+    result = execute_plan(plan, uffd)
+    assert uffd.calls == [
+        ("copy", BASE0, SRC, 5 * P, C),  # installs pages 0-1, stops at 2: EAGAIN, done 2 pages
+        ("copy", BASE0 + 2 * P, SRC + 2 * P, 3 * P, C),  # EEXIST, nothing done
+        ("copy", BASE0 + 3 * P, SRC + 3 * P, 2 * P, C),
+        ("wake", BASE0, 16 * P),
+    ]
+    assert (result.installed, result.already_present, result.ioctls) == (4, 1, 4)
+    assert sorted(uffd.installed) == [BASE0, BASE0 + P, BASE0 + 3 * P, BASE0 + 4 * P]
+
+
+def test_execute_handles_eexist_reported_after_partial_progress() -> None:
+    plan = plan_prefetch(hp(*[(0, i * P) for i in range(5)]), REGIONS, never_zero)
+    uffd = FakeUffd(present={BASE0 + 2 * P}, eexist_after_progress=True)
+    result = execute_plan(plan, uffd)
+    assert uffd.calls == [
+        ("copy", BASE0, SRC, 5 * P, C),  # EEXIST with done = 2 pages
+        ("copy", BASE0 + 3 * P, SRC + 3 * P, 2 * P, C),
+        ("wake", BASE0, 16 * P),
+    ]
+    assert (result.installed, result.already_present, result.ioctls) == (4, 1, 3)
+
+
+def test_execute_handles_eexist_on_the_first_and_last_page() -> None:
+    plan = plan_prefetch(hp(*[(0, i * P) for i in range(3)]), REGIONS, never_zero)
+    uffd = FakeUffd(present={BASE0, BASE0 + 2 * P})
+    result = execute_plan(plan, uffd)
+    assert uffd.calls == [
+        ("copy", BASE0, SRC, 3 * P, C),
+        ("copy", BASE0 + P, SRC + P, 2 * P, C),
+        ("copy", BASE0 + 2 * P, SRC + 2 * P, P, C),
+        ("wake", BASE0, 16 * P),
+    ]
+    assert (result.installed, result.already_present) == (1, 2)
+    assert result.bytes == P
+
+
+def test_execute_zero_run_eexist_splits_the_zeropage() -> None:
+    plan = plan_prefetch(hp((1, 0), (1, P), (1, 2 * P)), REGIONS, zero_at(16, 17, 18))
+    uffd = FakeUffd(present={BASE1 + P})
+    result = execute_plan(plan, uffd)
+    assert uffd.calls == [
+        ("zero", BASE1, 3 * P, Z),
+        ("zero", BASE1 + P, 2 * P, Z),
+        ("zero", BASE1 + 2 * P, P, Z),
+        ("wake", BASE1, 8 * P),
+    ]
+    assert (result.installed, result.already_present) == (2, 1)
+
+
+def test_execute_waits_for_events_after_eagain_and_skips_pages_removed_meanwhile() -> None:
+    plan = plan_prefetch(hp(*[(0, i * P) for i in range(6)]), REGIONS, never_zero)
+    # A REMOVE of page 2 is pending: the copy fails with EAGAIN, nothing done.
+    uffd = FakeUffd(eagain_on={0}, removed_after_await=[(BASE0 + 2 * P, BASE0 + 3 * P)])
+    result = execute_plan(plan, uffd)
+    assert uffd.calls == [
+        ("copy", BASE0, SRC, 6 * P, C),
+        ("await",),
+        ("copy", BASE0, SRC, 2 * P, C),
+        ("copy", BASE0 + 3 * P, SRC + 3 * P, 3 * P, C),
+        ("wake", BASE0, 16 * P),
+    ]
+    assert (result.installed, result.already_present, result.skipped_removed) == (5, 0, 1)
+    assert result.requested == result.installed + result.already_present + result.skipped_removed
+    assert BASE0 + 2 * P not in uffd.installed
+
+
+def test_execute_retries_a_partial_copy_without_waiting_for_events() -> None:
+    plan = plan_prefetch(hp(*[(0, i * P) for i in range(4)]), REGIONS, never_zero)
+    uffd = FakeUffd(eagain_on={0}, eagain_done=P)
+    result = execute_plan(plan, uffd)
+    assert uffd.calls == [
+        ("copy", BASE0, SRC, 4 * P, C),
+        ("copy", BASE0 + P, SRC + P, 3 * P, C),
+        ("wake", BASE0, 16 * P),
+    ]
+    assert (result.installed, result.ioctls) == (4, 3)
+
+
+def test_execute_skips_removed_ranges_widened_to_whole_pages() -> None:
+    plan = plan_prefetch(hp(*[(0, i * P) for i in range(8)]), REGIONS, never_zero)
+    # Pages 1 and 4-5 were removed (one range given unaligned: any byte removes the page).
+    uffd = FakeUffd(removed=[(BASE0 + P, BASE0 + 2 * P), (BASE0 + 4 * P + 8, BASE0 + 5 * P + 1)])
+    result = execute_plan(plan, uffd)
+    assert uffd.calls == [
+        ("copy", BASE0, SRC, P, C),
+        ("copy", BASE0 + 2 * P, SRC + 2 * P, 2 * P, C),
+        ("copy", BASE0 + 6 * P, SRC + 6 * P, 2 * P, C),
+        ("wake", BASE0, 16 * P),
+    ]
+    assert (result.installed, result.skipped_removed) == (5, 3)
+
+
+def test_execute_run_entirely_removed_issues_no_copy_but_still_wakes() -> None:
+    plan = plan_prefetch(hp((1, 0), (1, P)), REGIONS, never_zero)
+    uffd = FakeUffd(removed=[(BASE1, BASE1 + 8 * P)])
+    result = execute_plan(plan, uffd)
+    assert uffd.calls == [("wake", BASE1, 8 * P)]
+    assert (result.installed, result.skipped_removed, result.ioctls) == (0, 2, 1)
+
+
+def test_execute_other_errno_names_the_run_and_still_wakes() -> None:
+    plan = plan_prefetch(hp((0, 0), (1, P)), REGIONS, never_zero)
+    uffd = FakeUffd(fail_with={1: errno.ENOMEM})
+    with pytest.raises(
+        PrefetchError,
+        match=rf"^run at {BASE1 + P:#x} \(region 1, 0x1000 bytes\): UFFDIO_COPY at "
+        rf"{BASE1 + P:#x} failed: ENOMEM",
+    ):
+        execute_plan(plan, uffd)
+    assert uffd.calls[-2:] == [("wake", BASE0, 16 * P), ("wake", BASE1, 8 * P)]
+
+
+def test_execute_gives_up_when_eagain_outlasts_the_timeout() -> None:
+    plan = plan_prefetch(hp((0, 0)), REGIONS, never_zero)
+    uffd = FakeUffd(eagain_on=set(range(100)))
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    with pytest.raises(PrefetchError, match=r"timed out waiting for the fault loop"):
+        execute_plan(plan, uffd, timeout=5.0, clock=clock)
+    assert uffd.calls.count(("await",)) < 5
+    assert uffd.calls[-1] == ("wake", BASE0, 16 * P)
+
+
+def test_execute_propagates_an_await_timeout_from_the_target() -> None:
+    class StuckUffd(FakeUffd):
+        def await_events(self, timeout: float) -> None:
+            raise PrefetchError("fault loop did not read events within 1.0 s")
+
+    plan = plan_prefetch(hp((0, 0)), REGIONS, never_zero)
+    with pytest.raises(PrefetchError, match="fault loop did not read events"):
+        execute_plan(plan, StuckUffd(eagain_on={0}))
+
+
+def test_execute_hugepage_region_copies_in_2mib_units() -> None:
+    regions = [Region(BASE0, 4 * H, 0, page_size=H)]
+    plan = plan_prefetch(hp((0, 0), (0, H), (0, 2 * H)), regions, never_zero)
+    uffd = FakeUffd(page_size=H, present={BASE0 + H})
+    result = execute_plan(plan, uffd)
+    assert uffd.calls == [
+        ("copy", BASE0, SRC, 3 * H, C),
+        ("copy", BASE0 + H, SRC + H, 2 * H, C),
+        ("copy", BASE0 + 2 * H, SRC + 2 * H, H, C),
+        ("wake", BASE0, 4 * H),
+    ]
+    assert (result.installed, result.already_present, result.bytes) == (2, 1, 2 * H)
+
+
+def test_execute_empty_plan_does_nothing() -> None:
+    uffd = FakeUffd()
+    result = execute_plan(plan_prefetch([], REGIONS, never_zero), uffd)
+    assert uffd.calls == []
+    assert (result.requested, result.installed, result.ioctls) == (0, 0, 0)
+
+
+# --- against the real kernel -----------------------------------------------------------------
+
+
+class RecordingUffd:
+    """A PrefetchTarget over a real uffd, logging the calls as FakeUffd does."""
+
+    def __init__(self, fd: int, src_base: int) -> None:
+        self.ioctls = UffdIoctls(fd)
+        self.src_base = src_base
+        self.calls: list[tuple[object, ...]] = []
+
+    def copy(self, dst: int, src: int, length: int, mode: int) -> int:
+        self.calls.append(("copy", dst, src, length, mode))
+        return self.ioctls.copy(dst, src, length, mode)
+
+    def zeropage(self, dst: int, length: int, mode: int) -> int:
+        self.calls.append(("zero", dst, length, mode))
+        return self.ioctls.zeropage(dst, length, mode)
+
+    def wake(self, start: int, length: int) -> None:
+        self.calls.append(("wake", start, length))
+        self.ioctls.wake(start, length)
+
+    def removed_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        return []
+
+    def await_events(self, timeout: float) -> None:
+        raise AssertionError("no events expected")
+
+
+@needs_uffd
+def test_execute_against_a_real_uffd_matches_the_kernels_eexist_contract(tmp_path: Path) -> None:
+    # The test process only reads pages that are present, so it never faults on its own uffd.
+    path = tmp_path / "mem"
+    content = [bytes([i + 1]) * P for i in range(8)]
+    content[4] = bytes(P)
+    path.write_bytes(b"".join(content))
+    fd = open_userfaultfd()
+    area = mmap.mmap(-1, 8 * P, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    anchor = ctypes.c_char.from_buffer(area)
+    base = ctypes.addressof(anchor)
+    try:
+        uffdio_api(fd)
+        uffdio_register(fd, base, 8 * P)
+        with MemFile(path) as mem:
+            target = RecordingUffd(fd, mem.address)
+            # A "vCPU" got page 2 first, with other bytes than the template's.
+            target.ioctls.copy(base + 2 * P, mem.address + 7 * P, P)
+            regions = [Region(base, 8 * P, 0)]
+            plan = plan_prefetch(hp(*[(0, i * P) for i in range(6)]), regions, mem.is_zero)
+            result = execute_plan(plan, target)
+            assert target.calls == [
+                ("copy", base, mem.address, 4 * P, C),  # EAGAIN: 2 pages done
+                ("copy", base + 2 * P, mem.address + 2 * P, 2 * P, C),  # EEXIST
+                ("copy", base + 3 * P, mem.address + 3 * P, P, C),
+                ("zero", base + 4 * P, P, Z),
+                ("copy", base + 5 * P, mem.address + 5 * P, P, C),
+                ("wake", base, 8 * P),
+            ]
+            assert (result.installed, result.already_present, result.bytes) == (5, 1, 5 * P)
+            got = [ctypes.string_at(base + i * P, P) for i in range(6)]
+            assert got == [*content[:2], content[7], *content[3:6]]
+    finally:
+        del anchor
+        area.close()
+        os.close(fd)
