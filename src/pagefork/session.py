@@ -13,6 +13,7 @@ import ctypes
 import errno
 import fcntl
 import logging
+import math
 import mmap
 import os
 import select
@@ -59,6 +60,14 @@ def zero_source(size: int) -> int:
                 addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
                 _ZERO_SOURCES[size] = addr
     return addr
+
+
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    """The fds of ``fds`` readable within ``timeout`` seconds (poll: fds may exceed 1024)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(max(0, math.ceil(timeout * 1000)))]
 
 
 _ZERO_SOURCES: dict[int, int] = {}
@@ -112,6 +121,7 @@ class ForkSession:
         self.connected = threading.Event()
         self.ended = threading.Event()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stop_lock = threading.Lock()
         # Prefetch copies from other threads; it waits on this condition for the fault loop to
         # read pending events (a copy gets EAGAIN while a REMOVE event is unread).
         self._events_cond = threading.Condition()
@@ -134,10 +144,9 @@ class ForkSession:
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop serving and wait for the thread to finish; idempotent."""
         if self._thread.is_alive():
-            try:
-                os.eventfd_write(self._stop_fd, 1)
-            except OSError:
-                pass
+            with self._stop_lock:  # never write to the fd number after the thread closed it
+                if self._stop_fd >= 0:
+                    os.eventfd_write(self._stop_fd, 1)
             if threading.current_thread() is not self._thread:
                 self._thread.join(timeout)
 
@@ -197,7 +206,9 @@ class ForkSession:
             self._conn.close()
         except OSError:
             pass
-        os.close(self._stop_fd)
+        with self._stop_lock:
+            os.close(self._stop_fd)
+            self._stop_fd = -1
 
     def _apply_failure_policy(self, why: str) -> None:
         pid = self.pid
@@ -233,7 +244,7 @@ class ForkSession:
                     raise HandshakeError(
                         f"timed out after {self._opts.handshake_timeout:g}s waiting for mappings"
                     )
-                ready, _, _ = select.select([conn.fileno(), self._stop_fd], [], [], left)
+                ready = _readable([conn.fileno(), self._stop_fd], left)
                 if self._stop_fd in ready:
                     raise HandshakeError("server stopped before the handshake completed")
                 if not ready:
@@ -483,7 +494,7 @@ class ForkSession:
             if self._loop_done.is_set():
                 raise PrefetchError(f"fork {self.fork_id}: session ended during prefetch")
             # Nothing unread: the kernel was finishing the remove itself; just retry.
-            if self._uffd >= 0 and not select.select([self._uffd], [], [], 0)[0]:
+            if self._uffd >= 0 and not _readable([self._uffd], 0):
                 return
             if time.monotonic() > deadline:
                 raise PrefetchError(

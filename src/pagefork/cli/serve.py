@@ -1,7 +1,7 @@
 """``pagefork serve``: a standalone page server on one socket, as Firecracker's handler runs.
 
 Every connection on the socket is one fork session. Events go to stdout as JSON lines
-(``prefetch_done``, ``hot_pages_saved``, ``fork_end``); logs go to stderr.
+(``listening``, ``prefetch_done``, ``hot_pages_saved``, ``fork_end``); logs go to stderr.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     server = PageServer(config)
     try:
         server.listen(args.socket, record=should_record)
-        log.info("serving %s on %s", args.mem_file, args.socket)
+        emit("listening", socket=args.socket, mem_file=args.mem_file)
         while not stop.wait(3600):
             pass
     finally:
