@@ -214,7 +214,7 @@ def test_plan_never_uses_zeropage_on_hugepage_regions() -> None:
 
 def test_plan_of_an_empty_list_is_empty() -> None:
     plan = plan_prefetch([], REGIONS, never_zero)
-    assert plan == PrefetchPlan((), 0, 0, frozenset(), ())
+    assert plan == PrefetchPlan((), 0, 0, frozenset(), (), tuple(REGIONS))
 
 
 def test_plan_uses_the_memfile_zero_index(tmp_path: Path) -> None:

@@ -64,6 +64,21 @@ class PrefetchPlan:
     bytes: int
     regions: frozenset[int]
     wake_ranges: tuple[tuple[int, int], ...]
+    #: The regions planned against: a plan applies to any fork with the same sizes, offsets
+    #: and page sizes (every fork of one template), relocated by each region's base.
+    planned_for: tuple[Region, ...] = ()
+
+    def deltas_for(self, regions: Sequence[Region]) -> list[int]:
+        """Per region, how far ``regions`` sit from the planned ones (for relocation).
+
+        Raises :class:`PrefetchError` when ``regions`` are laid out differently.
+        """
+        if len(regions) != len(self.planned_for) or any(
+            (a.size, a.offset, a.page_size) != (b.size, b.offset, b.page_size)
+            for a, b in zip(regions, self.planned_for, strict=True)
+        ):
+            raise PrefetchError("the fork's regions differ from those the plan was made for")
+        return [a.base - b.base for a, b in zip(regions, self.planned_for, strict=True)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,75 +160,90 @@ def plan_prefetch(
 
     The whole list is validated first, so a list from another template fails with a
     :class:`PrefetchError` naming its first bad entry before a single page is installed.
-    ``is_zero(file_offset, length)`` tells whether a mem-file range is all zero.
+    ``is_zero(file_offset, length)`` tells whether a mem-file range is all zero. This runs once
+    per hot set and template (the server caches plans), but it is still kept lean: a few
+    operations per page.
     """
+    nregions = len(regions)
+    limits = [(r.size, r.page_size - 1) for r in regions]
     first_touch: dict[tuple[int, int], int] = {}
+    setdefault = first_touch.setdefault
     for index, (region, offset) in enumerate(pages):
-        _check_entry(index, region, offset, regions)
-        first_touch.setdefault((region, offset), index)
+        if not 0 <= region < nregions:
+            _check_entry(index, region, offset, regions)
+        size, mask = limits[region]
+        if offset < 0 or offset >= size or offset & mask:
+            _check_entry(index, region, offset, regions)
+        setdefault((region, offset), index)
 
-    by_region: dict[int, list[int]] = {}
-    for region, offset in first_touch:
-        by_region.setdefault(region, []).append(offset)
-
+    keys = sorted(first_touch)
     keyed: list[tuple[int, Run]] = []
-    total_pages = 0
     total_bytes = 0
-    for region, offsets in by_region.items():
-        offsets.sort()
+    n = len(keys)
+    i = 0
+    while i < n:
+        region, start = keys[i]
         r = regions[region]
         ps = r.page_size
-        total_pages += len(offsets)
-        total_bytes += len(offsets) * ps
-        start = 0
-        for i in range(1, len(offsets) + 1):
-            if i == len(offsets) or offsets[i] != offsets[i - 1] + ps:
-                keyed.extend(_split_zero(region, r, offsets[start:i], first_touch, is_zero))
-                start = i
+        j = i + 1
+        expect = start + ps
+        while j < n and keys[j] == (region, expect):
+            j += 1
+            expect += ps
+        total_bytes += expect - start
+        keyed.extend(_split_zero(region, r, keys, i, j, first_touch, is_zero))
+        i = j
 
     # Earliest-touched run first: a guest resumed while prefetch is still going finds the
     # pages it needs first already installed.
     keyed.sort(key=lambda kr: kr[0])
-    touched = sorted(by_region)
+    touched = sorted({region for region, _ in keys})
     return PrefetchPlan(
         runs=tuple(run for _, run in keyed),
-        pages=total_pages,
+        pages=n,
         bytes=total_bytes,
         regions=frozenset(touched),
         wake_ranges=tuple((regions[i].base, regions[i].size) for i in touched),
+        planned_for=tuple(regions),
     )
 
 
 def _split_zero(
     region: int,
     r: Region,
-    offsets: list[int],
+    keys: list[tuple[int, int]],
+    lo: int,
+    hi: int,
     first_touch: dict[tuple[int, int], int],
     is_zero: Callable[[int, int], bool],
 ) -> list[tuple[int, Run]]:
-    """Split one contiguous group of page offsets into maximal all-zero / non-zero runs, each
+    """Split the contiguous pages ``keys[lo:hi]`` into maximal all-zero / non-zero runs, each
     keyed by its earliest first-touch position."""
     ps = r.page_size
-
-    def make(lo: int, hi: int, zero: bool) -> tuple[int, Run]:
-        key = min(first_touch[(region, off)] for off in offsets[lo:hi])
-        start = offsets[lo]
-        run = Run(region, r.base + start, r.offset + start, (hi - lo) * ps, zero, ps)
-        return key, run
-
+    start = keys[lo][1]
     # hugetlbfs does not support UFFDIO_ZEROPAGE (the kernel returns EINVAL): copy its zeros.
     if ps != PAGE_SIZE:
-        return [make(0, len(offsets), False)]
-    # One check for the common all-zero or all-data group before going page by page.
-    if is_zero(r.offset + offsets[0], len(offsets) * ps):
-        return [make(0, len(offsets), True)]
-    flags = [is_zero(r.offset + off, ps) for off in offsets]
+        flags = [False] * (hi - lo)
+    elif is_zero(r.offset + start, (hi - lo) * ps):  # the common all-zero group: one check
+        flags = [True] * (hi - lo)
+    elif hi - lo == 1:
+        flags = [False]
+    else:
+        flags = [is_zero(r.offset + keys[k][1], ps) for k in range(lo, hi)]
     out: list[tuple[int, Run]] = []
-    lo = 0
-    for i in range(1, len(offsets) + 1):
-        if i == len(offsets) or flags[i] != flags[lo]:
-            out.append(make(lo, i, flags[lo]))
-            lo = i
+    a = lo
+    for b in range(lo + 1, hi + 1):
+        if b == hi or flags[b - lo] != flags[a - lo]:
+            key = (
+                min(first_touch[keys[k]] for k in range(a, b))
+                if b - a > 1
+                else first_touch[keys[a]]
+            )
+            off = keys[a][1]
+            out.append(
+                (key, Run(region, r.base + off, r.offset + off, (b - a) * ps, flags[a - lo], ps))
+            )
+            a = b
     return out
 
 
@@ -223,9 +253,17 @@ def _split_zero(
 class _Tally:
     """Mutable counters while a plan executes."""
 
-    __slots__ = ("already_present", "installed", "installed_bytes", "ioctls", "skipped_removed")
+    __slots__ = (
+        "already_present",
+        "check_removed",
+        "installed",
+        "installed_bytes",
+        "ioctls",
+        "skipped_removed",
+    )
 
     def __init__(self) -> None:
+        self.check_removed = True
         self.installed = 0
         self.installed_bytes = 0
         self.already_present = 0
@@ -259,6 +297,7 @@ def _errno_name(code: int | None) -> str:
 
 def _install_run(
     run: Run,
+    delta: int,
     target: PrefetchTarget,
     src_base: int,
     tally: _Tally,
@@ -266,9 +305,10 @@ def _install_run(
     clock: Callable[[], float],
 ) -> None:
     ps = run.page_size
-    end = run.host_end
-    cursor = run.host_start
-    removed = _removed_pages(target, cursor, end, ps)
+    start = run.host_start + delta
+    end = start + run.length
+    cursor = start
+    removed = _removed_pages(target, cursor, end, ps) if tally.check_removed else []
     ri = 0
     while cursor < end:
         while ri < len(removed) and removed[ri][1] <= cursor:
@@ -287,7 +327,7 @@ def _install_run(
             if run.zero:
                 done = target.zeropage(cursor, length, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
             else:
-                src = src_base + run.file_offset + (cursor - run.host_start)
+                src = src_base + run.file_offset + (cursor - start)
                 done = target.copy(cursor, src, length, UFFDIO_COPY_MODE_DONTWAKE)
         except OSError as exc:
             # The kernel may have installed a prefix before failing; count it as ours.
@@ -316,20 +356,20 @@ def _install_run(
                 # (typically at a page that is already present) as EAGAIN with the bytes done;
                 # retrying from where it stopped surfaces the real cause (EEXIST) at once.
                 # Either way the guest may have removed pages meanwhile: re-read the ranges.
+                tally.check_removed = True
                 removed = _removed_pages(target, cursor, end, ps)
                 ri = 0
             else:
                 op = "UFFDIO_ZEROPAGE" if run.zero else "UFFDIO_COPY"
                 raise PrefetchError(
-                    f"run at {run.host_start:#x} (region {run.region}, {run.length:#x} bytes): "
+                    f"run at {start:#x} (region {run.region}, {run.length:#x} bytes): "
                     f"{op} at {cursor:#x} failed: {_errno_name(exc.errno)}"
                 ) from None
             continue
         done -= done % ps
         if done <= 0:
             raise PrefetchError(
-                f"run at {run.host_start:#x} (region {run.region}): ioctl at {cursor:#x} "
-                "installed nothing"
+                f"run at {start:#x} (region {run.region}): ioctl at {cursor:#x} installed nothing"
             )
         done = min(done, length)
         tally.installed += done // ps
@@ -338,11 +378,12 @@ def _install_run(
 
 
 def _wake_regions(
-    plan: PrefetchPlan, target: PrefetchTarget, tally: _Tally, *, quiet: bool
+    plan: PrefetchPlan, deltas: list[int], target: PrefetchTarget, tally: _Tally, *, quiet: bool
 ) -> None:
     # Threads may be blocked on pages we installed with DONTWAKE; without this they would
     # sleep until some unrelated wake.
-    for base, size in plan.wake_ranges:
+    for region, (base, size) in zip(sorted(plan.regions), plan.wake_ranges, strict=True):
+        base += deltas[region] if deltas else 0
         tally.ioctls += 1
         try:
             target.wake(base, size)
@@ -357,25 +398,34 @@ def execute_plan(
     plan: PrefetchPlan,
     target: PrefetchTarget,
     *,
+    regions: Sequence[Region] | None = None,
     timeout: float = 10.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> PrefetchResult:
     """Install ``plan`` into ``target``: one ioctl per run, then one wake per touched region.
 
+    ``regions`` are the target fork's regions when they differ from those the plan was made
+    for (another fork of the same template): runs are relocated by each region's base.
     ``timeout`` bounds, from the start, the time spent waiting for the fault loop after
     EAGAIN. The regions are woken even when a run fails with :class:`PrefetchError`.
     """
     started = clock()
     deadline = started + timeout
+    deltas = plan.deltas_for(regions) if regions is not None else [0] * len(plan.planned_for)
     tally = _Tally()
+    # Looking up removed ranges per run costs more than the ioctl's own Python; skip it while
+    # the guest has removed nothing (a later REMOVE shows up as EAGAIN, which re-checks).
+    tally.check_removed = bool(target.removed_ranges(0, 1 << 64))
     src_base = target.src_base
     try:
         for run in plan.runs:
-            _install_run(run, target, src_base, tally, deadline, clock)
+            _install_run(
+                run, deltas[run.region] if deltas else 0, target, src_base, tally, deadline, clock
+            )
     except BaseException:
-        _wake_regions(plan, target, tally, quiet=True)
+        _wake_regions(plan, deltas, target, tally, quiet=True)
         raise
-    _wake_regions(plan, target, tally, quiet=False)
+    _wake_regions(plan, deltas, target, tally, quiet=False)
     return PrefetchResult(
         requested=plan.pages,
         installed=tally.installed,

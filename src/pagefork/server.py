@@ -21,6 +21,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -28,7 +29,7 @@ from types import TracebackType
 from pagefork.errors import ForkError, PageforkError
 from pagefork.hotpages import HotPage, HotPageList, HotPageRecorder
 from pagefork.memfile import MemFile
-from pagefork.prefetch import PrefetchResult, execute_plan, plan_prefetch
+from pagefork.prefetch import PrefetchPlan, PrefetchResult, execute_plan, plan_prefetch
 from pagefork.regions import Region
 from pagefork.session import FailurePolicy, ForkSession, SessionOptions
 from pagefork.stats import ForkStats
@@ -36,6 +37,8 @@ from pagefork.stats import ForkStats
 log = logging.getLogger("pagefork")
 
 _FORK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Prefetch plans kept (one per hot set and region layout; a template usually needs one).
+_PLAN_CACHE_SIZE = 16
 #: sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -155,6 +158,10 @@ class PageServer:
         self._listeners: dict[int, _Fork | None] = {}
         self._shared: dict[int, tuple[socket.socket, str, bool | Callable[[str], bool] | None]] = {}
         self._next_conn = 0
+        self._plans: OrderedDict[tuple[object, ...], tuple[HotPageList, PrefetchPlan]] = (
+            OrderedDict()
+        )
+        self._plans_lock = threading.Lock()
         self._callbacks: list[threading.Thread] = []
         self._callbacks_lock = threading.Lock()
         self._closed = False
@@ -309,16 +316,41 @@ class PageServer:
         installed), then copies it in coalesced runs. Safe to race the fork's own faults.
         """
         session = self._wait_session(fork_id, timeout)
-        pages = hot_pages.in_order() if isinstance(hot_pages, HotPageList) else list(hot_pages)
-        plan = plan_prefetch(pages, session.regions, self.memfile.is_zero)
+        regions = list(session.regions)
+        plan = self._plan(hot_pages, regions)
 
         def run(s: ForkSession) -> PrefetchResult:
-            return execute_plan(plan, s, timeout=timeout)
+            return execute_plan(plan, s, regions=regions, timeout=timeout)
 
         result = session.run_prefetch(run)
         assert isinstance(result, PrefetchResult)
         session.stats.prefetched_pages += result.installed
         return result
+
+    def _plan(
+        self, hot_pages: HotPageList | Sequence[HotPage], regions: list[Region]
+    ) -> PrefetchPlan:
+        """The plan for ``hot_pages`` on this layout, made once per hot set and layout.
+
+        Every fork of a template has the same region sizes and offsets, so a plan is reused
+        across forks, relocated by region base. A :class:`HotPageList` only grows, so its
+        identity and length name its content (the cache holds it, so the id stays unique).
+        """
+        if not isinstance(hot_pages, HotPageList):
+            return plan_prefetch(list(hot_pages), regions, self.memfile.is_zero)
+        layout = tuple((r.size, r.offset, r.page_size) for r in regions)
+        key = (id(hot_pages), len(hot_pages), layout)
+        with self._plans_lock:
+            hit = self._plans.get(key)
+            if hit is not None:
+                self._plans.move_to_end(key)
+                return hit[1]
+        plan = plan_prefetch(hot_pages.in_order(), regions, self.memfile.is_zero)
+        with self._plans_lock:
+            self._plans[key] = (hot_pages, plan)
+            while len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return plan
 
     # --- accepting ---------------------------------------------------------------------------
     def _accept_loop(self) -> None:

@@ -1,0 +1,466 @@
+"""Prefetch: install rate, cold-start speed-up from a recorded hot set, cost of recording.
+
+Three comparisons, each measured side by side in one run with fresh test VMMs
+(``pagefork.testing.vmm``, their own processes) and rounds alternating between the variants:
+
+a. **Install rate.** A 64 MiB hot set scattered over a 256 MiB guest in runs of 1-3 pages (the
+   shape REAP reports: random gaps between short runs) against a 64 MiB contiguous hot set (one
+   bulk ``UFFDIO_COPY``), each prefetched into a fresh fork whose VMM touches nothing. The
+   mem-file has no zero pages here, so both install the same bytes with ``UFFDIO_COPY``.
+   The same runs are also issued by a bare loop of ioctls into this process's own memory: the
+   machine's floor for one ioctl per run, without pagefork's planning or bookkeeping.
+b. **Cold start from a recorded hot set.** A warm-up fork records the pages its guest touches
+   (``register_fork(id, record=True)``); later forks touch the same working set with a little
+   drift (a few pages swapped for others), either on demand or after ``server.prefetch`` of the
+   recorded list. The prefetched fork's time includes the prefetch itself.
+c. **Recording overhead.** The same fault workload served to forks with and without recording,
+   plus the recorder's own CPU cost per fault measured in-process (a figure the machine's noise
+   does not blur).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from _common import (
+    PAGE,
+    Forks,
+    MiB,
+    alternating,
+    console,
+    fmt,
+    header,
+    make_mem_file,
+    median,
+    paired_ratio,
+    scattered_runs,
+    scratch_dir,
+    standalone,
+    table,
+    verdict,
+)
+
+from pagefork import uffd
+from pagefork.hotpages import HotPageList, HotPageRecorder
+from pagefork.memfile import MemFile
+
+#: (a): guest and hot-set sizes.
+INSTALL_GUEST = 256 * MiB
+INSTALL_HOT = 64 * MiB
+#: (b) and (c): a template with ~25% all-zero pages, like a guest's memory.
+TEMPLATE_SIZE = 128 * MiB
+ZERO_FRACTION = 0.25
+#: (b): working set (25% of the guest, REAP reports 3-39%) and the share of it that changes
+#: between the recording fork and the later ones.
+WORKING_SET = 32 * MiB
+DRIFT = 0.03
+#: (c): every page of this guest, in random order.
+RECORD_GUEST = 64 * MiB
+
+SCATTERED, BULK = "scattered", "bulk"
+FLOOR_SCATTERED, FLOOR_BULK = "floor scattered", "floor bulk"
+DEMAND, PREFETCHED = "demand", "prefetched"
+RECORDING, PLAIN = "record=True", "record=False"
+
+#: Figures with a goal, for run.py's summary: key -> (comparison, target).
+TARGETS = {
+    "install_ratio_scattered_over_bulk": (">=", 0.8),
+    "recording_overhead_pct": ("<=", 10.0),
+}
+#: The figures worth a row in run.py's summary table.
+SUMMARY = (
+    "install_ratio_scattered_over_bulk",
+    "install_scattered_mib_s",
+    "install_bulk_mib_s",
+    "install_floor_ratio_scattered_over_bulk",
+    "install_ratio_with_planning",
+    "cold_speedup",
+    "cold_demand_ms",
+    "cold_prefetched_total_ms",
+    "cold_prefetch_ms",
+    "cold_prefetch_ioctls_ms",
+    "cold_faults_removed_pct",
+    "recording_overhead_pct",
+    "recording_overhead_server_p50_pct",
+    "recorder_cost_pct_of_fault",
+)
+
+
+def _pages(indices: list[int]) -> list[tuple[int, int]]:
+    """Page indices of region 0 as ``(region, page_offset)`` entries."""
+    return [(0, i * PAGE) for i in indices]
+
+
+# --- a. install rate -------------------------------------------------------------------------
+
+
+@dataclass
+class Install:
+    """One prefetch into an idle fork."""
+
+    bytes: int
+    runs: int
+    ioctls: int
+    seconds: float  # PrefetchResult.seconds: issuing the ioctls
+    wall: float  # the whole server.prefetch() call, planning included
+
+
+class IoctlFloor:
+    """Bare ``UFFDIO_COPY`` loops into memory of this process, from the mem-file's mapping.
+
+    No fault is ever taken here (nothing reads the registered memory; a Python thread that did
+    would deadlock), so this is the pure cost of the ioctls: what any handler, in any language,
+    pays on this machine for one ioctl per run.
+    """
+
+    def __init__(self, mem_file: str, guest: int) -> None:
+        self.source = MemFile(mem_file)
+        self.guest = guest
+
+    def install(self, runs: list[list[int]]) -> Install:
+        """Copy ``runs`` (page indices) into a fresh registered mapping, then wake it once."""
+        dst = mmap.mmap(-1, self.guest)
+        view = ctypes.c_char.from_buffer(dst)
+        fd = uffd.open_userfaultfd()
+        try:
+            base = ctypes.addressof(view)
+            uffd.uffdio_api(fd, 0)
+            uffd.uffdio_register(fd, base, self.guest)
+            ioctls = uffd.UffdIoctls(fd)
+            src = self.source.address
+            copy = ioctls.copy
+            done = 0
+            t0 = time.perf_counter()
+            for run in runs:
+                offset = run[0] * PAGE
+                done += copy(
+                    base + offset, src + offset, len(run) * PAGE, uffd.UFFDIO_COPY_MODE_DONTWAKE
+                )
+            ioctls.wake(base, self.guest)
+            seconds = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+            del view
+            dst.close()
+        return Install(done, len(runs), len(runs) + 1, seconds, seconds)
+
+    def close(self) -> None:
+        """Unmap the source."""
+        self.source.close()
+
+
+def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
+    """(a): scattered 1-3-page runs vs one contiguous run of the same size."""
+    guest_pages, hot_pages = INSTALL_GUEST // PAGE, INSTALL_HOT // PAGE
+    header(
+        "prefetch a: install rate, scattered runs vs one bulk copy",
+        f"{INSTALL_HOT // MiB} MiB hot set in a {INSTALL_GUEST // MiB} MiB guest (no zero pages): "
+        f"runs of 1-3 pages with random gaps, first-touch order shuffled, vs {INSTALL_HOT // MiB} "
+        f"MiB contiguous; fresh idle VMM per prefetch, {rounds} rounds each, interleaved; "
+        "'floor' = the same ioctls from a bare loop.",
+    )
+    mem_file = os.path.join(workdir, "dense.mem")
+    make_mem_file(mem_file, INSTALL_GUEST, 0.0, seed=2)
+    runs = scattered_runs(guest_pages, hot_pages, seed=3)
+    random.Random(4).shuffle(runs)
+    lists = {
+        SCATTERED: HotPageList.from_pages(_pages([p for run in runs for p in run])),
+        BULK: HotPageList.from_pages(_pages(list(range(hot_pages)))),
+    }
+    floor_runs = {FLOOR_SCATTERED: runs, FLOOR_BULK: [list(range(hot_pages))]}
+    forks = Forks(workdir, "install", mem_file)
+    floor = IoctlFloor(mem_file, INSTALL_GUEST)
+    variants = (SCATTERED, BULK, FLOOR_SCATTERED, FLOOR_BULK)
+    results: dict[str, list[Install]] = {v: [] for v in variants}
+    try:
+        # Untimed warm-up: maps the server's side of the mem-file, and checks the bytes.
+        sample = random.Random(5).sample(lists[SCATTERED].in_order(), 2048)
+        with forks.fork(INSTALL_GUEST) as fork:
+            forks.server.prefetch(fork.fork_id, lists[SCATTERED])
+            check = fork.vm.send(cmd="touch", pages=[list(p) for p in sample], verify=True)
+        assert fork.stats is not None
+        demand = fork.stats.faults
+        console.print(
+            f"correctness: {len(sample)} prefetched pages read back, {check['bad']} bad, "
+            f"{demand} demand faults (expect 0 and 0)"
+        )
+        with forks.fork(INSTALL_GUEST) as fork:
+            forks.server.prefetch(fork.fork_id, lists[BULK])
+        floor.install(floor_runs[FLOOR_SCATTERED])
+        for _, which in alternating(rounds, variants):
+            if which in floor_runs:
+                results[which].append(floor.install(floor_runs[which]))
+                continue
+            with forks.fork(INSTALL_GUEST) as fork:
+                t0 = time.perf_counter()
+                res = forks.server.prefetch(fork.fork_id, lists[which])
+                wall = time.perf_counter() - t0
+            if res.installed != hot_pages:
+                raise RuntimeError(f"{which}: installed {res.installed} of {hot_pages} pages")
+            results[which].append(Install(res.bytes, res.runs, res.ioctls, res.seconds, wall))
+    finally:
+        forks.close()
+        floor.close()
+
+    def rate(which: str, wall: bool) -> list[float]:
+        return [x.bytes / (x.wall if wall else x.seconds) / MiB for x in results[which]]
+
+    ratio = paired_ratio(rate(SCATTERED, False), rate(BULK, False))
+    ratio_wall = paired_ratio(rate(SCATTERED, True), rate(BULK, True))
+    ratio_floor = paired_ratio(rate(FLOOR_SCATTERED, False), rate(FLOOR_BULK, False))
+    vs_floor = paired_ratio(rate(SCATTERED, False), rate(FLOOR_SCATTERED, False))
+    table(
+        "install rate, MiB/s (median of rounds)",
+        ["hot set", "runs", "ioctls", "ioctls only", "with planning", "µs/ioctl"],
+        [
+            [
+                w,
+                results[w][0].runs,
+                results[w][0].ioctls,
+                fmt(median(rate(w, False)), 0),
+                fmt(median(rate(w, True)), 0) if w in lists else "-",
+                fmt(median([x.seconds / x.ioctls * 1e6 for x in results[w]]), 1),
+            ]
+            for w in variants
+        ],
+    )
+    console.print(verdict("scattered/bulk install rate (ioctls)", ratio, ">=", 0.8))
+    console.print(
+        f"scattered/bulk rate including planning {fmt(ratio_wall)}; floor scattered/bulk "
+        f"{fmt(ratio_floor)}; pagefork scattered / floor scattered {fmt(vs_floor)}"
+    )
+    return {
+        "install_rounds": rounds,
+        "install_scattered_runs": results[SCATTERED][0].runs,
+        "install_scattered_mib_s": median(rate(SCATTERED, False)),
+        "install_bulk_mib_s": median(rate(BULK, False)),
+        "install_ratio_scattered_over_bulk": ratio,
+        "install_scattered_mib_s_with_planning": median(rate(SCATTERED, True)),
+        "install_bulk_mib_s_with_planning": median(rate(BULK, True)),
+        "install_ratio_with_planning": ratio_wall,
+        "install_floor_scattered_mib_s": median(rate(FLOOR_SCATTERED, False)),
+        "install_floor_bulk_mib_s": median(rate(FLOOR_BULK, False)),
+        "install_floor_ratio_scattered_over_bulk": ratio_floor,
+        "install_scattered_over_floor": vs_floor,
+        "install_bad_pages": int(check["bad"]),
+    }
+
+
+# --- b. cold start from a recorded hot set ---------------------------------------------------
+
+
+@dataclass
+class ColdStart:
+    """One fork touching the working set: prefetch time (0 on demand; ``install`` is the part
+    spent issuing ioctls, the rest is planning), touch time, counters."""
+
+    prefetch: float
+    install: float
+    touch: float
+    faults: int
+    misses: int
+
+    @property
+    def total(self) -> float:
+        """Prefetch plus touch: the fork's time to have touched its working set."""
+        return self.prefetch + self.touch
+
+
+def _drifted(working_set: list[int], guest_pages: int, share: float, seed: int) -> list[int]:
+    """The working set with ``share`` of its pages swapped for pages outside it."""
+    rng = random.Random(seed)
+    inside = set(working_set)
+    outside = rng.sample([p for p in range(guest_pages) if p not in inside], k=len(working_set))
+    out = list(working_set)
+    for n, i in enumerate(rng.sample(range(len(out)), k=int(len(out) * share))):
+        out[i] = outside[n]
+    return out
+
+
+def bench_cold_start(forks: Forks, rounds: int) -> dict[str, Any]:
+    """(b): a recorded hot set touched on demand vs after prefetch."""
+    guest_pages, ws_pages = TEMPLATE_SIZE // PAGE, WORKING_SET // PAGE
+    header(
+        "prefetch b: touching a recorded hot set, on demand vs after prefetch",
+        f"{WORKING_SET // MiB} MiB working set ({ws_pages} pages, runs of 1-3) in a "
+        f"{TEMPLATE_SIZE // MiB} MiB guest (~{ZERO_FRACTION:.0%} zero pages), recorded once; "
+        f"later forks touch it with {DRIFT:.0%} of pages swapped; prefetched time = prefetch + "
+        f"touch; {rounds} rounds each, interleaved.",
+    )
+    runs = scattered_runs(guest_pages, ws_pages, seed=6)
+    random.Random(7).shuffle(runs)
+    working_set = [p for run in runs for p in run]
+    with forks.fork(TEMPLATE_SIZE, record=True) as fork:
+        fork.vm.send(cmd="touch", pages=[list(p) for p in _pages(working_set)], verify=False)
+    hot = fork.hot
+    assert hot is not None
+    if [p.page_offset // PAGE for p in hot.in_order()] != working_set:
+        raise RuntimeError(
+            f"recorded hot set ({len(hot)} pages) is not the {ws_pages} pages touched, in order"
+        )
+    console.print(f"recorded {len(hot)} pages in first-touch order")
+    replay = [list(p) for p in _pages(_drifted(working_set, guest_pages, DRIFT, seed=8))]
+    results: dict[str, list[ColdStart]] = {DEMAND: [], PREFETCHED: []}
+    for r, which in alternating(rounds, (DEMAND, PREFETCHED)):
+        with forks.fork(TEMPLATE_SIZE) as fork:
+            prefetch = install = 0.0
+            if which == PREFETCHED:
+                t0 = time.perf_counter()
+                install = forks.server.prefetch(fork.fork_id, hot).seconds
+                prefetch = time.perf_counter() - t0
+            touched = fork.vm.send(cmd="touch", pages=replay, verify=r == 0)
+        stats = fork.stats
+        assert stats is not None
+        if touched["bad"]:
+            raise RuntimeError(f"{which} fork read {touched['bad']} wrong pages")
+        results[which].append(
+            ColdStart(prefetch, install, touched["seconds"], stats.faults, stats.misses)
+        )
+
+    d, p = results[DEMAND], results[PREFETCHED]
+    speedup = paired_ratio([x.total for x in d], [x.total for x in p])
+    demand_faults = median([x.faults for x in d])
+    misses = median([x.misses for x in p])
+    removed = 1 - misses / demand_faults if demand_faults else float("nan")
+    table(
+        "ms (median of rounds)",
+        ["fork", "prefetch", "(ioctls)", "touch", "total", "faults", "misses"],
+        [
+            [
+                w,
+                fmt(median([x.prefetch for x in results[w]]) * 1e3),
+                fmt(median([x.install for x in results[w]]) * 1e3),
+                fmt(median([x.touch for x in results[w]]) * 1e3),
+                fmt(median([x.total for x in results[w]]) * 1e3),
+                int(median([x.faults for x in results[w]])),
+                int(median([x.misses for x in results[w]])) if w == PREFETCHED else "-",
+            ]
+            for w in (DEMAND, PREFETCHED)
+        ],
+    )
+    console.print(
+        f"speed-up on demand -> prefetched [bold]{fmt(speedup)}x[/], faults removed "
+        f"{removed:.1%} (REAP: 3.7x, 97%)"
+    )
+    return {
+        "cold_rounds": rounds,
+        "cold_working_set_pages": ws_pages,
+        "cold_demand_ms": median([x.total for x in d]) * 1e3,
+        "cold_prefetch_ms": median([x.prefetch for x in p]) * 1e3,
+        "cold_prefetch_ioctls_ms": median([x.install for x in p]) * 1e3,
+        "cold_touch_after_prefetch_ms": median([x.touch for x in p]) * 1e3,
+        "cold_prefetched_total_ms": median([x.total for x in p]) * 1e3,
+        "cold_speedup": speedup,
+        "cold_demand_faults": demand_faults,
+        "cold_misses": misses,
+        "cold_faults_removed_pct": removed * 100,
+    }
+
+
+# --- c. recording overhead -------------------------------------------------------------------
+
+
+def recorder_cost_us(pages: int, repeats: int = 5) -> float:
+    """µs per call of ``HotPageRecorder.record`` for ``pages`` distinct pages in random order:
+    the work recording adds to each fault, measured in-process (median of ``repeats``)."""
+    offsets = [i * PAGE for i in range(pages)]
+    random.Random(10).shuffle(offsets)
+    costs = []
+    for _ in range(repeats):
+        recorder = HotPageRecorder()
+        recorder.start()
+        record = recorder.record
+        t0 = time.perf_counter()
+        for offset in offsets:
+            record(0, offset)
+        costs.append((time.perf_counter() - t0) / pages * 1e6)
+        recorder.close()
+    return median(costs)
+
+
+def bench_recording(forks: Forks, rounds: int) -> dict[str, Any]:
+    """(c): the same fault workload served with and without recording."""
+    pages = RECORD_GUEST // PAGE
+    header(
+        "prefetch c: serving with recording vs without",
+        f"every page of a {RECORD_GUEST // MiB} MiB guest ({pages} faults) in random order, "
+        f"record=True vs record=False forks, {rounds} rounds each, interleaved.",
+    )
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    p50: dict[bool, list[float]] = {True: [], False: []}
+    for r, record in alternating(rounds, (True, False)):
+        with forks.fork(RECORD_GUEST, record=record) as fork:
+            touched = fork.vm.send(cmd="touch", all=True, order="random", seed=r, verify=False)
+        stats = fork.stats
+        assert stats is not None
+        if stats.faults != pages:
+            raise RuntimeError(f"fork {fork.fork_id}: {stats.faults} faults, expected {pages}")
+        if record and (fork.hot is None or len(fork.hot) != pages):
+            got = "none" if fork.hot is None else len(fork.hot)
+            raise RuntimeError(f"fork {fork.fork_id} recorded {got} pages, expected {pages}")
+        seconds[record].append(touched["seconds"])
+        p50[record].append(stats.latency_us.get("p50", float("nan")))
+
+    overhead = (paired_ratio(seconds[True], seconds[False]) - 1) * 100
+    p50_overhead = (paired_ratio(p50[True], p50[False]) - 1) * 100
+    record_cost = recorder_cost_us(pages)
+    plain_fault_us = median(seconds[False]) / pages * 1e6
+    table(
+        "µs per fault (median of rounds)",
+        ["fork", "guest-visible", "server p50"],
+        [
+            [
+                RECORDING if rec else PLAIN,
+                fmt(median(seconds[rec]) / pages * 1e6),
+                fmt(median(p50[rec])),
+            ]
+            for rec in (True, False)
+        ],
+    )
+    console.print(
+        "per round record/plain: "
+        + ", ".join(fmt(a / b) for a, b in zip(seconds[True], seconds[False], strict=True))
+    )
+    console.print(verdict("recording overhead % (guest-visible)", overhead, "<=", 10.0))
+    console.print(f"recording overhead % (server p50) {fmt(p50_overhead, 1)}")
+    console.print(
+        f"recorder CPU cost {fmt(record_cost)} µs per fault (in-process) = "
+        f"{fmt(record_cost / plain_fault_us * 100, 1)}% of a plain fault's guest-visible time"
+    )
+    return {
+        "record_rounds": rounds,
+        "record_us_per_fault": median(seconds[True]) / pages * 1e6,
+        "plain_us_per_fault": plain_fault_us,
+        "recording_overhead_pct": overhead,
+        "record_server_p50_us": median(p50[True]),
+        "plain_server_p50_us": median(p50[False]),
+        "recording_overhead_server_p50_pct": p50_overhead,
+        "recorder_cost_us_per_fault": record_cost,
+        "recorder_cost_pct_of_fault": record_cost / plain_fault_us * 100,
+    }
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    """Run (a), (b) and (c); returns their figures in one dict."""
+    figures: dict[str, Any] = {}
+    with scratch_dir() as workdir:
+        figures.update(bench_install(workdir, rounds=3 if quick else 11))
+        mem_file = os.path.join(workdir, "template.mem")
+        make_mem_file(mem_file, TEMPLATE_SIZE, ZERO_FRACTION, seed=9)
+        forks = Forks(workdir, "template", mem_file)
+        try:
+            figures.update(bench_cold_start(forks, rounds=3 if quick else 11))
+            figures.update(bench_recording(forks, rounds=10 if quick else 30))
+        finally:
+            forks.close()
+    return figures
+
+
+if __name__ == "__main__":
+    standalone(main)

@@ -1,0 +1,221 @@
+"""Fork fan-out of the built-in microVM against a :class:`~pagefork.server.PageServer`.
+
+What ``pagefork demo``, the tests and the benchmark share: start fork processes, let the page
+server take their uffds, prefetch a hot set before the vCPUs resume (Firecracker's
+``resume_vm: false`` then ``PATCH /vm Resumed``), and collect per-fork figures from both sides:
+the guest's (ready time, checksum) and the server's (faults, prefetched pages, misses).
+
+The fork-ready time is ``restore + prefetch + run``: fork start (before the handshake) until
+RAM is handed over and the vCPUs restored, plus the prefetch when there is one, plus resume
+until the guest reports ready. Idle time of the orchestrator between the steps (reading a pipe,
+waiting for other forks at a start barrier) is not the fork's cost and is left out.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pagefork.errors import UffdError, VmmError
+from pagefork.hotpages import HotPageList
+from pagefork.server import PageServer
+from pagefork.uffd import open_userfaultfd
+from pagefork.vmm.kvm.process import ForkProcess, ForkResult
+from pagefork.vmm.kvm.template import Template
+from pagefork.vmm.kvm.vm import kvm_available
+
+Mode = Literal["warmup", "demand", "prefetch"]
+
+
+def check_environment() -> None:
+    """Raise :class:`VmmError` with a one-line reason when KVM or userfaultfd is unusable."""
+    reason = kvm_available()
+    if reason is not None:
+        raise VmmError(f"KVM is not available ({reason}); the microVM needs /dev/kvm")
+    try:
+        fd = open_userfaultfd()
+    except UffdError as exc:
+        raise VmmError(f"userfaultfd is not available ({exc})") from None
+    os.close(fd)
+
+
+@dataclass
+class ForkReport:
+    """One fork's figures from the guest and from the page server."""
+
+    name: str
+    mode: Mode
+    fork_index: int
+    variant: int
+    ready_ms: float
+    restore_ms: float
+    prefetch_ms: float
+    run_ms: float
+    checksum_ok: bool
+    faults: int
+    pages_copied: int
+    zero_pages: int
+    prefetched_pages: int
+    misses: int
+    specific_pages: int
+    fault_latency_us: dict[str, float] = field(default_factory=dict)
+    progress: list[tuple[float, int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures (progress as [ms since resume, pages read])."""
+        doc = dict(self.__dict__)
+        doc["progress"] = [[round(t, 3), p] for t, p in self.progress]
+        return doc
+
+
+class _Fork:
+    """A fork in flight: its process and the name the server knows it by."""
+
+    def __init__(
+        self, server: PageServer, template: Template, name: str, index: int, record: bool
+    ) -> None:
+        self.name = name
+        self.index = index
+        socket_path = server.register_fork(name, record=record)
+        self.process = ForkProcess(str(template.path), socket_path, index)
+        self.prefetch_seconds = 0.0
+
+
+def _report(
+    server: PageServer,
+    template: Template,
+    fork: _Fork,
+    mode: Mode,
+    result: ForkResult,
+    warmup_pages: set[int] | None,
+) -> ForkReport:
+    stats = server.wait_ended(fork.name, timeout=30.0)
+    specific = 0
+    if warmup_pages is not None:
+        specific = len(template.touched_pages(result.variant) - warmup_pages)
+    ready = result.restore_seconds + fork.prefetch_seconds + result.run_seconds
+    total_pages: dict[int, int] = {}
+    progress = []
+    for t, vcpu, pages in result.progress:
+        total_pages[vcpu] = pages
+        progress.append(((t - result.t_go) * 1e3, sum(total_pages.values())))
+    return ForkReport(
+        name=fork.name,
+        mode=mode,
+        fork_index=fork.index,
+        variant=result.variant,
+        ready_ms=ready * 1e3,
+        restore_ms=result.restore_seconds * 1e3,
+        prefetch_ms=fork.prefetch_seconds * 1e3,
+        run_ms=result.run_seconds * 1e3,
+        checksum_ok=result.checksum_ok,
+        faults=stats.faults,
+        pages_copied=stats.pages_copied,
+        zero_pages=stats.zero_pages,
+        prefetched_pages=stats.prefetched_pages,
+        misses=stats.misses,
+        specific_pages=specific,
+        fault_latency_us=dict(stats.latency_us),
+        progress=progress,
+    )
+
+
+def run_forks(
+    server: PageServer,
+    template: Template,
+    indices: Sequence[int],
+    mode: Mode,
+    *,
+    hot: HotPageList | None = None,
+    warmup_variant: int | None = None,
+    concurrent: bool = False,
+    timeout: float = 60.0,
+    on_done: Callable[[ForkReport], None] | None = None,
+) -> list[ForkReport]:
+    """Run one fork per entry of ``indices`` (fork index picks the trace variant).
+
+    ``mode`` ``warmup`` records hot pages, ``prefetch`` installs ``hot`` before resuming.
+    Sequential by default; ``concurrent`` restores all forks, then resumes them together, so
+    the page server serves them all at once. ``warmup_variant`` lets each report say how many
+    of its pages the warm-up never touched (the misses a perfect prefetch leaves).
+    """
+    if mode == "prefetch" and hot is None:
+        raise VmmError("prefetch mode needs a hot-page list")
+    warmup_pages = template.touched_pages(warmup_variant) if warmup_variant is not None else None
+    reports: list[ForkReport] = []
+    groups = [list(indices)] if concurrent else [[i] for i in indices]
+    for group in groups:
+        forks: list[_Fork] = []
+        try:
+            for index in group:
+                name = f"{mode}-{index}-{time.monotonic_ns() % 1_000_000_000}"
+                forks.append(_Fork(server, template, name, index, record=mode == "warmup"))
+            for fork in forks:
+                server.wait_connected(fork.name, timeout=timeout)
+                if mode == "prefetch":
+                    assert hot is not None
+                    # Wall clock of the whole call: planning counts as much as the copies.
+                    t0 = time.monotonic()
+                    server.prefetch(fork.name, hot)
+                    fork.prefetch_seconds = time.monotonic() - t0
+                fork.process.wait_restored(timeout=timeout)
+            for fork in forks:
+                fork.process.go()
+            for fork in forks:
+                result = fork.process.wait_result(timeout=timeout)
+                report = _report(server, template, fork, mode, result, warmup_pages)
+                reports.append(report)
+                if on_done is not None:
+                    on_done(report)
+        finally:
+            for fork in forks:
+                fork.process.close()
+                if mode != "warmup":
+                    server.unregister_fork(fork.name)
+    return reports
+
+
+def warm_up(
+    server: PageServer, template: Template, fork_index: int = 0, timeout: float = 60.0
+) -> tuple[ForkReport, HotPageList]:
+    """Run the recording warm-up fork; returns its report and the hot set it touched."""
+    [report] = run_forks(server, template, [fork_index], "warmup", timeout=timeout)
+    hot = server.hot_pages(report.name)
+    server.unregister_fork(report.name)
+    return report, hot
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (``p`` in 0..100) of ``values``."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def summarize(reports: Sequence[ForkReport]) -> dict[str, Any]:
+    """Per-mode figures: ready p50/p95/p99, mean faults, prefetched pages and misses."""
+    ready = [r.ready_ms for r in reports]
+    return {
+        "forks": len(reports),
+        "ready_ms_p50": percentile(ready, 50),
+        "ready_ms_p95": percentile(ready, 95),
+        "ready_ms_p99": percentile(ready, 99),
+        "restore_ms_p50": percentile([r.restore_ms for r in reports], 50),
+        "prefetch_ms_p50": percentile([r.prefetch_ms for r in reports], 50),
+        "run_ms_p50": percentile([r.run_ms for r in reports], 50),
+        "demand_faults_mean": statistics.fmean(r.faults for r in reports) if reports else 0.0,
+        "prefetched_pages_mean": statistics.fmean(r.prefetched_pages for r in reports)
+        if reports
+        else 0.0,
+        "misses_mean": statistics.fmean(r.misses for r in reports) if reports else 0.0,
+        "specific_pages_mean": statistics.fmean(r.specific_pages for r in reports)
+        if reports
+        else 0.0,
+        "checksums_ok": all(r.checksum_ok for r in reports),
+    }

@@ -1,0 +1,154 @@
+"""Start and drive a fork process (``python -m pagefork.vmm.kvm``) from an orchestrator."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from pagefork.errors import VmmError
+
+
+@dataclass
+class ForkResult:
+    """One fork's run, with times on the system-wide monotonic clock.
+
+    ``ready_seconds`` is the fork-ready time: from the start of the restore (before the
+    handshake) until the guest reported ready, so it includes the handshake, any prefetch done
+    before ``go``, and every demand fault of the run.
+    """
+
+    fork_index: int
+    variant: int
+    pid: int
+    t_start: float
+    t_restored: float
+    t_go: float
+    t_ready: float
+    checksum_ok: bool
+    checksums: list[int]
+    expected: list[int]
+    exits: int
+    progress: list[tuple[float, int, int]] = field(default_factory=list)
+
+    @property
+    def ready_seconds(self) -> float:
+        """Fork start to guest ready."""
+        return self.t_ready - self.t_start
+
+    @property
+    def restore_seconds(self) -> float:
+        """Fork start until RAM was handed over and the vCPUs restored."""
+        return self.t_restored - self.t_start
+
+    @property
+    def run_seconds(self) -> float:
+        """``go`` to guest ready: the guest's walk, with its demand faults."""
+        return self.t_ready - self.t_go
+
+
+class ForkProcess:
+    """A fork of ``template_dir`` in its own process, connected to ``socket_path``."""
+
+    def __init__(
+        self, template_dir: str, socket_path: str | None, fork_index: int, *, wait_go: bool = True
+    ) -> None:
+        self.fork_index = fork_index
+        cmd = [
+            sys.executable,
+            "-m",
+            "pagefork.vmm.kvm",
+            str(template_dir),
+            "--fork-index",
+            str(fork_index),
+        ]
+        if socket_path is not None:
+            cmd += ["--socket", socket_path]
+        if not wait_go:
+            cmd.append("--no-wait")
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        assert self._proc.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(self._proc.stdout,), daemon=True)
+        self._reader.start()
+        self.restored: dict[str, Any] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The fork process's pid."""
+        return self._proc.pid
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue  # not ours (a stray print); the protocol lines are JSON
+            if isinstance(doc, dict):
+                self._events.put(doc)
+        self._events.put(None)
+
+    def _next(self, want: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise VmmError(f"fork {self.fork_index}: no {want!r} within {timeout:g}s")
+            try:
+                doc = self._events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if doc is None:
+                code = self._proc.wait()
+                raise VmmError(f"fork {self.fork_index}: process exited ({code}) before {want!r}")
+            if doc.get("event") == "error":
+                raise VmmError(f"fork {self.fork_index}: {doc.get('message')}")
+            if doc.get("event") == want:
+                return doc
+
+    def wait_restored(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the fork has handed its RAM to the page server and restored its vCPUs."""
+        self.restored = self._next("restored", timeout)
+        return self.restored
+
+    def go(self) -> None:
+        """Resume the vCPUs."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.write("go\n")
+        self._proc.stdin.flush()
+
+    def wait_result(self, timeout: float = 60.0) -> ForkResult:
+        """Wait for the guest to finish; the fork process exits after reporting."""
+        doc = self._next("result", timeout)
+        restored = self.restored or {}
+        self._proc.wait(timeout=timeout)
+        return ForkResult(
+            fork_index=self.fork_index,
+            variant=int(restored.get("variant", -1)),
+            pid=self.pid,
+            t_start=float(restored.get("t_start", doc["t_go"])),
+            t_restored=float(restored.get("t_restored", doc["t_go"])),
+            t_go=float(doc["t_go"]),
+            t_ready=float(doc["t_ready"]),
+            checksum_ok=bool(doc["checksum_ok"]),
+            checksums=[int(c) for c in doc["checksums"]],
+            expected=[int(c) for c in doc["expected"]],
+            exits=int(doc["exits"]),
+            progress=[(float(t), int(v), int(p)) for t, v, p in doc["progress"]],
+        )
+
+    def close(self) -> None:
+        """Stop the process if it still runs and reap it; idempotent."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout):
+            if stream is not None:
+                stream.close()
