@@ -102,9 +102,9 @@ class MemFile:
         return self._zeros.find(0, first, last) < 0
 
     @property
-    def zero_map(self) -> bytes:
-        """One byte per 4 KiB page, 1 where the page is zero (a copy; read-only use)."""
-        return bytes(self._zeros)
+    def zero_pages(self) -> bytearray:
+        """One byte per 4 KiB page, 1 where the page is zero. Shared: do not modify."""
+        return self._zeros
 
     def read(self, offset: int, length: int) -> bytes:
         """Copy ``length`` bytes at ``offset`` out of the mapping (checks, not the fault path)."""

@@ -262,8 +262,8 @@ class _Tally:
         "skipped_removed",
     )
 
-    def __init__(self) -> None:
-        self.check_removed = True
+    def __init__(self, check_removed: bool = True) -> None:
+        self.check_removed = check_removed
         self.installed = 0
         self.installed_bytes = 0
         self.already_present = 0
@@ -303,13 +303,20 @@ def _install_run(
     tally: _Tally,
     deadline: float,
     clock: Callable[[], float],
+    first_error: OSError | None = None,
 ) -> None:
+    """Install one run, splitting it around removed ranges and pages already present.
+
+    ``first_error`` is what a first ioctl over the whole run (already counted) raised: it is
+    handled as if this function had issued that ioctl.
+    """
     ps = run.page_size
     start = run.host_start + delta
     end = start + run.length
     cursor = start
     removed = _removed_pages(target, cursor, end, ps) if tally.check_removed else []
     ri = 0
+    pending = first_error
     while cursor < end:
         while ri < len(removed) and removed[ri][1] <= cursor:
             ri += 1
@@ -321,60 +328,66 @@ def _install_run(
             continue
         stop = removed[ri][0] if ri < len(removed) else end
         length = stop - cursor
-        tally.ioctls += 1
-        try:
-            # DONTWAKE: one UFFDIO_WAKE per region at the end instead of one per run.
-            if run.zero:
-                done = target.zeropage(cursor, length, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+        if pending is not None:
+            exc, pending = pending, None
+        else:
+            tally.ioctls += 1
+            try:
+                # DONTWAKE: one UFFDIO_WAKE per region at the end instead of one per run.
+                if run.zero:
+                    done = target.zeropage(cursor, length, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+                else:
+                    src = src_base + run.file_offset + (cursor - start)
+                    done = target.copy(cursor, src, length, UFFDIO_COPY_MODE_DONTWAKE)
+            except OSError as err:
+                exc = err
             else:
-                src = src_base + run.file_offset + (cursor - start)
-                done = target.copy(cursor, src, length, UFFDIO_COPY_MODE_DONTWAKE)
-        except OSError as exc:
-            # The kernel may have installed a prefix before failing; count it as ours.
-            partial = getattr(exc, "done", 0) or 0
-            partial = max(0, min(partial - partial % ps, length - ps))
-            tally.installed += partial // ps
-            tally.installed_bytes += partial
-            cursor += partial
-            if exc.errno == errno.EEXIST:
-                # The page at cursor is present: a vCPU's fault got there first. That is
-                # success for that page; carry on with the rest of the run after it.
-                tally.already_present += 1
-                cursor += ps
-            elif exc.errno == errno.EAGAIN:
-                if partial == 0:
-                    # Nothing done: the mm is changing. While a UFFD_EVENT_REMOVE is unread
-                    # every copy fails with EAGAIN; let the fault loop read it first.
-                    remaining = deadline - clock()
-                    if remaining <= 0:
-                        raise PrefetchError(
-                            f"run at {cursor:#x} (region {run.region}): timed out waiting for "
-                            "the fault loop to read pending uffd events (EAGAIN)"
-                        ) from None
-                    target.await_events(remaining)
-                # else: a partial copy. The kernel reports any copy that stopped early
-                # (typically at a page that is already present) as EAGAIN with the bytes done;
-                # retrying from where it stopped surfaces the real cause (EEXIST) at once.
-                # Either way the guest may have removed pages meanwhile: re-read the ranges.
-                tally.check_removed = True
-                removed = _removed_pages(target, cursor, end, ps)
-                ri = 0
-            else:
-                op = "UFFDIO_ZEROPAGE" if run.zero else "UFFDIO_COPY"
-                raise PrefetchError(
-                    f"run at {start:#x} (region {run.region}, {run.length:#x} bytes): "
-                    f"{op} at {cursor:#x} failed: {_errno_name(exc.errno)}"
-                ) from None
-            continue
-        done -= done % ps
-        if done <= 0:
+                done -= done % ps
+                if done <= 0:
+                    raise PrefetchError(
+                        f"run at {start:#x} (region {run.region}): ioctl at {cursor:#x} "
+                        "installed nothing"
+                    )
+                done = min(done, length)
+                tally.installed += done // ps
+                tally.installed_bytes += done
+                cursor += done
+                continue
+        # The kernel may have installed a prefix before failing; count it as ours.
+        partial = getattr(exc, "done", 0) or 0
+        partial = max(0, min(partial - partial % ps, length - ps))
+        tally.installed += partial // ps
+        tally.installed_bytes += partial
+        cursor += partial
+        if exc.errno == errno.EEXIST:
+            # The page at cursor is present: a vCPU's fault got there first. That is
+            # success for that page; carry on with the rest of the run after it.
+            tally.already_present += 1
+            cursor += ps
+        elif exc.errno == errno.EAGAIN:
+            if partial == 0:
+                # Nothing done: the mm is changing. While a UFFD_EVENT_REMOVE is unread
+                # every copy fails with EAGAIN; let the fault loop read it first.
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    raise PrefetchError(
+                        f"run at {cursor:#x} (region {run.region}): timed out waiting for "
+                        "the fault loop to read pending uffd events (EAGAIN)"
+                    ) from None
+                target.await_events(remaining)
+            # else: a partial copy. The kernel reports any copy that stopped early
+            # (typically at a page that is already present) as EAGAIN with the bytes done;
+            # retrying from where it stopped surfaces the real cause (EEXIST) at once.
+            # Either way the guest may have removed pages meanwhile: re-read the ranges.
+            tally.check_removed = True
+            removed = _removed_pages(target, cursor, end, ps)
+            ri = 0
+        else:
+            op = "UFFDIO_ZEROPAGE" if run.zero else "UFFDIO_COPY"
             raise PrefetchError(
-                f"run at {start:#x} (region {run.region}): ioctl at {cursor:#x} installed nothing"
-            )
-        done = min(done, length)
-        tally.installed += done // ps
-        tally.installed_bytes += done
-        cursor += done
+                f"run at {start:#x} (region {run.region}, {run.length:#x} bytes): "
+                f"{op} at {cursor:#x} failed: {_errno_name(exc.errno)}"
+            ) from None
 
 
 def _wake_regions(
@@ -412,16 +425,32 @@ def execute_plan(
     started = clock()
     deadline = started + timeout
     deltas = plan.deltas_for(regions) if regions is not None else [0] * len(plan.planned_for)
-    tally = _Tally()
     # Looking up removed ranges per run costs more than the ioctl's own Python; skip it while
     # the guest has removed nothing (a later REMOVE shows up as EAGAIN, which re-checks).
-    tally.check_removed = bool(target.removed_ranges(0, 1 << 64))
+    tally = _Tally(check_removed=bool(target.removed_ranges(0, 1 << 64)))
     src_base = target.src_base
+    copy, zeropage = target.copy, target.zeropage
     try:
         for run in plan.runs:
-            _install_run(
-                run, deltas[run.region] if deltas else 0, target, src_base, tally, deadline, clock
-            )
+            delta = deltas[run.region] if deltas else 0
+            first_error = None
+            if not tally.check_removed:
+                # The common case, kept lean: one ioctl installs the whole run. Anything
+                # unusual (a race, a REMOVE) is handled by _install_run from that error.
+                dst = run.host_start + delta
+                tally.ioctls += 1
+                try:
+                    if run.zero:
+                        zeropage(dst, run.length, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+                    else:
+                        copy(dst, src_base + run.file_offset, run.length, UFFDIO_COPY_MODE_DONTWAKE)
+                except OSError as exc:
+                    first_error = exc
+                else:
+                    tally.installed += run.length // run.page_size
+                    tally.installed_bytes += run.length
+                    continue
+            _install_run(run, delta, target, src_base, tally, deadline, clock, first_error)
     except BaseException:
         _wake_regions(plan, deltas, target, tally, quiet=True)
         raise

@@ -31,7 +31,7 @@ from pagefork.hotpages import HotPage, HotPageList, HotPageRecorder
 from pagefork.memfile import MemFile
 from pagefork.prefetch import PrefetchPlan, PrefetchResult, execute_plan, plan_prefetch
 from pagefork.regions import Region
-from pagefork.session import FailurePolicy, ForkSession, SessionOptions
+from pagefork.session import FailurePolicy, ForkSession, PrefetchPort, SessionOptions
 from pagefork.stats import ForkStats
 
 log = logging.getLogger("pagefork")
@@ -319,8 +319,8 @@ class PageServer:
         regions = list(session.regions)
         plan = self._plan(hot_pages, regions)
 
-        def run(s: ForkSession) -> PrefetchResult:
-            return execute_plan(plan, s, regions=regions, timeout=timeout)
+        def run(port: PrefetchPort) -> PrefetchResult:
+            return execute_plan(plan, port, regions=regions, timeout=timeout)
 
         result = session.run_prefetch(run)
         assert isinstance(result, PrefetchResult)

@@ -30,7 +30,7 @@ from pagefork import uffd
 from pagefork.errors import ForkError, HandshakeError, PrefetchError
 from pagefork.handshake import MAX_HANDSHAKE_BYTES, parse_mappings, payload_complete
 from pagefork.memfile import MemFile
-from pagefork.regions import PAGE_SIZE, Region, RegionMap
+from pagefork.regions import PAGE_SIZE, Region
 from pagefork.removed import RemovedRanges
 from pagefork.stats import ForkStats, LatencyWindow
 
@@ -44,6 +44,7 @@ FailurePolicy = Literal["kill", "close"]
 #: Events read per ``read(2)`` of the uffd: one syscall drains a burst of faults.
 _READ_BATCH = 64
 _MSG = struct.Struct("=B3xIQQQ")
+_FAULT_ADDRESS = struct.Struct("=16xQ8x")
 _PEERCRED = struct.Struct("3i")
 _COPY_DONTWAKE = uffd.UFFDIO_COPY_MODE_DONTWAKE
 
@@ -91,6 +92,56 @@ class _PeerGone(Exception):
     """The VMM exited; its session ends as cleanly as a hang-up."""
 
 
+class PrefetchPort:
+    """Prefetch's way into a fork's uffd (a :class:`pagefork.prefetch.PrefetchTarget`).
+
+    It has its own ioctl buffers and a lock that the fault loop also takes around reading
+    events and noting REMOVE ranges, so a prefetch copy never lands between the read of a
+    REMOVE and its noting.
+    """
+
+    __slots__ = ("_gen_before", "_ioctls", "_session", "lock", "src_base")
+
+    def __init__(self, session: ForkSession, uffd_fd: int) -> None:
+        self._session = session
+        self._ioctls = uffd.UffdIoctls(uffd_fd)
+        self.lock = threading.Lock()
+        self.src_base = session.src_base
+        self._gen_before = 0
+
+    def copy(self, dst: int, src: int, length: int, mode: int) -> int:
+        """``UFFDIO_COPY`` for prefetch (same errno contract as :class:`uffd.UffdIoctls`)."""
+        with self.lock:
+            self._check_not_removed(dst, length)
+            return self._ioctls.copy(dst, src, length, mode)
+
+    def zeropage(self, dst: int, length: int, mode: int) -> int:
+        """``UFFDIO_ZEROPAGE`` for prefetch."""
+        with self.lock:
+            self._check_not_removed(dst, length)
+            return self._ioctls.zeropage(dst, length, mode)
+
+    def _check_not_removed(self, dst: int, length: int) -> None:
+        s = self._session
+        self._gen_before = s._events_gen
+        # A REMOVE noted since the caller looked at removed_ranges(): answer as the kernel
+        # does for an unread one, so the caller re-reads the ranges and retries.
+        if s.removed and s.removed.overlaps(dst, dst + length):
+            raise OSError(errno.EAGAIN, "range removed by the guest meanwhile")
+
+    def wake(self, start: int, length: int) -> None:
+        """``UFFDIO_WAKE`` over a range prefetch filled with DONTWAKE."""
+        self._ioctls.wake(start, length)
+
+    def removed_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Parts of ``[start, end)`` the guest removed (prefetch must skip them)."""
+        return self._session.removed.overlaps(start, end)
+
+    def await_events(self, timeout: float) -> None:
+        """Wait until the fault loop has read the events that made a copy fail with EAGAIN."""
+        self._session._await_events(self._gen_before, timeout)
+
+
 class ForkSession:
     """Serves one fork's uffd from the shared mem-file, on its own thread."""
 
@@ -113,7 +164,7 @@ class ForkSession:
         self._on_end = on_end
         self.pid: int | None = None
         self.regions: list[Region] = []
-        self._map = RegionMap(())
+        self._scan_regions: list[tuple[int, int, int, int, int]] = []
         self._uffd = -1
         self.removed = RemovedRanges()
         self.stats = ForkStats(fork=fork_id, state="handshake")
@@ -126,15 +177,19 @@ class ForkSession:
         # read pending events (a copy gets EAGAIN while a REMOVE event is unread).
         self._events_cond = threading.Condition()
         self._events_gen = 0
+        self._waiters = 0
         self._prefetch_lock = threading.Lock()
-        self._prefetch_ioctls: uffd.UffdIoctls | None = None
+        self._port: PrefetchPort | None = None
         self._prefetched = False
-        self._gen_before = 0
-        self._read_lock = threading.Lock()
         self._loop_done = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"pagefork-fork-{fork_id}", daemon=True
         )
+
+    @property
+    def src_base(self) -> int:
+        """Address of the mem-file mapping: the source of every copy."""
+        return self._mem.address
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -277,8 +332,8 @@ class ForkSession:
         if not flags & os.O_NONBLOCK:
             fcntl.fcntl(fds[0], fcntl.F_SETFL, flags | os.O_NONBLOCK)
         self._uffd = fds[0]
-        self.regions = regions
-        self._map = RegionMap(regions)
+        self._set_regions(regions)
+        self._port = PrefetchPort(self, fds[0])
         if self.recorder is not None:
             self.recorder.start()
 
@@ -298,36 +353,46 @@ class ForkSession:
         ioctls = uffd.UffdIoctls(fd)
         stop_fd = self._stop_fd
         read_size = uffd.UFFD_MSG_SIZE * _READ_BATCH
-        read_lock = self._read_lock
+        assert self._port is not None
+        port_lock = self._port.lock
         deferred: list[int] = []
         rec = self.recorder
+        poll = ep.poll
+        read = os.read
+        decode = self._decode
+        only_uffd = [(fd, select.EPOLLIN)]
+        pagefault = uffd.UFFD_EVENT_PAGEFAULT
         while True:
             # With faults deferred on EAGAIN, don't sleep: poll briefly and retry them. While
             # a recording window is open, wake now and then so a time limit can close it.
             timeout = 0.001 if deferred else (0.25 if rec is not None and not rec.closed else -1)
-            ready = ep.poll(timeout)
-            for rfd, _ev in ready:
-                if rfd == fd:
-                    continue
-                if rfd == stop_fd:
-                    return
-                if rfd == conn_fd and self._peer_gone():
-                    self.stats.state = "ended"
-                    return
-            if not ready and rec is not None:
-                rec.poll()
-            # Reading and noting REMOVE ranges happen under one lock that prefetch's copies
-            # also take: a copy can never land between the read of a REMOVE and its noting.
-            with read_lock:
+            ready = poll(timeout)
+            if ready != only_uffd:
+                for rfd, _ev in ready:
+                    if rfd == stop_fd:
+                        return
+                    if rfd == conn_fd and self._peer_gone():
+                        self.stats.state = "ended"
+                        return
+                if not ready and rec is not None:
+                    rec.poll()
+            # Reading and noting REMOVE ranges happen under the prefetch port's lock: a
+            # prefetch copy can never land between the read of a REMOVE and its noting.
+            with port_lock:
                 try:
-                    data = os.read(fd, read_size)
+                    data = read(fd, read_size)
                 except BlockingIOError:
                     data = b""
-                faults = self._decode(data) if data else None
-            if faults is not None:
-                deferred = self._serve_all(ioctls, deferred + faults if deferred else faults)
+                if len(data) == uffd.UFFD_MSG_SIZE and data[0] == pagefault:
+                    # The usual read: one page fault (uffd_msg.arg.pagefault.address at 16).
+                    self._events_gen += 1
+                    faults = [_FAULT_ADDRESS.unpack(data)[0]]
+                else:
+                    faults = decode(data) if data else []
+            if faults:
+                deferred = self._serve_batch(ioctls, deferred + faults if deferred else faults)
             elif deferred:
-                deferred = self._serve_all(ioctls, deferred)
+                deferred = self._serve_batch(ioctls, deferred)
 
     def _peer_gone(self) -> bool:
         try:
@@ -347,16 +412,11 @@ class ForkSession:
                 faults.append(b)
             else:
                 self._handle_other(event, a, b, c)
-        with self._events_cond:
-            self._events_gen += 1
-            self._events_cond.notify_all()
+        self._events_gen += 1
+        if self._waiters:  # only a prefetch that got EAGAIN waits for this
+            with self._events_cond:
+                self._events_cond.notify_all()
         return faults
-
-    def _serve_all(self, ioctls: uffd.UffdIoctls, pending: list[int]) -> list[int]:
-        """Serve faults (deferred ones first); return those the kernel said EAGAIN to."""
-        again = [address for address in pending if not self._serve_fault(ioctls, address)]
-        self.stats.eagain_retries += len(again)
-        return again
 
     def _handle_other(self, event: int, a: int, b: int, c: int) -> None:
         if event == uffd.UFFD_EVENT_REMOVE:
@@ -376,119 +436,120 @@ class ForkSession:
     def _remap(self, old: int, new: int, length: int) -> None:
         for i, r in enumerate(self.regions):
             if r.base == old and r.size == length:
-                self.regions[i] = Region(new, r.size, r.offset, r.page_size)
-                self._map = RegionMap(self.regions)
+                regions = list(self.regions)
+                regions[i] = Region(new, r.size, r.offset, r.page_size)
+                self._set_regions(regions)
                 return
         log.warning("fork %s: mremap of %#x does not match a whole region", self.fork_id, old)
 
-    def _serve_fault(self, ioctls: uffd.UffdIoctls, address: int) -> bool:
-        """Install the page holding ``address``; False when the kernel said EAGAIN (retry)."""
-        t0 = time.perf_counter_ns()
-        idx = self._map.index_of(address)
-        if idx < 0:
-            raise _Fatal(f"fault at {address:#x} is outside every region")
-        region = self.regions[idx]
-        psize = region.page_size
-        page_offset = (address - region.base) & ~(psize - 1)
-        dst = region.base + page_offset
-        file_offset = region.offset + page_offset
+    def _serve_batch(self, ioctls: uffd.UffdIoctls, addresses: list[int]) -> list[int]:
+        """Install the page of each faulting address; return those the kernel said EAGAIN to.
+
+        This is the fault path: what it needs is bound to locals once per batch, and the
+        region lookup is a short scan (a VMM has a handful of regions, largest first).
+        """
+        again: list[int] = []
         stats = self.stats
-        # Count before the ioctl: it wakes the guest, which may read our stats right after.
-        stats.faults += 1
-        if self._prefetched:
-            stats.misses += 1
-        try:
-            if (self.removed and self.removed.contains(dst)) or self._mem.is_zero(
-                file_offset, psize
-            ):
-                stats.zero_pages += 1
-                if psize == PAGE_SIZE:
-                    ioctls.zeropage(dst, psize)
-                else:
-                    # hugetlbfs has no UFFDIO_ZEROPAGE (EINVAL): copy from a zero page.
-                    ioctls.copy(dst, zero_source(psize), psize)
-            else:
-                stats.pages_copied += 1
-                ioctls.copy(dst, self._mem.address + file_offset, psize)
-        except OSError as exc:
-            self._uncount_install(dst, file_offset, psize)
-            if exc.errno == errno.EEXIST:
-                # Prefetch or another vCPU installed it first: the page is there, all is well.
-                stats.already_present += 1
-            elif exc.errno == errno.EAGAIN:
-                # An unread non-cooperative event (REMOVE) blocks copies: defer, drain, retry.
-                stats.faults -= 1
-                if self._prefetched:
-                    stats.misses -= 1
-                return False
-            elif exc.errno == errno.ESRCH:
-                raise _PeerGone from None  # the VMM's address space is gone: it exited
-            else:
-                raise _Fatal(
-                    f"installing the page at {dst:#x} (region {idx}) failed: "
-                    f"{os.strerror(exc.errno or 0)}"
-                ) from None
+        regions = self._scan_regions
+        zeros = self._mem.zero_pages
+        src_base = self._mem.address
+        removed = self.removed
         rec = self.recorder
-        if rec is not None:
-            rec.record(idx, page_offset)
-        self.latency.add(time.perf_counter_ns() - t0)
-        return True
+        prefetched = self._prefetched
+        latency = self.latency
+        clock = time.perf_counter_ns
+        copy = ioctls.copy
+        zeropage = ioctls.zeropage
+        for address in addresses:
+            t0 = clock()
+            for base, end, offset, psize, idx in regions:  # noqa: B007 (used after break)
+                if base <= address < end:
+                    break
+            else:
+                raise _Fatal(f"fault at {address:#x} is outside every region")
+            page_offset = (address - base) & -psize
+            dst = base + page_offset
+            file_offset = offset + page_offset
+            if psize == PAGE_SIZE:
+                zero = zeros[file_offset >> 12] == 1
+            else:
+                zero = self._mem.is_zero(file_offset, psize)
+            if removed and removed.contains(dst):
+                zero = True  # balloon: the template's bytes are stale here; serve zeros
+            # Count before the ioctl: it wakes the guest, which may read our stats right after.
+            stats.faults += 1
+            if prefetched:
+                stats.misses += 1
+            try:
+                if not zero:
+                    stats.pages_copied += 1
+                    copy(dst, src_base + file_offset, psize)
+                else:
+                    stats.zero_pages += 1
+                    if psize == PAGE_SIZE:
+                        zeropage(dst, psize)
+                    else:
+                        # hugetlbfs has no UFFDIO_ZEROPAGE (EINVAL): copy from a zero page.
+                        copy(dst, zero_source(psize), psize)
+            except OSError as exc:
+                if zero:
+                    stats.zero_pages -= 1
+                else:
+                    stats.pages_copied -= 1
+                if exc.errno == errno.EEXIST:
+                    # Prefetch or another vCPU installed it first: the page is there.
+                    stats.already_present += 1
+                elif exc.errno == errno.EAGAIN:
+                    # An unread non-cooperative event (REMOVE) blocks copies: defer, read
+                    # the events, retry.
+                    stats.faults -= 1
+                    if prefetched:
+                        stats.misses -= 1
+                    again.append(address)
+                    continue
+                elif exc.errno == errno.ESRCH:
+                    raise _PeerGone from None  # the VMM's address space is gone: it exited
+                else:
+                    raise _Fatal(
+                        f"installing the page at {dst:#x} (region {idx}) failed: "
+                        f"{os.strerror(exc.errno or 0)}"
+                    ) from None
+            if rec is not None:
+                rec.record(idx, page_offset)
+            latency.add(clock() - t0)
+        if again:
+            stats.eagain_retries += len(again)
+        return again
 
-    def _uncount_install(self, dst: int, file_offset: int, psize: int) -> None:
-        if (self.removed and self.removed.contains(dst)) or self._mem.is_zero(file_offset, psize):
-            self.stats.zero_pages -= 1
-        else:
-            self.stats.pages_copied -= 1
+    def _set_regions(self, regions: list[Region]) -> None:
+        self.regions = regions
+        self._scan_regions = sorted(
+            ((r.base, r.end, r.offset, r.page_size, i) for i, r in enumerate(regions)),
+            key=lambda t: t[0] - t[1],
+        )
 
-    # --- the prefetch target (pagefork.prefetch.PrefetchTarget) ------------------------------
-    @property
-    def src_base(self) -> int:
-        """Address of the mem-file mapping: the source of every copy."""
-        return self._mem.address
+    # --- prefetch -----------------------------------------------------------------------------
+    def run_prefetch(self, fn: Callable[[PrefetchPort], object]) -> object:
+        """Run ``fn`` with this fork's prefetch port; prefetches of one fork run one at a time."""
+        if not self.connected.is_set():
+            raise ForkError(f"fork {self.fork_id}: not connected")
+        with self._prefetch_lock:
+            if self._uffd < 0 or self._port is None:
+                raise PrefetchError(f"fork {self.fork_id}: session has ended")
+            self._prefetched = True
+            return fn(self._port)
 
-    def _prefetch_fd(self) -> uffd.UffdIoctls:
-        if self._uffd < 0:
-            raise PrefetchError(f"fork {self.fork_id}: session has ended")
-        if self._prefetch_ioctls is None:
-            self._prefetch_ioctls = uffd.UffdIoctls(self._uffd)
-        return self._prefetch_ioctls
-
-    def copy(self, dst: int, src: int, length: int, mode: int) -> int:
-        """``UFFDIO_COPY`` for prefetch (same errno contract as :class:`uffd.UffdIoctls`)."""
-        with self._read_lock:
-            self._check_not_removed(dst, length)
-            return self._prefetch_fd().copy(dst, src, length, mode)
-
-    def zeropage(self, dst: int, length: int, mode: int) -> int:
-        """``UFFDIO_ZEROPAGE`` for prefetch."""
-        with self._read_lock:
-            self._check_not_removed(dst, length)
-            return self._prefetch_fd().zeropage(dst, length, mode)
-
-    def _check_not_removed(self, dst: int, length: int) -> None:
-        # A REMOVE noted since the caller looked at removed_ranges(): answer as the kernel
-        # does for an unread one, so the caller re-reads the ranges and retries.
-        self._gen_before = self._events_gen
-        if self.removed and self.removed.overlaps(dst, dst + length):
-            raise OSError(errno.EAGAIN, "range removed by the guest meanwhile")
-
-    def wake(self, start: int, length: int) -> None:
-        """``UFFDIO_WAKE`` over a range prefetch filled with DONTWAKE."""
-        self._prefetch_fd().wake(start, length)
-
-    def removed_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
-        """Parts of ``[start, end)`` the guest removed (prefetch must skip them)."""
-        return self.removed.overlaps(start, end)
-
-    def await_events(self, timeout: float) -> None:
-        """Wait until the fault loop has read the events that made a copy fail with EAGAIN."""
+    def _await_events(self, seen: int, timeout: float) -> None:
+        """Wait until the fault loop has read events since generation ``seen`` (EAGAIN)."""
         deadline = time.monotonic() + timeout
-        seen = self._gen_before
         while True:
             with self._events_cond:
-                if self._events_gen != seen:
-                    return
-                self._events_cond.wait(0.002)
+                self._waiters += 1
+                try:
+                    if self._events_gen == seen:
+                        self._events_cond.wait(0.002)
+                finally:
+                    self._waiters -= 1
                 if self._events_gen != seen:
                     return
             if self._loop_done.is_set():
@@ -500,14 +561,6 @@ class ForkSession:
                 raise PrefetchError(
                     f"fork {self.fork_id}: uffd events stayed unread for {timeout:g}s"
                 )
-
-    def run_prefetch(self, fn: Callable[[ForkSession], object]) -> object:
-        """Run a prefetch against this session, serialised with other prefetches."""
-        if not self.connected.is_set():
-            raise ForkError(f"fork {self.fork_id}: not connected")
-        with self._prefetch_lock:
-            self._prefetched = True
-            return fn(self)
 
     def snapshot_stats(self) -> ForkStats:
         """A copy of the fork's stats with current latency percentiles."""
