@@ -51,16 +51,16 @@ _COPY_DONTWAKE = uffd.UFFDIO_COPY_MODE_DONTWAKE
 
 def zero_source(size: int) -> int:
     """Address of ``size`` readable zero bytes (one mapping per size, kept for the process)."""
-    addr = _ZERO_SOURCES.get(size)
-    if addr is None:
+    found = _ZERO_SOURCES.get(size)
+    if found is None:
         with _ZERO_LOCK:
-            addr = _ZERO_SOURCES.get(size)
-            if addr is None:
+            found = _ZERO_SOURCES.get(size)
+            if found is None:
                 # Never written, so every page stays the shared zero page: no memory cost.
                 view = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
-                _ZERO_SOURCES[size] = addr
-    return addr
+                found = (view, ctypes.addressof(ctypes.c_char.from_buffer(view)))
+                _ZERO_SOURCES[size] = found  # the mapping must outlive every copy from it
+    return found[1]
 
 
 def _readable(fds: list[int], timeout: float) -> list[int]:
@@ -71,7 +71,7 @@ def _readable(fds: list[int], timeout: float) -> list[int]:
     return [fd for fd, _ in poller.poll(max(0, math.ceil(timeout * 1000)))]
 
 
-_ZERO_SOURCES: dict[int, int] = {}
+_ZERO_SOURCES: dict[int, tuple[mmap.mmap, int]] = {}
 _ZERO_LOCK = threading.Lock()
 
 
