@@ -13,22 +13,9 @@ import os
 import stat
 from types import TracebackType
 
+from pagefork import libc
 from pagefork.errors import MemFileError
 from pagefork.regions import PAGE_SIZE
-from pagefork.uffd import libc
-
-_libc = libc()
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 _SCAN_CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(_SCAN_CHUNK)
@@ -81,11 +68,14 @@ class MemFile:
             self.size = st.st_size
             with mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ) as view:
                 self._zeros = scan_zero_pages(view)
-            addr = _libc.mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr is None or addr == _MAP_FAILED:
-                err = ctypes.get_errno()
-                raise MemFileError(f"mem-file {self.path}: mmap failed: {os.strerror(err)}")
-            self.address: int = addr
+            try:
+                # Populated now (the scan just read it into the page cache), so the first
+                # fork's copies take no faults on the source side.
+                self.address: int = libc.mmap(
+                    self.size, mmap.PROT_READ, mmap.MAP_SHARED | libc.MAP_POPULATE, fd
+                )
+            except OSError as exc:
+                raise MemFileError(f"mem-file {self.path}: {exc.strerror}") from None
         finally:
             os.close(fd)
         self._closed = False
@@ -116,7 +106,7 @@ class MemFile:
         """Unmap the file; idempotent. No fork may be served from it afterwards."""
         if not self._closed:
             self._closed = True
-            _libc.munmap(self.address, self.size)
+            libc.munmap(self.address, self.size)
 
     def __enter__(self) -> MemFile:
         return self

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from pagefork.errors import UffdError
+from pagefork.libc import LIBC
 
 # --- ioctl numbers: _IOC(dir, 0xAA, nr, size) as in <asm-generic/ioctl.h> -------------------
 _IOC_WRITE = 1
@@ -74,8 +75,7 @@ _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "i686": 374, "armv7l": 388}
 _O_CLOEXEC = os.O_CLOEXEC
 _O_NONBLOCK = os.O_NONBLOCK
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_libc = LIBC
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,11 +283,6 @@ class UffdIoctls:
         """``UFFDIO_WAKE``: wake threads blocked on faults in ``[start, start+length)``."""
         self._RANGE.pack_into(self._range, 0, start, length)
         fcntl.ioctl(self._fd, UFFDIO_WAKE, self._range, False)
-
-
-def libc() -> ctypes.CDLL:
-    """The process's libc, loaded once with errno capture (shared with other modules)."""
-    return _libc
 
 
 __all__ = [

@@ -28,24 +28,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pagefork import uffd
+from pagefork import libc, uffd
 from pagefork.handshake import encode_mappings
 from pagefork.regions import PAGE_SIZE, Region
-
-_libc = uffd.libc()
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_MAP_HUGETLB = 0x40000
-_MADV_DONTNEED = 4
 
 
 def parse_size(text: str) -> int:
@@ -62,11 +47,8 @@ class GuestMemory:
         self.uffd = uffd.open_userfaultfd()
         uffd.uffdio_api(self.uffd, uffd.UFFD_FEATURE_EVENT_REMOVE)
         span = sum(sizes) + gap * (len(sizes) - 1)
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_HUGETLB if hugetlb else 0)
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        base = _libc.mmap(None, span + page_size, prot, flags, -1, 0)
-        if base in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap of guest memory failed")
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (libc.MAP_HUGETLB if hugetlb else 0)
+        base = libc.mmap(span + page_size, mmap.PROT_READ | mmap.PROT_WRITE, flags)
         # Align the first region to the page size, then punch the holes between regions.
         aligned = (base + page_size - 1) & ~(page_size - 1)
         self.regions: list[Region] = []
@@ -76,7 +58,7 @@ class GuestMemory:
             addr += size
             offset += size
             if i < len(sizes) - 1 and gap:
-                _libc.munmap(addr, gap)
+                libc.munmap(addr, gap)
                 addr += gap
         for r in self.regions:
             uffd.uffdio_register(self.uffd, r.base, r.size)
@@ -135,7 +117,7 @@ class TestVmm:
             addr = self.mem.address(region, offset)
             self.removed.append((addr, addr + length))
             threads.append(
-                threading.Thread(target=_libc.madvise, args=(addr, length, _MADV_DONTNEED))
+                threading.Thread(target=libc.madvise, args=(addr, length, libc.MADV_DONTNEED))
             )
         deadline = time.monotonic() + 30
         for t in threads:
@@ -201,8 +183,10 @@ class TestVmm:
     def remove(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Balloon inflation: ``madvise(MADV_DONTNEED)`` a range (the server sees REMOVE)."""
         addr = self.mem.address(cmd["region"], cmd["offset"])
-        if _libc.madvise(addr, cmd["length"], _MADV_DONTNEED) != 0:
-            return {"error": os.strerror(ctypes.get_errno())}
+        try:
+            libc.madvise(addr, cmd["length"], libc.MADV_DONTNEED)
+        except OSError as exc:
+            return {"error": exc.strerror}
         self.removed.append((addr, addr + cmd["length"]))
         return {}
 

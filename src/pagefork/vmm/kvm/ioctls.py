@@ -12,7 +12,7 @@ import errno as errno_mod
 import os
 
 from pagefork.errors import VmmError
-from pagefork.uffd import libc
+from pagefork.libc import LIBC
 
 KVMIO = 0xAE
 _IOC_WRITE = 1
@@ -226,7 +226,7 @@ EXIT_REASON_NAMES = {
     KVM_EXIT_INTERNAL_ERROR: "INTERNAL_ERROR",
 }
 
-_libc = libc()
+_libc = LIBC
 _libc.ioctl.restype = ctypes.c_int
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 

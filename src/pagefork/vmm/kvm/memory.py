@@ -20,30 +20,16 @@ import socket
 from dataclasses import dataclass
 from types import TracebackType
 
+from pagefork import libc
 from pagefork.errors import VmmError
 from pagefork.handshake import encode_mappings
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.uffd import (
     UFFD_FEATURE_EVENT_REMOVE,
-    libc,
     open_userfaultfd,
     uffdio_api,
     uffdio_register,
 )
-
-_libc = libc()
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_MAP_NORESERVE = 0x4000
 
 
 @dataclass(frozen=True)
@@ -72,18 +58,15 @@ class GuestMemory:
             for spec in self.layout:
                 if spec.size % PAGE_SIZE or spec.guest_phys_addr % PAGE_SIZE:
                     raise VmmError(f"memory region {spec} is not page aligned")
-                addr = _libc.mmap(
-                    None,
-                    spec.size,
-                    mmap.PROT_READ | mmap.PROT_WRITE,
-                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-                if addr is None or addr == _MAP_FAILED:
-                    err = ctypes.get_errno()
-                    raise VmmError(f"mmap of {spec.size} bytes of guest memory: {os.strerror(err)}")
-                self.host_addrs.append(int(addr))
+                try:
+                    addr = libc.mmap(
+                        spec.size,
+                        mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | libc.MAP_NORESERVE,
+                    )
+                except OSError as exc:
+                    raise VmmError(f"guest memory: {exc.strerror}") from None
+                self.host_addrs.append(addr)
         except BaseException:
             self.close()
             raise
@@ -164,7 +147,7 @@ class GuestMemory:
             os.close(self.uffd)
             self.uffd = -1
         for addr, spec in zip(self.host_addrs, self.layout, strict=False):
-            _libc.munmap(addr, spec.size)
+            libc.munmap(addr, spec.size)
         self.host_addrs.clear()
 
     def __enter__(self) -> GuestMemory:
