@@ -59,21 +59,36 @@ def _table(title: str) -> Table:
     return table
 
 
-def main() -> int:
-    """Run both comparisons and print their figures and ratios."""
+TARGETS = {"speedup": (">=", 4.0), "residual_fault_pct": ("<=", 5.0)}
+SUMMARY = (
+    "speedup",
+    "median_pair_ratio",
+    "residual_fault_pct",
+    "demand_ready_ms_p50",
+    "prefetch_ready_ms_p50",
+    "prefetch_burst_p50_over_single",
+    "prefetch_burst_p99_over_single",
+    "demand_burst_p50_over_single",
+    "demand_burst_p99_over_single",
+)
+
+
+def main(quick: bool = False, argv: list[str] | None = None) -> dict[str, float]:
+    """Run both comparisons, print their figures and ratios, and return the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mem-size", type=int, default=256, help="guest RAM in MiB")
     parser.add_argument("--pairs", type=int, default=8, help="demand/prefetch fork pairs")
     parser.add_argument("--burst", type=int, default=16, help="concurrent forks")
     parser.add_argument("--quick", action="store_true", help="64 MiB, 4 pairs, 8 concurrent")
-    args = parser.parse_args()
-    if args.quick:
+    args = parser.parse_args(argv if argv is not None else [])
+    if quick or args.quick:
         args.mem_size, args.pairs, args.burst = 64, 4, 8
     try:
         orchestrate.check_environment()
     except PageforkError as exc:
         print(f"bench_fork_ready: {exc}", file=sys.stderr)
-        return 2
+        return {}
+    figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="pagefork-bench-") as tmp:
         t0 = time.monotonic()
         template = build_template(Path(tmp) / "t", TemplateSpec(mem_size=args.mem_size << 20))
@@ -118,6 +133,13 @@ def main() -> int:
                 [r.ready_ms for r in prefetch], 50
             )
             residual = statistics.fmean(r.misses for r in prefetch) / warm.faults
+            figures.update(
+                speedup=speedup,
+                median_pair_ratio=statistics.median(ratios),
+                residual_fault_pct=100 * residual,
+                demand_ready_ms_p50=percentile([r.ready_ms for r in demand], 50),
+                prefetch_ready_ms_p50=percentile([r.ready_ms for r in prefetch], 50),
+            )
             exact = all(r.misses == r.specific_pages for r in prefetch)
             console.print(
                 f"speed-up (p50 demand / p50 prefetch): [bold]{speedup:.2f}x[/] "
@@ -131,7 +153,8 @@ def main() -> int:
             table = _table(f"b. fan-out: {args.burst} concurrent forks vs single forks")
             base = 1000
             summary = []
-            for mode in ("prefetch", "demand"):
+            burst_modes: tuple[orchestrate.Mode, ...] = ("prefetch", "demand")
+            for mode in burst_modes:
                 single: list[ForkReport] = []
                 for k in range(3):
                     single += orchestrate.run_forks(
@@ -148,6 +171,8 @@ def main() -> int:
                 one = percentile([r.ready_ms for r in single], 50)
                 b50 = percentile([r.ready_ms for r in burst], 50)
                 b99 = percentile([r.ready_ms for r in burst], 99)
+                figures[f"{mode}_burst_p50_over_single"] = b50 / one
+                figures[f"{mode}_burst_p99_over_single"] = b99 / one
                 summary.append(
                     f"{mode}: {args.burst}-fork burst p50 {b50 / one:.2f}x, p99 {b99 / one:.2f}x "
                     "a single fork's p50"
@@ -156,8 +181,8 @@ def main() -> int:
             for line in summary:
                 console.print(line)
     console.print(f"total {time.monotonic() - t0:.1f} s")
-    return 0
+    return figures
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if main(argv=sys.argv[1:]) else 2)
