@@ -1,0 +1,605 @@
+"""A Firecracker test double: Firecracker's HTTP API on a Unix socket, with real guest memory.
+
+The Firecracker binary cannot be installed everywhere pagefork is tested, so this process
+stands in for it: ``python -m pagefork.testing.fcdouble --api-sock PATH``. It prints one JSON
+readiness line on stdout once the socket listens. What it does, as Firecracker does:
+
+- ``PUT /snapshot/load`` with ``mem_backend {"backend_type": "Uffd", "backend_path": S}``:
+  maps each region of the snapshot ``MAP_PRIVATE|MAP_ANONYMOUS``, creates a uffd
+  (``O_CLOEXEC|O_NONBLOCK``), ``UFFDIO_API`` with ``EVENT_REMOVE``, registers the regions in
+  MISSING mode, connects to ``S`` and sends the bare JSON array of mappings plus the uffd in one
+  ``sendmsg``, and keeps that socket open. ``resume_vm`` false leaves the VM paused.
+- ``PATCH /vm {"state": "Resumed"|"Paused"}``: on the first resume after a load the "guest"
+  runs: it reads the snapshot's pages (all of them, or the list in the snapshot file) and checks
+  each against the mem-file byte for byte; pausing holds it between pages.
+- ``PUT /machine-config`` + ``PUT /actions {"action_type": "InstanceStart"}``: a fresh boot
+  (plain anonymous memory filled with seeded content, no uffd), so a template can be made.
+- ``PUT /snapshot/create`` (paused only): writes the mem-file (regions back to back) and the
+  snapshot file from guest memory.
+- ``PUT /actions {"action_type": "SendCtrlAltDel"}``: the guest shuts down; the process exits.
+- ``GET /``: instance info.
+
+Requests are checked as Firecracker checks them (bad JSON, missing or unknown fields, unknown
+``backend_type``, loading twice, wrong state → 400 ``{"fault_message": ...}``); the messages
+are close to Firecracker's, not identical.
+
+The double's snapshot file is its own JSON format (:class:`DoubleSnapshot`), not Firecracker's
+binary vmstate. Two endpoints exist only in the double, under ``/pagefork-test/``:
+``GET /pagefork-test/result?wait=SECONDS`` (the guest's run: pages touched, mismatches; waits up
+to SECONDS for it to end) and ``GET /pagefork-test/requests`` (every API request received).
+
+:class:`FcDoubleProcess` starts and stops one from a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import random
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+from pagefork.handshake import encode_mappings
+from pagefork.regions import PAGE_SIZE, Region
+from pagefork.testing.vmm import GuestMemory
+from pagefork.vmm.firecracker import FirecrackerApi
+
+SNAPSHOT_FORMAT = "pagefork-fcdouble-snapshot"
+#: Where the double's own endpoints live; Firecracker has nothing under this prefix.
+TEST_PREFIX = "/pagefork-test/"
+#: Version reported by ``GET /``; the handshake fields follow ``--fc-version``.
+VMM_VERSION = "1.12.0-pagefork-double"
+#: Unmapped hole between regions of a restored guest, like the MMIO gap of a real layout.
+_REGION_GAP = 1 << 20
+#: Bytes copied per ``memmove`` when dumping guest memory to a mem-file.
+_DUMP_CHUNK = 1 << 20
+
+
+class ApiError(Exception):
+    """A request Firecracker would refuse: becomes ``400 {"fault_message": message}``."""
+
+
+# --- the double's snapshot file --------------------------------------------------------------
+@dataclass(frozen=True)
+class DoubleSnapshot:
+    """The double's VM state: region sizes (back to back in the mem-file), the mem-file the
+    guest checks its pages against, and the guest's workload (``touch``: (region, offset)
+    pages in order, or ``None`` for every page)."""
+
+    regions: tuple[int, ...]
+    mem_file: str
+    page_size: int = PAGE_SIZE
+    touch: tuple[tuple[int, int], ...] | None = None
+
+    def to_json(self) -> str:
+        """The snapshot file's text."""
+        return json.dumps(
+            {
+                "format": SNAPSHOT_FORMAT,
+                "version": 1,
+                "page_size": self.page_size,
+                "regions": list(self.regions),
+                "mem_file": self.mem_file,
+                "touch": None if self.touch is None else [list(p) for p in self.touch],
+            }
+        )
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write the snapshot file at ``path``."""
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    def pages(self) -> list[tuple[int, int]]:
+        """The pages the guest reads when resumed, in order."""
+        if self.touch is not None:
+            return list(self.touch)
+        ps = self.page_size
+        return [(i, off) for i, size in enumerate(self.regions) for off in range(0, size, ps)]
+
+
+def read_snapshot(path: str) -> DoubleSnapshot:
+    """Parse a double snapshot file; :class:`ApiError` says what is wrong with it."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as exc:
+        raise ApiError(f"cannot open snapshot file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ApiError(f"snapshot file {path} is not a double snapshot: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != SNAPSHOT_FORMAT:
+        raise ApiError(f"snapshot file {path} is not a {SNAPSHOT_FORMAT} file")
+    try:
+        page_size = int(doc.get("page_size", PAGE_SIZE))
+        regions = tuple(int(s) for s in doc["regions"])
+        mem_file = str(doc["mem_file"])
+        touch_doc = doc.get("touch")
+        touch = None if touch_doc is None else tuple((int(r), int(o)) for r, o in touch_doc)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ApiError(f"snapshot file {path}: malformed ({exc!r})") from None
+    if page_size != PAGE_SIZE:
+        raise ApiError(f"snapshot file {path}: the double supports {PAGE_SIZE}-byte pages only")
+    if not regions or any(s <= 0 or s % page_size for s in regions):
+        raise ApiError(f"snapshot file {path}: region sizes must be page multiples > 0")
+    for i, (r, off) in enumerate(touch or ()):
+        if not (0 <= r < len(regions) and 0 <= off < regions[r] and off % page_size == 0):
+            raise ApiError(f"snapshot file {path}: touch entry {i} ({r}, {off}) is not a page")
+    return DoubleSnapshot(regions, mem_file, page_size, touch)
+
+
+# --- request validation (Firecracker's serde rules: required fields, no unknown ones) ------------
+def _fields(
+    body: Any, what: str, required: dict[str, type], optional: dict[str, type]
+) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ApiError(f"{what}: the body must be a JSON object")
+    for name in body:
+        if name not in required and name not in optional:
+            expected = ", ".join(f"`{n}`" for n in (*required, *optional))
+            raise ApiError(f"{what}: unknown field `{name}`, expected one of {expected}")
+    for name, kind in {**required, **optional}.items():
+        if name not in body:
+            if name in required:
+                raise ApiError(f"{what}: missing field `{name}`")
+            continue
+        value = body[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ApiError(f"{what}: field `{name}` must be of type {kind.__name__}")
+    return body
+
+
+# --- the VM ------------------------------------------------------------------------------------
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+class _Guest:
+    """Guest memory of a restored or booted VM and the guest's one workload run."""
+
+    def __init__(self, regions: list[Region], snapshot: DoubleSnapshot | None) -> None:
+        self.regions = regions
+        self.snapshot = snapshot
+        self.running = threading.Event()  # cleared while paused: the guest waits between pages
+        self.done = threading.Event()
+        self.result: dict[str, Any] = {"state": "not-run"}
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Resume; the first resume after a load starts the workload."""
+        self.running.set()
+        if self._thread is None and self.snapshot is not None:
+            self.result = {"state": "running"}
+            self._thread = threading.Thread(target=self._run, name="guest", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        snap = self.snapshot
+        assert snap is not None
+        ps = snap.page_size
+        fd = os.open(snap.mem_file, os.O_RDONLY)
+        try:
+            template = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        buf = ctypes.create_string_buffer(ps)
+        mismatches: list[list[int]] = []
+        pages = snap.pages()
+        t0 = time.perf_counter()
+        for region, off in pages:
+            if not self.running.is_set():
+                self.running.wait()
+            r = self.regions[region]
+            # memmove releases the GIL, so the API keeps answering while this page faults.
+            ctypes.memmove(buf, r.base + off, ps)
+            if buf.raw != template[r.offset + off : r.offset + off + ps]:
+                mismatches.append([region, off])
+        seconds = time.perf_counter() - t0
+        template.close()
+        self.result = {
+            "state": "done",
+            "touched": len(pages),
+            "bad": len(mismatches),
+            "mismatches": mismatches[:20],
+            "seconds": seconds,
+        }
+        self.done.set()
+
+    def dump(self, path: str) -> None:
+        """Write every region, back to back, to ``path`` (faulting in what is missing)."""
+        buf = ctypes.create_string_buffer(_DUMP_CHUNK)
+        with open(path, "wb") as f:
+            for r in self.regions:
+                for off in range(0, r.size, _DUMP_CHUNK):
+                    n = min(_DUMP_CHUNK, r.size - off)
+                    ctypes.memmove(buf, r.base + off, n)
+                    f.write(buf.raw[:n])
+
+
+class FcDouble:
+    """The VMM state machine behind the API: not started → loaded/booted → paused/running."""
+
+    def __init__(self, fc_version: str, seed: int) -> None:
+        self.fc_version = fc_version
+        self.seed = seed
+        self.lock = threading.Lock()
+        self.state = "Not started"
+        self.machine_config: dict[str, Any] | None = None
+        self.guest: _Guest | None = None
+        self.handler_socket: socket.socket | None = None
+        self.requests: list[dict[str, Any]] = []
+        self.shutting_down = False
+        self.exit_requested = threading.Event()
+
+    # -- pre-boot ------------------------------------------------------------------------
+    def _pre_boot(self) -> None:
+        if self.state != "Not started":
+            raise ApiError("The requested operation is not supported after starting the microVM.")
+
+    def put_machine_config(self, body: Any) -> None:
+        """``PUT /machine-config``: memory size for a fresh boot."""
+        config = _fields(
+            body,
+            "machine-config",
+            {"vcpu_count": int, "mem_size_mib": int},
+            {"smt": bool, "track_dirty_pages": bool, "huge_pages": str, "cpu_template": str},
+        )
+        if config["mem_size_mib"] <= 0 or config["vcpu_count"] <= 0:
+            raise ApiError("machine-config: vcpu_count and mem_size_mib must be > 0")
+        self._pre_boot()
+        self.machine_config = config
+
+    def instance_start(self) -> None:
+        """``InstanceStart``: boot; the guest fills its memory (seeded, every 4th page zero)."""
+        self._pre_boot()
+        size = (self.machine_config or {}).get("mem_size_mib", 128) << 20
+        mem = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+        rng = random.Random(self.seed)
+        for off in range(0, size, PAGE_SIZE):
+            if (off // PAGE_SIZE) % 4:
+                ctypes.memmove(base + off, rng.randbytes(PAGE_SIZE), PAGE_SIZE)
+        self._boot_memory = mem  # keeps the mapping alive: the guest's RAM
+        self.guest = _Guest([Region(base, size, 0)], None)
+        self.guest.start()
+        self.state = "Running"
+
+    def load_snapshot(self, body: Any) -> None:
+        """``PUT /snapshot/load``: the Uffd backend handshake, as Firecracker does it."""
+        _fields(
+            body,
+            "snapshot/load",
+            {"snapshot_path": str},
+            {
+                "mem_backend": dict,
+                "mem_file_path": str,
+                "enable_diff_snapshots": bool,
+                "track_dirty_pages": bool,
+                "resume_vm": bool,
+                "network_overrides": list,
+            },
+        )
+        if ("mem_backend" in body) == ("mem_file_path" in body):
+            raise ApiError(
+                "snapshot/load: exactly one of `mem_backend` and `mem_file_path` must be given"
+            )
+        if "mem_file_path" in body:
+            raise ApiError("the test double supports the Uffd memory backend only")
+        backend = _fields(
+            body["mem_backend"], "mem_backend", {"backend_type": str, "backend_path": str}, {}
+        )
+        if backend["backend_type"] not in ("File", "Uffd"):
+            raise ApiError(
+                f"mem_backend: unknown variant `{backend['backend_type']}`, "
+                "expected `File` or `Uffd`"
+            )
+        # Like Firecracker: the body is parsed before the VM's state is looked at.
+        if self.machine_config is not None:
+            raise ApiError(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+            )
+        self._pre_boot()
+        if backend["backend_type"] != "Uffd":
+            raise ApiError("the test double supports the Uffd memory backend only")
+        snap = read_snapshot(body["snapshot_path"])
+        self._check_mem_file(snap)
+        self.guest, self.handler_socket = self._connect_uffd(snap, backend["backend_path"])
+        self.state = "Paused"
+        if body.get("resume_vm", False):
+            self.resume()
+
+    @staticmethod
+    def _check_mem_file(snap: DoubleSnapshot) -> None:
+        try:
+            size = os.stat(snap.mem_file).st_size
+        except OSError as exc:
+            raise ApiError(
+                f"Load snapshot error: mem-file {snap.mem_file}: {exc.strerror}"
+            ) from None
+        if sum(snap.regions) > size:
+            raise ApiError(
+                f"Load snapshot error: mem-file {snap.mem_file} holds {size} bytes, "
+                f"the snapshot's regions need {sum(snap.regions)}"
+            )
+
+    def _connect_uffd(self, snap: DoubleSnapshot, path: str) -> tuple[_Guest, socket.socket]:
+        # Firecracker's order: uffd + UFFDIO_API + MISSING registration, then connect.
+        mem = GuestMemory(list(snap.regions), _REGION_GAP, snap.page_size, hugetlb=False)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+            payload = encode_mappings(mem.regions, version=self.fc_version)
+            # One sendmsg: the JSON array and the uffd travel together.
+            socket.send_fds(sock, [payload], [mem.uffd])
+        except OSError as exc:
+            sock.close()
+            os.close(mem.uffd)
+            for r in mem.regions:
+                _libc.munmap(r.base, r.size)
+            raise ApiError(
+                "Load snapshot error: Failed to restore from snapshot: cannot hand guest memory "
+                f"to the uffd handler at {path}: {exc.strerror or exc}"
+            ) from None
+        return _Guest(mem.regions, snap), sock
+
+    # -- runtime -------------------------------------------------------------------------
+    def _started(self) -> _Guest:
+        if self.guest is None:
+            raise ApiError("The requested operation is not supported before starting the microVM.")
+        return self.guest
+
+    def patch_vm(self, body: Any) -> None:
+        """``PATCH /vm``: pause or resume."""
+        _fields(body, "vm", {"state": str}, {})
+        if body["state"] not in ("Paused", "Resumed"):
+            raise ApiError(f"vm: unknown variant `{body['state']}`, expected `Paused` or `Resumed`")
+        guest = self._started()
+        if body["state"] == "Paused":
+            guest.running.clear()
+            self.state = "Paused"
+        else:
+            self.resume()
+
+    def resume(self) -> None:
+        """Run the vCPUs (the guest's workload on the first resume after a load)."""
+        self._started().start()
+        self.state = "Running"
+
+    def create_snapshot(self, body: Any) -> None:
+        """``PUT /snapshot/create``: a full snapshot of a paused VM."""
+        _fields(
+            body,
+            "snapshot/create",
+            {"snapshot_path": str, "mem_file_path": str},
+            {"snapshot_type": str, "version": str},
+        )
+        if body.get("snapshot_type", "Full") not in ("Full", "Diff"):
+            raise ApiError(
+                f"snapshot/create: unknown variant `{body['snapshot_type']}`, "
+                "expected `Full` or `Diff`"
+            )
+        if body.get("snapshot_type") == "Diff":
+            raise ApiError("the test double makes Full snapshots only")
+        guest = self._started()
+        if self.state != "Paused":
+            raise ApiError("Create snapshot error: the microVM must be paused first.")
+        mem_file = os.path.abspath(body["mem_file_path"])
+        try:
+            guest.dump(mem_file)
+            touch = guest.snapshot.touch if guest.snapshot is not None else None
+            DoubleSnapshot(tuple(r.size for r in guest.regions), mem_file, PAGE_SIZE, touch).write(
+                body["snapshot_path"]
+            )
+        except OSError as exc:
+            raise ApiError(f"Create snapshot error: {exc.filename}: {exc.strerror}") from None
+
+    def action(self, body: Any) -> None:
+        """``PUT /actions``: InstanceStart, SendCtrlAltDel, FlushMetrics."""
+        _fields(body, "actions", {"action_type": str}, {})
+        kind = body["action_type"]
+        if kind == "InstanceStart":
+            self.instance_start()
+        elif kind == "SendCtrlAltDel":
+            self._started()
+            self.shutting_down = True  # the guest "shuts down": exit once this is answered
+        elif kind != "FlushMetrics":
+            raise ApiError(
+                f"actions: unknown variant `{kind}`, expected `FlushMetrics`, `InstanceStart` "
+                "or `SendCtrlAltDel`"
+            )
+
+    def info(self) -> dict[str, Any]:
+        """``GET /``."""
+        return {
+            "id": "anonymous-instance",
+            "state": self.state,
+            "vmm_version": VMM_VERSION,
+            "app_name": "Firecracker",
+        }
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # Firecracker speaks HTTP/1.1 with keep-alive
+    server: _ApiServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the test reads /pagefork-test/requests instead
+
+    def _answer(self, status: int, doc: Any = None) -> None:
+        self.send_response(status)
+        if doc is None:
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = json.dumps(doc).encode()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _dispatch(self) -> None:
+        vm = self.server.vm
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        url = urllib.parse.urlsplit(self.path)
+        if url.path.startswith(TEST_PREFIX):
+            self._test_endpoint(url)
+            return
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError as exc:
+            with vm.lock:
+                vm.requests.append({"method": self.command, "path": url.path, "raw": raw.decode()})
+            self._answer(
+                400,
+                {
+                    "fault_message": "An error occurred when deserializing the json body of a "
+                    f"request: {exc}."
+                },
+            )
+            return
+        routes: dict[tuple[str, str], Callable[[], Any]] = {
+            ("GET", "/"): vm.info,
+            ("PUT", "/machine-config"): lambda: vm.put_machine_config(body),
+            ("PUT", "/snapshot/load"): lambda: vm.load_snapshot(body),
+            ("PUT", "/snapshot/create"): lambda: vm.create_snapshot(body),
+            ("PATCH", "/vm"): lambda: vm.patch_vm(body),
+            ("PUT", "/actions"): lambda: vm.action(body),
+        }
+        route = routes.get((self.command, url.path))
+        with vm.lock:
+            vm.requests.append({"method": self.command, "path": url.path, "body": body})
+            if route is None:
+                self._answer(
+                    400,
+                    {
+                        "fault_message": "Invalid request method and/or path: "
+                        f"{self.command} {url.path}."
+                    },
+                )
+                return
+            try:
+                answer = route()
+            except ApiError as exc:
+                self._answer(400, {"fault_message": str(exc)})
+                return
+            self._answer(200 if answer is not None else 204, answer)
+            if vm.shutting_down:
+                vm.exit_requested.set()
+
+    def _test_endpoint(self, url: urllib.parse.SplitResult) -> None:
+        """``/pagefork-test/...``: the double's own endpoints, not Firecracker's."""
+        vm = self.server.vm
+        if self.command == "GET" and url.path == TEST_PREFIX + "result":
+            wait = float(urllib.parse.parse_qs(url.query).get("wait", ["0"])[0])
+            guest = vm.guest
+            if guest is not None and guest.snapshot is not None and wait > 0:
+                guest.done.wait(wait)
+            self._answer(200, guest.result if guest is not None else {"state": "not-run"})
+        elif self.command == "GET" and url.path == TEST_PREFIX + "requests":
+            with vm.lock:
+                self._answer(200, list(vm.requests))
+        else:
+            self._answer(404, {"fault_message": f"no test endpoint {self.command} {url.path}"})
+
+    do_GET = do_PUT = do_PATCH = do_POST = do_DELETE = _dispatch
+
+
+class _ApiServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True  # a long-polling test request must not block exit
+
+    def __init__(self, path: str, vm: FcDouble) -> None:
+        self.vm = vm
+        super().__init__(path, _Handler)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m pagefork.testing.fcdouble``."""
+    p = argparse.ArgumentParser(prog="pagefork-fcdouble", description=__doc__)
+    p.add_argument("--api-sock", required=True, help="Unix socket path of the HTTP API")
+    p.add_argument("--fc-version", default="1.12", help="Firecracker version whose fields to send")
+    p.add_argument("--seed", type=int, default=1, help="seed of a booted guest's memory content")
+    args = p.parse_args(argv)
+    vm = FcDouble(args.fc_version, args.seed)
+    server = _ApiServer(args.api_sock, vm)
+    threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
+    print(json.dumps({"ready": True, "pid": os.getpid(), "api_sock": args.api_sock}), flush=True)
+    vm.exit_requested.wait()
+    server.shutdown()
+    server.server_close()
+    os.unlink(args.api_sock)
+    # A guest blocked in a fault would hang a normal exit; Firecracker just exits too.
+    os._exit(0)
+
+
+# --- controller for tests -------------------------------------------------------------------------
+class FcDoubleProcess:
+    """Starts the double in a child process and waits (bounded) for its readiness line."""
+
+    def __init__(self, api_sock: str, *extra: str, timeout: float = 30.0) -> None:
+        self.api_sock = api_sock
+        cmd = [sys.executable, "-m", "pagefork.testing.fcdouble", "--api-sock", api_sock, *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            line.append(self.proc.stdout.readline())
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(timeout):
+            self.stop()
+            raise TimeoutError(f"Firecracker double gave no readiness line within {timeout:g}s")
+        if not line[0]:
+            code = self.proc.wait(timeout)
+            self.stop()
+            raise EOFError(f"Firecracker double exited ({code}) before it was ready")
+        self.pid: int = json.loads(line[0])["pid"]
+        self.api = FirecrackerApi(api_sock, timeout=timeout)
+
+    def result(self, wait: float = 30.0) -> dict[str, Any]:
+        """The guest's run, waiting up to ``wait`` seconds for it to end."""
+        doc = self.api.request("GET", f"{TEST_PREFIX}result?wait={wait:g}", timeout=wait + 10)
+        assert isinstance(doc, dict)
+        return doc
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every API request the double received, in order (method, path, parsed body)."""
+        doc = self.api.request("GET", TEST_PREFIX + "requests")
+        assert isinstance(doc, list)
+        return doc
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """Wait for the process to exit; its exit code."""
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Kill the double if it still runs and reap it; idempotent."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> FcDoubleProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    main()

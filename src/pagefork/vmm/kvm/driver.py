@@ -1,0 +1,84 @@
+"""The built-in microVM behind the :class:`~pagefork.vmm.base.VmmDriver` interface.
+
+Each fork runs in its own process (:class:`~pagefork.vmm.kvm.process.ForkProcess`): restore
+hands its RAM to the page server and restores the vCPUs, paused, exactly where Firecracker's
+``PUT /snapshot/load`` with ``resume_vm: false`` leaves a VM; ``go`` is its ``PATCH /vm
+Resumed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pagefork.errors import VmmError
+from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
+from pagefork.vmm.kvm.process import ForkProcess
+
+
+class KvmHandle(VmmHandle):
+    """One microVM fork process, restored and waiting for :meth:`resume`."""
+
+    def __init__(self, fork_id: str, process: ForkProcess) -> None:
+        self.fork_id = fork_id
+        self.process = process
+        self._resumed = False
+
+    @property
+    def pid(self) -> int | None:
+        """The fork process's pid."""
+        return self.process.pid
+
+    def resume(self) -> None:
+        """Start the vCPUs (once; the guest runs to its end)."""
+        if self._resumed:
+            return
+        self._resumed = True
+        self.process.go()
+
+    def wait(self, timeout: float) -> dict[str, Any]:
+        """Wait for the guest to report ready; its figures and whether its checksums match.
+
+        Raises :class:`VmmError` if the guest does not finish within ``timeout`` or the
+        process fails.
+        """
+        if not self._resumed:
+            raise VmmError(f"fork {self.fork_id}: wait() before resume()")
+        result = self.process.wait_result(timeout=timeout)
+        return {
+            "fork_id": self.fork_id,
+            "pid": result.pid,
+            "fork_index": result.fork_index,
+            "variant": result.variant,
+            "checksum_ok": result.checksum_ok,
+            "ready_seconds": result.ready_seconds,
+            "restore_seconds": result.restore_seconds,
+            "run_seconds": result.run_seconds,
+            "exits": result.exits,
+        }
+
+    def stop(self) -> None:
+        """Kill the fork process if it still runs and reap it; idempotent."""
+        self.process.close()
+
+
+class KvmDriver(VmmDriver):
+    """Restores forks of a built-in microVM template (``request.snapshot_path`` is the
+    template directory; ``options["fork_index"]`` picks the trace variant, default 0)."""
+
+    name = "kvm"
+
+    def restore(self, request: RestoreRequest, timeout: float = 30.0) -> KvmHandle:
+        """Start the fork process against ``request.uffd_socket`` and wait until it has handed
+        its RAM over and restored its vCPUs."""
+        fork_index = request.options.get("fork_index", 0)
+        if isinstance(fork_index, bool) or not isinstance(fork_index, int) or fork_index < 0:
+            raise VmmError(
+                f"fork {request.fork_id}: fork_index must be an integer >= 0, got {fork_index!r}"
+            )
+        process = ForkProcess(request.snapshot_path, request.uffd_socket, fork_index)
+        try:
+            process.wait_restored(timeout=timeout)
+        except BaseException:
+            process.close()
+            raise
+        return KvmHandle(request.fork_id, process)
