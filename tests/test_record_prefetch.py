@@ -168,3 +168,17 @@ def test_recording_window_closes_after_max_seconds_while_idle(make_server, vmms)
     # The guest goes idle: the server's own timer must close the window.
     assert done.wait(10)
     assert server.hot_pages("a").snapshot() == [HotPage(0, 0)]
+
+
+def test_one_plan_serves_every_fork_of_the_template(make_server, vmms):
+    server = make_server()
+    hot = HotPageList.from_pages([HotPage(r, o) for r, o in _pages(300, seed=5)])
+    forks = [vmms(server.register_fork(f"f{i}")) for i in range(3)]
+    bases = [tuple(r.base for r in server.wait_connected(f"f{i}")) for i in range(3)]
+    assert len(set(bases)) == 3  # each VMM mapped its memory elsewhere
+    results = [server.prefetch(f"f{i}", hot) for i in range(3)]
+    assert len(server._plans) == 1  # planned once, relocated for the other forks
+    for i, fork in enumerate(forks):
+        assert results[i].installed == 300
+        assert fork.send(cmd="touch", pages=[list(p) for p in hot])["bad"] == 0
+        assert server.stats(f"f{i}").faults == 0
