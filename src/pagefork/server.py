@@ -320,11 +320,12 @@ class PageServer:
         plan = self._plan(hot_pages, regions)
 
         def run(port: PrefetchPort) -> PrefetchResult:
-            return execute_plan(plan, port, regions=regions, timeout=timeout)
+            result = execute_plan(plan, port, regions=regions, timeout=timeout)
+            session.stats.prefetched_pages += result.installed  # under the prefetch lock
+            return result
 
         result = session.run_prefetch(run)
         assert isinstance(result, PrefetchResult)
-        session.stats.prefetched_pages += result.installed
         return result
 
     def _plan(
