@@ -45,3 +45,11 @@ class TemplateError(PageforkError):
 
 class VmmError(PageforkError):
     """A VMM (the built-in KVM microVM or Firecracker) failed or refused a request."""
+
+
+class DaemonError(PageforkError):
+    """The daemon refused a request (``status`` is the HTTP status, 0 if unreachable)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status

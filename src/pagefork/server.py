@@ -295,6 +295,11 @@ class PageServer:
             return ForkStats(fork=fork_id, state="waiting", error=entry.last_error)
         return entry.session.snapshot_stats()
 
+    def fault_latencies_ns(self, fork_id: str) -> list[int]:
+        """The fork's recent fault-service latencies in nanoseconds (for histograms)."""
+        session = self._get(fork_id).session
+        return session.latency.values() if session is not None else []
+
     def hot_pages(self, fork_id: str) -> HotPageList:
         """The pages the fork faulted on demand, in first-touch order (it must be recording)."""
         entry = self._get(fork_id)

@@ -27,6 +27,10 @@ class LatencyWindow:
     def __len__(self) -> int:
         return min(self._n, LATENCY_WINDOW)
 
+    def values(self) -> list[int]:
+        """The recorded latencies in nanoseconds (the most recent window, unordered)."""
+        return list(self._ring[: len(self)])
+
     def percentiles_us(self, points: tuple[float, ...] = (50, 90, 99)) -> dict[str, float]:
         """Percentiles (nearest rank) and max of the recorded window, in microseconds."""
         n = len(self)

@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every sub-command registered."""
-    from pagefork.cli import demo, hotpages_cmd, serve
+    from pagefork.cli import daemon_cmd, demo, hotpages_cmd, serve
 
     parser = argparse.ArgumentParser(
         prog="pagefork",
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pagefork {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (demo, serve, hotpages_cmd):
+    for module in (demo, serve, hotpages_cmd, daemon_cmd):
         module.add_parser(sub)
     return parser
 

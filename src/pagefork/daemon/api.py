@@ -1,0 +1,370 @@
+"""The daemon's JSON HTTP control API, on a Unix socket only its owner can use (mode 0600).
+
+Routes (bodies and answers are JSON objects; errors are ``{"error": message}``):
+
+=======  ===========================  ==========================================================
+GET      /templates                   ``{"templates": [...], "errors": [...]}`` (broken records)
+POST     /templates                   create: ``{"id", "kind": "firecracker", "mem_file",
+                                      "snapshot_path", ["page_size", "copy", "name"]}`` or
+                                      ``{"id", "kind": "kvm", ["mem_size_mib", "vcpus",
+                                      "variants", "working_set", "fork_share", "seed", "name"]}``
+GET      /templates/{id}              the record
+DELETE   /templates/{id}              409 while forks of it are live
+POST     /templates/{id}/rerecord     the next fork records a new hot set
+GET      /forks                       ``{"forks": [...]}``
+POST     /forks                       ``{"template", ["fork", "vmm", "options"]}`` → the fork,
+                                      with its uffd ``socket`` (201)
+GET      /forks/{id}                  the fork and its page server counters
+POST     /forks/{id}/prefetch         install the hot set (``{"timeout"}`` optional)
+POST     /forks/{id}/wait             wait until the guest is done and the session ended
+DELETE   /forks/{id}                  release; the final counters
+GET      /metrics                     Prometheus text format
+=======  ===========================  ==========================================================
+
+Status codes: 400 a bad request (the message names the field), 404 an unknown template, fork or
+route, 405 a known route with another method, 409 a request the current state refuses (a
+template in use or already there), 502 the VMM failed.
+
+:class:`ControlApi` maps a request to a response and does no I/O of its own, so it is tested
+without sockets; :class:`ControlServer` is the thin HTTP layer over it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import socketserver
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+from pagefork.daemon.manager import ForkManager
+from pagefork.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from pagefork.daemon.metrics import DaemonMetrics
+from pagefork.errors import ForkError, PageforkError, TemplateError, VmmError
+from pagefork.server import bind_private_socket, validate_fork_id
+from pagefork.templates import TemplateRegistry, kind_of, validate_template_id
+
+log = logging.getLogger("pagefork")
+
+#: Request bodies larger than this are refused (a control request is a few hundred bytes).
+MAX_BODY = 1 << 20
+JSON_TYPE = "application/json"
+
+
+@dataclass(frozen=True)
+class Response:
+    """An HTTP response: status, content type, body."""
+
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+
+    @classmethod
+    def json(cls, status: int, doc: object) -> Response:
+        """A JSON response."""
+        return cls(status, (json.dumps(doc) + "\n").encode())
+
+
+class HttpError(Exception):
+    """Ends a request with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _bad(message: str) -> HttpError:
+    return HttpError(HTTPStatus.BAD_REQUEST, message)
+
+
+def _not_found(message: str) -> HttpError:
+    return HttpError(HTTPStatus.NOT_FOUND, message)
+
+
+class _Body:
+    """A request's JSON object, with typed field access that names the field on error."""
+
+    def __init__(self, raw: bytes, required: bool) -> None:
+        self.doc: dict[str, Any] = {}
+        if not raw.strip():
+            if required:
+                raise _bad("request body: a JSON object is required")
+            return
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise _bad(f"request body: not valid JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise _bad("request body: must be a JSON object")
+        self.doc = doc
+
+    def get(self, name: str, kind: type | tuple[type, ...], required: bool = False) -> Any:
+        if name not in self.doc or self.doc[name] is None:
+            if required:
+                raise _bad(f"field {name!r} is required")
+            return None
+        value = self.doc[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # JSON true/false are not numbers here, whatever Python thinks.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise _bad(f"field {name!r} must be of type {names}, not {type(value).__name__}")
+        return value
+
+    def number(self, name: str, low: float, high: float, integer: bool = False) -> Any:
+        value = self.get(name, int if integer else (int, float))
+        if value is not None and not low <= value <= high:
+            raise _bad(f"field {name!r} must be within [{low:g}, {high:g}], not {value}")
+        return value
+
+
+_ROUTES = [
+    (re.compile(r"/templates"), "templates"),
+    (re.compile(r"/templates/([^/]+)"), "template"),
+    (re.compile(r"/templates/([^/]+)/rerecord"), "rerecord"),
+    (re.compile(r"/forks"), "forks"),
+    (re.compile(r"/forks/([^/]+)"), "fork"),
+    (re.compile(r"/forks/([^/]+)/prefetch"), "prefetch"),
+    (re.compile(r"/forks/([^/]+)/wait"), "wait"),
+    (re.compile(r"/metrics"), "metrics"),
+]
+
+
+class ControlApi:
+    """Maps control requests onto the registry and the fork manager."""
+
+    def __init__(
+        self, registry: TemplateRegistry, manager: ForkManager, metrics: DaemonMetrics
+    ) -> None:
+        self.registry = registry
+        self.manager = manager
+        self.metrics = metrics
+
+    def handle(self, method: str, path: str, body: bytes) -> Response:
+        """Answer one request; never raises."""
+        try:
+            return self._dispatch(method, path.split("?", 1)[0].rstrip("/") or "/", body)
+        except HttpError as exc:
+            return Response.json(exc.status, {"error": str(exc)})
+        except VmmError as exc:
+            return Response.json(HTTPStatus.BAD_GATEWAY, {"error": str(exc)})
+        except (TemplateError, ForkError) as exc:
+            return Response.json(HTTPStatus.CONFLICT, {"error": str(exc)})
+        except PageforkError as exc:
+            return Response.json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)})
+        except Exception as exc:  # a bug answers 500 and leaves the daemon running
+            log.exception("%s %s failed", method, path)
+            return Response.json(
+                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc!r}"}
+            )
+
+    def _dispatch(self, method: str, path: str, raw: bytes) -> Response:
+        for pattern, name in _ROUTES:
+            m = pattern.fullmatch(path)
+            if m is None:
+                continue
+            handler = getattr(self, f"_{method.lower()}_{name}", None)
+            if handler is None:
+                raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}")
+            response: Response = handler(*m.groups(), raw)
+            return response
+        raise _not_found(f"no such route: {path}")
+
+    # --- templates ---------------------------------------------------------------------------
+    def _template_id(self, template_id: str) -> str:
+        if not self.registry.exists(template_id):
+            raise _not_found(f"unknown template {template_id!r}")
+        return template_id
+
+    def _get_templates(self, raw: bytes) -> Response:
+        listing = self.registry.listing()
+        return Response.json(
+            HTTPStatus.OK,
+            {"templates": [r.to_dict() for r in listing.templates], "errors": listing.errors},
+        )
+
+    def _post_templates(self, raw: bytes) -> Response:
+        body = _Body(raw, required=True)
+        template_id = body.get("id", str, required=True)
+        try:
+            validate_template_id(template_id)
+        except TemplateError as exc:
+            raise _bad(f"field 'id': {exc}") from None
+        try:
+            kind = kind_of(body.get("kind", str, required=True))
+        except TemplateError as exc:
+            raise _bad(f"field 'kind': {exc}") from None
+        name = body.get("name", str)
+        if kind == "firecracker":
+            record = self.registry.create_from_snapshot(
+                template_id,
+                body.get("mem_file", str, required=True),
+                body.get("snapshot_path", str, required=True),
+                name=name,
+                page_size=body.number("page_size", 4096, 1 << 30, integer=True) or 4096,
+                copy=bool(body.get("copy", bool)),
+            )
+        else:
+            record = self.registry.create_microvm(template_id, _microvm_spec(body), name=name)
+        return Response.json(HTTPStatus.CREATED, record.to_dict())
+
+    def _get_template(self, template_id: str, raw: bytes) -> Response:
+        record = self.registry.get(self._template_id(template_id))
+        hot = self.manager.hot_set(template_id)
+        return Response.json(
+            HTTPStatus.OK, {**record.to_dict(), "hot_pages": len(hot) if hot is not None else 0}
+        )
+
+    def _delete_template(self, template_id: str, raw: bytes) -> Response:
+        self.registry.delete(self._template_id(template_id))
+        self.manager.forget_hot_set(template_id)
+        return Response.json(HTTPStatus.OK, {"deleted": template_id})
+
+    def _post_rerecord(self, template_id: str, raw: bytes) -> Response:
+        self.manager.rerecord(self._template_id(template_id))
+        return Response.json(HTTPStatus.OK, {"template": template_id, "rerecord": True})
+
+    # --- forks -------------------------------------------------------------------------------
+    def _fork_id(self, fork_id: str) -> str:
+        if not self.manager.has_fork(fork_id):
+            raise _not_found(f"unknown fork {fork_id!r}")
+        return fork_id
+
+    def _get_forks(self, raw: bytes) -> Response:
+        return Response.json(HTTPStatus.OK, {"forks": [f.to_dict() for f in self.manager.forks()]})
+
+    def _post_forks(self, raw: bytes) -> Response:
+        body = _Body(raw, required=True)
+        template_id = body.get("template", str, required=True)
+        if not self.registry.exists(template_id):
+            raise _not_found(f"unknown template {template_id!r}")
+        fork_id = body.get("fork", str)
+        if fork_id is not None:
+            try:
+                validate_fork_id(fork_id)
+            except ForkError as exc:
+                raise _bad(f"field 'fork': {exc}") from None
+        vmm = body.get("vmm", str)
+        if vmm is not None and vmm not in self.manager.drivers:
+            known = ", ".join(sorted(self.manager.drivers)) or "none available"
+            raise _bad(f"field 'vmm': unknown VMM driver {vmm!r} (known: {known})")
+        options = body.get("options", dict) or {}
+        fork = self.manager.create_fork(template_id, fork_id, vmm, options)
+        return Response.json(HTTPStatus.CREATED, fork.to_dict())
+
+    def _get_fork(self, fork_id: str, raw: bytes) -> Response:
+        fork = self.manager.fork(self._fork_id(fork_id))
+        stats = self.manager.stats(fork_id)
+        return Response.json(HTTPStatus.OK, {**fork.to_dict(), "stats": stats.to_dict()})
+
+    def _post_prefetch(self, fork_id: str, raw: bytes) -> Response:
+        body = _Body(raw, required=False)
+        timeout = body.number("timeout", 0.001, 600)
+        result = self.manager.prefetch(self._fork_id(fork_id), timeout)
+        return Response.json(HTTPStatus.OK, {"fork": fork_id, **result})
+
+    def _post_wait(self, fork_id: str, raw: bytes) -> Response:
+        body = _Body(raw, required=False)
+        timeout = body.number("timeout", 0.001, 3600)
+        result = self.manager.wait(self._fork_id(fork_id), 60.0 if timeout is None else timeout)
+        return Response.json(HTTPStatus.OK, {"fork": fork_id, **result})
+
+    def _delete_fork(self, fork_id: str, raw: bytes) -> Response:
+        stats = self.manager.release(self._fork_id(fork_id))
+        return Response.json(HTTPStatus.OK, {"released": fork_id, "stats": stats.to_dict()})
+
+    # --- metrics -----------------------------------------------------------------------------
+    def _get_metrics(self, raw: bytes) -> Response:
+        templates = [r.id for r in self.registry.listing().templates]
+        hot: dict[str, int] = {}
+        for t in templates:
+            try:
+                pages = self.manager.hot_set(t)
+            except TemplateError:
+                continue  # deleted meanwhile
+            hot[t] = len(pages) if pages is not None else 0
+        text = self.metrics.render(self.manager.live_stats(), templates, hot)
+        return Response(HTTPStatus.OK, text, METRICS_CONTENT_TYPE)
+
+
+def _microvm_spec(body: _Body) -> Any:
+    from pagefork.vmm.kvm.template import TemplateSpec
+    from pagefork.vmm.kvm.trace import TraceSpec
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    try:
+        trace = TraceSpec(
+            working_set=pick(body.number("working_set", 0, 1), TraceSpec.working_set),
+            fork_share=pick(body.number("fork_share", 0, 1), TraceSpec.fork_share),
+            seed=pick(body.number("seed", 0, 1 << 31, integer=True), TraceSpec.seed),
+        )
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
+    return TemplateSpec(
+        mem_size=pick(body.number("mem_size_mib", 4, 3072, integer=True), 64) << 20,
+        vcpus=pick(body.number("vcpus", 1, 64, integer=True), 1),
+        variants=pick(body.number("variants", 1, 1024, integer=True), TemplateSpec.variants),
+        trace=trace,
+    )
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Reads a request, hands it to :class:`ControlApi`, writes the answer."""
+
+    server: ControlServer
+    protocol_version = "HTTP/1.1"
+
+    def _serve(self) -> None:
+        length_header = self.headers.get("Content-Length", "0")
+        try:
+            length = int(length_header)
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY:
+            response = Response.json(
+                HTTPStatus.BAD_REQUEST, {"error": f"Content-Length {length_header!r} refused"}
+            )
+            self.close_connection = True
+        else:
+            body = self.rfile.read(length) if length else b""
+            response = self.server.api.handle(self.command, self.path, body)
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        self.wfile.write(response.body)
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
+
+    def address_string(self) -> str:
+        """Unix-socket peers have no address; name the socket instead."""
+        return "control"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Access log lines go to the pagefork logger at debug level, not stderr."""
+        log.debug("control: " + format, *args)
+
+
+class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The control API's HTTP server on a mode-0600 Unix socket at ``path``."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, path: str, api: ControlApi) -> None:
+        super().__init__(path, _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.api = api
+        self.path = path
+        # Bound in a private directory and renamed into place: never reachable with looser
+        # permissions, whatever the umask.
+        self.socket: socket.socket = bind_private_socket(path)
+
+
+__all__ = ["ControlApi", "ControlServer", "HttpError", "Response"]

@@ -1,0 +1,490 @@
+"""The fork lifecycle: one page server per template, and the hot-page loop around it.
+
+A fork goes register → (driver) restore → prefetch → resume → ... → release. The template's
+:class:`~pagefork.server.PageServer` starts with its first fork and stops after its last.
+
+The hot-page loop, per template:
+
+- *warm-up*: the first fork while the template has no hot set records the pages it faults, in
+  a bounded window (``record_max_seconds``, ``record_max_share`` of guest memory: a hot set that
+  grows into all of memory makes restores slower). When the window closes, or the fork ends or
+  is released, the hot set is saved to the template's hot-pages file (the producer).
+- *prefetch*: every later fork gets that hot set installed before its vCPUs resume (the
+  consumer).
+- *demand*: a fork that arrives while the warm-up still records, before any hot set exists, is
+  served on demand only (two recordings would race for one file).
+
+:meth:`ForkManager.rerecord` makes the next fork a warm-up again; until its hot set is saved,
+other forks keep prefetching the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pagefork.errors import ForkError, HotPageFileError, PageforkError, TemplateError, VmmError
+from pagefork.hotpages import HotPageList
+from pagefork.hotpages import load as load_hot_pages
+from pagefork.server import PageServer, ServerConfig, validate_fork_id
+from pagefork.stats import ForkStats
+from pagefork.templates import TemplateRecord, TemplateRegistry
+from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
+
+log = logging.getLogger("pagefork")
+
+ForkRole = Literal["warmup", "prefetch", "demand"]
+
+#: Drivers the daemon offers by name, loaded when their module is importable.
+DRIVER_CLASSES = {
+    "firecracker": ("pagefork.vmm.firecracker", "FirecrackerDriver"),
+    "kvm": ("pagefork.vmm.kvm.driver", "KvmDriver"),
+}
+
+
+def load_drivers() -> dict[str, VmmDriver]:
+    """An instance of every known driver whose module imports (a missing one is skipped)."""
+    drivers: dict[str, VmmDriver] = {}
+    for name, (module_name, class_name) in DRIVER_CLASSES.items():
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+            driver = cls()
+        except (ImportError, AttributeError, TypeError, PageforkError) as exc:
+            log.info("VMM driver %s unavailable: %s", name, exc)
+            continue
+        if isinstance(driver, VmmDriver):
+            drivers[name] = driver
+    return drivers
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """Settings of a :class:`ForkManager`.
+
+    ``socket_dir`` holds every fork's uffd socket (keep it short: a socket path has at most
+    107 bytes). The recording window of a warm-up fork closes after ``record_max_seconds`` or
+    ``record_max_share`` of the template's pages, whichever comes first.
+    """
+
+    socket_dir: str
+    record_max_seconds: float = 30.0
+    record_max_share: float = 0.25
+    handshake_timeout: float = 10.0
+    prefetch_timeout: float = 30.0
+    restore_timeout: float = 30.0
+
+
+@dataclass
+class Fork:
+    """A fork the manager knows: where its VMM connects and what the manager did for it."""
+
+    fork_id: str
+    template_id: str
+    socket_path: str
+    role: ForkRole
+    created: float
+    driver: str | None = None
+    handle: VmmHandle | None = None
+    prefetch: dict[str, Any] | None = None
+    final_stats: ForkStats | None = None
+    hot: HotPageList | None = None  # what this fork prefetches (role "prefetch")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's fork object (without live counters)."""
+        return {
+            "fork": self.fork_id,
+            "template": self.template_id,
+            "socket": self.socket_path,
+            "role": self.role,
+            "driver": self.driver,
+            "pid": self.handle.pid if self.handle is not None else None,
+            "created": self.created,
+            "prefetch": self.prefetch,
+        }
+
+
+@dataclass
+class _TemplateState:
+    """A template's page server, its forks, and where its hot-page loop stands."""
+
+    record: TemplateRecord
+    server: PageServer
+    forks: set[str] = field(default_factory=set)
+    warmup_fork: str | None = None
+    warmup_done: threading.Event = field(default_factory=threading.Event)
+
+
+class ForkManager:
+    """Creates and releases forks of the registry's templates; safe from any thread."""
+
+    def __init__(
+        self,
+        registry: TemplateRegistry,
+        config: ManagerConfig,
+        drivers: Mapping[str, VmmDriver] | None = None,
+        on_fork_end: Callable[[str, ForkStats], None] | None = None,
+        on_fault_latencies: Callable[[str, list[int]], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.drivers: dict[str, VmmDriver] = dict(drivers) if drivers is not None else {}
+        #: Called with (template id, final stats) when a fork's session ends (for metrics).
+        self.on_fork_end = on_fork_end
+        #: Called with (template id, fault latencies in ns) when a fork is released.
+        self.on_fault_latencies = on_fault_latencies
+        os.makedirs(config.socket_dir, mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        self._templates: dict[str, _TemplateState] = {}
+        self._forks: dict[str, Fork] = {}
+        # Loaded hot sets, by template id; None when the template has none (yet).
+        self._hot: dict[str, HotPageList | None] = {}
+        self._rerecord: set[str] = set()
+        self._hot_lock = threading.Lock()  # serialises saving hot sets
+        self._closed = False
+
+    # --- queries -----------------------------------------------------------------------------
+    def has_fork(self, fork_id: str) -> bool:
+        """True if ``fork_id`` is live."""
+        with self._lock:
+            return fork_id in self._forks
+
+    def fork(self, fork_id: str) -> Fork:
+        """The live fork ``fork_id``; :class:`ForkError` if unknown."""
+        with self._lock:
+            fork = self._forks.get(fork_id)
+        if fork is None:
+            raise ForkError(f"unknown fork {fork_id!r}")
+        return fork
+
+    def forks(self) -> list[Fork]:
+        """Every live fork, oldest first."""
+        with self._lock:
+            return sorted(self._forks.values(), key=lambda f: f.created)
+
+    def stats(self, fork_id: str) -> ForkStats:
+        """The fork's counters from its page server."""
+        fork = self.fork(fork_id)
+        with self._lock:
+            state = self._templates.get(fork.template_id)
+        if state is None:
+            raise ForkError(f"fork {fork_id}: its page server is gone")
+        try:
+            return state.server.stats(fork_id)
+        except ForkError:
+            if fork.final_stats is not None:
+                return fork.final_stats
+            raise
+
+    def live_stats(self) -> dict[str, list[ForkStats]]:
+        """Per template, the current stats of every live fork whose session has not ended."""
+        out: dict[str, list[ForkStats]] = {}
+        for fork in self.forks():
+            if fork.final_stats is not None:
+                continue  # counted as ended already
+            with contextlib.suppress(ForkError):
+                out.setdefault(fork.template_id, []).append(self.stats(fork.fork_id))
+        return out
+
+    def hot_set(self, template_id: str) -> HotPageList | None:
+        """The template's hot set (loaded from its file once), or None if it has none."""
+        record = self.registry.get(template_id)
+        with self._lock:
+            if template_id in self._hot:
+                return self._hot[template_id]
+        try:
+            hot: HotPageList | None = load_hot_pages(record.hot_pages_path)
+        except HotPageFileError as exc:
+            log.warning(
+                "template %s: ignoring its hot set, it will be re-recorded: %s", template_id, exc
+            )
+            hot = None
+        if hot is not None and not len(hot):
+            hot = None
+        with self._lock:
+            return self._hot.setdefault(template_id, hot)
+
+    # --- creating ----------------------------------------------------------------------------
+    def create_fork(
+        self,
+        template_id: str,
+        fork_id: str | None = None,
+        driver: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Fork:
+        """Register a fork of ``template_id`` and return it (its uffd socket path in it).
+
+        With ``driver``, the manager also restores the VMM, prefetches the hot set once the
+        VMM's handshake arrives, and resumes it; on any failure the fork is released again.
+        Without, the caller's VMM connects to the socket, then the caller asks for
+        :meth:`prefetch` and resumes its VMM itself.
+        """
+        if fork_id is None:
+            fork_id = f"{template_id[:40]}-{secrets.token_hex(4)}"
+        validate_fork_id(fork_id)
+        vmm: VmmDriver | None = None
+        if driver is not None:
+            vmm = self.drivers.get(driver)
+            if vmm is None:
+                known = ", ".join(sorted(self.drivers)) or "none available"
+                raise VmmError(f"unknown VMM driver {driver!r} (known: {known})")
+        hot = self.hot_set(template_id)
+        with self._lock:
+            if self._closed:
+                raise ForkError("the fork manager is shutting down")
+            if fork_id in self._forks:
+                raise ForkError(f"fork {fork_id} already exists")
+            record = self.registry.acquire(template_id)
+            try:
+                state = self._templates.get(template_id)
+                if state is None:
+                    state = self._start_server(record)
+                    self._templates[template_id] = state
+                role = self._role(template_id, state, hot)
+                socket_path = state.server.register_fork(fork_id, record=role == "warmup")
+            except BaseException:
+                self.registry.release(template_id)
+                if state is not None and not state.forks:
+                    self._templates.pop(template_id, None)
+                    state.server.close()
+                raise
+            fork = Fork(
+                fork_id,
+                template_id,
+                socket_path,
+                role,
+                time.time(),
+                driver=driver,
+                hot=hot if role == "prefetch" else None,
+            )
+            state.forks.add(fork_id)
+            if role == "warmup":
+                state.warmup_fork = fork_id
+                state.warmup_done = threading.Event()
+            self._forks[fork_id] = fork
+        log.info("fork %s of %s: %s, socket %s", fork_id, template_id, role, socket_path)
+        if vmm is not None:
+            try:
+                self._start_vmm(fork, vmm, record, dict(options or {}))
+            except BaseException:
+                self.release(fork_id)
+                raise
+        return fork
+
+    def _role(self, template_id: str, state: _TemplateState, hot: HotPageList | None) -> ForkRole:
+        """The fork's part in the hot-page loop (called with the lock held)."""
+        wants_hot = hot is None or template_id in self._rerecord
+        if wants_hot and state.warmup_fork is None:
+            return "warmup"
+        return "prefetch" if hot is not None else "demand"
+
+    def _start_server(self, record: TemplateRecord) -> _TemplateState:
+        template_id = record.id
+        max_pages = max(1, int(record.mem_pages * self.config.record_max_share))
+
+        def window_closed(fork_id: str, pages: HotPageList) -> None:
+            self._adopt_hot_set(template_id, fork_id, pages)
+
+        def fork_ended(fork_id: str, stats: ForkStats) -> None:
+            with self._lock:
+                fork = self._forks.get(fork_id)
+                if fork is not None:
+                    fork.final_stats = stats
+            if self.on_fork_end is not None:
+                self.on_fork_end(template_id, stats)
+
+        server = PageServer(
+            ServerConfig(
+                mem_file_path=record.mem_file,
+                socket_dir=self.config.socket_dir,
+                handshake_timeout=self.config.handshake_timeout,
+                record_max_pages=max_pages,
+                record_max_seconds=self.config.record_max_seconds,
+                on_window_closed=window_closed,
+                on_fork_end=fork_ended,
+            )
+        )
+        log.info("template %s: page server started", template_id)
+        return _TemplateState(record, server)
+
+    def _start_vmm(
+        self, fork: Fork, vmm: VmmDriver, record: TemplateRecord, options: dict[str, Any]
+    ) -> None:
+        request = RestoreRequest(
+            fork_id=fork.fork_id,
+            uffd_socket=fork.socket_path,
+            snapshot_path=record.snapshot_path,
+            mem_file=record.mem_file,
+            options=options,
+        )
+        fork.handle = vmm.restore(request, timeout=self.config.restore_timeout)
+        self.prefetch(fork.fork_id)
+        fork.handle.resume()
+
+    # --- prefetch ----------------------------------------------------------------------------
+    def prefetch(self, fork_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Install the template's hot set into the fork (waits for its handshake).
+
+        A warm-up or demand fork has nothing to prefetch: the result says so, installs nothing.
+        """
+        fork = self.fork(fork_id)
+        with self._lock:
+            state = self._templates.get(fork.template_id)
+        if state is None:
+            raise ForkError(f"fork {fork_id}: its page server is gone")
+        wait = timeout if timeout is not None else self.config.prefetch_timeout
+        if fork.role != "prefetch" or fork.hot is None:
+            state.server.wait_connected(fork_id, timeout=wait)
+            fork.prefetch = {"role": fork.role, "hot_pages": 0, "installed": 0}
+            return fork.prefetch
+        result = state.server.prefetch(fork_id, fork.hot, timeout=wait)
+        fork.prefetch = {
+            "role": fork.role,
+            "hot_pages": len(fork.hot),
+            "installed": result.installed,
+            "already_present": result.already_present,
+            "skipped_removed": result.skipped_removed,
+            "runs": result.runs,
+            "ioctls": result.ioctls,
+            "bytes": result.bytes,
+            "seconds": result.seconds,
+        }
+        return fork.prefetch
+
+    def wait(self, fork_id: str, timeout: float) -> dict[str, Any]:
+        """Wait until the fork's guest has done its work (when its driver can tell) and its
+        session has ended; the driver's summary (``vmm``) and the final ``stats``."""
+        fork = self.fork(fork_id)
+        with self._lock:
+            state = self._templates.get(fork.template_id)
+        if state is None:
+            raise ForkError(f"fork {fork_id}: its page server is gone")
+        summary = fork.handle.wait(timeout) if fork.handle is not None else None
+        stats = state.server.wait_ended(fork_id, timeout=timeout)
+        return {"vmm": summary, "stats": stats.to_dict()}
+
+    # --- the hot-page loop -------------------------------------------------------------------
+    def _adopt_hot_set(self, template_id: str, fork_id: str, pages: HotPageList) -> None:
+        """Save the warm-up fork's hot set as the template's (first call per warm-up wins)."""
+        with self._hot_lock:
+            with self._lock:
+                state = self._templates.get(template_id)
+                if state is None or state.warmup_fork != fork_id or state.warmup_done.is_set():
+                    return
+            try:
+                if len(pages):
+                    record = self.registry.get(template_id)
+                    pages.save(record.hot_pages_path)
+                    hot = load_hot_pages(record.hot_pages_path)  # as every later fork reads it
+                    log.info("template %s: hot set of %d pages saved", template_id, len(hot))
+                    with self._lock:
+                        self._hot[template_id] = hot
+                        self._rerecord.discard(template_id)
+                else:
+                    log.warning(
+                        "template %s: warm-up fork %s faulted no page", template_id, fork_id
+                    )
+            except PageforkError as exc:
+                log.error("template %s: cannot save the hot set: %s", template_id, exc)
+            finally:
+                with self._lock:
+                    state.warmup_fork = None
+                    state.warmup_done.set()
+
+    def rerecord(self, template_id: str) -> None:
+        """Make the template's next fork a recording warm-up again."""
+        self.registry.get(template_id)
+        with self._lock:
+            self._rerecord.add(template_id)
+
+    # --- releasing ---------------------------------------------------------------------------
+    def release(self, fork_id: str) -> ForkStats:
+        """Stop the fork's VMM (if the manager started it), stop serving it, forget it.
+
+        A warm-up fork's hot set is saved before this returns. The template's page server
+        stops with its last fork. Returns the fork's final stats.
+        """
+        fork = self.fork(fork_id)
+        if fork.handle is not None:
+            try:
+                fork.handle.stop()
+            except PageforkError as exc:
+                log.warning("fork %s: stopping its VMM: %s", fork_id, exc)
+        with self._lock:
+            state = self._templates.get(fork.template_id)
+        stats = ForkStats(fork=fork_id, state="released")
+        if state is not None:
+            with contextlib.suppress(ForkError):
+                stats = state.server.stats(fork_id)
+            self._report_latencies(state.server, fork)
+            hot = None
+            if fork.role == "warmup":
+                with contextlib.suppress(ForkError):
+                    hot = state.server.hot_pages(fork_id)
+            state.server.unregister_fork(fork_id)  # stops the session: the recording ends
+            if hot is not None:
+                self._adopt_hot_set(fork.template_id, fork_id, hot)
+        stop_server: PageServer | None = None
+        with self._lock:
+            self._forks.pop(fork_id, None)
+            if state is not None:
+                state.forks.discard(fork_id)
+                if state.warmup_fork == fork_id:
+                    state.warmup_fork = None  # it never connected: the next fork records
+                if not state.forks and self._templates.get(fork.template_id) is state:
+                    del self._templates[fork.template_id]
+                    stop_server = state.server
+        with contextlib.suppress(TemplateError):
+            self.registry.release(fork.template_id)
+        if stop_server is not None:
+            stop_server.close()  # joins its callbacks: the hot set is on disk by now
+            log.info("template %s: page server stopped", fork.template_id)
+        return fork.final_stats or stats
+
+    def _report_latencies(self, server: PageServer, fork: Fork) -> None:
+        # The page server keeps each fork's recent fault latencies: they feed the histogram.
+        if self.on_fault_latencies is None:
+            return
+        with contextlib.suppress(ForkError):
+            self.on_fault_latencies(fork.template_id, server.fault_latencies_ns(fork.fork_id))
+
+    def forget_hot_set(self, template_id: str) -> None:
+        """Drop the cached hot set (the template was deleted)."""
+        with self._lock:
+            self._hot.pop(template_id, None)
+            self._rerecord.discard(template_id)
+
+    def close(self) -> None:
+        """Release every fork (stopping the VMMs the manager started) and stop all servers."""
+        with self._lock:
+            self._closed = True
+            ids = list(self._forks)
+        for fork_id in ids:
+            with contextlib.suppress(ForkError):
+                self.release(fork_id)
+        with self._lock:
+            states = list(self._templates.values())
+            self._templates.clear()
+        for state in states:
+            state.server.close()
+        for vmm in self.drivers.values():
+            close = getattr(vmm, "close", None)
+            if callable(close):
+                close()
+
+
+__all__ = [
+    "DRIVER_CLASSES",
+    "Fork",
+    "ForkManager",
+    "ForkRole",
+    "ManagerConfig",
+    "load_drivers",
+]

@@ -1,0 +1,420 @@
+"""The template registry: what forks are restored from, kept on disk under a state directory.
+
+Layout (one directory per template, named by its id)::
+
+    STATE_DIR/templates/<id>/template.json    the record (written atomically)
+    STATE_DIR/templates/<id>/hot-pages.hpl    the hot set, once a warm-up fork has recorded it
+    STATE_DIR/templates/<id>/microvm/         kind "kvm": the built-in microVM's template
+    STATE_DIR/templates/<id>/snapshot/        kind "firecracker", when created with copy=True
+
+A Firecracker snapshot is *referenced* by default: mem-files are often GiBs and already live
+where the platform keeps its snapshots, so the record stores their absolute paths and delete
+leaves them alone. ``copy=True`` copies both files into the template directory instead; the
+registry then owns them and delete removes them.
+
+The record also counts live forks, so a template cannot be deleted under them. A daemon that
+restarts has no forks left (their page server died with it), so :meth:`reset_live_forks`
+zeroes the counts on start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pagefork.errors import TemplateError
+from pagefork.regions import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from pagefork.vmm.kvm.template import TemplateSpec
+
+TemplateKind = Literal["firecracker", "kvm"]
+TEMPLATE_KINDS: tuple[TemplateKind, ...] = ("firecracker", "kvm")
+RECORD_FILE = "template.json"
+RECORD_FORMAT = "pagefork-template"
+RECORD_VERSION = 1
+HOT_PAGES_FILE = "hot-pages.hpl"
+MICROVM_DIR = "microvm"
+SNAPSHOT_DIR = "snapshot"
+
+_TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def validate_template_id(template_id: object) -> str:
+    """Return ``template_id`` if it is safe as a directory name (no separators, no traversal)."""
+    if not isinstance(template_id, str) or not _TEMPLATE_ID.fullmatch(template_id):
+        raise TemplateError(
+            f"invalid template id {template_id!r}: use 1-64 characters from [A-Za-z0-9._-], "
+            "starting with a letter or digit"
+        )
+    return template_id
+
+
+@dataclass
+class TemplateRecord:
+    """One template's ``template.json``.
+
+    ``snapshot_path`` is Firecracker's snapshot (VM state) file, or the microVM's template
+    directory for kind ``kvm``; ``owns_files`` says whether delete removes ``mem_file`` and
+    ``snapshot_path`` (they sit in the template directory) or leaves them (referenced).
+    Times are Unix seconds.
+    """
+
+    id: str
+    name: str
+    kind: TemplateKind
+    mem_file: str
+    snapshot_path: str
+    mem_size: int
+    page_size: int
+    hot_pages_path: str
+    created: float
+    last_used: float | None = None
+    live_forks: int = 0
+    owns_files: bool = True
+
+    @property
+    def mem_pages(self) -> int:
+        """Guest memory in pages of :attr:`page_size`."""
+        return self.mem_size // self.page_size
+
+    def has_hot_pages(self) -> bool:
+        """True once a hot set has been saved for this template."""
+        return os.path.exists(self.hot_pages_path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready data (the API's template object)."""
+        return {**asdict(self), "has_hot_pages": self.has_hot_pages()}
+
+    @classmethod
+    def from_dict(cls, doc: object, where: str) -> TemplateRecord:
+        """Parse a record; :class:`TemplateError` naming ``where`` and the field if malformed."""
+        if not isinstance(doc, dict):
+            raise TemplateError(f"{where}: not a JSON object")
+        if doc.get("format") != RECORD_FORMAT:
+            raise TemplateError(f"{where}: format is {doc.get('format')!r}, not {RECORD_FORMAT!r}")
+        kinds: dict[str, tuple[type, ...]] = {
+            "id": (str,),
+            "name": (str,),
+            "kind": (str,),
+            "mem_file": (str,),
+            "snapshot_path": (str,),
+            "mem_size": (int,),
+            "page_size": (int,),
+            "hot_pages_path": (str,),
+            "created": (int, float),
+            "last_used": (int, float, type(None)),
+            "live_forks": (int,),
+            "owns_files": (bool,),
+        }
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in doc:
+                raise TemplateError(f"{where}: field {f.name!r} is missing")
+            value = doc[f.name]
+            if not isinstance(value, kinds[f.name]) or (
+                isinstance(value, bool) and f.name != "owns_files"
+            ):
+                raise TemplateError(f"{where}: field {f.name!r} has a wrong type")
+            values[f.name] = value
+        if values["kind"] not in TEMPLATE_KINDS:
+            raise TemplateError(f"{where}: field 'kind' is {values['kind']!r}")
+        if values["mem_size"] <= 0 or values["page_size"] < PAGE_SIZE or values["live_forks"] < 0:
+            raise TemplateError(f"{where}: mem_size, page_size or live_forks out of range")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TemplateListing:
+    """Every readable template, and one message per template whose record is broken."""
+
+    templates: list[TemplateRecord]
+    errors: list[str]
+
+
+def _write_atomically(path: Path, doc: dict[str, Any]) -> None:
+    """Write JSON to ``path`` so readers see the old or the new file, never a torn one:
+    temp file in the same directory, fsync, rename, fsync the directory."""
+    data = (json.dumps(doc, indent=1) + "\n").encode()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise TemplateError(f"{path}: cannot write: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise TemplateError(f"{path}: cannot write: {exc.strerror}") from None
+
+
+class TemplateRegistry:
+    """Templates under ``STATE_DIR/templates``; every method is safe from any thread."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.state_dir = Path(state_dir).absolute()
+        self.root = self.state_dir / "templates"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TemplateError(f"cannot create {self.root}: {exc.strerror}") from None
+        # One lock for every read-modify-write of a record: fork counts and delete must agree.
+        self._lock = threading.Lock()
+
+    # --- paths -------------------------------------------------------------------------------
+    def directory(self, template_id: str) -> Path:
+        """The directory of template ``template_id`` (validated; it may not exist)."""
+        return self.root / validate_template_id(template_id)
+
+    def exists(self, template_id: str) -> bool:
+        """True if a template directory with this id exists (its record may still be broken)."""
+        try:
+            return (self.directory(template_id) / RECORD_FILE).exists()
+        except TemplateError:
+            return False
+
+    # --- reading -----------------------------------------------------------------------------
+    def get(self, template_id: str) -> TemplateRecord:
+        """The record of ``template_id``; :class:`TemplateError` if unknown or broken."""
+        path = self.directory(template_id) / RECORD_FILE
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise TemplateError(f"unknown template {template_id!r}") from None
+        except OSError as exc:
+            raise TemplateError(f"{path}: cannot read: {exc.strerror}") from None
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise TemplateError(f"{path}: not valid JSON ({exc})") from None
+        record = TemplateRecord.from_dict(doc, str(path))
+        if record.id != template_id:
+            raise TemplateError(f"{path}: records id {record.id!r}, not {template_id!r}")
+        return record
+
+    def listing(self) -> TemplateListing:
+        """Every template, sorted by id; broken records are reported, not fatal."""
+        records: list[TemplateRecord] = []
+        errors: list[str] = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") or not (entry / RECORD_FILE).exists():
+                continue  # a creation in progress, or not ours
+            try:
+                records.append(self.get(entry.name))
+            except TemplateError as exc:
+                errors.append(str(exc))
+        return TemplateListing(records, errors)
+
+    # --- creating ----------------------------------------------------------------------------
+    def create_from_snapshot(
+        self,
+        template_id: str,
+        mem_file: str | os.PathLike[str],
+        snapshot_path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        page_size: int = PAGE_SIZE,
+        copy: bool = False,
+    ) -> TemplateRecord:
+        """Register a Firecracker snapshot (mem-file + VM state file) as template ``template_id``.
+
+        The files are referenced by absolute path, or copied into the template when ``copy``.
+        """
+        if page_size < PAGE_SIZE or page_size & (page_size - 1):
+            raise TemplateError(f"page size {page_size} is not a power of two >= {PAGE_SIZE}")
+        mem = Path(mem_file).absolute()
+        state = Path(snapshot_path).absolute()
+        for what, p in (("mem-file", mem), ("snapshot file", state)):
+            if not p.is_file():
+                raise TemplateError(f"{what} {p} does not exist or is not a file")
+        size = mem.stat().st_size
+        if size == 0 or size % page_size:
+            raise TemplateError(f"mem-file {mem}: {size} bytes is not a multiple of {page_size}")
+
+        def fill(tmp: Path, final: Path) -> TemplateRecord:
+            mem_path, state_path = mem, state
+            if copy:
+                (tmp / SNAPSHOT_DIR).mkdir()
+                try:
+                    shutil.copyfile(mem, tmp / SNAPSHOT_DIR / "mem-file")
+                    shutil.copyfile(state, tmp / SNAPSHOT_DIR / "snapshot")
+                except OSError as exc:
+                    raise TemplateError(f"cannot copy the snapshot: {exc}") from None
+                mem_path = final / SNAPSHOT_DIR / "mem-file"
+                state_path = final / SNAPSHOT_DIR / "snapshot"
+            return self._new_record(
+                template_id, name, "firecracker", mem_path, state_path, size, page_size, copy
+            )
+
+        return self._create(template_id, fill)
+
+    def create_microvm(
+        self, template_id: str, spec: TemplateSpec | None = None, *, name: str | None = None
+    ) -> TemplateRecord:
+        """Build a template of the built-in KVM microVM (``spec``: a
+        :class:`pagefork.vmm.kvm.template.TemplateSpec`) and register it."""
+        from pagefork.vmm.kvm.template import MEM_FILE, TemplateSpec, build_template
+
+        build_spec = spec if spec is not None else TemplateSpec()
+
+        def fill(tmp: Path, final: Path) -> TemplateRecord:
+            built = build_template(tmp / MICROVM_DIR, build_spec)
+            built.close()
+            return self._new_record(
+                template_id,
+                name,
+                "kvm",
+                final / MICROVM_DIR / MEM_FILE,
+                final / MICROVM_DIR,
+                built.mem_size,
+                PAGE_SIZE,
+                True,
+            )
+
+        return self._create(template_id, fill)
+
+    def _new_record(
+        self,
+        template_id: str,
+        name: str | None,
+        kind: TemplateKind,
+        mem_file: Path,
+        snapshot_path: Path,
+        mem_size: int,
+        page_size: int,
+        owns_files: bool,
+    ) -> TemplateRecord:
+        return TemplateRecord(
+            id=template_id,
+            name=name or template_id,
+            kind=kind,
+            mem_file=str(mem_file),
+            snapshot_path=str(snapshot_path),
+            mem_size=mem_size,
+            page_size=page_size,
+            hot_pages_path=str(self.root / template_id / HOT_PAGES_FILE),
+            created=time.time(),
+            owns_files=owns_files,
+        )
+
+    def _create(
+        self, template_id: str, fill: Callable[[Path, Path], TemplateRecord]
+    ) -> TemplateRecord:
+        """Build the template in a hidden directory, then rename it into place: a crash or a
+        failed build never leaves a half-made template that lists."""
+        final = self.directory(template_id)
+        if final.exists():
+            raise TemplateError(f"template {template_id!r} already exists")
+        tmp = Path(tempfile.mkdtemp(prefix=f".new-{template_id}-", dir=self.root))
+        try:
+            record = fill(tmp, final)
+            _write_atomically(tmp / RECORD_FILE, _record_doc(record))
+            with self._lock:
+                try:
+                    os.rename(tmp, final)  # fails if another create won the race
+                except OSError:
+                    raise TemplateError(f"template {template_id!r} already exists") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return record
+
+    # --- updating ----------------------------------------------------------------------------
+    def _update(self, template_id: str, change: Callable[[TemplateRecord], None]) -> TemplateRecord:
+        with self._lock:
+            record = self.get(template_id)
+            change(record)
+            _write_atomically(self.directory(template_id) / RECORD_FILE, _record_doc(record))
+            return record
+
+    def acquire(self, template_id: str) -> TemplateRecord:
+        """Count one more live fork of the template (and mark it used); its record."""
+
+        def change(r: TemplateRecord) -> None:
+            r.live_forks += 1
+            r.last_used = time.time()
+
+        return self._update(template_id, change)
+
+    def release(self, template_id: str) -> TemplateRecord:
+        """Count one live fork fewer."""
+
+        def change(r: TemplateRecord) -> None:
+            r.live_forks = max(0, r.live_forks - 1)
+
+        return self._update(template_id, change)
+
+    def reset_live_forks(self) -> None:
+        """Zero every template's live fork count (a daemon starting has no forks yet)."""
+        for record in self.listing().templates:
+            if record.live_forks:
+                with contextlib.suppress(TemplateError):
+                    self._update(record.id, lambda r: setattr(r, "live_forks", 0))
+
+    # --- deleting ----------------------------------------------------------------------------
+    def delete(self, template_id: str) -> None:
+        """Remove the template; refused while it has live forks.
+
+        A template whose record is broken can still be deleted (that is how one cleans it up).
+        """
+        directory = self.directory(template_id)
+        with self._lock:
+            if not directory.is_dir():
+                raise TemplateError(f"unknown template {template_id!r}")
+            try:
+                record: TemplateRecord | None = self.get(template_id)
+            except TemplateError:
+                record = None
+            if record is not None and record.live_forks > 0:
+                raise TemplateError(
+                    f"template {template_id!r} is in use by {record.live_forks} live "
+                    f"fork{'s' if record.live_forks != 1 else ''}; release them first"
+                )
+            # Rename first so the template disappears at once, then remove at leisure.
+            doomed = Path(tempfile.mkdtemp(prefix=f".del-{template_id}-", dir=self.root))
+            os.rename(directory, doomed / "t")
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _record_doc(record: TemplateRecord) -> dict[str, Any]:
+    return {"format": RECORD_FORMAT, "version": RECORD_VERSION, **asdict(record)}
+
+
+def kind_of(value: object) -> TemplateKind:
+    """``value`` as a template kind; :class:`TemplateError` naming the allowed ones."""
+    for kind in TEMPLATE_KINDS:
+        if value == kind:
+            return kind
+    raise TemplateError(f"kind must be one of {', '.join(TEMPLATE_KINDS)}, not {value!r}")
+
+
+__all__ = [
+    "HOT_PAGES_FILE",
+    "RECORD_FILE",
+    "TEMPLATE_KINDS",
+    "TemplateKind",
+    "TemplateListing",
+    "TemplateRecord",
+    "TemplateRegistry",
+    "kind_of",
+    "validate_template_id",
+]

@@ -1,0 +1,484 @@
+"""The daemon end to end through its control API, with the built-in microVM as the VMM."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import needs_uffd
+from pagefork.cli import main
+from pagefork.daemon.client import DaemonClient, DaemonError
+from pagefork.daemon.metrics import DaemonMetrics
+from pagefork.daemon.service import Daemon
+from pagefork.errors import PageforkError
+from pagefork.stats import ForkStats
+from pagefork.testing.fcdouble import FcDoubleProcess
+from pagefork.vmm.firecracker import create_snapshot
+from pagefork.vmm.kvm import orchestrate
+from pagefork.vmm.kvm.process import ForkProcess
+
+
+def _environment_missing() -> str | None:
+    try:
+        orchestrate.check_environment()
+    except PageforkError as exc:
+        return str(exc)
+    return None
+
+
+ENV_MISSING = _environment_missing()
+needs_kvm = pytest.mark.skipif(ENV_MISSING is not None, reason=ENV_MISSING or "")
+
+#: A small microVM template: 16 MiB, a few trace variants.
+TEMPLATE = {"mem_size_mib": 16, "variants": 4}
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="pf-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+StartDaemon = Callable[..., tuple[Daemon, DaemonClient]]
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, short_dir: Path) -> Iterator[StartDaemon]:
+    """Start daemons on one state dir (one at a time, for restarts); all are closed at the end."""
+    daemons: list[Daemon] = []
+
+    def start(**kw: Any) -> tuple[Daemon, DaemonClient]:
+        control = str(short_dir / "control.sock")
+        daemon = Daemon(tmp_path / "state", control, socket_dir=str(short_dir / "forks"), **kw)
+        daemons.append(daemon)
+        daemon.start()
+        return daemon, DaemonClient(control, timeout=60)
+
+    yield start
+    for d in daemons:
+        d.close()
+
+
+def _run_fork(client: DaemonClient, template: str, index: int) -> tuple[dict[str, Any], Any]:
+    """One fork with the KVM driver: create (restore, prefetch, resume), wait, release."""
+    fork = client.create_fork(template, vmm="kvm", options={"fork_index": index})
+    done = client.wait_fork(fork["fork"], timeout=30)
+    released = client.release_fork(fork["fork"])
+    assert done["vmm"]["checksum_ok"], done
+    return fork, released["stats"]
+
+
+def _metric(text: str, name: str, template: str) -> float:
+    prefix = f'{name}{{template="{template}"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    raise AssertionError(f"{name} for {template} not in metrics")
+
+
+@needs_kvm
+def test_warmup_fork_records_and_later_forks_prefetch_with_few_misses(
+    start_daemon: StartDaemon,
+) -> None:
+    daemon, client = start_daemon()
+    created = client.create_template("vm", "kvm", **TEMPLATE)
+    assert created["kind"] == "kvm" and not created["has_hot_pages"]
+
+    warm, warm_stats = _run_fork(client, "vm", 0)
+    assert warm["role"] == "warmup" and warm["driver"] == "kvm"
+    assert warm_stats["faults"] > 100 and warm_stats["prefetched_pages"] == 0
+    shown = client.template("vm")
+    assert shown["has_hot_pages"] and shown["hot_pages"] == warm_stats["faults"]
+    assert shown["live_forks"] == 0
+
+    for index in (1, 2):
+        fork, stats = _run_fork(client, "vm", index)
+        assert fork["role"] == "prefetch"
+        assert fork["prefetch"]["installed"] == shown["hot_pages"]
+        assert stats["prefetched_pages"] == shown["hot_pages"]
+        # Only the pages this fork's trace has and the warm-up's did not: a few percent.
+        assert stats["misses"] == stats["faults"] < warm_stats["faults"] // 10
+
+    metrics = client.metrics()
+    assert _metric(metrics, "pagefork_prefetched_pages_total", "vm") == 2 * shown["hot_pages"]
+    assert _metric(metrics, "pagefork_forks_ended_total", "vm") == 3
+    assert _metric(metrics, "pagefork_hot_pages", "vm") == shown["hot_pages"]
+    assert 'pagefork_fault_latency_seconds_bucket{le="+Inf",template="vm"}' in metrics
+    # The forks' timed demand faults fed the histogram (the warm-up's alone are this many).
+    assert _metric(metrics, "pagefork_fault_latency_seconds_count", "vm") >= warm_stats["faults"]
+    names = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE")}
+    assert names and all(n.startswith("pagefork_") for n in names)
+    # The template's page server stopped with its last fork.
+    assert daemon.manager.forks() == [] and not daemon.manager.live_stats()
+
+
+@needs_kvm
+def test_fork_driven_by_the_caller_over_the_returned_socket(start_daemon: StartDaemon) -> None:
+    _, client = start_daemon()
+    template = client.create_template("vm", "kvm", **TEMPLATE)
+    _run_fork(client, "vm", 0)  # the warm-up
+
+    fork = client.create_fork("vm", fork_id="mine-1")
+    assert fork["fork"] == "mine-1" and fork["driver"] is None and fork["role"] == "prefetch"
+    assert stat.S_IMODE(os.stat(fork["socket"]).st_mode) == 0o600
+    process = ForkProcess(template["snapshot_path"], fork["socket"], 3)
+    try:
+        result = client.prefetch("mine-1", timeout=30)  # waits for the VMM's handshake
+        assert result["installed"] == result["hot_pages"] > 0
+        process.wait_restored(timeout=30)
+        process.go()
+        assert process.wait_result(timeout=30).checksum_ok
+    finally:
+        process.close()
+    stats = client.fork("mine-1")["stats"]
+    assert stats["prefetched_pages"] == result["installed"]
+    assert stats["misses"] == stats["faults"]
+    assert [f["fork"] for f in client.forks()] == ["mine-1"]
+    client.release_fork("mine-1")
+    assert client.forks() == []
+
+
+@needs_kvm
+def test_concurrent_forks_and_releases(start_daemon: StartDaemon) -> None:
+    daemon, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    _run_fork(client, "vm", 0)
+    results: list[tuple[dict[str, Any], Any]] = []
+    errors: list[BaseException] = []
+
+    def one(index: int) -> None:
+        try:
+            results.append(_run_fork(client, "vm", index))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(results) == 4 and len({f["fork"] for f, _ in results}) == 4
+    assert all(f["role"] == "prefetch" and s["prefetched_pages"] > 0 for f, s in results)
+    assert client.template("vm")["live_forks"] == 0
+    assert daemon.manager.forks() == []
+
+
+@needs_kvm
+def test_only_one_warmup_records_while_others_are_served_on_demand(
+    start_daemon: StartDaemon,
+) -> None:
+    _, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    first = client.create_fork("vm")
+    second = client.create_fork("vm")
+    assert (first["role"], second["role"]) == ("warmup", "demand")
+    client.release_fork(first["fork"])  # never connected: no hot set, the next fork records
+    third = client.create_fork("vm")
+    assert third["role"] == "warmup"
+    for f in (second, third):
+        client.release_fork(f["fork"])
+
+
+@needs_kvm
+def test_recording_window_bounds_the_hot_set_and_rerecord_replaces_it(
+    start_daemon: StartDaemon,
+) -> None:
+    _, client = start_daemon(record_max_share=0.002)  # 16 MiB: at most 8 pages
+    client.create_template("vm", "kvm", **TEMPLATE)
+    _run_fork(client, "vm", 0)
+    assert client.template("vm")["hot_pages"] == 8
+    client.rerecord("vm")
+    fork, stats = _run_fork(client, "vm", 1)
+    assert fork["role"] == "warmup" and stats["prefetched_pages"] == 0
+    fork, _ = _run_fork(client, "vm", 2)
+    assert fork["role"] == "prefetch"
+
+
+@needs_kvm
+def test_deleting_a_template_in_use_is_refused(start_daemon: StartDaemon) -> None:
+    _, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    fork = client.create_fork("vm")
+    with pytest.raises(DaemonError, match="'vm' is in use by 1 live fork") as info:
+        client.delete_template("vm")
+    assert info.value.status == 409
+    client.release_fork(fork["fork"])
+    client.delete_template("vm")
+    with pytest.raises(DaemonError, match="unknown template 'vm'") as info:
+        client.template("vm")
+    assert info.value.status == 404
+
+
+@needs_kvm
+def test_restart_brings_templates_and_hot_sets_back(start_daemon: StartDaemon) -> None:
+    daemon, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    _, warm_stats = _run_fork(client, "vm", 0)
+    client.create_fork("vm", fork_id="left-over")  # live when the daemon goes away
+    daemon.registry.acquire("vm")  # as a crash would leave the count
+    daemon.close()
+
+    _, client = start_daemon()
+    [record] = client.templates()["templates"]
+    assert record["id"] == "vm" and record["has_hot_pages"] and record["live_forks"] == 0
+    assert client.forks() == []
+    fork, stats = _run_fork(client, "vm", 1)
+    assert fork["role"] == "prefetch" and stats["prefetched_pages"] == warm_stats["faults"]
+
+
+def _raw(control: str, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
+    """One HTTP request with an arbitrary body; status and decoded JSON answer."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(control)
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        sock.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    header, _, payload = data.partition(b"\r\n\r\n")
+    return int(header.split()[1]), json.loads(payload)
+
+
+def test_bad_requests_get_4xx_naming_what_was_wrong(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, client = start_daemon()
+    control = client.control_path
+    cases: list[tuple[str, str, bytes, int, str]] = [
+        ("POST", "/templates", b"{oops", 400, "not valid JSON"),
+        ("POST", "/templates", b"[1]", 400, "must be a JSON object"),
+        ("POST", "/templates", b"", 400, "a JSON object is required"),
+        ("POST", "/templates", b'{"kind": "kvm"}', 400, "field 'id' is required"),
+        ("POST", "/templates", b'{"id": "../x", "kind": "kvm"}', 400, "field 'id'"),
+        ("POST", "/templates", b'{"id": "x", "kind": "qemu"}', 400, "field 'kind'"),
+        (
+            "POST",
+            "/templates",
+            b'{"id": "x", "kind": "kvm", "mem_size_mib": "8"}',
+            400,
+            "field 'mem_size_mib' must be of type int",
+        ),
+        (
+            "POST",
+            "/templates",
+            b'{"id": "x", "kind": "kvm", "vcpus": 0}',
+            400,
+            "field 'vcpus' must be within",
+        ),
+        (
+            "POST",
+            "/templates",
+            b'{"id": "x", "kind": "firecracker"}',
+            400,
+            "field 'mem_file' is required",
+        ),
+        ("POST", "/forks", b'{"template": 5}', 400, "field 'template' must be of type str"),
+        ("POST", "/forks", b'{"template": "nope"}', 404, "unknown template 'nope'"),
+        ("GET", "/templates/nope", b"", 404, "unknown template 'nope'"),
+        ("DELETE", "/templates/nope", b"", 404, "unknown template 'nope'"),
+        ("GET", "/forks/nope", b"", 404, "unknown fork 'nope'"),
+        ("DELETE", "/forks/nope", b"", 404, "unknown fork 'nope'"),
+        ("POST", "/forks/nope/prefetch", b"", 404, "unknown fork 'nope'"),
+        ("GET", "/nowhere", b"", 404, "no such route"),
+        ("PUT", "/forks", b"", 405, "PUT is not allowed on /forks"),
+    ]
+    for method, path, body, status, message in cases:
+        got_status, doc = _raw(control, method, path, body)
+        assert (got_status, message in doc.get("error", "")) == (status, True), (
+            method,
+            path,
+            body,
+            doc,
+        )
+    mem = tmp_path / "mem"
+    mem.write_bytes(bytes(8192))
+    (tmp_path / "snap").write_bytes(b"state")
+    client.create_template(
+        "fc", "firecracker", mem_file=str(mem), snapshot_path=str(tmp_path / "snap")
+    )
+    # A VMM that fails to restore: 502 with the driver's message, and the fork is gone again.
+    with pytest.raises(DaemonError, match="needs api_socket") as info:
+        client.create_fork("fc", vmm="firecracker")
+    assert info.value.status == 502
+    assert client.forks() == [] and client.template("fc")["live_forks"] == 0
+    status, doc = _raw(control, "POST", "/forks", b'{"template": "fc", "fork": "a/b"}')
+    assert status == 400 and "field 'fork'" in doc["error"]
+    status, doc = _raw(control, "POST", "/forks", b'{"template": "fc", "vmm": "qemu"}')
+    assert status == 400 and "field 'vmm': unknown VMM driver 'qemu'" in doc["error"]
+    status, doc = _raw(
+        control,
+        "POST",
+        "/templates",
+        b'{"id": "fc", "kind": "firecracker", '
+        + f'"mem_file": "{mem}", "snapshot_path": "{mem}"}}'.encode(),
+    )
+    assert status == 409 and "already exists" in doc["error"]
+
+
+def test_control_socket_is_private_to_its_owner(start_daemon: StartDaemon) -> None:
+    _, client = start_daemon()
+    st = os.stat(client.control_path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.getuid()
+    if os.getuid() != 0:
+        pytest.skip("connecting as another user needs root to switch uids")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become nobody, try to connect, report the errno
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(client.control_path)
+        except OSError as exc:
+            code = exc.errno or 255
+        finally:
+            os.write(write_end, str(code).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        reported = f.read()
+    os.waitpid(pid, 0)
+    assert int(reported) == errno.EACCES
+    assert client.templates() == {"templates": [], "errors": []}  # the owner still can
+
+
+def test_a_second_daemon_on_a_live_control_socket_is_refused(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, client = start_daemon()
+    with pytest.raises(PageforkError, match="in use by a live server"):
+        Daemon(tmp_path / "other", client.control_path)
+
+
+def test_cli_verbs_talk_to_the_daemon(
+    start_daemon: StartDaemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, client = start_daemon()
+    ctl = ["--control", client.control_path]
+    mem = tmp_path / "mem"
+    mem.write_bytes(bytes(16384))
+    (tmp_path / "snap").write_bytes(b"state")
+    create = ["templates", "create", "fc", "--mem-file", str(mem), "--snapshot"]
+    assert main([*create, str(tmp_path / "snap"), *ctl, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mem_size"] == 16384
+    assert main(["templates", "list", *ctl]) == 0
+    assert "fc" in capsys.readouterr().out
+    assert main(["forks", "create", "fc", "--id", "f1", *ctl]) == 0
+    fork_id, sock = capsys.readouterr().out.split()
+    assert fork_id == "f1" and os.path.exists(sock)
+    assert main(["forks", "list", *ctl, "--json"]) == 0
+    assert [f["fork"] for f in json.loads(capsys.readouterr().out)] == ["f1"]
+    assert main(["forks", "show", "f1", *ctl]) == 0
+    assert "waiting" in capsys.readouterr().out
+    assert main(["templates", "delete", "fc", *ctl]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by 1 live fork" in err[0]
+    assert main(["forks", "delete", "f1", *ctl]) == 0
+    assert main(["templates", "delete", "fc", *ctl]) == 0
+    assert main(["templates", "show", "fc", *ctl]) == 2
+    assert "unknown template 'fc'" in capsys.readouterr().err
+
+
+def test_cli_without_a_daemon_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["templates", "list", "--control", str(tmp_path / "none.sock")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the daemon" in err[0]
+
+
+def test_daemon_command_stops_cleanly_on_sigterm(tmp_path: Path, short_dir: Path) -> None:
+    control = str(short_dir / "control.sock")
+    cmd = [sys.executable, "-m", "pagefork", "daemon", "--state-dir", str(tmp_path / "s")]
+    proc = subprocess.Popen([*cmd, "--control", control], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["event"] == "listening"
+        assert DaemonClient(control).templates()["templates"] == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert json.loads(proc.stdout.readline())["event"] == "stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert not os.path.exists(control)
+
+
+@needs_uffd
+def test_firecracker_fork_is_loaded_paused_prefetched_then_resumed(
+    start_daemon: StartDaemon, short_dir: Path, tmp_path: Path
+) -> None:
+    _, client = start_daemon()
+    with FcDoubleProcess(str(short_dir / "source.api")) as source:
+        source.api.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 8})
+        source.api.request("PUT", "/actions", {"action_type": "InstanceStart"})
+        snap, mem = str(tmp_path / "tpl.vmstate"), str(tmp_path / "tpl.mem")
+        create_snapshot(source.api_sock, snap, mem)
+    client.create_template("fc", "firecracker", mem_file=mem, snapshot_path=snap)
+    pages = (8 << 20) // 4096
+    window = pages // 4  # the default recording window: a quarter of guest memory
+
+    runs = []
+    for i in range(2):
+        with FcDoubleProcess(str(short_dir / f"fc{i}.api")) as fc:
+            fork = client.create_fork("fc", vmm="firecracker", options={"api_socket": fc.api_sock})
+            result = fc.result(wait=30)  # the double's guest reads every page once
+            assert (result["touched"], result["bad"]) == (pages, 0)
+            requests = [(r["method"], r["path"], r["body"]) for r in fc.requests()]
+            stats = client.release_fork(fork["fork"])["stats"]
+        runs.append((fork, stats))
+        load, resume = requests[0], requests[1]
+        assert load[:2] == ("PUT", "/snapshot/load") and load[2]["resume_vm"] is False
+        assert load[2]["mem_backend"] == {"backend_type": "Uffd", "backend_path": fork["socket"]}
+        assert resume == ("PATCH", "/vm", {"state": "Resumed"})
+    (warm, warm_stats), (later, later_stats) = runs
+    assert warm["role"] == "warmup" and warm_stats["faults"] == pages
+    assert client.template("fc")["hot_pages"] == window
+    # Installed before the resume: the guest faults only on the pages beyond the window.
+    assert later["role"] == "prefetch" and later["prefetch"]["installed"] == window
+    assert later_stats["prefetched_pages"] == window
+    assert later_stats["faults"] == later_stats["misses"] == pages - window
+
+
+def test_metrics_add_ended_and_live_forks_and_bucket_latencies() -> None:
+    metrics = DaemonMetrics()
+    metrics.fork_ended("a", ForkStats(fork="f1", faults=10, prefetched_pages=5, misses=2))
+    metrics.observe_fault_latencies("a", [3_000, 15_000, 15_000, 2_000_000_000])
+    live = {"a": [ForkStats(fork="f2", faults=4)], "b": [ForkStats(fork="f3", faults=1)]}
+    text = metrics.render(live, ["a", "b", "c"], {"a": 7}).decode()
+    assert _metric(text, "pagefork_faults_total", "a") == 14
+    assert _metric(text, "pagefork_faults_total", "b") == 1
+    assert _metric(text, "pagefork_faults_total", "c") == 0
+    assert _metric(text, "pagefork_misses_total", "a") == 2
+    assert _metric(text, "pagefork_live_forks", "a") == 1
+    assert _metric(text, "pagefork_hot_pages", "a") == 7
+    assert 'pagefork_fault_latency_seconds_bucket{le="5e-06",template="a"} 1.0' in text
+    assert 'pagefork_fault_latency_seconds_bucket{le="2e-05",template="a"} 3.0' in text
+    assert 'pagefork_fault_latency_seconds_bucket{le="0.1",template="a"} 3.0' in text
+    assert 'pagefork_fault_latency_seconds_bucket{le="+Inf",template="a"} 4.0' in text
+    assert _metric(text, "pagefork_fault_latency_seconds_count", "a") == 4
+    assert "pagefork_templates 3.0" in text

@@ -1,0 +1,163 @@
+"""The template registry: records on disk, creation, listing with broken records, deletion."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import make_mem_file
+from pagefork.errors import TemplateError
+from pagefork.templates import (
+    RECORD_FILE,
+    TemplateRecord,
+    TemplateRegistry,
+    kind_of,
+    validate_template_id,
+)
+from pagefork.vmm.kvm.template import TemplateSpec, load_template
+
+
+@pytest.fixture
+def snapshot(tmp_path: Path) -> tuple[Path, Path]:
+    """A Firecracker-like snapshot: a 1 MiB mem-file and a VM state file."""
+    mem = make_mem_file(tmp_path / "mem", 256)
+    state = tmp_path / "vmstate"
+    state.write_bytes(b"firecracker vm state")
+    return mem, state
+
+
+def test_snapshot_template_references_its_files(
+    tmp_path: Path, snapshot: tuple[Path, Path]
+) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    mem, state = snapshot
+    record = reg.create_from_snapshot("web", mem, state, name="Web tier")
+    assert record.kind == "firecracker" and record.name == "Web tier"
+    assert record.mem_file == str(mem) and record.snapshot_path == str(state)
+    assert record.mem_size == 256 * 4096 and record.page_size == 4096
+    assert record.live_forks == 0 and not record.owns_files and not record.has_hot_pages()
+    assert reg.get("web") == record
+    doc = json.loads((reg.root / "web" / RECORD_FILE).read_text())
+    assert doc["format"] == "pagefork-template" and doc["id"] == "web"
+    reg.delete("web")
+    assert mem.exists() and state.exists()  # referenced files are not ours to delete
+    assert not reg.exists("web")
+
+
+def test_snapshot_template_copy_owns_its_files(tmp_path: Path, snapshot: tuple[Path, Path]) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    record = reg.create_from_snapshot("web", *snapshot, copy=True)
+    assert record.owns_files
+    assert Path(record.mem_file).read_bytes() == snapshot[0].read_bytes()
+    assert Path(record.mem_file).is_relative_to(reg.root / "web")
+    reg.delete("web")
+    assert not Path(record.mem_file).exists() and snapshot[0].exists()
+
+
+def test_create_refuses_missing_files_bad_sizes_and_duplicates(
+    tmp_path: Path, snapshot: tuple[Path, Path]
+) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    mem, state = snapshot
+    with pytest.raises(TemplateError, match=r"mem-file .*nope does not exist"):
+        reg.create_from_snapshot("a", tmp_path / "nope", state)
+    odd = tmp_path / "odd"
+    odd.write_bytes(b"x" * 5000)
+    with pytest.raises(TemplateError, match="not a multiple of 4096"):
+        reg.create_from_snapshot("a", odd, state)
+    with pytest.raises(TemplateError, match="power of two"):
+        reg.create_from_snapshot("a", mem, state, page_size=3000)
+    reg.create_from_snapshot("a", mem, state)
+    with pytest.raises(TemplateError, match="'a' already exists"):
+        reg.create_from_snapshot("a", mem, state)
+    # Failed creations leave nothing behind, not even hidden build directories.
+    assert sorted(p.name for p in reg.root.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "x" * 65, "sp ace", 7])
+def test_template_ids_are_safe_directory_names(bad: object) -> None:
+    with pytest.raises(TemplateError, match="invalid template id"):
+        validate_template_id(bad)
+
+
+def test_kind_of_names_the_allowed_kinds() -> None:
+    assert kind_of("kvm") == "kvm"
+    with pytest.raises(TemplateError, match="firecracker, kvm"):
+        kind_of("qemu")
+
+
+def test_corrupt_record_is_named_and_others_still_list(
+    tmp_path: Path, snapshot: tuple[Path, Path]
+) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    for name in ("a", "b", "c"):
+        reg.create_from_snapshot(name, *snapshot)
+    broken = reg.root / "b" / RECORD_FILE
+    broken.write_text("{not json")
+    doc = json.loads((reg.root / "c" / RECORD_FILE).read_text())
+    del doc["mem_size"]
+    (reg.root / "c" / RECORD_FILE).write_text(json.dumps(doc))
+    listing = reg.listing()
+    assert [r.id for r in listing.templates] == ["a"]
+    assert len(listing.errors) == 2
+    assert str(broken) in listing.errors[0] and "not valid JSON" in listing.errors[0]
+    assert "field 'mem_size' is missing" in listing.errors[1]
+    with pytest.raises(TemplateError, match=str(broken)):
+        reg.get("b")
+    reg.delete("b")  # a broken template can still be cleaned up
+    assert not reg.exists("b")
+
+
+def test_record_types_are_checked(tmp_path: Path, snapshot: tuple[Path, Path]) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    record = reg.create_from_snapshot("a", *snapshot)
+    doc = {"format": "pagefork-template", **record.__dict__, "live_forks": True}
+    with pytest.raises(TemplateError, match="'live_forks' has a wrong type"):
+        TemplateRecord.from_dict(doc, "x.json")
+    with pytest.raises(TemplateError, match="format is 'other'"):
+        TemplateRecord.from_dict({**doc, "format": "other"}, "x.json")
+
+
+def test_delete_is_refused_while_forks_are_live(
+    tmp_path: Path, snapshot: tuple[Path, Path]
+) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    reg.create_from_snapshot("a", *snapshot)
+    assert reg.acquire("a").live_forks == 1
+    assert reg.acquire("a").last_used is not None
+    with pytest.raises(TemplateError, match="'a' is in use by 2 live forks"):
+        reg.delete("a")
+    reg.release("a")
+    reg.release("a")
+    reg.delete("a")
+    with pytest.raises(TemplateError, match="unknown template 'a'"):
+        reg.delete("a")
+    with pytest.raises(TemplateError, match="unknown template 'a'"):
+        reg.get("a")
+
+
+def test_records_are_written_atomically_and_counts_reset_on_restart(
+    tmp_path: Path, snapshot: tuple[Path, Path]
+) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    reg.create_from_snapshot("a", *snapshot)
+    for _ in range(3):
+        reg.acquire("a")
+    assert sorted(os.listdir(reg.root / "a")) == [RECORD_FILE]  # no temp files left
+    again = TemplateRegistry(tmp_path / "state")
+    assert again.get("a").live_forks == 3
+    again.reset_live_forks()
+    assert again.get("a").live_forks == 0
+
+
+def test_microvm_template_builds_and_loads(tmp_path: Path) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    record = reg.create_microvm("vm", TemplateSpec(mem_size=16 << 20, variants=2))
+    assert record.kind == "kvm" and record.mem_size == 16 << 20 and record.owns_files
+    template = load_template(record.snapshot_path)
+    assert str(template.mem_file) == record.mem_file and template.variants == 2
+    template.close()
+    assert reg.get("vm") == record
