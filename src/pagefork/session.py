@@ -158,6 +158,7 @@ class ForkSession:
         self.fork_id = fork_id
         self._conn = conn
         self._mem = memfile
+        self._zeros = memfile.zero_pages
         self._opts = options
         self.recorder = recorder
         self._on_connect = on_connect
@@ -451,9 +452,9 @@ class ForkSession:
         again: list[int] = []
         stats = self.stats
         regions = self._scan_regions
-        zeros = self._mem.zero_pages
+        zeros = self._zeros
         src_base = self._mem.address
-        removed = self.removed
+        removed = self.removed if self.removed else None
         rec = self.recorder
         prefetched = self._prefetched
         latency = self.latency
@@ -474,7 +475,7 @@ class ForkSession:
                 zero = zeros[file_offset >> 12] == 1
             else:
                 zero = self._mem.is_zero(file_offset, psize)
-            if removed and removed.contains(dst):
+            if removed is not None and removed.contains(dst):
                 zero = True  # balloon: the template's bytes are stale here; serve zeros
             # Count before the ioctl: it wakes the guest, which may read our stats right after.
             stats.faults += 1

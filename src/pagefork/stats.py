@@ -8,6 +8,7 @@ from typing import Any
 
 #: How many recent fault latencies a fork keeps for its percentiles.
 LATENCY_WINDOW = 1 << 16
+_MASK = LATENCY_WINDOW - 1
 
 
 class LatencyWindow:
@@ -21,8 +22,9 @@ class LatencyWindow:
 
     def add(self, ns: int) -> None:
         """Record one latency (called from the fault loop only)."""
-        self._ring[self._n % LATENCY_WINDOW] = ns
-        self._n += 1
+        n = self._n
+        self._ring[n & _MASK] = ns
+        self._n = n + 1
 
     def __len__(self) -> int:
         return min(self._n, LATENCY_WINDOW)
