@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from datetime import datetime
 from typing import Any
 
 from rich import box
@@ -226,6 +227,10 @@ def run_templates_show(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Fields holding seconds since the epoch, shown as local dates.
+_TIMESTAMPS = frozenset({"created", "last_used"})
+
+
 def _show(doc: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(doc)
@@ -234,7 +239,12 @@ def _show(doc: dict[str, Any], as_json: bool) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in doc.items():
-        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        if key in _TIMESTAMPS and isinstance(value, (int, float)):
+            text = datetime.fromtimestamp(value).isoformat(sep=" ", timespec="seconds")
+        elif isinstance(value, (dict, list)):
+            text = json.dumps(value)
+        else:
+            text = str(value)
         table.add_row(key, text)
     _console().print(table)
 
