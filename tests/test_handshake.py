@@ -199,3 +199,38 @@ def test_retry_after_a_failed_handshake_is_accepted(make_server, vmms, guest_uff
     vmm = vmms(path)
     server.wait_connected("a", timeout=5)
     assert vmm.send(cmd="touch", all=True)["bad"] == 0
+
+
+@needs_uffd
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [(b"[" * 2000, "nested too deeply"), (b"[" + b"1" * 5000 + b"]", "not JSON|mapping 0")],
+    ids=["deep-nesting", "huge-number"],
+)
+def test_hostile_payloads_fail_the_handshake_cleanly(payload, message, make_server, guest_uffd):
+    fd, _ = guest_uffd
+    server = make_server()
+    path = server.register_fork("a")
+    conn = _connect(path)
+    try:
+        socket.send_fds(conn, [payload], [fd])
+        with pytest.raises(ForkError, match=message):
+            server.wait_connected("a", timeout=5)
+        stats = server.stats("a")
+        assert stats.state == "failed" and stats.errors == 1
+    finally:
+        conn.close()
+
+
+@needs_uffd
+def test_a_second_fd_is_refused_at_once(make_server, guest_uffd):
+    fd, _ = guest_uffd
+    server = make_server(handshake_timeout=30)
+    path = server.register_fork("a")
+    conn = _connect(path)
+    try:
+        socket.send_fds(conn, [b" "], [fd, fd])  # no mappings yet: refused on the fds alone
+        with pytest.raises(ForkError, match="exactly one uffd"):
+            server.wait_connected("a", timeout=5)
+    finally:
+        conn.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PAGE, needs_uffd
-from pagefork.errors import ForkError, MemFileError
+from pagefork.errors import ForkError, MemFileError, PageforkError
 from pagefork.server import PageServer, ServerConfig
 
 pytestmark = needs_uffd
@@ -223,3 +223,66 @@ def test_multiple_forks_on_one_shared_socket(tmp_path: Path, mem_file: Path, vmm
         ]
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"record_max_pages": 0}, "record_max_pages"),
+        ({"record_max_seconds": -1.0}, "record_max_seconds"),
+        ({"handshake_timeout": float("inf")}, "handshake_timeout"),
+        ({"on_failure": "explode"}, "on_failure"),
+        ({"page_size": 5000}, "power of two"),
+    ],
+)
+def test_bad_settings_are_refused_up_front(tmp_path, mem_file, setting, message):
+    with pytest.raises(PageforkError, match=message):
+        PageServer(ServerConfig(str(mem_file), str(tmp_path), **setting))
+
+
+def test_pending_handshakes_are_bounded_and_the_acceptor_lives_on(no_leaks, make_server, vmms):
+    import socket as socket_mod
+
+    server = make_server(max_pending_handshakes=2, handshake_timeout=30)
+    path = str(server.config.socket_dir) + "/shared.sock"
+    server.listen(path)
+    idle = [socket_mod.socket(socket_mod.AF_UNIX) for _ in range(3)]
+    try:
+        for s in idle:
+            s.connect(path)
+        # The third idle connection is refused: the server closes it.
+        idle[2].settimeout(10)
+        assert idle[2].recv(1) == b""
+        for s in idle[:2]:
+            s.close()
+        # Once the idle ones are gone, a real VMM is served.
+        vmm = vmms(path)
+        assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+        vmm.close()
+    finally:
+        for s in idle:
+            s.close()
+    server.close()
+
+
+def test_shared_socket_ids_never_replace_a_registered_fork(make_server, vmms):
+    server = make_server()
+    registered = server.register_fork("fork-1")
+    shared = str(server.config.socket_dir) + "/shared.sock"
+    server.listen(shared)
+    vmm = vmms(shared)
+    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    assert set(server.forks()) == {"fork-1", "fork-2"}
+    assert server.stats("fork-1").state == "waiting" and os.path.exists(registered)
+
+
+def test_long_socket_paths_that_fit_sun_path_work(tmp_path, mem_file, vmms):
+    deep = tmp_path / ("d" * (100 - len(str(tmp_path)) - len("/x.sock") - 1))
+    deep.mkdir()
+    path = str(deep / "x.sock")
+    assert 95 <= len(path) <= 107
+    with PageServer(ServerConfig(str(mem_file))) as server:
+        server.listen(path)
+        vmm = vmms(path)
+        assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+        vmm.close()

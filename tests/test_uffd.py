@@ -12,6 +12,7 @@ from pagefork import uffd
 from pagefork.errors import UffdError
 from pagefork.regions import Region, RegionMap
 from pagefork.removed import RemovedRanges
+from pagefork.stats import LatencyWindow
 
 
 def test_ioctl_numbers_match_the_kernel_headers() -> None:
@@ -72,10 +73,18 @@ def test_region_map_finds_regions_across_a_hole() -> None:
 
 def test_removed_ranges_merge_and_overlap() -> None:
     rr = RemovedRanges()
-    rr.add(0x3000, 0x5000)
-    rr.add(0x1000, 0x2000)
-    rr.add(0x2000, 0x3000)  # touches both neighbours: one range
-    rr.add(0x8000, 0x9000)
+    assert rr.add(0x3000, 0x5000) == 0x2000
+    assert rr.add(0x1000, 0x2000) == 0x1000
+    assert rr.add(0x2000, 0x3000) == 0x1000  # touches both neighbours: one range
+    assert rr.add(0x8000, 0x9000) == 0x1000
+    assert rr.add(0x1000, 0x4000) == 0  # removed twice: counted once
     assert rr.ranges() == [(0x1000, 0x5000), (0x8000, 0x9000)]
     assert rr.contains(0x4FFF) and not rr.contains(0x5000)
     assert rr.overlaps(0x4000, 0x8800) == [(0x4000, 0x5000), (0x8000, 0x8800)]
+
+
+def test_latency_percentiles_use_nearest_rank() -> None:
+    window = LatencyWindow()
+    for ns in (1000, 2000, 3000, 4000):
+        window.add(ns)
+    assert window.percentiles_us() == {"p50": 2.0, "p90": 4.0, "p99": 4.0, "max": 4.0}

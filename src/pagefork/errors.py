@@ -36,7 +36,12 @@ class HotPageFileError(PageforkError):
 
 
 class PrefetchError(PageforkError):
-    """A hot-page list does not fit a fork's regions, or installing it failed."""
+    """A hot-page list does not fit a fork's regions, or installing it failed.
+
+    ``installed`` counts the pages that were installed before the failure.
+    """
+
+    installed: int = 0
 
 
 class TemplateError(PageforkError):

@@ -16,27 +16,63 @@ from pagefork.errors import HandshakeError
 from pagefork.regions import PAGE_SIZE, Region, overlapping
 
 #: Largest handshake payload we accept; Firecracker's is a few hundred bytes per region.
-MAX_HANDSHAKE_BYTES = 1 << 20
+MAX_HANDSHAKE_BYTES = 64 << 10
+#: Deepest JSON nesting we accept (Firecracker's is 2: an array of objects).
+MAX_NESTING = 16
+
+_OPEN, _CLOSE, _QUOTE, _BACKSLASH = b"[{", b"]}", ord('"'), ord("\\")
+_SPACE = b" \t\r\n"
+
+
+class PayloadScanner:
+    """Tells when a handshake payload that arrives in pieces is whole, in O(bytes) total.
+
+    It follows brackets and strings only: the payload is whole once its top-level array or
+    object closes, or as soon as it cannot be JSON of that shape (then parsing reports why).
+    Re-parsing the whole payload on every read would let a peer that drips bytes make the
+    server's work quadratic.
+    """
+
+    __slots__ = ("_escape", "_in_string", "_open", "_started", "complete")
+
+    def __init__(self) -> None:
+        self._open = bytearray()  # the closing bracket each open one expects
+        self._in_string = False
+        self._escape = False
+        self._started = False
+        self.complete = False
+
+    def feed(self, data: bytes) -> bool:
+        """Scan the next piece; returns :attr:`complete`."""
+        for byte in data:
+            if self.complete:
+                break
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif byte == _BACKSLASH:
+                    self._escape = True
+                elif byte == _QUOTE:
+                    self._in_string = False
+            elif byte in _OPEN:
+                self._started = True
+                self._open.append(_CLOSE[_OPEN.index(byte)])
+                self.complete = len(self._open) > MAX_NESTING
+            elif byte in _CLOSE:
+                # A mismatched or extra bracket can never become valid: parse and say why.
+                self.complete = not self._open or self._open.pop() != byte or not self._open
+            elif byte == _QUOTE and self._started:
+                self._in_string = True
+            elif not self._started and byte not in _SPACE:
+                self.complete = True  # not an array or object: parsing will say so
+        return self.complete
 
 
 def payload_complete(data: bytes) -> bool:
-    """True when ``data`` is ready to parse: one whole JSON value, or bytes that no further
-    data can make valid. False while it is a prefix of a valid value (the payload may arrive
-    over several reads)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # A multi-byte character cut at the end may complete with the next read.
-        return exc.reason != "unexpected end of data"
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as exc:
-        # Errors at the very end, an open string or a cut literal mean "more to come".
-        tail = text[exc.pos :].rstrip()
-        if not tail or exc.msg.startswith("Unterminated string"):
-            return False
-        return not any(word.startswith(tail) for word in ("true", "false", "null"))
-    return True
+    """True when ``data`` is ready to parse: one whole JSON array or object, or bytes that
+    cannot become one. False while more may follow (the payload may arrive over several
+    reads)."""
+    return PayloadScanner().feed(data)
 
 
 def _int_field(entry: dict[str, Any], name: str, index: int) -> int:
@@ -79,6 +115,8 @@ def parse_mappings(
         raise HandshakeError("handshake payload is not UTF-8") from None
     try:
         doc = json.loads(text)
+    except RecursionError:
+        raise HandshakeError("handshake payload is nested too deeply") from None
     except ValueError as exc:
         raise HandshakeError(f"handshake payload is not JSON: {exc}") from None
     if isinstance(doc, dict) and "mappings" in doc:

@@ -265,7 +265,8 @@ def encode_hpl1(pages: Iterable[tuple[int, int]]) -> bytes:
 def _time_to_varint(t: float | None) -> int:
     if t is None:
         return 0
-    return max(0, round(t * 1_000_000)) + 1
+    # Clamped: a time read from a file may sit at the top of the varint range.
+    return min(max(0, round(t * 1_000_000)) + 1, _U64_MAX)
 
 
 def encode_hpl2(hot: HotPageList, *, with_times: bool | None = None) -> bytes:

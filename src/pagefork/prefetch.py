@@ -451,8 +451,10 @@ def execute_plan(
                     tally.installed_bytes += run.length
                     continue
             _install_run(run, delta, target, src_base, tally, deadline, clock, first_error)
-    except BaseException:
+    except BaseException as exc:
         _wake_regions(plan, deltas, target, tally, quiet=True)
+        if isinstance(exc, PrefetchError):
+            exc.installed = tally.installed
         raise
     _wake_regions(plan, deltas, target, tally, quiet=False)
     return PrefetchResult(

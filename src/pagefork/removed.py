@@ -26,18 +26,24 @@ class RemovedRanges:
     def __len__(self) -> int:
         return len(self._starts)
 
-    def add(self, start: int, end: int) -> None:
-        """Add ``[start, end)``, merging with neighbours it touches or overlaps."""
+    def add(self, start: int, end: int) -> int:
+        """Add ``[start, end)``, merging with neighbours it touches or overlaps; returns how
+        many bytes were not removed before."""
         if end <= start:
-            return
+            return 0
         with self._lock:
             lo = bisect.bisect_left(self._ends, start)
             hi = bisect.bisect_right(self._starts, end)
+            known = sum(
+                max(0, min(end, self._ends[i]) - max(start, self._starts[i])) for i in range(lo, hi)
+            )
+            fresh = end - start - known
             if lo < hi:
                 start = min(start, self._starts[lo])
                 end = max(end, self._ends[hi - 1])
             self._starts[lo:hi] = [start]
             self._ends[lo:hi] = [end]
+            return fresh
 
     def contains(self, address: int) -> bool:
         """True when ``address`` lies in a removed range."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import re
 import select
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from pagefork.errors import ForkError, PageforkError
+from pagefork.errors import ForkError, PageforkError, PrefetchError
 from pagefork.hotpages import HotPage, HotPageList, HotPageRecorder
 from pagefork.memfile import MemFile
 from pagefork.prefetch import PrefetchPlan, PrefetchResult, execute_plan, plan_prefetch
@@ -37,6 +38,8 @@ from pagefork.stats import ForkStats
 log = logging.getLogger("pagefork")
 
 _FORK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: How long accepting pauses when the server is out of fds or memory.
+_ACCEPT_BACKOFF = 0.1
 #: Prefetch plans kept (one per hot set and region layout; a template usually needs one).
 _PLAN_CACHE_SIZE = 16
 #: sun_path holds 108 bytes including the terminating NUL.
@@ -51,8 +54,9 @@ class ServerConfig:
     ``on_failure`` is what a fork-fatal error does to the VMM: ``kill`` (SIGKILL its pid, as
     Firecracker's docs advise: a guest whose handler is gone hangs forever) or ``close``.
     ``record_hot_pages`` records every fork; ``record_max_pages`` / ``record_max_seconds``
-    bound the recording window. ``on_fork_end`` / ``on_connect`` are called from the fork's
-    thread with its id.
+    bound the recording window. At most ``max_pending_handshakes`` connections may wait for
+    their handshake at once; more are refused. ``on_fork_end`` / ``on_connect`` are called
+    with the fork's id.
     """
 
     mem_file_path: str
@@ -63,6 +67,7 @@ class ServerConfig:
     record_hot_pages: bool = False
     record_max_pages: int | None = None
     record_max_seconds: float | None = None
+    max_pending_handshakes: int = 64
     on_connect: Callable[[str], None] | None = None
     on_fork_end: Callable[[str, ForkStats], None] | None = None
     on_window_closed: Callable[[str, HotPageList], None] | None = None
@@ -78,6 +83,33 @@ class _Fork:
     sessions_seen: int = 0
     ephemeral: bool = False
     last_error: str | None = None
+
+
+def _check_config(config: ServerConfig) -> None:
+    """Refuse settings that would only fail later, on some fork's thread."""
+
+    def positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
+        if value is None and allow_none:
+            return
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise PageforkError(f"{name} must be a positive number, not {value!r}")
+
+    page_size = config.page_size
+    if page_size and (page_size < 4096 or page_size & (page_size - 1)):
+        raise PageforkError(f"page size {page_size} is not a power of two >= 4096")
+    if config.on_failure not in ("kill", "close"):
+        raise PageforkError(f"on_failure must be 'kill' or 'close', not {config.on_failure!r}")
+    positive("handshake_timeout", config.handshake_timeout, allow_none=False)
+    positive("record_max_pages", config.record_max_pages)
+    positive("record_max_seconds", config.record_max_seconds)
+    positive("max_pending_handshakes", config.max_pending_handshakes, allow_none=False)
+
+
+def _readable_within(fd: int, timeout: float) -> bool:
+    """True when ``fd`` becomes readable within ``timeout`` seconds."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
 
 
 def validate_fork_id(fork_id: str) -> str:
@@ -120,16 +152,22 @@ def bind_private_socket(path: str) -> socket.socket:
     except OSError as exc:
         raise ForkError(f"cannot create a socket in {parent}: {exc.strerror}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    dirfd = -1
     try:
         tmp = os.path.join(tmpdir, "s")
-        sock.bind(tmp)
+        # Bound through the directory's fd: the temporary path may be longer than sun_path
+        # allows even when the final one fits.
+        dirfd = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        sock.bind(f"/proc/self/fd/{dirfd}/s")
         os.chmod(tmp, 0o600)
         os.rename(tmp, path)
         sock.listen(64)
     except OSError as exc:
         sock.close()
-        raise ForkError(f"cannot listen on {path}: {exc.strerror}") from None
+        raise ForkError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     finally:
+        if dirfd >= 0:
+            os.close(dirfd)
         shutil.rmtree(tmpdir, ignore_errors=True)
     return sock
 
@@ -144,10 +182,7 @@ class PageServer:
             handshake_timeout=config.handshake_timeout,
             page_size=config.page_size,
         )
-        if config.page_size and (
-            config.page_size < 4096 or config.page_size & (config.page_size - 1)
-        ):
-            raise PageforkError(f"page size {config.page_size} is not a power of two >= 4096")
+        _check_config(config)
         if config.socket_dir is not None and not os.path.isdir(config.socket_dir):
             raise ForkError(f"socket directory {config.socket_dir} does not exist")
         self.memfile = MemFile(config.mem_file_path)
@@ -158,6 +193,7 @@ class PageServer:
         self._listeners: dict[int, _Fork | None] = {}
         self._shared: dict[int, tuple[socket.socket, str, bool | Callable[[str], bool] | None]] = {}
         self._next_conn = 0
+        self._pending: set[ForkSession] = set()  # accepted, handshake not in yet
         self._plans: OrderedDict[tuple[object, ...], tuple[HotPageList, PrefetchPlan]] = (
             OrderedDict()
         )
@@ -325,8 +361,13 @@ class PageServer:
         plan = self._plan(hot_pages, regions)
 
         def run(port: PrefetchPort) -> PrefetchResult:
-            result = execute_plan(plan, port, regions=regions, timeout=timeout)
-            session.stats.prefetched_pages += result.installed  # under the prefetch lock
+            # Counted under the fork's prefetch lock, including what a failed one installed.
+            try:
+                result = execute_plan(plan, port, regions=regions, timeout=timeout)
+            except PrefetchError as exc:
+                session.stats.prefetched_pages += exc.installed
+                raise
+            session.stats.prefetched_pages += result.installed
             return result
 
         result = session.run_prefetch(run)
@@ -373,50 +414,90 @@ class PageServer:
                 with self._lock:
                     if self._closed or fd not in self._listeners:
                         continue
-                    self._accept(fd)
+                    try:
+                        backoff = self._accept(fd)
+                    except Exception:  # the acceptor must outlive any one connection
+                        log.exception("accepting a connection failed")
+                        backoff = True
+                if backoff and _readable_within(self._wake_fd, _ACCEPT_BACKOFF):
+                    return
 
-    def _accept(self, fd: int) -> None:
-        """Accept one connection on listener ``fd`` (called with the lock held)."""
+    def _accept(self, fd: int) -> bool:
+        """Accept one connection on listener ``fd`` (called with the lock held).
+
+        Returns True when the server is out of resources (fds, memory) and accepting should
+        pause briefly rather than spin on a listener that stays readable.
+        """
         entry = self._listeners[fd]
         sock = entry.listener if entry is not None else self._shared[fd][0]
         assert sock is not None
         try:
             conn, _ = sock.accept()
         except OSError as exc:
-            log.warning("accept failed: %s", exc.strerror)
-            return
+            log.warning("accept failed: %s", exc.strerror or exc)
+            return exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+        if len(self._pending) >= self.config.max_pending_handshakes:
+            # Each connection holds a thread until its handshake is in: bound them.
+            log.warning("refusing a connection: %d handshakes already pending", len(self._pending))
+            conn.close()
+            return False
+        ephemeral = entry is None
         if entry is None:
-            self._next_conn += 1
-            fork_id = f"fork-{self._next_conn}"
+            fork_id = self._next_ephemeral_id()
             rule = self._shared[fd][2]
-            record = rule(fork_id) if callable(rule) else rule
-            if record is None:
-                record = self.config.record_hot_pages
-            entry = _Fork(fork_id, record=record, ephemeral=True)
-            self._forks[fork_id] = entry
+            try:
+                record = rule(fork_id) if callable(rule) else rule
+            except Exception:
+                log.exception("fork %s: the record rule failed; not recording", fork_id)
+                record = False
+            entry = _Fork(
+                fork_id,
+                record=self.config.record_hot_pages if record is None else record,
+                ephemeral=True,
+            )
         elif entry.session is not None and not (
             entry.session.ended.is_set() and not entry.session.connected.is_set()
         ):
             # One VMM per fork socket; a retry is allowed only after a failed handshake.
             log.warning("fork %s: refusing a second connection", entry.fork_id)
             conn.close()
-            return
+            return False
+        session: ForkSession | None = None
+        try:
+            session = ForkSession(
+                entry.fork_id,
+                conn,
+                self.memfile,
+                self._options,
+                self._make_recorder(entry.fork_id) if entry.record else None,
+                on_connect=self._session_connected,
+                on_end=self._session_ended,
+            )
+            self._pending.add(session)
+            session.start()
+        except Exception as exc:
+            if session is not None:
+                self._pending.discard(session)
+                session.discard()
+            conn.close()
+            log.error("fork %s: cannot start a session: %s", entry.fork_id, exc)
+            return isinstance(exc, OSError)
         if entry.session is not None:
             entry.last_error = entry.session.stats.error
-        recorder = self._make_recorder(entry.fork_id) if entry.record else None
-        session = ForkSession(
-            entry.fork_id,
-            conn,
-            self.memfile,
-            self._options,
-            recorder,
-            on_connect=self._session_connected,
-            on_end=self._session_ended,
-        )
+        if ephemeral:
+            self._forks[entry.fork_id] = entry
         entry.session = session
         entry.sessions_seen += 1
-        session.start()
         self._changed.notify_all()
+        return False
+
+    def _next_ephemeral_id(self) -> str:
+        # Skip ids a registered fork already has: never replace another fork's entry.
+        while True:
+            self._next_conn += 1
+            fork_id = f"fork-{self._next_conn}"
+            if fork_id not in self._forks:
+                return fork_id
 
     def _make_recorder(self, fork_id: str) -> HotPageRecorder:
         cb = self.config.on_window_closed
@@ -449,6 +530,7 @@ class PageServer:
 
     def _session_connected(self, session: ForkSession) -> None:
         with self._changed:
+            self._pending.discard(session)
             self._changed.notify_all()
         if self.config.on_connect is not None:
             # Off the fork's thread: the callback may prefetch while the fault loop serves.
@@ -456,6 +538,7 @@ class PageServer:
 
     def _session_ended(self, session: ForkSession) -> None:
         with self._lock:
+            self._pending.discard(session)
             entry = self._forks.get(session.fork_id)
             if entry is not None and entry.session is session:
                 if session.stats.error:

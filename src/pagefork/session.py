@@ -9,6 +9,7 @@ next to the ioctl it concerns.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pagefork import uffd
 from pagefork.errors import ForkError, HandshakeError, PrefetchError
-from pagefork.handshake import MAX_HANDSHAKE_BYTES, parse_mappings, payload_complete
+from pagefork.handshake import MAX_HANDSHAKE_BYTES, PayloadScanner, parse_mappings
 from pagefork.memfile import MemFile
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.removed import RemovedRanges
@@ -206,6 +207,14 @@ class ForkSession:
             if threading.current_thread() is not self._thread:
                 self._thread.join(timeout)
 
+    def discard(self) -> None:
+        """Release what a session that never started holds (its connection is the caller's)."""
+        if self._thread.ident is None:
+            with self._stop_lock:
+                if self._stop_fd >= 0:
+                    os.close(self._stop_fd)
+                    self._stop_fd = -1
+
     def join(self, timeout: float | None = None) -> None:
         """Wait for the session's thread to end."""
         self._thread.join(timeout)
@@ -213,7 +222,9 @@ class ForkSession:
     def _run(self) -> None:
         try:
             self._handshake()
-        except HandshakeError as exc:
+        except Exception as exc:  # a peer's bytes must never take more than its own fork
+            if not isinstance(exc, HandshakeError):
+                log.exception("fork %s: handshake failed unexpectedly", self.fork_id)
             log.warning("fork %s: bad handshake: %s", self.fork_id, exc)
             self.stats.state = "failed"
             self.stats.errors += 1
@@ -293,8 +304,9 @@ class ForkSession:
         deadline = time.monotonic() + self._opts.handshake_timeout
         data = bytearray()
         fds: list[int] = []
+        scanner = PayloadScanner()
         try:
-            while not payload_complete(bytes(data)):
+            while not scanner.complete:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise HandshakeError(
@@ -305,12 +317,14 @@ class ForkSession:
                     raise HandshakeError("server stopped before the handshake completed")
                 if not ready:
                     continue
-                msg, anc, flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+                # Room for two fds: one is right, a second is refused at once (the kernel
+                # closes any that do not fit), so a peer cannot pile fds up in the server.
+                msg, anc, flags, _ = conn.recvmsg(MAX_HANDSHAKE_BYTES, socket.CMSG_SPACE(2 * 4))
                 for level, kind, payload in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-                if flags & socket.MSG_CTRUNC:
-                    raise HandshakeError("too many file descriptors in the handshake")
+                if flags & socket.MSG_CTRUNC or len(fds) > 1:
+                    raise HandshakeError("expected exactly one uffd with the mappings, got more")
                 if not msg:
                     raise HandshakeError(
                         f"peer closed the connection after {len(data)} bytes, before the "
@@ -319,6 +333,7 @@ class ForkSession:
                 data += msg
                 if len(data) > MAX_HANDSHAKE_BYTES:
                     raise HandshakeError(f"handshake payload exceeds {MAX_HANDSHAKE_BYTES} bytes")
+                scanner.feed(msg)
             if len(fds) != 1:
                 raise HandshakeError(f"expected exactly one uffd with the mappings, got {len(fds)}")
             if not uffd.is_userfaultfd(fds[0]):
@@ -422,8 +437,7 @@ class ForkSession:
     def _handle_other(self, event: int, a: int, b: int, c: int) -> None:
         if event == uffd.UFFD_EVENT_REMOVE:
             # Balloon inflation: template bytes are stale here from now on; serve zeros.
-            self.removed.add(a, b)
-            self.stats.removed_bytes += b - a
+            self.stats.removed_bytes += self.removed.add(a, b)
         elif event == uffd.UFFD_EVENT_REMAP:
             self._remap(a, b, c)
         elif event == uffd.UFFD_EVENT_UNMAP:
@@ -498,8 +512,11 @@ class ForkSession:
                 else:
                     stats.pages_copied -= 1
                 if exc.errno == errno.EEXIST:
-                    # Prefetch or another vCPU installed it first: the page is there.
+                    # Prefetch or another vCPU installed it first: the page is there. Prefetch
+                    # copies with DONTWAKE, so the faulting thread may still sleep: wake it.
                     stats.already_present += 1
+                    with contextlib.suppress(OSError):
+                        ioctls.wake(dst, psize)
                 elif exc.errno == errno.EAGAIN:
                     # An unread non-cooperative event (REMOVE) blocks copies: defer, read
                     # the events, retry.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,7 +40,8 @@ class LatencyWindow:
         if n == 0:
             return {}
         values = sorted(self._ring[:n])
-        out = {f"p{p:g}": values[min(n - 1, int(p / 100 * n))] / 1000 for p in points}
+        # Nearest rank: the smallest value with at least p% of the samples at or below it.
+        out = {f"p{p:g}": values[max(0, math.ceil(p / 100 * n) - 1)] / 1000 for p in points}
         out["max"] = values[-1] / 1000
         return out
 
