@@ -22,11 +22,15 @@ import pytest
 from conftest import needs_uffd
 from pagefork.cli import main
 from pagefork.daemon.client import DaemonClient, DaemonError
+from pagefork.daemon.manager import ForkManager, ManagerConfig
 from pagefork.daemon.metrics import DaemonMetrics
 from pagefork.daemon.service import Daemon
-from pagefork.errors import PageforkError
+from pagefork.errors import PageforkError, VmmError
+from pagefork.hotpages import HotPageList
 from pagefork.stats import ForkStats
+from pagefork.templates import TemplateRegistry
 from pagefork.testing.fcdouble import FcDoubleProcess
+from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
 from pagefork.vmm.firecracker import create_snapshot
 from pagefork.vmm.kvm import orchestrate
 from pagefork.vmm.kvm.process import ForkProcess
@@ -482,3 +486,342 @@ def test_metrics_add_ended_and_live_forks_and_bucket_latencies() -> None:
     assert 'pagefork_fault_latency_seconds_bucket{le="+Inf",template="a"} 4.0' in text
     assert _metric(text, "pagefork_fault_latency_seconds_count", "a") == 4
     assert "pagefork_templates 3.0" in text
+
+
+# --- races, ownership of the state directory, validation ---------------------------------------
+
+
+class _FakeHandle(VmmHandle):
+    """A VMM handle that counts stops; ``stop`` can be held at a barrier."""
+
+    def __init__(self, fork_id: str, hold_stop: bool = False) -> None:
+        self.fork_id = fork_id
+        self.stops = 0
+        self.hold_stop = hold_stop
+        self.stopping = threading.Event()
+        self.proceed = threading.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    def resume(self) -> None:
+        pass
+
+    def wait(self, timeout: float) -> dict[str, Any]:
+        return {}
+
+    def stop(self) -> None:
+        self.stops += 1
+        self.stopping.set()
+        if self.hold_stop:
+            assert self.proceed.wait(10)
+
+
+class _GatedDriver(VmmDriver):
+    """A driver whose ``restore`` signals ``entered`` and blocks until ``proceed``; then it
+    returns a :class:`_FakeHandle`, or raises ``fail`` if set."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.proceed = threading.Event()
+        self.fail: BaseException | None = None
+        self.handles: list[_FakeHandle] = []
+
+    def restore(self, request: RestoreRequest, timeout: float = 30.0) -> VmmHandle:
+        self.entered.set()
+        assert self.proceed.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        handle = _FakeHandle(request.fork_id)
+        self.handles.append(handle)
+        return handle
+
+
+class _SignallingEvent(threading.Event):
+    """An Event that reports when somebody starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
+
+def _fc_template(client: DaemonClient, tmp_path: Path, tid: str, pages: int = 4) -> dict[str, Any]:
+    mem = tmp_path / f"{tid}-{pages}.mem"
+    mem.write_bytes(bytes(pages * 4096))
+    snap = tmp_path / f"{tid}.snap"
+    snap.write_bytes(b"state")
+    return client.create_template(tid, "firecracker", mem_file=str(mem), snapshot_path=str(snap))
+
+
+def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_a_fork_released_twice_at_once_is_counted_once(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon, client = start_daemon(drivers={})
+    _fc_template(client, tmp_path, "t")
+    client.create_fork("t", "keep")
+    client.create_fork("t", "dup")
+    handle = _FakeHandle("dup", hold_stop=True)
+    daemon.manager.fork("dup").handle = handle  # the first release stops at its VMM's stop
+
+    first, out = _in_thread(lambda: client.release_fork("dup"))
+    assert handle.stopping.wait(10)
+    with pytest.raises(DaemonError, match="unknown fork 'dup'") as info:
+        client.release_fork("dup")  # the first release has claimed it
+    assert info.value.status == 404
+    handle.proceed.set()
+    first.join(10)
+    assert out["result"]["released"] == "dup" and handle.stops == 1
+    assert client.template("t")["live_forks"] == 1
+    with pytest.raises(DaemonError, match="in use by 1 live fork") as info:
+        client.delete_template("t")
+    assert info.value.status == 409
+    client.release_fork("keep")
+    client.delete_template("t")
+
+
+def test_delete_is_refused_while_the_daemon_serves_forks_whatever_the_record_says(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon, client = start_daemon(drivers={})
+    _fc_template(client, tmp_path, "t")
+    client.create_fork("t", "f")
+    daemon.registry.release("t")  # the on-disk count is wrong (as a double release left it)
+    assert client.template("t")["live_forks"] == 0
+    with pytest.raises(DaemonError, match="in use by 1 live fork") as info:
+        client.delete_template("t")
+    assert info.value.status == 409
+    client.release_fork("f")
+    client.delete_template("t")
+
+
+def test_a_template_created_again_never_gets_the_old_page_server(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon, client = start_daemon(drivers={})
+    old = _fc_template(client, tmp_path, "t", pages=4)
+    client.create_fork("t", "old-fork")
+    # Deleted behind the daemon's back (the registry alone trusts its record's count).
+    daemon.registry.release("t")
+    daemon.registry.delete("t")
+    new = _fc_template(client, tmp_path, "t", pages=8)
+    assert new["created"] != old["created"]
+    client.create_fork("t", "new-fork")
+    manager = daemon.manager
+    old_server = manager._state_of(manager.fork("old-fork"))
+    new_server = manager._state_of(manager.fork("new-fork"))
+    assert old_server is not new_server
+    assert new_server.record.mem_file == new["mem_file"] != old["mem_file"]
+    client.release_fork("old-fork")  # does not count down the new template's forks
+    assert client.template("t")["live_forks"] == 1
+    client.release_fork("new-fork")
+    assert client.template("t")["live_forks"] == 0
+
+
+def test_a_hot_set_cached_for_a_deleted_template_is_not_served_to_its_successor(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    daemon, client = start_daemon(drivers={})
+    record = _fc_template(client, tmp_path, "s")
+    HotPageList.from_pages([(0, 0), (0, 4096)]).save(record["hot_pages_path"])
+    stale_record = daemon.registry.get("s")  # a GET /metrics read the record, loaded ...
+    stale = daemon.manager._hot_set_of(stale_record)
+    assert stale is not None
+    client.delete_template("s")
+    # ... and cached the deleted template's hot set only after the delete forgot it.
+    daemon.manager._hot["s"] = (stale_record.created, stale)
+    _fc_template(client, tmp_path, "s")
+    assert client.template("s")["hot_pages"] == 0
+    fork = client.create_fork("s")
+    assert fork["role"] == "warmup"
+    client.release_fork(fork["fork"])
+
+
+def test_release_during_the_vmm_start_is_carried_out_by_the_creator(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    driver = _GatedDriver()
+    daemon, client = start_daemon(drivers={"gated": driver})
+    _fc_template(client, tmp_path, "t")
+    creator, created = _in_thread(lambda: client.create_fork("t", "s", vmm="gated"))
+    assert driver.entered.wait(10)  # the fork is registered, its VMM restoring
+    fork = daemon.manager.fork("s")
+    assert fork.phase == "starting" and client.fork("s")["phase"] == "starting"
+    released_event = _SignallingEvent()
+    fork.released = released_event
+    releaser, released = _in_thread(lambda: client.release_fork("s"))
+    assert released_event.waiting.wait(10)  # the release waits for the creator
+    with pytest.raises(DaemonError, match="unknown fork 's'"):
+        client.release_fork("s")  # only one release claims it
+    driver.proceed.set()
+    creator.join(10)
+    releaser.join(10)
+    error = created["error"]
+    assert isinstance(error, DaemonError) and error.status == 409
+    assert "was released while its VMM was starting" in str(error)
+    assert released["result"]["released"] == "s"
+    [handle] = driver.handles
+    assert handle.stops == 1  # the handle the release could not see is stopped
+    assert client.forks() == [] and client.template("t")["live_forks"] == 0
+
+
+def test_a_failed_vmm_start_reports_its_own_error_even_when_released_meanwhile(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    driver = _GatedDriver()
+    driver.fail = VmmError("restore exploded")
+    daemon, client = start_daemon(drivers={"gated": driver})
+    _fc_template(client, tmp_path, "t")
+    creator, created = _in_thread(lambda: client.create_fork("t", "s", vmm="gated"))
+    assert driver.entered.wait(10)
+    released_event = _SignallingEvent()
+    daemon.manager.fork("s").released = released_event
+    releaser, released = _in_thread(lambda: client.release_fork("s"))
+    assert released_event.waiting.wait(10)
+    driver.proceed.set()
+    creator.join(10)
+    releaser.join(10)
+    error = created["error"]
+    assert isinstance(error, DaemonError) and error.status == 502
+    assert "restore exploded" in str(error)  # not "unknown fork"
+    assert released["result"]["released"] == "s"
+    assert client.forks() == [] and client.template("t")["live_forks"] == 0
+
+
+def test_a_failure_after_the_restore_stops_the_vmm_and_keeps_its_error(tmp_path: Path) -> None:
+    registry = TemplateRegistry(tmp_path / "state")
+    mem = tmp_path / "mem"
+    mem.write_bytes(bytes(4 * 4096))
+    (tmp_path / "snap").write_bytes(b"state")
+    registry.create_from_snapshot("t", mem, tmp_path / "snap")
+    driver = _GatedDriver()
+    driver.proceed.set()
+    config = ManagerConfig(socket_dir=str(tmp_path / "forks"), prefetch_timeout=0.05)
+    manager = ForkManager(registry, config, {"gated": driver})
+    try:
+        # Nobody connects to the fork's socket: the prefetch after the restore fails.
+        with pytest.raises(PageforkError) as info:
+            manager.create_fork("t", "f", "gated")
+        assert "unknown fork" not in str(info.value)
+        [handle] = driver.handles
+        assert handle.stops == 1
+        assert manager.forks() == [] and registry.get("t").live_forks == 0
+    finally:
+        manager.close()
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused_before_it_touches_anything(
+    start_daemon: StartDaemon,
+    tmp_path: Path,
+    short_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    daemon, client = start_daemon(drivers={})
+    _fc_template(client, tmp_path, "t")
+    fork = client.create_fork("t", "f")
+    leftover = daemon.registry.root / ".new-x-123"
+    leftover.mkdir()
+    other = str(short_dir / "other.sock")
+    with pytest.raises(PageforkError, match="in use by another daemon"):
+        Daemon(tmp_path / "state", other, socket_dir=str(short_dir / "forks"))
+    state = ["--state-dir", str(tmp_path / "state"), "--socket-dir", str(short_dir / "forks")]
+    assert main(["daemon", *state, "--control", other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by another daemon" in err[0]
+    # The running daemon is untouched: its fork's socket, its counts, its control socket.
+    assert os.path.exists(fork["socket"]) and not os.path.exists(other)
+    assert client.template("t")["live_forks"] == 1 and leftover.exists()
+    assert [f["fork"] for f in client.forks()] == ["f"]
+    client.release_fork("f")
+    daemon.close()
+    # Once it is gone the state directory is free, and the new owner cleans up.
+    start_daemon(drivers={})
+    assert not leftover.exists()
+
+
+def test_invalid_template_requests_get_400_naming_the_field(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, client = start_daemon(drivers={})
+    control = client.control_path
+    odd = tmp_path / "odd"
+    odd.write_bytes(bytes(5000))
+    good = tmp_path / "good"
+    good.write_bytes(bytes(8192))
+
+    def fc(mem: Path | str, snap: Path | str, **extra: Any) -> bytes:
+        doc = {"id": "x", "kind": "firecracker", "mem_file": str(mem), "snapshot_path": str(snap)}
+        return json.dumps({**doc, **extra}).encode()
+
+    cases = [
+        (fc(tmp_path / "nope", good), "field 'mem_file'"),
+        (fc(good, tmp_path / "nope"), "field 'snapshot_path'"),
+        (fc(odd, good), "field 'mem_file'"),
+        (fc(good, good, page_size=5000), "field 'page_size'"),
+        (
+            b'{"id": "x", "kind": "kvm", "mem_size_mib": 4, "variants": 1024}',
+            "'mem_size_mib'",
+        ),
+    ]
+    for body, message in cases:
+        status, doc = _raw(control, "POST", "/templates", body)
+        assert (status, message in doc["error"]) == (400, True), (body, doc)
+    assert client.templates()["templates"] == []
+
+
+def test_invalid_driver_options_get_400_and_start_nothing(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    from pagefork.vmm.firecracker import FirecrackerDriver
+    from pagefork.vmm.kvm.driver import KvmDriver
+
+    drivers = {"firecracker": FirecrackerDriver(), "kvm": KvmDriver()}
+    _, client = start_daemon(drivers=drivers)
+    _fc_template(client, tmp_path, "fc")
+    cases = [
+        ("firecracker", {"api_socket": "/x.sock", "api_timeout": "soon"}, "'api_timeout'"),
+        ("firecracker", {"api_socket": "/x.sock", "stop_timeout": "soon"}, "'stop_timeout'"),
+        ("firecracker", {"api_socket": "/x.sock", "load_fields": [1]}, "'load_fields'"),
+        ("firecracker", {"api_socket": "/x.sock", "stop": "halt"}, "'stop'"),
+        ("kvm", {"fork_index": -1}, "'fork_index'"),
+        ("kvm", {"fork_index": "one"}, "'fork_index'"),
+    ]
+    for vmm, options, message in cases:
+        with pytest.raises(DaemonError, match=message) as info:
+            client.create_fork("fc", vmm=vmm, options=options)
+        assert info.value.status == 400, (vmm, options)
+    assert client.forks() == [] and client.template("fc")["live_forks"] == 0
+
+
+def test_a_template_deleted_before_the_fork_acquires_it_is_404(
+    start_daemon: StartDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, client = start_daemon(drivers={})
+    _fc_template(client, tmp_path, "t")
+    client.delete_template("t")
+    # The route's existence check passed just before the delete.
+    monkeypatch.setattr(daemon.registry, "exists", lambda _tid: True)
+    status, doc = _raw(client.control_path, "POST", "/forks", b'{"template": "t"}')
+    assert (status, doc["error"]) == (404, "unknown template 't'")
+    status, doc = _raw(client.control_path, "DELETE", "/templates/t", b"")
+    assert (status, doc["error"]) == (404, "unknown template 't'")

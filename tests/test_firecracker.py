@@ -16,17 +16,21 @@ from typing import Any
 
 import pytest
 
-from conftest import PAGE, needs_uffd
+from conftest import PAGE, needs_uffd, open_fds
 from pagefork.errors import VmmError
 from pagefork.hotpages import HotPage
 from pagefork.server import PageServer
 from pagefork.testing.fcdouble import DoubleSnapshot, FcDoubleProcess
+from pagefork.vmm import firecracker
 from pagefork.vmm.base import RestoreRequest
 from pagefork.vmm.firecracker import (
     FirecrackerApi,
+    FirecrackerApiError,
     FirecrackerDriver,
+    FirecrackerOptionError,
     create_snapshot,
     fault_message,
+    parse_options,
     snapshot_create_body,
     snapshot_load_body,
     vm_state_body,
@@ -324,3 +328,98 @@ def test_snapshot_of_a_running_vm_is_refused(
         fc.api.request("PUT", "/snapshot/create", body)
     with pytest.raises(VmmError, match="not allowed after configuring boot-specific"):
         fc.api.request("PUT", "/snapshot/load", snapshot_load_body("s", "u"))
+
+
+# --- driver options and failure cleanup ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"api_timeout": "soon"}, "api_timeout"),
+        ({"api_timeout": 0}, "api_timeout"),
+        ({"api_timeout": True}, "api_timeout"),
+        ({"stop_timeout": "soon"}, "stop_timeout"),
+        ({"stop_timeout": float("nan")}, "stop_timeout"),
+        ({"stop": "halt"}, "stop"),
+        ({"load_fields": [1]}, "load_fields"),
+        ({"load_fields": {"mem_backend": {}}}, "load_fields"),
+        ({"api_socket": 5}, "api_socket"),
+        ({"stop_timout": 5}, "stop_timout"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(options: dict[str, Any], option: str) -> None:
+    with pytest.raises(FirecrackerOptionError, match=f"^option {option!r} ") as info:
+        parse_options({"api_socket": "/a.sock", **options})
+    assert info.value.option == option
+    with pytest.raises(FirecrackerOptionError):
+        FirecrackerDriver().check_options(options)
+
+
+def test_options_parse_with_defaults() -> None:
+    opts = parse_options({"api_socket": "/a", "stop_timeout": 2, "load_fields": {"x": 1}})
+    assert (opts.api_socket, opts.api_timeout, opts.stop, opts.stop_timeout) == (
+        "/a",
+        None,
+        "kill",
+        2.0,
+    )
+    assert opts.load_fields == {"x": 1}
+    FirecrackerDriver().check_options({})  # api_socket is restore's to require
+
+
+@needs_uffd
+def test_bad_option_sends_nothing_and_leaks_no_pidfd(
+    doubles: Callable[..., FcDoubleProcess],
+    make_server: Callable[..., PageServer],
+    tmp_path: Path,
+    mem_file: Path,
+) -> None:
+    server = make_server()
+    fc = doubles()
+    req = _request("f", server.register_fork("f"), _snapshot(tmp_path, mem_file, []), fc.api_sock)
+    req.options["stop_timeout"] = "soon"  # was read only after the load had succeeded
+    fds = open_fds()
+    with pytest.raises(FirecrackerOptionError, match="'stop_timeout'"):
+        FirecrackerDriver().restore(req)
+    assert open_fds() <= fds
+    assert fc.requests() == []  # nothing loaded: the VMM is as it was
+    assert fc.api.request("GET", "/")["state"] == "Not started"
+
+
+@needs_uffd
+def test_failure_after_the_load_kills_firecracker_and_closes_the_pidfd(
+    doubles: Callable[..., FcDoubleProcess],
+    make_server: Callable[..., PageServer],
+    tmp_path: Path,
+    mem_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = make_server()
+    fc = doubles()
+    req = _request("f", server.register_fork("f"), _snapshot(tmp_path, mem_file, []), fc.api_sock)
+
+    def broken_handle(*args: object) -> None:
+        raise RuntimeError("handle construction failed")
+
+    monkeypatch.setattr(firecracker, "FirecrackerHandle", broken_handle)
+    fds = open_fds()
+    with pytest.raises(RuntimeError, match="handle construction failed"):
+        FirecrackerDriver().restore(req)
+    assert fc.wait(10) == -9  # loaded with nobody to drive it: killed, not left hanging
+    assert open_fds() <= fds
+
+
+@needs_uffd
+def test_refused_load_leaves_firecracker_alone_and_closes_the_pidfd(
+    doubles: Callable[..., FcDoubleProcess], tmp_path: Path, mem_file: Path
+) -> None:
+    fc = doubles()
+    missing = str(tmp_path / "no-handler.sock")
+    req = _request("f", missing, _snapshot(tmp_path, mem_file, None), fc.api_sock)
+    fds = open_fds()
+    with pytest.raises(FirecrackerApiError, match="400") as info:
+        FirecrackerDriver().restore(req, timeout=10)
+    assert info.value.status == 400
+    assert open_fds() <= fds
+    assert fc.proc.poll() is None  # it refused: its state is unchanged, it is not ours to kill

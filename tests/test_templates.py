@@ -12,8 +12,10 @@ from conftest import make_mem_file
 from pagefork.errors import TemplateError
 from pagefork.templates import (
     RECORD_FILE,
+    TemplateFieldError,
     TemplateRecord,
     TemplateRegistry,
+    UnknownTemplateError,
     kind_of,
     validate_template_id,
 )
@@ -161,3 +163,68 @@ def test_microvm_template_builds_and_loads(tmp_path: Path) -> None:
     assert str(template.mem_file) == record.mem_file and template.variants == 2
     template.close()
     assert reg.get("vm") == record
+
+
+def test_creation_errors_name_the_request_field(
+    tmp_path: Path, snapshot: tuple[Path, Path]
+) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    mem, state = snapshot
+    odd = tmp_path / "odd"
+    odd.write_bytes(b"x" * 5000)
+    cases = [
+        ((tmp_path / "nope", state, 4096), ("mem_file",)),
+        ((mem, tmp_path / "nope", 4096), ("snapshot_path",)),
+        ((odd, state, 4096), ("mem_file",)),
+        ((mem, state, 5000), ("page_size",)),
+    ]
+    for (m, s, page_size), fields in cases:
+        with pytest.raises(TemplateFieldError) as info:
+            reg.create_from_snapshot("a", m, s, page_size=page_size)
+        assert info.value.fields == fields
+        assert str(info.value).startswith(f"field {fields[0]!r}: ")
+    # Impossible trace shares: the microVM spec cannot be built (no KVM needed to find out).
+    spec = TemplateSpec(mem_size=4 << 20, variants=1024)
+    with pytest.raises(TemplateFieldError, match="too small") as info:
+        reg.create_microvm("vm", spec)
+    assert "mem_size_mib" in info.value.fields and "variants" in info.value.fields
+    assert list(reg.root.iterdir()) == []
+    with pytest.raises(UnknownTemplateError, match="unknown template 'a'"):
+        reg.get("a")
+    with pytest.raises(UnknownTemplateError, match="unknown template 'a'"):
+        reg.delete("a")
+
+
+def test_release_counts_only_the_record_it_was_acquired_on(
+    tmp_path: Path, snapshot: tuple[Path, Path]
+) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    old = reg.create_from_snapshot("web", *snapshot)
+    reg.acquire("web")
+    reg.release("web")
+    assert reg.release("web").live_forks == 0  # never negative (and logged, not hidden)
+    reg.delete("web")
+    new = reg.create_from_snapshot("web", *snapshot)
+    assert new.created != old.created
+    reg.acquire("web")
+    # A fork of the deleted template releasing late does not touch the new one's count.
+    assert reg.release("web", old.created).live_forks == 1
+    assert reg.release("web", new.created).live_forks == 0
+
+
+def test_clean_leftovers_removes_crashed_creations_and_deletions(
+    tmp_path: Path, snapshot: tuple[Path, Path]
+) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    reg.create_from_snapshot("web", *snapshot)
+    (reg.root / ".new-half-abc123" / "microvm").mkdir(parents=True)
+    (reg.root / ".del-gone-abc123" / "t").mkdir(parents=True)
+    torn = reg.root / "web" / f".{RECORD_FILE}.x1y2.tmp"
+    torn.write_text("{")
+    assert sorted(reg.clean_leftovers()) == [
+        ".del-gone-abc123",
+        ".new-half-abc123",
+        f"web/{torn.name}",
+    ]
+    assert sorted(p.name for p in reg.root.iterdir()) == ["web"]
+    assert reg.get("web").id == "web" and not torn.exists()

@@ -14,13 +14,16 @@ registry then owns them and delete removes them.
 
 The record also counts live forks, so a template cannot be deleted under them. A daemon that
 restarts has no forks left (their page server died with it), so :meth:`reset_live_forks`
-zeroes the counts on start.
+zeroes the counts on start, and :meth:`clean_leftovers` removes what a crash left half made
+(``.new-*``) or half deleted (``.del-*``). Both are for the one daemon that owns the state
+directory (it holds ``daemon.lock``) and must run only once it does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -48,6 +51,25 @@ MICROVM_DIR = "microvm"
 SNAPSHOT_DIR = "snapshot"
 
 _TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Hidden directories of a creation in progress and of a deletion in progress.
+_NEW_PREFIX = ".new-"
+_DEL_PREFIX = ".del-"
+
+log = logging.getLogger("pagefork")
+
+
+class UnknownTemplateError(TemplateError):
+    """No template has this id (the control API answers 404)."""
+
+
+class TemplateFieldError(TemplateError):
+    """A template creation request is invalid; ``fields`` names what was wrong (the control
+    API answers 400 naming them)."""
+
+    def __init__(self, fields: str | tuple[str, ...], message: str) -> None:
+        self.fields = (fields,) if isinstance(fields, str) else fields
+        names = ", ".join(repr(f) for f in self.fields)
+        super().__init__(f"field{'s' if len(self.fields) > 1 else ''} {names}: {message}")
 
 
 def validate_template_id(template_id: object) -> str:
@@ -200,7 +222,7 @@ class TemplateRegistry:
         try:
             text = path.read_text()
         except FileNotFoundError:
-            raise TemplateError(f"unknown template {template_id!r}") from None
+            raise UnknownTemplateError(f"unknown template {template_id!r}") from None
         except OSError as exc:
             raise TemplateError(f"{path}: cannot read: {exc.strerror}") from None
         try:
@@ -240,16 +262,31 @@ class TemplateRegistry:
 
         The files are referenced by absolute path, or copied into the template when ``copy``.
         """
-        if page_size < PAGE_SIZE or page_size & (page_size - 1):
-            raise TemplateError(f"page size {page_size} is not a power of two >= {PAGE_SIZE}")
+        if (
+            isinstance(page_size, bool)
+            or not isinstance(page_size, int)
+            or page_size < PAGE_SIZE
+            or page_size & (page_size - 1)
+        ):
+            raise TemplateFieldError(
+                "page_size", f"page size {page_size!r} is not a power of two >= {PAGE_SIZE}"
+            )
         mem = Path(mem_file).absolute()
         state = Path(snapshot_path).absolute()
-        for what, p in (("mem-file", mem), ("snapshot file", state)):
+        for field_name, what, p in (
+            ("mem_file", "mem-file", mem),
+            ("snapshot_path", "snapshot file", state),
+        ):
             if not p.is_file():
-                raise TemplateError(f"{what} {p} does not exist or is not a file")
-        size = mem.stat().st_size
+                raise TemplateFieldError(field_name, f"{what} {p} does not exist or is not a file")
+        try:
+            size = mem.stat().st_size
+        except OSError as exc:
+            raise TemplateFieldError("mem_file", f"mem-file {mem}: {exc.strerror}") from None
         if size == 0 or size % page_size:
-            raise TemplateError(f"mem-file {mem}: {size} bytes is not a multiple of {page_size}")
+            raise TemplateFieldError(
+                "mem_file", f"mem-file {mem}: {size} bytes is not a multiple of {page_size}"
+            )
 
         def fill(tmp: Path, final: Path) -> TemplateRecord:
             mem_path, state_path = mem, state
@@ -278,7 +315,12 @@ class TemplateRegistry:
         build_spec = spec if spec is not None else TemplateSpec()
 
         def fill(tmp: Path, final: Path) -> TemplateRecord:
-            built = build_template(tmp / MICROVM_DIR, build_spec)
+            try:
+                built = build_template(tmp / MICROVM_DIR, build_spec)
+            except TemplateError as exc:
+                # build_template raises TemplateError only for a spec it cannot build (memory
+                # too small or too large, traces that do not fit); KVM failures are VmmError.
+                raise TemplateFieldError(_SPEC_FIELDS, str(exc)) from None
             built.close()
             return self._new_record(
                 template_id,
@@ -325,7 +367,7 @@ class TemplateRegistry:
         final = self.directory(template_id)
         if final.exists():
             raise TemplateError(f"template {template_id!r} already exists")
-        tmp = Path(tempfile.mkdtemp(prefix=f".new-{template_id}-", dir=self.root))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{template_id}-", dir=self.root))
         try:
             record = fill(tmp, final)
             _write_atomically(tmp / RECORD_FILE, _record_doc(record))
@@ -355,13 +397,24 @@ class TemplateRegistry:
 
         return self._update(template_id, change)
 
-    def release(self, template_id: str) -> TemplateRecord:
-        """Count one live fork fewer."""
+    def release(self, template_id: str, created: float | None = None) -> TemplateRecord:
+        """Count one live fork fewer.
 
-        def change(r: TemplateRecord) -> None:
-            r.live_forks = max(0, r.live_forks - 1)
-
-        return self._update(template_id, change)
+        With ``created``, only if the record is still that one (a template deleted and created
+        again under the same id is another template: its count is not ours to change).
+        """
+        with self._lock:
+            record = self.get(template_id)
+            if created is not None and record.created != created:
+                return record
+            if record.live_forks <= 0:
+                # A release without an acquire is a bug of the caller: never go negative, but
+                # say so rather than hide it.
+                log.warning("template %s: released with no live fork counted", template_id)
+                return record
+            record.live_forks -= 1
+            _write_atomically(self.directory(template_id) / RECORD_FILE, _record_doc(record))
+            return record
 
     def reset_live_forks(self) -> None:
         """Zero every template's live fork count (a daemon starting has no forks yet)."""
@@ -370,16 +423,42 @@ class TemplateRegistry:
                 with contextlib.suppress(TemplateError):
                     self._update(record.id, lambda r: setattr(r, "live_forks", 0))
 
+    def clean_leftovers(self) -> list[str]:
+        """Remove what a crashed daemon left under ``templates/``: creations that never got
+        renamed into place (``.new-*``), deletions never finished (``.del-*``) and torn
+        temporary record files. Only for the daemon that owns the state directory (it holds
+        ``daemon.lock``): another process's creation in progress looks the same. Returns the
+        names removed."""
+        removed: list[str] = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith((_NEW_PREFIX, _DEL_PREFIX)) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+            elif entry.is_dir() and not entry.name.startswith("."):
+                for tmp in entry.glob(f".{RECORD_FILE}.*.tmp"):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                        removed.append(f"{entry.name}/{tmp.name}")
+        if removed:
+            log.info("templates: removed leftovers of a previous run: %s", ", ".join(removed))
+        return removed
+
     # --- deleting ----------------------------------------------------------------------------
     def delete(self, template_id: str) -> None:
         """Remove the template; refused while it has live forks.
 
         A template whose record is broken can still be deleted (that is how one cleans it up).
         """
+        self.purge(self.detach(template_id))
+
+    def detach(self, template_id: str) -> Path:
+        """The first half of :meth:`delete`: the template disappears at once (renamed to a
+        hidden directory, returned); :meth:`purge` removes that at leisure. Refused while the
+        record counts live forks."""
         directory = self.directory(template_id)
         with self._lock:
             if not directory.is_dir():
-                raise TemplateError(f"unknown template {template_id!r}")
+                raise UnknownTemplateError(f"unknown template {template_id!r}")
             try:
                 record: TemplateRecord | None = self.get(template_id)
             except TemplateError:
@@ -390,9 +469,22 @@ class TemplateRegistry:
                     f"fork{'s' if record.live_forks != 1 else ''}; release them first"
                 )
             # Rename first so the template disappears at once, then remove at leisure.
-            doomed = Path(tempfile.mkdtemp(prefix=f".del-{template_id}-", dir=self.root))
-            os.rename(directory, doomed / "t")
+            doomed = Path(tempfile.mkdtemp(prefix=f"{_DEL_PREFIX}{template_id}-", dir=self.root))
+            try:
+                os.rename(directory, doomed / "t")
+            except OSError as exc:
+                shutil.rmtree(doomed, ignore_errors=True)
+                raise TemplateError(f"cannot delete {directory}: {exc.strerror}") from None
+        return doomed
+
+    @staticmethod
+    def purge(doomed: Path) -> None:
+        """The second half of :meth:`delete`: remove a detached template's files."""
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+#: What a microVM template spec's build failure is about (the API's field names).
+_SPEC_FIELDS = ("mem_size_mib", "vcpus", "variants", "working_set", "fork_share")
 
 
 def _record_doc(record: TemplateRecord) -> dict[str, Any]:
@@ -411,10 +503,12 @@ __all__ = [
     "HOT_PAGES_FILE",
     "RECORD_FILE",
     "TEMPLATE_KINDS",
+    "TemplateFieldError",
     "TemplateKind",
     "TemplateListing",
     "TemplateRecord",
     "TemplateRegistry",
+    "UnknownTemplateError",
     "kind_of",
     "validate_template_id",
 ]

@@ -21,9 +21,10 @@ DELETE   /forks/{id}                  release; the final counters
 GET      /metrics                     Prometheus text format
 =======  ===========================  ==========================================================
 
-Status codes: 400 a bad request (the message names the field), 404 an unknown template, fork or
-route, 405 a known route with another method, 409 a request the current state refuses (a
-template in use or already there), 502 the VMM failed.
+Status codes: 400 a bad request (the message names the field, or the driver option), 404 an
+unknown template, fork or route (also one deleted or released while the request ran), 405 a
+known route with another method, 409 a request the current state refuses (a template in use or
+already there), 502 the VMM failed.
 
 :class:`ControlApi` maps a request to a response and does no I/O of its own, so it is tested
 without sockets; :class:`ControlServer` is the thin HTTP layer over it.
@@ -41,12 +42,18 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from pagefork.daemon.manager import ForkManager
+from pagefork.daemon.manager import DriverOptionsError, ForkManager, UnknownForkError
 from pagefork.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pagefork.daemon.metrics import DaemonMetrics
 from pagefork.errors import ForkError, PageforkError, TemplateError, VmmError
 from pagefork.server import bind_private_socket, validate_fork_id
-from pagefork.templates import TemplateRegistry, kind_of, validate_template_id
+from pagefork.templates import (
+    TemplateFieldError,
+    TemplateRegistry,
+    UnknownTemplateError,
+    kind_of,
+    validate_template_id,
+)
 
 log = logging.getLogger("pagefork")
 
@@ -150,6 +157,10 @@ class ControlApi:
             return self._dispatch(method, path.split("?", 1)[0].rstrip("/") or "/", body)
         except HttpError as exc:
             return Response.json(exc.status, {"error": str(exc)})
+        except (TemplateFieldError, DriverOptionsError) as exc:
+            return Response.json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        except (UnknownTemplateError, UnknownForkError) as exc:
+            return Response.json(HTTPStatus.NOT_FOUND, {"error": str(exc)})
         except VmmError as exc:
             return Response.json(HTTPStatus.BAD_GATEWAY, {"error": str(exc)})
         except (TemplateError, ForkError) as exc:
@@ -220,8 +231,7 @@ class ControlApi:
         )
 
     def _delete_template(self, template_id: str, raw: bytes) -> Response:
-        self.registry.delete(self._template_id(template_id))
-        self.manager.forget_hot_set(template_id)
+        self.manager.delete_template(self._template_id(template_id))
         return Response.json(HTTPStatus.OK, {"deleted": template_id})
 
     def _post_rerecord(self, template_id: str, raw: bytes) -> Response:

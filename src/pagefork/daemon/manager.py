@@ -42,12 +42,37 @@ from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
 log = logging.getLogger("pagefork")
 
 ForkRole = Literal["warmup", "prefetch", "demand"]
+#: ``starting``: its VMM is being restored by the manager (a release waits for that to end);
+#: ``live``: restored or driven by the caller; ``releasing``: one release has claimed it.
+ForkPhase = Literal["starting", "live", "releasing"]
+#: A template's identity: its id and its record's ``created`` stamp. A template deleted and
+#: created again under the same id is another template: it never shares a page server, a
+#: cached hot set or a re-record request with the old one.
+TemplateKey = tuple[str, float]
 
 #: Drivers the daemon offers by name, loaded when their module is importable.
 DRIVER_CLASSES = {
     "firecracker": ("pagefork.vmm.firecracker", "FirecrackerDriver"),
     "kvm": ("pagefork.vmm.kvm.driver", "KvmDriver"),
 }
+
+
+class UnknownForkError(ForkError):
+    """No live fork has this id, or another release has claimed it (the API answers 404)."""
+
+
+class DriverOptionsError(PageforkError):
+    """A fork's driver ``options`` are invalid (the API answers 400); nothing was started."""
+
+
+def _check_kvm_options(options: Mapping[str, Any]) -> None:
+    fork_index = options.get("fork_index", 0)
+    if isinstance(fork_index, bool) or not isinstance(fork_index, int) or fork_index < 0:
+        raise VmmError(f"option 'fork_index' must be an integer >= 0, not {fork_index!r}")
+
+
+#: Option checks for drivers that have no ``check_options`` method of their own.
+_OPTION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {"kvm": _check_kvm_options}
 
 
 def load_drivers() -> dict[str, VmmDriver]:
@@ -96,6 +121,18 @@ class Fork:
     prefetch: dict[str, Any] | None = None
     final_stats: ForkStats | None = None
     hot: HotPageList | None = None  # what this fork prefetches (role "prefetch")
+    phase: ForkPhase = "live"
+    template_created: float = 0.0  # the template record's ``created``: see TemplateKey
+    # A release arrived while the fork was starting: its creator releases it.
+    release_requested: bool = field(default=False, repr=False)
+    # Set once the fork is torn down; ``released_stats`` then holds its final counters.
+    released: threading.Event = field(default_factory=threading.Event, repr=False)
+    released_stats: ForkStats | None = field(default=None, repr=False)
+
+    @property
+    def template_key(self) -> TemplateKey:
+        """The identity of the template this fork is of."""
+        return (self.template_id, self.template_created)
 
     def to_dict(self) -> dict[str, Any]:
         """The API's fork object (without live counters)."""
@@ -104,6 +141,7 @@ class Fork:
             "template": self.template_id,
             "socket": self.socket_path,
             "role": self.role,
+            "phase": self.phase,
             "driver": self.driver,
             "pid": self.handle.pid if self.handle is not None else None,
             "created": self.created,
@@ -121,9 +159,16 @@ class _TemplateState:
     warmup_fork: str | None = None
     warmup_done: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def key(self) -> TemplateKey:
+        return (self.record.id, self.record.created)
+
 
 class ForkManager:
-    """Creates and releases forks of the registry's templates; safe from any thread."""
+    """Creates and releases forks of the registry's templates; safe from any thread.
+
+    Lock order: ``_hot_lock`` before ``_lock`` before the registry's lock.
+    """
 
     def __init__(
         self,
@@ -142,12 +187,14 @@ class ForkManager:
         self.on_fault_latencies = on_fault_latencies
         os.makedirs(config.socket_dir, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
-        self._templates: dict[str, _TemplateState] = {}
+        self._templates: dict[TemplateKey, _TemplateState] = {}
         self._forks: dict[str, Fork] = {}
-        # Loaded hot sets, by template id; None when the template has none (yet).
-        self._hot: dict[str, HotPageList | None] = {}
-        self._rerecord: set[str] = set()
-        self._hot_lock = threading.Lock()  # serialises saving hot sets
+        # Loaded hot sets by template id, with the ``created`` of the record they were loaded
+        # for (a cached set of a deleted template never serves one created again under its id).
+        self._hot: dict[str, tuple[float, HotPageList | None]] = {}
+        self._rerecord: set[TemplateKey] = set()
+        # Serialises saving hot sets, and a template's delete against a save into its directory.
+        self._hot_lock = threading.Lock()
         self._closed = False
 
     # --- queries -----------------------------------------------------------------------------
@@ -157,11 +204,11 @@ class ForkManager:
             return fork_id in self._forks
 
     def fork(self, fork_id: str) -> Fork:
-        """The live fork ``fork_id``; :class:`ForkError` if unknown."""
+        """The live fork ``fork_id``; :class:`UnknownForkError` if unknown."""
         with self._lock:
             fork = self._forks.get(fork_id)
         if fork is None:
-            raise ForkError(f"unknown fork {fork_id!r}")
+            raise UnknownForkError(f"unknown fork {fork_id!r}")
         return fork
 
     def forks(self) -> list[Fork]:
@@ -169,13 +216,17 @@ class ForkManager:
         with self._lock:
             return sorted(self._forks.values(), key=lambda f: f.created)
 
+    def _state_of(self, fork: Fork) -> _TemplateState:
+        with self._lock:
+            state = self._templates.get(fork.template_key)
+        if state is None:
+            raise ForkError(f"fork {fork.fork_id}: its page server is gone")
+        return state
+
     def stats(self, fork_id: str) -> ForkStats:
         """The fork's counters from its page server."""
         fork = self.fork(fork_id)
-        with self._lock:
-            state = self._templates.get(fork.template_id)
-        if state is None:
-            raise ForkError(f"fork {fork_id}: its page server is gone")
+        state = self._state_of(fork)
         try:
             return state.server.stats(fork_id)
         except ForkError:
@@ -195,23 +246,47 @@ class ForkManager:
 
     def hot_set(self, template_id: str) -> HotPageList | None:
         """The template's hot set (loaded from its file once), or None if it has none."""
-        record = self.registry.get(template_id)
+        return self._hot_set_of(self.registry.get(template_id))
+
+    def _hot_set_of(self, record: TemplateRecord) -> HotPageList | None:
         with self._lock:
-            if template_id in self._hot:
-                return self._hot[template_id]
+            cached = self._hot.get(record.id)
+            if cached is not None and cached[0] == record.created:
+                return cached[1]
         try:
             hot: HotPageList | None = load_hot_pages(record.hot_pages_path)
         except HotPageFileError as exc:
             log.warning(
-                "template %s: ignoring its hot set, it will be re-recorded: %s", template_id, exc
+                "template %s: ignoring its hot set, it will be re-recorded: %s", record.id, exc
             )
             hot = None
         if hot is not None and not len(hot):
             hot = None
         with self._lock:
-            return self._hot.setdefault(template_id, hot)
+            cached = self._hot.get(record.id)
+            if cached is not None and cached[0] == record.created:
+                return cached[1]  # loaded meanwhile, or saved by a warm-up: that one wins
+            self._hot[record.id] = (record.created, hot)
+            return hot
 
     # --- creating ----------------------------------------------------------------------------
+    def check_options(self, driver: str, options: Mapping[str, Any]) -> None:
+        """Validate ``options`` for ``driver`` without side effects;
+        :class:`DriverOptionsError` naming the option if they are invalid."""
+        vmm = self.drivers.get(driver)
+        if vmm is None:
+            known = ", ".join(sorted(self.drivers)) or "none available"
+            raise VmmError(f"unknown VMM driver {driver!r} (known: {known})")
+        check = getattr(vmm, "check_options", None)
+        if not callable(check):
+            check = _OPTION_CHECKS.get(getattr(vmm, "name", driver))
+        if check is None:
+            return
+        try:
+            check(options)
+        except VmmError as exc:
+            raise DriverOptionsError(f"driver {driver}: {exc}") from None
+
     def create_fork(
         self,
         template_id: str,
@@ -222,37 +297,46 @@ class ForkManager:
         """Register a fork of ``template_id`` and return it (its uffd socket path in it).
 
         With ``driver``, the manager also restores the VMM, prefetches the hot set once the
-        VMM's handshake arrives, and resumes it; on any failure the fork is released again.
-        Without, the caller's VMM connects to the socket, then the caller asks for
-        :meth:`prefetch` and resumes its VMM itself.
+        VMM's handshake arrives, and resumes it; on any failure the fork is released again
+        (its VMM stopped) and the original error raised. A release that arrives meanwhile is
+        carried out by this call once the VMM's start ends; this call then raises
+        :class:`ForkError`. Without a driver, the caller's VMM connects to the socket, then the
+        caller asks for :meth:`prefetch` and resumes its VMM itself.
         """
         if fork_id is None:
             fork_id = f"{template_id[:40]}-{secrets.token_hex(4)}"
         validate_fork_id(fork_id)
         vmm: VmmDriver | None = None
+        opts = dict(options or {})
         if driver is not None:
-            vmm = self.drivers.get(driver)
-            if vmm is None:
-                known = ", ".join(sorted(self.drivers)) or "none available"
-                raise VmmError(f"unknown VMM driver {driver!r} (known: {known})")
-        hot = self.hot_set(template_id)
+            self.check_options(driver, opts)
+            vmm = self.drivers[driver]
+        seen = self.registry.get(template_id)
+        hot = self._hot_set_of(seen)
         with self._lock:
             if self._closed:
                 raise ForkError("the fork manager is shutting down")
             if fork_id in self._forks:
                 raise ForkError(f"fork {fork_id} already exists")
             record = self.registry.acquire(template_id)
+            key: TemplateKey = (template_id, record.created)
+            state: _TemplateState | None = None
             try:
-                state = self._templates.get(template_id)
+                if record.created != seen.created:
+                    raise TemplateError(
+                        f"template {template_id!r} was deleted and created again meanwhile; retry"
+                    )
+                state = self._templates.get(key)
                 if state is None:
                     state = self._start_server(record)
-                    self._templates[template_id] = state
-                role = self._role(template_id, state, hot)
+                    self._templates[key] = state
+                role = self._role(state, hot)
                 socket_path = state.server.register_fork(fork_id, record=role == "warmup")
             except BaseException:
-                self.registry.release(template_id)
-                if state is not None and not state.forks:
-                    self._templates.pop(template_id, None)
+                with contextlib.suppress(TemplateError):
+                    self.registry.release(template_id, record.created)
+                if state is not None and not state.forks and self._templates.get(key) is state:
+                    del self._templates[key]
                     state.server.close()
                 raise
             fork = Fork(
@@ -263,6 +347,8 @@ class ForkManager:
                 time.time(),
                 driver=driver,
                 hot=hot if role == "prefetch" else None,
+                phase="starting" if vmm is not None else "live",
+                template_created=record.created,
             )
             state.forks.add(fork_id)
             if role == "warmup":
@@ -270,35 +356,49 @@ class ForkManager:
                 state.warmup_done = threading.Event()
             self._forks[fork_id] = fork
         log.info("fork %s of %s: %s, socket %s", fork_id, template_id, role, socket_path)
-        if vmm is not None:
-            try:
-                self._start_vmm(fork, vmm, record, dict(options or {}))
-            except BaseException:
-                self.release(fork_id)
-                raise
-        return fork
+        if vmm is None:
+            return fork
+        error: BaseException | None = None
+        try:
+            self._start_vmm(fork, vmm, record, opts)
+        except BaseException as exc:
+            error = exc
+        with self._lock:
+            if error is None and not fork.release_requested:
+                fork.phase = "live"
+                return fork
+            fork.phase = "releasing"
+        # Failed, or released while starting: this call releases it (stopping the handle the
+        # driver returned, if any). A failing cleanup is logged; it never hides ``error``.
+        try:
+            self._teardown(fork)
+        except Exception:
+            log.exception("fork %s: releasing it after its start failed", fork_id)
+        if error is not None:
+            raise error
+        raise ForkError(f"fork {fork_id} was released while its VMM was starting")
 
-    def _role(self, template_id: str, state: _TemplateState, hot: HotPageList | None) -> ForkRole:
+    def _role(self, state: _TemplateState, hot: HotPageList | None) -> ForkRole:
         """The fork's part in the hot-page loop (called with the lock held)."""
-        wants_hot = hot is None or template_id in self._rerecord
+        wants_hot = hot is None or state.key in self._rerecord
         if wants_hot and state.warmup_fork is None:
             return "warmup"
         return "prefetch" if hot is not None else "demand"
 
     def _start_server(self, record: TemplateRecord) -> _TemplateState:
-        template_id = record.id
+        key: TemplateKey = (record.id, record.created)
         max_pages = max(1, int(record.mem_pages * self.config.record_max_share))
 
         def window_closed(fork_id: str, pages: HotPageList) -> None:
-            self._adopt_hot_set(template_id, fork_id, pages)
+            self._adopt_hot_set(key, fork_id, pages)
 
         def fork_ended(fork_id: str, stats: ForkStats) -> None:
             with self._lock:
                 fork = self._forks.get(fork_id)
-                if fork is not None:
+                if fork is not None and fork.template_key == key:
                     fork.final_stats = stats
             if self.on_fork_end is not None:
-                self.on_fork_end(template_id, stats)
+                self.on_fork_end(record.id, stats)
 
         server = PageServer(
             ServerConfig(
@@ -311,12 +411,13 @@ class ForkManager:
                 on_fork_end=fork_ended,
             )
         )
-        log.info("template %s: page server started", template_id)
+        log.info("template %s: page server started", record.id)
         return _TemplateState(record, server)
 
     def _start_vmm(
         self, fork: Fork, vmm: VmmDriver, record: TemplateRecord, options: dict[str, Any]
     ) -> None:
+        """Restore, prefetch, resume; stops early (without error) once a release is pending."""
         request = RestoreRequest(
             fork_id=fork.fork_id,
             uffd_socket=fork.socket_path,
@@ -325,7 +426,11 @@ class ForkManager:
             options=options,
         )
         fork.handle = vmm.restore(request, timeout=self.config.restore_timeout)
+        if fork.release_requested:
+            return
         self.prefetch(fork.fork_id)
+        if fork.release_requested:
+            return
         fork.handle.resume()
 
     # --- prefetch ----------------------------------------------------------------------------
@@ -335,10 +440,7 @@ class ForkManager:
         A warm-up or demand fork has nothing to prefetch: the result says so, installs nothing.
         """
         fork = self.fork(fork_id)
-        with self._lock:
-            state = self._templates.get(fork.template_id)
-        if state is None:
-            raise ForkError(f"fork {fork_id}: its page server is gone")
+        state = self._state_of(fork)
         wait = timeout if timeout is not None else self.config.prefetch_timeout
         if fork.role != "prefetch" or fork.hot is None:
             state.server.wait_connected(fork_id, timeout=wait)
@@ -362,31 +464,33 @@ class ForkManager:
         """Wait until the fork's guest has done its work (when its driver can tell) and its
         session has ended; the driver's summary (``vmm``) and the final ``stats``."""
         fork = self.fork(fork_id)
-        with self._lock:
-            state = self._templates.get(fork.template_id)
-        if state is None:
-            raise ForkError(f"fork {fork_id}: its page server is gone")
+        state = self._state_of(fork)
         summary = fork.handle.wait(timeout) if fork.handle is not None else None
         stats = state.server.wait_ended(fork_id, timeout=timeout)
         return {"vmm": summary, "stats": stats.to_dict()}
 
     # --- the hot-page loop -------------------------------------------------------------------
-    def _adopt_hot_set(self, template_id: str, fork_id: str, pages: HotPageList) -> None:
-        """Save the warm-up fork's hot set as the template's (first call per warm-up wins)."""
+    def _adopt_hot_set(self, key: TemplateKey, fork_id: str, pages: HotPageList) -> None:
+        """Save the warm-up fork's hot set as the template's (first call per warm-up wins).
+
+        Holds ``_hot_lock`` throughout: :meth:`delete_template` takes it too, so the set is
+        never written into a template deleted (or deleted and created again) meanwhile.
+        """
+        template_id = key[0]
         with self._hot_lock:
             with self._lock:
-                state = self._templates.get(template_id)
+                state = self._templates.get(key)
                 if state is None or state.warmup_fork != fork_id or state.warmup_done.is_set():
                     return
+            record = state.record
             try:
                 if len(pages):
-                    record = self.registry.get(template_id)
                     pages.save(record.hot_pages_path)
                     hot = load_hot_pages(record.hot_pages_path)  # as every later fork reads it
                     log.info("template %s: hot set of %d pages saved", template_id, len(hot))
                     with self._lock:
-                        self._hot[template_id] = hot
-                        self._rerecord.discard(template_id)
+                        self._hot[template_id] = (record.created, hot)
+                        self._rerecord.discard(key)
                 else:
                     log.warning(
                         "template %s: warm-up fork %s faulted no page", template_id, fork_id
@@ -400,53 +504,83 @@ class ForkManager:
 
     def rerecord(self, template_id: str) -> None:
         """Make the template's next fork a recording warm-up again."""
-        self.registry.get(template_id)
+        record = self.registry.get(template_id)
         with self._lock:
-            self._rerecord.add(template_id)
+            self._rerecord.add((template_id, record.created))
 
     # --- releasing ---------------------------------------------------------------------------
     def release(self, fork_id: str) -> ForkStats:
         """Stop the fork's VMM (if the manager started it), stop serving it, forget it.
 
-        A warm-up fork's hot set is saved before this returns. The template's page server
-        stops with its last fork. Returns the fork's final stats.
+        The first release of a fork claims it; a concurrent second one gets
+        :class:`UnknownForkError`. A fork whose VMM the manager is still starting is released
+        by its creator as soon as that start ends; this call waits for it (bounded by the
+        restore and prefetch timeouts). A warm-up fork's hot set is saved before this returns.
+        The template's page server stops with its last fork. Returns the fork's final stats.
         """
-        fork = self.fork(fork_id)
-        if fork.handle is not None:
-            try:
-                fork.handle.stop()
-            except PageforkError as exc:
-                log.warning("fork %s: stopping its VMM: %s", fork_id, exc)
         with self._lock:
-            state = self._templates.get(fork.template_id)
-        stats = ForkStats(fork=fork_id, state="released")
-        if state is not None:
-            with contextlib.suppress(ForkError):
-                stats = state.server.stats(fork_id)
-            self._report_latencies(state.server, fork)
-            hot = None
-            if fork.role == "warmup":
-                with contextlib.suppress(ForkError):
-                    hot = state.server.hot_pages(fork_id)
-            state.server.unregister_fork(fork_id)  # stops the session: the recording ends
-            if hot is not None:
-                self._adopt_hot_set(fork.template_id, fork_id, hot)
-        stop_server: PageServer | None = None
-        with self._lock:
-            self._forks.pop(fork_id, None)
+            fork = self._forks.get(fork_id)
+            if fork is None or fork.phase == "releasing" or fork.release_requested:
+                raise UnknownForkError(f"unknown fork {fork_id!r}")
+            deferred = fork.phase == "starting"
+            if deferred:
+                fork.release_requested = True
+            else:
+                fork.phase = "releasing"
+        if not deferred:
+            return self._teardown(fork)
+        bound = self.config.restore_timeout + self.config.prefetch_timeout + 5.0
+        if not fork.released.wait(bound):
+            raise ForkError(
+                f"fork {fork_id} is still starting after {bound:g}s; it is released as soon "
+                "as its start ends"
+            )
+        return fork.released_stats or ForkStats(fork=fork_id, state="released")
+
+    def _teardown(self, fork: Fork) -> ForkStats:
+        """Release ``fork``, claimed by exactly one caller (phase ``releasing``)."""
+        fork_id = fork.fork_id
+        try:
+            if fork.handle is not None:
+                try:
+                    fork.handle.stop()
+                except Exception as exc:  # stop what else we can: the page server, the count
+                    log.warning("fork %s: stopping its VMM: %s", fork_id, exc)
+            with self._lock:
+                state = self._templates.get(fork.template_key)
+            stats = ForkStats(fork=fork_id, state="released")
             if state is not None:
-                state.forks.discard(fork_id)
-                if state.warmup_fork == fork_id:
-                    state.warmup_fork = None  # it never connected: the next fork records
-                if not state.forks and self._templates.get(fork.template_id) is state:
-                    del self._templates[fork.template_id]
-                    stop_server = state.server
-        with contextlib.suppress(TemplateError):
-            self.registry.release(fork.template_id)
-        if stop_server is not None:
-            stop_server.close()  # joins its callbacks: the hot set is on disk by now
-            log.info("template %s: page server stopped", fork.template_id)
-        return fork.final_stats or stats
+                with contextlib.suppress(ForkError):
+                    stats = state.server.stats(fork_id)
+                self._report_latencies(state.server, fork)
+                hot = None
+                if fork.role == "warmup":
+                    with contextlib.suppress(ForkError):
+                        hot = state.server.hot_pages(fork_id)
+                with contextlib.suppress(ForkError):
+                    state.server.unregister_fork(fork_id)  # stops the session: recording ends
+                if hot is not None:
+                    self._adopt_hot_set(fork.template_key, fork_id, hot)
+            stop_server: PageServer | None = None
+            with self._lock:
+                if self._forks.get(fork_id) is fork:
+                    del self._forks[fork_id]
+                if state is not None:
+                    state.forks.discard(fork_id)
+                    if state.warmup_fork == fork_id:
+                        state.warmup_fork = None  # it never connected: the next fork records
+                    if not state.forks and self._templates.get(state.key) is state:
+                        del self._templates[state.key]
+                        stop_server = state.server
+            with contextlib.suppress(TemplateError):
+                self.registry.release(fork.template_id, fork.template_created)
+            if stop_server is not None:
+                stop_server.close()  # joins its callbacks: the hot set is on disk by now
+                log.info("template %s: page server stopped", fork.template_id)
+            fork.released_stats = fork.final_stats or stats
+            return fork.released_stats
+        finally:
+            fork.released.set()
 
     def _report_latencies(self, server: PageServer, fork: Fork) -> None:
         # The page server keeps each fork's recent fault latencies: they feed the histogram.
@@ -455,11 +589,44 @@ class ForkManager:
         with contextlib.suppress(ForkError):
             self.on_fault_latencies(fork.template_id, server.fault_latencies_ns(fork.fork_id))
 
-    def forget_hot_set(self, template_id: str) -> None:
-        """Drop the cached hot set (the template was deleted)."""
+    # --- templates -----------------------------------------------------------------------------
+    def in_use(self, template_id: str) -> tuple[int, bool]:
+        """How many forks of ``template_id`` the manager holds, and whether a page server of
+        it runs (forks being released included)."""
         with self._lock:
-            self._hot.pop(template_id, None)
-            self._rerecord.discard(template_id)
+            return self._in_use(template_id)
+
+    def _in_use(self, template_id: str) -> tuple[int, bool]:
+        forks = sum(1 for f in self._forks.values() if f.template_id == template_id)
+        return forks, any(k[0] == template_id for k in self._templates)
+
+    def delete_template(self, template_id: str) -> None:
+        """Delete the template; :class:`TemplateError` while the manager holds forks or a page
+        server of it (whatever the record's count says), :class:`UnknownTemplateError` if it
+        does not exist. No fork of it can be created meanwhile."""
+        with self._hot_lock, self._lock:
+            forks, serving = self._in_use(template_id)
+            if forks:
+                raise TemplateError(
+                    f"template {template_id!r} is in use by {forks} live "
+                    f"fork{'s' if forks != 1 else ''}; release them first"
+                )
+            if serving:
+                raise TemplateError(
+                    f"template {template_id!r} is in use: its page server is still stopping"
+                )
+            doomed = self.registry.detach(template_id)
+            self._forget_hot_set(template_id)
+        self.registry.purge(doomed)
+
+    def forget_hot_set(self, template_id: str) -> None:
+        """Drop the cached hot set and a pending re-record (the template was deleted)."""
+        with self._lock:
+            self._forget_hot_set(template_id)
+
+    def _forget_hot_set(self, template_id: str) -> None:
+        self._hot.pop(template_id, None)
+        self._rerecord = {k for k in self._rerecord if k[0] != template_id}
 
     def close(self) -> None:
         """Release every fork (stopping the VMMs the manager started) and stop all servers."""
@@ -482,9 +649,13 @@ class ForkManager:
 
 __all__ = [
     "DRIVER_CLASSES",
+    "DriverOptionsError",
     "Fork",
     "ForkManager",
+    "ForkPhase",
     "ForkRole",
     "ManagerConfig",
+    "TemplateKey",
+    "UnknownForkError",
     "load_drivers",
 ]

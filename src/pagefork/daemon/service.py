@@ -3,12 +3,19 @@
 :class:`Daemon` wires the registry, the fork manager, the metrics and the control API together.
 State that must survive a restart (templates, their hot sets) lives in the state directory;
 forks do not survive (their page server is this process), so a starting daemon zeroes the live
-fork counts and removes stale fork sockets.
+fork counts, removes stale fork sockets and the leftovers of a crashed template creation or
+deletion.
+
+Only one daemon may own a state directory: it holds an exclusive ``flock`` on
+``STATE_DIR/daemon.lock`` for its whole life, and binds its control socket, before any of those
+recovery steps. A second daemon on the same state directory (or the same control socket) is
+refused before it touches anything the running one uses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -19,10 +26,37 @@ from types import TracebackType
 from pagefork.daemon.api import ControlApi, ControlServer
 from pagefork.daemon.manager import ForkManager, ManagerConfig, load_drivers
 from pagefork.daemon.metrics import DaemonMetrics
+from pagefork.errors import PageforkError
 from pagefork.templates import TemplateRegistry
 from pagefork.vmm.base import VmmDriver
 
 log = logging.getLogger("pagefork")
+
+LOCK_FILE = "daemon.lock"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """An fd holding an exclusive ``flock`` on ``state_dir/daemon.lock`` (the directory is
+    created if needed); :class:`PageforkError` if another daemon holds it."""
+    path = state_dir / LOCK_FILE
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise PageforkError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if isinstance(exc, BlockingIOError):
+            raise PageforkError(
+                f"state directory {state_dir} is in use by another daemon (it holds {path})"
+            ) from None
+        raise PageforkError(f"cannot lock {path}: {exc.strerror}") from None
+    with contextlib.suppress(OSError):  # for a human wondering who holds it
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 class Daemon:
@@ -42,13 +76,33 @@ class Daemon:
         record_max_seconds: float = 30.0,
         record_max_share: float = 0.25,
     ) -> None:
+        lock_fd = lock_state_dir(Path(state_dir).absolute())
+        self._lock_fd: int | None = lock_fd
+        try:
+            self._setup(
+                state_dir, control_path, socket_dir, drivers, record_max_seconds, record_max_share
+            )
+        except BaseException:
+            os.close(lock_fd)
+            self._lock_fd = None
+            raise
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def _setup(
+        self,
+        state_dir: str | os.PathLike[str],
+        control_path: str,
+        socket_dir: str | None,
+        drivers: Mapping[str, VmmDriver] | None,
+        record_max_seconds: float,
+        record_max_share: float,
+    ) -> None:
+        # Nothing here may change what another daemon uses until this one owns the state
+        # directory (the lock, taken by the caller) and the control socket (bound below).
         self.registry = TemplateRegistry(state_dir)
-        self.registry.reset_live_forks()
         forks_dir = Path(socket_dir) if socket_dir else self.registry.state_dir / "forks"
         forks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for stale in forks_dir.glob("*.sock"):  # forks of a previous daemon are gone
-            with contextlib.suppress(OSError):
-                stale.unlink()
         self.metrics = DaemonMetrics()
         self.manager = ForkManager(
             self.registry,
@@ -69,8 +123,18 @@ class Daemon:
         except BaseException:
             self.manager.close()
             raise
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        try:  # recovery: the previous daemon's forks died with it
+            self.registry.clean_leftovers()
+            self.registry.reset_live_forks()
+            for stale in forks_dir.glob("*.sock"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        except BaseException:
+            self.server.server_close()
+            with contextlib.suppress(OSError):
+                os.unlink(control_path)
+            self.manager.close()
+            raise
 
     def start(self) -> None:
         """Serve control requests on a background thread."""
@@ -91,7 +155,12 @@ class Daemon:
         self.server.server_close()
         with contextlib.suppress(OSError):
             os.unlink(self.control_path)
-        self.manager.close()
+        try:
+            self.manager.close()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # the next daemon may take the state directory
+                self._lock_fd = None
 
     def __enter__(self) -> Daemon:
         return self

@@ -20,13 +20,16 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import math
 import os
 import select
 import signal
 import socket
 import struct
 import time
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
 
 from pagefork.errors import VmmError
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
@@ -40,6 +43,27 @@ _MAX_QUOTED_BODY = 200
 
 VmState = Literal["Paused", "Resumed"]
 StopMode = Literal["kill", "ctrl-alt-del"]
+STOP_MODES: tuple[StopMode, ...] = ("kill", "ctrl-alt-del")
+#: The ``PUT /snapshot/load`` fields the driver sets itself (``load_fields`` may not).
+_RESERVED_LOAD_FIELDS = frozenset({"snapshot_path", "mem_backend", "resume_vm", "mem_file_path"})
+#: The longest timeout option accepted, in seconds.
+_MAX_TIMEOUT = 3600.0
+
+
+class FirecrackerApiError(VmmError):
+    """Firecracker answered a request with an error ``status`` (it refused the request)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class FirecrackerOptionError(VmmError):
+    """A driver option is invalid; ``option`` names it. Raised before any API request."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"option {option!r} {message}")
+        self.option = option
 
 
 # --- request bodies (pure) -------------------------------------------------------------------
@@ -61,7 +85,7 @@ def snapshot_load_body(
         "resume_vm": resume_vm,
     }
     for key, value in (extra or {}).items():
-        if key in body or key == "mem_file_path":
+        if key in _RESERVED_LOAD_FIELDS:
             raise VmmError(f"extra snapshot load field {key!r} would override the uffd backend")
         body[key] = value
     return body
@@ -164,7 +188,7 @@ class FirecrackerApi:
         finally:
             conn.close()
         if not 200 <= status < 300:
-            raise VmmError(f"{what}: {status}: {fault_message(status, data)}")
+            raise FirecrackerApiError(f"{what}: {status}: {fault_message(status, data)}", status)
         if not data.strip():
             return None
         try:
@@ -319,10 +343,89 @@ class FirecrackerHandle(VmmHandle):
                 os.close(pidfd)
 
 
+@dataclass(frozen=True)
+class FirecrackerOptions:
+    """The driver's options, validated (see :class:`FirecrackerDriver`)."""
+
+    api_socket: str | None = None
+    api_timeout: float | None = None
+    stop: StopMode = "kill"
+    stop_timeout: float = 5.0
+    load_fields: dict[str, Any] = field(default_factory=dict)
+
+
+def _timeout_option(options: Mapping[str, Any], name: str) -> float | None:
+    value = options.get(name)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 < value <= _MAX_TIMEOUT
+    ):
+        raise FirecrackerOptionError(
+            name, f"must be a number of seconds in (0, {_MAX_TIMEOUT:g}], not {value!r}"
+        )
+    return float(value)
+
+
+def parse_options(options: Mapping[str, Any]) -> FirecrackerOptions:
+    """Validate the driver options of a restore; :class:`FirecrackerOptionError` naming the
+    first bad one. ``api_socket`` may be absent here (:meth:`FirecrackerDriver.restore` needs
+    it); unknown options are refused (a misspelt ``stop_timeout`` must not pass silently)."""
+    if not isinstance(options, Mapping):
+        raise FirecrackerOptionError("options", f"must be an object, not {options!r}")
+    known = ("api_socket", "api_timeout", "stop", "stop_timeout", "load_fields")
+    for key in options:
+        if key not in known:
+            raise FirecrackerOptionError(str(key), f"is unknown (known: {', '.join(known)})")
+    api_socket = options.get("api_socket")
+    if api_socket is not None and (not isinstance(api_socket, str) or not api_socket):
+        raise FirecrackerOptionError("api_socket", f"must be a non-empty path, not {api_socket!r}")
+    stop = options.get("stop", "kill")
+    if stop not in STOP_MODES:
+        raise FirecrackerOptionError(
+            "stop", f"must be one of {', '.join(STOP_MODES)}, not {stop!r}"
+        )
+    stop_timeout = _timeout_option(options, "stop_timeout")
+    load_fields = options.get("load_fields")
+    if load_fields is None:
+        load_fields = {}
+    if not isinstance(load_fields, dict) or not all(isinstance(k, str) for k in load_fields):
+        raise FirecrackerOptionError("load_fields", f"must be an object, not {load_fields!r}")
+    reserved = sorted(_RESERVED_LOAD_FIELDS & set(load_fields))
+    if reserved:
+        raise FirecrackerOptionError(
+            "load_fields", f"may not set {', '.join(reserved)} (the uffd backend is the driver's)"
+        )
+    return FirecrackerOptions(
+        api_socket=api_socket,
+        api_timeout=_timeout_option(options, "api_timeout"),
+        stop=cast(StopMode, stop),
+        stop_timeout=5.0 if stop_timeout is None else stop_timeout,
+        load_fields=dict(load_fields),
+    )
+
+
+def _kill(pidfd: int, timeout: float) -> None:
+    """SIGKILL the process behind ``pidfd`` and wait (bounded) for it to exit; logs failures."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    except OSError as exc:
+        log.warning("cannot kill Firecracker: %s", exc.strerror)
+        return
+    if not _wait_exit(pidfd, timeout):
+        log.warning("Firecracker still alive %gs after SIGKILL", timeout)
+
+
 class FirecrackerDriver(VmmDriver):
     """Restores forks into already-running Firecracker processes, one API socket per fork.
 
-    Options read from :attr:`RestoreRequest.options`:
+    Options read from :attr:`RestoreRequest.options` (all validated before any API request;
+    an invalid one raises :class:`FirecrackerOptionError` naming it):
 
     - ``api_socket`` (required): the Firecracker's ``--api-sock`` path;
     - ``api_timeout``: seconds per API request (default: the ``restore`` timeout);
@@ -335,19 +438,28 @@ class FirecrackerDriver(VmmDriver):
 
     name = "firecracker"
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Validate restore options without side effects (the daemon calls this before it
+        registers a fork); :class:`FirecrackerOptionError` naming the bad option."""
+        parse_options(options)
+
     def restore(self, request: RestoreRequest, timeout: float = 30.0) -> FirecrackerHandle:
         """``PUT /snapshot/load`` with the Uffd backend, paused; returns once Firecracker
-        accepted it (it has connected to ``request.uffd_socket`` and sent the handshake)."""
-        opts = request.options
-        api_socket = opts.get("api_socket")
-        if not isinstance(api_socket, str) or not api_socket:
+        accepted it (it has connected to ``request.uffd_socket`` and sent the handshake).
+
+        If Firecracker refuses the load (an error status) it is left as it was. If anything
+        else fails once its pidfd is open (no answer, a dropped connection, an error after the
+        load), Firecracker is killed: its state is unknown, and a VMM loaded without a page
+        server behind it would only hang.
+        """
+        opts = parse_options(request.options)
+        if opts.api_socket is None:
             raise VmmError(f"fork {request.fork_id}: the firecracker driver needs api_socket")
-        stop_mode = opts.get("stop", "kill")
-        if stop_mode not in ("kill", "ctrl-alt-del"):
-            raise VmmError(f"fork {request.fork_id}: unknown stop mode {stop_mode!r}")
-        api = FirecrackerApi(api_socket, timeout=float(opts.get("api_timeout", timeout)))
+        api = FirecrackerApi(
+            opts.api_socket, timeout=timeout if opts.api_timeout is None else opts.api_timeout
+        )
         body = snapshot_load_body(
-            request.snapshot_path, request.uffd_socket, extra=opts.get("load_fields")
+            request.snapshot_path, request.uffd_socket, extra=opts.load_fields
         )
         # Pin the process before loading: if the load or the handler fails we can still kill
         # the right VMM, and a reused pid cannot be hit later.
@@ -355,27 +467,34 @@ class FirecrackerDriver(VmmDriver):
         pidfd = _pidfd_open(pid)
         try:
             api.request("PUT", "/snapshot/load", body, timeout=timeout)
-        except BaseException:
+            return FirecrackerHandle(request.fork_id, api, pid, pidfd, opts.stop, opts.stop_timeout)
+        except BaseException as exc:
             if pidfd is not None:
-                os.close(pidfd)
+                try:
+                    if not isinstance(exc, FirecrackerApiError):
+                        log.warning(
+                            "fork %s: killing Firecracker pid %d after a failed restore: %s",
+                            request.fork_id,
+                            pid,
+                            exc,
+                        )
+                        _kill(pidfd, opts.stop_timeout)
+                finally:
+                    os.close(pidfd)
             raise
-        return FirecrackerHandle(
-            request.fork_id,
-            api,
-            pid,
-            pidfd,
-            stop_mode,
-            float(opts.get("stop_timeout", 5.0)),
-        )
 
 
 __all__ = [
     "DEFAULT_API_TIMEOUT",
     "FirecrackerApi",
+    "FirecrackerApiError",
     "FirecrackerDriver",
     "FirecrackerHandle",
+    "FirecrackerOptionError",
+    "FirecrackerOptions",
     "create_snapshot",
     "fault_message",
+    "parse_options",
     "snapshot_create_body",
     "snapshot_load_body",
     "vm_state_body",
