@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pagefork.errors import UffdError
+from pagefork.errors import PageforkError, UffdError
 from pagefork.server import PageServer, ServerConfig
 from pagefork.testing.vmm import VmmProcess
 from pagefork.uffd import open_userfaultfd
@@ -29,6 +29,21 @@ def _uffd_available() -> str | None:
 
 UFFD_MISSING = _uffd_available()
 needs_uffd = pytest.mark.skipif(UFFD_MISSING is not None, reason=UFFD_MISSING or "")
+
+
+def _kvm_missing() -> str | None:
+    from pagefork.vmm.kvm import orchestrate
+
+    try:
+        orchestrate.check_environment()
+    except PageforkError as exc:
+        return str(exc)
+    return None
+
+
+#: Why the built-in microVM cannot run here (no /dev/kvm or userfaultfd), or None.
+KVM_MISSING = _kvm_missing()
+needs_kvm = pytest.mark.skipif(KVM_MISSING is not None, reason=KVM_MISSING or "")
 
 
 def make_mem_file(path: Path, pages: int, seed: int = 1, zero_every: int = 4) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import needs_uffd
+from conftest import needs_kvm, needs_uffd
 from pagefork.cli import main
 from pagefork.daemon.client import DaemonClient, DaemonError
 from pagefork.daemon.manager import ForkManager, ManagerConfig
@@ -32,20 +32,7 @@ from pagefork.templates import TemplateRegistry
 from pagefork.testing.fcdouble import FcDoubleProcess
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
 from pagefork.vmm.firecracker import create_snapshot
-from pagefork.vmm.kvm import orchestrate
 from pagefork.vmm.kvm.process import ForkProcess
-
-
-def _environment_missing() -> str | None:
-    try:
-        orchestrate.check_environment()
-    except PageforkError as exc:
-        return str(exc)
-    return None
-
-
-ENV_MISSING = _environment_missing()
-needs_kvm = pytest.mark.skipif(ENV_MISSING is not None, reason=ENV_MISSING or "")
 
 #: A small microVM template: 16 MiB, a few trace variants.
 TEMPLATE = {"mem_size_mib": 16, "variants": 4}

@@ -9,21 +9,9 @@ from typing import Any
 
 import pytest
 
+from conftest import needs_kvm
 from pagefork.cli import main
-from pagefork.errors import PageforkError
 from pagefork.vmm.kvm import orchestrate
-
-
-def _environment_missing() -> str | None:
-    try:
-        orchestrate.check_environment()
-    except PageforkError as exc:
-        return str(exc)
-    return None
-
-
-ENV_MISSING = _environment_missing()
-needs_kvm = pytest.mark.skipif(ENV_MISSING is not None, reason=ENV_MISSING or "")
 
 
 @needs_kvm

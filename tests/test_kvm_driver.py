@@ -7,25 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from pagefork.errors import PageforkError, VmmError
+from conftest import KVM_MISSING as ENV_MISSING
+from conftest import needs_kvm
+from pagefork.errors import VmmError
 from pagefork.server import PageServer, ServerConfig
 from pagefork.vmm.base import RestoreRequest
-from pagefork.vmm.kvm import orchestrate
 from pagefork.vmm.kvm.driver import KvmDriver
 from pagefork.vmm.kvm.template import MEM_FILE, Template, TemplateSpec, build_template
 from pagefork.vmm.kvm.trace import TraceSpec
-
-
-def _environment_missing() -> str | None:
-    try:
-        orchestrate.check_environment()
-    except PageforkError as exc:
-        return str(exc)
-    return None
-
-
-ENV_MISSING = _environment_missing()
-needs_kvm = pytest.mark.skipif(ENV_MISSING is not None, reason=ENV_MISSING or "")
 
 SMALL = TemplateSpec(mem_size=16 << 20, variants=2, trace=TraceSpec(working_set=0.10, seed=5))
 

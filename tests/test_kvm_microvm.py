@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pagefork.errors import PageforkError, TemplateError
+from conftest import KVM_MISSING as ENV_MISSING
+from conftest import needs_kvm
+from pagefork.errors import TemplateError
 from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer, ServerConfig
 from pagefork.vmm.kvm import guest, orchestrate
@@ -25,18 +27,6 @@ from pagefork.vmm.kvm.template import (
     load_template,
 )
 from pagefork.vmm.kvm.trace import TraceSpec, generate_variants
-
-
-def _environment_missing() -> str | None:
-    try:
-        orchestrate.check_environment()
-    except PageforkError as exc:
-        return str(exc)
-    return None
-
-
-ENV_MISSING = _environment_missing()
-needs_kvm = pytest.mark.skipif(ENV_MISSING is not None, reason=ENV_MISSING or "")
 
 SMALL = TemplateSpec(mem_size=16 << 20, variants=4, trace=TraceSpec(working_set=0.10, seed=3))
 
