@@ -6,6 +6,7 @@ import ctypes
 import json
 import mmap
 import os
+import random
 import socket
 
 import pytest
@@ -234,3 +235,21 @@ def test_a_second_fd_is_refused_at_once(make_server, guest_uffd):
             server.wait_connected("a", timeout=5)
     finally:
         conn.close()
+
+
+def test_random_payloads_only_ever_raise_handshake_errors() -> None:
+    # Mutations of a valid payload: whatever a peer sends is a HandshakeError or valid regions.
+    rng = random.Random(7)
+    good = encode_mappings(
+        [Region(0x7F0000000000, 2 * MIB, 0), Region(0x7F0000400000, MIB, 2 * MIB)]
+    )
+    for _ in range(3000):
+        data = bytearray(good)
+        for _ in range(rng.randrange(1, 6)):
+            pos = rng.randrange(len(data))
+            data[pos : pos + rng.randrange(0, 4)] = rng.randbytes(rng.randrange(0, 4))
+        try:
+            regions = parse_mappings(bytes(data), 3 * MIB)
+        except HandshakeError:
+            continue
+        assert all(r.offset + r.size <= 3 * MIB for r in regions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import threading
 
@@ -470,3 +471,18 @@ def test_recorder_calls_on_close_once_under_concurrent_records() -> None:
 def test_recorder_rejects_empty_windows(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         HotPageRecorder(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("magic", [b"HPL1", b"HPL2"])
+def test_random_bytes_after_the_magic_never_escape_as_another_error(magic: bytes) -> None:
+    # A corrupt file must always be a HotPageFileError (the CLI turns it into one line), and
+    # whatever decodes must re-encode (merge writes it back out).
+    rng = random.Random(0xC0FFEE)
+    for _ in range(3000):
+        data = magic + rng.randbytes(rng.randrange(0, 24))
+        try:
+            hot = decode(data, "fuzz.hpl")
+        except HotPageFileError:
+            continue
+        encode_hpl2(hot)
+        encode_hpl1(hot.snapshot())
