@@ -109,7 +109,9 @@ def main(quick: bool = False, argv: list[str] | None = None) -> dict[str, float]
             prefetch: list[ForkReport] = []
             ratios = []
             for i in range(args.pairs):
-                d_index, p_index = 1 + 2 * i, 2 + 2 * i
+                # Never the warm-up's own variant: prefetch is judged on traces it did not record.
+                d_index = orchestrate.fork_index(template, 2 * i, warm.variant)
+                p_index = orchestrate.fork_index(template, 2 * i + 1, warm.variant)
                 order = ("demand", "prefetch") if i % 2 == 0 else ("prefetch", "demand")
                 got: dict[str, ForkReport] = {}
                 for mode in order:
@@ -151,18 +153,23 @@ def main(quick: bool = False, argv: list[str] | None = None) -> dict[str, float]
             )
             # --- b. fan-out -------------------------------------------------------------
             table = _table(f"b. fan-out: {args.burst} concurrent forks vs single forks")
-            base = 1000
+            base = 2 * args.pairs  # fork_index() k values after the pairs'
             summary = []
             burst_modes: tuple[orchestrate.Mode, ...] = ("prefetch", "demand")
             for mode in burst_modes:
                 single: list[ForkReport] = []
                 for k in range(3):
+                    index = orchestrate.fork_index(template, base + k, warm.variant)
                     single += orchestrate.run_forks(
-                        server, template, [base + k], mode, hot=hot, warmup_variant=warm.variant
+                        server, template, [index], mode, hot=hot, warmup_variant=warm.variant
                     )
                 base += 3
+                indices = [
+                    orchestrate.fork_index(template, k, warm.variant)
+                    for k in range(base, base + args.burst)
+                ]
                 burst = orchestrate.run_forks(
-                    server, template, range(base, base + args.burst), mode, hot=hot,
+                    server, template, indices, mode, hot=hot,
                     warmup_variant=warm.variant, concurrent=True,
                 )  # fmt: skip
                 base += args.burst

@@ -71,3 +71,41 @@ def test_demo_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[st
     png = tmp_path / "demo.png"
     assert main(["demo", "--mem-size", "16", "--forks", "1", "--json", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--working-set", "2"),
+        ("--working-set", "0"),
+        ("--working-set", "nan"),
+        ("--fork-share", "-1"),
+        ("--fork-share", "inf"),
+    ],
+)
+def test_demo_rejects_shares_out_of_range_with_one_line(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--mem-size", "16", option, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option in err[0]
+
+
+def test_demo_rejects_a_workdir_that_is_a_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["demo", "--mem-size", "16", "--workdir", str(afile)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a directory" in err[0]
+
+
+def test_demo_rejects_a_plot_in_a_missing_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "missing" / "p.png"
+    assert main(["demo", "--mem-size", "16", "--plot", str(png)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import KVM_MISSING as ENV_MISSING
 from conftest import needs_kvm
-from pagefork.errors import TemplateError
+from pagefork.errors import TemplateError, VmmError
 from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer, ServerConfig
 from pagefork.vmm.kvm import guest, orchestrate
 from pagefork.vmm.kvm.microvm import MicroVm
+from pagefork.vmm.kvm.process import ForkProcess
 from pagefork.vmm.kvm.template import (
     MEM_FILE,
     TEMPLATE_FILE,
@@ -202,3 +207,153 @@ def test_two_vcpus_walk_their_own_slices(tmp_path: Path) -> None:
     # Both vCPUs may fault on a shared page (the program) at once: count pages, not events.
     assert report.pages_copied + report.zero_pages == len(tpl.touched_pages(1))
     tpl.close()
+
+
+@needs_kvm
+def test_vcpu_error_is_reported_as_the_exit_not_a_buffer_error(
+    template: Template, server: PageServer, tmp_path: Path
+) -> None:
+    broken = _copy(template, tmp_path / "t")
+    doc = json.loads((broken / VMSTATE_FILE).read_text())
+    doc["vcpus"][0]["regs"]["rip"] = 0x8000_0000  # no RAM there: the fetch cannot be served
+    (broken / VMSTATE_FILE).write_text(json.dumps(doc))
+    tpl = load_template(broken)
+    try:
+        with pytest.raises(VmmError, match=r"unexpected exit \w+") as info:
+            orchestrate.run_forks(server, tpl, [1], "demand")
+        assert "BufferError" not in str(info.value)
+        assert "0x80000000" in str(info.value)
+    finally:
+        tpl.close()
+
+
+@needs_kvm
+def test_a_wrong_byte_in_a_write_first_page_fails_the_fork(
+    template: Template, tmp_path: Path
+) -> None:
+    variant = template.variant_of(1)
+    reads = {p for r, _ in template.slice_pages(variant) for p in r}
+    write_first = sorted(template.written_pages(variant) - reads)
+    assert write_first
+    # Serve the fork from a copy of the mem-file with one byte changed in a page the guest
+    # only writes (never reads, so the guest checksum cannot see it), away from the written word.
+    bad_mem = tmp_path / "bad-mem-file"
+    shutil.copyfile(template.mem_file, bad_mem)
+    offset = template.file_offset(write_first[0]) + 100
+    with open(bad_mem, "r+b") as f:
+        f.seek(offset)
+        old = f.read(1)
+        f.seek(offset)
+        f.write(bytes([old[0] ^ 0xFF]))
+    config = ServerConfig(mem_file_path=str(bad_mem), socket_dir=str(tmp_path), on_failure="kill")
+    with PageServer(config) as srv:
+        [report] = orchestrate.run_forks(srv, template, [1], "demand")
+    assert report.checksum_ok is False
+    assert report.bad_pages == 1
+
+
+@needs_kvm
+def test_fork_exits_with_an_error_when_its_page_server_goes_away(
+    template: Template, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "gone.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    listener.settimeout(30)
+    proc = ForkProcess(str(template.path), path, 1, wait_go=False)
+    try:
+        conn, _ = listener.accept()
+        _, fds, _, _ = socket.recv_fds(conn, 65536, 4)
+        for fd in fds:  # the "server" dies without serving a page
+            os.close(fd)
+        conn.close()
+        t0 = time.monotonic()
+        with pytest.raises(VmmError, match="page server closed the connection"):
+            proc.wait_result(timeout=30)
+        assert time.monotonic() - t0 < 30
+    finally:
+        proc.close()
+        listener.close()
+
+
+def _break_vmstate(template: Template, dest: Path, edit: Any) -> Path:
+    broken = _copy(template, dest)
+    doc = json.loads((broken / VMSTATE_FILE).read_text())
+    edit(doc["vcpus"][0])
+    (broken / VMSTATE_FILE).write_text(json.dumps(doc))
+    return broken
+
+
+@needs_kvm
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda v: v["sregs"].__setitem__("interrupt_bitmap", [0]), "interrupt_bitmap"),
+        (lambda v: v["sregs"]["cs"].__setitem__("selector", 0x1_0000), "cs.selector"),
+        (lambda v: v["sregs"]["ss"].__setitem__("type", 256), "ss.type"),
+        (lambda v: v["sregs"]["gdt"].__setitem__("limit", -1), "gdt.limit"),
+        (lambda v: v["regs"].__setitem__("rip", 1 << 64), "rip"),
+    ],
+)
+def test_vmstate_field_out_of_range_fails_with_template_error(
+    template: Template, tmp_path: Path, edit: Any, match: str
+) -> None:
+    broken = _break_vmstate(template, tmp_path / "t", edit)
+    with pytest.raises(TemplateError, match=rf"vmstate\.json: malformed vmstate.*{match}"):
+        load_template(broken)
+
+
+@needs_kvm
+def test_vmstate_kvm_rejects_fails_with_template_error(template: Template, tmp_path: Path) -> None:
+    # Paging without protected mode: KVM_SET_SREGS refuses it.
+    broken = _break_vmstate(template, tmp_path / "t", lambda v: v["sregs"].update(cr0=1 << 31))
+    tpl = load_template(broken)
+    try:
+        with (
+            MicroVm(tpl, 0) as vm,
+            pytest.raises(TemplateError, match=r"vmstate\.json: KVM rejected.*SET_SREGS"),
+        ):
+            vm.restore(None)
+    finally:
+        tpl.close()
+
+
+@needs_kvm
+@pytest.mark.parametrize(("key", "value"), [("reads", -5), ("writes", -1), ("reads", 1 << 32)])
+def test_trace_counts_out_of_range_fail_with_template_error(
+    template: Template, tmp_path: Path, key: str, value: int
+) -> None:
+    broken = _copy(template, tmp_path / "t")
+    doc = json.loads((broken / TEMPLATE_FILE).read_text())
+    doc["variants"][0]["slices"][0][key] = value
+    (broken / TEMPLATE_FILE).write_text(json.dumps(doc))
+    with pytest.raises(TemplateError, match=r"template\.json: variant 0 has read/write counts"):
+        load_template(broken)
+
+
+def test_fork_indices_never_reuse_the_warmup_variant() -> None:
+    class FakeTemplate:
+        variants = 4
+
+        def variant_of(self, index: int) -> int:
+            return index % self.variants
+
+    tpl: Any = FakeTemplate()
+    indices = [orchestrate.fork_index(tpl, k, 0) for k in range(20)]
+    assert len(set(indices)) == 20
+    assert all(tpl.variant_of(i) != 0 for i in indices)
+    assert {tpl.variant_of(i) for i in indices} == {1, 2, 3}
+
+
+@needs_kvm
+def test_memory_region_over_the_tss_fails_with_template_error(
+    template: Template, tmp_path: Path
+) -> None:
+    broken = _copy(template, tmp_path / "t")
+    doc = json.loads((broken / VMSTATE_FILE).read_text())
+    doc["memory"]["regions"][-1]["guest_phys_addr"] = 0xFFF0_0000  # 8 MiB up to 4 GiB
+    doc["memory"]["regions"][-1]["size"] = 1 << 20
+    (broken / VMSTATE_FILE).write_text(json.dumps(doc))
+    with pytest.raises(TemplateError, match="overlaps KVM's TSS"):
+        load_template(broken)

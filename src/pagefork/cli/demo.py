@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 import tempfile
 import time
@@ -62,6 +64,36 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject bad options before any work: one-line :class:`PageforkError`s (exit 2)."""
+    if args.forks < 1 or args.vcpus < 1:
+        raise PageforkError("--forks and --vcpus must be at least 1")
+    if args.mem_size < 1:
+        raise PageforkError("--mem-size must be at least 1 MiB")
+    ws, fs = args.working_set, args.fork_share
+    if not (math.isfinite(ws) and 0 < ws <= 1):
+        raise PageforkError(f"--working-set must be a share in (0, 1], got {ws}")
+    if not (math.isfinite(fs) and 0 <= fs <= 1):
+        raise PageforkError(f"--fork-share must be a share in [0, 1], got {fs}")
+    if args.workdir:
+        workdir = Path(args.workdir)
+        if workdir.exists() and not workdir.is_dir():
+            raise PageforkError(f"--workdir {workdir}: exists and is not a directory")
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PageforkError(f"--workdir {workdir}: {exc.strerror or exc}") from None
+    if args.plot:
+        plot = Path(args.plot)
+        parent = plot.parent if str(plot.parent) else Path(".")
+        if not parent.is_dir():
+            raise PageforkError(f"--plot {plot}: directory {parent} does not exist")
+        if plot.is_dir():
+            raise PageforkError(f"--plot {plot}: is a directory")
+        if not os.access(parent, os.W_OK):
+            raise PageforkError(f"--plot {plot}: directory {parent} is not writable")
+
+
 def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -76,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from pagefork.vmm.kvm.template import MEM_FILE, TemplateSpec, build_template
     from pagefork.vmm.kvm.trace import TraceSpec
 
-    if args.forks < 1 or args.vcpus < 1:
-        raise PageforkError("--forks and --vcpus must be at least 1")
+    _check_args(args)
     if args.plot:
         _require_matplotlib()
     orchestrate.check_environment()
@@ -132,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                     demand += orchestrate.run_forks(
                         server,
                         template,
-                        [1 + 2 * i],
+                        [orchestrate.fork_index(template, 2 * i, warm.variant)],
                         "demand",
                         warmup_variant=warm.variant,
                         on_done=done,
@@ -140,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
                     prefetch += orchestrate.run_forks(
                         server,
                         template,
-                        [2 + 2 * i],
+                        [orchestrate.fork_index(template, 2 * i + 1, warm.variant)],
                         "prefetch",
                         hot=hot,
                         warmup_variant=warm.variant,
@@ -150,12 +181,16 @@ def run(args: argparse.Namespace) -> int:
             warm, len(hot), demand, prefetch, spec.mem_size, time.monotonic() - started
         )
         doc["workdir"] = str(workdir) if args.workdir else None
-        if args.plot:
-            _plot(args.plot, recorded, demand, prefetch)
+        # Figures first: a plot that fails must not lose them.
         if args.json:
-            print(json.dumps(doc, indent=2))
+            print(json.dumps(doc, indent=2), flush=True)
         else:
             _print_tables(doc)
+        if args.plot:
+            try:
+                _plot(args.plot, recorded, demand, prefetch)
+            except OSError as exc:
+                raise PageforkError(f"--plot {args.plot}: {exc.strerror or exc}") from None
         return 0 if doc["checksums_ok"] else 1
     finally:
         if not args.workdir:

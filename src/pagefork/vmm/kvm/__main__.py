@@ -10,54 +10,119 @@ to serve the fault. The process speaks JSON lines with whoever started it
 - stdin ``go`` resumes the vCPUs (Firecracker's ``PATCH /vm {"state": "Resumed"}``); ``exit``
   or end of input quits without running;
 - stdout ``{"event": "result", ...}`` when every vCPU halted: ready time, checksums, whether
-  they match the template;
-- stdout ``{"event": "error", "message": ...}`` and exit status 1 on any failure.
+  they match the template, and the touched pages whose bytes differ from the mem-file
+  (``bad_pages``, checked after ready); ``checksum_ok`` is true only if both are right;
+- stdout ``{"event": "error", "message": ...}`` and exit status 1 on any failure;
+- if the page server closes its socket before the fork is done, an ``error`` event and exit
+  status 3 (a watchdog thread: vCPUs blocked on faults nobody serves would otherwise hang
+  forever). The process also dies with its parent (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from pagefork.errors import PageforkError
 from pagefork.vmm.kvm.microvm import MicroVm
-from pagefork.vmm.kvm.template import load_template
+from pagefork.vmm.kvm.template import Template, load_template
+
+PR_SET_PDEATHSIG = 1
+#: Exit status when the page server went away under the fork.
+EXIT_SERVER_GONE = 3
+
+_emit_lock = threading.Lock()
 
 
 def _emit(doc: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(doc) + "\n")
-    sys.stdout.flush()
+    with _emit_lock:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+
+
+def _die_with_parent() -> None:
+    """``PR_SET_PDEATHSIG(SIGKILL)``: a fork must not outlive its orchestrator."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+
+
+def _start_watchdog(vm: MicroVm, finished: threading.Event) -> None:
+    """Exit (status 3) with an error event once the page server closes its socket, unless
+    the fork finished first (then the EOF is our own shutdown)."""
+    memory = vm.memory
+    if memory is None:
+        return
+
+    def watch() -> None:
+        memory.wait_server_gone()
+        if not finished.is_set():
+            _emit(
+                {
+                    "event": "error",
+                    "message": "page server closed the connection; the guest's memory can no "
+                    "longer be served",
+                }
+            )
+            os._exit(EXIT_SERVER_GONE)
+
+    threading.Thread(target=watch, name="server-watchdog", daemon=True).start()
 
 
 def run_fork(template_dir: str, socket_path: str | None, fork_index: int, wait_go: bool) -> int:
     """Restore, wait for ``go``, run, report. Returns the exit status."""
     t_start = time.monotonic()
+    _die_with_parent()
     template = load_template(template_dir)
+    finished = threading.Event()
     with MicroVm(template, fork_index) as vm:
-        vm.restore(socket_path)
-        _emit(
-            {
-                "event": "restored",
-                "pid": os.getpid(),
-                "fork_index": fork_index,
-                "variant": vm.variant,
-                "t_start": t_start,
-                "t_restored": time.monotonic(),
-            }
-        )
-        if wait_go:
-            line = sys.stdin.readline().strip()
-            if line != "go":
-                return 0
-        t_go = time.monotonic()
-        result = vm.run()
+        try:
+            return _restore_and_run(vm, template, socket_path, wait_go, t_start, finished)
+        finally:
+            finished.set()  # before MicroVm.close() shuts the socket down
+
+
+def _restore_and_run(
+    vm: MicroVm,
+    template: Template,
+    socket_path: str | None,
+    wait_go: bool,
+    t_start: float,
+    finished: threading.Event,
+) -> int:
+    vm.restore(socket_path)
+    if socket_path is not None:
+        _start_watchdog(vm, finished)
+    _emit(
+        {
+            "event": "restored",
+            "pid": os.getpid(),
+            "fork_index": vm.fork_index,
+            "variant": vm.variant,
+            "t_start": t_start,
+            "t_restored": time.monotonic(),
+        }
+    )
+    if wait_go:
+        line = sys.stdin.readline().strip()
+        if line != "go":
+            return 0
+    t_go = time.monotonic()
+    result = vm.run()
+    # After ready, so not part of the ready time: every byte of every touched page.
+    bad_pages = vm.check_pages()
     expected = template.expected_checksums(vm.variant)
     template.close()
+    guest_ok = result.checksums == expected
     _emit(
         {
             "event": "result",
@@ -66,7 +131,10 @@ def run_fork(template_dir: str, socket_path: str | None, fork_index: int, wait_g
             "t_ready": result.ready,
             "checksums": result.checksums,
             "expected": expected,
-            "checksum_ok": result.checksums == expected,
+            "guest_checksum_ok": guest_ok,
+            "pages_ok": not bad_pages,
+            "bad_pages": bad_pages,
+            "checksum_ok": guest_ok and not bad_pages,
             "exits": result.exits,
             "progress": result.progress,
         }
@@ -85,8 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_fork(args.template, args.socket, args.fork_index, not args.no_wait)
     except PageforkError as exc:
-        _emit({"event": "error", "message": str(exc)})
+        _emit({"event": "error", "message": _one_line(str(exc))})
         return 1
+    except Exception as exc:  # anything else: still one error event, never a traceback
+        _emit({"event": "error", "message": _one_line(f"{type(exc).__name__}: {exc}")})
+        return 1
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) or "unknown error"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ RFLAGS_RESERVED = 1 << 1
 
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 _SEGMENT_FIELDS = tuple(f[0] for f in ioctls.kvm_segment._fields_ if f[0] != "padding")
+#: Bit width of each segment field: a value that does not fit is an error, not truncated.
+_SEGMENT_BITS = {f[0]: 8 * ctypes.sizeof(f[1]) for f in ioctls.kvm_segment._fields_}
+_DTABLE_BITS = {f[0]: 8 * ctypes.sizeof(f[1]) for f in ioctls.kvm_dtable._fields_}
+_BITMAP_WORDS = len(ioctls.kvm_sregs().interrupt_bitmap)
 _CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 _REGS = tuple(f[0] for f in ioctls.kvm_regs._fields_)
 
@@ -110,21 +114,29 @@ def sregs_from_dict(doc: dict[str, Any]) -> ioctls.kvm_sregs:
         if not isinstance(seg, dict):
             raise TypeError(f"{name} must be an object")
         _fill_segment(
-            getattr(sregs, name), {k: _u64(seg[k], f"{name}.{k}") for k in _SEGMENT_FIELDS}
+            getattr(sregs, name),
+            {k: _u64(seg[k], f"{name}.{k}", _SEGMENT_BITS[k]) for k in _SEGMENT_FIELDS},
         )
     for name in ("gdt", "idt"):
         table = getattr(sregs, name)
-        table.base = _u64(doc[name]["base"], f"{name}.base")
-        table.limit = _u64(doc[name]["limit"], f"{name}.limit")
+        if not isinstance(doc[name], dict):
+            raise TypeError(f"{name} must be an object")
+        table.base = _u64(doc[name]["base"], f"{name}.base", _DTABLE_BITS["base"])
+        table.limit = _u64(doc[name]["limit"], f"{name}.limit", _DTABLE_BITS["limit"])
     for name in _CONTROL:
         setattr(sregs, name, _u64(doc[name], name))
-    bitmap = doc.get("interrupt_bitmap", [0, 0, 0, 0])
-    for i in range(4):
-        sregs.interrupt_bitmap[i] = _u64(bitmap[i], "interrupt_bitmap")
+    bitmap = doc.get("interrupt_bitmap", [0] * _BITMAP_WORDS)
+    if not isinstance(bitmap, list) or len(bitmap) != _BITMAP_WORDS:
+        raise ValueError(f"interrupt_bitmap must be a list of {_BITMAP_WORDS} integers")
+    for i in range(_BITMAP_WORDS):
+        sregs.interrupt_bitmap[i] = _u64(bitmap[i], f"interrupt_bitmap[{i}]")
     return sregs
 
 
-def _u64(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
-        raise TypeError(f"{name} must be an unsigned 64-bit integer, got {value!r}")
+def _u64(value: Any, name: str, bits: int = 64) -> int:
+    """``value`` if it is an unsigned integer of ``bits`` bits, else TypeError/ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an unsigned {bits}-bit integer, got {value!r}")
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{name} must be an unsigned {bits}-bit integer, got {value!r}")
     return value

@@ -50,6 +50,7 @@ class KvmHandle(VmmHandle):
             "fork_index": result.fork_index,
             "variant": result.variant,
             "checksum_ok": result.checksum_ok,
+            "pages_ok": result.pages_ok,
             "ready_seconds": result.ready_seconds,
             "restore_seconds": result.restore_seconds,
             "run_seconds": result.run_seconds,

@@ -121,7 +121,21 @@ class GuestMemory:
         if sent != len(payload):
             sock.close()
             raise VmmError(f"page server socket {socket_path}: short handshake write")
+        sock.settimeout(None)  # blocking from here on: wait_server_gone() blocks in recv
         self._socket = sock
+
+    def wait_server_gone(self) -> None:
+        """Block until the page server closes its end of the socket (or :meth:`close` shuts
+        ours down). The server sends nothing after the handshake; anything it does is skipped."""
+        sock = self._socket
+        if sock is None:
+            return
+        while True:
+            try:
+                if not sock.recv(4096):
+                    return
+            except OSError:
+                return
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into guest RAM (template building only: no uffd registered)."""
@@ -141,6 +155,10 @@ class GuestMemory:
     def close(self) -> None:
         """Drop the page-server connection, the uffd and the mappings; idempotent."""
         if self._socket is not None:
+            try:  # wakes a thread blocked in wait_server_gone(); close() alone would not
+                self._socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._socket.close()
             self._socket = None
         if self.uffd >= 0:

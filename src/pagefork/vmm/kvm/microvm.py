@@ -9,16 +9,18 @@ served by the page server in another process.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from pagefork.errors import VmmError
+from pagefork.errors import TemplateError, VmmError
+from pagefork.regions import PAGE_SIZE
 from pagefork.vmm.kvm import cpustate, guest
 from pagefork.vmm.kvm.devices import PortIoBus
 from pagefork.vmm.kvm.memory import GuestMemory
-from pagefork.vmm.kvm.template import Template, TraceSlice
+from pagefork.vmm.kvm.template import VMSTATE_FILE, Template, TraceSlice
 from pagefork.vmm.kvm.vcpu import EXIT_HALT
 from pagefork.vmm.kvm.vm import VirtualMachine
 
@@ -106,8 +108,14 @@ class MicroVm:
             self.vm.add_memory(r.guest_phys_addr, r.size, addr)
         for state in self.template.vcpu_states:
             vcpu = self.vm.create_vcpu()
-            vcpu.set_sregs(cpustate.sregs_from_dict(state.sregs))
-            vcpu.set_regs(cpustate.regs_from_dict(state.regs))
+            try:
+                vcpu.set_sregs(cpustate.sregs_from_dict(state.sregs))
+                vcpu.set_regs(cpustate.regs_from_dict(state.regs))
+            except (VmmError, TypeError, ValueError, KeyError) as exc:
+                raise TemplateError(
+                    f"{self.template.path / VMSTATE_FILE}: KVM rejected vCPU {vcpu.index}'s "
+                    f"state ({exc})"
+                ) from None
 
     def run(self) -> RunResult:
         """Run every vCPU until it halts; returns when all have. A vCPU that fails makes the
@@ -149,6 +157,30 @@ class MicroVm:
             exits=sum(v.exits for v in vcpus),
             progress=list(dev.progress),
         )
+
+    def check_pages(self) -> list[int]:
+        """After :meth:`run`: compare every page the trace touched with the mem-file, byte for
+        byte (a written page: all but the written word). Returns the wrong pages' addresses.
+
+        The guest checksum covers only two words of each page read; this covers every byte of
+        every page served. Those pages are present once the guest reported ready, so reading
+        them here faults nothing (and this process is not the page server).
+        """
+        if self.memory is None:
+            raise VmmError("check_pages() before restore()")
+        written = self.template.written_pages(self.variant)
+        lo, hi = guest.WRITE_OFFSET, guest.WRITE_OFFSET + 4
+        bad = []
+        for gpa in sorted(self.template.touched_pages(self.variant)):
+            want = self.template.read_bytes(gpa, PAGE_SIZE)
+            got = ctypes.string_at(self.memory.host_address(gpa, PAGE_SIZE), PAGE_SIZE)
+            if gpa in written:
+                same = got[:lo] == want[:lo] and got[hi:] == want[hi:]
+            else:
+                same = got == want
+            if not same:
+                bad.append(gpa)
+        return bad
 
     def close(self) -> None:
         """Tear down the VM, then RAM (which drops the page server connection)."""

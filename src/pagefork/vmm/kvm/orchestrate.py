@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,6 +64,8 @@ class ForkReport:
     prefetched_pages: int
     misses: int
     specific_pages: int
+    #: Touched pages whose bytes were wrong (checked after ready); any makes checksum_ok false.
+    bad_pages: int = 0
     fault_latency_us: dict[str, float] = field(default_factory=dict)
     progress: list[tuple[float, int]] = field(default_factory=list)
 
@@ -119,6 +123,7 @@ def _report(
         prefetched_pages=stats.prefetched_pages,
         misses=stats.misses,
         specific_pages=specific,
+        bad_pages=len(result.bad_pages),
         fault_latency_us=dict(stats.latency_us),
         progress=progress,
     )
@@ -139,9 +144,10 @@ def run_forks(
     """Run one fork per entry of ``indices`` (fork index picks the trace variant).
 
     ``mode`` ``warmup`` records hot pages, ``prefetch`` installs ``hot`` before resuming.
-    Sequential by default; ``concurrent`` restores all forks, then resumes them together, so
-    the page server serves them all at once. ``warmup_variant`` lets each report say how many
-    of its pages the warm-up never touched (the misses a perfect prefetch leaves).
+    Sequential by default; ``concurrent`` restores (and prefetches) all forks in parallel,
+    then resumes them together, so the page server serves them all at once.
+    ``warmup_variant`` lets each report say how many of its pages the warm-up never touched
+    (the misses a perfect prefetch leaves).
     """
     if mode == "prefetch" and hot is None:
         raise VmmError("prefetch mode needs a hot-page list")
@@ -154,7 +160,8 @@ def run_forks(
             for index in group:
                 name = f"{mode}-{index}-{time.monotonic_ns() % 1_000_000_000}"
                 forks.append(_Fork(server, template, name, index, record=mode == "warmup"))
-            for fork in forks:
+
+            def prepare(fork: _Fork) -> None:
                 server.wait_connected(fork.name, timeout=timeout)
                 if mode == "prefetch":
                     assert hot is not None
@@ -163,6 +170,16 @@ def run_forks(
                     server.prefetch(fork.name, hot)
                     fork.prefetch_seconds = time.monotonic() - t0
                 fork.process.wait_restored(timeout=timeout)
+
+            if len(forks) == 1:
+                prepare(forks[0])
+            else:
+                # A burst prefetches every fork at once, as forks started together would: each
+                # fork's prefetch time then includes the contention, not a serial queue that
+                # only the orchestrator waits through.
+                with ThreadPoolExecutor(max_workers=len(forks)) as pool:
+                    for future in [pool.submit(prepare, fork) for fork in forks]:
+                        future.result()
             for fork in forks:
                 fork.process.go()
             for fork in forks:
@@ -172,10 +189,20 @@ def run_forks(
                 if on_done is not None:
                     on_done(report)
         finally:
+            # Each in its own try: one failing close must not leak the other forks.
+            errors: list[BaseException] = []
             for fork in forks:
-                fork.process.close()
+                try:
+                    fork.process.close()
+                except Exception as exc:  # collected; the first is re-raised
+                    errors.append(exc)
                 if mode != "warmup":
-                    server.unregister_fork(fork.name)
+                    try:
+                        server.unregister_fork(fork.name)
+                    except Exception as exc:
+                        errors.append(exc)
+            if errors and sys.exc_info()[1] is None:
+                raise errors[0]
     return reports
 
 
@@ -187,6 +214,23 @@ def warm_up(
     hot = server.hot_pages(report.name)
     server.unregister_fork(report.name)
     return report, hot
+
+
+def fork_index(template: Template, k: int, warmup_variant: int) -> int:
+    """Fork index of the ``k``-th (from 0) fork after a warm-up that walked ``warmup_variant``.
+
+    The indices map onto the *other* variants in turn, so no measured fork walks the very
+    trace the hot set was recorded from (that would flatter prefetch). Distinct ``k`` give
+    distinct indices. With a single variant there is no other: it is reused.
+    """
+    if k < 0:
+        raise ValueError("k must be >= 0")
+    n = template.variants
+    if n == 1:
+        return k
+    others = [v for v in range(n) if v != warmup_variant % n]
+    rounds, pick = divmod(k, len(others))
+    return others[pick] + n * rounds
 
 
 def percentile(values: Sequence[float], p: float) -> float:

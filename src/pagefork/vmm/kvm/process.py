@@ -8,10 +8,16 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from pagefork.errors import VmmError
+
+#: Fork processes die with the thread that started them (``PR_SET_PDEATHSIG`` is per thread),
+#: so they are all started from this one long-lived thread, not from short-lived request or
+#: worker threads.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagefork-fork-spawner")
 
 
 @dataclass
@@ -35,6 +41,14 @@ class ForkResult:
     expected: list[int]
     exits: int
     progress: list[tuple[float, int, int]] = field(default_factory=list)
+    #: Touched pages whose bytes differed from the mem-file (checked after ready).
+    bad_pages: list[int] = field(default_factory=list)
+    guest_checksum_ok: bool = True
+
+    @property
+    def pages_ok(self) -> bool:
+        """Every page the trace touched held the mem-file's bytes."""
+        return not self.bad_pages
 
     @property
     def ready_seconds(self) -> float:
@@ -71,9 +85,14 @@ class ForkProcess:
             cmd += ["--socket", socket_path]
         if not wait_go:
             cmd.append("--no-wait")
-        self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
-        )
+        self._proc = _SPAWNER.submit(
+            subprocess.Popen,
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        ).result()
         self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         assert self._proc.stdout is not None
         self._reader = threading.Thread(target=self._read, args=(self._proc.stdout,), daemon=True)
@@ -128,7 +147,12 @@ class ForkProcess:
         """Wait for the guest to finish; the fork process exits after reporting."""
         doc = self._next("result", timeout)
         restored = self.restored or {}
-        self._proc.wait(timeout=timeout)
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise VmmError(
+                f"fork {self.fork_index}: reported its result but did not exit within {timeout:g}s"
+            ) from None
         return ForkResult(
             fork_index=self.fork_index,
             variant=int(restored.get("variant", -1)),
@@ -142,6 +166,8 @@ class ForkProcess:
             expected=[int(c) for c in doc["expected"]],
             exits=int(doc["exits"]),
             progress=[(float(t), int(v), int(p)) for t, v, p in doc["progress"]],
+            bad_pages=[int(p) for p in doc.get("bad_pages", [])],
+            guest_checksum_ok=bool(doc.get("guest_checksum_ok", doc["checksum_ok"])),
         )
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from pagefork.vmm.kvm.devices import PortIoBus
 from pagefork.vmm.kvm.memory import GuestMemory, MemoryRegionSpec
 from pagefork.vmm.kvm.trace import TraceSpec, generate_variants, split_slices, zero_page_layout
 from pagefork.vmm.kvm.vcpu import EXIT_DEVICE
-from pagefork.vmm.kvm.vm import VirtualMachine
+from pagefork.vmm.kvm.vm import TSS_ADDR, TSS_SIZE, VirtualMachine
 
 MEM_FILE = "mem-file"
 VMSTATE_FILE = "vmstate.json"
@@ -72,7 +72,7 @@ class TemplateSpec:
             return [MemoryRegionSpec(0, self.mem_size, 0)]
         low = (self.mem_size // 2) & ~(PAGE_SIZE - 1)
         high = self.mem_size - low
-        if low > HIGH_REGION_GPA or HIGH_REGION_GPA + high > MAX_GPA:
+        if low > HIGH_REGION_GPA or HIGH_REGION_GPA + high > TSS_ADDR:
             raise TemplateError(
                 f"guest memory of {self.mem_size >> 20} MiB does not fit below 4 GiB"
             )
@@ -143,6 +143,12 @@ class Template:
                     f"{len(self.vcpu_states)} vCPUs"
                 )
             for s in slices:
+                # The guest loads both counts into 32-bit registers: anything else is garbage.
+                if not (0 <= s.reads < 1 << 32 and 0 <= s.writes < 1 << 32):
+                    raise TemplateError(
+                        f"{where}: variant {i} has read/write counts {s.reads}/{s.writes}; "
+                        "each must be in 0..2^32-1"
+                    )
                 if not self._in_ram(s.gpa, 4 * (s.reads + s.writes)):
                     raise TemplateError(f"{where}: variant {i} trace at {s.gpa:#x} is outside RAM")
         self.mem_file = self.path / MEM_FILE
@@ -170,6 +176,10 @@ class Template:
                 )
             if r.guest_phys_addr < previous_end or r.end > MAX_GPA:
                 raise TemplateError(f"{where}: memory region {i} overlaps or lies above 4 GiB")
+            if r.guest_phys_addr < TSS_ADDR + TSS_SIZE and r.end > TSS_ADDR:
+                raise TemplateError(
+                    f"{where}: memory region {i} overlaps KVM's TSS at {TSS_ADDR:#x}"
+                )
             offset += r.size
             previous_end = r.end
 
@@ -204,6 +214,16 @@ class Template:
                 self._map = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
         return int(struct.unpack_from("<I", self._map, self.file_offset(gpa))[0])
 
+    def read_bytes(self, gpa: int, length: int) -> bytes:
+        """``length`` bytes of the mem-file from guest-physical ``gpa`` (within one region)."""
+        if self._map is None:
+            self.read_word(gpa)
+        assert self._map is not None
+        off = self.file_offset(gpa)
+        if self.file_offset(gpa + length - 1) != off + length - 1:
+            raise TemplateError(f"{self.path}: {gpa:#x}+{length:#x} spans two memory regions")
+        return self._map[off : off + length]
+
     def _entries(self, s: TraceSlice) -> list[int]:
         if self._map is None:
             self.read_word(s.gpa)
@@ -224,6 +244,10 @@ class Template:
         return [
             guest.expected_checksum(reads, self.read_word) for reads, _ in self.slice_pages(variant)
         ]
+
+    def written_pages(self, variant: int) -> set[int]:
+        """Pages a fork walking ``variant`` writes (the word at ``guest.WRITE_OFFSET``)."""
+        return {page for _, writes in self.slice_pages(variant) for page in writes}
 
     def touched_pages(self, variant: int) -> set[int]:
         """Guest-physical pages a fork walking ``variant`` touches after the pause point: the

@@ -7,6 +7,7 @@ import mmap
 import os
 from typing import TYPE_CHECKING
 
+from pagefork import libc
 from pagefork.errors import VmmError
 from pagefork.vmm.kvm import ioctls
 
@@ -24,9 +25,16 @@ class Vcpu:
     def __init__(self, index: int, fd: int, run_size: int) -> None:
         self.index = index
         self.fd = fd
-        self._map = mmap.mmap(fd, run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._run = ioctls.kvm_run.from_buffer(self._map)
-        self._base = ctypes.addressof(self._run)
+        self._run_size = run_size
+        # libc mmap + from_address, not Python's mmap + from_buffer: a buffer export kept alive
+        # by a traceback's frames would make close() fail and hide the vCPU's real error.
+        try:
+            self._base = libc.mmap(run_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd)
+        except OSError as exc:
+            os.close(fd)
+            self.fd = -1
+            raise VmmError(f"vCPU {index}: cannot map kvm_run: {exc.strerror}") from None
+        self._run = ioctls.kvm_run.from_address(self._base)
         #: Exits handled by :meth:`run` so far (device round trips cost a userspace switch).
         self.exits = 0
 
@@ -53,6 +61,8 @@ class Vcpu:
     def run(self, bus: PortIoBus) -> str:
         """Run until the guest halts (:data:`EXIT_HALT`) or a device stops it
         (:data:`EXIT_DEVICE`). Any other exit is a :class:`VmmError` that says where."""
+        if self.fd < 0:
+            raise VmmError(f"vCPU {self.index}: run() after close()")
         run = self._run
         while True:
             ioctls.kvm_ioctl(self.fd, ioctls.KVM_RUN, what="RUN")
@@ -98,7 +108,6 @@ class Vcpu:
     def close(self) -> None:
         """Unmap ``kvm_run`` and close the fd; idempotent."""
         if self.fd >= 0:
-            del self._run
-            self._map.close()
+            libc.munmap(self._base, self._run_size)
             os.close(self.fd)
             self.fd = -1

@@ -16,6 +16,8 @@ from pagefork.vmm.kvm.vcpu import Vcpu
 KVM_DEVICE = "/dev/kvm"
 #: Three pages KVM needs for its real-mode TSS on Intel; placed far above any guest RAM.
 TSS_ADDR = 0xFFFBD000
+#: Bytes KVM reserves at :data:`TSS_ADDR`; no guest RAM may overlap them.
+TSS_SIZE = 3 * 4096
 
 
 def kvm_available(path: str = KVM_DEVICE) -> str | None:
