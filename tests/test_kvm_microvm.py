@@ -352,7 +352,7 @@ def test_memory_region_over_the_tss_fails_with_template_error(
 ) -> None:
     broken = _copy(template, tmp_path / "t")
     doc = json.loads((broken / VMSTATE_FILE).read_text())
-    doc["memory"]["regions"][-1]["guest_phys_addr"] = 0xFFF0_0000  # 8 MiB up to 4 GiB
+    doc["memory"]["regions"][-1]["guest_phys_addr"] = 0xFFF0_0000  # 1 MiB just below 4 GiB
     doc["memory"]["regions"][-1]["size"] = 1 << 20
     (broken / VMSTATE_FILE).write_text(json.dumps(doc))
     with pytest.raises(TemplateError, match="overlaps KVM's TSS"):
