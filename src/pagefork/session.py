@@ -232,9 +232,9 @@ class ForkSession:
         else:
             self.stats.state = "serving"
             self.connected.set()
-            if self._on_connect is not None:
-                self._on_connect(self)
             try:
+                if self._on_connect is not None:
+                    self._on_connect(self)
                 self._serve()
             except _PeerGone:
                 self.stats.state = "ended"
