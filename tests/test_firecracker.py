@@ -407,6 +407,8 @@ def test_failure_after_the_load_kills_firecracker_and_closes_the_pidfd(
     with pytest.raises(RuntimeError, match="handle construction failed"):
         FirecrackerDriver().restore(req)
     assert fc.wait(10) == -9  # loaded with nobody to drive it: killed, not left hanging
+    # The fork's session sees its VMM die on its own thread: wait for it before counting fds.
+    server.wait_ended("f", timeout=10)
     assert open_fds() <= fds
 
 

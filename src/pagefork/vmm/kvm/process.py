@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -18,6 +19,15 @@ from pagefork.errors import VmmError
 #: so they are all started from this one long-lived thread, not from short-lived request or
 #: worker threads.
 _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagefork-fork-spawner")
+
+
+def _new_spawner_in_child() -> None:
+    # A forked child inherits the executor but not its thread: give it a working one.
+    global _SPAWNER
+    _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagefork-fork-spawner")
+
+
+os.register_at_fork(after_in_child=_new_spawner_in_child)
 
 
 @dataclass
