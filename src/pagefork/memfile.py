@@ -22,13 +22,15 @@ _ZERO_CHUNK = bytes(_SCAN_CHUNK)
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-def scan_zero_pages(data: bytes | memoryview | mmap.mmap) -> bytearray:
+def scan_zero_pages(
+    data: bytes | memoryview | mmap.mmap | ctypes.Array[ctypes.c_char],
+) -> bytearray:
     """One byte per 4 KiB page of ``data``: 1 where the page is all zero (a partial tail is
     judged on its bytes)."""
     size = len(data)
     npages = (size + PAGE_SIZE - 1) // PAGE_SIZE
     zeros = bytearray(npages)
-    view = memoryview(data)
+    view = memoryview(data).cast("B")  # ctypes arrays export format "c": compare as bytes
     try:
         for start in range(0, size, _SCAN_CHUNK):
             chunk = view[start : start + _SCAN_CHUNK]
@@ -66,11 +68,9 @@ class MemFile:
             if st.st_size == 0:
                 raise MemFileError(f"mem-file {self.path}: file is empty")
             self.size = st.st_size
-            with mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ) as view:
-                self._zeros = scan_zero_pages(view)
             try:
-                # Populated now (the scan just read it into the page cache), so the first
-                # fork's copies take no faults on the source side.
+                # Populated up front, so neither the scan below nor the first fork's copies
+                # take faults on the source side.
                 self.address: int = libc.mmap(
                     self.size, mmap.PROT_READ, mmap.MAP_SHARED | libc.MAP_POPULATE, fd
                 )
@@ -78,12 +78,9 @@ class MemFile:
                 raise MemFileError(f"mem-file {self.path}: {exc.strerror}") from None
         finally:
             os.close(fd)
+        # The zero-page index is read from that same mapping (no second map, no copy).
+        self._zeros = scan_zero_pages((ctypes.c_char * self.size).from_address(self.address))
         self._closed = False
-
-    @property
-    def zero_page_count(self) -> int:
-        """How many 4 KiB pages of the mem-file are all zero."""
-        return self._zeros.count(1)
 
     def is_zero(self, offset: int, length: int = PAGE_SIZE) -> bool:
         """True when ``[offset, offset+length)`` of the mem-file is all zero (no scanning)."""
@@ -95,12 +92,6 @@ class MemFile:
     def zero_pages(self) -> bytearray:
         """One byte per 4 KiB page, 1 where the page is zero. Shared: do not modify."""
         return self._zeros
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Copy ``length`` bytes at ``offset`` out of the mapping (checks, not the fault path)."""
-        if offset < 0 or offset + length > self.size:
-            raise MemFileError(f"mem-file {self.path}: read {offset:#x}+{length:#x} out of range")
-        return ctypes.string_at(self.address + offset, length)
 
     def close(self) -> None:
         """Unmap the file; idempotent. No fork may be served from it afterwards."""

@@ -6,7 +6,6 @@ VMM's address space backed by a byte range of the template mem-file.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,25 +47,31 @@ class Location:
 
 
 class RegionMap:
-    """Looks up which region a host address belongs to (bisect over sorted bases)."""
+    """Looks up which region a host address belongs to.
 
-    __slots__ = ("_bases", "_order", "regions")
+    ``table`` holds ``(base, end, offset, page_size, index)`` per region, largest first: the
+    fault path scans it inline (a VMM has a handful of regions, and most faults land in the
+    largest), and :meth:`index_of` / :meth:`locate` use the same table.
+    """
+
+    __slots__ = ("regions", "table")
 
     def __init__(self, regions: Iterable[Region]) -> None:
         self.regions: tuple[Region, ...] = tuple(regions)
-        self._order = sorted(range(len(self.regions)), key=lambda i: self.regions[i].base)
-        self._bases = [self.regions[i].base for i in self._order]
+        self.table: list[tuple[int, int, int, int, int]] = sorted(
+            ((r.base, r.end, r.offset, r.page_size, i) for i, r in enumerate(self.regions)),
+            key=lambda t: t[0] - t[1],
+        )
 
     def __len__(self) -> int:
         return len(self.regions)
 
     def index_of(self, address: int) -> int:
         """The index (handshake order) of the region holding ``address``, or -1."""
-        pos = bisect.bisect_right(self._bases, address) - 1
-        if pos < 0:
-            return -1
-        idx = self._order[pos]
-        return idx if address < self.regions[idx].end else -1
+        for base, end, _, _, idx in self.table:
+            if base <= address < end:
+                return idx
+        return -1
 
     def locate(self, address: int) -> Location | None:
         """Translate a faulting host address to its page, or None when outside every region."""

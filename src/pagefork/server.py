@@ -80,7 +80,6 @@ class _Fork:
     listener: socket.socket | None = None
     socket_path: str | None = None
     session: ForkSession | None = None
-    sessions_seen: int = 0
     ephemeral: bool = False
     last_error: str | None = None
 
@@ -487,7 +486,6 @@ class PageServer:
         if ephemeral:
             self._forks[entry.fork_id] = entry
         entry.session = session
-        entry.sessions_seen += 1
         self._changed.notify_all()
         return False
 

@@ -31,7 +31,7 @@ from pagefork import uffd
 from pagefork.errors import ForkError, HandshakeError, PrefetchError
 from pagefork.handshake import MAX_HANDSHAKE_BYTES, PayloadScanner, parse_mappings
 from pagefork.memfile import MemFile
-from pagefork.regions import PAGE_SIZE, Region
+from pagefork.regions import PAGE_SIZE, Region, RegionMap
 from pagefork.removed import RemovedRanges
 from pagefork.stats import ForkStats, LatencyWindow
 
@@ -214,10 +214,6 @@ class ForkSession:
                 if self._stop_fd >= 0:
                     os.close(self._stop_fd)
                     self._stop_fd = -1
-
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for the session's thread to end."""
-        self._thread.join(timeout)
 
     def _run(self) -> None:
         try:
@@ -461,7 +457,7 @@ class ForkSession:
         """Install the page of each faulting address; return those the kernel said EAGAIN to.
 
         This is the fault path: what it needs is bound to locals once per batch, and the
-        region lookup is a short scan (a VMM has a handful of regions, largest first).
+        region lookup is :class:`RegionMap`'s table, scanned inline.
         """
         again: list[int] = []
         stats = self.stats
@@ -541,10 +537,7 @@ class ForkSession:
 
     def _set_regions(self, regions: list[Region]) -> None:
         self.regions = regions
-        self._scan_regions = sorted(
-            ((r.base, r.end, r.offset, r.page_size, i) for i, r in enumerate(regions)),
-            key=lambda t: t[0] - t[1],
-        )
+        self._scan_regions = RegionMap(regions).table
 
     # --- prefetch -----------------------------------------------------------------------------
     def run_prefetch(self, fn: Callable[[PrefetchPort], object]) -> object:
