@@ -1,8 +1,12 @@
-"""The template mem-file: mapped once, read-only and shared, and indexed for zero pages.
+"""The template mem-file: opened once, indexed for zero pages, mapped read-only and shared.
 
-Every fork's ``UFFDIO_COPY`` reads straight from this one mapping, so all forks of a template
-share the page cache and the server holds no per-fork copy. Which 4 KiB pages are all zero is
-worked out once at open, so the fault path never scans a page to choose ``UFFDIO_ZEROPAGE``.
+Every fork's ``UFFDIO_COPY`` reads straight from a shared mapping of this file, so all forks of
+a template (and every worker process) share the page cache and hold no per-fork copy. Which
+4 KiB pages are all zero is worked out once at open, so the fault path never scans a page to
+choose ``UFFDIO_ZEROPAGE``; :meth:`MemFile.zero_index_fd` shares that index with the workers.
+
+The scan reads the file with ``pread``, never through a mapping: a file that shrinks while it
+is read is then a clear error, not a SIGBUS that kills the process.
 """
 
 from __future__ import annotations
@@ -49,38 +53,79 @@ def scan_zero_pages(
     return zeros
 
 
-class MemFile:
-    """A template mem-file opened read-only and mapped once with ``MAP_SHARED``.
+def _scan_fd(fd: int, size: int, path: str) -> bytearray:
+    """The zero-page index of ``size`` bytes of ``fd``, read with ``pread`` (no mapping)."""
+    zeros = bytearray((size + PAGE_SIZE - 1) // PAGE_SIZE)
+    buf = bytearray(_SCAN_CHUNK)
+    view = memoryview(buf)
+    for start in range(0, size, _SCAN_CHUNK):
+        want = min(_SCAN_CHUNK, size - start)
+        got = os.preadv(fd, [view[:want]], start)
+        if got != want:
+            raise MemFileError(
+                f"mem-file {path}: shrank while being read (ends at {start + got:#x}, "
+                f"expected {size:#x})"
+            )
+        zeros[start // PAGE_SIZE : (start + want + PAGE_SIZE - 1) // PAGE_SIZE] = scan_zero_pages(
+            view[:want]
+        )
+    view.release()
+    return zeros
 
-    ``address`` is the mapping's address in this process: the ``src`` of every ``UFFDIO_COPY``.
+
+class MemFile:
+    """A template mem-file opened read-only, indexed for zero pages, and (unless ``mapped`` is
+    False) mapped once with ``MAP_SHARED``.
+
+    ``address`` is the mapping's address in this process: the ``src`` of every ``UFFDIO_COPY``
+    (0 when not mapped). ``fd`` stays open for handing the file to worker processes.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, mapped: bool = True) -> None:
         self.path = os.fspath(path)
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO at the path must not block the open; it is refused below.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise MemFileError(f"mem-file {self.path}: {exc.strerror}") from None
+        self.address = 0
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise MemFileError(f"mem-file {self.path}: not a regular file")
             if st.st_size == 0:
                 raise MemFileError(f"mem-file {self.path}: file is empty")
+            os.set_blocking(fd, True)
             self.size = st.st_size
-            try:
-                # Populated up front, so neither the scan below nor the first fork's copies
-                # take faults on the source side.
-                self.address: int = libc.mmap(
-                    self.size, mmap.PROT_READ, mmap.MAP_SHARED | libc.MAP_POPULATE, fd
-                )
-            except OSError as exc:
-                raise MemFileError(f"mem-file {self.path}: {exc.strerror}") from None
-        finally:
+            self._zeros = _scan_fd(fd, self.size, self.path)
+            if mapped:
+                try:
+                    self.address = libc.mmap(
+                        self.size, mmap.PROT_READ, mmap.MAP_SHARED | libc.MAP_POPULATE, fd
+                    )
+                except OSError as exc:
+                    raise MemFileError(f"mem-file {self.path}: {exc.strerror}") from None
+        except BaseException:
             os.close(fd)
-        # The zero-page index is read from that same mapping (no second map, no copy).
-        self._zeros = scan_zero_pages((ctypes.c_char * self.size).from_address(self.address))
+            raise
+        self.fd = fd
+        self._zero_fd = -1
         self._closed = False
+
+    def zero_index_fd(self) -> int:
+        """A memfd holding :attr:`zero_pages` (made once; closed by :meth:`close`)."""
+        if self._zero_fd < 0:
+            fd = os.memfd_create("pagefork-zero-index", os.MFD_CLOEXEC)
+            try:
+                view = memoryview(self._zeros)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchmod(fd, 0o400)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._zero_fd = fd
+        return self._zero_fd
 
     def is_zero(self, offset: int, length: int = PAGE_SIZE) -> bool:
         """True when ``[offset, offset+length)`` of the mem-file is all zero (no scanning)."""
@@ -94,10 +139,14 @@ class MemFile:
         return self._zeros
 
     def close(self) -> None:
-        """Unmap the file; idempotent. No fork may be served from it afterwards."""
+        """Unmap and close the file; idempotent. No fork may be served from it afterwards."""
         if not self._closed:
             self._closed = True
-            libc.munmap(self.address, self.size)
+            if self.address:
+                libc.munmap(self.address, self.size)
+            os.close(self.fd)
+            if self._zero_fd >= 0:
+                os.close(self._zero_fd)
 
     def __enter__(self) -> MemFile:
         return self

@@ -1,41 +1,59 @@
-"""The page server: one template mem-file, many fork sessions, one socket per fork.
+"""The page server: a supervisor and its worker processes, serving forks of one mem-file.
 
-:class:`PageServer` maps the mem-file once and serves every fork's uffd from it. Forks are
-registered by id (:meth:`PageServer.register_fork` gives each a 0600 Unix socket), or arrive on a
-shared socket (:meth:`PageServer.listen`, what ``pagefork serve`` uses). One acceptor thread
-watches the listening sockets; each accepted connection gets a :class:`ForkSession` thread.
-Every public method is safe to call from any thread while faults are served.
+:class:`PageServer` is the supervisor. It opens the mem-file once (its zero-page index is built
+here and shared with the workers through a memfd), owns every fork socket and each fork's
+state, and does the handshakes in one event loop. Each fork it hands to the least-loaded worker
+process (:mod:`pagefork.serving.worker`), which serves the fork's faults from one event loop
+over every uffd it has. The supervisor keeps its own copy of each fork's uffd, VMM connection,
+VMM pidfd and ledger (:mod:`pagefork.serving.ledger`), so when a worker dies it hands every
+orphaned fork, with its full state, to a replacement, which wakes the fork's vCPUs and serves
+on: nothing is lost.
+
+Forks are registered by id (:meth:`PageServer.register_fork` gives each a 0600 Unix socket), or
+arrive on a shared socket (:meth:`PageServer.listen`, what ``pagefork serve`` uses). Every
+public method is safe to call from any thread while faults are served.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
+import itertools
 import logging
 import math
 import os
 import re
 import select
 import shutil
+import signal
 import socket
 import stat
+import struct
 import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any, Literal
 
-from pagefork.errors import ForkError, PageforkError, PrefetchError
-from pagefork.hotpages import HotPage, HotPageList, HotPageRecorder
+from pagefork import uffd
+from pagefork.errors import ForkError, HandshakeError, PageforkError, PrefetchError
+from pagefork.handshake import MAX_HANDSHAKE_BYTES, PayloadScanner, parse_mappings
+from pagefork.hotpages import HotPage, HotPageList
 from pagefork.memfile import MemFile
-from pagefork.prefetch import PrefetchPlan, PrefetchResult, execute_plan, plan_prefetch
-from pagefork.regions import Region
-from pagefork.session import FailurePolicy, ForkSession, PrefetchPort, SessionOptions
-from pagefork.stats import ForkStats
+from pagefork.prefetch import PrefetchPlan, PrefetchResult, plan_prefetch
+from pagefork.regions import PAGE_SIZE, Region
+from pagefork.serving import ledger as L
+from pagefork.serving.pool import WorkerPool, WorkerProcess, usable_cpus
+from pagefork.serving.state import FINAL, ForkState, transition
+from pagefork.stats import ForkStats, percentiles_us
 
 log = logging.getLogger("pagefork")
+
+FailurePolicy = Literal["kill", "close"]
 
 _FORK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: How long accepting pauses when the server is out of fds or memory.
@@ -44,6 +62,11 @@ _ACCEPT_BACKOFF = 0.1
 _PLAN_CACHE_SIZE = 16
 #: sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
+#: Longest handshake timeout accepted (a day): beyond it a timer cannot be armed.
+MAX_HANDSHAKE_TIMEOUT = 86400.0
+#: How much longer than its own timeout a prefetch caller waits for a worker's answer.
+_PREFETCH_GRACE = 60.0
+_PEERCRED = struct.Struct("3i")
 
 
 @dataclass(frozen=True)
@@ -55,8 +78,10 @@ class ServerConfig:
     Firecracker's docs advise: a guest whose handler is gone hangs forever) or ``close``.
     ``record_hot_pages`` records every fork; ``record_max_pages`` / ``record_max_seconds``
     bound the recording window. At most ``max_pending_handshakes`` connections may wait for
-    their handshake at once; more are refused. ``on_fork_end`` / ``on_connect`` are called
-    with the fork's id.
+    their handshake at once; more are refused. ``workers`` is the number of worker processes
+    (``"auto"``: one per usable CPU); ``spare_worker`` keeps one more started, so a dead
+    worker is replaced at once. ``on_connect`` / ``on_fork_end`` / ``on_window_closed`` are
+    called with the fork's id; ``on_worker_restarted`` with (old pid, new pid, forks adopted).
     """
 
     mem_file_path: str
@@ -68,20 +93,72 @@ class ServerConfig:
     record_max_pages: int | None = None
     record_max_seconds: float | None = None
     max_pending_handshakes: int = 64
+    workers: int | Literal["auto"] = "auto"
+    spare_worker: bool = True
     on_connect: Callable[[str], None] | None = None
     on_fork_end: Callable[[str, ForkStats], None] | None = None
     on_window_closed: Callable[[str, HotPageList], None] | None = None
+    on_worker_restarted: Callable[[int, int, int], None] | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Fork:
+    """Everything the supervisor knows of one fork; its ``state`` moves only by
+    :func:`pagefork.serving.state.transition`."""
+
     fork_id: str
     record: bool
+    key: str = ""
+    state: ForkState = ForkState.WAITING
     listener: socket.socket | None = None
     socket_path: str | None = None
-    session: ForkSession | None = None
     ephemeral: bool = False
+    # The connection and what the handshake gave.
+    conn: socket.socket | None = None
+    uffd: int = -1
+    pidfd: int = -1
+    pid: int | None = None
+    regions: list[Region] = field(default_factory=list)
+    ledger: L.Ledger | None = None
+    record_capacity: int = 0
+    worker: WorkerProcess | None = None
+    connected: bool = False
+    window_reported: bool = False
+    error: str | None = None
     last_error: str | None = None
+    handshake_failed: str | None = None
+    # What stays once the fork has ended and its ledger is closed.
+    final_stats: ForkStats | None = None
+    final_latencies: list[int] = field(default_factory=list)
+    final_hot: HotPageList | None = None
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A connection whose handshake is not in yet (read by the supervisor's loop)."""
+
+    entry: _Fork
+    conn: socket.socket
+    deadline: float
+    pid: int | None
+    data: bytearray = field(default_factory=bytearray)
+    fds: list[int] = field(default_factory=list)
+    scanner: PayloadScanner = field(default_factory=PayloadScanner)
+
+
+@dataclass(eq=False)
+class _Request:
+    """A prefetch a caller waits for; re-sent to the new worker if the first one dies."""
+
+    req: int
+    key: str
+    plan: PrefetchPlan
+    timeout: float
+    done: threading.Event = field(default_factory=threading.Event)
+    result: PrefetchResult | None = None
+    error: str | None = None
+    installed: int = 0
+    resent: bool = False
 
 
 def _check_config(config: ServerConfig) -> None:
@@ -102,13 +179,16 @@ def _check_config(config: ServerConfig) -> None:
     positive("record_max_pages", config.record_max_pages)
     positive("record_max_seconds", config.record_max_seconds)
     positive("max_pending_handshakes", config.max_pending_handshakes, allow_none=False)
-
-
-def _readable_within(fd: int, timeout: float) -> bool:
-    """True when ``fd`` becomes readable within ``timeout`` seconds."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(int(timeout * 1000)))
+    if config.handshake_timeout > MAX_HANDSHAKE_TIMEOUT:
+        raise PageforkError(
+            f"handshake_timeout must be at most {MAX_HANDSHAKE_TIMEOUT:g} seconds, "
+            f"not {config.handshake_timeout!r}"
+        )
+    workers = config.workers
+    if workers != "auto" and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise PageforkError(f"workers must be 'auto' or a whole number >= 1, not {workers!r}")
 
 
 def validate_fork_id(fork_id: str) -> str:
@@ -172,27 +252,39 @@ def bind_private_socket(path: str) -> socket.socket:
 
 
 class PageServer:
-    """Serves forks of one template mem-file over Firecracker's UFFD protocol."""
+    """Serves forks of one template mem-file over Firecracker's UFFD protocol, on worker
+    processes supervised by this object."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self._options = SessionOptions(
-            on_failure=config.on_failure,
-            handshake_timeout=config.handshake_timeout,
-            page_size=config.page_size,
-        )
         _check_config(config)
         if config.socket_dir is not None and not os.path.isdir(config.socket_dir):
             raise ForkError(f"socket directory {config.socket_dir} does not exist")
-        self.memfile = MemFile(config.mem_file_path)
+        # The supervisor never maps the file: only workers read it (through the kernel's copy).
+        self.memfile = MemFile(config.mem_file_path, mapped=False)
+        count = usable_cpus() if config.workers == "auto" else int(config.workers)
+        try:
+            self._pool = WorkerPool(
+                count,
+                self.memfile.fd,
+                self.memfile.size,
+                self.memfile.zero_index_fd(),
+                spare=config.spare_worker,
+            )
+        except BaseException:
+            self.memfile.close()
+            raise
         self._lock = threading.Lock()
-        # Notified whenever a fork's session is accepted, connects or ends.
+        # Notified whenever a fork's state moves or a prefetch answer arrives.
         self._changed = threading.Condition(self._lock)
-        self._forks: dict[str, _Fork] = {}
+        self._forks: dict[str, _Fork] = {}  # by fork id: what callers can name
+        self._serving: dict[str, _Fork] = {}  # by key: forks a worker has
         self._listeners: dict[int, _Fork | None] = {}
         self._shared: dict[int, tuple[socket.socket, str, bool | Callable[[str], bool] | None]] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._requests: dict[int, _Request] = {}
+        self._serial = itertools.count(1)
         self._next_conn = 0
-        self._pending: set[ForkSession] = set()  # accepted, handshake not in yet
         self._plans: OrderedDict[tuple[object, ...], tuple[HotPageList, PrefetchPlan]] = (
             OrderedDict()
         )
@@ -203,10 +295,13 @@ class PageServer:
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll = select.epoll()
         self._epoll.register(self._wake_fd, select.EPOLLIN)
-        self._acceptor = threading.Thread(
-            target=self._accept_loop, name="pagefork-accept", daemon=True
+        self._workers_by_fd: dict[int, WorkerProcess] = {}
+        for w in self._pool.all_processes():
+            self._watch_worker(w)
+        self._loop_thread = threading.Thread(
+            target=self._loop, name="pagefork-supervisor", daemon=True
         )
-        self._acceptor.start()
+        self._loop_thread.start()
 
     # --- registration ------------------------------------------------------------------------
     def register_fork(self, fork_id: str, record: bool | None = None) -> str:
@@ -256,9 +351,13 @@ class PageServer:
             if entry is None:
                 return
             self._drop_listener(entry)
-            session = entry.session
-        if session is not None:
-            session.stop()
+            for fd, pending in list(self._pending.items()):
+                if pending.entry is entry:
+                    self._drop_pending(fd, None)
+            worker = entry.worker if entry.state not in FINAL else None
+        if worker is not None and worker.send(("drop", entry.key)):
+            with self._changed:
+                self._changed.wait_for(lambda: entry.state in FINAL, 10.0)
 
     def _drop_listener(self, entry: _Fork) -> None:
         sock = entry.listener
@@ -290,26 +389,31 @@ class PageServer:
         with self._lock:
             return list(self._forks)
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers serving now (the spare not included)."""
+        with self._lock:
+            return [w.pid for w in self._pool.live()]
+
     def wait_connected(self, fork_id: str, timeout: float = 10.0) -> list[Region]:
         """Wait for the fork's handshake and return its regions.
 
         Raises :class:`ForkError` on timeout (naming the last handshake error, if any) or when
-        the fork's session ended.
+        the fork's handshake failed.
         """
-        session = self._wait_session(fork_id, timeout)
-        return list(session.regions)
+        return list(self._wait_connected(fork_id, timeout).regions)
 
-    def _wait_session(self, fork_id: str, timeout: float) -> ForkSession:
+    def _wait_connected(self, fork_id: str, timeout: float) -> _Fork:
         entry = self._get(fork_id)
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                session = entry.session
-                if session is not None and session.connected.is_set():
-                    return session
-                if session is not None and session.ended.is_set():
+                if entry.connected:
+                    return entry
+                if entry.handshake_failed is not None:
                     # Say why now rather than at the timeout; the VMM may retry later.
-                    raise ForkError(f"fork {fork_id}: {session.stats.error or 'session ended'}")
+                    raise ForkError(f"fork {fork_id}: handshake: {entry.handshake_failed}")
+                if entry.state in FINAL:
+                    raise ForkError(f"fork {fork_id}: {entry.error or 'session ended'}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     why = f" (last error: {entry.last_error})" if entry.last_error else ""
@@ -318,32 +422,68 @@ class PageServer:
 
     def wait_ended(self, fork_id: str, timeout: float = 10.0) -> ForkStats:
         """Wait until the fork's session has ended (VMM gone, failure, or stop); its stats."""
-        session = self._wait_session(fork_id, timeout)
-        if not session.ended.wait(timeout):
-            raise ForkError(f"fork {fork_id}: still serving after {timeout:g}s")
-        return session.snapshot_stats()
+        entry = self._wait_connected(fork_id, timeout)
+        with self._changed:
+            if not self._changed.wait_for(lambda: entry.state in FINAL, timeout):
+                raise ForkError(f"fork {fork_id}: still serving after {timeout:g}s")
+            assert entry.final_stats is not None
+            return entry.final_stats
 
     def stats(self, fork_id: str) -> ForkStats:
         """Counters and latency percentiles of one fork."""
         entry = self._get(fork_id)
-        if entry.session is None:
-            return ForkStats(fork=fork_id, state="waiting", error=entry.last_error)
-        return entry.session.snapshot_stats()
+        with self._lock:
+            return self._stats_of(entry)
+
+    def _stats_of(self, entry: _Fork) -> ForkStats:
+        """The fork's stats (called with the lock held: the ledger may close otherwise)."""
+        if entry.final_stats is not None:
+            return entry.final_stats
+        ledger = entry.ledger
+        if ledger is None:
+            if entry.handshake_failed is not None:
+                # Shown as failed until the VMM connects again (the fork itself may retry).
+                return ForkStats(
+                    fork=entry.fork_id,
+                    state=ForkState.FAILED.value,
+                    pid=entry.pid,
+                    errors=1,
+                    error=f"handshake: {entry.handshake_failed}",
+                )
+            return ForkStats(fork=entry.fork_id, state=entry.state.value, error=entry.last_error)
+        c = ledger.counters
+        return ForkStats(
+            fork=entry.fork_id,
+            state=entry.state.value,
+            pid=entry.pid,
+            error=entry.error,
+            latency_us=percentiles_us(ledger.latencies()),
+            **{name: int(c[slot]) for name, slot in L.COUNTERS.items()},
+        )
 
     def fault_latencies_ns(self, fork_id: str) -> list[int]:
         """The fork's recent fault-service latencies in nanoseconds (for histograms)."""
-        session = self._get(fork_id).session
-        return session.latency.values() if session is not None else []
+        entry = self._get(fork_id)
+        with self._lock:
+            if entry.ledger is not None:
+                return entry.ledger.latencies()
+            return list(entry.final_latencies)
 
     def hot_pages(self, fork_id: str) -> HotPageList:
         """The pages the fork faulted on demand, in first-touch order (it must be recording)."""
         entry = self._get(fork_id)
-        session = entry.session
         if not entry.record:
             raise ForkError(f"fork {fork_id} is not recording hot pages")
-        if session is None or session.recorder is None:
+        with self._lock:
+            return self._hot_of(entry)
+
+    def _hot_of(self, entry: _Fork) -> HotPageList:
+        if entry.final_hot is not None:
+            return entry.final_hot
+        if entry.ledger is None:
             return HotPageList()
-        return session.recorder.hot_pages
+        rec = entry.ledger.recorded()
+        return HotPageList.from_pages([(r, o) for r, o, _ in rec], [t / 1e9 for _, _, t in rec])
 
     # --- prefetch ----------------------------------------------------------------------------
     def prefetch(
@@ -353,25 +493,32 @@ class PageServer:
 
         Waits for the fork's handshake (up to ``timeout``), validates the whole list against
         the fork's regions (:class:`PrefetchError` naming the first bad entry, nothing
-        installed), then copies it in coalesced runs. Safe to race the fork's own faults.
+        installed), then the fork's worker copies it in coalesced runs. Safe to race the
+        fork's own faults. If the worker dies meanwhile, its replacement runs the prefetch
+        again (installing a page twice is harmless: the kernel says EEXIST).
         """
-        session = self._wait_session(fork_id, timeout)
-        regions = list(session.regions)
-        plan = self._plan(hot_pages, regions)
-
-        def run(port: PrefetchPort) -> PrefetchResult:
-            # Counted under the fork's prefetch lock, including what a failed one installed.
-            try:
-                result = execute_plan(plan, port, regions=regions, timeout=timeout)
-            except PrefetchError as exc:
-                session.stats.prefetched_pages += exc.installed
-                raise
-            session.stats.prefetched_pages += result.installed
-            return result
-
-        result = session.run_prefetch(run)
-        assert isinstance(result, PrefetchResult)
-        return result
+        entry = self._wait_connected(fork_id, timeout)
+        plan = self._plan(hot_pages, list(entry.regions))
+        request = _Request(next(self._serial), "", plan, timeout)
+        with self._lock:
+            if entry.state in FINAL or entry.worker is None:
+                raise PrefetchError(f"fork {fork_id}: session has ended")
+            request.key = entry.key
+            self._requests[request.req] = request
+            worker = entry.worker
+        try:
+            worker.send(("prefetch", request.req, entry.key, plan, timeout))
+            if not request.done.wait(timeout + _PREFETCH_GRACE + plan.pages / 10_000):
+                raise PrefetchError(f"fork {fork_id}: its worker did not finish the prefetch")
+        finally:
+            with self._lock:
+                self._requests.pop(request.req, None)
+        if request.error is not None:
+            exc = PrefetchError(request.error)
+            exc.installed = request.installed
+            raise exc
+        assert request.result is not None
+        return request.result
 
     def _plan(
         self, hot_pages: HotPageList | Sequence[HotPage], regions: list[Region]
@@ -398,11 +545,12 @@ class PageServer:
                 self._plans.popitem(last=False)
         return plan
 
-    # --- accepting ---------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
+    # --- the supervisor's loop ---------------------------------------------------------------
+    def _loop(self) -> None:
         while True:
+            timeout = self._next_deadline()
             try:
-                events = self._epoll.poll()
+                events = self._epoll.poll(timeout)
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
@@ -410,23 +558,41 @@ class PageServer:
             for fd, _ in events:
                 if fd == self._wake_fd:
                     return
-                with self._lock:
-                    if self._closed or fd not in self._listeners:
-                        continue
-                    try:
-                        backoff = self._accept(fd)
-                    except Exception:  # the acceptor must outlive any one connection
-                        log.exception("accepting a connection failed")
-                        backoff = True
-                if backoff and _readable_within(self._wake_fd, _ACCEPT_BACKOFF):
-                    return
+                try:
+                    self._on_fd(fd)
+                except Exception:  # the supervisor must outlive any one connection or worker
+                    log.exception("supervisor: handling fd %d failed", fd)
+            self._expire_handshakes()
 
+    def _next_deadline(self) -> float:
+        with self._lock:
+            if not self._pending:
+                return -1
+            soonest = min(p.deadline for p in self._pending.values())
+        return max(0.0, soonest - time.monotonic())
+
+    def _on_fd(self, fd: int) -> None:
+        worker = self._workers_by_fd.get(fd)
+        if worker is not None:
+            if fd == worker.pidfd:
+                self._worker_died(worker)
+            else:
+                self._worker_message(worker)
+            return
+        backoff = False
+        with self._lock:
+            if self._closed:
+                return
+            if fd in self._listeners:
+                backoff = self._accept(fd)
+            elif fd in self._pending:
+                self._handshake_step(fd)
+        if backoff:
+            time.sleep(_ACCEPT_BACKOFF)  # out of fds or memory: let the system recover
+
+    # --- accepting and handshakes (the lock is held) -------------------------------------------
     def _accept(self, fd: int) -> bool:
-        """Accept one connection on listener ``fd`` (called with the lock held).
-
-        Returns True when the server is out of resources (fds, memory) and accepting should
-        pause briefly rather than spin on a listener that stays readable.
-        """
+        """Accept one connection on listener ``fd``; True when out of resources (back off)."""
         entry = self._listeners[fd]
         sock = entry.listener if entry is not None else self._shared[fd][0]
         assert sock is not None
@@ -436,11 +602,9 @@ class PageServer:
             log.warning("accept failed: %s", exc.strerror or exc)
             return exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
         if len(self._pending) >= self.config.max_pending_handshakes:
-            # Each connection holds a thread until its handshake is in: bound them.
             log.warning("refusing a connection: %d handshakes already pending", len(self._pending))
             conn.close()
             return False
-        ephemeral = entry is None
         if entry is None:
             fork_id = self._next_ephemeral_id()
             rule = self._shared[fd][2]
@@ -454,38 +618,27 @@ class PageServer:
                 record=self.config.record_hot_pages if record is None else record,
                 ephemeral=True,
             )
-        elif entry.session is not None and not (
-            entry.session.ended.is_set() and not entry.session.connected.is_set()
-        ):
+            self._forks[fork_id] = entry
+        elif entry.state is not ForkState.WAITING:
             # One VMM per fork socket; a retry is allowed only after a failed handshake.
             log.warning("fork %s: refusing a second connection", entry.fork_id)
             conn.close()
             return False
-        session: ForkSession | None = None
-        try:
-            session = ForkSession(
-                entry.fork_id,
-                conn,
-                self.memfile,
-                self._options,
-                self._make_recorder(entry.fork_id) if entry.record else None,
-                on_connect=self._session_connected,
-                on_end=self._session_ended,
+        pid = None
+        with contextlib.suppress(OSError):
+            got, _, _ = _PEERCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             )
-            self._pending.add(session)
-            session.start()
-        except Exception as exc:
-            if session is not None:
-                self._pending.discard(session)
-                session.discard()
-            conn.close()
-            log.error("fork %s: cannot start a session: %s", entry.fork_id, exc)
-            return isinstance(exc, OSError)
-        if entry.session is not None:
-            entry.last_error = entry.session.stats.error
-        if ephemeral:
-            self._forks[entry.fork_id] = entry
-        entry.session = session
+            pid = got if got > 0 else None
+        conn.setblocking(False)
+        entry.state = transition(entry.fork_id, entry.state, ForkState.HANDSHAKE)
+        if entry.handshake_failed is not None:
+            entry.last_error, entry.handshake_failed = entry.handshake_failed, None
+        entry.pid = pid
+        self._pending[conn.fileno()] = _Pending(
+            entry, conn, time.monotonic() + self.config.handshake_timeout, pid
+        )
+        self._epoll.register(conn.fileno(), select.EPOLLIN)
         self._changed.notify_all()
         return False
 
@@ -497,21 +650,343 @@ class PageServer:
             if fork_id not in self._forks:
                 return fork_id
 
-    def _make_recorder(self, fork_id: str) -> HotPageRecorder:
-        cb = self.config.on_window_closed
+    def _handshake_step(self, fd: int) -> None:
+        p = self._pending[fd]
+        try:
+            while not p.scanner.complete:
+                try:
+                    # Room for two fds: one is right, a second is refused at once (the kernel
+                    # closes any that do not fit), so a peer cannot pile fds up in the server.
+                    msg, anc, flags, _ = p.conn.recvmsg(
+                        MAX_HANDSHAKE_BYTES, socket.CMSG_SPACE(2 * 4)
+                    )
+                except BlockingIOError:
+                    return
+                for level, kind, payload in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        p.fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+                if flags & socket.MSG_CTRUNC or len(p.fds) > 1:
+                    raise HandshakeError("expected exactly one uffd with the mappings, got more")
+                if not msg:
+                    raise HandshakeError(
+                        f"peer closed the connection after {len(p.data)} bytes, before the "
+                        "mappings were complete"
+                    )
+                p.data += msg
+                if len(p.data) > MAX_HANDSHAKE_BYTES:
+                    raise HandshakeError(f"handshake payload exceeds {MAX_HANDSHAKE_BYTES} bytes")
+                p.scanner.feed(msg)
+            if len(p.fds) != 1:
+                raise HandshakeError(
+                    f"expected exactly one uffd with the mappings, got {len(p.fds)}"
+                )
+            if not uffd.is_userfaultfd(p.fds[0]):
+                raise HandshakeError("the file descriptor sent is not a userfaultfd")
+            regions = parse_mappings(
+                bytes(p.data), self.memfile.size, self.config.page_size or PAGE_SIZE
+            )
+        except Exception as exc:  # a peer's bytes must never take more than its own fork
+            if not isinstance(exc, HandshakeError):
+                log.exception("fork %s: handshake failed unexpectedly", p.entry.fork_id)
+            self._drop_pending(fd, str(exc))
+            return
+        del self._pending[fd]
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(fd)
+        uffd_fd = p.fds[0]
+        # Firecracker created the uffd O_NONBLOCK; make sure of it (never UFFDIO_API again).
+        os.set_blocking(uffd_fd, False)
+        self._start_serving(p.entry, p.conn, uffd_fd, regions)
 
-        def closed(pages: HotPageList) -> None:
-            # Called on the fault loop's thread; saving a file there would stall faults.
-            if cb is not None:
-                self._spawn(cb, fork_id, pages)
+    def _drop_pending(self, fd: int, why: str | None) -> None:
+        p = self._pending.pop(fd)
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(fd)
+        for got in p.fds:
+            os.close(got)
+        p.conn.close()
+        entry = p.entry
+        if why is not None:
+            log.warning("fork %s: bad handshake: %s", entry.fork_id, why)
+        entry.error = None
+        if entry.ephemeral:
+            entry.state = transition(entry.fork_id, entry.state, ForkState.FAILED)
+            entry.error = f"handshake: {why}"
+            entry.final_stats = ForkStats(
+                fork=entry.fork_id, state="failed", errors=1, error=entry.error, pid=p.pid
+            )
+            self._forks.pop(entry.fork_id, None)
+        else:
+            entry.state = transition(entry.fork_id, entry.state, ForkState.WAITING)
+            entry.handshake_failed = why or "connection dropped"
+            entry.last_error = entry.handshake_failed
+        self._changed.notify_all()
 
-        return HotPageRecorder(
-            max_pages=self.config.record_max_pages,
-            max_seconds=self.config.record_max_seconds,
-            on_close=closed,
+    def _expire_handshakes(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for fd, p in list(self._pending.items()):
+                if p.deadline <= now:
+                    self._drop_pending(
+                        fd,
+                        f"timed out after {self.config.handshake_timeout:g}s waiting for mappings",
+                    )
+
+    def _start_serving(
+        self, entry: _Fork, conn: socket.socket, uffd_fd: int, regions: list[Region]
+    ) -> None:
+        """Hand a fork whose handshake is in to the least-loaded worker (lock held)."""
+        pidfd = -1
+        # The VMM's exit ends the fork (not its socket's EOF). A peer in this very process
+        # cannot be watched that way: its socket's EOF ends the fork instead.
+        if entry.pid is not None and entry.pid != os.getpid():
+            try:
+                pidfd = os.pidfd_open(entry.pid)
+            except OSError:
+                pidfd = -1  # gone already, or not visible: the socket's EOF ends the fork
+        pages = sum(r.size // r.page_size for r in regions)
+        limit = self.config.record_max_pages
+        capacity = min(pages, limit) if entry.record and limit is not None else pages
+        try:
+            ledger = L.Ledger.create(capacity if entry.record else 0)
+        except OSError as exc:
+            for fd in (uffd_fd, pidfd):
+                if fd >= 0:
+                    os.close(fd)
+            conn.close()
+            entry.state = transition(entry.fork_id, entry.state, ForkState.FAILED)
+            self._finish(entry, f"cannot create the fork's ledger: {exc.strerror}")
+            return
+        if entry.record:
+            ledger.counters[L.RECORD_STATE] = L.RECORD_OPEN
+            ledger.counters[L.RECORD_START_NS] = time.monotonic_ns()
+        entry.key = f"{entry.fork_id}#{next(self._serial)}"
+        entry.conn, entry.uffd, entry.pidfd = conn, uffd_fd, pidfd
+        entry.regions, entry.ledger = regions, ledger
+        entry.record_capacity = capacity if entry.record else 0
+        entry.window_reported = False
+        self._serving[entry.key] = entry
+        worker = self._pool.least_loaded()
+        if worker is None:
+            entry.state = transition(entry.fork_id, entry.state, ForkState.FAILED)
+            self._apply_failure_policy(entry, "no worker is left to serve it")
+            self._finish(entry, "no worker is left to serve it")
+            return
+        entry.state = transition(entry.fork_id, entry.state, ForkState.SERVING)
+        entry.connected = True
+        self._hand_to(entry, worker, adopt=False)
+        self._changed.notify_all()
+        if self.config.on_connect is not None:
+            # Off the loop's thread: the callback may prefetch while the worker serves.
+            self._spawn(self.config.on_connect, entry.fork_id)
+
+    def _hand_to(self, entry: _Fork, worker: WorkerProcess, *, adopt: bool) -> None:
+        assert entry.ledger is not None and entry.conn is not None
+        entry.worker = worker
+        worker.forks.add(entry.key)
+        names = ["uffd", "conn", "ledger"] + (["pidfd"] if entry.pidfd >= 0 else [])
+        fds = [entry.uffd, entry.conn.fileno(), entry.ledger.fd] + (
+            [entry.pidfd] if entry.pidfd >= 0 else []
         )
+        spec = {
+            "key": entry.key,
+            "fork": entry.fork_id,
+            "pid": entry.pid,
+            "on_failure": self.config.on_failure,
+            "regions": [(r.base, r.size, r.offset, r.page_size) for r in entry.regions],
+            "record_capacity": entry.record_capacity,
+            "record_max_pages": self.config.record_max_pages,
+            "record_max_seconds": self.config.record_max_seconds,
+            "fds": names,
+            "adopt": adopt,
+        }
+        worker.send(("serve", spec), fds)  # a worker that is gone re-adopts on its death
 
-    def _spawn(self, cb: Callable[..., None], fork_id: str, *args: object) -> None:
+    def _apply_failure_policy(self, entry: _Fork, why: str) -> None:
+        pid = entry.pid
+        if self.config.on_failure == "kill" and pid is not None and pid > 1:
+            log.error("fork %s: %s; killing VMM pid %d", entry.fork_id, why, pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if entry.pidfd >= 0:
+                    signal.pidfd_send_signal(entry.pidfd, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+        else:
+            log.error("fork %s: %s; closing its connection", entry.fork_id, why)
+
+    # --- workers -------------------------------------------------------------------------------
+    def _watch_worker(self, worker: WorkerProcess) -> None:
+        for fd in (worker.chan.fileno(), worker.pidfd):
+            self._workers_by_fd[fd] = worker
+            self._epoll.register(fd, select.EPOLLIN)
+
+    def _unwatch_worker(self, worker: WorkerProcess) -> None:
+        for fd in (worker.chan.fileno(), worker.pidfd):
+            if self._workers_by_fd.get(fd) is worker:
+                del self._workers_by_fd[fd]
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(fd)
+
+    def _worker_message(self, worker: WorkerProcess) -> None:
+        from pagefork.serving import ipc
+
+        try:
+            message, fds = ipc.recv(worker.chan)
+        except (ipc.ChannelClosed, OSError):
+            # Its pidfd says it died; stop reading a channel that stays readable at EOF.
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(worker.chan.fileno())
+            return
+        for fd in fds:
+            os.close(fd)  # workers send no fds
+        op = message[0]
+        callbacks: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        with self._lock:
+            entry = (
+                self._serving.get(message[1])
+                if op in ("ended", "window_closed", "remapped", "serving")
+                else None
+            )
+            if op == "ended" and entry is not None:
+                _, _, state, error = message
+                worker.forks.discard(entry.key)
+                new = ForkState.FAILED if state == "failed" else ForkState.ENDED
+                if entry.state not in FINAL:
+                    entry.state = transition(entry.fork_id, entry.state, new)
+                callbacks += self._finish(entry, error)
+            elif op == "window_closed" and entry is not None:
+                callbacks += self._report_window(entry)
+            elif op == "remapped" and entry is not None:
+                entry.regions = [Region(*r) for r in message[2]]
+            elif op == "serving" and entry is not None and entry.state is ForkState.ADOPTING:
+                entry.state = transition(entry.fork_id, entry.state, ForkState.SERVING)
+            elif op == "prefetched":
+                _, req, result, error, installed = message
+                request = self._requests.get(req)
+                if request is not None:
+                    request.result, request.error, request.installed = result, error, installed
+                    request.done.set()
+            self._changed.notify_all()
+        for fn, args in callbacks:
+            self._spawn(fn, *args)
+
+    def _report_window(self, entry: _Fork) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
+        """The recording window closed: hand its list to the callback once (lock held)."""
+        if entry.window_reported or not entry.record:
+            return []
+        entry.window_reported = True
+        hot = self._hot_of(entry)
+        if entry.ledger is not None and entry.ledger.counters[L.RECORD_STATE] == L.RECORD_LOST:
+            log.error("fork %s: its recording was lost; not reporting a hot set", entry.fork_id)
+            return []
+        cb = self.config.on_window_closed
+        return [(cb, (entry.fork_id, hot))] if cb is not None else []
+
+    def _finish(
+        self, entry: _Fork, error: str | None
+    ) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
+        """The fork has ended: keep its final figures, close what it held (lock held)."""
+        callbacks = self._report_window(entry) if entry.ledger is not None else []
+        entry.error = error
+        if error is not None:
+            entry.last_error = error
+        stats = self._stats_of(entry)
+        if entry.ledger is not None:
+            entry.final_latencies = entry.ledger.latencies()
+            if entry.record:
+                entry.final_hot = self._hot_of(entry)
+        entry.final_stats = stats
+        if entry.ledger is not None:
+            entry.ledger.close()
+            entry.ledger = None
+        for fd in (entry.uffd, entry.pidfd):
+            if fd >= 0:
+                os.close(fd)
+        entry.uffd = entry.pidfd = -1
+        if entry.conn is not None:
+            entry.conn.close()
+            entry.conn = None
+        self._serving.pop(entry.key, None)
+        for request in self._requests.values():
+            if request.key == entry.key and not request.done.is_set():
+                request.error = f"fork {entry.fork_id}: session has ended"
+                request.done.set()
+        if entry.ephemeral and self._forks.get(entry.fork_id) is entry:
+            del self._forks[entry.fork_id]
+        if self.config.on_fork_end is not None and entry.connected:
+            callbacks.append((self.config.on_fork_end, (entry.fork_id, stats)))
+        return callbacks
+
+    def _worker_died(self, worker: WorkerProcess) -> None:
+        self._unwatch_worker(worker)
+        status = worker.reap()
+        with self._lock:
+            if self._closed:
+                return
+            orphans = [e for e in self._serving.values() if e.worker is worker]
+            try:
+                new, given_up = self._pool.replace(worker)
+            except PageforkError as exc:
+                new, given_up = None, str(exc)
+            if worker.slot < 0:  # the spare: nobody to adopt
+                if new is not None:
+                    self._watch_worker(new)
+                if self._pool.spare is not None:
+                    self._watch_worker(self._pool.spare)
+                log.warning("spare worker %d exited (status %s)", worker.pid, status)
+                return
+            log.error(
+                "worker %d died (status %s) serving %d forks", worker.pid, status, len(orphans)
+            )
+            callbacks: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+            if new is None:
+                why = given_up or "its worker died"
+                for entry in orphans:
+                    entry.state = transition(entry.fork_id, entry.state, ForkState.FAILED)
+                    self._apply_failure_policy(entry, why)
+                    callbacks += self._finish(entry, why)
+            else:
+                self._watch_worker(new)
+                if self._pool.spare is not None and self._pool.spare.pidfd not in (
+                    self._workers_by_fd
+                ):
+                    self._watch_worker(self._pool.spare)
+                for entry in orphans:
+                    entry.state = transition(entry.fork_id, entry.state, ForkState.ADOPTING)
+                    # A window the dead worker closed but could not report: report it now.
+                    if (
+                        entry.ledger is not None
+                        and entry.ledger.counters[L.RECORD_STATE] == L.RECORD_CLOSED
+                    ):
+                        callbacks += self._report_window(entry)
+                    self._hand_to(entry, new, adopt=True)
+                for request in self._requests.values():
+                    owner = self._serving.get(request.key)
+                    if owner is not None and owner.worker is new and not request.done.is_set():
+                        # Installing again is harmless (EEXIST): finish what the dead one began.
+                        new.send(
+                            ("prefetch", request.req, request.key, request.plan, request.timeout)
+                        )
+                if self.config.on_worker_restarted is not None:
+                    callbacks.append(
+                        (self.config.on_worker_restarted, (worker.pid, new.pid, len(orphans)))
+                    )
+            self._changed.notify_all()
+        for fn, args in callbacks:
+            self._spawn(fn, *args)
+
+    def _debug_crash_worker_at(self, fork_id: str, point: str, count: int = 1) -> int:
+        """Tests only: make the worker serving ``fork_id`` SIGKILL itself when it reaches
+        ``point`` for the ``count``-th time (``fault_read``, ``remove_noted``, ``recorded``,
+        ``prefetch``). Returns that worker's pid."""
+        entry = self._get(fork_id)
+        worker = entry.worker
+        if worker is None:
+            raise ForkError(f"fork {fork_id} has no worker")
+        worker.send(("crash_at", point, count))
+        return worker.pid
+
+    def _spawn(self, cb: Callable[..., None], fork_id: Any, *args: object) -> None:
         """Run a user callback on its own thread (joined by :meth:`close`)."""
 
         def run() -> None:
@@ -526,52 +1001,43 @@ class PageServer:
             self._callbacks.append(t)
         t.start()
 
-    def _session_connected(self, session: ForkSession) -> None:
-        with self._changed:
-            self._pending.discard(session)
-            self._changed.notify_all()
-        if self.config.on_connect is not None:
-            # Off the fork's thread: the callback may prefetch while the fault loop serves.
-            self._spawn(self.config.on_connect, session.fork_id)
-
-    def _session_ended(self, session: ForkSession) -> None:
-        with self._lock:
-            self._pending.discard(session)
-            entry = self._forks.get(session.fork_id)
-            if entry is not None and entry.session is session:
-                if session.stats.error:
-                    entry.last_error = session.stats.error
-                self._changed.notify_all()
-                if entry.ephemeral:
-                    del self._forks[session.fork_id]
-        if self.config.on_fork_end is not None and session.connected.is_set():
-            self.config.on_fork_end(session.fork_id, session.snapshot_stats())
-
     # --- shutdown ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop every fork, join every thread, remove every socket; idempotent."""
+        """Stop every fork and worker, join every thread, remove every socket; idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            entries = list(self._forks.values())
-            self._forks.clear()
-            for entry in entries:
+        os.eventfd_write(self._wake_fd, 1)
+        self._loop_thread.join()
+        with self._lock:
+            for entry in list(self._forks.values()):
                 self._drop_listener(entry)
+            for fd in list(self._pending):
+                self._drop_pending(fd, None)
             for sock, path, _ in self._shared.values():
                 sock.close()
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             self._shared.clear()
             self._listeners.clear()
-        os.eventfd_write(self._wake_fd, 1)
-        self._acceptor.join()
-        for entry in entries:
-            if entry.session is not None:
-                entry.session.stop()
+        self._pool.stop()  # workers exit when their channel closes; forks stop being served
+        callbacks: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        with self._lock:
+            for entry in list(self._serving.values()):
+                if entry.state not in FINAL:
+                    entry.state = transition(entry.fork_id, entry.state, ForkState.ENDED)
+                callbacks += self._finish(entry, None)
+            self._forks.clear()
+            self._changed.notify_all()
+        for fn, args in callbacks:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("callback %s failed", getattr(fn, "__name__", fn))
         with self._callbacks_lock:
-            callbacks, self._callbacks = self._callbacks, []
-        for t in callbacks:
+            threads, self._callbacks = self._callbacks, []
+        for t in threads:
             t.join()
         self._epoll.close()
         os.close(self._wake_fd)

@@ -2,48 +2,24 @@
 
 from __future__ import annotations
 
-import array
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: How many recent fault latencies a fork keeps for its percentiles.
-LATENCY_WINDOW = 1 << 16
-_MASK = LATENCY_WINDOW - 1
 
-
-class LatencyWindow:
-    """A ring of the last :data:`LATENCY_WINDOW` latencies in nanoseconds."""
-
-    __slots__ = ("_n", "_ring")
-
-    def __init__(self) -> None:
-        self._ring = array.array("Q", bytes(8 * LATENCY_WINDOW))
-        self._n = 0
-
-    def add(self, ns: int) -> None:
-        """Record one latency (called from the fault loop only)."""
-        n = self._n
-        self._ring[n & _MASK] = ns
-        self._n = n + 1
-
-    def __len__(self) -> int:
-        return min(self._n, LATENCY_WINDOW)
-
-    def values(self) -> list[int]:
-        """The recorded latencies in nanoseconds (the most recent window, unordered)."""
-        return list(self._ring[: len(self)])
-
-    def percentiles_us(self, points: tuple[float, ...] = (50, 90, 99)) -> dict[str, float]:
-        """Percentiles (nearest rank) and max of the recorded window, in microseconds."""
-        n = len(self)
-        if n == 0:
-            return {}
-        values = sorted(self._ring[:n])
-        # Nearest rank: the smallest value with at least p% of the samples at or below it.
-        out = {f"p{p:g}": values[max(0, math.ceil(p / 100 * n) - 1)] / 1000 for p in points}
-        out["max"] = values[-1] / 1000
-        return out
+def percentiles_us(
+    latencies_ns: Sequence[int], points: tuple[float, ...] = (50, 90, 99)
+) -> dict[str, float]:
+    """Percentiles (nearest rank) and max of fault latencies given in ns, in microseconds."""
+    n = len(latencies_ns)
+    if n == 0:
+        return {}
+    values = sorted(latencies_ns)
+    # Nearest rank: the smallest value with at least p% of the samples at or below it.
+    out = {f"p{p:g}": values[max(0, math.ceil(p / 100 * n) - 1)] / 1000 for p in points}
+    out["max"] = values[-1] / 1000
+    return out
 
 
 @dataclass

@@ -1,0 +1,185 @@
+"""A fork's ledger: the state a worker must never lose, in memory shared with the supervisor.
+
+One memfd per fork, mapped by the supervisor and by the worker serving the fork. The worker is
+its only writer; the supervisor reads it for stats and hands the same memfd to a replacement
+worker when the first one dies, or to a new daemon on a takeover. So whatever a worker wrote
+here survives its death:
+
+- the counters (faults, pages copied, ...) and the fault latency ring;
+- every range the guest removed (``UFFD_EVENT_REMOVE``), written *before* the worker serves
+  anything after reading it: a replacement worker keeps serving those ranges zero;
+- the pages recorded so far by a warm-up fork, in first-touch order, with their times.
+
+The file is sparse: its sections are sized for the worst case but only touched pages use
+memory. Appends write the entry first and then bump the count (x86 keeps stores in order), so
+a reader never sees a count covering an entry not yet written.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+
+from pagefork.errors import ForkError
+
+_MAGIC = 0x5047464B4C444731  # "PGFKLDG1"
+_HEADER_SLOTS = 512
+
+# Header slots (int64).
+MAGIC, FAULTS, PAGES_COPIED, ZERO_PAGES, ALREADY_PRESENT, REMOVED_BYTES = 0, 1, 2, 3, 4, 5
+EAGAIN_RETRIES, ERRORS, PREFETCHED_PAGES, MISSES = 6, 7, 8, 9
+REMOVED_COUNT, RECORD_COUNT, RECORD_STATE, RECORD_START_NS, PREFETCHED, LATENCY_N = (
+    10,
+    11,
+    12,
+    13,
+    14,
+    15,
+)
+ADOPTIONS = 16
+
+#: ``RECORD_STATE`` values.
+RECORD_OFF, RECORD_OPEN, RECORD_CLOSED, RECORD_LOST = 0, 1, 2, 3
+
+#: Counters shown in :class:`pagefork.stats.ForkStats`, by field name.
+COUNTERS = {
+    "faults": FAULTS,
+    "pages_copied": PAGES_COPIED,
+    "zero_pages": ZERO_PAGES,
+    "already_present": ALREADY_PRESENT,
+    "removed_bytes": REMOVED_BYTES,
+    "eagain_retries": EAGAIN_RETRIES,
+    "errors": ERRORS,
+    "prefetched_pages": PREFETCHED_PAGES,
+    "misses": MISSES,
+}
+
+#: Removed ranges kept per fork; a balloon inflating page by page appends to the last one.
+REMOVED_CAPACITY = 1 << 20
+LATENCY_SLOTS = 1 << 16
+
+
+class LedgerFull(ForkError):
+    """A section of the ledger is full (the fork cannot be served safely any more)."""
+
+
+class Ledger:
+    """A mapped fork ledger. ``counters`` is an int64 view of the header (index with the slot
+    constants above)."""
+
+    __slots__ = (
+        "_latency",
+        "_map",
+        "_record",
+        "_removed",
+        "counters",
+        "fd",
+        "record_capacity",
+        "size",
+    )
+
+    def __init__(self, fd: int, record_capacity: int) -> None:
+        self.fd = fd
+        self.record_capacity = record_capacity
+        removed_at = _HEADER_SLOTS * 8
+        latency_at = removed_at + REMOVED_CAPACITY * 16
+        record_at = latency_at + LATENCY_SLOTS * 8
+        self.size = record_at + record_capacity * 24
+        if os.fstat(fd).st_size < self.size:
+            raise ForkError("fork ledger is smaller than its layout")
+        # mmap keeps its own duplicate of the fd; ``fd`` stays ours to pass on and close.
+        self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        view = memoryview(self._map)
+        self.counters = view[:removed_at].cast("q")
+        self._removed = view[removed_at:latency_at].cast("Q")
+        self._latency = view[latency_at:record_at].cast("Q")
+        self._record = view[record_at : self.size].cast("q")
+        view.release()
+
+    @classmethod
+    def create(cls, record_capacity: int) -> Ledger:
+        """A new, zeroed ledger in a fresh memfd (sparse: costs memory only as it fills)."""
+        fd = os.memfd_create("pagefork-fork-ledger", os.MFD_CLOEXEC)
+        try:
+            size = _HEADER_SLOTS * 8 + REMOVED_CAPACITY * 16 + LATENCY_SLOTS * 8
+            os.ftruncate(fd, size + record_capacity * 24)
+            ledger = cls(fd, record_capacity)
+        except BaseException:
+            os.close(fd)
+            raise
+        ledger.counters[MAGIC] = _MAGIC
+        return ledger
+
+    @classmethod
+    def adopt(cls, fd: int, record_capacity: int) -> Ledger:
+        """Map a ledger another process created (``fd`` becomes this object's)."""
+        ledger = cls(fd, record_capacity)
+        if ledger.counters[MAGIC] != _MAGIC:
+            ledger._unmap()  # the fd stays the caller's
+            raise ForkError("not a fork ledger")
+        return ledger
+
+    # --- removed ranges --------------------------------------------------------------------
+    def note_removed(self, start: int, end: int) -> None:
+        """Make ``[start, end)`` durable as removed. Call before serving any later fault."""
+        n = self.counters[REMOVED_COUNT]
+        r = self._removed
+        if n and r[2 * n - 1] == start:
+            r[2 * n - 1] = max(end, start)  # one store: a balloon inflating page after page
+            return
+        if n >= REMOVED_CAPACITY:
+            raise LedgerFull(f"more than {REMOVED_CAPACITY} separate removed ranges")
+        r[2 * n] = start
+        r[2 * n + 1] = end
+        self.counters[REMOVED_COUNT] = n + 1
+
+    def removed(self) -> Iterator[tuple[int, int]]:
+        """Every removed range noted so far, in the order noted."""
+        r = self._removed
+        for i in range(self.counters[REMOVED_COUNT]):
+            yield (r[2 * i], r[2 * i + 1])
+
+    # --- recording --------------------------------------------------------------------------
+    def append_record(self, region: int, page_offset: int, t_ns: int) -> bool:
+        """Append a recorded page; False when the section is full (the caller closes)."""
+        n = self.counters[RECORD_COUNT]
+        if n >= self.record_capacity:
+            return False
+        rec = self._record
+        rec[3 * n] = region
+        rec[3 * n + 1] = page_offset
+        rec[3 * n + 2] = t_ns
+        self.counters[RECORD_COUNT] = n + 1
+        return True
+
+    def recorded(self) -> list[tuple[int, int, int]]:
+        """``(region, page offset, ns since the recording started)`` in first-touch order."""
+        rec = self._record
+        return [
+            (rec[3 * i], rec[3 * i + 1], rec[3 * i + 2]) for i in range(self.counters[RECORD_COUNT])
+        ]
+
+    # --- latencies --------------------------------------------------------------------------
+    def add_latency(self, ns: int) -> None:
+        """Record one fault's service time (the ring keeps the last :data:`LATENCY_SLOTS`)."""
+        n = self.counters[LATENCY_N]
+        self._latency[n & (LATENCY_SLOTS - 1)] = ns
+        self.counters[LATENCY_N] = n + 1
+
+    def latencies(self) -> list[int]:
+        """The recorded fault latencies in ns (the most recent window, unordered)."""
+        return list(self._latency[: min(self.counters[LATENCY_N], LATENCY_SLOTS)])
+
+    def close(self) -> None:
+        """Unmap and close the memfd; idempotent."""
+        if self.fd < 0:
+            return
+        self._unmap()
+        os.close(self.fd)
+        self.fd = -1
+
+    def _unmap(self) -> None:
+        for view in (self.counters, self._removed, self._latency, self._record):
+            view.release()
+        self._map.close()

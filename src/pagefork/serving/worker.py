@@ -1,0 +1,593 @@
+"""A worker process: serves the uffds of many forks from one event loop.
+
+The supervisor (:class:`pagefork.server.PageServer`) starts workers with
+``python -m pagefork.serving.worker`` and hands each fork to one of them over the worker's
+channel: the fork's uffd, its VMM connection, a pidfd of the VMM, and its ledger (the shared
+memory where the worker writes what must survive it). One ``epoll`` watches every uffd, pidfd
+and connection; there is no thread per fork.
+
+Each kernel rule sits at the ioctl it concerns:
+
+- EEXIST from a copy is success (prefetch or another vCPU installed the page first); the
+  faulting thread may still sleep (prefetch copies with DONTWAKE), so wake it.
+- EAGAIN means a non-cooperative event (REMOVE) is unread: defer the fault, read the events,
+  retry.
+- A REMOVE is written to the ledger before anything after it is served, so a replacement
+  worker keeps serving that range zero.
+- Prefetch runs in this same loop, a slice at a time: a prefetch copy can never land between
+  the read of a REMOVE and its noting, because both happen on this one thread.
+- A fork ends when its VMM exits (the pidfd), not when its socket closes: Firecracker before
+  1.12 closes the socket right after the handshake and keeps running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from pagefork import libc, uffd
+from pagefork.errors import PageforkError, PrefetchError
+from pagefork.prefetch import PrefetchPlan, execute_plan
+from pagefork.regions import PAGE_SIZE, Region, RegionMap
+from pagefork.removed import RemovedRanges
+from pagefork.serving import ipc
+from pagefork.serving import ledger as L
+from pagefork.serving.policy import Action, decide
+
+log = logging.getLogger("pagefork.worker")
+
+#: Events read per ``read(2)`` of a uffd: one syscall drains a burst of faults.
+_READ_BATCH = 64
+_MSG = struct.Struct("=B3xIQQQ")
+_FAULT_ADDRESS = struct.Struct("=16xQ8x")
+#: Prefetch ioctls between two looks at the other forks' faults.
+_PREFETCH_SLICE = 16
+_MADV_POPULATE_READ = 22
+_UFFD, _PIDFD, _CONN = 0, 1, 2
+
+
+class _Fatal(Exception):
+    """A fork-fatal condition (never escapes the worker: the fork fails, the others go on)."""
+
+
+_ZERO_SOURCES: dict[int, tuple[mmap.mmap, int]] = {}
+
+
+def zero_source(size: int) -> int:
+    """Address of ``size`` readable zero bytes (one mapping per size, kept for the process)."""
+    found = _ZERO_SOURCES.get(size)
+    if found is None:
+        # Never written, so every page stays the shared zero page: no memory cost.
+        view = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        found = (view, ctypes.addressof(ctypes.c_char.from_buffer(view)))
+        _ZERO_SOURCES[size] = found
+    return found[1]
+
+
+class _Fork:
+    """One fork served by this worker."""
+
+    __slots__ = (
+        "conn",
+        "deferred",
+        "ending",
+        "fork_id",
+        "ioctls",
+        "ledger",
+        "name",
+        "on_failure",
+        "pid",
+        "pidfd",
+        "prefetching",
+        "rec_deadline",
+        "rec_max",
+        "rec_seen",
+        "rec_start",
+        "regions",
+        "removed",
+        "table",
+        "uffd",
+    )
+
+    def __init__(self, spec: dict[str, Any], fds: dict[str, int], ledger: L.Ledger) -> None:
+        self.fork_id: str = spec["key"]  # unique within the server: the channel's name for it
+        self.name: str = spec["fork"]
+        self.pid: int | None = spec["pid"]
+        self.on_failure: str = spec["on_failure"]
+        self.uffd = fds["uffd"]
+        self.conn = fds.get("conn", -1)
+        self.pidfd = fds.get("pidfd", -1)
+        self.ledger = ledger
+        self.ioctls = uffd.UffdIoctls(self.uffd)
+        self.regions: list[Region] = [Region(*r) for r in spec["regions"]]
+        self.table = RegionMap(self.regions).table
+        self.removed = RemovedRanges()
+        for start, end in ledger.removed():  # what a dead worker made durable
+            self.removed.add(start, end)
+        self.deferred: list[int] = []
+        self.prefetching = False
+        self.ending: tuple[str, str | None] | None = None
+        c = ledger.counters
+        self.rec_seen: set[tuple[int, int]] | None = None
+        self.rec_start = c[L.RECORD_START_NS]
+        self.rec_max: int | None = spec.get("record_max_pages")
+        self.rec_deadline = float("inf")
+        if c[L.RECORD_STATE] == L.RECORD_OPEN:
+            self.rec_seen = {(r, o) for r, o, _ in ledger.recorded()}
+            seconds = spec.get("record_max_seconds")
+            if seconds is not None:
+                self.rec_deadline = self.rec_start + seconds * 1e9
+
+    def set_regions(self, regions: list[Region]) -> None:
+        self.regions = regions
+        self.table = RegionMap(regions).table
+
+
+class Worker:
+    """The event loop of one worker process."""
+
+    def __init__(self, chan: socket.socket, mem_fd: int, mem_size: int, zero_fd: int) -> None:
+        self.chan = chan
+        self.mem_size = mem_size
+        self.mem_address = libc.mmap(mem_size, mmap.PROT_READ, mmap.MAP_SHARED, mem_fd)
+        os.close(mem_fd)
+        npages = (mem_size + PAGE_SIZE - 1) // PAGE_SIZE
+        self.zeros = mmap.mmap(zero_fd, npages, mmap.MAP_SHARED, mmap.PROT_READ)
+        os.close(zero_fd)
+        self.ep = select.epoll()
+        self.ep.register(chan.fileno(), select.EPOLLIN)
+        self.forks: dict[str, _Fork] = {}
+        self.by_fd: dict[int, tuple[int, _Fork]] = {}
+        self.crash_at: dict[str, int] = {}
+        self._in_prefetch = False
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve until the supervisor closes the channel."""
+        ipc.send(self.chan, ("ready", os.getpid()))
+        chan_fd = self.chan.fileno()
+        while True:
+            events = self.ep.poll(self._timeout())
+            for fd, _ in events:
+                if fd == chan_fd:
+                    try:
+                        message, fds = ipc.recv(self.chan)
+                    except ipc.ChannelClosed:
+                        return
+                    self._on_message(message, fds)
+                else:
+                    self._on_fd(fd)
+            self._housekeeping()
+
+    def _timeout(self) -> float:
+        if any(f.deferred for f in self.forks.values()):
+            return 0.001  # deferred on EAGAIN: retry soon
+        deadline = min((f.rec_deadline for f in self.forks.values()), default=float("inf"))
+        if deadline == float("inf"):
+            return -1
+        return max(0.0, (deadline - time.monotonic_ns()) / 1e9)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic_ns()
+        for f in list(self.forks.values()):
+            if f.deferred:
+                self._guard(f, self._serve_faults, [])
+            if f.rec_seen is not None and now >= f.rec_deadline:
+                self._close_window(f)
+
+    def _on_fd(self, fd: int) -> None:
+        entry = self.by_fd.get(fd)
+        if entry is None:
+            return
+        kind, f = entry
+        if kind == _UFFD:
+            self._guard(f, self._on_uffd)
+        elif kind == _PIDFD:
+            self._end(f, "ended", None)  # the VMM exited
+        else:
+            self._on_conn(f)
+
+    def _guard(self, f: _Fork, fn: Any, *args: Any) -> None:
+        """Run ``fn(f, *args)``; an error fails this fork only."""
+        try:
+            fn(f, *args)
+        except _Fatal as exc:
+            self._fail(f, str(exc))
+        except PageforkError as exc:
+            self._fail(f, str(exc))
+        except Exception as exc:  # a bug must end this fork only, never the worker
+            log.exception("fork %s: fault loop crashed", f.name)
+            self._fail(f, f"internal error: {exc!r}")
+
+    def _on_conn(self, f: _Fork) -> None:
+        try:
+            chunk = os.read(f.conn, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            return  # Firecracker sends nothing after the handshake: ignore extra bytes
+        if f.pidfd >= 0:
+            # Firecracker before 1.12 closes the socket after the handshake and runs on: its
+            # exit (the pidfd) ends the fork, not this.
+            log.debug("fork %s: VMM closed its socket; serving until it exits", f.name)
+            self._unwatch(f.conn)
+            os.close(f.conn)
+            f.conn = -1
+        else:
+            self._end(f, "ended", None)
+
+    # --- faults --------------------------------------------------------------------------
+    def _on_uffd(self, f: _Fork) -> None:
+        faults = self._read_events(f, until_empty=False)
+        self._serve_faults(f, faults)
+
+    def _read_events(self, f: _Fork, *, until_empty: bool) -> list[int]:
+        """Read the uffd's events: REMOVE is made durable at once; faults are returned."""
+        faults: list[int] = []
+        size = uffd.UFFD_MSG_SIZE * _READ_BATCH
+        while True:
+            try:
+                data = os.read(f.uffd, size)
+            except BlockingIOError:
+                return faults
+            if len(data) == uffd.UFFD_MSG_SIZE and data[0] == uffd.UFFD_EVENT_PAGEFAULT:
+                faults.append(_FAULT_ADDRESS.unpack(data)[0])  # the usual read: one fault
+            else:
+                for event, _, a, b, c in _MSG.iter_unpack(data):
+                    if event == uffd.UFFD_EVENT_PAGEFAULT:
+                        faults.append(b)
+                    else:
+                        self._other_event(f, event, a, b, c)
+            if faults and self.crash_at:
+                self._crash_point("fault_read")
+            if not until_empty or len(data) < size:
+                return faults
+
+    def _other_event(self, f: _Fork, event: int, a: int, b: int, c: int) -> None:
+        if event == uffd.UFFD_EVENT_REMOVE:
+            # Balloon inflation: the template's bytes are stale here from now on. Durable
+            # first, so a worker that replaces us after a crash serves zeros here too.
+            f.ledger.note_removed(a, b)
+            f.ledger.counters[L.REMOVED_BYTES] += f.removed.add(a, b)
+            if self.crash_at:
+                self._crash_point("remove_noted")
+        elif event == uffd.UFFD_EVENT_REMAP:
+            for i, r in enumerate(f.regions):
+                if r.base == a and r.size == c:
+                    regions = list(f.regions)
+                    regions[i] = Region(b, r.size, r.offset, r.page_size)
+                    f.set_regions(regions)
+                    ipc.send(self.chan, ("remapped", f.fork_id, [tuple_of(r) for r in regions]))
+                    return
+            log.warning("fork %s: mremap of %#x does not match a whole region", f.name, a)
+        elif event == uffd.UFFD_EVENT_UNMAP:
+            log.info("fork %s: range %#x-%#x unmapped by the VMM", f.name, a, b)
+        elif event == uffd.UFFD_EVENT_FORK:
+            os.close(a & 0xFFFFFFFF)  # we serve the VMM, not its children
+        else:
+            log.warning("fork %s: ignoring unknown uffd event %#x", f.name, event)
+
+    def _serve_faults(self, f: _Fork, faults: list[int]) -> None:
+        """Install the page of each faulting address (and of those deferred before)."""
+        addresses = f.deferred + faults if f.deferred else faults
+        if not addresses:
+            return
+        f.deferred = []
+        c = f.ledger.counters
+        table = f.table
+        zeros = self.zeros
+        is_zero = self._is_zero
+        is_removed = f.removed.contains if f.removed else None
+        src_base = self.mem_address
+        prefetched = c[L.PREFETCHED]
+        recording = f.rec_seen is not None
+        ioctls = f.ioctls
+        clock = time.perf_counter_ns
+        add_latency = f.ledger.add_latency
+        again: list[int] = []
+        for address in addresses:
+            t0 = clock()
+            action, dst, file_offset, psize, idx = decide(
+                address, table, zeros, is_removed, is_zero
+            )
+            if action == Action.OUTSIDE:
+                raise _Fatal(f"fault at {address:#x} is outside every region")
+            # Count before the ioctl: it wakes the guest, which may read the stats right after.
+            c[L.FAULTS] += 1
+            if prefetched:
+                c[L.MISSES] += 1
+            slot = L.PAGES_COPIED if action == Action.COPY else L.ZERO_PAGES
+            c[slot] += 1
+            try:
+                if action == Action.COPY:
+                    ioctls.copy(dst, src_base + file_offset, psize)
+                elif action == Action.ZEROPAGE:
+                    ioctls.zeropage(dst, psize)
+                else:
+                    ioctls.copy(dst, zero_source(psize), psize)  # hugetlbfs: no ZEROPAGE
+            except OSError as exc:
+                c[slot] -= 1
+                code = exc.errno
+                if code == errno.EEXIST:
+                    # Installed first by prefetch or another vCPU; prefetch copies with
+                    # DONTWAKE, so the faulting thread may still sleep: wake it.
+                    c[L.ALREADY_PRESENT] += 1
+                    with contextlib.suppress(OSError):
+                        ioctls.wake(dst, psize)
+                elif code == errno.EAGAIN:
+                    # An unread REMOVE blocks copies: defer, read the events, retry.
+                    c[L.FAULTS] -= 1
+                    if prefetched:
+                        c[L.MISSES] -= 1
+                    again.append(address)
+                    continue
+                elif code == errno.ESRCH:
+                    f.deferred = []
+                    self._end(f, "ended", None)  # the VMM's address space is gone
+                    return
+                elif code == errno.EFAULT and action == Action.COPY:
+                    raise _Fatal(
+                        f"page at file offset {file_offset:#x} cannot be read from the mem-file "
+                        "(did it shrink?)"
+                    ) from None
+                else:
+                    raise _Fatal(
+                        f"installing the page at {dst:#x} (region {idx}) failed: "
+                        f"{os.strerror(code or 0)}"
+                    ) from None
+            if recording:
+                self._record(f, idx, file_offset - f.regions[idx].offset)
+            add_latency(clock() - t0)
+        if again:
+            c[L.EAGAIN_RETRIES] += len(again)
+            # Read the events now (faults read with them wait their turn behind these).
+            f.deferred = again + self._read_events(f, until_empty=True)
+
+    def _is_zero(self, offset: int, length: int) -> bool:
+        first = offset // PAGE_SIZE
+        last = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
+        return self.zeros.find(b"\x00", first, last) < 0
+
+    # --- recording -----------------------------------------------------------------------
+    def _record(self, f: _Fork, region: int, page_offset: int) -> None:
+        seen = f.rec_seen
+        if seen is None:
+            return
+        key = (region, page_offset)
+        if key in seen:
+            return
+        now = time.monotonic_ns()
+        if now >= f.rec_deadline:
+            self._close_window(f)  # outside the window: not part of the hot set
+            return
+        seen.add(key)
+        if not f.ledger.append_record(region, page_offset, now - f.rec_start):
+            self._close_window(f)
+            return
+        if self.crash_at:
+            self._crash_point("recorded")
+        if f.rec_max is not None and len(seen) >= f.rec_max:
+            self._close_window(f)
+
+    def _close_window(self, f: _Fork) -> None:
+        if f.rec_seen is None:
+            return
+        f.rec_seen = None
+        f.rec_deadline = float("inf")
+        f.ledger.counters[L.RECORD_STATE] = L.RECORD_CLOSED
+        ipc.send(self.chan, ("window_closed", f.fork_id))
+
+    # --- prefetch ------------------------------------------------------------------------
+    def _prefetch(self, req: int, fork_id: str, plan: PrefetchPlan, timeout: float) -> None:
+        f = self.forks.get(fork_id)
+        if f is None:
+            name = fork_id.rpartition("#")[0]
+            ipc.send(self.chan, ("prefetched", req, None, f"fork {name}: session has ended", 0))
+            return
+        target = _Target(self, f)
+        f.prefetching = True
+        self._in_prefetch = True
+        c = f.ledger.counters
+        c[L.PREFETCHED] = 1  # from now on a demand fault is a miss
+        try:
+            result = execute_plan(plan, target, regions=f.regions, timeout=timeout)
+        except PrefetchError as exc:
+            c[L.PREFETCHED_PAGES] += exc.installed
+            ipc.send(self.chan, ("prefetched", req, None, f"fork {f.name}: {exc}", exc.installed))
+        except Exception as exc:
+            log.exception("fork %s: prefetch crashed", f.name)
+            ipc.send(self.chan, ("prefetched", req, None, f"fork {f.name}: {exc!r}", 0))
+        else:
+            c[L.PREFETCHED_PAGES] += result.installed
+            ipc.send(self.chan, ("prefetched", req, result, None, result.installed))
+        finally:
+            f.prefetching = False
+            self._in_prefetch = False
+            if f.ending is not None:
+                state, error = f.ending
+                f.ending = None
+                self._end(f, state, error)
+
+    def poll_forks(self) -> None:
+        """Serve what the other forks need now (called between prefetch slices)."""
+        chan_fd = self.chan.fileno()
+        for fd, _ in self.ep.poll(0):
+            if fd != chan_fd:  # messages wait for the loop: no prefetch inside a prefetch
+                self._on_fd(fd)
+
+    # --- fork lifecycle ------------------------------------------------------------------
+    def _on_message(self, message: tuple[Any, ...], fds: list[int]) -> None:
+        op = message[0]
+        if op == "serve":
+            self._add(message[1], fds)
+        elif op == "prefetch":
+            _, req, fork_id, plan, timeout = message
+            self._prefetch(req, fork_id, plan, timeout)
+        elif op == "drop":
+            f = self.forks.get(message[1])
+            if f is not None:
+                self._end(f, "ended", None)
+        elif op == "crash_at":
+            self.crash_at[message[1]] = message[2]
+        else:
+            log.error("unknown message %r from the supervisor", op)
+        for fd in fds if op != "serve" else ():
+            os.close(fd)
+
+    def _add(self, spec: dict[str, Any], fds: list[int]) -> None:
+        named = dict(zip(spec["fds"], fds, strict=True))
+        try:
+            ledger = L.Ledger.adopt(named["ledger"], spec["record_capacity"])
+        except Exception as exc:
+            for fd in named.values():
+                os.close(fd)
+            ipc.send(self.chan, ("ended", spec["key"], "failed", f"ledger: {exc}"))
+            return
+        f = _Fork(spec, named, ledger)
+        old = self.forks.pop(f.fork_id, None)
+        if old is not None:
+            self._end(old, "ended", None, report=False)
+        self.forks[f.fork_id] = f
+        self._watch(f.uffd, _UFFD, f)
+        if f.pidfd >= 0:
+            self._watch(f.pidfd, _PIDFD, f)
+        if f.conn >= 0:
+            self._watch(f.conn, _CONN, f)
+        if spec.get("adopt"):
+            ledger.counters[L.ADOPTIONS] += 1
+            # The dead worker may have read faults it never served: their vCPUs sleep until
+            # a wake makes them retry, which raises the faults again, to us.
+            for r in f.regions:
+                with contextlib.suppress(OSError):
+                    f.ioctls.wake(r.base, r.size)
+        ipc.send(self.chan, ("serving", f.fork_id))
+
+    def _watch(self, fd: int, kind: int, f: _Fork) -> None:
+        events = select.EPOLLIN | (select.EPOLLRDHUP if kind == _CONN else 0)
+        self.ep.register(fd, events)
+        self.by_fd[fd] = (kind, f)
+
+    def _unwatch(self, fd: int) -> None:
+        self.by_fd.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.ep.unregister(fd)
+
+    def _fail(self, f: _Fork, why: str) -> None:
+        f.ledger.counters[L.ERRORS] += 1
+        pid = f.pid
+        if f.on_failure == "kill" and pid is not None and pid > 1 and pid != os.getpid():
+            log.error("fork %s: %s; killing VMM pid %d (its guest would hang)", f.name, why, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        else:
+            log.error("fork %s: %s; closing its connection", f.name, why)
+        self._end(f, "failed", why)
+
+    def _end(self, f: _Fork, state: str, error: str | None, *, report: bool = True) -> None:
+        if f.prefetching:
+            f.ending = f.ending or (state, error)  # the prefetch finishes first, then this
+            return
+        if self.forks.get(f.fork_id) is f:
+            del self.forks[f.fork_id]
+        for fd in (f.uffd, f.conn, f.pidfd):
+            if fd >= 0:
+                self._unwatch(fd)
+                os.close(fd)
+        f.uffd = f.conn = f.pidfd = -1
+        if f.rec_seen is not None:
+            f.rec_seen = None
+            f.ledger.counters[L.RECORD_STATE] = L.RECORD_CLOSED
+        f.ledger.close()
+        if report:
+            ipc.send(self.chan, ("ended", f.fork_id, state, error))
+
+    def _crash_point(self, name: str) -> None:
+        left = self.crash_at.get(name)
+        if left is None:
+            return
+        if left > 1:
+            self.crash_at[name] = left - 1
+            return
+        os.kill(os.getpid(), signal.SIGKILL)  # a test asked to die exactly here
+
+
+def tuple_of(r: Region) -> tuple[int, int, int, int]:
+    """A region as the plain tuple the channel carries."""
+    return (r.base, r.size, r.offset, r.page_size)
+
+
+class _Target:
+    """Prefetch's view of one fork in this worker (a :class:`pagefork.prefetch.PrefetchTarget`).
+
+    Every :data:`_PREFETCH_SLICE` ioctls it lets the loop serve the faults of every fork, so a
+    long prefetch does not stall the others.
+    """
+
+    __slots__ = ("_f", "_n", "_worker", "src_base")
+
+    def __init__(self, worker: Worker, f: _Fork) -> None:
+        self._worker = worker
+        self._f = f
+        self._n = 0
+        self.src_base = worker.mem_address
+
+    def _tick(self) -> None:
+        self._n += 1
+        if self._n % _PREFETCH_SLICE == 0:
+            self._worker.poll_forks()
+            if self._worker.crash_at:
+                self._worker._crash_point("prefetch")
+        if self._f.ending is not None or self._f.uffd < 0:
+            raise PrefetchError("session ended during prefetch")
+
+    def copy(self, dst: int, src: int, length: int, mode: int) -> int:
+        self._tick()
+        return self._f.ioctls.copy(dst, src, length, mode)
+
+    def zeropage(self, dst: int, length: int, mode: int) -> int:
+        self._tick()
+        return self._f.ioctls.zeropage(dst, length, mode)
+
+    def wake(self, start: int, length: int) -> None:
+        if self._f.uffd >= 0:
+            self._f.ioctls.wake(start, length)
+
+    def removed_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        return self._f.removed.overlaps(start, end)
+
+    def await_events(self, timeout: float) -> None:
+        # EAGAIN with nothing done: an event (REMOVE) is unread. Read it now, on this thread:
+        # the caller then re-reads the removed ranges. Faults read meanwhile wait their turn.
+        self._f.deferred.extend(self._worker._read_events(self._f, until_empty=True))
+
+
+def main() -> None:
+    """Entry point: ``python -m pagefork.serving.worker CHAN_FD MEM_FD MEM_SIZE ZERO_FD``."""
+    logging.basicConfig(level=int(os.environ.get("PAGEFORK_WORKER_LOG", logging.WARNING)), format=f"pagefork worker {os.getpid()}: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    chan_fd, mem_fd, mem_size, zero_fd = (int(a) for a in sys.argv[1:5])
+    chan = socket.socket(fileno=chan_fd)
+    worker = Worker(chan, mem_fd, mem_size, zero_fd)
+    with contextlib.suppress(OSError):  # fill the page tables now; faults then cost less
+        libc.madvise(worker.mem_address, mem_size, _MADV_POPULATE_READ)
+    try:
+        worker.run()
+    except (ipc.ChannelClosed, BrokenPipeError, ConnectionResetError):
+        pass  # the supervisor is gone: so are we (the kernel closes what we held)
+
+
+if __name__ == "__main__":
+    main()
