@@ -182,32 +182,3 @@ def test_one_plan_serves_every_fork_of_the_template(make_server, vmms):
         assert results[i].installed == 300
         assert fork.send(cmd="touch", pages=[list(p) for p in hot])["bad"] == 0
         assert server.stats(f"f{i}").faults == 0
-
-
-def test_fault_on_a_page_prefetch_installed_meanwhile_wakes_the_guest(make_server, vmms):
-    """A prefetch copy lands (DONTWAKE) between the guest's fault and the loop's copy: the
-    loop's copy gets EEXIST and must wake the guest itself, not leave it to sleep until the
-    prefetch's final wake."""
-    import json
-    import select
-
-    from pagefork import uffd
-
-    server = make_server()
-    vmm = vmms(server.register_fork("a"))
-    (region, _) = server.wait_connected("a")
-    session = server._forks["a"].session
-    port = session._port
-    with port.lock:  # the fault loop cannot read events while this is held
-        vmm.proc.stdin.write(json.dumps({"cmd": "touch", "pages": [[0, 0]]}) + "\n")
-        vmm.proc.stdin.flush()
-        poller = select.poll()
-        poller.register(session._uffd, select.POLLIN)
-        assert poller.poll(10_000), "the guest's fault never reached the uffd"
-        uffd.UffdIoctls(session._uffd).copy(
-            region.base, port.src_base + region.offset, PAGE, uffd.UFFDIO_COPY_MODE_DONTWAKE
-        )
-    vmm.timeout = 10.0  # without the wake the guest would sleep forever
-    reply = vmm._reply()
-    assert reply["bad"] == 0
-    assert server.stats("a").already_present == 1

@@ -283,6 +283,7 @@ class PageServer:
         self._shared: dict[int, tuple[socket.socket, str, bool | Callable[[str], bool] | None]] = {}
         self._pending: dict[int, _Pending] = {}
         self._requests: dict[int, _Request] = {}
+        self._acks: dict[int, threading.Event] = {}  # tests' crash points, once armed
         self._serial = itertools.count(1)
         self._next_conn = 0
         self._plans: OrderedDict[tuple[object, ...], tuple[HotPageList, PrefetchPlan]] = (
@@ -816,6 +817,8 @@ class PageServer:
 
     # --- workers -------------------------------------------------------------------------------
     def _watch_worker(self, worker: WorkerProcess) -> None:
+        if self._workers_by_fd.get(worker.pidfd) is worker:
+            return  # the spare, watched since it started
         for fd in (worker.chan.fileno(), worker.pidfd):
             self._workers_by_fd[fd] = worker
             self._epoll.register(fd, select.EPOLLIN)
@@ -860,6 +863,8 @@ class PageServer:
                 entry.regions = [Region(*r) for r in message[2]]
             elif op == "serving" and entry is not None and entry.state is ForkState.ADOPTING:
                 entry.state = transition(entry.fork_id, entry.state, ForkState.SERVING)
+            elif op == "armed" and message[1] in self._acks:
+                self._acks[message[1]].set()
             elif op == "prefetched":
                 _, req, result, error, installed = message
                 request = self._requests.get(req)
@@ -928,11 +933,9 @@ class PageServer:
                 new, given_up = self._pool.replace(worker)
             except PageforkError as exc:
                 new, given_up = None, str(exc)
+            if self._pool.spare is not None:
+                self._watch_worker(self._pool.spare)
             if worker.slot < 0:  # the spare: nobody to adopt
-                if new is not None:
-                    self._watch_worker(new)
-                if self._pool.spare is not None:
-                    self._watch_worker(self._pool.spare)
                 log.warning("spare worker %d exited (status %s)", worker.pid, status)
                 return
             log.error(
@@ -947,10 +950,6 @@ class PageServer:
                     callbacks += self._finish(entry, why)
             else:
                 self._watch_worker(new)
-                if self._pool.spare is not None and self._pool.spare.pidfd not in (
-                    self._workers_by_fd
-                ):
-                    self._watch_worker(self._pool.spare)
                 for entry in orphans:
                     entry.state = transition(entry.fork_id, entry.state, ForkState.ADOPTING)
                     # A window the dead worker closed but could not report: report it now.
@@ -983,7 +982,17 @@ class PageServer:
         worker = entry.worker
         if worker is None:
             raise ForkError(f"fork {fork_id} has no worker")
-        worker.send(("crash_at", point, count))
+        armed = threading.Event()
+        req = next(self._serial)
+        with self._lock:
+            self._acks[req] = armed
+        try:
+            # Armed before this returns: the test's next step then meets the crash point.
+            if not (worker.send(("crash_at", point, count, req)) and armed.wait(10)):
+                raise ForkError(f"fork {fork_id}: its worker did not arm {point!r}")
+        finally:
+            with self._lock:
+                self._acks.pop(req, None)
         return worker.pid
 
     def _spawn(self, cb: Callable[..., None], fork_id: Any, *args: object) -> None:

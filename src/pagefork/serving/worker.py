@@ -442,6 +442,7 @@ class Worker:
                 self._end(f, "ended", None)
         elif op == "crash_at":
             self.crash_at[message[1]] = message[2]
+            ipc.send(self.chan, ("armed", message[3]))
         else:
             log.error("unknown message %r from the supervisor", op)
         for fd in fds if op != "serve" else ():

@@ -1,0 +1,184 @@
+"""The worker's fault loop and prefetch, driven step by step in this process.
+
+A :class:`Worker` is built here and given one fork whose guest is a test VMM process; the test
+calls the worker's handlers itself, so every interleaving below is chosen, not hoped for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import PAGE, needs_uffd
+from pagefork import uffd
+from pagefork.handshake import parse_mappings
+from pagefork.memfile import MemFile
+from pagefork.prefetch import plan_prefetch
+from pagefork.regions import Region
+from pagefork.serving import ipc
+from pagefork.serving import ledger as L
+from pagefork.serving.worker import Worker
+from pagefork.testing.vmm import VmmProcess
+
+MIB = 1 << 20
+
+
+@dataclass
+class Harness:
+    """One fork served by an in-process worker whose loop the test steps by hand."""
+
+    worker: Worker
+    supervisor_end: socket.socket
+    vmm: VmmProcess
+    memfile: MemFile
+    uffd: int
+    regions: list[Region]
+    ledger: L.Ledger
+
+    def ask(self, **cmd: object) -> None:
+        """Send the guest a command without waiting: its answer needs the worker to run."""
+        assert self.vmm.proc.stdin is not None
+        self.vmm.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.vmm.proc.stdin.flush()
+
+    def wait_uffd_readable(self) -> None:
+        poller = select.poll()
+        poller.register(self.uffd, select.POLLIN)
+        assert poller.poll(10_000), "the guest's event never reached the uffd"
+
+    def step(self) -> None:
+        """One turn of the worker's loop for this fork's uffd."""
+        self.worker._on_fd(self.worker.forks["a#1"].uffd)
+
+    def messages(self) -> list[tuple[object, ...]]:
+        out = []
+        self.supervisor_end.setblocking(False)
+        try:
+            while True:
+                message, fds = ipc.recv(self.supervisor_end)
+                for fd in fds:
+                    os.close(fd)
+                out.append(message)
+        except (BlockingIOError, ipc.ChannelClosed):
+            pass
+        finally:
+            self.supervisor_end.setblocking(True)
+        return out
+
+
+@pytest.fixture
+def harness(tmp_path: Path, mem_file: Path) -> Iterator[Harness]:
+    if uffd_missing():
+        pytest.skip("userfaultfd unavailable")
+    path = str(tmp_path / "w.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    vmm = VmmProcess(path, str(mem_file), ("8M", "4M"), timeout=20.0)
+    conn, _ = listener.accept()
+    listener.close()
+    msg, fds, _, _ = socket.recv_fds(conn, 65536, 2)
+    memfile = MemFile(str(mem_file), mapped=False)
+    regions = parse_mappings(msg, memfile.size)
+    sup, child = ipc.channel_pair()
+    worker = Worker(child, os.dup(memfile.fd), memfile.size, os.dup(memfile.zero_index_fd()))
+    ledger = L.Ledger.create(0)
+    spec = {
+        "key": "a#1",
+        "fork": "a",
+        "pid": vmm.pid,
+        "on_failure": "close",
+        "regions": [(r.base, r.size, r.offset, r.page_size) for r in regions],
+        "record_capacity": 0,
+        "fds": ["uffd", "conn", "ledger"],
+    }
+    worker._add(spec, [os.dup(fds[0]), os.dup(conn.fileno()), os.dup(ledger.fd)])
+    h = Harness(worker, sup, vmm, memfile, fds[0], regions, ledger)
+    yield h
+    vmm.kill()
+    for f in list(worker.forks.values()):
+        worker._end(f, "ended", None, report=False)
+    worker.ep.close()
+    worker.zeros.close()
+    child.close()
+    sup.close()
+    conn.close()
+    os.close(fds[0])
+    ledger.close()
+    memfile.close()
+
+
+def uffd_missing() -> bool:
+    try:
+        os.close(uffd.open_userfaultfd())
+    except Exception:
+        return True
+    return False
+
+
+@needs_uffd
+def test_fault_on_a_page_prefetch_installed_meanwhile_wakes_the_guest(harness: Harness) -> None:
+    """A prefetch copy lands (DONTWAKE) between the guest's fault and the loop's copy: the
+    loop's copy gets EEXIST and must wake the guest itself, not leave it asleep."""
+    h = harness
+    region = h.regions[0]
+    h.ask(cmd="touch", pages=[[0, PAGE]])
+    h.wait_uffd_readable()  # the guest sleeps in its fault; nothing has read it yet
+    mem_address = h.worker.mem_address
+    uffd.UffdIoctls(h.uffd).copy(
+        region.base + PAGE, mem_address + region.offset + PAGE, PAGE,
+        uffd.UFFDIO_COPY_MODE_DONTWAKE,
+    )
+    h.step()  # reads the fault; its copy says EEXIST; it wakes the guest
+    reply = h.vmm._reply()
+    assert reply["bad"] == 0 and reply["touched"] == 1
+    assert h.ledger.counters[L.ALREADY_PRESENT] == 1 and h.ledger.counters[L.FAULTS] == 1
+
+
+@needs_uffd
+def test_prefetch_never_copies_into_a_range_removed_before_it_ran(harness: Harness) -> None:
+    """The guest removes a range (balloon) and the REMOVE is still unread when prefetch
+    starts: prefetch's copy gets EAGAIN from the kernel, the worker reads and notes the REMOVE
+    on the same thread, and prefetch skips the range. Template bytes never land there."""
+    h = harness
+    removed_len = 64 * PAGE
+    h.ask(cmd="remove", region=0, offset=0, length=removed_len)
+    h.wait_uffd_readable()  # the REMOVE is queued and unread: the guest waits in madvise
+    pages = [(0, off) for off in range(0, 128 * PAGE, PAGE)]
+    plan = plan_prefetch(pages, h.regions, h.memfile.is_zero)
+    h.worker._prefetch(7, "a#1", plan, 10.0)
+    [(_, req, result, error, installed)] = [m for m in h.messages() if m[0] == "prefetched"]
+    assert req == 7 and error is None
+    assert result.skipped_removed == 64 and installed == result.installed == 64
+    assert list(h.ledger.removed()) == [(h.regions[0].base, h.regions[0].base + removed_len)]
+    assert h.vmm._reply() == {"ok": True}  # the madvise returned once the REMOVE was read
+    h.ask(cmd="check_zero", region=0, offset=0, length=removed_len)
+    h.wait_uffd_readable()
+    while h.ledger.counters[L.ZERO_PAGES] < 64:
+        h.wait_uffd_readable()
+        h.step()
+    assert h.vmm._reply()["zero"] is True
+    h.ask(cmd="touch", pages=[[0, off] for off in range(removed_len, 128 * PAGE, PAGE)])
+    assert h.vmm._reply()["bad"] == 0  # prefetched: no fault needed the worker
+    assert h.ledger.counters[L.FAULTS] == 64
+
+
+@needs_uffd
+def test_remove_is_durable_in_the_ledger_before_the_fault_after_it_is_served(
+    harness: Harness,
+) -> None:
+    h = harness
+    h.ask(cmd="remove", region=1, offset=MIB, length=MIB)
+    h.wait_uffd_readable()
+    h.step()
+    assert h.vmm._reply() == {"ok": True}
+    # What a replacement worker would start from: the ledger alone.
+    assert list(h.ledger.removed()) == [(h.regions[1].base + MIB, h.regions[1].base + 2 * MIB)]
+    assert h.ledger.counters[L.REMOVED_BYTES] == MIB

@@ -1,0 +1,192 @@
+"""Worker processes: a worker that dies loses nothing, at whatever point it dies.
+
+Each test kills a worker at a chosen point (it SIGKILLs itself there) or from outside with a
+real SIGKILL, and checks what the guest reads, byte for byte, and what the server counted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import PAGE, needs_uffd
+from pagefork.errors import PageforkError
+from pagefork.hotpages import HotPageList
+from pagefork.server import PageServer, ServerConfig
+
+MIB = 1 << 20
+pytestmark = needs_uffd
+
+
+class Restarts:
+    """Collects ``on_worker_restarted`` calls; ``wait(n)`` waits for the n-th."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, old: int, new: int, forks: int) -> None:
+        with self._cond:
+            self.calls.append((old, new, forks))
+            self._cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 10.0) -> list[tuple[int, int, int]]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.calls) >= n, timeout)
+            return list(self.calls)
+
+
+def test_worker_killed_after_reading_a_fault_is_replaced_and_the_guest_runs_on(
+    make_server, vmms
+):
+    restarts = Restarts()
+    server = make_server(workers=1, on_worker_restarted=restarts)
+    vmm = vmms(server.register_fork("a"))
+    server.wait_connected("a")
+    assert vmm.send(cmd="touch", pages=[[0, 0], [0, PAGE]])["bad"] == 0
+    old = server._debug_crash_worker_at("a", "fault_read")
+    # The next fault is read by the worker, which dies before serving it: the vCPU sleeps
+    # until the replacement's UFFDIO_WAKE makes it fault again.
+    reply = vmm.send(cmd="touch", all=True)
+    assert reply["touched"] == 3072 and reply["bad"] == 0, reply["mismatches"]
+    [(dead, new, forks)] = restarts.wait(1)
+    assert dead == old and forks == 1 and server.worker_pids() == [new] and new != old
+    stats = server.stats("a")
+    assert stats.state == "serving" and stats.errors == 0
+    # Counters survive the worker: the 2 faults before it died and the 3070 after.
+    assert stats.faults == 3072 and stats.pages_copied + stats.zero_pages == 3072
+
+
+def test_a_range_removed_before_the_crash_is_served_zero_after_it(make_server, vmms):
+    restarts = Restarts()
+    server = make_server(workers=1, on_worker_restarted=restarts)
+    vmm = vmms(server.register_fork("a"))
+    assert vmm.send(cmd="touch", all=True)["bad"] == 0  # template bytes everywhere
+    server._debug_crash_worker_at("a", "remove_noted")
+    # The worker reads the REMOVE, makes it durable, and dies before serving anything after.
+    assert vmm.send(cmd="remove", region=0, offset=MIB, length=2 * MIB) == {"ok": True}
+    restarts.wait(1)
+    assert vmm.send(cmd="check_zero", region=0, offset=MIB, length=2 * MIB)["zero"] is True
+    # Outside the range the template bytes stand (page 3M+4K is not a zero page in the template).
+    assert vmm.send(cmd="check_zero", region=0, offset=3 * MIB + PAGE, length=PAGE)["zero"] is False
+    stats = server.stats("a")
+    assert stats.removed_bytes == 2 * MIB and stats.zero_pages >= 512
+
+
+def test_a_prefetch_whose_worker_dies_is_finished_by_the_replacement(make_server, vmms):
+    restarts = Restarts()
+    server = make_server(workers=1, on_worker_restarted=restarts)
+    vmm = vmms(server.register_fork("a"))
+    server.wait_connected("a")
+    hot = HotPageList.from_pages([(0, off) for off in range(0, 8 * MIB, PAGE)])
+    server._debug_crash_worker_at("a", "prefetch")  # dies after 16 of the prefetch's ioctls
+    result = server.prefetch("a", hot, timeout=20)
+    assert restarts.wait(1)[0][2] == 1
+    assert result.installed + result.already_present == 2048 and result.already_present >= 1
+    assert vmm.send(cmd="touch", pages=[[0, off] for off in range(0, 8 * MIB, PAGE)])["bad"] == 0
+    stats = server.stats("a")
+    assert stats.faults == 0 and stats.prefetched_pages == result.installed
+
+
+def test_a_recording_continues_across_a_worker_death_with_every_page(make_server, vmms):
+    saved: list[HotPageList] = []
+    done = threading.Event()
+    restarts = Restarts()
+    server = make_server(
+        workers=1,
+        record_hot_pages=True,
+        on_worker_restarted=restarts,
+        on_window_closed=lambda fork, hot: (saved.append(hot), done.set()),
+    )
+    vmm = vmms(server.register_fork("a"))
+    first = [[0, off] for off in range(0, 40 * PAGE, 4 * PAGE)]
+    second = [[1, off] for off in range(PAGE, 60 * PAGE, 3 * PAGE)]
+    assert vmm.send(cmd="touch", pages=first)["bad"] == 0
+    server._debug_crash_worker_at("a", "recorded")  # dies right after recording a page
+    assert vmm.send(cmd="touch", pages=second)["bad"] == 0
+    restarts.wait(1)
+    vmm.close()
+    server.wait_ended("a")
+    assert done.wait(10)
+    [hot] = saved
+    assert [list(p) for p in hot.in_order()] == first + second  # complete, in order, once
+    assert server.hot_pages("a").in_order() == hot.in_order()
+
+
+def test_a_crash_looping_worker_is_given_up_and_its_forks_get_the_failure_policy(
+    make_server, vmms
+):
+    restarts = Restarts()
+    server = make_server(workers=1, on_worker_restarted=restarts)
+    vmm = vmms(server.register_fork("a"))
+    server.wait_connected("a")
+    for i in range(4):
+        server._debug_crash_worker_at("a", "fault_read")
+        assert vmm.send(cmd="touch", pages=[[0, i * PAGE]])["bad"] == 0
+        restarts.wait(i + 1)
+    server._debug_crash_worker_at("a", "fault_read")  # the fifth death within 10 s
+    with pytest.raises(EOFError):
+        vmm.send(cmd="touch", pages=[[0, 8 * PAGE]])
+    assert vmm.proc.wait(10) == -signal.SIGKILL  # a guest whose handler is gone would hang
+    stats = server.wait_ended("a")
+    assert stats.state == "failed" and "died 5 times" in (stats.error or "")
+    assert server.worker_pids() == []
+
+
+def test_sigkill_from_outside_during_a_fault_storm_of_two_forks_loses_no_byte(
+    make_server, vmms
+):
+    restarts = Restarts()
+    server = make_server(workers=2, on_worker_restarted=restarts)
+    a = vmms(server.register_fork("a"))
+    b = vmms(server.register_fork("b"))
+    server.wait_connected("a")
+    server.wait_connected("b")
+    pids = server.worker_pids()
+    assert len(pids) == 2
+    results: dict[str, dict[str, object]] = {}
+
+    def storm(name: str, vmm: object) -> None:
+        results[name] = vmm.send(cmd="touch", all=True, threads=4)  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=storm, args=(n, v)) for n, v in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    os.kill(pids[0], signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+    assert results["a"]["bad"] == 0 and results["b"]["bad"] == 0
+    assert results["a"]["touched"] == results["b"]["touched"] == 3072
+    assert restarts.wait(1)[0][0] == pids[0]
+    assert server.stats("a").faults == server.stats("b").faults == 3072
+
+
+def test_a_mem_file_that_shrinks_fails_only_the_fork_that_reads_past_its_end(
+    tmp_path: Path, mem_file: Path, vmms
+):
+    server = PageServer(ServerConfig(str(mem_file), str(tmp_path), on_failure="kill"))
+    try:
+        doomed = vmms(server.register_fork("doomed"))
+        healthy = vmms(server.register_fork("healthy"))
+        server.wait_connected("doomed")
+        server.wait_connected("healthy")
+        os.truncate(mem_file, 6 * MIB)  # a careless operator rewrites the template
+        doomed.proc.stdin.write('{"cmd": "touch", "pages": [[1, 4096]]}\n')  # offset 8 MiB+4K
+        doomed.proc.stdin.flush()
+        stats = server.wait_ended("doomed", timeout=10)
+        assert stats.state == "failed" and "did it shrink?" in (stats.error or "")
+        assert doomed.proc.wait(10) == -signal.SIGKILL
+        # The worker and the server live on: the other fork reads what is still there.
+        assert healthy.send(cmd="touch", pages=[[0, 0], [0, 5 * MIB]])["bad"] == 0
+    finally:
+        server.close()
+
+
+def test_workers_setting_is_checked(tmp_path: Path, mem_file: Path) -> None:
+    for bad in (0, -1, "many", True, 1.5):
+        with pytest.raises(PageforkError, match="workers must be"):
+            PageServer(ServerConfig(str(mem_file), str(tmp_path), workers=bad))  # type: ignore[arg-type]
