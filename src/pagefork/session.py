@@ -1,9 +1,16 @@
 """One fork's session: its handshake, its fault loop, and the target prefetch copies into.
 
 A :class:`ForkSession` owns one accepted connection from a VMM. Its thread receives the
-handshake (mappings JSON + uffd), then serves the uffd's events until the VMM hangs up, the
+handshake (mappings JSON + uffd), then serves the uffd's events until the VMM exits, the
 server stops it, or a fatal error applies the fork's failure policy. Every kernel rule sits
 next to the ioctl it concerns.
+
+A fork ends when its VMM *process* exits, not when its socket does: Firecracker 1.7-1.11 close
+the handler socket right after the handshake and go on running the guest. The session takes
+the peer's pid from ``SO_PEERCRED`` and watches a pidfd of it in the fault loop's epoll set;
+a hang-up with a live VMM only stops watching the socket. Where no pidfd can be had (pid 0 from
+another pid namespace, a peer in this very process, ``pidfd_open`` failing) the hang-up ends
+the fork as before. ESRCH from a copy (the VMM's memory is gone) also ends it.
 """
 
 from __future__ import annotations
@@ -62,6 +69,17 @@ def zero_source(size: int) -> int:
                 found = (view, ctypes.addressof(ctypes.c_char.from_buffer(view)))
                 _ZERO_SOURCES[size] = found  # the mapping must outlive every copy from it
     return found[1]
+
+
+def _watch_pid(pid: int | None) -> int:
+    """A pidfd of the VMM ``pid`` (readable once it exits), or -1 where none can be had."""
+    if pid is None or pid == os.getpid():
+        return -1  # our own process never "exits" while we serve: keep the hang-up rule
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        log.debug("cannot watch VMM pid %d (%s): its socket's hang-up ends the fork", pid, exc)
+        return -1
 
 
 def _readable(fds: list[int], timeout: float) -> list[int]:
@@ -165,6 +183,7 @@ class ForkSession:
         self._on_connect = on_connect
         self._on_end = on_end
         self.pid: int | None = None
+        self._pidfd = -1  # the VMM's pidfd: its exit is the fork's end (see _watch_pid)
         self.regions: list[Region] = []
         self._scan_regions: list[tuple[int, int, int, int, int]] = []
         self._uffd = -1
@@ -272,6 +291,9 @@ class ForkSession:
         with self._stop_lock:
             os.close(self._stop_fd)
             self._stop_fd = -1
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     def _apply_failure_policy(self, why: str) -> None:
         pid = self.pid
@@ -280,7 +302,10 @@ class ForkSession:
                 "fork %s: %s; killing VMM pid %d (its guest would hang)", self.fork_id, why, pid
             )
             try:
-                os.kill(pid, signal.SIGKILL)
+                if self._pidfd >= 0:  # the pidfd cannot hit a reused pid
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         else:
@@ -297,6 +322,8 @@ class ForkSession:
             self.stats.pid = self.pid
         except OSError:
             pass
+        # Right away: the earlier the pidfd, the smaller the window for a reused pid.
+        self._pidfd = _watch_pid(self.pid)
         deadline = time.monotonic() + self._opts.handshake_timeout
         data = bytearray()
         fds: list[int] = []
@@ -352,11 +379,13 @@ class ForkSession:
     # --- fault loop --------------------------------------------------------------------------
     def _serve(self) -> None:
         fd = self._uffd
-        ep = select.epoll(3)
+        ep = select.epoll(4)
         try:
             ep.register(fd, select.EPOLLIN)
             ep.register(self._conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
             ep.register(self._stop_fd, select.EPOLLIN)
+            if self._pidfd >= 0:
+                ep.register(self._pidfd, select.EPOLLIN)  # readable once the VMM has exited
             self._loop(ep, fd, self._conn.fileno())
         finally:
             ep.close()
@@ -364,6 +393,7 @@ class ForkSession:
     def _loop(self, ep: select.epoll, fd: int, conn_fd: int) -> None:
         ioctls = uffd.UffdIoctls(fd)
         stop_fd = self._stop_fd
+        pid_fd = self._pidfd
         read_size = uffd.UFFD_MSG_SIZE * _READ_BATCH
         assert self._port is not None
         port_lock = self._port.lock
@@ -383,9 +413,21 @@ class ForkSession:
                 for rfd, _ev in ready:
                     if rfd == stop_fd:
                         return
-                    if rfd == conn_fd and self._peer_gone():
+                    if rfd == pid_fd:  # the VMM exited: the fork's end
                         self.stats.state = "ended"
                         return
+                    if rfd == conn_fd and self._peer_gone():
+                        if pid_fd < 0:  # no pidfd: the hang-up is all we can go by
+                            self.stats.state = "ended"
+                            return
+                        # Firecracker < 1.12 closes the socket after the handshake and runs
+                        # on: keep serving until its pidfd says it exited.
+                        ep.unregister(conn_fd)
+                        log.debug(
+                            "fork %s: VMM pid %s closed its socket; serving until it exits",
+                            self.fork_id,
+                            self.pid,
+                        )
                 if not ready and rec is not None:
                     rec.poll()
             # Reading and noting REMOVE ranges happen under the prefetch port's lock: a
