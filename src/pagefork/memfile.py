@@ -10,11 +10,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import stat
 from types import TracebackType
 
 from pagefork import libc
 from pagefork.errors import MemFileError
+from pagefork.files import open_regular
 from pagefork.regions import PAGE_SIZE
 
 _SCAN_CHUNK = 1 << 20
@@ -57,14 +57,10 @@ class MemFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise MemFileError(f"mem-file {self.path}: {exc.strerror}") from None
+        # Regular files only, checked before open: a FIFO would block open() for good.
+        fd = open_regular(self.path, "mem-file", error=MemFileError)
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise MemFileError(f"mem-file {self.path}: not a regular file")
             if st.st_size == 0:
                 raise MemFileError(f"mem-file {self.path}: file is empty")
             self.size = st.st_size

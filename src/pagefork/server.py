@@ -84,6 +84,10 @@ class _Fork:
     last_error: str | None = None
 
 
+#: The longest handshake_timeout accepted: a VMM that takes longer than an hour is hung.
+MAX_HANDSHAKE_TIMEOUT = 3600.0
+
+
 def _check_config(config: ServerConfig) -> None:
     """Refuse settings that would only fail later, on some fork's thread."""
 
@@ -99,6 +103,12 @@ def _check_config(config: ServerConfig) -> None:
     if config.on_failure not in ("kill", "close"):
         raise PageforkError(f"on_failure must be 'kill' or 'close', not {config.on_failure!r}")
     positive("handshake_timeout", config.handshake_timeout, allow_none=False)
+    if config.handshake_timeout > MAX_HANDSHAKE_TIMEOUT:
+        # poll() takes int milliseconds; past about 24 days it overflows on every handshake.
+        raise PageforkError(
+            f"handshake_timeout must be at most {MAX_HANDSHAKE_TIMEOUT:g} seconds, "
+            f"not {config.handshake_timeout!r}"
+        )
     positive("record_max_pages", config.record_max_pages)
     positive("record_max_seconds", config.record_max_seconds)
     positive("max_pending_handshakes", config.max_pending_handshakes, allow_none=False)
