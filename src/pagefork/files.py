@@ -178,8 +178,8 @@ def _check_target(name: str, what: str, error: ErrorType) -> None:
         except OSError:
             target = "?"
         raise error(
-            f"{what} {name}: cannot write: Is a symbolic link (to {target}); "
-            "name the file itself to replace it"
+            f"{what} {name}: cannot write: Is a symbolic link (to {target}), "
+            "not a regular file; left untouched"
         )
     if not stat.S_ISREG(st.st_mode):
         raise error(
@@ -202,6 +202,16 @@ def _create_temp(name: str) -> tuple[int, bytes]:
     raise FileExistsError(17, "could not pick a fresh temporary name")
 
 
+def _temp_beside(name: str, what: str, error: ErrorType) -> tuple[int, bytes]:
+    try:
+        return _create_temp(name)
+    except FileNotFoundError:
+        directory = os.path.dirname(name) or "."
+        raise error(f"{what} {name}: cannot write: directory {directory} does not exist") from None
+    except OSError as exc:
+        raise error(f"{what} {name}: cannot write: {_strerror(exc)}") from None
+
+
 def check_writable(
     path: str | os.PathLike[str], what: str, *, error: ErrorType = FileError
 ) -> None:
@@ -213,10 +223,7 @@ def check_writable(
     """
     name = os.fspath(path)
     _check_target(name, what, error)
-    try:
-        fd, tmp = _create_temp(name)
-    except OSError as exc:
-        raise error(f"{what} {name}: cannot write: {_strerror(exc)}") from None
+    fd, tmp = _temp_beside(name, what, error)
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(tmp)
@@ -238,10 +245,7 @@ def atomic_save(
     """
     name = os.fspath(path)
     _check_target(name, what, error)
-    try:
-        fd, tmp = _create_temp(name)
-    except OSError as exc:
-        raise error(f"{what} {name}: cannot write: {_strerror(exc)}") from None
+    fd, tmp = _temp_beside(name, what, error)
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(data):
