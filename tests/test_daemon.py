@@ -441,7 +441,8 @@ def test_firecracker_fork_is_loaded_paused_prefetched_then_resumed(
             requests = [(r["method"], r["path"], r["body"]) for r in fc.requests()]
             stats = client.release_fork(fork["fork"])["stats"]
         runs.append((fork, stats))
-        load, resume = requests[0], requests[1]
+        assert requests[0][:2] == ("GET", "/")  # the driver checks for a fresh Firecracker
+        load, resume = requests[1], requests[2]
         assert load[:2] == ("PUT", "/snapshot/load") and load[2]["resume_vm"] is False
         assert load[2]["mem_backend"] == {"backend_type": "Uffd", "backend_path": fork["socket"]}
         assert resume == ("PATCH", "/vm", {"state": "Resumed"})
@@ -449,9 +450,11 @@ def test_firecracker_fork_is_loaded_paused_prefetched_then_resumed(
     assert warm["role"] == "warmup" and warm_stats["faults"] == pages
     assert client.template("fc")["hot_pages"] == window
     # Installed before the resume: the guest faults only on the pages beyond the window.
-    assert later["role"] == "prefetch" and later["prefetch"]["installed"] == window
-    assert later_stats["prefetched_pages"] == window
-    assert later_stats["faults"] == later_stats["misses"] == pages - window
+    # Firecracker 1.8+ writes the VMGenID while it loads: that page of the hot set faulted in
+    # before the prefetch, which finds it present.
+    assert later["role"] == "prefetch" and later["prefetch"]["installed"] == window - 1
+    assert later_stats["prefetched_pages"] == window - 1
+    assert later_stats["faults"] - 1 == later_stats["misses"] == pages - window
 
 
 def test_metrics_add_ended_and_live_forks_and_bucket_latencies() -> None:
