@@ -326,3 +326,14 @@ def test_a_name_at_the_length_limit_still_saves(tmp_path: Path) -> None:
     atomic_save(target, b"x", "output")
     assert target.read_bytes() == b"x"
     assert os.listdir(tmp_path) == ["n" * 255]
+
+
+def test_an_empty_path_is_refused_before_anything_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileError, match=r"^output: cannot write: the path is empty$"):
+        atomic_save("", b"x", "output")
+    with pytest.raises(FileError, match=r"^output: cannot write: the path is empty$"):
+        check_writable("", "output")
+    assert os.listdir(tmp_path) == []

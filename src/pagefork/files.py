@@ -166,6 +166,8 @@ def read_regular(
 
 def _check_target(name: str, what: str, error: ErrorType) -> None:
     """Refuse an existing target that is not a regular file (a symbolic link included)."""
+    if not name:
+        raise error(f"{what}: cannot write: the path is empty")
     try:
         st = os.lstat(name)
     except FileNotFoundError:

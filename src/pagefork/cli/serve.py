@@ -98,7 +98,8 @@ class _Printer:
     """Writes one JSON object per line on stdout, whole lines only.
 
     When the reader of stdout has gone (EPIPE), events are dropped from then on and ``on_gone``
-    is called once; fd 1 is pointed at /dev/null so that no later flush raises either.
+    is called once; fd 1 is pointed at /dev/null so that no later flush raises either. Any
+    other write error (ENOSPC) drops that one event with a line on stderr.
     """
 
     def __init__(self, on_gone: Callable[[], None]) -> None:
@@ -116,7 +117,10 @@ class _Printer:
                 sys.stdout.flush()
             except OSError as exc:
                 if exc.errno not in (errno.EPIPE, errno.EBADF):
-                    raise
+                    # A full disk under a redirected stdout: the forks matter more than the
+                    # log of them, so keep serving.
+                    log.error("cannot print the %s event: %s", event, exc.strerror or exc)
+                    return
                 self.gone = True
                 _silence_stdout()
             else:
