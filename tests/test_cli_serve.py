@@ -384,3 +384,30 @@ def test_serve_stops_quietly_when_the_reader_of_stdout_goes_away(
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
     assert "stdout closed by its reader: shutting down" in err
     assert not sock.exists()
+
+
+@needs_uffd
+def test_a_record_target_swapped_for_a_fifo_after_start_is_left_untouched(
+    tmp_path: Path, mem_file: Path, vmms: Any
+) -> None:
+    # Checked at start, and again at save: a FIFO put there meanwhile is refused, not replaced,
+    # and the server keeps serving.
+    sock = tmp_path / "s.sock"
+    out = tmp_path / "hot.hpl"
+    serve = Serve("--mem-file", str(mem_file), "--socket", str(sock), "--record", str(out))
+    serve.wait_for("listening")
+    os.mkfifo(out)
+    vmm = vmms(str(sock))
+    assert vmm.send(cmd="touch", pages=[[0, 0], [0, PAGE]])["bad"] == 0
+    vmm.close()
+    (end,) = serve.wait_for("fork_end")
+    assert end["faults"] == 2
+    code, err = serve.stop()
+    assert code == 0
+    assert not [e for e in serve.events if e["event"] == "hot_pages_saved"]
+    assert stat.S_ISFIFO(os.lstat(out).st_mode)
+    assert (
+        f"hot-page file {out}: cannot write: Is a FIFO, not a regular file; left untouched" in err
+    )
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["hot.hpl", "mem"]
