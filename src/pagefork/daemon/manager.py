@@ -301,8 +301,9 @@ class SocketJournal:
 
     A socket directory may be shared with other programs (``daemon --socket-dir``), so "every
     ``*.sock`` in it" is not ours to delete. Each socket the daemon binds gets one small entry
-    under ``directory``: the socket's device, inode and path. :meth:`clean` removes a socket only
-    if it is still that very inode. Writing an entry is best effort (a full disk): a socket
+    under ``directory``: the socket's device, inode, change time and path. :meth:`clean` removes
+    a socket only if it is still that very file (a freed inode number is soon reused: the change
+    time tells the new file apart). Writing an entry is best effort (a full disk): a socket
     without one is merely left behind, and replaced when a fork of the same id binds again.
     """
 
@@ -318,7 +319,8 @@ class SocketJournal:
         entry = self.directory / fork_id
         try:
             st = os.lstat(socket_path)
-            line = f"{st.st_dev} {st.st_ino} {os.path.abspath(socket_path)}\n".encode()
+            identity = f"{st.st_dev} {st.st_ino} {st.st_ctime_ns}"
+            line = f"{identity} {os.path.abspath(socket_path)}\n".encode()
             fd = os.open(
                 entry, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
             )
@@ -349,9 +351,10 @@ class SocketJournal:
             try:
                 if not stat.S_ISREG(os.lstat(entry).st_mode):
                     continue  # not an entry we wrote
-                dev, ino, path = entry.read_bytes().decode().rstrip("\n").split(" ", 2)
+                dev, ino, ctime, path = entry.read_bytes().decode().rstrip("\n").split(" ", 3)
                 st = os.lstat(path)
-                if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (int(dev), int(ino)):
+                identity = (st.st_dev, st.st_ino, st.st_ctime_ns)
+                if stat.S_ISSOCK(st.st_mode) and identity == (int(dev), int(ino), int(ctime)):
                     os.unlink(path)
                     removed.append(path)
             except (OSError, ValueError):
