@@ -19,7 +19,13 @@ from pagefork.templates import (
     kind_of,
     validate_template_id,
 )
-from pagefork.vmm.kvm.template import TemplateSpec, load_template
+from pagefork.vmm.kvm.template import (
+    HIGH_REGION_GPA,
+    MAX_MEM_SIZE,
+    TemplateSpec,
+    load_template,
+)
+from pagefork.vmm.kvm.vm import TSS_ADDR
 
 
 @pytest.fixture
@@ -249,3 +255,22 @@ def test_clean_leftovers_removes_crashed_creations_and_deletions(
     assert reg.get("web").id == "web" and not torn.exists() and not torn_hot.exists()
     assert link.is_symlink() and outside.read_text() == "keep"
     assert fifo.exists() and other.read_text() == "mine"
+
+
+@pytest.mark.parametrize("mib", [4, 16, 2047, 2048, 3072, 4095])
+def test_microvm_ram_up_to_4095_mib_lays_out_below_kvms_tss(mib: int) -> None:
+    regions = TemplateSpec(mem_size=mib << 20).layout()
+    assert sum(r.size for r in regions) == mib << 20
+    assert [r.file_offset for r in regions] == [0, regions[0].size]  # back to back
+    low, high = regions
+    assert low.guest_phys_addr == 0 and low.end <= HIGH_REGION_GPA
+    assert high.guest_phys_addr == HIGH_REGION_GPA and high.end <= TSS_ADDR
+    assert all(r.size % 4096 == 0 for r in regions)
+    if mib < 2047:
+        assert low.size == high.size  # the layout smaller templates always had
+
+
+def test_microvm_ram_beyond_the_limit_names_it() -> None:
+    assert MAX_MEM_SIZE >> 20 == 4095
+    with pytest.raises(TemplateError, match=r"4096 MiB does not fit below 4 GiB \(at most 4095"):
+        TemplateSpec(mem_size=4096 << 20).layout()
