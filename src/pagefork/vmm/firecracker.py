@@ -35,10 +35,11 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import IO, Any, Literal, cast
 
 from pagefork.errors import VmmError
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
@@ -745,29 +746,36 @@ class FirecrackerDriver(VmmDriver):
 class _Jailed:
     """A Firecracker the driver started through the jailer, and the jail prepared for it."""
 
-    def __init__(self, jail: Jail, proc: subprocess.Popen[bytes], paths: tuple[str, str]) -> None:
+    def __init__(
+        self,
+        jail: Jail,
+        proc: subprocess.Popen[bytes],
+        paths: tuple[str, str],
+        stderr: IO[bytes],
+    ) -> None:
         self.jail = jail
         self.proc = proc
         self.snapshot_path, self.uffd_socket = paths
+        self.stderr = stderr
 
     @classmethod
     def start(cls, config: JailerConfig, request: RestoreRequest, timeout: float) -> _Jailed:
         """Prepare the fork's chroot, start the jailer, wait for the API socket."""
         jail = Jail(config, request.fork_id)
         paths = jail.prepare(request.snapshot_path, request.uffd_socket)
+        # A file, not a pipe: a chatty Firecracker must never block on a full pipe.
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115 (kept open for the process life)
         try:
             proc = subprocess.Popen(
-                jail.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                jail.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
             )
         except OSError as exc:
+            stderr.close()
             jail.cleanup()
             raise VmmError(
                 f"fork {request.fork_id}: cannot start the jailer {config.binary}: {exc.strerror}"
             ) from None
-        jailed = cls(jail, proc, paths)
+        jailed = cls(jail, proc, paths, stderr)
         try:
             jailed._wait_api(timeout)
         except BaseException:
@@ -781,9 +789,8 @@ class _Jailed:
         while True:
             code = self.proc.poll()
             if code is not None:
-                err = (self.proc.stderr.read() if self.proc.stderr else b"").decode(
-                    "utf-8", "replace"
-                )
+                self.stderr.seek(0)
+                err = self.stderr.read(1 << 16).decode("utf-8", "replace")
                 last = err.strip().splitlines()[-1:] or ["no message"]
                 raise VmmError(
                     f"fork {self.jail.fork_id}: the jailer exited with status {code} before "
@@ -813,9 +820,8 @@ class _Jailed:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.warning("fork %s: jailed Firecracker not reaped", self.jail.fork_id)
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
         finally:
+            self.stderr.close()
             self.jail.cleanup()
 
 
