@@ -52,8 +52,11 @@ log = logging.getLogger("pagefork")
 
 JSON_TYPE = "application/json"
 
-#: Methods the control API may route; anything else is 501 before routing.
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The methods HTTP defines (RFC 9110 §9, and PATCH): a route answers 405 to those it does
+#: not take. Any other method is 501 before routing.
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
 
 # A Content-Length line in a request head (RFC 9112 §5: field names are case-insensitive;
 # h11 also takes bare LF line ends, so this does too).
@@ -599,9 +602,9 @@ class HttpServer:
         if not conn.busy:
             with contextlib.suppress(KeyError, ValueError, RuntimeError):
                 self._selector.unregister(conn.sock)
-        conn.sock.close()
-        with self._lock:
+        with self._lock:  # the peer sees EOF only once the connection is no longer counted
             self._conns.discard(conn)
+            conn.sock.close()
             self._lock.notify_all()
         self._wake()  # the loop may accept again
 
