@@ -632,3 +632,22 @@ def test_a_burst_of_200_create_fork_calls_on_the_daemon_all_succeed(
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+
+
+def test_cli_verbs_find_the_daemon_through_pagefork_control(
+    start_control: StartControl,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    control = start_control()
+    control.client().create_template("tmpx", "firecracker", **control.snapshot)
+    monkeypatch.setenv("PAGEFORK_CONTROL", control.path)
+    assert main(["templates", "list", "--json"]) == 0
+    assert [t["id"] for t in json.loads(capsys.readouterr().out)["templates"]] == ["tmpx"]
+    # --control wins over the environment.
+    assert main(["templates", "list", "--control", control.path + ".none"]) == 2
+    assert "cannot reach the daemon at " + control.path + ".none" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["forks", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--control PATH, else $PAGEFORK_CONTROL, else /run/pagefork.sock" in text
