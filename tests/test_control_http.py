@@ -651,3 +651,24 @@ def test_cli_verbs_find_the_daemon_through_pagefork_control(
         main(["forks", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--control PATH, else $PAGEFORK_CONTROL, else /run/pagefork.sock" in text
+
+
+def test_expect_100_continue_gets_its_go_ahead_before_the_body(
+    start_control: StartControl,
+) -> None:
+    control = start_control()
+    body = _fc_body(control, "patient")
+    with _connect(control.path) as sock:
+        head = f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+        sock.sendall(_post_head("/templates", head))
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert not control.registry.exists("patient")
+        sock.sendall(body)
+        assert _read_answer(sock)[0] == 201
+    assert control.registry.exists("patient")
+
+
+def test_client_timeouts_must_be_positive_and_finite(tmp_path: Path) -> None:
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(DaemonError, match="client timeout must be within"):
+            DaemonClient(str(tmp_path / "c.sock"), timeout=bad)

@@ -27,6 +27,8 @@ from urllib.parse import quote
 
 from pagefork.errors import DaemonError
 
+#: Longest request timeout (a day): SO_SNDTIMEO takes a finite time.
+_MAX_TIMEOUT = 86400.0
 # Backoff between connects that the kernel ended early with EAGAIN (normally it waits).
 _RETRY_FIRST = 0.001
 _RETRY_MAX = 0.05
@@ -38,7 +40,7 @@ def connect_unix(path: str, timeout: float) -> socket.socket:
     A full listen backlog does not fail the connect: the kernel makes a blocking connect wait
     for room up to ``SO_SNDTIMEO``, which is set to what is left of ``timeout``.
     """
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + min(timeout, _MAX_TIMEOUT)
     delay = _RETRY_FIRST
     while True:
         left = deadline - time.monotonic()
@@ -91,6 +93,8 @@ class DaemonClient:
     """
 
     def __init__(self, control_path: str, timeout: float = 120.0) -> None:
+        if not 0 < timeout < _MAX_TIMEOUT:
+            raise DaemonError(f"client timeout must be within (0, {_MAX_TIMEOUT:g}) s: {timeout}")
         self.control_path = control_path
         self.timeout = timeout
 

@@ -224,6 +224,7 @@ class HttpServer:
         self._stopped.set()
         self._listening = False
         self._resume_accept_at = 0.0
+        self._accept_failing = False
         self._closed = False
 
     # --- the public life cycle ---------------------------------------------------------------
@@ -382,10 +383,12 @@ class HttpServer:
                 return
             except OSError as exc:
                 if exc.errno in _ACCEPT_BACKOFF_ERRNOS:
-                    log.warning("control: cannot accept (%s); backing off", exc.strerror)
+                    if not self._accept_failing:  # once per episode, not every backoff
+                        log.warning("control: cannot accept (%s); backing off", exc.strerror)
+                    self._accept_failing = True
                     self._resume_accept_at = time.monotonic() + _ACCEPT_BACKOFF
                 return  # ECONNABORTED and the like: the peer is gone already
-            self._resume_accept_at = 0.0
+            self._accept_failing = False
             sock.setblocking(False)
             conn = _Conn(sock, self.limits.max_head, time.monotonic() + self.limits.idle_timeout)
             with self._lock:
@@ -453,10 +456,11 @@ class HttpServer:
                 if refusal is not None:
                     self._refuse(conn, *refusal)
                     return
-                if conn.h11.they_are_waiting_for_100_continue:
-                    self._send_nowait(
-                        conn, conn.h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+                if conn.h11.they_are_waiting_for_100_continue:  # curl waits a second for it
+                    go_on = h11.InformationalResponse(
+                        status_code=100, headers=[], reason="Continue"
                     )
+                    self._send_nowait(conn, conn.h11.send(go_on) or b"")
             elif isinstance(event, h11.Data):
                 if len(conn.body) + len(event.data) > self.limits.max_body:
                     limit = self.limits.max_body
