@@ -400,3 +400,31 @@ def test_jailer_settings_are_checked(tmp_path: Path) -> None:
     missing = Jail(parse_jailer({**good, "netns": str(tmp_path / "ns-{fork}")}), "f-1")
     with pytest.raises(JailerError, match=f"network namespace {tmp_path / 'ns-f-1'} does not"):
         missing.prepare(str(tmp_path / "s"), str(tmp_path / "u"))
+
+
+def test_a_jailer_that_exits_at_once_is_reported_with_its_last_words(
+    no_leaks: None,
+    make_server: Callable[..., PageServer],
+    jail_base: Path,
+    tmp_path: Path,
+    mem_file: Path,
+) -> None:
+    binary = tmp_path / "bad-jailer"
+    binary.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.exit('jailer: uid 99 is not allowed')\n"
+    )
+    binary.chmod(0o755)
+    jailer = {
+        "binary": str(binary),
+        "exec_file": "/usr/bin/firecracker",
+        "chroot_base": str(jail_base),
+        "uid": 99,
+        "gid": 99,
+    }
+    with pytest.raises(VmmError, match=r"jailer exited with status 1 .*: jailer: uid 99 is not"):
+        _restore(server := make_server(), "x1", _snapshot(tmp_path, mem_file), None, jailer=jailer)
+    assert os.listdir(jail_base) == []  # everything the driver made is gone again
+    jailer["binary"] = str(tmp_path / "no-such-jailer")
+    with pytest.raises(VmmError, match=r"cannot start the jailer .*no-such-jailer: No such file"):
+        _restore(server, "x2", _snapshot(tmp_path, mem_file), None, jailer=jailer)
+    assert os.listdir(jail_base) == []

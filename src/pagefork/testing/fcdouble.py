@@ -74,7 +74,8 @@ from pagefork.errors import VmmError
 from pagefork.handshake import encode_mappings
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.testing.vmm import GuestMemory
-from pagefork.vmm.firecracker import FirecrackerApi, FirecrackerVersion
+from pagefork.vmm.fc_releases import FirecrackerVersion
+from pagefork.vmm.firecracker import FirecrackerApi
 
 SNAPSHOT_FORMAT = "pagefork-fcdouble-snapshot"
 #: Where the double's own endpoints live; Firecracker has nothing under this prefix.
