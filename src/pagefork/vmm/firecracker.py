@@ -542,15 +542,22 @@ def _kill(pidfd: int, timeout: float) -> None:
 
 
 class FirecrackerDriver(VmmDriver):
-    """Restores forks into already-running Firecracker processes, one API socket per fork.
+    """Restores forks into fresh Firecracker processes (1.7-1.16), one process per fork.
 
     Options read from :attr:`RestoreRequest.options` (all validated before any API request;
     an invalid one raises :class:`FirecrackerOptionError` naming it):
 
-    - ``api_socket`` (required): the Firecracker's ``--api-sock`` path;
+    - ``api_socket``: the ``--api-sock`` path of a Firecracker started by the caller, or
+    - ``jailer``: start Firecracker through the jailer, chrooted per fork
+      (:func:`pagefork.vmm.jailer.parse_jailer` lists its keys);
     - ``api_timeout``: seconds per API request (default: the ``restore`` timeout);
     - ``stop``: ``"kill"`` (default) or ``"ctrl-alt-del"``; ``stop_timeout`` (default 5 s);
-    - ``load_fields``: extra ``PUT /snapshot/load`` fields (e.g. ``network_overrides``).
+    - ``network_overrides``: interface id → tap name pattern (``{fork}``, ``{iface}``), sent
+      as ``network_overrides`` (1.12+);
+    - ``vsock_uds``: a vsock socket path pattern with ``{fork}``, sent as ``vsock_override``
+      (1.16+);
+    - ``load_fields``: other ``PUT /snapshot/load`` fields (e.g. ``track_dirty_pages``); each
+      must be one the release accepts.
 
     ``RestoreRequest.mem_file`` is not sent: with the Uffd backend Firecracker never opens the
     mem-file, the page server serves it.
