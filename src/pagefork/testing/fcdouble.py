@@ -18,7 +18,8 @@ or ``main``) picks the release whose behaviour it reproduces (see
 - A load that fails after its body was accepted (an unreadable snapshot, a busy tap, no uffd
   handler...) is answered with its error and then the process exits (status 1), as Firecracker
   does: a fresh process is needed per attempt. Body errors and loads refused because of the
-  VM's state ("not allowed after boot") leave it running.
+  VM's state ("not allowed after boot") leave it running, and so does the double's own limit
+  (it refuses the File backend, which it does not implement).
 - Every load field is accepted or refused as the chosen release does (``network_overrides``
   from 1.12, ``track_dirty_pages`` from 1.13, ``clock_realtime`` from 1.14.4/1.15.1,
   ``vsock_override`` from 1.16, ``huge_pages`` on main only); ``network_overrides`` items need
