@@ -672,3 +672,47 @@ def test_client_timeouts_must_be_positive_and_finite(tmp_path: Path) -> None:
     for bad in (0, -1, float("inf"), float("nan")):
         with pytest.raises(DaemonError, match="client timeout must be within"):
             DaemonClient(str(tmp_path / "c.sock"), timeout=bad)
+
+
+_FD_STARVED_SERVER = """
+import logging, os, resource, socket, sys
+from pagefork.daemon.httpserver import HttpServer, Response
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(sys.argv[1])
+sock.listen(64)
+server = HttpServer(sock, lambda method, target, body: Response.json(200, {"target": target}))
+open_fds = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_fds + 2, hard))
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
+def test_out_of_fds_the_server_backs_off_then_serves_everyone(short_dir: Path) -> None:
+    path = str(short_dir / "starved.sock")
+    server = subprocess.Popen(
+        [sys.executable, "-c", _FD_STARVED_SERVER, path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stderr is not None
+        assert server.stdout.readline() == "ready\n"
+        client = DaemonClient(path, timeout=WAIT)
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda i: client.request("GET", f"/x{i}"), range(20)))
+        assert answers == [{"target": f"/x{i}"} for i in range(20)]
+    finally:
+        server.terminate()
+        server.wait()
+    assert server.stderr is not None
+    with server.stderr:
+        warnings = server.stderr.read().splitlines()
+    assert warnings, "the server never ran out of fds: the test proves nothing"
+    assert set(warnings) == {"control: cannot accept (Too many open files); backing off"}
+    assert len(warnings) <= 20  # once per episode, not once per retry
+    assert server.stdout is not None
+    server.stdout.close()

@@ -155,7 +155,10 @@ class _Workers:
             task = self._tasks.get()
             if task is None:
                 return
-            task()  # never raises: _answer handles everything
+            try:
+                task()
+            except Exception:  # _answer handles everything; this keeps the thread alive
+                log.exception("control: a worker task failed")
             with self._lock:
                 self._idle += 1
 
@@ -259,7 +262,7 @@ class HttpServer:
                     elif key.fileobj is self._wake_r:
                         self._take_returned()
                     else:
-                        self._on_readable(key.data)
+                        self._guarded(key.data, self._on_readable)
                 self._expire_idle()
         finally:
             self._leave_loop()
@@ -307,9 +310,10 @@ class HttpServer:
                 return
             self._closed = True
             self._stop = True
-            conns = list(self._conns)
         self._wake()
-        self._stopped.wait()
+        self._stopped.wait()  # the loop has closed the connections it owned
+        with self._lock:
+            conns = list(self._conns)
         for conn in conns:
             if conn.busy:
                 # Its worker owns the socket: make its write fail; the worker closes it.
@@ -406,7 +410,7 @@ class HttpServer:
                 conn = self._returned.popleft()
             conn.busy = False
             self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-            self._process(conn)  # a pipelined request may be buffered already
+            self._guarded(conn, self._process)  # a pipelined request may be buffered already
         if self._draining:
             with self._lock:
                 quiet = [c for c in self._conns if not c.busy and not c.received]
@@ -420,6 +424,15 @@ class HttpServer:
         for conn in expired:
             log.debug("control: closing a connection idle for %gs", self.limits.idle_timeout)
             self._close(conn)
+
+    def _guarded(self, conn: _Conn, step: Callable[[_Conn], None]) -> None:
+        """Run one step of a connection; a bug in it costs that connection, not the loop."""
+        try:
+            step(conn)
+        except Exception:
+            log.exception("control: dropping a connection after an internal error")
+            if not conn.busy:
+                self._close(conn)
 
     def _on_readable(self, conn: _Conn) -> None:
         try:
