@@ -16,10 +16,11 @@ from pagefork.vmm.kvm import orchestrate
 
 #: The least speed-up of a prefetched fork's prefetch + run over its pair's run (the median over
 #: 5 pairs walking the same trace) that the test accepts. Measured with this test's settings on
-#: a 2-core machine shared with other engineers' test runs (load average 5-7), plus 3 extra
-#: CPU-bound processes: 27 runs, lowest 1.81, median 3.3. The whole fork-ready time also holds
-#: the restore, the same work in both modes, whose noise under load (2 ms to 50 ms) can hide
-#: the prefetch's gain in a pair; its median over the pairs was at least 1.11 in those runs.
+#: a 2-core machine shared with other engineers' test runs and benchmarks (load average 5-7),
+#: some runs with 3 extra CPU-bound processes: 39 runs, lowest 1.81, median 3.3. The restore is
+#: left out: it is the same work in both modes, yet under that load it takes 2 ms to 330 ms, so
+#: the whole fork-ready ratio of 5 pairs fell as low as 0.87 (median 2.3) and cannot carry a
+#: margin. ``pagefork demo`` reports that whole ratio; the benchmark measures it with more pairs.
 MIN_SPEEDUP_AFTER_RESTORE = 1.5
 
 
@@ -52,7 +53,7 @@ def test_demo_json_reports_speedup_and_checksums(
         (d["prefetch_ms"] + d["run_ms"]) / (p["prefetch_ms"] + p["run_ms"]) for d, p in pairs
     )
     assert after_restore >= MIN_SPEEDUP_AFTER_RESTORE, doc["speedup_pairs"]
-    assert doc["speedup"] == statistics.median(doc["speedup_pairs"]) > 1.0
+    assert doc["speedup"] == statistics.median(doc["speedup_pairs"])
     assert doc["speedup_pairs"] == [d["ready_ms"] / p["ready_ms"] for d, p in pairs]
     assert (tmp_path / "hot-pages.hpl").exists()
 
