@@ -92,12 +92,28 @@ def build_c_handler() -> str:
 
 
 class CHandler:
-    """One run of the C handler: serves one VMM on ``socket_path``, then reports its counters."""
+    """One run of the C handler: serves one VMM on ``socket_path``, then reports its counters.
 
-    def __init__(self, binary: str, socket_path: str, mem_file: str, timeout: float = 30.0) -> None:
+    With ``fork_per_connection`` it serves any number of VMMs, each in its own process, until
+    :meth:`finish_forking`; each connection then gives one :meth:`wait_connected` line and one
+    :meth:`next_report`.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        socket_path: str,
+        mem_file: str,
+        timeout: float = 30.0,
+        fork_per_connection: bool = False,
+    ) -> None:
         self.timeout = timeout
+        mode = ["--fork-per-connection"] if fork_per_connection else []
         self.proc = subprocess.Popen(
-            [binary, socket_path, mem_file], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+            [binary, *mode, socket_path, mem_file],
+            stdout=subprocess.PIPE,
+            # In fork mode the handler accepts until its stdin reaches EOF.
+            stdin=subprocess.PIPE if fork_per_connection else subprocess.DEVNULL,
         )
         self._buf = b""
         line = self._line()
@@ -137,13 +153,33 @@ class CHandler:
         stats: dict[str, Any] = json.loads(line)
         return stats
 
+    def next_report(self) -> dict[str, Any]:
+        """Fork mode: the next child's counters (printed when its VMM hung up)."""
+        line = self._line()
+        if not line.startswith("{"):
+            raise RuntimeError(f"C handler: expected a report, got {line!r}")
+        report: dict[str, Any] = json.loads(line)
+        return report
+
+    def finish_forking(self) -> None:
+        """Fork mode: stop accepting, wait for every child, and check the exit status."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            code = self.proc.wait(self.timeout)
+            if code != 0:
+                raise RuntimeError(f"C handler (fork per connection) exited with code {code}")
+        finally:
+            self.kill()
+
     def kill(self) -> None:
         """Stop the handler if it is still running."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 @dataclass

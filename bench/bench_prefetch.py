@@ -7,12 +7,18 @@ a. **Install rate.** A 64 MiB hot set scattered over a 256 MiB guest in runs of 
    shape REAP reports: random gaps between short runs) against a 64 MiB contiguous hot set (one
    bulk ``UFFDIO_COPY``), each prefetched into a fresh fork whose VMM touches nothing. The
    mem-file has no zero pages here, so both install the same bytes with ``UFFDIO_COPY``.
+   Every round passes a fresh copy of the list, so the "with planning" rate pays for the plan
+   (the server caches plans per list); planning alone is also timed in-process.
    The same runs are also issued by a bare loop of ioctls into this process's own memory: the
    machine's floor for one ioctl per run, without pagefork's planning or bookkeeping.
 b. **Cold start from a recorded hot set.** A warm-up fork records the pages its guest touches
    (``register_fork(id, record=True)``); later forks touch the same working set with a little
    drift (a few pages swapped for others), either on demand or after ``server.prefetch`` of the
-   recorded list. The prefetched fork's time includes the prefetch itself.
+   recorded list. The prefetched fork's time includes the prefetch itself: with planning (a
+   fresh copy of the list each round, as a template's first fork pays) or with the plan cached
+   (later forks). Every fork records what it faults, so the hot set's precision and recall
+   against the pages a fork touched, and the misses beyond the pages the hot set lacks, are
+   taken from the server's own records.
 c. **Recording overhead.** The same fault workload served to forks with and without recording,
    plus the recorder's own CPU cost per fault measured in-process (a figure the machine's noise
    does not blur).
@@ -47,8 +53,10 @@ from _common import (
 )
 
 from pagefork import uffd
-from pagefork.hotpages import HotPageList, HotPageRecorder
+from pagefork.hotpages import HotPage, HotPageList, HotPageRecorder
 from pagefork.memfile import MemFile
+from pagefork.prefetch import plan_prefetch
+from pagefork.regions import Region
 
 #: (a): guest and hot-set sizes.
 INSTALL_GUEST = 256 * MiB
@@ -65,7 +73,7 @@ RECORD_GUEST = 64 * MiB
 
 SCATTERED, BULK = "scattered", "bulk"
 FLOOR_SCATTERED, FLOOR_BULK = "floor scattered", "floor bulk"
-DEMAND, PREFETCHED = "demand", "prefetched"
+DEMAND, PREFETCHED, CACHED = "demand", "prefetched", "plan cached"
 RECORDING, PLAIN = "record=True", "record=False"
 
 #: Figures with a goal, for run.py's summary: key -> (comparison, target).
@@ -80,12 +88,17 @@ SUMMARY = (
     "install_bulk_mib_s",
     "install_floor_ratio_scattered_over_bulk",
     "install_ratio_with_planning",
+    "install_planning_ms",
     "cold_speedup",
+    "cold_speedup_cached",
     "cold_demand_ms",
     "cold_prefetched_total_ms",
     "cold_prefetch_ms",
+    "cold_prefetch_cached_ms",
     "cold_prefetch_ioctls_ms",
-    "cold_faults_removed_pct",
+    "cold_hot_precision",
+    "cold_hot_recall",
+    "cold_misses_beyond_unrecorded",
     "recording_overhead_pct",
     "recording_overhead_server_p50_pct",
     "recorder_cost_pct_of_fault",
@@ -155,6 +168,18 @@ class IoctlFloor:
         self.source.close()
 
 
+def planning_ms(hot: HotPageList, regions: list[Region], mem: MemFile, repeats: int) -> float:
+    """Milliseconds to plan ``hot`` for ``regions`` in this process (median of ``repeats``):
+    what a fork pays when the server has no cached plan for its hot set."""
+    pages = hot.in_order()
+    times = []
+    for _ in range(max(3, repeats)):
+        t0 = time.perf_counter()
+        plan_prefetch(pages, regions, mem.is_zero)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return median(times)
+
+
 def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
     """(a): scattered 1-3-page runs vs one contiguous run of the same size."""
     guest_pages, hot_pages = INSTALL_GUEST // PAGE, INSTALL_HOT // PAGE
@@ -182,6 +207,7 @@ def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
         # Untimed warm-up: maps the server's side of the mem-file, and checks the bytes.
         sample = random.Random(5).sample(lists[SCATTERED].in_order(), 2048)
         with forks.fork(INSTALL_GUEST) as fork:
+            regions = forks.server.wait_connected(fork.fork_id)
             forks.server.prefetch(fork.fork_id, lists[SCATTERED])
             check = fork.vm.send(cmd="touch", pages=[list(p) for p in sample], verify=True)
         assert fork.stats is not None
@@ -197,13 +223,15 @@ def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
             if which in floor_runs:
                 results[which].append(floor.install(floor_runs[which]))
                 continue
+            fresh = HotPageList.from_pages(lists[which].in_order())  # not in the plan cache
             with forks.fork(INSTALL_GUEST) as fork:
                 t0 = time.perf_counter()
-                res = forks.server.prefetch(fork.fork_id, lists[which])
+                res = forks.server.prefetch(fork.fork_id, fresh)
                 wall = time.perf_counter() - t0
             if res.installed != hot_pages:
                 raise RuntimeError(f"{which}: installed {res.installed} of {hot_pages} pages")
             results[which].append(Install(res.bytes, res.runs, res.ioctls, res.seconds, wall))
+        planning = planning_ms(lists[SCATTERED], regions, floor.source, rounds)
     finally:
         forks.close()
         floor.close()
@@ -217,7 +245,7 @@ def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
     vs_floor = paired_ratio(rate(SCATTERED, False), rate(FLOOR_SCATTERED, False))
     table(
         "install rate, MiB/s (median of rounds)",
-        ["hot set", "runs", "ioctls", "ioctls only", "with planning", "µs/ioctl"],
+        ["hot set", "runs", "ioctls", "ioctls only", "with planning (uncached)", "µs/ioctl"],
         [
             [
                 w,
@@ -232,6 +260,7 @@ def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
     )
     console.print(verdict("scattered/bulk install rate (ioctls)", ratio, ">=", 0.8))
     console.print(
+        f"planning the scattered list ({len(runs)} runs) in-process: {fmt(planning, 1)} ms; "
         f"scattered/bulk rate including planning {fmt(ratio_wall)}; floor scattered/bulk "
         f"{fmt(ratio_floor)}; pagefork scattered / floor scattered {fmt(vs_floor)}"
     )
@@ -244,6 +273,7 @@ def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
         "install_scattered_mib_s_with_planning": median(rate(SCATTERED, True)),
         "install_bulk_mib_s_with_planning": median(rate(BULK, True)),
         "install_ratio_with_planning": ratio_wall,
+        "install_planning_ms": planning,
         "install_floor_scattered_mib_s": median(rate(FLOOR_SCATTERED, False)),
         "install_floor_bulk_mib_s": median(rate(FLOOR_BULK, False)),
         "install_floor_ratio_scattered_over_bulk": ratio_floor,
@@ -284,14 +314,15 @@ def _drifted(working_set: list[int], guest_pages: int, share: float, seed: int) 
 
 
 def bench_cold_start(forks: Forks, rounds: int) -> dict[str, Any]:
-    """(b): a recorded hot set touched on demand vs after prefetch."""
+    """(b): a recorded hot set touched on demand vs after prefetch (planned anew, or cached)."""
     guest_pages, ws_pages = TEMPLATE_SIZE // PAGE, WORKING_SET // PAGE
     header(
         "prefetch b: touching a recorded hot set, on demand vs after prefetch",
         f"{WORKING_SET // MiB} MiB working set ({ws_pages} pages, runs of 1-3) in a "
         f"{TEMPLATE_SIZE // MiB} MiB guest (~{ZERO_FRACTION:.0%} zero pages), recorded once; "
         f"later forks touch it with {DRIFT:.0%} of pages swapped; prefetched time = prefetch + "
-        f"touch; {rounds} rounds each, interleaved.",
+        f"touch, the plan made anew ('{PREFETCHED}') or cached ('{CACHED}'); every fork records "
+        f"its faults; {rounds} rounds each, interleaved.",
     )
     runs = scattered_runs(guest_pages, ws_pages, seed=6)
     random.Random(7).shuffle(runs)
@@ -306,28 +337,45 @@ def bench_cold_start(forks: Forks, rounds: int) -> dict[str, Any]:
         )
     console.print(f"recorded {len(hot)} pages in first-touch order")
     replay = [list(p) for p in _pages(_drifted(working_set, guest_pages, DRIFT, seed=8))]
-    results: dict[str, list[ColdStart]] = {DEMAND: [], PREFETCHED: []}
-    for r, which in alternating(rounds, (DEMAND, PREFETCHED)):
-        with forks.fork(TEMPLATE_SIZE) as fork:
+    # Untimed: puts the hot set's plan in the server's cache for the CACHED forks.
+    with forks.fork(TEMPLATE_SIZE) as fork:
+        forks.server.prefetch(fork.fork_id, hot)
+    hot_set = set(hot.in_order())
+    results: dict[str, list[ColdStart]] = {DEMAND: [], PREFETCHED: [], CACHED: []}
+    touched_sets: list[set[HotPage]] = []  # what each demand fork faulted: all it touched
+    missed_sets: list[set[HotPage]] = []  # what each prefetched fork still faulted
+    for r, which in alternating(rounds, (DEMAND, PREFETCHED, CACHED)):
+        with forks.fork(TEMPLATE_SIZE, record=True) as fork:
             prefetch = install = 0.0
-            if which == PREFETCHED:
+            if which != DEMAND:
+                # A fresh copy is not in the plan cache: the fork pays for planning.
+                pages = hot if which == CACHED else HotPageList.from_pages(hot.in_order())
                 t0 = time.perf_counter()
-                install = forks.server.prefetch(fork.fork_id, hot).seconds
+                install = forks.server.prefetch(fork.fork_id, pages).seconds
                 prefetch = time.perf_counter() - t0
             touched = fork.vm.send(cmd="touch", pages=replay, verify=r == 0)
         stats = fork.stats
-        assert stats is not None
+        assert stats is not None and fork.hot is not None
         if touched["bad"]:
             raise RuntimeError(f"{which} fork read {touched['bad']} wrong pages")
+        (touched_sets if which == DEMAND else missed_sets).append(set(fork.hot.in_order()))
         results[which].append(
             ColdStart(prefetch, install, touched["seconds"], stats.faults, stats.misses)
         )
 
-    d, p = results[DEMAND], results[PREFETCHED]
+    d, p, c = results[DEMAND], results[PREFETCHED], results[CACHED]
     speedup = paired_ratio([x.total for x in d], [x.total for x in p])
-    demand_faults = median([x.faults for x in d])
-    misses = median([x.misses for x in p])
-    removed = 1 - misses / demand_faults if demand_faults else float("nan")
+    speedup_cached = paired_ratio([x.total for x in d], [x.total for x in c])
+    # Against the pages a fork really touched, as the server recorded them.
+    touched_all = touched_sets[0]
+    if any(t != touched_all for t in touched_sets):
+        raise RuntimeError("demand forks replaying one trace faulted different pages")
+    common = len(touched_all & hot_set)
+    precision, recall = common / len(hot_set), common / len(touched_all)
+    unrecorded = touched_all - hot_set
+    # A perfect prefetch leaves exactly the touched pages the hot set lacks to fault.
+    beyond = max(len(m - unrecorded) for m in missed_sets)
+    not_faulted = max(len(unrecorded - m) for m in missed_sets)
     table(
         "ms (median of rounds)",
         ["fork", "prefetch", "(ioctls)", "touch", "total", "faults", "misses"],
@@ -339,27 +387,39 @@ def bench_cold_start(forks: Forks, rounds: int) -> dict[str, Any]:
                 fmt(median([x.touch for x in results[w]]) * 1e3),
                 fmt(median([x.total for x in results[w]]) * 1e3),
                 int(median([x.faults for x in results[w]])),
-                int(median([x.misses for x in results[w]])) if w == PREFETCHED else "-",
+                int(median([x.misses for x in results[w]])) if w != DEMAND else "-",
             ]
-            for w in (DEMAND, PREFETCHED)
+            for w in (DEMAND, PREFETCHED, CACHED)
         ],
     )
     console.print(
-        f"speed-up on demand -> prefetched [bold]{fmt(speedup)}x[/], faults removed "
-        f"{removed:.1%} (REAP: 3.7x, 97%)"
+        f"speed-up on demand -> prefetched [bold]{fmt(speedup)}x[/] paying planning, "
+        f"{fmt(speedup_cached)}x with the plan cached (REAP: 3.7x)"
+    )
+    console.print(
+        f"hot set ({len(hot_set)} pages) against the {len(touched_all)} pages a fork touched "
+        f"(server-recorded): precision {precision:.3f}, recall {recall:.3f}; prefetched forks "
+        f"faulted {beyond} pages beyond the {len(unrecorded)} the hot set lacks, and left "
+        f"{not_faulted} of those unfaulted (expect 0 and 0)"
     )
     return {
         "cold_rounds": rounds,
         "cold_working_set_pages": ws_pages,
         "cold_demand_ms": median([x.total for x in d]) * 1e3,
         "cold_prefetch_ms": median([x.prefetch for x in p]) * 1e3,
-        "cold_prefetch_ioctls_ms": median([x.install for x in p]) * 1e3,
-        "cold_touch_after_prefetch_ms": median([x.touch for x in p]) * 1e3,
+        "cold_prefetch_cached_ms": median([x.prefetch for x in c]) * 1e3,
+        "cold_prefetch_ioctls_ms": median([x.install for x in p + c]) * 1e3,
+        "cold_touch_after_prefetch_ms": median([x.touch for x in p + c]) * 1e3,
         "cold_prefetched_total_ms": median([x.total for x in p]) * 1e3,
+        "cold_prefetched_cached_total_ms": median([x.total for x in c]) * 1e3,
         "cold_speedup": speedup,
-        "cold_demand_faults": demand_faults,
-        "cold_misses": misses,
-        "cold_faults_removed_pct": removed * 100,
+        "cold_speedup_cached": speedup_cached,
+        "cold_demand_faults": median([x.faults for x in d]),
+        "cold_misses": median([x.misses for x in p + c]),
+        "cold_unrecorded_pages": len(unrecorded),
+        "cold_misses_beyond_unrecorded": beyond,
+        "cold_hot_precision": precision,
+        "cold_hot_recall": recall,
     }
 
 

@@ -11,11 +11,17 @@
  * template), all-zero pages get UFFDIO_ZEROPAGE, the others UFFDIO_COPY straight from the
  * mapping; faults are read in batches, EEXIST is success and EAGAIN defers the fault.
  *
- *   usage: c_handler SOCKET MEM_FILE
+ *   usage: c_handler [--fork-per-connection] SOCKET MEM_FILE
  *
  * Prints "ready" once listening, "connected <regions>" after the handshake, and at exit one JSON
  * line of counters and server-side service latencies (the time from reading a fault to its
  * ioctl returning, as pagefork's ForkStats.latency_us measures it).
+ *
+ * With --fork-per-connection it serves any number of VMMs at once, each connection in its own
+ * process (fork() after accept, the mem-file mapping and zero-page index inherited): the most a
+ * page server can get out of the machine's cores. Each child prints "connected <regions> <pid>"
+ * and its JSON line (with "pid") when its VMM hangs up; the parent stops accepting when its
+ * stdin reaches EOF, then waits for its children and exits.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -31,6 +37,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -227,40 +234,22 @@ static void report(void)
 			p[i] = latency_ns[k < n ? k : n - 1] / 1000.0;
 		}
 	}
-	printf("{\"faults\": %lu, \"pages_copied\": %lu, \"zero_pages\": %lu, \"already_present\": %lu,"
+	printf("{\"pid\": %d, \"faults\": %lu, \"pages_copied\": %lu, \"zero_pages\": %lu, \"already_present\": %lu,"
 	       " \"eagain_retries\": %lu, \"latency_us\": {\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f}}\n",
-	       (unsigned long)faults, (unsigned long)copied, (unsigned long)zeroed,
+	       (int)getpid(), (unsigned long)faults, (unsigned long)copied, (unsigned long)zeroed,
 	       (unsigned long)eexist, (unsigned long)eagain, p[0], p[1], p[2]);
 	fflush(stdout);
 }
 
-int main(int argc, char **argv)
+/* Serve one VMM's connection until it hangs up, then print the report. */
+static int serve_connection(int conn, int tag_pid)
 {
-	if (argc != 3) {
-		fprintf(stderr, "usage: %s SOCKET MEM_FILE\n", argv[0]);
-		return 2;
-	}
-	map_mem_file(argv[2]);
-
-	int lsock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	if (lsock < 0 || strlen(argv[1]) >= sizeof sa.sun_path)
-		die("socket");
-	strcpy(sa.sun_path, argv[1]);
-	unlink(argv[1]);
-	if (bind(lsock, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(lsock, 1) < 0)
-		die("bind/listen");
-	printf("ready\n");
-	fflush(stdout);
-
-	int conn = accept4(lsock, NULL, NULL, SOCK_CLOEXEC);
-	if (conn < 0)
-		die("accept");
-	close(lsock);
-	unlink(argv[1]);
 	int uffd = receive_handshake(conn);
 	/* The VMM created the uffd O_NONBLOCK and called UFFDIO_API; never call it again. */
-	printf("connected %d\n", nregions);
+	if (tag_pid)
+		printf("connected %d %d\n", nregions, (int)getpid());
+	else
+		printf("connected %d\n", nregions);
 	fflush(stdout);
 
 	struct uffd_msg msgs[READ_BATCH];
@@ -306,4 +295,79 @@ int main(int argc, char **argv)
 	}
 	report();
 	return 0;
+}
+
+/* Accept until stdin reaches EOF, one child process per connection; then reap them all. */
+static int serve_forking(int lsock, const char *path)
+{
+	int failed = 0;
+	struct pollfd fds[2] = {{lsock, POLLIN, 0}, {STDIN_FILENO, POLLIN, 0}};
+	for (;;) {
+		int status;
+		while (waitpid(-1, &status, WNOHANG) > 0) /* reap as we go: no zombie pile-up */
+			failed |= !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+		if (poll(fds, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			die("poll");
+		}
+		if (fds[1].revents) {
+			char buf[256];
+			if (read(STDIN_FILENO, buf, sizeof buf) <= 0)
+				break; /* the caller is done */
+		}
+		if (!(fds[0].revents & POLLIN))
+			continue;
+		int conn = accept4(lsock, NULL, NULL, SOCK_CLOEXEC);
+		if (conn < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			die("accept");
+		}
+		pid_t pid = fork();
+		if (pid < 0)
+			die("fork");
+		if (pid == 0) {
+			close(lsock);
+			exit(serve_connection(conn, 1));
+		}
+		close(conn);
+	}
+	close(lsock);
+	unlink(path);
+	int status;
+	while (wait(&status) > 0)
+		failed |= !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+	return failed;
+}
+
+int main(int argc, char **argv)
+{
+	int forking = argc == 4 && strcmp(argv[1], "--fork-per-connection") == 0;
+	if (argc != 3 && !forking) {
+		fprintf(stderr, "usage: %s [--fork-per-connection] SOCKET MEM_FILE\n", argv[0]);
+		return 2;
+	}
+	const char *path = argv[argc - 2];
+	map_mem_file(argv[argc - 1]);
+
+	int lsock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	if (lsock < 0 || strlen(path) >= sizeof sa.sun_path)
+		die("socket");
+	strcpy(sa.sun_path, path);
+	unlink(path);
+	if (bind(lsock, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(lsock, forking ? 128 : 1) < 0)
+		die("bind/listen");
+	printf("ready\n");
+	fflush(stdout); /* before any fork(): children must not inherit buffered output */
+	if (forking)
+		return serve_forking(lsock, path);
+
+	int conn = accept4(lsock, NULL, NULL, SOCK_CLOEXEC);
+	if (conn < 0)
+		die("accept");
+	close(lsock);
+	unlink(path);
+	return serve_connection(conn, 0);
 }

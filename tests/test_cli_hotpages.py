@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pagefork.cli import main
-from pagefork.hotpages import HotPageList, load, save
+from pagefork.cli import build_parser, main, plain_text
+from pagefork.hotpages import HotPageList, encode_hpl1, load, save
 
 P = 0x1000
 
@@ -195,3 +199,138 @@ def test_python_m_pagefork_reports_a_corrupt_file_without_traceback(tmp_path: Pa
     assert proc.stdout == ""
     assert proc.stderr == f"pagefork: error: {path}: count: varint overflows 64 bits\n"
     assert "Traceback" not in proc.stderr
+
+
+# --- formats and interop ---------------------------------------------------------------------
+
+
+def test_merge_of_hpl1_inputs_writes_hpl1_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # HPL1 in, HPL1 out: the Go reader of HPL1 reads the merge of its own files.
+    a = write(tmp_path / "a.hpl", [(0, P), (1, 0)])
+    b = write(tmp_path / "b.hpl", [(0, 0), (0, P)])
+    out = tmp_path / "merged.hpl"
+    assert main(["hotpages", "merge", a, b, "-o", str(out)]) == 0
+    assert "(union of 2 files, hpl1)" in capsys.readouterr().out
+    assert out.read_bytes() == encode_hpl1([(0, 0), (0, P), (1, 0)])
+    assert main(["hotpages", "merge", a, b, "-o", str(out), "--format", "hpl2"]) == 0
+    assert out.read_bytes()[:4] == b"HPL2"
+    assert load(out).in_order() == [(0, P), (1, 0), (0, 0)]
+
+
+def test_show_refuses_a_region_index_the_go_reader_would_truncate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "wide.hpl"
+    # One entry: region 2**32 (varint 80 80 80 80 10), offset 0.
+    path.write_bytes(b"HPL1\x01\x80\x80\x80\x80\x10\x00")
+    assert main(["hotpages", "show", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"pagefork: error: {path}: entry 0: region index 4294967296 is 2**32 or more\n"
+    )
+
+
+def test_show_dev_zero_is_refused_before_reading(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["hotpages", "show", "/dev/zero"]) == 2
+    assert capsys.readouterr().err == (
+        "pagefork: error: hot-page file /dev/zero: cannot read: "
+        "Is a character device, not a regular file\n"
+    )
+
+
+def test_show_a_fifo_is_refused_without_blocking(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "hot.hpl"
+    os.mkfifo(fifo)
+    assert main(["hotpages", "show", str(fifo)]) == 2
+    assert "cannot read: Is a FIFO, not a regular file" in capsys.readouterr().err
+
+
+def _fifo(p: Path) -> str:
+    os.mkfifo(p)
+    return "Is a FIFO"
+
+
+def _device(p: Path) -> str:
+    os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers, in tmp_path
+    return "Is a character device"
+
+
+def _symlink(p: Path) -> str:
+    (p.parent / "victim").write_bytes(b"keep")
+    p.symlink_to(p.parent / "victim")
+    return f"Is a symbolic link (to {p.parent / 'victim'})"
+
+
+def _dangling_symlink(p: Path) -> str:
+    p.symlink_to(p.parent / "created-through-the-link")
+    return f"Is a symbolic link (to {p.parent / 'created-through-the-link'})"
+
+
+def _directory(p: Path) -> str:
+    p.mkdir()
+    return "Is a directory"
+
+
+def _socket(p: Path) -> str:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(p))
+    sock.close()  # the socket file stays
+    return "Is a socket"
+
+
+@pytest.mark.parametrize("make", [_fifo, _device, _symlink, _dangling_symlink, _directory, _socket])
+def test_merge_refuses_an_output_that_is_not_a_regular_file_and_leaves_it(
+    tmp_path: Path, two_runs: tuple[str, str], capsys: pytest.CaptureFixture[str], make: Any
+) -> None:
+    out = tmp_path / "out.hpl"
+    kind = make(out)
+    before = os.lstat(out)
+    listing = sorted(os.listdir(tmp_path))
+    assert main(["hotpages", "merge", *two_runs, "-o", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"pagefork: error: hot-page file {out}: cannot write: {kind}, not a regular file; "
+        "left untouched\n"
+    )
+    after = os.lstat(out)
+    assert (after.st_mode, after.st_ino, after.st_mtime_ns) == (
+        before.st_mode,
+        before.st_ino,
+        before.st_mtime_ns,
+    )
+    assert sorted(os.listdir(tmp_path)) == listing
+    if (tmp_path / "victim").exists():
+        assert (tmp_path / "victim").read_bytes() == b"keep"
+
+
+def test_no_help_text_shows_restructuredtext_markup() -> None:
+    parser = build_parser()
+    seen = 0
+
+    def walk(p: argparse.ArgumentParser) -> None:
+        nonlocal seen
+        text = p.format_help()
+        seen += 1
+        assert "``" not in text and ":class:" not in text and ":func:" not in text, p.prog
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    walk(child)
+
+    walk(parser)
+    assert seen >= 8  # pagefork, demo, serve, hotpages and its three actions, daemon, ...
+    demo_help = subprocess.run(
+        [sys.executable, "-m", "pagefork", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert "pagefork demo: fork a template" in demo_help
+
+
+def test_plain_text_removes_literals_and_roles() -> None:
+    assert plain_text("run ``pagefork demo`` or :func:`~pagefork.hotpages.load`") == (
+        "run pagefork demo or pagefork.hotpages.load"
+    )

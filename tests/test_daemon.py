@@ -223,7 +223,6 @@ def test_restart_brings_templates_and_hot_sets_back(start_daemon: StartDaemon) -
     client.create_template("vm", "kvm", **TEMPLATE)
     _, warm_stats = _run_fork(client, "vm", 0)
     client.create_fork("vm", fork_id="left-over")  # live when the daemon goes away
-    daemon.registry.acquire("vm")  # as a crash would leave the count
     daemon.close()
 
     _, client = start_daemon()
@@ -442,7 +441,8 @@ def test_firecracker_fork_is_loaded_paused_prefetched_then_resumed(
             requests = [(r["method"], r["path"], r["body"]) for r in fc.requests()]
             stats = client.release_fork(fork["fork"])["stats"]
         runs.append((fork, stats))
-        load, resume = requests[0], requests[1]
+        assert requests[0][:2] == ("GET", "/")  # the driver checks for a fresh Firecracker
+        load, resume = requests[1], requests[2]
         assert load[:2] == ("PUT", "/snapshot/load") and load[2]["resume_vm"] is False
         assert load[2]["mem_backend"] == {"backend_type": "Uffd", "backend_path": fork["socket"]}
         assert resume == ("PATCH", "/vm", {"state": "Resumed"})
@@ -450,9 +450,11 @@ def test_firecracker_fork_is_loaded_paused_prefetched_then_resumed(
     assert warm["role"] == "warmup" and warm_stats["faults"] == pages
     assert client.template("fc")["hot_pages"] == window
     # Installed before the resume: the guest faults only on the pages beyond the window.
-    assert later["role"] == "prefetch" and later["prefetch"]["installed"] == window
-    assert later_stats["prefetched_pages"] == window
-    assert later_stats["faults"] == later_stats["misses"] == pages - window
+    # Firecracker 1.8+ writes the VMGenID while it loads: that page of the hot set faulted in
+    # before the prefetch, which finds it present.
+    assert later["role"] == "prefetch" and later["prefetch"]["installed"] == window - 1
+    assert later_stats["prefetched_pages"] == window - 1
+    assert later_stats["faults"] - 1 == later_stats["misses"] == pages - window
 
 
 def test_metrics_add_ended_and_live_forks_and_bucket_latencies() -> None:
@@ -593,8 +595,9 @@ def test_delete_is_refused_while_the_daemon_serves_forks_whatever_the_record_say
     daemon, client = start_daemon(drivers={})
     _fc_template(client, tmp_path, "t")
     client.create_fork("t", "f")
-    daemon.registry.release("t")  # the on-disk count is wrong (as a double release left it)
-    assert client.template("t")["live_forks"] == 0
+    record = daemon.registry.directory("t") / "template.json"  # a stale stored count is ignored
+    record.write_text(record.read_text().replace('"owns_files"', '"live_forks": 0, "owns_files"'))
+    assert client.template("t")["live_forks"] == 1
     with pytest.raises(DaemonError, match="in use by 1 live fork") as info:
         client.delete_template("t")
     assert info.value.status == 409
@@ -608,9 +611,8 @@ def test_a_template_created_again_never_gets_the_old_page_server(
     daemon, client = start_daemon(drivers={})
     old = _fc_template(client, tmp_path, "t", pages=4)
     client.create_fork("t", "old-fork")
-    # Deleted behind the daemon's back (the registry alone trusts its record's count).
-    daemon.registry.release("t")
-    daemon.registry.delete("t")
+    # Deleted behind the daemon's back (by hand, as an operator might).
+    shutil.rmtree(daemon.registry.directory("t"))
     new = _fc_template(client, tmp_path, "t", pages=8)
     assert new["created"] != old["created"]
     client.create_fork("t", "new-fork")

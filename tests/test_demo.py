@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -13,24 +14,47 @@ from conftest import needs_kvm
 from pagefork.cli import main
 from pagefork.vmm.kvm import orchestrate
 
+#: The least speed-up of a prefetched fork's prefetch + run over its pair's run (the median over
+#: 5 pairs walking the same trace) that the test accepts. Measured with this test's settings on
+#: a 2-core machine shared with other engineers' test runs and benchmarks (load average 5-7),
+#: some runs with 3 extra CPU-bound processes: 39 runs, lowest 1.81, median 3.3. The restore is
+#: left out: it is the same work in both modes, yet under that load it takes 2 ms to 330 ms, so
+#: the whole fork-ready ratio of 5 pairs fell as low as 0.87 (median 2.3) and cannot carry a
+#: margin. ``pagefork demo`` reports that whole ratio; the benchmark measures it with more pairs.
+MIN_SPEEDUP_AFTER_RESTORE = 1.5
+
 
 @needs_kvm
 def test_demo_json_reports_speedup_and_checksums(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code = main(["demo", "--mem-size", "16", "--forks", "2", "--json", "--workdir", str(tmp_path)])
+    code = main(["demo", "--mem-size", "16", "--forks", "5", "--json", "--workdir", str(tmp_path)])
     out = capsys.readouterr().out
     doc = json.loads(out)
     assert code == 0
     assert doc["checksums_ok"] is True
-    assert doc["speedup"] > 0
     for mode in ("demand", "prefetch"):
         m = doc["modes"][mode]
-        assert m["forks"] == 2 and m["checksums_ok"]
-        assert m["ready_ms_p50"] > 0
-    assert doc["modes"]["demand"]["prefetched_pages_mean"] == 0
-    prefetch = doc["modes"]["prefetch"]
+        assert m["forks"] == 5 and m["checksums_ok"]
+        assert all(f["checksum_ok"] and f["bad_pages"] == 0 for f in m["per_fork"])
+    demand, prefetch = doc["modes"]["demand"], doc["modes"]["prefetch"]
+    assert demand["prefetched_pages_mean"] == 0
     assert prefetch["misses_mean"] == prefetch["specific_pages_mean"]
+    pairs = list(zip(demand["per_fork"], prefetch["per_fork"], strict=True))
+    for d, p in pairs:
+        # Each pair walked one trace: the prefetched fork got the whole hot set installed and
+        # faulted only on the pages the warm-up never touched: at most a tenth of its pair's.
+        assert d["variant"] == p["variant"]
+        assert p["prefetched_pages"] == doc["hot_pages"]
+        assert p["faults"] == p["misses"] == p["specific_pages"] > 0
+        assert d["faults"] >= 10 * p["faults"]
+    # Faster, by a margin measured to survive a loaded machine (see the constant).
+    after_restore = statistics.median(
+        (d["prefetch_ms"] + d["run_ms"]) / (p["prefetch_ms"] + p["run_ms"]) for d, p in pairs
+    )
+    assert after_restore >= MIN_SPEEDUP_AFTER_RESTORE, doc["speedup_pairs"]
+    assert doc["speedup"] == statistics.median(doc["speedup_pairs"])
+    assert doc["speedup_pairs"] == [d["ready_ms"] / p["ready_ms"] for d, p in pairs]
     assert (tmp_path / "hot-pages.hpl").exists()
 
 

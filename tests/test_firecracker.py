@@ -20,7 +20,7 @@ from conftest import PAGE, needs_uffd, open_fds
 from pagefork.errors import VmmError
 from pagefork.hotpages import HotPage
 from pagefork.server import PageServer
-from pagefork.testing.fcdouble import DoubleSnapshot, FcDoubleProcess
+from pagefork.testing.fcdouble import EXIT_LOAD_FAILED, DoubleSnapshot, FcDoubleProcess
 from pagefork.vmm import firecracker
 from pagefork.vmm.base import RestoreRequest
 from pagefork.vmm.firecracker import (
@@ -236,7 +236,8 @@ def test_restore_prefetch_resume_serves_verified_pages(
     assert prefetched.installed == stats.prefetched_pages == len(hot)
     assert stats.faults == stats.misses == len(touch) - len(hot)
     assert handle.wait(5)["state"] == "Running"
-    assert [(r["method"], r["path"], r["body"]) for r in fc.requests()[:2]] == [
+    assert [(r["method"], r["path"], r["body"]) for r in fc.requests()[:3]] == [
+        ("GET", "/", None),  # the driver checks for a fresh process first
         ("PUT", "/snapshot/load", snapshot_load_body(snapshot, uffd_socket)),
         ("PATCH", "/vm", {"state": "Resumed"}),
     ]
@@ -259,8 +260,13 @@ def test_loading_twice_is_refused(
     snapshot = _snapshot(tmp_path, mem_file, [])
     req = _request("fc-1", server.register_fork("fc-1"), snapshot, fc.api_sock)
     handle = FirecrackerDriver().restore(req)
-    with pytest.raises(VmmError, match="400: The requested operation is not supported after"):
+    # The driver sees it is no fresh process and says so before it sends a second load...
+    with pytest.raises(VmmError, match=r"is 'Paused', not 'Not started': .* start one per fork"):
         FirecrackerDriver().restore(req)
+    # ...which Firecracker would refuse anyway, and stay up: a refusal by state is no failure.
+    with pytest.raises(VmmError, match="400: The requested operation is not supported after"):
+        fc.api.request("PUT", "/snapshot/load", snapshot_load_body(snapshot, req.uffd_socket))
+    assert fc.api.request("GET", "/")["state"] == "Paused"
     handle.stop()
 
 
@@ -413,7 +419,7 @@ def test_failure_after_the_load_kills_firecracker_and_closes_the_pidfd(
 
 
 @needs_uffd
-def test_refused_load_leaves_firecracker_alone_and_closes_the_pidfd(
+def test_failed_load_makes_firecracker_exit_by_itself_and_closes_the_pidfd(
     doubles: Callable[..., FcDoubleProcess], tmp_path: Path, mem_file: Path
 ) -> None:
     fc = doubles()
@@ -424,4 +430,5 @@ def test_refused_load_leaves_firecracker_alone_and_closes_the_pidfd(
         FirecrackerDriver().restore(req, timeout=10)
     assert info.value.status == 400
     assert open_fds() <= fds
-    assert fc.proc.poll() is None  # it refused: its state is unchanged, it is not ours to kill
+    # Firecracker exits after a failed load (status 1 here): the driver did not kill it.
+    assert fc.wait(10) == EXIT_LOAD_FAILED

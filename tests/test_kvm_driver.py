@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,8 +60,11 @@ def test_fork_through_the_driver_reaches_ready_with_the_right_checksum(
     finally:
         handle.stop()
     handle.stop()  # idempotent
-    assert summary["checksum_ok"] is True
-    assert summary["ready_seconds"] > 0
+    assert summary["checksum_ok"] is True and summary["pages_ok"] is True
+    assert summary["fork_id"] == "kvm-1" and summary["pid"] == handle.pid
+    assert summary["variant"] == template.variant_of(1)  # fork_index 1 walked its own trace
+    # Ready covers the restore and the run: the clock stamps come from one monotonic clock.
+    assert summary["ready_seconds"] >= summary["restore_seconds"] + summary["run_seconds"]
     stats = server.wait_ended("kvm-1", timeout=10)
     assert stats.faults == len(template.touched_pages(summary["variant"]))
 
@@ -109,3 +114,24 @@ def test_fork_index_must_be_a_natural_number() -> None:
     req = RestoreRequest("f", "/u.sock", "/t", "/m", options={"fork_index": -1})
     with pytest.raises(VmmError, match="fork_index"):
         KvmDriver().restore(req)
+
+
+@needs_kvm
+def test_a_finished_fork_process_is_seen_through_its_pidfd_and_reaped(
+    template: Template, server: PageServer
+) -> None:
+    handle = KvmDriver().restore(_request(server, template, "done", 1), timeout=60)
+    try:
+        pidfd = handle.pidfd
+        assert pidfd is not None and handle.exit_status() is None  # restored, waiting for go
+        handle.resume()
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        assert poller.poll(60_000)  # readable once the process has exited: no polling loop
+        assert handle.exit_status() == 0
+        with pytest.raises(ChildProcessError):  # reaped: no zombie left
+            os.waitid(os.P_PID, handle.pid or -1, os.WEXITED | os.WNOHANG)
+        assert handle.wait(timeout=30)["checksum_ok"] is True  # its result is still there
+    finally:
+        handle.stop()
+    assert handle.pidfd is None

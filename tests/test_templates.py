@@ -19,7 +19,13 @@ from pagefork.templates import (
     kind_of,
     validate_template_id,
 )
-from pagefork.vmm.kvm.template import TemplateSpec, load_template
+from pagefork.vmm.kvm.template import (
+    HIGH_REGION_GPA,
+    MAX_MEM_SIZE,
+    TemplateSpec,
+    load_template,
+)
+from pagefork.vmm.kvm.vm import TSS_ADDR
 
 
 @pytest.fixture
@@ -116,24 +122,30 @@ def test_corrupt_record_is_named_and_others_still_list(
 def test_record_types_are_checked(tmp_path: Path, snapshot: tuple[Path, Path]) -> None:
     reg = TemplateRegistry(tmp_path / "state")
     record = reg.create_from_snapshot("a", *snapshot)
-    doc = {"format": "pagefork-template", **record.__dict__, "live_forks": True}
-    with pytest.raises(TemplateError, match="'live_forks' has a wrong type"):
+    doc = {"format": "pagefork-template", **record.__dict__, "mem_size": True}
+    with pytest.raises(TemplateError, match="'mem_size' has a wrong type"):
         TemplateRecord.from_dict(doc, "x.json")
     with pytest.raises(TemplateError, match="format is 'other'"):
         TemplateRecord.from_dict({**doc, "format": "other"}, "x.json")
+    # A live-fork count stored by an older version means nothing (even a bad one).
+    old = {"format": "pagefork-template", **record.__dict__, "live_forks": True}
+    assert TemplateRecord.from_dict(old, "x.json").live_forks == 0
 
 
 def test_delete_is_refused_while_forks_are_live(
     tmp_path: Path, snapshot: tuple[Path, Path]
 ) -> None:
     reg = TemplateRegistry(tmp_path / "state")
-    reg.create_from_snapshot("a", *snapshot)
-    assert reg.acquire("a").live_forks == 1
-    assert reg.acquire("a").last_used is not None
+    created = reg.create_from_snapshot("a", *snapshot).created
+    live = {("a", created): 2}  # what a fork manager holding two forks of it answers
+    reg.live_forks = lambda tid, when: live.get((tid, when), 0)
+    assert reg.get("a").live_forks == 2
+    reg.touch("a", created)
+    assert reg.get("a").last_used is not None
     with pytest.raises(TemplateError, match="'a' is in use by 2 live forks"):
         reg.delete("a")
-    reg.release("a")
-    reg.release("a")
+    assert reg.exists("a")
+    live.clear()
     reg.delete("a")
     with pytest.raises(TemplateError, match="unknown template 'a'"):
         reg.delete("a")
@@ -141,17 +153,19 @@ def test_delete_is_refused_while_forks_are_live(
         reg.get("a")
 
 
-def test_records_are_written_atomically_and_counts_reset_on_restart(
+def test_records_are_written_atomically_and_live_counts_are_never_stored(
     tmp_path: Path, snapshot: tuple[Path, Path]
 ) -> None:
     reg = TemplateRegistry(tmp_path / "state")
-    reg.create_from_snapshot("a", *snapshot)
+    created = reg.create_from_snapshot("a", *snapshot).created
+    reg.live_forks = lambda tid, when: 3
     for _ in range(3):
-        reg.acquire("a")
+        reg.touch("a", created)
     assert sorted(os.listdir(reg.root / "a")) == [RECORD_FILE]  # no temp files left
+    assert reg.get("a").live_forks == 3
+    assert "live_forks" not in json.loads((reg.root / "a" / RECORD_FILE).read_text())
+    # A restarted daemon holds no fork: nothing on disk can say otherwise.
     again = TemplateRegistry(tmp_path / "state")
-    assert again.get("a").live_forks == 3
-    again.reset_live_forks()
     assert again.get("a").live_forks == 0
 
 
@@ -195,21 +209,20 @@ def test_creation_errors_name_the_request_field(
         reg.delete("a")
 
 
-def test_release_counts_only_the_record_it_was_acquired_on(
+def test_touch_changes_only_the_record_it_was_given(
     tmp_path: Path, snapshot: tuple[Path, Path]
 ) -> None:
     reg = TemplateRegistry(tmp_path / "state")
     old = reg.create_from_snapshot("web", *snapshot)
-    reg.acquire("web")
-    reg.release("web")
-    assert reg.release("web").live_forks == 0  # never negative (and logged, not hidden)
     reg.delete("web")
+    reg.touch("web", old.created)  # gone: nothing to note, and no error
     new = reg.create_from_snapshot("web", *snapshot)
     assert new.created != old.created
-    reg.acquire("web")
-    # A fork of the deleted template releasing late does not touch the new one's count.
-    assert reg.release("web", old.created).live_forks == 1
-    assert reg.release("web", new.created).live_forks == 0
+    # A fork of the deleted template noting its use late does not touch the new record.
+    reg.touch("web", old.created)
+    assert reg.get("web").last_used is None
+    reg.touch("web", new.created)
+    assert reg.get("web").last_used is not None
 
 
 def test_clean_leftovers_removes_crashed_creations_and_deletions(
@@ -221,10 +234,43 @@ def test_clean_leftovers_removes_crashed_creations_and_deletions(
     (reg.root / ".del-gone-abc123" / "t").mkdir(parents=True)
     torn = reg.root / "web" / f".{RECORD_FILE}.x1y2.tmp"
     torn.write_text("{")
+    torn_hot = reg.root / "web" / ".hot-pages.hpl.k3j_9a0q.tmp"
+    torn_hot.write_bytes(b"HPL1")
+    # Not of our making, though named alike: a symlink, a FIFO, another name.
+    outside = tmp_path / "precious"
+    outside.write_text("keep")
+    link = reg.root / "web" / ".hot-pages.hpl.abcdefgh.tmp"
+    link.symlink_to(outside)
+    fifo = reg.root / "web" / f".{RECORD_FILE}.fifo1234.tmp"
+    os.mkfifo(fifo)
+    other = reg.root / "web" / ".hot-pages.hpl.tmp"
+    other.write_text("mine")
     assert sorted(reg.clean_leftovers()) == [
         ".del-gone-abc123",
         ".new-half-abc123",
+        f"web/{torn_hot.name}",
         f"web/{torn.name}",
     ]
     assert sorted(p.name for p in reg.root.iterdir()) == ["web"]
-    assert reg.get("web").id == "web" and not torn.exists()
+    assert reg.get("web").id == "web" and not torn.exists() and not torn_hot.exists()
+    assert link.is_symlink() and outside.read_text() == "keep"
+    assert fifo.exists() and other.read_text() == "mine"
+
+
+@pytest.mark.parametrize("mib", [4, 16, 2047, 2048, 3072, 4095])
+def test_microvm_ram_up_to_4095_mib_lays_out_below_kvms_tss(mib: int) -> None:
+    regions = TemplateSpec(mem_size=mib << 20).layout()
+    assert sum(r.size for r in regions) == mib << 20
+    assert [r.file_offset for r in regions] == [0, regions[0].size]  # back to back
+    low, high = regions
+    assert low.guest_phys_addr == 0 and low.end <= HIGH_REGION_GPA
+    assert high.guest_phys_addr == HIGH_REGION_GPA and high.end <= TSS_ADDR
+    assert all(r.size % 4096 == 0 for r in regions)
+    if mib < 2047:
+        assert low.size == high.size  # the layout smaller templates always had
+
+
+def test_microvm_ram_beyond_the_limit_names_it() -> None:
+    assert MAX_MEM_SIZE >> 20 == 4095
+    with pytest.raises(TemplateError, match=r"4096 MiB does not fit below 4 GiB \(at most 4095"):
+        TemplateSpec(mem_size=4096 << 20).layout()

@@ -8,7 +8,10 @@ loop inside a bounded window. Lists from several warm-up runs combine with :func
 Two file formats, both a 4-byte magic followed by unsigned LEB128 varints (Go's
 ``binary.PutUvarint``: 7 bits per byte, low group first, at most 10 bytes, value < 2**64):
 
-``HPL1`` (byte-compatible with the seed)::
+``HPL1`` is the hot-page list format of the Go page server pagefork's design grew from. Its
+reader must read every HPL1 file pagefork writes, byte for byte, so pagefork writes only what
+that reader takes: region indexes below 2**32 (it keeps them in 32 bits) and 4 KiB-aligned
+offsets. Both rules are checked on save and on load::
 
     "HPL1" count { region page_offset } * count        sorted by (region, page_offset), unique
 
@@ -22,20 +25,20 @@ rejected, so a newer writer's extension fails loudly instead of being misread.
 
 Entry indices in error messages count from 0. Encoding and decoding are pure functions over
 bytes (:func:`encode_hpl1`, :func:`encode_hpl2`, :func:`decode`); :func:`save` and :func:`load`
-add the file I/O.
+add the file I/O through :mod:`pagefork.files` (regular files only, bounded reads, atomic
+saves that never replace anything but a regular file).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal, NamedTuple
 
 from pagefork.errors import HotPageFileError
+from pagefork.files import atomic_save, read_regular
 
 MAGIC_HPL1 = b"HPL1"
 MAGIC_HPL2 = b"HPL2"
@@ -48,6 +51,19 @@ _HPL2_KNOWN_FLAGS = HPL2_FLAG_TIMES
 _FILE_ALIGN = 4096
 _U64_MAX = (1 << 64) - 1
 _VARINT_MAX_BYTES = 10
+#: Region indexes are 32-bit in the Go reader of HPL1; one at or above this it would truncate.
+REGION_LIMIT = 1 << 32
+#: The largest hot-page file :func:`load` reads: about 40 million pages (160 GiB of 4 KiB pages),
+#: and it keeps ``hotpages show /dev/zero``-like mistakes from reading without bound.
+MAX_FILE_BYTES = 256 << 20
+
+
+class HotPageEncodeError(HotPageFileError, ValueError):
+    """A list holds a page no HPL reader can take back; nothing was written.
+
+    Also a ValueError, as the encoders raised before they named the file and the page.
+    """
+
 
 HotPageFormat = Literal["hpl1", "hpl2"]
 
@@ -135,7 +151,7 @@ class HotPageList:
         return f"<HotPageList {len(self._order)} pages>"
 
     def snapshot(self) -> list[HotPage]:
-        """The pages sorted by (region, page_offset), deduplicated: the seed's semantics."""
+        """The pages sorted by (region, page_offset), deduplicated: HPL1's order."""
         with self._lock:
             keys = sorted(self._order)
         return [HotPage(r, o) for r, o in keys]
@@ -251,9 +267,26 @@ def _get_uvarint(data: bytes, pos: int) -> tuple[int, int]:
 # --- encoding --------------------------------------------------------------------------------
 
 
-def encode_hpl1(pages: Iterable[tuple[int, int]]) -> bytes:
-    """The HPL1 bytes of ``pages``: sorted and deduplicated, as the seed writes them."""
+def _check_entry(name: str, region: int, offset: int) -> None:
+    """Refuse a page that a reader of the file would refuse or misread."""
+    where = f"{name}: cannot write (region {region}, offset {offset:#x})"
+    if not 0 <= region < REGION_LIMIT:
+        raise HotPageEncodeError(f"{where}: region index must be in [0, 2**32)")
+    if not 0 <= offset <= _U64_MAX:
+        raise HotPageEncodeError(f"{where}: page offset does not fit 64 bits")
+    if offset % _FILE_ALIGN:
+        raise HotPageEncodeError(f"{where}: page offset is not 4 KiB aligned")
+
+
+def encode_hpl1(pages: Iterable[tuple[int, int]], name: str = "<bytes>") -> bytes:
+    """The HPL1 bytes of ``pages``: sorted and deduplicated, as the Go reader expects.
+
+    A page with a region index of 2**32 or more, or an offset that is negative, above 2**64-1
+    or not 4 KiB aligned raises :class:`HotPageEncodeError` naming ``name`` and the page.
+    """
     unique = sorted(set(pages))
+    for region, offset in unique:
+        _check_entry(name, region, offset)
     out = bytearray(MAGIC_HPL1)
     _put_uvarint(out, len(unique))
     for region, offset in unique:
@@ -269,12 +302,17 @@ def _time_to_varint(t: float | None) -> int:
     return min(max(0, round(t * 1_000_000)) + 1, _U64_MAX)
 
 
-def encode_hpl2(hot: HotPageList, *, with_times: bool | None = None) -> bytes:
+def encode_hpl2(
+    hot: HotPageList, *, with_times: bool | None = None, name: str = "<bytes>"
+) -> bytes:
     """The HPL2 bytes of ``hot``: first-touch order and, optionally, first-touch times.
 
-    ``with_times`` defaults to "when any page has a known time".
+    ``with_times`` defaults to "when any page has a known time". Pages are checked as by
+    :func:`encode_hpl1`.
     """
     entries = hot.entries()
+    for (region, offset), _ in entries:
+        _check_entry(name, region, offset)
     if with_times is None:
         with_times = any(t is not None for _, t in entries)
     out = bytearray(MAGIC_HPL2)
@@ -288,12 +326,12 @@ def encode_hpl2(hot: HotPageList, *, with_times: bool | None = None) -> bytes:
     return bytes(out)
 
 
-def encode(hot: HotPageList, fmt: HotPageFormat = "hpl1") -> bytes:
-    """The bytes of ``hot`` in file format ``fmt``."""
+def encode(hot: HotPageList, fmt: HotPageFormat = "hpl1", name: str = "<bytes>") -> bytes:
+    """The bytes of ``hot`` in file format ``fmt``; errors name ``name``."""
     if fmt == "hpl1":
-        return encode_hpl1(hot.in_order())
+        return encode_hpl1(hot.in_order(), name)
     if fmt == "hpl2":
-        return encode_hpl2(hot)
+        return encode_hpl2(hot, name=name)
     raise ValueError(f"unknown hot-page format {fmt!r} (expected 'hpl1' or 'hpl2')")
 
 
@@ -303,7 +341,7 @@ def encode(hot: HotPageList, fmt: HotPageFormat = "hpl1") -> bytes:
 def decode(data: bytes, name: str = "<bytes>", *, strict: bool = False) -> HotPageList:
     """Parse an HPL1 or HPL2 file's bytes; errors name ``name`` and the entry index.
 
-    The seed always writes HPL1 sorted and deduplicated, but nothing else depends on that, so
+    HPL1 writers sort and deduplicate, but nothing else depends on that, so
     by default an unsorted HPL1 file is accepted in file order and repeated entries are
     dropped (first occurrence wins). With ``strict=True`` both are errors, in either format.
     """
@@ -361,6 +399,10 @@ def decode(data: bytes, name: str = "<bytes>", *, strict: bool = False) -> HotPa
                 raise HotPageFileError(
                     f"{name}: entry {index}: page offset {offset:#x} is not 4 KiB aligned"
                 )
+            if region >= REGION_LIMIT:
+                raise HotPageFileError(
+                    f"{name}: entry {index}: region index {region} is 2**32 or more"
+                )
             key = (region, offset)
             if strict and not hpl2 and previous is not None and key < previous:
                 raise HotPageFileError(
@@ -395,61 +437,32 @@ def load(
 ) -> HotPageList:
     """Read a hot-page file (HPL1 or HPL2).
 
-    A missing file is an empty list — the seed's rule: no hot set means no prefetch — unless
-    ``missing_ok`` is False. A corrupt or unreadable file raises :class:`HotPageFileError`.
+    A missing file is an empty list (no hot set means no prefetch), unless ``missing_ok`` is
+    False. A corrupt or unreadable file, one that is not a regular file (a FIFO, a device) or
+    one larger than :data:`MAX_FILE_BYTES` raises :class:`HotPageFileError`.
     """
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
+    data = read_regular(
+        name, "hot-page file", limit=MAX_FILE_BYTES, error=HotPageFileError, missing_ok=True
+    )
+    if data is None:
         if missing_ok:
             return HotPageList()
-        raise HotPageFileError(f"{name}: no such file") from None
-    except OSError as exc:
-        raise HotPageFileError(f"{name}: cannot read: {exc.strerror or exc}") from None
+        raise HotPageFileError(f"{name}: no such file")
     return decode(data, name, strict=strict)
 
 
 def save(hot: HotPageList, path: str | os.PathLike[str], fmt: HotPageFormat = "hpl1") -> None:
-    """Write ``hot`` to ``path`` in format ``fmt``, atomically.
+    """Write ``hot`` to ``path`` in format ``fmt``, atomically (mode 0644).
 
-    Readers see the old file or the new one, never a torn write: the bytes go to a temporary
-    file in the same directory (same filesystem, so the rename is atomic), which is fsynced,
-    renamed over ``path``, and the directory fsynced so the rename itself survives a crash.
+    Readers see the old file or the new one, never a torn write (see
+    :func:`pagefork.files.atomic_save`). A target that exists and is not a regular file (a
+    symbolic link, FIFO, device, directory) is refused and left untouched, and a page that no
+    reader could take back raises :class:`HotPageEncodeError` before anything is written.
     """
-    data = encode(hot, fmt)
     name = os.fspath(path)
-    directory = os.path.dirname(name) or "."
-    try:
-        fd, tmp = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(name)}.", suffix=".tmp"
-        )
-    except OSError as exc:
-        raise HotPageFileError(f"{name}: cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; a hot set is not a secret
-            os.fsync(f.fileno())
-        os.replace(tmp, name)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise HotPageFileError(f"{name}: cannot write: {exc.strerror or exc}") from None
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise HotPageFileError(
-            f"{name}: written, but fsync of {directory}: {exc.strerror}"
-        ) from None
+    data = encode(hot, fmt, name)
+    atomic_save(name, data, "hot-page file", error=HotPageFileError)
 
 
 # --- recording -------------------------------------------------------------------------------
@@ -575,7 +588,10 @@ __all__ = [
     "HPL2_FLAG_TIMES",
     "MAGIC_HPL1",
     "MAGIC_HPL2",
+    "MAX_FILE_BYTES",
+    "REGION_LIMIT",
     "HotPage",
+    "HotPageEncodeError",
     "HotPageFormat",
     "HotPageList",
     "HotPageRecorder",

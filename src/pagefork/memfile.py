@@ -14,11 +14,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import stat
 from types import TracebackType
 
 from pagefork import libc
 from pagefork.errors import MemFileError
+from pagefork.files import open_regular
 from pagefork.regions import PAGE_SIZE
 
 _SCAN_CHUNK = 1 << 20
@@ -83,19 +83,13 @@ class MemFile:
 
     def __init__(self, path: str | os.PathLike[str], *, mapped: bool = True) -> None:
         self.path = os.fspath(path)
-        try:
-            # O_NONBLOCK: a FIFO at the path must not block the open; it is refused below.
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as exc:
-            raise MemFileError(f"mem-file {self.path}: {exc.strerror}") from None
+        # Regular files only, checked before open: a FIFO would block open() for good.
+        fd = open_regular(self.path, "mem-file", error=MemFileError)
         self.address = 0
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise MemFileError(f"mem-file {self.path}: not a regular file")
             if st.st_size == 0:
                 raise MemFileError(f"mem-file {self.path}: file is empty")
-            os.set_blocking(fd, True)
             self.size = st.st_size
             self._zeros = _scan_fd(fd, self.size, self.path)
             if mapped:

@@ -62,8 +62,6 @@ _ACCEPT_BACKOFF = 0.1
 _PLAN_CACHE_SIZE = 16
 #: sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
-#: Longest handshake timeout accepted (a day): beyond it a timer cannot be armed.
-MAX_HANDSHAKE_TIMEOUT = 86400.0
 #: How much longer than its own timeout a prefetch caller waits for a worker's answer.
 _PREFETCH_GRACE = 60.0
 _PEERCRED = struct.Struct("3i")
@@ -158,7 +156,10 @@ class _Request:
     result: PrefetchResult | None = None
     error: str | None = None
     installed: int = 0
-    resent: bool = False
+
+
+#: The longest handshake_timeout accepted: a VMM that takes longer than an hour is hung.
+MAX_HANDSHAKE_TIMEOUT = 3600.0
 
 
 def _check_config(config: ServerConfig) -> None:
@@ -176,14 +177,15 @@ def _check_config(config: ServerConfig) -> None:
     if config.on_failure not in ("kill", "close"):
         raise PageforkError(f"on_failure must be 'kill' or 'close', not {config.on_failure!r}")
     positive("handshake_timeout", config.handshake_timeout, allow_none=False)
-    positive("record_max_pages", config.record_max_pages)
-    positive("record_max_seconds", config.record_max_seconds)
-    positive("max_pending_handshakes", config.max_pending_handshakes, allow_none=False)
     if config.handshake_timeout > MAX_HANDSHAKE_TIMEOUT:
+        # A timer past about 24 days overflows; a VMM that takes over an hour is hung anyway.
         raise PageforkError(
             f"handshake_timeout must be at most {MAX_HANDSHAKE_TIMEOUT:g} seconds, "
             f"not {config.handshake_timeout!r}"
         )
+    positive("record_max_pages", config.record_max_pages)
+    positive("record_max_seconds", config.record_max_seconds)
+    positive("max_pending_handshakes", config.max_pending_handshakes, allow_none=False)
     workers = config.workers
     if workers != "auto" and (
         isinstance(workers, bool) or not isinstance(workers, int) or workers < 1

@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+#: How many recent fault latencies a fork keeps (a ring: sample n sits at n % LATENCY_WINDOW).
+LATENCY_WINDOW = 1 << 16
+
+
 def percentiles_us(
     latencies_ns: Sequence[int], points: tuple[float, ...] = (50, 90, 99)
 ) -> dict[str, float]:

@@ -12,11 +12,16 @@ where the platform keeps its snapshots, so the record stores their absolute path
 leaves them alone. ``copy=True`` copies both files into the template directory instead; the
 registry then owns them and delete removes them.
 
-The record also counts live forks, so a template cannot be deleted under them. A daemon that
-restarts has no forks left (their page server died with it), so :meth:`reset_live_forks`
-zeroes the counts on start, and :meth:`clean_leftovers` removes what a crash left half made
-(``.new-*``) or half deleted (``.del-*``). Both are for the one daemon that owns the state
-directory (it holds ``daemon.lock``) and must run only once it does.
+A template's live forks are *not* stored: a stored count drifts from reality when a write fails
+(a full disk at release) or the daemon crashes. The fork manager, which holds the forks, answers
+:attr:`TemplateRegistry.live_forks` instead; ``TemplateRecord.live_forks`` is filled from it on
+every read, and a delete is refused while it is not zero. Records written by older versions
+carry a ``live_forks`` field: it is ignored.
+
+:meth:`TemplateRegistry.clean_leftovers` removes what a crash left half made (``.new-*``), half
+deleted (``.del-*``) or half written (the temporary files of a record or hot-set save). It is
+for the one daemon that owns the state directory (it holds ``daemon.lock``) and must run only
+once it does.
 """
 
 from __future__ import annotations
@@ -26,16 +31,18 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pagefork.errors import TemplateError
+from pagefork.errors import PageforkError, TemplateError
 from pagefork.regions import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -54,12 +61,24 @@ _TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Hidden directories of a creation in progress and of a deletion in progress.
 _NEW_PREFIX = ".new-"
 _DEL_PREFIX = ".del-"
+#: Temporary files of an interrupted atomic save inside a template directory (the record's, or
+#: the hot set's): ``.<name>.<mkstemp letters>.tmp``.
+_TMP_LEFTOVER = re.compile(
+    rf"\.({re.escape(RECORD_FILE)}|{re.escape(HOT_PAGES_FILE)})\.[A-Za-z0-9_]+\.tmp"
+)
+#: Fields every record has; ``live_forks`` is derived, never stored.
+_DERIVED_FIELDS = ("live_forks",)
 
 log = logging.getLogger("pagefork")
 
 
 class UnknownTemplateError(TemplateError):
     """No template has this id (the control API answers 404)."""
+
+
+class TemplateStorageError(PageforkError):
+    """The state directory cannot take a template's files (a full disk, a read-only mount);
+    nothing of the template was kept. Not the request's fault: the control API answers 5xx."""
 
 
 class TemplateFieldError(TemplateError):
@@ -89,7 +108,8 @@ class TemplateRecord:
     ``snapshot_path`` is Firecracker's snapshot (VM state) file, or the microVM's template
     directory for kind ``kvm``; ``owns_files`` says whether delete removes ``mem_file`` and
     ``snapshot_path`` (they sit in the template directory) or leaves them (referenced).
-    Times are Unix seconds.
+    Times are Unix seconds. ``live_forks`` is not stored: the registry fills it from the forks
+    the daemon holds when it reads the record.
     """
 
     id: str
@@ -102,8 +122,8 @@ class TemplateRecord:
     hot_pages_path: str
     created: float
     last_used: float | None = None
-    live_forks: int = 0
     owns_files: bool = True
+    live_forks: int = field(default=0, compare=False)
 
     @property
     def mem_pages(self) -> int:
@@ -136,11 +156,12 @@ class TemplateRecord:
             "hot_pages_path": (str,),
             "created": (int, float),
             "last_used": (int, float, type(None)),
-            "live_forks": (int,),
             "owns_files": (bool,),
         }
         values: dict[str, Any] = {}
         for f in fields(cls):
+            if f.name in _DERIVED_FIELDS:
+                continue  # an older version stored it; the stored value means nothing now
             if f.name not in doc:
                 raise TemplateError(f"{where}: field {f.name!r} is missing")
             value = doc[f.name]
@@ -151,8 +172,8 @@ class TemplateRecord:
             values[f.name] = value
         if values["kind"] not in TEMPLATE_KINDS:
             raise TemplateError(f"{where}: field 'kind' is {values['kind']!r}")
-        if values["mem_size"] <= 0 or values["page_size"] < PAGE_SIZE or values["live_forks"] < 0:
-            raise TemplateError(f"{where}: mem_size, page_size or live_forks out of range")
+        if values["mem_size"] <= 0 or values["page_size"] < PAGE_SIZE:
+            raise TemplateError(f"{where}: mem_size or page_size out of range")
         return cls(**values)
 
 
@@ -171,7 +192,7 @@ def _write_atomically(path: Path, doc: dict[str, Any]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise TemplateError(f"{path}: cannot write: {exc.strerror}") from None
+        raise TemplateStorageError(f"{path}: cannot write: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -187,7 +208,7 @@ def _write_atomically(path: Path, doc: dict[str, Any]) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise TemplateError(f"{path}: cannot write: {exc.strerror}") from None
+        raise TemplateStorageError(f"{path}: cannot write: {exc.strerror}") from None
 
 
 class TemplateRegistry:
@@ -200,8 +221,15 @@ class TemplateRegistry:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TemplateError(f"cannot create {self.root}: {exc.strerror}") from None
-        # One lock for every read-modify-write of a record: fork counts and delete must agree.
+        # One lock for every read-modify-write of a record, and for delete.
         self._lock = threading.Lock()
+        #: How many live forks a template (id, ``created``) has: set by the fork manager, which
+        #: holds them. Called with the registry's lock held, so it must not block or take a
+        #: lock of its caller. None: no forks anywhere (a registry used on its own).
+        self.live_forks: Callable[[str, float], int] | None = None
+
+    def _count_live_forks(self, record: TemplateRecord) -> int:
+        return self.live_forks(record.id, record.created) if self.live_forks is not None else 0
 
     # --- paths -------------------------------------------------------------------------------
     def directory(self, template_id: str) -> Path:
@@ -232,6 +260,7 @@ class TemplateRegistry:
         record = TemplateRecord.from_dict(doc, str(path))
         if record.id != template_id:
             raise TemplateError(f"{path}: records id {record.id!r}, not {template_id!r}")
+        record.live_forks = self._count_live_forks(record)
         return record
 
     def listing(self) -> TemplateListing:
@@ -296,7 +325,9 @@ class TemplateRegistry:
                     shutil.copyfile(mem, tmp / SNAPSHOT_DIR / "mem-file")
                     shutil.copyfile(state, tmp / SNAPSHOT_DIR / "snapshot")
                 except OSError as exc:
-                    raise TemplateError(f"cannot copy the snapshot: {exc}") from None
+                    raise TemplateStorageError(
+                        f"template {template_id!r}: cannot copy the snapshot: {exc.strerror or exc}"
+                    ) from None
                 mem_path = final / SNAPSHOT_DIR / "mem-file"
                 state_path = final / SNAPSHOT_DIR / "snapshot"
             return self._new_record(
@@ -321,6 +352,11 @@ class TemplateRegistry:
                 # build_template raises TemplateError only for a spec it cannot build (memory
                 # too small or too large, traces that do not fit); KVM failures are VmmError.
                 raise TemplateFieldError(_SPEC_FIELDS, str(exc)) from None
+            except OSError as exc:  # writing the mem-file or the metadata (a full disk)
+                raise TemplateStorageError(
+                    f"template {template_id!r}: cannot write {exc.filename or 'its files'}: "
+                    f"{exc.strerror or exc}"
+                ) from None
             built.close()
             return self._new_record(
                 template_id,
@@ -367,7 +403,12 @@ class TemplateRegistry:
         final = self.directory(template_id)
         if final.exists():
             raise TemplateError(f"template {template_id!r} already exists")
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{template_id}-", dir=self.root))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{template_id}-", dir=self.root))
+        except OSError as exc:
+            raise TemplateStorageError(
+                f"cannot create a template in {self.root}: {exc.strerror}"
+            ) from None
         try:
             record = fill(tmp, final)
             _write_atomically(tmp / RECORD_FILE, _record_doc(record))
@@ -388,40 +429,25 @@ class TemplateRegistry:
             _write_atomically(self.directory(template_id) / RECORD_FILE, _record_doc(record))
             return record
 
-    def acquire(self, template_id: str) -> TemplateRecord:
-        """Count one more live fork of the template (and mark it used); its record."""
+    def touch(self, template_id: str, created: float) -> None:
+        """Note that the template was used now (``last_used``), best effort.
+
+        Only the record created at ``created`` is changed (one deleted and created again under
+        the same id is another template). A failed write (a full disk) is logged, never
+        raised: a fork must not fail over a timestamp.
+        """
 
         def change(r: TemplateRecord) -> None:
-            r.live_forks += 1
+            if r.created != created:
+                raise UnknownTemplateError(f"template {template_id!r} was created again")
             r.last_used = time.time()
 
-        return self._update(template_id, change)
-
-    def release(self, template_id: str, created: float | None = None) -> TemplateRecord:
-        """Count one live fork fewer.
-
-        With ``created``, only if the record is still that one (a template deleted and created
-        again under the same id is another template: its count is not ours to change).
-        """
-        with self._lock:
-            record = self.get(template_id)
-            if created is not None and record.created != created:
-                return record
-            if record.live_forks <= 0:
-                # A release without an acquire is a bug of the caller: never go negative, but
-                # say so rather than hide it.
-                log.warning("template %s: released with no live fork counted", template_id)
-                return record
-            record.live_forks -= 1
-            _write_atomically(self.directory(template_id) / RECORD_FILE, _record_doc(record))
-            return record
-
-    def reset_live_forks(self) -> None:
-        """Zero every template's live fork count (a daemon starting has no forks yet)."""
-        for record in self.listing().templates:
-            if record.live_forks:
-                with contextlib.suppress(TemplateError):
-                    self._update(record.id, lambda r: setattr(r, "live_forks", 0))
+        try:
+            self._update(template_id, change)
+        except UnknownTemplateError:
+            pass
+        except (TemplateError, TemplateStorageError) as exc:
+            log.warning("template %s: cannot note its use: %s", template_id, exc)
 
     def clean_leftovers(self) -> list[str]:
         """Remove what a crashed daemon left under ``templates/``: creations that never got
@@ -431,14 +457,18 @@ class TemplateRegistry:
         names removed."""
         removed: list[str] = []
         for entry in sorted(self.root.iterdir()):
+            if entry.is_symlink():
+                continue  # never ours: creations and deletions are directories we made
             if entry.name.startswith((_NEW_PREFIX, _DEL_PREFIX)) and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)
             elif entry.is_dir() and not entry.name.startswith("."):
-                for tmp in entry.glob(f".{RECORD_FILE}.*.tmp"):
-                    with contextlib.suppress(OSError):
-                        tmp.unlink()
-                        removed.append(f"{entry.name}/{tmp.name}")
+                for tmp in sorted(entry.iterdir()):
+                    # Only regular files of our own naming: a symlink or a FIFO is not ours.
+                    if _TMP_LEFTOVER.fullmatch(tmp.name) and _is_regular(tmp):
+                        with contextlib.suppress(OSError):
+                            tmp.unlink()
+                            removed.append(f"{entry.name}/{tmp.name}")
         if removed:
             log.info("templates: removed leftovers of a previous run: %s", ", ".join(removed))
         return removed
@@ -453,8 +483,8 @@ class TemplateRegistry:
 
     def detach(self, template_id: str) -> Path:
         """The first half of :meth:`delete`: the template disappears at once (renamed to a
-        hidden directory, returned); :meth:`purge` removes that at leisure. Refused while the
-        record counts live forks."""
+        hidden directory, returned); :meth:`purge` removes that at leisure. Refused while it
+        has live forks (:attr:`live_forks`)."""
         directory = self.directory(template_id)
         with self._lock:
             if not directory.is_dir():
@@ -468,12 +498,12 @@ class TemplateRegistry:
                     f"template {template_id!r} is in use by {record.live_forks} live "
                     f"fork{'s' if record.live_forks != 1 else ''}; release them first"
                 )
-            # Rename first so the template disappears at once, then remove at leisure.
-            doomed = Path(tempfile.mkdtemp(prefix=f"{_DEL_PREFIX}{template_id}-", dir=self.root))
+            # Rename first so the template disappears at once, then remove at leisure. A
+            # rename in place needs no new space: a full disk cannot make a template undeletable.
+            doomed = self.root / f"{_DEL_PREFIX}{template_id}-{secrets.token_hex(6)}"
             try:
-                os.rename(directory, doomed / "t")
+                os.rename(directory, doomed)
             except OSError as exc:
-                shutil.rmtree(doomed, ignore_errors=True)
                 raise TemplateError(f"cannot delete {directory}: {exc.strerror}") from None
         return doomed
 
@@ -488,7 +518,17 @@ _SPEC_FIELDS = ("mem_size_mib", "vcpus", "variants", "working_set", "fork_share"
 
 
 def _record_doc(record: TemplateRecord) -> dict[str, Any]:
-    return {"format": RECORD_FORMAT, "version": RECORD_VERSION, **asdict(record)}
+    doc = asdict(record)
+    for name in _DERIVED_FIELDS:
+        del doc[name]
+    return {"format": RECORD_FORMAT, "version": RECORD_VERSION, **doc}
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def kind_of(value: object) -> TemplateKind:
@@ -508,6 +548,7 @@ __all__ = [
     "TemplateListing",
     "TemplateRecord",
     "TemplateRegistry",
+    "TemplateStorageError",
     "UnknownTemplateError",
     "kind_of",
     "validate_template_id",

@@ -3,7 +3,9 @@
 
 The daemon serves every template's forks and answers a JSON HTTP API on ``--control`` (a
 mode-0600 Unix socket); the verbs are thin wrappers over :class:`~pagefork.daemon.client.
-DaemonClient`. ``--control`` defaults to ``$PAGEFORK_CONTROL``, else ``/run/pagefork.sock``.
+DaemonClient`. ``--control`` defaults to ``$PAGEFORK_CONTROL``, else ``/run/pagefork.sock``,
+for the daemon and the verbs alike, so exporting ``PAGEFORK_CONTROL`` once points both at the
+same socket. Help texts are plain text: argparse prints them as they are.
 """
 
 from __future__ import annotations
@@ -31,12 +33,19 @@ def _control_default() -> str:
     return os.environ.get("PAGEFORK_CONTROL", DEFAULT_CONTROL)
 
 
+#: How the verbs find the daemon, for their --help.
+_FINDING_THE_DAEMON = (
+    "These verbs talk to a running 'pagefork daemon' through its control socket: --control "
+    f"PATH, else $PAGEFORK_CONTROL, else {DEFAULT_CONTROL}."
+)
+
+
 def _add_control(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--control",
         default=_control_default(),
         metavar="PATH",
-        help="the daemon's control socket (default $PAGEFORK_CONTROL or %(default)s)",
+        help=f"the daemon's control socket (default: $PAGEFORK_CONTROL, else {DEFAULT_CONTROL})",
     )
 
 
@@ -69,7 +78,11 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("-v", "--verbose", action="store_true", help="log the fork lifecycle")
     d.set_defaults(func=run_daemon)
 
-    t = subparsers.add_parser("templates", help="list, show, create, delete daemon templates")
+    t = subparsers.add_parser(
+        "templates",
+        help="list, show, create, delete daemon templates",
+        description=f"List, show, create and delete the daemon's templates. {_FINDING_THE_DAEMON}",
+    )
     tsub = t.add_subparsers(dest="templates_command", metavar="ACTION")
     tsub.required = True
     tl = tsub.add_parser("list", help="list templates")
@@ -100,7 +113,11 @@ def add_parser(subparsers: Any) -> None:
     tr.add_argument("id")
     tr.set_defaults(func=run_templates_rerecord)
 
-    f = subparsers.add_parser("forks", help="list, create, show, delete daemon forks")
+    f = subparsers.add_parser(
+        "forks",
+        help="list, create, show, delete daemon forks",
+        description=f"List, create, show and release the daemon's forks. {_FINDING_THE_DAEMON}",
+    )
     fsub = f.add_subparsers(dest="forks_command", metavar="ACTION")
     fsub.required = True
     fl = fsub.add_parser("list", help="list live forks")
@@ -129,6 +146,7 @@ def add_parser(subparsers: Any) -> None:
     fd.add_argument("id")
     fd.set_defaults(func=run_forks_delete)
     for p in (tl, ts, tc, td, tr, fl, fc, fs, fd):
+        p.epilog = _FINDING_THE_DAEMON
         _add_control(p)
         p.add_argument("--json", action="store_true", help="print JSON")
 

@@ -15,7 +15,15 @@ from rich.console import Console
 from rich.table import Table
 
 from pagefork.errors import PageforkError
-from pagefork.hotpages import HotPage, HotPageList, at_least, intersection, load, union
+from pagefork.hotpages import (
+    HotPage,
+    HotPageFormat,
+    HotPageList,
+    at_least,
+    intersection,
+    load,
+    union,
+)
 from pagefork.regions import PAGE_SIZE
 
 #: How many differing pages the human form of ``diff`` lists per side.
@@ -54,7 +62,14 @@ def add_parser(subparsers: Any) -> None:
         "first-touch order of the first file they appear in.",
     )
     merge.add_argument("files", nargs="+", metavar="FILE", help="hot-page files to combine")
-    merge.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write")
+    merge.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="file to write, atomically; an existing OUT must be a regular file (a symbolic "
+        "link, FIFO, device or directory is refused and left untouched)",
+    )
     merge.add_argument(
         "--mode",
         choices=("union", "intersect", "min-count"),
@@ -68,8 +83,10 @@ def add_parser(subparsers: Any) -> None:
     merge.add_argument(
         "--format",
         choices=("hpl1", "hpl2"),
-        default="hpl2",
-        help="hpl2 keeps first-touch order and times (default); hpl1 is sorted, seed-compatible",
+        default=None,
+        help="hpl1: sorted, readable by every HPL1 reader (the Go page server's too); hpl2: "
+        "keeps first-touch order and times. Default: the inputs' format, so hpl1 when every "
+        "input is HPL1 and hpl2 when any is HPL2",
     )
     merge.set_defaults(func=run_merge)
 
@@ -131,6 +148,15 @@ def summarize(hot: HotPageList) -> dict[str, Any]:
         "regions": regions,
         "pages": [list(page) for page in pages],
     }
+
+
+def merge_format(lists: list[HotPageList]) -> HotPageFormat:
+    """The format ``merge`` writes by default: HPL1 when every input is HPL1, else HPL2.
+
+    HPL1 inputs carry no order or times, so HPL1 loses nothing and stays readable by every
+    HPL1 reader; an HPL2 input's first-touch order would be lost in HPL1.
+    """
+    return "hpl1" if all(hot.source_format == "hpl1" for hot in lists) else "hpl2"
 
 
 def _load_named(path: str) -> HotPageList:
@@ -203,9 +229,10 @@ def run_merge(args: argparse.Namespace) -> int:
         merged = intersection(lists)
     else:
         merged = at_least(lists, args.min_count)
-    merged.save(args.output, fmt=args.format)
+    fmt = args.format or merge_format(lists)
+    merged.save(args.output, fmt=fmt)
     how = f"min-count {args.min_count}" if args.mode == "min-count" else args.mode
-    print(f"wrote {len(merged)} pages to {args.output} ({how} of {n} files, {args.format})")
+    print(f"wrote {len(merged)} pages to {args.output} ({how} of {n} files, {fmt})")
     return 0
 
 

@@ -2,24 +2,41 @@
 
 Every connection on the socket is one fork session. Events go to stdout as JSON lines
 (``listening``, ``prefetch_done``, ``hot_pages_saved``, ``fork_end``); logs go to stderr.
+
+Every option is checked before the mem-file is loaded, so a bad one is a one-line error at
+start, never a failure on some fork later. The server stops cleanly (every fork stopped, the
+socket removed, exit 0) on SIGINT, SIGTERM or SIGHUP (SIGHUP stays ignored when it was ignored
+at start, as under ``nohup``), and when the reader of its stdout goes away
+(``serve | head -1``): its events would have nowhere to go, so it stops as a pipeline member
+does, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
+import math
+import os
+import select
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pagefork.errors import PageforkError
+from pagefork.files import check_writable
 from pagefork.hotpages import HotPageList, load
-from pagefork.server import PageServer, ServerConfig
+from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
 from pagefork.stats import ForkStats
 
 log = logging.getLogger("pagefork")
+
+#: The signals that stop the server cleanly (SIGHUP: the terminal or the supervisor went away).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,7 +48,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "Serve guest memory of microVM forks from a template mem-file over userfaultfd. "
             "Point Firecracker's PUT /snapshot/load at the socket with mem_backend "
             '{"backend_type": "Uffd", "backend_path": SOCKET}. Every connection is one fork; '
-            "a JSON line per event is printed on stdout. Stops on SIGINT/SIGTERM."
+            "a JSON line per event is printed on stdout. Stops cleanly (forks stopped, socket "
+            "removed, exit 0) on SIGINT, SIGTERM or SIGHUP (unless started with SIGHUP ignored, "
+            "as by nohup), and when the reader of stdout goes away (serve | head -1)."
         ),
     )
     p.add_argument("--mem-file", required=True, help="the template's guest memory file")
@@ -48,13 +67,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="kill",
         help="on a fork-fatal error: SIGKILL the VMM (default; its guest would hang) or close",
     )
-    p.add_argument("--handshake-timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help=f"seconds a VMM has to send its mappings (default 10, at most "
+        f"{MAX_HANDSHAKE_TIMEOUT:g})",
+    )
     p.add_argument(
         "--record",
         metavar="OUT",
         help="record hot pages and save them to OUT (HPL1) when the fork ends or its window "
-        "closes; OUT may contain {fork} to record every fork to its own file, otherwise only "
-        "the first fork (the warm-up) is recorded",
+        "closes; OUT may contain {fork} in its file name to record every fork to its own file, "
+        "otherwise only the first fork (the warm-up) is recorded. OUT is checked at start: its "
+        "directory must be writable, and an existing OUT must be a regular file (a symbolic "
+        "link, FIFO or device is refused, never replaced)",
     )
     p.add_argument("--record-max-pages", type=int, help="recording window: stop after N pages")
     p.add_argument("--record-max-seconds", type=float, help="recording window: stop after T s")
@@ -68,15 +95,71 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 class _Printer:
-    """Writes one JSON object per line on stdout, whole lines only."""
+    """Writes one JSON object per line on stdout, whole lines only.
 
-    def __init__(self) -> None:
+    When the reader of stdout has gone (EPIPE), events are dropped from then on and ``on_gone``
+    is called once; fd 1 is pointed at /dev/null so that no later flush raises either. Any
+    other write error (ENOSPC) drops that one event with a line on stderr.
+    """
+
+    def __init__(self, on_gone: Callable[[], None]) -> None:
         self._lock = threading.Lock()
+        self._on_gone = on_gone
+        self.gone = sys.stdout is None
 
     def __call__(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, **fields}) + "\n"
         with self._lock:
-            sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
-            sys.stdout.flush()
+            if self.gone:
+                return
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.EBADF):
+                    # A full disk under a redirected stdout: the forks matter more than the
+                    # log of them, so keep serving.
+                    log.error("cannot print the %s event: %s", event, exc.strerror or exc)
+                    return
+                self.gone = True
+                _silence_stdout()
+            else:
+                return
+        log.info("stdout closed by its reader: shutting down")
+        self._on_gone()
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null: what is still buffered is dropped instead of raising at exit."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse options that could only fail later, naming the option."""
+    t = args.handshake_timeout
+    if not (math.isfinite(t) and 0 < t <= MAX_HANDSHAKE_TIMEOUT):
+        raise PageforkError(
+            f"--handshake-timeout must be more than 0 and at most {MAX_HANDSHAKE_TIMEOUT:g} "
+            f"seconds, not {t:g}"
+        )
+    if args.record_max_pages is not None and args.record_max_pages < 1:
+        raise PageforkError(f"--record-max-pages must be at least 1, not {args.record_max_pages}")
+    seconds = args.record_max_seconds
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise PageforkError(f"--record-max-seconds must be a positive number, not {seconds:g}")
+    if args.record is not None:
+        record: str = args.record
+        if "{fork}" in os.path.dirname(record):
+            raise PageforkError(f"--record {record}: {{fork}} may only appear in the file name")
+        sample = record.replace("{fork}", "fork-1")
+        check_writable(sample, "--record")
+        # Saving a hot set over the template would destroy it.
+        with contextlib.suppress(OSError):
+            if os.path.samefile(sample, args.mem_file):
+                raise PageforkError(f"--record {record} is the mem-file itself")
 
 
 def _fork_end_fields(stats: ForkStats) -> dict[str, Any]:
@@ -99,13 +182,35 @@ def _fork_end_fields(stats: ForkStats) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM."""
+    """Serve until a stop signal, or until the reader of stdout goes away."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="pagefork: %(message)s",
         stream=sys.stderr,
     )
-    emit = _Printer()
+    _check_args(args)
+    # Signals and a closed stdout wake the main thread through one eventfd. Installed before
+    # the mem-file is loaded, so a signal during a long load stops the server once it is up.
+    wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    # A SIGHUP that is ignored on entry (nohup) stays ignored: that caller asked to outlive
+    # its terminal.
+    previous = {
+        sig: signal.getsignal(sig)
+        for sig in STOP_SIGNALS
+        if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN)
+    }
+    for sig in previous:
+        signal.signal(sig, lambda *_: os.eventfd_write(wake_fd, 1))
+    try:
+        return _serve(args, wake_fd)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(wake_fd)
+
+
+def _serve(args: argparse.Namespace, wake_fd: int) -> int:
+    emit = _Printer(on_gone=lambda: os.eventfd_write(wake_fd, 1))
     hot: HotPageList | None = None
     if args.hot_pages:
         hot = load(args.hot_pages)
@@ -170,15 +275,31 @@ def run(args: argparse.Namespace) -> int:
         on_fork_end=ended,
         on_window_closed=window_closed,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     server = PageServer(config)
     try:
         server.listen(args.socket, record=should_record)
         emit("listening", socket=args.socket, mem_file=args.mem_file)
-        while not stop.wait(3600):
-            pass
+        _wait_for_stop(wake_fd)
     finally:
         server.close()
     return 0
+
+
+def _wait_for_stop(wake_fd: int) -> None:
+    """Block until ``wake_fd`` is signalled or the reader of stdout goes away."""
+    poller = select.poll()
+    poller.register(wake_fd, select.POLLIN)
+    # No events asked for: poll still reports POLLERR when a pipe's reader has closed, and
+    # POLLHUP when a socket's peer has. A regular file or /dev/null never reports either.
+    with contextlib.suppress(ValueError, OSError):
+        poller.register(1, 0)
+    while True:
+        for fd, events in poller.poll():
+            if fd == wake_fd:
+                return
+            if events & select.POLLNVAL:
+                poller.unregister(1)  # stdout was closed before we started: nothing to watch
+            elif events & (select.POLLERR | select.POLLHUP):
+                log.info("stdout closed by its reader: shutting down")
+                _silence_stdout()
+                return

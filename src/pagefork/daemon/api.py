@@ -21,13 +21,20 @@ DELETE   /forks/{id}                  release; the final counters
 GET      /metrics                     Prometheus text format
 =======  ===========================  ==========================================================
 
-Status codes: 400 a bad request (the message names the field, or the driver option), 404 an
-unknown template, fork or route (also one deleted or released while the request ran), 405 a
-known route with another method, 409 a request the current state refuses (a template in use or
-already there), 502 the VMM failed.
+Ids in paths are percent-encoded (one path segment each: ``/templates/a%20b`` is the
+template ``a b``, which does not exist).
+
+Status codes: 400 a bad request (the message names the field, or the driver option; also bad
+HTTP framing), 404 an unknown template, fork or route (also one deleted or released while the
+request ran), 405 a known route with another method (``Allow`` lists the right ones; HEAD and
+OPTIONS included), 409 a request the current state refuses (a template in use or already
+there), 413 a body over 1 MiB, 501 a method HTTP does not define here, 502 the VMM failed.
+Every answer is JSON.
 
 :class:`ControlApi` maps a request to a response and does no I/O of its own, so it is tested
-without sockets; :class:`ControlServer` is the thin HTTP layer over it.
+without sockets; :class:`ControlServer` serves it over HTTP with
+:class:`~pagefork.daemon.httpserver.HttpServer` (h11 under a selector loop; that module says
+why).
 """
 
 from __future__ import annotations
@@ -36,16 +43,15 @@ import json
 import logging
 import re
 import socket
-import socketserver
-from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from typing import Any
+from urllib.parse import unquote
 
+from pagefork.daemon.httpserver import KNOWN_METHODS, HttpServer, Response, ServerLimits
 from pagefork.daemon.manager import DriverOptionsError, ForkManager, UnknownForkError
 from pagefork.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pagefork.daemon.metrics import DaemonMetrics
-from pagefork.errors import ForkError, PageforkError, TemplateError, VmmError
+from pagefork.errors import DaemonError, ForkError, PageforkError, TemplateError, VmmError
 from pagefork.server import bind_private_socket, validate_fork_id
 from pagefork.templates import (
     TemplateFieldError,
@@ -57,31 +63,16 @@ from pagefork.templates import (
 
 log = logging.getLogger("pagefork")
 
-#: Request bodies larger than this are refused (a control request is a few hundred bytes).
-MAX_BODY = 1 << 20
-JSON_TYPE = "application/json"
-
-
-@dataclass(frozen=True)
-class Response:
-    """An HTTP response: status, content type, body."""
-
-    status: int
-    body: bytes
-    content_type: str = JSON_TYPE
-
-    @classmethod
-    def json(cls, status: int, doc: object) -> Response:
-        """A JSON response."""
-        return cls(status, (json.dumps(doc) + "\n").encode())
-
 
 class HttpError(Exception):
-    """Ends a request with ``status`` and ``{"error": message}``."""
+    """Ends a request with ``status``, ``{"error": message}`` and any extra ``headers``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 def _bad(message: str) -> HttpError:
@@ -90,6 +81,14 @@ def _bad(message: str) -> HttpError:
 
 def _not_found(message: str) -> HttpError:
     return HttpError(HTTPStatus.NOT_FOUND, message)
+
+
+def _segment(raw: str) -> str:
+    """A path segment's id, percent-decoded (as UTF-8, strictly)."""
+    try:
+        return unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise _bad(f"path segment {raw!r}: percent-encoding is not UTF-8") from None
 
 
 class _Body:
@@ -154,9 +153,11 @@ class ControlApi:
     def handle(self, method: str, path: str, body: bytes) -> Response:
         """Answer one request; never raises."""
         try:
+            if method not in KNOWN_METHODS:
+                raise HttpError(HTTPStatus.NOT_IMPLEMENTED, f"method {method} is not implemented")
             return self._dispatch(method, path.split("?", 1)[0].rstrip("/") or "/", body)
         except HttpError as exc:
-            return Response.json(exc.status, {"error": str(exc)})
+            return Response.json(exc.status, {"error": str(exc)}, exc.headers)
         except (TemplateFieldError, DriverOptionsError) as exc:
             return Response.json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
         except (UnknownTemplateError, UnknownForkError) as exc:
@@ -180,8 +181,15 @@ class ControlApi:
                 continue
             handler = getattr(self, f"_{method.lower()}_{name}", None)
             if handler is None:
-                raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}")
-            response: Response = handler(*m.groups(), raw)
+                allowed = [
+                    v for v in ("GET", "POST", "DELETE") if hasattr(self, f"_{v.lower()}_{name}")
+                ]
+                raise HttpError(
+                    HTTPStatus.METHOD_NOT_ALLOWED,
+                    f"{method} is not allowed on {path} (allowed: {', '.join(allowed)})",
+                    (("Allow", ", ".join(allowed)),),
+                )
+            response: Response = handler(*(_segment(g) for g in m.groups()), raw)
             return response
         raise _not_found(f"no such route: {path}")
 
@@ -324,57 +332,40 @@ def _microvm_spec(body: _Body) -> Any:
     )
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Reads a request, hands it to :class:`ControlApi`, writes the answer."""
+class ControlServer(HttpServer):
+    """The control API served over HTTP on a mode-0600 Unix socket at ``path``.
 
-    server: ControlServer
-    protocol_version = "HTTP/1.1"
+    The server owns its listening socket; :meth:`from_socket` serves on one that is already
+    bound (for instance handed over by a previous daemon).
+    """
 
-    def _serve(self) -> None:
-        length_header = self.headers.get("Content-Length", "0")
-        try:
-            length = int(length_header)
-        except ValueError:
-            length = -1
-        if length < 0 or length > MAX_BODY:
-            response = Response.json(
-                HTTPStatus.BAD_REQUEST, {"error": f"Content-Length {length_header!r} refused"}
-            )
-            self.close_connection = True
-        else:
-            body = self.rfile.read(length) if length else b""
-            response = self.server.api.handle(self.command, self.path, body)
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        self.wfile.write(response.body)
-
-    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
-
-    def address_string(self) -> str:
-        """Unix-socket peers have no address; name the socket instead."""
-        return "control"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Access log lines go to the pagefork logger at debug level, not stderr."""
-        log.debug("control: " + format, *args)
-
-
-class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """The control API's HTTP server on a mode-0600 Unix socket at ``path``."""
-
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, path: str, api: ControlApi) -> None:
-        super().__init__(path, _Handler, bind_and_activate=False)
-        self.socket.close()
-        self.api = api
-        self.path = path
+    def __init__(self, path: str, api: ControlApi, limits: ServerLimits | None = None) -> None:
         # Bound in a private directory and renamed into place: never reachable with looser
         # permissions, whatever the umask.
-        self.socket: socket.socket = bind_private_socket(path)
+        sock = bind_private_socket(path)
+        try:
+            super().__init__(sock, api.handle, limits)
+        except BaseException:
+            sock.close()
+            raise
+        self.api = api
+        self.path = path
+
+    @classmethod
+    def from_socket(
+        cls, sock: socket.socket, api: ControlApi, limits: ServerLimits | None = None
+    ) -> ControlServer:
+        """Serve ``api`` on ``sock``, a listening Unix stream socket; the server then owns it."""
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise DaemonError(f"control socket fd {sock.fileno()}: not a Unix stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise DaemonError(f"control socket fd {sock.fileno()}: not listening")
+        server = cls.__new__(cls)
+        HttpServer.__init__(server, sock, api.handle, limits)
+        server.api = api
+        name = sock.getsockname()
+        server.path = name if isinstance(name, str) else name.decode(errors="replace")
+        return server
 
 
-__all__ = ["ControlApi", "ControlServer", "HttpError", "Response"]
+__all__ = ["ControlApi", "ControlServer", "HttpError", "Response", "ServerLimits"]

@@ -1,7 +1,13 @@
 """A small Python client for the daemon's control socket.
 
 Every method is one HTTP request; a non-2xx answer raises :class:`DaemonError` carrying the
-status and the daemon's message. ::
+status and the daemon's message, and so does a daemon that cannot be reached. Ids are
+percent-encoded into their path segment (``a?b`` is the id ``a?b``, never a query), and an
+empty id is refused before anything is sent.
+
+When a burst of clients fills the control socket's listen backlog, ``connect`` waits in the
+kernel (``SO_SNDTIMEO``) until the daemon accepts, within the request's timeout, instead of
+failing with EAGAIN; an early EAGAIN is retried with a short backoff. ::
 
     client = DaemonClient("/run/pagefork.sock")
     fork = client.create_fork("web", vmm="firecracker", options={"api_socket": "..."})
@@ -10,12 +16,55 @@ status and the daemon's message. ::
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import socket
+import struct
+import time
 from typing import Any
+from urllib.parse import quote
 
 from pagefork.errors import DaemonError
+
+#: Longest request timeout (a day): SO_SNDTIMEO takes a finite time.
+_MAX_TIMEOUT = 86400.0
+# Backoff between connects that the kernel ended early with EAGAIN (normally it waits).
+_RETRY_FIRST = 0.001
+_RETRY_MAX = 0.05
+
+
+def connect_unix(path: str, timeout: float) -> socket.socket:
+    """A stream socket connected to ``path`` (the socket then times out after ``timeout``).
+
+    A full listen backlog does not fail the connect: the kernel makes a blocking connect wait
+    for room up to ``SO_SNDTIMEO``, which is set to what is left of ``timeout``.
+    """
+    deadline = time.monotonic() + min(timeout, _MAX_TIMEOUT)
+    delay = _RETRY_FIRST
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, "its listen backlog stayed full (timed out)")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            seconds = int(left)
+            sock.setsockopt(
+                socket.SOL_SOCKET,
+                socket.SO_SNDTIMEO,
+                struct.pack("ll", seconds, max(1, int((left - seconds) * 1e6))),
+            )
+            sock.connect(path)  # blocking: waits while the backlog is full
+        except BlockingIOError:
+            sock.close()
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, _RETRY_MAX)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        return sock
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -24,14 +73,16 @@ class _UnixConnection(http.client.HTTPConnection):
         self._path = path
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        timeout = self.timeout if self.timeout is not None else 120.0
+        self.sock = connect_unix(self._path, timeout)
+        self.sock.settimeout(timeout)
+
+
+def _segment(kind: str, value: str) -> str:
+    """``value`` as one percent-encoded path segment; a clear error for an empty id."""
+    if not isinstance(value, str) or not value:
+        raise DaemonError(f"{kind} id must not be empty")
+    return quote(value, safe="")
 
 
 class DaemonClient:
@@ -42,6 +93,8 @@ class DaemonClient:
     """
 
     def __init__(self, control_path: str, timeout: float = 120.0) -> None:
+        if not 0 < timeout < _MAX_TIMEOUT:
+            raise DaemonError(f"client timeout must be within (0, {_MAX_TIMEOUT:g}) s: {timeout}")
         self.control_path = control_path
         self.timeout = timeout
 
@@ -58,6 +111,10 @@ class DaemonClient:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise DaemonError(f"cannot reach the daemon at {self.control_path}: {reason}") from None
+        except http.client.HTTPException as exc:
+            raise DaemonError(
+                f"daemon at {self.control_path}: malformed HTTP answer ({exc!r})"
+            ) from None
         finally:
             conn.close()
         if not content_type.startswith("application/json"):
@@ -83,7 +140,9 @@ class DaemonClient:
 
     def template(self, template_id: str) -> dict[str, Any]:
         """One template's record."""
-        result: dict[str, Any] = self.request("GET", f"/templates/{template_id}")
+        result: dict[str, Any] = self.request(
+            "GET", f"/templates/{_segment('template', template_id)}"
+        )
         return result
 
     def create_template(self, template_id: str, kind: str, **fields: Any) -> dict[str, Any]:
@@ -94,11 +153,11 @@ class DaemonClient:
 
     def delete_template(self, template_id: str) -> None:
         """Delete a template (refused while it has live forks)."""
-        self.request("DELETE", f"/templates/{template_id}")
+        self.request("DELETE", f"/templates/{_segment('template', template_id)}")
 
     def rerecord(self, template_id: str) -> None:
         """Make the template's next fork record a new hot set."""
-        self.request("POST", f"/templates/{template_id}/rerecord", {})
+        self.request("POST", f"/templates/{_segment('template', template_id)}/rerecord", {})
 
     # --- forks -------------------------------------------------------------------------------
     def forks(self) -> list[dict[str, Any]]:
@@ -126,25 +185,27 @@ class DaemonClient:
 
     def fork(self, fork_id: str) -> dict[str, Any]:
         """A fork and its counters (``stats``)."""
-        result: dict[str, Any] = self.request("GET", f"/forks/{fork_id}")
+        result: dict[str, Any] = self.request("GET", f"/forks/{_segment('fork', fork_id)}")
         return result
 
     def prefetch(self, fork_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Install the template's hot set into the fork (after its VMM's handshake)."""
         body = {"timeout": timeout} if timeout is not None else {}
-        result: dict[str, Any] = self.request("POST", f"/forks/{fork_id}/prefetch", body)
+        result: dict[str, Any] = self.request(
+            "POST", f"/forks/{_segment('fork', fork_id)}/prefetch", body
+        )
         return result
 
     def wait_fork(self, fork_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """Wait for the fork's guest to finish; the driver's summary and the final stats."""
         result: dict[str, Any] = self.request(
-            "POST", f"/forks/{fork_id}/wait", {"timeout": timeout}
+            "POST", f"/forks/{_segment('fork', fork_id)}/wait", {"timeout": timeout}
         )
         return result
 
     def release_fork(self, fork_id: str) -> dict[str, Any]:
         """Release a fork; its final counters."""
-        result: dict[str, Any] = self.request("DELETE", f"/forks/{fork_id}")
+        result: dict[str, Any] = self.request("DELETE", f"/forks/{_segment('fork', fork_id)}")
         return result
 
     def metrics(self) -> str:

@@ -10,12 +10,23 @@ The hot-page loop, per template:
   grows into all of memory makes restores slower). When the window closes, or the fork ends or
   is released, the hot set is saved to the template's hot-pages file (the producer).
 - *prefetch*: every later fork gets that hot set installed before its vCPUs resume (the
-  consumer).
+  consumer). A hot set that does not fit the fork's memory (the snapshot was taken again with
+  another layout) is not an error: the fork is served on demand, its prefetch result says
+  why, and the template's next fork records a new hot set.
 - *demand*: a fork that arrives while the warm-up still records, before any hot set exists, is
   served on demand only (two recordings would race for one file).
 
 :meth:`ForkManager.rerecord` makes the next fork a warm-up again; until its hot set is saved,
 other forks keep prefetching the old one.
+
+Slow work never holds the manager's lock: a template's page server (which maps and scans the
+whole mem-file) starts outside it, so other templates and other requests go on meanwhile; a
+second fork of the same template waits for that start only. A template's live forks are the
+forks held here (:meth:`ForkManager.live_forks_of`), never a stored count.
+
+A VMM whose driver gives a pidfd (the built-in microVM) is watched through it on one thread, with
+no polling: when it exits, its fork says so (phase ``exited`` with the ``exit_status``) and the
+process is reaped at once. The fork stays until it is released.
 """
 
 from __future__ import annotations
@@ -25,17 +36,28 @@ import importlib
 import logging
 import os
 import secrets
+import select
+import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from pagefork.errors import ForkError, HotPageFileError, PageforkError, TemplateError, VmmError
+from pagefork.errors import (
+    ForkError,
+    HotPageFileError,
+    PageforkError,
+    PrefetchError,
+    TemplateError,
+    VmmError,
+)
 from pagefork.hotpages import HotPageList
 from pagefork.hotpages import load as load_hot_pages
+from pagefork.regions import Region
 from pagefork.server import PageServer, ServerConfig, validate_fork_id
-from pagefork.stats import ForkStats
+from pagefork.stats import LATENCY_WINDOW, ForkStats
 from pagefork.templates import TemplateRecord, TemplateRegistry
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
 
@@ -43,12 +65,21 @@ log = logging.getLogger("pagefork")
 
 ForkRole = Literal["warmup", "prefetch", "demand"]
 #: ``starting``: its VMM is being restored by the manager (a release waits for that to end);
-#: ``live``: restored or driven by the caller; ``releasing``: one release has claimed it.
-ForkPhase = Literal["starting", "live", "releasing"]
+#: ``live``: restored or driven by the caller; ``exited``: its VMM process has exited (see
+#: ``exit_status``), the fork is kept until released; ``releasing``: one release has claimed it.
+ForkPhase = Literal["starting", "live", "exited", "releasing"]
 #: A template's identity: its id and its record's ``created`` stamp. A template deleted and
 #: created again under the same id is another template: it never shares a page server, a
 #: cached hot set or a re-record request with the old one.
 TemplateKey = tuple[str, float]
+
+#: sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+#: The longest fork id :func:`~pagefork.server.validate_fork_id` accepts.
+MAX_FORK_ID = 64
+#: A generated fork id is ``<template id, cut>-<8 hex digits>``.
+_GENERATED_SUFFIX = 9
+_GENERATED_TEMPLATE_PART = 40
 
 #: Drivers the daemon offers by name, loaded when their module is importable.
 DRIVER_CLASSES = {
@@ -90,13 +121,20 @@ def load_drivers() -> dict[str, VmmDriver]:
     return drivers
 
 
+def fork_id_room(socket_dir: str) -> int:
+    """The longest fork id whose socket ``<socket_dir>/<id>.sock`` fits :data:`MAX_SOCKET_PATH`."""
+    return MAX_SOCKET_PATH - len(os.fsencode(os.path.join(socket_dir, ""))) - len(".sock")
+
+
 @dataclass(frozen=True)
 class ManagerConfig:
     """Settings of a :class:`ForkManager`.
 
     ``socket_dir`` holds every fork's uffd socket (keep it short: a socket path has at most
-    107 bytes). The recording window of a warm-up fork closes after ``record_max_seconds`` or
-    ``record_max_share`` of the template's pages, whichever comes first.
+    107 bytes; the manager refuses a directory that leaves no room for a generated fork id,
+    and warns when it leaves less than the longest one allowed). The recording window of a
+    warm-up fork closes after ``record_max_seconds`` or ``record_max_share`` of the template's
+    pages, whichever comes first.
     """
 
     socket_dir: str
@@ -123,6 +161,13 @@ class Fork:
     hot: HotPageList | None = None  # what this fork prefetches (role "prefetch")
     phase: ForkPhase = "live"
     template_created: float = 0.0  # the template record's ``created``: see TemplateKey
+    #: The VMM's exit status once it has exited (negative: the signal that killed it; None
+    #: while it runs, or when the driver cannot tell).
+    exit_status: int | None = None
+    # Set when the VMM has exited (``exit_status`` may still be None).
+    vmm_exited: bool = field(default=False, repr=False)
+    # The exit watcher's token for this fork's VMM, while watched.
+    exit_watch: int | None = field(default=None, repr=False)
     # A release arrived while the fork was starting: its creator releases it.
     release_requested: bool = field(default=False, repr=False)
     # Set once the fork is torn down; ``released_stats`` then holds its final counters.
@@ -144,6 +189,7 @@ class Fork:
             "phase": self.phase,
             "driver": self.driver,
             "pid": self.handle.pid if self.handle is not None else None,
+            "exit_status": self.exit_status,
             "created": self.created,
             "prefetch": self.prefetch,
         }
@@ -164,10 +210,179 @@ class _TemplateState:
         return (self.record.id, self.record.created)
 
 
+@dataclass
+class _ServerStart:
+    """A template's page server being started (outside the manager's lock) by one fork's
+    creator; the creators of other forks of it wait on ``ready``."""
+
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    waiting: int = 0  # creators of forks waiting for (or doing) this start
+
+
+class _ExitWatcher:
+    """Calls back when a watched process exits, through its pidfd (readable once it has
+    exited): one thread and one epoll for every VMM, no polling."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[int, Callable[[], None]] = {}
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="pagefork-vmm-exits", daemon=True)
+        self._thread.start()
+
+    def watch(self, pidfd: int, on_exit: Callable[[], None]) -> int:
+        """Call ``on_exit`` (on the watcher's thread) once the process exits; a token for
+        :meth:`unwatch`. The watcher keeps its own duplicate of ``pidfd``."""
+        fd = os.dup(pidfd)  # ours to close, whatever the driver does with its own
+        with self._lock:
+            if self._closed:
+                os.close(fd)
+                raise ForkError("the fork manager is shutting down")
+            self._watched[fd] = on_exit
+            self._epoll.register(fd, select.EPOLLIN)
+        return fd
+
+    def unwatch(self, token: int) -> None:
+        """Stop watching (idempotent; a callback already running still finishes)."""
+        with self._lock:
+            if self._watched.pop(token, None) is not None:
+                self._epoll.unregister(token)
+                os.close(token)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == self._wake:
+                    return
+                with self._lock:
+                    # The fd may have been unwatched, and its number reused, since the poll.
+                    if fd not in self._watched or not _readable_now(fd):
+                        continue
+                    on_exit = self._watched.pop(fd)
+                    self._epoll.unregister(fd)
+                    os.close(fd)
+                try:
+                    on_exit()
+                except Exception:  # the watcher must outlive any one callback
+                    log.exception("handling a VMM's exit failed")
+
+    def close(self) -> None:
+        """Stop the thread and close every fd; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        os.eventfd_write(self._wake, 1)
+        self._thread.join()
+        with self._lock:
+            for fd in self._watched:
+                os.close(fd)
+            self._watched.clear()
+        self._epoll.close()
+        os.close(self._wake)
+
+
+def _readable_now(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class SocketJournal:
+    """The fork sockets this daemon created, so that a restart removes exactly those.
+
+    A socket directory may be shared with other programs (``daemon --socket-dir``), so "every
+    ``*.sock`` in it" is not ours to delete. Each socket the daemon binds gets one small entry
+    under ``directory``: the socket's device, inode, change time and path. :meth:`clean` removes
+    a socket only if it is still that very file (a freed inode number is soon reused: the change
+    time tells the new file apart). Writing an entry is best effort (a full disk): a socket
+    without one is merely left behind, and replaced when a fork of the same id binds again.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PageforkError(f"cannot create {self.directory}: {exc.strerror}") from None
+
+    def add(self, fork_id: str, socket_path: str) -> None:
+        """Note the socket of fork ``fork_id`` (just bound by the daemon)."""
+        entry = self.directory / fork_id
+        try:
+            st = os.lstat(socket_path)
+            identity = f"{st.st_dev} {st.st_ino} {st.st_ctime_ns}"
+            line = f"{identity} {os.path.abspath(socket_path)}\n".encode()
+            fd = os.open(
+                entry, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(0, "short write")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning(
+                "fork %s: cannot note its socket for cleanup after a crash: %s",
+                fork_id,
+                exc.strerror or exc,
+            )
+            with contextlib.suppress(OSError):
+                os.unlink(entry)
+
+    def remove(self, fork_id: str) -> None:
+        """Forget fork ``fork_id``'s socket (it has been removed)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.directory / fork_id)
+
+    def clean(self) -> list[str]:
+        """Remove the sockets a previous run left (still the inodes it bound); forget every
+        entry. Only for the daemon that owns the state directory. Returns the paths removed."""
+        removed: list[str] = []
+        for entry in sorted(self.directory.iterdir()):
+            try:
+                if not stat.S_ISREG(os.lstat(entry).st_mode):
+                    continue  # not an entry we wrote
+                dev, ino, ctime, path = entry.read_bytes().decode().rstrip("\n").split(" ", 3)
+                st = os.lstat(path)
+                identity = (st.st_dev, st.st_ino, st.st_ctime_ns)
+                if stat.S_ISSOCK(st.st_mode) and identity == (int(dev), int(ino), int(ctime)):
+                    os.unlink(path)
+                    removed.append(path)
+            except (OSError, ValueError):
+                pass  # gone already, replaced by something else, or a torn entry: leave it
+            with contextlib.suppress(OSError):
+                os.unlink(entry)
+        if removed:
+            log.info("daemon: removed %d fork sockets of a previous run", len(removed))
+        return removed
+
+
+def _misfit(hot: HotPageList, regions: Sequence[Region]) -> str | None:
+    """Why ``hot`` cannot be installed into a fork with ``regions`` (its first bad entry), or
+    None if every entry fits."""
+    for index, (region, offset) in enumerate(hot.in_order()):
+        if not 0 <= region < len(regions):
+            return f"entry {index} is in region {region}; the fork has {len(regions)}"
+        r = regions[region]
+        if offset % r.page_size or offset >= r.size:
+            return f"entry {index} (offset {offset:#x}) lies outside region {region}"
+    return None
+
+
 class ForkManager:
     """Creates and releases forks of the registry's templates; safe from any thread.
 
-    Lock order: ``_hot_lock`` before ``_lock`` before the registry's lock.
+    Lock order: ``_hot_lock`` before ``_lock`` before the registry's lock. ``_feed_lock`` is
+    taken alone.
     """
 
     def __init__(
@@ -177,25 +392,56 @@ class ForkManager:
         drivers: Mapping[str, VmmDriver] | None = None,
         on_fork_end: Callable[[str, ForkStats], None] | None = None,
         on_fault_latencies: Callable[[str, list[int]], None] | None = None,
+        socket_journal: SocketJournal | None = None,
     ) -> None:
         self.registry = registry
         self.config = config
         self.drivers: dict[str, VmmDriver] = dict(drivers) if drivers is not None else {}
         #: Called with (template id, final stats) when a fork's session ends (for metrics).
         self.on_fork_end = on_fork_end
-        #: Called with (template id, fault latencies in ns) when a fork is released.
+        #: Called with (template id, fault latencies in ns) with each fork's new latencies:
+        #: from :meth:`live_stats` (a metrics scrape) and when the fork is released.
         self.on_fault_latencies = on_fault_latencies
+        self.socket_journal = socket_journal
+        self._id_room = self._check_socket_dir(config.socket_dir)
         os.makedirs(config.socket_dir, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._templates: dict[TemplateKey, _TemplateState] = {}
+        self._starting: dict[TemplateKey, _ServerStart] = {}
         self._forks: dict[str, Fork] = {}
+        self._reserved: set[str] = set()  # ids of forks waiting for their page server
         # Loaded hot sets by template id, with the ``created`` of the record they were loaded
         # for (a cached set of a deleted template never serves one created again under its id).
         self._hot: dict[str, tuple[float, HotPageList | None]] = {}
         self._rerecord: set[TemplateKey] = set()
         # Serialises saving hot sets, and a template's delete against a save into its directory.
         self._hot_lock = threading.Lock()
+        # Fault latencies already fed to ``on_fault_latencies``, per fork (sample counts).
+        self._fed: dict[str, int] = {}
+        self._feed_lock = threading.Lock()
         self._closed = False
+        self._exits = _ExitWatcher()
+        registry.live_forks = self.live_forks_of
+
+    @staticmethod
+    def _check_socket_dir(socket_dir: str) -> int:
+        """Refuse a socket dir that leaves no room for a generated fork id; warn (one line)
+        when it leaves less than the longest id allowed. Returns the room."""
+        room = fork_id_room(socket_dir)
+        if room < 1 + _GENERATED_SUFFIX:
+            raise PageforkError(
+                f"socket dir {socket_dir} is too long: a fork socket in it would exceed "
+                f"{MAX_SOCKET_PATH} bytes (use a shorter --socket-dir)"
+            )
+        if room < MAX_FORK_ID:
+            log.warning(
+                "socket dir %s leaves room for fork ids of at most %d characters (%d are "
+                "allowed): longer ids will be refused; a shorter --socket-dir avoids this",
+                socket_dir,
+                room,
+                MAX_FORK_ID,
+            )
+        return room
 
     # --- queries -----------------------------------------------------------------------------
     def has_fork(self, fork_id: str) -> bool:
@@ -216,6 +462,15 @@ class ForkManager:
         with self._lock:
             return sorted(self._forks.values(), key=lambda f: f.created)
 
+    def live_forks_of(self, template_id: str, created: float) -> int:
+        """How many forks of the template (id, ``created``) the manager holds now.
+
+        Takes no lock (the registry calls it with its own lock held, sometimes from a thread
+        that holds ours): ``list()`` copies the table in one step under the GIL.
+        """
+        key = (template_id, created)
+        return sum(1 for f in list(self._forks.values()) if f.template_key == key)
+
     def _state_of(self, fork: Fork) -> _TemplateState:
         with self._lock:
             state = self._templates.get(fork.template_key)
@@ -235,9 +490,15 @@ class ForkManager:
             raise
 
     def live_stats(self) -> dict[str, list[ForkStats]]:
-        """Per template, the current stats of every live fork whose session has not ended."""
+        """Per template, the current stats of every live fork whose session has not ended.
+
+        This is a metrics scrape: every held fork's fault latencies since the last one are
+        fed to ``on_fault_latencies`` first, so the histogram moves while forks are live.
+        """
         out: dict[str, list[ForkStats]] = {}
         for fork in self.forks():
+            with contextlib.suppress(ForkError):
+                self._feed_latencies(self._state_of(fork).server, fork)
             if fork.final_stats is not None:
                 continue  # counted as ended already
             with contextlib.suppress(ForkError):
@@ -287,6 +548,11 @@ class ForkManager:
         except VmmError as exc:
             raise DriverOptionsError(f"driver {driver}: {exc}") from None
 
+    def new_fork_id(self, template_id: str) -> str:
+        """A fresh fork id for ``template_id`` whose socket path fits the socket dir."""
+        part = template_id[: min(_GENERATED_TEMPLATE_PART, self._id_room - _GENERATED_SUFFIX)]
+        return f"{part}-{secrets.token_hex(4)}"
+
     def create_fork(
         self,
         template_id: str,
@@ -302,9 +568,12 @@ class ForkManager:
         carried out by this call once the VMM's start ends; this call then raises
         :class:`ForkError`. Without a driver, the caller's VMM connects to the socket, then the
         caller asks for :meth:`prefetch` and resumes its VMM itself.
+
+        The template's first fork starts its page server, outside the manager's lock: other
+        requests proceed meanwhile, and other forks of the template wait for that start.
         """
         if fork_id is None:
-            fork_id = f"{template_id[:40]}-{secrets.token_hex(4)}"
+            fork_id = self.new_fork_id(template_id)
         validate_fork_id(fork_id)
         vmm: VmmDriver | None = None
         opts = dict(options or {})
@@ -313,49 +582,11 @@ class ForkManager:
             vmm = self.drivers[driver]
         seen = self.registry.get(template_id)
         hot = self._hot_set_of(seen)
-        with self._lock:
-            if self._closed:
-                raise ForkError("the fork manager is shutting down")
-            if fork_id in self._forks:
-                raise ForkError(f"fork {fork_id} already exists")
-            record = self.registry.acquire(template_id)
-            key: TemplateKey = (template_id, record.created)
-            state: _TemplateState | None = None
-            try:
-                if record.created != seen.created:
-                    raise TemplateError(
-                        f"template {template_id!r} was deleted and created again meanwhile; retry"
-                    )
-                state = self._templates.get(key)
-                if state is None:
-                    state = self._start_server(record)
-                    self._templates[key] = state
-                role = self._role(state, hot)
-                socket_path = state.server.register_fork(fork_id, record=role == "warmup")
-            except BaseException:
-                with contextlib.suppress(TemplateError):
-                    self.registry.release(template_id, record.created)
-                if state is not None and not state.forks and self._templates.get(key) is state:
-                    del self._templates[key]
-                    state.server.close()
-                raise
-            fork = Fork(
-                fork_id,
-                template_id,
-                socket_path,
-                role,
-                time.time(),
-                driver=driver,
-                hot=hot if role == "prefetch" else None,
-                phase="starting" if vmm is not None else "live",
-                template_created=record.created,
-            )
-            state.forks.add(fork_id)
-            if role == "warmup":
-                state.warmup_fork = fork_id
-                state.warmup_done = threading.Event()
-            self._forks[fork_id] = fork
-        log.info("fork %s of %s: %s, socket %s", fork_id, template_id, role, socket_path)
+        fork, record = self._register(seen, fork_id, hot, driver, starting=vmm is not None)
+        log.info("fork %s of %s: %s, socket %s", fork_id, template_id, fork.role, fork.socket_path)
+        if self.socket_journal is not None:
+            self.socket_journal.add(fork_id, fork.socket_path)
+        self.registry.touch(template_id, record.created)
         if vmm is None:
             return fork
         error: BaseException | None = None
@@ -365,7 +596,7 @@ class ForkManager:
             error = exc
         with self._lock:
             if error is None and not fork.release_requested:
-                fork.phase = "live"
+                fork.phase = "exited" if fork.vmm_exited else "live"
                 return fork
             fork.phase = "releasing"
         # Failed, or released while starting: this call releases it (stopping the handle the
@@ -378,6 +609,117 @@ class ForkManager:
             raise error
         raise ForkError(f"fork {fork_id} was released while its VMM was starting")
 
+    def _register(
+        self,
+        seen: TemplateRecord,
+        fork_id: str,
+        hot: HotPageList | None,
+        driver: str | None,
+        starting: bool,
+    ) -> tuple[Fork, TemplateRecord]:
+        """Add the fork to its template's page server, starting that server if needed."""
+        template_id = seen.id
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ForkError("the fork manager is shutting down")
+                if fork_id in self._forks or fork_id in self._reserved:
+                    raise ForkError(f"fork {fork_id} already exists")
+                # Read under our lock: a delete holds it, so the template is there right now.
+                record = self.registry.get(template_id)
+                if record.created != seen.created:
+                    raise TemplateError(
+                        f"template {template_id!r} was deleted and created again meanwhile; retry"
+                    )
+                key: TemplateKey = (template_id, record.created)
+                state = self._templates.get(key)
+                if state is not None:
+                    return self._add_fork(state, fork_id, hot, driver, starting), record
+                start = self._starting.get(key)
+                starter = start is None
+                if start is None:
+                    start = self._starting[key] = _ServerStart()
+                start.waiting += 1
+                self._reserved.add(fork_id)
+            if not starter:
+                start.ready.wait()  # the starter always sets it, whatever happens
+                with self._lock:
+                    start.waiting -= 1
+                    self._reserved.discard(fork_id)
+                if start.error is not None:
+                    raise ForkError(
+                        f"template {template_id!r}: its page server did not start: {start.error}"
+                    )
+                continue  # the server is up: register with it (or start again if it stopped)
+            try:
+                server = self._open_server(record)  # maps and scans the mem-file: slow
+            except BaseException as exc:
+                with self._lock:
+                    start.waiting -= 1
+                    start.error = exc
+                    self._reserved.discard(fork_id)
+                    del self._starting[key]
+                start.ready.set()
+                raise
+            stop: PageServer | None = None
+            try:
+                with self._lock:
+                    start.waiting -= 1
+                    self._reserved.discard(fork_id)
+                    del self._starting[key]
+                    state = _TemplateState(record, server)
+                    self._templates[key] = state
+                    start.ready.set()
+                    try:
+                        return self._add_fork(state, fork_id, hot, driver, starting), record
+                    except BaseException:
+                        stop = self._drop_if_idle(state)
+                        raise
+            finally:
+                start.ready.set()
+                if stop is not None:
+                    stop.close()
+
+    def _add_fork(
+        self,
+        state: _TemplateState,
+        fork_id: str,
+        hot: HotPageList | None,
+        driver: str | None,
+        starting: bool,
+    ) -> Fork:
+        """Register the fork with ``state``'s page server (called with the lock held)."""
+        if self._closed:
+            raise ForkError("the fork manager is shutting down")
+        role = self._role(state, hot)
+        socket_path = state.server.register_fork(fork_id, record=role == "warmup")
+        fork = Fork(
+            fork_id,
+            state.record.id,
+            socket_path,
+            role,
+            time.time(),
+            driver=driver,
+            hot=hot if role == "prefetch" else None,
+            phase="starting" if starting else "live",
+            template_created=state.record.created,
+        )
+        state.forks.add(fork_id)
+        if role == "warmup":
+            state.warmup_fork = fork_id
+            state.warmup_done = threading.Event()
+        self._forks[fork_id] = fork
+        return fork
+
+    def _drop_if_idle(self, state: _TemplateState) -> PageServer | None:
+        """Forget ``state`` if it has no fork left (lock held); its server, to be closed by
+        the caller outside the lock, or None."""
+        if state.forks:
+            return None
+        if self._templates.get(state.key) is state:
+            del self._templates[state.key]
+        return state.server
+
     def _role(self, state: _TemplateState, hot: HotPageList | None) -> ForkRole:
         """The fork's part in the hot-page loop (called with the lock held)."""
         wants_hot = hot is None or state.key in self._rerecord
@@ -385,7 +727,7 @@ class ForkManager:
             return "warmup"
         return "prefetch" if hot is not None else "demand"
 
-    def _start_server(self, record: TemplateRecord) -> _TemplateState:
+    def _open_server(self, record: TemplateRecord) -> PageServer:
         key: TemplateKey = (record.id, record.created)
         max_pages = max(1, int(record.mem_pages * self.config.record_max_share))
 
@@ -412,7 +754,7 @@ class ForkManager:
             )
         )
         log.info("template %s: page server started", record.id)
-        return _TemplateState(record, server)
+        return server
 
     def _start_vmm(
         self, fork: Fork, vmm: VmmDriver, record: TemplateRecord, options: dict[str, Any]
@@ -426,6 +768,7 @@ class ForkManager:
             options=options,
         )
         fork.handle = vmm.restore(request, timeout=self.config.restore_timeout)
+        self._watch_exit(fork)
         if fork.release_requested:
             return
         self.prefetch(fork.fork_id)
@@ -433,11 +776,32 @@ class ForkManager:
             return
         fork.handle.resume()
 
+    # --- VMM exits -----------------------------------------------------------------------------
+    def _watch_exit(self, fork: Fork) -> None:
+        pidfd = getattr(fork.handle, "pidfd", None)
+        if not isinstance(pidfd, int) or pidfd < 0:
+            return  # this driver cannot tell: the fork stays live until released
+        fork.exit_watch = self._exits.watch(pidfd, lambda: self._vmm_exited(fork))
+
+    def _vmm_exited(self, fork: Fork) -> None:
+        """On the watcher's thread: the fork's VMM has exited. Reap it, and say so."""
+        exit_status = getattr(fork.handle, "exit_status", None)
+        status = exit_status() if callable(exit_status) else None
+        with self._lock:
+            fork.exit_watch = None
+            fork.vmm_exited = True
+            fork.exit_status = status if isinstance(status, int) else None
+            if fork.phase == "live":
+                fork.phase = "exited"
+        log.info("fork %s: its VMM exited (status %s)", fork.fork_id, fork.exit_status)
+
     # --- prefetch ----------------------------------------------------------------------------
     def prefetch(self, fork_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Install the template's hot set into the fork (waits for its handshake).
 
         A warm-up or demand fork has nothing to prefetch: the result says so, installs nothing.
+        A hot set that does not fit the fork's memory installs nothing either: the fork is
+        served on demand, the result's ``note`` says why, and the next fork re-records.
         """
         fork = self.fork(fork_id)
         state = self._state_of(fork)
@@ -446,7 +810,16 @@ class ForkManager:
             state.server.wait_connected(fork_id, timeout=wait)
             fork.prefetch = {"role": fork.role, "hot_pages": 0, "installed": 0}
             return fork.prefetch
-        result = state.server.prefetch(fork_id, fork.hot, timeout=wait)
+        try:
+            result = state.server.prefetch(fork_id, fork.hot, timeout=wait)
+        except PrefetchError as exc:
+            problem = None
+            if not exc.installed:
+                with contextlib.suppress(ForkError):
+                    problem = _misfit(fork.hot, state.server.wait_connected(fork_id, wait))
+            if problem is None:
+                raise
+            return self._fall_back_to_demand(fork, problem)
         fork.prefetch = {
             "role": fork.role,
             "hot_pages": len(fork.hot),
@@ -459,6 +832,19 @@ class ForkManager:
             "seconds": result.seconds,
         }
         return fork.prefetch
+
+    def _fall_back_to_demand(self, fork: Fork, problem: str) -> dict[str, Any]:
+        note = (
+            f"the template's hot set does not fit this fork's memory ({problem}): served on "
+            "demand; the template's next fork records a new hot set"
+        )
+        log.warning("fork %s of %s: %s", fork.fork_id, fork.template_id, note)
+        with self._lock:
+            self._rerecord.add(fork.template_key)
+            fork.role = "demand"
+            fork.hot = None
+            fork.prefetch = {"role": "demand", "hot_pages": 0, "installed": 0, "note": note}
+            return fork.prefetch
 
     def wait(self, fork_id: str, timeout: float) -> dict[str, Any]:
         """Wait until the fork's guest has done its work (when its driver can tell) and its
@@ -517,6 +903,8 @@ class ForkManager:
         by its creator as soon as that start ends; this call waits for it (bounded by the
         restore and prefetch timeouts). A warm-up fork's hot set is saved before this returns.
         The template's page server stops with its last fork. Returns the fork's final stats.
+        Nothing here writes to the state directory but that hot set, so a full disk cannot
+        keep a fork (and its template) held.
         """
         with self._lock:
             fork = self._forks.get(fork_id)
@@ -541,6 +929,8 @@ class ForkManager:
         """Release ``fork``, claimed by exactly one caller (phase ``releasing``)."""
         fork_id = fork.fork_id
         try:
+            if fork.exit_watch is not None:
+                self._exits.unwatch(fork.exit_watch)
             if fork.handle is not None:
                 try:
                     fork.handle.stop()
@@ -552,7 +942,7 @@ class ForkManager:
             if state is not None:
                 with contextlib.suppress(ForkError):
                     stats = state.server.stats(fork_id)
-                self._report_latencies(state.server, fork)
+                self._feed_latencies(state.server, fork)
                 hot = None
                 if fork.role == "warmup":
                     with contextlib.suppress(ForkError):
@@ -561,6 +951,10 @@ class ForkManager:
                     state.server.unregister_fork(fork_id)  # stops the session: recording ends
                 if hot is not None:
                     self._adopt_hot_set(fork.template_key, fork_id, hot)
+            if self.socket_journal is not None:
+                self.socket_journal.remove(fork_id)
+            with self._feed_lock:
+                self._fed.pop(fork_id, None)
             stop_server: PageServer | None = None
             with self._lock:
                 if self._forks.get(fork_id) is fork:
@@ -569,11 +963,7 @@ class ForkManager:
                     state.forks.discard(fork_id)
                     if state.warmup_fork == fork_id:
                         state.warmup_fork = None  # it never connected: the next fork records
-                    if not state.forks and self._templates.get(state.key) is state:
-                        del self._templates[state.key]
-                        stop_server = state.server
-            with contextlib.suppress(TemplateError):
-                self.registry.release(fork.template_id, fork.template_created)
+                    stop_server = self._drop_if_idle(state)
             if stop_server is not None:
                 stop_server.close()  # joins its callbacks: the hot set is on disk by now
                 log.info("template %s: page server stopped", fork.template_id)
@@ -582,28 +972,47 @@ class ForkManager:
         finally:
             fork.released.set()
 
-    def _report_latencies(self, server: PageServer, fork: Fork) -> None:
-        # The page server keeps each fork's recent fault latencies: they feed the histogram.
+    def _feed_latencies(self, server: PageServer, fork: Fork) -> None:
+        """Hand the fork's fault latencies recorded since the last call to
+        ``on_fault_latencies`` (they feed the histogram)."""
         if self.on_fault_latencies is None:
             return
-        with contextlib.suppress(ForkError):
-            self.on_fault_latencies(fork.template_id, server.fault_latencies_ns(fork.fork_id))
+        with self._feed_lock:
+            try:
+                faults = server.stats(fork.fork_id).faults  # read first: a lower bound
+                values = server.fault_latencies_ns(fork.fork_id)
+            except ForkError:
+                return
+            seen = self._fed.get(fork.fork_id, 0)
+            if len(values) < LATENCY_WINDOW:
+                # The window has not wrapped: samples sit in arrival order.
+                new, total = values[seen:], len(values)
+            else:
+                # Sample n sits at n % window. The fault being served may not have its sample
+                # yet, so take only those surely written; the rest come next time.
+                total = max(seen, faults - 1)
+                first = max(seen, total - LATENCY_WINDOW)
+                new = [values[n % LATENCY_WINDOW] for n in range(first, total)]
+            self._fed[fork.fork_id] = total
+            if new:
+                self.on_fault_latencies(fork.template_id, new)
 
     # --- templates -----------------------------------------------------------------------------
     def in_use(self, template_id: str) -> tuple[int, bool]:
         """How many forks of ``template_id`` the manager holds, and whether a page server of
-        it runs (forks being released included)."""
+        it runs or starts (forks being released included)."""
         with self._lock:
             return self._in_use(template_id)
 
     def _in_use(self, template_id: str) -> tuple[int, bool]:
         forks = sum(1 for f in self._forks.values() if f.template_id == template_id)
-        return forks, any(k[0] == template_id for k in self._templates)
+        serving = any(k[0] == template_id for k in (*self._templates, *self._starting))
+        return forks, serving
 
     def delete_template(self, template_id: str) -> None:
         """Delete the template; :class:`TemplateError` while the manager holds forks or a page
-        server of it (whatever the record's count says), :class:`UnknownTemplateError` if it
-        does not exist. No fork of it can be created meanwhile."""
+        server of it, :class:`UnknownTemplateError` if it does not exist. No fork of it can be
+        created meanwhile."""
         with self._hot_lock, self._lock:
             forks, serving = self._in_use(template_id)
             if forks:
@@ -613,7 +1022,7 @@ class ForkManager:
                 )
             if serving:
                 raise TemplateError(
-                    f"template {template_id!r} is in use: its page server is still stopping"
+                    f"template {template_id!r} is in use: its page server is starting or stopping"
                 )
             doomed = self.registry.detach(template_id)
             self._forget_hot_set(template_id)
@@ -633,6 +1042,9 @@ class ForkManager:
         with self._lock:
             self._closed = True
             ids = list(self._forks)
+            starts = list(self._starting.values())
+        for start in starts:
+            start.ready.wait(self.config.restore_timeout)  # its forks are refused once up
         for fork_id in ids:
             with contextlib.suppress(ForkError):
                 self.release(fork_id)
@@ -641,6 +1053,7 @@ class ForkManager:
             self._templates.clear()
         for state in states:
             state.server.close()
+        self._exits.close()
         for vmm in self.drivers.values():
             close = getattr(vmm, "close", None)
             if callable(close):
@@ -649,13 +1062,17 @@ class ForkManager:
 
 __all__ = [
     "DRIVER_CLASSES",
+    "MAX_FORK_ID",
+    "MAX_SOCKET_PATH",
     "DriverOptionsError",
     "Fork",
     "ForkManager",
     "ForkPhase",
     "ForkRole",
     "ManagerConfig",
+    "SocketJournal",
     "TemplateKey",
     "UnknownForkError",
+    "fork_id_room",
     "load_drivers",
 ]

@@ -2,9 +2,11 @@
 
 :class:`Daemon` wires the registry, the fork manager, the metrics and the control API together.
 State that must survive a restart (templates, their hot sets) lives in the state directory;
-forks do not survive (their page server is this process), so a starting daemon zeroes the live
-fork counts, removes stale fork sockets and the leftovers of a crashed template creation or
-deletion.
+forks do not survive (their page server is this process), so a starting daemon removes the fork
+sockets its previous run left and the leftovers of a crashed template creation, deletion or
+save. It removes only what it made itself: the fork sockets noted in ``STATE_DIR/fork-sockets``
+(still the very inodes it bound), never other files in a socket directory it shares. Live fork
+counts are not stored (the fork manager derives them), so there are none to reset.
 
 Only one daemon may own a state directory: it holds an exclusive ``flock`` on
 ``STATE_DIR/daemon.lock`` for its whole life, and binds its control socket, before any of those
@@ -24,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pagefork.daemon.api import ControlApi, ControlServer
-from pagefork.daemon.manager import ForkManager, ManagerConfig, load_drivers
+from pagefork.daemon.manager import ForkManager, ManagerConfig, SocketJournal, load_drivers
 from pagefork.daemon.metrics import DaemonMetrics
 from pagefork.errors import PageforkError
 from pagefork.templates import TemplateRegistry
@@ -33,6 +35,8 @@ from pagefork.vmm.base import VmmDriver
 log = logging.getLogger("pagefork")
 
 LOCK_FILE = "daemon.lock"
+#: Under the state directory: one entry per fork socket the daemon has bound.
+SOCKET_JOURNAL_DIR = "fork-sockets"
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -104,6 +108,7 @@ class Daemon:
         forks_dir = Path(socket_dir) if socket_dir else self.registry.state_dir / "forks"
         forks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.metrics = DaemonMetrics()
+        journal = SocketJournal(self.registry.state_dir / SOCKET_JOURNAL_DIR)
         self.manager = ForkManager(
             self.registry,
             ManagerConfig(
@@ -114,6 +119,7 @@ class Daemon:
             drivers if drivers is not None else load_drivers(),
             on_fork_end=self.metrics.fork_ended,
             on_fault_latencies=self.metrics.observe_fault_latencies,
+            socket_journal=journal,
         )
         self.control_path = control_path
         try:
@@ -125,10 +131,7 @@ class Daemon:
             raise
         try:  # recovery: the previous daemon's forks died with it
             self.registry.clean_leftovers()
-            self.registry.reset_live_forks()
-            for stale in forks_dir.glob("*.sock"):
-                with contextlib.suppress(OSError):
-                    stale.unlink()
+            journal.clean()
         except BaseException:
             self.server.server_close()
             with contextlib.suppress(OSError):

@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterator
 
 from pagefork.errors import ForkError
+from pagefork.stats import LATENCY_WINDOW
 
 _MAGIC = 0x5047464B4C444731  # "PGFKLDG1"
 _HEADER_SLOTS = 512
@@ -57,7 +58,7 @@ COUNTERS = {
 
 #: Removed ranges kept per fork; a balloon inflating page by page appends to the last one.
 REMOVED_CAPACITY = 1 << 20
-LATENCY_SLOTS = 1 << 16
+LATENCY_SLOTS = LATENCY_WINDOW
 
 
 class LedgerFull(ForkError):

@@ -1,14 +1,29 @@
 """A Firecracker test double: Firecracker's HTTP API on a Unix socket, with real guest memory.
 
 The Firecracker binary cannot be installed everywhere pagefork is tested, so this process
-stands in for it: ``python -m pagefork.testing.fcdouble --api-sock PATH``. It prints one JSON
-readiness line on stdout once the socket listens. What it does, as Firecracker does:
+stands in for it: ``python -m pagefork.testing.fcdouble --api-sock PATH [--fc-version V]``. It
+prints one JSON readiness line on stdout once the socket listens. ``--fc-version`` (1.7 to 1.16,
+or ``main``) picks the release whose behaviour it reproduces (see
+:class:`~pagefork.vmm.firecracker.FirecrackerVersion`). What it does, as Firecracker does:
 
 - ``PUT /snapshot/load`` with ``mem_backend {"backend_type": "Uffd", "backend_path": S}``:
-  maps each region of the snapshot ``MAP_PRIVATE|MAP_ANONYMOUS``, creates a uffd
-  (``O_CLOEXEC|O_NONBLOCK``), ``UFFDIO_API`` with ``EVENT_REMOVE``, registers the regions in
-  MISSING mode, connects to ``S`` and sends the bare JSON array of mappings plus the uffd in one
-  ``sendmsg``, and keeps that socket open. ``resume_vm`` false leaves the VM paused.
+  opens the snapshot's tap devices and binds its vsock socket (with ``network_overrides`` and
+  ``vsock_override`` applied), maps each region of the snapshot ``MAP_PRIVATE|MAP_ANONYMOUS``,
+  creates a uffd (``O_CLOEXEC|O_NONBLOCK``), ``UFFDIO_API`` with ``EVENT_REMOVE``, registers the
+  regions in MISSING mode, connects to ``S`` and sends the bare JSON array of mappings
+  (``page_size_kib`` from 1.7, ``page_size`` too from 1.12) plus the uffd in one ``sendmsg``.
+  Before 1.12 it then closes that socket; from 1.12 it keeps it open. From 1.8 it then writes
+  a new VMGenID (16 bytes) into guest memory, a fault the page server must serve before the
+  load is answered. ``resume_vm`` false leaves the VM paused.
+- A load that fails after its body was accepted (an unreadable snapshot, a busy tap, no uffd
+  handler...) is answered with its error and then the process exits (status 1), as Firecracker
+  does: a fresh process is needed per attempt. Body errors and loads refused because of the
+  VM's state ("not allowed after boot") leave it running, and so does the double's own limit
+  (it refuses the File backend, which it does not implement).
+- Every load field is accepted or refused as the chosen release does (``network_overrides``
+  from 1.12, ``track_dirty_pages`` from 1.13, ``clock_realtime`` from 1.14.4/1.15.1,
+  ``vsock_override`` from 1.16, ``huge_pages`` on main only); ``network_overrides`` items need
+  ``iface_id`` and ``host_dev_name``, ``vsock_override`` needs ``uds_path``.
 - ``PATCH /vm {"state": "Resumed"|"Paused"}``: on the first resume after a load the "guest"
   runs: it reads the snapshot's pages (all of them, or the list in the snapshot file) and checks
   each against the mem-file byte for byte; pausing holds it between pages.
@@ -17,7 +32,11 @@ readiness line on stdout once the socket listens. What it does, as Firecracker d
 - ``PUT /snapshot/create`` (paused only): writes the mem-file (regions back to back) and the
   snapshot file from guest memory.
 - ``PUT /actions {"action_type": "SendCtrlAltDel"}``: the guest shuts down; the process exits.
-- ``GET /``: instance info.
+- ``GET /``: instance info; ``state`` is ``Not started`` until a load or a boot.
+
+A tap device is "opened" by binding an abstract Unix socket named after it, which, like a tap,
+only one process of a network namespace can hold. ``--root DIR`` resolves every path in a
+request under ``DIR``, as a Firecracker chrooted by the jailer sees them.
 
 Requests are checked as Firecracker checks them (bad JSON, missing or unknown fields, unknown
 ``backend_type``, loading twice, wrong state → 400 ``{"fault_message": ...}``); the messages
@@ -34,6 +53,7 @@ to SECONDS for it to end) and ``GET /pagefork-test/requests`` (every API request
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import mmap
@@ -51,16 +71,27 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from pagefork.errors import VmmError
 from pagefork.handshake import encode_mappings
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.testing.vmm import GuestMemory
+from pagefork.vmm.fc_releases import FirecrackerVersion
 from pagefork.vmm.firecracker import FirecrackerApi
 
 SNAPSHOT_FORMAT = "pagefork-fcdouble-snapshot"
 #: Where the double's own endpoints live; Firecracker has nothing under this prefix.
 TEST_PREFIX = "/pagefork-test/"
-#: Version reported by ``GET /``; the handshake fields follow ``--fc-version``.
-VMM_VERSION = "1.12.0-pagefork-double"
+#: The release reproduced unless ``--fc-version`` says otherwise.
+DEFAULT_FC_VERSION = "1.12"
+#: Where a booted double puts its VMGenID: an 8-byte aligned guest-physical address in the low
+#: "system memory" Firecracker reserves on x86 (the top of its first 640 KiB).
+VMGENID_OFFSET = 0x9FFF0
+#: Bytes of the VMGenID (a 128-bit generation id).
+VMGENID_SIZE = 16
+#: The longest tap name Linux takes (IFNAMSIZ - 1).
+MAX_TAP_NAME = 15
+#: Exit status after a failed load.
+EXIT_LOAD_FAILED = 1
 #: Unmapped hole between regions of a restored guest, like the MMIO gap of a real layout.
 _REGION_GAP = 1 << 20
 #: Bytes copied per ``memmove`` when dumping guest memory to a mem-file.
@@ -71,17 +102,30 @@ class ApiError(Exception):
     """A request Firecracker would refuse: becomes ``400 {"fault_message": message}``."""
 
 
+class FatalLoadError(ApiError):
+    """A load that failed once under way: answered like :class:`ApiError`, then the process
+    exits, as Firecracker does (its VM is in no state to go on)."""
+
+
 # --- the double's snapshot file --------------------------------------------------------------
 @dataclass(frozen=True)
 class DoubleSnapshot:
     """The double's VM state: region sizes (back to back in the mem-file), the mem-file the
     guest checks its pages against, and the guest's workload (``touch``: (region, offset)
-    pages in order, or ``None`` for every page)."""
+    pages in order, or ``None`` for every page).
+
+    Like a Firecracker vmstate, it also names the VM's devices: ``vmgenid`` (the offset in
+    region 0 of the VMGenID, which a 1.8+ load rewrites; ``None``: no VMGenID device),
+    ``network_interfaces`` ((iface_id, host_dev_name) pairs: the taps a load opens) and
+    ``vsock_uds`` (the Unix socket a load binds for the vsock device)."""
 
     regions: tuple[int, ...]
     mem_file: str
     page_size: int = PAGE_SIZE
     touch: tuple[tuple[int, int], ...] | None = None
+    vmgenid: int | None = None
+    network_interfaces: tuple[tuple[str, str], ...] = ()
+    vsock_uds: str | None = None
 
     def to_json(self) -> str:
         """The snapshot file's text."""
@@ -93,6 +137,11 @@ class DoubleSnapshot:
                 "regions": list(self.regions),
                 "mem_file": self.mem_file,
                 "touch": None if self.touch is None else [list(p) for p in self.touch],
+                "vmgenid": self.vmgenid,
+                "network_interfaces": [
+                    {"iface_id": i, "host_dev_name": h} for i, h in self.network_interfaces
+                ],
+                "vsock_uds": self.vsock_uds,
             }
         )
 
@@ -126,6 +175,11 @@ def read_snapshot(path: str) -> DoubleSnapshot:
         mem_file = str(doc["mem_file"])
         touch_doc = doc.get("touch")
         touch = None if touch_doc is None else tuple((int(r), int(o)) for r, o in touch_doc)
+        vmgenid = None if doc.get("vmgenid") is None else int(doc["vmgenid"])
+        nets = tuple(
+            (str(n["iface_id"]), str(n["host_dev_name"])) for n in doc.get("network_interfaces", [])
+        )
+        vsock = None if doc.get("vsock_uds") is None else str(doc["vsock_uds"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ApiError(f"snapshot file {path}: malformed ({exc!r})") from None
     if page_size != PAGE_SIZE:
@@ -135,7 +189,9 @@ def read_snapshot(path: str) -> DoubleSnapshot:
     for i, (r, off) in enumerate(touch or ()):
         if not (0 <= r < len(regions) and 0 <= off < regions[r] and off % page_size == 0):
             raise ApiError(f"snapshot file {path}: touch entry {i} ({r}, {off}) is not a page")
-    return DoubleSnapshot(regions, mem_file, page_size, touch)
+    if vmgenid is not None and not (0 <= vmgenid <= regions[0] - VMGENID_SIZE and vmgenid % 8 == 0):
+        raise ApiError(f"snapshot file {path}: vmgenid {vmgenid:#x} is not in region 0")
+    return DoubleSnapshot(regions, mem_file, page_size, touch, vmgenid, nets, vsock)
 
 
 # --- request validation (Firecracker's serde rules: required fields, no unknown ones) ------------
@@ -159,6 +215,37 @@ def _fields(
     return body
 
 
+def _network_overrides(items: list[Any]) -> list[tuple[str, str]]:
+    """``network_overrides`` items: ``iface_id`` and ``host_dev_name`` are required (other
+    fields are ignored: Firecracker's ``NetworkOverride`` does not deny unknown ones)."""
+    out = []
+    for i, item in enumerate(items):
+        what = f"network_overrides[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(f"{what}: must be an object with `iface_id` and `host_dev_name`")
+        for name in ("iface_id", "host_dev_name"):
+            if name not in item:
+                raise ApiError(f"{what}: missing field `{name}`")
+            if not isinstance(item[name], str):
+                raise ApiError(f"{what}: field `{name}` must be of type str")
+        out.append((item["iface_id"], item["host_dev_name"]))
+    return out
+
+
+#: The JSON type of every ``PUT /snapshot/load`` field any release accepts.
+_LOAD_FIELD_TYPES: dict[str, type] = {
+    "mem_backend": dict,
+    "mem_file_path": str,
+    "enable_diff_snapshots": bool,
+    "track_dirty_pages": bool,
+    "resume_vm": bool,
+    "network_overrides": list,
+    "vsock_override": dict,
+    "clock_realtime": bool,
+    "huge_pages": str,
+}
+
+
 # --- the VM ------------------------------------------------------------------------------------
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -167,9 +254,12 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 class _Guest:
     """Guest memory of a restored or booted VM and the guest's one workload run."""
 
-    def __init__(self, regions: list[Region], snapshot: DoubleSnapshot | None) -> None:
+    def __init__(
+        self, regions: list[Region], snapshot: DoubleSnapshot | None, genid: bytes = b""
+    ) -> None:
         self.regions = regions
         self.snapshot = snapshot
+        self.genid = genid  # what the load wrote at snapshot.vmgenid (the page's new bytes)
         self.running = threading.Event()  # cleared while paused: the guest waits between pages
         self.done = threading.Event()
         self.result: dict[str, Any] = {"state": "not-run"}
@@ -195,6 +285,7 @@ class _Guest:
         buf = ctypes.create_string_buffer(ps)
         mismatches: list[list[int]] = []
         pages = snap.pages()
+        genid_page = -1 if not self.genid or snap.vmgenid is None else snap.vmgenid & -ps
         t0 = time.perf_counter()
         for region, off in pages:
             if not self.running.is_set():
@@ -202,7 +293,12 @@ class _Guest:
             r = self.regions[region]
             # memmove releases the GIL, so the API keeps answering while this page faults.
             ctypes.memmove(buf, r.base + off, ps)
-            if buf.raw != template[r.offset + off : r.offset + off + ps]:
+            expected = template[r.offset + off : r.offset + off + ps]
+            if region == 0 and off == genid_page:
+                assert snap.vmgenid is not None
+                at = snap.vmgenid - off  # the load rewrote the VMGenID: expect the new one
+                expected = expected[:at] + self.genid + expected[at + len(self.genid) :]
+            if buf.raw != expected:
                 mismatches.append([region, off])
         seconds = time.perf_counter() - t0
         template.close()
@@ -229,9 +325,10 @@ class _Guest:
 class FcDouble:
     """The VMM state machine behind the API: not started → loaded/booted → paused/running."""
 
-    def __init__(self, fc_version: str, seed: int) -> None:
-        self.fc_version = fc_version
+    def __init__(self, version: FirecrackerVersion, seed: int, root: str | None = None) -> None:
+        self.version = version
         self.seed = seed
+        self.root = root
         self.lock = threading.Lock()
         self.state = "Not started"
         self.machine_config: dict[str, Any] | None = None
@@ -239,7 +336,19 @@ class FcDouble:
         self.handler_socket: socket.socket | None = None
         self.requests: list[dict[str, Any]] = []
         self.shutting_down = False
+        self.exit_code = 0
         self.exit_requested = threading.Event()
+        self.devices: list[socket.socket] = []  # open taps and the vsock socket
+        self.bound_paths: list[str] = []  # vsock sockets this process created (removed at exit)
+        self._net: tuple[tuple[str, str], ...] = ()
+        self._vsock: str | None = None
+        self._vmgenid: int | None = None
+
+    def path(self, path: str) -> str:
+        """``path`` as this process opens it: under ``--root`` when chrooted by a jailer."""
+        if self.root is None:
+            return path
+        return os.path.join(self.root, path.lstrip("/"))
 
     # -- pre-boot ------------------------------------------------------------------------
     def _pre_boot(self) -> None:
@@ -271,64 +380,106 @@ class FcDouble:
                 ctypes.memmove(base + off, rng.randbytes(PAGE_SIZE), PAGE_SIZE)
         self._boot_memory = mem  # keeps the mapping alive: the guest's RAM
         self.guest = _Guest([Region(base, size, 0)], None)
+        if self.version.writes_memory_on_load and size >= VMGENID_OFFSET + VMGENID_SIZE:
+            self._vmgenid = VMGENID_OFFSET
+            ctypes.memmove(base + VMGENID_OFFSET, random.randbytes(VMGENID_SIZE), VMGENID_SIZE)
+        else:
+            self._vmgenid = None
         self.guest.start()
         self.state = "Running"
 
     def load_snapshot(self, body: Any) -> None:
-        """``PUT /snapshot/load``: the Uffd backend handshake, as Firecracker does it."""
-        _fields(
-            body,
-            "snapshot/load",
-            {"snapshot_path": str},
-            {
-                "mem_backend": dict,
-                "mem_file_path": str,
-                "enable_diff_snapshots": bool,
-                "track_dirty_pages": bool,
-                "resume_vm": bool,
-                "network_overrides": list,
-            },
-        )
-        if ("mem_backend" in body) == ("mem_file_path" in body):
-            raise ApiError(
-                "snapshot/load: exactly one of `mem_backend` and `mem_file_path` must be given"
-            )
-        if "mem_file_path" in body:
-            raise ApiError("the test double supports the Uffd memory backend only")
-        backend = _fields(
-            body["mem_backend"], "mem_backend", {"backend_type": str, "backend_path": str}, {}
-        )
-        if backend["backend_type"] not in ("File", "Uffd"):
-            raise ApiError(
-                f"mem_backend: unknown variant `{backend['backend_type']}`, "
-                "expected `File` or `Uffd`"
-            )
-        # Like Firecracker: the body is parsed before the VM's state is looked at.
+        """``PUT /snapshot/load``: the Uffd backend handshake, as this release does it."""
+        self._parse_load(body)
+        # Like Firecracker: the body is parsed before the VM's state is looked at, and neither
+        # kind of refusal ends the process.
         if self.machine_config is not None:
             raise ApiError(
                 "Loading a microVM snapshot not allowed after configuring boot-specific resources."
             )
         self._pre_boot()
-        if backend["backend_type"] != "Uffd":
+        if "mem_file_path" in body or body["mem_backend"]["backend_type"] != "Uffd":
             raise ApiError("the test double supports the Uffd memory backend only")
-        snap = read_snapshot(body["snapshot_path"])
+        # From here on, a failure leaves the process in no state to go on: it exits.
+        try:
+            self._load(body)
+        except ApiError as exc:
+            raise FatalLoadError(f"Load snapshot error: {exc}") from None
+
+    def _parse_load(self, body: Any) -> None:
+        """Refuse what this release's serde structs refuse (a parse error: 400, no exit)."""
+        accepted = self.version.load_fields()
+        optional = {n: _LOAD_FIELD_TYPES[n] for n in accepted if n != "snapshot_path"}
+        _fields(body, "snapshot/load", {"snapshot_path": str}, optional)
+        if ("mem_backend" in body) == ("mem_file_path" in body):
+            raise ApiError(
+                "snapshot/load: exactly one of `mem_backend` and `mem_file_path` must be given"
+            )
+        if "mem_backend" in body:
+            backend = _fields(
+                body["mem_backend"], "mem_backend", {"backend_type": str, "backend_path": str}, {}
+            )
+            if backend["backend_type"] not in ("File", "Uffd"):
+                raise ApiError(
+                    f"mem_backend: unknown variant `{backend['backend_type']}`, "
+                    "expected `File` or `Uffd`"
+                )
+        _network_overrides(body.get("network_overrides", []))
+        if "vsock_override" in body:
+            _fields(body["vsock_override"], "vsock_override", {"uds_path": str}, {})
+
+    def _load(self, body: dict[str, Any]) -> None:
+        snap = read_snapshot(self.path(body["snapshot_path"]))
         self._check_mem_file(snap)
-        self.guest, self.handler_socket = self._connect_uffd(snap, backend["backend_path"])
+        self._open_devices(snap, body)
+        self.guest, self.handler_socket = self._connect_uffd(
+            snap, self.path(body["mem_backend"]["backend_path"])
+        )
         self.state = "Paused"
         if body.get("resume_vm", False):
             self.resume()
+
+    def _open_devices(self, snap: DoubleSnapshot, body: dict[str, Any]) -> None:
+        """Open the snapshot's taps and bind its vsock socket, overrides applied."""
+        taps = dict(snap.network_interfaces)
+        for iface, host_dev in _network_overrides(body.get("network_overrides", [])):
+            if iface not in taps:
+                raise ApiError(f"Invalid network override: no network interface `{iface}`")
+            taps[iface] = host_dev
+        for iface, host_dev in taps.items():
+            tap = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self.devices.append(tap)
+            if len(host_dev.encode()) > MAX_TAP_NAME:
+                raise ApiError(f"Open tap device {host_dev!r} for {iface}: name too long")
+            try:  # like TUNSETIFF on a tap another process holds
+                tap.bind(f"\0pagefork-fcdouble/tap/{host_dev}")
+            except OSError:
+                raise ApiError(
+                    f"Open tap device {host_dev!r} for {iface} failed: Resource busy (os error 16)"
+                ) from None
+        self._net = tuple(taps.items())
+        uds = body.get("vsock_override", {}).get("uds_path", snap.vsock_uds)
+        self._vsock = uds
+        if uds is not None:
+            vsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self.devices.append(vsock)
+            try:
+                vsock.bind(self.path(uds))
+            except OSError as exc:
+                raise ApiError(
+                    f"Cannot create vsock backend at {uds}: {exc.strerror} (os error {exc.errno})"
+                ) from None
+            self.bound_paths.append(self.path(uds))
 
     @staticmethod
     def _check_mem_file(snap: DoubleSnapshot) -> None:
         try:
             size = os.stat(snap.mem_file).st_size
         except OSError as exc:
-            raise ApiError(
-                f"Load snapshot error: mem-file {snap.mem_file}: {exc.strerror}"
-            ) from None
+            raise ApiError(f"mem-file {snap.mem_file}: {exc.strerror}") from None
         if sum(snap.regions) > size:
             raise ApiError(
-                f"Load snapshot error: mem-file {snap.mem_file} holds {size} bytes, "
+                f"mem-file {snap.mem_file} holds {size} bytes, "
                 f"the snapshot's regions need {sum(snap.regions)}"
             )
 
@@ -338,7 +489,7 @@ class FcDouble:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(path)
-            payload = encode_mappings(mem.regions, version=self.fc_version)
+            payload = encode_mappings(mem.regions, version=self.version.handshake_version)
             # One sendmsg: the JSON array and the uffd travel together.
             socket.send_fds(sock, [payload], [mem.uffd])
         except OSError as exc:
@@ -347,10 +498,19 @@ class FcDouble:
             for r in mem.regions:
                 _libc.munmap(r.base, r.size)
             raise ApiError(
-                "Load snapshot error: Failed to restore from snapshot: cannot hand guest memory "
+                "Failed to restore from snapshot: cannot hand guest memory "
                 f"to the uffd handler at {path}: {exc.strerror or exc}"
             ) from None
-        return _Guest(mem.regions, snap), sock
+        if not self.version.keeps_uffd_socket:
+            sock.close()  # before 1.12 the socket is dropped once the handshake is sent
+        genid = b""
+        if self.version.writes_memory_on_load and snap.vmgenid is not None:
+            # Restoring the VMGenID device writes a fresh id into guest memory: a fault the
+            # handler serves now, before this load is answered.
+            genid = random.randbytes(VMGENID_SIZE)
+            ctypes.memmove(mem.regions[0].base + snap.vmgenid, genid, VMGENID_SIZE)
+        self._vmgenid = snap.vmgenid
+        return _Guest(mem.regions, snap, genid), sock
 
     # -- runtime -------------------------------------------------------------------------
     def _started(self) -> _Guest:
@@ -393,13 +553,19 @@ class FcDouble:
         guest = self._started()
         if self.state != "Paused":
             raise ApiError("Create snapshot error: the microVM must be paused first.")
-        mem_file = os.path.abspath(body["mem_file_path"])
+        mem_file = os.path.abspath(self.path(body["mem_file_path"]))
         try:
             guest.dump(mem_file)
             touch = guest.snapshot.touch if guest.snapshot is not None else None
-            DoubleSnapshot(tuple(r.size for r in guest.regions), mem_file, PAGE_SIZE, touch).write(
-                body["snapshot_path"]
-            )
+            DoubleSnapshot(
+                tuple(r.size for r in guest.regions),
+                mem_file,
+                PAGE_SIZE,
+                touch,
+                self._vmgenid,
+                self._net,
+                self._vsock,
+            ).write(self.path(body["snapshot_path"]))
         except OSError as exc:
             raise ApiError(f"Create snapshot error: {exc.filename}: {exc.strerror}") from None
 
@@ -420,10 +586,11 @@ class FcDouble:
 
     def info(self) -> dict[str, Any]:
         """``GET /``."""
+        v = self.version
         return {
             "id": "anonymous-instance",
             "state": self.state,
-            "vmm_version": VMM_VERSION,
+            "vmm_version": f"{v.major}.{v.minor}.{v.patch}" + ("-dev" if v.main else ""),
             "app_name": "Firecracker",
         }
 
@@ -493,6 +660,9 @@ class _Handler(BaseHTTPRequestHandler):
                 answer = route()
             except ApiError as exc:
                 self._answer(400, {"fault_message": str(exc)})
+                if isinstance(exc, FatalLoadError):
+                    vm.exit_code = EXIT_LOAD_FAILED  # answered; now exit, as Firecracker does
+                    vm.exit_requested.set()
                 return
             self._answer(200 if answer is not None else 204, answer)
             if vm.shutting_down:
@@ -528,19 +698,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m pagefork.testing.fcdouble``."""
     p = argparse.ArgumentParser(prog="pagefork-fcdouble", description=__doc__)
     p.add_argument("--api-sock", required=True, help="Unix socket path of the HTTP API")
-    p.add_argument("--fc-version", default="1.12", help="Firecracker version whose fields to send")
+    p.add_argument(
+        "--fc-version",
+        default=DEFAULT_FC_VERSION,
+        help="Firecracker release to reproduce: 1.7 to 1.16 (e.g. 1.14.4), or main",
+    )
     p.add_argument("--seed", type=int, default=1, help="seed of a booted guest's memory content")
+    p.add_argument("--root", help="resolve request paths under this directory (a jailer chroot)")
     args = p.parse_args(argv)
-    vm = FcDouble(args.fc_version, args.seed)
+    try:
+        version = FirecrackerVersion.parse(args.fc_version)
+    except VmmError as exc:
+        p.error(f"--fc-version: {exc}")
+    if not version.supported:
+        p.error(f"--fc-version: {version} is older than 1.7, which the double does not reproduce")
+    vm = FcDouble(version, args.seed, args.root)
     server = _ApiServer(args.api_sock, vm)
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
     print(json.dumps({"ready": True, "pid": os.getpid(), "api_sock": args.api_sock}), flush=True)
     vm.exit_requested.wait()
     server.shutdown()
     server.server_close()
-    os.unlink(args.api_sock)
+    for path in [args.api_sock, *vm.bound_paths]:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     # A guest blocked in a fault would hang a normal exit; Firecracker just exits too.
-    os._exit(0)
+    os._exit(vm.exit_code)
 
 
 # --- controller for tests -------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Run as ``python -m pagefork.testing.vmm --socket S --mem-file F --region SIZE[@G
 creates a uffd (``O_CLOEXEC|O_NONBLOCK``), calls ``UFFDIO_API`` with ``EVENT_REMOVE``, maps
 each region ``MAP_PRIVATE|MAP_ANONYMOUS`` (with a hole between regions), registers them in
 MISSING mode, connects to the page server and sends the bare JSON array of mappings plus the
-uffd in one ``sendmsg``, keeping the socket open. It then obeys JSON-line commands on stdin
+uffd in one ``sendmsg``, keeping the socket open (``--close-after-handshake`` closes it right
+after sending, as Firecracker 1.7-1.11 do). It then obeys JSON-line commands on stdin
 (``touch``, ``remove``, ``check_zero``, ``exit``, ``crash``) and answers on stdout, checking every
 touched page against the mem-file byte for byte.
 
@@ -97,6 +98,8 @@ class TestVmm:
         payload = encode_mappings(advertised, version=args.fc_version)
         blocked = self._block_before_handshake(args.pending_faults, args.pending_remove)
         socket.send_fds(self.sock, [payload], [self.mem.uffd])
+        if args.close_after_handshake:
+            self.sock.close()  # Firecracker < 1.12 drops its end once the handshake is sent
         for t in blocked:
             t.join()
 
@@ -233,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--fc-version", default="1.12", help="Firecracker version whose fields to send")
     p.add_argument("--pending-faults", type=int, default=0, help="faults queued before handshake")
     p.add_argument("--pending-remove", help="REGION:OFFSET:LENGTH to madvise before handshake")
+    p.add_argument(
+        "--close-after-handshake",
+        action="store_true",
+        help="close the socket right after sending the handshake (Firecracker 1.7-1.11)",
+    )
     p.add_argument("--shrink", type=int, default=0, help="advertise region 0 this much smaller")
     TestVmm(p.parse_args(argv)).run()
 

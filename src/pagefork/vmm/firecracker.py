@@ -1,10 +1,17 @@
 """The Firecracker driver: restore forks through Firecracker's HTTP API on its Unix socket.
 
-Firecracker (v1.1+) must already run with ``--api-sock``; this module only speaks its API:
+Supported: Firecracker 1.7 to 1.16 (the releases whose differences
+:class:`FirecrackerVersion` records and the test double reproduces). Firecracker runs already
+with ``--api-sock``, or the driver starts it through the jailer (:mod:`pagefork.vmm.jailer`):
 
-- restore: ``PUT /snapshot/load`` with ``mem_backend {"backend_type": "Uffd", "backend_path":
+- restore: ``GET /`` must say ``Not started`` (a Firecracker process loads one snapshot, once);
+  then ``PUT /snapshot/load`` with ``mem_backend {"backend_type": "Uffd", "backend_path":
   <page server socket>}`` and ``resume_vm: false``, so the page server can prefetch before the
-  vCPUs run; then ``PATCH /vm {"state": "Resumed"}``.
+  vCPUs run; then ``PATCH /vm {"state": "Resumed"}``. Since 1.8 Firecracker writes guest memory
+  (the VMGenID) while it loads, so the page server serves from the handshake on.
+- per-fork devices: ``network_overrides`` (1.12+) points the snapshot's interfaces at the
+  fork's own taps; ``vsock_override`` (1.16+) gives it its own vsock socket. Older releases
+  get the same through the jailer: a network namespace and a chroot per fork.
 - template creation: ``PATCH /vm {"state": "Paused"}`` then ``PUT /snapshot/create``.
 
 Firecracker answers 204 on success and ``{"fault_message": "..."}`` with a 4xx/5xx on failure;
@@ -22,17 +29,22 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import signal
 import socket
 import struct
+import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import IO, Any, Literal, cast
 
 from pagefork.errors import VmmError
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
+from pagefork.vmm.fc_releases import LOAD_FIELD_SINCE, OLDEST_SUPPORTED, FirecrackerVersion
+from pagefork.vmm.jailer import Jail, JailerConfig, JailerError, format_pattern, parse_jailer
 
 log = logging.getLogger("pagefork.firecracker")
 
@@ -274,6 +286,7 @@ class FirecrackerHandle(VmmHandle):
         pidfd: int | None,
         stop_mode: StopMode,
         stop_timeout: float,
+        jailed: _Jailed | None = None,
     ) -> None:
         self.fork_id = fork_id
         self.api = api
@@ -281,6 +294,7 @@ class FirecrackerHandle(VmmHandle):
         self._pidfd = pidfd
         self._stop_mode = stop_mode
         self._stop_timeout = stop_timeout
+        self._jailed = jailed
         self._stopped = False
 
     @property
@@ -309,11 +323,19 @@ class FirecrackerHandle(VmmHandle):
 
         Forks are disposable, so the default does not wait for the guest to shut down.
         ``SendCtrlAltDel`` needs a guest that reacts to it (x86 with an i8042 driver), hence
-        the kill after ``stop_timeout``. Idempotent.
+        the kill after ``stop_timeout``. A jailed Firecracker is reaped and what the driver
+        put in its chroot is removed. Idempotent.
         """
         if self._stopped:
             return
         self._stopped = True
+        try:
+            self._end_process()
+        finally:
+            if self._jailed is not None:
+                self._jailed.release(self._stop_timeout)
+
+    def _end_process(self) -> None:
         pidfd, self._pidfd = self._pidfd, None
         try:
             if self._stop_mode == "ctrl-alt-del" or pidfd is None:
@@ -352,6 +374,9 @@ class FirecrackerOptions:
     stop: StopMode = "kill"
     stop_timeout: float = 5.0
     load_fields: dict[str, Any] = field(default_factory=dict)
+    network_overrides: dict[str, str] = field(default_factory=dict)
+    vsock_uds: str | None = None
+    jailer: JailerConfig | None = None
 
 
 def _timeout_option(options: Mapping[str, Any], name: str) -> float | None:
@@ -376,7 +401,16 @@ def parse_options(options: Mapping[str, Any]) -> FirecrackerOptions:
     it); unknown options are refused (a misspelt ``stop_timeout`` must not pass silently)."""
     if not isinstance(options, Mapping):
         raise FirecrackerOptionError("options", f"must be an object, not {options!r}")
-    known = ("api_socket", "api_timeout", "stop", "stop_timeout", "load_fields")
+    known = (
+        "api_socket",
+        "api_timeout",
+        "stop",
+        "stop_timeout",
+        "load_fields",
+        "network_overrides",
+        "vsock_uds",
+        "jailer",
+    )
     for key in options:
         if key not in known:
             raise FirecrackerOptionError(str(key), f"is unknown (known: {', '.join(known)})")
@@ -399,13 +433,99 @@ def parse_options(options: Mapping[str, Any]) -> FirecrackerOptions:
         raise FirecrackerOptionError(
             "load_fields", f"may not set {', '.join(reserved)} (the uffd backend is the driver's)"
         )
+    nets = options.get("network_overrides") or {}
+    if not isinstance(nets, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) and v for k, v in nets.items()
+    ):
+        raise FirecrackerOptionError(
+            "network_overrides",
+            f"must map interface ids to tap name patterns (like {{'eth0': 'tap-{{fork}}'}}), "
+            f"not {nets!r}",
+        )
+    for iface, pattern in nets.items():
+        tap_name("network_overrides", pattern, "f", iface)  # fields and characters
+    vsock = options.get("vsock_uds")
+    if vsock is not None:
+        if not isinstance(vsock, str) or "{fork}" not in vsock:
+            raise FirecrackerOptionError(
+                "vsock_uds", f"must be a path pattern with {{fork}} in it, not {vsock!r}"
+            )
+        _pattern("vsock_uds", vsock, "f")
+    for name, given in (("network_overrides", bool(nets)), ("vsock_override", vsock is not None)):
+        if given and name in load_fields:
+            raise FirecrackerOptionError("load_fields", f"may not set {name} as well")
+    jailer = None
+    if options.get("jailer") is not None:
+        try:
+            jailer = parse_jailer(options["jailer"])
+        except JailerError as exc:
+            raise FirecrackerOptionError("jailer", str(exc)) from None
+        if api_socket is not None:
+            raise FirecrackerOptionError(
+                "api_socket", "must not be given with 'jailer' (the jailed Firecracker's is used)"
+            )
     return FirecrackerOptions(
         api_socket=api_socket,
         api_timeout=_timeout_option(options, "api_timeout"),
         stop=cast(StopMode, stop),
         stop_timeout=5.0 if stop_timeout is None else stop_timeout,
         load_fields=dict(load_fields),
+        network_overrides=dict(nets),
+        vsock_uds=vsock,
+        jailer=jailer,
     )
+
+
+def _pattern(option: str, pattern: str, fork: str, iface: str = "") -> str:
+    try:
+        return format_pattern(option, pattern, fork, iface)
+    except JailerError as exc:
+        raise FirecrackerOptionError(option, str(exc)) from None
+
+
+#: What Linux allows in an interface name (and at most IFNAMSIZ - 1 bytes of it).
+_TAP_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+
+
+def tap_name(option: str, pattern: str, fork: str, iface: str) -> str:
+    """The fork's tap name from ``pattern`` (``{fork}``, ``{iface}``); it must be a valid
+    Linux interface name, at most 15 bytes: :class:`FirecrackerOptionError` otherwise."""
+    name = _pattern(option, pattern, fork, iface)
+    if not _TAP_NAME.match(name):
+        raise FirecrackerOptionError(
+            option,
+            f"gives tap name {name!r} for fork {fork!r}: an interface name is 1-15 letters, "
+            "digits or _.:- (shorten the pattern or the fork id)",
+        )
+    return name
+
+
+def fork_load_fields(
+    opts: FirecrackerOptions, fork_id: str, version: FirecrackerVersion
+) -> dict[str, Any]:
+    """The extra ``PUT /snapshot/load`` fields of one fork: ``load_fields`` plus its own taps
+    and vsock socket; :class:`VmmError` if ``version`` does not accept one of them."""
+    extra = dict(opts.load_fields)
+    if opts.network_overrides:
+        extra["network_overrides"] = [
+            {"iface_id": iface, "host_dev_name": tap_name("network_overrides", p, fork_id, iface)}
+            for iface, p in opts.network_overrides.items()
+        ]
+    if opts.vsock_uds is not None:
+        extra["vsock_override"] = {"uds_path": _pattern("vsock_uds", opts.vsock_uds, fork_id)}
+    hints = {
+        "network_overrides": "; give each fork its own network namespace instead (the "
+        "jailer's netns), with a tap of the snapshot's name in it",
+        "vsock_override": "; run each fork in its own chroot instead (the jailer), where the "
+        "snapshot's vsock path is the fork's own",
+    }
+    for name in extra:
+        if not version.accepts_load_field(name):
+            raise VmmError(
+                f"fork {fork_id}: Firecracker {version} does not accept the load field "
+                f"{name!r}{hints.get(name, '')}"
+            )
+    return extra
 
 
 def _kill(pidfd: int, timeout: float) -> None:
@@ -422,15 +542,22 @@ def _kill(pidfd: int, timeout: float) -> None:
 
 
 class FirecrackerDriver(VmmDriver):
-    """Restores forks into already-running Firecracker processes, one API socket per fork.
+    """Restores forks into fresh Firecracker processes (1.7-1.16), one process per fork.
 
     Options read from :attr:`RestoreRequest.options` (all validated before any API request;
     an invalid one raises :class:`FirecrackerOptionError` naming it):
 
-    - ``api_socket`` (required): the Firecracker's ``--api-sock`` path;
+    - ``api_socket``: the ``--api-sock`` path of a Firecracker started by the caller, or
+    - ``jailer``: start Firecracker through the jailer, chrooted per fork
+      (:func:`pagefork.vmm.jailer.parse_jailer` lists its keys);
     - ``api_timeout``: seconds per API request (default: the ``restore`` timeout);
     - ``stop``: ``"kill"`` (default) or ``"ctrl-alt-del"``; ``stop_timeout`` (default 5 s);
-    - ``load_fields``: extra ``PUT /snapshot/load`` fields (e.g. ``network_overrides``).
+    - ``network_overrides``: interface id → tap name pattern (``{fork}``, ``{iface}``), sent
+      as ``network_overrides`` (1.12+);
+    - ``vsock_uds``: a vsock socket path pattern with ``{fork}``, sent as ``vsock_override``
+      (1.16+);
+    - ``load_fields``: other ``PUT /snapshot/load`` fields (e.g. ``track_dirty_pages``); each
+      must be one the release accepts.
 
     ``RestoreRequest.mem_file`` is not sent: with the Uffd backend Firecracker never opens the
     mem-file, the page server serves it.
@@ -445,33 +572,56 @@ class FirecrackerDriver(VmmDriver):
 
     def restore(self, request: RestoreRequest, timeout: float = 30.0) -> FirecrackerHandle:
         """``PUT /snapshot/load`` with the Uffd backend, paused; returns once Firecracker
-        accepted it (it has connected to ``request.uffd_socket`` and sent the handshake).
+        accepted it (it has connected to ``request.uffd_socket``, sent the handshake, and had
+        any fault of the load itself served).
 
-        If Firecracker refuses the load (an error status) it is left as it was. If anything
-        else fails once its pidfd is open (no answer, a dropped connection, an error after the
-        load), Firecracker is killed: its state is unknown, and a VMM loaded without a page
-        server behind it would only hang.
+        First ``GET /`` must report ``Not started``: a Firecracker that already loaded or
+        booted cannot load again, so every fork needs a fresh process. Its ``vmm_version``
+        decides which load fields may be sent (a clear error before the load otherwise).
+
+        When Firecracker refuses the load, it exits by itself (as it does after any failed
+        load, except for a malformed body or a VM that already started); the driver leaves
+        a process it did not start to that. If anything else fails once the load was sent
+        (no answer, a dropped connection, an error after the load), Firecracker is killed:
+        its state is unknown, and a VMM loaded without a page server behind it would only
+        hang. A Firecracker the driver started through the jailer is killed on any failure.
         """
         opts = parse_options(request.options)
-        if opts.api_socket is None:
-            raise VmmError(f"fork {request.fork_id}: the firecracker driver needs api_socket")
-        api = FirecrackerApi(
-            opts.api_socket, timeout=timeout if opts.api_timeout is None else opts.api_timeout
-        )
-        body = snapshot_load_body(
-            request.snapshot_path, request.uffd_socket, extra=opts.load_fields
-        )
-        # Pin the process before loading: if the load or the handler fails we can still kill
-        # the right VMM, and a reused pid cannot be hit later.
-        pid = api.peer_pid()
-        pidfd = _pidfd_open(pid)
+        if opts.api_socket is None and opts.jailer is None:
+            raise VmmError(
+                f"fork {request.fork_id}: the firecracker driver needs api_socket or jailer"
+            )
+        limit = timeout if opts.api_timeout is None else opts.api_timeout
+        jailed: _Jailed | None = None
+        snapshot, uffd_socket = request.snapshot_path, request.uffd_socket
+        if opts.jailer is not None:
+            jailed = _Jailed.start(opts.jailer, request, limit)
+            snapshot, uffd_socket = jailed.snapshot_path, jailed.uffd_socket
+            api = FirecrackerApi(jailed.jail.api_socket, timeout=limit)
+        else:
+            assert opts.api_socket is not None
+            api = FirecrackerApi(opts.api_socket, timeout=limit)
+        pidfd: int | None = None
+        sent = False
         try:
+            # Pin the process before loading: if the load or the handler fails we can still
+            # kill the right VMM, and a reused pid cannot be hit later.
+            pid = api.peer_pid()
+            pidfd = _pidfd_open(pid)
+            version = self._check_fresh(api, request.fork_id)
+            body = snapshot_load_body(
+                snapshot, uffd_socket, extra=fork_load_fields(opts, request.fork_id, version)
+            )
+            sent = True
             api.request("PUT", "/snapshot/load", body, timeout=timeout)
-            return FirecrackerHandle(request.fork_id, api, pid, pidfd, opts.stop, opts.stop_timeout)
+            return FirecrackerHandle(
+                request.fork_id, api, pid, pidfd, opts.stop, opts.stop_timeout, jailed
+            )
         except BaseException as exc:
+            ours = jailed is not None
             if pidfd is not None:
                 try:
-                    if not isinstance(exc, FirecrackerApiError):
+                    if ours or (sent and not isinstance(exc, FirecrackerApiError)):
                         log.warning(
                             "fork %s: killing Firecracker pid %d after a failed restore: %s",
                             request.fork_id,
@@ -481,21 +631,148 @@ class FirecrackerDriver(VmmDriver):
                         _kill(pidfd, opts.stop_timeout)
                 finally:
                     os.close(pidfd)
+            if jailed is not None:
+                jailed.release(opts.stop_timeout)
             raise
+
+    @staticmethod
+    def _check_fresh(api: FirecrackerApi, fork_id: str) -> FirecrackerVersion:
+        """``GET /``: the process must be ``Not started`` and a supported release."""
+        info = api.request("GET", "/")
+        state = info.get("state") if isinstance(info, dict) else None
+        if state != "Not started":
+            raise VmmError(
+                f"fork {fork_id}: Firecracker at {api.socket_path} is {state!r}, not "
+                "'Not started': a snapshot loads only into a fresh Firecracker process, "
+                "start one per fork"
+            )
+        raw = info.get("vmm_version")
+        try:
+            version = FirecrackerVersion.parse(str(raw))
+        except VmmError:
+            raise VmmError(
+                f"fork {fork_id}: Firecracker at {api.socket_path} reports version {raw!r}, "
+                "which is not a version"
+            ) from None
+        if not version.supported:
+            raise VmmError(
+                f"fork {fork_id}: Firecracker {version} is older than 1.7, the oldest release "
+                "pagefork supports"
+            )
+        return version
+
+
+class _Jailed:
+    """A Firecracker the driver started through the jailer, and the jail prepared for it."""
+
+    def __init__(
+        self,
+        jail: Jail,
+        proc: subprocess.Popen[bytes],
+        paths: tuple[str, str],
+        stderr: IO[bytes],
+    ) -> None:
+        self.jail = jail
+        self.proc = proc
+        self.snapshot_path, self.uffd_socket = paths
+        self.stderr = stderr
+
+    @classmethod
+    def start(cls, config: JailerConfig, request: RestoreRequest, timeout: float) -> _Jailed:
+        """Prepare the fork's chroot, start the jailer, wait for the API socket."""
+        jail = Jail(config, request.fork_id)
+        paths = jail.prepare(request.snapshot_path, request.uffd_socket)
+        # A file, not a pipe: a chatty Firecracker must never block on a full pipe.
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115 (kept open for the process life)
+        try:
+            proc = subprocess.Popen(
+                jail.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        except OSError as exc:
+            stderr.close()
+            jail.cleanup()
+            raise VmmError(
+                f"fork {request.fork_id}: cannot start the jailer {config.binary}: {exc.strerror}"
+            ) from None
+        jailed = cls(jail, proc, paths, stderr)
+        try:
+            jailed._wait_api(timeout)
+        except BaseException:
+            jailed.release(timeout)
+            raise
+        return jailed
+
+    def _wait_api(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        path = self.jail.api_socket
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                self.stderr.seek(0)
+                err = self.stderr.read(1 << 16).decode("utf-8", "replace")
+                last = err.strip().splitlines()[-1:] or ["no message"]
+                raise VmmError(
+                    f"fork {self.jail.fork_id}: the jailer exited with status {code} before "
+                    f"Firecracker's API socket {path} answered: {last[0][:_MAX_QUOTED_BODY]}"
+                )
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+                try:
+                    s.connect(path)
+                    return
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise VmmError(
+                    f"fork {self.jail.fork_id}: Firecracker's API socket {path} did not answer "
+                    f"within {timeout:g}s of starting the jailer"
+                )
+            # Nothing to wait on for a socket to appear: check again shortly, or sooner if
+            # the jailer exits.
+            _wait_exit_or(self.proc.pid, 0.01)
+
+    def release(self, timeout: float) -> None:
+        """Kill (if still running) and reap the jailed process; remove what the jail made."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("fork %s: jailed Firecracker not reaped", self.jail.fork_id)
+        finally:
+            self.stderr.close()
+            self.jail.cleanup()
+
+
+def _wait_exit_or(pid: int, seconds: float) -> None:
+    """Wait up to ``seconds`` or until the process ``pid`` exits, whichever comes first."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        _wait_exit(fd, seconds)
+    finally:
+        os.close(fd)
 
 
 __all__ = [
     "DEFAULT_API_TIMEOUT",
+    "LOAD_FIELD_SINCE",
+    "OLDEST_SUPPORTED",
     "FirecrackerApi",
     "FirecrackerApiError",
     "FirecrackerDriver",
     "FirecrackerHandle",
     "FirecrackerOptionError",
     "FirecrackerOptions",
+    "FirecrackerVersion",
     "create_snapshot",
     "fault_message",
+    "fork_load_fields",
     "parse_options",
     "snapshot_create_body",
     "snapshot_load_body",
+    "tap_name",
     "vm_state_body",
 ]

@@ -4,10 +4,17 @@ Each fork runs in its own process (:class:`~pagefork.vmm.kvm.process.ForkProcess
 hands its RAM to the page server and restores the vCPUs, paused, exactly where Firecracker's
 ``PUT /snapshot/load`` with ``resume_vm: false`` leaves a VM; ``go`` is its ``PATCH /vm
 Resumed``.
+
+The fork process exits by itself once its guest has reported. A handle holds a pidfd of it
+(opened while the process cannot yet have been reaped, so it names this process and no other):
+whoever watches it learns of the exit without polling, and :meth:`KvmHandle.exit_status` then
+reaps the process, so no zombie is left however long the fork stays registered.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
 from pagefork.errors import VmmError
@@ -22,6 +29,30 @@ class KvmHandle(VmmHandle):
         self.fork_id = fork_id
         self.process = process
         self._resumed = False
+        # Only this handle's process reaps the pid, and it has not yet: the pidfd is its.
+        self._pidfd: int | None = None
+        with contextlib.suppress(OSError):  # no pidfd: the fork is simply not watched
+            self._pidfd = os.pidfd_open(process.pid)
+
+    @property
+    def pidfd(self) -> int | None:
+        """A pidfd of the fork process (readable once it has exited); None after :meth:`stop`."""
+        return self._pidfd
+
+    def exit_status(self) -> int | None:
+        """The process's exit status once it has exited, reaping it (negative: the signal
+        that killed it); None while it runs."""
+        status = None
+        pidfd = self._pidfd
+        if pidfd is not None:
+            # Read without reaping first: a concurrent wait() may be reaping it right now.
+            with contextlib.suppress(ChildProcessError, OSError):
+                info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                if info is not None:
+                    exited = info.si_code == os.CLD_EXITED
+                    status = info.si_status if exited else -info.si_status
+        code = self.process.poll()  # reaps it (unless that concurrent wait() does)
+        return code if code is not None else status
 
     @property
     def pid(self) -> int | None:
@@ -60,6 +91,9 @@ class KvmHandle(VmmHandle):
     def stop(self) -> None:
         """Kill the fork process if it still runs and reap it; idempotent."""
         self.process.close()
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 class KvmDriver(VmmDriver):
@@ -79,7 +113,7 @@ class KvmDriver(VmmDriver):
         process = ForkProcess(request.snapshot_path, request.uffd_socket, fork_index)
         try:
             process.wait_restored(timeout=timeout)
+            return KvmHandle(request.fork_id, process)
         except BaseException:
             process.close()
             raise
-        return KvmHandle(request.fork_id, process)

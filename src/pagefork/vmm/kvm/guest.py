@@ -1,8 +1,9 @@
 """The guest program: a hand-assembled 32-bit x86 "boot" that walks an access trace.
 
 It runs in flat 32-bit protected mode without paging (set up through ``KVM_SET_SREGS``, no
-firmware), so guest-virtual = guest-physical. Nested KVM on our machines emulates guest
-instructions at about 1 µs each (DESIGN.md), so the per-page loop is five instructions.
+firmware), so guest-virtual = guest-physical. Under nested KVM (the host is itself a VM) guest
+instructions may be emulated: we measured 0.5-1.4 µs each (a long ``dec/jnz`` loop), so the
+per-page loop is kept to five instructions.
 
 What the program does, and the port-I/O "device" it talks to (ports are :data:`PORT_*`):
 

@@ -147,6 +147,10 @@ class ForkProcess:
         self.restored = self._next("restored", timeout)
         return self.restored
 
+    def poll(self) -> int | None:
+        """The exit status if the process has exited (reaping it), else None."""
+        return self._proc.poll()
+
     def go(self) -> None:
         """Resume the vCPUs."""
         assert self._proc.stdin is not None

@@ -44,6 +44,10 @@ HIGH_REGION_GPA = 0xC000_0000
 #: The guest runs without paging in 32-bit mode: all RAM must sit below 4 GiB.
 MAX_GPA = 1 << 32
 MIN_MEM_SIZE = 4 << 20
+#: The high region ends where KVM's TSS begins.
+MAX_HIGH_REGION = TSS_ADDR - HIGH_REGION_GPA
+#: The most guest RAM a split template can have: 3 GiB below the hole, the high region above.
+MAX_MEM_SIZE = HIGH_REGION_GPA + MAX_HIGH_REGION
 
 Progress = Callable[[str], None]
 
@@ -70,11 +74,14 @@ class TemplateSpec:
             if self.mem_size > HIGH_REGION_GPA:
                 raise TemplateError("guest memory above 3 GiB needs split=True")
             return [MemoryRegionSpec(0, self.mem_size, 0)]
-        low = (self.mem_size // 2) & ~(PAGE_SIZE - 1)
-        high = self.mem_size - low
-        if low > HIGH_REGION_GPA or HIGH_REGION_GPA + high > TSS_ADDR:
+        # Half and half, but the high region ends below KVM's TSS (just under 4 GiB): from
+        # 2 GiB on, the low region takes the rest, up to the hole at 3 GiB.
+        high = min(self.mem_size - (self.mem_size // 2 & ~(PAGE_SIZE - 1)), MAX_HIGH_REGION)
+        low = self.mem_size - high
+        if low > HIGH_REGION_GPA:
             raise TemplateError(
-                f"guest memory of {self.mem_size >> 20} MiB does not fit below 4 GiB"
+                f"guest memory of {self.mem_size >> 20} MiB does not fit below 4 GiB "
+                f"(at most {MAX_MEM_SIZE >> 20} MiB)"
             )
         return [MemoryRegionSpec(0, low, 0), MemoryRegionSpec(HIGH_REGION_GPA, high, low)]
 
@@ -469,6 +476,7 @@ def _dump_memory(memory: GuestMemory, path: Path) -> None:
 
 
 __all__ = [
+    "MAX_MEM_SIZE",
     "MEM_FILE",
     "TEMPLATE_FILE",
     "VMSTATE_FILE",

@@ -1,8 +1,8 @@
 """Access traces shaped like measured boots, and the zero/non-zero layout of data pages.
 
-Pure functions of a seed, no I/O. The figures come from REAP and E2B (DESIGN.md): a boot's
-working set is a few to tens of percent of guest memory, its faults come in runs of 1-3
-contiguous pages, and forks of one snapshot share most of their working set. Each *variant*
+Pure functions of a seed, no I/O. The shape follows what published snapshot-restore studies
+report (REAP, vHive, ASPLOS '21: working sets of 3-39% of guest memory, faulted pages in runs
+of 2-3; E2B's sandboxes: forks of one snapshot share most of their working set). Each *variant*
 (one per fork index, modulo the template's variant count) touches the common hot set in the
 same first-touch order plus fork-specific runs spliced in at random places, so a prefetch is
 judged on pages it never recorded.
