@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
 #: How many recent fault latencies a fork keeps (a ring: sample n sits at n % LATENCY_WINDOW).
 LATENCY_WINDOW = 1 << 16
 

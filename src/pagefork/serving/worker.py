@@ -577,7 +577,8 @@ class _Target:
 
 def main() -> None:
     """Entry point: ``python -m pagefork.serving.worker CHAN_FD MEM_FD MEM_SIZE ZERO_FD``."""
-    logging.basicConfig(level=int(os.environ.get("PAGEFORK_WORKER_LOG", logging.WARNING)), format=f"pagefork worker {os.getpid()}: %(message)s")
+    level = int(os.environ.get("PAGEFORK_WORKER_LOG", logging.WARNING))  # 10 for debugging
+    logging.basicConfig(level=level, format=f"pagefork worker {os.getpid()}: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     chan_fd, mem_fd, mem_size, zero_fd = (int(a) for a in sys.argv[1:5])
     chan = socket.socket(fileno=chan_fd)
