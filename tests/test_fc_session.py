@@ -118,8 +118,8 @@ def test_without_a_pidfd_the_hang_up_ends_the_fork(
     def no_pidfd(pid: int, flags: int = 0) -> int:
         raise OSError(38, "Function not implemented")
 
-    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
-    server = make_server()
+    server = make_server()  # its workers are watched through pidfds of their own
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)  # but the VMM's cannot be opened
     vmm = vmms(server.register_fork("old"), "--fc-version", "1.10", "--close-after-handshake")
     ended = server.wait_ended("old", timeout=10)
     assert ended.state == "ended"

@@ -784,13 +784,14 @@ class PageServer:
             self._spawn(self.config.on_connect, entry.fork_id)
 
     def _hand_to(self, entry: _Fork, worker: WorkerProcess, *, adopt: bool) -> None:
-        assert entry.ledger is not None and entry.conn is not None
+        assert entry.ledger is not None
         entry.worker = worker
         worker.forks.add(entry.key)
-        names = ["uffd", "conn", "ledger"] + (["pidfd"] if entry.pidfd >= 0 else [])
-        fds = [entry.uffd, entry.conn.fileno(), entry.ledger.fd] + (
-            [entry.pidfd] if entry.pidfd >= 0 else []
-        )
+        named = {"uffd": entry.uffd, "ledger": entry.ledger.fd, "pidfd": entry.pidfd}
+        if entry.conn is not None:  # None once a VMM that outlives its socket closed it
+            named["conn"] = entry.conn.fileno()
+        names = [name for name, fd in named.items() if fd >= 0]
+        fds = [named[name] for name in names]
         spec = {
             "key": entry.key,
             "fork": entry.fork_id,
@@ -849,7 +850,7 @@ class PageServer:
         with self._lock:
             entry = (
                 self._serving.get(message[1])
-                if op in ("ended", "window_closed", "remapped", "serving")
+                if op in ("ended", "window_closed", "remapped", "serving", "hung_up")
                 else None
             )
             if op == "ended" and entry is not None:
@@ -861,6 +862,11 @@ class PageServer:
                 callbacks += self._finish(entry, error)
             elif op == "window_closed" and entry is not None:
                 callbacks += self._report_window(entry)
+            elif op == "hung_up" and entry is not None:
+                log.debug("fork %s: VMM closed its socket; serving until it exits", entry.fork_id)
+                if entry.conn is not None:
+                    entry.conn.close()
+                    entry.conn = None
             elif op == "remapped" and entry is not None:
                 entry.regions = [Region(*r) for r in message[2]]
             elif op == "serving" and entry is not None and entry.state is ForkState.ADOPTING:

@@ -222,10 +222,10 @@ class Worker:
         if f.pidfd >= 0:
             # Firecracker before 1.12 closes the socket after the handshake and runs on: its
             # exit (the pidfd) ends the fork, not this.
-            log.debug("fork %s: VMM closed its socket; serving until it exits", f.name)
             self._unwatch(f.conn)
             os.close(f.conn)
             f.conn = -1
+            ipc.send(self.chan, ("hung_up", f.fork_id))
         else:
             self._end(f, "ended", None)
 
@@ -492,7 +492,10 @@ class Worker:
         if f.on_failure == "kill" and pid is not None and pid > 1 and pid != os.getpid():
             log.error("fork %s: %s; killing VMM pid %d (its guest would hang)", f.name, why, pid)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                if f.pidfd >= 0:  # the pidfd cannot hit a reused pid
+                    signal.pidfd_send_signal(f.pidfd, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
         else:
             log.error("fork %s: %s; closing its connection", f.name, why)
         self._end(f, "failed", why)
