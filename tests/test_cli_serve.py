@@ -411,3 +411,45 @@ def test_a_record_target_swapped_for_a_fifo_after_start_is_left_untouched(
     )
     assert "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["hot.hpl", "mem"]
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("PPid:")).split()[1])
+
+
+@needs_uffd
+def test_serve_names_its_workers_and_replaces_one_killed_mid_run(tmp_path: Path, mem_file, vmms):
+    sock = tmp_path / "h.sock"
+    serve = Serve("--mem-file", str(mem_file), "--socket", str(sock), "--workers", "2")
+    [listening] = serve.wait_for("listening")
+    pids = listening["worker_pids"]
+    assert len(pids) == 2 and {_parent(p) for p in pids} == {serve.proc.pid}
+    vmm = vmms(str(sock))
+    assert vmm.send(cmd="touch", pages=[[0, 0], [0, PAGE]])["bad"] == 0
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    events = serve.wait_for("worker_restarted", count=2)
+    assert sorted(e["old_pid"] for e in events) == sorted(pids)
+    assert sum(e["forks"] for e in events) == 1  # the one fork moved with its worker
+    assert {_parent(e["pid"]) for e in events} == {serve.proc.pid}
+    reply = vmm.send(cmd="touch", all=True)
+    assert reply["bad"] == 0 and reply["touched"] == 3072
+    vmm.close()
+    [end] = serve.wait_for("fork_end")
+    assert end["faults"] == 3072 and end["errors"] == 0 and end["state"] == "ended"
+    code, err = serve.stop()
+    assert code == 0 and "Traceback" not in err
+
+
+def test_serve_refuses_a_bad_worker_count(tmp_path: Path, mem_file) -> None:
+    for bad in ("0", "-2", "lots"):
+        proc = subprocess.run(
+            [*PAGEFORK, "serve", "--mem-file", str(mem_file), "--socket", str(tmp_path / "s"),
+             "--workers", bad],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 2 and "--workers" in proc.stderr
+        assert "Traceback" not in proc.stderr

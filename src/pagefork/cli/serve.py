@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from pagefork.errors import PageforkError
 from pagefork.files import check_writable
@@ -90,8 +90,29 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="FILE",
         help="prefetch this hot-page file into every fork right after its handshake",
     )
+    p.add_argument(
+        "--workers",
+        type=parse_workers,
+        default="auto",
+        metavar="N|auto",
+        help="worker processes that serve faults (default auto: one per usable CPU); a worker "
+        "that dies is replaced and its forks are served on without loss",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log each fork's lifecycle")
     p.set_defaults(func=run)
+
+
+def parse_workers(text: str) -> int | Literal["auto"]:
+    """``--workers``: ``auto`` or a whole number >= 1."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 1, not {text!r}")
+    return value
 
 
 class _Printer:
@@ -264,6 +285,9 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
     def ended(fork_id: str, stats: ForkStats) -> None:
         emit("fork_end", **_fork_end_fields(stats))
 
+    def worker_restarted(old_pid: int, pid: int, forks: int) -> None:
+        emit("worker_restarted", old_pid=old_pid, pid=pid, forks=forks)
+
     config = ServerConfig(
         mem_file_path=args.mem_file,
         page_size=args.page_size,
@@ -274,11 +298,18 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
         on_connect=connected,
         on_fork_end=ended,
         on_window_closed=window_closed,
+        on_worker_restarted=worker_restarted,
+        workers=args.workers,
     )
     server = PageServer(config)
     try:
         server.listen(args.socket, record=should_record)
-        emit("listening", socket=args.socket, mem_file=args.mem_file)
+        emit(
+            "listening",
+            socket=args.socket,
+            mem_file=args.mem_file,
+            worker_pids=server.worker_pids(),
+        )
         _wait_for_stop(wake_fd)
     finally:
         server.close()
