@@ -70,12 +70,12 @@ class Ledger:
     constants above)."""
 
     __slots__ = (
-        "_latency",
         "_map",
         "_record",
         "_removed",
         "counters",
         "fd",
+        "latency_ring",
         "record_capacity",
         "size",
     )
@@ -94,7 +94,7 @@ class Ledger:
         view = memoryview(self._map)
         self.counters = view[:removed_at].cast("q")
         self._removed = view[removed_at:latency_at].cast("Q")
-        self._latency = view[latency_at:record_at].cast("Q")
+        self.latency_ring = view[latency_at:record_at].cast("Q")
         self._record = view[record_at : self.size].cast("q")
         view.release()
 
@@ -165,12 +165,12 @@ class Ledger:
     def add_latency(self, ns: int) -> None:
         """Record one fault's service time (the ring keeps the last :data:`LATENCY_SLOTS`)."""
         n = self.counters[LATENCY_N]
-        self._latency[n & (LATENCY_SLOTS - 1)] = ns
+        self.latency_ring[n & (LATENCY_SLOTS - 1)] = ns
         self.counters[LATENCY_N] = n + 1
 
     def latencies(self) -> list[int]:
         """The recorded fault latencies in ns (the most recent window, unordered)."""
-        return list(self._latency[: min(self.counters[LATENCY_N], LATENCY_SLOTS)])
+        return list(self.latency_ring[: min(self.counters[LATENCY_N], LATENCY_SLOTS)])
 
     def close(self) -> None:
         """Unmap and close the memfd; idempotent."""
@@ -181,6 +181,6 @@ class Ledger:
         self.fd = -1
 
     def _unmap(self) -> None:
-        for view in (self.counters, self._removed, self._latency, self._record):
+        for view in (self.counters, self._removed, self.latency_ring, self._record):
             view.release()
         self._map.close()

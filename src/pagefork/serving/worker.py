@@ -55,6 +55,7 @@ _FAULT_ADDRESS = struct.Struct("=16xQ8x")
 _PREFETCH_SLICE = 16
 _MADV_POPULATE_READ = 22
 _UFFD, _PIDFD, _CONN = 0, 1, 2
+_COPY, _ZEROPAGE, _OUTSIDE = int(Action.COPY), int(Action.ZEROPAGE), int(Action.OUTSIDE)
 
 
 class _Fatal(Exception):
@@ -148,6 +149,9 @@ class Worker:
         self.ep = select.epoll()
         self.ep.register(chan.fileno(), select.EPOLLIN)
         self.forks: dict[str, _Fork] = {}
+        # Forks the loop must visit without an event: faults deferred on EAGAIN, or a recording
+        # window with a time limit. Usually empty, so an idle loop costs nothing per fork.
+        self.attend: set[_Fork] = set()
         self.by_fd: dict[int, tuple[int, _Fork]] = {}
         self.crash_at: dict[str, int] = {}
         self._in_prefetch = False
@@ -171,20 +175,30 @@ class Worker:
             self._housekeeping()
 
     def _timeout(self) -> float:
-        if any(f.deferred for f in self.forks.values()):
-            return 0.001  # deferred on EAGAIN: retry soon
-        deadline = min((f.rec_deadline for f in self.forks.values()), default=float("inf"))
-        if deadline == float("inf"):
+        if not self.attend:
             return -1
+        if any(f.deferred for f in self.attend):
+            return 0.001  # deferred on EAGAIN: retry soon
+        deadline = min(f.rec_deadline for f in self.attend)
         return max(0.0, (deadline - time.monotonic_ns()) / 1e9)
 
     def _housekeeping(self) -> None:
+        if not self.attend:
+            return
         now = time.monotonic_ns()
-        for f in list(self.forks.values()):
+        for f in list(self.attend):
             if f.deferred:
                 self._guard(f, self._serve_faults, [])
             if f.rec_seen is not None and now >= f.rec_deadline:
                 self._close_window(f)
+            self._attend(f)
+
+    def _attend(self, f: _Fork) -> None:
+        """Keep :attr:`attend` in step with ``f``'s deferred faults and recording deadline."""
+        if (f.deferred or f.rec_deadline != float("inf")) and f.uffd >= 0:
+            self.attend.add(f)
+        else:
+            self.attend.discard(f)
 
     def _on_fd(self, fd: int) -> None:
         entry = self.by_fd.get(fd)
@@ -296,25 +310,31 @@ class Worker:
         recording = f.rec_seen is not None
         ioctls = f.ioctls
         clock = time.perf_counter_ns
-        add_latency = f.ledger.add_latency
+        ring = f.ledger.latency_ring
+        # The fault path: everything it touches is bound to a local once per batch.
+        copy_, zeropage_, outside = _COPY, _ZEROPAGE, _OUTSIDE
+        faults_, misses_, copied_, zeroed_, lat_n = (
+            L.FAULTS, L.MISSES, L.PAGES_COPIED, L.ZERO_PAGES, L.LATENCY_N
+        )
+        mask = L.LATENCY_SLOTS - 1
         again: list[int] = []
         for address in addresses:
             t0 = clock()
             action, dst, file_offset, psize, idx = decide(
                 address, table, zeros, is_removed, is_zero
             )
-            if action == Action.OUTSIDE:
+            if action == outside:
                 raise _Fatal(f"fault at {address:#x} is outside every region")
             # Count before the ioctl: it wakes the guest, which may read the stats right after.
-            c[L.FAULTS] += 1
+            c[faults_] += 1
             if prefetched:
-                c[L.MISSES] += 1
-            slot = L.PAGES_COPIED if action == Action.COPY else L.ZERO_PAGES
+                c[misses_] += 1
+            slot = copied_ if action == copy_ else zeroed_
             c[slot] += 1
             try:
-                if action == Action.COPY:
+                if action == copy_:
                     ioctls.copy(dst, src_base + file_offset, psize)
-                elif action == Action.ZEROPAGE:
+                elif action == zeropage_:
                     ioctls.zeropage(dst, psize)
                 else:
                     ioctls.copy(dst, zero_source(psize), psize)  # hugetlbfs: no ZEROPAGE
@@ -350,11 +370,14 @@ class Worker:
                     ) from None
             if recording:
                 self._record(f, idx, file_offset - f.regions[idx].offset)
-            add_latency(clock() - t0)
+            n = c[lat_n]
+            ring[n & mask] = clock() - t0
+            c[lat_n] = n + 1
         if again:
             c[L.EAGAIN_RETRIES] += len(again)
             # Read the events now (faults read with them wait their turn behind these).
             f.deferred = again + self._read_events(f, until_empty=True)
+            self.attend.add(f)
 
     def _is_zero(self, offset: int, length: int) -> bool:
         first = offset // PAGE_SIZE
@@ -387,6 +410,7 @@ class Worker:
             return
         f.rec_seen = None
         f.rec_deadline = float("inf")
+        self._attend(f)
         f.ledger.counters[L.RECORD_STATE] = L.RECORD_CLOSED
         ipc.send(self.chan, ("window_closed", f.fork_id))
 
@@ -462,6 +486,7 @@ class Worker:
         if old is not None:
             self._end(old, "ended", None, report=False)
         self.forks[f.fork_id] = f
+        self._attend(f)
         self._watch(f.uffd, _UFFD, f)
         if f.pidfd >= 0:
             self._watch(f.pidfd, _PIDFD, f)
@@ -511,6 +536,7 @@ class Worker:
                 self._unwatch(fd)
                 os.close(fd)
         f.uffd = f.conn = f.pidfd = -1
+        self.attend.discard(f)
         if f.rec_seen is not None:
             f.rec_seen = None
             f.ledger.counters[L.RECORD_STATE] = L.RECORD_CLOSED
@@ -576,6 +602,7 @@ class _Target:
         # EAGAIN with nothing done: an event (REMOVE) is unread. Read it now, on this thread:
         # the caller then re-reads the removed ranges. Faults read meanwhile wait their turn.
         self._f.deferred.extend(self._worker._read_events(self._f, until_empty=True))
+        self._worker._attend(self._f)
 
 
 def main() -> None:

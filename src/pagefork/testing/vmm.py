@@ -154,12 +154,19 @@ class TestVmm:
         mismatches: list[list[int]] = []
         lock = threading.Lock()
 
+        timed = bool(cmd.get("max_latency"))
+        slowest = [0.0]
+
         def work(chunk: list[tuple[int, int]]) -> None:
             buf = ctypes.create_string_buffer(length)
             memmove = ctypes.memmove  # releases the GIL: threads fault concurrently
             address = self.mem.address
+            clock = time.perf_counter
             for region, off in chunk:
+                t = clock() if timed else 0.0
                 memmove(buf, address(region, off), length)
+                if timed:
+                    slowest[0] = max(slowest[0], clock() - t)  # the longest single page
                 if verify and buf.raw != self._expected(region, off, length):
                     with lock:
                         mismatches.append([region, off])
@@ -181,6 +188,7 @@ class TestVmm:
             "mismatches": mismatches[:20],
             "bad": len(mismatches),
             "seconds": seconds,
+            **({"max_latency_ms": slowest[0] * 1000} if timed else {}),
         }
 
     def remove(self, cmd: dict[str, Any]) -> dict[str, Any]:
