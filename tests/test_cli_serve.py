@@ -89,7 +89,7 @@ def test_serve_records_a_warmup_fork_then_prefetches_the_next(tmp_path: Path, me
     code, err = rec.stop()
     assert code == 0 and "Traceback" not in err
     assert not sock.exists()
-    assert load(hot).snapshot() == [HotPage(0, 0), HotPage(0, PAGE), HotPage(1, 8 * PAGE)]
+    assert load(hot).sorted_pages() == [HotPage(0, 0), HotPage(0, PAGE), HotPage(1, 8 * PAGE)]
 
     sock2 = tmp_path / "p.sock"
     pre = Serve("--mem-file", str(mem_file), "--socket", str(sock2), "--hot-pages", str(hot))

@@ -71,7 +71,7 @@ def test_add_reports_new_pages_and_keeps_first_touch_order_and_time() -> None:
 
 def test_snapshot_is_sorted_and_deduplicated() -> None:
     hot = pages_of((2, 0), (0, 0x5000), (0, 0x1000), (2, 0), (0, 0x5000))
-    assert hot.snapshot() == [HotPage(0, 0x1000), HotPage(0, 0x5000), HotPage(2, 0)]
+    assert hot.sorted_pages() == [HotPage(0, 0x1000), HotPage(0, 0x5000), HotPage(2, 0)]
 
 
 def test_from_pages_checks_times_align_with_pages() -> None:
@@ -97,7 +97,7 @@ def test_concurrent_adds_keep_every_distinct_page_once() -> None:
         t.join()
     expected = {(0, ((i * 7 + s) % 3000) * KIB4) for s in range(4) for i in range(2000)}
     assert len(hot) == len(expected)
-    assert set(hot.snapshot()) == expected
+    assert set(hot.sorted_pages()) == expected
     assert len(hot.times()) == len(hot.in_order())
 
 
@@ -158,7 +158,7 @@ def test_varints_round_trip_up_to_2_to_the_64_minus_1() -> None:
     top = (1 << 32) - 1  # largest region index an HPL reader keeps
     data = encode_hpl1([(0, big), (top, 0)])
     assert data == b"HPL1\x02" + b"\x00" + varint(big) + varint(top) + b"\x00"
-    assert decode(data).snapshot() == [(0, big), (top, 0)]
+    assert decode(data).sorted_pages() == [(0, big), (top, 0)]
     # A 10-byte varint of 2**64-1 decodes to exactly that value (then is refused as a region).
     with pytest.raises(HotPageFileError, match=r"^f: entry 0: region index 18446744073709551615 "):
         decode(b"HPL1\x01" + varint((1 << 64) - 1) + b"\x00", "f")
@@ -177,7 +177,7 @@ def test_region_index_of_2_to_the_32_is_refused_on_save_and_on_load(
         r"region index must be in \[0, 2\*\*32\)$",
     ):
         save(pages_of((1, 0), (1 << 32, KIB4)), path, fmt=fmt)  # type: ignore[arg-type]
-    assert load(path).snapshot() == [(0, 0)]  # the old file is untouched
+    assert load(path).sorted_pages() == [(0, 0)]  # the old file is untouched
     assert os.listdir(tmp_path) == ["hot.hpl"]
     magic = b"HPL1\x02" if fmt == "hpl1" else b"HPL2\x00\x02"
     data = magic + entries((0, 0), (1 << 32, 0))
@@ -363,7 +363,7 @@ def test_save_replaces_an_existing_file(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "hot.hpl")
     save(pages_of((0, 0)), path)
     save(pages_of((0, KIB4), (0, 2 * KIB4)), path)
-    assert load(path).snapshot() == [(0, KIB4), (0, 2 * KIB4)]
+    assert load(path).sorted_pages() == [(0, KIB4), (0, 2 * KIB4)]
 
 
 def test_failed_save_removes_its_temp_file_and_keeps_the_old_one(
@@ -380,7 +380,7 @@ def test_failed_save_removes_its_temp_file_and_keeps_the_old_one(
         save(pages_of((0, KIB4)), path)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["hot.hpl"]
-    assert load(path).snapshot() == [(0, 0)]
+    assert load(path).sorted_pages() == [(0, 0)]
 
 
 def test_save_into_missing_directory_is_a_hot_page_file_error(tmp_path: os.PathLike[str]) -> None:
@@ -428,7 +428,7 @@ def test_a_symlink_to_a_regular_file_is_read(tmp_path: os.PathLike[str]) -> None
     link = os.path.join(tmp_path, "link.hpl")
     save(pages_of((0, KIB4)), real)
     os.symlink(real, link)
-    assert load(link).snapshot() == [(0, KIB4)]
+    assert load(link).sorted_pages() == [(0, KIB4)]
 
 
 def test_a_file_larger_than_the_limit_is_refused(
@@ -599,6 +599,6 @@ def test_random_bytes_after_the_magic_never_escape_as_another_error(magic: bytes
             continue
         decoded += 1
         assert decode(encode_hpl2(hot), "again").in_order() == hot.in_order()
-        assert decode(encode_hpl1(hot.snapshot()), "again").snapshot() == hot.snapshot()
+        assert decode(encode_hpl1(hot.sorted_pages()), "again").sorted_pages() == hot.sorted_pages()
     # Both outcomes are common (fixed counts for this generator seed; the bounds leave room).
     assert decoded > 300 and refused > 1500, (decoded, refused)

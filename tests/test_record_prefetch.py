@@ -36,7 +36,7 @@ def test_warmup_recording_then_prefetch_leaves_no_demand_faults(tmp_path: Path, 
     assert all(t is not None and t >= 0 for t in hot.times())
     hot.save(tmp_path / "hot.hpl")
     loaded = load(tmp_path / "hot.hpl")
-    assert loaded.snapshot() == sorted(HotPage(r, o) for r, o in touched)
+    assert loaded.sorted_pages() == sorted(HotPage(r, o) for r, o in touched)
 
     fork = vmms(server.register_fork("b"))
     result = server.prefetch("b", loaded)
@@ -57,7 +57,7 @@ def test_recording_is_per_fork_and_off_by_default(make_server, vmms):
     b = vmms(server.register_fork("b"))
     assert a.send(cmd="touch", pages=[[0, 0], [0, PAGE]])["bad"] == 0
     assert b.send(cmd="touch", pages=[[1, 0]])["bad"] == 0
-    assert server.hot_pages("a").snapshot() == [HotPage(0, 0), HotPage(0, PAGE)]
+    assert server.hot_pages("a").sorted_pages() == [HotPage(0, 0), HotPage(0, PAGE)]
     with pytest.raises(ForkError, match="not recording"):
         server.hot_pages("b")
 
@@ -167,7 +167,7 @@ def test_recording_window_closes_after_max_seconds_while_idle(make_server, vmms)
     assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
     # The guest goes idle: the server's own timer must close the window.
     assert done.wait(10)
-    assert server.hot_pages("a").snapshot() == [HotPage(0, 0)]
+    assert server.hot_pages("a").sorted_pages() == [HotPage(0, 0)]
 
 
 def test_one_plan_serves_every_fork_of_the_template(make_server, vmms):

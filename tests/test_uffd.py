@@ -40,7 +40,7 @@ def test_uffd_msg_events_decode() -> None:
         uffd.Remove(0x1000, 0x3000),
         uffd.Remap(0x1000, 0x9000, 0x2000),
         uffd.Unmap(0x1000, 0x2000),
-        uffd.Fork(7),
+        uffd.ForkEvent(7),
         uffd.UnknownEvent(0x7F),
     ]
 

@@ -150,7 +150,7 @@ class HotPageList:
     def __repr__(self) -> str:
         return f"<HotPageList {len(self._order)} pages>"
 
-    def snapshot(self) -> list[HotPage]:
+    def sorted_pages(self) -> list[HotPage]:
         """The pages sorted by (region, page_offset), deduplicated: HPL1's order."""
         with self._lock:
             keys = sorted(self._order)

@@ -118,8 +118,10 @@ class Remap:
 
 
 @dataclass(frozen=True, slots=True)
-class Fork:
-    """``UFFD_EVENT_FORK``: the VMM forked; ``ufd`` is a new uffd for the child."""
+class ForkEvent:
+    """``UFFD_EVENT_FORK``: the VMM process forked; ``ufd`` is a new uffd for the child.
+
+    A process fork, not a VM fork: pagefork's forks are VMs restored from one template."""
 
     ufd: int
 
@@ -131,7 +133,7 @@ class UnknownEvent:
     event: int
 
 
-UffdEvent = PageFault | Remove | Unmap | Remap | Fork | UnknownEvent
+UffdEvent = PageFault | Remove | Unmap | Remap | ForkEvent | UnknownEvent
 
 
 def decode_msg(buf: bytes | bytearray | memoryview, offset: int = 0) -> UffdEvent:
@@ -146,7 +148,7 @@ def decode_msg(buf: bytes | bytearray | memoryview, offset: int = 0) -> UffdEven
     if event == UFFD_EVENT_REMAP:
         return Remap(old=a, new=b, length=c)
     if event == UFFD_EVENT_FORK:
-        return Fork(ufd=a & 0xFFFFFFFF)
+        return ForkEvent(ufd=a & 0xFFFFFFFF)
     return UnknownEvent(event=event)
 
 
@@ -301,7 +303,7 @@ __all__ = [
     "UFFD_EVENT_UNMAP",
     "UFFD_FEATURE_EVENT_REMOVE",
     "UFFD_MSG_SIZE",
-    "Fork",
+    "ForkEvent",
     "PageFault",
     "Remap",
     "Remove",

@@ -121,7 +121,7 @@ def count_runs(pages: list[HotPage]) -> int:
 
 def summarize(hot: HotPageList) -> dict[str, Any]:
     """The numbers ``show`` prints: count, bytes, runs, per-region figures, first/last page."""
-    pages = hot.snapshot()
+    pages = hot.sorted_pages()
     by_region: dict[int, list[HotPage]] = {}
     for page in pages:
         by_region.setdefault(page.region, []).append(page)
@@ -240,8 +240,8 @@ def run_diff(args: argparse.Namespace) -> int:
     """``hotpages diff A B [--json]``."""
     a = _load_named(args.a)
     b = _load_named(args.b)
-    set_a = set(a.snapshot())
-    set_b = set(b.snapshot())
+    set_a = set(a.sorted_pages())
+    set_b = set(b.sorted_pages())
     only_a = sorted(set_a - set_b)
     only_b = sorted(set_b - set_a)
     common = len(set_a & set_b)
