@@ -190,3 +190,43 @@ def test_workers_setting_is_checked(tmp_path: Path, mem_file: Path) -> None:
     for bad in (0, -1, "many", True, 1.5):
         with pytest.raises(PageforkError, match="workers must be"):
             PageServer(ServerConfig(str(mem_file), str(tmp_path), workers=bad))  # type: ignore[arg-type]
+
+
+def test_workers_are_pinned_one_per_cpu_and_a_pinned_vmm_is_served_on_its_cpu(
+    make_server, vmms
+):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    server = make_server()  # workers="auto": one per CPU
+    pids = server.worker_pids()
+    assert [os.sched_getaffinity(p) for p in pids] == [{c} for c in cpus]
+    for cpu in reversed(cpus):  # the last CPU first: least-loaded alone would pick another
+        mine = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cpu})  # the VMM inherits it: all its threads on one CPU
+        try:
+            vmm = vmms(server.register_fork(f"on{cpu}"))
+        finally:
+            os.sched_setaffinity(0, mine)
+        server.wait_connected(f"on{cpu}")
+        worker = server.stats(f"on{cpu}").worker_pid
+        assert worker is not None and os.sched_getaffinity(worker) == {cpu}
+        assert vmm.send(cmd="touch", pages=[[0, 0], [1, PAGE]])["bad"] == 0
+    unpinned = vmms(server.register_fork("free"))
+    server.wait_connected("free")
+    assert server.stats("free").worker_pid in pids
+    assert unpinned.send(cmd="touch", pages=[[0, PAGE]])["bad"] == 0
+
+
+def test_every_worker_maps_the_mem_file_shared_and_read_only_and_the_zero_index_once(
+    make_server, mem_file: Path
+):
+    server = make_server(workers=2)
+    server.wait_ready()
+    for pid in server.worker_pids():
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read().splitlines()
+        mem = [m for m in maps if m.endswith(str(mem_file))]
+        assert [m.split()[1] for m in mem] == ["r--s"]  # one shared, read-only mapping
+        # The zero-page index comes from the supervisor's memfd: no worker scans the file.
+        assert sum("pagefork-zero-index" in m for m in maps) == 1

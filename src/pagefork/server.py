@@ -47,7 +47,7 @@ from pagefork.memfile import MemFile
 from pagefork.prefetch import PrefetchPlan, PrefetchResult, plan_prefetch
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.serving import ledger as L
-from pagefork.serving.pool import WorkerPool, WorkerProcess, usable_cpus
+from pagefork.serving.pool import WorkerPool, WorkerProcess, pinned_cpu, usable_cpus
 from pagefork.serving.state import FINAL, ForkState, transition
 from pagefork.stats import ForkStats, percentiles_us
 
@@ -78,8 +78,10 @@ class ServerConfig:
     bound the recording window. At most ``max_pending_handshakes`` connections may wait for
     their handshake at once; more are refused. ``workers`` is the number of worker processes
     (``"auto"``: one per usable CPU); ``spare_worker`` keeps one more started, so a dead
-    worker is replaced at once. ``on_connect`` / ``on_fork_end`` / ``on_window_closed`` are
-    called with the fork's id; ``on_worker_restarted`` with (old pid, new pid, forks adopted).
+    worker is replaced at once. With ``pin_workers`` and one worker per CPU, each worker is
+    pinned to its CPU and a fork whose VMM is pinned to one CPU goes to that CPU's worker.
+    ``on_connect`` / ``on_fork_end`` / ``on_window_closed`` are called with the fork's id;
+    ``on_worker_restarted`` with (old pid, new pid, forks adopted).
     """
 
     mem_file_path: str
@@ -93,6 +95,7 @@ class ServerConfig:
     max_pending_handshakes: int = 64
     workers: int | Literal["auto"] = "auto"
     spare_worker: bool = True
+    pin_workers: bool = True
     on_connect: Callable[[str], None] | None = None
     on_fork_end: Callable[[str, ForkStats], None] | None = None
     on_window_closed: Callable[[str, HotPageList], None] | None = None
@@ -264,7 +267,8 @@ class PageServer:
             raise ForkError(f"socket directory {config.socket_dir} does not exist")
         # The supervisor never maps the file: only workers read it (through the kernel's copy).
         self.memfile = MemFile(config.mem_file_path, mapped=False)
-        count = usable_cpus() if config.workers == "auto" else int(config.workers)
+        cpus = usable_cpus()
+        count = len(cpus) if config.workers == "auto" else int(config.workers)
         try:
             self._pool = WorkerPool(
                 count,
@@ -272,6 +276,9 @@ class PageServer:
                 self.memfile.size,
                 self.memfile.zero_index_fd(),
                 spare=config.spare_worker,
+                # One worker per CPU, each pinned there: a fork whose VMM is pinned is then
+                # served on its own core.
+                cpus=cpus if config.pin_workers and count == len(cpus) else None,
             )
         except BaseException:
             self.memfile.close()
@@ -397,6 +404,19 @@ class PageServer:
         with self._lock:
             return [w.pid for w in self._pool.live()]
 
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every worker (the spare too) has mapped the mem-file and serves.
+
+        Forks are accepted before that (their faults wait for the worker), so this is only for
+        callers that want start-up fully paid before they measure or announce anything.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            workers = self._pool.all_processes()
+        for w in workers:
+            if not w.ready.wait(max(0.0, deadline - time.monotonic())):
+                raise PageforkError(f"worker {w.pid} did not start within {timeout:g}s")
+
     def wait_connected(self, fork_id: str, timeout: float = 10.0) -> list[Region]:
         """Wait for the fork's handshake and return its regions.
 
@@ -461,6 +481,7 @@ class PageServer:
             pid=entry.pid,
             error=entry.error,
             latency_us=percentiles_us(ledger.latencies()),
+            worker_pid=entry.worker.pid if entry.worker is not None else None,
             **{name: int(c[slot]) for name, slot in L.COUNTERS.items()},
         )
 
@@ -769,7 +790,7 @@ class PageServer:
         entry.record_capacity = capacity if entry.record else 0
         entry.window_reported = False
         self._serving[entry.key] = entry
-        worker = self._pool.least_loaded()
+        worker = self._pool.place(pinned_cpu(entry.pid) if entry.pid else None)
         if worker is None:
             entry.state = transition(entry.fork_id, entry.state, ForkState.FAILED)
             self._apply_failure_policy(entry, "no worker is left to serve it")
@@ -871,6 +892,8 @@ class PageServer:
                 entry.regions = [Region(*r) for r in message[2]]
             elif op == "serving" and entry is not None and entry.state is ForkState.ADOPTING:
                 entry.state = transition(entry.fork_id, entry.state, ForkState.SERVING)
+            elif op == "ready":
+                worker.ready.set()
             elif op == "armed" and message[1] in self._acks:
                 self._acks[message[1]].set()
             elif op == "prefetched":

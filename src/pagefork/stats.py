@@ -32,6 +32,7 @@ class ForkStats:
     ``faults`` counts page-fault events served on demand; ``pages_copied`` and ``zero_pages``
     count pages installed by the fault loop; ``prefetched_pages`` those installed by prefetch;
     ``misses`` demand faults after a prefetch ran (the pages the hot set did not have).
+    ``worker_pid`` is the worker process serving the fork now.
     """
 
     fork: str
@@ -48,6 +49,7 @@ class ForkStats:
     misses: int = 0
     latency_us: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    worker_pid: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The stats as plain JSON-ready data."""

@@ -304,6 +304,7 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
     server = PageServer(config)
     try:
         server.listen(args.socket, record=should_record)
+        server.wait_ready()  # "listening" promises forks are served at once
         emit(
             "listening",
             socket=args.socket,

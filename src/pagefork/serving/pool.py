@@ -27,19 +27,36 @@ CRASH_LOOP_DEATHS = 5
 CRASH_LOOP_SECONDS = 10.0
 
 
-def usable_cpus() -> int:
-    """How many CPUs this process may run on (the ``auto`` worker count)."""
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (``auto`` starts one worker per CPU)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except OSError:
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def pinned_cpu(pid: int) -> int | None:
+    """The one CPU every thread of process ``pid`` is pinned to, or None (not pinned to one
+    CPU, or gone). A VMM pins its vCPU threads this way."""
+    cpus: set[int] = set()
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            cpus |= os.sched_getaffinity(int(tid))
+            if len(cpus) > 1:
+                return None
+    except OSError:
+        return None
+    return cpus.pop() if len(cpus) == 1 else None
 
 
 class WorkerProcess:
     """One worker process, as the supervisor sees it."""
 
-    def __init__(self, slot: int, mem_fd: int, mem_size: int, zero_fd: int) -> None:
+    def __init__(
+        self, slot: int, mem_fd: int, mem_size: int, zero_fd: int, cpu: int | None = None
+    ) -> None:
         self.slot = slot
+        self.cpu = cpu
         self.forks: set[str] = set()
         self._send_lock = threading.Lock()
         parent, child = ipc.channel_pair()
@@ -69,6 +86,9 @@ class WorkerProcess:
             child.close()
         self.chan = parent
         self.pid = self.proc.pid
+        if cpu is not None:
+            with contextlib.suppress(OSError):  # a CPU taken offline meanwhile: run anywhere
+                os.sched_setaffinity(self.pid, {cpu})
         try:
             self.pidfd = os.pidfd_open(self.pid)
         except OSError:
@@ -77,6 +97,8 @@ class WorkerProcess:
             parent.close()
             raise
         self.alive = True
+        #: Set once the worker has mapped the mem-file and serves (its "ready" message).
+        self.ready = threading.Event()
 
     def send(self, message: Any, fds: tuple[int, ...] | list[int] = ()) -> bool:
         """Send a message; False when the worker is gone (its death is handled elsewhere)."""
@@ -120,9 +142,19 @@ class WorkerProcess:
 class WorkerPool:
     """``count`` worker slots and one spare; the caller (the supervisor loop) owns it."""
 
-    def __init__(self, count: int, mem_fd: int, mem_size: int, zero_fd: int, spare: bool) -> None:
+    def __init__(
+        self,
+        count: int,
+        mem_fd: int,
+        mem_size: int,
+        zero_fd: int,
+        spare: bool,
+        cpus: list[int] | None = None,
+    ) -> None:
         self._mem = (mem_fd, mem_size, zero_fd)
         self._want_spare = spare
+        #: Slot i's CPU when workers are pinned (one per CPU), else None.
+        self._cpus: list[int | None] = list(cpus) if cpus else [None] * count
         self.workers: list[WorkerProcess | None] = []
         self.spare: WorkerProcess | None = None
         self._deaths: list[collections.deque[float]] = [
@@ -130,7 +162,7 @@ class WorkerPool:
         ]
         try:
             for slot in range(count):
-                self.workers.append(WorkerProcess(slot, *self._mem))
+                self.workers.append(WorkerProcess(slot, *self._mem, cpu=self._cpus[slot]))
             if spare:
                 self.spare = WorkerProcess(-1, *self._mem)
         except BaseException:
@@ -141,9 +173,16 @@ class WorkerPool:
         """The workers serving a slot now."""
         return [w for w in self.workers if w is not None]
 
-    def least_loaded(self) -> WorkerProcess | None:
-        """The live worker with the fewest forks (None when every slot has failed)."""
-        return min(self.live(), key=lambda w: len(w.forks), default=None)
+    def place(self, vmm_cpu: int | None) -> WorkerProcess | None:
+        """The worker for a new fork: the one pinned to the CPU its VMM is pinned to (a wake-up
+        within one core costs a fraction of one across cores), else the least loaded. None when
+        every slot has failed."""
+        live = self.live()
+        if vmm_cpu is not None:
+            for w in live:
+                if w.cpu == vmm_cpu:
+                    return w
+        return min(live, key=lambda w: len(w.forks), default=None)
 
     def by_pidfd(self, fd: int) -> WorkerProcess | None:
         """The worker (or spare) whose pidfd is ``fd``."""
@@ -169,10 +208,14 @@ class WorkerPool:
                 f"{now - deaths[0]:.1f}s; not restarting it"
             )
         new, self.spare = self.spare, None
+        cpu = self._cpus[slot]
         if new is None:
-            new = WorkerProcess(slot, *self._mem)
+            new = WorkerProcess(slot, *self._mem, cpu=cpu)
         else:
-            new.slot = slot
+            new.slot, new.cpu = slot, cpu
+            if cpu is not None:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(new.pid, {cpu})
             if self._want_spare:
                 self.spare = WorkerProcess(-1, *self._mem)
         self.workers[slot] = new
