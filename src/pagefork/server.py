@@ -291,6 +291,7 @@ class PageServer:
         self._listeners: dict[int, _Fork | None] = {}
         self._shared: dict[int, tuple[socket.socket, str, bool | Callable[[str], bool] | None]] = {}
         self._pending: dict[int, _Pending] = {}
+        self._paused: dict[int, float] = {}  # listeners backing off (out of fds): until when
         self._requests: dict[int, _Request] = {}
         self._acks: dict[int, threading.Event] = {}  # tests' crash points, once armed
         self._serial = itertools.count(1)
@@ -374,6 +375,7 @@ class PageServer:
         if sock is not None:
             entry.listener = None
             self._listeners.pop(sock.fileno(), None)
+            self._paused.pop(sock.fileno(), None)
             with contextlib.suppress(OSError):
                 self._epoll.unregister(sock.fileno())
             sock.close()
@@ -586,14 +588,15 @@ class PageServer:
                     self._on_fd(fd)
                 except Exception:  # the supervisor must outlive any one connection or worker
                     log.exception("supervisor: handling fd %d failed", fd)
-            self._expire_handshakes()
+            self._run_timers()
 
     def _next_deadline(self) -> float:
         with self._lock:
-            if not self._pending:
-                return -1
-            soonest = min(p.deadline for p in self._pending.values())
-        return max(0.0, soonest - time.monotonic())
+            deadlines = [p.deadline for p in self._pending.values()]
+            deadlines += self._paused.values()
+        if not deadlines:
+            return -1
+        return max(0.0, min(deadlines) - time.monotonic())
 
     def _on_fd(self, fd: int) -> None:
         worker = self._workers_by_fd.get(fd)
@@ -603,16 +606,17 @@ class PageServer:
             else:
                 self._worker_message(worker)
             return
-        backoff = False
         with self._lock:
             if self._closed:
                 return
             if fd in self._listeners:
-                backoff = self._accept(fd)
+                if self._accept(fd):
+                    # Out of fds or memory: stop watching this listener for a moment rather
+                    # than spin on it; everything else goes on meanwhile.
+                    self._epoll.modify(fd, 0)
+                    self._paused[fd] = time.monotonic() + _ACCEPT_BACKOFF
             elif fd in self._pending:
                 self._handshake_step(fd)
-        if backoff:
-            time.sleep(_ACCEPT_BACKOFF)  # out of fds or memory: let the system recover
 
     # --- accepting and handshakes (the lock is held) -------------------------------------------
     def _accept(self, fd: int) -> bool:
@@ -746,9 +750,15 @@ class PageServer:
             entry.last_error = entry.handshake_failed
         self._changed.notify_all()
 
-    def _expire_handshakes(self) -> None:
+    def _run_timers(self) -> None:
+        """Resume listeners whose back-off is over; fail handshakes that took too long."""
         now = time.monotonic()
         with self._lock:
+            for fd, until in list(self._paused.items()):
+                if until <= now:
+                    del self._paused[fd]
+                    if fd in self._listeners:
+                        self._epoll.modify(fd, select.EPOLLIN)
             for fd, p in list(self._pending.items()):
                 if p.deadline <= now:
                     self._drop_pending(
