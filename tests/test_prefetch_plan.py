@@ -7,6 +7,7 @@ import ctypes
 import errno
 import mmap
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -481,3 +482,11 @@ def test_execute_against_a_real_uffd_matches_the_kernels_eexist_contract(tmp_pat
         del anchor
         area.close()
         os.close(fd)
+
+
+def test_a_plan_crosses_to_a_worker_process_unchanged() -> None:
+    regions = [Region(0x10000000, 64 * P, 0), Region(0x20000000, 32 * P, 64 * P)]
+    pages = [(1, 3 * P), (0, 0), (0, P), (0, 9 * P), (1, 0)]
+    plan = plan_prefetch(pages, regions, lambda off, n: off == P)
+    again = pickle.loads(pickle.dumps(plan))
+    assert again == plan and again.runs == plan.runs and again.runs[0].zero is plan.runs[0].zero

@@ -155,6 +155,7 @@ class _Request:
     key: str
     plan: PrefetchPlan
     timeout: float
+    token: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: PrefetchResult | None = None
     error: str | None = None
@@ -296,7 +297,7 @@ class PageServer:
         self._acks: dict[int, threading.Event] = {}  # tests' crash points, once armed
         self._serial = itertools.count(1)
         self._next_conn = 0
-        self._plans: OrderedDict[tuple[object, ...], tuple[HotPageList, PrefetchPlan]] = (
+        self._plans: OrderedDict[tuple[object, ...], tuple[HotPageList, PrefetchPlan, int]] = (
             OrderedDict()
         )
         self._plans_lock = threading.Lock()
@@ -524,8 +525,8 @@ class PageServer:
         again (installing a page twice is harmless: the kernel says EEXIST).
         """
         entry = self._wait_connected(fork_id, timeout)
-        plan = self._plan(hot_pages, list(entry.regions))
-        request = _Request(next(self._serial), "", plan, timeout)
+        token, plan = self._plan(hot_pages, list(entry.regions))
+        request = _Request(next(self._serial), "", plan, timeout, token)
         with self._lock:
             if entry.state in FINAL or entry.worker is None:
                 raise PrefetchError(f"fork {fork_id}: session has ended")
@@ -533,7 +534,7 @@ class PageServer:
             self._requests[request.req] = request
             worker = entry.worker
         try:
-            worker.send(("prefetch", request.req, entry.key, plan, timeout))
+            worker.send_prefetch(request.req, entry.key, token, plan, timeout)
             if not request.done.wait(timeout + _PREFETCH_GRACE + plan.pages / 10_000):
                 raise PrefetchError(f"fork {fork_id}: its worker did not finish the prefetch")
         finally:
@@ -548,28 +549,30 @@ class PageServer:
 
     def _plan(
         self, hot_pages: HotPageList | Sequence[HotPage], regions: list[Region]
-    ) -> PrefetchPlan:
-        """The plan for ``hot_pages`` on this layout, made once per hot set and layout.
+    ) -> tuple[int | None, PrefetchPlan]:
+        """``(token, plan)`` for ``hot_pages`` on this layout, made once per hot set and layout.
 
         Every fork of a template has the same region sizes and offsets, so a plan is reused
-        across forks, relocated by region base. A :class:`HotPageList` only grows, so its
-        identity and length name its content (the cache holds it, so the id stays unique).
+        across forks, relocated by region base; its token lets a worker that has it already
+        be sent the token alone. A :class:`HotPageList` only grows, so its identity and length
+        name its content (the cache holds it, so the id stays unique).
         """
         if not isinstance(hot_pages, HotPageList):
-            return plan_prefetch(list(hot_pages), regions, self.memfile.is_zero)
+            return None, plan_prefetch(list(hot_pages), regions, self.memfile.is_zero)
         layout = tuple((r.size, r.offset, r.page_size) for r in regions)
         key = (id(hot_pages), len(hot_pages), layout)
         with self._plans_lock:
             hit = self._plans.get(key)
             if hit is not None:
                 self._plans.move_to_end(key)
-                return hit[1]
+                return hit[2], hit[1]
         plan = plan_prefetch(hot_pages.in_order(), regions, self.memfile.is_zero)
+        token = next(self._serial)
         with self._plans_lock:
-            self._plans[key] = (hot_pages, plan)
+            self._plans[key] = (hot_pages, plan, token)
             while len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
-        return plan
+        return token, plan
 
     # --- the supervisor's loop ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -1004,8 +1007,8 @@ class PageServer:
                     owner = self._serving.get(request.key)
                     if owner is not None and owner.worker is new and not request.done.is_set():
                         # Installing again is harmless (EEXIST): finish what the dead one began.
-                        new.send(
-                            ("prefetch", request.req, request.key, request.plan, request.timeout)
+                        new.send_prefetch(
+                            request.req, request.key, request.token, request.plan, request.timeout
                         )
                 if self.config.on_worker_restarted is not None:
                     callbacks.append(

@@ -20,11 +20,14 @@ from typing import Any
 
 import pagefork
 from pagefork.errors import PageforkError
+from pagefork.prefetch import PrefetchPlan
 from pagefork.serving import ipc
 
 #: A slot whose workers die this often (deaths within seconds) is not restarted again.
 CRASH_LOOP_DEATHS = 5
 CRASH_LOOP_SECONDS = 10.0
+#: Prefetch plans a worker keeps, so forks of one template send theirs once per worker.
+PLANS_KEPT = 16
 
 
 def usable_cpus() -> list[int]:
@@ -58,6 +61,7 @@ class WorkerProcess:
         self.slot = slot
         self.cpu = cpu
         self.forks: set[str] = set()
+        self._plans: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._send_lock = threading.Lock()
         parent, child = ipc.channel_pair()
         env = dict(os.environ)
@@ -107,6 +111,26 @@ class WorkerProcess:
                 return False
             try:
                 ipc.send(self.chan, message, fds)
+            except OSError:
+                return False
+        return True
+
+    def send_prefetch(
+        self, req: int, key: str, token: int | None, plan: PrefetchPlan, timeout: float
+    ) -> bool:
+        """Ask for a prefetch. A plan this worker already has (``token``) is not sent again:
+        its copy is kept in step with this side's record, both least-recently-used."""
+        with self._send_lock:
+            if not self.alive:
+                return False
+            known = token is not None and token in self._plans
+            if token is not None:
+                self._plans[token] = None
+                self._plans.move_to_end(token)
+                while len(self._plans) > PLANS_KEPT:
+                    self._plans.popitem(last=False)
+            try:
+                ipc.send(self.chan, ("prefetch", req, key, token, None if known else plan, timeout))
             except OSError:
                 return False
         return True

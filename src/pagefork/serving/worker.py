@@ -22,6 +22,7 @@ Each kernel rule sits at the ioctl it concerns:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -44,6 +45,7 @@ from pagefork.removed import RemovedRanges
 from pagefork.serving import ipc
 from pagefork.serving import ledger as L
 from pagefork.serving.policy import Action, decide
+from pagefork.serving.pool import PLANS_KEPT
 
 log = logging.getLogger("pagefork.worker")
 
@@ -154,6 +156,7 @@ class Worker:
         self.attend: set[_Fork] = set()
         self.by_fd: dict[int, tuple[int, _Fork]] = {}
         self.crash_at: dict[str, int] = {}
+        self.plans: collections.OrderedDict[int, PrefetchPlan] = collections.OrderedDict()
         self._in_prefetch = False
 
     # --- the loop ------------------------------------------------------------------------
@@ -314,7 +317,11 @@ class Worker:
         # The fault path: everything it touches is bound to a local once per batch.
         copy_, zeropage_, outside = _COPY, _ZEROPAGE, _OUTSIDE
         faults_, misses_, copied_, zeroed_, lat_n = (
-            L.FAULTS, L.MISSES, L.PAGES_COPIED, L.ZERO_PAGES, L.LATENCY_N
+            L.FAULTS,
+            L.MISSES,
+            L.PAGES_COPIED,
+            L.ZERO_PAGES,
+            L.LATENCY_N,
         )
         mask = L.LATENCY_SLOTS - 1
         again: list[int] = []
@@ -458,7 +465,16 @@ class Worker:
         if op == "serve":
             self._add(message[1], fds)
         elif op == "prefetch":
-            _, req, fork_id, plan, timeout = message
+            _, req, fork_id, token, plan, timeout = message
+            if token is not None:
+                # The supervisor sends a plan once and then names it: keep it (in step with
+                # its record of what we have, and a little longer).
+                if plan is None:
+                    plan = self.plans[token]
+                self.plans[token] = plan
+                self.plans.move_to_end(token)
+                while len(self.plans) > 2 * PLANS_KEPT:
+                    self.plans.popitem(last=False)
             self._prefetch(req, fork_id, plan, timeout)
         elif op == "drop":
             f = self.forks.get(message[1])
