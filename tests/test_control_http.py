@@ -716,3 +716,18 @@ def test_out_of_fds_the_server_backs_off_then_serves_everyone(short_dir: Path) -
     assert len(warnings) <= 20  # once per episode, not once per retry
     assert server.stdout is not None
     server.stdout.close()
+
+
+def test_a_wait_longer_than_the_client_timeout_gets_the_daemons_answer(
+    start_control: StartControl,
+) -> None:
+    control = start_control()
+    client = DaemonClient(control.path, timeout=0.3)
+    client.create_template("t", "firecracker", **control.snapshot)
+    client.create_fork("t", fork_id="f")
+    # Nobody connects to the fork: the daemon gives up after 1 s, the client waits for that.
+    with pytest.raises(DaemonError, match="no handshake within 1s") as info:
+        client.prefetch("f", timeout=1)
+    assert info.value.status == 409
+    with pytest.raises(DaemonError, match="no handshake within 1s"):
+        client.wait_fork("f", timeout=1)
