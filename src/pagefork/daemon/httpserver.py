@@ -1,14 +1,14 @@
 """A small HTTP/1.1 server for the control API: h11 parses, one selector loop reads, a capped
 thread pool answers.
 
-Why h11 (python-hyper's sans-I/O HTTP/1.1 engine) rather than ``http.server`` or an
-aiohttp/uvicorn server: h11 already refuses what a hand-rolled layer lets through (conflicting
-Content-Length, a body cut short by the peer, malformed framing) and decodes chunked bodies,
-yet leaves every byte of I/O to us. The daemon needs that I/O: its listening socket stays a
-plain socket it owns (so it can be handed to another process, and the server can stop
-accepting while requests in flight finish), and the API's blocking manager calls run on plain
-threads. An asyncio server would own the socket's lifecycle and push every manager call to an
-executor anyway.
+Chosen: h11 under a loop of our own. Why h11 (python-hyper's sans-I/O HTTP/1.1 engine)
+rather than ``http.server`` or an aiohttp/uvicorn server: h11 already refuses what a
+hand-rolled layer lets through (conflicting Content-Length, a body cut short by the peer,
+malformed framing) and decodes chunked bodies, yet leaves every byte of I/O to us. The daemon
+needs that I/O: its listening socket stays a plain socket it owns (so it can be handed to
+another process, and the server can stop accepting while requests in flight finish), and the
+API's blocking manager calls run on plain threads. An asyncio server would own the socket's
+lifecycle and push every manager call to an executor anyway.
 
 How it serves:
 
@@ -23,8 +23,11 @@ How it serves:
   accepting: new connections wait in the kernel's listen backlog (``backlog``) and are served
   as others close. A client whose connect finds even the backlog full waits too (see
   :mod:`pagefork.daemon.client`).
-- Every answer, errors included, is JSON (HEAD answers carry the headers only, as HTTP says).
-  A peer that goes away mid-answer is logged at debug level, never as a traceback.
+- Every error the server itself answers is JSON ``{"error": ...}``, like the handler's (HEAD
+  answers carry the headers only, as HTTP says). A peer that goes away mid-answer is logged
+  at debug level, never as a traceback.
+- h11 merges repeated equal Content-Length headers (RFC 9112 allows it); this server refuses
+  any repeat instead, since no control client sends one and a proxy in front might disagree.
 """
 
 from __future__ import annotations
