@@ -380,18 +380,29 @@ def test_hundreds_of_idle_connections_hold_no_thread_and_lock_nobody_out(
             sock.close()
 
 
-def _wait_for(condition: Callable[[], bool], what: str) -> None:
-    """Wait (bounded) until ``condition()`` holds, re-checking as the other side works."""
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
+class PrefetchStarts:
+    """Wraps the API so that a test waits for a prefetch request to start running."""
+
+    def __init__(self) -> None:
+        self._started = threading.Semaphore(0)
+
+    def wrap(self, api: ControlApi) -> Callable[[str, str, bytes], Response]:
+        def handle(method: str, target: str, body: bytes) -> Response:
+            if target.endswith("/prefetch"):
+                self._started.release()
+            return api.handle(method, target, body)
+
+        return handle
+
+    def wait(self) -> None:
+        assert self._started.acquire(timeout=WAIT), "no prefetch request started"
 
 
 def test_a_blocking_manager_call_does_not_block_other_requests(
     start_control: StartControl,
 ) -> None:
-    control = start_control()
+    starts = PrefetchStarts()
+    control = start_control(wrap=starts.wrap)
     client = control.client()
     client.create_template("t", "firecracker", **control.snapshot)
     client.create_fork("t", fork_id="f")
@@ -399,7 +410,8 @@ def test_a_blocking_manager_call_does_not_block_other_requests(
         # Nobody connects to the fork's socket: this waits for a handshake for 3 s.
         body = b'{"timeout": 3}'
         slow.sendall(_post_head("/forks/f/prefetch", f"Content-Length: {len(body)}\r\n\r\n") + body)
-        _wait_for(lambda: control.server.in_flight == 1, "the prefetch to be running")
+        starts.wait()
+        assert control.server.in_flight == 1
         assert client.templates()["templates"][0]["id"] == "t"
         assert client.fork("f")["fork"] == "f"
         assert select.select([slow], [], [], 0)[0] == []  # still waiting meanwhile
@@ -410,7 +422,8 @@ def test_a_blocking_manager_call_does_not_block_other_requests(
 def test_a_peer_that_hangs_up_before_its_answer_costs_no_traceback(
     start_control: StartControl, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    control = start_control()
+    starts = PrefetchStarts()
+    control = start_control(wrap=starts.wrap)
     client = control.client()
     client.create_template("t", "firecracker", **control.snapshot)
     client.create_fork("t", fork_id="f")
@@ -420,10 +433,10 @@ def test_a_peer_that_hangs_up_before_its_answer_costs_no_traceback(
         sock = _connect(control.path)
         body = b'{"timeout": 0.2}'
         sock.sendall(_post_head("/forks/f/prefetch", f"Content-Length: {len(body)}\r\n\r\n") + body)
-        _wait_for(lambda: control.server.in_flight == 1, "the prefetch to be running")
+        starts.wait()
         sock.close()  # gone before the answer is written
-        _wait_for(lambda: control.server.in_flight == 0, "the prefetch to end")
-    assert control.server.drain(WAIT)
+    assert control.server.drain(WAIT)  # every answer was tried, every connection closed
+    assert control.server.in_flight == 0
     lost = [r for r in caplog.records if "answer not delivered" in r.getMessage()]
     assert len(lost) == 3 and all(r.levelname == "DEBUG" and not r.exc_info for r in lost)
     assert not [r for r in caplog.records if r.levelno >= 30 or r.exc_info]
@@ -453,7 +466,8 @@ def test_a_handler_bug_is_a_json_500_and_the_server_keeps_serving(
 def test_stop_accepting_finishes_requests_in_flight_and_a_new_server_takes_the_socket(
     start_control: StartControl,
 ) -> None:
-    control = start_control()
+    starts = PrefetchStarts()
+    control = start_control(wrap=starts.wrap)
     client = control.client()
     client.create_template("t", "firecracker", **control.snapshot)
     client.create_fork("t", fork_id="f")
@@ -461,7 +475,7 @@ def test_stop_accepting_finishes_requests_in_flight_and_a_new_server_takes_the_s
     with _connect(control.path) as slow:
         body = b'{"timeout": 0.5}'
         slow.sendall(_post_head("/forks/f/prefetch", f"Content-Length: {len(body)}\r\n\r\n") + body)
-        _wait_for(lambda: control.server.in_flight == 1, "the prefetch to be running")
+        starts.wait()
         control.server.stop_accepting()
         with _connect(control.path) as late:  # queued in the backlog, not taken
             late.sendall(b"GET /templates HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -502,10 +516,20 @@ def test_server_limits_refuse_values_that_cannot_work() -> None:
 # --- bursts: the backlog fills, clients wait ------------------------------------------------
 
 
-def _in_connect(tid: int) -> bool:
-    """Whether thread ``tid`` of this process is blocked in connect(2) (x86-64: 42)."""
-    with open(f"/proc/self/task/{tid}/syscall") as f:
-        return f.read().split()[0] == "42"
+def _wait_in_connect(tid: list[int]) -> None:
+    """Wait (bounded) until the thread whose id lands in ``tid`` is blocked in connect(2).
+
+    The kernel offers no event for "a thread sleeps in a syscall", so this re-reads
+    /proc/self/task/TID/syscall (x86-64 connect is 42) until it says so.
+    """
+    deadline = time.monotonic() + WAIT
+    while True:
+        if tid:
+            with open(f"/proc/self/task/{tid[0]}/syscall") as f:
+                if f.read().split()[0] == "42":
+                    return
+        assert time.monotonic() < deadline, "the client never waited in connect"
+        time.sleep(0.001)
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="reads x86-64 syscall numbers")
@@ -544,7 +568,7 @@ def test_a_client_waits_while_the_backlog_is_full_and_times_out_if_it_stays_full
             )
         )
         thread.start()
-        _wait_for(lambda: bool(tid) and _in_connect(tid[0]), "the client to wait in connect")
+        _wait_in_connect(tid)
         server = ControlServer.from_socket(listener, control.server.api)
         listener = None  # the server owns it now
         serving = threading.Thread(target=server.serve_forever)
