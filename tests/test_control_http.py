@@ -755,3 +755,63 @@ def test_a_wait_longer_than_the_client_timeout_gets_the_daemons_answer(
     assert info.value.status == 409
     with pytest.raises(DaemonError, match="no handshake within 1s"):
         client.wait_fork("f", timeout=1)
+
+
+def _mutations(seed: int, count: int) -> Iterator[bytes]:
+    """Valid requests with random bytes flipped, cut, repeated or inserted (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    body = b'{"template": "t", "fork": "x"}'
+    valid = [
+        b"GET /templates HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"DELETE /forks/f HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /forks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        b"POST /forks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+    ]
+    for _ in range(count):
+        data = bytearray(rng.choice(valid))
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(data))
+            kind = rng.randrange(4)
+            if kind == 0:
+                data[at] = rng.randrange(256)
+            elif kind == 1:
+                del data[at:]
+                if not data:
+                    data = bytearray(b"G")
+            elif kind == 2:
+                data[at:at] = data[at : at + rng.randint(1, 40)]
+            else:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        yield bytes(data)
+
+
+def test_random_mutations_of_requests_get_json_or_a_close_and_never_break_the_server(
+    start_control: StartControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    control = start_control(idle_timeout=5.0)
+    statuses: dict[int, int] = {}
+    for data in _mutations(seed=11, count=1000):
+        with _connect(control.path) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)  # whatever is missing never comes
+            answers = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    answers += chunk
+        # Each answer the server gave is an HTTP answer with a JSON body.
+        while answers:
+            head, sep, rest = answers.partition(b"\r\n\r\n")
+            assert sep and head.startswith(b"HTTP/1.1 "), (data, answers)
+            fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+            length = int(fields[b"Content-Length"])
+            assert isinstance(json.loads(rest[:length]), dict), (data, answers)
+            status = int(head.split()[1])
+            statuses[status] = statuses.get(status, 0) + 1
+            answers = rest[length:]
+    # The mutations reach every layer: routing, the API, and h11's refusals.
+    assert {200, 400, 404} <= set(statuses), statuses
+    assert not [r for r in caplog.records if r.exc_info], "an internal error was logged"
+    assert control.client().forks() == []
