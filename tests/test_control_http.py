@@ -458,6 +458,9 @@ def test_a_handler_bug_is_a_json_500_and_the_server_keeps_serving(
     status, doc = _exchange(control.path, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 500 and "RuntimeError('boom')" in doc["error"]
     assert control.client().forks() == []
+    # The bug is in the log, with its traceback, for whoever has to fix it.
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.getMessage() == "control: GET /boom failed"
 
 
 # --- stopping and handing the socket over ---------------------------------------------------
