@@ -226,6 +226,18 @@ def test_an_oversized_body_is_refused_before_it_is_read(start_control: StartCont
     assert status == 413 and not control.registry.listing().templates
 
 
+def test_a_head_over_the_limit_is_431_however_it_arrives(start_control: StartControl) -> None:
+    control = start_control()
+    head = b"GET /templates HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20000
+    with _connect(control.path) as sock:  # in pieces: h11's own limit on a partial head
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused midway
+            for at in range(0, len(head), 1000):
+                sock.sendall(head[at : at + 1000])
+            sock.sendall(b"\r\n\r\n")
+        status, _, body = _read_answer(sock)
+    assert (status, json.loads(body)) == (431, {"error": "request head larger than 16384 bytes"})
+
+
 @pytest.mark.parametrize(
     "request_bytes, status, message",
     [
@@ -234,8 +246,13 @@ def test_an_oversized_body_is_refused_before_it_is_read(start_control: StartCont
         (b"GET /t\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad request"),
         (b"POST /templates HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501, ""),
         (b"POST /templates HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, ""),
+        (
+            b"GET /templates HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n",
+            431,
+            "request head larger than 16384 bytes",
+        ),
     ],
-    ids=["no-host", "nul", "raw-utf8", "gzip", "negative-length"],
+    ids=["no-host", "nul", "raw-utf8", "gzip", "negative-length", "huge-head"],
 )
 def test_malformed_requests_get_a_json_error(
     start_control: StartControl, request_bytes: bytes, status: int, message: str

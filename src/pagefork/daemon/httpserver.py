@@ -460,7 +460,12 @@ class HttpServer:
                 event = conn.h11.next_event()
             except h11.RemoteProtocolError as exc:
                 # A body cut short by EOF lands here too: refused, never executed.
-                self._refuse(conn, exc.error_status_hint, f"bad request: {exc}")
+                status = exc.error_status_hint
+                if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:  # h11's own limit
+                    message = f"request head larger than {self.limits.max_head} bytes"
+                else:
+                    message = f"bad request: {exc}"
+                self._refuse(conn, status, message)
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
@@ -491,8 +496,14 @@ class HttpServer:
         """Why a request head is refused before its body is read, or None."""
         conn.method = request.method.decode("ascii")
         conn.target = request.target.decode("ascii")
-        head = _END_OF_HEAD.split(bytes(conn.head), 1)[0]
+        parts = _END_OF_HEAD.split(bytes(conn.head), 1)
         conn.head.clear()
+        if len(parts) == 1:  # the kept bytes hold no end of head: it is over the limit
+            return (
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"request head larger than {self.limits.max_head} bytes",
+            )
+        head = parts[0]
         names = {name for name, _ in request.headers}
         # h11 refuses conflicting lengths and merges equal ones; a control client never
         # sends two, so any repeat is refused: framing must be unambiguous (RFC 9112 §6.3).
@@ -565,11 +576,9 @@ class HttpServer:
         finally:
             with self._lock:
                 self._in_flight -= 1
-                if keep and not self._stop:
+                keep = keep and not self._stop  # once the loop is gone, the worker closes
+                if keep:
                     self._returned.append(conn)
-                    keep = True
-                else:
-                    keep = False
             if keep:
                 self._wake()
             else:
