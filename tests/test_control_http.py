@@ -226,6 +226,18 @@ def test_an_oversized_body_is_refused_before_it_is_read(start_control: StartCont
     assert status == 413 and not control.registry.listing().templates
 
 
+def test_a_head_over_the_limit_is_431_however_it_arrives(start_control: StartControl) -> None:
+    control = start_control()
+    head = b"GET /templates HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20000
+    with _connect(control.path) as sock:  # in pieces: h11's own limit on a partial head
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused midway
+            for at in range(0, len(head), 1000):
+                sock.sendall(head[at : at + 1000])
+            sock.sendall(b"\r\n\r\n")
+        status, _, body = _read_answer(sock)
+    assert (status, json.loads(body)) == (431, {"error": "request head larger than 16384 bytes"})
+
+
 @pytest.mark.parametrize(
     "request_bytes, status, message",
     [
@@ -234,8 +246,13 @@ def test_an_oversized_body_is_refused_before_it_is_read(start_control: StartCont
         (b"GET /t\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad request"),
         (b"POST /templates HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501, ""),
         (b"POST /templates HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, ""),
+        (
+            b"GET /templates HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n",
+            431,
+            "request head larger than 16384 bytes",
+        ),
     ],
-    ids=["no-host", "nul", "raw-utf8", "gzip", "negative-length"],
+    ids=["no-host", "nul", "raw-utf8", "gzip", "negative-length", "huge-head"],
 )
 def test_malformed_requests_get_a_json_error(
     start_control: StartControl, request_bytes: bytes, status: int, message: str
@@ -380,18 +397,29 @@ def test_hundreds_of_idle_connections_hold_no_thread_and_lock_nobody_out(
             sock.close()
 
 
-def _wait_for(condition: Callable[[], bool], what: str) -> None:
-    """Wait (bounded) until ``condition()`` holds, re-checking as the other side works."""
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
+class PrefetchStarts:
+    """Wraps the API so that a test waits for a prefetch request to start running."""
+
+    def __init__(self) -> None:
+        self._started = threading.Semaphore(0)
+
+    def wrap(self, api: ControlApi) -> Callable[[str, str, bytes], Response]:
+        def handle(method: str, target: str, body: bytes) -> Response:
+            if target.endswith("/prefetch"):
+                self._started.release()
+            return api.handle(method, target, body)
+
+        return handle
+
+    def wait(self) -> None:
+        assert self._started.acquire(timeout=WAIT), "no prefetch request started"
 
 
 def test_a_blocking_manager_call_does_not_block_other_requests(
     start_control: StartControl,
 ) -> None:
-    control = start_control()
+    starts = PrefetchStarts()
+    control = start_control(wrap=starts.wrap)
     client = control.client()
     client.create_template("t", "firecracker", **control.snapshot)
     client.create_fork("t", fork_id="f")
@@ -399,7 +427,8 @@ def test_a_blocking_manager_call_does_not_block_other_requests(
         # Nobody connects to the fork's socket: this waits for a handshake for 3 s.
         body = b'{"timeout": 3}'
         slow.sendall(_post_head("/forks/f/prefetch", f"Content-Length: {len(body)}\r\n\r\n") + body)
-        _wait_for(lambda: control.server.in_flight == 1, "the prefetch to be running")
+        starts.wait()
+        assert control.server.in_flight == 1
         assert client.templates()["templates"][0]["id"] == "t"
         assert client.fork("f")["fork"] == "f"
         assert select.select([slow], [], [], 0)[0] == []  # still waiting meanwhile
@@ -410,7 +439,8 @@ def test_a_blocking_manager_call_does_not_block_other_requests(
 def test_a_peer_that_hangs_up_before_its_answer_costs_no_traceback(
     start_control: StartControl, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    control = start_control()
+    starts = PrefetchStarts()
+    control = start_control(wrap=starts.wrap)
     client = control.client()
     client.create_template("t", "firecracker", **control.snapshot)
     client.create_fork("t", fork_id="f")
@@ -420,10 +450,10 @@ def test_a_peer_that_hangs_up_before_its_answer_costs_no_traceback(
         sock = _connect(control.path)
         body = b'{"timeout": 0.2}'
         sock.sendall(_post_head("/forks/f/prefetch", f"Content-Length: {len(body)}\r\n\r\n") + body)
-        _wait_for(lambda: control.server.in_flight == 1, "the prefetch to be running")
+        starts.wait()
         sock.close()  # gone before the answer is written
-        _wait_for(lambda: control.server.in_flight == 0, "the prefetch to end")
-    assert control.server.drain(WAIT)
+    assert control.server.drain(WAIT)  # every answer was tried, every connection closed
+    assert control.server.in_flight == 0
     lost = [r for r in caplog.records if "answer not delivered" in r.getMessage()]
     assert len(lost) == 3 and all(r.levelname == "DEBUG" and not r.exc_info for r in lost)
     assert not [r for r in caplog.records if r.levelno >= 30 or r.exc_info]
@@ -445,6 +475,9 @@ def test_a_handler_bug_is_a_json_500_and_the_server_keeps_serving(
     status, doc = _exchange(control.path, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 500 and "RuntimeError('boom')" in doc["error"]
     assert control.client().forks() == []
+    # The bug is in the log, with its traceback, for whoever has to fix it.
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.getMessage() == "control: GET /boom failed"
 
 
 # --- stopping and handing the socket over ---------------------------------------------------
@@ -453,7 +486,8 @@ def test_a_handler_bug_is_a_json_500_and_the_server_keeps_serving(
 def test_stop_accepting_finishes_requests_in_flight_and_a_new_server_takes_the_socket(
     start_control: StartControl,
 ) -> None:
-    control = start_control()
+    starts = PrefetchStarts()
+    control = start_control(wrap=starts.wrap)
     client = control.client()
     client.create_template("t", "firecracker", **control.snapshot)
     client.create_fork("t", fork_id="f")
@@ -461,7 +495,7 @@ def test_stop_accepting_finishes_requests_in_flight_and_a_new_server_takes_the_s
     with _connect(control.path) as slow:
         body = b'{"timeout": 0.5}'
         slow.sendall(_post_head("/forks/f/prefetch", f"Content-Length: {len(body)}\r\n\r\n") + body)
-        _wait_for(lambda: control.server.in_flight == 1, "the prefetch to be running")
+        starts.wait()
         control.server.stop_accepting()
         with _connect(control.path) as late:  # queued in the backlog, not taken
             late.sendall(b"GET /templates HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -502,10 +536,20 @@ def test_server_limits_refuse_values_that_cannot_work() -> None:
 # --- bursts: the backlog fills, clients wait ------------------------------------------------
 
 
-def _in_connect(tid: int) -> bool:
-    """Whether thread ``tid`` of this process is blocked in connect(2) (x86-64: 42)."""
-    with open(f"/proc/self/task/{tid}/syscall") as f:
-        return f.read().split()[0] == "42"
+def _wait_in_connect(tid: list[int]) -> None:
+    """Wait (bounded) until the thread whose id lands in ``tid`` is blocked in connect(2).
+
+    The kernel offers no event for "a thread sleeps in a syscall", so this re-reads
+    /proc/self/task/TID/syscall (x86-64 connect is 42) until it says so.
+    """
+    deadline = time.monotonic() + WAIT
+    while True:
+        if tid:
+            with open(f"/proc/self/task/{tid[0]}/syscall") as f:
+                if f.read().split()[0] == "42":
+                    return
+        assert time.monotonic() < deadline, "the client never waited in connect"
+        time.sleep(0.001)
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="reads x86-64 syscall numbers")
@@ -544,7 +588,7 @@ def test_a_client_waits_while_the_backlog_is_full_and_times_out_if_it_stays_full
             )
         )
         thread.start()
-        _wait_for(lambda: bool(tid) and _in_connect(tid[0]), "the client to wait in connect")
+        _wait_in_connect(tid)
         server = ControlServer.from_socket(listener, control.server.api)
         listener = None  # the server owns it now
         serving = threading.Thread(target=server.serve_forever)
@@ -716,3 +760,78 @@ def test_out_of_fds_the_server_backs_off_then_serves_everyone(short_dir: Path) -
     assert len(warnings) <= 20  # once per episode, not once per retry
     assert server.stdout is not None
     server.stdout.close()
+
+
+def test_a_wait_longer_than_the_client_timeout_gets_the_daemons_answer(
+    start_control: StartControl,
+) -> None:
+    control = start_control()
+    client = DaemonClient(control.path, timeout=0.3)
+    client.create_template("t", "firecracker", **control.snapshot)
+    client.create_fork("t", fork_id="f")
+    # Nobody connects to the fork: the daemon gives up after 1 s, the client waits for that.
+    with pytest.raises(DaemonError, match="no handshake within 1s") as info:
+        client.prefetch("f", timeout=1)
+    assert info.value.status == 409
+    with pytest.raises(DaemonError, match="no handshake within 1s"):
+        client.wait_fork("f", timeout=1)
+
+
+def _mutations(seed: int, count: int) -> Iterator[bytes]:
+    """Valid requests with random bytes flipped, cut, repeated or inserted (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    body = b'{"template": "t", "fork": "x"}'
+    valid = [
+        b"GET /templates HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"DELETE /forks/f HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /forks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+        b"POST /forks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+    ]
+    for _ in range(count):
+        data = bytearray(rng.choice(valid))
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(data))
+            kind = rng.randrange(4)
+            if kind == 0:
+                data[at] = rng.randrange(256)
+            elif kind == 1:
+                del data[at:]
+                if not data:
+                    data = bytearray(b"G")
+            elif kind == 2:
+                data[at:at] = data[at : at + rng.randint(1, 40)]
+            else:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        yield bytes(data)
+
+
+def test_random_mutations_of_requests_get_json_or_a_close_and_never_break_the_server(
+    start_control: StartControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    control = start_control(idle_timeout=5.0)
+    statuses: dict[int, int] = {}
+    for data in _mutations(seed=11, count=1000):
+        with _connect(control.path) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)  # whatever is missing never comes
+            answers = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    answers += chunk
+        # Each answer the server gave is an HTTP answer with a JSON body.
+        while answers:
+            head, sep, rest = answers.partition(b"\r\n\r\n")
+            assert sep and head.startswith(b"HTTP/1.1 "), (data, answers)
+            fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+            length = int(fields[b"Content-Length"])
+            assert isinstance(json.loads(rest[:length]), dict), (data, answers)
+            status = int(head.split()[1])
+            statuses[status] = statuses.get(status, 0) + 1
+            answers = rest[length:]
+    # The mutations reach every layer: routing, the API, and h11's refusals.
+    assert {200, 400, 404} <= set(statuses), statuses
+    assert not [r for r in caplog.records if r.exc_info], "an internal error was logged"
+    assert control.client().forks() == []

@@ -40,6 +40,7 @@ def test_demo_json_reports_speedup_and_checksums(
     demand, prefetch = doc["modes"]["demand"], doc["modes"]["prefetch"]
     assert demand["prefetched_pages_mean"] == 0
     assert prefetch["misses_mean"] == prefetch["specific_pages_mean"]
+    assert doc["misses_beyond_unrecorded"] == 0
     pairs = list(zip(demand["per_fork"], prefetch["per_fork"], strict=True))
     for d, p in pairs:
         # Each pair walked one trace: the prefetched fork got the whole hot set installed and

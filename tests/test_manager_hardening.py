@@ -24,13 +24,8 @@ import pytest
 from conftest import PAGE, make_mem_file, needs_kvm, needs_uffd
 from pagefork.daemon import manager as manager_module
 from pagefork.daemon.client import DaemonClient, DaemonError
-from pagefork.daemon.manager import (
-    MAX_SOCKET_PATH,
-    ForkManager,
-    ManagerConfig,
-    SocketJournal,
-    fork_id_room,
-)
+from pagefork.daemon.journal import SocketJournal
+from pagefork.daemon.manager import MAX_SOCKET_PATH, ForkManager, ManagerConfig, fork_id_room
 from pagefork.daemon.service import SOCKET_JOURNAL_DIR, Daemon
 from pagefork.errors import ForkError, MemFileError, PageforkError
 from pagefork.hotpages import HotPageList

@@ -29,7 +29,7 @@ HTTP framing), 404 an unknown template, fork or route (also one deleted or relea
 request ran), 405 a known route with another method (``Allow`` lists the right ones; HEAD and
 OPTIONS included), 409 a request the current state refuses (a template in use or already
 there), 413 a body over 1 MiB, 501 a method HTTP does not define here, 502 the VMM failed.
-Every answer is JSON.
+Every answer but /metrics is JSON, errors included.
 
 :class:`ControlApi` maps a request to a response and does no I/O of its own, so it is tested
 without sockets; :class:`ControlServer` serves it over HTTP with

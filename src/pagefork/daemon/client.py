@@ -7,7 +7,8 @@ empty id is refused before anything is sent.
 
 When a burst of clients fills the control socket's listen backlog, ``connect`` waits in the
 kernel (``SO_SNDTIMEO``) until the daemon accepts, within the request's timeout, instead of
-failing with EAGAIN; an early EAGAIN is retried with a short backoff. ::
+failing with EAGAIN; an early EAGAIN is retried with a short backoff. A client may be shared
+by threads: each request has a connection of its own. ::
 
     client = DaemonClient("/run/pagefork.sock")
     fork = client.create_fork("web", vmm="firecracker", options={"api_socket": "..."})
@@ -98,9 +99,14 @@ class DaemonClient:
         self.control_path = control_path
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: object = None) -> Any:
-        """Send one request; the decoded JSON answer (or text for non-JSON answers)."""
-        conn = _UnixConnection(self.control_path, self.timeout)
+    def request(
+        self, method: str, path: str, body: object = None, timeout: float | None = None
+    ) -> Any:
+        """Send one request; the decoded JSON answer (or text for non-JSON answers).
+
+        ``timeout`` (default the client's) bounds the connect and each read.
+        """
+        conn = _UnixConnection(self.control_path, timeout or self.timeout)
         try:
             payload = json.dumps(body).encode() if body is not None else None
             headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -131,6 +137,13 @@ class DaemonClient:
             message = doc.get("error") if isinstance(doc, dict) else None
             raise DaemonError(f"daemon: {message or f'HTTP {response.status}'}", response.status)
         return doc
+
+    def _outlast(self, server_wait: float | None) -> float | None:
+        """A request timeout that lets the daemon's own wait of ``server_wait`` s run out
+        first, so the caller gets the daemon's answer rather than a bare timeout."""
+        if server_wait is None or server_wait + 30 <= self.timeout:
+            return None
+        return min(server_wait + 30, _MAX_TIMEOUT)
 
     # --- templates ---------------------------------------------------------------------------
     def templates(self) -> dict[str, Any]:
@@ -192,14 +205,17 @@ class DaemonClient:
         """Install the template's hot set into the fork (after its VMM's handshake)."""
         body = {"timeout": timeout} if timeout is not None else {}
         result: dict[str, Any] = self.request(
-            "POST", f"/forks/{_segment('fork', fork_id)}/prefetch", body
+            "POST", f"/forks/{_segment('fork', fork_id)}/prefetch", body, self._outlast(timeout)
         )
         return result
 
     def wait_fork(self, fork_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """Wait for the fork's guest to finish; the driver's summary and the final stats."""
         result: dict[str, Any] = self.request(
-            "POST", f"/forks/{_segment('fork', fork_id)}/wait", {"timeout": timeout}
+            "POST",
+            f"/forks/{_segment('fork', fork_id)}/wait",
+            {"timeout": timeout},
+            self._outlast(timeout),
         )
         return result
 

@@ -1,14 +1,14 @@
 """A small HTTP/1.1 server for the control API: h11 parses, one selector loop reads, a capped
 thread pool answers.
 
-Why h11 (python-hyper's sans-I/O HTTP/1.1 engine) rather than ``http.server`` or an
-aiohttp/uvicorn server: h11 already refuses what a hand-rolled layer lets through (conflicting
-Content-Length, a body cut short by the peer, malformed framing) and decodes chunked bodies,
-yet leaves every byte of I/O to us. The daemon needs that I/O: its listening socket stays a
-plain socket it owns (so it can be handed to another process, and the server can stop
-accepting while requests in flight finish), and the API's blocking manager calls run on plain
-threads. An asyncio server would own the socket's lifecycle and push every manager call to an
-executor anyway.
+Chosen: h11 under a loop of our own. Why h11 (python-hyper's sans-I/O HTTP/1.1 engine)
+rather than ``http.server`` or an aiohttp/uvicorn server: h11 already refuses what a
+hand-rolled layer lets through (conflicting Content-Length, a body cut short by the peer,
+malformed framing) and decodes chunked bodies, yet leaves every byte of I/O to us. The daemon
+needs that I/O: its listening socket stays a plain socket it owns (so it can be handed to
+another process, and the server can stop accepting while requests in flight finish), and the
+API's blocking manager calls run on plain threads. An asyncio server would own the socket's
+lifecycle and push every manager call to an executor anyway.
 
 How it serves:
 
@@ -23,8 +23,11 @@ How it serves:
   accepting: new connections wait in the kernel's listen backlog (``backlog``) and are served
   as others close. A client whose connect finds even the backlog full waits too (see
   :mod:`pagefork.daemon.client`).
-- Every answer, errors included, is JSON (HEAD answers carry the headers only, as HTTP says).
-  A peer that goes away mid-answer is logged at debug level, never as a traceback.
+- Every error the server itself answers is JSON ``{"error": ...}``, like the handler's (HEAD
+  answers carry the headers only, as HTTP says). A peer that goes away mid-answer is logged
+  at debug level, never as a traceback.
+- h11 merges repeated equal Content-Length headers (RFC 9112 allows it); this server refuses
+  any repeat instead, since no control client sends one and a proxy in front might disagree.
 """
 
 from __future__ import annotations
@@ -457,7 +460,12 @@ class HttpServer:
                 event = conn.h11.next_event()
             except h11.RemoteProtocolError as exc:
                 # A body cut short by EOF lands here too: refused, never executed.
-                self._refuse(conn, exc.error_status_hint, f"bad request: {exc}")
+                status = exc.error_status_hint
+                if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:  # h11's own limit
+                    message = f"request head larger than {self.limits.max_head} bytes"
+                else:
+                    message = f"bad request: {exc}"
+                self._refuse(conn, status, message)
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
@@ -488,8 +496,14 @@ class HttpServer:
         """Why a request head is refused before its body is read, or None."""
         conn.method = request.method.decode("ascii")
         conn.target = request.target.decode("ascii")
-        head = _END_OF_HEAD.split(bytes(conn.head), 1)[0]
+        parts = _END_OF_HEAD.split(bytes(conn.head), 1)
         conn.head.clear()
+        if len(parts) == 1:  # the kept bytes hold no end of head: it is over the limit
+            return (
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"request head larger than {self.limits.max_head} bytes",
+            )
+        head = parts[0]
         names = {name for name, _ in request.headers}
         # h11 refuses conflicting lengths and merges equal ones; a control client never
         # sends two, so any repeat is refused: framing must be unambiguous (RFC 9112 §6.3).
@@ -562,11 +576,9 @@ class HttpServer:
         finally:
             with self._lock:
                 self._in_flight -= 1
-                if keep and not self._stop:
+                keep = keep and not self._stop  # once the loop is gone, the worker closes
+                if keep:
                     self._returned.append(conn)
-                    keep = True
-                else:
-                    keep = False
             if keep:
                 self._wake()
             else:

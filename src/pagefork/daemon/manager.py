@@ -36,15 +36,14 @@ import importlib
 import logging
 import os
 import secrets
-import select
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
+from pagefork.daemon.exits import ExitWatcher
+from pagefork.daemon.journal import SocketJournal
 from pagefork.errors import (
     ForkError,
     HotPageFileError,
@@ -220,152 +219,6 @@ class _ServerStart:
     waiting: int = 0  # creators of forks waiting for (or doing) this start
 
 
-class _ExitWatcher:
-    """Calls back when a watched process exits, through its pidfd (readable once it has
-    exited): one thread and one epoll for every VMM, no polling."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._watched: dict[int, Callable[[], None]] = {}
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._epoll = select.epoll()
-        self._epoll.register(self._wake, select.EPOLLIN)
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="pagefork-vmm-exits", daemon=True)
-        self._thread.start()
-
-    def watch(self, pidfd: int, on_exit: Callable[[], None]) -> int:
-        """Call ``on_exit`` (on the watcher's thread) once the process exits; a token for
-        :meth:`unwatch`. The watcher keeps its own duplicate of ``pidfd``."""
-        fd = os.dup(pidfd)  # ours to close, whatever the driver does with its own
-        with self._lock:
-            if self._closed:
-                os.close(fd)
-                raise ForkError("the fork manager is shutting down")
-            self._watched[fd] = on_exit
-            self._epoll.register(fd, select.EPOLLIN)
-        return fd
-
-    def unwatch(self, token: int) -> None:
-        """Stop watching (idempotent; a callback already running still finishes)."""
-        with self._lock:
-            if self._watched.pop(token, None) is not None:
-                self._epoll.unregister(token)
-                os.close(token)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                events = self._epoll.poll()
-            except InterruptedError:
-                continue
-            for fd, _ in events:
-                if fd == self._wake:
-                    return
-                with self._lock:
-                    # The fd may have been unwatched, and its number reused, since the poll.
-                    if fd not in self._watched or not _readable_now(fd):
-                        continue
-                    on_exit = self._watched.pop(fd)
-                    self._epoll.unregister(fd)
-                    os.close(fd)
-                try:
-                    on_exit()
-                except Exception:  # the watcher must outlive any one callback
-                    log.exception("handling a VMM's exit failed")
-
-    def close(self) -> None:
-        """Stop the thread and close every fd; idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        os.eventfd_write(self._wake, 1)
-        self._thread.join()
-        with self._lock:
-            for fd in self._watched:
-                os.close(fd)
-            self._watched.clear()
-        self._epoll.close()
-        os.close(self._wake)
-
-
-def _readable_now(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-class SocketJournal:
-    """The fork sockets this daemon created, so that a restart removes exactly those.
-
-    A socket directory may be shared with other programs (``daemon --socket-dir``), so "every
-    ``*.sock`` in it" is not ours to delete. Each socket the daemon binds gets one small entry
-    under ``directory``: the socket's device, inode, change time and path. :meth:`clean` removes
-    a socket only if it is still that very file (a freed inode number is soon reused: the change
-    time tells the new file apart). Writing an entry is best effort (a full disk): a socket
-    without one is merely left behind, and replaced when a fork of the same id binds again.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
-        try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PageforkError(f"cannot create {self.directory}: {exc.strerror}") from None
-
-    def add(self, fork_id: str, socket_path: str) -> None:
-        """Note the socket of fork ``fork_id`` (just bound by the daemon)."""
-        entry = self.directory / fork_id
-        try:
-            st = os.lstat(socket_path)
-            identity = f"{st.st_dev} {st.st_ino} {st.st_ctime_ns}"
-            line = f"{identity} {os.path.abspath(socket_path)}\n".encode()
-            fd = os.open(
-                entry, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-            )
-            try:
-                if os.write(fd, line) != len(line):
-                    raise OSError(0, "short write")
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.warning(
-                "fork %s: cannot note its socket for cleanup after a crash: %s",
-                fork_id,
-                exc.strerror or exc,
-            )
-            with contextlib.suppress(OSError):
-                os.unlink(entry)
-
-    def remove(self, fork_id: str) -> None:
-        """Forget fork ``fork_id``'s socket (it has been removed)."""
-        with contextlib.suppress(OSError):
-            os.unlink(self.directory / fork_id)
-
-    def clean(self) -> list[str]:
-        """Remove the sockets a previous run left (still the inodes it bound); forget every
-        entry. Only for the daemon that owns the state directory. Returns the paths removed."""
-        removed: list[str] = []
-        for entry in sorted(self.directory.iterdir()):
-            try:
-                if not stat.S_ISREG(os.lstat(entry).st_mode):
-                    continue  # not an entry we wrote
-                dev, ino, ctime, path = entry.read_bytes().decode().rstrip("\n").split(" ", 3)
-                st = os.lstat(path)
-                identity = (st.st_dev, st.st_ino, st.st_ctime_ns)
-                if stat.S_ISSOCK(st.st_mode) and identity == (int(dev), int(ino), int(ctime)):
-                    os.unlink(path)
-                    removed.append(path)
-            except (OSError, ValueError):
-                pass  # gone already, replaced by something else, or a torn entry: leave it
-            with contextlib.suppress(OSError):
-                os.unlink(entry)
-        if removed:
-            log.info("daemon: removed %d fork sockets of a previous run", len(removed))
-        return removed
-
-
 def _misfit(hot: HotPageList, regions: Sequence[Region]) -> str | None:
     """Why ``hot`` cannot be installed into a fork with ``regions`` (its first bad entry), or
     None if every entry fits."""
@@ -404,7 +257,12 @@ class ForkManager:
         self.on_fault_latencies = on_fault_latencies
         self.socket_journal = socket_journal
         self._id_room = self._check_socket_dir(config.socket_dir)
-        os.makedirs(config.socket_dir, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(config.socket_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise PageforkError(
+                f"cannot create socket dir {config.socket_dir}: {exc.strerror}"
+            ) from None
         self._lock = threading.Lock()
         self._templates: dict[TemplateKey, _TemplateState] = {}
         self._starting: dict[TemplateKey, _ServerStart] = {}
@@ -420,7 +278,7 @@ class ForkManager:
         self._fed: dict[str, int] = {}
         self._feed_lock = threading.Lock()
         self._closed = False
-        self._exits = _ExitWatcher()
+        self._exits = ExitWatcher()
         registry.live_forks = self.live_forks_of
 
     @staticmethod
@@ -1070,7 +928,6 @@ __all__ = [
     "ForkPhase",
     "ForkRole",
     "ManagerConfig",
-    "SocketJournal",
     "TemplateKey",
     "UnknownForkError",
     "fork_id_room",

@@ -4,8 +4,9 @@ Counters are the sum of two parts: forks that ended (their final stats, added on
 session ends) and live forks (their current stats, read at scrape time). A fork's final stats
 are never below its live ones, so the sums only grow, as Prometheus counters must.
 
-Fault latency is a histogram in seconds, fed with each fork's recorded fault-service latencies
-when it is released.
+Fault latency is a histogram in seconds. The fork manager feeds it with each fork's new
+fault-service latencies at every scrape (only the samples since the last one) and the rest when
+the fork is released, so a dashboard sees faults while forks are live, each exactly once.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class DaemonMetrics:
             totals.forks_ended += 1
 
     def observe_fault_latencies(self, template_id: str, latencies_ns: Iterable[int]) -> None:
-        """Add fault-service latencies (nanoseconds) to the template's histogram."""
+        """Add fault-service latencies (nanoseconds) to the template's histogram; the caller
+        hands each sample once."""
         with self._lock:
             totals = self._totals.setdefault(template_id, _Totals())
             for ns in latencies_ns:

@@ -26,7 +26,8 @@ from pathlib import Path
 from types import TracebackType
 
 from pagefork.daemon.api import ControlApi, ControlServer
-from pagefork.daemon.manager import ForkManager, ManagerConfig, SocketJournal, load_drivers
+from pagefork.daemon.journal import SocketJournal
+from pagefork.daemon.manager import ForkManager, ManagerConfig, load_drivers
 from pagefork.daemon.metrics import DaemonMetrics
 from pagefork.errors import PageforkError
 from pagefork.templates import TemplateRegistry
@@ -106,7 +107,10 @@ class Daemon:
         # directory (the lock, taken by the caller) and the control socket (bound below).
         self.registry = TemplateRegistry(state_dir)
         forks_dir = Path(socket_dir) if socket_dir else self.registry.state_dir / "forks"
-        forks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            forks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PageforkError(f"cannot create socket dir {forks_dir}: {exc.strerror}") from None
         self.metrics = DaemonMetrics()
         journal = SocketJournal(self.registry.state_dir / SOCKET_JOURNAL_DIR)
         self.manager = ForkManager(
