@@ -653,3 +653,25 @@ def test_release_with_the_journal_on_a_full_disk_still_releases(
         manager.close()
     with pytest.raises(ForkError, match="unknown fork"):
         manager.fork("a")
+
+
+@needs_uffd
+def test_a_dead_worker_is_replaced_counted_in_metrics_and_its_fork_served_on(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    _, client = start_daemon(workers=1)
+    _fc_template(client, tmp_path, "t")
+    fork = client.create_fork("t", "f1")
+    vmm = VmmProcess(fork["socket"], str(tmp_path / "t.mem"), ("8M", "4M"))
+    try:
+        assert vmm.send(cmd="touch", pages=[[0, 0], [0, PAGE]])["bad"] == 0
+        before = client.fork("f1")["stats"]
+        os.kill(before["worker_pid"], signal.SIGKILL)
+        reply = vmm.send(cmd="touch", all=True)  # served by the replacement, byte for byte
+        assert reply["bad"] == 0 and reply["touched"] == 3072
+        after = client.fork("f1")["stats"]
+        assert after["worker_pid"] != before["worker_pid"] and after["faults"] == 3072
+        text = client.metrics()
+        assert 'pagefork_worker_restarts_total{template="t"} 1.0' in text
+    finally:
+        vmm.close()

@@ -24,6 +24,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from pagefork.cli.options import parse_workers
 from pagefork.errors import PageforkError
 
 DEFAULT_CONTROL = "/run/pagefork.sock"
@@ -74,6 +75,14 @@ def add_parser(subparsers: Any) -> None:
         default=0.25,
         metavar="SHARE",
         help="warm-up recording window as a share of guest pages (default 0.25)",
+    )
+    d.add_argument(
+        "--workers",
+        type=parse_workers,
+        default="auto",
+        metavar="N|auto",
+        help="worker processes per template's page server (default auto: one per usable CPU); "
+        "a worker that dies is replaced and its forks are served on without loss",
     )
     d.add_argument("-v", "--verbose", action="store_true", help="log the fork lifecycle")
     d.set_defaults(func=run_daemon)
@@ -178,6 +187,7 @@ def run_daemon(args: argparse.Namespace) -> int:
             socket_dir=args.socket_dir,
             record_max_seconds=args.record_max_seconds,
             record_max_share=args.record_max_share,
+            workers=args.workers,
         ) as daemon:
             daemon.start()
             print(json.dumps({"event": "listening", "control": args.control}), flush=True)

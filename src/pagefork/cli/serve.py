@@ -25,8 +25,9 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
+from pagefork.cli.options import parse_workers
 from pagefork.errors import PageforkError
 from pagefork.files import check_writable
 from pagefork.hotpages import HotPageList, load
@@ -101,18 +102,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-v", "--verbose", action="store_true", help="log each fork's lifecycle")
     p.set_defaults(func=run)
 
-
-def parse_workers(text: str) -> int | Literal["auto"]:
-    """``--workers``: ``auto`` or a whole number >= 1."""
-    if text == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 1, not {text!r}")
-    return value
 
 
 class _Printer:

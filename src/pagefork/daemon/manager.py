@@ -142,6 +142,8 @@ class ManagerConfig:
     handshake_timeout: float = 10.0
     prefetch_timeout: float = 30.0
     restore_timeout: float = 30.0
+    #: Worker processes of each template's page server (``"auto"``: one per usable CPU).
+    workers: int | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -246,6 +248,7 @@ class ForkManager:
         on_fork_end: Callable[[str, ForkStats], None] | None = None,
         on_fault_latencies: Callable[[str, list[int]], None] | None = None,
         socket_journal: SocketJournal | None = None,
+        on_worker_restarted: Callable[[str], None] | None = None,
     ) -> None:
         self.registry = registry
         self.config = config
@@ -255,6 +258,8 @@ class ForkManager:
         #: Called with (template id, fault latencies in ns) with each fork's new latencies:
         #: from :meth:`live_stats` (a metrics scrape) and when the fork is released.
         self.on_fault_latencies = on_fault_latencies
+        #: Called with the template id when a worker of its page server died and was replaced.
+        self.on_worker_restarted = on_worker_restarted
         self.socket_journal = socket_journal
         self._id_room = self._check_socket_dir(config.socket_dir)
         try:
@@ -600,6 +605,17 @@ class ForkManager:
             if self.on_fork_end is not None:
                 self.on_fork_end(record.id, stats)
 
+        def worker_restarted(old_pid: int, pid: int, forks: int) -> None:
+            log.warning(
+                "template %s: worker %d died; worker %d took over its %d forks",
+                record.id,
+                old_pid,
+                pid,
+                forks,
+            )
+            if self.on_worker_restarted is not None:
+                self.on_worker_restarted(record.id)
+
         server = PageServer(
             ServerConfig(
                 mem_file_path=record.mem_file,
@@ -609,6 +625,8 @@ class ForkManager:
                 record_max_seconds=self.config.record_max_seconds,
                 on_window_closed=window_closed,
                 on_fork_end=fork_ended,
+                on_worker_restarted=worker_restarted,
+                workers=self.config.workers,
             )
         )
         log.info("template %s: page server started", record.id)

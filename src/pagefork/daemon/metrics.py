@@ -58,6 +58,7 @@ COUNTERS = {
 class _Totals:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     forks_ended: int = 0
+    worker_restarts: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
 
@@ -76,6 +77,11 @@ class DaemonMetrics:
             for name in COUNTERS:
                 totals.counters[name] += int(getattr(stats, name))
             totals.forks_ended += 1
+
+    def worker_restarted(self, template_id: str) -> None:
+        """Count a worker process of the template's page server that died and was replaced."""
+        with self._lock:
+            self._totals.setdefault(template_id, _Totals()).worker_restarts += 1
 
     def observe_fault_latencies(self, template_id: str, latencies_ns: Iterable[int]) -> None:
         """Add fault-service latencies (nanoseconds) to the template's histogram; the caller
@@ -127,7 +133,15 @@ class DaemonMetrics:
             started.add_metric([t], totals[t].forks_ended if t in totals else 0)
             live_forks.add_metric([t], len(live.get(t, ())))
             hot.add_metric([t], hot_pages.get(t, 0))
+        restarts = CounterMetricFamily(
+            "pagefork_worker_restarts",
+            "Worker processes of the template's page server that died and were replaced",
+            labels=label,
+        )
+        for t in names:
+            restarts.add_metric([t], totals[t].worker_restarts if t in totals else 0)
         yield started
+        yield restarts
         yield live_forks
         yield hot
         yield GaugeMetricFamily("pagefork_templates", "Templates registered", value=len(templates))
@@ -155,7 +169,9 @@ def _bucket(seconds: float) -> int:
 
 
 def _copy(t: _Totals) -> _Totals:
-    return _Totals(dict(t.counters), t.forks_ended, list(t.buckets), t.latency_sum)
+    return _Totals(
+        dict(t.counters), t.forks_ended, t.worker_restarts, list(t.buckets), t.latency_sum
+    )
 
 
 class _Collector:

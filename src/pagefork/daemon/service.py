@@ -17,6 +17,7 @@ refused before it touches anything the running one uses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -24,6 +25,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 from pagefork.daemon.api import ControlApi, ControlServer
 from pagefork.daemon.journal import SocketJournal
@@ -80,12 +82,22 @@ class Daemon:
         drivers: Mapping[str, VmmDriver] | None = None,
         record_max_seconds: float = 30.0,
         record_max_share: float = 0.25,
+        workers: int | Literal["auto"] = "auto",
     ) -> None:
         lock_fd = lock_state_dir(Path(state_dir).absolute())
         self._lock_fd: int | None = lock_fd
         try:
             self._setup(
-                state_dir, control_path, socket_dir, drivers, record_max_seconds, record_max_share
+                state_dir,
+                control_path,
+                socket_dir,
+                drivers,
+                ManagerConfig(
+                    socket_dir="",  # set by _setup
+                    record_max_seconds=record_max_seconds,
+                    record_max_share=record_max_share,
+                    workers=workers,
+                ),
             )
         except BaseException:
             os.close(lock_fd)
@@ -100,8 +112,7 @@ class Daemon:
         control_path: str,
         socket_dir: str | None,
         drivers: Mapping[str, VmmDriver] | None,
-        record_max_seconds: float,
-        record_max_share: float,
+        settings: ManagerConfig,
     ) -> None:
         # Nothing here may change what another daemon uses until this one owns the state
         # directory (the lock, taken by the caller) and the control socket (bound below).
@@ -115,15 +126,12 @@ class Daemon:
         journal = SocketJournal(self.registry.state_dir / SOCKET_JOURNAL_DIR)
         self.manager = ForkManager(
             self.registry,
-            ManagerConfig(
-                socket_dir=str(forks_dir),
-                record_max_seconds=record_max_seconds,
-                record_max_share=record_max_share,
-            ),
+            dataclasses.replace(settings, socket_dir=str(forks_dir)),
             drivers if drivers is not None else load_drivers(),
             on_fork_end=self.metrics.fork_ended,
             on_fault_latencies=self.metrics.observe_fault_latencies,
             socket_journal=journal,
+            on_worker_restarted=self.metrics.worker_restarted,
         )
         self.control_path = control_path
         try:
