@@ -744,7 +744,11 @@ class PageServer:
             entry.state = transition(entry.fork_id, entry.state, ForkState.FAILED)
             entry.error = f"handshake: {why}"
             entry.final_stats = ForkStats(
-                fork=entry.fork_id, state="failed", errors=1, error=entry.error, pid=p.pid
+                fork=entry.fork_id,
+                state=ForkState.FAILED.value,
+                errors=1,
+                error=entry.error,
+                pid=p.pid,
             )
             self._forks.pop(entry.fork_id, None)
         else:
@@ -890,9 +894,8 @@ class PageServer:
             if op == "ended" and entry is not None:
                 _, _, state, error = message
                 worker.forks.discard(entry.key)
-                new = ForkState.FAILED if state == "failed" else ForkState.ENDED
                 if entry.state not in FINAL:
-                    entry.state = transition(entry.fork_id, entry.state, new)
+                    entry.state = transition(entry.fork_id, entry.state, ForkState(state))
                 callbacks += self._finish(entry, error)
             elif op == "window_closed" and entry is not None:
                 callbacks += self._report_window(entry)

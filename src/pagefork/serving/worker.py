@@ -46,6 +46,7 @@ from pagefork.serving import ipc
 from pagefork.serving import ledger as L
 from pagefork.serving.policy import Action, decide
 from pagefork.serving.pool import PLANS_KEPT
+from pagefork.serving.state import ForkState
 
 log = logging.getLogger("pagefork.worker")
 
@@ -120,7 +121,7 @@ class _Fork:
             self.removed.add(start, end)
         self.deferred: list[int] = []
         self.prefetching = False
-        self.ending: tuple[str, str | None] | None = None
+        self.ending: tuple[ForkState, str | None] | None = None
         c = ledger.counters
         self.rec_seen: set[tuple[int, int]] | None = None
         self.rec_start = c[L.RECORD_START_NS]
@@ -211,7 +212,7 @@ class Worker:
         if kind == _UFFD:
             self._guard(f, self._on_uffd)
         elif kind == _PIDFD:
-            self._end(f, "ended", None)  # the VMM exited
+            self._end(f, ForkState.ENDED, None)  # the VMM exited
         else:
             self._on_conn(f)
 
@@ -244,7 +245,7 @@ class Worker:
             f.conn = -1
             ipc.send(self.chan, ("hung_up", f.fork_id))
         else:
-            self._end(f, "ended", None)
+            self._end(f, ForkState.ENDED, None)
 
     # --- faults --------------------------------------------------------------------------
     def _on_uffd(self, f: _Fork) -> None:
@@ -363,7 +364,7 @@ class Worker:
                     continue
                 elif code == errno.ESRCH:
                     f.deferred = []
-                    self._end(f, "ended", None)  # the VMM's address space is gone
+                    self._end(f, ForkState.ENDED, None)  # the VMM's address space is gone
                     return
                 elif code == errno.EFAULT and action == Action.COPY:
                     raise _Fatal(
@@ -479,7 +480,7 @@ class Worker:
         elif op == "drop":
             f = self.forks.get(message[1])
             if f is not None:
-                self._end(f, "ended", None)
+                self._end(f, ForkState.ENDED, None)
         elif op == "crash_at":
             self.crash_at[message[1]] = message[2]
             ipc.send(self.chan, ("armed", message[3]))
@@ -495,12 +496,12 @@ class Worker:
         except Exception as exc:
             for fd in named.values():
                 os.close(fd)
-            ipc.send(self.chan, ("ended", spec["key"], "failed", f"ledger: {exc}"))
+            ipc.send(self.chan, ("ended", spec["key"], ForkState.FAILED, f"ledger: {exc}"))
             return
         f = _Fork(spec, named, ledger)
         old = self.forks.pop(f.fork_id, None)
         if old is not None:
-            self._end(old, "ended", None, report=False)
+            self._end(old, ForkState.ENDED, None, report=False)
         self.forks[f.fork_id] = f
         self._attend(f)
         self._watch(f.uffd, _UFFD, f)
@@ -539,9 +540,9 @@ class Worker:
                     os.kill(pid, signal.SIGKILL)
         else:
             log.error("fork %s: %s; closing its connection", f.name, why)
-        self._end(f, "failed", why)
+        self._end(f, ForkState.FAILED, why)
 
-    def _end(self, f: _Fork, state: str, error: str | None, *, report: bool = True) -> None:
+    def _end(self, f: _Fork, state: ForkState, error: str | None, *, report: bool = True) -> None:
         if f.prefetching:
             f.ending = f.ending or (state, error)  # the prefetch finishes first, then this
             return
