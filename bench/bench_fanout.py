@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -227,8 +228,15 @@ def main(quick: bool = False) -> dict[str, Any]:
                     )
                 )
         finally:
+            # Each in its own try: a handler that fails to stop must not leave the others up.
+            failures = []
             for side in sides.values():
-                side.close()
+                try:
+                    side.close()
+                except Exception as exc:  # reported below, after every side is closed
+                    failures.append(exc)
+            if failures and sys.exc_info()[1] is None:
+                raise failures[0]
 
     def ms(who: str, n: int) -> list[float]:
         return [b.seconds * 1e3 for b in results[(who, n)]]
