@@ -185,7 +185,7 @@ def _workers_variants() -> dict[str, dict[str, Any]]:
 def main(quick: bool = False) -> dict[str, Any]:
     """Run the sweep; returns wall times per handler and N, and the ratios pagefork / C."""
     sizes = SIZES[:3] if quick else SIZES
-    rounds = 2 if quick else 3
+    rounds = 2 if quick else 5
     header(
         "fanout: N forks faulting at once, pagefork vs C (process per connection)",
         f"{TEMPLATE // MiB} MiB template (~{ZERO_FRACTION:.0%} all-zero pages), each fork a test "
