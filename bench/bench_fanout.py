@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -184,7 +185,7 @@ def _workers_variants() -> dict[str, dict[str, Any]]:
 def main(quick: bool = False) -> dict[str, Any]:
     """Run the sweep; returns wall times per handler and N, and the ratios pagefork / C."""
     sizes = SIZES[:3] if quick else SIZES
-    rounds = 2 if quick else 3
+    rounds = 2 if quick else 5
     header(
         "fanout: N forks faulting at once, pagefork vs C (process per connection)",
         f"{TEMPLATE // MiB} MiB template (~{ZERO_FRACTION:.0%} all-zero pages), each fork a test "
@@ -227,8 +228,15 @@ def main(quick: bool = False) -> dict[str, Any]:
                     )
                 )
         finally:
+            # Each in its own try: a handler that fails to stop must not leave the others up.
+            failures = []
             for side in sides.values():
-                side.close()
+                try:
+                    side.close()
+                except Exception as exc:  # reported below, after every side is closed
+                    failures.append(exc)
+            if failures and sys.exc_info()[1] is None:
+                raise failures[0]
 
     def ms(who: str, n: int) -> list[float]:
         return [b.seconds * 1e3 for b in results[(who, n)]]

@@ -5,8 +5,7 @@ Measured side by side in one run against one page server, after a recording warm
 a. **Paired rounds on one trace variant.** Each round picks a variant the warm-up did not walk
    and runs four forks of it, in an order that reverses every other round:
 
-   - ``demand``: served on demand, recording what it touches (the server's record of the
-     fork's real working set, the reference for precision and recall below);
+   - ``demand``: served on demand;
    - ``prefetch``: prefetched from a fresh copy of the hot set, so the plan is made anew and
      the fork pays for planning, as the first fork of a template does;
    - ``cached``: prefetched from the hot set whose plan the server has cached (later forks);
@@ -15,8 +14,9 @@ a. **Paired rounds on one trace variant.** Each round picks a variant the warm-u
 
    Fork-ready = restore + prefetch (wall clock of the whole ``server.prefetch`` call) + run to
    guest ready; ``limit`` leaves its population out. Speed-ups are medians of per-round ratios.
-   Also measured per round: the hot set's precision and recall against the pages the demand fork
-   touched, and the prefetched forks' misses beyond the pages the hot set does not hold.
+   After the timed rounds, one untimed recording fork per round's variant gives the pages a fork
+   of it touches, as the server records its faults: the reference for the hot set's precision
+   and recall, and for the prefetched forks' misses beyond the pages the hot set does not hold.
 b. **Fan-out.** Bursts of forks restored together and resumed at once, against single forks of
    the same mode, the four kinds interleaved round by round: p50/p99 ready against single.
 
@@ -123,14 +123,20 @@ def paired_rounds(
     hot_set = set(hot.in_order())
     unrecorded: dict[int, int] = {}  # fork index -> touched pages the hot set lacks
 
+    def record(index: int) -> None:
+        """Untimed: what a fork of this trace touches, as the server records its faults."""
+        _, touched = orchestrate.warm_up(server, template, fork_index=index)
+        touched_set = set(touched.in_order())
+        common = len(touched_set & hot_set)
+        precision.append(common / len(hot_set))
+        recall.append(common / len(touched_set))
+        unrecorded[index] = len(touched_set - hot_set)
+
     def run(mode: str, index: int) -> ForkReport:
         if mode == DEMAND:
-            report, touched = orchestrate.warm_up(server, template, fork_index=index)
-            touched_set = set(touched.in_order())
-            common = len(touched_set & hot_set)
-            precision.append(common / len(hot_set))
-            recall.append(common / len(touched_set))
-            unrecorded[index] = len(touched_set - hot_set)
+            [report] = orchestrate.run_forks(
+                server, template, [index], "demand", warmup_variant=warm.variant
+            )
             return report
         lists = {PREFETCH: HotPageList.from_pages(hot.in_order()), CACHED: hot, LIMIT: every_page}
         [report] = orchestrate.run_forks(
@@ -141,6 +147,8 @@ def paired_rounds(
     for r, mode in alternating(pairs, PAIRED_MODES):
         index = orchestrate.fork_index(template, 1 + r, warm.variant)
         got[mode].append(run(mode, index))
+    for r in range(pairs):
+        record(orchestrate.fork_index(template, 1 + r, warm.variant))
     for mode in (PREFETCH, CACHED):
         for report in got[mode]:
             # A perfect prefetch misses exactly the touched pages the hot set does not hold.
@@ -190,7 +198,7 @@ def paired_rounds(
         f"{figures['prefetch_ms_cached']:.1f} ms of prefetch)"
     )
     console.print(
-        f"hot set ({len(hot)} pages) against the pages each demand fork touched (server-recorded): "
+        f"hot set ({len(hot)} pages) against the pages a fork of each trace touched (recorded): "
         f"precision {figures['hot_set_precision']:.3f}, recall {figures['hot_set_recall']:.3f}; "
         f"misses {figures['misses_mean']:.0f} per prefetched fork, beyond the touched pages the "
         f"hot set lacks: {beyond}; limit forks' faults: "

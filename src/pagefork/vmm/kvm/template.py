@@ -50,6 +50,8 @@ MAX_HIGH_REGION = TSS_ADDR - HIGH_REGION_GPA
 MAX_MEM_SIZE = HIGH_REGION_GPA + MAX_HIGH_REGION
 
 Progress = Callable[[str], None]
+#: Guest RAM is copied in slices of this size (each holds the GIL for a few ms only).
+_COPY_CHUNK = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -336,14 +338,37 @@ def build_template(
     data_pages = [
         gpa for r in layout for gpa in range(max(r.guest_phys_addr, data_start), r.end, PAGE_SIZE)
     ]
-    rng = random.Random(spec.trace.seed ^ 0x5EED)
-    zeros = zero_page_layout(rng, len(data_pages), spec.zero_share)
     try:
         variants = generate_variants(data_pages, total_pages, spec.trace, spec.variants)
     except ValueError as exc:
         raise TemplateError(f"cannot generate traces: {exc}") from None
 
-    images = [bytearray(r.size) for r in layout]
+    # Anonymous mappings, not bytearrays: the kernel zeroes their pages on first touch, where
+    # bytearray(n) memsets all of it at once while holding the GIL (a second per GiB: the
+    # daemon's other threads would stall that long).
+    images = [mmap.mmap(-1, r.size) for r in layout]
+    try:
+        return _build_in(out, spec, images, data_pages, data_start, per_variant, variants, say)
+    finally:
+        for img in images:
+            img.close()
+
+
+def _build_in(
+    out: Path,
+    spec: TemplateSpec,
+    images: list[mmap.mmap],
+    data_pages: list[int],
+    data_start: int,
+    per_variant: int,
+    variants: list[Any],
+    say: Progress,
+) -> Template:
+    """The rest of :func:`build_template`: fill the guest RAM ``images``, boot, write."""
+    layout = spec.layout()
+    total_pages = spec.mem_size // PAGE_SIZE
+    rng = random.Random(spec.trace.seed ^ 0x5EED)
+    zeros = zero_page_layout(rng, len(data_pages), spec.zero_share)
 
     def put(gpa: int, data: bytes) -> None:
         for img, r in zip(images, layout, strict=True):
@@ -384,7 +409,6 @@ def build_template(
 
     say("booting the guest to its snapshot point")
     vcpu_states = _boot_to_pause(layout, images, spec.vcpus, out / MEM_FILE)
-    images.clear()  # up to 256 MiB: free it before writing the metadata
 
     meta = {
         "format": TEMPLATE_FORMAT,
@@ -422,7 +446,7 @@ def build_template(
 
 
 def _boot_to_pause(
-    layout: list[MemoryRegionSpec], images: list[bytearray], vcpus: int, mem_file: Path
+    layout: list[MemoryRegionSpec], images: list[mmap.mmap], vcpus: int, mem_file: Path
 ) -> list[VcpuState]:
     """Run the boot part on every vCPU up to ``out PORT_PAUSE``, save guest RAM as the mem-file
     (what the guest wrote is part of the snapshot) and return the vCPU states."""
@@ -431,7 +455,11 @@ def _boot_to_pause(
     with GuestMemory(layout) as memory, VirtualMachine() as vm:
         for i, (img, r) in enumerate(zip(images, layout, strict=True)):
             view = memory.view(i)
-            view[:] = img
+            source = memoryview(img)
+            # In slices: one copy of a whole GiB region would hold the GIL for seconds.
+            for off in range(0, r.size, _COPY_CHUNK):
+                view[off : off + _COPY_CHUNK] = source[off : off + _COPY_CHUNK]
+            source.release()
             view.release()
             vm.add_memory(r.guest_phys_addr, r.size, memory.host_addrs[i])
         states = []
