@@ -69,7 +69,12 @@ UFFD_PAGEFAULT_FLAG_WP = 1 << 1
 
 #: sizeof(struct uffd_msg): u8 event, u8 + u16 + u32 reserved, then a 24-byte union.
 UFFD_MSG_SIZE = 32
-_MSG = struct.Struct("=B3xI QQQ")
+#: ``struct uffd_msg`` as (event, reserved, a, b, c): ``a``/``b``/``c`` are the union's three
+#: u64s (pagefault: flags, address, ptid; remove/unmap: start, end; remap: from, to, len;
+#: fork: ufd). The worker's loop reads raw tuples with it; :func:`decode_msg` names them.
+MSG = struct.Struct("=B3xI QQQ")
+#: Where ``uffd_msg.arg.pagefault.address`` sits: the fault loop's one-fault fast path.
+PAGEFAULT_ADDRESS = struct.Struct("=16xQ8x")
 
 _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "i686": 374, "armv7l": 388}
 _O_CLOEXEC = os.O_CLOEXEC
@@ -138,7 +143,7 @@ UffdEvent = PageFault | Remove | Unmap | Remap | ForkEvent | UnknownEvent
 
 def decode_msg(buf: bytes | bytearray | memoryview, offset: int = 0) -> UffdEvent:
     """Decode one ``struct uffd_msg`` at ``offset`` of ``buf``."""
-    event, _, a, b, c = _MSG.unpack_from(buf, offset)
+    event, _, a, b, c = MSG.unpack_from(buf, offset)
     if event == UFFD_EVENT_PAGEFAULT:
         return PageFault(address=b, flags=a, ptid=c & 0xFFFFFFFF)
     if event == UFFD_EVENT_REMOVE:
@@ -159,7 +164,7 @@ def decode_msgs(buf: bytes | bytearray | memoryview) -> list[UffdEvent]:
 
 def encode_pagefault(address: int, flags: int = 0, ptid: int = 0) -> bytes:
     """Build a ``uffd_msg`` for a page fault (used by tests of the decoder)."""
-    return _MSG.pack(UFFD_EVENT_PAGEFAULT, 0, flags, address, ptid)
+    return MSG.pack(UFFD_EVENT_PAGEFAULT, 0, flags, address, ptid)
 
 
 def open_userfaultfd(flags: int = _O_CLOEXEC | _O_NONBLOCK) -> int:
@@ -288,6 +293,8 @@ class UffdIoctls:
 
 
 __all__ = [
+    "MSG",
+    "PAGEFAULT_ADDRESS",
     "UFFDIO_API",
     "UFFDIO_COPY",
     "UFFDIO_COPY_MODE_DONTWAKE",

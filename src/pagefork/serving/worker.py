@@ -32,7 +32,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 from typing import Any
@@ -52,8 +51,6 @@ log = logging.getLogger("pagefork.worker")
 
 #: Events read per ``read(2)`` of a uffd: one syscall drains a burst of faults.
 _READ_BATCH = 64
-_MSG = struct.Struct("=B3xIQQQ")
-_FAULT_ADDRESS = struct.Struct("=16xQ8x")
 #: Prefetch ioctls between two looks at the other forks' faults.
 _PREFETCH_SLICE = 16
 _MADV_POPULATE_READ = 22
@@ -262,9 +259,9 @@ class Worker:
             except BlockingIOError:
                 return faults
             if len(data) == uffd.UFFD_MSG_SIZE and data[0] == uffd.UFFD_EVENT_PAGEFAULT:
-                faults.append(_FAULT_ADDRESS.unpack(data)[0])  # the usual read: one fault
+                faults.append(uffd.PAGEFAULT_ADDRESS.unpack(data)[0])  # the usual read: one fault
             else:
-                for event, _, a, b, c in _MSG.iter_unpack(data):
+                for event, _, a, b, c in uffd.MSG.iter_unpack(data):
                     if event == uffd.UFFD_EVENT_PAGEFAULT:
                         faults.append(b)
                     else:
