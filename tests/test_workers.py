@@ -230,3 +230,24 @@ def test_every_worker_maps_the_mem_file_shared_and_read_only_and_the_zero_index_
         assert [m.split()[1] for m in mem] == ["r--s"]  # one shared, read-only mapping
         # The zero-page index comes from the supervisor's memfd: no worker scans the file.
         assert sum("pagefork-zero-index" in m for m in maps) == 1
+
+
+def test_a_mem_file_that_shrinks_while_it_is_scanned_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import make_mem_file
+    from pagefork.errors import MemFileError
+    from pagefork.memfile import MemFile
+
+    mem = make_mem_file(tmp_path / "mem", 512)  # 2 MiB: two scan chunks
+    real_preadv = os.preadv
+
+    def shrink_first(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if offset == 1 << 20:  # the second chunk: the file shrank after the first one was read
+            os.truncate(mem, (1 << 20) + 5 * PAGE)
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", shrink_first)
+    # Read through a mapping this would be a SIGBUS that kills the whole server.
+    with pytest.raises(MemFileError, match=r"shrank while being read \(ends at 0x105000"):
+        MemFile(mem)
