@@ -459,34 +459,48 @@ class PageServer:
         """Counters and latency percentiles of one fork."""
         entry = self._get(fork_id)
         with self._lock:
-            return self._stats_of(entry)
+            stats, samples = self._counters_of(entry)
+        if samples:  # sorting a window of 64k samples takes ms: not under the lock
+            stats.latency_us = percentiles_us(samples)
+        return stats
 
     def _stats_of(self, entry: _Fork) -> ForkStats:
-        """The fork's stats (called with the lock held: the ledger may close otherwise)."""
+        """The fork's stats with latency percentiles (lock held)."""
+        stats, samples = self._counters_of(entry)
+        if samples:
+            stats.latency_us = percentiles_us(samples)
+        return stats
+
+    def _counters_of(self, entry: _Fork) -> tuple[ForkStats, list[int]]:
+        """The fork's counters and its latency samples (lock held: the ledger may close
+        otherwise)."""
         if entry.final_stats is not None:
-            return entry.final_stats
+            return entry.final_stats, []
         ledger = entry.ledger
         if ledger is None:
             if entry.handshake_failed is not None:
                 # Shown as failed until the VMM connects again (the fork itself may retry).
-                return ForkStats(
+                failed = ForkStats(
                     fork=entry.fork_id,
                     state=ForkState.FAILED.value,
                     pid=entry.pid,
                     errors=1,
                     error=f"handshake: {entry.handshake_failed}",
                 )
-            return ForkStats(fork=entry.fork_id, state=entry.state.value, error=entry.last_error)
+                return failed, []
+            waiting = ForkStats(fork=entry.fork_id, state=entry.state.value, error=entry.last_error)
+            return waiting, []
         c = ledger.counters
-        return ForkStats(
+        stats = ForkStats(
             fork=entry.fork_id,
             state=entry.state.value,
             pid=entry.pid,
             error=entry.error,
-            latency_us=percentiles_us(ledger.latencies()),
+            latency_us={},
             worker_pid=entry.worker.pid if entry.worker is not None else None,
             **{name: int(c[slot]) for name, slot in L.COUNTERS.items()},
         )
+        return stats, ledger.latencies()
 
     def fault_latencies_ns(self, fork_id: str) -> list[int]:
         """The fork's recent fault-service latencies in nanoseconds (for histograms)."""
