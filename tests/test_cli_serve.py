@@ -445,11 +445,54 @@ def test_serve_names_its_workers_and_replaces_one_killed_mid_run(tmp_path: Path,
 def test_serve_refuses_a_bad_worker_count(tmp_path: Path, mem_file) -> None:
     for bad in ("0", "-2", "lots"):
         proc = subprocess.run(
-            [*PAGEFORK, "serve", "--mem-file", str(mem_file), "--socket", str(tmp_path / "s"),
-             "--workers", bad],
+            [
+                *PAGEFORK,
+                "serve",
+                "--mem-file",
+                str(mem_file),
+                "--socket",
+                str(tmp_path / "s"),
+                "--workers",
+                bad,
+            ],
             capture_output=True,
             text=True,
             timeout=30,
         )
         assert proc.returncode == 2 and "--workers" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+@needs_uffd
+def test_serve_prefetches_later_forks_from_the_warmup_it_just_recorded(
+    tmp_path: Path, mem_file, vmms
+):
+    sock = tmp_path / "h.sock"
+    hot = tmp_path / "hot.hpl"
+    serve = Serve(
+        "--mem-file",
+        str(mem_file),
+        "--socket",
+        str(sock),
+        "--record",
+        str(hot),
+        "--record-max-pages",
+        "3",
+    )
+    serve.wait_for("listening")
+    warm = vmms(str(sock))
+    pages = [[0, 0], [0, PAGE], [1, 8 * PAGE]]
+    assert warm.send(cmd="touch", pages=pages)["bad"] == 0  # fills the 3-page window
+    (saved,) = serve.wait_for("hot_pages_saved")
+    assert saved["fork"] == "fork-1" and saved["pages"] == 3
+    later = vmms(str(sock))
+    (done,) = serve.wait_for("prefetch_done")
+    assert done["fork"] == "fork-2" and done["pages"] == 3  # from the fresh recording
+    assert later.send(cmd="touch", pages=pages)["bad"] == 0
+    later.close()
+    warm.close()
+    ends = {e["fork"]: e for e in serve.wait_for("fork_end", count=2)}
+    assert ends["fork-2"]["faults"] == 0 and ends["fork-2"]["prefetched_pages"] == 3
+    assert len(serve.wait_for("hot_pages_saved")) == 1  # only the warm-up records
+    code, err = serve.stop()
+    assert code == 0 and "Traceback" not in err

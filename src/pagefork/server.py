@@ -933,8 +933,7 @@ class PageServer:
                     request.result, request.error, request.installed = result, error, installed
                     request.done.set()
             self._changed.notify_all()
-        for fn, args in callbacks:
-            self._spawn(fn, *args)
+        self._run_callbacks(callbacks)
 
     def _report_window(self, entry: _Fork) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
         """The recording window closed: hand its list to the callback once (lock held)."""
@@ -1032,8 +1031,7 @@ class PageServer:
                         (self.config.on_worker_restarted, (worker.pid, new.pid, len(orphans)))
                     )
             self._changed.notify_all()
-        for fn, args in callbacks:
-            self._spawn(fn, *args)
+        self._run_callbacks(callbacks)
 
     def _debug_crash_worker_at(self, fork_id: str, point: str, count: int = 1) -> int:
         """Tests only: make the worker serving ``fork_id`` SIGKILL itself when it reaches
@@ -1058,14 +1056,24 @@ class PageServer:
 
     def _spawn(self, cb: Callable[..., None], fork_id: Any, *args: object) -> None:
         """Run a user callback on its own thread (joined by :meth:`close`)."""
+        self._run_callbacks([(cb, (fork_id, *args))])
+
+    def _run_callbacks(self, callbacks: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+        """Run user callbacks one after another on a thread of their own (off the loop, and
+        in order: a fork's window is reported before its end)."""
+        if not callbacks:
+            return
 
         def run() -> None:
-            try:
-                cb(fork_id, *args)
-            except Exception:
-                log.exception("fork %s: callback %s failed", fork_id, getattr(cb, "__name__", cb))
+            for cb, args in callbacks:
+                try:
+                    cb(*args)
+                except Exception:
+                    name = getattr(cb, "__name__", cb)
+                    log.exception("fork %s: callback %s failed", args[0] if args else "?", name)
 
-        t = threading.Thread(target=run, name=f"pagefork-callback-{fork_id}", daemon=True)
+        first = callbacks[0][1][0] if callbacks[0][1] else ""
+        t = threading.Thread(target=run, name=f"pagefork-callback-{first}", daemon=True)
         with self._callbacks_lock:
             self._callbacks = [c for c in self._callbacks if c.is_alive()]
             self._callbacks.append(t)

@@ -30,6 +30,7 @@ from typing import Any
 from pagefork.cli.options import parse_workers
 from pagefork.errors import PageforkError
 from pagefork.files import check_writable
+from pagefork.hotloop import HotSetLoop
 from pagefork.hotpages import HotPageList, load
 from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
 from pagefork.stats import ForkStats
@@ -229,36 +230,41 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
                 "hot-page file %s is empty or missing: forks are served on demand", args.hot_pages
             )
     record_path: str | None = args.record
-    per_fork = record_path is not None and "{fork}" in record_path
-    recorded: set[str] = set()
-    lock = threading.Lock()
+    # The first fork records (its window's pages become the hot set of every later fork),
+    # or, with {fork} in --record, every fork records to its own file.
+    loop = HotSetLoop(
+        hot,
+        record=record_path is not None,
+        record_every=record_path is not None and "{fork}" in record_path,
+    )
     server: PageServer | None = None
 
     def should_record(fork_id: str) -> bool:
-        if record_path is None:
-            return False
-        with lock:
-            if not per_fork and recorded:
-                return False
-            recorded.add(fork_id)
-            return True
+        return loop.role(fork_id) == "warmup"
 
     def window_closed(fork_id: str, pages: HotPageList) -> None:
         assert record_path is not None
+        if not loop.claim(fork_id):
+            return
         path = record_path.replace("{fork}", fork_id)
+        saved: HotPageList | None = None
         try:
             pages.save(path)
+            saved = pages
         except (OSError, PageforkError) as exc:
             log.error("fork %s: cannot save hot pages to %s: %s", fork_id, path, exc)
-            return
-        emit("hot_pages_saved", fork=fork_id, path=path, pages=len(pages))
+        finally:
+            loop.adopt(fork_id, saved)
+        if saved is not None:
+            emit("hot_pages_saved", fork=fork_id, path=path, pages=len(pages))
 
     def connected(fork_id: str) -> None:
         log.info("fork %s: connected", fork_id)
-        if hot is None or not len(hot) or server is None:
+        current = loop.hot
+        if loop.role(fork_id) != "prefetch" or current is None or server is None:
             return
         try:
-            result = server.prefetch(fork_id, hot)
+            result = server.prefetch(fork_id, current)
         except PageforkError as exc:
             log.error("fork %s: prefetch failed, serving on demand: %s", fork_id, exc)
             return
@@ -272,6 +278,7 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
         )
 
     def ended(fork_id: str, stats: ForkStats) -> None:
+        loop.fork_gone(fork_id)
         emit("fork_end", **_fork_end_fields(stats))
 
     def worker_restarted(old_pid: int, pid: int, forks: int) -> None:

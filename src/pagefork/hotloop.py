@@ -1,0 +1,106 @@
+"""The warm-up-then-prefetch policy of one template, written once for every caller.
+
+``pagefork serve``, the daemon's fork manager and the library all decide the same things for
+each new fork of a template, and :class:`HotSetLoop` is where that decision lives:
+
+- the first fork while the template has no hot set, or after a re-record was asked for, is the
+  *warm-up*: it records the pages it faults, in a bounded window;
+- a fork that arrives while the warm-up still records, before any hot set exists, is served on
+  *demand* (two recordings would race for one hot set);
+- every other fork is *prefetched* from the hot set (during a re-record, the old one).
+
+When the warm-up's window closes, its pages become the hot set (an empty recording changes
+nothing). A warm-up that ends without a window (its VMM never connected) lets the next fork
+record instead. Saving the set is the caller's: :meth:`HotSetLoop.claim` says whether a closed
+window is the one to save, :meth:`HotSetLoop.adopt` installs what was saved.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+from pagefork.hotpages import HotPageList
+
+#: A fork's part in the loop.
+Role = Literal["warmup", "prefetch", "demand"]
+
+
+class HotSetLoop:
+    """One template's hot-page loop; safe from any thread.
+
+    ``hot`` is the hot set to start from (None: none yet). With ``record`` False no fork ever
+    records (prefetch from ``hot`` only). With ``record_every`` every fork records, for lists
+    that are combined later, and none is prefetched: a prefetched page would never fault, so
+    it would be missing from its fork's recording.
+    """
+
+    def __init__(
+        self, hot: HotPageList | None = None, *, record: bool = True, record_every: bool = False
+    ) -> None:
+        self._lock = threading.Lock()
+        self._hot = hot if hot is not None and len(hot) else None
+        self._record = record
+        self._record_every = record_every
+        self._rerecord = False
+        self._warmup: str | None = None
+        self._roles: dict[str, Role] = {}
+
+    @property
+    def hot(self) -> HotPageList | None:
+        """The hot set forks are prefetched from, or None."""
+        return self._hot
+
+    def role(self, fork_id: str) -> Role:
+        """Decide (once) the part of a new fork; later calls return the same answer."""
+        with self._lock:
+            known = self._roles.get(fork_id)
+            if known is not None:
+                return known
+            role: Role
+            if self._record and self._record_every:
+                role = "warmup"
+            elif self._record and (self._hot is None or self._rerecord) and self._warmup is None:
+                role = "warmup"
+                self._warmup = fork_id
+            else:
+                role = "prefetch" if self._hot is not None else "demand"
+            self._roles[fork_id] = role
+            return role
+
+    def claim(self, fork_id: str) -> bool:
+        """True when ``fork_id``'s closed window is the one whose pages become the hot set
+        (its own warm-up, not yet adopted). The caller then saves them and calls :meth:`adopt`.
+        """
+        with self._lock:
+            if self._record_every:
+                return self._roles.get(fork_id) == "warmup"
+            return self._warmup == fork_id
+
+    def adopt(self, fork_id: str, hot: HotPageList | None) -> None:
+        """The warm-up ``fork_id`` is over: ``hot`` (None or empty: nothing usable, e.g. the
+        save failed) becomes the hot set, and the next warm-up may start."""
+        with self._lock:
+            if hot is not None and len(hot) and not self._record_every:
+                self._hot = hot
+                self._rerecord = False
+            if self._warmup == fork_id:
+                self._warmup = None
+
+    def fork_gone(self, fork_id: str) -> None:
+        """The fork ended. A warm-up that never recorded a window lets the next fork record."""
+        with self._lock:
+            self._roles.pop(fork_id, None)
+            if self._warmup == fork_id:
+                self._warmup = None
+
+    def rerecord(self) -> None:
+        """Make the next fork a warm-up again; the current hot set serves until it is done."""
+        with self._lock:
+            self._rerecord = True
+
+    def misfit(self) -> None:
+        """The hot set does not fit the template's forks any more: stop using it, record anew."""
+        with self._lock:
+            self._hot = None
+            self._rerecord = True
