@@ -25,7 +25,13 @@ from conftest import PAGE, make_mem_file, needs_kvm, needs_uffd
 from pagefork.daemon import manager as manager_module
 from pagefork.daemon.client import DaemonClient, DaemonError
 from pagefork.daemon.journal import SocketJournal
-from pagefork.daemon.manager import MAX_SOCKET_PATH, ForkManager, ManagerConfig, fork_id_room
+from pagefork.daemon.manager import (
+    MAX_SOCKET_PATH,
+    ForkManager,
+    ManagerConfig,
+    fork_id_room,
+    new_latency_samples,
+)
 from pagefork.daemon.service import SOCKET_JOURNAL_DIR, Daemon
 from pagefork.errors import ForkError, MemFileError, PageforkError
 from pagefork.hotpages import HotPageList
@@ -645,3 +651,44 @@ def test_release_with_the_journal_on_a_full_disk_still_releases(
         manager.close()
     with pytest.raises(ForkError, match="unknown fork"):
         manager.fork("a")
+
+
+def test_new_latency_samples_take_each_sample_once_before_and_after_the_ring_wraps() -> None:
+    # Not wrapped: what the ring holds is every sample so far, in order.
+    assert new_latency_samples([5, 6, 7], 0, 2, window=4) == ([5, 6, 7], 3)
+    assert new_latency_samples([5, 6, 7], 3, 3, window=4) == ([], 3)
+    # Wrapped (window 4, samples 0..5 written: ring = [s4, s5, s2, s3]).
+    ring = [40, 50, 20, 30]
+    assert new_latency_samples(ring, 3, 6, window=4) == ([30, 40, 50], 6)
+    # Only what is surely written (the fault in flight comes next time) ...
+    assert new_latency_samples(ring, 3, 5, window=4) == ([30, 40], 5)
+    # ... and never samples the ring has already overwritten.
+    assert new_latency_samples(ring, 0, 6, window=4) == ([20, 30, 40, 50], 6)
+    assert new_latency_samples(ring, 6, 6, window=4) == ([], 6)
+
+
+@needs_uffd
+def test_a_fork_waiting_too_long_for_its_page_server_gives_up_cleanly(
+    tmp_path: Path, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = TemplateRegistry(tmp_path / "state")
+    mem = make_mem_file(tmp_path / "mem", 4)
+    (tmp_path / "snap").write_bytes(b"s")
+    registry.create_from_snapshot("t", mem, tmp_path / "snap")
+    gate = _GatedServers(str(mem))
+    monkeypatch.setattr(manager_module, "PageServer", gate.cls)
+    config = ManagerConfig(socket_dir=str(short_dir / "f"), server_start_timeout=0.05)
+    manager = ForkManager(registry, config)
+    try:
+        first, out = _in_thread(lambda: manager.create_fork("t", "a"))
+        assert gate.entered.wait(30)
+        with pytest.raises(ForkError, match=r"'t': its page server is still starting after 0.05s"):
+            manager.create_fork("t", "b")
+        assert manager._reserved == {"a"}  # b's id is free again
+        gate.proceed.set()
+        first.join(30)
+        assert out["result"].role == "warmup"
+        assert manager.create_fork("t", "b").role == "demand"
+    finally:
+        gate.proceed.set()
+        manager.close()
