@@ -692,3 +692,27 @@ def test_a_fork_waiting_too_long_for_its_page_server_gives_up_cleanly(
     finally:
         gate.proceed.set()
         manager.close()
+
+
+def test_a_socket_journal_anyone_else_could_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PageforkError, match="is not a private directory of this user"):
+        SocketJournal(shared)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(PageforkError, match="is not a private directory"):
+        SocketJournal(tmp_path / "link")
+    assert SocketJournal(tmp_path / "own").directory.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_daemon_whose_socket_dir_is_too_long_refuses_before_creating_it(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    too_long = str(short_dir / ("d" * (MAX_SOCKET_PATH - len(str(short_dir)) - 10)))
+    with pytest.raises(PageforkError, match="is too long"):
+        Daemon(tmp_path / "state", str(short_dir / "c.sock"), socket_dir=too_long)
+    assert not os.path.exists(too_long) and not os.path.exists(short_dir / "c.sock")
+    # The state directory is free for the next daemon: the lock was let go.
+    Daemon(tmp_path / "state", str(short_dir / "c.sock")).close()

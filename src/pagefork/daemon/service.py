@@ -107,10 +107,6 @@ class Daemon:
         # directory (the lock, taken by the caller) and the control socket (bound below).
         self.registry = TemplateRegistry(state_dir)
         forks_dir = Path(socket_dir) if socket_dir else self.registry.state_dir / "forks"
-        try:
-            forks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PageforkError(f"cannot create socket dir {forks_dir}: {exc.strerror}") from None
         self.metrics = DaemonMetrics()
         journal = SocketJournal(self.registry.state_dir / SOCKET_JOURNAL_DIR)
         self.manager = ForkManager(
