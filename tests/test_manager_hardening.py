@@ -716,3 +716,25 @@ def test_a_daemon_whose_socket_dir_is_too_long_refuses_before_creating_it(
     assert not os.path.exists(too_long) and not os.path.exists(short_dir / "c.sock")
     # The state directory is free for the next daemon: the lock was let go.
     Daemon(tmp_path / "state", str(short_dir / "c.sock")).close()
+
+
+class _LinkingDriver(_ProcessDriver):
+    """Hard-links the fork's uffd socket during the restore, as the jailer driver does."""
+
+    def restore(self, request: RestoreRequest, timeout: float = 30.0) -> VmmHandle:
+        os.link(request.uffd_socket, request.uffd_socket + ".jail")
+        return super().restore(request, timeout)
+
+
+def test_a_socket_a_driver_linked_into_a_jail_is_still_known_after_a_crash(
+    start_daemon: StartDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, client = start_daemon(drivers={"link": _LinkingDriver()})
+    _fc_template(client, tmp_path, "t", pages=4)
+    monkeypatch.setattr(daemon.manager, "prefetch", lambda fork_id, timeout=None: {})
+    fork = client.create_fork("t", "j", vmm="link")
+    # What a restart after a crash right now would find: the entry still names this file.
+    journal = tmp_path / "state" / SOCKET_JOURNAL_DIR
+    shutil.copytree(journal, tmp_path / "copy")
+    assert SocketJournal(tmp_path / "copy").clean() == [fork["socket"]]
+    os.unlink(fork["socket"] + ".jail")

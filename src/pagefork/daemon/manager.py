@@ -473,6 +473,10 @@ class ForkManager:
             self._start_vmm(fork, vmm, record, opts)
         except BaseException as exc:
             error = exc
+        if error is None and self.socket_journal is not None:
+            # A driver may have linked the socket into a jail: a new link count is a new
+            # change time, by which the journal knows the file.
+            self.socket_journal.add(fork_id, fork.socket_path)
         with self._lock:
             if error is None and not fork.release_requested:
                 fork.phase = "exited" if fork.vmm_exited else "live"
