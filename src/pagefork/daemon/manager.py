@@ -219,7 +219,6 @@ class _ServerStart:
 
     ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    waiting: int = 0  # creators of forks waiting for (or doing) this start
 
 
 def _misfit(hot: HotPageList, regions: Sequence[Region]) -> str | None:
@@ -522,12 +521,10 @@ class ForkManager:
                 starter = start is None
                 if start is None:
                     start = self._starting[key] = _ServerStart()
-                start.waiting += 1
                 self._reserved.add(fork_id)
             if not starter:
                 started = start.ready.wait(self.config.server_start_timeout)
                 with self._lock:
-                    start.waiting -= 1
                     self._reserved.discard(fork_id)
                 if not started:
                     raise ForkError(
@@ -543,7 +540,6 @@ class ForkManager:
                 server = self._open_server(record)  # maps and scans the mem-file: slow
             except BaseException as exc:
                 with self._lock:
-                    start.waiting -= 1
                     start.error = exc
                     self._reserved.discard(fork_id)
                     del self._starting[key]
@@ -552,19 +548,17 @@ class ForkManager:
             stop: PageServer | None = None
             try:
                 with self._lock:
-                    start.waiting -= 1
                     self._reserved.discard(fork_id)
                     del self._starting[key]
                     state = _TemplateState(record, server)
                     self._templates[key] = state
-                    start.ready.set()
                     try:
                         return self._add_fork(state, fork_id, hot, driver, starting), record
                     except BaseException:
                         stop = self._drop_if_idle(state)
                         raise
             finally:
-                start.ready.set()
+                start.ready.set()  # the waiters find the server (or start again without it)
                 if stop is not None:
                     stop.close()
 
