@@ -155,6 +155,7 @@ class _GatedServers:
 
     def __init__(self, mem_file: str) -> None:
         self.mem_file = mem_file
+        self.started = 0  # page servers of that mem-file constructed
         self.entered = threading.Event()
         self.proceed = threading.Event()
         self.fail: BaseException | None = None
@@ -163,6 +164,7 @@ class _GatedServers:
         class GatedPageServer(PageServer):
             def __init__(self, config: ServerConfig) -> None:
                 if config.mem_file_path == gate.mem_file:
+                    gate.started += 1
                     gate.entered.set()
                     assert gate.proceed.wait(30)
                     if gate.fail is not None:
@@ -738,3 +740,33 @@ def test_a_socket_a_driver_linked_into_a_jail_is_still_known_after_a_crash(
     shutil.copytree(journal, tmp_path / "copy")
     assert SocketJournal(tmp_path / "copy").clean() == [fork["socket"]]
     os.unlink(fork["socket"] + ".jail")
+
+
+@needs_uffd
+def test_a_burst_of_first_forks_starts_one_page_server_and_one_warm_up(
+    start_daemon: StartDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, client = start_daemon(drivers={})
+    tpl = _fc_template(client, tmp_path, "t")
+    gate = _GatedServers(tpl["mem_file"])
+    monkeypatch.setattr(manager_module, "PageServer", gate.cls)
+    first, first_out = _in_thread(lambda: client.create_fork("t", "f0"))
+    assert gate.entered.wait(30)
+    daemon.manager._starting[("t", tpl["created"])].ready = ready = _SignallingEvent()
+
+    def create(fork_id: str) -> Callable[[], Any]:
+        return lambda: client.create_fork("t", fork_id)
+
+    burst = [_in_thread(create(f"f{i}")) for i in range(1, 12)]
+    assert ready.waiting.wait(30)
+    gate.proceed.set()
+    for t, _ in [(first, first_out), *burst]:
+        t.join(60)
+    results = [out["result"] for _, out in [(first, first_out), *burst]]
+    assert gate.started == 1  # one mem-file load for the whole burst
+    roles = sorted(r["role"] for r in results)
+    assert roles == ["demand"] * 11 + ["warmup"]
+    assert client.template("t")["live_forks"] == 12
+    for r in results:
+        client.release_fork(r["fork"])
+    assert client.template("t")["live_forks"] == 0 and daemon.manager.in_use("t") == (0, False)
