@@ -422,6 +422,8 @@ def test_a_socket_dir_without_room_for_fork_ids_is_refused_or_warned(
         assert "\n" not in warning
         generated = manager.new_fork_id("a-template-id-of-forty-characters-long-x")
         assert len(generated) == 30
+        with pytest.raises(ForkError, match=r"'x{31}' is too long .*: at most 30 characters"):
+            manager.create_fork("none-needed", "x" * 31)  # refused before anything is looked up
         manager.close()
         manager = ForkManager(registry, ManagerConfig(socket_dir=str(short_dir / "s")))
         assert len(manager.new_fork_id("x" * 64)) == 49

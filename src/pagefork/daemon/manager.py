@@ -453,6 +453,11 @@ class ForkManager:
         if fork_id is None:
             fork_id = self.new_fork_id(template_id)
         validate_fork_id(fork_id)
+        if len(fork_id) > self._id_room:
+            raise ForkError(
+                f"fork id {fork_id!r} is too long for socket dir {self.config.socket_dir}: "
+                f"at most {self._id_room} characters fit a socket path there"
+            )
         vmm: VmmDriver | None = None
         opts = dict(options or {})
         if driver is not None:
