@@ -5,7 +5,7 @@ State that must survive a restart (templates, their hot sets) lives in the state
 forks do not survive (their page server is this process), so a starting daemon removes the fork
 sockets its previous run left and the leftovers of a crashed template creation, deletion or
 save. It removes only what it made itself: the fork sockets noted in ``STATE_DIR/fork-sockets``
-(still the very inodes it bound), never other files in a socket directory it shares. Live fork
+(still the very files it bound), never other files in a socket directory it shares. Live fork
 counts are not stored (the fork manager derives them), so there are none to reset.
 
 Only one daemon may own a state directory: it holds an exclusive ``flock`` on
