@@ -175,6 +175,8 @@ def _workers_variants() -> dict[str, dict[str, Any]]:
     if "workers" not in fields:
         return {"pagefork": {}}
     default = fields["workers"].default
+    if default is dataclasses.MISSING:  # a default_factory: name it by what it is
+        default = "default"
     variants: dict[str, dict[str, Any]] = {f"pagefork (workers={default})": {}}
     for w in (1, 2):
         if w != default:

@@ -17,8 +17,9 @@ a. **Paired rounds on one trace variant.** Each round picks a variant the warm-u
    After the timed rounds, one untimed recording fork per round's variant gives the pages a fork
    of it touches, as the server records its faults: the reference for the hot set's precision
    and recall, and for the prefetched forks' misses beyond the pages the hot set does not hold.
-b. **Fan-out.** Bursts of forks restored together and resumed at once, against single forks of
-   the same mode, the four kinds interleaved round by round: p50/p99 ready against single.
+b. **Fan-out.** Bursts of forks restored together (prefetched in parallel, from the cached plan)
+   and resumed at once, against single forks of the same mode, the four kinds interleaved round
+   by round: p50/p99 ready against single.
 
 Run: ``python bench/bench_fork_ready.py [--quick]``. Prints figures and ratios; no assertions.
 """

@@ -25,7 +25,13 @@ from conftest import PAGE, make_mem_file, needs_kvm, needs_uffd
 from pagefork.daemon import manager as manager_module
 from pagefork.daemon.client import DaemonClient, DaemonError
 from pagefork.daemon.journal import SocketJournal
-from pagefork.daemon.manager import MAX_SOCKET_PATH, ForkManager, ManagerConfig, fork_id_room
+from pagefork.daemon.manager import (
+    MAX_SOCKET_PATH,
+    ForkManager,
+    ManagerConfig,
+    fork_id_room,
+    new_latency_samples,
+)
 from pagefork.daemon.service import SOCKET_JOURNAL_DIR, Daemon
 from pagefork.errors import ForkError, MemFileError, PageforkError
 from pagefork.hotpages import HotPageList
@@ -149,6 +155,7 @@ class _GatedServers:
 
     def __init__(self, mem_file: str) -> None:
         self.mem_file = mem_file
+        self.started = 0  # page servers of that mem-file constructed
         self.entered = threading.Event()
         self.proceed = threading.Event()
         self.fail: BaseException | None = None
@@ -157,6 +164,7 @@ class _GatedServers:
         class GatedPageServer(PageServer):
             def __init__(self, config: ServerConfig) -> None:
                 if config.mem_file_path == gate.mem_file:
+                    gate.started += 1
                     gate.entered.set()
                     assert gate.proceed.wait(30)
                     if gate.fail is not None:
@@ -414,6 +422,8 @@ def test_a_socket_dir_without_room_for_fork_ids_is_refused_or_warned(
         assert "\n" not in warning
         generated = manager.new_fork_id("a-template-id-of-forty-characters-long-x")
         assert len(generated) == 30
+        with pytest.raises(ForkError, match=r"'x{31}' is too long .*: at most 30 characters"):
+            manager.create_fork("none-needed", "x" * 31)  # refused before anything is looked up
         manager.close()
         manager = ForkManager(registry, ManagerConfig(socket_dir=str(short_dir / "s")))
         assert len(manager.new_fork_id("x" * 64)) == 49
@@ -653,6 +663,123 @@ def test_release_with_the_journal_on_a_full_disk_still_releases(
         manager.close()
     with pytest.raises(ForkError, match="unknown fork"):
         manager.fork("a")
+
+
+def test_new_latency_samples_take_each_sample_once_before_and_after_the_ring_wraps() -> None:
+    # Not wrapped: what the ring holds is every sample so far, in order.
+    assert new_latency_samples([5, 6, 7], 0, 2, window=4) == ([5, 6, 7], 3)
+    assert new_latency_samples([5, 6, 7], 3, 3, window=4) == ([], 3)
+    # Wrapped (window 4, samples 0..5 written: ring = [s4, s5, s2, s3]).
+    ring = [40, 50, 20, 30]
+    assert new_latency_samples(ring, 3, 6, window=4) == ([30, 40, 50], 6)
+    # Only what is surely written (the fault in flight comes next time) ...
+    assert new_latency_samples(ring, 3, 5, window=4) == ([30, 40], 5)
+    # ... and never samples the ring has already overwritten.
+    assert new_latency_samples(ring, 0, 6, window=4) == ([20, 30, 40, 50], 6)
+    assert new_latency_samples(ring, 6, 6, window=4) == ([], 6)
+
+
+@needs_uffd
+def test_a_fork_waiting_too_long_for_its_page_server_gives_up_cleanly(
+    tmp_path: Path, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = TemplateRegistry(tmp_path / "state")
+    mem = make_mem_file(tmp_path / "mem", 4)
+    (tmp_path / "snap").write_bytes(b"s")
+    registry.create_from_snapshot("t", mem, tmp_path / "snap")
+    gate = _GatedServers(str(mem))
+    monkeypatch.setattr(manager_module, "PageServer", gate.cls)
+    config = ManagerConfig(socket_dir=str(short_dir / "f"), server_start_timeout=0.05)
+    manager = ForkManager(registry, config)
+    try:
+        first, out = _in_thread(lambda: manager.create_fork("t", "a"))
+        assert gate.entered.wait(30)
+        with pytest.raises(ForkError, match=r"'t': its page server is still starting after 0.05s"):
+            manager.create_fork("t", "b")
+        assert manager._reserved == {"a"}  # b's id is free again
+        gate.proceed.set()
+        first.join(30)
+        assert out["result"].role == "warmup"
+        assert manager.create_fork("t", "b").role == "demand"
+    finally:
+        gate.proceed.set()
+        manager.close()
+
+
+def test_a_socket_journal_anyone_else_could_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PageforkError, match="is not a private directory of this user"):
+        SocketJournal(shared)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(PageforkError, match="is not a private directory"):
+        SocketJournal(tmp_path / "link")
+    assert SocketJournal(tmp_path / "own").directory.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_daemon_whose_socket_dir_is_too_long_refuses_before_creating_it(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    too_long = str(short_dir / ("d" * (MAX_SOCKET_PATH - len(str(short_dir)) - 10)))
+    with pytest.raises(PageforkError, match="is too long"):
+        Daemon(tmp_path / "state", str(short_dir / "c.sock"), socket_dir=too_long)
+    assert not os.path.exists(too_long) and not os.path.exists(short_dir / "c.sock")
+    # The state directory is free for the next daemon: the lock was let go.
+    Daemon(tmp_path / "state", str(short_dir / "c.sock")).close()
+
+
+class _LinkingDriver(_ProcessDriver):
+    """Hard-links the fork's uffd socket during the restore, as the jailer driver does."""
+
+    def restore(self, request: RestoreRequest, timeout: float = 30.0) -> VmmHandle:
+        os.link(request.uffd_socket, request.uffd_socket + ".jail")
+        return super().restore(request, timeout)
+
+
+def test_a_socket_a_driver_linked_into_a_jail_is_still_known_after_a_crash(
+    start_daemon: StartDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, client = start_daemon(drivers={"link": _LinkingDriver()})
+    _fc_template(client, tmp_path, "t", pages=4)
+    monkeypatch.setattr(daemon.manager, "prefetch", lambda fork_id, timeout=None: {})
+    fork = client.create_fork("t", "j", vmm="link")
+    # What a restart after a crash right now would find: the entry still names this file.
+    journal = tmp_path / "state" / SOCKET_JOURNAL_DIR
+    shutil.copytree(journal, tmp_path / "copy")
+    assert SocketJournal(tmp_path / "copy").clean() == [fork["socket"]]
+    os.unlink(fork["socket"] + ".jail")
+
+
+@needs_uffd
+def test_a_burst_of_first_forks_starts_one_page_server_and_one_warm_up(
+    start_daemon: StartDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, client = start_daemon(drivers={})
+    tpl = _fc_template(client, tmp_path, "t")
+    gate = _GatedServers(tpl["mem_file"])
+    monkeypatch.setattr(manager_module, "PageServer", gate.cls)
+    first, first_out = _in_thread(lambda: client.create_fork("t", "f0"))
+    assert gate.entered.wait(30)
+    daemon.manager._starting[("t", tpl["created"])].ready = ready = _SignallingEvent()
+
+    def create(fork_id: str) -> Callable[[], Any]:
+        return lambda: client.create_fork("t", fork_id)
+
+    burst = [_in_thread(create(f"f{i}")) for i in range(1, 12)]
+    assert ready.waiting.wait(30)
+    gate.proceed.set()
+    for t, _ in [(first, first_out), *burst]:
+        t.join(60)
+    results = [out["result"] for _, out in [(first, first_out), *burst]]
+    assert gate.started == 1  # one mem-file load for the whole burst
+    roles = sorted(r["role"] for r in results)
+    assert roles == ["demand"] * 11 + ["warmup"]
+    assert client.template("t")["live_forks"] == 12
+    for r in results:
+        client.release_fork(r["fork"])
+    assert client.template("t")["live_forks"] == 0 and daemon.manager.in_use("t") == (0, False)
 
 
 @needs_uffd

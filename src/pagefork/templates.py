@@ -353,9 +353,9 @@ class TemplateRegistry:
                 # too small or too large, traces that do not fit); KVM failures are VmmError.
                 raise TemplateFieldError(_SPEC_FIELDS, str(exc)) from None
             except OSError as exc:  # writing the mem-file or the metadata (a full disk)
+                what = exc.filename or f"its files in {self.root}"
                 raise TemplateStorageError(
-                    f"template {template_id!r}: cannot write {exc.filename or 'its files'}: "
-                    f"{exc.strerror or exc}"
+                    f"template {template_id!r}: cannot write {what}: {exc.strerror or exc}"
                 ) from None
             built.close()
             return self._new_record(

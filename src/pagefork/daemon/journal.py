@@ -22,14 +22,28 @@ class SocketJournal:
     a socket only if it is still that very file (a freed inode number is soon reused: the change
     time tells the new file apart). Writing an entry is best effort (a full disk): a socket
     without one is merely left behind, and replaced when a fork of the same id binds again.
+
+    Whoever can write the journal could make the daemon remove any socket it can name, so the
+    directory must be the daemon's own: a real directory (not a symlink), owned by this user,
+    writable by nobody else. Anything else is refused at start.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.lstat(self.directory)
         except OSError as exc:
             raise PageforkError(f"cannot create {self.directory}: {exc.strerror}") from None
+        if (
+            not stat.S_ISDIR(st.st_mode)
+            or st.st_uid != os.geteuid()
+            or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        ):
+            raise PageforkError(
+                f"{self.directory} is not a private directory of this user (a symlink, another "
+                "owner, or writable by others): refusing to trust its socket entries"
+            )
 
     def add(self, fork_id: str, socket_path: str) -> None:
         """Note the socket of fork ``fork_id`` (just bound by the daemon)."""
@@ -66,7 +80,8 @@ class SocketJournal:
         removed: list[str] = []
         for entry in sorted(self.directory.iterdir()):
             try:
-                if not stat.S_ISREG(os.lstat(entry).st_mode):
+                st = os.lstat(entry)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                     continue  # not an entry we wrote
                 dev, ino, ctime, path = entry.read_bytes().decode().rstrip("\n").split(" ", 3)
                 st = os.lstat(path)

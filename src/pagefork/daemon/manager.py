@@ -142,6 +142,9 @@ class ManagerConfig:
     handshake_timeout: float = 10.0
     prefetch_timeout: float = 30.0
     restore_timeout: float = 30.0
+    #: How long a fork waits for its template's page server, which another fork is starting
+    #: (it scans the whole mem-file: about 1.2 s per GiB here).
+    server_start_timeout: float = 120.0
     #: Worker processes of each template's page server (``"auto"``: one per usable CPU).
     workers: int | Literal["auto"] = "auto"
 
@@ -218,7 +221,6 @@ class _ServerStart:
 
     ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    waiting: int = 0  # creators of forks waiting for (or doing) this start
 
 
 def _misfit(hot: HotPageList, regions: Sequence[Region]) -> str | None:
@@ -231,6 +233,22 @@ def _misfit(hot: HotPageList, regions: Sequence[Region]) -> str | None:
         if offset % r.page_size or offset >= r.size:
             return f"entry {index} (offset {offset:#x}) lies outside region {region}"
     return None
+
+
+def new_latency_samples(
+    values: Sequence[int], seen: int, written: int, window: int = LATENCY_WINDOW
+) -> tuple[list[int], int]:
+    """The samples of a fork's latency ring that came after the first ``seen``, and how many
+    it has had in all; ``written`` is how many are surely in it (a lower bound).
+
+    The ring keeps the last ``window`` samples, sample ``n`` at index ``n % window``. Until
+    it wraps, ``values`` holds exactly the samples written so far, in order.
+    """
+    if len(values) < window:
+        return list(values[seen:]), len(values)
+    total = max(seen, written)
+    first = max(seen, total - window)  # older ones have been overwritten
+    return [values[n % window] for n in range(first, total)], total
 
 
 class ForkManager:
@@ -360,12 +378,14 @@ class ForkManager:
         """
         out: dict[str, list[ForkStats]] = {}
         for fork in self.forks():
-            with contextlib.suppress(ForkError):
-                self._feed_latencies(self._state_of(fork).server, fork)
-            if fork.final_stats is not None:
-                continue  # counted as ended already
-            with contextlib.suppress(ForkError):
-                out.setdefault(fork.template_id, []).append(self.stats(fork.fork_id))
+            try:
+                server = self._state_of(fork).server
+                stats = server.stats(fork.fork_id)
+            except ForkError:
+                continue  # released meanwhile
+            self._feed_latencies(server, fork, stats)
+            if fork.final_stats is None:  # else counted as ended already
+                out.setdefault(fork.template_id, []).append(stats)
         return out
 
     def hot_set(self, template_id: str) -> HotPageList | None:
@@ -438,6 +458,11 @@ class ForkManager:
         if fork_id is None:
             fork_id = self.new_fork_id(template_id)
         validate_fork_id(fork_id)
+        if len(fork_id) > self._id_room:
+            raise ForkError(
+                f"fork id {fork_id!r} is too long for socket dir {self.config.socket_dir}: "
+                f"at most {self._id_room} characters fit a socket path there"
+            )
         vmm: VmmDriver | None = None
         opts = dict(options or {})
         if driver is not None:
@@ -457,6 +482,10 @@ class ForkManager:
             self._start_vmm(fork, vmm, record, opts)
         except BaseException as exc:
             error = exc
+        if error is None and self.socket_journal is not None:
+            # A driver may have linked the socket into a jail: a new link count is a new
+            # change time, by which the journal knows the file.
+            self.socket_journal.add(fork_id, fork.socket_path)
         with self._lock:
             if error is None and not fork.release_requested:
                 fork.phase = "exited" if fork.vmm_exited else "live"
@@ -502,13 +531,16 @@ class ForkManager:
                 starter = start is None
                 if start is None:
                     start = self._starting[key] = _ServerStart()
-                start.waiting += 1
                 self._reserved.add(fork_id)
             if not starter:
-                start.ready.wait()  # the starter always sets it, whatever happens
+                started = start.ready.wait(self.config.server_start_timeout)
                 with self._lock:
-                    start.waiting -= 1
                     self._reserved.discard(fork_id)
+                if not started:
+                    raise ForkError(
+                        f"template {template_id!r}: its page server is still starting after "
+                        f"{self.config.server_start_timeout:g}s; retry later"
+                    )
                 if start.error is not None:
                     raise ForkError(
                         f"template {template_id!r}: its page server did not start: {start.error}"
@@ -518,7 +550,6 @@ class ForkManager:
                 server = self._open_server(record)  # maps and scans the mem-file: slow
             except BaseException as exc:
                 with self._lock:
-                    start.waiting -= 1
                     start.error = exc
                     self._reserved.discard(fork_id)
                     del self._starting[key]
@@ -527,19 +558,17 @@ class ForkManager:
             stop: PageServer | None = None
             try:
                 with self._lock:
-                    start.waiting -= 1
                     self._reserved.discard(fork_id)
                     del self._starting[key]
                     state = _TemplateState(record, server)
                     self._templates[key] = state
-                    start.ready.set()
                     try:
                         return self._add_fork(state, fork_id, hot, driver, starting), record
                     except BaseException:
                         stop = self._drop_if_idle(state)
                         raise
             finally:
-                start.ready.set()
+                start.ready.set()  # the waiters find the server (or start again without it)
                 if stop is not None:
                     stop.close()
 
@@ -818,7 +847,7 @@ class ForkManager:
             if state is not None:
                 with contextlib.suppress(ForkError):
                     stats = state.server.stats(fork_id)
-                self._feed_latencies(state.server, fork)
+                    self._feed_latencies(state.server, fork, stats)
                 hot = None
                 if fork.role == "warmup":
                     with contextlib.suppress(ForkError):
@@ -848,30 +877,28 @@ class ForkManager:
         finally:
             fork.released.set()
 
-    def _feed_latencies(self, server: PageServer, fork: Fork) -> None:
-        """Hand the fork's fault latencies recorded since the last call to
-        ``on_fault_latencies`` (they feed the histogram)."""
+    def _feed_latencies(self, server: PageServer, fork: Fork, stats: ForkStats) -> None:
+        """Hand ``on_fault_latencies`` the fork's fault latencies recorded since the last call
+        (they feed the histogram). ``stats`` were read just before: their ``faults`` bound the
+        samples that are surely written."""
         if self.on_fault_latencies is None:
             return
+        # The fault loop notes a fault's latency just after counting it: while the session
+        # serves, the last counted fault may not have its sample yet.
+        over = stats.state in ("ended", "failed")
+        written = stats.faults if over else stats.faults - 1
         with self._feed_lock:
+            seen = self._fed.get(fork.fork_id, 0)
+            if written <= seen:
+                return  # nothing new: skip copying the window
             try:
-                faults = server.stats(fork.fork_id).faults  # read first: a lower bound
                 values = server.fault_latencies_ns(fork.fork_id)
             except ForkError:
                 return
-            seen = self._fed.get(fork.fork_id, 0)
-            if len(values) < LATENCY_WINDOW:
-                # The window has not wrapped: samples sit in arrival order.
-                new, total = values[seen:], len(values)
-            else:
-                # Sample n sits at n % window. The fault being served may not have its sample
-                # yet, so take only those surely written; the rest come next time.
-                total = max(seen, faults - 1)
-                first = max(seen, total - LATENCY_WINDOW)
-                new = [values[n % LATENCY_WINDOW] for n in range(first, total)]
+            new, total = new_latency_samples(values, seen, written)
             self._fed[fork.fork_id] = total
-            if new:
-                self.on_fault_latencies(fork.template_id, new)
+        if new:
+            self.on_fault_latencies(fork.template_id, new)
 
     # --- templates -----------------------------------------------------------------------------
     def in_use(self, template_id: str) -> tuple[int, bool]:
@@ -950,4 +977,5 @@ __all__ = [
     "UnknownForkError",
     "fork_id_room",
     "load_drivers",
+    "new_latency_samples",
 ]

@@ -5,7 +5,7 @@ State that must survive a restart (templates, their hot sets) lives in the state
 forks do not survive (their page server is this process), so a starting daemon removes the fork
 sockets its previous run left and the leftovers of a crashed template creation, deletion or
 save. It removes only what it made itself: the fork sockets noted in ``STATE_DIR/fork-sockets``
-(still the very inodes it bound), never other files in a socket directory it shares. Live fork
+(still the very files it bound), never other files in a socket directory it shares. Live fork
 counts are not stored (the fork manager derives them), so there are none to reset.
 
 Only one daemon may own a state directory: it holds an exclusive ``flock`` on
@@ -118,10 +118,6 @@ class Daemon:
         # directory (the lock, taken by the caller) and the control socket (bound below).
         self.registry = TemplateRegistry(state_dir)
         forks_dir = Path(socket_dir) if socket_dir else self.registry.state_dir / "forks"
-        try:
-            forks_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PageforkError(f"cannot create socket dir {forks_dir}: {exc.strerror}") from None
         self.metrics = DaemonMetrics()
         journal = SocketJournal(self.registry.state_dir / SOCKET_JOURNAL_DIR)
         self.manager = ForkManager(

@@ -46,7 +46,7 @@ class KvmHandle(VmmHandle):
         pidfd = self._pidfd
         if pidfd is not None:
             # Read without reaping first: a concurrent wait() may be reaping it right now.
-            with contextlib.suppress(ChildProcessError, OSError):
+            with contextlib.suppress(OSError):  # ChildProcessError: that wait() was quicker
                 info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
                 if info is not None:
                     exited = info.si_code == os.CLD_EXITED
