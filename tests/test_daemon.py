@@ -26,6 +26,7 @@ from pagefork.daemon.manager import ForkManager, ManagerConfig
 from pagefork.daemon.metrics import DaemonMetrics
 from pagefork.daemon.service import Daemon
 from pagefork.errors import PageforkError, VmmError
+from pagefork.hotloop import HotSetLoop
 from pagefork.hotpages import HotPageList
 from pagefork.stats import ForkStats
 from pagefork.templates import TemplateRegistry
@@ -638,7 +639,7 @@ def test_a_hot_set_cached_for_a_deleted_template_is_not_served_to_its_successor(
     assert stale is not None
     client.delete_template("s")
     # ... and cached the deleted template's hot set only after the delete forgot it.
-    daemon.manager._hot["s"] = (stale_record.created, stale)
+    daemon.manager._loops[("s", stale_record.created)] = HotSetLoop(stale)
     _fc_template(client, tmp_path, "s")
     assert client.template("s")["hot_pages"] == 0
     fork = client.create_fork("s")

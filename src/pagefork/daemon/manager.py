@@ -17,7 +17,9 @@ The hot-page loop, per template:
   served on demand only (two recordings would race for one file).
 
 :meth:`ForkManager.rerecord` makes the next fork a warm-up again; until its hot set is saved,
-other forks keep prefetching the old one.
+other forks keep prefetching the old one. Who records and who is prefetched is decided by the
+template's :class:`~pagefork.hotloop.HotSetLoop`, the same policy ``pagefork serve`` follows;
+the manager saves what it records into the template.
 
 Slow work never holds the manager's lock: a template's page server (which maps and scans the
 whole mem-file) starts outside it, so other templates and other requests go on meanwhile; a
@@ -52,6 +54,7 @@ from pagefork.errors import (
     TemplateError,
     VmmError,
 )
+from pagefork.hotloop import HotSetLoop, Role
 from pagefork.hotpages import HotPageList
 from pagefork.hotpages import load as load_hot_pages
 from pagefork.regions import Region
@@ -62,7 +65,7 @@ from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
 
 log = logging.getLogger("pagefork")
 
-ForkRole = Literal["warmup", "prefetch", "demand"]
+ForkRole = Role  # the fork's part in its template's hot-page loop
 #: ``starting``: its VMM is being restored by the manager (a release waits for that to end);
 #: ``live``: restored or driven by the caller; ``exited``: its VMM process has exited (see
 #: ``exit_status``), the fork is kept until released; ``releasing``: one release has claimed it.
@@ -206,8 +209,6 @@ class _TemplateState:
     record: TemplateRecord
     server: PageServer
     forks: set[str] = field(default_factory=set)
-    warmup_fork: str | None = None
-    warmup_done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def key(self) -> TemplateKey:
@@ -291,10 +292,10 @@ class ForkManager:
         self._starting: dict[TemplateKey, _ServerStart] = {}
         self._forks: dict[str, Fork] = {}
         self._reserved: set[str] = set()  # ids of forks waiting for their page server
-        # Loaded hot sets by template id, with the ``created`` of the record they were loaded
-        # for (a cached set of a deleted template never serves one created again under its id).
-        self._hot: dict[str, tuple[float, HotPageList | None]] = {}
-        self._rerecord: set[TemplateKey] = set()
+        # Each template's hot-page loop (its hot set, loaded from its file once, and who
+        # records), by template identity: a template deleted and created again under its id
+        # starts a loop of its own. It outlives the template's page server.
+        self._loops: dict[TemplateKey, HotSetLoop] = {}
         # Serialises saving hot sets, and a template's delete against a save into its directory.
         self._hot_lock = threading.Lock()
         # Fault latencies already fed to ``on_fault_latencies``, per fork (sample counts).
@@ -393,10 +394,15 @@ class ForkManager:
         return self._hot_set_of(self.registry.get(template_id))
 
     def _hot_set_of(self, record: TemplateRecord) -> HotPageList | None:
+        return self._loop_of(record).hot
+
+    def _loop_of(self, record: TemplateRecord) -> HotSetLoop:
+        """The template's hot-page loop, its hot set loaded from the template's file."""
+        key: TemplateKey = (record.id, record.created)
         with self._lock:
-            cached = self._hot.get(record.id)
-            if cached is not None and cached[0] == record.created:
-                return cached[1]
+            loop = self._loops.get(key)
+            if loop is not None:
+                return loop
         try:
             hot: HotPageList | None = load_hot_pages(record.hot_pages_path)
         except HotPageFileError as exc:
@@ -404,14 +410,9 @@ class ForkManager:
                 "template %s: ignoring its hot set, it will be re-recorded: %s", record.id, exc
             )
             hot = None
-        if hot is not None and not len(hot):
-            hot = None
         with self._lock:
-            cached = self._hot.get(record.id)
-            if cached is not None and cached[0] == record.created:
-                return cached[1]  # loaded meanwhile, or saved by a warm-up: that one wins
-            self._hot[record.id] = (record.created, hot)
-            return hot
+            # Loaded meanwhile, or made by a warm-up: that one wins.
+            return self._loops.setdefault(key, HotSetLoop(hot))
 
     # --- creating ----------------------------------------------------------------------------
     def check_options(self, driver: str, options: Mapping[str, Any]) -> None:
@@ -583,8 +584,13 @@ class ForkManager:
         """Register the fork with ``state``'s page server (called with the lock held)."""
         if self._closed:
             raise ForkError("the fork manager is shutting down")
-        role = self._role(state, hot)
-        socket_path = state.server.register_fork(fork_id, record=role == "warmup")
+        loop = self._loops.setdefault(state.key, HotSetLoop(hot))
+        role = loop.role(fork_id)
+        try:
+            socket_path = state.server.register_fork(fork_id, record=role == "warmup")
+        except BaseException:
+            loop.fork_gone(fork_id)  # a warm-up that never was: the next fork records
+            raise
         fork = Fork(
             fork_id,
             state.record.id,
@@ -592,14 +598,11 @@ class ForkManager:
             role,
             time.time(),
             driver=driver,
-            hot=hot if role == "prefetch" else None,
+            hot=loop.hot if role == "prefetch" else None,
             phase="starting" if starting else "live",
             template_created=state.record.created,
         )
         state.forks.add(fork_id)
-        if role == "warmup":
-            state.warmup_fork = fork_id
-            state.warmup_done = threading.Event()
         self._forks[fork_id] = fork
         return fork
 
@@ -611,13 +614,6 @@ class ForkManager:
         if self._templates.get(state.key) is state:
             del self._templates[state.key]
         return state.server
-
-    def _role(self, state: _TemplateState, hot: HotPageList | None) -> ForkRole:
-        """The fork's part in the hot-page loop (called with the lock held)."""
-        wants_hot = hot is None or state.key in self._rerecord
-        if wants_hot and state.warmup_fork is None:
-            return "warmup"
-        return "prefetch" if hot is not None else "demand"
 
     def _open_server(self, record: TemplateRecord) -> PageServer:
         key: TemplateKey = (record.id, record.created)
@@ -745,7 +741,9 @@ class ForkManager:
         )
         log.warning("fork %s of %s: %s", fork.fork_id, fork.template_id, note)
         with self._lock:
-            self._rerecord.add(fork.template_key)
+            loop = self._loops.get(fork.template_key)
+            if loop is not None:
+                loop.misfit()  # later forks are served on demand until the next one records
             fork.role = "demand"
             fork.hot = None
             fork.prefetch = {"role": "demand", "hot_pages": 0, "installed": 0, "note": note}
@@ -770,34 +768,28 @@ class ForkManager:
         template_id = key[0]
         with self._hot_lock:
             with self._lock:
+                loop = self._loops.get(key)
+                if loop is None or not loop.claim(fork_id):
+                    return  # not this template's warm-up, or its set was saved already
                 state = self._templates.get(key)
-                if state is None or state.warmup_fork != fork_id or state.warmup_done.is_set():
-                    return
-            record = state.record
+            hot: HotPageList | None = None
             try:
-                if len(pages):
-                    pages.save(record.hot_pages_path)
-                    hot = load_hot_pages(record.hot_pages_path)  # as every later fork reads it
+                if state is not None and len(pages):
+                    pages.save(state.record.hot_pages_path)
+                    hot = load_hot_pages(state.record.hot_pages_path)  # as later forks read it
                     log.info("template %s: hot set of %d pages saved", template_id, len(hot))
-                    with self._lock:
-                        self._hot[template_id] = (record.created, hot)
-                        self._rerecord.discard(key)
-                else:
+                elif state is not None:
                     log.warning(
                         "template %s: warm-up fork %s faulted no page", template_id, fork_id
                     )
             except PageforkError as exc:
                 log.error("template %s: cannot save the hot set: %s", template_id, exc)
             finally:
-                with self._lock:
-                    state.warmup_fork = None
-                    state.warmup_done.set()
+                loop.adopt(fork_id, hot)
 
     def rerecord(self, template_id: str) -> None:
         """Make the template's next fork a recording warm-up again."""
-        record = self.registry.get(template_id)
-        with self._lock:
-            self._rerecord.add((template_id, record.created))
+        self._loop_of(self.registry.get(template_id)).rerecord()
 
     # --- releasing ---------------------------------------------------------------------------
     def release(self, fork_id: str) -> ForkStats:
@@ -864,10 +856,11 @@ class ForkManager:
             with self._lock:
                 if self._forks.get(fork_id) is fork:
                     del self._forks[fork_id]
+                loop = self._loops.get(fork.template_key)
+                if loop is not None:
+                    loop.fork_gone(fork_id)  # a warm-up that never recorded: the next one does
                 if state is not None:
                     state.forks.discard(fork_id)
-                    if state.warmup_fork == fork_id:
-                        state.warmup_fork = None  # it never connected: the next fork records
                     stop_server = self._drop_if_idle(state)
             if stop_server is not None:
                 stop_server.close()  # joins its callbacks: the hot set is on disk by now
@@ -937,8 +930,7 @@ class ForkManager:
             self._forget_hot_set(template_id)
 
     def _forget_hot_set(self, template_id: str) -> None:
-        self._hot.pop(template_id, None)
-        self._rerecord = {k for k in self._rerecord if k[0] != template_id}
+        self._loops = {k: v for k, v in self._loops.items() if k[0] != template_id}
 
     def close(self) -> None:
         """Release every fork (stopping the VMMs the manager started) and stop all servers."""
