@@ -149,3 +149,14 @@ def test_a_peer_in_the_servers_own_process_ends_at_the_hang_up(
     finally:
         os.close(fd)
         libc.munmap(base, 4 * PAGE)
+
+
+def test_a_vmm_that_keeps_its_socket_ends_its_fork_when_it_hangs_up_though_still_alive(
+    make_server: Callable[..., PageServer], vmms: Callable[..., VmmProcess]
+) -> None:
+    # 1.12+ keeps the socket for the life of the VM: its hang-up is a signal of its own.
+    server = make_server()
+    vmm = vmms(server.register_fork("new"), "--fc-version", "1.12", "--close-after-handshake")
+    ended = server.wait_ended("new", timeout=10)
+    assert (ended.state, ended.errors) == ("ended", 0)
+    assert vmm.proc.poll() is None  # it lives: the hang-up alone ended the fork

@@ -253,3 +253,14 @@ def test_random_payloads_only_ever_raise_handshake_errors() -> None:
         except HandshakeError:
             continue
         assert all(r.offset + r.size <= 3 * MIB for r in regions)
+
+
+def test_only_a_payload_with_page_size_everywhere_comes_from_a_vmm_that_keeps_its_socket() -> None:
+    from pagefork.handshake import keeps_socket_open
+
+    regions = [Region(0x10000000, 2 * MIB, 0), Region(0x20000000, 2 * MIB, 2 * MIB)]
+    assert keeps_socket_open(encode_mappings(regions, version="1.12"))
+    assert not keeps_socket_open(encode_mappings(regions, version="1.10"))
+    assert not keeps_socket_open(encode_mappings(regions, version="1.6"))
+    assert keeps_socket_open(b'{"mappings": [{"page_size": 4096}]}')
+    assert not keeps_socket_open(b"[]")

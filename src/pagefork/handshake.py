@@ -152,6 +152,17 @@ def parse_mappings(
     return regions
 
 
+def keeps_socket_open(payload: bytes) -> bool:
+    """True when a valid payload comes from a VMM that keeps its socket open for the life of
+    the VM: every mapping carries ``page_size``, which Firecracker sends from 1.12, the
+    release that stopped closing the socket after the handshake. Its hang-up then means the
+    VMM is gone; an older one's means nothing."""
+    doc = json.loads(payload)
+    if isinstance(doc, dict):
+        doc = doc.get("mappings", [])
+    return bool(doc) and all(isinstance(e, dict) and "page_size" in e for e in doc)
+
+
 def encode_mappings(regions: list[Region], *, version: str = "1.12") -> bytes:
     """The payload a Firecracker of ``version`` sends for ``regions`` (for VMM-side code)."""
     major, minor = (int(x) for x in version.split(".")[:2])

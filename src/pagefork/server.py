@@ -41,7 +41,12 @@ from typing import Any, Literal
 
 from pagefork import uffd
 from pagefork.errors import ForkError, HandshakeError, PageforkError, PrefetchError
-from pagefork.handshake import MAX_HANDSHAKE_BYTES, PayloadScanner, parse_mappings
+from pagefork.handshake import (
+    MAX_HANDSHAKE_BYTES,
+    PayloadScanner,
+    keeps_socket_open,
+    parse_mappings,
+)
 from pagefork.hotpages import HotPage, HotPageList
 from pagefork.memfile import MemFile
 from pagefork.prefetch import PrefetchPlan, PrefetchResult, plan_prefetch
@@ -124,6 +129,9 @@ class _Fork:
     record_capacity: int = 0
     worker: WorkerProcess | None = None
     connected: bool = False
+    # The VMM keeps its socket open while it runs (Firecracker 1.12+): a hang-up ends the fork
+    # even while its pid lives. An older one closes it after the handshake and runs on.
+    hangup_ends: bool = False
     window_reported: bool = False
     error: str | None = None
     last_error: str | None = None
@@ -730,6 +738,7 @@ class PageServer:
             regions = parse_mappings(
                 bytes(p.data), self.memfile.size, self.config.page_size or PAGE_SIZE
             )
+            p.entry.hangup_ends = keeps_socket_open(bytes(p.data))
         except Exception as exc:  # a peer's bytes must never take more than its own fork
             if not isinstance(exc, HandshakeError):
                 log.exception("fork %s: handshake failed unexpectedly", p.entry.fork_id)
@@ -855,6 +864,7 @@ class PageServer:
             "record_max_seconds": self.config.record_max_seconds,
             "fds": names,
             "adopt": adopt,
+            "hangup_ends": entry.hangup_ends,
         }
         worker.send(("serve", spec), fds)  # a worker that is gone re-adopts on its death
 

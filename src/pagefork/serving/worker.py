@@ -84,6 +84,7 @@ class _Fork:
         "deferred",
         "ending",
         "fork_id",
+        "hangup_ends",
         "ioctls",
         "ledger",
         "name",
@@ -106,6 +107,7 @@ class _Fork:
         self.name: str = spec["fork"]
         self.pid: int | None = spec["pid"]
         self.on_failure: str = spec["on_failure"]
+        self.hangup_ends: bool = spec.get("hangup_ends", False)
         self.uffd = fds["uffd"]
         self.conn = fds.get("conn", -1)
         self.pidfd = fds.get("pidfd", -1)
@@ -234,7 +236,7 @@ class Worker:
             chunk = b""
         if chunk:
             return  # Firecracker sends nothing after the handshake: ignore extra bytes
-        if f.pidfd >= 0:
+        if f.pidfd >= 0 and not f.hangup_ends:
             # Firecracker before 1.12 closes the socket after the handshake and runs on: its
             # exit (the pidfd) ends the fork, not this.
             self._unwatch(f.conn)
