@@ -19,6 +19,7 @@ import pytest
 
 from conftest import PAGE, needs_uffd
 from pagefork import libc, uffd
+from pagefork import server as server_module
 from pagefork.handshake import encode_mappings
 from pagefork.hotpages import HotPage
 from pagefork.regions import Region
@@ -119,7 +120,8 @@ def test_without_a_pidfd_the_hang_up_ends_the_fork(
         raise OSError(38, "Function not implemented")
 
     server = make_server()  # its workers are watched through pidfds of their own
-    monkeypatch.setattr(os, "pidfd_open", no_pidfd)  # but the VMM's cannot be opened
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)  # but the VMM's cannot be had: neither
+    monkeypatch.setattr(server_module, "_SO_PEERPIDFD", -1)  # opened, nor from the socket
     vmm = vmms(server.register_fork("old"), "--fc-version", "1.10", "--close-after-handshake")
     ended = server.wait_ended("old", timeout=10)
     assert ended.state == "ended"

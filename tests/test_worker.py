@@ -182,3 +182,34 @@ def test_remove_is_durable_in_the_ledger_before_the_fault_after_it_is_served(
     # What a replacement worker would start from: the ledger alone.
     assert list(h.ledger.removed()) == [(h.regions[1].base + MIB, h.regions[1].base + 2 * MIB)]
     assert h.ledger.counters[L.REMOVED_BYTES] == MIB
+
+
+@needs_uffd
+def test_a_peer_that_clears_o_nonblock_fails_its_own_fork_and_never_blocks_the_loop(
+    harness: Harness,
+) -> None:
+    """O_NONBLOCK lives in the file description the VMM shares: a hostile one can clear it.
+    The loop's read must still return at once, and the uffd, which then polls as an error
+    forever, fails that fork (and no other) instead of spinning the loop."""
+    import fcntl
+    import threading
+
+    h = harness
+    f = h.worker.forks["a#1"]
+    flags = fcntl.fcntl(h.uffd, fcntl.F_GETFL)
+    fcntl.fcntl(h.uffd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    got: list[list[int]] = []
+    reader = threading.Thread(
+        target=lambda: got.append(h.worker._read_events(f, until_empty=True)), daemon=True
+    )
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive(), "the worker blocked in read(2) on a uffd with no event"
+    assert got == [[]]
+    h.ask(cmd="touch", pages=[[0, 2 * PAGE]])  # the fault's wake-up makes epoll poll it again
+    [(fd, ev)] = h.worker.ep.poll(10)  # and the uffd polls as an error now
+    assert fd == f.uffd and ev & select.EPOLLERR
+    h.worker._on_fd(fd, ev)
+    assert "a#1" not in h.worker.forks and h.ledger.counters[L.ERRORS] == 1
+    [ended] = [m for m in h.messages() if m[0] == "ended"]
+    assert ended[1] == "a#1" and ended[2] == "failed" and "O_NONBLOCK" in ended[3]

@@ -68,10 +68,8 @@ class RegionMap:
 
     def index_of(self, address: int) -> int:
         """The index (handshake order) of the region holding ``address``, or -1."""
-        for base, end, _, _, idx in self.table:
-            if base <= address < end:
-                return idx
-        return -1
+        row = region_at(self.table, address)
+        return -1 if row is None else row[4]
 
     def locate(self, address: int) -> Location | None:
         """Translate a faulting host address to its page, or None when outside every region."""
@@ -85,6 +83,17 @@ class RegionMap:
     def total_size(self) -> int:
         """Bytes of guest memory across all regions."""
         return sum(r.size for r in self.regions)
+
+
+def region_at(
+    table: Sequence[tuple[int, int, int, int, int]], address: int
+) -> tuple[int, int, int, int, int] | None:
+    """The row ``(base, end, offset, page_size, index)`` of a :attr:`RegionMap.table` holding
+    ``address``, or None: the one region lookup, for the fault path and everyone else."""
+    for row in table:
+        if row[0] <= address < row[1]:
+            return row
+    return None
 
 
 def overlapping(regions: Sequence[Region]) -> tuple[int, int] | None:

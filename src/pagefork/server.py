@@ -51,6 +51,7 @@ from pagefork.hotpages import HotPage, HotPageList
 from pagefork.memfile import MemFile
 from pagefork.prefetch import PrefetchPlan, PrefetchResult, plan_prefetch
 from pagefork.regions import PAGE_SIZE, Region
+from pagefork.serving import ipc
 from pagefork.serving import ledger as L
 from pagefork.serving.pool import WorkerPool, WorkerProcess, pinned_cpu, usable_cpus
 from pagefork.serving.state import FINAL, ForkState, transition
@@ -70,6 +71,7 @@ _MAX_SOCKET_PATH = 107
 #: How much longer than its own timeout a prefetch caller waits for a worker's answer.
 _PREFETCH_GRACE = 60.0
 _PEERCRED = struct.Struct("3i")
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class _Fork:
     record_capacity: int = 0
     worker: WorkerProcess | None = None
     connected: bool = False
+    dropping: bool = False  # unregistered: being stopped, never to be adopted again
     # The VMM keeps its socket open while it runs (Firecracker 1.12+): a hang-up ends the fork
     # even while its pid lives. An older one closes it after the handshake and runs on.
     hangup_ends: bool = False
@@ -150,6 +153,7 @@ class _Pending:
     conn: socket.socket
     deadline: float
     pid: int | None
+    pidfd: int = -1
     data: bytearray = field(default_factory=bytearray)
     fds: list[int] = field(default_factory=list)
     scanner: PayloadScanner = field(default_factory=PayloadScanner)
@@ -203,6 +207,30 @@ def _check_config(config: ServerConfig) -> None:
         isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
     ):
         raise PageforkError(f"workers must be 'auto' or a whole number >= 1, not {workers!r}")
+
+
+class _OutOfFds(HandshakeError):
+    """The server had no fd left for the uffd a VMM sent."""
+
+
+def _peer_pidfd(conn: socket.socket, pid: int | None) -> int:
+    """A pidfd of the process at the other end of ``conn``, or -1.
+
+    The VMM's exit ends its fork (not its socket's EOF), and the failure policy kills it only
+    through this pidfd, so it must name the very process that connected: SO_PEERPIDFD (Linux
+    6.5+) takes it from the socket; older kernels open it from the SO_PEERCRED pid at once.
+    A peer in this very process is never watched that way: its socket's EOF ends the fork.
+    """
+    if pid is None or pid == os.getpid():
+        return -1
+    try:
+        return int(conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD))
+    except OSError:
+        pass
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return -1  # gone already, or not visible here: the socket's EOF ends the fork
 
 
 def validate_fork_id(fork_id: str) -> str:
@@ -301,6 +329,7 @@ class PageServer:
         self._shared: dict[int, tuple[socket.socket, str, bool | Callable[[str], bool] | None]] = {}
         self._pending: dict[int, _Pending] = {}
         self._paused: dict[int, float] = {}  # listeners backing off (out of fds): until when
+        self._closed_fds: set[int] = set()  # closed while handling the current batch
         self._requests: dict[int, _Request] = {}
         self._acks: dict[int, threading.Event] = {}  # tests' crash points, once armed
         self._serial = itertools.count(1)
@@ -375,6 +404,7 @@ class PageServer:
                 if pending.entry is entry:
                     self._drop_pending(fd, None)
             worker = entry.worker if entry.state not in FINAL else None
+            entry.dropping = True
         if worker is not None and worker.send(("drop", entry.key)):
             with self._changed:
                 self._changed.wait_for(lambda: entry.state in FINAL, 10.0)
@@ -383,6 +413,7 @@ class PageServer:
         sock = entry.listener
         if sock is not None:
             entry.listener = None
+            self._closed_fds.add(sock.fileno())
             self._listeners.pop(sock.fileno(), None)
             self._paused.pop(sock.fileno(), None)
             with contextlib.suppress(OSError):
@@ -421,12 +452,22 @@ class PageServer:
         Forks are accepted before that (their faults wait for the worker), so this is only for
         callers that want start-up fully paid before they measure or announce anything.
         """
-        deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._changed:
             workers = self._pool.all_processes()
-        for w in workers:
-            if not w.ready.wait(max(0.0, deadline - time.monotonic())):
-                raise PageforkError(f"worker {w.pid} did not start within {timeout:g}s")
+            if not workers:
+                raise PageforkError("no worker process could be started")
+
+            def settled() -> bool:
+                return all(w.ready.is_set() or not w.alive for w in workers)
+
+            if not self._changed.wait_for(settled, timeout):
+                raise PageforkError(f"the workers did not start within {timeout:g}s")
+        dead = [w for w in workers if not w.ready.is_set()]
+        if dead:
+            raise PageforkError(
+                f"worker {dead[0].pid} exited before it could serve (exit status "
+                f"{dead[0].proc.returncode}); see its message above"
+            )
 
     def wait_connected(self, fork_id: str, timeout: float = 10.0) -> list[Region]:
         """Wait for the fork's handshake and return its regions.
@@ -606,9 +647,12 @@ class PageServer:
                 if exc.errno == errno.EINTR:
                     continue
                 return
+            self._closed_fds.clear()
             for fd, _ in events:
                 if fd == self._wake_fd:
                     return
+                if fd in self._closed_fds:
+                    continue  # closed by an earlier event of this batch: the number may be reused
                 try:
                     self._on_fd(fd)
                 except Exception:  # the supervisor must outlive any one connection or worker
@@ -683,13 +727,14 @@ class PageServer:
                 conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             )
             pid = got if got > 0 else None
+        pidfd = _peer_pidfd(conn, pid)
         conn.setblocking(False)
         entry.state = transition(entry.fork_id, entry.state, ForkState.HANDSHAKE)
         if entry.handshake_failed is not None:
             entry.last_error, entry.handshake_failed = entry.handshake_failed, None
         entry.pid = pid
         self._pending[conn.fileno()] = _Pending(
-            entry, conn, time.monotonic() + self.config.handshake_timeout, pid
+            entry, conn, time.monotonic() + self.config.handshake_timeout, pid, pidfd
         )
         self._epoll.register(conn.fileno(), select.EPOLLIN)
         self._changed.notify_all()
@@ -718,6 +763,11 @@ class PageServer:
                 for level, kind, payload in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         p.fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+                if flags & socket.MSG_CTRUNC and len(p.fds) < 2:
+                    # The kernel dropped the fd because this process has no fd left for it.
+                    raise _OutOfFds(
+                        "the uffd could not be received: the server is out of file descriptors"
+                    )
                 if flags & socket.MSG_CTRUNC or len(p.fds) > 1:
                     raise HandshakeError("expected exactly one uffd with the mappings, got more")
                 if not msg:
@@ -740,7 +790,16 @@ class PageServer:
             )
             p.entry.hangup_ends = keeps_socket_open(bytes(p.data))
         except Exception as exc:  # a peer's bytes must never take more than its own fork
-            if not isinstance(exc, HandshakeError):
+            if isinstance(exc, _OutOfFds):
+                # Its uffd is gone: nobody can serve the VMM now, and its guest would hang.
+                if self.config.on_failure == "kill" and p.pidfd >= 0:
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(p.pidfd, signal.SIGKILL)
+                for listener in list(self._listeners):  # and take no one else meanwhile
+                    if listener not in self._paused:
+                        self._epoll.modify(listener, 0)
+                        self._paused[listener] = time.monotonic() + _ACCEPT_BACKOFF
+            elif not isinstance(exc, HandshakeError):
                 log.exception("fork %s: handshake failed unexpectedly", p.entry.fork_id)
             self._drop_pending(fd, str(exc))
             return
@@ -750,14 +809,16 @@ class PageServer:
         uffd_fd = p.fds[0]
         # Firecracker created the uffd O_NONBLOCK; make sure of it (never UFFDIO_API again).
         os.set_blocking(uffd_fd, False)
-        self._start_serving(p.entry, p.conn, uffd_fd, regions)
+        self._start_serving(p.entry, p.conn, uffd_fd, regions, p.pidfd)
 
     def _drop_pending(self, fd: int, why: str | None) -> None:
         p = self._pending.pop(fd)
+        self._closed_fds.add(fd)
         with contextlib.suppress(OSError):
             self._epoll.unregister(fd)
-        for got in p.fds:
-            os.close(got)
+        for got in [*p.fds, p.pidfd]:
+            if got >= 0:
+                os.close(got)
         p.conn.close()
         entry = p.entry
         if why is not None:
@@ -797,45 +858,38 @@ class PageServer:
                     )
 
     def _start_serving(
-        self, entry: _Fork, conn: socket.socket, uffd_fd: int, regions: list[Region]
+        self,
+        entry: _Fork,
+        conn: socket.socket,
+        uffd_fd: int,
+        regions: list[Region],
+        pidfd: int,
     ) -> None:
         """Hand a fork whose handshake is in to the least-loaded worker (lock held)."""
-        pidfd = -1
-        # The VMM's exit ends the fork (not its socket's EOF). A peer in this very process
-        # cannot be watched that way: its socket's EOF ends the fork instead.
-        if entry.pid is not None and entry.pid != os.getpid():
-            try:
-                pidfd = os.pidfd_open(entry.pid)
-            except OSError:
-                pidfd = -1  # gone already, or not visible: the socket's EOF ends the fork
+        entry.key = f"{entry.fork_id}#{next(self._serial)}"
+        entry.conn, entry.uffd, entry.pidfd, entry.regions = conn, uffd_fd, pidfd, regions
+        entry.window_reported = False
+        self._serving[entry.key] = entry
         pages = sum(r.size // r.page_size for r in regions)
         limit = self.config.record_max_pages
         capacity = min(pages, limit) if entry.record and limit is not None else pages
-        try:
-            ledger = L.Ledger.create(capacity if entry.record else 0)
-        except OSError as exc:
-            for fd in (uffd_fd, pidfd):
-                if fd >= 0:
-                    os.close(fd)
-            conn.close()
+        entry.record_capacity = capacity if entry.record else 0
+        worker = self._pool.place(pinned_cpu(entry.pid) if entry.pid else None)
+        why = None if worker is not None else "no worker is left to serve it"
+        if why is None:
+            try:
+                entry.ledger = L.Ledger.create(entry.record_capacity)
+            except OSError as exc:
+                why = f"cannot create the fork's ledger: {exc.strerror}"
+        if worker is None or entry.ledger is None:
+            # Nobody will serve this uffd: a guest left like that would hang forever.
             entry.state = transition(entry.fork_id, entry.state, ForkState.FAILED)
-            self._finish(entry, f"cannot create the fork's ledger: {exc.strerror}")
+            self._apply_failure_policy(entry, why or "")
+            self._finish(entry, why)
             return
         if entry.record:
-            ledger.counters[L.RECORD_STATE] = L.RECORD_OPEN
-            ledger.counters[L.RECORD_START_NS] = time.monotonic_ns()
-        entry.key = f"{entry.fork_id}#{next(self._serial)}"
-        entry.conn, entry.uffd, entry.pidfd = conn, uffd_fd, pidfd
-        entry.regions, entry.ledger = regions, ledger
-        entry.record_capacity = capacity if entry.record else 0
-        entry.window_reported = False
-        self._serving[entry.key] = entry
-        worker = self._pool.place(pinned_cpu(entry.pid) if entry.pid else None)
-        if worker is None:
-            entry.state = transition(entry.fork_id, entry.state, ForkState.FAILED)
-            self._apply_failure_policy(entry, "no worker is left to serve it")
-            self._finish(entry, "no worker is left to serve it")
-            return
+            entry.ledger.counters[L.RECORD_STATE] = L.RECORD_OPEN
+            entry.ledger.counters[L.RECORD_START_NS] = time.monotonic_ns()
         entry.state = transition(entry.fork_id, entry.state, ForkState.SERVING)
         entry.connected = True
         self._hand_to(entry, worker, adopt=False)
@@ -869,14 +923,11 @@ class PageServer:
         worker.send(("serve", spec), fds)  # a worker that is gone re-adopts on its death
 
     def _apply_failure_policy(self, entry: _Fork, why: str) -> None:
-        pid = entry.pid
-        if self.config.on_failure == "kill" and pid is not None and pid > 1:
-            log.error("fork %s: %s; killing VMM pid %d", entry.fork_id, why, pid)
+        if self.config.on_failure == "kill" and entry.pidfd >= 0:
+            # Only through the pidfd taken at accept: a bare pid may be another process's now.
+            log.error("fork %s: %s; killing VMM pid %s", entry.fork_id, why, entry.pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                if entry.pidfd >= 0:
-                    signal.pidfd_send_signal(entry.pidfd, signal.SIGKILL)
-                else:
-                    os.kill(pid, signal.SIGKILL)
+                signal.pidfd_send_signal(entry.pidfd, signal.SIGKILL)
         else:
             log.error("fork %s: %s; closing its connection", entry.fork_id, why)
 
@@ -889,24 +940,28 @@ class PageServer:
             self._epoll.register(fd, select.EPOLLIN)
 
     def _unwatch_worker(self, worker: WorkerProcess) -> None:
+        self._closed_fds.update((worker.chan.fileno(), worker.pidfd))
         for fd in (worker.chan.fileno(), worker.pidfd):
             if self._workers_by_fd.get(fd) is worker:
                 del self._workers_by_fd[fd]
                 with contextlib.suppress(OSError, ValueError):
                     self._epoll.unregister(fd)
 
-    def _worker_message(self, worker: WorkerProcess) -> None:
-        from pagefork.serving import ipc
-
+    def _worker_message(self, worker: WorkerProcess) -> bool:
+        """Read and act on one message of ``worker``; False at the channel's end."""
         try:
             message, fds = ipc.recv(worker.chan)
         except (ipc.ChannelClosed, OSError):
             # Its pidfd says it died; stop reading a channel that stays readable at EOF.
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(worker.chan.fileno())
-            return
+            return False
         for fd in fds:
             os.close(fd)  # workers send no fds
+        self._on_worker_message(worker, message)
+        return True
+
+    def _on_worker_message(self, worker: WorkerProcess, message: tuple[Any, ...]) -> None:
         op = message[0]
         callbacks: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         with self._lock:
@@ -951,9 +1006,6 @@ class PageServer:
             return []
         entry.window_reported = True
         hot = self._hot_of(entry)
-        if entry.ledger is not None and entry.ledger.counters[L.RECORD_STATE] == L.RECORD_LOST:
-            log.error("fork %s: its recording was lost; not reporting a hot set", entry.fork_id)
-            return []
         cb = self.config.on_window_closed
         return [(cb, (entry.fork_id, hot))] if cb is not None else []
 
@@ -993,25 +1045,33 @@ class PageServer:
         return callbacks
 
     def _worker_died(self, worker: WorkerProcess) -> None:
+        # What it said before it died (a fork that ended, a window that closed) still counts.
+        poller = select.poll()
+        poller.register(worker.chan.fileno(), select.POLLIN)
+        while poller.poll(0) and self._worker_message(worker):
+            pass
         self._unwatch_worker(worker)
         status = worker.reap()
         with self._lock:
             if self._closed:
                 return
             orphans = [e for e in self._serving.values() if e.worker is worker]
-            try:
-                new, given_up = self._pool.replace(worker)
-            except PageforkError as exc:
-                new, given_up = None, str(exc)
+            callbacks: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+            for entry in [e for e in orphans if e.dropping]:
+                # Unregistered while its worker died: its "drop" died too. Done with it.
+                orphans.remove(entry)
+                entry.state = transition(entry.fork_id, entry.state, ForkState.ENDED)
+                callbacks += self._finish(entry, None)
+            new, given_up = self._pool.replace(worker)
             if self._pool.spare is not None:
                 self._watch_worker(self._pool.spare)
             if worker.slot < 0:  # the spare: nobody to adopt
                 log.warning("spare worker %d exited (status %s)", worker.pid, status)
+                self._changed.notify_all()
                 return
             log.error(
                 "worker %d died (status %s) serving %d forks", worker.pid, status, len(orphans)
             )
-            callbacks: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
             if new is None:
                 why = given_up or "its worker died"
                 for entry in orphans:

@@ -16,7 +16,7 @@ import enum
 import mmap
 from collections.abc import Callable, Sequence
 
-from pagefork.regions import PAGE_SIZE
+from pagefork.regions import PAGE_SIZE, region_at
 
 
 class Action(enum.IntEnum):
@@ -50,11 +50,10 @@ def decide(
     per 4 KiB page of the mem-file (1 = all zero); ``is_zero(offset, length)`` answers for
     larger pages; ``is_removed`` is None while the guest removed nothing.
     """
-    for base, end, offset, psize, idx in table:  # noqa: B007 (used after break)
-        if base <= address < end:
-            break
-    else:
+    row = region_at(table, address)
+    if row is None:
         return (Action.OUTSIDE, address, -1, 0, -1)
+    base, _end, offset, psize, idx = row
     page_offset = (address - base) & -psize
     dst = base + page_offset
     file_offset = offset + page_offset

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,11 +25,17 @@ from pagefork.errors import PageforkError
 from pagefork.prefetch import PrefetchPlan
 from pagefork.serving import ipc
 
+log = logging.getLogger("pagefork")
+
 #: A slot whose workers die this often (deaths within seconds) is not restarted again.
 CRASH_LOOP_DEATHS = 5
 CRASH_LOOP_SECONDS = 10.0
 #: Prefetch plans a worker keeps, so forks of one template send theirs once per worker.
 PLANS_KEPT = 16
+#: A worker that has not taken a message off its channel for this long is stuck (stopped, or
+#: in a kernel wait it cannot leave): it is killed and replaced like a dead one. Long enough
+#: for the longest prefetch a worker runs between two looks at its channel.
+SEND_TIMEOUT = 20.0
 
 
 def usable_cpus() -> list[int]:
@@ -63,7 +71,11 @@ class WorkerProcess:
         self.forks: set[str] = set()
         self._plans: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._send_lock = threading.Lock()
-        parent, child = ipc.channel_pair()
+        self.pidfd = -1
+        try:
+            parent, child = ipc.channel_pair()
+        except OSError as exc:
+            raise PageforkError(f"cannot start a worker process: {exc.strerror}") from None
         env = dict(os.environ)
         # The worker imports pagefork from wherever this process did (a source tree too).
         root = os.path.dirname(os.path.dirname(os.path.abspath(pagefork.__file__)))
@@ -90,16 +102,17 @@ class WorkerProcess:
             child.close()
         self.chan = parent
         self.pid = self.proc.pid
-        if cpu is not None:
-            with contextlib.suppress(OSError):  # a CPU taken offline meanwhile: run anywhere
-                os.sched_setaffinity(self.pid, {cpu})
         try:
             self.pidfd = os.pidfd_open(self.pid)
-        except OSError:
+        except OSError as exc:
             self.proc.kill()
             self.proc.wait()
             parent.close()
-            raise
+            raise PageforkError(f"cannot watch a worker process: {exc.strerror}") from None
+        parent.settimeout(SEND_TIMEOUT)
+        if cpu is not None:
+            with contextlib.suppress(OSError):  # a CPU taken offline meanwhile: run anywhere
+                os.sched_setaffinity(self.pid, {cpu})
         self.alive = True
         #: Set once the worker has mapped the mem-file and serves (its "ready" message).
         self.ready = threading.Event()
@@ -107,12 +120,23 @@ class WorkerProcess:
     def send(self, message: Any, fds: tuple[int, ...] | list[int] = ()) -> bool:
         """Send a message; False when the worker is gone (its death is handled elsewhere)."""
         with self._send_lock:
-            if not self.alive:
-                return False
-            try:
-                ipc.send(self.chan, message, fds)
-            except OSError:
-                return False
+            return self._send(message, fds)
+
+    def _send(self, message: Any, fds: tuple[int, ...] | list[int] = ()) -> bool:
+        if not self.alive:
+            return False
+        try:
+            ipc.send(self.chan, message, fds)
+        except TimeoutError:
+            log.error(
+                "worker %d took no message for %gs: killing it (its forks move on)",
+                self.pid,
+                SEND_TIMEOUT,
+            )
+            self.kill()
+            return False
+        except OSError:
+            return False
         return True
 
     def send_prefetch(
@@ -121,34 +145,34 @@ class WorkerProcess:
         """Ask for a prefetch. A plan this worker already has (``token``) is not sent again:
         its copy is kept in step with this side's record, both least-recently-used."""
         with self._send_lock:
-            if not self.alive:
-                return False
             known = token is not None and token in self._plans
             if token is not None:
                 self._plans[token] = None
                 self._plans.move_to_end(token)
                 while len(self._plans) > PLANS_KEPT:
                     self._plans.popitem(last=False)
-            try:
-                ipc.send(self.chan, ("prefetch", req, key, token, None if known else plan, timeout))
-            except OSError:
-                return False
-        return True
+            message = ("prefetch", req, key, token, None if known else plan, timeout)
+            return self._send(message)
+
+    def kill(self) -> None:
+        """SIGKILL the worker (its death is then handled as any other)."""
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
     def reap(self) -> int | None:
-        """Collect the dead worker's exit status and close what we held of it."""
-        with self._send_lock:
-            self.alive = False
+        """Collect the dead worker's exit status and close what we held of it (its pidfd
+        said it exited)."""
+        self.alive = False
         status = self.proc.wait()
         self._close()
         return status
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Close the channel (the worker exits on it) and wait; SIGKILL a worker that lingers."""
-        with self._send_lock:
-            self.alive = False
-            with contextlib.suppress(OSError):
-                self.chan.shutdown(2)
+        """Close the channel (the worker exits on it) and wait; SIGKILL a worker that lingers.
+        Never waits for a sender: shutting the channel down fails any send in progress."""
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self.chan.shutdown(socket.SHUT_RDWR)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -157,7 +181,8 @@ class WorkerProcess:
         self._close()
 
     def _close(self) -> None:
-        self.chan.close()
+        with self._send_lock:
+            self.chan.close()
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -181,17 +206,26 @@ class WorkerPool:
         self._cpus: list[int | None] = list(cpus) if cpus else [None] * count
         self.workers: list[WorkerProcess | None] = []
         self.spare: WorkerProcess | None = None
-        self._deaths: list[collections.deque[float]] = [
-            collections.deque(maxlen=CRASH_LOOP_DEATHS) for _ in range(count)
-        ]
+        # Deaths per slot, and the spare's (index -1): a slot that crash-loops is given up.
+        self._deaths: dict[int, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=CRASH_LOOP_DEATHS)
+        )
         try:
             for slot in range(count):
                 self.workers.append(WorkerProcess(slot, *self._mem, cpu=self._cpus[slot]))
-            if spare:
-                self.spare = WorkerProcess(-1, *self._mem)
         except BaseException:
             self.stop()
             raise
+        self._start_spare()
+
+    def _start_spare(self) -> None:
+        """Start a spare if one is wanted; a failure only costs the spare (logged)."""
+        if not self._want_spare or self.spare is not None:
+            return
+        try:
+            self.spare = WorkerProcess(-1, *self._mem)
+        except PageforkError as exc:
+            log.warning("no spare worker: %s", exc)
 
     def live(self) -> list[WorkerProcess]:
         """The workers serving a slot now."""
@@ -208,41 +242,54 @@ class WorkerPool:
                     return w
         return min(live, key=lambda w: len(w.forks), default=None)
 
-    def by_pidfd(self, fd: int) -> WorkerProcess | None:
-        """The worker (or spare) whose pidfd is ``fd``."""
-        for w in [*self.live(), self.spare]:
-            if w is not None and w.pidfd == fd:
-                return w
-        return None
-
-    def replace(self, dead: WorkerProcess) -> tuple[WorkerProcess | None, str | None]:
-        """Put a worker in the dead one's slot: ``(worker, None)``, or ``(None, reason)`` when
-        the slot crash-loops and is given up."""
-        if dead is self.spare:
-            self.spare = WorkerProcess(-1, *self._mem) if self._want_spare else None
-            return None, None
-        slot = dead.slot
+    def _crash_looping(self, slot: int) -> float | None:
+        """Note a death in ``slot``; the seconds its last deaths took when it crash-loops."""
         deaths = self._deaths[slot]
         now = time.monotonic()
         deaths.append(now)
         if len(deaths) == CRASH_LOOP_DEATHS and now - deaths[0] < CRASH_LOOP_SECONDS:
+            return now - deaths[0]
+        return None
+
+    def replace(self, dead: WorkerProcess) -> tuple[WorkerProcess | None, str | None]:
+        """Take ``dead`` out and put a worker in its slot: ``(worker, None)``, or ``(None,
+        reason)`` when the slot is given up (it crash-loops, or no worker can start)."""
+        if dead is self.spare:
+            self.spare = None
+            span = self._crash_looping(-1)
+            if span is None:
+                self._start_spare()
+            else:
+                log.error(
+                    "the spare worker died %d times in %.1fs; running without one",
+                    CRASH_LOOP_DEATHS,
+                    span,
+                )
+                self._want_spare = False
+            return None, None
+        slot = dead.slot
+        if 0 <= slot < len(self.workers) and self.workers[slot] is dead:
             self.workers[slot] = None
+        span = self._crash_looping(slot)
+        if span is not None:
             return None, (
-                f"worker slot {slot} died {CRASH_LOOP_DEATHS} times in "
-                f"{now - deaths[0]:.1f}s; not restarting it"
+                f"worker slot {slot} died {CRASH_LOOP_DEATHS} times in {span:.1f}s; "
+                "not restarting it"
             )
         new, self.spare = self.spare, None
         cpu = self._cpus[slot]
         if new is None:
-            new = WorkerProcess(slot, *self._mem, cpu=cpu)
+            try:
+                new = WorkerProcess(slot, *self._mem, cpu=cpu)
+            except PageforkError as exc:
+                return None, str(exc)
         else:
             new.slot, new.cpu = slot, cpu
             if cpu is not None:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(new.pid, {cpu})
-            if self._want_spare:
-                self.spare = WorkerProcess(-1, *self._mem)
         self.workers[slot] = new
+        self._start_spare()  # after the slot is filled: a spare that cannot start costs nothing
         return new, None
 
     def all_processes(self) -> list[WorkerProcess]:

@@ -156,6 +156,8 @@ class Worker:
         self.attend: set[_Fork] = set()
         self.by_fd: dict[int, tuple[int, _Fork]] = {}
         self.crash_at: dict[str, int] = {}
+        self._read_buf = bytearray(uffd.UFFD_MSG_SIZE * _READ_BATCH)
+        self._closed_fds: set[int] = set()  # closed while handling the current batch
         self.plans: collections.OrderedDict[int, PrefetchPlan] = collections.OrderedDict()
         self._in_prefetch = False
 
@@ -166,7 +168,10 @@ class Worker:
         chan_fd = self.chan.fileno()
         while True:
             events = self.ep.poll(self._timeout())
-            for fd, _ in events:
+            self._closed_fds.clear()
+            for fd, ev in events:
+                if fd in self._closed_fds:
+                    continue  # closed by an earlier event of this batch: the number may be reused
                 if fd == chan_fd:
                     try:
                         message, fds = ipc.recv(self.chan)
@@ -174,7 +179,7 @@ class Worker:
                         return
                     self._on_message(message, fds)
                 else:
-                    self._on_fd(fd)
+                    self._on_fd(fd, ev)
             self._housekeeping()
 
     def _timeout(self) -> float:
@@ -203,12 +208,17 @@ class Worker:
         else:
             self.attend.discard(f)
 
-    def _on_fd(self, fd: int) -> None:
+    def _on_fd(self, fd: int, ev: int = select.EPOLLIN) -> None:
         entry = self.by_fd.get(fd)
         if entry is None:
             return
         kind, f = entry
         if kind == _UFFD:
+            if ev & select.EPOLLERR:
+                # A uffd polls as an error once O_NONBLOCK is off its file: only the VMM, which
+                # shares that file, can have cleared it. It can no longer be served safely.
+                self._fail(f, "the VMM cleared O_NONBLOCK on its uffd, which then cannot be polled")
+                return
             self._guard(f, self._on_uffd)
         elif kind == _PIDFD:
             self._end(f, ForkState.ENDED, None)  # the VMM exited
@@ -255,11 +265,15 @@ class Worker:
         """Read the uffd's events: REMOVE is made durable at once; faults are returned."""
         faults: list[int] = []
         size = uffd.UFFD_MSG_SIZE * _READ_BATCH
+        buf = self._read_buf
         while True:
             try:
-                data = os.read(f.uffd, size)
+                # RWF_NOWAIT, not O_NONBLOCK: the file flags belong to the VMM too, and a peer
+                # that clears O_NONBLOCK must not be able to block this loop in read(2).
+                got = os.preadv(f.uffd, [buf], -1, os.RWF_NOWAIT)
             except BlockingIOError:
                 return faults
+            data = bytes(buf[:got])
             if len(data) == uffd.UFFD_MSG_SIZE and data[0] == uffd.UFFD_EVENT_PAGEFAULT:
                 faults.append(uffd.PAGEFAULT_ADDRESS.unpack(data)[0])  # the usual read: one fault
             else:
@@ -455,9 +469,12 @@ class Worker:
     def poll_forks(self) -> None:
         """Serve what the other forks need now (called between prefetch slices)."""
         chan_fd = self.chan.fileno()
-        for fd, _ in self.ep.poll(0):
-            if fd != chan_fd:  # messages wait for the loop: no prefetch inside a prefetch
-                self._on_fd(fd)
+        events = self.ep.poll(0)
+        closed = set(self._closed_fds)
+        for fd, ev in events:
+            # Messages wait for the loop: no prefetch inside a prefetch.
+            if fd != chan_fd and fd not in self._closed_fds - closed:
+                self._on_fd(fd, ev)
 
     # --- fork lifecycle ------------------------------------------------------------------
     def _on_message(self, message: tuple[Any, ...], fds: list[int]) -> None:
@@ -523,20 +540,18 @@ class Worker:
         self.by_fd[fd] = (kind, f)
 
     def _unwatch(self, fd: int) -> None:
+        self._closed_fds.add(fd)
         self.by_fd.pop(fd, None)
         with contextlib.suppress(OSError, ValueError):
             self.ep.unregister(fd)
 
     def _fail(self, f: _Fork, why: str) -> None:
         f.ledger.counters[L.ERRORS] += 1
-        pid = f.pid
-        if f.on_failure == "kill" and pid is not None and pid > 1 and pid != os.getpid():
-            log.error("fork %s: %s; killing VMM pid %d (its guest would hang)", f.name, why, pid)
+        if f.on_failure == "kill" and f.pidfd >= 0:
+            # Only through the pidfd: a bare pid may be another process's by now.
+            log.error("fork %s: %s; killing VMM pid %s (its guest would hang)", f.name, why, f.pid)
             with contextlib.suppress(ProcessLookupError):
-                if f.pidfd >= 0:  # the pidfd cannot hit a reused pid
-                    signal.pidfd_send_signal(f.pidfd, signal.SIGKILL)
-                else:
-                    os.kill(pid, signal.SIGKILL)
+                signal.pidfd_send_signal(f.pidfd, signal.SIGKILL)
         else:
             log.error("fork %s: %s; closing its connection", f.name, why)
         self._end(f, ForkState.FAILED, why)
