@@ -251,3 +251,24 @@ def test_a_mem_file_that_shrinks_while_it_is_scanned_is_a_clear_error(
     # Read through a mapping this would be a SIGBUS that kills the whole server.
     with pytest.raises(MemFileError, match=r"shrank while being read \(ends at 0x105000"):
         MemFile(mem)
+
+
+def test_a_fork_unregistered_while_its_worker_dies_is_finished_not_adopted(make_server, vmms):
+    restarts = Restarts()
+    server = make_server(workers=1, on_worker_restarted=restarts)
+    vmms(server.register_fork("a"))
+    server.wait_connected("a")
+    [worker] = server.worker_pids()
+    os.kill(worker, signal.SIGSTOP)  # it cannot take the "drop" off its channel
+    try:
+        dropping = threading.Thread(target=server.unregister_fork, args=("a",))
+        dropping.start()
+        while "a" in server.forks():  # unregister has claimed the fork and sent the drop
+            dropping.join(0.001)
+    finally:
+        os.kill(worker, signal.SIGKILL)  # the drop dies with the worker
+    dropping.join(10)
+    assert not dropping.is_alive()
+    [(dead, _, forks)] = restarts.wait(1)
+    assert dead == worker and forks == 0  # nothing left to adopt: it was unregistered
+    assert server.forks() == []

@@ -350,6 +350,10 @@ class Worker:
             c[faults_] += 1
             if prefetched:
                 c[misses_] += 1
+            if recording:
+                # Before the copy: a worker killed after it would leave a page the guest has
+                # out of the recording.
+                self._record(f, idx, file_offset - f.regions[idx].offset)
             slot = copied_ if action == copy_ else zeroed_
             c[slot] += 1
             try:
@@ -389,8 +393,6 @@ class Worker:
                         f"installing the page at {dst:#x} (region {idx}) failed: "
                         f"{os.strerror(code or 0)}"
                     ) from None
-            if recording:
-                self._record(f, idx, file_offset - f.regions[idx].offset)
             n = c[lat_n]
             ring[n & mask] = clock() - t0
             c[lat_n] = n + 1
