@@ -1,7 +1,7 @@
 """Run pagefork's benchmarks in sequence and print a summary of their figures.
 
-    python bench/run.py                   # everything (about 4 minutes)
-    python bench/run.py --quick           # short version (about 1 minute)
+    python bench/run.py                   # everything (about 6 minutes)
+    python bench/run.py --quick           # short version (about 1.5 minutes)
     python bench/run.py --only faults     # one benchmark (repeat --only for more)
     python bench/run.py --json out.json   # also write every figure as JSON
 

@@ -17,7 +17,8 @@ from pagefork.vmm.kvm import orchestrate
 #: The least speed-up of a prefetched fork's prefetch + run over its pair's run (the median over
 #: 5 pairs walking the same trace) that the test accepts. Measured with this test's settings on
 #: a 2-core machine shared with other engineers' test runs and benchmarks (load average 5-7),
-#: some runs with 3 extra CPU-bound processes: 39 runs, lowest 1.81, median 3.3. The restore is
+#: some runs with 3 extra CPU-bound processes: 39 runs, lowest 1.81, median 3.3 (one server
+#: process); 20 more since the worker processes, lowest 2.74, median 4.6. The restore is
 #: left out: it is the same work in both modes, yet under that load it takes 2 ms to 330 ms, so
 #: the whole fork-ready ratio of 5 pairs fell as low as 0.87 (median 2.3) and cannot carry a
 #: margin. ``pagefork demo`` reports that whole ratio; the benchmark measures it with more pairs.
