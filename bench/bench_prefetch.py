@@ -19,9 +19,7 @@ b. **Cold start from a recorded hot set.** A warm-up fork records the pages its 
    (later forks). Every fork records what it faults, so the hot set's precision and recall
    against the pages a fork touched, and the misses beyond the pages the hot set lacks, are
    taken from the server's own records.
-c. **Recording overhead.** The same fault workload served to forks with and without recording,
-   plus the recorder's own CPU cost per fault measured in-process (a figure the machine's noise
-   does not blur).
+c. **Recording overhead.** The same fault workload served to forks with and without recording.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ from _common import (
 )
 
 from pagefork import uffd
-from pagefork.hotpages import HotPage, HotPageList, HotPageRecorder
+from pagefork.hotpages import HotPage, HotPageList
 from pagefork.memfile import MemFile
 from pagefork.prefetch import plan_prefetch
 from pagefork.regions import Region
@@ -101,7 +99,6 @@ SUMMARY = (
     "cold_misses_beyond_unrecorded",
     "recording_overhead_pct",
     "recording_overhead_server_p50_pct",
-    "recorder_cost_pct_of_fault",
 )
 
 
@@ -426,24 +423,6 @@ def bench_cold_start(forks: Forks, rounds: int) -> dict[str, Any]:
 # --- c. recording overhead -------------------------------------------------------------------
 
 
-def recorder_cost_us(pages: int, repeats: int = 5) -> float:
-    """µs per call of ``HotPageRecorder.record`` for ``pages`` distinct pages in random order:
-    the work recording adds to each fault, measured in-process (median of ``repeats``)."""
-    offsets = [i * PAGE for i in range(pages)]
-    random.Random(10).shuffle(offsets)
-    costs = []
-    for _ in range(repeats):
-        recorder = HotPageRecorder()
-        recorder.start()
-        record = recorder.record
-        t0 = time.perf_counter()
-        for offset in offsets:
-            record(0, offset)
-        costs.append((time.perf_counter() - t0) / pages * 1e6)
-        recorder.close()
-    return median(costs)
-
-
 def bench_recording(forks: Forks, rounds: int) -> dict[str, Any]:
     """(c): the same fault workload served with and without recording."""
     pages = RECORD_GUEST // PAGE
@@ -469,7 +448,6 @@ def bench_recording(forks: Forks, rounds: int) -> dict[str, Any]:
 
     overhead = (paired_ratio(seconds[True], seconds[False]) - 1) * 100
     p50_overhead = (paired_ratio(p50[True], p50[False]) - 1) * 100
-    record_cost = recorder_cost_us(pages)
     plain_fault_us = median(seconds[False]) / pages * 1e6
     table(
         "µs per fault (median of rounds)",
@@ -489,10 +467,6 @@ def bench_recording(forks: Forks, rounds: int) -> dict[str, Any]:
     )
     console.print(verdict("recording overhead % (guest-visible)", overhead, "<=", 10.0))
     console.print(f"recording overhead % (server p50) {fmt(p50_overhead, 1)}")
-    console.print(
-        f"recorder CPU cost {fmt(record_cost)} µs per fault (in-process) = "
-        f"{fmt(record_cost / plain_fault_us * 100, 1)}% of a plain fault's guest-visible time"
-    )
     return {
         "record_rounds": rounds,
         "record_us_per_fault": median(seconds[True]) / pages * 1e6,
@@ -501,8 +475,6 @@ def bench_recording(forks: Forks, rounds: int) -> dict[str, Any]:
         "record_server_p50_us": median(p50[True]),
         "plain_server_p50_us": median(p50[False]),
         "recording_overhead_server_p50_pct": p50_overhead,
-        "recorder_cost_us_per_fault": record_cost,
-        "recorder_cost_pct_of_fault": record_cost / plain_fault_us * 100,
     }
 
 

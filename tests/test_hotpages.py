@@ -15,7 +15,6 @@ from pagefork.hotpages import (
     HotPage,
     HotPageEncodeError,
     HotPageList,
-    HotPageRecorder,
     at_least,
     decode,
     encode_hpl1,
@@ -461,109 +460,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def test_recorder_times_pages_from_the_handshake() -> None:
-    clock = FakeClock()
-    rec = HotPageRecorder(clock=clock)
-    rec.start()
-    clock.now += 0.25
-    rec.record(0, 0x1000)
-    clock.now += 0.25
-    rec.record(0, 0x1000)
-    rec.record(1, 0)
-    assert rec.hot_pages.in_order() == [(0, 0x1000), (1, 0)]
-    assert rec.hot_pages.times() == [0.25, 0.5]
-    assert not rec.closed
-
-
-def test_recorder_closes_at_max_pages_and_calls_on_close_once() -> None:
-    closed: list[HotPageList] = []
-    rec = HotPageRecorder(max_pages=2, on_close=closed.append, clock=FakeClock())
-    rec.start()
-    rec.record(0, 0)
-    rec.record(0, 0)  # a repeat does not count towards max_pages
-    assert not rec.closed
-    rec.record(0, KIB4)
-    assert rec.closed
-    rec.record(0, 2 * KIB4)
-    rec.close()
-    assert closed == [rec.hot_pages]
-    assert rec.hot_pages.in_order() == [(0, 0), (0, KIB4)]
-
-
-def test_recorder_closes_when_a_fault_comes_after_max_seconds() -> None:
-    clock = FakeClock()
-    closed: list[HotPageList] = []
-    rec = HotPageRecorder(max_seconds=1.0, on_close=closed.append, clock=clock)
-    rec.start()
-    rec.record(0, 0)
-    clock.now += 1.0
-    rec.record(0, KIB4)  # outside the window: not recorded
-    assert rec.closed
-    assert len(closed) == 1
-    assert rec.hot_pages.in_order() == [(0, 0)]
-
-
-def test_recorder_poll_closes_an_idle_window() -> None:
-    clock = FakeClock()
-    closed: list[HotPageList] = []
-    rec = HotPageRecorder(max_seconds=2.0, on_close=closed.append, clock=clock)
-    rec.start()
-    clock.now += 1.0
-    assert rec.poll() is False
-    clock.now += 1.5
-    assert rec.poll() is True
-    assert rec.poll() is True
-    assert len(closed) == 1
-
-
-def test_recorder_close_is_idempotent_and_stops_recording() -> None:
-    closed: list[HotPageList] = []
-    rec = HotPageRecorder(on_close=closed.append, clock=FakeClock())
-    rec.start()
-    rec.record(0, 0)
-    rec.close()
-    rec.close()
-    rec.record(0, KIB4)
-    assert len(closed) == 1
-    assert len(rec.hot_pages) == 1
-
-
-def test_recorder_before_start_opens_the_window_at_the_first_fault() -> None:
-    clock = FakeClock()
-    rec = HotPageRecorder(max_seconds=1.0, clock=clock)
-    rec.record(0, 0)
-    clock.now += 0.5
-    rec.record(0, KIB4)
-    assert rec.hot_pages.times() == [0.0, 0.5]
-
-
-def test_recorder_calls_on_close_once_under_concurrent_records() -> None:
-    calls: list[int] = []
-    rec = HotPageRecorder(max_pages=500, on_close=lambda hot: calls.append(len(hot)))
-    rec.start()
-    barrier = threading.Barrier(4)
-
-    def worker(seed: int) -> None:
-        barrier.wait()
-        for i in range(400):
-            rec.record(seed, i * KIB4)
-
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    rec.close()
-    assert calls == [500]
-    assert len(rec.hot_pages) == 500
-
-
-@pytest.mark.parametrize(("kwargs"), [{"max_pages": 0}, {"max_seconds": 0.0}])
-def test_recorder_rejects_empty_windows(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
-        HotPageRecorder(**kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("magic", [b"HPL1", b"HPL2"])

@@ -1,9 +1,9 @@
 """Hot-page lists: the pages a warm-up fork touched, how they are recorded and stored.
 
 A :class:`HotPageList` keeps the pages of one fork in first-touch order (the order later forks
-want them prefetched in). The :class:`HotPageRecorder` fills one from the page server's fault
-loop inside a bounded window. Lists from several warm-up runs combine with :func:`union`,
-:func:`intersection` and :func:`at_least`.
+want them prefetched in). A page server's worker records one while a warm-up fork runs, inside
+a bounded window (:mod:`pagefork.serving.worker`). Lists from several warm-up runs combine with
+:func:`union`, :func:`intersection` and :func:`at_least`.
 
 Two file formats, both a 4-byte magic followed by unsigned LEB128 varints (Go's
 ``binary.PutUvarint``: 7 bits per byte, low group first, at most 10 bytes, value < 2**64):
@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple
 
 from pagefork.errors import HotPageFileError
@@ -465,125 +464,6 @@ def save(hot: HotPageList, path: str | os.PathLike[str], fmt: HotPageFormat = "h
     atomic_save(name, data, "hot-page file", error=HotPageFileError)
 
 
-# --- recording -------------------------------------------------------------------------------
-
-
-class HotPageRecorder:
-    """Records one fork's hot set from the fault loop, inside a bounded window.
-
-    The window opens at :meth:`start` (the fork's handshake, t=0) and closes at the first of:
-    ``max_pages`` distinct pages recorded, ``max_seconds`` elapsed (noticed by :meth:`record`
-    or :meth:`poll`), or :meth:`close`. ``on_close`` then gets the list, exactly once, in the
-    thread that closed the window (the fault loop's, when :meth:`record` closes it): it should
-    hand slow work such as saving the file to another thread. Bounding the window matters: a
-    hot set that grows into all of memory makes restores slower.
-    """
-
-    __slots__ = (
-        "_clock",
-        "_closed",
-        "_closing",
-        "_deadline",
-        "_list",
-        "_max_pages",
-        "_max_seconds",
-        "_on_close",
-        "_start",
-    )
-
-    def __init__(
-        self,
-        max_pages: int | None = None,
-        max_seconds: float | None = None,
-        on_close: Callable[[HotPageList], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if max_pages is not None and max_pages < 1:
-            raise ValueError(f"max_pages must be at least 1, not {max_pages}")
-        if max_seconds is not None and max_seconds <= 0:
-            raise ValueError(f"max_seconds must be positive, not {max_seconds}")
-        self._max_pages = max_pages
-        self._max_seconds = max_seconds
-        self._on_close = on_close
-        self._clock = clock
-        self._list = HotPageList()
-        self._start: float | None = None
-        self._deadline = float("inf")
-        self._closed = False
-        self._closing = False  # set under the lock by whoever will call on_close
-
-    def start(self) -> None:
-        """Mark the fork's handshake: t=0 for recorded times and for ``max_seconds``."""
-        with self._list._lock:
-            self._start = self._clock()
-            if self._max_seconds is not None:
-                self._deadline = self._start + self._max_seconds
-
-    @property
-    def closed(self) -> bool:
-        """True once the recording window has closed."""
-        return self._closed
-
-    @property
-    def hot_pages(self) -> HotPageList:
-        """The list being recorded (complete once :attr:`closed`)."""
-        return self._list
-
-    def record(self, region: int, page_offset: int) -> None:
-        """Record a demand fault on ``(region, page_offset)``; no-op once closed.
-
-        Called once per fault, so it takes one lock and allocates only the list entry. A
-        recording before :meth:`start` starts the window.
-        """
-        hot = self._list
-        close_now = False
-        with hot._lock:
-            if self._closing:
-                return
-            now = self._clock()
-            if self._start is None:
-                self._start = now
-                if self._max_seconds is not None:
-                    self._deadline = now + self._max_seconds
-            if now >= self._deadline:
-                # Outside the window: this fault is not part of the hot set.
-                self._closing = close_now = True
-            elif (
-                hot._add_unlocked(region, page_offset, now - self._start)
-                and self._max_pages is not None
-                and len(hot._order) >= self._max_pages
-            ):
-                self._closing = close_now = True
-        if close_now:
-            self._finish()
-
-    def poll(self) -> bool:
-        """Close the window if ``max_seconds`` has passed; returns :attr:`closed`."""
-        hot = self._list
-        close_now = False
-        with hot._lock:
-            if not self._closing and self._clock() >= self._deadline:
-                self._closing = close_now = True
-        if close_now:
-            self._finish()
-        return self._closed
-
-    def close(self) -> None:
-        """Close the window (the fork ended); idempotent."""
-        with self._list._lock:
-            if self._closing:
-                return
-            self._closing = True
-        self._finish()
-
-    def _finish(self) -> None:
-        # Called by exactly one thread (the one that set _closing), outside the lock so that
-        # on_close may take its time or read the list.
-        self._closed = True
-        if self._on_close is not None:
-            self._on_close(self._list)
-
-
 __all__ = [
     "HPL2_FLAG_TIMES",
     "MAGIC_HPL1",
@@ -594,7 +474,6 @@ __all__ = [
     "HotPageEncodeError",
     "HotPageFormat",
     "HotPageList",
-    "HotPageRecorder",
     "at_least",
     "decode",
     "encode",
