@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pagefork.daemon.client import DaemonClient
+from pagefork.daemon.service import Daemon
 from pagefork.errors import PageforkError, UffdError
 from pagefork.server import PageServer, ServerConfig
 from pagefork.testing.vmm import VmmProcess
@@ -109,3 +114,33 @@ def vmms(mem_file: Path) -> Iterator[Callable[..., VmmProcess]]:
     yield start
     for p in procs:
         p.kill()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="pf-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+StartDaemon = Callable[..., tuple[Daemon, DaemonClient]]
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, short_dir: Path) -> Iterator[StartDaemon]:
+    """Start daemons (state in ``tmp_path/state`` unless given, one at a time for restarts);
+    all are closed at the end."""
+    daemons: list[Daemon] = []
+
+    def start(**kw: Any) -> tuple[Daemon, DaemonClient]:
+        control = kw.pop("control", str(short_dir / "control.sock"))
+        kw.setdefault("socket_dir", str(short_dir / "forks"))
+        daemon = Daemon(kw.pop("state_dir", tmp_path / "state"), control, **kw)
+        daemons.append(daemon)
+        daemon.start()
+        return daemon, DaemonClient(control, timeout=60)
+
+    yield start
+    for d in daemons:
+        d.close()

@@ -11,15 +11,14 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import needs_kvm, needs_uffd
+from conftest import StartDaemon, needs_kvm, needs_uffd
 from pagefork.cli import main
 from pagefork.daemon.client import DaemonClient, DaemonError
 from pagefork.daemon.manager import ForkManager, ManagerConfig
@@ -39,32 +38,6 @@ from pagefork.vmm.kvm.process import ForkProcess
 TEMPLATE = {"mem_size_mib": 16, "variants": 4}
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path: socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="pf-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-StartDaemon = Callable[..., tuple[Daemon, DaemonClient]]
-
-
-@pytest.fixture
-def start_daemon(tmp_path: Path, short_dir: Path) -> Iterator[StartDaemon]:
-    """Start daemons on one state dir (one at a time, for restarts); all are closed at the end."""
-    daemons: list[Daemon] = []
-
-    def start(**kw: Any) -> tuple[Daemon, DaemonClient]:
-        control = str(short_dir / "control.sock")
-        daemon = Daemon(tmp_path / "state", control, socket_dir=str(short_dir / "forks"), **kw)
-        daemons.append(daemon)
-        daemon.start()
-        return daemon, DaemonClient(control, timeout=60)
-
-    yield start
-    for d in daemons:
-        d.close()
 
 
 def _run_fork(client: DaemonClient, template: str, index: int) -> tuple[dict[str, Any], Any]:

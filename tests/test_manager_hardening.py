@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PAGE, make_mem_file, needs_kvm, needs_uffd
+from conftest import PAGE, StartDaemon, make_mem_file, needs_kvm, needs_uffd
 from pagefork.daemon import manager as manager_module
 from pagefork.daemon.client import DaemonClient, DaemonError
 from pagefork.daemon.journal import SocketJournal
@@ -43,33 +42,6 @@ from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
 MIB = 1 << 20
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path: socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="pf-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-StartDaemon = Callable[..., tuple[Daemon, DaemonClient]]
-
-
-@pytest.fixture
-def start_daemon(tmp_path: Path, short_dir: Path) -> Iterator[StartDaemon]:
-    """Start daemons (state in ``tmp_path/state`` unless given); all are closed at the end."""
-    daemons: list[Daemon] = []
-
-    def start(**kw: Any) -> tuple[Daemon, DaemonClient]:
-        control = kw.pop("control", str(short_dir / "control.sock"))
-        kw.setdefault("socket_dir", str(short_dir / "forks"))
-        daemon = Daemon(kw.pop("state_dir", tmp_path / "state"), control, **kw)
-        daemons.append(daemon)
-        daemon.start()
-        return daemon, DaemonClient(control, timeout=60)
-
-    yield start
-    for d in daemons:
-        d.close()
 
 
 @pytest.fixture
