@@ -59,6 +59,7 @@ from pagefork.hotpages import HotPageList
 from pagefork.hotpages import load as load_hot_pages
 from pagefork.regions import Region
 from pagefork.server import PageServer, ServerConfig, validate_fork_id
+from pagefork.serving.state import ForkPhase, transition
 from pagefork.stats import LATENCY_WINDOW, ForkStats
 from pagefork.templates import TemplateRecord, TemplateRegistry
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
@@ -66,10 +67,7 @@ from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
 log = logging.getLogger("pagefork")
 
 ForkRole = Role  # the fork's part in its template's hot-page loop
-#: ``starting``: its VMM is being restored by the manager (a release waits for that to end);
-#: ``live``: restored or driven by the caller; ``exited``: its VMM process has exited (see
-#: ``exit_status``), the fork is kept until released; ``releasing``: one release has claimed it.
-ForkPhase = Literal["starting", "live", "exited", "releasing"]
+
 #: A template's identity: its id and its record's ``created`` stamp. A template deleted and
 #: created again under the same id is another template: it never shares a page server, a
 #: cached hot set or a re-record request with the old one.
@@ -166,7 +164,7 @@ class Fork:
     prefetch: dict[str, Any] | None = None
     final_stats: ForkStats | None = None
     hot: HotPageList | None = None  # what this fork prefetches (role "prefetch")
-    phase: ForkPhase = "live"
+    phase: ForkPhase = ForkPhase.LIVE
     template_created: float = 0.0  # the template record's ``created``: see TemplateKey
     #: The VMM's exit status once it has exited (negative: the signal that killed it; None
     #: while it runs, or when the driver cannot tell).
@@ -489,9 +487,11 @@ class ForkManager:
             self.socket_journal.add(fork_id, fork.socket_path)
         with self._lock:
             if error is None and not fork.release_requested:
-                fork.phase = "exited" if fork.vmm_exited else "live"
+                fork.phase = transition(
+                    fork_id, fork.phase, ForkPhase.EXITED if fork.vmm_exited else ForkPhase.LIVE
+                )
                 return fork
-            fork.phase = "releasing"
+            fork.phase = transition(fork_id, fork.phase, ForkPhase.RELEASING)
         # Failed, or released while starting: this call releases it (stopping the handle the
         # driver returned, if any). A failing cleanup is logged; it never hides ``error``.
         try:
@@ -599,7 +599,7 @@ class ForkManager:
             time.time(),
             driver=driver,
             hot=loop.hot if role == "prefetch" else None,
-            phase="starting" if starting else "live",
+            phase=ForkPhase.STARTING if starting else ForkPhase.LIVE,
             template_created=state.record.created,
         )
         state.forks.add(fork_id)
@@ -692,8 +692,8 @@ class ForkManager:
             fork.exit_watch = None
             fork.vmm_exited = True
             fork.exit_status = status if isinstance(status, int) else None
-            if fork.phase == "live":
-                fork.phase = "exited"
+            if fork.phase is ForkPhase.LIVE:
+                fork.phase = transition(fork.fork_id, fork.phase, ForkPhase.EXITED)
         log.info("fork %s: its VMM exited (status %s)", fork.fork_id, fork.exit_status)
 
     # --- prefetch ----------------------------------------------------------------------------
@@ -805,13 +805,13 @@ class ForkManager:
         """
         with self._lock:
             fork = self._forks.get(fork_id)
-            if fork is None or fork.phase == "releasing" or fork.release_requested:
+            if fork is None or fork.phase is ForkPhase.RELEASING or fork.release_requested:
                 raise UnknownForkError(f"unknown fork {fork_id!r}")
-            deferred = fork.phase == "starting"
+            deferred = fork.phase is ForkPhase.STARTING
             if deferred:
                 fork.release_requested = True
             else:
-                fork.phase = "releasing"
+                fork.phase = transition(fork_id, fork.phase, ForkPhase.RELEASING)
         if not deferred:
             return self._teardown(fork)
         bound = self.config.restore_timeout + self.config.prefetch_timeout + 5.0

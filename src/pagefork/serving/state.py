@@ -1,13 +1,16 @@
-"""A fork's lifecycle as one explicit state machine (the h11 style: a table of allowed moves).
+"""A fork's lifecycle as explicit state machines (the h11 style: a table of allowed moves).
 
-The supervisor owns each fork's state; workers report what happened and the supervisor moves
-the state. Every move goes through :func:`transition`, so an impossible one is a bug that
-shows up at once instead of a fork stuck in a state nobody expected.
+:class:`ForkState` is the page server's view of a fork (its uffd): the supervisor owns it, the
+workers report what happened, and the supervisor moves it. :class:`ForkPhase` is the daemon's
+view of the fork's VMM, owned by the fork manager. Every move goes through :func:`transition`,
+so an impossible one is a bug that shows up at once instead of a fork stuck in a state nobody
+expected.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import TypeVar
 
 from pagefork.errors import ForkError
 
@@ -40,17 +43,42 @@ _ALLOWED: dict[ForkState, frozenset[ForkState]] = {
     ForkState.FAILED: frozenset(),
 }
 
+_S = TypeVar("_S", "ForkState", "ForkPhase")
+
 #: States after which a fork is never served again.
 FINAL = frozenset({ForkState.ENDED, ForkState.FAILED})
 
 
-def can_move(old: ForkState, new: ForkState) -> bool:
+class ForkPhase(str, enum.Enum):
+    """Where a daemon fork's VMM stands. The values are what the API shows as ``phase``."""
+
+    #: The manager is restoring its VMM (a release waits for that to end).
+    STARTING = "starting"
+    #: Restored, or driven by the caller.
+    LIVE = "live"
+    #: Its VMM process has exited; the fork is kept until it is released.
+    EXITED = "exited"
+    #: One release has claimed it.
+    RELEASING = "releasing"
+
+
+_PHASES: dict[ForkPhase, frozenset[ForkPhase]] = {
+    ForkPhase.STARTING: frozenset({ForkPhase.LIVE, ForkPhase.EXITED, ForkPhase.RELEASING}),
+    ForkPhase.LIVE: frozenset({ForkPhase.EXITED, ForkPhase.RELEASING}),
+    ForkPhase.EXITED: frozenset({ForkPhase.RELEASING}),
+    ForkPhase.RELEASING: frozenset(),
+}
+
+
+def can_move(old: ForkState | ForkPhase, new: ForkState | ForkPhase) -> bool:
     """True when a fork in ``old`` may move to ``new``."""
-    return new in _ALLOWED[old]
+    if isinstance(old, ForkState):
+        return new in _ALLOWED[old]
+    return new in _PHASES[old]
 
 
-def transition(fork_id: str, old: ForkState, new: ForkState) -> ForkState:
+def transition(fork_id: str, old: _S, new: _S) -> _S:
     """Return ``new`` if the move is allowed; raise :class:`ForkError` naming the fork if not."""
-    if new not in _ALLOWED[old]:
+    if not can_move(old, new):
         raise ForkError(f"fork {fork_id}: cannot go from {old.value} to {new.value}")
     return new
