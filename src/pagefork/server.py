@@ -874,6 +874,9 @@ class PageServer:
         limit = self.config.record_max_pages
         capacity = min(pages, limit) if entry.record and limit is not None else pages
         entry.record_capacity = capacity if entry.record else 0
+        if len(self._pool.live()) < len(self._pool.workers):
+            for started in self._pool.refill():  # slots left empty when no worker could start
+                self._watch_worker(started)
         worker = self._pool.place(pinned_cpu(entry.pid) if entry.pid else None)
         why = None if worker is not None else "no worker is left to serve it"
         if why is None:
@@ -1063,6 +1066,10 @@ class PageServer:
                 entry.state = transition(entry.fork_id, entry.state, ForkState.ENDED)
                 callbacks += self._finish(entry, None)
             new, given_up = self._pool.replace(worker)
+            if new is None and worker.slot >= 0 and worker.slot not in self._pool.given_up:
+                # No worker could start in its slot (out of fds, say): another one takes the
+                # forks. A slot that crash-loops does not pass its forks on: they may be why.
+                new = self._pool.place(None)
             if self._pool.spare is not None:
                 self._watch_worker(self._pool.spare)
             if worker.slot < 0:  # the spare: nobody to adopt
@@ -1079,7 +1086,7 @@ class PageServer:
                     self._apply_failure_policy(entry, why)
                     callbacks += self._finish(entry, why)
             else:
-                self._watch_worker(new)
+                self._watch_worker(new)  # a no-op for a worker that was already serving
                 for entry in orphans:
                     entry.state = transition(entry.fork_id, entry.state, ForkState.ADOPTING)
                     # A window the dead worker closed but could not report: report it now.

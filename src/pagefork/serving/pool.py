@@ -206,6 +206,8 @@ class WorkerPool:
         self._cpus: list[int | None] = list(cpus) if cpus else [None] * count
         self.workers: list[WorkerProcess | None] = []
         self.spare: WorkerProcess | None = None
+        #: Slots whose workers crash-looped: never started again.
+        self.given_up: set[int] = set()
         # Deaths per slot, and the spare's (index -1): a slot that crash-loops is given up.
         self._deaths: dict[int, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=CRASH_LOOP_DEATHS)
@@ -253,7 +255,9 @@ class WorkerPool:
 
     def replace(self, dead: WorkerProcess) -> tuple[WorkerProcess | None, str | None]:
         """Take ``dead`` out and put a worker in its slot: ``(worker, None)``, or ``(None,
-        reason)`` when the slot is given up (it crash-loops, or no worker can start)."""
+        reason)`` when none can be put there: the slot crash-loops (it is given up for good,
+        see :attr:`given_up`), or no worker can start now (the slot stays empty until
+        :meth:`refill` manages to)."""
         if dead is self.spare:
             self.spare = None
             span = self._crash_looping(-1)
@@ -272,6 +276,7 @@ class WorkerPool:
             self.workers[slot] = None
         span = self._crash_looping(slot)
         if span is not None:
+            self.given_up.add(slot)
             return None, (
                 f"worker slot {slot} died {CRASH_LOOP_DEATHS} times in {span:.1f}s; "
                 "not restarting it"
@@ -291,6 +296,20 @@ class WorkerPool:
         self.workers[slot] = new
         self._start_spare()  # after the slot is filled: a spare that cannot start costs nothing
         return new, None
+
+    def refill(self) -> list[WorkerProcess]:
+        """Start workers in empty slots that were not given up (a worker could not start
+        there, e.g. out of fds); the ones started. Failures leave the slot empty."""
+        started = []
+        for slot, w in enumerate(self.workers):
+            if w is None and slot not in self.given_up:
+                try:
+                    w = WorkerProcess(slot, *self._mem, cpu=self._cpus[slot])
+                except PageforkError:
+                    continue
+                self.workers[slot] = w
+                started.append(w)
+        return started
 
     def all_processes(self) -> list[WorkerProcess]:
         """Every worker, spare included."""
