@@ -272,3 +272,36 @@ def test_a_fork_unregistered_while_its_worker_dies_is_finished_not_adopted(make_
     [(dead, _, forks)] = restarts.wait(1)
     assert dead == worker and forks == 0  # nothing left to adopt: it was unregistered
     assert server.forks() == []
+
+
+def test_when_no_worker_can_start_another_takes_the_forks_and_the_slot_refills_later(
+    make_server, vmms, monkeypatch: pytest.MonkeyPatch
+):
+    from pagefork.serving import pool
+
+    restarts = Restarts()
+    server = make_server(workers=2, spare_worker=False, on_worker_restarted=restarts)
+    a = vmms(server.register_fork("a"))
+    b = vmms(server.register_fork("b"))
+    server.wait_connected("a")
+    server.wait_connected("b")
+    victim = server.stats("a").worker_pid
+    survivor = server.stats("b").worker_pid
+    assert victim != survivor and victim is not None
+    real_init = pool.WorkerProcess.__init__
+
+    def out_of_fds(self: pool.WorkerProcess, *args: object, **kw: object) -> None:
+        raise PageforkError("cannot start a worker process: Too many open files")
+
+    monkeypatch.setattr(pool.WorkerProcess, "__init__", out_of_fds)
+    os.kill(victim, signal.SIGKILL)
+    [(dead, new, forks)] = restarts.wait(1)
+    assert (dead, new, forks) == (victim, survivor, 1)  # the live worker took fork a
+    assert a.send(cmd="touch", all=True)["bad"] == 0
+    assert server.worker_pids() == [survivor]
+    monkeypatch.setattr(pool.WorkerProcess, "__init__", real_init)  # fds are back
+    c = vmms(server.register_fork("c"))
+    server.wait_connected("c")
+    assert len(server.worker_pids()) == 2  # the empty slot was filled for the new fork
+    assert c.send(cmd="touch", pages=[[0, 0], [1, PAGE]])["bad"] == 0
+    assert b.send(cmd="touch", pages=[[0, PAGE]])["bad"] == 0
