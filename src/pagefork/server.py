@@ -213,6 +213,15 @@ class _OutOfFds(HandshakeError):
     """The server had no fd left for the uffd a VMM sent."""
 
 
+def _has_pending(listener: socket.socket | None) -> bool:
+    """True when a connection waits in ``listener``'s backlog."""
+    if listener is None:
+        return False
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _peer_pidfd(conn: socket.socket, pid: int | None) -> int:
     """A pidfd of the process at the other end of ``conn``, or -1.
 
@@ -484,8 +493,9 @@ class PageServer:
             while True:
                 if entry.connected:
                     return entry
-                if entry.handshake_failed is not None:
-                    # Say why now rather than at the timeout; the VMM may retry later.
+                if entry.handshake_failed is not None and not _has_pending(entry.listener):
+                    # Say why now rather than at the timeout; the VMM may retry later. (A retry
+                    # already waiting to be accepted is waited for instead.)
                     raise ForkError(f"fork {fork_id}: handshake: {entry.handshake_failed}")
                 if entry.state in FINAL:
                     raise ForkError(f"fork {fork_id}: {entry.error or 'session ended'}")
