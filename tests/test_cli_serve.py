@@ -443,7 +443,7 @@ def test_serve_names_its_workers_and_replaces_one_killed_mid_run(tmp_path: Path,
 
 
 def test_serve_refuses_a_bad_worker_count(tmp_path: Path, mem_file) -> None:
-    for bad in ("0", "-2", "lots"):
+    for bad in ("0", "-2", "lots", "100000"):
         proc = subprocess.run(
             [
                 *PAGEFORK,

@@ -187,7 +187,7 @@ def test_a_mem_file_that_shrinks_fails_only_the_fork_that_reads_past_its_end(
 
 
 def test_workers_setting_is_checked(tmp_path: Path, mem_file: Path) -> None:
-    for bad in (0, -1, "many", True, 1.5):
+    for bad in (0, -1, "many", True, 1.5, 4 * len(os.sched_getaffinity(0)) + 1, 10**6):
         with pytest.raises(PageforkError, match="workers must be"):
             PageServer(ServerConfig(str(mem_file), str(tmp_path), workers=bad))  # type: ignore[arg-type]
 

@@ -53,7 +53,13 @@ from pagefork.prefetch import PrefetchPlan, PrefetchResult, plan_prefetch
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.serving import ipc
 from pagefork.serving import ledger as L
-from pagefork.serving.pool import WorkerPool, WorkerProcess, pinned_cpu, usable_cpus
+from pagefork.serving.pool import (
+    WorkerPool,
+    WorkerProcess,
+    max_workers,
+    pinned_cpu,
+    usable_cpus,
+)
 from pagefork.serving.state import FINAL, ForkState, transition
 from pagefork.stats import ForkStats, percentiles_us
 
@@ -207,6 +213,12 @@ def _check_config(config: ServerConfig) -> None:
         isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
     ):
         raise PageforkError(f"workers must be 'auto' or a whole number >= 1, not {workers!r}")
+    most = max_workers()
+    if workers != "auto" and workers > most:
+        # More workers than cores only adds interpreters (about 30 MiB each) and wake-ups.
+        raise PageforkError(
+            f"workers must be at most {most} here (4 per usable CPU), not {workers}"
+        )
 
 
 class _OutOfFds(HandshakeError):

@@ -46,6 +46,11 @@ def usable_cpus() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
+def max_workers() -> int:
+    """The most workers one page server may have: 4 per usable CPU."""
+    return 4 * len(usable_cpus())
+
+
 def pinned_cpu(pid: int) -> int | None:
     """The one CPU every thread of process ``pid`` is pinned to, or None (not pinned to one
     CPU, or gone). A VMM pins its vCPU threads this way."""
