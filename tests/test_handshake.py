@@ -62,8 +62,9 @@ def test_mappings_object_form_is_accepted() -> None:
         (json.dumps([m(0x1000, 0, 0)]).encode(), "size is 0"),
         (json.dumps([m(0x1000, 0x1000, -4096)]).encode(), "negative"),
         (json.dumps([m(0x1000, 0x1000, True)]).encode(), "must be an integer"),
-        (json.dumps([m(0x1000, 0x1000, 0, page_size=3000)]).encode(), "not a power of two"),
-        (json.dumps([m(0x1000, 0x1000, 0, page_size=2048)]).encode(), "not a power of two >= 4096"),
+        (json.dumps([m(0x1000, 0x1000, 0, page_size=3000)]).encode(), "neither 4 KiB nor 2 MiB"),
+        (json.dumps([m(0x1000, 0x1000, 0, page_size=2048)]).encode(), "page size 2048 is neither"),
+        (json.dumps([m(0, 1 << 30, 0, page_size=1 << 30)]).encode(), "1073741824 is neither"),
         (json.dumps([m(0x1000, 0x10000, 0x8000)]).encode(), "ends past the mem-file"),
         (
             json.dumps([m(0x1000, 0x4000, 0), m(0x3000, 0x1000, 0x4000)]).encode(),

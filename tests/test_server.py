@@ -244,7 +244,8 @@ def test_multiple_forks_on_one_shared_socket(tmp_path: Path, mem_file: Path, vmm
         ({"record_max_seconds": -1.0}, "record_max_seconds"),
         ({"handshake_timeout": float("inf")}, "handshake_timeout"),
         ({"on_failure": "explode"}, "on_failure"),
-        ({"page_size": 5000}, "power of two"),
+        ({"page_size": 5000}, "neither 4 KiB nor 2 MiB"),
+        ({"page_size": 1 << 30}, "neither 4 KiB nor 2 MiB"),
     ],
 )
 def test_bad_settings_are_refused_up_front(tmp_path, mem_file, setting, message):

@@ -76,7 +76,7 @@ def test_create_refuses_missing_files_bad_sizes_and_duplicates(
     odd.write_bytes(b"x" * 5000)
     with pytest.raises(TemplateError, match="not a multiple of 4096"):
         reg.create_from_snapshot("a", odd, state)
-    with pytest.raises(TemplateError, match="power of two"):
+    with pytest.raises(TemplateError, match="neither 4 KiB nor 2 MiB"):
         reg.create_from_snapshot("a", mem, state, page_size=3000)
     reg.create_from_snapshot("a", mem, state)
     with pytest.raises(TemplateError, match="'a' already exists"):

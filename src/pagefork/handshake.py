@@ -17,6 +17,9 @@ from pagefork.regions import PAGE_SIZE, Region, overlapping
 
 #: Largest handshake payload we accept; Firecracker's is a few hundred bytes per region.
 MAX_HANDSHAKE_BYTES = 64 << 10
+#: The page sizes guest memory comes in: 4 KiB, and 2 MiB hugetlbfs pages (Firecracker's
+#: ``huge_pages: "2M"``).
+PAGE_SIZES = frozenset({PAGE_SIZE, 2 << 20})
 #: Deepest JSON nesting we accept (Firecracker's is 2: an array of objects).
 MAX_NESTING = 16
 
@@ -92,9 +95,11 @@ def _page_size(entry: dict[str, Any], index: int, default: int) -> int:
             break
     else:
         size = default
-    if size < PAGE_SIZE or size & (size - 1):
+    if size not in PAGE_SIZES:
+        # Each fault copies one page: a made-up 1 GiB "page" would let one VMM keep the worker
+        # it shares with other forks busy for a second per fault.
         raise HandshakeError(
-            f"mapping {index}: page size {size} is not a power of two >= {PAGE_SIZE}"
+            f"mapping {index}: page size {size} is neither 4 KiB nor 2 MiB (hugetlbfs)"
         )
     return size
 

@@ -43,6 +43,7 @@ from pagefork import uffd
 from pagefork.errors import ForkError, HandshakeError, PageforkError, PrefetchError
 from pagefork.handshake import (
     MAX_HANDSHAKE_BYTES,
+    PAGE_SIZES,
     PayloadScanner,
     keeps_socket_open,
     parse_mappings,
@@ -194,8 +195,8 @@ def _check_config(config: ServerConfig) -> None:
             raise PageforkError(f"{name} must be a positive number, not {value!r}")
 
     page_size = config.page_size
-    if page_size and (page_size < 4096 or page_size & (page_size - 1)):
-        raise PageforkError(f"page size {page_size} is not a power of two >= 4096")
+    if page_size and page_size not in PAGE_SIZES:
+        raise PageforkError(f"page size {page_size} is neither 4 KiB nor 2 MiB")
     if config.on_failure not in ("kill", "close"):
         raise PageforkError(f"on_failure must be 'kill' or 'close', not {config.on_failure!r}")
     positive("handshake_timeout", config.handshake_timeout, allow_none=False)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pagefork.errors import PageforkError, TemplateError
+from pagefork.handshake import PAGE_SIZES
 from pagefork.regions import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -294,11 +295,10 @@ class TemplateRegistry:
         if (
             isinstance(page_size, bool)
             or not isinstance(page_size, int)
-            or page_size < PAGE_SIZE
-            or page_size & (page_size - 1)
+            or page_size not in PAGE_SIZES
         ):
             raise TemplateFieldError(
-                "page_size", f"page size {page_size!r} is not a power of two >= {PAGE_SIZE}"
+                "page_size", f"page size {page_size!r} is neither 4 KiB nor 2 MiB"
             )
         mem = Path(mem_file).absolute()
         state = Path(snapshot_path).absolute()
