@@ -372,15 +372,27 @@ def test_cli_without_a_daemon_is_a_one_line_error(
     assert len(err) == 1 and "cannot reach the daemon" in err[0]
 
 
-def test_daemon_command_stops_cleanly_on_sigterm(tmp_path: Path, short_dir: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_daemon_command_stops_cleanly_on_sigterm(
+    tmp_path: Path, short_dir: Path, sig: signal.Signals
+) -> None:
     control = str(short_dir / "control.sock")
-    cmd = [sys.executable, "-m", "pagefork", "daemon", "--state-dir", str(tmp_path / "s")]
+    # SIGHUP at its default disposition, whatever this test run inherited.
+    cmd = [
+        sys.executable,
+        "-c",
+        "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+        "from pagefork.cli import main; sys.exit(main(sys.argv[1:]))",
+        "daemon",
+        "--state-dir",
+        str(tmp_path / "s"),
+    ]
     proc = subprocess.Popen([*cmd, "--control", control], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         assert json.loads(proc.stdout.readline())["event"] == "listening"
         assert DaemonClient(control).templates()["templates"] == []
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(timeout=20) == 0
         assert json.loads(proc.stdout.readline())["event"] == "stopped"
     finally:

@@ -57,7 +57,8 @@ def add_parser(subparsers: Any) -> None:
         help="serve every template's forks, controlled over a Unix socket",
         description="Run the page-server daemon: templates under --state-dir, a JSON HTTP "
         "control API on --control (mode 0600), Prometheus metrics at GET /metrics. Stops "
-        "cleanly on SIGINT/SIGTERM.",
+        "cleanly on SIGINT, SIGTERM and SIGHUP (releasing every fork; SIGHUP stays ignored "
+        "under nohup).",
     )
     d.add_argument("--state-dir", required=True, metavar="DIR", help="templates live here")
     _add_control(d)
@@ -179,7 +180,12 @@ def run_daemon(args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP (its terminal or supervisor went away) stops it cleanly too, like SIGTERM; one
+    # that is ignored on entry (nohup) stays ignored: that caller asked it to outlive them.
+    stop_signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        stop_signals.append(signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in stop_signals}
     try:
         with Daemon(
             args.state_dir,
