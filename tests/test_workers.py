@@ -40,9 +40,7 @@ class Restarts:
             return list(self.calls)
 
 
-def test_worker_killed_after_reading_a_fault_is_replaced_and_the_guest_runs_on(
-    make_server, vmms
-):
+def test_worker_killed_after_reading_a_fault_is_replaced_and_the_guest_runs_on(make_server, vmms):
     restarts = Restarts()
     server = make_server(workers=1, on_worker_restarted=restarts)
     vmm = vmms(server.register_fork("a"))
@@ -118,8 +116,10 @@ def test_a_recording_continues_across_a_worker_death_with_every_page(make_server
 
 
 def test_a_crash_looping_worker_is_given_up_and_its_forks_get_the_failure_policy(
-    make_server, vmms
+    make_server, vmms, monkeypatch: pytest.MonkeyPatch
 ):
+    from pagefork.serving import pool
+
     restarts = Restarts()
     server = make_server(workers=1, on_worker_restarted=restarts)
     vmm = vmms(server.register_fork("a"))
@@ -135,11 +135,27 @@ def test_a_crash_looping_worker_is_given_up_and_its_forks_get_the_failure_policy
     stats = server.wait_ended("a")
     assert stats.state == "failed" and "died 5 times" in (stats.error or "")
     assert server.worker_pids() == []
+    # The slot is not tried again at once; after a while (here: at once) a new fork is served.
+    monkeypatch.setattr(pool, "GIVE_UP_SECONDS", 0.0)
+    later = vmms(server.register_fork("b"))
+    server.wait_connected("b")
+    assert later.send(cmd="touch", pages=[[0, 0], [1, PAGE]])["bad"] == 0
+    assert len(server.worker_pids()) == 1
 
 
-def test_sigkill_from_outside_during_a_fault_storm_of_two_forks_loses_no_byte(
-    make_server, vmms
-):
+def test_workers_killed_from_outside_with_no_forks_never_give_their_slot_up(make_server, vmms):
+    restarts = Restarts()
+    server = make_server(workers=1, on_worker_restarted=restarts)
+    for i in range(6):  # more deaths than a crash loop needs, but none with a fork on it
+        [worker] = server.worker_pids()
+        os.kill(worker, signal.SIGKILL)
+        restarts.wait(i + 1)
+    vmm = vmms(server.register_fork("a"))
+    server.wait_connected("a")
+    assert vmm.send(cmd="touch", all=True)["bad"] == 0
+
+
+def test_sigkill_from_outside_during_a_fault_storm_of_two_forks_loses_no_byte(make_server, vmms):
     restarts = Restarts()
     server = make_server(workers=2, on_worker_restarted=restarts)
     a = vmms(server.register_fork("a"))
@@ -192,9 +208,7 @@ def test_workers_setting_is_checked(tmp_path: Path, mem_file: Path) -> None:
             PageServer(ServerConfig(str(mem_file), str(tmp_path), workers=bad))  # type: ignore[arg-type]
 
 
-def test_workers_are_pinned_one_per_cpu_and_a_pinned_vmm_is_served_on_its_cpu(
-    make_server, vmms
-):
+def test_workers_are_pinned_one_per_cpu_and_a_pinned_vmm_is_served_on_its_cpu(make_server, vmms):
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip("needs two CPUs")

@@ -898,8 +898,12 @@ class PageServer:
         capacity = min(pages, limit) if entry.record and limit is not None else pages
         entry.record_capacity = capacity if entry.record else 0
         if len(self._pool.live()) < len(self._pool.workers):
-            for started in self._pool.refill():  # slots left empty when no worker could start
+            # Slots left empty (no worker could start, or given up a while ago): try again.
+            for started in self._pool.refill():
                 self._watch_worker(started)
+            self._pool.start_spare()  # the spare may have gone into a slot
+            if self._pool.spare is not None:
+                self._watch_worker(self._pool.spare)
         worker = self._pool.place(pinned_cpu(entry.pid) if entry.pid else None)
         why = None if worker is not None else "no worker is left to serve it"
         if why is None:

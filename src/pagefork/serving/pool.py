@@ -30,6 +30,8 @@ log = logging.getLogger("pagefork")
 #: A slot whose workers die this often (deaths within seconds) is not restarted again.
 CRASH_LOOP_DEATHS = 5
 CRASH_LOOP_SECONDS = 10.0
+#: How long a slot that crash-looped stays empty before a new fork tries it again.
+GIVE_UP_SECONDS = 30.0
 #: Prefetch plans a worker keeps, so forks of one template send theirs once per worker.
 PLANS_KEPT = 16
 #: A worker that has not taken a message off its channel for this long is stuck (stopped, or
@@ -211,8 +213,8 @@ class WorkerPool:
         self._cpus: list[int | None] = list(cpus) if cpus else [None] * count
         self.workers: list[WorkerProcess | None] = []
         self.spare: WorkerProcess | None = None
-        #: Slots whose workers crash-looped: never started again.
-        self.given_up: set[int] = set()
+        #: Slots whose workers crash-looped, and when: not restarted for :data:`GIVE_UP_SECONDS`.
+        self.given_up: dict[int, float] = {}
         # Deaths per slot, and the spare's (index -1): a slot that crash-loops is given up.
         self._deaths: dict[int, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=CRASH_LOOP_DEATHS)
@@ -223,9 +225,9 @@ class WorkerPool:
         except BaseException:
             self.stop()
             raise
-        self._start_spare()
+        self.start_spare()
 
-    def _start_spare(self) -> None:
+    def start_spare(self) -> None:
         """Start a spare if one is wanted; a failure only costs the spare (logged)."""
         if not self._want_spare or self.spare is not None:
             return
@@ -249,8 +251,14 @@ class WorkerPool:
                     return w
         return min(live, key=lambda w: len(w.forks), default=None)
 
-    def _crash_looping(self, slot: int) -> float | None:
-        """Note a death in ``slot``; the seconds its last deaths took when it crash-loops."""
+    def _crash_looping(self, slot: int, had_forks: bool = True) -> float | None:
+        """Note a death in ``slot``; the seconds its last deaths took when it crash-loops.
+
+        Only deaths with forks count: a worker that dies with nothing to serve was killed from
+        outside (an operator, the OOM killer), and no fork of ours can be why.
+        """
+        if not had_forks:
+            return None
         deaths = self._deaths[slot]
         now = time.monotonic()
         deaths.append(now)
@@ -267,7 +275,7 @@ class WorkerPool:
             self.spare = None
             span = self._crash_looping(-1)
             if span is None:
-                self._start_spare()
+                self.start_spare()
             else:
                 log.error(
                     "the spare worker died %d times in %.1fs; running without one",
@@ -279,9 +287,9 @@ class WorkerPool:
         slot = dead.slot
         if 0 <= slot < len(self.workers) and self.workers[slot] is dead:
             self.workers[slot] = None
-        span = self._crash_looping(slot)
+        span = self._crash_looping(slot, bool(dead.forks))
         if span is not None:
-            self.given_up.add(slot)
+            self.given_up[slot] = time.monotonic()
             return None, (
                 f"worker slot {slot} died {CRASH_LOOP_DEATHS} times in {span:.1f}s; "
                 "not restarting it"
@@ -299,21 +307,38 @@ class WorkerPool:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(new.pid, {cpu})
         self.workers[slot] = new
-        self._start_spare()  # after the slot is filled: a spare that cannot start costs nothing
+        self.start_spare()  # after the slot is filled: a spare that cannot start costs nothing
         return new, None
 
     def refill(self) -> list[WorkerProcess]:
-        """Start workers in empty slots that were not given up (a worker could not start
-        there, e.g. out of fds); the ones started. Failures leave the slot empty."""
+        """Fill empty slots: those where no worker could start (out of fds, say), and those
+        given up more than :data:`GIVE_UP_SECONDS` ago. The spare goes first. Returns the
+        workers started (not the spare: it is watched already). Failures leave a slot empty."""
         started = []
+        now = time.monotonic()
         for slot, w in enumerate(self.workers):
-            if w is None and slot not in self.given_up:
-                try:
-                    w = WorkerProcess(slot, *self._mem, cpu=self._cpus[slot])
-                except PageforkError:
+            if w is not None:
+                continue
+            since = self.given_up.get(slot)
+            if since is not None:
+                if now - since < GIVE_UP_SECONDS:
                     continue
+                del self.given_up[slot]
+                self._deaths[slot].clear()
+            if self.spare is not None:
+                w, self.spare = self.spare, None
+                w.slot, w.cpu = slot, self._cpus[slot]
+                if w.cpu is not None:
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(w.pid, {w.cpu})
                 self.workers[slot] = w
-                started.append(w)
+                continue
+            try:
+                w = WorkerProcess(slot, *self._mem, cpu=self._cpus[slot])
+            except PageforkError:
+                continue
+            self.workers[slot] = w
+            started.append(w)
         return started
 
     def all_processes(self) -> list[WorkerProcess]:
