@@ -299,3 +299,28 @@ def test_long_socket_paths_that_fit_sun_path_work(tmp_path, mem_file, vmms):
         vmm = vmms(path)
         assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
         vmm.close()
+
+
+def test_a_socket_put_at_our_path_by_someone_else_is_left_alone(tmp_path: Path, mem_file: Path):
+    import socket
+
+    server = PageServer(ServerConfig(str(mem_file), str(tmp_path)))
+    others: list[socket.socket] = []
+    try:
+        path = server.register_fork("a")
+        shared = str(tmp_path / "shared.sock")
+        server.listen(shared)
+        for p in (path, shared):  # an operator removes ours; another server binds there
+            os.unlink(p)
+            other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            other.bind(p)
+            other.listen(1)
+            others.append(other)
+        server.unregister_fork("a")
+    finally:
+        server.close()
+    try:
+        assert os.path.exists(path) and os.path.exists(shared)  # theirs, still there
+    finally:
+        for other in others:
+            other.close()

@@ -350,6 +350,7 @@ class PageServer:
         self._listeners: dict[int, _Fork | None] = {}
         self._shared: dict[int, tuple[socket.socket, str, bool | Callable[[str], bool] | None]] = {}
         self._pending: dict[int, _Pending] = {}
+        self._bound: dict[str, tuple[int, int]] = {}  # socket paths we bound: their inodes
         self._paused: dict[int, float] = {}  # listeners backing off (out of fds): until when
         self._closed_fds: set[int] = set()  # closed while handling the current batch
         self._requests: dict[int, _Request] = {}
@@ -389,6 +390,7 @@ class PageServer:
             if fork_id in self._forks:
                 raise ForkError(f"fork {fork_id} is already registered")
             sock = bind_private_socket(path)
+            self._note_ours(path)
             entry = _Fork(
                 fork_id,
                 record=self.config.record_hot_pages if record is None else record,
@@ -408,6 +410,7 @@ class PageServer:
         with self._lock:
             self._check_open()
             sock = bind_private_socket(path)
+            self._note_ours(path)
             self._shared[sock.fileno()] = (sock, path, record)
             self._listeners[sock.fileno()] = None
             self._epoll.register(sock.fileno(), select.EPOLLIN)
@@ -442,9 +445,23 @@ class PageServer:
                 self._epoll.unregister(sock.fileno())
             sock.close()
         if entry.socket_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(entry.socket_path)
+            self._unlink_ours(entry.socket_path)
             entry.socket_path = None
+
+    def _note_ours(self, path: str) -> None:
+        """Remember which file the socket we bound at ``path`` is (by inode)."""
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            self._bound[path] = (st.st_dev, st.st_ino)
+
+    def _unlink_ours(self, path: str) -> None:
+        """Remove ``path`` only if it is still the socket we bound there: another server may
+        have put its own at that path since (ours removed by hand, say)."""
+        ident = self._bound.pop(path, None)
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if ident == (st.st_dev, st.st_ino) and stat.S_ISSOCK(st.st_mode):
+                os.unlink(path)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1199,8 +1216,7 @@ class PageServer:
                 self._drop_pending(fd, None)
             for sock, path, _ in self._shared.values():
                 sock.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+                self._unlink_ours(path)
             self._shared.clear()
             self._listeners.clear()
         self._pool.stop()  # workers exit when their channel closes; forks stop being served
