@@ -332,6 +332,15 @@ def _microvm_spec(body: _Body) -> Any:
     )
 
 
+def takes_long(method: str, target: str) -> bool:
+    """The requests that may wait on a VMM for long (restore, prefetch, a guest's end): they
+    are answered by a pool of their own, so a burst of them never holds up the others."""
+    path = target.split("?", 1)[0]
+    return method == "POST" and (
+        path == "/forks" or path.endswith("/wait") or path.endswith("/prefetch")
+    )
+
+
 class ControlServer(HttpServer):
     """The control API served over HTTP on a mode-0600 Unix socket at ``path``.
 
@@ -344,7 +353,7 @@ class ControlServer(HttpServer):
         # permissions, whatever the umask.
         sock = bind_private_socket(path)
         try:
-            super().__init__(sock, api.handle, limits)
+            super().__init__(sock, api.handle, limits, is_long=takes_long)
         except BaseException:
             sock.close()
             raise
@@ -361,7 +370,7 @@ class ControlServer(HttpServer):
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise DaemonError(f"control socket fd {sock.fileno()}: not listening")
         server = cls.__new__(cls)
-        HttpServer.__init__(server, sock, api.handle, limits)
+        HttpServer.__init__(server, sock, api.handle, limits, is_long=takes_long)
         server.api = api
         name = sock.getsockname()
         server.path = name if isinstance(name, str) else name.decode(errors="replace")

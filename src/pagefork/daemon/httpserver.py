@@ -101,6 +101,9 @@ class ServerLimits:
 
     #: Threads answering requests; more complete requests wait for one.
     workers: int = 16
+    #: Threads answering the requests the handler says may take long (waiting on a VMM): a
+    #: pool of their own, so they never hold up the quick ones.
+    long_workers: int = 64
     #: Open connections at most; more wait in the listen backlog.
     max_connections: int = 256
     #: The listen backlog (the kernel caps it at ``net.core.somaxconn``).
@@ -205,11 +208,16 @@ class HttpServer:
     """
 
     def __init__(
-        self, sock: socket.socket, handler: Handler, limits: ServerLimits | None = None
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        limits: ServerLimits | None = None,
+        is_long: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.limits = limits or ServerLimits()
         self.socket = sock
         self.handler = handler
+        self._is_long = is_long
         sock.setblocking(False)
         # listen() again only changes the backlog of an already listening socket.
         sock.listen(self.limits.backlog)
@@ -218,6 +226,7 @@ class HttpServer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._pool = _Workers(self.limits.workers, "pagefork-http")
+        self._long_pool = _Workers(self.limits.long_workers, "pagefork-http-long")
         self._lock = threading.Condition()
         self._conns: set[_Conn] = set()  # every open connection (under _lock)
         self._returned: deque[_Conn] = deque()  # answered, kept alive: back to the loop
@@ -324,7 +333,8 @@ class HttpServer:
                     conn.sock.shutdown(socket.SHUT_RDWR)
             else:
                 self._close(conn)
-        if not self._pool.close(timeout=min(1.0, self.limits.shutdown_grace)):
+        grace = min(1.0, self.limits.shutdown_grace)
+        if not (self._pool.close(timeout=grace) & self._long_pool.close(timeout=grace)):
             log.warning("control: requests still running at close; their answers are lost")
         self.socket.close()
         self._selector.close()
@@ -531,7 +541,9 @@ class HttpServer:
         with self._lock:
             self._in_flight += 1
         try:
-            self._pool.submit(lambda: self._answer(conn, method, target, body))
+            long = self._is_long is not None and self._is_long(method, target)
+            pool = self._long_pool if long else self._pool
+            pool.submit(lambda: self._answer(conn, method, target, body))
         except RuntimeError:  # the pool is shut down: the server is closing
             with self._lock:
                 self._in_flight -= 1
