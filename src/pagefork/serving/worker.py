@@ -640,7 +640,9 @@ class _Target:
 
 def main() -> None:
     """Entry point: ``python -m pagefork.serving.worker CHAN_FD MEM_FD MEM_SIZE ZERO_FD``."""
-    level = int(os.environ.get("PAGEFORK_WORKER_LOG", logging.WARNING))  # 10 for debugging
+    # PAGEFORK_WORKER_LOG=10 logs each fork's lifecycle in the workers, for debugging.
+    level_text = os.environ.get("PAGEFORK_WORKER_LOG", "")
+    level = int(level_text) if level_text.isdigit() else logging.WARNING
     logging.basicConfig(level=level, format=f"pagefork worker {os.getpid()}: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     chan_fd, mem_fd, mem_size, zero_fd = (int(a) for a in sys.argv[1:5])
