@@ -81,7 +81,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="OUT",
         help="record hot pages and save them to OUT (HPL1) when the fork ends or its window "
         "closes; OUT may contain {fork} in its file name to record every fork to its own file, "
-        "otherwise only the first fork (the warm-up) is recorded. OUT is checked at start: its "
+        "otherwise only the first fork (the warm-up) is recorded and every later fork is "
+        "prefetched from its hot set. OUT is checked at start: its "
         "directory must be writable, and an existing OUT must be a regular file (a symbolic "
         "link, FIFO or device is refused, never replaced)",
     )
@@ -90,7 +91,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--hot-pages",
         metavar="FILE",
-        help="prefetch this hot-page file into every fork right after its handshake",
+        help="the hot set to start from: every fork that does not record is prefetched from "
+        "it right after its handshake",
     )
     p.add_argument(
         "--workers",
