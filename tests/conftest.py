@@ -144,3 +144,18 @@ def start_daemon(tmp_path: Path, short_dir: Path) -> Iterator[StartDaemon]:
     yield start
     for d in daemons:
         d.close()
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` on a thread; the dict gets its ``result`` or its ``error``."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out

@@ -12,13 +12,12 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import StartDaemon, needs_kvm, needs_uffd
+from conftest import StartDaemon, in_thread, needs_kvm, needs_uffd
 from pagefork.cli import main
 from pagefork.daemon.client import DaemonClient, DaemonError
 from pagefork.daemon.manager import ForkManager, ManagerConfig
@@ -535,20 +534,6 @@ def _fc_template(client: DaemonClient, tmp_path: Path, tid: str, pages: int = 4)
     return client.create_template(tid, "firecracker", mem_file=str(mem), snapshot_path=str(snap))
 
 
-def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
-
-
 def test_a_fork_released_twice_at_once_is_counted_once(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
@@ -559,7 +544,7 @@ def test_a_fork_released_twice_at_once_is_counted_once(
     handle = _FakeHandle("dup", hold_stop=True)
     daemon.manager.fork("dup").handle = handle  # the first release stops at its VMM's stop
 
-    first, out = _in_thread(lambda: client.release_fork("dup"))
+    first, out = in_thread(lambda: client.release_fork("dup"))
     assert handle.stopping.wait(10)
     with pytest.raises(DaemonError, match="unknown fork 'dup'") as info:
         client.release_fork("dup")  # the first release has claimed it
@@ -638,13 +623,13 @@ def test_release_during_the_vmm_start_is_carried_out_by_the_creator(
     driver = _GatedDriver()
     daemon, client = start_daemon(drivers={"gated": driver})
     _fc_template(client, tmp_path, "t")
-    creator, created = _in_thread(lambda: client.create_fork("t", "s", vmm="gated"))
+    creator, created = in_thread(lambda: client.create_fork("t", "s", vmm="gated"))
     assert driver.entered.wait(10)  # the fork is registered, its VMM restoring
     fork = daemon.manager.fork("s")
     assert fork.phase == "starting" and client.fork("s")["phase"] == "starting"
     released_event = _SignallingEvent()
     fork.released = released_event
-    releaser, released = _in_thread(lambda: client.release_fork("s"))
+    releaser, released = in_thread(lambda: client.release_fork("s"))
     assert released_event.waiting.wait(10)  # the release waits for the creator
     with pytest.raises(DaemonError, match="unknown fork 's'"):
         client.release_fork("s")  # only one release claims it
@@ -667,11 +652,11 @@ def test_a_failed_vmm_start_reports_its_own_error_even_when_released_meanwhile(
     driver.fail = VmmError("restore exploded")
     daemon, client = start_daemon(drivers={"gated": driver})
     _fc_template(client, tmp_path, "t")
-    creator, created = _in_thread(lambda: client.create_fork("t", "s", vmm="gated"))
+    creator, created = in_thread(lambda: client.create_fork("t", "s", vmm="gated"))
     assert driver.entered.wait(10)
     released_event = _SignallingEvent()
     daemon.manager.fork("s").released = released_event
-    releaser, released = _in_thread(lambda: client.release_fork("s"))
+    releaser, released = in_thread(lambda: client.release_fork("s"))
     assert released_event.waiting.wait(10)
     driver.proceed.set()
     creator.join(10)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PAGE, StartDaemon, make_mem_file, needs_kvm, needs_uffd
+from conftest import PAGE, StartDaemon, in_thread, make_mem_file, needs_kvm, needs_uffd
 from pagefork.daemon import manager as manager_module
 from pagefork.daemon.client import DaemonClient, DaemonError
 from pagefork.daemon.journal import SocketJournal
@@ -88,20 +88,6 @@ def _fc_template(client: DaemonClient, where: Path, tid: str, pages: int = 3072)
     return client.create_template(tid, "firecracker", mem_file=str(mem), snapshot_path=str(snap))
 
 
-def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
-
-
 def _metric(text: str, name: str, template: str) -> float:
     prefix = f'{name}{{template="{template}"}} '
     for line in text.splitlines():
@@ -159,11 +145,11 @@ def test_a_slow_page_server_start_freezes_neither_the_api_nor_other_templates(
     gate = _GatedServers(slow["mem_file"])
     monkeypatch.setattr(manager_module, "PageServer", gate.cls)
 
-    first, first_out = _in_thread(lambda: client.create_fork("slow", "s1"))
+    first, first_out = in_thread(lambda: client.create_fork("slow", "s1"))
     assert gate.entered.wait(30)  # s1's creator is loading the slow template's mem-file
     start = daemon.manager._starting[("slow", slow["created"])]
     start.ready = ready = _SignallingEvent()
-    second, second_out = _in_thread(lambda: client.create_fork("slow", "s2"))
+    second, second_out = in_thread(lambda: client.create_fork("slow", "s2"))
     assert ready.waiting.wait(30)  # s2 waits for that start, not for the manager
 
     # Meanwhile every other request is answered, and another template's forks come and go.
@@ -201,10 +187,10 @@ def test_a_page_server_that_fails_to_start_fails_each_waiting_fork_cleanly(
     gate = _GatedServers(tpl["mem_file"])
     gate.fail = MemFileError(f"mem-file {tpl['mem_file']}: it shrank")
     monkeypatch.setattr(manager_module, "PageServer", gate.cls)
-    first, first_out = _in_thread(lambda: client.create_fork("t", "a"))
+    first, first_out = in_thread(lambda: client.create_fork("t", "a"))
     assert gate.entered.wait(30)
     daemon.manager._starting[("t", tpl["created"])].ready = ready = _SignallingEvent()
-    second, second_out = _in_thread(lambda: client.create_fork("t", "b"))
+    second, second_out = in_thread(lambda: client.create_fork("t", "b"))
     assert ready.waiting.wait(30)
     gate.proceed.set()
     first.join(30)
@@ -664,7 +650,7 @@ def test_a_fork_waiting_too_long_for_its_page_server_gives_up_cleanly(
     config = ManagerConfig(socket_dir=str(short_dir / "f"), server_start_timeout=0.05)
     manager = ForkManager(registry, config)
     try:
-        first, out = _in_thread(lambda: manager.create_fork("t", "a"))
+        first, out = in_thread(lambda: manager.create_fork("t", "a"))
         assert gate.entered.wait(30)
         with pytest.raises(ForkError, match=r"'t': its page server is still starting after 0.05s"):
             manager.create_fork("t", "b")
@@ -732,14 +718,14 @@ def test_a_burst_of_first_forks_starts_one_page_server_and_one_warm_up(
     tpl = _fc_template(client, tmp_path, "t")
     gate = _GatedServers(tpl["mem_file"])
     monkeypatch.setattr(manager_module, "PageServer", gate.cls)
-    first, first_out = _in_thread(lambda: client.create_fork("t", "f0"))
+    first, first_out = in_thread(lambda: client.create_fork("t", "f0"))
     assert gate.entered.wait(30)
     daemon.manager._starting[("t", tpl["created"])].ready = ready = _SignallingEvent()
 
     def create(fork_id: str) -> Callable[[], Any]:
         return lambda: client.create_fork("t", fork_id)
 
-    burst = [_in_thread(create(f"f{i}")) for i in range(1, 12)]
+    burst = [in_thread(create(f"f{i}")) for i in range(1, 12)]
     assert ready.waiting.wait(30)
     gate.proceed.set()
     for t, _ in [(first, first_out), *burst]:

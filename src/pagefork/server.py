@@ -553,13 +553,6 @@ class PageServer:
             stats.latency_us = percentiles_us(samples)
         return stats
 
-    def _stats_of(self, entry: _Fork) -> ForkStats:
-        """The fork's stats with latency percentiles (lock held)."""
-        stats, samples = self._counters_of(entry)
-        if samples:
-            stats.latency_us = percentiles_us(samples)
-        return stats
-
     def _counters_of(self, entry: _Fork) -> tuple[ForkStats, list[int]]:
         """The fork's counters and its latency samples (lock held: the ledger may close
         otherwise)."""
@@ -1060,15 +1053,16 @@ class PageServer:
         self, entry: _Fork, error: str | None
     ) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
         """The fork has ended: keep its final figures, close what it held (lock held)."""
+        if entry.ledger is not None and entry.record:
+            entry.final_hot = self._hot_of(entry)  # read once, for the window and for later
         callbacks = self._report_window(entry) if entry.ledger is not None else []
         entry.error = error
         if error is not None:
             entry.last_error = error
-        stats = self._stats_of(entry)
-        if entry.ledger is not None:
-            entry.final_latencies = entry.ledger.latencies()
-            if entry.record:
-                entry.final_hot = self._hot_of(entry)
+        stats, samples = self._counters_of(entry)
+        if samples:
+            stats.latency_us = percentiles_us(samples)
+        entry.final_latencies = samples
         entry.final_stats = stats
         if entry.ledger is not None:
             entry.ledger.close()

@@ -162,11 +162,8 @@ class Ledger:
         ]
 
     # --- latencies --------------------------------------------------------------------------
-    def add_latency(self, ns: int) -> None:
-        """Record one fault's service time (the ring keeps the last :data:`LATENCY_SLOTS`)."""
-        n = self.counters[LATENCY_N]
-        self.latency_ring[n & (LATENCY_SLOTS - 1)] = ns
-        self.counters[LATENCY_N] = n + 1
+    # The fault loop writes the latency ring itself (sample n at n % LATENCY_SLOTS, then
+    # LATENCY_N = n + 1), with its slots bound once per batch.
 
     def latencies(self) -> list[int]:
         """The recorded fault latencies in ns (the most recent window, unordered)."""
