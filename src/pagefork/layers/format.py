@@ -1,0 +1,328 @@
+"""The layer file: the pages a child template changed over its parent, and the pages now zero.
+
+A layered template is a base mem-file plus an ordered list of layers, bottom first. Each layer
+holds the 4 KiB pages that differ from everything below it, and *zero runs*: pages that must
+read zero in the child (a range the guest removed, say), whatever the parent holds there.
+
+The file (``PFLAYER1``) is laid out so each data page can be mapped where it belongs in guest
+memory: page *k* of the data area starts at a page-aligned file offset.
+
+====================  =======================================================================
+offset                content
+====================  =======================================================================
+0                     header: magic ``PFLAYER1``, guest memory ``size``, data page count,
+                      zero run count, index offset, parent name length, CRC-32 (of the
+                      header with the CRC field zero, the parent name and the index)
+48                    parent name (UTF-8, at most :data:`MAX_PARENT_BYTES`)
+4096                  data area: data page *k* at ``4096 + k * 4096``
+index offset          ``pages`` little-endian u64 page numbers (data page *k* is guest page
+                      ``index[k]``), then ``zero_runs`` pairs of u64 (first page, count)
+====================  =======================================================================
+
+The index sits after the data, so a writer streams pages without knowing their count first.
+The file ends exactly at the end of the index: a truncated file is refused, not misread. A data
+page that is all zero is stored as a zero run instead (it costs no data). The same page may not
+be both data and in a zero run, nor be data twice.
+
+Reading: :class:`LayerFile` opens and validates a layer (every error is one line naming the
+file); :func:`open_reader` reads what a fork of a chain reads, page by page.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import re
+import struct
+import sys
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import BinaryIO, Protocol
+
+from pagefork.errors import TemplateError
+from pagefork.files import atomic_save, open_regular
+
+#: The page size of layers: data pages and zero runs are counted in these.
+LAYER_PAGE = 4096
+MAGIC = b"PFLAYER1"
+#: The most bytes of a parent name stored in a layer.
+MAX_PARENT_BYTES = 1024
+_HEADER = struct.Struct("<8sQQQQHxxI")  # magic, size, pages, zero runs, index offset, parent, crc
+_DATA_START = LAYER_PAGE
+_ZERO_PAGE = bytes(LAYER_PAGE)
+# A page in the writer's map: untouched, data, zero (stored as a zero run).
+_NONE, _DATA, _ZERO = 0, 1, 2
+_ZERO_RUN_RE = re.compile(b"\x02+")
+# The index is stored little-endian; array("Q") is native.
+_SWAP = sys.byteorder != "little"
+
+
+class LayerError(TemplateError):
+    """A layer file is corrupt, truncated, does not fit its memory, or cannot be written."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a layer holds: ``pages`` data pages, ``zero_pages`` pages that read zero, and
+    ``bytes``, the file's size."""
+
+    pages: int
+    zero_pages: int
+    bytes: int
+
+
+class PageReader(Protocol):
+    """Reads what a fork of a template reads at a page."""
+
+    size: int
+
+    def read_page(self, index: int) -> bytes:
+        """The 4096 bytes a fork reads at page ``index``."""
+        ...
+
+
+def _u64_array(values: Iterable[int] = ()) -> array.array[int]:
+    return array.array("Q", values)
+
+
+def write_layer(
+    path: str,
+    *,
+    size: int,
+    pages: Iterable[tuple[int, bytes | memoryview]],
+    zero_runs: Iterable[tuple[int, int]] = (),
+    parent: str | None = None,
+) -> LayerInfo:
+    """Write a layer file atomically (a temp file renamed over ``path``).
+
+    ``size`` is the guest memory size in bytes (a multiple of :data:`LAYER_PAGE`); ``pages`` are
+    (page index, 4096 bytes) in any order; ``zero_runs`` are (first page, count) runs that must
+    read zero. ``parent`` names what the layer was taken over (kept for people, not checked).
+    Raises :class:`LayerError` naming the bad entry; the old file, if any, stays as it was.
+    """
+    if size <= 0 or size % LAYER_PAGE:
+        raise LayerError(f"layer {path}: memory size {size} is not a positive multiple of 4096")
+    parent_bytes = (parent or "").encode()
+    if len(parent_bytes) > MAX_PARENT_BYTES:
+        raise LayerError(f"layer {path}: parent name longer than {MAX_PARENT_BYTES} bytes")
+    npages = size // LAYER_PAGE
+    kinds = bytearray(npages)
+    index = _u64_array()
+    runs = _u64_array()
+
+    def write(f: BinaryIO) -> None:
+        f.seek(_DATA_START)
+        for n, (page, data) in enumerate(pages):
+            if not 0 <= page < npages:
+                raise LayerError(
+                    f"layer {path}: page {page} (entry {n}) is outside the memory "
+                    f"({npages} pages)"
+                )
+            if len(data) != LAYER_PAGE:
+                raise LayerError(
+                    f"layer {path}: page {page} (entry {n}) has {len(data)} bytes, not 4096"
+                )
+            if kinds[page] != _NONE:
+                raise LayerError(f"layer {path}: page {page} (entry {n}) is given twice")
+            if data == _ZERO_PAGE:
+                kinds[page] = _ZERO  # reads zero: a zero run costs no data
+                continue
+            kinds[page] = _DATA
+            f.write(data)
+            index.append(page)
+        for n, (first, count) in enumerate(zero_runs):
+            if count <= 0 or first < 0 or first + count > npages:
+                raise LayerError(
+                    f"layer {path}: zero run {n} (page {first}, {count} pages) is outside "
+                    f"the memory ({npages} pages) or empty"
+                )
+            clash = kinds.find(_DATA, first, first + count)
+            if clash >= 0:
+                raise LayerError(
+                    f"layer {path}: zero run {n} covers page {clash}, which is also a data page"
+                )
+            kinds[first : first + count] = b"\x02" * count
+        for m in _ZERO_RUN_RE.finditer(kinds):
+            runs.extend((m.start(), m.end() - m.start()))
+        tail = _index_bytes(index, runs)
+        index_offset = _DATA_START + len(index) * LAYER_PAGE
+        f.write(tail)
+        f.seek(0)
+        f.write(_header(size, len(index), len(runs) // 2, index_offset, parent_bytes, tail))
+
+    atomic_save(path, write, "layer", error=LayerError)
+    zero_pages = sum(runs[1::2])
+    return LayerInfo(
+        pages=len(index),
+        zero_pages=zero_pages,
+        bytes=_DATA_START + len(index) * LAYER_PAGE + len(index) * 8 + len(runs) * 8,
+    )
+
+
+def _index_bytes(index: array.array[int], runs: array.array[int]) -> bytes:
+    if _SWAP:
+        index, runs = _u64_array(index), _u64_array(runs)
+        index.byteswap()
+        runs.byteswap()
+    return index.tobytes() + runs.tobytes()
+
+
+def _header(
+    size: int, pages: int, zero_runs: int, index_offset: int, parent: bytes, tail: bytes
+) -> bytes:
+    bare = _HEADER.pack(MAGIC, size, pages, zero_runs, index_offset, len(parent), 0)
+    crc = zlib.crc32(tail, zlib.crc32(parent, zlib.crc32(bare)))
+    return _HEADER.pack(MAGIC, size, pages, zero_runs, index_offset, len(parent), crc) + parent
+
+
+class LayerFile:
+    """A layer file opened read-only and validated.
+
+    ``index[k]`` is the guest page of data page *k* (at file offset :meth:`data_offset`);
+    ``zero_runs`` holds (first page, count) runs. ``fd`` stays open (for mapping and reading)
+    until :meth:`close`. Any defect raises :class:`LayerError` with a one-line message naming
+    the file, and nothing stays open.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        fd = open_regular(self.path, "layer", error=LayerError)
+        try:
+            self._load(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self._closed = False
+
+    def _fail(self, why: str) -> LayerError:
+        return LayerError(f"layer {self.path}: {why}")
+
+    def _read(self, fd: int, length: int, offset: int) -> bytes:
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise self._fail(f"truncated (ends at byte {offset + len(data)})")
+        return data
+
+    def _load(self, fd: int) -> None:
+        file_size = os.fstat(fd).st_size
+        head = os.pread(fd, _HEADER.size, 0)
+        if len(head) < _HEADER.size or head[:8] != MAGIC:
+            raise self._fail("not a pagefork layer file (bad magic)")
+        _, size, pages, zero_runs, index_offset, parent_len, crc = _HEADER.unpack(head)
+        if size <= 0 or size % LAYER_PAGE:
+            raise self._fail(f"memory size {size} is not a positive multiple of 4096")
+        npages = size // LAYER_PAGE
+        if parent_len > MAX_PARENT_BYTES or pages > npages or zero_runs > npages:
+            raise self._fail("corrupt header")
+        if index_offset != _DATA_START + pages * LAYER_PAGE:
+            raise self._fail("corrupt header (index offset)")
+        end = index_offset + pages * 8 + zero_runs * 16
+        if file_size < end:
+            raise self._fail(f"truncated ({file_size} bytes, the header says {end})")
+        if file_size > end:
+            raise self._fail(f"{file_size - end} bytes of trailing garbage")
+        parent = self._read(fd, parent_len, _HEADER.size)
+        tail = self._read(fd, end - index_offset, index_offset)
+        bare = _HEADER.pack(MAGIC, size, pages, zero_runs, index_offset, parent_len, 0)
+        if zlib.crc32(tail, zlib.crc32(parent, zlib.crc32(bare))) != crc:
+            raise self._fail("checksum mismatch (corrupt header or index)")
+        index = _u64_array()
+        index.frombytes(tail[: pages * 8])
+        runs = _u64_array()
+        runs.frombytes(tail[pages * 8 :])
+        if _SWAP:
+            index.byteswap()
+            runs.byteswap()
+        # A CRC catches accidents; these catch a file built to lie (it is a peer's input).
+        seen = bytearray(npages)
+        for k, page in enumerate(index):
+            if page >= npages:
+                raise self._fail(f"data page {k} is page {page}, outside the memory")
+            if seen[page]:
+                raise self._fail(f"page {page} is stored twice")
+            seen[page] = 1
+        self.zero_runs: list[tuple[int, int]] = []
+        for n in range(zero_runs):
+            first, count = runs[2 * n], runs[2 * n + 1]
+            if count == 0 or first + count > npages:
+                raise self._fail(f"zero run {n} (page {first}, {count} pages) is outside the memory")
+            if seen.find(1, first, first + count) >= 0:
+                raise self._fail(f"zero run {n} overlaps a data page or another zero run")
+            seen[first : first + count] = b"\x01" * count
+            self.zero_runs.append((first, count))
+        self.size = size
+        self.index = index
+        self.parent = parent.decode(errors="replace") or None
+        self.bytes = file_size
+
+    @property
+    def pages(self) -> int:
+        """The number of data pages."""
+        return len(self.index)
+
+    @property
+    def zero_pages(self) -> int:
+        """The number of pages in zero runs."""
+        return sum(count for _, count in self.zero_runs)
+
+    @staticmethod
+    def data_offset(slot: int) -> int:
+        """The file offset of data page ``slot``."""
+        return _DATA_START + slot * LAYER_PAGE
+
+    def read_slot(self, slot: int) -> bytes:
+        """The bytes of data page ``slot`` (a file cut short since open is an error)."""
+        return self._read(self.fd, LAYER_PAGE, self.data_offset(slot))
+
+    def info(self) -> LayerInfo:
+        """What this layer holds."""
+        return LayerInfo(pages=self.pages, zero_pages=self.zero_pages, bytes=self.bytes)
+
+    def close(self) -> None:
+        """Close the file; idempotent."""
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+    def __enter__(self) -> LayerFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def diff_against(
+    parent: PageReader, pages: Iterable[tuple[int, bytes | memoryview]]
+) -> Iterator[tuple[int, bytes | memoryview]]:
+    """Only the pages whose bytes differ from what ``parent`` reads at that page."""
+    for page, data in pages:
+        if parent.read_page(page) != data:
+            yield page, data
+
+
+def open_reader(template_chain: Sequence[str]) -> PageReader:
+    """A reader of what a fork of a chain reads: ``template_chain`` is the base mem-file path
+    then the layer paths, bottom first. Close it with ``close()`` when done."""
+    from pagefork.layers.source import LayeredView  # the view resolves chains; it imports us
+
+    return LayeredView(template_chain[0], template_chain[1:])
+
+
+__all__ = [
+    "LAYER_PAGE",
+    "LayerError",
+    "LayerFile",
+    "LayerInfo",
+    "PageReader",
+    "diff_against",
+    "open_reader",
+    "write_layer",
+]
