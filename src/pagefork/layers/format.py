@@ -248,7 +248,9 @@ class LayerFile:
         for n in range(zero_runs):
             first, count = runs[2 * n], runs[2 * n + 1]
             if count == 0 or first + count > npages:
-                raise self._fail(f"zero run {n} (page {first}, {count} pages) is outside the memory")
+                raise self._fail(
+                    f"zero run {n} (page {first}, {count} pages) is outside the memory"
+                )
             if seen.find(1, first, first + count) >= 0:
                 raise self._fail(f"zero run {n} overlaps a data page or another zero run")
             seen[first : first + count] = b"\x01" * count
