@@ -13,6 +13,15 @@ to serve the fault. The process speaks JSON lines with whoever started it
   they match the template, and the touched pages whose bytes differ from the mem-file
   (``bad_pages``, checked after ready); ``checksum_ok`` is true only if both are right;
 - stdout ``{"event": "error", "message": ...}`` and exit status 1 on any failure;
+- with ``--snapshots`` KVM logs the guest's writes, and the process takes commands on stdin
+  until ``exit`` or end of input, before ``go`` and after the result (the vCPUs are then
+  stopped: halted, or not yet resumed), each answered by one event or an ``error`` event that
+  leaves the fork as it was: ``snapshot DIR`` writes a diff snapshot into the existing
+  directory DIR (:mod:`.snapshot`; event ``snapshot``), ``remove GPA LENGTH`` gives guest
+  memory back as a balloon does (event ``removed``), ``dump PATH`` writes all guest RAM to a
+  new file (event ``dumped``);
+- ``--memory`` (repeated) reads the template's RAM from a base mem-file and its layers instead
+  of the template directory's mem-file: a fork of a snapshot checks its pages against them;
 - if the page server closes its socket before the fork is done, an ``error`` event and exit
   status 3 (a watchdog thread: vCPUs blocked on faults nobody serves would otherwise hang
   forever). The process also dies with its parent (``PR_SET_PDEATHSIG``).
@@ -28,11 +37,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from pagefork.errors import PageforkError
+from pagefork.errors import PageforkError, VmmError
 from pagefork.vmm.kvm.microvm import MicroVm
+from pagefork.vmm.kvm.snapshot import dump_memory, remove_range
 from pagefork.vmm.kvm.template import Template, load_template
 
 PR_SET_PDEATHSIG = 1
@@ -78,17 +88,76 @@ def _start_watchdog(vm: MicroVm, finished: threading.Event) -> None:
     threading.Thread(target=watch, name="server-watchdog", daemon=True).start()
 
 
-def run_fork(template_dir: str, socket_path: str | None, fork_index: int, wait_go: bool) -> int:
+def run_fork(
+    template_dir: str,
+    socket_path: str | None,
+    fork_index: int,
+    wait_go: bool,
+    *,
+    snapshots: bool = False,
+    memory: Sequence[str] | None = None,
+) -> int:
     """Restore, wait for ``go``, run, report. Returns the exit status."""
     t_start = time.monotonic()
     _die_with_parent()
-    template = load_template(template_dir)
+    template = load_template(template_dir, memory)
     finished = threading.Event()
     with MicroVm(template, fork_index) as vm:
         try:
-            return _restore_and_run(vm, template, socket_path, wait_go, t_start, finished)
+            return _restore_and_run(
+                vm, template, socket_path, wait_go, t_start, finished, snapshots
+            )
         finally:
             finished.set()  # before MicroVm.close() shuts the socket down
+
+
+def _command(vm: MicroVm, line: str) -> dict[str, Any]:
+    """Run one ``--snapshots`` command; its event."""
+    verb, _, rest = line.partition(" ")
+    args = rest.split()
+    if verb == "snapshot" and len(args) == 1:
+        t0 = time.monotonic()
+        snap = vm.snapshot(args[0])
+        return {
+            "event": "snapshot",
+            "memory_diff": snap.memory_diff,
+            "vmstate": snap.vmstate,
+            "dirty_pages": snap.dirty_pages,
+            "seconds": time.monotonic() - t0,
+        }
+    if verb == "remove" and len(args) == 2:
+        if vm.memory is None:
+            raise VmmError("remove before restore")
+        gpa, length = int(args[0], 0), int(args[1], 0)
+        remove_range(vm.memory, gpa, length)
+        return {"event": "removed", "gpa": gpa, "length": length}
+    if verb == "dump" and len(args) == 1:
+        if vm.memory is None:
+            raise VmmError("dump before restore")
+        dump_memory(vm.memory, args[0])
+        return {"event": "dumped", "path": args[0]}
+    raise VmmError(f"unknown command {line!r}")
+
+
+def _serve_commands(vm: MicroVm, run: Callable[[], None] | None) -> int:
+    """The ``--snapshots`` loop: commands until ``exit`` or end of input; ``go`` calls
+    ``run`` once (None: already ran)."""
+    for raw in sys.stdin:
+        line = raw.strip()
+        if line == "exit":
+            break
+        if line == "go":
+            if run is None:
+                _emit({"event": "error", "message": "go: the guest has already run"})
+                continue
+            go, run = run, None
+            go()
+            continue
+        try:
+            _emit(_command(vm, line))
+        except (PageforkError, OSError, ValueError) as exc:  # the fork stays as it was
+            _emit({"event": "error", "message": _one_line(str(exc)), "command": line})
+    return 0
 
 
 def _restore_and_run(
@@ -98,8 +167,9 @@ def _restore_and_run(
     wait_go: bool,
     t_start: float,
     finished: threading.Event,
+    snapshots: bool = False,
 ) -> int:
-    vm.restore(socket_path)
+    vm.restore(socket_path, log_dirty=snapshots)
     if socket_path is not None:
         _start_watchdog(vm, finished)
     _emit(
@@ -112,16 +182,25 @@ def _restore_and_run(
             "t_restored": time.monotonic(),
         }
     )
+    if snapshots:
+        return _serve_commands(vm, lambda: _run_and_report(vm, template, keep=True))
     if wait_go:
         line = sys.stdin.readline().strip()
         if line != "go":
             return 0
+    _run_and_report(vm, template)
+    return 0
+
+
+def _run_and_report(vm: MicroVm, template: Template, *, keep: bool = False) -> None:
+    """Run the guest to its halt and emit its ``result``."""
     t_go = time.monotonic()
     result = vm.run()
     # After ready, so not part of the ready time: every byte of every touched page.
     bad_pages = vm.check_pages()
     expected = template.expected_checksums(vm.variant)
-    template.close()
+    if not keep:
+        template.close()
     guest_ok = result.checksums == expected
     _emit(
         {
@@ -139,7 +218,6 @@ def _restore_and_run(
             "progress": result.progress,
         }
     )
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,9 +227,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--socket", help="page server socket (omit: load RAM from the mem-file)")
     parser.add_argument("--fork-index", type=int, default=0, help="picks the trace variant")
     parser.add_argument("--no-wait", action="store_true", help="run without waiting for 'go'")
+    parser.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="log the guest's writes and take commands (snapshot, remove, dump) until 'exit'",
+    )
+    parser.add_argument(
+        "--memory",
+        action="append",
+        metavar="PATH",
+        help="read the template's RAM from this base mem-file, then these layers (repeat)",
+    )
     args = parser.parse_args(argv)
     try:
-        return run_fork(args.template, args.socket, args.fork_index, not args.no_wait)
+        return run_fork(
+            args.template,
+            args.socket,
+            args.fork_index,
+            not args.no_wait,
+            snapshots=args.snapshots,
+            memory=args.memory,
+        )
     except PageforkError as exc:
         _emit({"event": "error", "message": _one_line(str(exc))})
         return 1

@@ -12,12 +12,17 @@ What the program does, and the port-I/O "device" it talks to (ports are :data:`P
 2. ask the VMM for its slice of the trace: ``in PORT_TRACE_ADDR`` (guest-physical address of the
    first entry), ``in PORT_TRACE_WRITES`` and ``in PORT_TRACE_READS`` (entry counts). Each vCPU
    gets its own slice, so the same snapshot serves any fork and any share of the trace.
-3. read phase: for each read entry (a page address) ``sum = rol(sum + [page], 1) + [page+2048]``;
+3. read phase: for each read entry (a page address) ``sum = rol(sum + [page], 1) +
+   [page+0xFFC]``;
    after every :data:`CHUNK_PAGES` pages ``out PORT_PROGRESS`` with the running sum.
 4. write phase: for each write entry store the sum at ``page + 0xFFC`` (first touch of a page
-   that was not read is a write fault, as a boot zeroing fresh memory produces).
+   that was not read is a write fault, as a boot zeroing fresh memory produces). The read phase
+   reads that word too, so a later walk over this memory sums what this one wrote: a snapshot
+   of the fork carries the change to its branches, and their checksums show it.
 5. ``out PORT_READY`` with the sum, then ``hlt``. The VMM compares the sum with
    :func:`expected_checksum` over the template: every page served must have held the right bytes.
+6. run again after the halt (a VMM that resumes it, or a fork restored from a snapshot taken
+   there), it starts over at 2: a new walk over memory as the last one left it.
 
 Register use after the pause point: esi = trace cursor, edi = reads left, ebp = writes, edx =
 checksum, ecx = loop counter, eax = scratch (lodsd target, port data).
@@ -47,9 +52,10 @@ PORT_READY = 0xF5
 
 #: Pages walked between two progress exits: an exit costs a userspace round trip.
 CHUNK_PAGES = 512
-#: Byte offsets of the two words read per page, and of the word written.
-READ_OFFSETS = (0, 0x800)
+#: Byte offset of the word written per page, and of the two words read (the second is the
+#: written one: a walk over memory a previous walk wrote sums what it wrote).
 WRITE_OFFSET = 0xFFC
+READ_OFFSETS = (0, WRITE_OFFSET)
 
 MASK32 = 0xFFFFFFFF
 
@@ -142,7 +148,7 @@ def _build() -> tuple[bytes, dict[str, int], list[Instruction]]:
     a.emit(b"\xad", "lodsd                ; eax = [esi] (page address), esi += 4")
     a.emit(b"\x03\x10", "add edx, [eax]       ; first word of the page")
     a.emit(b"\xd1\xc2", "rol edx, 1           ; order matters: swapped pages change the sum")
-    a.emit(b"\x03\x90" + imm32(READ_OFFSETS[1]), "add edx, [eax+0x800] ; second word")
+    a.emit(b"\x03\x90" + imm32(READ_OFFSETS[1]), "add edx, [eax+0xFFC] ; second word")
     a.branch(b"\xe2", "read_page", "loop read_page       ; dec ecx, jnz")
     a.label("read_report")
     a.emit(b"\x89\xd0", "mov eax, edx")
@@ -160,8 +166,8 @@ def _build() -> tuple[bytes, dict[str, int], list[Instruction]]:
     a.emit(b"\x89\xd0", "mov eax, edx")
     a.emit(bytes([0xE7, PORT_READY]), "out PORT_READY, eax  ; checksum to the VMM")
     a.label("halt")
-    a.emit(b"\xf4", "hlt")
-    a.branch(b"\xeb", "halt", "jmp halt             ; stay halted if woken")
+    a.emit(b"\xf4", "hlt                  ; a snapshot's vCPU state is taken here")
+    a.branch(b"\xeb", "resume", "jmp resume           ; run again: a new walk")
     return a.assemble()
 
 

@@ -43,6 +43,21 @@ class kvm_userspace_memory_region(ctypes.Structure):
     )
 
 
+#: ``kvm_userspace_memory_region.flags``: have KVM log the guest's writes to the slot.
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+
+
+class kvm_dirty_log(ctypes.Structure):
+    """``KVM_GET_DIRTY_LOG``'s argument: the slot, and where KVM copies its bitmap (one bit
+    per page of the slot, in 64-bit words)."""
+
+    _fields_ = (
+        ("slot", ctypes.c_uint32),
+        ("padding1", ctypes.c_uint32),
+        ("dirty_bitmap", ctypes.c_uint64),
+    )
+
+
 class kvm_regs(ctypes.Structure):
     """General-purpose registers, ``rip`` and ``rflags`` of one vCPU."""
 
@@ -189,6 +204,7 @@ KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 # --- ioctls on a VM fd -----------------------------------------------------------------------
 KVM_CREATE_VCPU = _io(0x41)
+KVM_GET_DIRTY_LOG = _iow(0x42, ctypes.sizeof(kvm_dirty_log))
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(kvm_userspace_memory_region))
 KVM_SET_TSS_ADDR = _io(0x47)
 # --- ioctls on a vCPU fd ---------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pagefork.regions import PAGE_SIZE
 from pagefork.vmm.kvm import cpustate, guest
 from pagefork.vmm.kvm.devices import PortIoBus
 from pagefork.vmm.kvm.memory import GuestMemory
+from pagefork.vmm.kvm.snapshot import DiffSnapshot, write_diff_snapshot
 from pagefork.vmm.kvm.template import VMSTATE_FILE, Template, TraceSlice
 from pagefork.vmm.kvm.vcpu import EXIT_HALT
 from pagefork.vmm.kvm.vm import VirtualMachine
@@ -86,11 +87,16 @@ class MicroVm:
         self.device = TraceDevice(template.variant_slices[self.variant])
         self.bus = PortIoBus()
         self.bus.register(range(guest.PORT_PAUSE, guest.PORT_READY + 1), self.device)
+        self.slots: list[int] = []
+        self.log_dirty = False
 
-    def restore(self, socket_path: str | None, connect_timeout: float = 10.0) -> None:
+    def restore(
+        self, socket_path: str | None, connect_timeout: float = 10.0, *, log_dirty: bool = False
+    ) -> None:
         """Map RAM and restore the vCPUs. With ``socket_path``, RAM is served by the page
         server there (uffd handshake); without, it is read from the mem-file up front (a plain
-        restore, for checks without a server)."""
+        restore, for checks without a server). ``log_dirty`` has KVM log the guest's writes,
+        for :meth:`snapshot` (Firecracker's ``track_dirty_pages``)."""
         self.memory = GuestMemory(self.template.layout)
         if socket_path is not None:
             self.memory.register_userfaultfd()
@@ -104,8 +110,10 @@ class MicroVm:
                         raise VmmError(f"{self.template.mem_file}: short read")
                     view.release()
         self.vm = VirtualMachine()
+        self.log_dirty = log_dirty
         for addr, r in zip(self.memory.host_addrs, self.template.layout, strict=True):
-            self.vm.add_memory(r.guest_phys_addr, r.size, addr)
+            slot = self.vm.add_memory(r.guest_phys_addr, r.size, addr, log_dirty=log_dirty)
+            self.slots.append(slot)
         for state in self.template.vcpu_states:
             vcpu = self.vm.create_vcpu()
             try:
@@ -157,6 +165,15 @@ class MicroVm:
             exits=sum(v.exits for v in vcpus),
             progress=list(dev.progress),
         )
+
+    def snapshot(self, out_dir: str) -> DiffSnapshot:
+        """A diff snapshot into directory ``out_dir`` (see :mod:`.snapshot`); only between
+        runs (the vCPUs are stopped), and only with ``log_dirty``."""
+        if self.vm is None or self.memory is None:
+            raise VmmError("snapshot() before restore()")
+        if not self.log_dirty:
+            raise VmmError("this fork was restored without dirty logging: no diff snapshot")
+        return write_diff_snapshot(self.vm, self.memory, self.slots, out_dir)
 
     def check_pages(self) -> list[int]:
         """After :meth:`run`: compare every page the trace touched with the mem-file, byte for

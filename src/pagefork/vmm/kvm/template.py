@@ -18,10 +18,10 @@ import mmap
 import os
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagefork.errors import TemplateError, VmmError
 from pagefork.regions import PAGE_SIZE
@@ -31,6 +31,9 @@ from pagefork.vmm.kvm.memory import GuestMemory, MemoryRegionSpec
 from pagefork.vmm.kvm.trace import TraceSpec, generate_variants, split_slices, zero_page_layout
 from pagefork.vmm.kvm.vcpu import EXIT_DEVICE
 from pagefork.vmm.kvm.vm import TSS_ADDR, TSS_SIZE, VirtualMachine
+
+if TYPE_CHECKING:
+    from pagefork.layers.format import PageReader
 
 MEM_FILE = "mem-file"
 VMSTATE_FILE = "vmstate.json"
@@ -106,10 +109,16 @@ class VcpuState:
 
 
 class Template:
-    """A loaded, checked template. ``read_word`` reads the mem-file by guest-physical address."""
+    """A loaded, checked template. ``read_word`` reads the mem-file by guest-physical address.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    ``memory`` overrides where guest RAM comes from: a base mem-file, then the layers of a
+    child template over it, bottom first (a snapshot's directory holds no mem-file of its own).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], memory: Sequence[str] | None = None) -> None:
         self.path = Path(path)
+        self.memory_chain = tuple(memory) if memory else (str(self.path / MEM_FILE),)
+        self._reader: PageReader | None = None
         vmstate = _load_json(self.path / VMSTATE_FILE, VMSTATE_FORMAT)
         meta = _load_json(self.path / TEMPLATE_FILE, TEMPLATE_FORMAT)
         where = str(self.path / VMSTATE_FILE)
@@ -160,11 +169,20 @@ class Template:
                     )
                 if not self._in_ram(s.gpa, 4 * (s.reads + s.writes)):
                     raise TemplateError(f"{where}: variant {i} trace at {s.gpa:#x} is outside RAM")
-        self.mem_file = self.path / MEM_FILE
+        self.mem_file = Path(self.memory_chain[0])
         try:
             size = self.mem_file.stat().st_size
         except OSError as exc:
             raise TemplateError(f"{self.mem_file}: {exc.strerror}") from None
+        if len(self.memory_chain) > 1:
+            from pagefork.layers.format import open_reader  # only children need layers
+
+            self._reader = open_reader(self.memory_chain)
+            if self._reader.size != size:
+                raise TemplateError(
+                    f"{self.memory_chain[-1]}: a layer of {self._reader.size} bytes over a "
+                    f"mem-file of {size}"
+                )
         expected = sum(r.size for r in self.layout)
         if size != expected:
             raise TemplateError(
@@ -218,6 +236,8 @@ class Template:
 
     def read_word(self, gpa: int) -> int:
         """The template's little-endian u32 at guest-physical ``gpa``."""
+        if self._reader is not None:
+            return int(struct.unpack_from("<I", self.read_bytes(gpa, 4))[0])
         if self._map is None:
             with open(self.mem_file, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
@@ -225,20 +245,23 @@ class Template:
 
     def read_bytes(self, gpa: int, length: int) -> bytes:
         """``length`` bytes of the mem-file from guest-physical ``gpa`` (within one region)."""
-        if self._map is None:
-            self.read_word(gpa)
-        assert self._map is not None
         off = self.file_offset(gpa)
         if self.file_offset(gpa + length - 1) != off + length - 1:
             raise TemplateError(f"{self.path}: {gpa:#x}+{length:#x} spans two memory regions")
+        reader = self._reader
+        if reader is not None:  # through the layers, page by page
+            first, last = off // PAGE_SIZE, (off + length - 1) // PAGE_SIZE
+            data = b"".join(reader.read_page(p) for p in range(first, last + 1))
+            start = off - first * PAGE_SIZE
+            return data[start : start + length]
+        if self._map is None:
+            self.read_word(gpa)
+        assert self._map is not None
         return self._map[off : off + length]
 
     def _entries(self, s: TraceSlice) -> list[int]:
-        if self._map is None:
-            self.read_word(s.gpa)
-        assert self._map is not None
         n = s.reads + s.writes
-        return list(struct.unpack_from(f"<{n}I", self._map, self.file_offset(s.gpa)))
+        return list(struct.unpack(f"<{n}I", self.read_bytes(s.gpa, 4 * n)))
 
     def slice_pages(self, variant: int) -> list[tuple[list[int], list[int]]]:
         """Per vCPU: (pages read, pages written) of ``variant``, in trace order."""
@@ -271,7 +294,11 @@ class Template:
         return pages
 
     def close(self) -> None:
-        """Unmap the mem-file view; idempotent."""
+        """Unmap the mem-file view and close the layers; idempotent."""
+        reader, self._reader = self._reader, None
+        close = getattr(reader, "close", None)
+        if close is not None:
+            close()
         if self._map is not None:
             self._map.close()
             self._map = None
@@ -295,9 +322,10 @@ def _load_json(path: Path, fmt: str) -> dict[str, Any]:
     return doc
 
 
-def load_template(path: str | os.PathLike[str]) -> Template:
-    """Load and check the template in directory ``path``; :class:`TemplateError` if broken."""
-    return Template(path)
+def load_template(path: str | os.PathLike[str], memory: Sequence[str] | None = None) -> Template:
+    """Load and check the template in directory ``path``; :class:`TemplateError` if broken.
+    ``memory``: a base mem-file and layers to read guest RAM from instead of ``path``'s."""
+    return Template(path, memory)
 
 
 # --- building --------------------------------------------------------------------------------

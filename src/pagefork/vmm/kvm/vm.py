@@ -6,10 +6,12 @@ Thin wrappers over :mod:`.ioctls`; a Linux guest later adds ``KVM_CREATE_IRQCHIP
 
 from __future__ import annotations
 
+import ctypes
 import os
 from types import TracebackType
 
 from pagefork.errors import VmmError
+from pagefork.regions import PAGE_SIZE
 from pagefork.vmm.kvm import ioctls
 from pagefork.vmm.kvm.vcpu import Vcpu
 
@@ -55,17 +57,22 @@ class VirtualMachine:
             self.close()
             raise
         self._slots = 0
+        self._slot_pages: dict[int, int] = {}
 
-    def add_memory(self, guest_phys_addr: int, size: int, host_addr: int) -> int:
+    def add_memory(
+        self, guest_phys_addr: int, size: int, host_addr: int, *, log_dirty: bool = False
+    ) -> int:
         """Map ``size`` bytes at our ``host_addr`` as guest-physical ``guest_phys_addr``.
 
         KVM does not touch the pages here: they fault in (through the uffd, for a fork) when
-        the guest first uses them.
+        the guest first uses them. With ``log_dirty`` KVM logs every page the guest writes
+        (``KVM_MEM_LOG_DIRTY_PAGES``; read with :meth:`dirty_pages`). Pages the page server
+        installs are not guest writes and are not logged.
         """
         slot = self._slots
         region = ioctls.kvm_userspace_memory_region(
             slot=slot,
-            flags=0,
+            flags=ioctls.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0,
             guest_phys_addr=guest_phys_addr,
             memory_size=size,
             userspace_addr=host_addr,
@@ -74,7 +81,27 @@ class VirtualMachine:
             self.fd, ioctls.KVM_SET_USER_MEMORY_REGION, region, what="SET_USER_MEMORY_REGION"
         )
         self._slots += 1
+        self._slot_pages[slot] = size // PAGE_SIZE
         return slot
+
+    def dirty_pages(self, slot: int) -> list[int]:
+        """The pages (indexes within ``slot``) the guest wrote since the last call, or since
+        the slot was added: ``KVM_GET_DIRTY_LOG``, which also clears the log. The slot must
+        have been added with ``log_dirty``; the vCPUs should be stopped, or a page written
+        meanwhile lands in the next call."""
+        npages = self._slot_pages.get(slot)
+        if npages is None:
+            raise VmmError(f"no memory slot {slot}")
+        words = (ctypes.c_uint64 * ((npages + 63) // 64))()
+        log = ioctls.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(words))
+        ioctls.kvm_ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log, what="GET_DIRTY_LOG")
+        pages = []
+        for w, word in enumerate(words):
+            while word:
+                low = word & -word  # lowest set bit
+                pages.append(w * 64 + low.bit_length() - 1)
+                word ^= low
+        return pages
 
     def create_vcpu(self) -> Vcpu:
         """Create the next vCPU (ids count up from 0)."""
