@@ -49,6 +49,7 @@ from pagefork.handshake import (
     parse_mappings,
 )
 from pagefork.hotpages import HotPage, HotPageList
+from pagefork.layers.source import LayeredView, removed_file_ranges
 from pagefork.memfile import MemFile
 from pagefork.prefetch import PrefetchPlan, PrefetchResult, plan_prefetch
 from pagefork.regions import PAGE_SIZE, Region
@@ -95,7 +96,9 @@ class ServerConfig:
     worker is replaced at once. With ``pin_workers`` and one worker per CPU, each worker is
     pinned to its CPU and a fork whose VMM is pinned to one CPU goes to that CPU's worker.
     ``on_connect`` / ``on_fork_end`` / ``on_window_closed`` are called with the fork's id;
-    ``on_worker_restarted`` with (old pid, new pid, forks adopted).
+    ``on_worker_restarted`` with (old pid, new pid, forks adopted). ``layers`` are layer
+    files over the mem-file, bottom first: forks then read the layered template
+    (:mod:`pagefork.layers`).
     """
 
     mem_file_path: str
@@ -114,6 +117,7 @@ class ServerConfig:
     on_fork_end: Callable[[str, ForkStats], None] | None = None
     on_window_closed: Callable[[str, HotPageList], None] | None = None
     on_worker_restarted: Callable[[int, int, int], None] | None = None
+    layers: tuple[str, ...] = ()
 
 
 @dataclass(eq=False)
@@ -325,7 +329,12 @@ class PageServer:
         if config.socket_dir is not None and not os.path.isdir(config.socket_dir):
             raise ForkError(f"socket directory {config.socket_dir} does not exist")
         # The supervisor never maps the file: only workers read it (through the kernel's copy).
-        self.memfile = MemFile(config.mem_file_path, mapped=False)
+        # With layers, a composite view of the chain (pagefork.layers.source) stands in for it.
+        self.memfile = (
+            LayeredView(config.mem_file_path, config.layers)
+            if config.layers
+            else MemFile(config.mem_file_path, mapped=False)
+        )
         cpus = usable_cpus()
         count = len(cpus) if config.workers == "auto" else int(config.workers)
         try:
@@ -338,6 +347,9 @@ class PageServer:
                 # One worker per CPU, each pinned there: a fork whose VMM is pinned is then
                 # served on its own core.
                 cpus=cpus if config.pin_workers and count == len(cpus) else None,
+                layout_fds=(
+                    self.memfile.layout_fds() if isinstance(self.memfile, LayeredView) else ()
+                ),
             )
         except BaseException:
             self.memfile.close()
@@ -591,6 +603,15 @@ class PageServer:
             if entry.ledger is not None:
                 return entry.ledger.latencies()
             return list(entry.final_latencies)
+
+    def removed_ranges(self, fork_id: str) -> list[tuple[int, int]]:
+        """The mem-file byte ranges ``[start, end)`` the fork's guest removed (they read zero
+        in the fork), merged and in order: what a snapshot of the fork marks as zero."""
+        entry = self._get(fork_id)
+        with self._lock:
+            ranges = list(entry.ledger.removed()) if entry.ledger is not None else []
+            regions = list(entry.regions)
+        return removed_file_ranges(ranges, regions)
 
     def hot_pages(self, fork_id: str) -> HotPageList:
         """The pages the fork faulted on demand, in first-touch order (it must be recording)."""

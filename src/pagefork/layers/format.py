@@ -117,8 +117,7 @@ def write_layer(
         for n, (page, data) in enumerate(pages):
             if not 0 <= page < npages:
                 raise LayerError(
-                    f"layer {path}: page {page} (entry {n}) is outside the memory "
-                    f"({npages} pages)"
+                    f"layer {path}: page {page} (entry {n}) is outside the memory ({npages} pages)"
                 )
             if len(data) != LAYER_PAGE:
                 raise LayerError(

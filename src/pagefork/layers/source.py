@@ -28,7 +28,7 @@ import ctypes
 import mmap
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 from pagefork import libc
@@ -36,6 +36,7 @@ from pagefork.errors import MemFileError
 from pagefork.files import atomic_save
 from pagefork.layers.format import LAYER_PAGE, LayerError, LayerFile
 from pagefork.memfile import MemFile
+from pagefork.regions import Region
 
 #: The most layers in one chain (a layer index must fit a byte of the resolution map).
 MAX_DEPTH = 200
@@ -251,6 +252,27 @@ def flatten(base: str, layers: Sequence[str], out: str) -> int:
         return view.size
 
 
+def removed_file_ranges(
+    removed: Iterable[tuple[int, int]], regions: Sequence[Region]
+) -> list[tuple[int, int]]:
+    """Host address ranges a guest removed, as merged mem-file byte ranges ``[start, end)``
+    (the parts outside every region are dropped)."""
+    out: list[tuple[int, int]] = []
+    for start, end in removed:
+        for r in regions:
+            a, b = max(start, r.base), min(end, r.end)
+            if a < b:
+                out.append((r.offset + a - r.base, r.offset + b - r.base))
+    out.sort()
+    merged: list[tuple[int, int]] = []
+    for a, b in out:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
 def map_view(address: int, layout_fds: Sequence[int]) -> None:
     """In a worker: map the segments over the base mapped at ``address`` (``layout_fds`` as
     :meth:`LayeredView.layout_fds` gave them). Closes the fds. Raises ``OSError``."""
@@ -283,4 +305,11 @@ def _mmap_fixed(address: int, length: int, flags: int, fd: int, offset: int) -> 
         raise OSError(err, f"mmap of a layer segment: {os.strerror(err)}")
 
 
-__all__ = ["MAX_DEPTH", "LayeredView", "flatten", "map_view", "max_segments"]
+__all__ = [
+    "MAX_DEPTH",
+    "LayeredView",
+    "flatten",
+    "map_view",
+    "max_segments",
+    "removed_file_ranges",
+]

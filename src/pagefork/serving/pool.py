@@ -71,7 +71,13 @@ class WorkerProcess:
     """One worker process, as the supervisor sees it."""
 
     def __init__(
-        self, slot: int, mem_fd: int, mem_size: int, zero_fd: int, cpu: int | None = None
+        self,
+        slot: int,
+        mem_fd: int,
+        mem_size: int,
+        zero_fd: int,
+        cpu: int | None = None,
+        layout_fds: tuple[int, ...] = (),
     ) -> None:
         self.slot = slot
         self.cpu = cpu
@@ -97,8 +103,10 @@ class WorkerProcess:
                     str(mem_fd),
                     str(mem_size),
                     str(zero_fd),
+                    # A layered template: the view's segments and its layer files.
+                    *map(str, layout_fds),
                 ],
-                pass_fds=(child.fileno(), mem_fd, zero_fd),
+                pass_fds=(child.fileno(), mem_fd, zero_fd, *layout_fds),
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
@@ -206,8 +214,10 @@ class WorkerPool:
         zero_fd: int,
         spare: bool,
         cpus: list[int] | None = None,
+        layout_fds: tuple[int, ...] = (),
     ) -> None:
         self._mem = (mem_fd, mem_size, zero_fd)
+        self._layout = layout_fds
         self._want_spare = spare
         #: Slot i's CPU when workers are pinned (one per CPU), else None.
         self._cpus: list[int | None] = list(cpus) if cpus else [None] * count
@@ -221,7 +231,7 @@ class WorkerPool:
         )
         try:
             for slot in range(count):
-                self.workers.append(WorkerProcess(slot, *self._mem, cpu=self._cpus[slot]))
+                self.workers.append(WorkerProcess(slot, *self._mem, self._cpus[slot], self._layout))
         except BaseException:
             self.stop()
             raise
@@ -232,7 +242,7 @@ class WorkerPool:
         if not self._want_spare or self.spare is not None:
             return
         try:
-            self.spare = WorkerProcess(-1, *self._mem)
+            self.spare = WorkerProcess(-1, *self._mem, None, self._layout)
         except PageforkError as exc:
             log.warning("no spare worker: %s", exc)
 
@@ -298,7 +308,7 @@ class WorkerPool:
         cpu = self._cpus[slot]
         if new is None:
             try:
-                new = WorkerProcess(slot, *self._mem, cpu=cpu)
+                new = WorkerProcess(slot, *self._mem, cpu, self._layout)
             except PageforkError as exc:
                 return None, str(exc)
         else:
@@ -334,7 +344,7 @@ class WorkerPool:
                 self.workers[slot] = w
                 continue
             try:
-                w = WorkerProcess(slot, *self._mem, cpu=self._cpus[slot])
+                w = WorkerProcess(slot, *self._mem, self._cpus[slot], self._layout)
             except PageforkError:
                 continue
             self.workers[slot] = w

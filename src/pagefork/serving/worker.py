@@ -38,6 +38,7 @@ from typing import Any
 
 from pagefork import libc, uffd
 from pagefork.errors import PageforkError, PrefetchError
+from pagefork.layers.source import map_view
 from pagefork.prefetch import PrefetchPlan, execute_plan
 from pagefork.regions import PAGE_SIZE, Region, RegionMap
 from pagefork.removed import RemovedRanges
@@ -140,11 +141,20 @@ class _Fork:
 class Worker:
     """The event loop of one worker process."""
 
-    def __init__(self, chan: socket.socket, mem_fd: int, mem_size: int, zero_fd: int) -> None:
+    def __init__(
+        self,
+        chan: socket.socket,
+        mem_fd: int,
+        mem_size: int,
+        zero_fd: int,
+        layout_fds: tuple[int, ...] = (),
+    ) -> None:
         self.chan = chan
         self.mem_size = mem_size
         self.mem_address = libc.mmap(mem_size, mmap.PROT_READ, mmap.MAP_SHARED, mem_fd)
         os.close(mem_fd)
+        if layout_fds:  # a layered template: its layers' pages mapped over the base
+            map_view(self.mem_address, layout_fds)
         npages = (mem_size + PAGE_SIZE - 1) // PAGE_SIZE
         self.zeros = mmap.mmap(zero_fd, npages, mmap.MAP_SHARED, mmap.PROT_READ)
         os.close(zero_fd)
@@ -639,7 +649,8 @@ class _Target:
 
 
 def main() -> None:
-    """Entry point: ``python -m pagefork.serving.worker CHAN_FD MEM_FD MEM_SIZE ZERO_FD``."""
+    """Entry point: ``python -m pagefork.serving.worker CHAN_FD MEM_FD MEM_SIZE ZERO_FD
+    [VIEW_FD LAYER_FD...]`` (the last for a layered template)."""
     # PAGEFORK_WORKER_LOG=10 logs each fork's lifecycle in the workers, for debugging.
     level_text = os.environ.get("PAGEFORK_WORKER_LOG", "")
     level = int(level_text) if level_text.isdigit() else logging.WARNING
@@ -647,7 +658,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     chan_fd, mem_fd, mem_size, zero_fd = (int(a) for a in sys.argv[1:5])
     chan = socket.socket(fileno=chan_fd)
-    worker = Worker(chan, mem_fd, mem_size, zero_fd)
+    worker = Worker(chan, mem_fd, mem_size, zero_fd, tuple(int(a) for a in sys.argv[5:]))
     with contextlib.suppress(OSError):  # fill the page tables now; faults then cost less
         libc.madvise(worker.mem_address, mem_size, _MADV_POPULATE_READ)
     try:
