@@ -21,7 +21,7 @@ from pagefork.vmm.kvm import cpustate, guest
 from pagefork.vmm.kvm.devices import PortIoBus
 from pagefork.vmm.kvm.memory import GuestMemory
 from pagefork.vmm.kvm.snapshot import DiffSnapshot, write_diff_snapshot
-from pagefork.vmm.kvm.template import VMSTATE_FILE, Template, TraceSlice
+from pagefork.vmm.kvm.template import TEMPLATE_FILE, VMSTATE_FILE, Template, TraceSlice
 from pagefork.vmm.kvm.vcpu import EXIT_HALT
 from pagefork.vmm.kvm.vm import VirtualMachine
 
@@ -173,7 +173,9 @@ class MicroVm:
             raise VmmError("snapshot() before restore()")
         if not self.log_dirty:
             raise VmmError("this fork was restored without dirty logging: no diff snapshot")
-        return write_diff_snapshot(self.vm, self.memory, self.slots, out_dir)
+        return write_diff_snapshot(
+            self.vm, self.memory, self.slots, out_dir, self.template.path / TEMPLATE_FILE
+        )
 
     def check_pages(self) -> list[int]:
         """After :meth:`run`: compare every page the trace touched with the mem-file, byte for

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -80,9 +81,18 @@ class ForkProcess:
     """A fork of ``template_dir`` in its own process, connected to ``socket_path``."""
 
     def __init__(
-        self, template_dir: str, socket_path: str | None, fork_index: int, *, wait_go: bool = True
+        self,
+        template_dir: str,
+        socket_path: str | None,
+        fork_index: int,
+        *,
+        wait_go: bool = True,
+        snapshots: bool = False,
+        memory: Sequence[str] = (),
     ) -> None:
         self.fork_index = fork_index
+        #: Started with ``--snapshots``: it stays, stopped, after its result until :meth:`close`.
+        self.snapshots = snapshots
         cmd = [
             sys.executable,
             "-m",
@@ -95,6 +105,10 @@ class ForkProcess:
             cmd += ["--socket", socket_path]
         if not wait_go:
             cmd.append("--no-wait")
+        if snapshots:
+            cmd.append("--snapshots")
+        for path in memory:
+            cmd += ["--memory", str(path)]
         self._proc = _SPAWNER.submit(
             subprocess.Popen,
             cmd,
@@ -157,12 +171,34 @@ class ForkProcess:
         self._proc.stdin.write("go\n")
         self._proc.stdin.flush()
 
+    def command(self, line: str, want: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Send one command of a ``snapshots`` fork and wait for its ``want`` event (its
+        ``error`` event raises :class:`VmmError`)."""
+        if not self.snapshots:
+            raise VmmError(f"fork {self.fork_index}: started without snapshots")
+        if "\n" in line:
+            raise VmmError(f"fork {self.fork_index}: a command is one line")
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+        except OSError:  # it died: _next says how
+            pass
+        return self._next(want, timeout)
+
+    def snapshot(self, out_dir: str, timeout: float = 60.0) -> dict[str, Any]:
+        """A diff snapshot of the stopped guest into directory ``out_dir`` (which exists):
+        ``memory_diff`` and ``vmstate`` paths and ``dirty_pages``."""
+        return self.command(f"snapshot {out_dir}", "snapshot", timeout)
+
     def wait_result(self, timeout: float = 60.0) -> ForkResult:
-        """Wait for the guest to finish; the fork process exits after reporting."""
+        """Wait for the guest to finish; the fork process exits after reporting (one started
+        with ``snapshots`` stays, stopped, for commands)."""
         doc = self._next("result", timeout)
         restored = self.restored or {}
         try:
-            self._proc.wait(timeout=timeout)
+            if not self.snapshots:
+                self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise VmmError(
                 f"fork {self.fork_index}: reported its result but did not exit within {timeout:g}s"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,12 @@ from pagefork.errors import VmmError
 from pagefork.regions import PAGE_SIZE
 from pagefork.vmm.kvm import cpustate, guest
 from pagefork.vmm.kvm.memory import GuestMemory
-from pagefork.vmm.kvm.template import FORMAT_VERSION, VMSTATE_FILE, VMSTATE_FORMAT
+from pagefork.vmm.kvm.template import (
+    FORMAT_VERSION,
+    TEMPLATE_FILE,
+    VMSTATE_FILE,
+    VMSTATE_FORMAT,
+)
 from pagefork.vmm.kvm.vm import VirtualMachine
 
 #: The diff snapshot's memory file inside the snapshot directory (sparse; mem-file offsets).
@@ -56,14 +62,27 @@ def _runs(pages: list[int]) -> list[tuple[int, int]]:
 
 
 def write_diff_snapshot(
-    vm: VirtualMachine, memory: GuestMemory, slots: list[int], out_dir: str | os.PathLike[str]
+    vm: VirtualMachine,
+    memory: GuestMemory,
+    slots: list[int],
+    out_dir: str | os.PathLike[str],
+    template_meta: str | os.PathLike[str] | None = None,
 ) -> DiffSnapshot:
     """Write a diff snapshot of the stopped VM into the existing directory ``out_dir``.
 
     ``slots`` are the VM's memory slots, one per region of ``memory.layout``, each added with
     dirty logging. The vCPUs must not run: a page written during the copy would be torn.
+    ``template_meta`` (the template's ``template.json``: where its traces sit) is copied in, so
+    that ``out_dir`` is a template directory of its own once its memory is a layer.
     """
     out = Path(out_dir)
+    if not out.is_dir():
+        raise VmmError(f"snapshot directory {out}: not a directory")
+    if template_meta is not None:
+        try:
+            shutil.copyfile(template_meta, out / TEMPLATE_FILE)
+        except OSError as exc:
+            raise VmmError(f"{out / TEMPLATE_FILE}: {exc.strerror}") from None
     diff_path = out / MEMORY_DIFF_FILE
     state_path = out / VMSTATE_FILE
     dirty = 0

@@ -1,0 +1,198 @@
+"""Snapshots of running forks: KVM dirty logging, capture into a layer, and forks of the child.
+
+The correctness check is byte for byte: a fork of the child template reads, at every page of
+guest RAM, exactly what the snapshotted fork held when it was paused: template bytes it never
+touched, its own writes, and zeros where it removed memory. Both sides are real microVM
+processes, their RAM served over real uffds by real page servers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import KVM_MISSING
+from pagefork.errors import VmmError
+from pagefork.layers.capture import CaptureError, capture_layer, data_extents, zero_runs
+from pagefork.layers.format import LayerFile
+from pagefork.regions import PAGE_SIZE
+from pagefork.server import PageServer, ServerConfig
+from pagefork.vmm.kvm import guest
+from pagefork.vmm.kvm.process import ForkProcess
+from pagefork.vmm.kvm.snapshot import MEMORY_DIFF_FILE
+from pagefork.vmm.kvm.template import MEM_FILE, Template, TemplateSpec, build_template
+from pagefork.vmm.kvm.trace import TraceSpec
+
+SMALL = TemplateSpec(mem_size=8 << 20, variants=2, trace=TraceSpec(working_set=0.10, seed=11))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Template]:
+    if KVM_MISSING is not None:
+        pytest.skip(KVM_MISSING)
+    tpl = build_template(tmp_path_factory.mktemp("kvm") / "template", SMALL)
+    yield tpl
+    tpl.close()
+
+
+def _server(mem_file: Path, socket_dir: Path, layers: tuple[str, ...] = ()) -> PageServer:
+    config = ServerConfig(
+        mem_file_path=str(mem_file), socket_dir=str(socket_dir), layers=layers, workers=1
+    )
+    return PageServer(config)
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+
+def test_zero_runs_leave_out_pages_written_after_their_removal() -> None:
+    removed = [(0, 8 * PAGE_SIZE), (20 * PAGE_SIZE, 22 * PAGE_SIZE)]
+    dirty = [(2, 4), (7, 9), (21, 30)]
+    assert zero_runs(removed, dirty) == [(0, 2), (4, 3), (20, 1)]
+
+
+def test_data_extents_skip_holes(tmp_path: Path) -> None:
+    path = tmp_path / "diff"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 64 * PAGE_SIZE)
+        os.pwrite(fd, b"x" * PAGE_SIZE, 3 * PAGE_SIZE)
+        os.pwrite(fd, bytes(2 * PAGE_SIZE), 40 * PAGE_SIZE)  # written zeros are data too
+        assert data_extents(fd, 64 * PAGE_SIZE, str(path)) == [(3, 4), (40, 42)]
+    finally:
+        os.close(fd)
+
+
+def test_capture_refuses_a_diff_of_another_size(template: Template, tmp_path: Path) -> None:
+    diff = tmp_path / "diff"
+    with open(diff, "wb") as f:
+        f.truncate(template.mem_size + PAGE_SIZE)
+    with pytest.raises(CaptureError, match=r"diff snapshot .*diff: \d+ bytes, but the template"):
+        capture_layer(
+            str(diff),
+            parent_chain=[str(template.mem_file)],
+            removed=[],
+            out_path=str(tmp_path / "layer"),
+        )
+    assert not (tmp_path / "layer").exists()
+
+
+# --- KVM: dirty logging, capture, and forks of the child ----------------------------------------
+
+
+def _written_and_read(template: Template, variant: int) -> tuple[list[int], list[int]]:
+    (reads, writes), *_ = template.slice_pages(variant)
+    return reads, writes
+
+
+def test_a_fork_of_the_snapshot_reads_every_page_as_the_paused_fork_held_it(
+    template: Template, tmp_path: Path
+) -> None:
+    mem = template.path / MEM_FILE
+    reads, writes = _written_and_read(template, 0)
+    rewritten = sorted(set(reads) & set(writes))
+    assert rewritten, "the trace must rewrite pages it read (the state a branch sees)"
+    # A range to remove: a written page and three non-zero template pages after it that the
+    # fork never touched.
+    touched = template.touched_pages(0)
+    remove_len = 4 * PAGE_SIZE
+    victim = next(
+        w
+        for w in sorted(writes)
+        if all(
+            w + k * PAGE_SIZE not in touched
+            and template.read_bytes(w + k * PAGE_SIZE, PAGE_SIZE) != bytes(PAGE_SIZE)
+            for k in (1, 2, 3)
+        )
+    )
+    removed_template = template.read_bytes(victim, remove_len)
+    assert removed_template != bytes(remove_len)
+
+    snap_dir = tmp_path / "child"
+    snap_dir.mkdir()
+    with _server(mem, tmp_path) as base:
+        sock = base.register_fork("parent")
+        parent = ForkProcess(str(template.path), sock, 0, snapshots=True)
+        try:
+            parent.wait_restored()
+            parent.go()
+            result = parent.wait_result()
+            assert result.checksum_ok
+            parent.command(f"remove {victim:#x} {remove_len:#x}", "removed")
+            snap = parent.snapshot(str(snap_dir))
+            removed = base.removed_ranges("parent")
+            parent.command(f"dump {tmp_path / 'parent.dump'}", "dumped")
+        finally:
+            parent.close()
+    # KVM logged exactly the pages the guest wrote (the write phase), not the served ones.
+    assert snap["dirty_pages"] == len(set(writes))
+    off = template.file_offset(victim)
+    assert removed == [(off, off + remove_len)]
+
+    layer_path = str(tmp_path / "child.layer")
+    captured = capture_layer(
+        snap["memory_diff"], parent_chain=[str(mem)], removed=removed, out_path=layer_path
+    )
+    assert captured.dirty_pages == len(set(writes))
+    # The removed range: three zero runs from the ledger, and the written page in it, dirty,
+    # captured as the zeros it now holds (a zero page costs no data in a layer).
+    assert captured.zero_pages == 3
+    assert captured.changed_pages == len(set(writes))
+    with LayerFile(layer_path) as layer:
+        assert (layer.pages, layer.zero_pages) == (len(set(writes)) - 1, 4)
+
+    with _server(mem, tmp_path, layers=(layer_path,)) as child_server:
+        sock = child_server.register_fork("branch")
+        branch = ForkProcess(str(snap_dir), sock, 0, snapshots=True, memory=[str(mem), layer_path])
+        try:
+            branch.wait_restored()
+            branch.command(f"dump {tmp_path / 'branch.dump'}", "dumped")
+            branch.go()
+            branched = branch.wait_result()
+        finally:
+            branch.close()
+
+    parent_ram = (tmp_path / "parent.dump").read_bytes()
+    branch_ram = (tmp_path / "branch.dump").read_bytes()
+    assert len(branch_ram) == len(parent_ram) == template.mem_size
+    bad = [
+        p for p in range(0, len(parent_ram), PAGE_SIZE)
+        if parent_ram[p : p + PAGE_SIZE] != branch_ram[p : p + PAGE_SIZE]
+    ]  # fmt: skip
+    assert bad == []
+    base_ram = mem.read_bytes()
+    # Its writes, the removed range as zeros, and template bytes where it did nothing.
+    w = template.file_offset(rewritten[0]) + guest.WRITE_OFFSET
+    assert branch_ram[w : w + 4] != base_ram[w : w + 4]
+    assert branch_ram[off : off + remove_len] == bytes(remove_len)
+    untouched = template.file_offset(guest.SCRATCH_GPA)
+    assert branch_ram[untouched : untouched + PAGE_SIZE] == base_ram[untouched : untouched + 4096]
+    # The branch resumed at the parent's halt and walked memory as the parent left it: its
+    # checksum is the one over the child (checked in the fork), not the template's.
+    assert branched.checksum_ok and branched.pages_ok
+    assert branched.checksums != result.checksums
+
+
+def test_a_failed_snapshot_command_leaves_the_fork_as_it_was(
+    template: Template, tmp_path: Path
+) -> None:
+    with _server(template.path / MEM_FILE, tmp_path) as server:
+        sock = server.register_fork("f")
+        fork = ForkProcess(str(template.path), sock, 0, snapshots=True)
+        try:
+            fork.wait_restored()
+            (tmp_path / "nodir").write_text("a file")
+            with pytest.raises(VmmError, match=r"snapshot directory .*nodir: not a directory"):
+                fork.snapshot(str(tmp_path / "nodir"))
+            # The fork stays as it was: a later snapshot works, with nothing dirty yet.
+            (tmp_path / "s").mkdir()
+            snap = fork.snapshot(str(tmp_path / "s"))
+            assert snap["dirty_pages"] == 0
+            assert os.path.getsize(tmp_path / "s" / MEMORY_DIFF_FILE) == template.mem_size
+            with pytest.raises(VmmError, match="unknown command 'bogus'"):
+                fork.command("bogus", "snapshot")
+        finally:
+            fork.close()
