@@ -1,0 +1,176 @@
+"""Forks of layered templates, served through real uffds to a test VMM in another process.
+
+The VMM checks every page it reads against an oracle file the test builds by applying the
+layers in plain Python (``Chain`` in test_layers), never against pagefork's own view.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_layers import Chain
+
+from conftest import PAGE, needs_uffd
+from pagefork.hotpages import HotPageList
+from pagefork.layers import source
+from pagefork.layers.format import write_layer
+from pagefork.server import PageServer, ServerConfig
+from pagefork.testing.vmm import VmmProcess
+
+pytestmark = needs_uffd
+MIB = 1 << 20
+PAGES = 3072  # 12 MiB: regions of 8M and 4M
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[list[object]]:
+    """Servers and VMMs started by a test; all closed at the end."""
+    things: list[object] = []
+    yield things
+    for t in reversed(things):
+        if isinstance(t, VmmProcess):
+            t.kill()
+        elif isinstance(t, PageServer):
+            t.close()
+
+
+def _serve(served: list[object], tmp: Path, chain: Chain, **kw: object) -> PageServer:
+    server = PageServer(
+        ServerConfig(
+            mem_file_path=chain.base,
+            socket_dir=str(tmp),
+            layers=tuple(chain.layers),
+            **kw,  # type: ignore[arg-type]
+        )
+    )
+    served.append(server)
+    return server
+
+
+def _vmm(
+    served: list[object], server: PageServer, chain: Chain, tmp: Path, fork: str
+) -> VmmProcess:
+    oracle = tmp / "expected"
+    if not oracle.exists():
+        oracle.write_bytes(bytes(chain.expected))
+    vmm = VmmProcess(server.register_fork(fork), str(oracle), ("8M", "4M"))
+    served.append(vmm)
+    server.wait_connected(fork, timeout=30)
+    return vmm
+
+
+def _host(p: int) -> tuple[int, int]:
+    """Guest page ``p`` of the mem-file as (region, offset) in the 8M + 4M layout."""
+    off = p * PAGE
+    return (0, off) if off < 8 * MIB else (1, off - 8 * MIB)
+
+
+def _zero_over_parent_data(chain: Chain) -> list[int]:
+    """Pages a layer zeroes where the base has data."""
+    base = Path(chain.base).read_bytes()
+    return [
+        p
+        for p in range(PAGES)
+        if chain.page(p) == bytes(PAGE) and base[p * PAGE : (p + 1) * PAGE] != bytes(PAGE)
+    ]
+
+
+def test_a_fork_of_a_child_reads_its_layers_zeros_and_the_parent_elsewhere(tmp_path: Path, served):
+    chain = Chain(tmp_path, PAGES, depth=1, seed=21)
+    zeroed = _zero_over_parent_data(chain)
+    assert len(zeroed) > 10  # the layer really hides parent bytes behind zeros
+    server = _serve(served, tmp_path, chain, workers=1)
+    vmm = _vmm(served, server, chain, tmp_path, "a")
+    reply = vmm.send(cmd="touch", all=True, order="random", seed=1)
+    assert reply["touched"] == PAGES and reply["bad"] == 0, reply["mismatches"]
+    stats = server.stats("a")
+    zero_pages = sum(chain.page(p) == bytes(PAGE) for p in range(PAGES))
+    assert stats.faults == PAGES and stats.errors == 0
+    assert stats.zero_pages == zero_pages  # zero runs are served with UFFDIO_ZEROPAGE
+
+
+def test_a_depth_16_chain_is_served_byte_for_byte(tmp_path: Path, served):
+    chain = Chain(tmp_path, PAGES, depth=16, seed=22)
+    server = _serve(served, tmp_path, chain, workers=1)
+    vmm = _vmm(served, server, chain, tmp_path, "a")
+    reply = vmm.send(cmd="touch", all=True)
+    assert reply["bad"] == 0, reply["mismatches"]
+
+
+def test_prefetch_over_zero_runs_installs_zeros_not_the_parent(tmp_path: Path, served):
+    chain = Chain(tmp_path, PAGES, depth=2, seed=23)
+    zeroed = _zero_over_parent_data(chain)
+    server = _serve(served, tmp_path, chain, workers=1)
+    vmm = _vmm(served, server, chain, tmp_path, "a")
+    # Every page, zero runs included, in one hot set: runs of copies span the zeroed pages'
+    # neighbours, and nothing may bring the parent's bytes in.
+    result = server.prefetch("a", HotPageList.from_pages(_host(p) for p in range(PAGES)))
+    assert result.installed == PAGES
+    reply = vmm.send(cmd="touch", all=True)
+    assert reply["bad"] == 0, reply["mismatches"]
+    assert (
+        vmm.send(
+            cmd="check_zero", region=_host(zeroed[0])[0], offset=_host(zeroed[0])[1], length=PAGE
+        )["zero"]
+        is True
+    )
+    assert server.stats("a").faults == 0  # all prefetched
+
+
+def test_a_replacement_worker_maps_the_layers_too(tmp_path: Path, served):
+    chain = Chain(tmp_path, PAGES, depth=3, seed=24)
+    server = _serve(served, tmp_path, chain, workers=1, spare_worker=False)
+    vmm = _vmm(served, server, chain, tmp_path, "a")
+    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    [old] = server.worker_pids()
+    os.kill(old, signal.SIGKILL)
+    reply = vmm.send(cmd="touch", all=True)  # served by a new worker, started after the kill
+    assert reply["bad"] == 0, reply["mismatches"]
+    assert server.stats("a").worker_pid not in (None, old)
+
+
+def test_a_chain_past_the_map_count_budget_is_served_materialized(
+    tmp_path: Path, served, monkeypatch
+):
+    chain = Chain(tmp_path, PAGES, depth=2, seed=25)
+    monkeypatch.setattr(source, "max_segments", lambda: 10)
+    server = _serve(served, tmp_path, chain, workers=1)
+    assert isinstance(server.memfile, source.LayeredView) and server.memfile.materialized
+    vmm = _vmm(served, server, chain, tmp_path, "a")
+    assert vmm.send(cmd="touch", all=True, order="random")["bad"] == 0
+
+
+def test_a_fork_of_the_base_is_untouched_by_a_childs_layers(tmp_path: Path, served):
+    chain = Chain(tmp_path, PAGES, depth=1, seed=26)
+    (tmp_path / "b").mkdir()
+    base_server = PageServer(ServerConfig(chain.base, str(tmp_path / "b"), workers=1))
+    served.append(base_server)
+    vmm = VmmProcess(base_server.register_fork("base"), chain.base, ("8M", "4M"))
+    served.append(vmm)
+    child = _serve(served, tmp_path, chain, workers=1)  # the child served at the same time
+    child_vmm = _vmm(served, child, chain, tmp_path, "child")
+    assert child_vmm.send(cmd="touch", all=True)["bad"] == 0
+    assert vmm.send(cmd="touch", all=True)["bad"] == 0  # checked against the base itself
+
+
+def test_a_bad_layer_fails_the_server_at_start_with_one_line(tmp_path: Path):
+    chain = Chain(tmp_path, 64, depth=1)
+    write_layer(str(tmp_path / "other"), size=128 * PAGE, pages=[(0, b"x" * PAGE)])
+    with pytest.raises(Exception, match=r"^layer .*/other: its memory is 524288 bytes"):
+        PageServer(ServerConfig(chain.base, str(tmp_path), layers=(str(tmp_path / "other"),)))
+
+
+def test_a_layered_server_closes_every_layer_fd(no_leaks, tmp_path: Path):
+    chain = Chain(tmp_path, 256, depth=3, seed=27)
+    oracle = tmp_path / "expected"
+    oracle.write_bytes(bytes(chain.expected))
+    with PageServer(ServerConfig(chain.base, str(tmp_path), layers=tuple(chain.layers))) as server:
+        vmm = VmmProcess(server.register_fork("a"), str(oracle), ("1M",))
+        try:
+            assert vmm.send(cmd="touch", all=True)["bad"] == 0
+        finally:
+            vmm.close()
