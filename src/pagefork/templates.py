@@ -12,6 +12,13 @@ where the platform keeps its snapshots, so the record stores their absolute path
 leaves them alone. ``copy=True`` copies both files into the template directory instead; the
 registry then owns them and delete removes them.
 
+A *child* template (a snapshot of a fork, :meth:`TemplateRegistry.create_child`) is its
+parent's memory plus layers (:mod:`pagefork.layers`): its record names its ``parent`` and its
+``layers``, bottom first: the parent's layers, then its own ``layer.pfl`` in its directory.
+Its ``mem_file`` is the root's base mem-file. A template with children cannot be deleted (the
+error names them); :meth:`TemplateRegistry.flatten` merges a child's chain into its own
+mem-file, after which it depends on nothing.
+
 A template's live forks are *not* stored: a stored count drifts from reality when a write fails
 (a full disk at release) or the daemon crashes. The fork manager, which holds the forks, answers
 :attr:`TemplateRegistry.live_forks` instead; ``TemplateRecord.live_forks`` is filled from it on
@@ -44,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pagefork.errors import PageforkError, TemplateError
 from pagefork.handshake import PAGE_SIZES
+from pagefork.layers.source import MAX_DEPTH
 from pagefork.regions import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -55,6 +63,11 @@ RECORD_FILE = "template.json"
 RECORD_FORMAT = "pagefork-template"
 RECORD_VERSION = 1
 HOT_PAGES_FILE = "hot-pages.hpl"
+#: A child template's own layer, and its flattened mem-file, in its directory.
+LAYER_FILE = "layer.pfl"
+FLAT_MEM_FILE = "flat.mem"
+#: A child template's VM state (a file or a directory), in its directory.
+CHILD_STATE = "vmstate"
 MICROVM_DIR = "microvm"
 SNAPSHOT_DIR = "snapshot"
 
@@ -69,6 +82,8 @@ _TMP_LEFTOVER = re.compile(
 )
 #: Fields every record has; ``live_forks`` is derived, never stored.
 _DERIVED_FIELDS = ("live_forks",)
+#: Fields records of older versions lack (they are roots).
+_OPTIONAL_FIELDS = ("parent", "layers")
 
 log = logging.getLogger("pagefork")
 
@@ -110,7 +125,9 @@ class TemplateRecord:
     directory for kind ``kvm``; ``owns_files`` says whether delete removes ``mem_file`` and
     ``snapshot_path`` (they sit in the template directory) or leaves them (referenced).
     Times are Unix seconds. ``live_forks`` is not stored: the registry fills it from the forks
-    the daemon holds when it reads the record.
+    the daemon holds when it reads the record. ``parent`` is the template a child was
+    snapshotted from (None for a root, or once flattened) and ``layers`` the layer files over
+    ``mem_file``, bottom first (records of older versions have neither: a root).
     """
 
     id: str
@@ -125,6 +142,8 @@ class TemplateRecord:
     last_used: float | None = None
     owns_files: bool = True
     live_forks: int = field(default=0, compare=False)
+    parent: str | None = None
+    layers: list[str] = field(default_factory=list)
 
     @property
     def mem_pages(self) -> int:
@@ -158,11 +177,15 @@ class TemplateRecord:
             "created": (int, float),
             "last_used": (int, float, type(None)),
             "owns_files": (bool,),
+            "parent": (str, type(None)),
+            "layers": (list,),
         }
         values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in _DERIVED_FIELDS:
                 continue  # an older version stored it; the stored value means nothing now
+            if f.name in _OPTIONAL_FIELDS and f.name not in doc:
+                continue  # a record of a version before layers: a root template
             if f.name not in doc:
                 raise TemplateError(f"{where}: field {f.name!r} is missing")
             value = doc[f.name]
@@ -175,6 +198,8 @@ class TemplateRecord:
             raise TemplateError(f"{where}: field 'kind' is {values['kind']!r}")
         if values["mem_size"] <= 0 or values["page_size"] < PAGE_SIZE:
             raise TemplateError(f"{where}: mem_size or page_size out of range")
+        if not all(isinstance(p, str) for p in values.get("layers", [])):
+            raise TemplateError(f"{where}: field 'layers' has a wrong type")
         return cls(**values)
 
 
@@ -396,10 +421,14 @@ class TemplateRegistry:
         )
 
     def _create(
-        self, template_id: str, fill: Callable[[Path, Path], TemplateRecord]
+        self,
+        template_id: str,
+        fill: Callable[[Path, Path], TemplateRecord],
+        check: Callable[[], None] | None = None,
     ) -> TemplateRecord:
         """Build the template in a hidden directory, then rename it into place: a crash or a
-        failed build never leaves a half-made template that lists."""
+        failed build never leaves a half-made template that lists. ``check`` runs under the
+        lock just before the rename (a child's parent must still be there)."""
         final = self.directory(template_id)
         if final.exists():
             raise TemplateError(f"template {template_id!r} already exists")
@@ -413,6 +442,8 @@ class TemplateRegistry:
             record = fill(tmp, final)
             _write_atomically(tmp / RECORD_FILE, _record_doc(record))
             with self._lock:
+                if check is not None:
+                    check()
                 try:
                     os.rename(tmp, final)  # fails if another create won the race
                 except OSError:
@@ -473,6 +504,117 @@ class TemplateRegistry:
             log.info("templates: removed leftovers of a previous run: %s", ", ".join(removed))
         return removed
 
+    # --- layers ------------------------------------------------------------------------------
+    def children(self, template_id: str) -> list[str]:
+        """The ids of the templates whose parent is ``template_id``, sorted."""
+        return [r.id for r in self.listing().templates if r.parent == template_id]
+
+    def create_child(
+        self,
+        template_id: str,
+        parent_id: str,
+        layer_path: str | os.PathLike[str],
+        vmstate: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        flatten_past: int | None = None,
+    ) -> TemplateRecord:
+        """Register a snapshot of a fork of ``parent_id`` as template ``template_id``.
+
+        ``layer_path`` is its layer over the parent (:func:`pagefork.layers.format.write_layer`)
+        and ``vmstate`` its VM state (a file or a directory). Both are placed in the new
+        template's directory (hard-linked where possible, else copied); the originals are left
+        to the caller. With ``flatten_past``, a chain deeper than that many layers is flattened
+        at once (:meth:`flatten`).
+        """
+        from pagefork.layers.format import LayerError, LayerFile
+
+        parent = self.get(parent_id)
+        if len(parent.layers) + 1 > MAX_DEPTH:
+            raise TemplateError(
+                f"template {parent_id!r} already has {len(parent.layers)} layers, the most a "
+                f"chain may have is {MAX_DEPTH}: flatten it first"
+            )
+        try:
+            with LayerFile(layer_path) as layer:
+                if layer.size != parent.mem_size:
+                    raise TemplateFieldError(
+                        "layer",
+                        f"layer {layer.path} is for {layer.size} bytes of memory, but template "
+                        f"{parent_id!r} has {parent.mem_size}",
+                    )
+        except LayerError as exc:
+            raise TemplateFieldError("layer", str(exc)) from None
+        state = Path(vmstate).absolute()
+        if not state.exists():
+            raise TemplateFieldError("vmstate", f"VM state {state} does not exist")
+
+        def fill(tmp: Path, final: Path) -> TemplateRecord:
+            try:
+                _place(Path(layer_path), tmp / LAYER_FILE)
+                _place(state, tmp / CHILD_STATE)
+            except OSError as exc:
+                raise TemplateStorageError(
+                    f"template {template_id!r}: cannot place its files: {exc.strerror or exc}"
+                ) from None
+            record = self._new_record(
+                template_id,
+                name,
+                parent.kind,
+                Path(parent.mem_file),
+                final / CHILD_STATE,
+                parent.mem_size,
+                parent.page_size,
+                True,
+            )
+            record.parent = parent_id
+            record.layers = [*parent.layers, str(final / LAYER_FILE)]
+            return record
+
+        def parent_still_there() -> None:
+            try:
+                again = self.get(parent_id)
+            except UnknownTemplateError:
+                raise TemplateError(f"template {parent_id!r} was deleted meanwhile") from None
+            if again.created != parent.created or again.layers != parent.layers:
+                raise TemplateError(f"template {parent_id!r} changed meanwhile; try again")
+
+        record = self._create(template_id, fill, parent_still_there)
+        if flatten_past is not None and len(record.layers) > flatten_past:
+            record = self.flatten(template_id)
+        return record
+
+    def flatten(self, template_id: str) -> TemplateRecord:
+        """Merge the template's chain into one mem-file in its directory: it then has no
+        layers and no parent (its children keep the layers they were made over)."""
+        from pagefork.layers.format import LayerError
+        from pagefork.layers.source import flatten as flatten_chain
+
+        record = self.get(template_id)
+        if not record.layers:
+            raise TemplateError(f"template {template_id!r} has no layers: nothing to flatten")
+        out = self.directory(template_id) / FLAT_MEM_FILE
+        try:
+            flatten_chain(record.mem_file, record.layers, str(out))
+        except LayerError as exc:
+            raise TemplateError(f"template {template_id!r}: cannot flatten: {exc}") from None
+        before = list(record.layers)
+
+        def change(r: TemplateRecord) -> None:
+            if r.created != record.created or r.layers != before:
+                raise TemplateError(f"template {template_id!r} changed meanwhile; try again")
+            r.mem_file, r.layers, r.parent = str(out), [], None
+
+        flat = self._update(template_id, change)
+        # Its own layer goes once no other chain uses it (a child of this template's does).
+        own = self.directory(template_id) / LAYER_FILE
+        if str(own) in before and not any(
+            str(own) in r.layers for r in self.listing().templates
+        ):
+            with contextlib.suppress(OSError):
+                own.unlink()
+        return flat
+
     # --- deleting ----------------------------------------------------------------------------
     def delete(self, template_id: str) -> None:
         """Remove the template; refused while it has live forks.
@@ -498,6 +640,13 @@ class TemplateRegistry:
                     f"template {template_id!r} is in use by {record.live_forks} live "
                     f"fork{'s' if record.live_forks != 1 else ''}; release them first"
                 )
+            children = self.children(template_id)
+            if children:
+                raise TemplateError(
+                    f"template {template_id!r} has child template"
+                    f"{'s' if len(children) != 1 else ''} {', '.join(children)}: "
+                    "delete or flatten them first"
+                )
             # Rename first so the template disappears at once, then remove at leisure. A
             # rename in place needs no new space: a full disk cannot make a template undeletable.
             doomed = self.root / f"{_DEL_PREFIX}{template_id}-{secrets.token_hex(6)}"
@@ -511,6 +660,21 @@ class TemplateRegistry:
     def purge(doomed: Path) -> None:
         """The second half of :meth:`delete`: remove a detached template's files."""
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed: copy
+        shutil.copyfile(src, dst)
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Put ``src`` (a file or a directory) at ``dst``, leaving ``src`` as it was."""
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=_link_or_copy, symlinks=True)
+    else:
+        _link_or_copy(str(src), str(dst))
 
 
 #: What a microVM template spec's build failure is about (the API's field names).
@@ -541,6 +705,7 @@ def kind_of(value: object) -> TemplateKind:
 
 __all__ = [
     "HOT_PAGES_FILE",
+    "LAYER_FILE",
     "RECORD_FILE",
     "TEMPLATE_KINDS",
     "TemplateFieldError",
