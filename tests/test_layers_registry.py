@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PAGE, make_mem_file
+from pagefork.cli import main
 from pagefork.errors import TemplateError
 from pagefork.layers.format import write_layer
 from pagefork.layers.source import LayeredView
@@ -139,3 +140,31 @@ def test_records_of_older_versions_without_layers_read_as_roots(family):
     path.write_text(json.dumps(doc))
     with pytest.raises(TemplateError, match="field 'layers' has a wrong type"):
         reg.get("base")
+
+
+def test_cli_flatten_and_the_delete_guard_through_the_daemon(
+    start_daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    daemon, client = start_daemon()
+    ctl = ["--control", client.control_path]
+    mem = make_mem_file(tmp_path / "mem", PAGES)
+    (tmp_path / "snap").write_bytes(b"state")
+    client.create_template(
+        "base", "firecracker", mem_file=str(mem), snapshot_path=str(tmp_path / "snap")
+    )
+    expected = bytearray(mem.read_bytes())
+    daemon.registry.create_child(
+        "kid", "base", _layer(tmp_path, "l", 4, expected), tmp_path / "snap"
+    )
+    assert main(["templates", "delete", "base", *ctl]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has child template kid: delete or flatten them first" in err[0]
+    assert main(["templates", "flatten", "kid", *ctl, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["layers"] == [] and doc["parent"] is None
+    assert Path(doc["mem_file"]).read_bytes() == bytes(expected)
+    assert main(["templates", "flatten", "kid", *ctl]) == 2
+    assert "has no layers: nothing to flatten" in capsys.readouterr().err
+    assert main(["templates", "delete", "base", *ctl]) == 0
+    assert main(["templates", "flatten", "nope", *ctl]) == 2
+    assert "unknown template 'nope'" in capsys.readouterr().err

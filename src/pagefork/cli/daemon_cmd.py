@@ -122,6 +122,12 @@ def add_parser(subparsers: Any) -> None:
     tr = tsub.add_parser("rerecord", help="make the next fork record a new hot set")
     tr.add_argument("id")
     tr.set_defaults(func=run_templates_rerecord)
+    tf = tsub.add_parser(
+        "flatten",
+        help="merge a child template's layers into one mem-file (it then needs no parent)",
+    )
+    tf.add_argument("id", help="the template to flatten")
+    tf.set_defaults(func=run_templates_flatten)
 
     f = subparsers.add_parser(
         "forks",
@@ -155,7 +161,7 @@ def add_parser(subparsers: Any) -> None:
     fd = fsub.add_parser("delete", help="release a fork")
     fd.add_argument("id")
     fd.set_defaults(func=run_forks_delete)
-    for p in (tl, ts, tc, td, tr, fl, fc, fs, fd):
+    for p in (tl, ts, tc, td, tr, tf, fl, fc, fs, fd):
         p.epilog = _FINDING_THE_DAEMON
         _add_control(p)
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -327,6 +333,16 @@ def run_templates_rerecord(args: argparse.Namespace) -> int:
         _print_json({"template": args.id, "rerecord": True})
     else:
         print(f"the next fork of {args.id} records a new hot set")
+    return 0
+
+
+def run_templates_flatten(args: argparse.Namespace) -> int:
+    """``templates flatten ID``."""
+    doc = _client(args).flatten(args.id)
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"flattened template {args.id} into {doc['mem_file']}")
     return 0
 
 

@@ -11,6 +11,7 @@ POST     /templates                   create: ``{"id", "kind": "firecracker", "m
 GET      /templates/{id}              the record
 DELETE   /templates/{id}              409 while forks of it are live
 POST     /templates/{id}/rerecord     the next fork records a new hot set
+POST     /templates/{id}/flatten      merge a child template's layers into one mem-file
 GET      /forks                       ``{"forks": [...]}``
 POST     /forks                       ``{"template", ["fork", "vmm", "options"]}`` → the fork,
                                       with its uffd ``socket`` (201)
@@ -132,6 +133,7 @@ _ROUTES = [
     (re.compile(r"/templates"), "templates"),
     (re.compile(r"/templates/([^/]+)"), "template"),
     (re.compile(r"/templates/([^/]+)/rerecord"), "rerecord"),
+    (re.compile(r"/templates/([^/]+)/flatten"), "flatten"),
     (re.compile(r"/forks"), "forks"),
     (re.compile(r"/forks/([^/]+)"), "fork"),
     (re.compile(r"/forks/([^/]+)/prefetch"), "prefetch"),
@@ -246,6 +248,10 @@ class ControlApi:
         self.manager.rerecord(self._template_id(template_id))
         return Response.json(HTTPStatus.OK, {"template": template_id, "rerecord": True})
 
+    def _post_flatten(self, template_id: str, raw: bytes) -> Response:
+        record = self.registry.flatten(self._template_id(template_id))
+        return Response.json(HTTPStatus.OK, record.to_dict())
+
     # --- forks -------------------------------------------------------------------------------
     def _fork_id(self, fork_id: str) -> str:
         if not self.manager.has_fork(fork_id):
@@ -336,6 +342,8 @@ def takes_long(method: str, target: str) -> bool:
     """The requests that may wait on a VMM for long (restore, prefetch, a guest's end): they
     are answered by a pool of their own, so a burst of them never holds up the others."""
     path = target.split("?", 1)[0]
+    if method == "POST" and path.endswith("/flatten"):
+        return True  # writes a whole mem-file
     return method == "POST" and (
         path == "/forks" or path.endswith("/wait") or path.endswith("/prefetch")
     )

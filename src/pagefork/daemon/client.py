@@ -172,6 +172,12 @@ class DaemonClient:
         """Make the template's next fork record a new hot set."""
         self.request("POST", f"/templates/{_segment('template', template_id)}/rerecord", {})
 
+    def flatten(self, template_id: str) -> dict[str, Any]:
+        """Merge a child template's layers into one mem-file; the updated template."""
+        path = f"/templates/{_segment('template', template_id)}/flatten"
+        result: dict[str, Any] = self.request("POST", path, {})
+        return result
+
     # --- forks -------------------------------------------------------------------------------
     def forks(self) -> list[dict[str, Any]]:
         """Every live fork."""
