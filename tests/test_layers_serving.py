@@ -174,3 +174,35 @@ def test_a_layered_server_closes_every_layer_fd(no_leaks, tmp_path: Path):
             assert vmm.send(cmd="touch", all=True)["bad"] == 0
         finally:
             vmm.close()
+
+
+def test_a_child_without_a_hot_set_is_prefetched_from_its_parents_plus_its_layers(
+    tmp_path: Path, served
+):
+    from pagefork.hotpages import save
+    from pagefork.layers.hotset import inherited_hot_set
+    from pagefork.templates import TemplateRegistry
+
+    chain = Chain(tmp_path, PAGES, depth=1, seed=28)
+    reg = TemplateRegistry(tmp_path / "state")
+    (tmp_path / "vmstate").write_bytes(b"state")
+    reg.create_from_snapshot("base", chain.base, tmp_path / "vmstate")
+    parent_hot = HotPageList.from_pages([(1, p * PAGE) for p in range(100)])  # region 1 only
+    save(parent_hot, reg.get("base").hot_pages_path)
+    kid = reg.create_child("kid", "base", chain.layers[0], tmp_path / "vmstate")
+    inherited = inherited_hot_set(reg, kid)
+    assert inherited is not None and inherited_hot_set(reg, reg.get("base")) is None
+
+    server = _serve(served, tmp_path, chain, workers=1)
+    vmm = _vmm(served, server, chain, tmp_path, "a")
+    regions = server.wait_connected("a")
+    hot = inherited.for_regions(regions)
+    assert inherited.for_regions(list(regions)) is hot  # one list per layout: one plan
+    with source.LayeredView(chain.base, chain.layers) as view:
+        data_pages = [p for f, c, n, _ in view.segments if n is not None for p in range(f, f + c)]
+    assert len(hot) == len(set(data_pages) | {8 * MIB // PAGE + p for p in range(100)})
+    server.prefetch("a", hot)
+    touched = [list(_host(p)) for p in data_pages] + [[1, p * PAGE] for p in range(100)]
+    reply = vmm.send(cmd="touch", pages=touched)
+    assert reply["bad"] == 0, reply["mismatches"]
+    assert server.stats("a").faults == 0  # every layer page and every parent hot page was there
