@@ -30,7 +30,12 @@ or ``main``) picks the release whose behaviour it reproduces (see
 - ``PUT /machine-config`` + ``PUT /actions {"action_type": "InstanceStart"}``: a fresh boot
   (plain anonymous memory filled with seeded content, no uffd), so a template can be made.
 - ``PUT /snapshot/create`` (paused only): writes the mem-file (regions back to back) and the
-  snapshot file from guest memory.
+  snapshot file from guest memory. With ``snapshot_type: "Diff"`` the memory file is sparse,
+  as big as guest memory, with data only at the pages the guest wrote since the load (or the
+  last snapshot), when the load asked for dirty tracking (``track_dirty_pages``, or
+  ``enable_diff_snapshots`` before 1.13); without it, 1.13+ fall back to ``mincore`` (every
+  page present, read or written) and older releases refuse. The diff's snapshot file names the
+  memory below it (``base``), so a fork of it checks its pages against the chain.
 - ``PUT /actions {"action_type": "SendCtrlAltDel"}``: the guest shuts down; the process exits.
 - ``GET /``: instance info; ``state`` is ``Not started`` until a load or a boot.
 
@@ -43,9 +48,13 @@ Requests are checked as Firecracker checks them (bad JSON, missing or unknown fi
 are close to Firecracker's, not identical.
 
 The double's snapshot file is its own JSON format (:class:`DoubleSnapshot`), not Firecracker's
-binary vmstate. Two endpoints exist only in the double, under ``/pagefork-test/``:
+binary vmstate. Endpoints exist only in the double, under ``/pagefork-test/``:
 ``GET /pagefork-test/result?wait=SECONDS`` (the guest's run: pages touched, mismatches; waits up
-to SECONDS for it to end) and ``GET /pagefork-test/requests`` (every API request received).
+to SECONDS for it to end), ``GET /pagefork-test/requests`` (every API request received), and
+three that act as the guest would: ``PUT /pagefork-test/write`` ``{"region", "offset",
+"length", "seed"}`` writes seeded bytes (a vCPU's write: logged as dirty), ``PUT
+/pagefork-test/remove`` ``{"region", "offset", "length"}`` gives pages back as a balloon does
+(``MADV_DONTNEED``), ``PUT /pagefork-test/dump`` ``{"path"}`` writes all guest memory to a file.
 
 :class:`FcDoubleProcess` starts and stops one from a test.
 """
@@ -126,6 +135,9 @@ class DoubleSnapshot:
     vmgenid: int | None = None
     network_interfaces: tuple[tuple[str, str], ...] = ()
     vsock_uds: str | None = None
+    #: For a diff snapshot: the memory files below ``mem_file``, bottom (a full mem-file)
+    #: first. A page reads from the topmost file that holds data there.
+    base: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         """The snapshot file's text."""
@@ -142,6 +154,7 @@ class DoubleSnapshot:
                     {"iface_id": i, "host_dev_name": h} for i, h in self.network_interfaces
                 ],
                 "vsock_uds": self.vsock_uds,
+                "base": list(self.base),
             }
         )
 
@@ -180,6 +193,7 @@ def read_snapshot(path: str) -> DoubleSnapshot:
             (str(n["iface_id"]), str(n["host_dev_name"])) for n in doc.get("network_interfaces", [])
         )
         vsock = None if doc.get("vsock_uds") is None else str(doc["vsock_uds"])
+        base = tuple(str(b) for b in doc.get("base", []))
     except (KeyError, TypeError, ValueError) as exc:
         raise ApiError(f"snapshot file {path}: malformed ({exc!r})") from None
     if page_size != PAGE_SIZE:
@@ -191,7 +205,29 @@ def read_snapshot(path: str) -> DoubleSnapshot:
             raise ApiError(f"snapshot file {path}: touch entry {i} ({r}, {off}) is not a page")
     if vmgenid is not None and not (0 <= vmgenid <= regions[0] - VMGENID_SIZE and vmgenid % 8 == 0):
         raise ApiError(f"snapshot file {path}: vmgenid {vmgenid:#x} is not in region 0")
-    return DoubleSnapshot(regions, mem_file, page_size, touch, vmgenid, nets, vsock)
+    return DoubleSnapshot(regions, mem_file, page_size, touch, vmgenid, nets, vsock, base)
+
+
+class _MemoryChain:
+    """What a snapshot's memory reads: its mem-file over its ``base`` files; in a diff file a
+    page is data only where the guest wrote it (a hole elsewhere)."""
+
+    def __init__(self, snap: DoubleSnapshot) -> None:
+        self.fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in (*snap.base, snap.mem_file)]
+
+    def read(self, offset: int, length: int) -> bytes:
+        for fd in reversed(self.fds[1:]):
+            try:
+                holds = os.lseek(fd, offset, os.SEEK_DATA) == offset
+            except OSError:  # ENXIO: no data from there on
+                holds = False
+            if holds:
+                return os.pread(fd, length, offset)
+        return os.pread(self.fds[0], length, offset)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
 
 
 # --- request validation (Firecracker's serde rules: required fields, no unknown ones) ------------
@@ -249,6 +285,8 @@ _LOAD_FIELD_TYPES: dict[str, type] = {
 # --- the VM ------------------------------------------------------------------------------------
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_DONTNEED = 4
 
 
 class _Guest:
@@ -264,6 +302,8 @@ class _Guest:
         self.done = threading.Event()
         self.result: dict[str, Any] = {"state": "not-run"}
         self._thread: threading.Thread | None = None
+        #: (region, page offset) the guest wrote since the load or the last snapshot.
+        self.dirty: set[tuple[int, int]] = set()
 
     def start(self) -> None:
         """Resume; the first resume after a load starts the workload."""
@@ -277,11 +317,7 @@ class _Guest:
         snap = self.snapshot
         assert snap is not None
         ps = snap.page_size
-        fd = os.open(snap.mem_file, os.O_RDONLY)
-        try:
-            template = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
-        finally:
-            os.close(fd)
+        template = _MemoryChain(snap)
         buf = ctypes.create_string_buffer(ps)
         mismatches: list[list[int]] = []
         pages = snap.pages()
@@ -293,7 +329,7 @@ class _Guest:
             r = self.regions[region]
             # memmove releases the GIL, so the API keeps answering while this page faults.
             ctypes.memmove(buf, r.base + off, ps)
-            expected = template[r.offset + off : r.offset + off + ps]
+            expected = template.read(r.offset + off, ps)
             if region == 0 and off == genid_page:
                 assert snap.vmgenid is not None
                 at = snap.vmgenid - off  # the load rewrote the VMGenID: expect the new one
@@ -310,6 +346,48 @@ class _Guest:
             "seconds": seconds,
         }
         self.done.set()
+
+    def write(self, region: int, offset: int, data: bytes) -> None:
+        """The guest writes ``data`` at ``offset`` of ``region`` (faulting through the uffd);
+        the pages are logged dirty, as KVM's dirty log would."""
+        r = self.regions[region]
+        if not (offset >= 0 and offset + len(data) <= r.size):
+            raise ApiError(f"write: {offset:#x}+{len(data):#x} is outside region {region}")
+        ctypes.memmove(r.base + offset, data, len(data))
+        ps = r.page_size
+        self.dirty.update((region, p) for p in range(offset & -ps, offset + len(data), ps))
+
+    def remove(self, region: int, offset: int, length: int) -> None:
+        """Give pages back as a balloon does: ``MADV_DONTNEED`` (a ``UFFD_EVENT_REMOVE`` for the
+        handler, which the kernel waits for it to read). Then one read of the first page: the
+        handler notes a REMOVE before it serves any later fault, so the range is noted when
+        this returns."""
+        r = self.regions[region]
+        if offset % r.page_size or length <= 0 or length % r.page_size or offset + length > r.size:
+            raise ApiError(f"remove: {offset:#x}+{length:#x} is not whole pages of region {region}")
+        if _libc.madvise(r.base + offset, length, _MADV_DONTNEED) != 0:
+            raise ApiError(f"remove: madvise: {os.strerror(ctypes.get_errno())}")
+        ctypes.string_at(r.base + offset, 1)
+
+    def present(self) -> set[tuple[int, int]]:
+        """Every page present in guest memory (``mincore``): what Firecracker 1.13+ write in a
+        Diff snapshot without dirty tracking, pages only read included."""
+        out: set[tuple[int, int]] = set()
+        for i, r in enumerate(self.regions):
+            vec = (ctypes.c_ubyte * (r.size // r.page_size))()
+            if _libc.mincore(ctypes.c_void_p(r.base), ctypes.c_size_t(r.size), vec) != 0:
+                raise ApiError(f"mincore: {os.strerror(ctypes.get_errno())}")
+            out.update((i, k * r.page_size) for k, v in enumerate(vec) if v & 1)
+        return out
+
+    def write_diff(self, path: str, pages: set[tuple[int, int]]) -> None:
+        """A sparse memory file: regions back to back, data only at ``pages``."""
+        with open(path, "wb") as f:
+            f.truncate(sum(r.size for r in self.regions))
+            for region, off in sorted(pages):
+                r = self.regions[region]
+                f.seek(r.offset + off)
+                f.write(ctypes.string_at(r.base + off, r.page_size))
 
     def dump(self, path: str) -> None:
         """Write every region, back to back, to ``path`` (faulting in what is missing)."""
@@ -343,6 +421,8 @@ class FcDouble:
         self._net: tuple[tuple[str, str], ...] = ()
         self._vsock: str | None = None
         self._vmgenid: int | None = None
+        self._track_dirty = False
+        self._mem_chain: tuple[str, ...] = ()  # the loaded snapshot's memory: base, mem-file
 
     def path(self, path: str) -> str:
         """``path`` as this process opens it: under ``--root`` when chrooted by a jailer."""
@@ -431,6 +511,10 @@ class FcDouble:
     def _load(self, body: dict[str, Any]) -> None:
         snap = read_snapshot(self.path(body["snapshot_path"]))
         self._check_mem_file(snap)
+        self._track_dirty = bool(
+            body.get("track_dirty_pages", False) or body.get("enable_diff_snapshots", False)
+        )
+        self._mem_chain = (*snap.base, snap.mem_file)
         self._open_devices(snap, body)
         self.guest, self.handler_socket = self._connect_uffd(
             snap, self.path(body["mem_backend"]["backend_path"])
@@ -548,14 +632,23 @@ class FcDouble:
                 f"snapshot/create: unknown variant `{body['snapshot_type']}`, "
                 "expected `Full` or `Diff`"
             )
-        if body.get("snapshot_type") == "Diff":
-            raise ApiError("the test double makes Full snapshots only")
         guest = self._started()
         if self.state != "Paused":
             raise ApiError("Create snapshot error: the microVM must be paused first.")
+        diff = body.get("snapshot_type") == "Diff"
+        if diff and not self._track_dirty and self.version.key < (1, 13, 0):
+            raise ApiError(
+                "Create snapshot error: Diff snapshots are not enabled: the microVM was "
+                "restored without enable_diff_snapshots."
+            )
         mem_file = os.path.abspath(self.path(body["mem_file_path"]))
         try:
-            guest.dump(mem_file)
+            if diff:
+                pages = guest.dirty if self._track_dirty else guest.present()
+                guest.write_diff(mem_file, pages)
+                guest.dirty = set()  # the next diff is against this snapshot
+            else:
+                guest.dump(mem_file)
             touch = guest.snapshot.touch if guest.snapshot is not None else None
             DoubleSnapshot(
                 tuple(r.size for r in guest.regions),
@@ -565,6 +658,7 @@ class FcDouble:
                 self._vmgenid,
                 self._net,
                 self._vsock,
+                self._mem_chain if diff else (),
             ).write(self.path(body["snapshot_path"]))
         except OSError as exc:
             raise ApiError(f"Create snapshot error: {exc.filename}: {exc.strerror}") from None
@@ -621,7 +715,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         url = urllib.parse.urlsplit(self.path)
         if url.path.startswith(TEST_PREFIX):
-            self._test_endpoint(url)
+            self._test_endpoint(url, raw)
             return
         try:
             body = json.loads(raw) if raw else None
@@ -668,7 +762,7 @@ class _Handler(BaseHTTPRequestHandler):
             if vm.shutting_down:
                 vm.exit_requested.set()
 
-    def _test_endpoint(self, url: urllib.parse.SplitResult) -> None:
+    def _test_endpoint(self, url: urllib.parse.SplitResult, raw: bytes) -> None:
         """``/pagefork-test/...``: the double's own endpoints, not Firecracker's."""
         vm = self.server.vm
         if self.command == "GET" and url.path == TEST_PREFIX + "result":
@@ -680,8 +774,27 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.command == "GET" and url.path == TEST_PREFIX + "requests":
             with vm.lock:
                 self._answer(200, list(vm.requests))
+        elif self.command == "PUT" and url.path[len(TEST_PREFIX) :] in ("write", "remove", "dump"):
+            try:
+                body = json.loads(raw or b"{}")
+                self._guest_action(url.path[len(TEST_PREFIX) :], body)
+            except (ApiError, ValueError, KeyError, TypeError, OSError) as exc:
+                self._answer(400, {"fault_message": f"{url.path}: {exc}"})
+                return
+            self._answer(204)
         else:
             self._answer(404, {"fault_message": f"no test endpoint {self.command} {url.path}"})
+
+    def _guest_action(self, action: str, body: dict[str, Any]) -> None:
+        """The test endpoints that act as the guest (see the module docstring)."""
+        guest = self.server.vm._started()
+        if action == "write":
+            data = random.Random(int(body["seed"])).randbytes(int(body["length"]))
+            guest.write(int(body["region"]), int(body["offset"]), data)
+        elif action == "remove":
+            guest.remove(int(body["region"]), int(body["offset"]), int(body["length"]))
+        else:
+            guest.dump(str(body["path"]))
 
     do_GET = do_PUT = do_PATCH = do_POST = do_DELETE = _dispatch
 

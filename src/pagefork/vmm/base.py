@@ -11,6 +11,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagefork.errors import VmmError
+
 
 @dataclass(frozen=True)
 class RestoreRequest:
@@ -18,7 +20,9 @@ class RestoreRequest:
 
     ``snapshot_path`` is the template's VM state (Firecracker's snapshot file, or the
     microVM's template directory); ``uffd_socket`` the page server's socket for this fork;
-    ``options`` holds driver-specific settings (e.g. Firecracker's API socket path).
+    ``options`` holds driver-specific settings (e.g. Firecracker's API socket path);
+    ``layers`` the template's layers over ``mem_file``, bottom first (a child template; the
+    page server serves them, a driver only needs them to check what the guest reads).
     """
 
     fork_id: str
@@ -26,6 +30,18 @@ class RestoreRequest:
     snapshot_path: str
     mem_file: str
     options: dict[str, Any] = field(default_factory=dict)
+    layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VmmSnapshot:
+    """A diff snapshot of a paused fork: ``memory_diff`` is a sparse file as big as guest
+    memory (mem-file offsets) with data only at the pages the guest wrote since its restore;
+    ``vmstate`` is what a child template's forks restore from (a Firecracker snapshot file,
+    or a microVM template directory)."""
+
+    memory_diff: str
+    vmstate: str
 
 
 class VmmHandle(abc.ABC):
@@ -45,6 +61,12 @@ class VmmHandle(abc.ABC):
     @abc.abstractmethod
     def wait(self, timeout: float) -> dict[str, Any]:
         """Wait until the guest has done its work, when the driver can tell; a summary."""
+
+    def snapshot(self, out_dir: str, timeout: float) -> VmmSnapshot:
+        """Pause the VM and write a diff snapshot into the existing directory ``out_dir``.
+        The VM stays paused; :meth:`resume` runs it again. Drivers that cannot raise
+        :class:`~pagefork.errors.VmmError`."""
+        raise VmmError(f"fork {self.fork_id}: this VMM cannot take snapshots")
 
     @abc.abstractmethod
     def stop(self) -> None:

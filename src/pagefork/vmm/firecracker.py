@@ -42,9 +42,13 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Literal, cast
 
 from pagefork.errors import VmmError
-from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
+from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle, VmmSnapshot
 from pagefork.vmm.fc_releases import LOAD_FIELD_SINCE, OLDEST_SUPPORTED, FirecrackerVersion
 from pagefork.vmm.jailer import Jail, JailerConfig, JailerError, format_pattern, parse_jailer
+
+#: A diff snapshot's files inside the directory it is taken into.
+DIFF_VMSTATE_FILE = "vmstate"
+DIFF_MEMORY_FILE = "memory.diff"
 
 log = logging.getLogger("pagefork.firecracker")
 
@@ -106,6 +110,12 @@ def snapshot_load_body(
 def snapshot_create_body(snapshot_path: str, mem_file_path: str) -> dict[str, Any]:
     """The body of ``PUT /snapshot/create`` for a full snapshot (a template needs every page)."""
     return {"snapshot_type": "Full", "snapshot_path": snapshot_path, "mem_file_path": mem_file_path}
+
+
+def snapshot_diff_body(snapshot_path: str, mem_file_path: str) -> dict[str, Any]:
+    """The body of ``PUT /snapshot/create`` for a diff snapshot: with dirty tracking on (see
+    the ``snapshots`` option), a sparse memory file of the pages the guest wrote."""
+    return {"snapshot_type": "Diff", "snapshot_path": snapshot_path, "mem_file_path": mem_file_path}
 
 
 def vm_state_body(state: VmState) -> dict[str, Any]:
@@ -310,6 +320,17 @@ class FirecrackerHandle(VmmHandle):
         """``PATCH /vm {"state": "Paused"}``."""
         self.api.request("PATCH", "/vm", vm_state_body("Paused"))
 
+    def snapshot(self, out_dir: str, timeout: float) -> VmmSnapshot:
+        """``PATCH /vm Paused``, then ``PUT /snapshot/create`` with ``snapshot_type: "Diff"``:
+        ``out_dir/vmstate`` and the sparse ``out_dir/memory.diff``. The VM stays paused."""
+        vmstate = os.path.join(out_dir, DIFF_VMSTATE_FILE)
+        memory = os.path.join(out_dir, DIFF_MEMORY_FILE)
+        self.api.request("PATCH", "/vm", vm_state_body("Paused"), timeout=timeout)
+        self.api.request(
+            "PUT", "/snapshot/create", snapshot_diff_body(vmstate, memory), timeout=timeout
+        )
+        return VmmSnapshot(memory_diff=memory, vmstate=vmstate)
+
     def wait(self, timeout: float) -> dict[str, Any]:
         """Firecracker cannot tell when the guest's work is done: returns its instance info
         (``GET /``: id, state, vmm_version) plus its pid, without waiting."""
@@ -377,6 +398,7 @@ class FirecrackerOptions:
     network_overrides: dict[str, str] = field(default_factory=dict)
     vsock_uds: str | None = None
     jailer: JailerConfig | None = None
+    snapshots: bool = False
 
 
 def _timeout_option(options: Mapping[str, Any], name: str) -> float | None:
@@ -410,6 +432,7 @@ def parse_options(options: Mapping[str, Any]) -> FirecrackerOptions:
         "network_overrides",
         "vsock_uds",
         "jailer",
+        "snapshots",
     )
     for key in options:
         if key not in known:
@@ -454,6 +477,15 @@ def parse_options(options: Mapping[str, Any]) -> FirecrackerOptions:
     for name, given in (("network_overrides", bool(nets)), ("vsock_override", vsock is not None)):
         if given and name in load_fields:
             raise FirecrackerOptionError("load_fields", f"may not set {name} as well")
+    snapshots = options.get("snapshots", False)
+    if not isinstance(snapshots, bool):
+        raise FirecrackerOptionError("snapshots", f"must be true or false, not {snapshots!r}")
+    if snapshots and options.get("jailer") is not None:
+        raise FirecrackerOptionError(
+            "snapshots",
+            "is not supported under the jailer yet (the snapshot is written inside "
+            "the fork's chroot)",
+        )
     jailer = None
     if options.get("jailer") is not None:
         try:
@@ -473,6 +505,7 @@ def parse_options(options: Mapping[str, Any]) -> FirecrackerOptions:
         network_overrides=dict(nets),
         vsock_uds=vsock,
         jailer=jailer,
+        snapshots=snapshots,
     )
 
 
@@ -513,6 +546,15 @@ def fork_load_fields(
         ]
     if opts.vsock_uds is not None:
         extra["vsock_override"] = {"uds_path": _pattern("vsock_uds", opts.vsock_uds, fork_id)}
+    if opts.snapshots and not {"track_dirty_pages", "enable_diff_snapshots"} & set(extra):
+        # Dirty tracking makes a Diff snapshot hold only the pages the guest wrote; the field
+        # was renamed in 1.13 (older releases take only the old name).
+        name = (
+            "track_dirty_pages"
+            if version.accepts_load_field("track_dirty_pages")
+            else ("enable_diff_snapshots")
+        )
+        extra[name] = True
     hints = {
         "network_overrides": "; give each fork its own network namespace instead (the "
         "jailer's netns), with a tap of the snapshot's name in it",
@@ -557,7 +599,10 @@ class FirecrackerDriver(VmmDriver):
     - ``vsock_uds``: a vsock socket path pattern with ``{fork}``, sent as ``vsock_override``
       (1.16+);
     - ``load_fields``: other ``PUT /snapshot/load`` fields (e.g. ``track_dirty_pages``); each
-      must be one the release accepts.
+      must be one the release accepts;
+    - ``snapshots``: true to take diff snapshots of the fork later (:meth:`FirecrackerHandle.
+      snapshot`): the load asks for dirty tracking (``track_dirty_pages``, 1.13+, or
+      ``enable_diff_snapshots`` before). Not under the jailer yet.
 
     ``RestoreRequest.mem_file`` is not sent: with the Uffd backend Firecracker never opens the
     mem-file, the page server serves it.

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from pagefork.errors import VmmError
-from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
+from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle, VmmSnapshot
 from pagefork.vmm.kvm.process import ForkProcess
 
 
@@ -66,6 +67,21 @@ class KvmHandle(VmmHandle):
         self._resumed = True
         self.process.go()
 
+    def snapshot(self, out_dir: str, timeout: float) -> VmmSnapshot:
+        """A diff snapshot from KVM's dirty log into ``out_dir``, which becomes a microVM
+        template directory (vmstate, trace metadata) plus ``memory.diff``.
+
+        The microVM's vCPUs stop only at the guest's halt (its walk done): a snapshot asked for
+        while the guest still walks is taken at that halt, within ``timeout``. The fork must
+        have been restored with the ``snapshots`` option."""
+        if not self.process.snapshots:
+            raise VmmError(
+                f"fork {self.fork_id}: restored without the 'snapshots' option: KVM logged no "
+                "dirty pages"
+            )
+        doc = self.process.snapshot(out_dir, timeout=timeout)
+        return VmmSnapshot(memory_diff=str(doc["memory_diff"]), vmstate=out_dir)
+
     def wait(self, timeout: float) -> dict[str, Any]:
         """Wait for the guest to report ready; its figures and whether its checksums match.
 
@@ -98,9 +114,24 @@ class KvmHandle(VmmHandle):
 
 class KvmDriver(VmmDriver):
     """Restores forks of a built-in microVM template (``request.snapshot_path`` is the
-    template directory; ``options["fork_index"]`` picks the trace variant, default 0)."""
+    template directory; ``options["fork_index"]`` picks the trace variant, default 0;
+    ``options["snapshots"]`` true has KVM log the guest's writes, for :meth:`KvmHandle.snapshot`,
+    and keeps the fork process, stopped, after its guest's walk until the fork is stopped)."""
 
     name = "kvm"
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Validate restore options (``fork_index``, ``snapshots``) without side effects."""
+        known = ("fork_index", "snapshots")
+        for key in options:
+            if key not in known:
+                raise VmmError(f"option {key!r} is unknown (known: {', '.join(known)})")
+        fork_index = options.get("fork_index", 0)
+        if isinstance(fork_index, bool) or not isinstance(fork_index, int) or fork_index < 0:
+            raise VmmError(f"option 'fork_index' must be an integer >= 0, not {fork_index!r}")
+        snapshots = options.get("snapshots", False)
+        if not isinstance(snapshots, bool):
+            raise VmmError(f"option 'snapshots' must be true or false, not {snapshots!r}")
 
     def restore(self, request: RestoreRequest, timeout: float = 30.0) -> KvmHandle:
         """Start the fork process against ``request.uffd_socket`` and wait until it has handed
@@ -110,7 +141,16 @@ class KvmDriver(VmmDriver):
             raise VmmError(
                 f"fork {request.fork_id}: fork_index must be an integer >= 0, got {fork_index!r}"
             )
-        process = ForkProcess(request.snapshot_path, request.uffd_socket, fork_index)
+        snapshots = request.options.get("snapshots", False) is True
+        # A child template's directory holds no mem-file: its memory is the base and layers.
+        memory = (request.mem_file, *request.layers) if request.layers else ()
+        process = ForkProcess(
+            request.snapshot_path,
+            request.uffd_socket,
+            fork_index,
+            snapshots=snapshots,
+            memory=memory,
+        )
         try:
             process.wait_restored(timeout=timeout)
             return KvmHandle(request.fork_id, process)
