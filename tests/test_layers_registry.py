@@ -65,6 +65,8 @@ def test_a_child_record_names_its_parent_and_its_chain(family, tmp_path: Path):
     assert kid.mem_file == grand.mem_file == reg.get("base").mem_file
     assert grand.layers == [*kid.layers, str(reg.directory("grandkid") / "layer.pfl")]
     assert (tmp_path / "kid.pfl").exists()  # the caller's file is left as it was
+    # ... and copied, not linked: rewriting it in place must not change the template.
+    assert (tmp_path / "kid.pfl").stat().st_ino != Path(kid.layers[-1]).stat().st_ino
     for name in ("base", "kid", "grandkid"):
         assert _read(reg, name) == bytes(expected[name]), name
     doc = json.loads((reg.directory("kid") / RECORD_FILE).read_text())

@@ -523,9 +523,11 @@ class TemplateRegistry:
 
         ``layer_path`` is its layer over the parent (:func:`pagefork.layers.format.write_layer`)
         and ``vmstate`` its VM state (a file or a directory). Both are placed in the new
-        template's directory (hard-linked where possible, else copied); the originals are left
-        to the caller. With ``flatten_past``, a chain deeper than that many layers is flattened
-        at once (:meth:`flatten`).
+        template's directory, the originals left to the caller: hard-linked when they are
+        under the registry's own directory (a snapshot's work directory), copied otherwise (a
+        file someone else may later rewrite in place must not change the template). With
+        ``flatten_past``, a chain deeper than that many layers is flattened at once
+        (:meth:`flatten`).
         """
         from pagefork.layers.format import LayerError, LayerFile
 
@@ -551,8 +553,8 @@ class TemplateRegistry:
 
         def fill(tmp: Path, final: Path) -> TemplateRecord:
             try:
-                _place(Path(layer_path), tmp / LAYER_FILE)
-                _place(state, tmp / CHILD_STATE)
+                for src, dst in ((Path(layer_path).absolute(), LAYER_FILE), (state, CHILD_STATE)):
+                    _place(src, tmp / dst, link=src.is_relative_to(self.root))
             except OSError as exc:
                 raise TemplateStorageError(
                     f"template {template_id!r}: cannot place its files: {exc.strerror or exc}"
@@ -669,12 +671,17 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
-def _place(src: Path, dst: Path) -> None:
+def _copy(src: str, dst: str) -> None:
+    shutil.copyfile(src, dst)
+
+
+def _place(src: Path, dst: Path, *, link: bool) -> None:
     """Put ``src`` (a file or a directory) at ``dst``, leaving ``src`` as it was."""
+    put = _link_or_copy if link else _copy
     if src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_or_copy, symlinks=True)
+        shutil.copytree(src, dst, copy_function=put, symlinks=True)
     else:
-        _link_or_copy(str(src), str(dst))
+        put(str(src), str(dst))
 
 
 #: What a microVM template spec's build failure is about (the API's field names).

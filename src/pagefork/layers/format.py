@@ -20,6 +20,7 @@ index offset          ``pages`` little-endian u64 page numbers (data page *k* is
 ====================  =======================================================================
 
 The index sits after the data, so a writer streams pages without knowing their count first.
+Zero runs are stored in page order and never touch each other or a data page.
 The file ends exactly at the end of the index: a truncated file is refused, not misread. A data
 page that is all zero is stored as a zero run instead (it costs no data). The same page may not
 be both data and in a zero run, nor be data twice.
@@ -31,6 +32,7 @@ file); :func:`open_reader` reads what a fork of a chain reads, page by page.
 from __future__ import annotations
 
 import array
+import bisect
 import os
 import re
 import struct
@@ -236,23 +238,28 @@ class LayerFile:
             index.byteswap()
             runs.byteswap()
         # A CRC catches accidents; these catch a file built to lie (it is a peer's input).
-        seen = bytearray(npages)
-        for k, page in enumerate(index):
+        # Checked by sorting, not with a map of the memory: the header's size is not trusted
+        # to be small.
+        order = sorted(range(len(index)), key=index.__getitem__)
+        for prev, k in zip([-1, *order], order, strict=False):
+            page = index[k]
             if page >= npages:
                 raise self._fail(f"data page {k} is page {page}, outside the memory")
-            if seen[page]:
+            if prev >= 0 and index[prev] == page:
                 raise self._fail(f"page {page} is stored twice")
-            seen[page] = 1
+        data_pages = [index[k] for k in order]
         self.zero_runs: list[tuple[int, int]] = []
+        end_of_last = 0
         for n in range(zero_runs):
             first, count = runs[2 * n], runs[2 * n + 1]
             if count == 0 or first + count > npages:
                 raise self._fail(
                     f"zero run {n} (page {first}, {count} pages) is outside the memory"
                 )
-            if seen.find(1, first, first + count) >= 0:
+            at = bisect.bisect_left(data_pages, first)
+            if first < end_of_last or (at < len(data_pages) and data_pages[at] < first + count):
                 raise self._fail(f"zero run {n} overlaps a data page or another zero run")
-            seen[first : first + count] = b"\x01" * count
+            end_of_last = first + count
             self.zero_runs.append((first, count))
         self.size = size
         self.index = index
