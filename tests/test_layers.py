@@ -276,3 +276,19 @@ def test_removed_host_ranges_become_merged_file_ranges():
     regions = [Region(0x10000, 0x4000, 0), Region(0x40000, 0x2000, 0x4000)]
     removed = [(0x41000, 0x50000), (0x13000, 0x41000), (0x0, 0x11000)]
     assert removed_file_ranges(removed, regions) == [(0, 0x1000), (0x3000, 0x6000)]
+
+
+def test_a_header_claiming_a_huge_memory_costs_nothing_and_is_refused_by_the_view(
+    tmp_path: Path,
+):
+    base = make_mem_file(tmp_path / "base", 16)
+    path = str(tmp_path / "l")
+    write_layer(path, size=16 * PAGE, pages=[])
+    raw = bytearray(Path(path).read_bytes())
+    raw[8:16] = struct.pack("<Q", 1 << 60)
+    Path(path).write_bytes(raw)
+    _rewrite_crc(path)
+    with LayerFile(path) as layer:  # validated without a map of 2^48 pages
+        assert layer.size == 1 << 60
+    with pytest.raises(LayerError, match=f"its memory is {1 << 60} bytes, but the mem-file"):
+        LayeredView(base, [path])
