@@ -292,3 +292,12 @@ def test_a_header_claiming_a_huge_memory_costs_nothing_and_is_refused_by_the_vie
         assert layer.size == 1 << 60
     with pytest.raises(LayerError, match=f"its memory is {1 << 60} bytes, but the mem-file"):
         LayeredView(base, [path])
+
+
+def test_an_empty_layer_is_a_valid_file_that_changes_nothing(tmp_path: Path):
+    base = make_mem_file(tmp_path / "base", 16)
+    info = write_layer(str(tmp_path / "l"), size=16 * PAGE, pages=[])
+    assert info.bytes == os.path.getsize(tmp_path / "l") == PAGE
+    with LayeredView(base, [str(tmp_path / "l")]) as view:
+        assert view.segments == []
+        assert b"".join(view.read_page(p) for p in range(16)) == base.read_bytes()

@@ -150,6 +150,7 @@ def write_layer(
         tail = _index_bytes(index, runs)
         index_offset = _DATA_START + len(index) * LAYER_PAGE
         f.write(tail)
+        f.truncate(index_offset + len(tail))  # an empty layer still spans its header page
         f.seek(0)
         f.write(_header(size, len(index), len(runs) // 2, index_offset, parent_bytes, tail))
 
