@@ -85,6 +85,13 @@ def add_parser(subparsers: Any) -> None:
         help="worker processes per template's page server (default auto: one per usable CPU); "
         "a worker that dies is replaced and its forks are served on without loss",
     )
+    d.add_argument(
+        "--max-layer-depth",
+        type=int,
+        metavar="N",
+        help="flatten a snapshot's template at once when its chain would be deeper than N "
+        "layers (default: only the hard limit on a chain's depth applies)",
+    )
     d.add_argument("-v", "--verbose", action="store_true", help="log the fork lifecycle")
     d.set_defaults(func=run_daemon)
 
@@ -161,7 +168,18 @@ def add_parser(subparsers: Any) -> None:
     fd = fsub.add_parser("delete", help="release a fork")
     fd.add_argument("id")
     fd.set_defaults(func=run_forks_delete)
-    for p in (tl, ts, tc, td, tr, tf, fl, fc, fs, fd):
+    fsn = fsub.add_parser(
+        "snapshot",
+        help="snapshot a fork into a child template of its own template",
+        description="Pause the fork's VMM, register the memory it changed as template NAME "
+        "(a layer over the fork's template), then resume the fork, or release it with "
+        "--release. The fork must have been created with --vmm and --option snapshots=true.",
+    )
+    fsn.add_argument("id", help="the fork to snapshot")
+    fsn.add_argument("--as", dest="template", required=True, metavar="NAME", help="new template")
+    fsn.add_argument("--release", action="store_true", help="release the fork afterwards")
+    fsn.set_defaults(func=run_forks_snapshot)
+    for p in (tl, ts, tc, td, tr, tf, fl, fc, fs, fd, fsn):
         p.epilog = _FINDING_THE_DAEMON
         _add_control(p)
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -181,6 +199,12 @@ def run_daemon(args: argparse.Namespace) -> int:
     )
     if not 0 < args.record_max_share <= 1 or args.record_max_seconds <= 0:
         raise PageforkError("--record-max-share must be in (0, 1], --record-max-seconds > 0")
+    from pagefork.layers.source import MAX_DEPTH
+
+    if args.max_layer_depth is not None and not 1 <= args.max_layer_depth <= MAX_DEPTH:
+        raise PageforkError(
+            f"--max-layer-depth must be in 1..{MAX_DEPTH}, not {args.max_layer_depth}"
+        )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -200,6 +224,7 @@ def run_daemon(args: argparse.Namespace) -> int:
             record_max_seconds=args.record_max_seconds,
             record_max_share=args.record_max_share,
             workers=args.workers,
+            max_layer_depth=args.max_layer_depth,
         ) as daemon:
             daemon.start()
             print(json.dumps({"event": "listening", "control": args.control}), flush=True)
@@ -401,6 +426,21 @@ def run_forks_show(args: argparse.Namespace) -> int:
         doc.update({k: stats[k] for k in ("state", "faults", "prefetched_pages", "misses")})
         doc["latency_us"] = stats["latency_us"]
     _show(doc, args.json)
+    return 0
+
+
+def run_forks_snapshot(args: argparse.Namespace) -> int:
+    """``forks snapshot ID --as NAME``."""
+    doc = _client(args).snapshot_fork(args.id, args.template, release=args.release)
+    if args.json:
+        _print_json(doc)
+    else:
+        print(
+            f"template {args.template}: {doc['changed_pages']} pages changed, "
+            f"{doc['zero_pages']} zero, layer {doc['layer_bytes']} bytes, "
+            f"{doc['seconds'] * 1000:.0f} ms; fork {args.id} "
+            + ("released" if args.release else "resumed")
+        )
     return 0
 
 

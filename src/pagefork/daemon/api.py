@@ -18,6 +18,9 @@ POST     /forks                       ``{"template", ["fork", "vmm", "options"]}
 GET      /forks/{id}                  the fork and its page server counters
 POST     /forks/{id}/prefetch         install the hot set (``{"timeout"}`` optional)
 POST     /forks/{id}/wait             wait until the guest is done and the session ended
+POST     /forks/{id}/snapshot         ``{"template", ["release"]}``: pause the fork, register
+                                      its memory as a child template of its own (201), then
+                                      resume it (or release it)
 DELETE   /forks/{id}                  release; the final counters
 GET      /metrics                     Prometheus text format
 =======  ===========================  ==========================================================
@@ -138,6 +141,7 @@ _ROUTES = [
     (re.compile(r"/forks/([^/]+)"), "fork"),
     (re.compile(r"/forks/([^/]+)/prefetch"), "prefetch"),
     (re.compile(r"/forks/([^/]+)/wait"), "wait"),
+    (re.compile(r"/forks/([^/]+)/snapshot"), "snapshot"),
     (re.compile(r"/metrics"), "metrics"),
 ]
 
@@ -297,6 +301,20 @@ class ControlApi:
         result = self.manager.wait(self._fork_id(fork_id), 60.0 if timeout is None else timeout)
         return Response.json(HTTPStatus.OK, {"fork": fork_id, **result})
 
+    def _post_snapshot(self, fork_id: str, raw: bytes) -> Response:
+        body = _Body(raw, required=True)
+        template_id = body.get("template", str, required=True)
+        try:
+            validate_template_id(template_id)
+        except TemplateError as exc:
+            raise _bad(f"field 'template': {exc}") from None
+        release = bool(body.get("release", bool))
+        result, stats = self.manager.snapshot(self._fork_id(fork_id), template_id, release=release)
+        doc = {"fork": fork_id, "template": result.template.to_dict(), **result.to_dict()}
+        if stats is not None:
+            doc["released"] = stats.to_dict()
+        return Response.json(HTTPStatus.CREATED, doc)
+
     def _delete_fork(self, fork_id: str, raw: bytes) -> Response:
         stats = self.manager.release(self._fork_id(fork_id))
         return Response.json(HTTPStatus.OK, {"released": fork_id, "stats": stats.to_dict()})
@@ -344,6 +362,8 @@ def takes_long(method: str, target: str) -> bool:
     path = target.split("?", 1)[0]
     if method == "POST" and path.endswith("/flatten"):
         return True  # writes a whole mem-file
+    if method == "POST" and path.endswith("/snapshot"):
+        return True  # pauses a VMM and writes a layer
     return method == "POST" and (
         path == "/forks" or path.endswith("/wait") or path.endswith("/prefetch")
     )

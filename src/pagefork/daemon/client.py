@@ -225,6 +225,17 @@ class DaemonClient:
         )
         return result
 
+    def snapshot_fork(
+        self, fork_id: str, template_id: str, *, release: bool = False
+    ) -> dict[str, Any]:
+        """Pause the fork and register its memory as child template ``template_id``; the
+        fork then resumes (or is released). The new template and what the snapshot cost."""
+        path = f"/forks/{_segment('fork', fork_id)}/snapshot"
+        result: dict[str, Any] = self.request(
+            "POST", path, {"template": template_id, "release": release}
+        )
+        return result
+
     def release_fork(self, fork_id: str) -> dict[str, Any]:
         """Release a fork; its final counters."""
         result: dict[str, Any] = self.request("DELETE", f"/forks/{_segment('fork', fork_id)}")

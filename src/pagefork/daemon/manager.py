@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from pagefork.daemon.exits import ExitWatcher
 from pagefork.daemon.journal import SocketJournal
+from pagefork.daemon.snapshot import SnapshotResult, snapshot_fork
 from pagefork.errors import (
     ForkError,
     HotPageFileError,
@@ -61,7 +62,7 @@ from pagefork.regions import Region
 from pagefork.server import PageServer, ServerConfig, validate_fork_id
 from pagefork.serving.state import ForkPhase, transition
 from pagefork.stats import LATENCY_WINDOW, ForkStats
-from pagefork.templates import TemplateRecord, TemplateRegistry
+from pagefork.templates import TemplateRecord, TemplateRegistry, validate_template_id
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
 
 log = logging.getLogger("pagefork")
@@ -90,6 +91,10 @@ DRIVER_CLASSES = {
 
 class UnknownForkError(ForkError):
     """No live fork has this id, or another release has claimed it (the API answers 404)."""
+
+
+class ForkConflictError(ForkError):
+    """The fork is in no state for this request (the API answers 409)."""
 
 
 class DriverOptionsError(PageforkError):
@@ -148,6 +153,11 @@ class ManagerConfig:
     server_start_timeout: float = 120.0
     #: Worker processes of each template's page server (``"auto"``: one per usable CPU).
     workers: int | Literal["auto"] = "auto"
+    #: A snapshot whose chain would be deeper than this many layers is flattened at once
+    #: (None: only the chain's hard limit applies).
+    max_layer_depth: int | None = None
+    #: How long a snapshot may take, the VMM's pause and write included.
+    snapshot_timeout: float = 60.0
 
 
 @dataclass
@@ -300,6 +310,7 @@ class ForkManager:
         self._fed: dict[str, int] = {}
         self._feed_lock = threading.Lock()
         self._closed = False
+        self._snapshotting: set[str] = set()  # forks with a snapshot under way
         self._exits = ExitWatcher()
         registry.live_forks = self.live_forks_of
 
@@ -644,6 +655,7 @@ class ForkManager:
         server = PageServer(
             ServerConfig(
                 mem_file_path=record.mem_file,
+                layers=tuple(record.layers),
                 socket_dir=self.config.socket_dir,
                 handshake_timeout=self.config.handshake_timeout,
                 record_max_pages=max_pages,
@@ -667,6 +679,7 @@ class ForkManager:
             snapshot_path=record.snapshot_path,
             mem_file=record.mem_file,
             options=options,
+            layers=tuple(record.layers),
         )
         fork.handle = vmm.restore(request, timeout=self.config.restore_timeout)
         self._watch_exit(fork)
@@ -755,7 +768,11 @@ class ForkManager:
         fork = self.fork(fork_id)
         state = self._state_of(fork)
         summary = fork.handle.wait(timeout) if fork.handle is not None else None
-        stats = state.server.wait_ended(fork_id, timeout=timeout)
+        if getattr(fork.handle, "stays_after_run", False):
+            # Kept for snapshots: its VMM stays, stopped, so its session goes on.
+            stats = state.server.stats(fork_id)
+        else:
+            stats = state.server.wait_ended(fork_id, timeout=timeout)
         return {"vmm": summary, "stats": stats.to_dict()}
 
     # --- the hot-page loop -------------------------------------------------------------------
@@ -790,6 +807,49 @@ class ForkManager:
     def rerecord(self, template_id: str) -> None:
         """Make the template's next fork a recording warm-up again."""
         self._loop_of(self.registry.get(template_id)).rerecord()
+
+    # --- snapshots ---------------------------------------------------------------------------
+    def snapshot(
+        self, fork_id: str, template_id: str, *, release: bool = False
+    ) -> tuple[SnapshotResult, ForkStats | None]:
+        """Pause the fork, register its memory as child template ``template_id`` of its
+        template (:mod:`pagefork.daemon.snapshot`), then resume the fork, or release it
+        (``release``: its final stats are returned too). The fork resumes on failure as well.
+        One snapshot of a fork at a time."""
+        validate_template_id(template_id)
+        fork = self.fork(fork_id)
+        with self._lock:
+            if fork.phase is not ForkPhase.LIVE or fork.handle is None:
+                why = "has no VMM the daemon drives" if fork.handle is None else "is not live"
+                phase = getattr(fork.phase, "value", fork.phase)
+                raise ForkConflictError(f"fork {fork_id} {why} ({phase}): no snapshot")
+            if fork_id in self._snapshotting:
+                raise ForkConflictError(f"fork {fork_id}: a snapshot of it is under way")
+            self._snapshotting.add(fork_id)
+        handle = fork.handle
+        try:
+            if self.registry.exists(template_id):
+                raise TemplateError(f"template {template_id!r} already exists")
+            state = self._state_of(fork)
+            try:
+                result = snapshot_fork(
+                    fork_id=fork_id,
+                    handle=handle,
+                    server=state.server,
+                    parent=self.registry.get(fork.template_id),
+                    registry=self.registry,
+                    template_id=template_id,
+                    timeout=self.config.snapshot_timeout,
+                    max_layer_depth=self.config.max_layer_depth,
+                )
+            finally:
+                if not release:
+                    handle.resume()
+        finally:
+            with self._lock:
+                self._snapshotting.discard(fork_id)
+        log.info("fork %s: snapshot registered as template %s", fork_id, template_id)
+        return result, self.release(fork_id) if release else None
 
     # --- releasing ---------------------------------------------------------------------------
     def release(self, fork_id: str) -> ForkStats:

@@ -83,6 +83,7 @@ class Daemon:
         record_max_seconds: float = 30.0,
         record_max_share: float = 0.25,
         workers: int | Literal["auto"] = "auto",
+        max_layer_depth: int | None = None,
     ) -> None:
         lock_fd = lock_state_dir(Path(state_dir).absolute())
         self._lock_fd: int | None = lock_fd
@@ -97,6 +98,7 @@ class Daemon:
                     record_max_seconds=record_max_seconds,
                     record_max_share=record_max_share,
                     workers=workers,
+                    max_layer_depth=max_layer_depth,
                 ),
             )
         except BaseException:

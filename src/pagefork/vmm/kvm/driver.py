@@ -56,6 +56,12 @@ class KvmHandle(VmmHandle):
         return code if code is not None else status
 
     @property
+    def stays_after_run(self) -> bool:
+        """Restored with ``snapshots``: the process stays, stopped, after its guest's walk
+        (for snapshots) until :meth:`stop`; otherwise it exits by itself."""
+        return self.process.snapshots
+
+    @property
     def pid(self) -> int | None:
         """The fork process's pid."""
         return self.process.pid
@@ -97,6 +103,7 @@ class KvmHandle(VmmHandle):
             "fork_index": result.fork_index,
             "variant": result.variant,
             "checksum_ok": result.checksum_ok,
+            "checksums": result.checksums,
             "pages_ok": result.pages_ok,
             "ready_seconds": result.ready_seconds,
             "restore_seconds": result.restore_seconds,

@@ -1,0 +1,106 @@
+"""Snapshot a live fork into a child template: pause, capture the layer, register.
+
+:func:`snapshot_fork` is what ``POST /forks/{id}/snapshot`` runs (through
+:meth:`pagefork.daemon.manager.ForkManager.snapshot`):
+
+1. the VMM pauses and writes a diff snapshot (:meth:`pagefork.vmm.base.VmmHandle.snapshot`)
+   into a work directory under ``templates/`` (``.new-snapshot-*``: a crash leaves nothing
+   the next daemon does not remove);
+2. :func:`pagefork.layers.capture.capture_layer` turns it into a layer over the fork's
+   template: the pages that really changed, and the ranges the page server saw removed;
+3. the registry registers the child (:meth:`~pagefork.templates.TemplateRegistry.create_child`),
+   flattening it at once if its chain grew past ``max_layer_depth``.
+
+The work directory is removed whatever happens. The caller resumes (or releases) the fork.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pagefork.layers.capture import capture_layer
+from pagefork.server import PageServer
+from pagefork.templates import TemplateRecord, TemplateRegistry
+from pagefork.vmm.base import VmmHandle
+
+#: The layer's file name inside the work directory (the registry places it as its own).
+_LAYER = "layer.pfl"
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    """A child template registered from a fork, and what its snapshot cost."""
+
+    template: TemplateRecord
+    dirty_pages: int
+    changed_pages: int
+    zero_pages: int
+    layer_bytes: int
+    pause_seconds: float
+    capture_seconds: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's ``snapshot`` object."""
+        return {
+            "dirty_pages": self.dirty_pages,
+            "changed_pages": self.changed_pages,
+            "zero_pages": self.zero_pages,
+            "layer_bytes": self.layer_bytes,
+            "pause_seconds": self.pause_seconds,
+            "capture_seconds": self.capture_seconds,
+            "seconds": self.seconds,
+        }
+
+
+def snapshot_fork(
+    *,
+    fork_id: str,
+    handle: VmmHandle,
+    server: PageServer,
+    parent: TemplateRecord,
+    registry: TemplateRegistry,
+    template_id: str,
+    timeout: float,
+    max_layer_depth: int | None = None,
+) -> SnapshotResult:
+    """Snapshot the fork served by ``server`` (of template ``parent``) as ``template_id``."""
+    t0 = time.monotonic()
+    registry.root.mkdir(parents=True, exist_ok=True)
+    work = tempfile.mkdtemp(dir=registry.root, prefix=".new-snapshot-")
+    try:
+        snap = handle.snapshot(work, timeout)
+        t_paused = time.monotonic()
+        captured = capture_layer(
+            snap.memory_diff,
+            parent_chain=[parent.mem_file, *parent.layers],
+            removed=server.removed_ranges(fork_id),
+            out_path=os.path.join(work, _LAYER),
+            parent_name=parent.id,
+        )
+        # The diff is in the layer now; a microVM's vmstate directory must not carry it on.
+        os.unlink(snap.memory_diff)
+        child = registry.create_child(
+            template_id,
+            parent.id,
+            os.path.join(work, _LAYER),
+            snap.vmstate,
+            flatten_past=max_layer_depth,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return SnapshotResult(
+        template=child,
+        dirty_pages=captured.dirty_pages,
+        changed_pages=captured.changed_pages,
+        zero_pages=captured.zero_pages,
+        layer_bytes=captured.info.bytes,
+        pause_seconds=t_paused - t0,
+        capture_seconds=captured.seconds,
+        seconds=time.monotonic() - t0,
+    )

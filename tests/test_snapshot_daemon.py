@@ -1,0 +1,118 @@
+"""Snapshots through the daemon: ``POST /forks/{id}/snapshot``, the client, and the CLI verb.
+
+The VMMs are built-in microVM processes; the child templates' forks are served their layers by
+real page servers, and each guest checks its checksum against the memory it should see.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import StartDaemon, needs_kvm
+from pagefork.cli import main
+from pagefork.daemon.client import DaemonClient, DaemonError
+from pagefork.errors import VmmError
+from pagefork.server import PageServer, ServerConfig
+from pagefork.vmm.base import RestoreRequest
+from pagefork.vmm.kvm.driver import KvmDriver
+from pagefork.vmm.kvm.template import TemplateSpec, build_template
+
+TEMPLATE = {"mem_size_mib": 16, "variants": 2}
+
+pytestmark = needs_kvm
+
+
+def _fork(client: DaemonClient, template: str, **options: Any) -> tuple[str, dict[str, Any]]:
+    fork = client.create_fork(template, vmm="kvm", options={"fork_index": 0, **options})
+    done = client.wait_fork(fork["fork"], timeout=60)
+    assert done["vmm"]["checksum_ok"], done
+    return fork["fork"], done["vmm"]
+
+
+def test_a_snapshot_becomes_a_child_template_whose_forks_see_the_changed_state(
+    start_daemon: StartDaemon,
+) -> None:
+    _daemon, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    parent, parent_run = _fork(client, "vm", snapshots=True)
+
+    snap = client.snapshot_fork(parent, "vm-b")
+    child = snap["template"]
+    assert (child["id"], child["parent"], len(child["layers"])) == ("vm-b", "vm", 1)
+    assert snap["changed_pages"] > 0 and snap["layer_bytes"] > 0
+    assert client.fork(parent)["phase"] == "live"  # resumed, not released
+
+    # A branch of the snapshot walks memory as the parent left it: its checksum (checked
+    # in the fork against the child's layers) differs from the template's; a fork of the
+    # template itself still sees the template.
+    branch, branch_run = _fork(client, "vm-b")
+    base, base_run = _fork(client, "vm")
+    assert base_run["checksums"] == parent_run["checksums"]
+    assert branch_run["checksums"] != parent_run["checksums"]
+
+    for f in (parent, branch, base):
+        client.release_fork(f)
+    with pytest.raises(DaemonError, match="vm-b"):  # the parent has a child
+        client.delete_template("vm")
+
+
+def test_snapshot_refusals_say_why_and_leave_the_fork_as_it_was(start_daemon: StartDaemon) -> None:
+    _daemon, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    plain = client.create_fork("vm")["fork"]  # no VMM the daemon could pause
+    with pytest.raises(DaemonError, match="has no VMM the daemon drives") as info:
+        client.snapshot_fork(plain, "child")
+    assert info.value.status == 409
+    assert all(t["id"] != "child" for t in client.templates()["templates"])
+
+    snapper, _ = _fork(client, "vm", snapshots=True)
+    with pytest.raises(DaemonError, match="template 'vm' already exists") as info:
+        client.snapshot_fork(snapper, "vm")
+    assert info.value.status == 409
+    with pytest.raises(DaemonError, match="field 'template'") as info:
+        client.snapshot_fork(snapper, "../x")
+    assert info.value.status == 400
+    with pytest.raises(DaemonError, match="unknown fork 'nope'") as info:
+        client.snapshot_fork("nope", "x")
+    assert info.value.status == 404
+
+    assert client.fork(snapper)["phase"] == "live"
+    # --release: the snapshot is taken, then the fork is gone.
+    done = client.snapshot_fork(snapper, "vm-r", release=True)
+    assert done["released"]["fork"] == snapper
+    with pytest.raises(DaemonError, match="unknown fork"):
+        client.fork(snapper)
+    client.release_fork(plain)
+
+
+def test_cli_forks_snapshot(start_daemon: StartDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    daemon, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    fork, _ = _fork(client, "vm", snapshots=True)
+    control = ["--control", daemon.control_path]
+    assert main(["forks", "snapshot", fork, "--as", "vm-c", *control]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("template vm-c: ") and out.rstrip().endswith(f"fork {fork} resumed")
+    assert client.template("vm-c")["parent"] == "vm"
+    assert main(["forks", "snapshot", fork, "--as", "vm-c", *control]) != 0
+    err = capsys.readouterr().err
+    assert "template 'vm-c' already exists" in err and "Traceback" not in err
+    client.release_fork(fork)
+
+
+def test_a_microvm_fork_restored_without_snapshots_refuses_one(tmp_path: Path) -> None:
+    tpl = build_template(tmp_path / "t", TemplateSpec(mem_size=8 << 20, variants=1))
+    tpl.close()
+    config = ServerConfig(mem_file_path=str(tpl.mem_file), socket_dir=str(tmp_path), workers=1)
+    with PageServer(config) as server:
+        sock = server.register_fork("f")
+        handle = KvmDriver().restore(RestoreRequest("f", sock, str(tpl.path), str(tpl.mem_file)))
+        try:
+            with pytest.raises(VmmError, match="restored without the 'snapshots' option"):
+                handle.snapshot(str(tmp_path), timeout=10)
+            assert handle.exit_status() is None  # still there, paused
+        finally:
+            handle.stop()
