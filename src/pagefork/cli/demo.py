@@ -4,6 +4,12 @@ Builds a template, runs a recording warm-up fork, saves its hot set, then runs p
 that walk the same trace, one served on demand and one prefetched from the hot set (the order
 alternating, so drift hits both alike), and prints per mode the fork-ready time, demand faults,
 prefetched pages, misses and checksums, and the speed-up: the median of the pairs' ratios.
+
+With ``--branch`` it then snapshots a fork: a fork of the template walks its trace (its writes
+change guest memory), is paused at its end and captured into a layer; as many branches as
+prefetched forks are forked from that snapshot, each on the trace of one prefetched fork of
+the template, and each must report a checksum that shows the change (checked in the fork
+against the snapshot's memory) where the template's fork on that trace does not.
 """
 
 from __future__ import annotations
@@ -58,6 +64,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--workdir", help="keep the template and hot-page file here (default: a temp dir)"
     )
+    p.add_argument(
+        "--branch",
+        action="store_true",
+        help="also snapshot a fork that changed guest memory and branch --forks forks from it "
+        "(JSON: a 'branch' object)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument(
         "--plot", metavar="FILE.png", help="draw ready times and fault timelines (needs matplotlib)"
@@ -105,7 +117,7 @@ def _require_matplotlib() -> None:
 def run(args: argparse.Namespace) -> int:
     """Handler of ``pagefork demo``; returns the exit code (1 if a checksum failed)."""
     from pagefork.server import PageServer, ServerConfig
-    from pagefork.vmm.kvm import orchestrate
+    from pagefork.vmm.kvm import branch, orchestrate
     from pagefork.vmm.kvm.template import MEM_FILE, TemplateSpec, build_template
     from pagefork.vmm.kvm.trace import TraceSpec
 
@@ -174,10 +186,31 @@ def run(args: argparse.Namespace) -> int:
                             on_done=done,
                         )
                         (prefetch if mode == "prefetch" else demand).extend(reports)
+                snapshot = None
+                if args.branch:
+                    t_snap = progress.add_task("snapshot of a fork", total=1)
+                    snapshot = branch.snapshot_parent(
+                        server, template, warm.variant, workdir / "snapshot", hot
+                    )
+                    progress.update(t_snap, completed=1)
+            branched = None
+            if snapshot is not None:
+                t_branch = progress.add_task("branches of the snapshot", total=args.forks)
+                branched = branch.run_branches(
+                    template,
+                    snapshot,
+                    [r.fork_index for r in prefetch],
+                    prefetch,
+                    str(sockets),
+                    hot,
+                    on_done=lambda _r: progress.advance(t_branch),
+                )
         doc = _result_doc(
             warm, len(hot), demand, prefetch, spec.mem_size, time.monotonic() - started
         )
         doc["workdir"] = str(workdir) if args.workdir else None
+        if branched is not None:
+            doc["branch"] = branched.to_dict()
         # Figures first: a plot that fails must not lose them.
         if args.json:
             print(json.dumps(doc, indent=2), flush=True)
@@ -188,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
                 _plot(args.plot, recorded, demand, prefetch)
             except OSError as exc:
                 raise PageforkError(f"--plot {args.plot}: {exc.strerror or exc}") from None
-        return 0 if doc["checksums_ok"] else 1
+        branch_ok = branched is None or doc["branch"]["checksums_ok"]
+        return 0 if doc["checksums_ok"] and branch_ok else 1
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -268,6 +302,16 @@ def _print_tables(doc: dict[str, Any]) -> None:
         f"misses beyond the pages the warm-up never touched: {doc['misses_beyond_unrecorded']}; "
         f"{doc['elapsed_s']:.1f} s in all"
     )
+    b = doc.get("branch")
+    if b is not None:
+        out.print(
+            f"[bold]branch[/]: snapshot of a fork in {b['snapshot_ms']:.0f} ms "
+            f"({b['changed_pages']} pages changed, layer {b['layer_bytes'] / 1024:.0f} KiB); "
+            f"{b['forks']} branches ready p50 {b['ready_ms_p50']:.0f} ms vs "
+            f"{b['base_ready_ms_p50']:.0f} ms for the template's prefetched forks; every branch "
+            f"sees the change and the template's forks do not: "
+            + ("[green]OK[/]" if b["checksums_ok"] else "[red]WRONG[/]")
+        )
 
 
 def _plot(path: str, hot: Any, demand: list[Any], prefetch: list[Any]) -> None:

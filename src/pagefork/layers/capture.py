@@ -20,6 +20,7 @@ held: the parent's bytes where it wrote nothing, its writes, and zeros where it 
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import time
@@ -27,10 +28,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pagefork.errors import TemplateError
-from pagefork.layers.format import LAYER_PAGE, LayerInfo, diff_against, open_reader, write_layer
+from pagefork.files import open_regular
+from pagefork.layers.format import LAYER_PAGE, LayerFile, LayerInfo, diff_against, write_layer
 
 #: Data extents are read in slices of this many bytes.
 _READ_CHUNK = 1 << 20
+_ZERO_PAGE = bytes(LAYER_PAGE)
 
 
 class CaptureError(TemplateError):
@@ -120,6 +123,49 @@ def zero_runs(
     return runs
 
 
+class _ChainPages:
+    """What a fork of a chain reads at a page, for the few pages a diff holds: the topmost
+    layer that has the page (data or zero), else the base mem-file by ``pread``. Opening it
+    reads only the layers' indexes, never the base: a capture costs the diff, not the guest."""
+
+    def __init__(self, chain: Sequence[str]) -> None:
+        self._base = open_regular(chain[0], "mem-file", error=CaptureError)
+        self.size = os.fstat(self._base).st_size
+        self._layers: list[tuple[LayerFile, dict[int, int], list[int], list[int]]] = []
+        try:
+            for path in chain[1:]:
+                layer = LayerFile(path)
+                self._layers.append(
+                    (
+                        layer,
+                        {page: slot for slot, page in enumerate(layer.index)},
+                        [first for first, _ in layer.zero_runs],
+                        [first + count for first, count in layer.zero_runs],
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def read_page(self, index: int) -> bytes:
+        for layer, slots, firsts, ends in reversed(self._layers):
+            slot = slots.get(index)
+            if slot is not None:
+                return layer.read_slot(slot)
+            at = bisect.bisect_right(firsts, index) - 1
+            if at >= 0 and index < ends[at]:
+                return _ZERO_PAGE
+        return os.pread(self._base, LAYER_PAGE, index * LAYER_PAGE)
+
+    def close(self) -> None:
+        for layer, *_ in self._layers:
+            layer.close()
+        self._layers.clear()
+        if self._base >= 0:
+            os.close(self._base)
+            self._base = -1
+
+
 def capture_layer(
     memory_diff: str,
     *,
@@ -136,7 +182,11 @@ def capture_layer(
         fd = os.open(memory_diff, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         raise CaptureError(f"diff snapshot {memory_diff}: {exc.strerror}") from None
-    reader = open_reader(parent_chain)
+    try:
+        reader = _ChainPages(parent_chain)
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         size = os.fstat(fd).st_size
         if size != reader.size:
@@ -156,9 +206,7 @@ def capture_layer(
         info = write_layer(out_path, size=size, pages=changed(), zero_runs=runs, parent=parent_name)
     finally:
         os.close(fd)
-        close = getattr(reader, "close", None)
-        if close is not None:
-            close()
+        reader.close()
     return CaptureResult(
         path=out_path,
         info=info,

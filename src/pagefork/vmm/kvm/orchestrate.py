@@ -68,6 +68,8 @@ class ForkReport:
     bad_pages: int = 0
     fault_latency_us: dict[str, float] = field(default_factory=dict)
     progress: list[tuple[float, int]] = field(default_factory=list)
+    #: The guest's checksum per vCPU.
+    checksums: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (progress as [ms since resume, pages read])."""
@@ -85,7 +87,9 @@ class _Fork:
         self.name = name
         self.index = index
         socket_path = server.register_fork(name, record=record)
-        self.process = ForkProcess(str(template.path), socket_path, index)
+        # A child template (a snapshot) checks its pages against its base and layers.
+        memory = template.memory_chain if len(template.memory_chain) > 1 else ()
+        self.process = ForkProcess(str(template.path), socket_path, index, memory=memory)
         self.prefetch_seconds = 0.0
 
 
@@ -126,6 +130,7 @@ def _report(
         bad_pages=len(result.bad_pages),
         fault_latency_us=dict(stats.latency_us),
         progress=progress,
+        checksums=list(result.checksums),
     )
 
 

@@ -174,15 +174,7 @@ class Template:
             size = self.mem_file.stat().st_size
         except OSError as exc:
             raise TemplateError(f"{self.mem_file}: {exc.strerror}") from None
-        if len(self.memory_chain) > 1:
-            from pagefork.layers.format import open_reader  # only children need layers
-
-            self._reader = open_reader(self.memory_chain)
-            if self._reader.size != size:
-                raise TemplateError(
-                    f"{self.memory_chain[-1]}: a layer of {self._reader.size} bytes over a "
-                    f"mem-file of {size}"
-                )
+        self._size = size
         expected = sum(r.size for r in self.layout)
         if size != expected:
             raise TemplateError(
@@ -234,9 +226,24 @@ class Template:
                 return r.file_offset + gpa - r.guest_phys_addr
         raise TemplateError(f"{self.path}: guest-physical {gpa:#x} is not guest RAM")
 
+    def _layered(self) -> PageReader | None:
+        """The reader of a layered chain, opened on first use (not in a fork's restore: it
+        is only needed to check what the guest read); None for a plain mem-file."""
+        if self._reader is None and len(self.memory_chain) > 1:
+            from pagefork.layers.format import open_reader  # only children need layers
+
+            reader = open_reader(self.memory_chain)
+            if reader.size != self._size:
+                raise TemplateError(
+                    f"{self.memory_chain[-1]}: a layer of {reader.size} bytes over a "
+                    f"mem-file of {self._size}"
+                )
+            self._reader = reader
+        return self._reader
+
     def read_word(self, gpa: int) -> int:
         """The template's little-endian u32 at guest-physical ``gpa``."""
-        if self._reader is not None:
+        if self._layered() is not None:
             return int(struct.unpack_from("<I", self.read_bytes(gpa, 4))[0])
         if self._map is None:
             with open(self.mem_file, "rb") as f:
@@ -248,7 +255,7 @@ class Template:
         off = self.file_offset(gpa)
         if self.file_offset(gpa + length - 1) != off + length - 1:
             raise TemplateError(f"{self.path}: {gpa:#x}+{length:#x} spans two memory regions")
-        reader = self._reader
+        reader = self._layered()
         if reader is not None:  # through the layers, page by page
             first, last = off // PAGE_SIZE, (off + length - 1) // PAGE_SIZE
             data = b"".join(reader.read_page(p) for p in range(first, last + 1))
