@@ -61,6 +61,32 @@ def test_demo_json_reports_speedup_and_checksums(
 
 
 @needs_kvm
+def test_demo_branch_forks_a_snapshot_that_every_branch_sees(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["demo", "--mem-size", "16", "--forks", "3", "--branch", "--json"]
+    code = main([*argv, "--workdir", str(tmp_path)])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    b = doc["branch"]
+    assert b["checksums_ok"] is True and b["forks"] == 3
+    assert b["sees_change"] == [True, True, True]
+    prefetch = doc["modes"]["prefetch"]["per_fork"]
+    for branch, base in zip(b["per_fork"], prefetch, strict=True):
+        # Same trace as the template's fork beside it, other memory: another checksum, each
+        # right for the memory it walked (checked in the fork), every page's bytes too.
+        assert branch["variant"] == base["variant"]
+        assert branch["checksum_ok"] and branch["bad_pages"] == 0
+        assert branch["checksums"] != base["checksums"]
+        # Prefetched from what the child inherits: its layer's pages, then the hot set.
+        assert branch["prefetched_pages"] >= doc["hot_pages"]
+    assert 0 < b["changed_pages"] <= b["dirty_pages"]
+    assert b["layer_bytes"] >= 4096 * b["changed_pages"]
+    assert b["snapshot_ms"] > 0 and b["ready_ms_p50"] > 0 and b["base_ready_ms_p50"] > 0
+    assert b["base_ready_ms_p50"] == doc["modes"]["prefetch"]["ready_ms_p50"]
+
+
+@needs_kvm
 def test_demo_prints_a_table_per_mode(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--mem-size", "16", "--forks", "1"]) == 0
     out = capsys.readouterr().out

@@ -196,3 +196,47 @@ def test_a_failed_snapshot_command_leaves_the_fork_as_it_was(
                 fork.command("bogus", "snapshot")
         finally:
             fork.close()
+
+
+def test_a_snapshot_of_a_branch_stacks_a_second_layer_read_byte_for_byte(
+    template: Template, tmp_path: Path
+) -> None:
+    """A fork of a child, snapshotted: its layer sits over the child's (the capture reads the
+    parent chain through both), and a fork of the grandchild reads what that fork held."""
+    mem = str(template.path / MEM_FILE)
+    chain = [mem]
+    directory = template.path
+    for depth in (1, 2):
+        out = tmp_path / f"gen{depth}"
+        out.mkdir()
+        with _server(Path(mem), tmp_path, layers=tuple(chain[1:])) as server:
+            sock = server.register_fork(f"g{depth}")
+            fork = ForkProcess(str(directory), sock, 1, snapshots=True, memory=chain)
+            try:
+                fork.wait_restored()
+                fork.go()
+                assert fork.wait_result().checksum_ok  # against the chain it was forked from
+                snap = fork.snapshot(str(out))
+                fork.command(f"dump {tmp_path / f'held{depth}.dump'}", "dumped")
+                removed = server.removed_ranges(f"g{depth}")
+            finally:
+                fork.close()
+        layer = str(out / "layer.pfl")
+        captured = capture_layer(
+            snap["memory_diff"], parent_chain=chain, removed=removed, out_path=layer
+        )
+        assert captured.changed_pages > 0
+        chain = [*chain, layer]
+        directory = out
+    with _server(Path(mem), tmp_path, layers=tuple(chain[1:])) as server:
+        sock = server.register_fork("reader")
+        reader = ForkProcess(str(directory), sock, 1, snapshots=True, memory=chain)
+        try:
+            reader.wait_restored()
+            reader.command(f"dump {tmp_path / 'read.dump'}", "dumped")
+        finally:
+            reader.close()
+    held = (tmp_path / "held2.dump").read_bytes()
+    assert (tmp_path / "read.dump").read_bytes() == held
+    # The second walk rewrote what the first wrote: the layers really stack.
+    assert held != (tmp_path / "held1.dump").read_bytes()

@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.branch:
                     t_snap = progress.add_task("snapshot of a fork", total=1)
                     snapshot = branch.snapshot_parent(
-                        server, template, warm.variant, workdir / "snapshot", hot
+                        server, template, warm.variant, branch.temp_snapshot_dir(workdir), hot
                     )
                     progress.update(t_snap, completed=1)
             branched = None
