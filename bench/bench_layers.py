@@ -2,10 +2,12 @@
 
 One 64 MiB base mem-file; chains of 1, 4 and 16 layers over it, each layer changing a random
 10% of the pages (in runs of 1-8 pages) and zeroing a few runs. Four page servers, one per
-variant, serve fresh test VMMs that read one byte of every page in random order; rounds
-alternate the variants (ABCD, DCBA, ...), and each ratio is the median of per-round ratios
-against the no-layer server. A first round per variant checks every page against the chain's
-bytes.
+variant, serve fresh test VMMs that read one byte of every page in random order. Each server
+has one worker, pinned with the VMMs to one CPU, so no variant gains or loses by where its
+faults are served. Rounds alternate the variants (ABCD, DCBA, ...), and each ratio is the
+median of per-round ratios against the no-layer server: of the guest-visible time per fault,
+and of the server's own service time (p50 of its per-fault latencies). A first round per
+variant checks every page against the chain's bytes.
 
 What a user also pays: the time to open a chain (resolve it, build the zero index, start the
 workers that map it), and the layers' size on disk. The last part opens a 256 MiB chain whose
@@ -47,6 +49,8 @@ GUEST = 64 * MiB
 PAGES = GUEST // PAGE
 DEPTHS = (0, 1, 4, 16)
 CHANGED = 0.10
+#: The CPU the worker and each VMM run on.
+CPU = min(os.sched_getaffinity(0))
 
 TARGETS = {
     "ratio_depth1_over_none": ("<=", 1.05),
@@ -57,6 +61,9 @@ SUMMARY = (
     "ratio_depth1_over_none",
     "ratio_depth4_over_none",
     "ratio_depth16_over_none",
+    "server_ratio_depth1_over_none",
+    "server_ratio_depth4_over_none",
+    "server_ratio_depth16_over_none",
     "none_us_per_fault",
     "depth16_us_per_fault",
     "depth16_open_ms",
@@ -64,6 +71,7 @@ SUMMARY = (
     "depth16_segments",
     "half_random_segments",
     "half_random_open_ms",
+    "half_random_base_open_ms",
     "bad_pages",
 )
 
@@ -86,9 +94,15 @@ class LayeredForks(Forks):
                 socket_dir=sockets,
                 layers=tuple(layers),
                 on_fork_end=self._on_end,
+                # One worker on CPU 0, and each VMM pinned there too (see pin_vmm): every fault
+                # is then served on its own core, whatever the placement would pick.
+                workers=1,
+                pin_workers=False,
             )
         )
         self.server.wait_ready(timeout=60)
+        for pid in self.server.worker_pids():
+            os.sched_setaffinity(pid, {CPU})
         #: Seconds to open the chain and have every worker map it.
         self.open_seconds = time.perf_counter() - t0
         self._n = 0
@@ -116,9 +130,25 @@ def make_chain(workdir: str, depth: int, seed: int) -> tuple[list[str], int]:
     return paths, total
 
 
-def half_random(workdir: str) -> tuple[int, float, int]:
-    """A 256 MiB chain whose layer holds a random half of the pages: (segments, open seconds,
-    the worker budget of segments)."""
+def _open_seconds(base: str, layers: tuple[str, ...], sockets: str) -> tuple[float, int]:
+    """Seconds to start a server of the chain with every worker serving; its segments."""
+    os.mkdir(sockets)
+    t0 = time.perf_counter()
+    server = PageServer(ServerConfig(mem_file_path=base, socket_dir=sockets, layers=layers))
+    try:
+        server.wait_ready(timeout=120)
+        seconds = time.perf_counter() - t0
+        view = server.memfile
+        if isinstance(view, LayeredView) and view.materialized:
+            raise RuntimeError("the half-random layer was materialized, not mapped")
+        return seconds, len(view.segments) if isinstance(view, LayeredView) else 0
+    finally:
+        server.close()
+
+
+def half_random(workdir: str) -> tuple[int, float, float, int]:
+    """A 256 MiB chain whose layer holds a random half of the pages: (segments, seconds to
+    open it, seconds to open its base alone, the worker budget of segments)."""
     size = 256 * MiB
     base = os.path.join(workdir, "big.mem")
     with open(base, "wb") as f:
@@ -128,20 +158,14 @@ def half_random(workdir: str) -> tuple[int, float, int]:
     layer = os.path.join(workdir, "big.pfl")
     data = b"\x5a" * PAGE
     write_layer(layer, size=size, pages=((p, data) for p in pages))
-    sockets = os.path.join(workdir, "big")
-    os.mkdir(sockets)
-    t0 = time.perf_counter()
-    server = PageServer(ServerConfig(mem_file_path=base, socket_dir=sockets, layers=(layer,)))
-    try:
-        server.wait_ready(timeout=120)
-        seconds = time.perf_counter() - t0
-        assert isinstance(server.memfile, LayeredView)
-        if server.memfile.materialized:
-            raise RuntimeError("the half-random layer was materialized, not mapped")
-        segments = len(server.memfile.segments)
-    finally:
-        server.close()
-    return segments, seconds, max_segments()
+    alone: list[float] = []
+    chain: list[float] = []
+    segments = 0
+    for r, layers in alternating(3, ((), (layer,))):  # medians of 3, interleaved
+        seconds, n = _open_seconds(base, layers, os.path.join(workdir, f"big-{r}-{len(layers)}"))
+        (chain if layers else alone).append(seconds)
+        segments = max(segments, n)
+    return segments, median(chain), median(alone), max_segments()
 
 
 def main(quick: bool = False) -> dict[str, Any]:
@@ -162,10 +186,8 @@ def main(quick: bool = False) -> dict[str, Any]:
         try:
             for depth in DEPTHS:
                 if depth == 0:
-                    t0 = time.perf_counter()
-                    servers[0] = Forks(workdir, "none", base)
-                    servers[0].server.wait_ready(timeout=60)
-                    figures["none_open_ms"] = (time.perf_counter() - t0) * 1e3
+                    servers[0] = LayeredForks(workdir, "none", base, [], base)
+                    figures["none_open_ms"] = servers[0].open_seconds * 1e3
                     continue
                 layers, sizes[depth] = make_chain(workdir, depth, seed=depth)
                 oracle = os.path.join(workdir, f"d{depth}.flat")
@@ -183,8 +205,10 @@ def main(quick: bool = False) -> dict[str, Any]:
             figures["bad_pages"] = bad
             console.print(f"correctness (every page of every variant checked): {bad} bad")
             us: dict[int, list[float]] = {d: [] for d in DEPTHS}
+            served_p50: dict[int, list[float]] = {d: [] for d in DEPTHS}
             for r, depth in alternating(rounds, DEPTHS):
                 with servers[depth].fork(GUEST) as fork:
+                    os.sched_setaffinity(fork.vm.pid, {CPU})  # the thread that touches
                     reply = fork.vm.send(
                         cmd="touch", all=True, order="random", seed=r + 1, verify=False
                     )
@@ -192,24 +216,32 @@ def main(quick: bool = False) -> dict[str, Any]:
                 if fork.stats.faults != PAGES:
                     raise RuntimeError(f"depth {depth}: {fork.stats.faults} faults, not {PAGES}")
                 us[depth].append(float(reply["seconds"]) / PAGES * 1e6)
+                served_p50[depth].append(fork.stats.latency_us["p50"])
         finally:
             for forks in servers.values():
                 forks.close()
-        segments, seconds, budget = half_random(workdir)
+        segments, seconds, alone, budget = half_random(workdir)
     figures["half_random_segments"] = segments
     figures["half_random_open_ms"] = seconds * 1e3
+    figures["half_random_base_open_ms"] = alone * 1e3
     figures["segment_budget"] = budget
     rows = []
     for depth in DEPTHS:
-        figures[f"{'none' if depth == 0 else f'depth{depth}'}_us_per_fault"] = median(us[depth])
+        name = "none" if depth == 0 else f"depth{depth}"
+        figures[f"{name}_us_per_fault"] = median(us[depth])
+        figures[f"{name}_server_p50_us"] = median(served_p50[depth])
         ratio = paired_ratio(us[depth], us[0]) if depth else 1.0
+        server_ratio = paired_ratio(served_p50[depth], served_p50[0]) if depth else 1.0
         if depth:
             figures[f"ratio_depth{depth}_over_none"] = ratio
+            figures[f"server_ratio_depth{depth}_over_none"] = server_ratio
         rows.append(
             [
                 "none" if depth == 0 else str(depth),
                 fmt(median(us[depth])),
                 fmt(ratio),
+                fmt(median(served_p50[depth])),
+                fmt(server_ratio),
                 fmt(figures.get(f"depth{depth}_open_ms", figures["none_open_ms"]), 0),
                 str(figures.get(f"depth{depth}_segments", 0)),
                 fmt(sizes.get(depth, 0) / MiB, 1),
@@ -217,17 +249,20 @@ def main(quick: bool = False) -> dict[str, Any]:
         )
     table(
         "demand faults by layer depth (median of rounds; ratio: median of per-round ratios)",
-        ["depth", "µs/fault", "vs none", "open ms", "segments", "layers MiB"],
+        ["depth", "µs/fault", "vs none", "srv p50", "vs none", "open ms", "segments", "MiB"],
         rows,
     )
     for depth in DEPTHS[1:]:
         console.print(
             verdict(f"depth {depth} / none", figures[f"ratio_depth{depth}_over_none"], "<=", 1.05)
         )
+    for depth in DEPTHS[1:]:
+        per_round = [a / b for a, b in zip(us[depth], us[0], strict=True)]
+        console.print(f"depth {depth} / none per round: " + ", ".join(fmt(x) for x in per_round))
     console.print(
         f"256 MiB chain, a random half of its pages in one layer: {segments:,} segments "
         f"(a worker may map {budget:,}), opened and mapped by every worker in "
-        f"{fmt(seconds * 1e3, 0)} ms"
+        f"{fmt(seconds * 1e3, 0)} ms; its base alone: {fmt(alone * 1e3, 0)} ms"
     )
     return figures
 
