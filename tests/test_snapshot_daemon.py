@@ -116,3 +116,44 @@ def test_a_microvm_fork_restored_without_snapshots_refuses_one(tmp_path: Path) -
             assert handle.exit_status() is None  # still there, paused
         finally:
             handle.stop()
+
+
+def test_a_child_is_prefetched_from_what_it_inherits_while_its_first_fork_records(
+    start_daemon: StartDaemon,
+) -> None:
+    _daemon, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    warm, _ = _fork(client, "vm")  # the template's hot set
+    parent, _ = _fork(client, "vm", snapshots=True)
+    snap = client.snapshot_fork(parent, "vm-b", release=True)
+    # The child's first fork records (it stays, so its window stays open); the next one is
+    # prefetched from the child's layer pages and the template's hot set.
+    first = client.create_fork("vm-b", vmm="kvm", options={"snapshots": True})
+    assert first["role"] == "warmup"
+    second = client.create_fork("vm-b", vmm="kvm", options={"fork_index": 1})
+    assert second["role"] == "demand"
+    got = second["prefetch"]
+    assert got["inherited"] is True
+    hot = client.template("vm")["hot_pages"]
+    assert got["hot_pages"] >= snap["changed_pages"] and got["hot_pages"] >= hot
+    assert got["installed"] > 0
+    done = client.wait_fork(second["fork"], timeout=60)
+    assert done["vmm"]["checksum_ok"]
+    for f in (warm, first["fork"], second["fork"]):
+        client.release_fork(f)
+
+
+def test_past_max_layer_depth_a_snapshot_is_flattened_at_once(start_daemon: StartDaemon) -> None:
+    _daemon, client = start_daemon(max_layer_depth=1)
+    client.create_template("vm", "kvm", **TEMPLATE)
+    a, _ = _fork(client, "vm", snapshots=True)
+    one = client.snapshot_fork(a, "one", release=True)["template"]
+    assert (one["parent"], len(one["layers"])) == ("vm", 1)
+    b, _ = _fork(client, "one", snapshots=True)
+    two = client.snapshot_fork(b, "two", release=True)["template"]
+    # Two layers would be past the limit: one mem-file of its own, no parent, no layers.
+    assert (two["parent"], two["layers"]) == (None, [])
+    assert two["mem_file"] != one["mem_file"] and "two" in Path(two["mem_file"]).parts
+    c, run = _fork(client, "two")  # walks memory as b left it, checked against the flat file
+    assert run["checksum_ok"]
+    client.release_fork(c)

@@ -58,6 +58,7 @@ from pagefork.errors import (
 from pagefork.hotloop import HotSetLoop, Role
 from pagefork.hotpages import HotPageList
 from pagefork.hotpages import load as load_hot_pages
+from pagefork.layers.hotset import InheritedHotSet, inherited_hot_set
 from pagefork.regions import Region
 from pagefork.server import PageServer, ServerConfig, validate_fork_id
 from pagefork.serving.state import ForkPhase, transition
@@ -311,6 +312,8 @@ class ForkManager:
         self._feed_lock = threading.Lock()
         self._closed = False
         self._snapshotting: set[str] = set()  # forks with a snapshot under way
+        # A child template's inherited hot set, by template identity (see _inherited_of).
+        self._inherited: dict[TemplateKey, InheritedHotSet | None] = {}
         self._exits = ExitWatcher()
         registry.live_forks = self.live_forks_of
 
@@ -721,7 +724,20 @@ class ForkManager:
         state = self._state_of(fork)
         wait = timeout if timeout is not None else self.config.prefetch_timeout
         if fork.role != "prefetch" or fork.hot is None:
-            state.server.wait_connected(fork_id, timeout=wait)
+            regions = state.server.wait_connected(fork_id, timeout=wait)
+            inherited = self._inherited_of(state.record) if fork.role == "demand" else None
+            if inherited is not None:  # a child that has no hot set of its own yet
+                hot = inherited.for_regions(regions)
+                result = state.server.prefetch(fork_id, hot, timeout=wait)
+                fork.prefetch = {
+                    "role": fork.role,
+                    "inherited": True,
+                    "hot_pages": len(hot),
+                    "installed": result.installed,
+                    "already_present": result.already_present,
+                    "seconds": result.seconds,
+                }
+                return fork.prefetch
             fork.prefetch = {"role": fork.role, "hot_pages": 0, "installed": 0}
             return fork.prefetch
         try:
@@ -746,6 +762,18 @@ class ForkManager:
             "seconds": result.seconds,
         }
         return fork.prefetch
+
+    def _inherited_of(self, record: TemplateRecord) -> InheritedHotSet | None:
+        """What a child template's forks are prefetched from while its first fork records
+        its own hot set (:mod:`pagefork.layers.hotset`), made once per template; None for a
+        template without layers."""
+        key: TemplateKey = (record.id, record.created)
+        with self._lock:
+            if key in self._inherited:
+                return self._inherited[key]
+        found = inherited_hot_set(self.registry, record) if record.layers else None
+        with self._lock:
+            return self._inherited.setdefault(key, found)
 
     def _fall_back_to_demand(self, fork: Fork, problem: str) -> dict[str, Any]:
         note = (

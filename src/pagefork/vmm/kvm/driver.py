@@ -21,6 +21,7 @@ from typing import Any
 from pagefork.errors import VmmError
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle, VmmSnapshot
 from pagefork.vmm.kvm.process import ForkProcess
+from pagefork.vmm.kvm.template import MEM_FILE
 
 
 class KvmHandle(VmmHandle):
@@ -149,8 +150,13 @@ class KvmDriver(VmmDriver):
                 f"fork {request.fork_id}: fork_index must be an integer >= 0, got {fork_index!r}"
             )
         snapshots = request.options.get("snapshots", False) is True
-        # A child template's directory holds no mem-file: its memory is the base and layers.
-        memory = (request.mem_file, *request.layers) if request.layers else ()
+        # A child template's directory holds no mem-file: its memory is the base and layers
+        # (or, once flattened, a mem-file elsewhere in the template's directory).
+        own = os.path.join(request.snapshot_path, MEM_FILE)
+        elsewhere = bool(request.mem_file) and os.path.abspath(request.mem_file) != (
+            os.path.abspath(own)
+        )
+        memory = (request.mem_file, *request.layers) if request.layers or elsewhere else ()
         process = ForkProcess(
             request.snapshot_path,
             request.uffd_socket,
