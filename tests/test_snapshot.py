@@ -240,3 +240,49 @@ def test_a_snapshot_of_a_branch_stacks_a_second_layer_read_byte_for_byte(
     assert (tmp_path / "read.dump").read_bytes() == held
     # The second walk rewrote what the first wrote: the layers really stack.
     assert held != (tmp_path / "held1.dump").read_bytes()
+
+
+def test_capture_over_a_layered_chain_keeps_exactly_the_pages_that_differ(
+    tmp_path: Path,
+) -> None:
+    """No KVM: a diff over a base plus one layer. Pages equal to what the chain reads (the
+    layer's data, its zeros, or the base beneath) are dropped; the rest, and the removed
+    ranges, make a layer that reads back as the diff's owner held memory."""
+    import random
+
+    from pagefork.layers.format import open_reader, write_layer
+
+    npages = 512
+    rng = random.Random(7)
+    base = tmp_path / "base"
+    base.write_bytes(rng.randbytes(npages * PAGE_SIZE))
+    lower = str(tmp_path / "lower.pfl")
+    lower_pages = {p: rng.randbytes(PAGE_SIZE) for p in range(0, 200, 3)}
+    write_layer(lower, size=npages * PAGE_SIZE, pages=lower_pages.items(), zero_runs=[(300, 20)])
+    parent = open_reader([str(base), lower])
+    held = {p: parent.read_page(p) for p in range(npages)}
+    # What the fork wrote: dense runs, a sparse tail, some pages rewritten as they were.
+    written = {p: rng.randbytes(PAGE_SIZE) for p in [*range(10, 90), *range(295, 330, 2), 500]}
+    same = [12, 31, 302, 305]  # a layer page, a base page, two zero pages: written unchanged
+    for p in same:
+        written[p] = held[p]
+    diff = tmp_path / "diff"
+    with open(diff, "wb") as f:
+        f.truncate(npages * PAGE_SIZE)
+        for p, data in written.items():
+            f.seek(p * PAGE_SIZE)
+            f.write(data)
+    removed = [(400 * PAGE_SIZE, 410 * PAGE_SIZE), (500 * PAGE_SIZE, 502 * PAGE_SIZE)]
+    out = str(tmp_path / "top.pfl")
+    got = capture_layer(str(diff), parent_chain=[str(base), lower], removed=removed, out_path=out)
+    assert got.dirty_pages == len(written)
+    assert got.changed_pages == len(written) - len(same)
+    assert got.zero_pages == 10 + 1  # page 500 was written after its removal: data
+    held.update(written)
+    held.update({p: bytes(PAGE_SIZE) for p in [*range(400, 410), 501]})
+    child = open_reader([str(base), lower, out])
+    try:
+        assert [p for p in range(npages) if child.read_page(p) != held[p]] == []
+    finally:
+        for reader in (parent, child):
+            getattr(reader, "close", lambda: None)()

@@ -29,11 +29,14 @@ from dataclasses import dataclass
 
 from pagefork.errors import TemplateError
 from pagefork.files import open_regular
-from pagefork.layers.format import LAYER_PAGE, LayerFile, LayerInfo, diff_against, write_layer
+from pagefork.layers.format import LAYER_PAGE, LayerFile, LayerInfo, write_layer
 
 #: Data extents are read in slices of this many bytes.
 _READ_CHUNK = 1 << 20
 _ZERO_PAGE = bytes(LAYER_PAGE)
+#: Extents at most this many pages apart are read in one span (reading a short hole costs
+#: less than a syscall here).
+_SPAN_GAP = 16
 
 
 class CaptureError(TemplateError):
@@ -82,20 +85,42 @@ def data_extents(fd: int, size: int, where: str) -> list[tuple[int, int]]:
     return extents
 
 
-def _read_extents(
-    fd: int, extents: Sequence[tuple[int, int]], where: str
-) -> Iterator[tuple[int, memoryview]]:
+def _spans(
+    extents: Sequence[tuple[int, int]], gap: int, most: int
+) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """Extents grouped into spans ``(first, end, extents)`` of at most ``most`` pages whose
+    extents lie at most ``gap`` pages apart: one read of a span beats one per extent."""
+    group: list[tuple[int, int]] = []
     for first, end in extents:
-        page = first
-        while page < end:
-            count = min(end - page, _READ_CHUNK // LAYER_PAGE)
-            data = os.pread(fd, count * LAYER_PAGE, page * LAYER_PAGE)
-            if len(data) != count * LAYER_PAGE:
-                raise CaptureError(f"{where}: shrank while it was read")
-            view = memoryview(data)
-            for i in range(count):
-                yield page + i, view[i * LAYER_PAGE : (i + 1) * LAYER_PAGE]
-            page += count
+        while end > first:  # an extent longer than a span is cut
+            piece = (first, min(end, first + most))
+            if group and (piece[0] - group[-1][1] > gap or piece[1] - group[0][0] > most):
+                yield group[0][0], group[-1][1], group
+                group = []
+            group.append(piece)
+            first = piece[1]
+    if group:
+        yield group[0][0], group[-1][1], group
+
+
+def _changed_pages(
+    fd: int, extents: Sequence[tuple[int, int]], parent: _ChainPages, where: str
+) -> Iterator[tuple[int, memoryview]]:
+    """The diff's data pages whose bytes differ from the parent's. Nearby extents are read
+    together, from the diff and from the parent (one ``pread`` each per span; the holes
+    between them read as zeros and are skipped): a page costs a comparison, not a syscall."""
+    for first, end, group in _spans(extents, _SPAN_GAP, _READ_CHUNK // LAYER_PAGE):
+        count = end - first
+        data = os.pread(fd, count * LAYER_PAGE, first * LAYER_PAGE)
+        if len(data) != count * LAYER_PAGE:
+            raise CaptureError(f"{where}: shrank while it was read")
+        view = memoryview(data)
+        old = memoryview(parent.read_range(first, count))
+        for lo, hi in group:
+            for page in range(lo, hi):
+                at = slice((page - first) * LAYER_PAGE, (page - first + 1) * LAYER_PAGE)
+                if view[at] != old[at]:
+                    yield page, view[at]
 
 
 def zero_runs(
@@ -147,7 +172,8 @@ class _ChainPages:
             self.close()
             raise
 
-    def read_page(self, index: int) -> bytes:
+    def _from_layers(self, index: int) -> bytes | None:
+        """The page from the topmost layer that has it (data or zero), or None."""
         for layer, slots, firsts, ends in reversed(self._layers):
             slot = slots.get(index)
             if slot is not None:
@@ -155,7 +181,26 @@ class _ChainPages:
             at = bisect.bisect_right(firsts, index) - 1
             if at >= 0 and index < ends[at]:
                 return _ZERO_PAGE
-        return os.pread(self._base, LAYER_PAGE, index * LAYER_PAGE)
+        return None
+
+    def read_page(self, index: int) -> bytes:
+        """The 4096 bytes a fork of the chain reads at page ``index``."""
+        return self.read_range(index, 1)
+
+    def read_range(self, first: int, count: int) -> bytes:
+        """What a fork reads at ``count`` pages from ``first``: one ``pread`` of the base,
+        then the pages the layers hold laid over it."""
+        data = os.pread(self._base, count * LAYER_PAGE, first * LAYER_PAGE)
+        if len(data) != count * LAYER_PAGE:
+            raise CaptureError(f"mem-file: shrank below page {first + count}")
+        if not self._layers:
+            return data
+        out = bytearray(data)
+        for i in range(count):
+            page = self._from_layers(first + i)
+            if page is not None:
+                out[i * LAYER_PAGE : (i + 1) * LAYER_PAGE] = page
+        return bytes(out)
 
     def close(self) -> None:
         for layer, *_ in self._layers:
@@ -199,7 +244,7 @@ def capture_layer(
         counted = {"changed": 0}
 
         def changed() -> Iterator[tuple[int, bytes | memoryview]]:
-            for page, data in diff_against(reader, _read_extents(fd, extents, memory_diff)):
+            for page, data in _changed_pages(fd, extents, reader, memory_diff):
                 counted["changed"] += 1
                 yield page, data
 

@@ -146,9 +146,11 @@ def remove_range(memory: GuestMemory, gpa: int, length: int) -> None:
 
 
 def dump_memory(memory: GuestMemory, path: str | os.PathLike[str]) -> None:
-    """Write all of guest RAM to ``path``, regions back to back as in the mem-file (for
-    checks: every page not yet present faults through the page server)."""
+    """Write all of guest RAM to ``path``, regions back to back as in the mem-file: what a
+    full snapshot stores (every page not yet present faults through the page server)."""
     with open(path, "xb") as f:
         for addr, spec in zip(memory.host_addrs, memory.layout, strict=True):
             for off in range(0, spec.size, 1 << 20):
                 f.write(ctypes.string_at(addr + off, min(1 << 20, spec.size - off)))
+        f.flush()
+        os.fsync(f.fileno())  # as durable as a snapshot: a full copy pays the same
