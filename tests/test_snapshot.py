@@ -187,11 +187,12 @@ def test_a_failed_snapshot_command_leaves_the_fork_as_it_was(
             (tmp_path / "nodir").write_text("a file")
             with pytest.raises(VmmError, match=r"snapshot directory .*nodir: not a directory"):
                 fork.snapshot(str(tmp_path / "nodir"))
-            # The fork stays as it was: a later snapshot works, with nothing dirty yet.
-            (tmp_path / "s").mkdir()
-            snap = fork.snapshot(str(tmp_path / "s"))
+            # The fork stays as it was: a later snapshot works (into a path with a space),
+            # with nothing dirty yet.
+            (tmp_path / "s p").mkdir()
+            snap = fork.snapshot(str(tmp_path / "s p"))
             assert snap["dirty_pages"] == 0
-            assert os.path.getsize(tmp_path / "s" / MEMORY_DIFF_FILE) == template.mem_size
+            assert os.path.getsize(tmp_path / "s p" / MEMORY_DIFF_FILE) == template.mem_size
             with pytest.raises(VmmError, match="unknown command 'bogus'"):
                 fork.command("bogus", "snapshot")
         finally:
@@ -286,3 +287,28 @@ def test_capture_over_a_layered_chain_keeps_exactly_the_pages_that_differ(
     finally:
         for reader in (parent, child):
             getattr(reader, "close", lambda: None)()
+
+
+def test_a_snapshot_asked_for_during_the_walk_is_taken_at_its_halt(
+    template: Template, tmp_path: Path
+) -> None:
+    """One thread waits for the fork's result while another asks for a snapshot: the command
+    waits for the halt, and each thread gets its own answer."""
+    import threading
+
+    _reads, writes = _written_and_read(template, 0)
+    with _server(template.path / MEM_FILE, tmp_path) as server:
+        fork = ForkProcess(str(template.path), server.register_fork("f"), 0, snapshots=True)
+        try:
+            fork.wait_restored()
+            fork.go()
+            results: list[object] = []
+            waiter = threading.Thread(target=lambda: results.append(fork.wait_result()))
+            waiter.start()
+            snap = fork.snapshot(str(tmp_path))
+            waiter.join(60)
+            assert not waiter.is_alive()
+        finally:
+            fork.close()
+    assert snap["dirty_pages"] == len(set(writes))  # the whole walk: taken at the halt
+    assert len(results) == 1 and getattr(results[0], "checksum_ok", False)

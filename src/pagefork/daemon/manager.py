@@ -872,7 +872,10 @@ class ForkManager:
                 )
             finally:
                 if not release:
-                    handle.resume()
+                    try:
+                        handle.resume()
+                    except Exception as exc:  # released meanwhile, say: never hide the cause
+                        log.warning("fork %s: cannot resume it after a snapshot: %s", fork_id, exc)
         finally:
             with self._lock:
                 self._snapshotting.discard(fork_id)

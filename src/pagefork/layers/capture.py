@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from pagefork.errors import TemplateError
+from pagefork.errors import VmmError
 from pagefork.files import open_regular
 from pagefork.layers.format import LAYER_PAGE, LayerFile, LayerInfo, write_layer
 
@@ -39,8 +39,8 @@ _ZERO_PAGE = bytes(LAYER_PAGE)
 _SPAN_GAP = 16
 
 
-class CaptureError(TemplateError):
-    """A diff snapshot cannot be turned into a layer (unreadable, wrong size, torn)."""
+class CaptureError(VmmError):
+    """A VMM's diff snapshot cannot be turned into a layer (unreadable, wrong size, torn)."""
 
 
 @dataclass(frozen=True)

@@ -115,9 +115,9 @@ def _command(vm: MicroVm, line: str) -> dict[str, Any]:
     """Run one ``--snapshots`` command; its event."""
     verb, _, rest = line.partition(" ")
     args = rest.split()
-    if verb == "snapshot" and len(args) == 1:
+    if verb == "snapshot" and rest:  # the rest of the line is the path: it may hold spaces
         t0 = time.monotonic()
-        snap = vm.snapshot(args[0])
+        snap = vm.snapshot(rest)
         return {
             "event": "snapshot",
             "memory_diff": snap.memory_diff,
@@ -131,11 +131,11 @@ def _command(vm: MicroVm, line: str) -> dict[str, Any]:
         gpa, length = int(args[0], 0), int(args[1], 0)
         remove_range(vm.memory, gpa, length)
         return {"event": "removed", "gpa": gpa, "length": length}
-    if verb == "dump" and len(args) == 1:
+    if verb == "dump" and rest:
         if vm.memory is None:
             raise VmmError("dump before restore")
-        dump_memory(vm.memory, args[0])
-        return {"event": "dumped", "path": args[0]}
+        dump_memory(vm.memory, rest)
+        return {"event": "dumped", "path": rest}
     raise VmmError(f"unknown command {line!r}")
 
 
@@ -143,12 +143,12 @@ def _serve_commands(vm: MicroVm, run: Callable[[], None] | None) -> int:
     """The ``--snapshots`` loop: commands until ``exit`` or end of input; ``go`` calls
     ``run`` once (None: already ran)."""
     for raw in sys.stdin:
-        line = raw.strip()
+        line = raw.rstrip("\n")
         if line == "exit":
             break
         if line == "go":
             if run is None:
-                _emit({"event": "error", "message": "go: the guest has already run"})
+                _emit({"event": "error", "message": "the guest has already run", "command": line})
                 continue
             go, run = run, None
             go()

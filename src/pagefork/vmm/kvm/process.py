@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
 import threading
@@ -117,7 +116,12 @@ class ForkProcess:
             text=True,
             bufsize=1,
         ).result()
-        self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        # Events not yet taken, and whether the output ended: several threads may wait for
+        # different events of one fork (its result, a snapshot), so each takes only its own.
+        self._events: list[dict[str, Any]] = []
+        self._ended = False
+        self._arrived = threading.Condition()
+        self._command_lock = threading.Lock()
         assert self._proc.stdout is not None
         self._reader = threading.Thread(target=self._read, args=(self._proc.stdout,), daemon=True)
         self._reader.start()
@@ -135,26 +139,41 @@ class ForkProcess:
             except ValueError:
                 continue  # not ours (a stray print); the protocol lines are JSON
             if isinstance(doc, dict):
-                self._events.put(doc)
-        self._events.put(None)
+                with self._arrived:
+                    self._events.append(doc)
+                    self._arrived.notify_all()
+        with self._arrived:
+            self._ended = True
+            self._arrived.notify_all()
 
-    def _next(self, want: str, timeout: float) -> dict[str, Any]:
+    def _take(self, want: str, command: str | None) -> dict[str, Any] | None:
+        """The first waiting ``want`` event, or an ``error`` event for ``command`` (or for no
+        command: the fork failed), removed from the list; None if there is none yet."""
+        for i, doc in enumerate(self._events):
+            event = doc.get("event")
+            if event == want or (event == "error" and doc.get("command") in (None, command)):
+                return self._events.pop(i)
+        return None
+
+    def _next(self, want: str, timeout: float, command: str | None = None) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise VmmError(f"fork {self.fork_index}: no {want!r} within {timeout:g}s")
-            try:
-                doc = self._events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if doc is None:
-                code = self._proc.wait()
-                raise VmmError(f"fork {self.fork_index}: process exited ({code}) before {want!r}")
-            if doc.get("event") == "error":
-                raise VmmError(f"fork {self.fork_index}: {doc.get('message')}")
-            if doc.get("event") == want:
-                return doc
+        with self._arrived:
+            while True:
+                doc = self._take(want, command)
+                if doc is not None:
+                    break
+                left = deadline - time.monotonic()
+                if self._ended:
+                    code = self._proc.wait()
+                    raise VmmError(
+                        f"fork {self.fork_index}: process exited ({code}) before {want!r}"
+                    )
+                if left <= 0:
+                    raise VmmError(f"fork {self.fork_index}: no {want!r} within {timeout:g}s")
+                self._arrived.wait(left)
+        if doc.get("event") == "error":
+            raise VmmError(f"fork {self.fork_index}: {doc.get('message')}")
+        return doc
 
     def wait_restored(self, timeout: float = 30.0) -> dict[str, Any]:
         """Wait until the fork has handed its RAM to the page server and restored its vCPUs."""
@@ -179,12 +198,13 @@ class ForkProcess:
         if "\n" in line:
             raise VmmError(f"fork {self.fork_index}: a command is one line")
         assert self._proc.stdin is not None
-        try:
-            self._proc.stdin.write(line + "\n")
-            self._proc.stdin.flush()
-        except OSError:  # it died: _next says how
-            pass
-        return self._next(want, timeout)
+        with self._command_lock:  # one command at a time: their answers come in order
+            try:
+                self._proc.stdin.write(line + "\n")
+                self._proc.stdin.flush()
+            except (OSError, ValueError):  # it died, or was closed: _next says how
+                pass
+            return self._next(want, timeout, command=line)
 
     def snapshot(self, out_dir: str, timeout: float = 60.0) -> dict[str, Any]:
         """A diff snapshot of the stopped guest into directory ``out_dir`` (which exists):
