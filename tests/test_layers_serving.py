@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_layers import Chain
 
-from conftest import PAGE, needs_uffd
+from conftest import PAGE, make_mem_file, needs_uffd
 from pagefork.hotpages import HotPageList
 from pagefork.layers import source
 from pagefork.layers.format import write_layer
@@ -206,3 +206,51 @@ def test_a_child_without_a_hot_set_is_prefetched_from_its_parents_plus_its_layer
     reply = vmm.send(cmd="touch", pages=touched)
     assert reply["bad"] == 0, reply["mismatches"]
     assert server.stats("a").faults == 0  # every layer page and every parent hot page was there
+
+
+def test_hugepage_forks_copy_zero_runs_as_zeros_from_the_mapped_view(tmp_path: Path):
+    """A 2 MiB page that mixes a zero run, layer data and parent bytes is copied whole from
+    the view (hugetlbfs has no UFFDIO_ZEROPAGE): only the zero memory mapped over the run keeps
+    the parent's bytes out, on demand and under prefetch."""
+    from test_hugepages import NR_HUGEPAGES
+
+    from pagefork.hotpages import HotPage
+
+    try:
+        before = int(NR_HUGEPAGES.read_text())
+        NR_HUGEPAGES.write_text(str(before + 16))
+        if int(NR_HUGEPAGES.read_text()) < before + 12:
+            pytest.skip("not enough hugetlbfs pages could be reserved")
+    except OSError as exc:
+        pytest.skip(f"cannot reserve hugetlbfs pages here: {exc}")
+    try:
+        base = make_mem_file(tmp_path / "base", PAGES, zero_every=1000)  # nearly all data
+        expected = bytearray(base.read_bytes())
+        pages = [(p, bytes([p % 251 + 1]) * PAGE) for p in (3, 4, 1100)]
+        runs = [(10, 290), (512, 512)]  # part of 2 MiB page 0, all of page 1
+        for p, data in pages:
+            expected[p * PAGE : (p + 1) * PAGE] = data
+        for first, count in runs:
+            expected[first * PAGE : (first + count) * PAGE] = bytes(count * PAGE)
+        write_layer(str(tmp_path / "l"), size=PAGES * PAGE, pages=pages, zero_runs=runs)
+        oracle = tmp_path / "expected"
+        oracle.write_bytes(bytes(expected))
+        huge = ("--hugetlb", "--page-size", str(2 * MIB))
+        config = ServerConfig(str(base), str(tmp_path), layers=(str(tmp_path / "l"),))
+        with PageServer(config) as server:
+            vmm = VmmProcess(server.register_fork("a"), str(oracle), ("8M", "4M"), *huge)
+            vmm2 = VmmProcess(server.register_fork("b"), str(oracle), ("8M", "4M"), *huge)
+            try:
+                server.wait_connected("a")
+                reply = vmm.send(cmd="touch", all=True)
+                assert reply["touched"] == 6 and reply["bad"] == 0, reply
+                assert server.stats("a").faults == 6
+                result = server.prefetch("b", [HotPage(0, 0), HotPage(0, 2 * MIB)])
+                assert result.installed == 2
+                assert vmm2.send(cmd="touch", all=True)["bad"] == 0
+                assert server.stats("b").faults == 4  # only the pages not prefetched
+            finally:
+                vmm.kill()
+                vmm2.kill()
+    finally:
+        NR_HUGEPAGES.write_text(str(before))
