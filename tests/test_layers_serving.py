@@ -254,3 +254,47 @@ def test_hugepage_forks_copy_zero_runs_as_zeros_from_the_mapped_view(tmp_path: P
                 vmm2.kill()
     finally:
         NR_HUGEPAGES.write_text(str(before))
+
+
+def test_serve_with_layers_serves_the_chain(tmp_path: Path):
+    from test_cli_serve import Serve
+
+    chain = Chain(tmp_path, PAGES, depth=2, seed=29)
+    oracle = tmp_path / "expected"
+    oracle.write_bytes(bytes(chain.expected))
+    sock = str(tmp_path / "s.sock")
+    layers = [a for path in chain.layers for a in ("--layer", path)]
+    serve = Serve("--mem-file", chain.base, *layers, "--socket", sock, "--workers", "1")
+    try:
+        serve.wait_for("listening")
+        vmm = VmmProcess(sock, str(oracle), ("8M", "4M"))
+        try:
+            assert vmm.send(cmd="touch", all=True, order="random")["bad"] == 0
+        finally:
+            vmm.close()
+        assert serve.wait_for("fork_end")[0]["faults"] == PAGES
+    finally:
+        assert serve.stop()[0] == 0
+
+
+def test_serve_with_a_corrupt_layer_is_one_line_exit_2(tmp_path: Path):
+    from test_cli_serve import assert_one_line_exit_2, run_serve
+
+    chain = Chain(tmp_path, 64, depth=1)
+    Path(chain.layers[0]).write_bytes(Path(chain.layers[0]).read_bytes()[:-3])
+    proc = run_serve(
+        "--mem-file", chain.base, "--layer", chain.layers[0], "--socket", str(tmp_path / "s")
+    )
+    size = os.path.getsize(chain.layers[0])
+    assert_one_line_exit_2(
+        proc, f"layer {chain.layers[0]}: truncated ({size} bytes, the header says {size + 3})"
+    )
+    proc = run_serve(
+        "--mem-file", chain.base, "--layer", chain.base, "--socket", str(tmp_path / "s")
+    )
+    assert_one_line_exit_2(proc, f"layer {chain.base}: not a pagefork layer file (bad magic)")
+    proc = run_serve(
+        *("--mem-file", chain.base, "--layer", chain.layers[0], "--socket", str(tmp_path / "s")),
+        *("--record", chain.layers[0]),
+    )
+    assert_one_line_exit_2(proc, f"--record {chain.layers[0]} is the layer {chain.layers[0]}")

@@ -56,6 +56,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ),
     )
     p.add_argument("--mem-file", required=True, help="the template's guest memory file")
+    p.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a layer file over the mem-file (repeat, bottom first): serve a layered template",
+    )
     p.add_argument("--socket", required=True, help="Unix socket path to listen on (mode 0600)")
     p.add_argument(
         "--page-size",
@@ -173,6 +180,10 @@ def _check_args(args: argparse.Namespace) -> None:
         with contextlib.suppress(OSError):
             if os.path.samefile(sample, args.mem_file):
                 raise PageforkError(f"--record {record} is the mem-file itself")
+        for layer in args.layer:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(sample, layer):
+                    raise PageforkError(f"--record {record} is the layer {layer}")
 
 
 def _fork_end_fields(stats: ForkStats) -> dict[str, Any]:
@@ -288,6 +299,7 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
 
     config = ServerConfig(
         mem_file_path=args.mem_file,
+        layers=tuple(args.layer),
         page_size=args.page_size,
         on_failure=args.on_failure,
         handshake_timeout=args.handshake_timeout,
