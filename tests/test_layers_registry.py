@@ -41,7 +41,7 @@ def family(tmp_path: Path):
     mem = make_mem_file(tmp_path / "mem", PAGES)
     state = tmp_path / "vmstate"
     state.write_bytes(b"state")
-    reg.create_from_snapshot("base", mem, state)
+    reg.create_from_snapshot("base", mem, state, copy=True)  # base owns its mem-file
     expected = {"base": bytearray(mem.read_bytes())}
     expected["kid"] = bytearray(expected["base"])
     kid_layer = _layer(tmp_path, "kid.pfl", 1, expected["kid"])
@@ -75,9 +75,12 @@ def test_a_child_record_names_its_parent_and_its_chain(family, tmp_path: Path):
 
 def test_a_parent_with_children_cannot_be_deleted_and_the_error_names_them(family):
     reg, _ = family
-    with pytest.raises(TemplateError, match="template 'base' has child template kid: delete or"):
+    with pytest.raises(
+        TemplateError,
+        match=r"^template 'base' has templates layered over it: grandkid, kid; delete or flatten",
+    ):
         reg.delete("base")
-    with pytest.raises(TemplateError, match="template 'kid' has child template grandkid"):
+    with pytest.raises(TemplateError, match="template 'kid' has templates layered over it: grand"):
         reg.delete("kid")
     reg.delete("grandkid")
     reg.delete("kid")
@@ -103,6 +106,15 @@ def test_flattening_a_middle_template_keeps_the_layer_its_child_uses(family):
     reg.flatten("kid")
     assert (reg.directory("kid") / "layer.pfl").exists()  # grandkid's chain still names it
     assert _read(reg, "kid") == bytes(expected["kid"])
+    assert _read(reg, "grandkid") == bytes(expected["grandkid"])
+    # kid no longer needs base, but grandkid still reads base's files: base stays.
+    with pytest.raises(TemplateError, match="'base' has templates layered over it: grandkid;"):
+        reg.delete("base")
+    with pytest.raises(TemplateError, match="'kid' has templates layered over it: grandkid;"):
+        reg.delete("kid")
+    reg.flatten("grandkid")
+    reg.delete("base")
+    reg.delete("kid")
     assert _read(reg, "grandkid") == bytes(expected["grandkid"])
 
 
@@ -160,7 +172,10 @@ def test_cli_flatten_and_the_delete_guard_through_the_daemon(
     )
     assert main(["templates", "delete", "base", *ctl]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "has child template kid: delete or flatten them first" in err[0]
+    assert (
+        len(err) == 1
+        and "has templates layered over it: kid; delete or flatten them first" in err[0]
+    )
     assert main(["templates", "flatten", "kid", *ctl, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["layers"] == [] and doc["parent"] is None

@@ -506,8 +506,19 @@ class TemplateRegistry:
 
     # --- layers ------------------------------------------------------------------------------
     def children(self, template_id: str) -> list[str]:
-        """The ids of the templates whose parent is ``template_id``, sorted."""
-        return [r.id for r in self.listing().templates if r.parent == template_id]
+        """The ids of the templates that depend on ``template_id``, sorted: its children, and
+        any template whose chain still reads a file in its directory (a grandchild whose
+        parent was flattened reads its grandparent's mem-file and layers)."""
+        directory = self.directory(template_id)
+        return [
+            r.id
+            for r in self.listing().templates
+            if r.id != template_id
+            and (
+                r.parent == template_id
+                or any(Path(p).is_relative_to(directory) for p in (r.mem_file, *r.layers))
+            )
+        ]
 
     def create_child(
         self,
@@ -645,9 +656,8 @@ class TemplateRegistry:
             children = self.children(template_id)
             if children:
                 raise TemplateError(
-                    f"template {template_id!r} has child template"
-                    f"{'s' if len(children) != 1 else ''} {', '.join(children)}: "
-                    "delete or flatten them first"
+                    f"template {template_id!r} has templates layered over it: "
+                    f"{', '.join(children)}; delete or flatten them first"
                 )
             # Rename first so the template disappears at once, then remove at leisure. A
             # rename in place needs no new space: a full disk cannot make a template undeletable.
