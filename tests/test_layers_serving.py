@@ -298,3 +298,16 @@ def test_serve_with_a_corrupt_layer_is_one_line_exit_2(tmp_path: Path):
         *("--record", chain.layers[0]),
     )
     assert_one_line_exit_2(proc, f"--record {chain.layers[0]} is the layer {chain.layers[0]}")
+
+
+def test_removed_ranges_are_the_mem_file_ranges_the_guest_removed(tmp_path: Path, served):
+    chain = Chain(tmp_path, PAGES, depth=1, seed=30)
+    server = _serve(served, tmp_path, chain, workers=1)
+    vmm = _vmm(served, server, chain, tmp_path, "a")
+    assert server.removed_ranges("a") == []
+    assert vmm.send(cmd="remove", region=1, offset=MIB, length=MIB)["ok"]
+    assert vmm.send(cmd="remove", region=0, offset=0, length=2 * PAGE)["ok"]
+    assert vmm.send(cmd="remove", region=1, offset=2 * MIB, length=PAGE)["ok"]  # adjoins
+    # A REMOVE is noted before anything after it is served: touching a page waits for that.
+    assert vmm.send(cmd="touch", pages=[[0, 4 * PAGE]])["bad"] == 0
+    assert server.removed_ranges("a") == [(0, 2 * PAGE), (9 * MIB, 10 * MIB + PAGE)]
