@@ -28,7 +28,7 @@ import ctypes
 import mmap
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
 from pagefork import libc
@@ -137,7 +137,8 @@ class LayeredView(MemFile):
             zeros[first : first + count] = b"\x01" * count
         self._owner = owner
         self._slot = slot
-        #: (first page, count, layer number or None for zero) in page order.
+        #: (first page, count, layer number or None for zero, its first data page's slot in
+        #: the layer), in page order.
         self.segments: list[tuple[int, int, int | None, int]] = sorted(
             [(f, c, n, k) for f, c, n, k in segments] + [(f, c, None, 0) for f, c in zero_segments]
         )
@@ -196,21 +197,6 @@ class LayeredView(MemFile):
         if len(data) < LAYER_PAGE and (index + 1) * LAYER_PAGE <= self.size:
             raise MemFileError(f"mem-file {self.path}: shrank while being read")
         return data.ljust(LAYER_PAGE, b"\0")
-
-    def layer_pages(self) -> Iterator[int]:
-        """Every page the layers set (data or zero) and that reads differently from the base
-        because of them, in page order."""
-        if not self.layers:
-            return
-        for first, count, _, _ in self.segments:
-            yield from range(first, first + count)
-        if self.materialized:
-            pages: set[int] = set()
-            for layer in self.layers:
-                pages.update(layer.index)
-                for first, count in layer.zero_runs:
-                    pages.update(range(first, first + count))
-            yield from sorted(pages)
 
     def __enter__(self) -> LayeredView:
         return self
