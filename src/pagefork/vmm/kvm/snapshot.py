@@ -97,7 +97,7 @@ def write_diff_snapshot(
                 offset = spec.file_offset + first * PAGE_SIZE
                 if os.pwrite(fd, data, offset) != len(data):
                     raise VmmError(f"{diff_path}: short write")
-        os.fsync(fd)
+        # No fsync: the diff lives until it is captured; the layer made from it is durable.
     except OSError as exc:
         raise VmmError(f"{diff_path}: {exc.strerror}") from None
     finally:
