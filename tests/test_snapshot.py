@@ -80,6 +80,23 @@ def test_capture_refuses_a_diff_of_another_size(template: Template, tmp_path: Pa
     assert not (tmp_path / "layer").exists()
 
 
+def test_capture_refuses_a_diff_that_is_a_link_or_a_fifo(
+    template: Template, tmp_path: Path
+) -> None:
+    link, fifo = tmp_path / "link", tmp_path / "fifo"
+    link.symlink_to(template.mem_file)  # the right size, yet not the VMM's to hand over
+    os.mkfifo(fifo)
+    for path, why in ((link, "is a symbolic link"), (fifo, "FIFO")):
+        with pytest.raises(CaptureError, match=why):
+            capture_layer(
+                str(path),
+                parent_chain=[str(template.mem_file)],
+                removed=[],
+                out_path=str(tmp_path / "layer"),
+            )
+    assert not (tmp_path / "layer").exists()
+
+
 # --- KVM: dirty logging, capture, and forks of the child ----------------------------------------
 
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from pagefork.errors import VmmError
 from pagefork.layers.capture import capture_layer
 from pagefork.server import PageServer
 from pagefork.templates import TemplateRecord, TemplateRegistry
@@ -58,6 +60,19 @@ class SnapshotResult:
         }
 
 
+def _check_vmstate(path: str, work: str) -> None:
+    """The VM state must be a regular file or a directory of regular files inside the work
+    directory, none a link: the VMM wrote it, and the registry keeps what it finds there."""
+    inside = os.path.realpath(path).startswith(os.path.realpath(work) + os.sep)
+    entries = [path]
+    if inside and stat.S_ISDIR(os.lstat(path).st_mode):
+        entries += [os.path.join(path, name) for name in os.listdir(path)]
+    for entry in entries:
+        mode = os.lstat(entry).st_mode
+        if not inside or not (stat.S_ISREG(mode) or (entry == path and stat.S_ISDIR(mode))):
+            raise VmmError(f"snapshot: the VMM left {entry} as its VM state: not a regular file")
+
+
 def snapshot_fork(
     *,
     fork_id: str,
@@ -85,6 +100,7 @@ def snapshot_fork(
         )
         # The diff is in the layer now; a microVM's vmstate directory must not carry it on.
         os.unlink(snap.memory_diff)
+        _check_vmstate(snap.vmstate, work)
         child = registry.create_child(
             template_id,
             parent.id,

@@ -223,10 +223,10 @@ def capture_layer(
     layers, bottom first) at ``out_path`` (atomically) from the fork's diff snapshot
     ``memory_diff`` and its ``removed`` mem-file byte ranges."""
     t0 = time.monotonic()
-    try:
-        fd = os.open(memory_diff, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise CaptureError(f"diff snapshot {memory_diff}: {exc.strerror}") from None
+    # A regular file only (no link, FIFO or device): the VMM that wrote it is a peer.
+    if os.path.islink(memory_diff):
+        raise CaptureError(f"diff snapshot {memory_diff}: is a symbolic link")
+    fd = open_regular(memory_diff, "diff snapshot", error=CaptureError)
     try:
         reader = _ChainPages(parent_chain)
     except BaseException:
