@@ -89,7 +89,10 @@ def snapshot_fork(
     registry.root.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(dir=registry.root, prefix=".new-snapshot-")
     try:
-        snap = handle.snapshot(work, timeout)
+        # The VMM writes into a directory of its own; the layer goes beside it.
+        vm_dir = os.path.join(work, "vm")
+        os.mkdir(vm_dir, 0o700)
+        snap = handle.snapshot(vm_dir, timeout)
         t_paused = time.monotonic()
         captured = capture_layer(
             snap.memory_diff,
