@@ -3,8 +3,8 @@
 Measured side by side in one run, with the built-in KVM microVM and real page servers:
 
 a. **Snapshot cost.** For a 256 MiB guest whose walk writes 1%, 10% and 50% of its memory
-   (templates whose traces are all writes: ``working_set`` = the share, every page's first
-   touch a write), each round restores a fork with dirty logging, lets it walk, then takes in
+   (templates whose one trace reads that share of memory and then writes every page it read),
+   each round restores a fork with dirty logging, lets it walk, then takes in
    turn (the order reversing every round):
 
    - ``snapshot``: the diff snapshot in the VMM (``KVM_GET_DIRTY_LOG``, the dirty pages written
@@ -81,8 +81,9 @@ def _label(share: float) -> str:
 
 
 def _written_template(directory: Path, mem_mib: int, share: float) -> Template:
-    """A template whose one trace writes ``share`` of guest memory (every touch a write)."""
-    trace = TraceSpec(working_set=share, fork_share=0.0, write_first_share=1.0, rewrite_share=0.0)
+    """A template whose one trace reads ``share`` of guest memory, then writes every page it
+    read: each write (the walk's checksum, never zero in practice) changes its page."""
+    trace = TraceSpec(working_set=share, fork_share=0.0, write_first_share=0.0, rewrite_share=1.0)
     return build_template(directory, TemplateSpec(mem_size=mem_mib << 20, variants=1, trace=trace))
 
 
