@@ -74,14 +74,16 @@ def _scan_fd(fd: int, size: int, path: str) -> bytearray:
 
 
 class MemFile:
-    """A template mem-file opened read-only, indexed for zero pages, and (unless ``mapped`` is
-    False) mapped once with ``MAP_SHARED``.
+    """A template mem-file opened read-only, indexed for zero pages (unless ``scan`` is False),
+    and (unless ``mapped`` is False) mapped once with ``MAP_SHARED``.
 
     ``address`` is the mapping's address in this process: the ``src`` of every ``UFFDIO_COPY``
     (0 when not mapped). ``fd`` stays open for handing the file to worker processes.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, mapped: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, mapped: bool = True, scan: bool = True
+    ) -> None:
         self.path = os.fspath(path)
         # Regular files only, checked before open: a FIFO would block open() for good.
         fd = open_regular(self.path, "mem-file", error=MemFileError)
@@ -91,7 +93,9 @@ class MemFile:
             if st.st_size == 0:
                 raise MemFileError(f"mem-file {self.path}: file is empty")
             self.size = st.st_size
-            self._zeros = _scan_fd(fd, self.size, self.path)
+            # Without the scan no page counts as zero (for readers that never serve faults).
+            npages = (self.size + PAGE_SIZE - 1) // PAGE_SIZE
+            self._zeros = _scan_fd(fd, self.size, self.path) if scan else bytearray(npages)
             if mapped:
                 try:
                     self.address = libc.mmap(

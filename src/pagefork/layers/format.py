@@ -322,7 +322,7 @@ def open_reader(template_chain: Sequence[str]) -> PageReader:
     then the layer paths, bottom first. Close it with ``close()`` when done."""
     from pagefork.layers.source import LayeredView  # the view resolves chains; it imports us
 
-    return LayeredView(template_chain[0], template_chain[1:])
+    return LayeredView(template_chain[0], template_chain[1:], scan=False)
 
 
 __all__ = [

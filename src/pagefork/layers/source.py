@@ -68,8 +68,9 @@ class LayeredView(MemFile):
     base to map it. :meth:`read_page` reads a page as a fork would (a
     :class:`~pagefork.layers.format.PageReader`). With no layers it is the base mem-file.
     ``materialized`` is true when the chain had too many segments to map and was copied whole
-    into a memfd. Errors are one line naming the file (:class:`LayerError`,
-    :class:`~pagefork.errors.MemFileError`).
+    into a memfd. ``scan=False`` skips reading the whole base for its zero pages: for a reader
+    that never serves faults (:func:`~pagefork.layers.format.open_reader`, flatten). Errors
+    are one line naming the file (:class:`LayerError`, :class:`~pagefork.errors.MemFileError`).
     """
 
     def __init__(
@@ -78,8 +79,9 @@ class LayeredView(MemFile):
         layers: Sequence[str | os.PathLike[str]] = (),
         *,
         segment_limit: int | None = None,
+        scan: bool = True,
     ) -> None:
-        super().__init__(base, mapped=False)
+        super().__init__(base, mapped=False, scan=scan)
         self.layers: list[LayerFile] = []
         self._view_fd = -1
         self.materialized = False
@@ -233,7 +235,7 @@ def flatten(base: str, layers: Sequence[str], out: str) -> int:
     names = {os.path.realpath(p) for p in (base, *layers)}
     if os.path.realpath(out) in names:
         raise LayerError(f"flatten: {out} is part of the chain it would replace")
-    with LayeredView(base, layers, segment_limit=1 << 62) as view:
+    with LayeredView(base, layers, segment_limit=1 << 62, scan=False) as view:
         atomic_save(out, lambda f: _write_composite(view, f), "mem-file", error=LayerError)
         return view.size
 
