@@ -599,7 +599,9 @@ class TemplateRegistry:
 
     def flatten(self, template_id: str) -> TemplateRecord:
         """Merge the template's chain into one mem-file in its directory: it then has no
-        layers and no parent (its children keep the layers they were made over)."""
+        layers and no parent. Its own layer file stays until the template is deleted: its
+        children's chains name it, and a page server starting from the record read just
+        before may be opening it."""
         from pagefork.layers.format import LayerError
         from pagefork.layers.source import flatten as flatten_chain
 
@@ -619,13 +621,6 @@ class TemplateRegistry:
             r.mem_file, r.layers, r.parent = str(out), [], None
 
         flat = self._update(template_id, change)
-        # Its own layer goes once no other chain uses it (a child of this template's does).
-        own = self.directory(template_id) / LAYER_FILE
-        if str(own) in before and not any(
-            str(own) in r.layers for r in self.listing().templates
-        ):
-            with contextlib.suppress(OSError):
-                own.unlink()
         return flat
 
     # --- deleting ----------------------------------------------------------------------------
