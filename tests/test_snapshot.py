@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KVM_MISSING
+from conftest import KVM_MISSING, open_fds
 from pagefork.errors import VmmError
 from pagefork.layers.capture import CaptureError, capture_layer, data_extents, zero_runs
 from pagefork.layers.format import LayerFile
@@ -127,6 +127,7 @@ def test_a_fork_of_the_snapshot_reads_every_page_as_the_paused_fork_held_it(
     )
     removed_template = template.read_bytes(victim, remove_len)
     assert removed_template != bytes(remove_len)
+    fds = open_fds()  # the template's own view of its mem-file is open from here on
 
     snap_dir = tmp_path / "child"
     snap_dir.mkdir()
@@ -191,6 +192,9 @@ def test_a_fork_of_the_snapshot_reads_every_page_as_the_paused_fork_held_it(
     # checksum is the one over the child (checked in the fork), not the template's.
     assert branched.checksum_ok and branched.pages_ok
     assert branched.checksums != result.checksums
+    # Servers, fork processes, the diff, the layers: every fd they took is closed again.
+    left = {fd for fd in open_fds() - fds if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert [os.readlink(f"/proc/self/fd/{fd}") for fd in left] == []
 
 
 def test_a_failed_snapshot_command_leaves_the_fork_as_it_was(

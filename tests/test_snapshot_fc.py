@@ -63,6 +63,7 @@ def _fork(
 
 @pytest.mark.parametrize("version", ["1.12", "1.14"])
 def test_a_fork_of_a_firecracker_diff_snapshot_holds_what_the_fork_held(
+    no_leaks: None,
     version: str,
     tmp_path: Path,
     mem_file: Path,
