@@ -12,7 +12,9 @@ rewriting it:
 - :mod:`.template` building and loading templates (mem-file, vmstate, metadata);
 - :mod:`.microvm` a fork: restore from a template, run; ``python -m pagefork.vmm.kvm`` runs one
   in its own process, :mod:`.process` drives that process, :mod:`.orchestrate` fans forks out
-  against a page server.
+  against a page server;
+- :mod:`.snapshot` diff snapshots of a stopped fork from KVM's dirty log, :mod:`.branch` a
+  fork snapshotted and forked again (``pagefork demo --branch``).
 """
 
 from pagefork.vmm.kvm.microvm import MicroVm, RunResult
