@@ -206,3 +206,42 @@ def test_a_firecracker_fork_snapshotted_through_the_daemon_is_forked_byte_for_by
     assert branch_ram[: genid.start] == parent_ram[: genid.start]
     assert branch_ram[genid.stop :] == parent_ram[genid.stop :]
     assert parent_ram[40960 : 40960 + 3 * 4096] != Path(mem).read_bytes()[40960 : 40960 + 12288]
+
+
+@needs_uffd
+def test_a_snapshot_the_vmm_refuses_leaves_nothing_and_the_fork_running(
+    start_daemon: StartDaemon, short_dir: Path, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    _, client = start_daemon(state_dir=state_dir)
+    with FcDoubleProcess(str(short_dir / "source.api")) as source:
+        source.api.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 8})
+        source.api.request("PUT", "/actions", {"action_type": "InstanceStart"})
+        state, mem = str(tmp_path / "tpl.vmstate"), str(tmp_path / "tpl.mem")
+        create_snapshot(source.api_sock, state, mem)
+    client.create_template("fc", "firecracker", mem_file=mem, snapshot_path=state)
+    with FcDoubleProcess(str(short_dir / "p.api"), "--fc-version", "1.12") as fc:
+        # No 'snapshots' option: a 1.12 Firecracker has no dirty tracking and refuses a Diff.
+        fork = client.create_fork("fc", vmm="firecracker", options={"api_socket": fc.api_sock})
+        with pytest.raises(DaemonError, match="Diff snapshots are not enabled") as info:
+            client.snapshot_fork(fork["fork"], "fc-b")
+        assert info.value.status == 502
+        assert fc.api.request("GET", "/")["state"] == "Running"  # resumed after the failure
+        assert client.fork(fork["fork"])["phase"] == "live"
+        client.release_fork(fork["fork"])
+    assert [t["id"] for t in client.templates()["templates"]] == ["fc"]
+    assert sorted(p.name for p in (state_dir / "templates").iterdir()) == ["fc"]
+
+
+def test_a_snapshot_cut_short_by_a_crash_is_removed_when_the_daemon_starts(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    daemon, _ = start_daemon(state_dir=state_dir)
+    daemon.close()
+    # What a daemon killed mid-snapshot leaves: its work directory, the VMM's half-written diff.
+    left = state_dir / "templates" / ".new-snapshot-k1ll3d" / "vm"
+    left.mkdir(parents=True)
+    (left / "memory.diff").write_bytes(b"\0" * 4096)
+    start_daemon(state_dir=state_dir)
+    assert not left.parent.exists()
