@@ -333,3 +333,15 @@ def test_a_snapshot_asked_for_during_the_walk_is_taken_at_its_halt(
             fork.close()
     assert snap["dirty_pages"] == len(set(writes))  # the whole walk: taken at the halt
     assert len(results) == 1 and getattr(results[0], "checksum_ok", False)
+
+
+def test_a_chain_whose_layer_is_for_another_memory_size_is_refused(tmp_path: Path) -> None:
+    from pagefork.layers.capture import ChainPages
+    from pagefork.layers.format import write_layer
+
+    base = tmp_path / "base"
+    base.write_bytes(bytes(8 * PAGE_SIZE))
+    layer = str(tmp_path / "l.pfl")
+    write_layer(layer, size=16 * PAGE_SIZE, pages=[(9, b"x" * PAGE_SIZE)])
+    with pytest.raises(CaptureError, match=r"layer .*l\.pfl is for 65536 bytes of memory, but"):
+        ChainPages([str(base), layer])

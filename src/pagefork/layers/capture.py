@@ -104,7 +104,7 @@ def _spans(
 
 
 def _changed_pages(
-    fd: int, extents: Sequence[tuple[int, int]], parent: _ChainPages, where: str
+    fd: int, extents: Sequence[tuple[int, int]], parent: ChainPages, where: str
 ) -> Iterator[tuple[int, memoryview]]:
     """The diff's data pages whose bytes differ from the parent's. Nearby extents are read
     together, from the diff and from the parent (one ``pread`` each per span; the holes
@@ -148,10 +148,11 @@ def zero_runs(
     return runs
 
 
-class _ChainPages:
-    """What a fork of a chain reads at a page, for the few pages a diff holds: the topmost
-    layer that has the page (data or zero), else the base mem-file by ``pread``. Opening it
-    reads only the layers' indexes, never the base: a capture costs the diff, not the guest."""
+class ChainPages:
+    """What a fork of a chain (a base mem-file, then layers, bottom first) reads at a page:
+    the topmost layer that has the page (data or zero), else the base by ``pread``. Opening it
+    reads only the layers' indexes, never the base: a capture costs the diff, not the guest,
+    and a check of a few pages costs those pages. Close it with :meth:`close`."""
 
     def __init__(self, chain: Sequence[str]) -> None:
         self._base = open_regular(chain[0], "mem-file", error=CaptureError)
@@ -160,6 +161,12 @@ class _ChainPages:
         try:
             for path in chain[1:]:
                 layer = LayerFile(path)
+                if layer.size != self.size:
+                    layer.close()
+                    raise CaptureError(
+                        f"layer {path} is for {layer.size} bytes of memory, but the mem-file "
+                        f"{chain[0]} holds {self.size}"
+                    )
                 self._layers.append(
                     (
                         layer,
@@ -228,7 +235,7 @@ def capture_layer(
         raise CaptureError(f"diff snapshot {memory_diff}: is a symbolic link")
     fd = open_regular(memory_diff, "diff snapshot", error=CaptureError)
     try:
-        reader = _ChainPages(parent_chain)
+        reader = ChainPages(parent_chain)
     except BaseException:
         os.close(fd)
         raise
@@ -262,4 +269,11 @@ def capture_layer(
     )
 
 
-__all__ = ["CaptureError", "CaptureResult", "capture_layer", "data_extents", "zero_runs"]
+__all__ = [
+    "CaptureError",
+    "CaptureResult",
+    "ChainPages",
+    "capture_layer",
+    "data_extents",
+    "zero_runs",
+]

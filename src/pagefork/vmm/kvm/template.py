@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pagefork.errors import TemplateError, VmmError
+from pagefork.errors import PageforkError, TemplateError, VmmError
 from pagefork.regions import PAGE_SIZE
 from pagefork.vmm.kvm import cpustate, guest
 from pagefork.vmm.kvm.devices import PortIoBus
@@ -33,7 +33,7 @@ from pagefork.vmm.kvm.vcpu import EXIT_DEVICE
 from pagefork.vmm.kvm.vm import TSS_ADDR, TSS_SIZE, VirtualMachine
 
 if TYPE_CHECKING:
-    from pagefork.layers.format import PageReader
+    from pagefork.layers.capture import ChainPages
 
 MEM_FILE = "mem-file"
 VMSTATE_FILE = "vmstate.json"
@@ -118,7 +118,7 @@ class Template:
     def __init__(self, path: str | os.PathLike[str], memory: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         self.memory_chain = tuple(memory) if memory else (str(self.path / MEM_FILE),)
-        self._reader: PageReader | None = None
+        self._reader: ChainPages | None = None
         vmstate = _load_json(self.path / VMSTATE_FILE, VMSTATE_FORMAT)
         meta = _load_json(self.path / TEMPLATE_FILE, TEMPLATE_FORMAT)
         where = str(self.path / VMSTATE_FILE)
@@ -226,13 +226,16 @@ class Template:
                 return r.file_offset + gpa - r.guest_phys_addr
         raise TemplateError(f"{self.path}: guest-physical {gpa:#x} is not guest RAM")
 
-    def _layered(self) -> PageReader | None:
+    def _layered(self) -> ChainPages | None:
         """The reader of a layered chain, opened on first use (not in a fork's restore: it
         is only needed to check what the guest read); None for a plain mem-file."""
         if self._reader is None and len(self.memory_chain) > 1:
-            from pagefork.layers.format import open_reader  # only children need layers
+            from pagefork.layers.capture import ChainPages  # only children need layers
 
-            reader = open_reader(self.memory_chain)
+            try:
+                reader = ChainPages(self.memory_chain)
+            except PageforkError as exc:
+                raise TemplateError(f"{self.path}: its memory: {exc}") from None
             if reader.size != self._size:
                 raise TemplateError(
                     f"{self.memory_chain[-1]}: a layer of {reader.size} bytes over a "
@@ -303,9 +306,8 @@ class Template:
     def close(self) -> None:
         """Unmap the mem-file view and close the layers; idempotent."""
         reader, self._reader = self._reader, None
-        close = getattr(reader, "close", None)
-        if close is not None:
-            close()
+        if reader is not None:
+            reader.close()
         if self._map is not None:
             self._map.close()
             self._map = None
