@@ -25,6 +25,10 @@ from pagefork.vmm.kvm.template import TEMPLATE_FILE, VMSTATE_FILE, Template, Tra
 from pagefork.vmm.kvm.vcpu import EXIT_HALT
 from pagefork.vmm.kvm.vm import VirtualMachine
 
+#: How long a vCPU that finished its reads waits for the others (a safety net: a vCPU that
+#: fails releases the rest at once).
+_READS_BARRIER_TIMEOUT = 300.0
+
 
 class TraceDevice:
     """The guest program's port-I/O device: hands each vCPU its trace slice, and records
@@ -37,11 +41,19 @@ class TraceDevice:
         #: (monotonic time, vCPU, pages read so far) at each progress report.
         self.progress: list[tuple[float, int, int]] = []
         self._pages = [0] * len(slices)
+        # Every vCPU finishes its reads before any writes: the read phase sums the word the
+        # write phase stores, and slices of one trace may share pages.
+        self._reads_done = threading.Barrier(len(slices))
+
+    def abort(self) -> None:
+        """Release vCPUs waiting for the others (one of them failed)."""
+        self._reads_done.abort()
 
     def io_in(self, vcpu: int, port: int, size: int) -> int:
         """Answer the program's three questions about its slice."""
         s = self.slices[vcpu]
         if port == guest.PORT_TRACE_ADDR:
+            self._pages[vcpu] = 0  # a new walk starts
             return s.gpa
         if port == guest.PORT_TRACE_READS:
             return s.reads
@@ -56,6 +68,13 @@ class TraceDevice:
             done = min(self._pages[vcpu] + guest.CHUNK_PAGES, self.slices[vcpu].reads)
             self._pages[vcpu] = done
             self.progress.append((now, vcpu, done))
+            if done == self.slices[vcpu].reads:
+                try:
+                    self._reads_done.wait(_READS_BARRIER_TIMEOUT)
+                except threading.BrokenBarrierError:
+                    raise VmmError(
+                        f"vCPU {vcpu}: another vCPU stopped before finishing its reads"
+                    ) from None
         elif port == guest.PORT_READY:
             self.checksums[vcpu] = value
             self.ready_at[vcpu] = now
@@ -139,6 +158,7 @@ class MicroVm:
                     raise VmmError(f"vCPU {index} stopped before halting")
             except BaseException as exc:  # reported by run(), not lost in the thread
                 errors.append(exc)
+                self.device.abort()
 
         started = time.monotonic()
         if len(vcpus) == 1:
