@@ -17,7 +17,9 @@ public method is safe to call from any thread while faults are served.
 from __future__ import annotations
 
 import array
+import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import itertools
 import logging
@@ -40,7 +42,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from pagefork import uffd
-from pagefork.errors import ForkError, HandshakeError, PageforkError, PrefetchError
+from pagefork.errors import ForkError, HandshakeError, PageforkError, PrefetchError, StoreError
 from pagefork.handshake import (
     MAX_HANDSHAKE_BYTES,
     PAGE_SIZES,
@@ -49,7 +51,6 @@ from pagefork.handshake import (
     parse_mappings,
 )
 from pagefork.hotpages import HotPage, HotPageList
-from pagefork.memfile import MemFile
 from pagefork.prefetch import PrefetchPlan, PrefetchResult, plan_prefetch
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.serving import ipc
@@ -63,6 +64,7 @@ from pagefork.serving.pool import (
 )
 from pagefork.serving.state import FINAL, ForkState, transition
 from pagefork.stats import ForkStats, percentiles_us
+from pagefork.store.lazy import LazyTemplate, StoreOptions, open_mem_source
 
 log = logging.getLogger("pagefork")
 
@@ -95,7 +97,9 @@ class ServerConfig:
     worker is replaced at once. With ``pin_workers`` and one worker per CPU, each worker is
     pinned to its CPU and a fork whose VMM is pinned to one CPU goes to that CPU's worker.
     ``on_connect`` / ``on_fork_end`` / ``on_window_closed`` are called with the fork's id;
-    ``on_worker_restarted`` with (old pid, new pid, forks adopted).
+    ``on_worker_restarted`` with (old pid, new pid, forks adopted). ``mem_file_path`` may be
+    an ``s3://BUCKET/PREFIX`` URL: the template is then served lazily from object storage
+    (:mod:`pagefork.store.lazy`), reached as ``store`` says.
     """
 
     mem_file_path: str
@@ -114,6 +118,7 @@ class ServerConfig:
     on_fork_end: Callable[[str, ForkStats], None] | None = None
     on_window_closed: Callable[[str, HotPageList], None] | None = None
     on_worker_restarted: Callable[[int, int, int], None] | None = None
+    store: StoreOptions | None = None
 
 
 @dataclass(eq=False)
@@ -325,7 +330,9 @@ class PageServer:
         if config.socket_dir is not None and not os.path.isdir(config.socket_dir):
             raise ForkError(f"socket directory {config.socket_dir} does not exist")
         # The supervisor never maps the file: only workers read it (through the kernel's copy).
-        self.memfile = MemFile(config.mem_file_path, mapped=False)
+        self.memfile = open_mem_source(config.mem_file_path, config.store)
+        lazy = self.memfile if isinstance(self.memfile, LazyTemplate) else None
+        self._lazy = lazy
         cpus = usable_cpus()
         count = len(cpus) if config.workers == "auto" else int(config.workers)
         try:
@@ -338,6 +345,7 @@ class PageServer:
                 # One worker per CPU, each pinned there: a fork whose VMM is pinned is then
                 # served on its own core.
                 cpus=cpus if config.pin_workers and count == len(cpus) else None,
+                lazy=(lazy.presence_fd, lazy.chunk_size) if lazy is not None else None,
             )
         except BaseException:
             self.memfile.close()
@@ -622,6 +630,7 @@ class PageServer:
         """
         entry = self._wait_connected(fork_id, timeout)
         token, plan = self._plan(hot_pages, list(entry.regions))
+        fetched = self._fetch_for(fork_id, plan, timeout)
         request = _Request(next(self._serial), "", plan, timeout, token)
         with self._lock:
             if entry.state in FINAL or entry.worker is None:
@@ -641,7 +650,51 @@ class PageServer:
             exc.installed = request.installed
             raise exc
         assert request.result is not None
+        if fetched is not None:
+            return dataclasses.replace(
+                request.result, fetched_bytes=fetched[0], fetch_seconds=fetched[1]
+            )
         return request.result
+
+    def _fetch_for(
+        self, fork_id: str, plan: PrefetchPlan, timeout: float
+    ) -> tuple[int, float] | None:
+        """A lazy template: fetch the plan's chunks in parallel before the worker installs
+        them; (bytes fetched, seconds). None for a mem-file."""
+        if self._lazy is None:
+            return None
+        chunks = self._lazy.chunks_of((r.file_offset, r.length) for r in plan.runs if not r.zero)
+        try:
+            return self._lazy.ensure(chunks, timeout)
+        except StoreError as exc:
+            raise PrefetchError(f"fork {fork_id}: {exc}") from None
+
+    def _on_need(self, chunk: int) -> None:
+        """A worker has faults parked on ``chunk``: fetch it (once, however many ask), then
+        tell every worker it is in or that it failed."""
+        assert self._lazy is not None
+        try:
+            fut = self._lazy.request(chunk)
+        except StoreError as exc:
+            self._tell_workers(("chunk_failed", chunk, str(exc)))
+            return
+
+        def done(fut: concurrent.futures.Future[int]) -> None:
+            if fut.cancelled():
+                return  # closing
+            exc = fut.exception()
+            if exc is None:
+                self._tell_workers(("chunk_ready", chunk))
+            else:
+                self._tell_workers(("chunk_failed", chunk, str(exc)))
+
+        fut.add_done_callback(done)
+
+    def _tell_workers(self, message: tuple[Any, ...]) -> None:
+        with self._lock:
+            workers = self._pool.all_processes()
+        for w in workers:
+            w.send(message)
 
     def _plan(
         self, hot_pages: HotPageList | Sequence[HotPage], regions: list[Region]
@@ -1003,6 +1056,9 @@ class PageServer:
 
     def _on_worker_message(self, worker: WorkerProcess, message: tuple[Any, ...]) -> None:
         op = message[0]
+        if op == "need" and self._lazy is not None:
+            self._on_need(message[1])
+            return
         callbacks: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         with self._lock:
             entry = (

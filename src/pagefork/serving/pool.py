@@ -71,7 +71,13 @@ class WorkerProcess:
     """One worker process, as the supervisor sees it."""
 
     def __init__(
-        self, slot: int, mem_fd: int, mem_size: int, zero_fd: int, cpu: int | None = None
+        self,
+        slot: int,
+        mem_fd: int,
+        mem_size: int,
+        zero_fd: int,
+        lazy: tuple[int, int] | None = None,
+        cpu: int | None = None,
     ) -> None:
         self.slot = slot
         self.cpu = cpu
@@ -97,8 +103,10 @@ class WorkerProcess:
                     str(mem_fd),
                     str(mem_size),
                     str(zero_fd),
+                    # A lazy template (pagefork.store.lazy): its presence map and chunk size.
+                    *([str(lazy[0]), str(lazy[1])] if lazy else []),
                 ],
-                pass_fds=(child.fileno(), mem_fd, zero_fd),
+                pass_fds=(child.fileno(), mem_fd, zero_fd, *(lazy[:1] if lazy else ())),
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
@@ -206,8 +214,9 @@ class WorkerPool:
         zero_fd: int,
         spare: bool,
         cpus: list[int] | None = None,
+        lazy: tuple[int, int] | None = None,
     ) -> None:
-        self._mem = (mem_fd, mem_size, zero_fd)
+        self._mem = (mem_fd, mem_size, zero_fd, lazy)
         self._want_spare = spare
         #: Slot i's CPU when workers are pinned (one per CPU), else None.
         self._cpus: list[int | None] = list(cpus) if cpus else [None] * count

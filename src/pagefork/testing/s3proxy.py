@@ -1,0 +1,151 @@
+"""An HTTP proxy in front of an S3 endpoint that adds latency, failures and counts requests.
+
+Tests and benchmarks put it between pagefork and a local S3-compatible server (``moto_server``)
+to show what a real object store does: :attr:`S3Proxy.delay` seconds pass before each
+request is forwarded (the time to the first byte of a distant store, 10-50 ms), and
+:meth:`S3Proxy.fail_next` answers the next requests with an error status (503 SlowDown, say)
+instead of forwarding them. :attr:`S3Proxy.gets` counts the GETs per object key, so a test can
+tell how many times a chunk was fetched. Request signatures pass through untouched (the
+``Host`` header is kept), so any client that signs for the proxy's address works.
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import http.server
+import threading
+import time
+import urllib.parse
+from types import TracebackType
+
+#: Headers that belong to one hop, not to the request or response.
+_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+
+_SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+class S3Proxy:
+    """A proxy on ``127.0.0.1`` (an ephemeral port) forwarding to ``upstream``
+    (``http://HOST:PORT``). Start with :meth:`start` or ``with``; :attr:`url` is its address."""
+
+    def __init__(self, upstream: str, delay: float = 0.0) -> None:
+        parsed = urllib.parse.urlsplit(upstream)
+        self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+        self.delay = delay
+        self.gets: collections.Counter[str] = collections.Counter()
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._failures: list[tuple[int, str]] = []  # (status, key substring) to answer next
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # a request log per chunk would drown a test's output
+
+            def _forward(self) -> None:
+                proxy._handle(self)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+
+    def fail_next(self, count: int, status: int = 503, key_contains: str = "") -> None:
+        """Answer the next ``count`` requests whose path contains ``key_contains`` with
+        ``status`` (a SlowDown error body) instead of forwarding them."""
+        with self._lock:
+            self._failures.extend([(status, key_contains)] * count)
+
+    def _take_failure(self, path: str) -> int | None:
+        with self._lock:
+            for i, (status, part) in enumerate(self._failures):
+                if part in path:
+                    del self._failures[i]
+                    return status
+        return None
+
+    def _handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else b""
+        path = urllib.parse.urlsplit(h.path).path
+        with self._lock:
+            self.requests += 1
+            if h.command == "GET":
+                self.gets[path] += 1
+        if self.delay > 0:
+            time.sleep(self.delay)  # the injected time to first byte (this is the point)
+        status = self._take_failure(path)
+        if status is not None:
+            h.send_response(status)
+            h.send_header("Content-Type", "application/xml")
+            h.send_header("Content-Length", str(len(_SLOWDOWN)))
+            h.end_headers()
+            if h.command != "HEAD":
+                h.wfile.write(_SLOWDOWN)
+            return
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(*self.upstream, timeout=60)
+            self._local.conn = conn
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
+        try:
+            conn.request(h.command, h.path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            self._local.conn = None
+            h.send_error(502)
+            return
+        h.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in _HOP and k.lower() != "content-length":
+                h.send_header(k, v)
+        h.send_header(
+            "Content-Length",
+            str(len(data) if h.command != "HEAD" else resp.getheader("Content-Length") or 0),
+        )
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(data)
+
+    def get_count(self, key: str) -> int:
+        """GETs seen for the object ``key`` (in any bucket)."""
+        with self._lock:
+            return sum(n for path, n in self.gets.items() if path.endswith("/" + key))
+
+    def start(self) -> S3Proxy:
+        """Serve on a thread of this process."""
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="s3proxy", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving and close the socket."""
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> S3Proxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
