@@ -73,6 +73,21 @@ def store_error(exc: BaseException, what: str) -> StoreError:
     return StoreError(f"{what}: {exc!r}")
 
 
+def check_bucket(client: Any, bucket: str) -> None:
+    """Raise :class:`StoreError` unless ``bucket`` exists and these credentials reach it."""
+    import botocore.exceptions
+
+    try:
+        client.head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise StoreError(f"s3://{bucket}: the bucket does not exist") from None
+        raise store_error(exc, f"s3://{bucket}") from None
+    except Exception as exc:
+        raise store_error(exc, f"s3://{bucket}") from None
+
+
 def get_bytes(client: Any, bucket: str, key: str) -> bytes:
     """The whole object ``bucket/key`` (raises :class:`StoreError`)."""
     try:

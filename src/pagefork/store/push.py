@@ -96,7 +96,7 @@ def push(
         size = os.fstat(fd).st_size
         if size == 0:
             raise StoreError(f"mem-file {mem_file}: file is empty")
-        s3.exists(client, url.bucket, url.key(MANIFEST_NAME))  # fail early: bucket, credentials
+        s3.check_bucket(client, url.bucket)  # fail early: endpoint, bucket, credentials
         nchunks = (size + chunk_size - 1) // chunk_size
         shas: list[str | None] = [None] * nchunks
         zeros = bytearray()
