@@ -47,9 +47,7 @@ def pushed(s3_bucket: str, s3_endpoint: str, mem_file: Path) -> str:
 
 
 @pytest.fixture
-def s3_server(
-    tmp_path: Path, proxy: S3Proxy
-) -> Iterator[Callable[..., PageServer]]:
+def s3_server(tmp_path: Path, proxy: S3Proxy) -> Iterator[Callable[..., PageServer]]:
     """Page servers on S3 templates, reached through the proxy; closed at the end."""
     servers: list[PageServer] = []
 
