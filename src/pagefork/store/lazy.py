@@ -290,3 +290,18 @@ def open_mem_source(path: str, options: StoreOptions | None) -> MemFile | LazyTe
         endpoint_url=options.endpoint_url,
         fetch_jobs=options.fetch_jobs,
     )
+
+
+def pushed_hot_pages(url: str, options: StoreOptions) -> HotPageList | None:
+    """The hot-page list pushed with the template at ``url`` (None if none was)."""
+    client = options.client if options.client is not None else s3.make_client(options.endpoint_url)
+    u = parse_s3_url(url)
+    where = f"s3://{u.bucket}/{u.key(MANIFEST_NAME)}"
+    manifest = parse_manifest(s3.get_bytes(client, u.bucket, u.key(MANIFEST_NAME)), where)
+    blob = manifest.hot_pages
+    if blob is None:
+        return None
+    data = s3.get_bytes(client, u.bucket, blob.key)
+    if len(data) != blob.size or sha256(data) != blob.sha256:
+        raise StoreError(f"hot-page list s3://{u.bucket}/{blob.key} does not match its SHA-256")
+    return decode(data, f"s3://{u.bucket}/{blob.key}")
