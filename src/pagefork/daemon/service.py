@@ -32,6 +32,7 @@ from pagefork.daemon.journal import SocketJournal
 from pagefork.daemon.manager import ForkManager, ManagerConfig, load_drivers
 from pagefork.daemon.metrics import DaemonMetrics
 from pagefork.errors import PageforkError
+from pagefork.store.lazy import StoreOptions
 from pagefork.templates import TemplateRegistry
 from pagefork.vmm.base import VmmDriver
 
@@ -83,6 +84,7 @@ class Daemon:
         record_max_seconds: float = 30.0,
         record_max_share: float = 0.25,
         workers: int | Literal["auto"] = "auto",
+        store: StoreOptions | None = None,
     ) -> None:
         lock_fd = lock_state_dir(Path(state_dir).absolute())
         self._lock_fd: int | None = lock_fd
@@ -97,6 +99,7 @@ class Daemon:
                     record_max_seconds=record_max_seconds,
                     record_max_share=record_max_share,
                     workers=workers,
+                    store=store,
                 ),
             )
         except BaseException:
