@@ -173,41 +173,16 @@ S3_ENV = {
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """``http://127.0.0.1:PORT`` of a ``moto_server`` started for the session (killed after)."""
-    import socket
-    import subprocess
-    import sys
+    """``http://127.0.0.1:PORT`` of a ``moto_server`` started for the session (killed after);
+    the AWS credentials the session's clients use are set meanwhile."""
+    from pagefork.testing.s3proxy import MotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    running = threading.Event()
-
-    def drain() -> None:  # werkzeug logs every request: keep its pipe from filling up
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "Running on" in line:
-                running.set()
-        running.set()
-
-    drainer = threading.Thread(target=drain, daemon=True)
-    drainer.start()
     try:
-        if not running.wait(60) or proc.poll() is not None:
-            pytest.fail(f"moto_server did not start (exit status {proc.poll()})")
-        yield f"http://127.0.0.1:{port}"
+        with MotoServer() as server:
+            yield server.url
     finally:
-        proc.kill()
-        proc.wait()
-        drainer.join()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -149,3 +149,58 @@ class S3Proxy:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class MotoServer:
+    """A local S3-compatible server: ``python -m moto.server`` on ``127.0.0.1`` and a free
+    port (the ``moto[server]`` extra), for tests and benchmarks. :attr:`url` is its endpoint.
+    Any credentials are accepted."""
+
+    def __init__(self, timeout: float = 60.0) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        running = threading.Event()
+
+        def drain() -> None:  # werkzeug logs every request: keep its pipe from filling up
+            assert self._proc.stderr is not None
+            for line in self._proc.stderr:
+                if "Running on" in line:
+                    running.set()
+            running.set()  # it exited: stop waiting
+
+        self._drainer = threading.Thread(target=drain, name="moto-log", daemon=True)
+        self._drainer.start()
+        if not running.wait(timeout) or self._proc.poll() is not None:
+            status = self._proc.poll()
+            self.close()
+            raise RuntimeError(f"moto_server did not start (exit status {status})")
+
+    def close(self) -> None:
+        """Kill the server and reap it."""
+        self._proc.kill()
+        self._proc.wait()
+        self._drainer.join()
+
+    def __enter__(self) -> MotoServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
