@@ -8,10 +8,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_hugepages import hugepages  # noqa: F401  (the fixture)
 
 from conftest import PAGE, make_mem_file, needs_uffd
 from pagefork.errors import PrefetchError
-from pagefork.hotpages import HotPageList
+from pagefork.hotpages import HotPage, HotPageList
 from pagefork.server import PageServer, ServerConfig
 from pagefork.store.cache import ChunkCache
 from pagefork.store.client import make_client, put_bytes
@@ -19,6 +20,7 @@ from pagefork.store.layout import parse_s3_url
 from pagefork.store.lazy import StoreOptions
 from pagefork.store.push import push
 from pagefork.testing.s3proxy import S3Proxy
+from pagefork.testing.vmm import VmmProcess
 
 pytestmark = needs_uffd
 
@@ -220,3 +222,58 @@ def test_prefetch_of_a_corrupt_chunk_installs_nothing(pushed, s3_server, vmms, s
     with pytest.raises(PrefetchError, match=r"fork a: chunk 2 of s3://.*SHA-256"):
         server.prefetch("a", HotPageList.from_pages([tuple(p) for p in hot]))
     assert server.stats("a").prefetched_pages == 0
+
+
+def test_a_lazy_server_leaves_no_fd_or_thread_behind(no_leaks, pushed, s3_endpoint, vmms, tmp_path):
+    config = ServerConfig(
+        mem_file_path=pushed,
+        socket_dir=str(tmp_path),
+        workers=1,
+        store=StoreOptions(cache=ChunkCache(str(tmp_path / "c")), endpoint_url=s3_endpoint),
+    )
+    with PageServer(config) as server:
+        vmm = vmms(server.register_fork("a"))
+        assert vmm.send(cmd="touch", pages=pages_in_chunk(0) + pages_in_chunk(7))["bad"] == 0
+        vmm.close()
+        server.wait_ended("a")
+
+
+@pytest.mark.usefixtures("hugepages")
+def test_huge_pages_spanning_many_chunks(s3_bucket, s3_endpoint, tmp_path, proxy):
+    huge = 2 << 20
+    mem = make_mem_file(tmp_path / "hmem", 2560)  # 10 MiB, then one all-zero 2 MiB page
+    with open(mem, "ab") as f:
+        f.write(bytes(huge))
+    url = f"s3://{s3_bucket}/huge"
+    push(parse_s3_url(url), str(mem), make_client(), chunk_size=64 << 10)  # 32 per huge page
+    config = ServerConfig(
+        mem_file_path=url,
+        socket_dir=str(tmp_path),
+        workers=1,
+        store=StoreOptions(cache=ChunkCache(str(tmp_path / "c")), endpoint_url=proxy.url),
+    )
+    with PageServer(config) as server:
+        path = server.register_fork("huge")
+        vmm = VmmProcess(path, str(mem), ("8M", "4M"), "--hugetlb", "--page-size", str(huge))
+        try:
+            server.wait_connected("huge")
+            reply = vmm.send(cmd="touch", all=True, order="random")
+            assert reply["touched"] == 6 and reply["bad"] == 0, reply
+            stats = server.stats("huge")
+            assert (stats.faults, stats.pages_copied, stats.zero_pages, stats.errors) == (
+                6,
+                5,
+                1,
+                0,
+            )
+            assert len(chunk_gets(proxy)) == 160  # every data chunk of the 5 pages, once
+            path2 = server.register_fork("huge2")
+            vmm2 = VmmProcess(path2, str(mem), ("8M", "4M"), "--hugetlb", "--page-size", str(huge))
+            try:
+                result = server.prefetch("huge2", [HotPage(0, huge), HotPage(1, 0)])
+                assert result.installed == 2 and result.fetched_bytes == 0  # in the view
+                assert vmm2.send(cmd="touch", all=True)["bad"] == 0
+            finally:
+                vmm2.kill()
+        finally:
+            vmm.kill()

@@ -369,8 +369,9 @@ class Worker:
                 raise _Fatal(f"fault at {address:#x} is outside every region")
             if present is not None and action == copy_:
                 # A lazy template: copy only from a chunk that is verified and in the view.
-                chunk = file_offset >> shift
-                if not present[chunk] or not present[(file_offset + psize - 1) >> shift]:
+                first = file_offset >> shift
+                last = (file_offset + psize - 1) >> shift
+                if not present[first] or (last != first and 0 in present[first : last + 1]):
                     self._park(f, address, file_offset, psize)
                     continue
             # Count before the ioctl: it wakes the guest, which may read the stats right after.
@@ -432,8 +433,10 @@ class Worker:
     def _park(self, f: _Fork, address: int, file_offset: int, psize: int) -> None:
         """Keep a fault until its chunk is in the view; ask the supervisor for it once."""
         assert self.presence is not None
-        first, last = file_offset >> self.chunk_shift, (file_offset + psize - 1) >> self.chunk_shift
-        chunk = first if not self.presence[first] else last
+        first = file_offset >> self.chunk_shift
+        last = (file_offset + psize - 1) >> self.chunk_shift
+        # The first chunk of the page not yet in (a huge page may span several chunks).
+        chunk = first + self.presence[first : last + 1].index(0)
         self.parked.setdefault(chunk, []).append((f, address))
         if chunk not in self.asked:
             self.asked.add(chunk)

@@ -19,12 +19,13 @@ the manifest's zero-page map keeps every zero page off the copy path anyway.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import mmap
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,11 +71,17 @@ class LazyTemplate:
         self.url = parse_s3_url(url)
         self.path = str(self.url)
         self.cache = cache
+        self._own_client = client is None  # closed with the template (its connections)
         self._client = client if client is not None else s3.make_client(endpoint_url)
         where = f"s3://{self.url.bucket}/{self.url.key(MANIFEST_NAME)}"
-        self.manifest: Manifest = parse_manifest(
-            s3.get_bytes(self._client, self.url.bucket, self.url.key(MANIFEST_NAME)), where
-        )
+        try:
+            self.manifest: Manifest = parse_manifest(
+                s3.get_bytes(self._client, self.url.bucket, self.url.key(MANIFEST_NAME)), where
+            )
+        except BaseException:
+            if self._own_client:
+                self._client.close()
+            raise
         m = self.manifest
         self.size = m.size
         self.chunk_size = m.chunk_size
@@ -258,6 +265,9 @@ class LazyTemplate:
         if self._presence is not None:
             self._presence.close()
             self._presence = None
+        if getattr(self, "_own_client", False):
+            self._own_client = False
+            self._client.close()
         for name in ("fd", "presence_fd", "_zero_fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -292,9 +302,26 @@ def open_mem_source(path: str, options: StoreOptions | None) -> MemFile | LazyTe
     )
 
 
+@contextlib.contextmanager
+def client_of(options: StoreOptions) -> Iterator[Any]:
+    """``options``' client, or a new one for its endpoint, closed afterwards."""
+    if options.client is not None:
+        yield options.client
+        return
+    client = s3.make_client(options.endpoint_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 def pushed_hot_pages(url: str, options: StoreOptions) -> HotPageList | None:
     """The hot-page list pushed with the template at ``url`` (None if none was)."""
-    client = options.client if options.client is not None else s3.make_client(options.endpoint_url)
+    with client_of(options) as client:
+        return _pushed_hot_pages(url, client)
+
+
+def _pushed_hot_pages(url: str, client: Any) -> HotPageList | None:
     u = parse_s3_url(url)
     where = f"s3://{u.bucket}/{u.key(MANIFEST_NAME)}"
     manifest = parse_manifest(s3.get_bytes(client, u.bucket, u.key(MANIFEST_NAME)), where)

@@ -5,11 +5,12 @@ in the store and is served lazily."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pagefork.errors import StoreError
 from pagefork.store import client as s3
 from pagefork.store.layout import MANIFEST_NAME, parse_manifest, parse_s3_url, sha256
-from pagefork.store.lazy import StoreOptions
+from pagefork.store.lazy import StoreOptions, client_of
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,12 @@ class PushedTemplate:
 def fetch_pushed(url: str, options: StoreOptions) -> PushedTemplate:
     """Read the manifest at ``url`` and fetch its side files, each checked against its
     SHA-256 (:class:`~pagefork.errors.StoreError` naming what failed)."""
+    with client_of(options) as client:
+        return _fetch_pushed(url, client)
+
+
+def _fetch_pushed(url: str, client: Any) -> PushedTemplate:
     u = parse_s3_url(url)
-    client = options.client if options.client is not None else s3.make_client(options.endpoint_url)
     where = f"s3://{u.bucket}/{u.key(MANIFEST_NAME)}"
     manifest = parse_manifest(s3.get_bytes(client, u.bucket, u.key(MANIFEST_NAME)), where)
     side: dict[str, bytes | None] = {}
