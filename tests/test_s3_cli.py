@@ -142,3 +142,24 @@ def test_serve_of_a_missing_template_is_one_line(tmp_path, s3_bucket, s3_endpoin
     )
     assert got.returncode == 2 and got.stderr.count("\n") == 1, got.stderr
     assert f"s3://{s3_bucket}/nothing/manifest.json: no such object" in got.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cache-size", "lots"], "cache size 'lots' is not a positive size"),
+        (["--cache-dir", "{file}"], "cache directory {file}: "),
+        ([], "'s3://bucket': give a prefix"),
+    ],
+)
+def test_serve_option_errors_are_one_line(args, message, tmp_path, s3_endpoint):
+    (tmp_path / "plain").write_bytes(b"mine")
+    args = [a.replace("{file}", str(tmp_path / "plain")) for a in args]
+    url = "s3://bucket" if not args else "s3://bucket/t"
+    got = run(
+        "serve", "--mem-file", url, "--socket", str(tmp_path / "s"), *args,
+        env=clean_env(**S3_ENV, AWS_ENDPOINT_URL=s3_endpoint),
+    )  # fmt: skip
+    assert got.returncode == 2 and got.stderr.count("\n") == 1, got.stderr
+    assert message.replace("{file}", str(tmp_path / "plain")) in got.stderr
+    assert (tmp_path / "plain").read_bytes() == b"mine"  # never touched

@@ -277,3 +277,19 @@ def test_huge_pages_spanning_many_chunks(s3_bucket, s3_endpoint, tmp_path, proxy
                 vmm2.kill()
         finally:
             vmm.kill()
+
+
+def test_a_worker_that_dies_with_parked_faults_loses_none(pushed, s3_server, vmms, proxy):
+    restarted = threading.Event()
+    server = s3_server(pushed, workers=1, on_worker_restarted=lambda *_: restarted.set())
+    vmm = vmms(server.register_fork("a"))
+    server.wait_connected("a")
+    # The worker dies right after it parked the first fault and asked for its chunk: the
+    # fetch completes meanwhile; the replacement wakes the vCPU, which faults again.
+    old = server._debug_crash_worker_at("a", "parked")
+    reply = vmm.send(cmd="touch", all=True)
+    assert reply["touched"] == 3072 and reply["bad"] == 0, reply["mismatches"]
+    assert restarted.wait(10) and old not in server.worker_pids()
+    stats = server.stats("a")
+    assert stats.errors == 0 and stats.faults == 3072
+    assert set(chunk_gets(proxy).values()) == {1}  # the chunk asked for by the dead worker too

@@ -1207,7 +1207,8 @@ class PageServer:
     def _debug_crash_worker_at(self, fork_id: str, point: str, count: int = 1) -> int:
         """Tests only: make the worker serving ``fork_id`` SIGKILL itself when it reaches
         ``point`` for the ``count``-th time (``fault_read``, ``remove_noted``, ``recorded``,
-        ``prefetch``). Returns that worker's pid."""
+        ``prefetch``, ``parked``: a lazy template's fault waits for its chunk). Returns that
+        worker's pid."""
         entry = self._get(fork_id)
         worker = entry.worker
         if worker is None:

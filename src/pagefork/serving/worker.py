@@ -441,6 +441,8 @@ class Worker:
         if chunk not in self.asked:
             self.asked.add(chunk)
             ipc.send(self.chan, ("need", chunk))
+            if self.crash_at:
+                self._crash_point("parked")
 
     def _chunk_answered(self, chunk: int, error: str | None) -> None:
         """The supervisor's answer for ``chunk``: serve the faults parked on it, or fail
