@@ -1,7 +1,8 @@
 """Templates in object storage: cold and warm forks against a local mem-file, and pushes.
 
 A local S3-compatible server (``moto_server``) runs on this host, behind the latency proxy of
-:mod:`pagefork.testing.s3proxy`, which adds a fixed delay before every request is forwarded:
+:mod:`pagefork.testing.s3proxy` (a process of its own, as a store is), which adds a fixed delay
+before every request is forwarded:
 0 ms (this host's own HTTP round trip) or 20 ms (a store in another zone). Every fork is a
 test VMM (its own process) that touches the template's hot set (scattered runs of 1-3 pages,
 in first-touch order) and checks every byte. Variants alternate round by round; figures are
@@ -60,7 +61,7 @@ from pagefork.store.client import make_client
 from pagefork.store.layout import parse_s3_url
 from pagefork.store.lazy import StoreOptions
 from pagefork.store.push import push
-from pagefork.testing.s3proxy import MotoServer, S3Proxy
+from pagefork.testing.s3proxy import MotoServer, S3ProxyProcess
 from pagefork.testing.vmm import VmmProcess
 
 TARGETS = {"warm_view_ratio": ("<=", 1.1)}
@@ -87,7 +88,7 @@ def _hot_pages(guest_pages: int, share: float, seed: int) -> list[tuple[int, int
 
 
 class _Bench:
-    def __init__(self, work: str, endpoint: str, proxy: S3Proxy) -> None:
+    def __init__(self, work: str, endpoint: str, proxy: S3ProxyProcess) -> None:
         self.work = work
         self.endpoint = endpoint
         self.proxy = proxy
@@ -145,16 +146,16 @@ class _Bench:
         return {"ready": prefetch_ms + walk_ms, "prefetch": prefetch_ms, "fetched": fetched}
 
 
-def _chunk_gets(proxy: S3Proxy) -> int:
-    return sum(n for path, n in proxy.gets.items() if "/chunks/" in path)
+def _chunk_gets(proxy: S3ProxyProcess) -> int:
+    return sum(n for path, n in proxy.gets().items() if "/chunks/" in path)
 
 
 @contextmanager
-def _store() -> Iterator[tuple[str, S3Proxy]]:
+def _store() -> Iterator[tuple[str, S3ProxyProcess]]:
     saved = {k: os.environ.get(k) for k in _CREDENTIALS}
     os.environ.update(_CREDENTIALS)
     try:
-        with MotoServer() as moto, S3Proxy(moto.url) as proxy:
+        with MotoServer() as moto, S3ProxyProcess(moto.url) as proxy:
             yield moto.url, proxy
     finally:
         for k, v in saved.items():
@@ -245,7 +246,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         # a. cold-cache forks, on demand vs prefetched, at 0 and 20 ms
         rows = []
         for delay in (0.0, 0.020):
-            proxy.delay = delay
+            proxy.set_delay(delay)
             got = _cold(b, mem, "s3://bench/base", guest, pages, rounds)
             ms = int(delay * 1000)
             figures[f"cold_demand_ms_{ms}ms"] = median(got["demand"])
@@ -261,7 +262,7 @@ def main(quick: bool = False) -> dict[str, Any]:
                 )
             )
         if not quick:
-            proxy.delay = 0.020
+            proxy.set_delay(0.020)
             for size in (1, 4):
                 url = f"s3://bench/chunk{size}"
                 push(parse_s3_url(url), mem, b.client, chunk_size=size * MiB)
@@ -284,7 +285,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         )
 
         # b. warm forks, on demand: local mem-file vs warm cache vs warm view
-        proxy.delay = 0.020  # a store that would be far away: warm forks must not reach it
+        proxy.set_delay(0.020)  # a store that would be far away: warm forks must not reach it
         warm_cache = b.fresh_cache()
         filler = b.server("s3://bench/base", warm_cache)
         try:

@@ -107,6 +107,7 @@ class LazyTemplate:
         self._lock = threading.Lock()
         self._inflight: dict[int, ChunkFuture] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(fetch_jobs, "pagefork-fetch")
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "pagefork-cache-write")
         self._closed = False
         #: GETs issued for chunks, and the bytes they brought (cache hits not counted).
         self.gets = 0
@@ -198,6 +199,7 @@ class LazyTemplate:
         key = m.chunk_key(chunk)
         fetched = 0
         data = self.cache.get(sha, length)
+        cached = data is not None
         if data is None:
             for _ in range(_VERIFY_ATTEMPTS):
                 try:
@@ -223,7 +225,6 @@ class LazyTemplate:
                     f"chunk {chunk} of {self.path}: s3://{self.url.bucket}/{key} does not match "
                     "its SHA-256 (corrupt object in the store; nothing of it was served)"
                 )
-            self.cache.put(sha, data)
         view = memoryview(data)
         offset = chunk * self.chunk_size
         while view:
@@ -232,6 +233,9 @@ class LazyTemplate:
         assert self._presence is not None
         # Only now may a worker copy from it: the bytes are in the view and verified.
         self._presence[chunk] = 1
+        if not cached:
+            # On a thread of its own: the faults waiting for this chunk need not wait for it.
+            self._writer.submit(self.cache.put, sha, data)
         return fetched
 
     # --- side objects --------------------------------------------------------------------------
@@ -262,6 +266,7 @@ class LazyTemplate:
                 self._closed = True
             pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None  # type: ignore[assignment]
+            self._writer.shutdown(wait=True)  # every verified chunk fetched is kept
         if self._presence is not None:
             self._presence.close()
             self._presence = None

@@ -7,20 +7,32 @@ request is forwarded (the time to the first byte of a distant store, 10-50 ms), 
 instead of forwarding them. :attr:`S3Proxy.gets` counts the GETs per object key, so a test can
 tell how many times a chunk was fetched. Request signatures pass through untouched (the
 ``Host`` header is kept), so any client that signs for the proxy's address works.
+
+:class:`S3ProxyProcess` runs the proxy in a process of its own (``python -m
+pagefork.testing.s3proxy UPSTREAM``), as a benchmark wants: a store's work must not compete
+with the page server for this process's interpreter. It is steered through the proxy's control
+paths (``/_pagefork_proxy/...``; no bucket name starts with ``_``).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import http.server
+import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from types import TracebackType
 
 #: Headers that belong to one hop, not to the request or response.
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+
+_CONTROL = "/_pagefork_proxy/"
 
 _SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -73,10 +85,27 @@ class S3Proxy:
                     return status
         return None
 
+    def _control(self, h: http.server.BaseHTTPRequestHandler, path: str) -> None:
+        """``/_pagefork_proxy/stats`` (the counts) and ``/_pagefork_proxy/delay?seconds=S``."""
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
+        if path.endswith("/delay") and "seconds" in query:
+            self.delay = float(query["seconds"][0])
+        with self._lock:
+            doc = {"gets": dict(self.gets), "requests": self.requests, "delay": self.delay}
+        data = json.dumps(doc).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
     def _handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
         path = urllib.parse.urlsplit(h.path).path
+        if path.startswith(_CONTROL):
+            self._control(h, path)
+            return
         with self._lock:
             self.requests += 1
             if h.command == "GET":
@@ -158,8 +187,6 @@ class MotoServer:
 
     def __init__(self, timeout: float = 60.0) -> None:
         import socket
-        import subprocess
-        import sys
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -204,3 +231,74 @@ class MotoServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class S3ProxyProcess:
+    """An :class:`S3Proxy` in its own process, in front of ``upstream``; :attr:`url` is its
+    address. :meth:`set_delay` and :meth:`gets` steer and read it over HTTP."""
+
+    def __init__(self, upstream: str, delay: float = 0.0) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pagefork.testing.s3proxy", upstream, str(delay)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline().strip()  # its URL, once it listens
+        if not line.startswith("http://"):
+            self.close()
+            raise RuntimeError(f"the S3 proxy did not start (exit status {self._proc.poll()})")
+        self.url = line
+
+    def _call(self, what: str) -> dict[str, object]:
+        with urllib.request.urlopen(f"{self.url}{_CONTROL}{what}", timeout=30) as r:
+            doc: dict[str, object] = json.loads(r.read())
+        return doc
+
+    def set_delay(self, seconds: float) -> None:
+        """Delay every later request by ``seconds`` before forwarding it."""
+        self._call(f"delay?seconds={seconds}")
+
+    def gets(self) -> dict[str, int]:
+        """GETs seen so far, per path."""
+        gets = self._call("stats")["gets"]
+        assert isinstance(gets, dict)
+        return {str(k): int(v) for k, v in gets.items()}
+
+    def close(self) -> None:
+        """Stop the proxy (it exits when its stdin closes) and reap it."""
+        with contextlib.suppress(OSError):
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> S3ProxyProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def main() -> None:
+    """``python -m pagefork.testing.s3proxy UPSTREAM [DELAY]``: print the proxy's URL, serve
+    until stdin closes."""
+    proxy = S3Proxy(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0).start()
+    print(proxy.url, flush=True)
+    sys.stdin.read()
+    proxy.close()
+
+
+if __name__ == "__main__":
+    main()
