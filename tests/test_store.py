@@ -88,6 +88,21 @@ def test_a_bad_manifest_names_the_field(change, why):
         parse_manifest(b"\xff{", "m")
 
 
+def test_a_manifest_whose_zero_map_inflates_too_far_is_refused():
+    import base64
+    import json
+    import zlib
+
+    doc = json.loads(_manifest().to_json())
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros in about 64 KiB
+    doc["zero_pages"] = base64.b64encode(bomb).decode()
+    with pytest.raises(StoreError, match="zero_pages must hold 768 bytes"):
+        parse_manifest(json.dumps(doc).encode(), "m")
+    doc["size"] = 1 << 50
+    with pytest.raises(StoreError, match="size 1125899906842624 is not"):
+        parse_manifest(json.dumps(doc).encode(), "m")
+
+
 # --- the chunk cache --------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from pagefork.cli.store_options import add_endpoint_argument
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
         transient=True,
+        console=Console(stderr=True),  # stdout keeps the summary (or --json) alone
         disable=not sys.stderr.isatty(),
     )
     with bar:

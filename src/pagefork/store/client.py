@@ -13,6 +13,13 @@ import os
 from typing import Any
 
 from pagefork.errors import StoreError
+from pagefork.store.layout import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    S3Url,
+    parse_manifest,
+)
 
 #: Attempts per request (the first and the retries) on transient errors.
 MAX_ATTEMPTS = 6
@@ -88,12 +95,17 @@ def check_bucket(client: Any, bucket: str) -> None:
         raise store_error(exc, f"s3://{bucket}") from None
 
 
-def get_bytes(client: Any, bucket: str, key: str) -> bytes:
-    """The whole object ``bucket/key`` (raises :class:`StoreError`)."""
+def get_bytes(client: Any, bucket: str, key: str, limit: int | None = None) -> bytes:
+    """The whole object ``bucket/key``, refused when larger than ``limit`` bytes (raises
+    :class:`StoreError`)."""
     try:
         response = client.get_object(Bucket=bucket, Key=key)
         body = response["Body"]
         try:
+            if limit is not None and int(response.get("ContentLength", 0)) > limit:
+                raise StoreError(
+                    f"s3://{bucket}/{key}: larger than {limit} bytes, the most pagefork reads"
+                )
             return bytes(body.read())
         finally:
             body.close()
@@ -123,3 +135,10 @@ def put_bytes(client: Any, bucket: str, key: str, data: bytes | memoryview) -> N
         client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
     except Exception as exc:
         raise store_error(exc, f"s3://{bucket}/{key}") from None
+
+
+def read_manifest(client: Any, url: S3Url) -> Manifest:
+    """The manifest of the template at ``url``, fetched and checked."""
+    where = f"s3://{url.bucket}/{url.key(MANIFEST_NAME)}"
+    data = get_bytes(client, url.bucket, url.key(MANIFEST_NAME), MAX_MANIFEST_BYTES)
+    return parse_manifest(data, where)

@@ -32,6 +32,10 @@ MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 64 << 20
 DEFAULT_CHUNKS_PREFIX = "chunks/"
 MANIFEST_NAME = "manifest.json"
+#: The largest manifest read (a 1 TiB template in 64 KiB chunks lists 16 Mi chunks).
+MAX_MANIFEST_BYTES = 1 << 30
+#: The largest template: its zero-page map alone is a byte per 4 KiB page.
+MAX_TEMPLATE_SIZE = 1 << 40
 _SHA = re.compile(r"[0-9a-f]{64}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -159,7 +163,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             raise bad(f"{name} {value!r} is not a whole number in [{low}, {high}]")
         return value
 
-    size = integer("size", 1, 1 << 46)
+    size = integer("size", 1, MAX_TEMPLATE_SIZE)
     page_size = integer("page_size", PAGE_SIZE, PAGE_SIZE)
     chunk_size = integer("chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
     if chunk_size & (chunk_size - 1):
@@ -176,8 +180,12 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             raise bad(f"chunk {i}: {sha!r} is neither null nor a hex SHA-256")
     npages = (size + PAGE_SIZE - 1) // PAGE_SIZE
     try:
-        zeros = zlib.decompress(base64.b64decode(doc.get("zero_pages", ""), validate=True))
-    except (ValueError, zlib.error) as exc:
+        # Bounded: a map that inflates past its size is refused, not held in memory.
+        inflate = zlib.decompressobj()
+        zeros = inflate.decompress(
+            base64.b64decode(doc.get("zero_pages", ""), validate=True), npages + 1
+        )
+    except (ValueError, TypeError, zlib.error) as exc:
         raise bad(f"zero_pages does not decode ({exc})") from None
     if len(zeros) != npages or zeros.strip(b"\x00\x01"):
         raise bad(f"zero_pages must hold {npages} bytes of 0 or 1")

@@ -36,11 +36,9 @@ from pagefork.regions import PAGE_SIZE
 from pagefork.store import client as s3
 from pagefork.store.cache import ChunkCache, default_cache_dir
 from pagefork.store.layout import (
-    MANIFEST_NAME,
     Blob,
     Manifest,
     is_s3_url,
-    parse_manifest,
     parse_s3_url,
     sha256,
 )
@@ -73,11 +71,8 @@ class LazyTemplate:
         self.cache = cache
         self._own_client = client is None  # closed with the template (its connections)
         self._client = client if client is not None else s3.make_client(endpoint_url)
-        where = f"s3://{self.url.bucket}/{self.url.key(MANIFEST_NAME)}"
         try:
-            self.manifest: Manifest = parse_manifest(
-                s3.get_bytes(self._client, self.url.bucket, self.url.key(MANIFEST_NAME)), where
-            )
+            self.manifest: Manifest = s3.read_manifest(self._client, self.url)
         except BaseException:
             if self._own_client:
                 self._client.close()
@@ -328,8 +323,7 @@ def pushed_hot_pages(url: str, options: StoreOptions) -> HotPageList | None:
 
 def _pushed_hot_pages(url: str, client: Any) -> HotPageList | None:
     u = parse_s3_url(url)
-    where = f"s3://{u.bucket}/{u.key(MANIFEST_NAME)}"
-    manifest = parse_manifest(s3.get_bytes(client, u.bucket, u.key(MANIFEST_NAME)), where)
+    manifest = s3.read_manifest(client, u)
     blob = manifest.hot_pages
     if blob is None:
         return None

@@ -9,7 +9,10 @@ from typing import Any
 
 from pagefork.errors import StoreError
 from pagefork.store import client as s3
-from pagefork.store.layout import MANIFEST_NAME, parse_manifest, parse_s3_url, sha256
+from pagefork.store.layout import (
+    parse_s3_url,
+    sha256,
+)
 from pagefork.store.lazy import StoreOptions, client_of
 
 
@@ -32,8 +35,7 @@ def fetch_pushed(url: str, options: StoreOptions) -> PushedTemplate:
 
 def _fetch_pushed(url: str, client: Any) -> PushedTemplate:
     u = parse_s3_url(url)
-    where = f"s3://{u.bucket}/{u.key(MANIFEST_NAME)}"
-    manifest = parse_manifest(s3.get_bytes(client, u.bucket, u.key(MANIFEST_NAME)), where)
+    manifest = s3.read_manifest(client, u)
     side: dict[str, bytes | None] = {}
     for name, blob in (("vmstate", manifest.vmstate), ("hot_pages", manifest.hot_pages)):
         if blob is None:
