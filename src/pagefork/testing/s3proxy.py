@@ -40,6 +40,12 @@ _SLOWDOWN = (
 )
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a burst of parallel fetches would overflow it and
+    # wait a second for the SYN to be retried.
+    request_queue_size = 128
+
+
 class S3Proxy:
     """A proxy on ``127.0.0.1`` (an ephemeral port) forwarding to ``upstream``
     (``http://HOST:PORT``). Start with :meth:`start` or ``with``; :attr:`url` is its address."""
@@ -65,7 +71,7 @@ class S3Proxy:
 
             do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread: threading.Thread | None = None
