@@ -104,9 +104,11 @@ def add_parser(subparsers: Any) -> None:
     ts.set_defaults(func=run_templates_show)
     tc = tsub.add_parser(
         "create",
-        help="create a template from a Firecracker snapshot or the built-in microVM",
+        help="create a template from a Firecracker snapshot, the built-in microVM, or object "
+        "storage",
         description="With --mem-file and --snapshot: register a Firecracker snapshot "
-        "(referenced, or copied with --copy). With --microvm: build a microVM template.",
+        "(referenced, or copied with --copy). With --microvm: build a microVM template. With "
+        "--from s3://BUCKET/PREFIX: a template pushed with 'pagefork push', served lazily.",
     )
     tc.add_argument("id")
     tc.add_argument("--name", help="a display name (default: the id)")
