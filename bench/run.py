@@ -30,7 +30,7 @@ from typing import Any
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 #: Run order of the known benchmarks; any other bench_*.py file runs after them.
-ORDER = ("faults", "prefetch", "fork_ready", "fanout", "layers", "snapshot")
+ORDER = ("faults", "prefetch", "fork_ready", "fanout", "s3", "layers", "snapshot")
 
 
 def _setup_paths() -> None:

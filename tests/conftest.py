@@ -159,3 +159,44 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
     t = threading.Thread(target=run)
     t.start()
     return t, out
+
+
+# --- a real S3 endpoint: moto's server mode on 127.0.0.1 --------------------------------------
+
+#: Credentials for the local S3 server (moto accepts any); set for the session's clients.
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "pagefork-test",
+    "AWS_SECRET_ACCESS_KEY": "pagefork-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` of a ``moto_server`` started for the session (killed after);
+    the AWS credentials the session's clients use are set meanwhile."""
+    from pagefork.testing.s3proxy import MotoServer
+
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    try:
+        with MotoServer() as server:
+            yield server.url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty bucket on the session's S3 server (named after the test)."""
+    import hashlib
+
+    from pagefork.store.client import make_client
+
+    name = "t-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
+    make_client(s3_endpoint).create_bucket(Bucket=name)
+    return name

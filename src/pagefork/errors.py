@@ -48,6 +48,10 @@ class TemplateError(PageforkError):
     """A template (mem-file, vmstate, metadata) is missing or broken."""
 
 
+class StoreError(PageforkError):
+    """Object storage (an S3 URL, bucket, object, credentials, the chunk cache) failed."""
+
+
 class VmmError(PageforkError):
     """A VMM (the built-in KVM microVM or Firecracker) failed or refused a request."""
 

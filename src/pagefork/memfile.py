@@ -73,6 +73,20 @@ def _scan_fd(fd: int, size: int, path: str) -> bytearray:
     return zeros
 
 
+def readonly_memfd(name: str, data: bytes | bytearray) -> int:
+    """A new memfd holding ``data``, mode 0400 (for sharing an index with the workers)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, 0o400)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class MemFile:
     """A template mem-file opened read-only, indexed for zero pages (unless ``scan`` is False),
     and (unless ``mapped`` is False) mapped once with ``MAP_SHARED``.
@@ -113,16 +127,7 @@ class MemFile:
     def zero_index_fd(self) -> int:
         """A memfd holding :attr:`zero_pages` (made once; closed by :meth:`close`)."""
         if self._zero_fd < 0:
-            fd = os.memfd_create("pagefork-zero-index", os.MFD_CLOEXEC)
-            try:
-                view = memoryview(self._zeros)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fchmod(fd, 0o400)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._zero_fd = fd
+            self._zero_fd = readonly_memfd("pagefork-zero-index", self._zeros)
         return self._zero_fd
 
     def is_zero(self, offset: int, length: int = PAGE_SIZE) -> bool:

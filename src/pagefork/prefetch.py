@@ -126,6 +126,10 @@ class PrefetchResult:
     ioctls: int
     bytes: int
     seconds: float
+    #: A template in object storage: bytes its chunks brought from the store before the
+    #: install, and the seconds that fetch took (both 0 for a local mem-file).
+    fetched_bytes: int = 0
+    fetch_seconds: float = 0.0
 
 
 class PrefetchTarget(Protocol):

@@ -17,7 +17,9 @@ public method is safe to call from any thread while faults are served.
 from __future__ import annotations
 
 import array
+import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import itertools
 import logging
@@ -40,7 +42,14 @@ from types import TracebackType
 from typing import Any, Literal
 
 from pagefork import uffd
-from pagefork.errors import ForkError, HandshakeError, PageforkError, PrefetchError
+from pagefork.errors import (
+    ForkError,
+    HandshakeError,
+    PageforkError,
+    PrefetchError,
+    StoreError,
+    TemplateError,
+)
 from pagefork.handshake import (
     MAX_HANDSHAKE_BYTES,
     PAGE_SIZES,
@@ -64,6 +73,8 @@ from pagefork.serving.pool import (
 )
 from pagefork.serving.state import FINAL, ForkState, transition
 from pagefork.stats import ForkStats, percentiles_us
+from pagefork.store.layout import is_s3_url
+from pagefork.store.lazy import LazyTemplate, StoreOptions, open_mem_source
 
 log = logging.getLogger("pagefork")
 
@@ -98,7 +109,9 @@ class ServerConfig:
     ``on_connect`` / ``on_fork_end`` / ``on_window_closed`` are called with the fork's id;
     ``on_worker_restarted`` with (old pid, new pid, forks adopted). ``layers`` are layer
     files over the mem-file, bottom first: forks then read the layered template
-    (:mod:`pagefork.layers`).
+    (:mod:`pagefork.layers`). ``mem_file_path`` may be an ``s3://BUCKET/PREFIX`` URL: the
+    template is then served lazily from object storage (:mod:`pagefork.store.lazy`), reached
+    as ``store`` says.
     """
 
     mem_file_path: str
@@ -118,6 +131,7 @@ class ServerConfig:
     on_window_closed: Callable[[str, HotPageList], None] | None = None
     on_worker_restarted: Callable[[int, int, int], None] | None = None
     layers: tuple[str, ...] = ()
+    store: StoreOptions | None = None
 
 
 @dataclass(eq=False)
@@ -329,12 +343,21 @@ class PageServer:
         if config.socket_dir is not None and not os.path.isdir(config.socket_dir):
             raise ForkError(f"socket directory {config.socket_dir} does not exist")
         # The supervisor never maps the file: only workers read it (through the kernel's copy).
-        # With layers, a composite view of the chain (pagefork.layers.source) stands in for it.
-        self.memfile = (
-            LayeredView(config.mem_file_path, config.layers)
-            if config.layers
-            else MemFile(config.mem_file_path, mapped=False)
-        )
+        # With layers, a composite view of the chain (pagefork.layers.source) stands in for it;
+        # an s3:// template is a lazy view filled chunk by chunk (pagefork.store.lazy).
+        if config.layers:
+            if is_s3_url(config.mem_file_path):
+                raise TemplateError(
+                    f"{config.mem_file_path}: layers over a template in object storage are not "
+                    "served; flatten the chain first"
+                )
+            self.memfile: MemFile | LazyTemplate | LayeredView = LayeredView(
+                config.mem_file_path, config.layers
+            )
+        else:
+            self.memfile = open_mem_source(config.mem_file_path, config.store)
+        lazy = self.memfile if isinstance(self.memfile, LazyTemplate) else None
+        self._lazy = lazy
         cpus = usable_cpus()
         count = len(cpus) if config.workers == "auto" else int(config.workers)
         try:
@@ -350,6 +373,7 @@ class PageServer:
                 layout_fds=(
                     self.memfile.layout_fds() if isinstance(self.memfile, LayeredView) else ()
                 ),
+                lazy=(lazy.presence_fd, lazy.chunk_size) if lazy is not None else None,
             )
         except BaseException:
             self.memfile.close()
@@ -643,6 +667,7 @@ class PageServer:
         """
         entry = self._wait_connected(fork_id, timeout)
         token, plan = self._plan(hot_pages, list(entry.regions))
+        fetched = self._fetch_for(fork_id, plan, timeout)
         request = _Request(next(self._serial), "", plan, timeout, token)
         with self._lock:
             if entry.state in FINAL or entry.worker is None:
@@ -662,7 +687,51 @@ class PageServer:
             exc.installed = request.installed
             raise exc
         assert request.result is not None
+        if fetched is not None:
+            return dataclasses.replace(
+                request.result, fetched_bytes=fetched[0], fetch_seconds=fetched[1]
+            )
         return request.result
+
+    def _fetch_for(
+        self, fork_id: str, plan: PrefetchPlan, timeout: float
+    ) -> tuple[int, float] | None:
+        """A lazy template: fetch the plan's chunks in parallel before the worker installs
+        them; (bytes fetched, seconds). None for a mem-file."""
+        if self._lazy is None:
+            return None
+        chunks = self._lazy.chunks_of((r.file_offset, r.length) for r in plan.runs if not r.zero)
+        try:
+            return self._lazy.ensure(chunks, timeout)
+        except StoreError as exc:
+            raise PrefetchError(f"fork {fork_id}: {exc}") from None
+
+    def _on_need(self, chunk: int) -> None:
+        """A worker has faults parked on ``chunk``: fetch it (once, however many ask), then
+        tell every worker it is in or that it failed."""
+        assert self._lazy is not None
+        try:
+            fut = self._lazy.request(chunk)
+        except StoreError as exc:
+            self._tell_workers(("chunk_failed", chunk, str(exc)))
+            return
+
+        def done(fut: concurrent.futures.Future[int]) -> None:
+            if fut.cancelled():
+                return  # closing
+            exc = fut.exception()
+            if exc is None:
+                self._tell_workers(("chunk_ready", chunk))
+            else:
+                self._tell_workers(("chunk_failed", chunk, str(exc)))
+
+        fut.add_done_callback(done)
+
+    def _tell_workers(self, message: tuple[Any, ...]) -> None:
+        with self._lock:
+            workers = self._pool.all_processes()
+        for w in workers:
+            w.send(message)
 
     def _plan(
         self, hot_pages: HotPageList | Sequence[HotPage], regions: list[Region]
@@ -1024,6 +1093,9 @@ class PageServer:
 
     def _on_worker_message(self, worker: WorkerProcess, message: tuple[Any, ...]) -> None:
         op = message[0]
+        if op == "need" and self._lazy is not None:
+            self._on_need(message[1])
+            return
         callbacks: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         with self._lock:
             entry = (
@@ -1172,7 +1244,8 @@ class PageServer:
     def _debug_crash_worker_at(self, fork_id: str, point: str, count: int = 1) -> int:
         """Tests only: make the worker serving ``fork_id`` SIGKILL itself when it reaches
         ``point`` for the ``count``-th time (``fault_read``, ``remove_noted``, ``recorded``,
-        ``prefetch``). Returns that worker's pid."""
+        ``prefetch``, ``parked``: a lazy template's fault waits for its chunk). Returns that
+        worker's pid."""
         entry = self._get(fork_id)
         worker = entry.worker
         if worker is None:

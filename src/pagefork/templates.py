@@ -361,6 +361,43 @@ class TemplateRegistry:
 
         return self._create(template_id, fill)
 
+    def create_from_store(
+        self,
+        template_id: str,
+        source: str,
+        mem_size: int,
+        vmstate: bytes | None,
+        hot_pages: bytes | None,
+        *,
+        name: str | None = None,
+    ) -> TemplateRecord:
+        """Register a template pushed to object storage (``source``: ``s3://BUCKET/PREFIX``).
+
+        The mem-file stays in the store (``mem_file`` is the URL, served lazily); the vmstate
+        and the hot set pushed with it are kept in the template directory.
+        """
+
+        def fill(tmp: Path, final: Path) -> TemplateRecord:
+            state_path = ""
+            try:
+                if vmstate is not None:
+                    (tmp / SNAPSHOT_DIR).mkdir()
+                    (tmp / SNAPSHOT_DIR / "snapshot").write_bytes(vmstate)
+                    state_path = str(final / SNAPSHOT_DIR / "snapshot")
+                if hot_pages is not None:
+                    (tmp / HOT_PAGES_FILE).write_bytes(hot_pages)
+            except OSError as exc:
+                raise TemplateStorageError(
+                    f"template {template_id!r}: cannot write its files: {exc.strerror or exc}"
+                ) from None
+            record = self._new_record(
+                template_id, name, "firecracker", Path(), Path(), mem_size, PAGE_SIZE, True
+            )
+            record.mem_file, record.snapshot_path = source, state_path
+            return record
+
+        return self._create(template_id, fill)
+
     def create_microvm(
         self, template_id: str, spec: TemplateSpec | None = None, *, name: str | None = None
     ) -> TemplateRecord:

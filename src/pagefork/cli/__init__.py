@@ -43,7 +43,7 @@ class PageforkParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every sub-command registered."""
-    from pagefork.cli import daemon_cmd, demo, hotpages_cmd, serve
+    from pagefork.cli import daemon_cmd, demo, hotpages_cmd, push, serve
 
     # add_subparsers makes its parsers of the same class, so every --help is plain text.
     parser = PageforkParser(
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pagefork {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (demo, serve, hotpages_cmd, daemon_cmd):
+    for module in (demo, serve, hotpages_cmd, daemon_cmd, push):
         module.add_parser(sub)
     return parser
 

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pagefork.cli.options import parse_workers
+from pagefork.cli.store_options import add_cache_arguments, store_options
 from pagefork.errors import PageforkError
 
 DEFAULT_CONTROL = "/run/pagefork.sock"
@@ -92,6 +93,7 @@ def add_parser(subparsers: Any) -> None:
         help="flatten a snapshot's template at once when its chain would be deeper than N "
         "layers (default: only the hard limit on a chain's depth applies)",
     )
+    add_cache_arguments(d, "STATE_DIR/chunk-cache")
     d.add_argument("-v", "--verbose", action="store_true", help="log the fork lifecycle")
     d.set_defaults(func=run_daemon)
 
@@ -109,9 +111,11 @@ def add_parser(subparsers: Any) -> None:
     ts.set_defaults(func=run_templates_show)
     tc = tsub.add_parser(
         "create",
-        help="create a template from a Firecracker snapshot or the built-in microVM",
+        help="create a template from a Firecracker snapshot, the built-in microVM, or object "
+        "storage",
         description="With --mem-file and --snapshot: register a Firecracker snapshot "
-        "(referenced, or copied with --copy). With --microvm: build a microVM template.",
+        "(referenced, or copied with --copy). With --microvm: build a microVM template. With "
+        "--from s3://BUCKET/PREFIX: a template pushed with 'pagefork push', served lazily.",
     )
     tc.add_argument("id")
     tc.add_argument("--name", help="a display name (default: the id)")
@@ -122,6 +126,13 @@ def add_parser(subparsers: Any) -> None:
     tc.add_argument("--microvm", action="store_true", help="build a built-in microVM template")
     tc.add_argument("--mem-size", type=int, metavar="MIB", help="microVM RAM (default 64)")
     tc.add_argument("--vcpus", type=int, help="microVM vCPUs (default 1)")
+    tc.add_argument(
+        "--from",
+        dest="source",
+        metavar="s3://BUCKET/PREFIX",
+        help="a template pushed with 'pagefork push': served lazily from the store (its "
+        "vmstate and hot set come with it)",
+    )
     tc.set_defaults(func=run_templates_create)
     td = tsub.add_parser("delete", help="delete a template (refused while forks are live)")
     td.add_argument("id")
@@ -225,6 +236,7 @@ def run_daemon(args: argparse.Namespace) -> int:
             record_max_share=args.record_max_share,
             workers=args.workers,
             max_layer_depth=args.max_layer_depth,
+            store=store_options(args, os.path.join(args.state_dir, "chunk-cache")),
         ) as daemon:
             daemon.start()
             print(json.dumps({"event": "listening", "control": args.control}), flush=True)
@@ -319,6 +331,11 @@ def run_templates_create(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {}
     if args.name:
         fields["name"] = args.name
+    if args.source:
+        if args.microvm or args.mem_file or args.snapshot:
+            raise PageforkError("--from takes no --microvm, --mem-file or --snapshot")
+        _show(_client(args).create_template_from(args.id, args.source, args.name), args.json)
+        return 0
     if args.microvm:
         if args.mem_file or args.snapshot:
             raise PageforkError("--microvm takes no --mem-file or --snapshot")

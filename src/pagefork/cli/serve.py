@@ -28,12 +28,15 @@ from collections.abc import Callable
 from typing import Any
 
 from pagefork.cli.options import parse_workers
+from pagefork.cli.store_options import add_cache_arguments, store_options
 from pagefork.errors import PageforkError
 from pagefork.files import check_writable
 from pagefork.hotloop import HotSetLoop
 from pagefork.hotpages import HotPageList, load
 from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
 from pagefork.stats import ForkStats
+from pagefork.store.layout import is_s3_url, parse_s3_url
+from pagefork.store.lazy import StoreOptions, pushed_hot_pages
 
 log = logging.getLogger("pagefork")
 
@@ -55,7 +58,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "as by nohup), and when the reader of stdout goes away (serve | head -1)."
         ),
     )
-    p.add_argument("--mem-file", required=True, help="the template's guest memory file")
+    p.add_argument(
+        "--mem-file",
+        required=True,
+        help="the template's guest memory file, or s3://BUCKET/PREFIX for a template pushed "
+        "with 'pagefork push' (served lazily, chunk by chunk, through --cache-dir)",
+    )
     p.add_argument(
         "--layer",
         action="append",
@@ -109,6 +117,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="worker processes that serve faults (default auto: one per usable CPU); a worker "
         "that dies is replaced and its forks are served on without loss",
     )
+    add_cache_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log each fork's lifecycle")
     p.set_defaults(func=run)
 
@@ -170,6 +179,8 @@ def _check_args(args: argparse.Namespace) -> None:
     seconds = args.record_max_seconds
     if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
         raise PageforkError(f"--record-max-seconds must be a positive number, not {seconds:g}")
+    if is_s3_url(args.mem_file):
+        parse_s3_url(args.mem_file)
     if args.record is not None:
         record: str = args.record
         if "{fork}" in os.path.dirname(record):
@@ -236,6 +247,11 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, wake_fd: int) -> int:
     emit = _Printer(on_gone=lambda: os.eventfd_write(wake_fd, 1))
     hot: HotPageList | None = None
+    store: StoreOptions | None = None
+    if is_s3_url(args.mem_file):
+        store = store_options(args)
+        if not args.hot_pages:
+            hot = pushed_hot_pages(args.mem_file, store)  # the hot set pushed with it
     if args.hot_pages:
         hot = load(args.hot_pages)
         if not len(hot):
@@ -288,6 +304,14 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
             already_present=result.already_present,
             runs=result.runs,
             seconds=round(result.seconds, 6),
+            **(
+                {
+                    "fetched_bytes": result.fetched_bytes,
+                    "fetch_seconds": round(result.fetch_seconds, 6),
+                }
+                if store is not None
+                else {}
+            ),
         )
 
     def ended(fork_id: str, stats: ForkStats) -> None:
@@ -310,6 +334,7 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
         on_window_closed=window_closed,
         on_worker_restarted=worker_restarted,
         workers=args.workers,
+        store=store,
     )
     server = PageServer(config)
     try:

@@ -8,6 +8,7 @@ POST     /templates                   create: ``{"id", "kind": "firecracker", "m
                                       "snapshot_path", ["page_size", "copy", "name"]}`` or
                                       ``{"id", "kind": "kvm", ["mem_size_mib", "vcpus",
                                       "variants", "working_set", "fork_share", "seed", "name"]}``
+                                      or ``{"id", "source": "s3://BUCKET/PREFIX", ["name"]}``
 GET      /templates/{id}              the record
 DELETE   /templates/{id}              409 while forks of it are live
 POST     /templates/{id}/rerecord     the next fork records a new hot set
@@ -219,6 +220,10 @@ class ControlApi:
             validate_template_id(template_id)
         except TemplateError as exc:
             raise _bad(f"field 'id': {exc}") from None
+        source = body.get("source", str)
+        if source is not None:  # a template pushed to object storage: kind firecracker
+            record = self.manager.create_template_from(template_id, source, body.get("name", str))
+            return Response.json(HTTPStatus.CREATED, record.to_dict())
         try:
             kind = kind_of(body.get("kind", str, required=True))
         except TemplateError as exc:

@@ -164,6 +164,14 @@ class DaemonClient:
         result: dict[str, Any] = self.request("POST", "/templates", body)
         return result
 
+    def create_template_from(
+        self, template_id: str, source: str, name: str | None = None
+    ) -> dict[str, Any]:
+        """Create a template from one pushed to object storage (``s3://BUCKET/PREFIX``)."""
+        body = {"id": template_id, "source": source, **({"name": name} if name else {})}
+        result: dict[str, Any] = self.request("POST", "/templates", body)
+        return result
+
     def delete_template(self, template_id: str) -> None:
         """Delete a template (refused while it has live forks)."""
         self.request("DELETE", f"/templates/{_segment('template', template_id)}")

@@ -34,6 +34,7 @@ process is reaped at once. The fork stays until it is released.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -52,6 +53,7 @@ from pagefork.errors import (
     HotPageFileError,
     PageforkError,
     PrefetchError,
+    StoreError,
     TemplateError,
     VmmError,
 )
@@ -63,7 +65,16 @@ from pagefork.regions import Region
 from pagefork.server import PageServer, ServerConfig, validate_fork_id
 from pagefork.serving.state import ForkPhase, transition
 from pagefork.stats import LATENCY_WINDOW, ForkStats
-from pagefork.templates import TemplateRecord, TemplateRegistry, validate_template_id
+from pagefork.store.cache import ChunkCache
+from pagefork.store.layout import is_s3_url
+from pagefork.store.lazy import StoreOptions
+from pagefork.store.template import fetch_pushed
+from pagefork.templates import (
+    TemplateFieldError,
+    TemplateRecord,
+    TemplateRegistry,
+    validate_template_id,
+)
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
 
 log = logging.getLogger("pagefork")
@@ -159,6 +170,9 @@ class ManagerConfig:
     max_layer_depth: int | None = None
     #: How long a snapshot may take, the VMM's pause and write included.
     snapshot_timeout: float = 60.0
+    #: How templates in object storage are reached; one chunk cache for all of them (None:
+    #: STATE_DIR/chunk-cache, bounded at 10 GiB).
+    store: StoreOptions | None = None
 
 
 @dataclass
@@ -297,6 +311,8 @@ class ForkManager:
                 f"cannot create socket dir {config.socket_dir}: {exc.strerror}"
             ) from None
         self._lock = threading.Lock()
+        self._store: StoreOptions | None = None  # made on first use: see _store_options
+        self._store_lock = threading.Lock()
         self._templates: dict[TemplateKey, _TemplateState] = {}
         self._starting: dict[TemplateKey, _ServerStart] = {}
         self._forks: dict[str, Fork] = {}
@@ -667,10 +683,35 @@ class ForkManager:
                 on_fork_end=fork_ended,
                 on_worker_restarted=worker_restarted,
                 workers=self.config.workers,
+                store=self._store_options() if is_s3_url(record.mem_file) else None,
             )
         )
         log.info("template %s: page server started", record.id)
         return server
+
+    def _store_options(self) -> StoreOptions:
+        """The object-storage options, with the one chunk cache every template shares."""
+        with self._store_lock:
+            if self._store is None:
+                options = self.config.store or StoreOptions()
+                if options.cache is None:
+                    cache = ChunkCache(str(self.registry.state_dir / "chunk-cache"))
+                    options = dataclasses.replace(options, cache=cache)
+                self._store = options
+            return self._store
+
+    def create_template_from(
+        self, template_id: str, source: str, name: str | None = None
+    ) -> TemplateRecord:
+        """Register the template pushed at ``source`` (``s3://BUCKET/PREFIX``)."""
+        validate_template_id(template_id)
+        try:
+            pushed = fetch_pushed(source, self._store_options())
+        except StoreError as exc:
+            raise TemplateFieldError("source", str(exc)) from None
+        return self.registry.create_from_store(
+            template_id, pushed.url, pushed.size, pushed.vmstate, pushed.hot_pages, name=name
+        )
 
     def _start_vmm(
         self, fork: Fork, vmm: VmmDriver, record: TemplateRecord, options: dict[str, Any]
@@ -760,6 +801,9 @@ class ForkManager:
             "ioctls": result.ioctls,
             "bytes": result.bytes,
             "seconds": result.seconds,
+            # A template in object storage: what its hot chunks cost to fetch first.
+            "fetched_bytes": result.fetched_bytes,
+            "fetch_seconds": result.fetch_seconds,
         }
         return fork.prefetch
 

@@ -32,6 +32,7 @@ from pagefork.daemon.journal import SocketJournal
 from pagefork.daemon.manager import ForkManager, ManagerConfig, load_drivers
 from pagefork.daemon.metrics import DaemonMetrics
 from pagefork.errors import PageforkError
+from pagefork.store.lazy import StoreOptions
 from pagefork.templates import TemplateRegistry
 from pagefork.vmm.base import VmmDriver
 
@@ -84,6 +85,7 @@ class Daemon:
         record_max_share: float = 0.25,
         workers: int | Literal["auto"] = "auto",
         max_layer_depth: int | None = None,
+        store: StoreOptions | None = None,
     ) -> None:
         lock_fd = lock_state_dir(Path(state_dir).absolute())
         self._lock_fd: int | None = lock_fd
@@ -99,6 +101,7 @@ class Daemon:
                     record_max_share=record_max_share,
                     workers=workers,
                     max_layer_depth=max_layer_depth,
+                    store=store,
                 ),
             )
         except BaseException:

@@ -78,6 +78,7 @@ class WorkerProcess:
         zero_fd: int,
         cpu: int | None = None,
         layout_fds: tuple[int, ...] = (),
+        lazy: tuple[int, int] | None = None,
     ) -> None:
         self.slot = slot
         self.cpu = cpu
@@ -104,9 +105,17 @@ class WorkerProcess:
                     str(mem_size),
                     str(zero_fd),
                     # A layered template: the view's segments and its layer files.
-                    *map(str, layout_fds),
+                    *([f"layout={','.join(map(str, layout_fds))}"] if layout_fds else []),
+                    # A lazy template (pagefork.store.lazy): its presence map and chunk size.
+                    *([f"lazy={lazy[0]},{lazy[1]}"] if lazy else []),
                 ],
-                pass_fds=(child.fileno(), mem_fd, zero_fd, *layout_fds),
+                pass_fds=(
+                    child.fileno(),
+                    mem_fd,
+                    zero_fd,
+                    *layout_fds,
+                    *(lazy[:1] if lazy else ()),
+                ),
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
@@ -215,9 +224,11 @@ class WorkerPool:
         spare: bool,
         cpus: list[int] | None = None,
         layout_fds: tuple[int, ...] = (),
+        lazy: tuple[int, int] | None = None,
     ) -> None:
         self._mem = (mem_fd, mem_size, zero_fd)
         self._layout = layout_fds
+        self._lazy = lazy
         self._want_spare = spare
         #: Slot i's CPU when workers are pinned (one per CPU), else None.
         self._cpus: list[int | None] = list(cpus) if cpus else [None] * count
@@ -231,18 +242,21 @@ class WorkerPool:
         )
         try:
             for slot in range(count):
-                self.workers.append(WorkerProcess(slot, *self._mem, self._cpus[slot], self._layout))
+                self.workers.append(self._spawn(slot, self._cpus[slot]))
         except BaseException:
             self.stop()
             raise
         self.start_spare()
+
+    def _spawn(self, slot: int, cpu: int | None) -> WorkerProcess:
+        return WorkerProcess(slot, *self._mem, cpu=cpu, layout_fds=self._layout, lazy=self._lazy)
 
     def start_spare(self) -> None:
         """Start a spare if one is wanted; a failure only costs the spare (logged)."""
         if not self._want_spare or self.spare is not None:
             return
         try:
-            self.spare = WorkerProcess(-1, *self._mem, None, self._layout)
+            self.spare = self._spawn(-1, None)
         except PageforkError as exc:
             log.warning("no spare worker: %s", exc)
 
@@ -308,7 +322,7 @@ class WorkerPool:
         cpu = self._cpus[slot]
         if new is None:
             try:
-                new = WorkerProcess(slot, *self._mem, cpu, self._layout)
+                new = self._spawn(slot, cpu)
             except PageforkError as exc:
                 return None, str(exc)
         else:
@@ -344,7 +358,7 @@ class WorkerPool:
                 self.workers[slot] = w
                 continue
             try:
-                w = WorkerProcess(slot, *self._mem, self._cpus[slot], self._layout)
+                w = self._spawn(slot, self._cpus[slot])
             except PageforkError:
                 continue
             self.workers[slot] = w

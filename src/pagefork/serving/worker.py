@@ -148,6 +148,7 @@ class Worker:
         mem_size: int,
         zero_fd: int,
         layout_fds: tuple[int, ...] = (),
+        lazy: tuple[int, int] | None = None,
     ) -> None:
         self.chan = chan
         self.mem_size = mem_size
@@ -170,6 +171,18 @@ class Worker:
         self._closed_fds: set[int] = set()  # closed while handling the current batch
         self.plans: collections.OrderedDict[int, PrefetchPlan] = collections.OrderedDict()
         self._in_prefetch = False
+        # A lazy template (pagefork.store.lazy): one byte per chunk, 1 once the supervisor has
+        # put the verified chunk in the view. None for a mem-file: the fault path skips it.
+        self.presence: mmap.mmap | None = None
+        self.chunk_shift = 0
+        self.parked: dict[int, list[tuple[_Fork, int]]] = {}  # chunk -> faults waiting on it
+        self.asked: set[int] = set()  # chunks asked for and not yet answered
+        if lazy is not None:
+            presence_fd, chunk_size = lazy
+            nchunks = (mem_size + chunk_size - 1) // chunk_size
+            self.presence = mmap.mmap(presence_fd, nchunks, mmap.MAP_SHARED, mmap.PROT_READ)
+            os.close(presence_fd)
+            self.chunk_shift = chunk_size.bit_length() - 1
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -338,6 +351,8 @@ class Worker:
         ioctls = f.ioctls
         clock = time.perf_counter_ns
         ring = f.ledger.latency_ring
+        present = self.presence
+        shift = self.chunk_shift
         # The fault path: everything it touches is bound to a local once per batch.
         copy_, zeropage_, outside = _COPY, _ZEROPAGE, _OUTSIDE
         faults_, misses_, copied_, zeroed_, lat_n = (
@@ -356,6 +371,13 @@ class Worker:
             )
             if action == outside:
                 raise _Fatal(f"fault at {address:#x} is outside every region")
+            if present is not None and action == copy_:
+                # A lazy template: copy only from a chunk that is verified and in the view.
+                first = file_offset >> shift
+                last = (file_offset + psize - 1) >> shift
+                if not present[first] or (last != first and 0 in present[first : last + 1]):
+                    self._park(f, address, file_offset, psize)
+                    continue
             # Count before the ioctl: it wakes the guest, which may read the stats right after.
             c[faults_] += 1
             if prefetched:
@@ -411,6 +433,34 @@ class Worker:
             # Read the events now (faults read with them wait their turn behind these).
             f.deferred = again + self._read_events(f, until_empty=True)
             self.attend.add(f)
+
+    def _park(self, f: _Fork, address: int, file_offset: int, psize: int) -> None:
+        """Keep a fault until its chunk is in the view; ask the supervisor for it once."""
+        assert self.presence is not None
+        first = file_offset >> self.chunk_shift
+        last = (file_offset + psize - 1) >> self.chunk_shift
+        # The first chunk of the page not yet in (a huge page may span several chunks).
+        chunk = first + self.presence[first : last + 1].index(0)
+        self.parked.setdefault(chunk, []).append((f, address))
+        if chunk not in self.asked:
+            self.asked.add(chunk)
+            ipc.send(self.chan, ("need", chunk))
+            if self.crash_at:
+                self._crash_point("parked")
+
+    def _chunk_answered(self, chunk: int, error: str | None) -> None:
+        """The supervisor's answer for ``chunk``: serve the faults parked on it, or fail
+        their forks (nothing unverified is ever installed)."""
+        self.asked.discard(chunk)
+        by_fork: dict[_Fork, list[int]] = {}
+        for f, address in self.parked.pop(chunk, []):
+            if f.uffd >= 0 and self.forks.get(f.fork_id) is f:
+                by_fork.setdefault(f, []).append(address)
+        for f, addresses in by_fork.items():
+            if error is None:
+                self._guard(f, self._serve_faults, addresses)
+            else:
+                self._fail(f, error)
 
     def _is_zero(self, offset: int, length: int) -> bool:
         first = offset // PAGE_SIZE
@@ -505,6 +555,10 @@ class Worker:
                 while len(self.plans) > 2 * PLANS_KEPT:
                     self.plans.popitem(last=False)
             self._prefetch(req, fork_id, plan, timeout)
+        elif op == "chunk_ready":
+            self._chunk_answered(message[1], None)
+        elif op == "chunk_failed":
+            self._chunk_answered(message[1], message[2])
         elif op == "drop":
             f = self.forks.get(message[1])
             if f is not None:
@@ -628,6 +682,14 @@ class _Target:
 
     def copy(self, dst: int, src: int, length: int, mode: int) -> int:
         self._tick()
+        present = self._worker.presence
+        if present is not None:
+            # The supervisor fetched the plan's chunks first; never copy one that is not in.
+            shift = self._worker.chunk_shift
+            offset = src - self.src_base
+            for chunk in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
+                if not present[chunk]:
+                    raise PrefetchError(f"chunk {chunk} of the template is not fetched")
         return self._f.ioctls.copy(dst, src, length, mode)
 
     def zeropage(self, dst: int, length: int, mode: int) -> int:
@@ -650,17 +712,23 @@ class _Target:
 
 def main() -> None:
     """Entry point: ``python -m pagefork.serving.worker CHAN_FD MEM_FD MEM_SIZE ZERO_FD
-    [VIEW_FD LAYER_FD...]`` (the last for a layered template)."""
+    [lazy=PRESENCE_FD,CHUNK_SIZE] [layout=VIEW_FD,LAYER_FD,...]``: the options for a lazy
+    template (pagefork.store.lazy) and a layered one (pagefork.layers)."""
     # PAGEFORK_WORKER_LOG=10 logs each fork's lifecycle in the workers, for debugging.
     level_text = os.environ.get("PAGEFORK_WORKER_LOG", "")
     level = int(level_text) if level_text.isdigit() else logging.WARNING
     logging.basicConfig(level=level, format=f"pagefork worker {os.getpid()}: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     chan_fd, mem_fd, mem_size, zero_fd = (int(a) for a in sys.argv[1:5])
+    options = dict(a.split("=", 1) for a in sys.argv[5:])
+    lazy_args = [int(v) for v in options["lazy"].split(",")] if "lazy" in options else None
+    lazy = (lazy_args[0], lazy_args[1]) if lazy_args else None
+    layout_fds = tuple(int(v) for v in options["layout"].split(",")) if "layout" in options else ()
     chan = socket.socket(fileno=chan_fd)
-    worker = Worker(chan, mem_fd, mem_size, zero_fd, tuple(int(a) for a in sys.argv[5:]))
-    with contextlib.suppress(OSError):  # fill the page tables now; faults then cost less
-        libc.madvise(worker.mem_address, mem_size, _MADV_POPULATE_READ)
+    worker = Worker(chan, mem_fd, mem_size, zero_fd, layout_fds, lazy)
+    if lazy is None:  # a lazy view fills later: populating it now would only map holes
+        with contextlib.suppress(OSError):  # fill the page tables now; faults then cost less
+            libc.madvise(worker.mem_address, mem_size, _MADV_POPULATE_READ)
     try:
         worker.run()
     except (ipc.ChannelClosed, BrokenPipeError, ConnectionResetError):

@@ -1,0 +1,374 @@
+"""Templates in object storage: cold and warm forks against a local mem-file, and pushes.
+
+A local S3-compatible server (``moto_server``) runs on this host, behind the latency proxy of
+:mod:`pagefork.testing.s3proxy` (a process of its own, as a store is), which adds a fixed delay
+before every request is forwarded:
+0 ms (this host's own HTTP round trip) or 20 ms (a store in another zone). Every fork is a
+test VMM (its own process) that touches the template's hot set (scattered runs of 1-3 pages,
+in first-touch order) and checks every byte. Variants alternate round by round; figures are
+medians, ratios medians of per-round ratios.
+
+a. **Cold-cache fork.** A fresh page server and an empty host cache each round: nothing of the
+   template is on this host. *on demand*: every missing chunk is fetched when the guest first
+   faults in it (one GET at a time, as the guest walks). *prefetched*: the hot set's chunks are
+   fetched in parallel first (``server.prefetch``), then installed. Fork-ready = prefetch (if
+   any) + the guest's walk of its hot set. Done at 0 ms and 20 ms, and at 20 ms for chunk sizes
+   of 1, 2 and 4 MiB (the full run), which is how the default chunk size was chosen.
+b. **Warm-cache fork vs a local mem-file.** b1: the walk on demand, by a later fork of a
+   template whose chunks are in the server's view (every fork after the first on that server:
+   only the presence check remains) against a local mem-file. b2: the first fork of a new page
+   server on a host whose cache holds the template (chunks are read from the cache, verified
+   and copied into the view as they are needed), on demand and prefetched, against a new fork
+   of a local mem-file served the same way.
+c. **Push.** Upload throughput of a template to the store (0 ms), and the bytes stored for two
+   templates that share 90% of their content (the second differs in a few 1 MiB stretches, 10%
+   of its memory), against their total size. Sharing is per chunk: changes scattered over
+   every chunk would share nothing.
+
+Run: ``python bench/bench_s3.py [--quick]``. Prints figures and ratios; no assertions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from _common import (
+    PAGE,
+    MiB,
+    alternating,
+    console,
+    fmt,
+    header,
+    make_mem_file,
+    median,
+    paired_ratio,
+    scattered_runs,
+    scratch_dir,
+    standalone,
+    table,
+    verdict,
+)
+
+from pagefork.hotpages import HotPageList
+from pagefork.server import PageServer, ServerConfig
+from pagefork.store.cache import ChunkCache
+from pagefork.store.client import make_client
+from pagefork.store.layout import parse_s3_url
+from pagefork.store.lazy import StoreOptions
+from pagefork.store.push import push
+from pagefork.testing.s3proxy import MotoServer, S3ProxyProcess
+from pagefork.testing.vmm import VmmProcess
+
+TARGETS = {"warm_view_ratio": ("<=", 1.1)}
+SUMMARY = (
+    "cold_speedup_0ms",
+    "cold_speedup_20ms",
+    "warm_view_ratio",
+    "warm_cache_ratio",
+    "warm_cache_prefetch_ratio",
+    "push_mib_s",
+    "shared_stored_share",
+)
+
+_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "pagefork-bench",
+    "AWS_SECRET_ACCESS_KEY": "pagefork-bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _hot_pages(guest_pages: int, share: float, seed: int) -> list[tuple[int, int]]:
+    runs = scattered_runs(guest_pages, int(guest_pages * share), seed)
+    random.Random(seed).shuffle(runs)
+    return [(0, p * PAGE) for run in runs for p in run]
+
+
+class _Bench:
+    def __init__(self, work: str, endpoint: str, proxy: S3ProxyProcess) -> None:
+        self.work = work
+        self.endpoint = endpoint
+        self.proxy = proxy
+        self.client = make_client(endpoint)
+        self.client.create_bucket(Bucket="bench")
+        self._n = 0
+
+    def server(self, mem: str, cache_dir: str | None = None) -> PageServer:
+        self._n += 1
+        sockets = os.path.join(self.work, f"s{self._n}")
+        os.mkdir(sockets)
+        store = None
+        if cache_dir is not None:
+            cache = ChunkCache(cache_dir, 1 << 40)
+            store = StoreOptions(cache=cache, endpoint_url=self.proxy.url)
+        server = PageServer(ServerConfig(mem_file_path=mem, socket_dir=sockets, store=store))
+        server.wait_ready()  # the workers' start-up is not what is measured
+        return server
+
+    def fresh_cache(self) -> str:
+        self._n += 1
+        return os.path.join(self.work, f"cache{self._n}")
+
+    def fork(
+        self,
+        server: PageServer,
+        mem_file: str,
+        guest: int,
+        pages: list[tuple[int, int]],
+        prefetch: bool,
+    ) -> dict[str, float]:
+        """One fork: (prefetch +) the guest's walk of ``pages``; times in ms."""
+        self._n += 1
+        fork_id = f"f{self._n}"
+        path = server.register_fork(fork_id)
+        # Every VMM pinned to the first CPU, so every fork is served by that CPU's worker: a
+        # fault served across cores costs 3-4x one served on the VMM's own (bench_workers), and
+        # placement luck must not decide a comparison.
+        mine = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(mine)})
+        try:
+            vm = VmmProcess(path, mem_file, [f"{guest // MiB}M"])
+        finally:
+            os.sched_setaffinity(0, mine)
+        try:
+            server.wait_connected(fork_id)
+            t0 = time.perf_counter()
+            fetched = 0
+            if prefetch:
+                result = server.prefetch(fork_id, HotPageList.from_pages(pages), timeout=120)
+                fetched = result.fetched_bytes
+            prefetch_ms = (time.perf_counter() - t0) * 1000
+            reply = vm.send(cmd="touch", pages=[list(p) for p in pages])
+            if reply["bad"]:
+                raise RuntimeError(f"fork {fork_id}: {reply['bad']} pages differ")
+        finally:
+            vm.close()
+        stats = server.wait_ended(fork_id, timeout=60)
+        server.unregister_fork(fork_id)
+        if stats.errors:
+            raise RuntimeError(f"fork {fork_id} failed: {stats.error}")
+        walk_ms = reply["seconds"] * 1000
+        return {"ready": prefetch_ms + walk_ms, "prefetch": prefetch_ms, "fetched": fetched}
+
+
+def _chunk_gets(proxy: S3ProxyProcess) -> int:
+    return sum(n for path, n in proxy.gets().items() if "/chunks/" in path)
+
+
+@contextmanager
+def _store() -> Iterator[tuple[str, S3ProxyProcess]]:
+    saved = {k: os.environ.get(k) for k in _CREDENTIALS}
+    os.environ.update(_CREDENTIALS)
+    try:
+        with MotoServer() as moto, S3ProxyProcess(moto.url) as proxy:
+            yield moto.url, proxy
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _cold(
+    b: _Bench, mem: str, url: str, guest: int, pages: list[tuple[int, int]], rounds: int
+) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"demand": [], "prefetch": [], "fetch_ms": []}
+    for _, mode in alternating(rounds, ["demand", "prefetch"]):
+        server = b.server(url, b.fresh_cache())
+        try:
+            got = b.fork(server, mem, guest, pages, prefetch=mode == "prefetch")
+        finally:
+            server.close()
+        out[mode].append(got["ready"])
+        if mode == "prefetch":
+            out["fetch_ms"].append(got["prefetch"])
+    return out
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    """Run the comparisons; return the figures."""
+    if importlib.util.find_spec("moto") is None:
+        return {"skipped": "needs moto[server] for a local S3 server: pip install '.[dev]'"}
+    guest = (32 if quick else 64) * MiB
+    rounds = 3 if quick else 5
+    guest_pages = guest // PAGE
+    pages = _hot_pages(guest_pages, 0.10, seed=5)
+    header(
+        "Templates in object storage",
+        f"{guest // MiB} MiB template (25% zero pages), hot set {len(pages)} pages in runs of "
+        f"1-3, {rounds} rounds per comparison; moto_server behind a latency proxy.",
+    )
+    figures: dict[str, Any] = {}
+    with scratch_dir() as work, _store() as (endpoint, proxy):
+        b = _Bench(work, endpoint, proxy)
+        mem = os.path.join(work, "mem")
+        make_mem_file(mem, guest, 0.25, seed=1)
+
+        # c. push (first: the template is needed by the rest)
+        t0 = time.perf_counter()
+        pushed = push(parse_s3_url("s3://bench/base"), mem, b.client)
+        push_s = time.perf_counter() - t0
+        figures["push_mib_s"] = guest / MiB / push_s
+        derived = os.path.join(work, "derived")
+        with open(mem, "rb") as src, open(derived, "wb") as dst:
+            dst.write(src.read())
+        rng = random.Random(3)
+        with open(derived, "r+b") as f:
+            # 10% of the pages differ, in a few 1 MiB stretches: the guest ran on a little
+            # (its page cache and heap moved), the rest of memory is as it was.
+            for mib in rng.sample(range(guest // MiB), guest // MiB // 10):
+                f.seek(mib * MiB)
+                f.write(os.urandom(MiB))
+        second = push(parse_s3_url("s3://bench/derived"), derived, b.client)
+        stored = sum(
+            o["Size"]
+            for o in b.client.list_objects_v2(Bucket="bench", Prefix="chunks/").get("Contents", [])
+        )
+        figures["shared_stored_share"] = stored / (2 * guest)
+        table(
+            "c. push (0 ms)",
+            ["template", "chunks", "uploaded", "already there", "zero", "MiB up", "seconds"],
+            [
+                (
+                    name,
+                    r.chunks,
+                    r.uploaded_chunks,
+                    r.present_chunks,
+                    r.zero_chunks,
+                    fmt(r.uploaded_bytes / MiB, 1),
+                    fmt(r.seconds, 2),
+                )
+                for name, r in (("base", pushed), ("derived (10% differs)", second))
+            ],
+        )
+        console.print(
+            f"push throughput {fmt(figures['push_mib_s'], 0)} MiB/s; two templates of "
+            f"{guest // MiB} MiB sharing 90% of their content store {fmt(stored / MiB, 1)} MiB "
+            f"({fmt(100 * figures['shared_stored_share'], 0)}% of their total size)"
+        )
+
+        # a. cold-cache forks, on demand vs prefetched, at 0 and 20 ms
+        rows = []
+        for delay in (0.0, 0.020):
+            proxy.set_delay(delay)
+            got = _cold(b, mem, "s3://bench/base", guest, pages, rounds)
+            ms = int(delay * 1000)
+            figures[f"cold_demand_ms_{ms}ms"] = median(got["demand"])
+            figures[f"cold_prefetch_ms_{ms}ms"] = median(got["prefetch"])
+            figures[f"cold_speedup_{ms}ms"] = paired_ratio(got["demand"], got["prefetch"])
+            rows.append(
+                (
+                    f"{ms} ms, {pushed.manifest.chunk_size // MiB} MiB chunks",
+                    fmt(median(got["demand"]), 1),
+                    fmt(median(got["prefetch"]), 1),
+                    fmt(median(got["fetch_ms"]), 1),
+                    fmt(figures[f"cold_speedup_{ms}ms"]),
+                )
+            )
+        if not quick:
+            proxy.set_delay(0.020)
+            for size in (1, 4):
+                url = f"s3://bench/chunk{size}"
+                push(parse_s3_url(url), mem, b.client, chunk_size=size * MiB)
+                got = _cold(b, mem, url, guest, pages, rounds)
+                figures[f"cold_demand_ms_20ms_{size}mib"] = median(got["demand"])
+                figures[f"cold_prefetch_ms_20ms_{size}mib"] = median(got["prefetch"])
+                rows.append(
+                    (
+                        f"20 ms, {size} MiB chunks",
+                        fmt(median(got["demand"]), 1),
+                        fmt(median(got["prefetch"]), 1),
+                        fmt(median(got["fetch_ms"]), 1),
+                        fmt(paired_ratio(got["demand"], got["prefetch"])),
+                    )
+                )
+        table(
+            "a. cold-cache fork: ready ms (median)",
+            ["store latency", "on demand", "prefetched", "of which fetch", "speed-up"],
+            rows,
+        )
+
+        # b. warm forks: local mem-file vs warm cache (new server) vs chunks in the view
+        proxy.set_delay(0.020)  # a store that would be far away: warm forks must not reach it
+        warm_cache = b.fresh_cache()
+        filler = b.server("s3://bench/base", warm_cache)
+        try:
+            b.fork(filler, mem, guest, [(0, o) for o in range(0, guest, PAGE)], prefetch=False)
+        finally:
+            filler.close()
+        local = b.server(mem)
+        view = b.server("s3://bench/base", warm_cache)
+        b.fork(view, mem, guest, pages, prefetch=False)  # fills the view with the hot chunks
+        gets_before = _chunk_gets(proxy)
+        res: dict[str, list[float]] = {}
+        try:
+            # b1. later forks, on demand: cheap, so many rounds (each walk is short).
+            for _, mode in alternating(3 * rounds, ["local", "view"]):
+                server = local if mode == "local" else view
+                res.setdefault(mode, []).append(b.fork(server, mem, guest, pages, False)["ready"])
+            # b2. a new server on a host whose cache holds the template, on demand and
+            # prefetched, against the local mem-file the same way.
+            kinds = ["local-demand", "cache-demand", "local-prefetch", "cache-prefetch"]
+            for _, mode in alternating(rounds, kinds):
+                prefetch = mode.endswith("prefetch")
+                if mode.startswith("local"):
+                    got = b.fork(local, mem, guest, pages, prefetch)
+                else:
+                    fresh = b.server("s3://bench/base", warm_cache)
+                    try:
+                        got = b.fork(fresh, mem, guest, pages, prefetch)
+                    finally:
+                        fresh.close()
+                res.setdefault(mode, []).append(got["ready"])
+        finally:
+            local.close()
+            view.close()
+        gets_warm = _chunk_gets(proxy) - gets_before
+        figures["warm_local_ms"] = median(res["local"])
+        figures["warm_view_ms"] = median(res["view"])
+        figures["warm_view_ratio"] = paired_ratio(res["view"], res["local"])
+        figures["warm_cache_ratio"] = paired_ratio(res["cache-demand"], res["local-demand"])
+        figures["warm_cache_prefetch_ratio"] = paired_ratio(
+            res["cache-prefetch"], res["local-prefetch"]
+        )
+        figures["warm_gets"] = gets_warm
+        rows = [
+            ("b1. later fork, on demand: local mem-file", res["local"], None),
+            ("b1. later fork, on demand: chunks in the view", res["view"], "warm_view_ratio"),
+            ("b2. new server, on demand: local mem-file", res["local-demand"], None),
+            (
+                "b2. new server, on demand: warm host cache",
+                res["cache-demand"],
+                "warm_cache_ratio",
+            ),
+            ("b2. new server, prefetched: local mem-file", res["local-prefetch"], None),
+            (
+                "b2. new server, prefetched: warm host cache",
+                res["cache-prefetch"],
+                "warm_cache_prefetch_ratio",
+            ),
+        ]
+        table(
+            "b. warm fork: ready ms (median)",
+            ["fork", "ready ms", "vs local mem-file"],
+            [
+                (name, fmt(median(v), 1), fmt(figures[key]) if key else "1.00")
+                for name, v, key in rows
+            ],
+        )
+        console.print(
+            f"chunk GETs to the store during the warm forks: {gets_warm} (0: every chunk came "
+            "from the host cache or the view)"
+        )
+        console.print(verdict("warm fork (view) / local", figures["warm_view_ratio"], "<=", 1.1))
+    return figures
+
+
+if __name__ == "__main__":
+    standalone(main)

@@ -1,0 +1,117 @@
+"""``pagefork push``: upload a template to S3-compatible object storage.
+
+The mem-file is cut into fixed-size chunks; all-zero chunks are not stored, and every other
+chunk is stored once, content-addressed, under the bucket's chunk prefix, so templates that
+share content share chunks and a push uploads only what the bucket lacks. The manifest goes
+last. A progress bar shows on stderr when it is a terminal; a summary line (or ``--json``)
+goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from pagefork.cli.store_options import add_endpoint_argument
+from pagefork.errors import PageforkError
+from pagefork.store.cache import parse_size
+from pagefork.store.client import make_client
+from pagefork.store.layout import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNKS_PREFIX, parse_s3_url
+from pagefork.store.push import DEFAULT_JOBS, push
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``push``."""
+    p = sub.add_parser(
+        "push",
+        help="upload a template (mem-file, hot pages, vmstate) to s3://BUCKET/PREFIX",
+        description=(
+            "Upload a template to S3-compatible storage, to be served lazily on any host with "
+            "'pagefork serve --mem-file s3://BUCKET/PREFIX' or the daemon. Chunks are "
+            "content-addressed under the bucket's chunk prefix: all-zero chunks and chunks "
+            "the bucket already has are not uploaded."
+        ),
+    )
+    p.add_argument("url", metavar="s3://BUCKET/PREFIX", help="where the template goes")
+    p.add_argument("--mem-file", required=True, help="the template's guest memory file")
+    p.add_argument("--hot-pages", metavar="FILE", help="a hot-page file to push with it")
+    p.add_argument("--vmstate", metavar="FILE", help="the VM state file to push with it")
+    p.add_argument(
+        "--chunk-size",
+        default=f"{DEFAULT_CHUNK_SIZE >> 20}M",
+        metavar="SIZE",
+        help=f"chunk size, a power of two from 64K to 64M (default {DEFAULT_CHUNK_SIZE >> 20}M)",
+    )
+    p.add_argument(
+        "--chunks-prefix",
+        default=DEFAULT_CHUNKS_PREFIX,
+        metavar="KEYPREFIX",
+        help=f"where chunks go in the bucket, shared by its templates (default "
+        f"{DEFAULT_CHUNKS_PREFIX})",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=DEFAULT_JOBS, help=f"parallel uploads (default {DEFAULT_JOBS})"
+    )
+    add_endpoint_argument(p)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Push, with a progress bar on a terminal; print what was uploaded."""
+    url = parse_s3_url(args.url)
+    chunk_size = parse_size(args.chunk_size)
+    if args.jobs < 1:
+        raise PageforkError(f"--jobs must be at least 1, not {args.jobs}")
+    if args.chunks_prefix.startswith("/") or not args.chunks_prefix.endswith("/"):
+        raise PageforkError(
+            f"--chunks-prefix {args.chunks_prefix!r} must be a key prefix ending in '/'"
+        )
+    client = make_client(args.endpoint_url)
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        transient=True,
+        console=Console(stderr=True),  # stdout keeps the summary (or --json) alone
+        disable=not sys.stderr.isatty(),
+    )
+    with bar:
+        task = bar.add_task(f"push {url}", total=None)
+        result = push(
+            url,
+            args.mem_file,
+            client,
+            hot_pages=args.hot_pages,
+            vmstate=args.vmstate,
+            chunk_size=chunk_size,
+            chunks_prefix=args.chunks_prefix,
+            jobs=args.jobs,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    doc = {
+        "url": str(url),
+        "size": result.manifest.size,
+        "chunk_size": result.manifest.chunk_size,
+        "chunks": result.chunks,
+        "zero_chunks": result.zero_chunks,
+        "present_chunks": result.present_chunks,
+        "uploaded_chunks": result.uploaded_chunks,
+        "uploaded_bytes": result.uploaded_bytes,
+        "seconds": round(result.seconds, 3),
+    }
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(
+            f"pushed {url}: {result.chunks} chunks of {result.manifest.chunk_size >> 10} KiB, "
+            f"{result.uploaded_chunks} uploaded ({result.uploaded_bytes / (1 << 20):.1f} MiB), "
+            f"{result.present_chunks} already in the bucket, {result.zero_chunks} all zero, "
+            f"in {result.seconds:.2f}s"
+        )
+    return 0

@@ -1,0 +1,160 @@
+"""The host's chunk cache: content-addressed files, bounded, least recently used out first.
+
+Every template and fork on a host shares one cache directory: a chunk is the file named by its
+SHA-256, so templates that share content share cache entries too. Writes go to a temporary
+file renamed into place, so processes that share the directory (two ``serve``s, a daemon)
+never see half a chunk. An entry is verified against its name on every read: a corrupt one is
+removed and reported as absent, so it is fetched again. A read refreshes the entry's mtime:
+eviction drops the oldest mtimes first, across restarts and processes alike. Only files named
+as a SHA-256 (and our own temporaries) are ever removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+
+from pagefork.errors import StoreError
+
+log = logging.getLogger("pagefork.store")
+
+_ENTRY = re.compile(r"[0-9a-f]{64}")
+#: Eviction goes down to this share of the bound, so it does not run on every write.
+_LOW_WATER = 0.9
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"20G"``, ``"1048576"`` as bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m or int(m.group(1)) <= 0:
+        raise StoreError(f"cache size {text!r} is not a positive size like 512M or 20G")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/pagefork/chunks`` (``~/.cache/pagefork/chunks``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pagefork", "chunks")
+
+
+class ChunkCache:
+    """Chunks by SHA-256 in ``path``, at most ``max_bytes`` of them (thread-safe)."""
+
+    def __init__(self, path: str, max_bytes: int = 10 << 30) -> None:
+        if max_bytes <= 0:
+            raise StoreError(f"cache size must be positive, not {max_bytes}")
+        self.path = os.path.abspath(path)
+        self.max_bytes = max_bytes
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cache directory {self.path}: {exc.strerror}") from None
+        if not os.path.isdir(self.path):
+            raise StoreError(f"cache directory {self.path}: not a directory")
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StoreError(f"cache directory {self.path}: not writable")
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.corrupt = 0
+        self.evicted = 0
+        self._bytes = sum(size for _, size, _ in self._scan())
+
+    def _file(self, sha: str) -> str:
+        if not _ENTRY.fullmatch(sha):
+            raise StoreError(f"{sha!r} is not a SHA-256")
+        return os.path.join(self.path, sha)
+
+    def _scan(self) -> list[tuple[str, int, float]]:
+        """(name, size, mtime) of every entry now in the directory."""
+        out = []
+        with contextlib.suppress(OSError), os.scandir(self.path) as it:
+            for e in it:
+                if _ENTRY.fullmatch(e.name):
+                    with contextlib.suppress(OSError):
+                        st = e.stat(follow_symlinks=False)
+                        out.append((e.name, st.st_size, st.st_mtime))
+        return out
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes this process believes the cache holds (others may have added some)."""
+        return self._bytes
+
+    def get(self, sha: str, length: int | None = None) -> bytes | None:
+        """The chunk named ``sha``, verified; None when absent or corrupt (then removed)."""
+        path = self._file(sha)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            with self._lock:
+                self.misses += 1
+            return None
+        try:
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read()
+            with contextlib.suppress(OSError):
+                os.utime(fd)  # most recently used: evicted last
+        finally:
+            os.close(fd)
+        if hashlib.sha256(data).hexdigest() != sha or (length is not None and len(data) != length):
+            log.warning("cache entry %s is corrupt: removed, to be fetched again", path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            with self._lock:
+                self.corrupt += 1
+                self.misses += 1
+                self._bytes = max(0, self._bytes - len(data))
+            return None
+        with self._lock:
+            self.hits += 1
+        return data
+
+    def put(self, sha: str, data: bytes) -> None:
+        """Keep ``data`` (whose SHA-256 the caller checked) as ``sha``; may evict others.
+
+        A cache that cannot be written (disk full) costs only the caching: it is logged.
+        """
+        path = self._file(sha)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path)
+            try:
+                with open(fd, "wb") as f:
+                    f.write(data)
+                os.rename(tmp, path)  # atomic: readers see all of it or nothing
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            log.warning("cannot cache chunk %s in %s: %s", sha[:12], self.path, exc.strerror)
+            return
+        with self._lock:
+            self._bytes += len(data)
+            over = self._bytes > self.max_bytes
+        if over:
+            self.evict()
+
+    def evict(self) -> int:
+        """Remove least recently used entries until the cache is under its bound; the count."""
+        with self._lock:
+            entries = sorted(self._scan(), key=lambda e: e[2])
+            total = sum(size for _, size, _ in entries)
+            target = int(self.max_bytes * _LOW_WATER)
+            removed = 0
+            for name, size, _ in entries:
+                if total <= target:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, name))
+                total -= size
+                removed += 1
+            self._bytes = total
+            self.evicted += removed
+            return removed

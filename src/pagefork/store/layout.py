@@ -1,0 +1,221 @@
+"""The layout of a template in object storage (pure: no I/O).
+
+A template pushed to ``s3://BUCKET/PREFIX`` is:
+
+- ``BUCKET/PREFIX/manifest.json``: format version, mem-file size, page and chunk size, per
+  chunk its SHA-256 (``null`` for an all-zero chunk, which is never stored), a zlib-compressed
+  per-page zero map (so a zero page never needs a fetch), and the optional hot-page list and
+  vmstate objects (each named by key, SHA-256 and size).
+- ``BUCKET/<chunks_prefix><sha256>``: each chunk, content-addressed. The chunk prefix is the
+  same for every template pushed into a bucket (``chunks/`` unless chosen otherwise), so
+  templates that share content share chunks, and a push uploads only what the bucket lacks.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from pagefork.errors import StoreError
+from pagefork.regions import PAGE_SIZE
+
+FORMAT = "pagefork-template"
+VERSION = 1
+#: Chunk size of a push unless chosen otherwise (measured: see bench/bench_s3.py).
+DEFAULT_CHUNK_SIZE = 2 << 20
+MIN_CHUNK_SIZE = 64 << 10
+MAX_CHUNK_SIZE = 64 << 20
+DEFAULT_CHUNKS_PREFIX = "chunks/"
+MANIFEST_NAME = "manifest.json"
+#: The largest manifest read (a 1 TiB template in 64 KiB chunks lists 16 Mi chunks).
+MAX_MANIFEST_BYTES = 1 << 30
+#: The largest template: its zero-page map alone is a byte per 4 KiB page.
+MAX_TEMPLATE_SIZE = 1 << 40
+_SHA = re.compile(r"[0-9a-f]{64}")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True)
+class S3Url:
+    """``s3://BUCKET/PREFIX``: where one template lives."""
+
+    bucket: str
+    prefix: str
+
+    def key(self, name: str) -> str:
+        """The key of ``name`` under this template's prefix."""
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def is_s3_url(text: str) -> bool:
+    """True when ``text`` names object storage rather than a local file."""
+    return text.startswith("s3://")
+
+
+def parse_s3_url(text: str) -> S3Url:
+    """Parse ``s3://BUCKET/PREFIX`` (a prefix is required: a template is a folder)."""
+    if not is_s3_url(text):
+        raise StoreError(f"{text!r} is not an s3://BUCKET/PREFIX URL")
+    bucket, _, prefix = text[len("s3://") :].partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise StoreError(f"{text!r}: {bucket!r} is not a valid bucket name")
+    if not prefix:
+        raise StoreError(f"{text!r}: give a prefix for the template (s3://BUCKET/PREFIX)")
+    if any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise StoreError(f"{text!r}: the prefix has an empty, '.' or '..' part")
+    return S3Url(bucket, prefix)
+
+
+def sha256(data: bytes | memoryview) -> str:
+    """The hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A side object of the template (hot-page list, vmstate): its key, SHA-256 and size."""
+
+    key: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What ``manifest.json`` says about one template."""
+
+    size: int
+    chunk_size: int
+    chunks: tuple[str | None, ...]
+    zero_pages: bytes  # one byte per 4 KiB page, 1 where the page is zero
+    chunks_prefix: str = DEFAULT_CHUNKS_PREFIX
+    page_size: int = PAGE_SIZE
+    hot_pages: Blob | None = None
+    vmstate: Blob | None = None
+
+    def chunk_key(self, index: int) -> str:
+        """The object key of chunk ``index`` (which must not be a zero chunk)."""
+        sha = self.chunks[index]
+        assert sha is not None
+        return self.chunks_prefix + sha
+
+    def chunk_length(self, index: int) -> int:
+        """Bytes in chunk ``index`` (the last one may be short)."""
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the distinct chunks this template refers to."""
+        seen: dict[str, int] = {}
+        for i, sha in enumerate(self.chunks):
+            if sha is not None:
+                seen[sha] = self.chunk_length(i)
+        return sum(seen.values())
+
+    def to_json(self) -> bytes:
+        """The manifest as stored (UTF-8 JSON)."""
+
+        def blob(b: Blob | None) -> dict[str, Any] | None:
+            return None if b is None else {"key": b.key, "sha256": b.sha256, "size": b.size}
+
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "size": self.size,
+            "page_size": self.page_size,
+            "chunk_size": self.chunk_size,
+            "chunks_prefix": self.chunks_prefix,
+            "chunks": list(self.chunks),
+            "zero_pages": base64.b64encode(zlib.compress(self.zero_pages, 9)).decode(),
+            "hot_pages": blob(self.hot_pages),
+            "vmstate": blob(self.vmstate),
+        }
+        return json.dumps(doc, indent=1).encode()
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """Parse and check a manifest; :class:`StoreError` names ``where`` and the bad field."""
+
+    def bad(why: str) -> StoreError:
+        return StoreError(f"manifest {where}: {why}")
+
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"not JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise bad(f"not a {FORMAT} manifest")
+    if doc.get("version") != VERSION:
+        raise bad(f"format version {doc.get('version')!r} is not {VERSION}")
+
+    def integer(name: str, low: int, high: int) -> int:
+        value = doc.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise bad(f"{name} {value!r} is not a whole number in [{low}, {high}]")
+        return value
+
+    size = integer("size", 1, MAX_TEMPLATE_SIZE)
+    page_size = integer("page_size", PAGE_SIZE, PAGE_SIZE)
+    chunk_size = integer("chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
+    if chunk_size & (chunk_size - 1):
+        raise bad(f"chunk_size {chunk_size} is not a power of two")
+    prefix = doc.get("chunks_prefix")
+    if not isinstance(prefix, str) or prefix.startswith("/") or ".." in prefix.split("/"):
+        raise bad(f"chunks_prefix {prefix!r} is not a key prefix")
+    chunks = doc.get("chunks")
+    nchunks = (size + chunk_size - 1) // chunk_size
+    if not isinstance(chunks, list) or len(chunks) != nchunks:
+        raise bad(f"chunks must be a list of {nchunks} entries")
+    for i, sha in enumerate(chunks):
+        if sha is not None and not (isinstance(sha, str) and _SHA.fullmatch(sha)):
+            raise bad(f"chunk {i}: {sha!r} is neither null nor a hex SHA-256")
+    npages = (size + PAGE_SIZE - 1) // PAGE_SIZE
+    try:
+        # Bounded: a map that inflates past its size is refused, not held in memory.
+        inflate = zlib.decompressobj()
+        zeros = inflate.decompress(
+            base64.b64decode(doc.get("zero_pages", ""), validate=True), npages + 1
+        )
+    except (ValueError, TypeError, zlib.error) as exc:
+        raise bad(f"zero_pages does not decode ({exc})") from None
+    if len(zeros) != npages or zeros.strip(b"\x00\x01"):
+        raise bad(f"zero_pages must hold {npages} bytes of 0 or 1")
+    per_chunk = chunk_size // PAGE_SIZE
+    for i, sha in enumerate(chunks):
+        if sha is None and zeros.find(0, i * per_chunk, (i + 1) * per_chunk) >= 0:
+            raise bad(f"chunk {i} is null (all zero) but zero_pages marks data in it")
+
+    def blob(name: str) -> Blob | None:
+        value = doc.get(name)
+        if value is None:
+            return None
+        if (
+            not isinstance(value, dict)
+            or not isinstance(value.get("key"), str)
+            or not isinstance(value.get("sha256"), str)
+            or not _SHA.fullmatch(value["sha256"])
+            or not isinstance(value.get("size"), int)
+            or value["size"] < 0
+        ):
+            raise bad(f"{name} must be null or {{key, sha256, size}}")
+        return Blob(value["key"], value["sha256"], value["size"])
+
+    return Manifest(
+        size=size,
+        chunk_size=chunk_size,
+        chunks=tuple(chunks),
+        zero_pages=zeros,
+        chunks_prefix=prefix,
+        page_size=page_size,
+        hot_pages=blob("hot_pages"),
+        vmstate=blob("vmstate"),
+    )

@@ -1,0 +1,333 @@
+"""A template served lazily from object storage.
+
+:class:`LazyTemplate` stands where a :class:`~pagefork.memfile.MemFile` stands in the page
+server: workers map its :attr:`~LazyTemplate.fd` read-only and copy pages from it. That fd is a
+sparse memfd, the *view*, which the supervisor fills a chunk at a time. A chunk reaches the
+view only after its SHA-256 was checked, and only then is its byte in the *presence map* (a
+second memfd, one byte per chunk, mapped by every worker) set. A worker that faults in a chunk
+whose byte is 0 parks the fault and asks for the chunk; the answer is a ``chunk_ready`` (serve
+the parked faults) or a ``chunk_failed`` (fail their forks). So no byte a guest sees was not
+verified first.
+
+Fetches run on a thread pool (which bounds their concurrency) and are coalesced: one future,
+so one GET, per chunk, however many forks and workers wait for it. The host's
+:class:`~pagefork.store.cache.ChunkCache` is read first and written after each fetch. All-zero
+chunks are never stored: their presence byte is set at open (a memfd hole reads as zero), and
+the manifest's zero-page map keeps every zero page off the copy path anyway.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import mmap
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pagefork.errors import StoreError
+from pagefork.hotpages import HotPageList, decode
+from pagefork.memfile import MemFile, readonly_memfd
+from pagefork.regions import PAGE_SIZE
+from pagefork.store import client as s3
+from pagefork.store.cache import ChunkCache, default_cache_dir
+from pagefork.store.layout import (
+    Blob,
+    Manifest,
+    is_s3_url,
+    parse_s3_url,
+    sha256,
+)
+
+log = logging.getLogger("pagefork.store")
+
+#: Chunks fetched at once (per template), unless chosen otherwise.
+DEFAULT_FETCH_JOBS = 16
+#: GETs of a chunk whose bytes do not match its SHA-256 before it is declared corrupt (a
+#: second try rules out a one-off corruption on the way).
+_VERIFY_ATTEMPTS = 2
+
+ChunkFuture = concurrent.futures.Future[int]
+
+
+class LazyTemplate:
+    """The template at ``url`` (``s3://BUCKET/PREFIX``), served lazily through ``cache``."""
+
+    def __init__(
+        self,
+        url: str,
+        cache: ChunkCache,
+        *,
+        client: Any = None,
+        endpoint_url: str | None = None,
+        fetch_jobs: int = DEFAULT_FETCH_JOBS,
+    ) -> None:
+        self.url = parse_s3_url(url)
+        self.path = str(self.url)
+        self.cache = cache
+        self._own_client = client is None  # closed with the template (its connections)
+        self._client = client if client is not None else s3.make_client(endpoint_url)
+        try:
+            self.manifest: Manifest = s3.read_manifest(self._client, self.url)
+        except BaseException:
+            if self._own_client:
+                self._client.close()
+            raise
+        m = self.manifest
+        self.size = m.size
+        self.chunk_size = m.chunk_size
+        self.nchunks = len(m.chunks)
+        self.address = 0  # never mapped here: only workers read the view
+        self._zeros = bytearray(m.zero_pages)
+        self._zero_fd = -1
+        self.fd = -1
+        self.presence_fd = -1
+        self._presence: mmap.mmap | None = None
+        try:
+            self.fd = os.memfd_create("pagefork-lazy-view", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, m.size)  # sparse: costs memory only as chunks arrive
+            self.presence_fd = os.memfd_create("pagefork-presence", os.MFD_CLOEXEC)
+            os.ftruncate(self.presence_fd, self.nchunks)
+            self._presence = mmap.mmap(self.presence_fd, self.nchunks, mmap.MAP_SHARED)
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"{self.path}: cannot make the memory view: {exc.strerror}") from None
+        for i, sha in enumerate(m.chunks):
+            if sha is None:
+                self._presence[i] = 1
+        self._lock = threading.Lock()
+        self._inflight: dict[int, ChunkFuture] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(fetch_jobs, "pagefork-fetch")
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "pagefork-cache-write")
+        self._closed = False
+        #: GETs issued for chunks, and the bytes they brought (cache hits not counted).
+        self.gets = 0
+        self.fetched_bytes = 0
+
+    # --- what the page server needs of a mem-file ------------------------------------------
+    def is_zero(self, offset: int, length: int = PAGE_SIZE) -> bool:
+        """True when ``[offset, offset+length)`` is all zero (from the manifest's map)."""
+        first = offset // PAGE_SIZE
+        last = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
+        return self._zeros.find(0, first, last) < 0
+
+    @property
+    def zero_pages(self) -> bytearray:
+        """One byte per 4 KiB page, 1 where the page is zero. Shared: do not modify."""
+        return self._zeros
+
+    def zero_index_fd(self) -> int:
+        """A memfd holding :attr:`zero_pages` (made once; closed by :meth:`close`)."""
+        if self._zero_fd < 0:
+            self._zero_fd = readonly_memfd("pagefork-zero-index", self._zeros)
+        return self._zero_fd
+
+    # --- chunks ------------------------------------------------------------------------------
+    def present(self, chunk: int) -> bool:
+        """True once chunk ``chunk`` is verified and in the view."""
+        assert self._presence is not None
+        return bool(self._presence[chunk])
+
+    def chunks_of(self, spans: Iterable[tuple[int, int]]) -> list[int]:
+        """The chunks, not yet present, that ``(file_offset, length)`` spans touch (sorted)."""
+        shift = self.chunk_size.bit_length() - 1
+        want: set[int] = set()
+        for offset, length in spans:
+            want.update(range(offset >> shift, ((offset + length - 1) >> shift) + 1))
+        return sorted(c for c in want if 0 <= c < self.nchunks and not self.present(c))
+
+    def request(self, chunk: int) -> ChunkFuture:
+        """A future of chunk ``chunk`` arriving in the view (result: bytes fetched from the
+        store, 0 from the cache or already present). One fetch per chunk at a time."""
+        if not 0 <= chunk < self.nchunks:
+            raise StoreError(f"{self.path}: chunk {chunk} is out of range")
+        with self._lock:
+            fut = self._inflight.get(chunk)
+            if fut is not None:
+                return fut
+            if self.present(chunk) or self._closed:
+                fut = concurrent.futures.Future()
+                if self._closed:
+                    fut.set_exception(StoreError(f"{self.path}: template closed"))
+                else:
+                    fut.set_result(0)
+                return fut
+            fut = self._pool.submit(self._fetch, chunk)
+            self._inflight[chunk] = fut
+        fut.add_done_callback(lambda _f: self._forget(chunk))
+        return fut
+
+    def _forget(self, chunk: int) -> None:
+        with self._lock:
+            self._inflight.pop(chunk, None)
+
+    def ensure(self, chunks: Iterable[int], timeout: float) -> tuple[int, float]:
+        """Fetch ``chunks`` in parallel (bounded by the pool) and wait for all of them.
+
+        Returns (bytes fetched from the store, seconds taken); raises :class:`StoreError`
+        naming the first chunk that failed, or the timeout.
+        """
+        started = time.monotonic()
+        futures = [self.request(c) for c in chunks]
+        _, pending = concurrent.futures.wait(futures, timeout)
+        if pending:
+            raise StoreError(f"{self.path}: {len(pending)} chunks not fetched within {timeout:g}s")
+        fetched = 0
+        for fut in futures:
+            exc = fut.exception()
+            if exc is not None:
+                raise exc if isinstance(exc, StoreError) else StoreError(str(exc))
+            fetched += fut.result()
+        return fetched, time.monotonic() - started
+
+    def _fetch(self, chunk: int) -> int:
+        """Bring chunk ``chunk`` into the view, verified (a pool thread)."""
+        m = self.manifest
+        sha = m.chunks[chunk]
+        if sha is None:
+            return 0
+        length = m.chunk_length(chunk)
+        key = m.chunk_key(chunk)
+        fetched = 0
+        data = self.cache.get(sha, length)
+        cached = data is not None
+        if data is None:
+            for _ in range(_VERIFY_ATTEMPTS):
+                try:
+                    got = s3.get_bytes(self._client, self.url.bucket, key)
+                except StoreError as exc:
+                    raise StoreError(f"chunk {chunk} of {self.path}: {exc}") from None
+                with self._lock:
+                    self.gets += 1
+                    self.fetched_bytes += len(got)
+                fetched += len(got)
+                if len(got) == length and sha256(got) == sha:
+                    data = got
+                    break
+                log.warning(
+                    "chunk %d of %s: s3://%s/%s fails verification",
+                    chunk,
+                    self.path,
+                    self.url.bucket,
+                    key,
+                )
+            if data is None:
+                raise StoreError(
+                    f"chunk {chunk} of {self.path}: s3://{self.url.bucket}/{key} does not match "
+                    "its SHA-256 (corrupt object in the store; nothing of it was served)"
+                )
+        view = memoryview(data)
+        offset = chunk * self.chunk_size
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+        assert self._presence is not None
+        # Only now may a worker copy from it: the bytes are in the view and verified.
+        self._presence[chunk] = 1
+        if not cached:
+            # On a thread of its own: the faults waiting for this chunk need not wait for it.
+            self._writer.submit(self.cache.put, sha, data)
+        return fetched
+
+    # --- side objects --------------------------------------------------------------------------
+    def _blob(self, blob: Blob, what: str) -> bytes:
+        data = s3.get_bytes(self._client, self.url.bucket, blob.key)
+        if len(data) != blob.size or sha256(data) != blob.sha256:
+            raise StoreError(f"{what} s3://{self.url.bucket}/{blob.key} does not match its SHA-256")
+        return data
+
+    def hot_pages(self) -> HotPageList | None:
+        """The hot-page list pushed with the template, verified, or None."""
+        blob = self.manifest.hot_pages
+        if blob is None:
+            return None
+        return decode(self._blob(blob, "hot-page list"), f"s3://{self.url.bucket}/{blob.key}")
+
+    def vmstate(self) -> bytes | None:
+        """The vmstate pushed with the template, verified, or None."""
+        blob = self.manifest.vmstate
+        return None if blob is None else self._blob(blob, "vmstate")
+
+    # --- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop fetching, drop the view; idempotent."""
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            with self._lock:
+                self._closed = True
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None  # type: ignore[assignment]
+            self._writer.shutdown(wait=True)  # every verified chunk fetched is kept
+        if self._presence is not None:
+            self._presence.close()
+            self._presence = None
+        if getattr(self, "_own_client", False):
+            self._own_client = False
+            self._client.close()
+        for name in ("fd", "presence_fd", "_zero_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How a page server reaches object storage: the host's chunk cache (None: the default
+    directory, bounded at 10 GiB), the endpoint (None: from the environment or AWS), how many
+    chunks it fetches at once, and optionally a ready S3 client."""
+
+    cache: ChunkCache | None = None
+    endpoint_url: str | None = None
+    fetch_jobs: int = DEFAULT_FETCH_JOBS
+    client: Any = None
+
+
+def open_mem_source(path: str, options: StoreOptions | None) -> MemFile | LazyTemplate:
+    """The mem-file at ``path``, or the lazy template when ``path`` is an ``s3://`` URL."""
+    if not is_s3_url(path):
+        return MemFile(path, mapped=False)
+    options = options or StoreOptions()
+    cache = options.cache if options.cache is not None else ChunkCache(default_cache_dir())
+    return LazyTemplate(
+        path,
+        cache,
+        client=options.client,
+        endpoint_url=options.endpoint_url,
+        fetch_jobs=options.fetch_jobs,
+    )
+
+
+@contextlib.contextmanager
+def client_of(options: StoreOptions) -> Iterator[Any]:
+    """``options``' client, or a new one for its endpoint, closed afterwards."""
+    if options.client is not None:
+        yield options.client
+        return
+    client = s3.make_client(options.endpoint_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def pushed_hot_pages(url: str, options: StoreOptions) -> HotPageList | None:
+    """The hot-page list pushed with the template at ``url`` (None if none was)."""
+    with client_of(options) as client:
+        return _pushed_hot_pages(url, client)
+
+
+def _pushed_hot_pages(url: str, client: Any) -> HotPageList | None:
+    u = parse_s3_url(url)
+    manifest = s3.read_manifest(client, u)
+    blob = manifest.hot_pages
+    if blob is None:
+        return None
+    data = s3.get_bytes(client, u.bucket, blob.key)
+    if len(data) != blob.size or sha256(data) != blob.sha256:
+        raise StoreError(f"hot-page list s3://{u.bucket}/{blob.key} does not match its SHA-256")
+    return decode(data, f"s3://{u.bucket}/{blob.key}")

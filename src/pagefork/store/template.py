@@ -1,0 +1,48 @@
+"""What a daemon template made from object storage keeps locally: the manifest's size, the
+vmstate and the hot-page list (verified), fetched once at creation. The mem-file itself stays
+in the store and is served lazily."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pagefork.errors import StoreError
+from pagefork.store import client as s3
+from pagefork.store.layout import (
+    parse_s3_url,
+    sha256,
+)
+from pagefork.store.lazy import StoreOptions, client_of
+
+
+@dataclass(frozen=True)
+class PushedTemplate:
+    """A template's manifest facts and side files, as pushed."""
+
+    url: str
+    size: int
+    vmstate: bytes | None
+    hot_pages: bytes | None
+
+
+def fetch_pushed(url: str, options: StoreOptions) -> PushedTemplate:
+    """Read the manifest at ``url`` and fetch its side files, each checked against its
+    SHA-256 (:class:`~pagefork.errors.StoreError` naming what failed)."""
+    with client_of(options) as client:
+        return _fetch_pushed(url, client)
+
+
+def _fetch_pushed(url: str, client: Any) -> PushedTemplate:
+    u = parse_s3_url(url)
+    manifest = s3.read_manifest(client, u)
+    side: dict[str, bytes | None] = {}
+    for name, blob in (("vmstate", manifest.vmstate), ("hot_pages", manifest.hot_pages)):
+        if blob is None:
+            side[name] = None
+            continue
+        data = s3.get_bytes(client, u.bucket, blob.key)
+        if len(data) != blob.size or sha256(data) != blob.sha256:
+            raise StoreError(f"s3://{u.bucket}/{blob.key} does not match its SHA-256")
+        side[name] = data
+    return PushedTemplate(str(u), manifest.size, side["vmstate"], side["hot_pages"])

@@ -1,0 +1,310 @@
+"""An HTTP proxy in front of an S3 endpoint that adds latency, failures and counts requests.
+
+Tests and benchmarks put it between pagefork and a local S3-compatible server (``moto_server``)
+to show what a real object store does: :attr:`S3Proxy.delay` seconds pass before each
+request is forwarded (the time to the first byte of a distant store, 10-50 ms), and
+:meth:`S3Proxy.fail_next` answers the next requests with an error status (503 SlowDown, say)
+instead of forwarding them. :attr:`S3Proxy.gets` counts the GETs per object key, so a test can
+tell how many times a chunk was fetched. Request signatures pass through untouched (the
+``Host`` header is kept), so any client that signs for the proxy's address works.
+
+:class:`S3ProxyProcess` runs the proxy in a process of its own (``python -m
+pagefork.testing.s3proxy UPSTREAM``), as a benchmark wants: a store's work must not compete
+with the page server for this process's interpreter. It is steered through the proxy's control
+paths (``/_pagefork_proxy/...``; no bucket name starts with ``_``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import http.client
+import http.server
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from types import TracebackType
+
+#: Headers that belong to one hop, not to the request or response.
+_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+
+_CONTROL = "/_pagefork_proxy/"
+
+_SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a burst of parallel fetches would overflow it and
+    # wait a second for the SYN to be retried.
+    request_queue_size = 128
+
+
+class S3Proxy:
+    """A proxy on ``127.0.0.1`` (an ephemeral port) forwarding to ``upstream``
+    (``http://HOST:PORT``). Start with :meth:`start` or ``with``; :attr:`url` is its address."""
+
+    def __init__(self, upstream: str, delay: float = 0.0) -> None:
+        parsed = urllib.parse.urlsplit(upstream)
+        self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+        self.delay = delay
+        self.gets: collections.Counter[str] = collections.Counter()
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._failures: list[tuple[int, str]] = []  # (status, key substring) to answer next
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # a request log per chunk would drown a test's output
+
+            def _forward(self) -> None:
+                proxy._handle(self)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+
+    def fail_next(self, count: int, status: int = 503, key_contains: str = "") -> None:
+        """Answer the next ``count`` requests whose path contains ``key_contains`` with
+        ``status`` (a SlowDown error body) instead of forwarding them."""
+        with self._lock:
+            self._failures.extend([(status, key_contains)] * count)
+
+    def _take_failure(self, path: str) -> int | None:
+        with self._lock:
+            for i, (status, part) in enumerate(self._failures):
+                if part in path:
+                    del self._failures[i]
+                    return status
+        return None
+
+    def _control(self, h: http.server.BaseHTTPRequestHandler, path: str) -> None:
+        """``/_pagefork_proxy/stats`` (the counts) and ``/_pagefork_proxy/delay?seconds=S``."""
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
+        if path.endswith("/delay") and "seconds" in query:
+            self.delay = float(query["seconds"][0])
+        with self._lock:
+            doc = {"gets": dict(self.gets), "requests": self.requests, "delay": self.delay}
+        data = json.dumps(doc).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else b""
+        path = urllib.parse.urlsplit(h.path).path
+        if path.startswith(_CONTROL):
+            self._control(h, path)
+            return
+        with self._lock:
+            self.requests += 1
+            if h.command == "GET":
+                self.gets[path] += 1
+        if self.delay > 0:
+            time.sleep(self.delay)  # the injected time to first byte (this is the point)
+        status = self._take_failure(path)
+        if status is not None:
+            h.send_response(status)
+            h.send_header("Content-Type", "application/xml")
+            h.send_header("Content-Length", str(len(_SLOWDOWN)))
+            h.end_headers()
+            if h.command != "HEAD":
+                h.wfile.write(_SLOWDOWN)
+            return
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(*self.upstream, timeout=60)
+            self._local.conn = conn
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
+        try:
+            conn.request(h.command, h.path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            self._local.conn = None
+            h.send_error(502)
+            return
+        h.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in _HOP and k.lower() != "content-length":
+                h.send_header(k, v)
+        h.send_header(
+            "Content-Length",
+            str(len(data) if h.command != "HEAD" else resp.getheader("Content-Length") or 0),
+        )
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(data)
+
+    def get_count(self, key: str) -> int:
+        """GETs seen for the object ``key`` (in any bucket)."""
+        with self._lock:
+            return sum(n for path, n in self.gets.items() if path.endswith("/" + key))
+
+    def start(self) -> S3Proxy:
+        """Serve on a thread of this process."""
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="s3proxy", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving and close the socket."""
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> S3Proxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class MotoServer:
+    """A local S3-compatible server: ``python -m moto.server`` on ``127.0.0.1`` and a free
+    port (the ``moto[server]`` extra), for tests and benchmarks. :attr:`url` is its endpoint.
+    Any credentials are accepted."""
+
+    def __init__(self, timeout: float = 60.0) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        running = threading.Event()
+
+        def drain() -> None:  # werkzeug logs every request: keep its pipe from filling up
+            assert self._proc.stderr is not None
+            for line in self._proc.stderr:
+                if "Running on" in line:
+                    running.set()
+            running.set()  # it exited: stop waiting
+
+        self._drainer = threading.Thread(target=drain, name="moto-log", daemon=True)
+        self._drainer.start()
+        if not running.wait(timeout) or self._proc.poll() is not None:
+            status = self._proc.poll()
+            self.close()
+            raise RuntimeError(f"moto_server did not start (exit status {status})")
+
+    def close(self) -> None:
+        """Kill the server and reap it."""
+        self._proc.kill()
+        self._proc.wait()
+        self._drainer.join()
+
+    def __enter__(self) -> MotoServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class S3ProxyProcess:
+    """An :class:`S3Proxy` in its own process, in front of ``upstream``; :attr:`url` is its
+    address. :meth:`set_delay` and :meth:`gets` steer and read it over HTTP."""
+
+    def __init__(self, upstream: str, delay: float = 0.0) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pagefork.testing.s3proxy", upstream, str(delay)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline().strip()  # its URL, once it listens
+        if not line.startswith("http://"):
+            self.close()
+            raise RuntimeError(f"the S3 proxy did not start (exit status {self._proc.poll()})")
+        self.url = line
+
+    def _call(self, what: str) -> dict[str, object]:
+        with urllib.request.urlopen(f"{self.url}{_CONTROL}{what}", timeout=30) as r:
+            doc: dict[str, object] = json.loads(r.read())
+        return doc
+
+    def set_delay(self, seconds: float) -> None:
+        """Delay every later request by ``seconds`` before forwarding it."""
+        self._call(f"delay?seconds={seconds}")
+
+    def gets(self) -> dict[str, int]:
+        """GETs seen so far, per path."""
+        gets = self._call("stats")["gets"]
+        assert isinstance(gets, dict)
+        return {str(k): int(v) for k, v in gets.items()}
+
+    def close(self) -> None:
+        """Stop the proxy (it exits when its stdin closes) and reap it."""
+        with contextlib.suppress(OSError):
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> S3ProxyProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def main() -> None:
+    """``python -m pagefork.testing.s3proxy UPSTREAM [DELAY]``: print the proxy's URL, serve
+    until stdin closes."""
+    proxy = S3Proxy(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0).start()
+    print(proxy.url, flush=True)
+    sys.stdin.read()
+    proxy.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The daemon serving templates from object storage: ``POST /templates {"source": ...}`` and
+``pagefork templates create ID --from s3://...`` (a real moto server, real uffd faults)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PAGE, StartDaemon, make_mem_file, needs_uffd
+from pagefork.daemon.client import DaemonError
+from pagefork.hotpages import HotPageList
+from pagefork.store.cache import ChunkCache
+from pagefork.store.client import make_client
+from pagefork.store.layout import parse_s3_url
+from pagefork.store.lazy import StoreOptions
+from pagefork.store.push import push
+from pagefork.testing.vmm import VmmProcess
+
+pytestmark = needs_uffd
+MIB = 1 << 20
+
+
+def _push(tmp_path: Path, url: str, endpoint: str, seed: int) -> Path:
+    mem = make_mem_file(tmp_path / f"mem-{seed}", 3072, seed=seed)
+    hot = HotPageList.from_pages([(0, (4 * i + 1) * PAGE) for i in range(40)])
+    hot.save(tmp_path / f"hot-{seed}.hpl")
+    (tmp_path / "vmstate").write_bytes(b"vm state bytes")
+    push(
+        parse_s3_url(url),
+        str(mem),
+        make_client(endpoint),
+        hot_pages=str(tmp_path / f"hot-{seed}.hpl"),
+        vmstate=str(tmp_path / "vmstate"),
+        chunk_size=MIB,
+    )
+    return mem
+
+
+def test_daemon_forks_two_templates_from_the_store_through_one_cache(
+    start_daemon: StartDaemon, tmp_path: Path, s3_bucket: str, s3_endpoint: str
+) -> None:
+    mem_a = _push(tmp_path, f"s3://{s3_bucket}/a", s3_endpoint, seed=1)
+    mem_b = _push(tmp_path, f"s3://{s3_bucket}/b", s3_endpoint, seed=2)
+    cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
+    _, client = start_daemon(
+        drivers={}, store=StoreOptions(cache=cache, endpoint_url=s3_endpoint)
+    )
+    a = client.create_template_from("a", f"s3://{s3_bucket}/a")
+    assert a["mem_file"] == f"s3://{s3_bucket}/a" and a["mem_size"] == 12 * MIB
+    assert a["has_hot_pages"] and Path(a["snapshot_path"]).read_bytes() == b"vm state bytes"
+    client.create_template_from("b", f"s3://{s3_bucket}/b", name="second")
+    for tid, mem in (("a", mem_a), ("b", mem_b)):
+        fork = client.create_fork(tid, fork_id=f"{tid}-1")
+        vmm = VmmProcess(fork["socket"], str(mem), ("8M", "4M"))
+        try:
+            result = client.prefetch(f"{tid}-1", timeout=30)
+            assert result["installed"] == 40 and result["fetched_bytes"] == MIB
+            assert vmm.send(cmd="touch", all=True)["bad"] == 0
+        finally:
+            vmm.close()
+        stats = client.release_fork(f"{tid}-1")["stats"]
+        assert stats["errors"] == 0 and stats["faults"] == 3072 - 40
+    # One cache for both templates: 12 chunks each, all distinct content.
+    assert len([p for p in (tmp_path / "cache").iterdir()]) == 24
+    client.delete_template("a")  # only the local record goes; the store is left alone
+    assert make_client(s3_endpoint).head_object(Bucket=s3_bucket, Key="a/manifest.json")
+
+
+def test_a_bad_source_is_a_400_naming_it(
+    start_daemon: StartDaemon, tmp_path: Path, s3_bucket: str, s3_endpoint: str
+) -> None:
+    _, client = start_daemon(
+        drivers={},
+        store=StoreOptions(cache=ChunkCache(str(tmp_path / "c")), endpoint_url=s3_endpoint),
+    )
+    with pytest.raises(DaemonError, match=r"manifest\.json: no such object") as info:
+        client.create_template_from("x", f"s3://{s3_bucket}/missing")
+    assert info.value.status == 400
+    with pytest.raises(DaemonError, match="give a prefix") as info:
+        client.create_template_from("x", "s3://bucket")
+    assert info.value.status == 400
+    assert client.templates()["templates"] == []
+
+
+def test_templates_create_from_on_the_command_line(
+    start_daemon: StartDaemon, tmp_path: Path, s3_bucket: str, s3_endpoint: str
+) -> None:
+    _push(tmp_path, f"s3://{s3_bucket}/cli", s3_endpoint, seed=3)
+    _, client = start_daemon(
+        drivers={},
+        store=StoreOptions(cache=ChunkCache(str(tmp_path / "c")), endpoint_url=s3_endpoint),
+    )
+    control = client.control_path
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pagefork",
+            "templates",
+            "create",
+            "t",
+            "--from",
+            f"s3://{s3_bucket}/cli",
+            "--control",
+            control,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert got.returncode == 0, got.stderr
+    assert client.template("t")["mem_file"] == f"s3://{s3_bucket}/cli"
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pagefork",
+            "templates",
+            "create",
+            "u",
+            "--from",
+            f"s3://{s3_bucket}/cli",
+            "--microvm",
+            "--control",
+            control,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "--from takes no --microvm" in bad.stderr
