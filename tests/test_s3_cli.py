@@ -163,3 +163,71 @@ def test_serve_option_errors_are_one_line(args, message, tmp_path, s3_endpoint):
     assert got.returncode == 2 and got.stderr.count("\n") == 1, got.stderr
     assert message.replace("{file}", str(tmp_path / "plain")) in got.stderr
     assert (tmp_path / "plain").read_bytes() == b"mine"  # never touched
+
+
+@needs_uffd
+def test_a_pushed_layer_uploads_only_the_chunks_it_changed(
+    tmp_path: Path, mem_file, s3_bucket, s3_endpoint
+):
+    from pagefork.layers.format import write_layer
+    from pagefork.layers.source import flatten
+    from pagefork.testing.vmm import VmmProcess
+
+    size = mem_file.stat().st_size
+    layer = tmp_path / "child.layer"
+    # New bytes in chunk 0 (pages 3..12) and a removed range in chunk 3 (pages 1600..1615):
+    # every other chunk is the parent's.
+    changed = [(i, bytes([i % 251 + 1]) * PAGE) for i in range(3, 13)]
+    write_layer(str(layer), size=size, pages=changed, zero_runs=[(1600, 16)])
+    env = clean_env(**S3_ENV, AWS_ENDPOINT_URL=s3_endpoint)
+    base = run("push", f"s3://{s3_bucket}/base", "--mem-file", str(mem_file), "--json", env=env)
+    assert base.returncode == 0, base.stderr
+    child_url = f"s3://{s3_bucket}/child"
+    child = run(
+        "push", child_url, "--mem-file", str(mem_file), "--layer", str(layer), "--json", env=env
+    )
+    assert child.returncode == 0, child.stderr
+    doc = json.loads(child.stdout)
+    assert (doc["chunks"], doc["uploaded_chunks"], doc["present_chunks"]) == (6, 2, 4)
+
+    # Served from the store on another host, a fork reads the layered template byte for byte.
+    flat = tmp_path / "flat.mem"
+    flatten(str(mem_file), [str(layer)], str(flat))
+    assert flat.read_bytes() != mem_file.read_bytes()
+    serve = Serve(
+        "--mem-file",
+        child_url,
+        "--socket",
+        str(tmp_path / "s.sock"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--endpoint-url",
+        s3_endpoint,
+        "--workers",
+        "1",
+    )
+    vmm = None
+    try:
+        serve.wait_for("listening", timeout=60)
+        vmm = VmmProcess(str(tmp_path / "s.sock"), str(flat), ("8M", "4M"))
+        assert vmm.send(cmd="touch", all=True)["bad"] == 0
+        vmm.close()
+        (end,) = serve.wait_for("fork_end")
+        assert end["errors"] == 0
+    finally:
+        if vmm is not None:
+            vmm.kill()
+        code, err = serve.stop()
+    assert code == 0, err
+
+
+def test_push_of_a_bad_layer_is_one_line(tmp_path: Path, mem_file, s3_bucket, s3_endpoint):
+    bogus = tmp_path / "bogus.layer"
+    bogus.write_bytes(b"not a layer" * 100)
+    env = clean_env(**S3_ENV, AWS_ENDPOINT_URL=s3_endpoint)
+    r = run(
+        "push", f"s3://{s3_bucket}/x", "--mem-file", str(mem_file), "--layer", str(bogus), env=env
+    )
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert str(bogus) in r.stderr

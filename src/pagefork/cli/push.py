@@ -38,6 +38,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("url", metavar="s3://BUCKET/PREFIX", help="where the template goes")
     p.add_argument("--mem-file", required=True, help="the template's guest memory file")
+    p.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a layer file over the mem-file (repeat, bottom first): push the layered template "
+        "(a snapshot's chunks that equal its parent's are already stored and not uploaded)",
+    )
     p.add_argument("--hot-pages", metavar="FILE", help="a hot-page file to push with it")
     p.add_argument("--vmstate", metavar="FILE", help="the VM state file to push with it")
     p.add_argument(
@@ -93,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             chunks_prefix=args.chunks_prefix,
             jobs=args.jobs,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            layers=args.layer,
         )
     doc = {
         "url": str(url),

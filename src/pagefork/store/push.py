@@ -13,13 +13,14 @@ import concurrent.futures
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pagefork.errors import StoreError
 from pagefork.files import open_regular, read_regular
 from pagefork.hotpages import decode
+from pagefork.layers.capture import ChainPages
 from pagefork.memfile import scan_zero_pages
 from pagefork.regions import PAGE_SIZE
 from pagefork.store import client as s3
@@ -71,8 +72,12 @@ def push(
     chunks_prefix: str = DEFAULT_CHUNKS_PREFIX,
     jobs: int = DEFAULT_JOBS,
     progress: Progress | None = None,
+    layers: Sequence[str] = (),
 ) -> PushResult:
-    """Upload ``mem_file`` (and the optional side files) as the template at ``url``."""
+    """Upload ``mem_file`` (and the optional side files) as the template at ``url``. With
+    ``layers`` (layer files over the mem-file, bottom first) the memory pushed is what a fork
+    of that layered template reads: the chunks it shares with its parent are already in the
+    bucket and are not uploaded again, so a pushed snapshot costs the chunks it changed."""
     if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise StoreError(
             f"chunk size {chunk_size} must be a power of two in "
@@ -90,10 +95,11 @@ def push(
         data = read_regular(vmstate, "vmstate", limit=_MAX_SIDE_FILE, error=StoreError)
         assert data is not None
         side["vmstate"] = data
-    fd = open_regular(mem_file, "mem-file", error=StoreError)
+    chain = ChainPages([mem_file, *layers]) if layers else None
+    fd = open_regular(mem_file, "mem-file", error=StoreError) if chain is None else -1
     started = time.monotonic()
     try:
-        size = os.fstat(fd).st_size
+        size = os.fstat(fd).st_size if chain is None else chain.size
         if size == 0:
             raise StoreError(f"mem-file {mem_file}: file is empty")
         s3.check_bucket(client, url.bucket)  # fail early: endpoint, bucket, credentials
@@ -124,7 +130,10 @@ def push(
             inflight: set[concurrent.futures.Future[None]] = set()
             for i in range(nchunks):
                 length = min(chunk_size, size - i * chunk_size)
-                data = os.pread(fd, length, i * chunk_size)
+                if chain is None:
+                    data = os.pread(fd, length, i * chunk_size)
+                else:  # chunks are whole pages: the layers' pages laid over the base
+                    data = chain.read_range(i * chunk_size // PAGE_SIZE, length // PAGE_SIZE)
                 if len(data) != length:
                     raise StoreError(f"mem-file {mem_file}: shrank while being read")
                 page_zeros = scan_zero_pages(data)
@@ -167,7 +176,10 @@ def push(
         )
         s3.put_bytes(client, url.bucket, url.key(MANIFEST_NAME), manifest.to_json())
     finally:
-        os.close(fd)
+        if chain is not None:
+            chain.close()
+        else:
+            os.close(fd)
     return PushResult(
         manifest=manifest,
         chunks=nchunks,
