@@ -45,11 +45,9 @@ def test_daemon_forks_two_templates_from_the_store_through_one_cache(
     mem_a = _push(tmp_path, f"s3://{s3_bucket}/a", s3_endpoint, seed=1)
     mem_b = _push(tmp_path, f"s3://{s3_bucket}/b", s3_endpoint, seed=2)
     cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
-    _, client = start_daemon(
-        drivers={}, store=StoreOptions(cache=cache, endpoint_url=s3_endpoint)
-    )
+    _, client = start_daemon(drivers={}, store=StoreOptions(cache=cache, endpoint_url=s3_endpoint))
     a = client.create_template_from("a", f"s3://{s3_bucket}/a")
-    assert a["mem_file"] == f"s3://{s3_bucket}/a" and a["mem_size"] == 12 * MIB
+    assert a["mem_file"].startswith(f"s3://{s3_bucket}/a#sha256=") and a["mem_size"] == 12 * MIB
     assert a["has_hot_pages"] and Path(a["snapshot_path"]).read_bytes() == b"vm state bytes"
     client.create_template_from("b", f"s3://{s3_bucket}/b", name="second")
     for tid, mem in (("a", mem_a), ("b", mem_b)):
@@ -67,6 +65,45 @@ def test_daemon_forks_two_templates_from_the_store_through_one_cache(
     assert len([p for p in (tmp_path / "cache").iterdir()]) == 24
     client.delete_template("a")  # only the local record goes; the store is left alone
     assert make_client(s3_endpoint).head_object(Bucket=s3_bucket, Key="a/manifest.json")
+
+
+def test_a_template_keeps_the_manifest_it_was_made_from(
+    start_daemon: StartDaemon, tmp_path: Path, s3_bucket: str, s3_endpoint: str
+) -> None:
+    """A new push to the same prefix changes neither the memory nor the vmstate of a template
+    made before it (pinned by the manifest's SHA-256); deleting the pinned manifest and its
+    chunks fails the template's forks with an error that says so."""
+    url = f"s3://{s3_bucket}/v"
+    mem_v1 = _push(tmp_path, url, s3_endpoint, seed=1)
+    _, client = start_daemon(
+        drivers={},
+        store=StoreOptions(
+            cache=ChunkCache(str(tmp_path / "cache"), 1 << 30), endpoint_url=s3_endpoint
+        ),
+    )
+    client.create_template_from("v1", url)
+    (tmp_path / "vmstate").write_bytes(b"vm state of v2")
+    mem_v2 = make_mem_file(tmp_path / "mem-v2", 3072, seed=2)
+    push(parse_s3_url(url), str(mem_v2), make_client(s3_endpoint), chunk_size=MIB)
+    client.create_template_from("v2", url)
+    for tid, mem in (("v1", mem_v1), ("v2", mem_v2)):
+        fork = client.create_fork(tid, fork_id=f"{tid}-1")
+        vmm = VmmProcess(fork["socket"], str(mem), ("8M", "4M"))
+        try:
+            assert vmm.send(cmd="touch", all=True)["bad"] == 0
+        finally:
+            vmm.close()
+        assert client.release_fork(f"{tid}-1")["stats"]["errors"] == 0
+    assert Path(client.template("v1")["snapshot_path"]).read_bytes() == b"vm state bytes"
+
+    # Pinned manifest and chunks deleted: a new template from the pin is refused, naming it.
+    s3 = make_client(s3_endpoint)
+    pinned = client.template("v1")["mem_file"]
+    sha = pinned.rsplit("=", 1)[1]
+    s3.delete_object(Bucket=s3_bucket, Key=f"v/manifests/{sha}.json")
+    with pytest.raises(DaemonError, match="pinned to is gone from the bucket") as info:
+        client.create_template_from("again", pinned)
+    assert info.value.status == 400
 
 
 def test_a_bad_source_is_a_400_naming_it(
@@ -113,7 +150,7 @@ def test_templates_create_from_on_the_command_line(
         timeout=60,
     )
     assert got.returncode == 0, got.stderr
-    assert client.template("t")["mem_file"] == f"s3://{s3_bucket}/cli"
+    assert client.template("t")["mem_file"].startswith(f"s3://{s3_bucket}/cli#sha256=")
     bad = subprocess.run(
         [
             sys.executable,

@@ -2,42 +2,86 @@
 
 Credentials and region come from boto3's standard chain (environment, ``~/.aws/config`` and
 ``credentials``, instance roles); the endpoint from ``--endpoint-url``, else
-``AWS_ENDPOINT_URL``/the config files, else AWS itself. Transient errors (throttling, 5xx,
-connection resets) are retried by botocore's ``standard`` retry mode, with exponential backoff
-and jitter. boto3 is imported on first use, so serving a local mem-file never pays for it.
+``AWS_ENDPOINT_URL``/the config files, else AWS itself. boto3 is imported on first use, so
+serving a local mem-file never pays for it.
+
+Transient errors (throttling, 5xx, timeouts, connection resets) are retried here, not by
+botocore: its ``standard`` mode shares one retry quota per client, which a 503 storm drains,
+after which a single 503 fails a page fault outright; its ``legacy`` mode bounds attempts, not
+time. Every call below retries with exponential backoff and full jitter until it succeeds, fails
+for good, or its deadline passes (:data:`DEADLINE`, a minute by default), whatever failed
+before. A socket waits at most :data:`CONNECT_TIMEOUT`/:data:`READ_TIMEOUT` seconds, so a hung
+store costs a fault about a minute, not an hour.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pagefork.errors import StoreError
 from pagefork.store.layout import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    PINNED_MANIFESTS,
     Manifest,
     S3Url,
     parse_manifest,
+    sha256,
 )
 
-#: Attempts per request (the first and the retries) on transient errors.
-MAX_ATTEMPTS = 6
+#: Seconds one request (every attempt and backoff included) may take before it fails.
+DEADLINE = 60.0
+#: Seconds to connect, and to wait for each read of a socket.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 20.0
+#: First backoff and the most any backoff waits (full jitter: a random share of it).
+_BACKOFF = 0.1
+_BACKOFF_CAP = 5.0
+#: Body bytes read at once (the deadline is checked between reads).
+_READ_PIECE = 1 << 20
+#: Error codes worth another attempt (besides every 5xx status).
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+}
+#: Attempts when nothing listens at the endpoint (a store restarting, or a wrong URL).
+_REFUSED_ATTEMPTS = 3
+T = TypeVar("T")
+
+
+def _refused(exc: BaseException) -> bool:
+    import botocore.exceptions
+
+    return isinstance(exc, botocore.exceptions.EndpointConnectionError)
+
+
 #: Concurrent connections per client: the fetcher's and the uploader's thread pools.
 MAX_CONNECTIONS = 32
 
 
-def make_client(endpoint_url: str | None = None, *, max_attempts: int = MAX_ATTEMPTS) -> Any:
-    """An S3 client for ``endpoint_url`` (None: from the environment or AWS)."""
+def make_client(endpoint_url: str | None = None) -> Any:
+    """An S3 client for ``endpoint_url`` (None: from the environment or AWS); it does not
+    retry by itself (the calls below do)."""
     import boto3
     import botocore.config
     import botocore.exceptions
 
     config = botocore.config.Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "max_attempts": 1},  # one attempt: see with_retries
         max_pool_connections=MAX_CONNECTIONS,
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
         # Path-style addressing works with every S3-compatible store (MinIO, Ceph, moto).
         s3={"addressing_style": "path"},
     )
@@ -80,65 +124,163 @@ def store_error(exc: BaseException, what: str) -> StoreError:
     return StoreError(f"{what}: {exc!r}")
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True when another attempt may succeed (throttling, 5xx, a timeout, a lost connection)."""
+    import botocore.exceptions
+
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return status >= 500 or status == 429 or str(err.get("Code", "")) in _TRANSIENT_CODES
+    return isinstance(
+        exc,
+        botocore.exceptions.ConnectionError
+        | botocore.exceptions.HTTPClientError
+        | botocore.exceptions.ResponseStreamingError
+        | botocore.exceptions.IncompleteReadError
+        | ConnectionError
+        | TimeoutError,
+    )
+
+
+def with_retries(call: Callable[[], T], what: str, deadline: float | None = None) -> T:
+    """``call()``, retried on transient errors with exponential backoff and full jitter until
+    ``deadline`` (a :func:`time.monotonic` time; default :data:`DEADLINE` from now). Any other
+    error, or the last transient one, is raised as a one-line :class:`StoreError` about
+    ``what``."""
+    end = time.monotonic() + DEADLINE if deadline is None else deadline
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if isinstance(exc, StoreError) or not is_transient(exc):
+                raise store_error(exc, what) from None
+            attempt += 1
+            if attempt >= _REFUSED_ATTEMPTS and _refused(exc):
+                raise store_error(exc, what) from None  # nothing listens: do not wait a minute
+            pause = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF * 2**attempt))
+            if time.monotonic() + pause >= end:
+                err = store_error(exc, what)
+                raise StoreError(f"{err} (gave up after {attempt} attempts)") from None
+            time.sleep(pause)
+
+
 def check_bucket(client: Any, bucket: str) -> None:
     """Raise :class:`StoreError` unless ``bucket`` exists and these credentials reach it."""
     import botocore.exceptions
 
-    try:
-        client.head_bucket(Bucket=bucket)
-    except botocore.exceptions.ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchBucket", "NotFound"):
-            raise StoreError(f"s3://{bucket}: the bucket does not exist") from None
-        raise store_error(exc, f"s3://{bucket}") from None
-    except Exception as exc:
-        raise store_error(exc, f"s3://{bucket}") from None
+    def head() -> None:
+        try:
+            client.head_bucket(Bucket=bucket)
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StoreError(f"s3://{bucket}: the bucket does not exist") from None
+            raise
+
+    with_retries(head, f"s3://{bucket}")
 
 
-def get_bytes(client: Any, bucket: str, key: str, limit: int | None = None) -> bytes:
+def get_bytes(
+    client: Any, bucket: str, key: str, limit: int | None = None, deadline: float | None = None
+) -> bytes:
     """The whole object ``bucket/key``, refused when larger than ``limit`` bytes (raises
-    :class:`StoreError`)."""
-    try:
+    :class:`StoreError`); retried until ``deadline`` (see :func:`with_retries`)."""
+    end = time.monotonic() + DEADLINE if deadline is None else deadline
+    where = f"s3://{bucket}/{key}"
+
+    def get() -> bytes:
         response = client.get_object(Bucket=bucket, Key=key)
         body = response["Body"]
         try:
             if limit is not None and int(response.get("ContentLength", 0)) > limit:
-                raise StoreError(
-                    f"s3://{bucket}/{key}: larger than {limit} bytes, the most pagefork reads"
-                )
-            return bytes(body.read())
+                raise StoreError(f"{where}: larger than {limit} bytes, the most pagefork reads")
+            out = bytearray()
+            while piece := body.read(_READ_PIECE):
+                out += piece
+                if limit is not None and len(out) > limit:
+                    raise StoreError(f"{where}: larger than {limit} bytes, the most pagefork reads")
+                if time.monotonic() > end:  # a trickling store: give up at the deadline
+                    raise StoreError(f"{where}: not read within the {DEADLINE:g}s deadline")
+            return bytes(out)
         finally:
             body.close()
-    except Exception as exc:
-        raise store_error(exc, f"s3://{bucket}/{key}") from None
+
+    return with_retries(get, where, end)
+
+
+def head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    """``bucket/key``'s HEAD response (size in ``ContentLength``, ``Metadata``), or None when
+    it does not exist."""
+    import botocore.exceptions
+
+    def call() -> dict[str, Any] | None:
+        try:
+            return dict(client.head_object(Bucket=bucket, Key=key))
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    return with_retries(call, f"s3://{bucket}/{key}")
 
 
 def exists(client: Any, bucket: str, key: str) -> bool:
     """True when ``bucket/key`` exists (a HEAD)."""
-    import botocore.exceptions
-
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-    except botocore.exceptions.ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise store_error(exc, f"s3://{bucket}/{key}") from None
-    except Exception as exc:
-        raise store_error(exc, f"s3://{bucket}/{key}") from None
-    return True
+    return head(client, bucket, key) is not None
 
 
-def put_bytes(client: Any, bucket: str, key: str, data: bytes | memoryview) -> None:
-    """Store ``data`` at ``bucket/key``."""
-    try:
-        client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
-    except Exception as exc:
-        raise store_error(exc, f"s3://{bucket}/{key}") from None
+def put_bytes(
+    client: Any,
+    bucket: str,
+    key: str,
+    data: bytes | memoryview,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Store ``data`` at ``bucket/key`` (with user ``metadata``, if any)."""
+    body = bytes(data)
+    extra = {"Metadata": metadata} if metadata else {}
+    with_retries(
+        lambda: client.put_object(Bucket=bucket, Key=key, Body=body, **extra),
+        f"s3://{bucket}/{key}",
+    )
+
+
+def pinned_key(url: S3Url, sha: str) -> str:
+    """The key of the template's manifest whose SHA-256 is ``sha``."""
+    return url.key(f"{PINNED_MANIFESTS}{sha}.json")
+
+
+def read_pinned(client: Any, url: S3Url) -> tuple[Manifest, str]:
+    """The manifest of the template at ``url``, fetched and checked, and its SHA-256.
+
+    An unpinned ``url`` reads the prefix's ``manifest.json``; a pinned one reads the manifest
+    with that SHA-256 (``manifests/<sha>.json``, or ``manifest.json`` while it still is that
+    one), so a new push to the prefix never changes what it serves.
+    """
+    key = url.key(MANIFEST_NAME)
+    if url.pin is not None:
+        pinned = pinned_key(url, url.pin)
+        for candidate in (pinned, key):
+            try:
+                data = get_bytes(client, url.bucket, candidate, MAX_MANIFEST_BYTES)
+            except StoreError as exc:
+                if "no such object" in str(exc):
+                    continue
+                raise
+            if sha256(data) == url.pin:
+                return parse_manifest(data, f"s3://{url.bucket}/{candidate}"), url.pin
+        raise StoreError(
+            f"{url}: the manifest this template is pinned to is gone from the bucket (neither "
+            f"s3://{url.bucket}/{pinned} nor the prefix's manifest.json has SHA-256 "
+            f"{url.pin[:12]}...): push it again and recreate the template"
+        )
+    data = get_bytes(client, url.bucket, key, MAX_MANIFEST_BYTES)
+    return parse_manifest(data, f"s3://{url.bucket}/{key}"), sha256(data)
 
 
 def read_manifest(client: Any, url: S3Url) -> Manifest:
-    """The manifest of the template at ``url``, fetched and checked."""
-    where = f"s3://{url.bucket}/{url.key(MANIFEST_NAME)}"
-    data = get_bytes(client, url.bucket, url.key(MANIFEST_NAME), MAX_MANIFEST_BYTES)
-    return parse_manifest(data, where)
+    """The manifest of the template at ``url`` (pinned or current), fetched and checked."""
+    return read_pinned(client, url)[0]

@@ -6,6 +6,10 @@ A template pushed to ``s3://BUCKET/PREFIX`` is:
   chunk its SHA-256 (``null`` for an all-zero chunk, which is never stored), a zlib-compressed
   per-page zero map (so a zero page never needs a fetch), and the optional hot-page list and
   vmstate objects (each named by key, SHA-256 and size).
+- ``BUCKET/PREFIX/manifests/<sha256>.json``: the same manifest, named by its own SHA-256, so a
+  template pinned to it (``s3://BUCKET/PREFIX#sha256=HEX``) is served the memory it was made
+  from even after a new push to the prefix. Side files are content-addressed too
+  (``PREFIX/vmstate-<sha256>``), so a new push never changes what an older manifest names.
 - ``BUCKET/<chunks_prefix><sha256>``: each chunk, content-addressed. The chunk prefix is the
   same for every template pushed into a bucket (``chunks/`` unless chosen otherwise), so
   templates that share content share chunks, and a push uploads only what the bucket lacks.
@@ -32,6 +36,10 @@ MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 64 << 20
 DEFAULT_CHUNKS_PREFIX = "chunks/"
 MANIFEST_NAME = "manifest.json"
+#: The folder, under a template's prefix, of its manifests named by their SHA-256.
+PINNED_MANIFESTS = "manifests/"
+#: Object metadata key holding an uploaded chunk's SHA-256 (``x-amz-meta-sha256``).
+SHA_METADATA = "sha256"
 #: The largest manifest read (a 1 TiB template in 64 KiB chunks lists 16 Mi chunks).
 MAX_MANIFEST_BYTES = 1 << 30
 #: The largest template: its zero-page map alone is a byte per 4 KiB page.
@@ -42,17 +50,25 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 @dataclass(frozen=True)
 class S3Url:
-    """``s3://BUCKET/PREFIX``: where one template lives."""
+    """``s3://BUCKET/PREFIX`` (optionally ``#sha256=HEX``): where one template lives."""
 
     bucket: str
     prefix: str
+    #: The SHA-256 of the manifest this URL is pinned to (``#sha256=HEX``), or None: the
+    #: prefix's current ``manifest.json``.
+    pin: str | None = None
 
     def key(self, name: str) -> str:
         """The key of ``name`` under this template's prefix."""
         return f"{self.prefix}/{name}" if self.prefix else name
 
+    def pinned(self, sha: str) -> S3Url:
+        """This template pinned to the manifest whose SHA-256 is ``sha``."""
+        return S3Url(self.bucket, self.prefix, sha)
+
     def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
+        pin = f"#sha256={self.pin}" if self.pin else ""
+        return f"s3://{self.bucket}/{self.prefix}{pin}"
 
 
 def is_s3_url(text: str) -> bool:
@@ -64,7 +80,11 @@ def parse_s3_url(text: str) -> S3Url:
     """Parse ``s3://BUCKET/PREFIX`` (a prefix is required: a template is a folder)."""
     if not is_s3_url(text):
         raise StoreError(f"{text!r} is not an s3://BUCKET/PREFIX URL")
-    bucket, _, prefix = text[len("s3://") :].partition("/")
+    rest, pin = text[len("s3://") :], None
+    m = re.search(r"#sha256=([0-9a-f]{64})\Z", rest)
+    if m:
+        rest, pin = rest[: m.start()], m.group(1)
+    bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
     if not _BUCKET.fullmatch(bucket):
         raise StoreError(f"{text!r}: {bucket!r} is not a valid bucket name")
@@ -72,7 +92,19 @@ def parse_s3_url(text: str) -> S3Url:
         raise StoreError(f"{text!r}: give a prefix for the template (s3://BUCKET/PREFIX)")
     if any(part in ("", ".", "..") for part in prefix.split("/")):
         raise StoreError(f"{text!r}: the prefix has an empty, '.' or '..' part")
-    return S3Url(bucket, prefix)
+    if "#" in prefix:
+        raise StoreError(f"{text!r}: '#' may only start a pin, '#sha256=' and 64 hex digits")
+    return S3Url(bucket, prefix, pin)
+
+
+def valid_chunks_prefix(prefix: str) -> bool:
+    """True when ``prefix`` is a chunk key prefix every reader accepts: empty, or relative
+    parts (none empty, '.' or '..') each followed by '/'."""
+    if not prefix:
+        return True
+    if not prefix.endswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in prefix[:-1].split("/"))
 
 
 def sha256(data: bytes | memoryview) -> str:
@@ -169,7 +201,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     if chunk_size & (chunk_size - 1):
         raise bad(f"chunk_size {chunk_size} is not a power of two")
     prefix = doc.get("chunks_prefix")
-    if not isinstance(prefix, str) or prefix.startswith("/") or ".." in prefix.split("/"):
+    if not isinstance(prefix, str) or not valid_chunks_prefix(prefix):
         raise bad(f"chunks_prefix {prefix!r} is not a key prefix")
     chunks = doc.get("chunks")
     nchunks = (size + chunk_size - 1) // chunk_size

@@ -14,6 +14,12 @@ so one GET, per chunk, however many forks and workers wait for it. The host's
 :class:`~pagefork.store.cache.ChunkCache` is read first and written after each fetch. All-zero
 chunks are never stored: their presence byte is set at open (a memfd hole reads as zero), and
 the manifest's zero-page map keeps every zero page off the copy path anyway.
+
+A chunk is verified twice over: its bytes against its SHA-256, and every page the manifest's
+zero map marks zero against those bytes (a lying map would otherwise give a guest zeros where
+the template has data). Each chunk has :data:`~pagefork.store.client.DEADLINE` seconds (a
+minute; ``fetch_deadline``) for all its attempts, so a hung store fails its forks, not the host.
+The manifest is read once, when the template opens: a ``#sha256=`` pin fixes which one.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ DEFAULT_FETCH_JOBS = 16
 #: second try rules out a one-off corruption on the way).
 _VERIFY_ATTEMPTS = 2
 
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
 ChunkFuture = concurrent.futures.Future[int]
 
 
@@ -65,14 +73,17 @@ class LazyTemplate:
         client: Any = None,
         endpoint_url: str | None = None,
         fetch_jobs: int = DEFAULT_FETCH_JOBS,
+        fetch_deadline: float = s3.DEADLINE,
     ) -> None:
         self.url = parse_s3_url(url)
         self.path = str(self.url)
         self.cache = cache
+        self.fetch_deadline = fetch_deadline
         self._own_client = client is None  # closed with the template (its connections)
         self._client = client if client is not None else s3.make_client(endpoint_url)
         try:
-            self.manifest: Manifest = s3.read_manifest(self._client, self.url)
+            self.manifest: Manifest
+            self.manifest, self.manifest_sha = s3.read_pinned(self._client, self.url)
         except BaseException:
             if self._own_client:
                 self._client.close()
@@ -193,14 +204,21 @@ class LazyTemplate:
         length = m.chunk_length(chunk)
         key = m.chunk_key(chunk)
         fetched = 0
+        where = f"chunk {chunk} of {self.path}"
         data = self.cache.get(sha, length)
         cached = data is not None
         if data is None:
+            deadline = time.monotonic() + self.fetch_deadline
             for _ in range(_VERIFY_ATTEMPTS):
                 try:
-                    got = s3.get_bytes(self._client, self.url.bucket, key)
+                    got = s3.get_bytes(self._client, self.url.bucket, key, length, deadline)
                 except StoreError as exc:
-                    raise StoreError(f"chunk {chunk} of {self.path}: {exc}") from None
+                    if "no such object" in str(exc):
+                        raise StoreError(
+                            f"{where}: s3://{self.url.bucket}/{key} is gone from the bucket "
+                            "(deleted after the push): push the template again"
+                        ) from None
+                    raise StoreError(f"{where}: {exc}") from None
                 with self._lock:
                     self.gets += 1
                     self.fetched_bytes += len(got)
@@ -217,9 +235,16 @@ class LazyTemplate:
                 )
             if data is None:
                 raise StoreError(
-                    f"chunk {chunk} of {self.path}: s3://{self.url.bucket}/{key} does not match "
-                    "its SHA-256 (corrupt object in the store; nothing of it was served)"
+                    f"{where}: s3://{self.url.bucket}/{key} does not match its SHA-256 (corrupt "
+                    "object in the store; nothing of it was served): repair it with 'pagefork "
+                    f"push --verify s3://{self.url.bucket}/{self.url.prefix} --mem-file MEM'"
                 )
+        page = self._zero_map_lies(chunk, data)
+        if page is not None:
+            raise StoreError(
+                f"{where}: the manifest marks page {page} zero but the chunk (verified against "
+                "its SHA-256) holds data there: the manifest is corrupt; nothing of it was served"
+            )
         view = memoryview(data)
         offset = chunk * self.chunk_size
         while view:
@@ -233,9 +258,23 @@ class LazyTemplate:
             self._writer.submit(self.cache.put, sha, data)
         return fetched
 
+    def _zero_map_lies(self, chunk: int, data: bytes) -> int | None:
+        """The first page of ``chunk`` the zero map marks zero that ``data`` has data in."""
+        first = chunk * self.chunk_size // PAGE_SIZE
+        view = memoryview(data)
+        npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
+        page = self._zeros.find(1, first, first + npages)
+        while page >= 0:
+            start = (page - first) * PAGE_SIZE
+            piece = view[start : start + PAGE_SIZE]
+            if piece != _ZERO_PAGE[: len(piece)]:
+                return page
+            page = self._zeros.find(1, page + 1, first + npages)
+        return None
+
     # --- side objects --------------------------------------------------------------------------
     def _blob(self, blob: Blob, what: str) -> bytes:
-        data = s3.get_bytes(self._client, self.url.bucket, blob.key)
+        data = s3.get_bytes(self._client, self.url.bucket, blob.key, limit=blob.size)
         if len(data) != blob.size or sha256(data) != blob.sha256:
             raise StoreError(f"{what} s3://{self.url.bucket}/{blob.key} does not match its SHA-256")
         return data
@@ -285,6 +324,8 @@ class StoreOptions:
     endpoint_url: str | None = None
     fetch_jobs: int = DEFAULT_FETCH_JOBS
     client: Any = None
+    #: Seconds a chunk may take, every attempt and backoff included, before its forks fail.
+    fetch_deadline: float = s3.DEADLINE
 
 
 def open_mem_source(path: str, options: StoreOptions | None) -> MemFile | LazyTemplate:
@@ -299,6 +340,7 @@ def open_mem_source(path: str, options: StoreOptions | None) -> MemFile | LazyTe
         client=options.client,
         endpoint_url=options.endpoint_url,
         fetch_jobs=options.fetch_jobs,
+        fetch_deadline=options.fetch_deadline,
     )
 
 
@@ -327,7 +369,7 @@ def _pushed_hot_pages(url: str, client: Any) -> HotPageList | None:
     blob = manifest.hot_pages
     if blob is None:
         return None
-    data = s3.get_bytes(client, u.bucket, blob.key)
+    data = s3.get_bytes(client, u.bucket, blob.key, limit=blob.size)
     if len(data) != blob.size or sha256(data) != blob.sha256:
         raise StoreError(f"hot-page list s3://{u.bucket}/{blob.key} does not match its SHA-256")
     return decode(data, f"s3://{u.bucket}/{blob.key}")

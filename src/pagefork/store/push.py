@@ -1,10 +1,14 @@
 """Uploading a template: chunk, hash, skip zeros and what the bucket has, upload in parallel.
 
 The mem-file is read once, a chunk at a time. An all-zero chunk is recorded as ``null`` and
-never stored; every other chunk is stored once under its SHA-256, after a HEAD shows the bucket
-lacks it. Uploads run on a thread pool, with at most ``2 * jobs`` chunks read ahead, so memory
-stays bounded whatever the template's size. The manifest goes last: a reader never sees a
-manifest whose chunks are not all there.
+never stored; every other chunk is stored once under its SHA-256 (kept as its ``sha256``
+metadata too), after a HEAD shows the bucket lacks it. A chunk whose HEAD shows another size or
+SHA-256 is uploaded again, and ``verify`` GETs and hashes every chunk already there, so pushing
+again repairs a corrupt bucket. Uploads run on a thread pool, with at most ``2 * jobs`` chunks
+read ahead, so memory stays bounded whatever the template's size. The manifest goes last: a
+reader never sees a manifest whose chunks are not all there. It is stored twice: as
+``manifest.json`` and as ``manifests/<its SHA-256>.json``, which later pushes never overwrite
+(nor the side files, named by their SHA-256), so templates pinned to it keep their memory.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from pagefork.store.layout import (
     MANIFEST_NAME,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    SHA_METADATA,
     Blob,
     Manifest,
     S3Url,
     sha256,
+    valid_chunks_prefix,
 )
 
 #: Largest side object (vmstate, hot-page list) a push reads.
@@ -42,7 +48,7 @@ _MAX_SIDE_FILE = 1 << 30
 DEFAULT_JOBS = 16
 
 #: The object names of the side files, under the template's prefix.
-_SIDE_NAMES = {"hot_pages": "hot-pages.hpl", "vmstate": "vmstate"}
+_SIDE_NAMES = {"hot_pages": "hot-pages-{}.hpl", "vmstate": "vmstate-{}"}
 
 Progress = Callable[[int, int], None]
 
@@ -50,7 +56,8 @@ Progress = Callable[[int, int], None]
 @dataclass(frozen=True)
 class PushResult:
     """What one push did: chunks in the template, of which zero, already in the bucket, and
-    uploaded; bytes uploaded (chunks only) and the seconds it took."""
+    uploaded (of those, ``repaired``: in the bucket but bad); bytes uploaded (chunks only) and
+    the seconds it took."""
 
     manifest: Manifest
     chunks: int
@@ -59,6 +66,7 @@ class PushResult:
     uploaded_chunks: int
     uploaded_bytes: int
     seconds: float
+    repaired_chunks: int = 0
 
 
 def push(
@@ -73,11 +81,13 @@ def push(
     jobs: int = DEFAULT_JOBS,
     progress: Progress | None = None,
     layers: Sequence[str] = (),
+    verify: bool = False,
 ) -> PushResult:
     """Upload ``mem_file`` (and the optional side files) as the template at ``url``. With
     ``layers`` (layer files over the mem-file, bottom first) the memory pushed is what a fork
     of that layered template reads: the chunks it shares with its parent are already in the
-    bucket and are not uploaded again, so a pushed snapshot costs the chunks it changed."""
+    bucket and are not uploaded again, so a pushed snapshot costs the chunks it changed. With
+    ``verify`` every chunk the bucket has is read back and hashed; a bad one is uploaded again."""
     if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise StoreError(
             f"chunk size {chunk_size} must be a power of two in "
@@ -85,6 +95,11 @@ def push(
         )
     if jobs < 1:
         raise StoreError(f"jobs must be at least 1, not {jobs}")
+    if not valid_chunks_prefix(chunks_prefix):  # the reader's own check
+        raise StoreError(
+            f"chunks prefix {chunks_prefix!r} must be a key prefix ending in '/' with no empty, "
+            "'.' or '..' part"
+        )
     side: dict[str, bytes] = {}
     if hot_pages is not None:
         data = read_regular(hot_pages, "hot-page file", limit=_MAX_SIDE_FILE, error=StoreError)
@@ -107,19 +122,20 @@ def push(
         shas: list[str | None] = [None] * nchunks
         zeros = bytearray()
         done = [0]
-        tally = {"present": 0, "uploaded": 0, "bytes": 0}
+        tally = {"present": 0, "uploaded": 0, "bytes": 0, "repaired": 0}
         seen: set[str] = set()
         lock = threading.Lock()
 
         def upload(sha: str, data: bytes) -> None:
             key = chunks_prefix + sha
-            if s3.exists(client, url.bucket, key):
-                kind = "present"
-            else:
-                s3.put_bytes(client, url.bucket, key, data)
-                kind = "uploaded"
+            state = _in_bucket(client, url.bucket, key, sha, data, verify)
+            kind = "present" if state == "good" else "uploaded"
+            if kind == "uploaded":
+                s3.put_bytes(client, url.bucket, key, data, {SHA_METADATA: sha})
             with lock:
                 tally[kind] += 1
+                if state == "bad":
+                    tally["repaired"] += 1
                 if kind == "uploaded":
                     tally["bytes"] += len(data)
                 done[0] += len(data)
@@ -162,9 +178,10 @@ def push(
                 fut.result()
         blobs: dict[str, Blob] = {}
         for name, data in side.items():
-            key = url.key(_SIDE_NAMES[name])
+            digest = sha256(data)
+            key = url.key(_SIDE_NAMES[name].format(digest))
             s3.put_bytes(client, url.bucket, key, data)
-            blobs[name] = Blob(key, sha256(data), len(data))
+            blobs[name] = Blob(key, digest, len(data))
         manifest = Manifest(
             size=size,
             chunk_size=chunk_size,
@@ -174,7 +191,9 @@ def push(
             hot_pages=blobs.get("hot_pages"),
             vmstate=blobs.get("vmstate"),
         )
-        s3.put_bytes(client, url.bucket, url.key(MANIFEST_NAME), manifest.to_json())
+        doc = manifest.to_json()
+        s3.put_bytes(client, url.bucket, s3.pinned_key(url, sha256(doc)), doc)  # kept for pins
+        s3.put_bytes(client, url.bucket, url.key(MANIFEST_NAME), doc)
     finally:
         if chain is not None:
             chain.close()
@@ -188,4 +207,20 @@ def push(
         uploaded_chunks=tally["uploaded"],
         uploaded_bytes=tally["bytes"],
         seconds=time.monotonic() - started,
+        repaired_chunks=tally["repaired"],
     )
+
+
+def _in_bucket(client: Any, bucket: str, key: str, sha: str, data: bytes, verify: bool) -> str:
+    """``"good"`` when the bucket holds chunk ``sha`` intact at ``key`` (a HEAD shows its size
+    and, when the upload recorded it, its SHA-256; with ``verify`` its bytes are read back and
+    hashed), ``"missing"``, or ``"bad"``."""
+    found = s3.head(client, bucket, key)
+    if found is None:
+        return "missing"
+    recorded = found.get("Metadata", {}).get(SHA_METADATA)
+    if int(found.get("ContentLength", -1)) != len(data) or recorded not in (None, sha):
+        return "bad"
+    if verify and sha256(s3.get_bytes(client, bucket, key, limit=len(data))) != sha:
+        return "bad"
+    return "good"

@@ -1,6 +1,8 @@
 """What a daemon template made from object storage keeps locally: the manifest's size, the
-vmstate and the hot-page list (verified), fetched once at creation. The mem-file itself stays
-in the store and is served lazily."""
+vmstate and the hot-page list (verified), fetched once at creation, and the URL pinned to the
+manifest's SHA-256 (``s3://BUCKET/PREFIX#sha256=HEX``), so a later push to the same prefix never
+changes the memory its forks are served. The mem-file itself stays in the store and is served
+lazily."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pagefork.store.lazy import StoreOptions, client_of
 
 @dataclass(frozen=True)
 class PushedTemplate:
-    """A template's manifest facts and side files, as pushed."""
+    """A template's manifest facts and side files, as pushed; ``url`` is pinned."""
 
     url: str
     size: int
@@ -35,14 +37,14 @@ def fetch_pushed(url: str, options: StoreOptions) -> PushedTemplate:
 
 def _fetch_pushed(url: str, client: Any) -> PushedTemplate:
     u = parse_s3_url(url)
-    manifest = s3.read_manifest(client, u)
+    manifest, sha = s3.read_pinned(client, u)
     side: dict[str, bytes | None] = {}
     for name, blob in (("vmstate", manifest.vmstate), ("hot_pages", manifest.hot_pages)):
         if blob is None:
             side[name] = None
             continue
-        data = s3.get_bytes(client, u.bucket, blob.key)
+        data = s3.get_bytes(client, u.bucket, blob.key, limit=blob.size)
         if len(data) != blob.size or sha256(data) != blob.sha256:
             raise StoreError(f"s3://{u.bucket}/{blob.key} does not match its SHA-256")
         side[name] = data
-    return PushedTemplate(str(u), manifest.size, side["vmstate"], side["hot_pages"])
+    return PushedTemplate(str(u.pinned(sha)), manifest.size, side["vmstate"], side["hot_pages"])
