@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import StartDaemon, needs_kvm, needs_uffd
+from conftest import StartDaemon, in_thread, needs_kvm, needs_uffd
 from pagefork.cli import main
 from pagefork.daemon.client import DaemonClient, DaemonError
 from pagefork.errors import VmmError
@@ -24,7 +24,8 @@ from pagefork.testing.fcdouble import (
 )
 from pagefork.vmm.base import RestoreRequest
 from pagefork.vmm.firecracker import create_snapshot
-from pagefork.vmm.kvm.driver import KvmDriver
+from pagefork.vmm.kvm.driver import KvmDriver, KvmHandle
+from pagefork.vmm.kvm.process import ForkProcess
 from pagefork.vmm.kvm.template import TemplateSpec, build_template
 
 TEMPLATE = {"mem_size_mib": 16, "variants": 2}
@@ -63,6 +64,112 @@ def test_a_snapshot_becomes_a_child_template_whose_forks_see_the_changed_state(
         client.release_fork(f)
     with pytest.raises(DaemonError, match="vm-b"):  # the parent has a child
         client.delete_template("vm")
+
+
+def _branch_memory(record: dict[str, Any], socket_dir: Path, out: Path) -> bytes:
+    """All guest RAM of a fork of the child ``record`` (fork index 0), restored and not yet
+    run: its own page server over the child's chain, the fork a microVM process."""
+    chain = [record["mem_file"], *record["layers"]]
+    config = ServerConfig(
+        mem_file_path=chain[0], layers=tuple(chain[1:]), socket_dir=str(socket_dir), workers=1
+    )
+    with PageServer(config) as server:
+        sock = server.register_fork("branch")
+        branch = ForkProcess(record["snapshot_path"], sock, 0, snapshots=True, memory=chain)
+        try:
+            branch.wait_restored()
+            branch.command(f"dump {out}", "dumped")
+        finally:
+            branch.close()
+    return out.read_bytes()
+
+
+def _differing_pages(a: bytes, b: bytes) -> list[int]:
+    assert len(a) == len(b)
+    return [p for p in range(0, len(a), 4096) if a[p : p + 4096] != b[p : p + 4096]]
+
+
+@needs_kvm
+def test_a_later_snapshot_of_a_fork_is_a_layer_over_its_previous_one(
+    start_daemon: StartDaemon, short_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KVM's dirty log is cleared as it is read: a later snapshot holds only the writes since
+    the one before, so its child is a layer over that one's child. A branch of it holds, at
+    every page, what the fork held when paused (its writes before the earlier snapshots too),
+    and walks to what the fork itself reported walking on from there."""
+    daemon, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    parent, _ = _fork(client, "vm", snapshots=True)
+    handle = daemon.manager.fork(parent).handle
+    assert isinstance(handle, KvmHandle)
+    held: list[bytes] = []
+    resume = handle.resume
+    # The first snapshot leaves the fork paused (a platform snapshotting twice in a row): the
+    # second one's diff is empty. After that the fork resumes and walks on each time.
+    resumes = iter([False, True, True])
+
+    def dump_then_resume() -> None:  # what the fork holds while its snapshot pauses it
+        path = tmp_path / f"held{len(held)}.dump"
+        handle.process.command(f"dump {path}", "dumped")
+        held.append(path.read_bytes())
+        if next(resumes):
+            resume()
+
+    monkeypatch.setattr(handle, "resume", dump_then_resume)
+    client.snapshot_fork(parent, "s1")
+    two = client.snapshot_fork(parent, "s2")
+    # Resumed after the snapshot, the guest walks on: a walk over the memory s2 holds.
+    walk_on_s2 = client.wait_fork(parent, timeout=60)["vmm"]
+    three = client.snapshot_fork(parent, "s3")
+    walk_on_s3 = client.wait_fork(parent, timeout=60)["vmm"]
+    assert walk_on_s2["checksum_ok"] and walk_on_s3["checksum_ok"]  # over the fork's own RAM
+    s2, s3 = two["template"], three["template"]
+    assert (s2["parent"], s3["parent"], len(s3["layers"])) == ("s1", "s2", 3)
+    assert two["dirty_pages"] == 0 and three["dirty_pages"] > 0
+    assert _differing_pages(held[1], held[2])  # the walk between really changed memory
+
+    for record, memory in ((s2, held[1]), (s3, held[2])):
+        branch = _branch_memory(record, short_dir, tmp_path / f"{record['id']}.dump")
+        assert _differing_pages(branch, memory) == [], record["id"]
+    # The independent oracle: a branch walks to the checksums the fork itself walked to.
+    for child, walk in (("s2", walk_on_s2), ("s3", walk_on_s3)):
+        fork, run = _fork(client, child)
+        assert run["checksums"] == walk["checksums"], child
+        client.release_fork(fork)
+    client.release_fork(parent)
+
+
+@needs_kvm
+def test_snapshots_of_a_fork_wait_for_each_other_and_stack(start_daemon: StartDaemon) -> None:
+    _daemon, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    parent, _ = _fork(client, "vm", snapshots=True)
+    runs = [in_thread(lambda c=c: client.snapshot_fork(parent, c)) for c in ("a", "b")]
+    for thread, _ in runs:
+        thread.join()
+    done = [out["result"]["template"] for _, out in runs]
+    # Whichever ran second is a layer over the first.
+    first, second = sorted(done, key=lambda t: len(t["layers"]))
+    assert (first["parent"], second["parent"]) == ("vm", first["id"])
+    assert second["layers"][:1] == first["layers"]
+    client.release_fork(parent)
+
+
+@needs_kvm
+def test_a_fork_whose_previous_snapshot_was_deleted_refuses_another(
+    start_daemon: StartDaemon,
+) -> None:
+    _daemon, client = start_daemon()
+    client.create_template("vm", "kvm", **TEMPLATE)
+    parent, _ = _fork(client, "vm", snapshots=True)
+    client.snapshot_fork(parent, "s1")
+    client.delete_template("s1")
+    with pytest.raises(DaemonError, match="previous snapshot, template 's1', was deleted") as info:
+        client.snapshot_fork(parent, "s2")
+    assert info.value.status == 409
+    assert [t["id"] for t in client.templates()["templates"]] == ["vm"]
+    assert client.fork(parent)["phase"] == "live"
+    client.release_fork(parent)
 
 
 @needs_kvm
@@ -206,6 +313,47 @@ def test_a_firecracker_fork_snapshotted_through_the_daemon_is_forked_byte_for_by
     assert branch_ram[: genid.start] == parent_ram[: genid.start]
     assert branch_ram[genid.stop :] == parent_ram[genid.stop :]
     assert parent_ram[40960 : 40960 + 3 * 4096] != Path(mem).read_bytes()[40960 : 40960 + 12288]
+
+
+@needs_uffd
+def test_a_firecracker_fork_snapshotted_twice_is_forked_byte_for_byte_from_the_second(
+    start_daemon: StartDaemon, short_dir: Path, tmp_path: Path
+) -> None:
+    """Firecracker's second Diff holds only the pages written since the first: the second
+    child is a layer over the first, and a branch of it holds the first writes too."""
+    _, client = start_daemon()
+    with FcDoubleProcess(str(short_dir / "source.api")) as source:
+        source.api.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 8})
+        source.api.request("PUT", "/actions", {"action_type": "InstanceStart"})
+        state, mem = str(tmp_path / "tpl.vmstate"), str(tmp_path / "tpl.mem")
+        create_snapshot(source.api_sock, state, mem)
+    client.create_template("fc", "firecracker", mem_file=mem, snapshot_path=state)
+    with FcDoubleProcess(str(short_dir / "p.api"), "--fc-version", "1.14") as fc:
+        opts = {"api_socket": fc.api_sock, "snapshots": True}
+        parent = client.create_fork("fc", vmm="firecracker", options=opts)["fork"]
+        assert fc.result(wait=30)["bad"] == 0
+        for seed, offset, child in ((9, 40960, "fc-1"), (10, 1 << 20, "fc-2")):
+            write = {"region": 0, "offset": offset, "length": 3 * 4096, "seed": seed}
+            fc.api.request("PUT", TEST_PREFIX + "write", write)
+            snap = client.snapshot_fork(parent, child)
+            assert snap["changed_pages"] == 3  # only the pages written since the last one
+        assert snap["template"]["parent"] == "fc-1"
+        fc.api.request("PATCH", "/vm", {"state": "Paused"})
+        fc.api.request("PUT", TEST_PREFIX + "dump", {"path": str(tmp_path / "parent.dump")})
+        client.release_fork(parent)
+    with FcDoubleProcess(str(short_dir / "b.api"), "--fc-version", "1.14") as fc:
+        branch = client.create_fork("fc-2", vmm="firecracker", options={"api_socket": fc.api_sock})
+        fc.api.request("PATCH", "/vm", {"state": "Paused"})
+        fc.api.request("PUT", TEST_PREFIX + "dump", {"path": str(tmp_path / "branch.dump")})
+        client.release_fork(branch["fork"])
+    parent_ram = bytearray((tmp_path / "parent.dump").read_bytes())
+    branch_ram = bytearray((tmp_path / "branch.dump").read_bytes())
+    # Every byte, but the VMGenID that each load writes anew, as Firecracker does.
+    genid = slice(VMGENID_OFFSET, VMGENID_OFFSET + VMGENID_SIZE)
+    parent_ram[genid] = branch_ram[genid] = bytes(VMGENID_SIZE)
+    assert _differing_pages(bytes(branch_ram), bytes(parent_ram)) == []
+    template = Path(mem).read_bytes()
+    assert parent_ram[40960 : 40960 + 12288] != template[40960 : 40960 + 12288]
 
 
 @needs_uffd

@@ -73,6 +73,7 @@ from pagefork.templates import (
     TemplateFieldError,
     TemplateRecord,
     TemplateRegistry,
+    UnknownTemplateError,
     validate_template_id,
 )
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
@@ -203,6 +204,12 @@ class Fork:
     # Set once the fork is torn down; ``released_stats`` then holds its final counters.
     released: threading.Event = field(default_factory=threading.Event, repr=False)
     released_stats: ForkStats | None = field(default=None, repr=False)
+    # Snapshots (see ForkManager.snapshot): one at a time; the last child (its identity), and
+    # the removed ranges it holds; why no more can be taken, once the diff chain broke.
+    snapshot_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    last_snapshot: TemplateKey | None = field(default=None, repr=False)
+    removed_at_snapshot: tuple[tuple[int, int], ...] = field(default=(), repr=False)
+    snapshot_lost: str | None = field(default=None, repr=False)
 
     @property
     def template_key(self) -> TemplateKey:
@@ -327,7 +334,6 @@ class ForkManager:
         self._fed: dict[str, int] = {}
         self._feed_lock = threading.Lock()
         self._closed = False
-        self._snapshotting: set[str] = set()  # forks with a snapshot under way
         # A child template's inherited hot set, by template identity (see _inherited_of).
         self._inherited: dict[TemplateKey, InheritedHotSet | None] = {}
         self._exits = ExitWatcher()
@@ -884,35 +890,57 @@ class ForkManager:
     def snapshot(
         self, fork_id: str, template_id: str, *, release: bool = False
     ) -> tuple[SnapshotResult, ForkStats | None]:
-        """Pause the fork, register its memory as child template ``template_id`` of its
-        template (:mod:`pagefork.daemon.snapshot`), then resume the fork, or release it
-        (``release``: its final stats are returned too). The fork resumes on failure as well.
-        One snapshot of a fork at a time."""
+        """Pause the fork, register its memory as child template ``template_id``
+        (:mod:`pagefork.daemon.snapshot`), then resume the fork, or release it (``release``:
+        its final stats are returned too). The fork resumes on failure as well.
+
+        A fork's first snapshot is a layer over its template; each later one a layer over the
+        one before (the VMM's diff holds only what changed since): a diff chain. Snapshots of
+        one fork run one at a time, in the order they arrive. Refused once that chain is
+        broken: the previous child was deleted, or a snapshot failed after the VMM wrote its
+        diff (those writes are in no template, and the next diff will not hold them)."""
         validate_template_id(template_id)
         fork = self.fork(fork_id)
-        with self._lock:
-            if fork.phase is not ForkPhase.LIVE or fork.handle is None:
-                why = "has no VMM the daemon drives" if fork.handle is None else "is not live"
-                phase = getattr(fork.phase, "value", fork.phase)
-                raise ForkConflictError(f"fork {fork_id} {why} ({phase}): no snapshot")
-            if fork_id in self._snapshotting:
-                raise ForkConflictError(f"fork {fork_id}: a snapshot of it is under way")
-            self._snapshotting.add(fork_id)
-        handle = fork.handle
+        # Wait for a snapshot under way: this one is a layer over its child.
+        if not fork.snapshot_lock.acquire(timeout=self.config.snapshot_timeout):
+            raise ForkConflictError(
+                f"fork {fork_id}: a snapshot of it is still under way after "
+                f"{self.config.snapshot_timeout:g}s"
+            )
         try:
+            with self._lock:
+                if fork.phase is not ForkPhase.LIVE or fork.handle is None:
+                    why = "has no VMM the daemon drives" if fork.handle is None else "is not live"
+                    phase = getattr(fork.phase, "value", fork.phase)
+                    raise ForkConflictError(f"fork {fork_id} {why} ({phase}): no snapshot")
+            handle = fork.handle
+            if fork.snapshot_lost is not None:
+                raise ForkConflictError(fork.snapshot_lost)
             if self.registry.exists(template_id):
                 raise TemplateError(f"template {template_id!r} already exists")
+            parent = self._snapshot_parent(fork)
             state = self._state_of(fork)
+
+            def taken() -> None:
+                # Cleared again below on success.
+                fork.snapshot_lost = (
+                    f"fork {fork_id}: snapshot {template_id!r} failed after the VMM had written "
+                    "its diff, and a diff holds only what changed since the one before: a later "
+                    "snapshot of this fork would miss those writes, so none is taken"
+                )
+
             try:
                 result = snapshot_fork(
                     fork_id=fork_id,
                     handle=handle,
                     server=state.server,
-                    parent=self.registry.get(fork.template_id),
+                    parent=parent,
                     registry=self.registry,
                     template_id=template_id,
                     timeout=self.config.snapshot_timeout,
                     max_layer_depth=self.config.max_layer_depth,
+                    removed_before=fork.removed_at_snapshot,
+                    on_taken=taken,
                 )
             finally:
                 if not release:
@@ -920,11 +948,31 @@ class ForkManager:
                         handle.resume()
                     except Exception as exc:  # released meanwhile, say: never hide the cause
                         log.warning("fork %s: cannot resume it after a snapshot: %s", fork_id, exc)
+            fork.snapshot_lost = None
+            fork.last_snapshot = (result.template.id, result.template.created)
+            fork.removed_at_snapshot = result.removed
+            log.info("fork %s: snapshot registered as template %s", fork_id, template_id)
+            # Inside the lock: a snapshot waiting for this one must find the fork released.
+            return result, self.release(fork_id) if release else None
         finally:
-            with self._lock:
-                self._snapshotting.discard(fork_id)
-        log.info("fork %s: snapshot registered as template %s", fork_id, template_id)
-        return result, self.release(fork_id) if release else None
+            fork.snapshot_lock.release()
+
+    def _snapshot_parent(self, fork: Fork) -> TemplateRecord:
+        """What the fork's next snapshot is a layer over: its template, or its last snapshot."""
+        if fork.last_snapshot is None:
+            return self.registry.get(fork.template_id)
+        child_id, created = fork.last_snapshot
+        try:
+            record: TemplateRecord | None = self.registry.get(child_id)
+        except UnknownTemplateError:
+            record = None
+        if record is None or record.created != created:
+            raise ForkConflictError(
+                f"fork {fork.fork_id}: its previous snapshot, template {child_id!r}, was "
+                "deleted, and the VMM's next diff holds only what changed since that one: "
+                "no later snapshot of this fork can be whole"
+            )
+        return record
 
     # --- releasing ---------------------------------------------------------------------------
     def release(self, fork_id: str) -> ForkStats:

@@ -6,10 +6,19 @@
 1. the VMM pauses and writes a diff snapshot (:meth:`pagefork.vmm.base.VmmHandle.snapshot`)
    into a work directory under ``templates/`` (``.new-snapshot-*``: a crash leaves nothing
    the next daemon does not remove);
-2. :func:`pagefork.layers.capture.capture_layer` turns it into a layer over the fork's
-   template: the pages that really changed, and the ranges the page server saw removed;
+2. :func:`pagefork.layers.capture.capture_layer` turns it into a layer over ``parent``: the
+   pages that really changed, and the ranges the page server saw removed since the fork's
+   previous snapshot;
 3. the registry registers the child (:meth:`~pagefork.templates.TemplateRegistry.create_child`),
-   flattening it at once if its chain grew past ``max_layer_depth``.
+   flattened before it appears if its chain would grow past ``max_layer_depth``: a failure
+   leaves no child.
+
+A diff snapshot holds only the pages written since the VMM's previous one (KVM's dirty log is
+cleared as it is read; Firecracker's ``Diff`` is relative to its last snapshot). So ``parent``
+is the fork's template for its first snapshot and its previous child for every later one, a
+diff chain as Firecracker's own; the caller (:meth:`pagefork.daemon.manager.ForkManager.snapshot`)
+keeps track, and ``on_taken`` tells it when the VMM has written its diff: from then on a
+failure loses those writes for good.
 
 The work directory is removed whatever happens. The caller resumes (or releases) the fork.
 """
@@ -21,6 +30,7 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +56,8 @@ class SnapshotResult:
     pause_seconds: float
     capture_seconds: float
     seconds: float
+    #: Every mem-file range the fork had removed when paused (the next snapshot's starting point).
+    removed: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The API's ``snapshot`` object."""
@@ -73,6 +85,26 @@ def _check_vmstate(path: str, work: str) -> None:
             raise VmmError(f"snapshot: the VMM left {entry} as its VM state: not a regular file")
 
 
+def ranges_minus(
+    ranges: Sequence[tuple[int, int]], taken: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Byte ranges ``[start, end)`` of ``ranges`` not in any of ``taken`` (both merged and in
+    order, as :meth:`PageServer.removed_ranges` gives them)."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        for t_start, t_end in taken:
+            if t_end <= start or t_start >= end:
+                continue
+            if t_start > start:
+                out.append((start, t_start))
+            start = max(start, t_end)
+            if start >= end:
+                break
+        if start < end:
+            out.append((start, end))
+    return out
+
+
 def snapshot_fork(
     *,
     fork_id: str,
@@ -83,8 +115,12 @@ def snapshot_fork(
     template_id: str,
     timeout: float,
     max_layer_depth: int | None = None,
+    removed_before: Sequence[tuple[int, int]] = (),
+    on_taken: Callable[[], None] | None = None,
 ) -> SnapshotResult:
-    """Snapshot the fork served by ``server`` (of template ``parent``) as ``template_id``."""
+    """Snapshot the fork served by ``server`` as ``template_id``, a layer over ``parent``
+    (what the fork's memory was at its VMM's previous snapshot: see the module docstring).
+    ``removed_before``: the removed ranges that ``parent`` already holds as zeros."""
     t0 = time.monotonic()
     registry.root.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(dir=registry.root, prefix=".new-snapshot-")
@@ -93,11 +129,17 @@ def snapshot_fork(
         vm_dir = os.path.join(work, "vm")
         os.mkdir(vm_dir, 0o700)
         snap = handle.snapshot(vm_dir, timeout)
+        if on_taken is not None:
+            on_taken()
         t_paused = time.monotonic()
+        removed = server.removed_ranges(fork_id)
         captured = capture_layer(
             snap.memory_diff,
             parent_chain=[parent.mem_file, *parent.layers],
-            removed=server.removed_ranges(fork_id),
+            # A range removed before the previous snapshot is zero (or rewritten) in the
+            # parent already; only what was removed since is news. (A range removed again
+            # after it was rewritten is indistinguishable in the ledger: it keeps its data.)
+            removed=ranges_minus(removed, removed_before),
             out_path=os.path.join(work, _LAYER),
             parent_name=parent.id,
         )
@@ -122,4 +164,5 @@ def snapshot_fork(
         pause_seconds=t_paused - t0,
         capture_seconds=captured.seconds,
         seconds=time.monotonic() - t0,
+        removed=tuple(removed),
     )

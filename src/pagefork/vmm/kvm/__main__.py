@@ -19,7 +19,11 @@ to serve the fault. The process speaks JSON lines with whoever started it
   leaves the fork as it was: ``snapshot DIR`` writes a diff snapshot into the existing
   directory DIR (:mod:`.snapshot`; event ``snapshot``), ``remove GPA LENGTH`` gives guest
   memory back as a balloon does (event ``removed``), ``dump PATH`` writes all guest RAM to a
-  new file (event ``dumped``);
+  new file (event ``dumped``), ``checksums INDEX`` answers the checksums a fork of index INDEX
+  would walk over this fork's memory as it is now (event ``checksums``: what every branch of a
+  snapshot taken now must report); ``go`` after the result runs the guest again, as a VM goes
+  on after a snapshot: a new walk over memory as the last one left it, whose ``result`` expects
+  the checksums over the fork's own memory (not the template's);
 - ``--memory`` (repeated) reads the template's RAM from a base mem-file and its layers instead
   of the template directory's mem-file: a fork of a snapshot checks its pages against them;
 - if the page server closes its socket before the fork is done, an ``error`` event and exit
@@ -131,6 +135,17 @@ def _command(vm: MicroVm, line: str) -> dict[str, Any]:
         gpa, length = int(args[0], 0), int(args[1], 0)
         remove_range(vm.memory, gpa, length)
         return {"event": "removed", "gpa": gpa, "length": length}
+    if verb == "checksums" and len(args) == 1:
+        index = int(args[0], 0)
+        if index < 0:
+            raise ValueError(f"fork index {index} is negative")
+        variant = vm.template.variant_of(index)
+        return {
+            "event": "checksums",
+            "fork_index": index,
+            "variant": variant,
+            "checksums": vm.own_checksums(variant),
+        }
     if verb == "dump" and rest:
         if vm.memory is None:
             raise VmmError("dump before restore")
@@ -139,19 +154,16 @@ def _command(vm: MicroVm, line: str) -> dict[str, Any]:
     raise VmmError(f"unknown command {line!r}")
 
 
-def _serve_commands(vm: MicroVm, run: Callable[[], None] | None) -> int:
-    """The ``--snapshots`` loop: commands until ``exit`` or end of input; ``go`` calls
-    ``run`` once (None: already ran)."""
+def _serve_commands(vm: MicroVm, run: Callable[[], None], again: Callable[[], None]) -> int:
+    """The ``--snapshots`` loop: commands until ``exit`` or end of input; the first ``go``
+    calls ``run``, each later one ``again``."""
     for raw in sys.stdin:
         line = raw.rstrip("\n")
         if line == "exit":
             break
         if line == "go":
-            if run is None:
-                _emit({"event": "error", "message": "the guest has already run", "command": line})
-                continue
-            go, run = run, None
-            go()
+            go, run = run, again
+            go()  # a failure ends the fork (main reports it)
             continue
         try:
             _emit(_command(vm, line))
@@ -183,7 +195,11 @@ def _restore_and_run(
         }
     )
     if snapshots:
-        return _serve_commands(vm, lambda: _run_and_report(vm, template, keep=True))
+        return _serve_commands(
+            vm,
+            lambda: _run_and_report(vm, template, keep=True),
+            lambda: _run_and_report(vm, template, keep=True, again=True),
+        )
     if wait_go:
         line = sys.stdin.readline().strip()
         if line != "go":
@@ -192,13 +208,19 @@ def _restore_and_run(
     return 0
 
 
-def _run_and_report(vm: MicroVm, template: Template, *, keep: bool = False) -> None:
-    """Run the guest to its halt and emit its ``result``."""
+def _run_and_report(
+    vm: MicroVm, template: Template, *, keep: bool = False, again: bool = False
+) -> None:
+    """Run the guest to its halt and emit its ``result``. ``again``: a run after the first,
+    over memory the fork itself changed: its checksums are expected over that memory, and its
+    pages are not compared with the template's."""
+    # Before the run (it writes): the checksums over the fork's memory as it is now.
+    own = vm.own_checksums(vm.variant) if again else None
     t_go = time.monotonic()
     result = vm.run()
     # After ready, so not part of the ready time: every byte of every touched page.
-    bad_pages = vm.check_pages()
-    expected = template.expected_checksums(vm.variant)
+    bad_pages = vm.check_pages() if own is None else []
+    expected = template.expected_checksums(vm.variant) if own is None else own
     if not keep:
         template.close()
     guest_ok = result.checksums == expected

@@ -31,6 +31,7 @@ class KvmHandle(VmmHandle):
         self.fork_id = fork_id
         self.process = process
         self._resumed = False
+        self._paused_by_snapshot = False
         # Only this handle's process reaps the pid, and it has not yet: the pidfd is its.
         self._pidfd: int | None = None
         with contextlib.suppress(OSError):  # no pidfd: the fork is simply not watched
@@ -68,8 +69,12 @@ class KvmHandle(VmmHandle):
         return self.process.pid
 
     def resume(self) -> None:
-        """Start the vCPUs (once; the guest runs to its end)."""
-        if self._resumed:
+        """Start the vCPUs: the guest walks to its halt. After a snapshot of the halted guest
+        it walks again, as a VM goes on after a snapshot (its memory changes again: the next
+        snapshot has new writes). Otherwise a no-op once resumed."""
+        again = self._resumed and self._paused_by_snapshot
+        self._paused_by_snapshot = False
+        if self._resumed and not again:
             return
         self._resumed = True
         self.process.go()
@@ -87,6 +92,7 @@ class KvmHandle(VmmHandle):
                 "dirty pages"
             )
         doc = self.process.snapshot(out_dir, timeout=timeout)
+        self._paused_by_snapshot = True
         return VmmSnapshot(memory_diff=str(doc["memory_diff"]), vmstate=out_dir)
 
     def wait(self, timeout: float) -> dict[str, Any]:

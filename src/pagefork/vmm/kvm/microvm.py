@@ -160,6 +160,7 @@ class MicroVm:
                 errors.append(exc)
                 self.device.abort()
 
+        self.device.progress.clear()  # a run again after a halt reports its own progress
         started = time.monotonic()
         if len(vcpus) == 1:
             vcpu_thread(0)
@@ -196,6 +197,24 @@ class MicroVm:
         return write_diff_snapshot(
             self.vm, self.memory, self.slots, out_dir, self.template.path / TEMPLATE_FILE
         )
+
+    def own_checksums(self, variant: int) -> list[int]:
+        """The checksum each vCPU walking ``variant`` would report over this fork's memory as
+        it is now (read here, not from the template): after a snapshot, what every branch of
+        it walking ``variant`` must report. Only while the vCPUs are stopped."""
+        if self.memory is None:
+            raise VmmError("own_checksums() before restore()")
+        memory = self.memory
+
+        def read_word(gpa: int) -> int:
+            # A page never touched faults here and is served like any other.
+            word = ctypes.string_at(memory.host_address(gpa, 4), 4)
+            return int.from_bytes(word, "little")
+
+        return [
+            guest.expected_checksum(reads, read_word)
+            for reads, _ in self.template.slice_pages(variant)
+        ]
 
     def check_pages(self) -> list[int]:
         """After :meth:`run`: compare every page the trace touched with the mem-file, byte for

@@ -211,6 +211,12 @@ class ForkProcess:
         ``memory_diff`` and ``vmstate`` paths and ``dirty_pages``."""
         return self.command(f"snapshot {out_dir}", "snapshot", timeout)
 
+    def own_checksums(self, fork_index: int, timeout: float = 60.0) -> list[int]:
+        """The checksums a fork of ``fork_index`` would walk over this stopped fork's memory as
+        it is now: what every branch of a snapshot of it taken now must report."""
+        doc = self.command(f"checksums {fork_index}", "checksums", timeout)
+        return [int(c) for c in doc["checksums"]]
+
     def wait_result(self, timeout: float = 60.0) -> ForkResult:
         """Wait for the guest to finish; the fork process exits after reporting (one started
         with ``snapshots`` stays, stopped, for commands)."""
