@@ -6,6 +6,10 @@ real page servers, and each guest checks its checksum against the memory it shou
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +174,50 @@ def test_a_fork_whose_previous_snapshot_was_deleted_refuses_another(
     assert [t["id"] for t in client.templates()["templates"]] == ["vm"]
     assert client.fork(parent)["phase"] == "live"
     client.release_fork(parent)
+
+
+@contextlib.contextmanager
+def _small_tmpfs(point: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``point`` (root only): a disk that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@needs_kvm
+def test_a_flatten_past_the_depth_that_fails_leaves_no_child(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    with _small_tmpfs(tmp_path / "disk", "40m") as disk:
+        daemon, client = start_daemon(state_dir=disk / "state", max_layer_depth=1)
+        client.create_template("vm", "kvm", **TEMPLATE)
+        a, _ = _fork(client, "vm", snapshots=True)
+        one = client.snapshot_fork(a, "one", release=True)
+        b, _ = _fork(client, "one", snapshots=True)
+        # Room for the snapshot's layer and VM state, none for a flat mem-file of 16 MiB.
+        filler = disk / "filler"
+        with open(filler, "wb") as f:
+            f.write(bytes(os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize))
+        os.truncate(filler, os.path.getsize(filler) - 4 * one["layer_bytes"] - (1 << 20))
+        with pytest.raises(DaemonError, match=r"template 'two': cannot flatten.*No space") as info:
+            client.snapshot_fork(b, "two")
+        assert "\n" not in str(info.value)
+        # Nothing half made: no child, no work directory; the fork runs on.
+        assert [t["id"] for t in client.templates()["templates"]] == ["one", "vm"]
+        assert sorted(p.name for p in (disk / "state" / "templates").iterdir()) == ["one", "vm"]
+        assert client.fork(b)["phase"] == "live"
+        # The VMM's diff is gone with the failed child: a retry would miss those writes.
+        filler.unlink()
+        with pytest.raises(DaemonError, match="failed after the VMM had written its diff") as info:
+            client.snapshot_fork(b, "two")
+        assert info.value.status == 409
+        client.release_fork(b)
+        daemon.close()
 
 
 @needs_kvm

@@ -574,10 +574,12 @@ class TemplateRegistry:
         template's directory, the originals left to the caller: hard-linked when they are
         under the registry's own directory (a snapshot's work directory), copied otherwise (a
         file someone else may later rewrite in place must not change the template). With
-        ``flatten_past``, a chain deeper than that many layers is flattened at once
-        (:meth:`flatten`).
+        ``flatten_past``, a chain deeper than that many layers is flattened at once, as
+        :meth:`flatten` does, but before the child appears: a flatten that fails (a full disk)
+        leaves no child behind.
         """
         from pagefork.layers.format import LayerError, LayerFile
+        from pagefork.layers.source import flatten as flatten_chain
 
         parent = self.get(parent_id)
         if len(parent.layers) + 1 > MAX_DEPTH:
@@ -619,6 +621,16 @@ class TemplateRegistry:
             )
             record.parent = parent_id
             record.layers = [*parent.layers, str(final / LAYER_FILE)]
+            if flatten_past is not None and len(record.layers) > flatten_past:
+                chain = [*parent.layers, str(tmp / LAYER_FILE)]
+                try:
+                    flatten_chain(parent.mem_file, chain, str(tmp / FLAT_MEM_FILE))
+                except (LayerError, OSError) as exc:
+                    raise TemplateStorageError(
+                        f"template {template_id!r}: cannot flatten its {len(chain)} layers "
+                        f"(past the depth of {flatten_past}): {exc}"
+                    ) from None
+                record.mem_file, record.layers, record.parent = str(final / FLAT_MEM_FILE), [], None
             return record
 
         def parent_still_there() -> None:
@@ -629,10 +641,7 @@ class TemplateRegistry:
             if again.created != parent.created or again.layers != parent.layers:
                 raise TemplateError(f"template {parent_id!r} changed meanwhile; try again")
 
-        record = self._create(template_id, fill, parent_still_there)
-        if flatten_past is not None and len(record.layers) > flatten_past:
-            record = self.flatten(template_id)
-        return record
+        return self._create(template_id, fill, parent_still_there)
 
     def flatten(self, template_id: str) -> TemplateRecord:
         """Merge the template's chain into one mem-file in its directory: it then has no
