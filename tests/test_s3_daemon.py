@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from pagefork.store.client import make_client
 from pagefork.store.layout import parse_s3_url
 from pagefork.store.lazy import StoreOptions
 from pagefork.store.push import push
+from pagefork.testing.s3proxy import S3Proxy
 from pagefork.testing.vmm import VmmProcess
 
 pytestmark = needs_uffd
@@ -104,6 +107,41 @@ def test_a_template_keeps_the_manifest_it_was_made_from(
     with pytest.raises(DaemonError, match="pinned to is gone from the bucket") as info:
         client.create_template_from("again", pinned)
     assert info.value.status == 400
+
+
+def test_creates_from_a_hung_store_never_hold_up_quick_requests(
+    start_daemon: StartDaemon, tmp_path: Path, s3_bucket: str, s3_endpoint: str
+) -> None:
+    """More ``POST /templates {"source"}`` waiting on a hung store than the daemon has threads
+    for quick requests: they run on the long pool, so a listing is still answered at once."""
+    _push(tmp_path, f"s3://{s3_bucket}/h", s3_endpoint, seed=1)
+    with S3Proxy(s3_endpoint) as proxy:
+        _, client = start_daemon(
+            drivers={},
+            store=StoreOptions(cache=ChunkCache(str(tmp_path / "c")), endpoint_url=proxy.url),
+        )
+        proxy.hang("manifest.json")
+        errors: list[BaseException] = []
+
+        def create(i: int) -> None:
+            try:
+                client.create_template_from(f"h{i}", f"s3://{s3_bucket}/h")
+            except DaemonError as exc:
+                errors.append(exc)
+
+        creates = [threading.Thread(target=create, args=(i,)) for i in range(17)]
+        for t in creates:
+            t.start()
+        deadline = time.monotonic() + 30
+        while proxy.requests < 17 and time.monotonic() < deadline:  # all 17 at the store
+            time.sleep(0.05)
+        assert proxy.requests >= 17
+        started = time.monotonic()
+        assert client.templates()["templates"] == []
+        assert time.monotonic() - started < 5
+    for t in creates:  # the proxy closed: the store is gone, each create fails, named
+        t.join(60)
+    assert len(errors) == 17 and all(e.status == 400 for e in errors)  # type: ignore[attr-defined]
 
 
 def test_a_bad_source_is_a_400_naming_it(

@@ -3,7 +3,13 @@ real uffd faults from test VMM processes that check every byte against the templ
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import stat
 import threading
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +21,7 @@ from pagefork.errors import PrefetchError
 from pagefork.hotpages import HotPage, HotPageList
 from pagefork.server import PageServer, ServerConfig
 from pagefork.store.cache import ChunkCache
-from pagefork.store.client import make_client, put_bytes
+from pagefork.store.client import get_bytes, make_client, put_bytes
 from pagefork.store.layout import parse_s3_url
 from pagefork.store.lazy import StoreOptions
 from pagefork.store.push import push
@@ -293,3 +299,85 @@ def test_a_worker_that_dies_with_parked_faults_loses_none(pushed, s3_server, vmm
     stats = server.stats("a")
     assert stats.errors == 0 and stats.faults == 3072
     assert set(chunk_gets(proxy).values()) == {1}  # the chunk asked for by the dead worker too
+
+
+def test_a_cache_entry_that_is_not_a_regular_file_is_a_miss_left_alone(
+    pushed, s3_server, vmms, proxy, tmp_path
+):
+    """A FIFO, a directory or a symlink under a chunk's name is not the cache's: the chunk
+    comes from the store, the entry stays as it was, and nothing blocks (close included)."""
+    cache = tmp_path / "odd-cache"
+    cache.mkdir()
+    names = [chunk_key(pushed, i).rsplit("/", 1)[1] for i in (1, 2, 3)]
+    os.mkfifo(cache / names[0])
+    (cache / names[1]).mkdir()
+    (tmp_path / "elsewhere").write_bytes(b"not a chunk")
+    (cache / names[2]).symlink_to(tmp_path / "elsewhere")
+    server = s3_server(pushed, cache_dir=cache)
+    vmm = vmms(server.register_fork("a"))
+    pages = pages_in_chunk(1) + pages_in_chunk(2) + pages_in_chunk(3)
+    assert vmm.send(cmd="touch", pages=pages)["bad"] == 0
+    assert server.stats("a").errors == 0
+    assert sum(chunk_gets(proxy).values()) == 3  # each served from the store
+    vmm.close()
+    server.close()  # returns: no fetch thread is stuck opening the FIFO
+    assert stat.S_ISFIFO(os.lstat(cache / names[0]).st_mode)
+    assert (cache / names[1]).is_dir() and (cache / names[2]).is_symlink()
+    assert (tmp_path / "elsewhere").read_bytes() == b"not a chunk"
+
+
+def test_a_hung_store_fails_the_fault_within_the_deadline(pushed, vmms, proxy, tmp_path):
+    """A store that accepts a chunk's GET and never answers fails the fork when the chunk's
+    deadline passes (2 s here), naming the chunk; the server closes at once after."""
+    key = chunk_key(pushed, 1)
+    options = StoreOptions(
+        cache=ChunkCache(str(tmp_path / "c")), endpoint_url=proxy.url, fetch_deadline=2.0
+    )
+    config = ServerConfig(mem_file_path=pushed, socket_dir=str(tmp_path), store=options)
+    with PageServer(config) as server:
+        proxy.hang(key)
+        vmm = vmms(server.register_fork("a"))
+        started = time.monotonic()
+        with pytest.raises(EOFError):
+            vmm.send(cmd="touch", pages=pages_in_chunk(1))
+        ended = server.wait_ended("a", timeout=30)
+        assert time.monotonic() - started < 15  # 2 s deadline; a read may end at most once late
+        assert ended.state == "failed" and ended.error is not None
+        assert "chunk 1 of" in ended.error and "\n" not in ended.error
+
+
+def test_a_503_storm_does_not_use_up_the_retries(pushed, proxy, monkeypatch):
+    """After more 503s than botocore's retry quota allows (100 retries), a chunk answered 503
+    once is still retried: the retries are ours, bounded by time, not by earlier failures."""
+    from pagefork.store import client as s3
+
+    monkeypatch.setattr(s3, "_BACKOFF", 0.001)  # the count matters here, not the pauses
+    key = chunk_key(pushed, 0)
+    bucket = parse_s3_url(pushed).bucket
+    client = make_client(proxy.url)
+    for _ in range(120):
+        proxy.fail_next(1, status=503, key_contains=key)
+        assert len(s3.get_bytes(client, bucket, key)) == CHUNK
+    assert proxy.get_count(key) == 240  # every 503 was tried again, the last ones too
+
+
+def test_a_manifest_that_marks_a_data_page_zero_fails_the_chunk(pushed, s3_server, vmms, s3_bucket):
+    """A chunk that verifies against its SHA-256 but holds data where the manifest's zero map
+    says zero fails (named), and nothing of it is served."""
+    u = parse_s3_url(pushed)
+    client = make_client()
+    doc = json.loads(get_bytes(client, u.bucket, u.key("manifest.json")))
+    zeros = bytearray(zlib.decompress(base64.b64decode(doc["zero_pages"])))
+    data_page = CHUNK // PAGE * 2 + 1  # a data page of chunk 2
+    assert zeros[data_page] == 0
+    zeros[data_page] = 1
+    doc["zero_pages"] = base64.b64encode(zlib.compress(bytes(zeros))).decode()
+    put_bytes(client, u.bucket, u.key("manifest.json"), json.dumps(doc).encode())
+    server = s3_server(pushed)
+    vmm = vmms(server.register_fork("a"))
+    with pytest.raises(EOFError):
+        vmm.send(cmd="touch", pages=[[0, (data_page + 1) * PAGE]])  # same chunk, real data
+    ended = server.wait_ended("a", timeout=10)
+    assert ended.error is not None and "\n" not in ended.error
+    assert f"chunk 2 of {pushed}" in ended.error
+    assert f"marks page {data_page} zero" in ended.error

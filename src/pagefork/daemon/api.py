@@ -369,6 +369,8 @@ def takes_long(method: str, target: str) -> bool:
         return True  # writes a whole mem-file
     if method == "POST" and path.endswith("/snapshot"):
         return True  # pauses a VMM and writes a layer
+    if method == "POST" and path == "/templates":
+        return True  # may fetch from object storage or build a microVM (the body says which)
     return method == "POST" and (
         path == "/forks" or path.endswith("/wait") or path.endswith("/prefetch")
     )

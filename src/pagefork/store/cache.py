@@ -6,7 +6,9 @@ file renamed into place, so processes that share the directory (two ``serve``s, 
 never see half a chunk. An entry is verified against its name on every read: a corrupt one is
 removed and reported as absent, so it is fetched again. A read refreshes the entry's mtime:
 eviction drops the oldest mtimes first, across restarts and processes alike. Only files named
-as a SHA-256 (and our own temporaries) are ever removed.
+as a SHA-256 (and our own temporaries) are ever removed, and only regular files: anything else
+under a chunk's name (a FIFO, a directory, a symlink) is not ours, so it is a miss, logged once
+and left alone, and the chunk is served from the store.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 
@@ -60,6 +63,7 @@ class ChunkCache:
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise StoreError(f"cache directory {self.path}: not writable")
         self._lock = threading.Lock()
+        self._foreign: set[str] = set()  # entries logged as not ours (logged once each)
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
@@ -87,18 +91,38 @@ class ChunkCache:
         """Bytes this process believes the cache holds (others may have added some)."""
         return self._bytes
 
+    def _not_ours(self, path: str, what: str) -> None:
+        with self._lock:
+            self.misses += 1
+            first = path not in self._foreign
+            self._foreign.add(path)
+        if first:
+            log.warning("cache entry %s is %s, not a chunk: ignored and left alone", path, what)
+
     def get(self, sha: str, length: int | None = None) -> bytes | None:
-        """The chunk named ``sha``, verified; None when absent or corrupt (then removed)."""
+        """The chunk named ``sha``, verified; None when absent, corrupt (then removed), or
+        not a regular file (then left alone)."""
         path = self._file(sha)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+            # Non-blocking: opening a FIFO must not wait for a writer that never comes.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
             with self._lock:
                 self.misses += 1
             return None
+        except OSError as exc:  # a symlink (ELOOP), no permission...
+            self._not_ours(path, f"unreadable ({exc.strerror})")
+            return None
         try:
-            with open(fd, "rb", closefd=False) as f:
-                data = f.read()
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self._not_ours(path, "not a regular file")
+                return None
+            try:
+                data = _read_all(fd, st.st_size)
+            except OSError as exc:
+                self._not_ours(path, f"unreadable ({exc.strerror})")
+                return None
             with contextlib.suppress(OSError):
                 os.utime(fd)  # most recently used: evicted last
         finally:
@@ -122,6 +146,10 @@ class ChunkCache:
         A cache that cannot be written (disk full) costs only the caching: it is logged.
         """
         path = self._file(sha)
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                self._not_ours(path, "not a regular file")
+                return  # renaming over it would remove a file that is not ours
         try:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path)
             try:
@@ -158,3 +186,15 @@ class ChunkCache:
             self._bytes = total
             self.evicted += removed
             return removed
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The bytes of regular file ``fd`` (``size`` expected; a file that grew is read whole)."""
+    parts: list[bytes] = []
+    offset = 0
+    while True:
+        piece = os.pread(fd, max(size - offset, 1 << 16), offset)
+        if not piece:
+            return b"".join(parts)
+        parts.append(piece)
+        offset += len(piece)

@@ -70,9 +70,9 @@ def _refused(exc: BaseException) -> bool:
 MAX_CONNECTIONS = 32
 
 
-def make_client(endpoint_url: str | None = None) -> Any:
+def make_client(endpoint_url: str | None = None, *, read_timeout: float = READ_TIMEOUT) -> Any:
     """An S3 client for ``endpoint_url`` (None: from the environment or AWS); it does not
-    retry by itself (the calls below do)."""
+    retry by itself (the calls below do). A socket read waits at most ``read_timeout``."""
     import boto3
     import botocore.config
     import botocore.exceptions
@@ -80,8 +80,8 @@ def make_client(endpoint_url: str | None = None) -> Any:
     config = botocore.config.Config(
         retries={"mode": "standard", "max_attempts": 1},  # one attempt: see with_retries
         max_pool_connections=MAX_CONNECTIONS,
-        connect_timeout=CONNECT_TIMEOUT,
-        read_timeout=READ_TIMEOUT,
+        connect_timeout=min(CONNECT_TIMEOUT, read_timeout),
+        read_timeout=read_timeout,
         # Path-style addressing works with every S3-compatible store (MinIO, Ceph, moto).
         s3={"addressing_style": "path"},
     )

@@ -80,7 +80,10 @@ class LazyTemplate:
         self.cache = cache
         self.fetch_deadline = fetch_deadline
         self._own_client = client is None  # closed with the template (its connections)
-        self._client = client if client is not None else s3.make_client(endpoint_url)
+        if client is None:  # no socket read outlasts a chunk's deadline
+            read_timeout = min(s3.READ_TIMEOUT, fetch_deadline)
+            client = s3.make_client(endpoint_url, read_timeout=read_timeout)
+        self._client = client
         try:
             self.manifest: Manifest
             self.manifest, self.manifest_sha = s3.read_pinned(self._client, self.url)

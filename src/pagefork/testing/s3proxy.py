@@ -4,7 +4,8 @@ Tests and benchmarks put it between pagefork and a local S3-compatible server (`
 to show what a real object store does: :attr:`S3Proxy.delay` seconds pass before each
 request is forwarded (the time to the first byte of a distant store, 10-50 ms), and
 :meth:`S3Proxy.fail_next` answers the next requests with an error status (503 SlowDown, say)
-instead of forwarding them. :attr:`S3Proxy.gets` counts the GETs per object key, so a test can
+instead of forwarding them, and :meth:`S3Proxy.hang` makes requests wait, unanswered, until the
+proxy closes (a hung store). :attr:`S3Proxy.gets` counts the GETs per object key, so a test can
 tell how many times a chunk was fetched. Request signatures pass through untouched (the
 ``Host`` header is kept), so any client that signs for the proxy's address works.
 
@@ -58,6 +59,8 @@ class S3Proxy:
         self.requests = 0
         self._lock = threading.Lock()
         self._failures: list[tuple[int, str]] = []  # (status, key substring) to answer next
+        self._hang: str | None = None  # key substring of requests left unanswered
+        self._closing = threading.Event()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -82,6 +85,12 @@ class S3Proxy:
         ``status`` (a SlowDown error body) instead of forwarding them."""
         with self._lock:
             self._failures.extend([(status, key_contains)] * count)
+
+    def hang(self, key_contains: str | None) -> None:
+        """Leave every request whose path contains ``key_contains`` unanswered until the proxy
+        closes (None: answer them all again)."""
+        with self._lock:
+            self._hang = key_contains
 
     def _take_failure(self, path: str) -> int | None:
         with self._lock:
@@ -118,6 +127,12 @@ class S3Proxy:
                 self.gets[path] += 1
         if self.delay > 0:
             time.sleep(self.delay)  # the injected time to first byte (this is the point)
+        with self._lock:
+            hang = self._hang is not None and self._hang in path
+        if hang:
+            self._closing.wait()  # a hung store: the connection stays open, silent
+            h.close_connection = True
+            return
         status = self._take_failure(path)
         if status is not None:
             h.send_response(status)
@@ -168,6 +183,7 @@ class S3Proxy:
 
     def close(self) -> None:
         """Stop serving and close the socket."""
+        self._closing.set()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
