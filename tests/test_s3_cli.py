@@ -96,6 +96,8 @@ def test_push_on_one_host_serve_on_another(tmp_path: Path, mem_file, vmms, s3_bu
         (["/tmp/x"], "is not an s3://BUCKET/PREFIX URL"),
         (["s3://no-such-bucket-here/t"], "s3://no-such-bucket-here: the bucket does not exist"),
         (["s3://b-x/t", "--chunk-size", "3M"], "must be a power of two"),
+        (["s3://b-x/t", "--chunks-prefix", "../"], "--chunks-prefix '../' must be a key prefix"),
+        (["s3://b-x/t", "--chunks-prefix", "a//"], "--chunks-prefix 'a//' must be a key prefix"),
     ],
 )
 def test_push_errors_are_one_line(args, message, mem_file, s3_endpoint):

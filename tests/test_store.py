@@ -4,6 +4,7 @@ need no server; pushes go to a real moto server over HTTP)."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import pytest
@@ -11,9 +12,11 @@ import pytest
 from conftest import PAGE, make_mem_file
 from pagefork.errors import PageforkError, StoreError
 from pagefork.store.cache import ChunkCache, parse_size
-from pagefork.store.client import get_bytes, make_client
+from pagefork.store.client import get_bytes, make_client, put_bytes
 from pagefork.store.layout import Manifest, parse_manifest, parse_s3_url, sha256
+from pagefork.store.lazy import StoreOptions
 from pagefork.store.push import push
+from pagefork.store.template import fetch_pushed
 
 MIB = 1 << 20
 
@@ -231,3 +234,53 @@ def test_push_to_a_missing_bucket_is_one_line(tmp_path, s3_endpoint):
     mem = make_mem_file(tmp_path / "mem", 16)
     with pytest.raises(StoreError, match=r"^s3://no-such-bucket-here: the bucket does not exist$"):
         push(parse_s3_url("s3://no-such-bucket-here/t"), str(mem), make_client(s3_endpoint))
+
+
+def test_pushing_again_repairs_corrupt_chunks(tmp_path, s3_bucket, s3_endpoint):
+    """A chunk overwritten with the wrong size or without its recorded SHA-256 is uploaded
+    again by a plain push; one with the right size and metadata but wrong bytes only by
+    ``verify``, which reads every chunk back."""
+    client = make_client(s3_endpoint)
+    mem = make_mem_file(tmp_path / "mem", 1024)  # 4 chunks of 1 MiB, none zero
+    url = parse_s3_url(f"s3://{s3_bucket}/t")
+    m = push(url, str(mem), client, chunk_size=MIB).manifest
+    keys = [m.chunk_key(i) for i in range(4)]
+    put_bytes(client, s3_bucket, keys[0], b"\x01" * 10)  # wrong size
+    put_bytes(client, s3_bucket, keys[1], b"\x01" * MIB)  # right size, no SHA-256 recorded
+    sly = m.chunks[2]
+    assert sly is not None
+    put_bytes(client, s3_bucket, keys[2], b"\x01" * MIB, {"sha256": sly})  # lies in full
+    again = push(url, str(mem), client, chunk_size=MIB)
+    assert (again.uploaded_chunks, again.repaired_chunks, again.present_chunks) == (2, 2, 2)
+    data = mem.read_bytes()
+    assert get_bytes(client, s3_bucket, keys[0]) == data[:MIB]
+    assert get_bytes(client, s3_bucket, keys[1]) == data[MIB : 2 * MIB]
+    assert get_bytes(client, s3_bucket, keys[2]) == b"\x01" * MIB  # a HEAD cannot tell
+    verified = push(url, str(mem), client, chunk_size=MIB, verify=True)
+    assert (verified.repaired_chunks, verified.present_chunks) == (1, 3)
+    assert get_bytes(client, s3_bucket, keys[2]) == data[2 * MIB : 3 * MIB]
+
+
+@pytest.mark.parametrize("prefix", ["../", "a/../", "a//", "./", "chunks"])
+def test_push_refuses_a_chunk_prefix_readers_would_refuse(prefix, tmp_path, s3_bucket, s3_endpoint):
+    client = make_client(s3_endpoint)
+    mem = make_mem_file(tmp_path / "mem", 16)
+    with pytest.raises(StoreError, match=f"chunks prefix {re.escape(repr(prefix))}"):
+        push(parse_s3_url(f"s3://{s3_bucket}/t"), str(mem), client, chunks_prefix=prefix)
+    assert "Contents" not in client.list_objects_v2(Bucket=s3_bucket)
+
+
+def test_a_side_file_larger_than_its_manifest_says_is_not_read(tmp_path, s3_bucket, s3_endpoint):
+    """A manifest naming a 5-byte vmstate whose object is 8 MiB: refused after at most its
+    stated size, not read whole."""
+    client = make_client(s3_endpoint)
+    mem = make_mem_file(tmp_path / "mem", 256)
+    (tmp_path / "vmstate").write_bytes(b"state")
+    url = f"s3://{s3_bucket}/t"
+    vmstate = push(
+        parse_s3_url(url), str(mem), client, vmstate=str(tmp_path / "vmstate")
+    ).manifest.vmstate
+    assert vmstate is not None and vmstate.size == 5
+    put_bytes(client, s3_bucket, vmstate.key, bytes(8 * MIB))
+    with pytest.raises(StoreError, match=r"larger than 5 bytes"):
+        fetch_pushed(url, StoreOptions(endpoint_url=s3_endpoint))

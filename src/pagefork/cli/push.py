@@ -2,9 +2,10 @@
 
 The mem-file is cut into fixed-size chunks; all-zero chunks are not stored, and every other
 chunk is stored once, content-addressed, under the bucket's chunk prefix, so templates that
-share content share chunks and a push uploads only what the bucket lacks. The manifest goes
-last. A progress bar shows on stderr when it is a terminal; a summary line (or ``--json``)
-goes to stdout.
+share content share chunks and a push uploads only what the bucket lacks (a chunk whose size or
+recorded SHA-256 is wrong is uploaded again; ``--verify`` also reads back and hashes every chunk
+the bucket has, repairing any corrupt one). The manifest goes last. A progress bar shows on
+stderr when it is a terminal; a summary line (or ``--json``) goes to stdout.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from pagefork.cli.store_options import add_endpoint_argument
 from pagefork.errors import PageforkError
 from pagefork.store.cache import parse_size
 from pagefork.store.client import make_client
-from pagefork.store.layout import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNKS_PREFIX, parse_s3_url
+from pagefork.store.layout import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CHUNKS_PREFIX,
+    parse_s3_url,
+    valid_chunks_prefix,
+)
 from pagefork.store.push import DEFAULT_JOBS, push
 
 
@@ -64,6 +70,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--jobs", type=int, default=DEFAULT_JOBS, help=f"parallel uploads (default {DEFAULT_JOBS})"
     )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="read back and hash every chunk the bucket already has, and upload again any that "
+        "is corrupt (repairs a template whose forks report a chunk failing its SHA-256)",
+    )
     add_endpoint_argument(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=run)
@@ -75,9 +87,10 @@ def run(args: argparse.Namespace) -> int:
     chunk_size = parse_size(args.chunk_size)
     if args.jobs < 1:
         raise PageforkError(f"--jobs must be at least 1, not {args.jobs}")
-    if args.chunks_prefix.startswith("/") or not args.chunks_prefix.endswith("/"):
+    if not valid_chunks_prefix(args.chunks_prefix):  # the check every reader makes
         raise PageforkError(
-            f"--chunks-prefix {args.chunks_prefix!r} must be a key prefix ending in '/'"
+            f"--chunks-prefix {args.chunks_prefix!r} must be a key prefix ending in '/' with no "
+            "empty, '.' or '..' part"
         )
     client = make_client(args.endpoint_url)
     bar = Progress(
@@ -102,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             layers=args.layer,
+            verify=args.verify,
         )
     doc = {
         "url": str(url),
@@ -112,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         "present_chunks": result.present_chunks,
         "uploaded_chunks": result.uploaded_chunks,
         "uploaded_bytes": result.uploaded_bytes,
+        "repaired_chunks": result.repaired_chunks,
         "seconds": round(result.seconds, 3),
     }
     if args.json:
@@ -121,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
             f"pushed {url}: {result.chunks} chunks of {result.manifest.chunk_size >> 10} KiB, "
             f"{result.uploaded_chunks} uploaded ({result.uploaded_bytes / (1 << 20):.1f} MiB), "
             f"{result.present_chunks} already in the bucket, {result.zero_chunks} all zero, "
+            f"{result.repaired_chunks} repaired, "
             f"in {result.seconds:.2f}s"
         )
     return 0

@@ -213,13 +213,15 @@ def push(
 
 def _in_bucket(client: Any, bucket: str, key: str, sha: str, data: bytes, verify: bool) -> str:
     """``"good"`` when the bucket holds chunk ``sha`` intact at ``key`` (a HEAD shows its size
-    and, when the upload recorded it, its SHA-256; with ``verify`` its bytes are read back and
-    hashed), ``"missing"``, or ``"bad"``."""
+    and the SHA-256 its upload recorded; with ``verify`` its bytes are read back and hashed),
+    ``"missing"``, or ``"bad"``."""
     found = s3.head(client, bucket, key)
     if found is None:
         return "missing"
+    # No recorded SHA-256: written by someone else, or by a push before it was recorded; either
+    # way unknown, so uploaded again (once: the upload records it).
     recorded = found.get("Metadata", {}).get(SHA_METADATA)
-    if int(found.get("ContentLength", -1)) != len(data) or recorded not in (None, sha):
+    if int(found.get("ContentLength", -1)) != len(data) or recorded != sha:
         return "bad"
     if verify and sha256(s3.get_bytes(client, bucket, key, limit=len(data))) != sha:
         return "bad"
