@@ -187,7 +187,11 @@ def branch_ready(tmp: Path, mem_mib: int, pairs: int) -> dict[str, Any]:
     branches: list[ForkReport] = []
     with PageServer(config) as server:
         warm, hot = orchestrate.warm_up(server, template, fork_index=0)
-        snap = branch.snapshot_parent(server, template, warm.variant, tmp / "child", hot)
+        # The snapshotted parent answers, from its own memory, what each branch must walk to.
+        indices = [orchestrate.fork_index(template, k, warm.variant) for k in range(pairs + 1)]
+        snap = branch.snapshot_parent(
+            server, template, warm.variant, tmp / "child", hot, branch_indices=indices
+        )
         memory = (*template.memory_chain, snap.layer)
         child = load_template(snap.directory, memory)
         child_hot = branch.child_hot_set(template, memory[1:], hot)
@@ -211,6 +215,7 @@ def branch_ready(tmp: Path, mem_mib: int, pairs: int) -> dict[str, Any]:
     template.close()
     ok = all(x.checksum_ok for x in base + branches)
     sees = all(b.checksums != a.checksums for a, b in zip(base, branches, strict=True))
+    sees = sees and all(snap.expected.get(b.fork_index) == b.checksums for b in branches)
     figures: dict[str, Any] = {
         "branch_ready_ms_p50": percentile([x.ready_ms for x in branches], 50),
         "base_ready_ms_p50": percentile([x.ready_ms for x in base], 50),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import pytest
 
 from conftest import needs_kvm
 from pagefork.cli import main
+from pagefork.layers.capture import data_extents
+from pagefork.vmm.kvm import branch as kvm_branch
 from pagefork.vmm.kvm import orchestrate
 
 #: The least speed-up of a prefetched fork's prefetch + run over its pair's run (the median over
@@ -71,6 +74,7 @@ def test_demo_branch_forks_a_snapshot_that_every_branch_sees(
     b = doc["branch"]
     assert b["checksums_ok"] is True and b["forks"] == 3
     assert b["sees_change"] == [True, True, True]
+    assert b["matches_parent"] == [True, True, True]
     prefetch = doc["modes"]["prefetch"]["per_fork"]
     for branch, base in zip(b["per_fork"], prefetch, strict=True):
         # Same trace as the template's fork beside it, other memory: another checksum, each
@@ -84,6 +88,40 @@ def test_demo_branch_forks_a_snapshot_that_every_branch_sees(
     assert b["layer_bytes"] >= 4096 * b["changed_pages"]
     assert b["snapshot_ms"] > 0 and b["ready_ms_p50"] > 0 and b["base_ready_ms_p50"] > 0
     assert b["base_ready_ms_p50"] == doc["modes"]["prefetch"]["ready_ms_p50"]
+
+
+@needs_kvm
+def test_demo_branch_catches_a_layer_that_misses_pages(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture that loses every other page the parent wrote: each branch is right for the
+    chain it is served from, and still sees a change, yet walks to other checksums than the
+    snapshotted parent says from its own memory."""
+    real_capture = kvm_branch.capture_layer
+
+    def lossy_capture(memory_diff: str, **kw: Any) -> Any:
+        fd = os.open(memory_diff, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            pages = [p for a, b in data_extents(fd, size, memory_diff) for p in range(a, b)]
+            kept = {p: os.pread(fd, 4096, p * 4096) for p in pages[::2]}
+        finally:
+            os.close(fd)
+        os.unlink(memory_diff)  # the same size, half the data
+        with open(memory_diff, "wb") as f:
+            f.truncate(size)
+            for page, data in kept.items():
+                f.seek(page * 4096)
+                f.write(data)
+        return real_capture(memory_diff, **kw)
+
+    monkeypatch.setattr(kvm_branch, "capture_layer", lossy_capture)
+    code = main(["demo", "--mem-size", "16", "--forks", "3", "--branch", "--json"])
+    b = json.loads(capsys.readouterr().out)["branch"]
+    assert code == 1 and b["checksums_ok"] is False
+    assert False in b["matches_parent"]
+    # What the checks against the chain alone saw: nothing wrong.
+    assert all(r["checksum_ok"] for r in b["per_fork"]) and all(b["sees_change"])
 
 
 @needs_kvm

@@ -8,8 +8,9 @@ prefetched pages, misses and checksums, and the speed-up: the median of the pair
 With ``--branch`` it then snapshots a fork: a fork of the template walks its trace (its writes
 change guest memory), is paused at its end and captured into a layer; as many branches as
 prefetched forks are forked from that snapshot, each on the trace of one prefetched fork of
-the template, and each must report a checksum that shows the change (checked in the fork
-against the snapshot's memory) where the template's fork on that trace does not.
+the template. Each must report the checksum the snapshotted fork itself answers for its trace
+from its own memory (it then walks on from the snapshot, and its own walk must agree): a check
+independent of the layers the branches are served from.
 """
 
 from __future__ import annotations
@@ -190,7 +191,12 @@ def run(args: argparse.Namespace) -> int:
                 if args.branch:
                     t_snap = progress.add_task("snapshot of a fork", total=1)
                     snapshot = branch.snapshot_parent(
-                        server, template, warm.variant, branch.temp_snapshot_dir(workdir), hot
+                        server,
+                        template,
+                        warm.variant,
+                        branch.temp_snapshot_dir(workdir),
+                        hot,
+                        branch_indices=[r.fork_index for r in prefetch],
                     )
                     progress.update(t_snap, completed=1)
             branched = None
@@ -309,7 +315,7 @@ def _print_tables(doc: dict[str, Any]) -> None:
             f"({b['changed_pages']} pages changed, layer {b['layer_bytes'] / 1024:.0f} KiB); "
             f"{b['forks']} branches ready p50 {b['ready_ms_p50']:.0f} ms vs "
             f"{b['base_ready_ms_p50']:.0f} ms for the template's prefetched forks; every branch "
-            f"sees the change and the template's forks do not: "
+            f"walks to what the snapshotted fork's own memory says: "
             + ("[green]OK[/]" if b["checksums_ok"] else "[red]WRONG[/]")
         )
 

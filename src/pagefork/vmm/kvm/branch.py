@@ -14,6 +14,11 @@ runs it.
    the parent's halt and walks again over memory as the parent left it: its read phase reads
    the words the parent wrote, so its checksum (checked inside the fork against the child's
    memory) differs from the one a fork of the template reports on the same trace.
+4. The check is independent of the chain the branches are served from: at its snapshot the
+   parent itself answers, from its own memory, the checksums a walk of each branch's trace
+   must report (:meth:`~pagefork.vmm.kvm.process.ForkProcess.own_checksums`), and then walks on
+   from there, as a VM goes on after a snapshot: its walk must report what it answered for its
+   own trace. A page the layer missed makes a branch's walk differ from what the parent said.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ class Snapshot:
     layer_bytes: int
     pause_ms: float
     capture_ms: float
+    #: By fork index: the checksums a branch walking that index's trace must report, as the
+    #: parent answered them from its own memory at the snapshot.
+    expected: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def snapshot_ms(self) -> float:
@@ -69,12 +77,20 @@ class BranchRun:
     #: Per branch: its checksums differ from those of the template's fork on its trace.
     sees_change: list[bool] = field(default_factory=list)
 
+    @property
+    def matches_parent(self) -> list[bool]:
+        """Per branch: it walked to the checksums the snapshotted parent said it must."""
+        expected = self.snapshot.expected
+        return [expected.get(r.fork_index) == r.checksums for r in self.branches]
+
     def to_dict(self) -> dict[str, Any]:
-        """The demo's ``branch`` object."""
+        """The demo's ``branch`` object. ``checksums_ok``: every branch walked to what the
+        snapshotted parent said, from its own memory (not from the chain they are served
+        from), and every fork of the template to the template's checksums."""
         s = self.snapshot
         return {
             "checksums_ok": all(r.checksum_ok for r in self.branches)
-            and all(self.sees_change)
+            and all(self.matches_parent)
             and all(r.checksum_ok for r in self.base),
             "forks": len(self.branches),
             "layer_bytes": s.layer_bytes,
@@ -86,6 +102,7 @@ class BranchRun:
             "snapshot_pause_ms": s.pause_ms,
             "snapshot_capture_ms": s.capture_ms,
             "sees_change": self.sees_change,
+            "matches_parent": self.matches_parent,
             "per_fork": [r.to_dict() for r in self.branches],
         }
 
@@ -97,9 +114,12 @@ def snapshot_parent(
     out_dir: Path,
     hot: HotPageList | None = None,
     timeout: float = 60.0,
+    branch_indices: Sequence[int] = (),
 ) -> Snapshot:
     """Run a parent fork of ``template`` to its halt (prefetched from ``hot`` if given) and
-    snapshot it into ``out_dir`` (created), which becomes the child's template directory."""
+    snapshot it into ``out_dir`` (created), which becomes the child's template directory.
+    The parent then answers what branches of ``branch_indices`` must walk to, and walks on
+    itself: :class:`VmmError` if that walk disagrees with its own answer."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"parent-{fork_index}-{time.monotonic_ns() % 1_000_000_000}"
     sock = server.register_fork(name)
@@ -124,6 +144,14 @@ def snapshot_parent(
         )
         t2 = time.monotonic()
         os.unlink(doc["memory_diff"])  # in the layer now
+        expected = {i: parent.own_checksums(i, timeout) for i in {*branch_indices, fork_index}}
+        parent.go()  # walks on: a real walk over the memory it answered from
+        walked = parent.wait_result(timeout=timeout)
+        if walked.checksums != expected[fork_index]:
+            raise VmmError(
+                f"parent fork {fork_index}: its walk after the snapshot reported "
+                f"{walked.checksums}, but its memory says {expected[fork_index]}"
+            )
     finally:
         parent.close()
         server.unregister_fork(name)
@@ -136,6 +164,7 @@ def snapshot_parent(
         layer_bytes=captured.info.bytes,
         pause_ms=(t1 - t0) * 1e3,
         capture_ms=(t2 - t1) * 1e3,
+        expected=expected,
     )
 
 
