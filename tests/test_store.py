@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -284,3 +286,44 @@ def test_a_side_file_larger_than_its_manifest_says_is_not_read(tmp_path, s3_buck
     put_bytes(client, s3_bucket, vmstate.key, bytes(8 * MIB))
     with pytest.raises(StoreError, match=r"larger than 5 bytes"):
         fetch_pushed(url, StoreOptions(endpoint_url=s3_endpoint))
+
+
+_WRITER = """
+import hashlib, os, sys
+from pagefork.store.cache import ChunkCache
+cache = ChunkCache(sys.argv[1], 8 << 20)
+print("ready", flush=True)
+sys.stdin.readline()  # both start writing together
+for _ in range(15):
+    data = os.urandom(1 << 19)
+    cache.put(hashlib.sha256(data).hexdigest(), data)
+"""
+
+
+def test_processes_sharing_a_cache_keep_it_within_the_bound(tmp_path):
+    """Two processes each write 7.5 MiB into one cache bounded at 8 MiB: together 15 MiB, but
+    the directory, rescanned as they write, stays within the bound."""
+    d = tmp_path / "shared"
+    d.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(d)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.close()
+    for p in procs:
+        assert p.wait(60) == 0
+        assert p.stdout is not None
+        p.stdout.close()
+    on_disk = sum(f.stat().st_size for f in d.iterdir())
+    assert on_disk <= 8 * MIB, on_disk / MIB
+    assert not [f for f in d.iterdir() if f.name.startswith(".tmp-")]

@@ -5,10 +5,13 @@ SHA-256, so templates that share content share cache entries too. Writes go to a
 file renamed into place, so processes that share the directory (two ``serve``s, a daemon)
 never see half a chunk. An entry is verified against its name on every read: a corrupt one is
 removed and reported as absent, so it is fetched again. A read refreshes the entry's mtime:
-eviction drops the oldest mtimes first, across restarts and processes alike. Only files named
-as a SHA-256 (and our own temporaries) are ever removed, and only regular files: anything else
-under a chunk's name (a FIFO, a directory, a symlink) is not ours, so it is a miss, logged once
-and left alone, and the chunk is served from the store.
+eviction drops the oldest mtimes first, across restarts and processes alike. The directory,
+not this process's count, is the truth: it is rescanned (sizes and mtimes) whenever this
+process has written a sixty-fourth of the bound or 16 chunks since the last scan, so processes
+that share it together stay within the bound (each may overshoot by that much between scans).
+Only files named as a SHA-256 (and our own temporaries) are ever removed, and only regular
+files: anything else under a chunk's name (a FIFO, a directory, a symlink) is not ours, so it
+is a miss, logged once and left alone, and the chunk is served from the store.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ log = logging.getLogger("pagefork.store")
 _ENTRY = re.compile(r"[0-9a-f]{64}")
 #: Eviction goes down to this share of the bound, so it does not run on every write.
 _LOW_WATER = 0.9
+#: The directory is rescanned after this many writes, or this share of the bound written.
+_RESCAN_WRITES = 16
+_RESCAN_SHARE = 64
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -69,6 +75,7 @@ class ChunkCache:
         self.corrupt = 0
         self.evicted = 0
         self._bytes = sum(size for _, size, _ in self._scan())
+        self._since_scan = (0, 0)  # (writes, bytes) since the directory was last scanned
 
     def _file(self, sha: str) -> str:
         if not _ENTRY.fullmatch(sha):
@@ -83,12 +90,13 @@ class ChunkCache:
                 if _ENTRY.fullmatch(e.name):
                     with contextlib.suppress(OSError):
                         st = e.stat(follow_symlinks=False)
-                        out.append((e.name, st.st_size, st.st_mtime))
+                        if stat.S_ISREG(st.st_mode):  # anything else is not ours
+                            out.append((e.name, st.st_size, st.st_mtime))
         return out
 
     @property
     def used_bytes(self) -> int:
-        """Bytes this process believes the cache holds (others may have added some)."""
+        """Bytes the directory held at the last scan, plus what this process wrote since."""
         return self._bytes
 
     def _not_ours(self, path: str, what: str) -> None:
@@ -165,16 +173,24 @@ class ChunkCache:
             return
         with self._lock:
             self._bytes += len(data)
-            over = self._bytes > self.max_bytes
-        if over:
+            writes, written = self._since_scan[0] + 1, self._since_scan[1] + len(data)
+            self._since_scan = (writes, written)
+            rescan = (
+                self._bytes > self.max_bytes
+                or writes >= _RESCAN_WRITES
+                or written >= self.max_bytes // _RESCAN_SHARE
+            )
+        if rescan:  # others sharing the directory may have filled it meanwhile
             self.evict()
 
     def evict(self) -> int:
-        """Remove least recently used entries until the cache is under its bound; the count."""
+        """Rescan the directory; when it holds more than the bound, remove least recently used
+        entries down to 90% of it. The count removed."""
         with self._lock:
+            self._since_scan = (0, 0)
             entries = sorted(self._scan(), key=lambda e: e[2])
             total = sum(size for _, size, _ in entries)
-            target = int(self.max_bytes * _LOW_WATER)
+            target = int(self.max_bytes * _LOW_WATER) if total > self.max_bytes else total
             removed = 0
             for name, size, _ in entries:
                 if total <= target:
