@@ -381,3 +381,22 @@ def test_a_manifest_that_marks_a_data_page_zero_fails_the_chunk(pushed, s3_serve
     assert ended.error is not None and "\n" not in ended.error
     assert f"chunk 2 of {pushed}" in ended.error
     assert f"marks page {data_page} zero" in ended.error
+
+
+def test_a_chunk_gone_from_the_bucket_or_corrupt_says_what_to_do(
+    pushed, s3_server, vmms, s3_bucket
+):
+    client = make_client()
+    client.delete_object(Bucket=s3_bucket, Key=chunk_key(pushed, 1))
+    put_bytes(client, s3_bucket, chunk_key(pushed, 2), b"\x01" * CHUNK)
+    server = s3_server(pushed)
+    for fork, chunk, why in (
+        ("gone", 1, "is gone from the bucket (deleted after the push): push the template again"),
+        ("bad", 2, f"repair it with 'pagefork push --verify {pushed} --mem-file MEM'"),
+    ):
+        vmm = vmms(server.register_fork(fork))
+        with pytest.raises(EOFError):
+            vmm.send(cmd="touch", pages=pages_in_chunk(chunk))
+        ended = server.wait_ended(fork, timeout=30)
+        assert ended.error is not None and "\n" not in ended.error
+        assert f"chunk {chunk} of {pushed}" in ended.error and why in ended.error
