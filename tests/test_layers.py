@@ -19,6 +19,7 @@ from conftest import PAGE, make_mem_file
 from pagefork import libc
 from pagefork.errors import MemFileError, PageforkError
 from pagefork.layers import source
+from pagefork.layers.capture import ChainPages, capture_layer
 from pagefork.layers.format import (
     LayerError,
     LayerFile,
@@ -301,3 +302,43 @@ def test_an_empty_layer_is_a_valid_file_that_changes_nothing(tmp_path: Path):
     with LayeredView(base, [str(tmp_path / "l")]) as view:
         assert view.segments == []
         assert b"".join(view.read_page(p) for p in range(16)) == base.read_bytes()
+
+
+def test_a_captured_layer_opens_only_over_the_memory_it_was_taken_over(tmp_path: Path):
+    """Its parent fingerprint ties it to the base's pages and the layer below: another base of
+    the same size, or another layer below, is a one-line refusal, not a mix served."""
+    chain = Chain(tmp_path, pages=64, depth=1)
+    other_base = str(make_mem_file(tmp_path / "other", 64, seed=99))
+    other_below = str(tmp_path / "other-layer")
+    write_layer(other_below, size=64 * PAGE, pages=[(1, b"o" * PAGE)])
+    diff = tmp_path / "diff"
+    with open(diff, "wb") as f:
+        f.truncate(64 * PAGE)
+        f.seek(9 * PAGE)
+        f.write(b"d" * PAGE)
+    top = str(tmp_path / "top")
+    capture_layer(str(diff), parent_chain=[chain.base, *chain.layers], removed=[], out_path=top)
+
+    with LayeredView(chain.base, [*chain.layers, top]) as view:
+        assert view.read_page(9) == b"d" * PAGE
+    for base, below in ((other_base, chain.layers), (chain.base, [other_below])):
+        with pytest.raises(LayerError, match=f"layer {top} was taken over other memory than"):
+            LayeredView(base, [*below, top])
+        with pytest.raises(LayerError, match="parent fingerprint differs"):
+            ChainPages([base, *below, top])
+    # The fingerprint is covered by the checksum: a layer cannot be re-tied by editing it.
+    raw = bytearray(Path(top).read_bytes())
+    raw[48 + 1024] ^= 1
+    Path(top).write_bytes(raw)
+    with pytest.raises(LayerError, match="checksum mismatch"):
+        LayerFile(top)
+
+
+def test_a_layer_written_without_a_fingerprint_is_not_checked(tmp_path: Path):
+    base = make_mem_file(tmp_path / "base", 16)
+    path = str(tmp_path / "l")
+    write_layer(path, size=16 * PAGE, pages=[(2, b"x" * PAGE)])
+    with LayerFile(path) as layer:
+        assert layer.parent_fingerprint is None
+    with LayeredView(base, [path]) as view:
+        assert view.read_page(2) == b"x" * PAGE

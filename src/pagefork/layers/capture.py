@@ -29,7 +29,14 @@ from dataclasses import dataclass
 
 from pagefork.errors import VmmError
 from pagefork.files import open_regular
-from pagefork.layers.format import LAYER_PAGE, LayerFile, LayerInfo, write_layer
+from pagefork.layers.format import (
+    LAYER_PAGE,
+    LayerFile,
+    LayerInfo,
+    chain_fingerprint,
+    check_parent,
+    write_layer,
+)
 
 #: Data extents are read in slices of this many bytes.
 _READ_CHUNK = 1 << 20
@@ -167,6 +174,12 @@ class ChainPages:
                         f"layer {path} is for {layer.size} bytes of memory, but the mem-file "
                         f"{chain[0]} holds {self.size}"
                     )
+                below = self._layers[-1][0] if self._layers else None
+                try:
+                    check_parent(layer, self._base, chain[0], below)
+                except BaseException:
+                    layer.close()
+                    raise
                 self._layers.append(
                     (
                         layer,
@@ -178,6 +191,11 @@ class ChainPages:
         except BaseException:
             self.close()
             raise
+
+    def fingerprint(self) -> bytes:
+        """What a layer taken over this chain records of it (its parent fingerprint)."""
+        top = self._layers[-1][0] if self._layers else None
+        return chain_fingerprint(self._base, self.size, top)
 
     def _from_layers(self, index: int) -> bytes | None:
         """The page from the topmost layer that has it (data or zero), or None."""
@@ -255,7 +273,14 @@ def capture_layer(
                 counted["changed"] += 1
                 yield page, data
 
-        info = write_layer(out_path, size=size, pages=changed(), zero_runs=runs, parent=parent_name)
+        info = write_layer(
+            out_path,
+            size=size,
+            pages=changed(),
+            zero_runs=runs,
+            parent=parent_name,
+            parent_fingerprint=reader.fingerprint(),
+        )
     finally:
         os.close(fd)
         reader.close()

@@ -12,8 +12,10 @@ offset                content
 ====================  =======================================================================
 0                     header: magic ``PFLAYER1``, guest memory ``size``, data page count,
                       zero run count, index offset, parent name length, CRC-32 (of the
-                      header with the CRC field zero, the parent name and the index)
+                      header with the CRC field zero, the parent name, the parent
+                      fingerprint unless it is all zero, and the index)
 48                    parent name (UTF-8, at most :data:`MAX_PARENT_BYTES`)
+1072                  parent fingerprint: 32 bytes, all zero when the writer gave none
 4096                  data area: data page *k* at ``4096 + k * 4096``
 index offset          ``pages`` little-endian u64 page numbers (data page *k* is guest page
                       ``index[k]``), then ``zero_runs`` pairs of u64 (first page, count)
@@ -25,6 +27,15 @@ The file ends exactly at the end of the index: a truncated file is refused, not 
 page that is all zero is stored as a zero run instead (it costs no data). The same page may not
 be both data and in a zero run, nor be data twice.
 
+The *parent fingerprint* ties a layer to the memory it was taken over
+(:func:`chain_fingerprint`): a SHA-256 over the memory size, a fixed sample of 64 pages of the
+base mem-file, and the CRC-32 of the layer just below (whose own fingerprint that CRC covers,
+so the whole chain is tied). A chain that opens a layer over other memory of the same size (a
+wrong ``--mem-file``, a base rewritten in place) is refused with one line, not served as a
+mix; sampling costs 64 page reads per layer, never a scan. A layer written without one (files
+of older versions, or ``write_layer`` without ``parent_fingerprint``) is not checked: what a
+snapshot captures always carries one.
+
 Reading: :class:`LayerFile` opens and validates a layer (every error is one line naming the
 file); :func:`open_reader` reads what a fork of a chain reads, page by page.
 """
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import hashlib
 import os
 import re
 import struct
@@ -52,6 +64,12 @@ MAGIC = b"PFLAYER1"
 #: The most bytes of a parent name stored in a layer.
 MAX_PARENT_BYTES = 1024
 _HEADER = struct.Struct("<8sQQQQHxxI")  # magic, size, pages, zero runs, index offset, parent, crc
+#: Where the parent fingerprint sits in the header page, and its length (SHA-256).
+_FINGERPRINT_AT = _HEADER.size + MAX_PARENT_BYTES
+FINGERPRINT_BYTES = 32
+_NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
+#: Base pages sampled by a fingerprint.
+_SAMPLE_PAGES = 64
 _DATA_START = LAYER_PAGE
 _ZERO_PAGE = bytes(LAYER_PAGE)
 # A page in the writer's map: untouched, data, zero (stored as a zero run).
@@ -96,12 +114,14 @@ def write_layer(
     pages: Iterable[tuple[int, bytes | memoryview]],
     zero_runs: Iterable[tuple[int, int]] = (),
     parent: str | None = None,
+    parent_fingerprint: bytes | None = None,
 ) -> LayerInfo:
     """Write a layer file atomically (a temp file renamed over ``path``).
 
     ``size`` is the guest memory size in bytes (a multiple of :data:`LAYER_PAGE`); ``pages`` are
     (page index, 4096 bytes) in any order; ``zero_runs`` are (first page, count) runs that must
-    read zero. ``parent`` names what the layer was taken over (kept for people, not checked).
+    read zero. ``parent`` names what the layer was taken over (kept for people, not checked);
+    ``parent_fingerprint`` (:func:`chain_fingerprint`) ties it to that memory (checked).
     Raises :class:`LayerError` naming the bad entry; the old file, if any, stays as it was.
     """
     if size <= 0 or size % LAYER_PAGE:
@@ -109,6 +129,9 @@ def write_layer(
     parent_bytes = (parent or "").encode()
     if len(parent_bytes) > MAX_PARENT_BYTES:
         raise LayerError(f"layer {path}: parent name longer than {MAX_PARENT_BYTES} bytes")
+    fingerprint = parent_fingerprint or _NO_FINGERPRINT
+    if len(fingerprint) != FINGERPRINT_BYTES:
+        raise LayerError(f"layer {path}: a parent fingerprint has {FINGERPRINT_BYTES} bytes")
     npages = size // LAYER_PAGE
     kinds = bytearray(npages)
     index = _u64_array()
@@ -152,7 +175,11 @@ def write_layer(
         f.write(tail)
         f.truncate(index_offset + len(tail))  # an empty layer still spans its header page
         f.seek(0)
-        f.write(_header(size, len(index), len(runs) // 2, index_offset, parent_bytes, tail))
+        f.write(
+            _header(size, len(index), len(runs) // 2, index_offset, parent_bytes, tail, fingerprint)
+        )
+        f.seek(_FINGERPRINT_AT)
+        f.write(fingerprint)
 
     atomic_save(path, write, "layer", error=LayerError)
     zero_pages = sum(runs[1::2])
@@ -171,12 +198,51 @@ def _index_bytes(index: array.array[int], runs: array.array[int]) -> bytes:
     return index.tobytes() + runs.tobytes()
 
 
+def _crc(bare: bytes, parent: bytes, fingerprint: bytes, tail: bytes) -> int:
+    crc = zlib.crc32(parent, zlib.crc32(bare))
+    if fingerprint != _NO_FINGERPRINT:  # files without one keep the CRC they always had
+        crc = zlib.crc32(fingerprint, crc)
+    return zlib.crc32(tail, crc)
+
+
 def _header(
-    size: int, pages: int, zero_runs: int, index_offset: int, parent: bytes, tail: bytes
+    size: int,
+    pages: int,
+    zero_runs: int,
+    index_offset: int,
+    parent: bytes,
+    tail: bytes,
+    fingerprint: bytes,
 ) -> bytes:
     bare = _HEADER.pack(MAGIC, size, pages, zero_runs, index_offset, len(parent), 0)
-    crc = zlib.crc32(tail, zlib.crc32(parent, zlib.crc32(bare)))
+    crc = _crc(bare, parent, fingerprint, tail)
     return _HEADER.pack(MAGIC, size, pages, zero_runs, index_offset, len(parent), crc) + parent
+
+
+def chain_fingerprint(base_fd: int, size: int, below: LayerFile | None) -> bytes:
+    """What a layer taken over a chain records of it: SHA-256 over ``size``, 64 pages of the
+    base (open as ``base_fd``) spread evenly over its memory, and the CRC-32 of ``below``, the
+    chain's top layer (None: the base alone)."""
+    npages = size // LAYER_PAGE
+    digest = hashlib.sha256(b"pagefork-parent-1" + size.to_bytes(8, "little"))
+    for page in sorted({i * npages // _SAMPLE_PAGES for i in range(_SAMPLE_PAGES)}):
+        digest.update(os.pread(base_fd, LAYER_PAGE, page * LAYER_PAGE))
+    digest.update(b"" if below is None else below.crc.to_bytes(4, "little"))
+    return digest.digest()
+
+
+def check_parent(layer: LayerFile, base_fd: int, base: str, below: LayerFile | None) -> None:
+    """Refuse ``layer`` over a chain (the base mem-file ``base`` open as ``base_fd``, and
+    ``below`` its top layer) other than the one it was taken over (:class:`LayerError`). A
+    layer without a parent fingerprint is not checked."""
+    if layer.parent_fingerprint is None:
+        return
+    if chain_fingerprint(base_fd, layer.size, below) != layer.parent_fingerprint:
+        over = base if below is None else f"{base} + ... + {below.path}"
+        raise LayerError(
+            f"layer {layer.path} was taken over other memory than {over} (its parent "
+            "fingerprint differs: another base or layer of the same size?)"
+        )
 
 
 class LayerFile:
@@ -227,9 +293,10 @@ class LayerFile:
         if file_size > end:
             raise self._fail(f"{file_size - end} bytes of trailing garbage")
         parent = self._read(fd, parent_len, _HEADER.size)
+        fingerprint = self._read(fd, FINGERPRINT_BYTES, _FINGERPRINT_AT)
         tail = self._read(fd, end - index_offset, index_offset)
         bare = _HEADER.pack(MAGIC, size, pages, zero_runs, index_offset, parent_len, 0)
-        if zlib.crc32(tail, zlib.crc32(parent, zlib.crc32(bare))) != crc:
+        if _crc(bare, parent, fingerprint, tail) != crc:
             raise self._fail("checksum mismatch (corrupt header or index)")
         index = _u64_array()
         index.frombytes(tail[: pages * 8])
@@ -265,6 +332,10 @@ class LayerFile:
         self.size = size
         self.index = index
         self.parent = parent.decode(errors="replace") or None
+        #: What the layer was taken over (:func:`chain_fingerprint`), None if not recorded.
+        self.parent_fingerprint = None if fingerprint == _NO_FINGERPRINT else fingerprint
+        #: The header's CRC-32: a layer over this one records it in its fingerprint.
+        self.crc = crc
         self.bytes = file_size
 
     @property
@@ -331,6 +402,8 @@ __all__ = [
     "LayerFile",
     "LayerInfo",
     "PageReader",
+    "chain_fingerprint",
+    "check_parent",
     "diff_against",
     "open_reader",
     "write_layer",

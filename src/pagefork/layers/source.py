@@ -34,7 +34,7 @@ from typing import BinaryIO
 from pagefork import libc
 from pagefork.errors import MemFileError
 from pagefork.files import atomic_save
-from pagefork.layers.format import LAYER_PAGE, LayerError, LayerFile
+from pagefork.layers.format import LAYER_PAGE, LayerError, LayerFile, check_parent
 from pagefork.memfile import MemFile
 from pagefork.regions import Region
 
@@ -98,6 +98,12 @@ class LayeredView(MemFile):
                         f"layer {layer.path}: its memory is {layer.size} bytes, but the "
                         f"mem-file {self.path} has {self.size}"
                     )
+                check_parent(
+                    layer,
+                    self.fd,
+                    str(self.path),
+                    self.layers[-2] if len(self.layers) > 1 else None,
+                )
             if self.layers:
                 self._resolve()
                 limit = max_segments() if segment_limit is None else segment_limit
