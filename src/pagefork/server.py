@@ -1027,6 +1027,12 @@ class PageServer:
                 entry.regions = [Region(*r) for r in message[2]]
             elif op == "serving" and entry is not None and entry.state is ForkState.ADOPTING:
                 entry.state = transition(entry.fork_id, entry.state, ForkState.SERVING)
+            elif op == "released":  # a takeover: the worker has let these forks go
+                for key in message[1]:
+                    worker.forks.discard(key)
+                    released = self._serving.get(key)
+                    if released is not None and released.worker is worker:
+                        released.worker = None
             elif op == "ready":
                 worker.ready.set()
             elif op == "armed" and message[1] in self._acks:
