@@ -279,12 +279,19 @@ def test_takeover_while_a_fork_is_mid_prefetch(short_dir: Path, mem_file: Path, 
     first.wait_for("hot_pages_saved")
     assert first.stop() == 0
     old = Serve(*args_for(sock, mem_file, "--hot-pages", str(hot)))
-    old.wait_for("listening")
+    (listening,) = old.wait_for("listening")
+    # Its workers stopped: the prefetch the guest's handshake starts cannot finish until the
+    # takeover has begun.
+    for pid in listening["worker_pids"]:
+        os.kill(pid, signal.SIGSTOP)
+    guest = vmms(str(sock))
     new = Serve(*args_for(sock, mem_file, "--takeover", "--hot-pages", str(hot)),
-                env={"PAGEFORK_TAKEOVER_PAUSE_AT": "hello"})  # fmt: skip
-    new.wait_err("takeover: paused at hello")
-    guest = vmms(str(sock))  # its 3072-page prefetch starts at its handshake
+                env={"PAGEFORK_TAKEOVER_PAUSE_AT": "built"})  # fmt: skip
+    new.wait_err("takeover: paused at built")
+    assert not old.events[1:]  # no prefetch_done yet
     new.proc.send_signal(signal.SIGUSR1)
+    for pid in listening["worker_pids"]:
+        os.kill(pid, signal.SIGCONT)
     new.wait_for("took_over")
     assert old.proc.wait(30) == 0
     # The prefetch in flight finished on the old side before its worker let the fork go.
