@@ -85,6 +85,23 @@ def add_parser(subparsers: Any) -> None:
         help="worker processes per template's page server (default auto: one per usable CPU); "
         "a worker that dies is replaced and its forks are served on without loss",
     )
+    d.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take over from the daemon running on --state-dir (through STATE_DIR/"
+        "takeover.sock): its control socket and every live fork move to this process, no "
+        "fork or client notices, and the old daemon exits 0. If the takeover fails the old "
+        "one serves on and this exits 2 with the reason",
+    )
+    d.add_argument(
+        "--on-sighup",
+        choices=("stop", "takeover"),
+        default="stop",
+        help="what SIGHUP does: stop (default; release every fork and exit, like SIGTERM) or "
+        "takeover (upgrade in place: start 'python -m pagefork daemon SAME-OPTIONS "
+        "--takeover' with the code installed now and hand everything to it; if it fails, "
+        "serve on). The systemd unit in contrib/systemd reloads this way",
+    )
     d.add_argument("-v", "--verbose", action="store_true", help="log the fork lifecycle")
     d.set_defaults(func=run_daemon)
 
@@ -166,7 +183,6 @@ def add_parser(subparsers: Any) -> None:
 
 def run_daemon(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM, then release every fork and exit 0."""
-    from pagefork.daemon.service import Daemon
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -176,33 +192,27 @@ def run_daemon(args: argparse.Namespace) -> int:
     if not 0 < args.record_max_share <= 1 or args.record_max_seconds <= 0:
         raise PageforkError("--record-max-share must be in (0, 1], --record-max-seconds > 0")
     stop = threading.Event()
+    upgrade = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP and args.on_sighup == "takeover":
+            upgrade.set()
         stop.set()
 
-    # SIGHUP (its terminal or supervisor went away) stops it cleanly too, like SIGTERM; one
-    # that is ignored on entry (nohup) stays ignored: that caller asked it to outlive them.
+    # SIGHUP (its terminal or supervisor went away) stops it cleanly too, like SIGTERM, unless
+    # --on-sighup takeover; one that is ignored on entry (nohup) stays ignored: that caller
+    # asked it to outlive them.
     stop_signals = [signal.SIGINT, signal.SIGTERM]
     if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
         stop_signals.append(signal.SIGHUP)
     previous = {s: signal.signal(s, on_signal) for s in stop_signals}
     try:
-        with Daemon(
-            args.state_dir,
-            args.control,
-            socket_dir=args.socket_dir,
-            record_max_seconds=args.record_max_seconds,
-            record_max_share=args.record_max_share,
-            workers=args.workers,
-        ) as daemon:
-            daemon.start()
-            print(json.dumps({"event": "listening", "control": args.control}), flush=True)
-            while not stop.wait(3600):
-                pass
+        from pagefork.takeover.daemon_cli import serve_daemon
+
+        serve_daemon(args, stop, upgrade)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    print(json.dumps({"event": "stopped"}), flush=True)
     return 0
 
 
