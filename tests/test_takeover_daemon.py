@@ -228,7 +228,7 @@ def test_sighup_hands_over_to_a_new_daemon_which_tells_systemd(
                      env={"NOTIFY_SOCKET": str(short_dir / "notify")})  # fmt: skip
     old.wait_for("listening")
     assert notify.recv(4096) == b"READY=1"
-    client, forks, guests = setup_forks(control, mem_file, tmp_path, vmms, n=1)
+    client, _, guests = setup_forks(control, mem_file, tmp_path, vmms, n=1)
     old.proc.send_signal(signal.SIGHUP)
     message = notify.recv(4096).decode()
     fields = dict(line.split("=", 1) for line in message.splitlines())
