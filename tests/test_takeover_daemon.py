@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shlex
 import signal
 import socket
 import subprocess
@@ -216,33 +217,69 @@ def test_new_daemon_killed_mid_handover_old_serves_every_fork(
     assert old.proc.wait(60) == 0
 
 
+UNIT = Path(__file__).parent.parent / "contrib" / "systemd" / "pagefork.service"
+
+
+def unit_commands(state: Path, control: Path) -> tuple[list[str], list[str], dict[str, str]]:
+    """The unit's ExecStart (its python, state dir and control socket swapped for this
+    test's), its ExecReload, and its [Service] settings."""
+    settings = dict(
+        line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line[:40]
+    )
+    start = shlex.split(settings["ExecStart"])
+    assert start[:3] == ["/usr/bin/python3", "-m", "pagefork"]
+    start[0] = sys.executable
+    start[start.index("--state-dir") + 1] = str(state)
+    start[start.index("--control") + 1] = str(control)
+    return start, shlex.split(settings["ExecReload"]), settings
+
+
 @needs_uffd
-def test_sighup_hands_over_to_a_new_daemon_which_tells_systemd(
-    tmp_path: Path, short_dir: Path, mem_file: Path, vmms
+def test_the_systemd_units_reload_hands_over_to_a_new_daemon_which_tells_systemd(
+    short_dir: Path, tmp_path: Path, mem_file: Path, vmms
 ) -> None:
+    control = short_dir / "c.sock"
+    start, reload, settings = unit_commands(short_dir / "state", control)
+    assert (settings["Type"], settings["NotifyAccess"]) == ("notify", "all")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(short_dir / "notify"))
     notify.settimeout(60)
-    control = short_dir / "c.sock"
-    old = DaemonProc(tmp_path / "state", control, "--on-sighup", "takeover",
-                     env={"NOTIFY_SOCKET": str(short_dir / "notify")})  # fmt: skip
-    old.wait_for("listening")
-    assert notify.recv(4096) == b"READY=1"
-    client, _, guests = setup_forks(control, mem_file, tmp_path, vmms, n=1)
-    old.proc.send_signal(signal.SIGHUP)
-    message = notify.recv(4096).decode()
-    fields = dict(line.split("=", 1) for line in message.splitlines())
-    new_pid = int(fields["MAINPID"])
-    assert fields["READY"] == "1" and new_pid != old.proc.pid
-    assert old.proc.wait(60) == 0
-    assert old.events[-1] == {"event": "handed_over", "to_pid": new_pid, "forks": 1}
-    assert guests[0].send(cmd="touch", all=True)["bad"] == 0
-    guests[0].close()
-    assert client.release_fork("f0")["stats"]["faults"] == ALL_PAGES
-    os.kill(new_pid, signal.SIGTERM)
-    _gone(new_pid)
-    assert not control.exists()
-    notify.close()
+    old = subprocess.Popen(
+        start, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")},
+    )  # fmt: skip
+    assert old.stdout is not None
+    try:
+        assert notify.recv(4096) == b"READY=1"
+        client, _, guests = setup_forks(control, mem_file, tmp_path, vmms, n=1)
+        # ExecReload, as systemd runs it: $MAINPID is the daemon's pid.
+        subprocess.run([a.replace("$MAINPID", str(old.pid)) for a in reload], check=True)
+        message = notify.recv(4096).decode()
+        fields = dict(line.split("=", 1) for line in message.splitlines())
+        new_pid = int(fields["MAINPID"])
+        assert fields["READY"] == "1" and new_pid != old.pid
+        assert old.wait(60) == 0
+        # The new daemon shares this stdout (as it shares the journal under systemd): its
+        # two lines and the old daemon's last one come in either order.
+        events = {}
+        for _ in range(4):
+            event = json.loads(old.stdout.readline())
+            events.setdefault(event.pop("event"), event)
+        assert events["took_over"] == {"from_pid": old.pid, "forks": 1}
+        assert events["handed_over"] == {"to_pid": new_pid, "forks": 1}
+        assert set(events) == {"listening", "took_over", "handed_over"}
+        assert guests[0].send(cmd="touch", all=True)["bad"] == 0
+        guests[0].close()
+        assert client.release_fork("f0")["stats"]["faults"] == ALL_PAGES
+        os.kill(new_pid, signal.SIGTERM)  # systemctl stop
+        _gone(new_pid)
+        assert not control.exists()
+    finally:
+        if old.poll() is None:
+            old.kill()
+        old.wait()
+        old.stdout.close()
+        notify.close()
 
 
 def test_daemon_takeover_refuses_a_wrong_control_socket(tmp_path: Path, short_dir: Path) -> None:
