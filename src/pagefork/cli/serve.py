@@ -313,6 +313,7 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
     try:
         listener = None
         if args.takeover:
+            server.wait_ready()  # built before the old server is asked for anything
             took = take_over(
                 takeover_path(args.socket), ServeTarget(server, loop, args.socket, should_record)
             )
