@@ -302,3 +302,49 @@ def test_takeover_while_a_fork_is_mid_prefetch(short_dir: Path, mem_file: Path, 
     (end,) = new.wait_for("fork_end")
     assert end["prefetched_pages"] == done["pages"] and end["misses"] == 0
     assert new.stop() == 0
+
+
+HOSTILE_PEER = """
+import os, socket, sys, time
+from pagefork.takeover.protocol import Channel
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(sys.argv[1])
+ch = Channel(conn)
+ch.send({"type": "hello", "protocol": [1, 0], "pid": os.getpid(), "kind": "serve"})
+ch.recv(time.monotonic() + 30, ["plan"])
+ch.send({"type": "ready", "worker_pids": [int(sys.argv[2])]})
+state, fds = ch.recv(time.monotonic() + 30, ["state"])
+print(len(state["forks"]), len(fds), flush=True)
+os._exit(3)  # gone without "done", holding every fork's fds
+"""
+
+
+@needs_uffd
+def test_a_peer_that_names_a_stranger_as_its_worker_cannot_get_it_killed(
+    short_dir: Path, mem_file: Path, vmms
+) -> None:
+    sock = short_dir / "h.sock"
+    old = Serve(*args_for(sock, mem_file))
+    old.wait_for("listening")
+    guest = vmms(str(sock))
+    assert guest.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    # Not the peer's child: a failed takeover must leave it alone.
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        peer = subprocess.run(
+            [sys.executable, "-c", HOSTILE_PEER, f"{sock}.takeover", str(stranger.pid)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        # One fork: its 4 fds, the uffd listening socket and the takeover socket.
+        assert peer.returncode == 3 and peer.stdout.split() == ["1", "6"]
+        reply = guest.send(cmd="touch", all=True)
+        assert reply["bad"] == 0 and reply["touched"] == ALL_PAGES  # served on, re-adopted
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+    guest.close()
+    assert old.wait_for("fork_end")[0]["faults"] == ALL_PAGES
+    assert old.stop() == 0

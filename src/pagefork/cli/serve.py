@@ -35,6 +35,7 @@ from pagefork.hotpages import HotPageList, load
 from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
 from pagefork.stats import ForkStats
 from pagefork.takeover.new import take_over
+from pagefork.takeover.pageserver import abandon
 from pagefork.takeover.serve import ServeHandover, ServeTarget, takeover_path
 
 log = logging.getLogger("pagefork")
@@ -314,9 +315,14 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
         listener = None
         if args.takeover:
             server.wait_ready()  # built before the old server is asked for anything
-            took = take_over(
-                takeover_path(args.socket), ServeTarget(server, loop, args.socket, should_record)
-            )
+            try:
+                took = take_over(
+                    takeover_path(args.socket),
+                    ServeTarget(server, loop, args.socket, should_record),
+                )
+            except BaseException:
+                abandon(server)  # the forks are the old server's: end none, save nothing
+                raise
             listener = took.listener
             emit("took_over", from_pid=took.from_pid, forks=took.forks)
         else:

@@ -36,7 +36,7 @@ from typing import Any
 from pagefork.daemon.api import ControlApi, ControlServer
 from pagefork.daemon.manager import Fork, ManagerConfig, _TemplateState
 from pagefork.daemon.service import Daemon
-from pagefork.errors import VmmError
+from pagefork.errors import PageforkError, VmmError
 from pagefork.hotloop import HotSetLoop
 from pagefork.server import PageServer
 from pagefork.serving.state import ForkPhase
@@ -368,12 +368,17 @@ class DaemonHandover:
             on_done(pid, forks)
 
         path = takeover_path(daemon.registry.state_dir)
-        self.listener = TakeoverListener(path, DaemonSource(daemon), done, sock=sock)
+        self.listener: TakeoverListener | None = None
+        try:
+            self.listener = TakeoverListener(path, DaemonSource(daemon), done, sock=sock)
+        except PageforkError as exc:
+            log.warning("cannot listen for a takeover (serving without): %s", exc)
 
     def close(self) -> None:
         """Stop listening; after a takeover, drop everything without releasing a fork or
         removing a socket (they are the new daemon's), else close the daemon as usual."""
-        self.listener.close()
+        if self.listener is not None:
+            self.listener.close()
         if not self.handed:
             self.daemon.close()
             return

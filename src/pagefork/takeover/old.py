@@ -171,8 +171,14 @@ class TakeoverListener:
             for fd in fds:
                 os.close(fd)
             for worker in ready.get("worker_pids", []):
-                with contextlib.suppress(OSError, TypeError):
-                    watched.append(os.pidfd_open(int(worker)))
+                # Only its own children: a failed takeover kills these, and a peer must not
+                # be able to name any other process.
+                with contextlib.suppress(OSError, TypeError, ValueError):
+                    fd = os.pidfd_open(int(worker))
+                    if _parent_of(int(worker)) == pid:
+                        watched.append(fd)
+                    else:
+                        os.close(fd)
             deadline = time.monotonic() + self.step_timeout
             quiesced = True
             self.source.quiesce(deadline)
@@ -200,6 +206,11 @@ class TakeoverListener:
         self._done = True
         self._ident = None  # the socket file is the successor's now
         self.on_done(pid, int(done.get("forks", 0)))
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
 
 
 def _stop_all(pidfd: int, pid: int, workers: list[int]) -> None:

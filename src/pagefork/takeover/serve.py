@@ -9,6 +9,7 @@ exits 0 without ending any fork.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,8 @@ from pagefork.takeover import pageserver
 from pagefork.takeover.new import Target
 from pagefork.takeover.old import Source, TakeoverListener
 from pagefork.takeover.protocol import TakeoverError
+
+log = logging.getLogger("pagefork")
 
 #: Appended to ``--socket``: where a running ``serve`` listens for its successor.
 SUFFIX = ".takeover"
@@ -118,17 +121,20 @@ class ServeHandover:
             self.handed = True
             on_done(pid, forks)
 
+        self.listener: TakeoverListener | None = None
         try:
             self.listener = TakeoverListener(
                 takeover_path(socket_path), ServeSource(server, loop, socket_path), done, sock=sock
             )
         except PageforkError as exc:
-            raise PageforkError(f"cannot listen for a takeover: {exc}") from None
+            # Serving matters more than a later upgrade: say so, and serve.
+            log.warning("cannot listen for a takeover (serving without): %s", exc)
 
     def close(self) -> None:
         """Stop listening; after a takeover, drop every fork without ending it, else stop
         the server as usual."""
-        self.listener.close()
+        if self.listener is not None:
+            self.listener.close()
         if self.handed:
             pageserver.abandon(self.server)
         else:
