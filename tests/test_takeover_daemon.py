@@ -85,7 +85,8 @@ class Poller:
             try:
                 for fork_id in self.fork_ids:
                     assert self.client.fork(fork_id)["fork"] == fork_id
-                assert len(self.client.forks()) == len(self.fork_ids)
+                listed = {f["fork"] for f in self.client.forks()}
+                assert listed >= set(self.fork_ids)
                 with self.cond:
                     self.ok += 1
                     self.cond.notify_all()
@@ -149,6 +150,27 @@ def test_daemon_takeover_mid_fault_storm_with_a_client_polling(
     client, forks, guests = setup_forks(control, mem_file, tmp_path, vmms)
     assert [f["role"] for f in forks] == ["warmup", "demand", "demand"]
     poller = Poller(control, [f["fork"] for f in forks])
+    # Another client creates and releases forks all the while: writes cross the takeover too.
+    churn_errors: list[str] = []
+    churned = [0]
+    churning = threading.Event()
+    churn_cond = threading.Condition()
+
+    def churn() -> None:
+        own = DaemonClient(str(control), timeout=60)
+        while not churning.is_set():
+            try:
+                fork = own.create_fork("t", f"c{churned[0]}")
+                own.release_fork(fork["fork"])
+            except Exception as exc:
+                churn_errors.append(repr(exc))
+                return
+            with churn_cond:
+                churned[0] += 1
+                churn_cond.notify_all()
+
+    churner = threading.Thread(target=churn)
+    churner.start()
     new = DaemonProc(tmp_path / "state", control, "--takeover",
                      env={"PAGEFORK_TAKEOVER_PAUSE_AT": "state"})  # fmt: skip
     new.wait_err("takeover: paused at state")
@@ -167,6 +189,12 @@ def test_daemon_takeover_mid_fault_storm_with_a_client_polling(
     assert poller.answered_again()  # the old daemon is gone: answered by the new one
     poller.finish()
     assert poller.errors == [] and poller.ok > before
+    with churn_cond:  # forks are created and released by the new daemon too
+        seen = churned[0]
+        assert churn_cond.wait_for(lambda: churned[0] >= seen + 3 or bool(churn_errors), 60)
+    churning.set()
+    churner.join(60)
+    assert churn_errors == []
     assert control.exists()
     # The new daemon has every fork, with its counters, and serves new ones.
     listed = {f["fork"]: f for f in client.forks()}

@@ -194,6 +194,9 @@ class DaemonSource(Source):
             loops = [[k[0], k[1], loop.snapshot()] for k, loop in manager._loops.items()]
             for fork in manager._forks.values():
                 forks.append(_fork_state(fork, fds))
+        with manager._feed_lock:  # latencies the metrics have counted already
+            for f in forks:
+                f["latencies_fed"] = manager._fed.get(f["fork"], 0)
         return {"lock": 0, "control": 1, "templates": templates, "forks": forks,
                 "loops": loops}, fds  # fmt: skip
 
@@ -337,6 +340,8 @@ class DaemonTarget(Target):
             exit_status=spec.get("exit_status"),
             vmm_exited=bool(spec.get("vmm_exited")),
         )
+        with manager._feed_lock:
+            manager._fed[fork.fork_id] = int(spec.get("latencies_fed", 0))
         with manager._lock:
             loop = manager._loops.get(key)
             if fork.role == "prefetch" and loop is not None:

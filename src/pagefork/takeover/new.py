@@ -30,6 +30,7 @@ from pagefork.takeover.protocol import (
     PROTOCOL_VERSION,
     Channel,
     TakeoverError,
+    check_version,
     close_all,
 )
 
@@ -110,6 +111,9 @@ def take_over(
         close_all(fds)
         from_pid = int(plan["pid"])
         try:
+            why = check_version(plan.get("protocol"))
+            if why is not None:  # the old side is the one with another major version
+                raise TakeoverError(f"the running process: {why}")
             workers = target.build(dict(plan.get("plan") or {}))
             _stop_point("built")
             ch.send({"type": "ready", "worker_pids": workers})

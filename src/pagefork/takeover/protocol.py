@@ -169,6 +169,6 @@ def check_version(protocol: object) -> str | None:
         mine = ".".join(map(str, PROTOCOL_VERSION))
         return (
             f"takeover protocol version {protocol[0]}.{protocol[1]} is not supported "
-            f"(this daemon speaks {mine})"
+            f"(this process speaks {mine})"
         )
     return None
