@@ -5,7 +5,7 @@ all its pages in random order from 2 threads, each page timed in the VMM. Mid-st
 ``serve --takeover`` (started beforehand and held just after connecting, so its interpreter and
 worker start-up are measured apart) takes everything over. Figures, per round (median):
 
-- ``handover_ms``: from the go signal until the new server printed ``took_over`` (hello, plan,
+- ``handover_ms``: from the go-on line until the new server printed ``took_over`` (hello, plan,
   ready, quiesce, release, state with 16 x 4 fds, adopt with ``UFFDIO_WAKE``, done).
 - ``slowest_fault_ms``: the longest single page any fork saw during the storm with a takeover
   in it; ``slowest_fault_plain_ms`` the same storm without a takeover, side by side.
@@ -48,6 +48,7 @@ class _Serve:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pagefork", "serve", "--workers", "2", *args],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -109,7 +110,9 @@ def _round(workdir: str, mem: str, n: int, takeover: bool) -> dict[str, float]:
             t_ready, _ = new.wait("takeover: paused at hello")
             threads, replies = _storm(vms)
             t_go = time.perf_counter()
-            new.proc.send_signal(signal.SIGUSR1)
+            assert new.proc.stdin is not None
+            new.proc.stdin.write("\n")  # go on (PAGEFORK_TAKEOVER_PAUSE_AT waits for a line)
+            new.proc.stdin.flush()
             t_done, took = new.wait("took_over")
             assert took["forks"] == FORKS, took
             out["handover_ms"] = (t_done - t_go) * 1000

@@ -35,6 +35,7 @@ class DaemonProc:
         self.proc = subprocess.Popen(
             [*PAGEFORK, "daemon", "--state-dir", str(state), "--control", str(control),
              "--socket-dir", str(control.parent / "forks"), "--workers", "2", *extra],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -102,6 +103,13 @@ class Poller:
     def finish(self) -> None:
         self.stop.set()
         self.thread.join(60)
+
+
+def go_on(proc: subprocess.Popen[str]) -> None:
+    """Let a process paused by PAGEFORK_TAKEOVER_PAUSE_AT go on."""
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
 
 
 def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
@@ -178,7 +186,7 @@ def test_daemon_takeover_mid_fault_storm_with_a_client_polling(
     threads = [storm(g, replies, seed=i) for i, g in enumerate(guests)]
     assert replies == []  # released by the old daemon, not yet adopted: every fault waits
     before = poller.ok
-    new.proc.send_signal(signal.SIGUSR1)
+    go_on(new.proc)
     took = new.wait_for("took_over")
     assert took == {"event": "took_over", "from_pid": old.proc.pid, "forks": 3}
     assert old.proc.wait(60) == 0

@@ -34,6 +34,7 @@ class Serve:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [*PAGEFORK, "serve", *args],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -89,6 +90,13 @@ def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
     return t
 
 
+def go_on(proc: subprocess.Popen[str]) -> None:
+    """Let a process paused by PAGEFORK_TAKEOVER_PAUSE_AT go on."""
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+
+
 def args_for(sock: Path, mem_file: Path, *extra: str) -> list[str]:
     return ["--mem-file", str(mem_file), "--socket", str(sock), "--workers", "2", *extra]
 
@@ -109,7 +117,7 @@ def test_takeover_mid_fault_storm_every_byte_exact(short_dir: Path, mem_file: Pa
     replies: list[dict[str, Any]] = []
     threads = [storm(g, replies, seed=i) for i, g in enumerate(guests)]
     assert replies == []
-    new.proc.send_signal(signal.SIGUSR1)
+    go_on(new.proc)
     (took,) = new.wait_for("took_over")
     assert took["from_pid"] == old.proc.pid and took["forks"] == 3
     (handed,) = old.wait_for("handed_over")
@@ -289,7 +297,7 @@ def test_takeover_while_a_fork_is_mid_prefetch(short_dir: Path, mem_file: Path, 
                 env={"PAGEFORK_TAKEOVER_PAUSE_AT": "built"})  # fmt: skip
     new.wait_err("takeover: paused at built")
     assert not old.events[1:]  # no prefetch_done yet
-    new.proc.send_signal(signal.SIGUSR1)
+    go_on(new.proc)
     for pid in listening["worker_pids"]:
         os.kill(pid, signal.SIGCONT)
     new.wait_for("took_over")

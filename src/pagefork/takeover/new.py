@@ -9,15 +9,14 @@ old side (``abort``) where the connection still works; the old side then serves 
 printing ``takeover: stopped at STEP`` on stderr, so a test can SIGKILL it at that very point:
 ``hello`` (connected, nothing sent), ``built`` (built, ``ready`` not sent), ``state`` (state
 received, nothing adopted), ``adopted`` (its workers serve every fork, ``done`` not sent).
-``PAGEFORK_TAKEOVER_PAUSE_AT`` waits there for SIGUSR1 instead, so a test can start a fault
-storm right before the handover.
+``PAGEFORK_TAKEOVER_PAUSE_AT`` waits there for a line on stdin instead, so a test can start a
+fault storm right before the handover.
 """
 
 from __future__ import annotations
 
 import abc
 import os
-import signal
 import socket
 import sys
 import threading
@@ -70,10 +69,8 @@ def _stop_point(step: str) -> None:
         print(f"takeover: stopped at {step}", file=sys.stderr, flush=True)
         threading.Event().wait()  # until a test kills us
     if os.environ.get("PAGEFORK_TAKEOVER_PAUSE_AT") == step:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         print(f"takeover: paused at {step}", file=sys.stderr, flush=True)
-        signal.sigwait({signal.SIGUSR1})  # a test goes on when it is ready
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        sys.stdin.readline()  # a test goes on when it is ready: one line on our stdin
 
 
 def take_over(
