@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PAGE, needs_uffd
+from conftest import PAGE, needs_kvm, needs_uffd
 from pagefork.daemon.client import DaemonClient
 
 PAGEFORK = [
@@ -332,3 +332,30 @@ def test_daemon_takeover_refuses_a_wrong_control_socket(tmp_path: Path, short_di
     assert DaemonClient(str(control)).templates()["templates"] == []
     old.proc.send_signal(signal.SIGTERM)
     assert old.proc.wait(60) == 0
+
+
+@needs_kvm
+def test_daemon_takeover_adopts_microvm_forks(tmp_path: Path, short_dir: Path) -> None:
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    client = DaemonClient(str(control), timeout=120)
+    client.create_template("vm", "kvm", mem_size_mib=16, variants=2)
+    assert client.create_fork("vm", "warm", vmm="kvm")["role"] == "warmup"
+    assert client.wait_fork("warm", timeout=60)["vmm"]["checksum_ok"]
+    later = client.create_fork("vm", "later", vmm="kvm", options={"fork_index": 1})
+    assert later["role"] == "prefetch" and later["prefetch"]["installed"] > 0
+    new = DaemonProc(tmp_path / "state", control, "--takeover")
+    assert new.wait_for("took_over")["forks"] == 2
+    assert old.proc.wait(60) == 0
+    forks = {f["fork"]: f for f in client.forks()}
+    assert forks["warm"]["phase"] == "exited" and forks["warm"]["exit_status"] == 0
+    assert forks["later"]["driver"] == "kvm" and forks["later"]["pid"] == later["pid"]
+    assert forks["later"]["prefetch"] == later["prefetch"]
+    stats = client.release_fork("later")["stats"]
+    assert stats["errors"] == 0 and stats["prefetched_pages"] == later["prefetch"]["installed"]
+    _gone(later["pid"])  # released: its VMM is stopped, whether its guest had finished or not
+    assert client.release_fork("warm")["stats"]["errors"] == 0
+    assert client.template("vm")["live_forks"] == 0
+    new.proc.send_signal(signal.SIGTERM)
+    assert new.proc.wait(60) == 0

@@ -23,6 +23,7 @@ takeover is stopped with SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from pagefork.errors import PageforkError, VmmError
 from pagefork.hotloop import HotSetLoop
 from pagefork.server import PageServer
 from pagefork.serving.state import ForkPhase
+from pagefork.stats import ForkStats
 from pagefork.takeover import pageserver
 from pagefork.takeover.new import Target
 from pagefork.takeover.old import Source, TakeoverListener
@@ -239,6 +241,8 @@ def _fork_state(fork: Fork, fds: list[int]) -> dict[str, Any]:
         "exit_status": fork.exit_status,
         "vmm_exited": fork.vmm_exited,
         "vmm": vmm,
+        # A session that ended here is in no page server's state: its figures go with it.
+        "final_stats": fork.final_stats.to_dict() if fork.final_stats is not None else None,
     }
 
 
@@ -287,7 +291,6 @@ class DaemonTarget(Target):
                 control, ControlApi(daemon.registry, manager, daemon.metrics)
             )
             daemon.server.path = daemon.control_path
-            forks = 0
             for t in state["templates"]:
                 key = (str(t["id"]), float(t["created"]))
                 server = self.servers.pop(key, None)
@@ -295,7 +298,7 @@ class DaemonTarget(Target):
                     raise TakeoverError(f"template {key[0]!r} was not in the plan")
                 base, count = int(t["base"]), int(t["count"])
                 given.update(range(base, base + count))
-                forks += pageserver.adopt(server, t["server"], fds[base : base + count])
+                pageserver.adopt(server, t["server"], fds[base : base + count])
                 with manager._lock:
                     manager._templates[key] = _TemplateState(daemon.registry.get(key[0]), server)
             for template_id, created, snap in state.get("loops", []):
@@ -310,7 +313,7 @@ class DaemonTarget(Target):
             self.servers.clear()
         finally:
             close_all([fd for i, fd in enumerate(fds) if i not in given])
-        return forks
+        return len(state["forks"])  # the forks the daemon holds, live or exited
 
     def _adopt_fork(self, spec: dict[str, Any], fds: list[int]) -> None:
         manager = self.daemon.manager
@@ -340,6 +343,10 @@ class DaemonTarget(Target):
             exit_status=spec.get("exit_status"),
             vmm_exited=bool(spec.get("vmm_exited")),
         )
+        final = spec.get("final_stats")
+        if isinstance(final, dict):
+            known = {f.name for f in dataclasses.fields(ForkStats)}
+            fork.final_stats = ForkStats(**{k: v for k, v in final.items() if k in known})
         with manager._feed_lock:
             manager._fed[fork.fork_id] = int(spec.get("latencies_fed", 0))
         with manager._lock:
