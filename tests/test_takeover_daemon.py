@@ -78,7 +78,8 @@ class Poller:
         self.errors: list[str] = []
         self.cond = threading.Condition()
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run)
+        # A daemon thread: a failed test must not leave the run waiting for it.
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
@@ -116,7 +117,8 @@ def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
     t = threading.Thread(
         target=lambda: out.append(
             vmm.send(cmd="touch", all=True, order="random", seed=seed, threads=4)
-        )
+        ),
+        daemon=True,
     )
     t.start()
     return t
@@ -177,7 +179,7 @@ def test_daemon_takeover_mid_fault_storm_with_a_client_polling(
                 churned[0] += 1
                 churn_cond.notify_all()
 
-    churner = threading.Thread(target=churn)
+    churner = threading.Thread(target=churn, daemon=True)
     churner.start()
     new = DaemonProc(tmp_path / "state", control, "--takeover",
                      env={"PAGEFORK_TAKEOVER_PAUSE_AT": "state"})  # fmt: skip
@@ -188,9 +190,12 @@ def test_daemon_takeover_mid_fault_storm_with_a_client_polling(
     before = poller.ok
     go_on(new.proc)
     took = new.wait_for("took_over")
-    assert took == {"event": "took_over", "from_pid": old.proc.pid, "forks": 3}
+    assert took["from_pid"] == old.proc.pid
     assert old.proc.wait(60) == 0
-    assert old.events[-1] == {"event": "handed_over", "to_pid": new.proc.pid, "forks": 3}
+    handed = old.events[-1]
+    assert handed["event"] == "handed_over" and handed["to_pid"] == new.proc.pid
+    # The three, and the churning client's fork if one was registered at that moment.
+    assert handed["forks"] == took["forks"] in (3, 4)
     for t in threads:
         t.join(60)
     assert [r["bad"] for r in replies] == [0, 0, 0]

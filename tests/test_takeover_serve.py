@@ -85,7 +85,7 @@ def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
         reply = vmm.send(cmd="touch", all=True, order="random", seed=seed, threads=4)
         out.append({**reply, "_at": time.monotonic()})
 
-    t = threading.Thread(target=run)
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
 
