@@ -139,6 +139,7 @@ class _Fork:
     worker: WorkerProcess | None = None
     connected: bool = False
     dropping: bool = False  # unregistered: being stopped, never to be adopted again
+    handover: bool = False  # a takeover asked its worker to release it
     # The VMM keeps its socket open while it runs (Firecracker 1.12+): a hang-up ends the fork
     # even while its pid lives. An older one closes it after the handshake and runs on.
     hangup_ends: bool = False
@@ -1031,7 +1032,7 @@ class PageServer:
                 for key in message[1]:
                     worker.forks.discard(key)
                     released = self._serving.get(key)
-                    if released is not None and released.worker is worker:
+                    if released is not None and released.worker is worker and released.handover:
                         released.worker = None
             elif op == "ready":
                 worker.ready.set()

@@ -78,6 +78,8 @@ def release(server: PageServer, deadline: float) -> None:
             if not held:
                 return
             for worker, keys in held.items():
+                for key in keys:
+                    server._serving[key].handover = True
                 new = [k for k in keys if k not in sent.get(worker.pid, set())]
                 if new:  # a replacement after a worker death is asked again
                     sent.setdefault(worker.pid, set()).update(new)
@@ -146,7 +148,15 @@ def readopt(server: PageServer) -> int:
     n = 0
     with server._changed:
         for entry in server._serving.values():
-            if entry.state in FINAL or entry.worker is not None:
+            if entry.state in FINAL:
+                continue
+            entry.handover = False  # a "released" that comes late changes nothing now
+            worker = entry.worker
+            if worker is not None:
+                # Asked to release it but has not answered: it will, and then take it again
+                # from this message, which comes after on the same channel.
+                server._hand_to(entry, worker, adopt=True)
+                n += 1
                 continue
             worker = server._pool.place(pinned_cpu(entry.pid) if entry.pid else None)
             if worker is None:
