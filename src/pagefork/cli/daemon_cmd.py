@@ -58,7 +58,8 @@ def add_parser(subparsers: Any) -> None:
         description="Run the page-server daemon: templates under --state-dir, a JSON HTTP "
         "control API on --control (mode 0600), Prometheus metrics at GET /metrics. Stops "
         "cleanly on SIGINT, SIGTERM and SIGHUP (releasing every fork; SIGHUP stays ignored "
-        "under nohup).",
+        "under nohup). With --on-sighup takeover, SIGHUP upgrades in place instead: a new "
+        "daemon of the installed code takes every live fork over (see --takeover).",
     )
     d.add_argument("--state-dir", required=True, metavar="DIR", help="templates live here")
     _add_control(d)
