@@ -46,7 +46,7 @@ from pagefork.takeover import pageserver
 from pagefork.takeover.new import Target
 from pagefork.takeover.old import Source, TakeoverListener
 from pagefork.takeover.protocol import TakeoverError, close_all
-from pagefork.vmm.base import VmmHandle
+from pagefork.vmm.base import VmmHandle, VmmSnapshot
 
 log = logging.getLogger("pagefork")
 
@@ -64,10 +64,21 @@ class AdoptedHandle(VmmHandle):
     pidfd; the built-in microVM is resumed and waited for through its pipes."""
 
     def __init__(
-        self, fork_id: str, pid: int | None, pidfd: int, stdin: int = -1, stdout: int = -1
+        self,
+        fork_id: str,
+        pid: int | None,
+        pidfd: int,
+        stdin: int = -1,
+        stdout: int = -1,
+        *,
+        resumed: bool = False,
+        snapshots: bool = False,
     ) -> None:
         self.fork_id = fork_id
         self._pid = pid
+        self._resumed = resumed
+        self._snapshots = snapshots
+        self._command_lock = threading.Lock()
         self._pidfd: int | None = pidfd if pidfd >= 0 else None
         self._stdin = stdin
         self._events: list[dict[str, Any]] = []
@@ -106,12 +117,60 @@ class AdoptedHandle(VmmHandle):
         """Unknown: the VMM is not this daemon's child, so only its parent can read it."""
         return None
 
+    @property
+    def stays_after_run(self) -> bool:
+        """A microVM restored with ``snapshots`` stays, stopped, after its walk."""
+        return self._snapshots
+
     def resume(self) -> None:
-        """The microVM: ``go`` on its stdin. Other VMMs cannot be resumed after a takeover."""
+        """The microVM: ``go`` on its stdin, once (as its own driver does). Other VMMs cannot
+        be resumed after a takeover."""
         if self._stdin < 0:
             raise VmmError(f"fork {self.fork_id}: a VMM adopted in a takeover cannot be resumed")
+        if self._resumed:
+            return
+        self._resumed = True
         with contextlib.suppress(BrokenPipeError):
             os.write(self._stdin, b"go\n")
+
+    def snapshot(self, out_dir: str, timeout: float) -> VmmSnapshot:
+        """The microVM restored with ``snapshots``: its ``snapshot DIR`` command, as its own
+        driver sends it. A Firecracker adopted in a takeover cannot be snapshotted (its API
+        socket stays with the jail the previous daemon made)."""
+        if self._stdin < 0 or not self._snapshots:
+            raise VmmError(
+                f"fork {self.fork_id}: this VMM cannot take snapshots (adopted in a takeover "
+                "without the built-in microVM's 'snapshots' option)"
+            )
+        line = f"snapshot {out_dir}"
+        if "\n" in line:
+            raise VmmError(f"fork {self.fork_id}: a snapshot directory is one line")
+        with self._command_lock:  # one command at a time: the answers come in order
+            with contextlib.suppress(BrokenPipeError):
+                os.write(self._stdin, (line + "\n").encode())
+            doc = self._next_event("snapshot", line, timeout)
+        return VmmSnapshot(memory_diff=str(doc["memory_diff"]), vmstate=out_dir)
+
+    def _next_event(self, want: str, command: str, timeout: float) -> dict[str, Any]:
+        def take() -> dict[str, Any] | None:
+            for i, doc in enumerate(self._events):
+                event = doc.get("event")
+                if event == want or (event == "error" and doc.get("command") in (None, command)):
+                    return self._events.pop(i)
+            return None
+
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (doc := take()) is None:
+                left = deadline - time.monotonic()
+                if self._eof:
+                    raise VmmError(f"fork {self.fork_id}: its VMM exited before {want!r}")
+                if left <= 0:
+                    raise VmmError(f"fork {self.fork_id}: no {want!r} within {timeout:g}s")
+                self._cond.wait(left)
+        if doc.get("event") == "error":
+            raise VmmError(f"fork {self.fork_id}: {doc.get('message')}")
+        return doc
 
     def wait(self, timeout: float) -> dict[str, Any]:
         """The microVM's result line, when it reports after the takeover."""
@@ -227,6 +286,8 @@ def _fork_state(fork: Fork, fds: list[int]) -> dict[str, Any]:
             "pidfd": add(pidfd if isinstance(pidfd, int) else None),
             "stdin": add(proc.stdin.fileno() if proc is not None and proc.stdin else None),
             "stdout": add(proc.stdout.fileno() if proc is not None and proc.stdout else None),
+            "resumed": bool(getattr(handle, "_resumed", False)),
+            "snapshots": bool(getattr(handle, "stays_after_run", False)),
         }
     return {
         "fork": fork.fork_id,
@@ -327,7 +388,8 @@ class DaemonTarget(Target):
 
             handle = AdoptedHandle(
                 spec["fork"], vmm.get("pid"), dup(vmm.get("pidfd")), dup(vmm.get("stdin")),
-                dup(vmm.get("stdout")),
+                dup(vmm.get("stdout")), resumed=bool(vmm.get("resumed")),
+                snapshots=bool(vmm.get("snapshots")),
             )  # fmt: skip
         fork = Fork(
             spec["fork"],
