@@ -18,7 +18,7 @@ window is the one to save, :meth:`HotSetLoop.adopt` installs what was saved.
 from __future__ import annotations
 
 import threading
-from typing import Literal
+from typing import Any, Literal
 
 from pagefork.hotpages import HotPageList
 
@@ -104,3 +104,25 @@ class HotSetLoop:
         with self._lock:
             self._hot = None
             self._rerecord = True
+
+    def snapshot(self) -> dict[str, Any]:
+        """Where the loop stands, as JSON (a takeover hands it to the new process)."""
+        with self._lock:
+            hot = self._hot.in_order() if self._hot is not None else None
+            return {
+                "hot": [[p[0], p[1]] for p in hot] if hot is not None else None,
+                "rerecord": self._rerecord,
+                "warmup": self._warmup,
+                "roles": dict(self._roles),
+            }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Continue from :meth:`snapshot` of another process's loop."""
+        hot = snap.get("hot")
+        with self._lock:
+            if hot is not None:
+                pages = HotPageList.from_pages([(int(r), int(o)) for r, o in hot])
+                self._hot = pages if len(pages) else None
+            self._rerecord = bool(snap.get("rerecord"))
+            self._warmup = snap.get("warmup")
+            self._roles = {str(k): v for k, v in dict(snap.get("roles") or {}).items()}

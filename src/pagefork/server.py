@@ -157,6 +157,7 @@ class _Fork:
     worker: WorkerProcess | None = None
     connected: bool = False
     dropping: bool = False  # unregistered: being stopped, never to be adopted again
+    handover: bool = False  # a takeover asked its worker to release it
     # The VMM keeps its socket open while it runs (Firecracker 1.12+): a hang-up ends the fork
     # even while its pid lives. An older one closes it after the handshake and runs on.
     hangup_ends: bool = False
@@ -1120,6 +1121,12 @@ class PageServer:
                 entry.regions = [Region(*r) for r in message[2]]
             elif op == "serving" and entry is not None and entry.state is ForkState.ADOPTING:
                 entry.state = transition(entry.fork_id, entry.state, ForkState.SERVING)
+            elif op == "released":  # a takeover: the worker has let these forks go
+                for key in message[1]:
+                    worker.forks.discard(key)
+                    released = self._serving.get(key)
+                    if released is not None and released.worker is worker and released.handover:
+                        released.worker = None
             elif op == "ready":
                 worker.ready.set()
             elif op == "armed" and message[1] in self._acks:

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pagefork.cli.options import parse_workers
-from pagefork.cli.store_options import add_cache_arguments, store_options
+from pagefork.cli.store_options import add_cache_arguments
 from pagefork.errors import PageforkError
 
 DEFAULT_CONTROL = "/run/pagefork.sock"
@@ -59,7 +59,8 @@ def add_parser(subparsers: Any) -> None:
         description="Run the page-server daemon: templates under --state-dir, a JSON HTTP "
         "control API on --control (mode 0600), Prometheus metrics at GET /metrics. Stops "
         "cleanly on SIGINT, SIGTERM and SIGHUP (releasing every fork; SIGHUP stays ignored "
-        "under nohup).",
+        "under nohup). With --on-sighup takeover, SIGHUP upgrades in place instead: a new "
+        "daemon of the installed code takes every live fork over (see --takeover).",
     )
     d.add_argument("--state-dir", required=True, metavar="DIR", help="templates live here")
     _add_control(d)
@@ -94,6 +95,23 @@ def add_parser(subparsers: Any) -> None:
         "layers (default: only the hard limit on a chain's depth applies)",
     )
     add_cache_arguments(d, "STATE_DIR/chunk-cache")
+    d.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take over from the daemon running on --state-dir (through STATE_DIR/"
+        "takeover.sock): its control socket and every live fork move to this process, no "
+        "fork or client notices, and the old daemon exits 0. If the takeover fails the old "
+        "one serves on and this exits 2 with the reason",
+    )
+    d.add_argument(
+        "--on-sighup",
+        choices=("stop", "takeover"),
+        default="stop",
+        help="what SIGHUP does: stop (default; release every fork and exit, like SIGTERM) or "
+        "takeover (upgrade in place: start 'python -m pagefork daemon SAME-OPTIONS "
+        "--takeover' with the code installed now and hand everything to it; if it fails, "
+        "serve on). The systemd unit in contrib/systemd reloads this way",
+    )
     d.add_argument("-v", "--verbose", action="store_true", help="log the fork lifecycle")
     d.set_defaults(func=run_daemon)
 
@@ -201,7 +219,6 @@ def add_parser(subparsers: Any) -> None:
 
 def run_daemon(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM, then release every fork and exit 0."""
-    from pagefork.daemon.service import Daemon
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -217,35 +234,27 @@ def run_daemon(args: argparse.Namespace) -> int:
             f"--max-layer-depth must be in 1..{MAX_DEPTH}, not {args.max_layer_depth}"
         )
     stop = threading.Event()
+    upgrade = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP and args.on_sighup == "takeover":
+            upgrade.set()
         stop.set()
 
-    # SIGHUP (its terminal or supervisor went away) stops it cleanly too, like SIGTERM; one
-    # that is ignored on entry (nohup) stays ignored: that caller asked it to outlive them.
+    # SIGHUP (its terminal or supervisor went away) stops it cleanly too, like SIGTERM, unless
+    # --on-sighup takeover; one that is ignored on entry (nohup) stays ignored: that caller
+    # asked it to outlive them.
     stop_signals = [signal.SIGINT, signal.SIGTERM]
     if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
         stop_signals.append(signal.SIGHUP)
     previous = {s: signal.signal(s, on_signal) for s in stop_signals}
     try:
-        with Daemon(
-            args.state_dir,
-            args.control,
-            socket_dir=args.socket_dir,
-            record_max_seconds=args.record_max_seconds,
-            record_max_share=args.record_max_share,
-            workers=args.workers,
-            max_layer_depth=args.max_layer_depth,
-            store=store_options(args, os.path.join(args.state_dir, "chunk-cache")),
-        ) as daemon:
-            daemon.start()
-            print(json.dumps({"event": "listening", "control": args.control}), flush=True)
-            while not stop.wait(3600):
-                pass
+        from pagefork.takeover.daemon_cli import serve_daemon
+
+        serve_daemon(args, stop, upgrade)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    print(json.dumps({"event": "stopped"}), flush=True)
     return 0
 
 

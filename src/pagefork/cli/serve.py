@@ -37,6 +37,9 @@ from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
 from pagefork.stats import ForkStats
 from pagefork.store.layout import is_s3_url, parse_s3_url
 from pagefork.store.lazy import StoreOptions, pushed_hot_pages
+from pagefork.takeover.new import take_over
+from pagefork.takeover.pageserver import abandon
+from pagefork.takeover.serve import ServeHandover, ServeTarget, takeover_path
 
 log = logging.getLogger("pagefork")
 
@@ -118,6 +121,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "that dies is replaced and its forks are served on without loss",
     )
     add_cache_arguments(p)
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the socket and every live fork over from the serve running on --socket "
+        "(same --mem-file), through SOCKET.takeover: no fork notices, and the old server exits "
+        "0; if the takeover fails the old one serves on and this exits 2 with the reason",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log each fork's lifecycle")
     p.set_defaults(func=run)
 
@@ -337,8 +347,29 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
         store=store,
     )
     server = PageServer(config)
+    handover: ServeHandover | None = None
     try:
-        server.listen(args.socket, record=should_record)
+        listener = None
+        if args.takeover:
+            server.wait_ready()  # built before the old server is asked for anything
+            try:
+                took = take_over(
+                    takeover_path(args.socket),
+                    ServeTarget(server, loop, args.socket, should_record),
+                )
+            except BaseException:
+                abandon(server)  # the forks are the old server's: end none, save nothing
+                raise
+            listener = took.listener
+            emit("took_over", from_pid=took.from_pid, forks=took.forks)
+        else:
+            server.listen(args.socket, record=should_record)
+
+        def handed_over(pid: int, forks: int) -> None:
+            emit("handed_over", to_pid=pid, forks=forks)
+            os.eventfd_write(wake_fd, 1)
+
+        handover = ServeHandover(server, loop, args.socket, handed_over, listener)
         server.wait_ready()  # "listening" promises forks are served at once
         emit(
             "listening",
@@ -348,7 +379,10 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
         )
         _wait_for_stop(wake_fd)
     finally:
-        server.close()
+        if handover is not None:
+            handover.close()  # after a takeover: drops every fork without ending it
+        else:
+            server.close()
     return 0
 
 

@@ -185,7 +185,18 @@ class _Conn:
     """One accepted connection. The loop thread owns it while it reads; a worker owns it
     while it answers (``busy``). Only the owner closes its socket."""
 
-    __slots__ = ("body", "busy", "deadline", "h11", "head", "method", "received", "sock", "target")
+    __slots__ = (
+        "answered",
+        "body",
+        "busy",
+        "deadline",
+        "h11",
+        "head",
+        "method",
+        "received",
+        "sock",
+        "target",
+    )
 
     def __init__(self, sock: socket.socket, max_head: int, deadline: float) -> None:
         self.sock = sock
@@ -194,6 +205,9 @@ class _Conn:
         self.busy = False
         self.head = bytearray()  # the raw bytes of the request head being received
         self.received = False  # any byte since the last answer
+        # A connection that has had no answer yet was opened to ask something: a drain waits
+        # for its request (a hand-over must not fail a client that has just connected).
+        self.answered = False
         self.method = ""
         self.target = ""
         self.body = bytearray()
@@ -283,6 +297,13 @@ class HttpServer:
         """Accept no new connection; the socket stays open (and owned) for a hand-over."""
         with self._lock:
             self._accepting = False
+        self._wake()
+
+    def resume_accepting(self) -> None:
+        """Accept again after :meth:`stop_accepting` or :meth:`drain` (a hand-over failed)."""
+        with self._lock:
+            self._accepting = True
+            self._draining = False
         self._wake()
 
     def drain(self, timeout: float) -> bool:
@@ -426,7 +447,7 @@ class HttpServer:
             self._guarded(conn, self._process)  # a pipelined request may be buffered already
         if self._draining:
             with self._lock:
-                quiet = [c for c in self._conns if not c.busy and not c.received]
+                quiet = [c for c in self._conns if not c.busy and c.answered and not c.received]
             for conn in quiet:
                 self._close(conn)
 
@@ -613,6 +634,7 @@ class HttpServer:
             conn.h11.start_next_cycle()
             conn.method = conn.target = ""
             conn.received = bool(conn.head)
+            conn.answered = True
             conn.deadline = time.monotonic() + self.limits.idle_timeout
             return True
         return False

@@ -121,20 +121,7 @@ class Daemon:
     ) -> None:
         # Nothing here may change what another daemon uses until this one owns the state
         # directory (the lock, taken by the caller) and the control socket (bound below).
-        self.registry = TemplateRegistry(state_dir)
-        forks_dir = Path(socket_dir) if socket_dir else self.registry.state_dir / "forks"
-        self.metrics = DaemonMetrics()
-        journal = SocketJournal(self.registry.state_dir / SOCKET_JOURNAL_DIR)
-        self.manager = ForkManager(
-            self.registry,
-            dataclasses.replace(settings, socket_dir=str(forks_dir)),
-            drivers if drivers is not None else load_drivers(),
-            on_fork_end=self.metrics.fork_ended,
-            on_fault_latencies=self.metrics.observe_fault_latencies,
-            socket_journal=journal,
-            on_worker_restarted=self.metrics.worker_restarted,
-        )
-        self.control_path = control_path
+        journal = self._build(state_dir, control_path, socket_dir, drivers, settings)
         try:
             self.server = ControlServer(
                 control_path, ControlApi(self.registry, self.manager, self.metrics)
@@ -151,6 +138,51 @@ class Daemon:
                 os.unlink(control_path)
             self.manager.close()
             raise
+
+    def _build(
+        self,
+        state_dir: str | os.PathLike[str],
+        control_path: str,
+        socket_dir: str | None,
+        drivers: Mapping[str, VmmDriver] | None,
+        settings: ManagerConfig,
+    ) -> SocketJournal:
+        """The registry, metrics and fork manager; touches nothing another daemon uses."""
+        self.registry = TemplateRegistry(state_dir)
+        forks_dir = Path(socket_dir) if socket_dir else self.registry.state_dir / "forks"
+        self.metrics = DaemonMetrics()
+        journal = SocketJournal(self.registry.state_dir / SOCKET_JOURNAL_DIR)
+        self.manager = ForkManager(
+            self.registry,
+            dataclasses.replace(settings, socket_dir=str(forks_dir)),
+            drivers if drivers is not None else load_drivers(),
+            on_fork_end=self.metrics.fork_ended,
+            on_fault_latencies=self.metrics.observe_fault_latencies,
+            socket_journal=journal,
+            on_worker_restarted=self.metrics.worker_restarted,
+        )
+        self.control_path = control_path
+        return journal
+
+    @classmethod
+    def for_takeover(
+        cls,
+        state_dir: str | os.PathLike[str],
+        control_path: str,
+        settings: ManagerConfig,
+        *,
+        socket_dir: str | None = None,
+        drivers: Mapping[str, VmmDriver] | None = None,
+    ) -> Daemon:
+        """A daemon that takes over from the one running on ``state_dir``: built without the
+        state directory's lock, a control socket or any clean-up (the running one owns them
+        all); :mod:`pagefork.takeover.daemon` hands them over, then :meth:`start`."""
+        daemon = cls.__new__(cls)
+        daemon._lock_fd = None
+        daemon._thread = None
+        daemon._closed = False
+        daemon._build(state_dir, control_path, socket_dir, drivers, settings)
+        return daemon
 
     def start(self) -> None:
         """Serve control requests on a background thread."""

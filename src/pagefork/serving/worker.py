@@ -563,6 +563,8 @@ class Worker:
             f = self.forks.get(message[1])
             if f is not None:
                 self._end(f, ForkState.ENDED, None)
+        elif op == "release":
+            self._release(message[1])
         elif op == "crash_at":
             self.crash_at[message[1]] = message[2]
             ipc.send(self.chan, ("armed", message[3]))
@@ -640,6 +642,25 @@ class Worker:
         f.ledger.close()
         if report:
             ipc.send(self.chan, ("ended", f.fork_id, state, error))
+
+    def _release(self, keys: list[str]) -> None:
+        """A takeover: stop serving these forks without ending them (another process serves
+        them next). Their ledgers are final once this answers: the recording stays open."""
+        for key in keys:
+            f = self.forks.pop(key, None)
+            if f is None:
+                continue
+            for fd in (f.uffd, f.conn, f.pidfd):
+                if fd >= 0:
+                    self._unwatch(fd)
+                    os.close(fd)
+            f.uffd = f.conn = f.pidfd = -1
+            self.attend.discard(f)
+            # Faults deferred on EAGAIN were read but not served: the adopter's wake makes
+            # their vCPUs fault again.
+            f.deferred = []
+            f.ledger.close()
+        ipc.send(self.chan, ("released", keys))
 
     def _crash_point(self, name: str) -> None:
         left = self.crash_at.get(name)

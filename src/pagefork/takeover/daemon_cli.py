@@ -1,0 +1,162 @@
+"""How ``pagefork daemon`` runs: started fresh or by a takeover, and handing over in turn.
+
+Every daemon listens for a successor on ``STATE_DIR/takeover.sock``. With ``--on-sighup
+takeover``, SIGHUP starts one itself (``python -m pagefork daemon SAME-OPTIONS --takeover``,
+the code installed now), which is what the systemd unit's reload does. A daemon that took over
+tells systemd ``MAINPID=<pid>`` and ``READY=1`` when ``$NOTIFY_SOCKET`` is set.
+
+Events on stdout, one JSON line each: ``took_over`` {from_pid, forks} (a takeover), then
+``listening`` {control}; at the end ``handed_over`` {to_pid, forks} or ``stopped``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from pagefork.cli.store_options import store_options
+from pagefork.daemon.manager import ManagerConfig
+from pagefork.daemon.service import Daemon
+from pagefork.takeover import pageserver
+from pagefork.takeover.daemon import DaemonHandover, DaemonTarget, takeover_path
+from pagefork.takeover.new import take_over
+from pagefork.takeover.systemd import notify
+
+log = logging.getLogger("pagefork")
+
+
+def _emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def successor_command(args: argparse.Namespace) -> list[str]:
+    """The command that takes over from a daemon started with ``args``."""
+    cmd = [sys.executable, "-m", "pagefork", "daemon", "--state-dir", str(args.state_dir)]
+    cmd += ["--control", str(args.control), "--workers", str(args.workers)]
+    cmd += ["--record-max-seconds", repr(args.record_max_seconds)]
+    cmd += ["--record-max-share", repr(args.record_max_share)]
+    cmd += ["--on-sighup", args.on_sighup, "--takeover"]
+    if args.socket_dir:
+        cmd += ["--socket-dir", str(args.socket_dir)]
+    if args.max_layer_depth is not None:
+        cmd += ["--max-layer-depth", str(args.max_layer_depth)]
+    cmd += ["--cache-size", str(args.cache_size)]
+    if args.cache_dir:
+        cmd += ["--cache-dir", str(args.cache_dir)]
+    if args.endpoint_url:
+        cmd += ["--endpoint-url", str(args.endpoint_url)]
+    if args.verbose:
+        cmd.append("--verbose")
+    return cmd
+
+
+def _start_successor(args: argparse.Namespace) -> None:
+    """Start a successor; log its failure (this daemon then serves on)."""
+    cmd = successor_command(args)
+    log.warning("SIGHUP: handing over to a new daemon: %s", " ".join(cmd))
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
+        log.error("SIGHUP: cannot start a new daemon: %s; serving on", exc.strerror or exc)
+        return
+
+    def reap() -> None:
+        code = proc.wait()
+        if code != 0:
+            log.error("SIGHUP: the new daemon exited with status %d; serving on", code)
+
+    threading.Thread(target=reap, name="pagefork-successor", daemon=True).start()
+
+
+def _discard(daemon: Daemon, target: DaemonTarget) -> None:
+    """A takeover that failed, on the new side: stop what was built without releasing a fork
+    or stopping a VMM (they are the old daemon's, which serves on)."""
+    servers = list(target.servers.values())
+    with daemon.manager._lock:
+        servers += [s.server for s in daemon.manager._templates.values()]
+        daemon.manager._templates.clear()
+        daemon.manager._forks.clear()
+    for server in servers:
+        pageserver.abandon(server)
+    daemon.manager._exits.close()
+    control = getattr(daemon, "server", None)
+    if control is not None:
+        control.server_close()  # our copy of the listening socket only
+    if daemon._lock_fd is not None:
+        os.close(daemon._lock_fd)
+        daemon._lock_fd = None
+
+
+def serve_daemon(args: argparse.Namespace, stop: threading.Event, upgrade: threading.Event) -> None:
+    """Run the daemon of ``args`` until ``stop`` (a SIGHUP with ``upgrade`` hands over)."""
+    store = store_options(args, os.path.join(args.state_dir, "chunk-cache"))
+    settings = ManagerConfig(
+        socket_dir="",
+        record_max_seconds=args.record_max_seconds,
+        record_max_share=args.record_max_share,
+        workers=args.workers,
+        max_layer_depth=args.max_layer_depth,
+        store=store,
+    )
+    listener = None
+    if args.takeover:
+        daemon = Daemon.for_takeover(
+            args.state_dir, args.control, settings, socket_dir=args.socket_dir
+        )
+        target = DaemonTarget(daemon)
+        try:
+            took = take_over(takeover_path(args.state_dir), target)
+        except BaseException:
+            _discard(daemon, target)
+            raise
+        daemon.start()
+        listener = took.listener
+        _emit("took_over", from_pid=took.from_pid, forks=took.forks)
+    else:
+        daemon = Daemon(
+            args.state_dir,
+            args.control,
+            socket_dir=args.socket_dir,
+            record_max_seconds=args.record_max_seconds,
+            record_max_share=args.record_max_share,
+            workers=args.workers,
+            max_layer_depth=args.max_layer_depth,
+            store=store,
+        )
+        daemon.start()
+    handed: list[tuple[int, int]] = []
+
+    def done(pid: int, forks: int) -> None:
+        handed.append((pid, forks))
+        stop.set()
+
+    try:
+        handover = DaemonHandover(daemon, done, sock=listener)
+    except BaseException:
+        daemon.close()
+        raise
+    try:
+        _emit("listening", control=args.control)
+        if args.takeover:
+            notify(MAINPID=os.getpid(), READY=1)
+        else:
+            notify(READY=1)
+        while True:
+            stop.wait()
+            if handed or not upgrade.is_set():
+                break
+            upgrade.clear()
+            stop.clear()
+            _start_successor(args)
+    finally:
+        handover.close()
+    if handed:
+        _emit("handed_over", to_pid=handed[0][0], forks=handed[0][1])
+    else:
+        _emit("stopped")

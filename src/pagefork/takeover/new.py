@@ -1,0 +1,142 @@
+"""The new side of a takeover: connect to the old process, build, receive, adopt.
+
+:func:`take_over` runs the protocol of :mod:`pagefork.takeover.protocol` against the old side's
+socket and drives a :class:`Target` (the ``serve`` or daemon being started). Any failure raises
+:class:`~pagefork.takeover.protocol.TakeoverError` with a one-line reason, after telling the
+old side (``abort``) where the connection still works; the old side then serves on.
+
+``PAGEFORK_TAKEOVER_STOP_AT`` (tests only) stops this side at a step and blocks there, after
+printing ``takeover: stopped at STEP`` on stderr, so a test can SIGKILL it at that very point:
+``hello`` (connected, nothing sent), ``built`` (built, ``ready`` not sent), ``state`` (state
+received, nothing adopted), ``adopted`` (its workers serve every fork, ``done`` not sent).
+``PAGEFORK_TAKEOVER_PAUSE_AT`` waits there for a line on stdin instead, so a test can start a
+fault storm right before the handover.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pagefork
+from pagefork.takeover.protocol import (
+    PROTOCOL_VERSION,
+    Channel,
+    TakeoverError,
+    check_version,
+    close_all,
+)
+
+#: The steps ``PAGEFORK_TAKEOVER_STOP_AT`` can name.
+STOP_POINTS = ("hello", "built", "state", "adopted")
+
+
+class Target(abc.ABC):
+    """What the new side builds and adopts into."""
+
+    #: ``serve`` or ``daemon``: the old side refuses another kind.
+    kind: str
+
+    @abc.abstractmethod
+    def build(self, plan: dict[str, Any]) -> list[int]:
+        """Open and start everything ``plan`` names, serving nothing yet; the pids of every
+        process that may serve a fork (the workers)."""
+
+    @abc.abstractmethod
+    def adopt(self, state: dict[str, Any], fds: list[int]) -> int:
+        """Serve every fork of ``state`` (owning ``fds``); how many live forks it adopted."""
+
+
+@dataclass(frozen=True)
+class TakeoverResult:
+    """A takeover that succeeded."""
+
+    from_pid: int
+    forks: int
+    seconds: float
+    #: The old side's takeover listening socket, for this side to listen on in its turn.
+    listener: socket.socket | None = None
+
+
+def _stop_point(step: str) -> None:
+    if os.environ.get("PAGEFORK_TAKEOVER_STOP_AT") == step:
+        print(f"takeover: stopped at {step}", file=sys.stderr, flush=True)
+        threading.Event().wait()  # until a test kills us
+    if os.environ.get("PAGEFORK_TAKEOVER_PAUSE_AT") == step:
+        print(f"takeover: paused at {step}", file=sys.stderr, flush=True)
+        sys.stdin.readline()  # a test goes on when it is ready: one line on our stdin
+
+
+def take_over(
+    path: str,
+    target: Target,
+    *,
+    ready_timeout: float = 120.0,
+    step_timeout: float = 30.0,
+) -> TakeoverResult:
+    """Take over from the process listening on ``path``."""
+    t0 = time.monotonic()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(step_timeout)
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise TakeoverError(
+            f"cannot reach the running process at {path}: {exc.strerror or exc}"
+        ) from None
+    ch = Channel(sock)
+    listener: socket.socket | None = None
+    try:
+        _stop_point("hello")
+        ch.send(
+            {
+                "type": "hello",
+                "protocol": list(PROTOCOL_VERSION),
+                "pid": os.getpid(),
+                "version": pagefork.__version__,
+                "kind": target.kind,
+            }
+        )
+        plan, fds = ch.recv(time.monotonic() + step_timeout, ["plan"])
+        close_all(fds)
+        from_pid = int(plan["pid"])
+        try:
+            why = check_version(plan.get("protocol"))
+            if why is not None:  # the old side is the one with another major version
+                raise TakeoverError(f"the running process: {why}")
+            workers = target.build(dict(plan.get("plan") or {}))
+            _stop_point("built")
+            ch.send({"type": "ready", "worker_pids": workers})
+            # The old side quiesces and releases before it sends the state.
+            state, fds = ch.recv(time.monotonic() + ready_timeout + step_timeout, ["state"])
+            _stop_point("state")
+            index = state.pop("takeover", None)
+            if isinstance(index, int) and 0 <= index < len(fds):
+                listener = socket.socket(fileno=os.dup(fds[index]))
+            forks = target.adopt(state, fds)
+            _stop_point("adopted")
+            ch.send({"type": "done", "forks": forks})
+        except Exception as exc:
+            why = str(exc) if isinstance(exc, TakeoverError) else f"{type(exc).__name__}: {exc}"
+            try:
+                ch.send({"type": "abort", "error": why})
+            except TakeoverError:
+                pass
+            if listener is not None:
+                listener.close()
+            if isinstance(exc, TakeoverError):
+                raise
+            raise TakeoverError(why) from exc
+    finally:
+        ch.close()
+    return TakeoverResult(from_pid, forks, time.monotonic() - t0, listener)
+
+
+__all__ = ["STOP_POINTS", "TakeoverResult", "Target", "take_over"]

@@ -1,0 +1,141 @@
+"""``pagefork serve --takeover``: one page server hands its socket and forks to a new one.
+
+The old ``serve`` listens for a takeover on ``SOCKET.takeover`` (mode 0600, next to its
+socket). A new ``serve --takeover`` with the same ``--socket`` and ``--mem-file`` starts its
+workers, takes the listening socket, every fork and the hot-page loop (which fork records,
+the hot set) over, prints ``took_over`` and serves on; the old one prints ``handed_over`` and
+exits 0 without ending any fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from pagefork.errors import PageforkError
+from pagefork.hotloop import HotSetLoop
+from pagefork.server import PageServer
+from pagefork.takeover import pageserver
+from pagefork.takeover.new import Target
+from pagefork.takeover.old import Source, TakeoverListener
+from pagefork.takeover.protocol import TakeoverError
+
+log = logging.getLogger("pagefork")
+
+#: Appended to ``--socket``: where a running ``serve`` listens for its successor.
+SUFFIX = ".takeover"
+
+
+def takeover_path(socket_path: str) -> str:
+    """The takeover socket of the ``serve`` listening on ``socket_path``."""
+    return socket_path + SUFFIX
+
+
+def _identity(mem_file: str) -> dict[str, Any]:
+    st = os.stat(mem_file)
+    return {"mem_file": os.path.abspath(mem_file), "dev": st.st_dev, "ino": st.st_ino,
+            "size": st.st_size}  # fmt: skip
+
+
+class ServeSource(Source):
+    """A running ``serve``, as the old side of a takeover."""
+
+    kind = "serve"
+
+    def __init__(self, server: PageServer, loop: HotSetLoop, socket_path: str) -> None:
+        self.server = server
+        self.loop = loop
+        self.socket_path = os.path.abspath(socket_path)
+
+    def plan(self) -> dict[str, Any]:
+        return {**_identity(self.server.config.mem_file_path), "socket": self.socket_path}
+
+    def quiesce(self, deadline: float) -> None:
+        pageserver.quiesce(self.server, deadline)
+
+    def release(self, deadline: float) -> None:
+        pageserver.release(self.server, deadline)
+
+    def export(self) -> tuple[dict[str, Any], list[int]]:
+        state, fds = pageserver.export(self.server)
+        return {**state, "hotloop": self.loop.snapshot()}, fds
+
+    def resume(self) -> None:
+        pageserver.readopt(self.server)
+
+
+class ServeTarget(Target):
+    """A new ``serve --takeover`` whose page server is started and serves nothing yet."""
+
+    kind = "serve"
+
+    def __init__(
+        self,
+        server: PageServer,
+        loop: HotSetLoop,
+        socket_path: str,
+        record: Callable[[str], bool],
+    ) -> None:
+        self.server = server
+        self.loop = loop
+        self.socket_path = os.path.abspath(socket_path)
+        self.record = record
+
+    def build(self, plan: dict[str, Any]) -> list[int]:
+        mine = _identity(self.server.config.mem_file_path)
+        if any(plan.get(k) != mine[k] for k in ("dev", "ino", "size")):
+            raise TakeoverError(
+                f"--mem-file {mine['mem_file']} is not the running server's mem-file "
+                f"({plan.get('mem_file')})"
+            )
+        if plan.get("socket") != self.socket_path:
+            raise TakeoverError(
+                f"--socket {self.socket_path} is not the running server's socket "
+                f"({plan.get('socket')})"
+            )
+        self.server.wait_ready()
+        return pageserver.all_worker_pids(self.server)
+
+    def adopt(self, state: dict[str, Any], fds: list[int]) -> int:
+        self.loop.restore(dict(state.get("hotloop") or {}))
+        return pageserver.adopt(self.server, state, fds, record=self.record)
+
+
+class ServeHandover:
+    """The old side's listener for a running ``serve``; ``handed`` once it succeeded."""
+
+    def __init__(
+        self,
+        server: PageServer,
+        loop: HotSetLoop,
+        socket_path: str,
+        on_done: Callable[[int, int], None],
+        sock: Any = None,
+    ) -> None:
+        self.server = server
+        self.handed = False
+
+        def done(pid: int, forks: int) -> None:
+            self.handed = True
+            on_done(pid, forks)
+
+        self.listener: TakeoverListener | None = None
+        try:
+            self.listener = TakeoverListener(
+                takeover_path(socket_path), ServeSource(server, loop, socket_path), done, sock=sock
+            )
+        except PageforkError as exc:
+            # Serving matters more than a later upgrade: say so, and serve.
+            log.warning("cannot listen for a takeover (serving without): %s", exc)
+
+    def close(self) -> None:
+        """Stop listening; after a takeover, drop every fork without ending it, else stop
+        the server as usual."""
+        if self.listener is not None:
+            self.listener.close()
+        if self.handed:
+            pageserver.abandon(self.server)
+        else:
+            self.server.close()

@@ -1,0 +1,366 @@
+"""``pagefork daemon --takeover``: real daemons, real test VMMs, a client polling throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import PAGE, needs_kvm, needs_uffd
+from pagefork.daemon.client import DaemonClient
+
+PAGEFORK = [
+    sys.executable,
+    "-c",
+    "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "from pagefork.cli import main; sys.exit(main(sys.argv[1:]))",
+]
+ALL_PAGES = 3072
+
+
+class DaemonProc:
+    """A ``pagefork daemon`` child; its stdout events and stderr lines are collected."""
+
+    def __init__(self, state: Path, control: Path, *extra: str, env: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(
+            [*PAGEFORK, "daemon", "--state-dir", str(state), "--control", str(control),
+             "--socket-dir", str(control.parent / "forks"), "--workers", "2", *extra],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        self.events: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
+
+    def _pump(self, stream: Any, events: bool) -> None:
+        for line in stream:
+            with self._cond:
+                if events:
+                    self.events.append(json.loads(line))
+                else:
+                    self.errors.append(line)
+                self._cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float = 60) -> dict[str, Any]:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: any(e["event"] == event for e in self.events), timeout)
+        assert ok, f"no {event}; got {self.events}; stderr {self.errors}"
+        return next(e for e in self.events if e["event"] == event)
+
+    def wait_err(self, text: str, timeout: float = 60) -> None:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: any(text in line for line in self.errors), timeout)
+        assert ok, f"no {text!r} on stderr; got {self.errors}"
+
+
+class Poller:
+    """A client asking the control API over and over, on its own thread, until stopped."""
+
+    def __init__(self, control: Path, fork_ids: list[str]) -> None:
+        self.client = DaemonClient(str(control), timeout=60)
+        self.fork_ids = fork_ids
+        self.ok = 0
+        self.errors: list[str] = []
+        self.cond = threading.Condition()
+        self.stop = threading.Event()
+        # A daemon thread: a failed test must not leave the run waiting for it.
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                for fork_id in self.fork_ids:
+                    assert self.client.fork(fork_id)["fork"] == fork_id
+                listed = {f["fork"] for f in self.client.forks()}
+                assert listed >= set(self.fork_ids)
+                with self.cond:
+                    self.ok += 1
+                    self.cond.notify_all()
+            except Exception as exc:
+                self.errors.append(repr(exc))
+
+    def answered_again(self, times: int = 3) -> bool:
+        """Wait until ``times`` more rounds have been answered."""
+        with self.cond:
+            goal = self.ok + times
+            return self.cond.wait_for(lambda: self.ok >= goal or bool(self.errors), 60)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+
+
+def go_on(proc: subprocess.Popen[str]) -> None:
+    """Let a process paused by PAGEFORK_TAKEOVER_PAUSE_AT go on."""
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+
+
+def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
+    t = threading.Thread(
+        target=lambda: out.append(
+            vmm.send(cmd="touch", all=True, order="random", seed=seed, threads=4)
+        ),
+        daemon=True,
+    )
+    t.start()
+    return t
+
+
+def setup_forks(control: Path, mem_file: Path, tmp_path: Path, vmms, n: int = 3):
+    client = DaemonClient(str(control), timeout=60)
+    snap = tmp_path / "t.snap"
+    snap.write_bytes(b"state")
+    client.create_template("t", "firecracker", mem_file=str(mem_file), snapshot_path=str(snap))
+    forks = [client.create_fork("t", f"f{i}") for i in range(n)]
+    guests = [vmms(f["socket"]) for f in forks]
+    for g in guests:
+        assert g.send(cmd="touch", pages=[[0, 0], [1, PAGE]])["bad"] == 0
+    return client, forks, guests
+
+
+def _gone(pid: int) -> None:
+    """Wait until process ``pid`` (not our child) has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        assert poller.poll(60_000), f"pid {pid} still runs"
+    finally:
+        os.close(fd)
+
+
+@needs_uffd
+def test_daemon_takeover_mid_fault_storm_with_a_client_polling(
+    tmp_path: Path, short_dir: Path, mem_file: Path, vmms
+) -> None:
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    client, forks, guests = setup_forks(control, mem_file, tmp_path, vmms)
+    assert [f["role"] for f in forks] == ["warmup", "demand", "demand"]
+    poller = Poller(control, [f["fork"] for f in forks])
+    # Another client creates and releases forks all the while: writes cross the takeover too.
+    churn_errors: list[str] = []
+    churned = [0]
+    churning = threading.Event()
+    churn_cond = threading.Condition()
+
+    def churn() -> None:
+        own = DaemonClient(str(control), timeout=60)
+        while not churning.is_set():
+            try:
+                fork = own.create_fork("t", f"c{churned[0]}")
+                own.release_fork(fork["fork"])
+            except Exception as exc:
+                churn_errors.append(repr(exc))
+                return
+            with churn_cond:
+                churned[0] += 1
+                churn_cond.notify_all()
+
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    new = DaemonProc(tmp_path / "state", control, "--takeover",
+                     env={"PAGEFORK_TAKEOVER_PAUSE_AT": "state"})  # fmt: skip
+    new.wait_err("takeover: paused at state")
+    replies: list[dict[str, Any]] = []
+    threads = [storm(g, replies, seed=i) for i, g in enumerate(guests)]
+    assert replies == []  # released by the old daemon, not yet adopted: every fault waits
+    before = poller.ok
+    go_on(new.proc)
+    took = new.wait_for("took_over")
+    assert took["from_pid"] == old.proc.pid
+    assert old.proc.wait(60) == 0
+    handed = old.events[-1]
+    assert handed["event"] == "handed_over" and handed["to_pid"] == new.proc.pid
+    # The three, and the churning client's fork if one was registered at that moment.
+    assert handed["forks"] == took["forks"] in (3, 4)
+    for t in threads:
+        t.join(60)
+    assert [r["bad"] for r in replies] == [0, 0, 0]
+    assert poller.answered_again()  # the old daemon is gone: answered by the new one
+    poller.finish()
+    assert poller.errors == [] and poller.ok > before
+    with churn_cond:  # forks are created and released by the new daemon too
+        seen = churned[0]
+        assert churn_cond.wait_for(lambda: churned[0] >= seen + 3 or bool(churn_errors), 60)
+    churning.set()
+    churner.join(60)
+    assert churn_errors == []
+    assert control.exists()
+    # The new daemon has every fork, with its counters, and serves new ones.
+    listed = {f["fork"]: f for f in client.forks()}
+    assert set(listed) == {"f0", "f1", "f2"} and listed["f0"]["role"] == "warmup"
+    # The warm-up's window (a quarter of its pages) filled in the storm, in the new daemon,
+    # which saved it: the next fork is prefetched from it.
+    assert client.template("t")["hot_pages"] == ALL_PAGES // 4
+    late = client.create_fork("t", "late")
+    assert late["role"] == "prefetch"
+    assert vmms(late["socket"]).send(cmd="touch", all=True)["bad"] == 0
+    for g in guests:
+        g.close()
+    stats = [client.release_fork(f"f{i}")["stats"] for i in range(3)]
+    assert [s["faults"] for s in stats] == [ALL_PAGES] * 3
+    client.release_fork("late")
+    new.proc.send_signal(signal.SIGTERM)
+    assert new.proc.wait(60) == 0
+    assert not control.exists()
+
+
+@needs_uffd
+@pytest.mark.parametrize("step", ["built", "adopted"])
+def test_new_daemon_killed_mid_handover_old_serves_every_fork(
+    tmp_path: Path, short_dir: Path, mem_file: Path, vmms, step: str
+) -> None:
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    client, forks, guests = setup_forks(control, mem_file, tmp_path, vmms, n=2)
+    poller = Poller(control, [f["fork"] for f in forks])
+    new = DaemonProc(tmp_path / "state", control, "--takeover",
+                     env={"PAGEFORK_TAKEOVER_STOP_AT": step})  # fmt: skip
+    new.wait_err(f"takeover: stopped at {step}")
+    replies: list[dict[str, Any]] = []
+    threads = [storm(g, replies, seed=i) for i, g in enumerate(guests)]
+    new.proc.kill()
+    assert new.proc.wait(60) == -signal.SIGKILL
+    for t in threads:
+        t.join(60)
+    assert [r["bad"] for r in replies] == [0, 0]
+    assert poller.answered_again()  # by the old daemon, which serves on
+    poller.finish()
+    assert poller.errors == []
+    stats = [client.release_fork(f["fork"])["stats"] for f in forks]
+    assert [s["faults"] for s in stats] == [ALL_PAGES] * 2
+    assert old.proc.poll() is None and old.events[-1]["event"] == "listening"
+    old.proc.send_signal(signal.SIGTERM)
+    assert old.proc.wait(60) == 0
+
+
+UNIT = Path(__file__).parent.parent / "contrib" / "systemd" / "pagefork.service"
+
+
+def unit_commands(state: Path, control: Path) -> tuple[list[str], list[str], dict[str, str]]:
+    """The unit's ExecStart (its python, state dir and control socket swapped for this
+    test's), its ExecReload, and its [Service] settings."""
+    settings = dict(
+        line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line[:40]
+    )
+    start = shlex.split(settings["ExecStart"])
+    assert start[:3] == ["/usr/bin/python3", "-m", "pagefork"]
+    start[0] = sys.executable
+    start[start.index("--state-dir") + 1] = str(state)
+    start[start.index("--control") + 1] = str(control)
+    return start, shlex.split(settings["ExecReload"]), settings
+
+
+@needs_uffd
+def test_the_systemd_units_reload_hands_over_to_a_new_daemon_which_tells_systemd(
+    short_dir: Path, tmp_path: Path, mem_file: Path, vmms
+) -> None:
+    control = short_dir / "c.sock"
+    start, reload, settings = unit_commands(short_dir / "state", control)
+    assert (settings["Type"], settings["NotifyAccess"]) == ("notify", "all")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    notify.settimeout(60)
+    old = subprocess.Popen(
+        start, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")},
+    )  # fmt: skip
+    assert old.stdout is not None
+    try:
+        assert notify.recv(4096) == b"READY=1"
+        client, _, guests = setup_forks(control, mem_file, tmp_path, vmms, n=1)
+        # ExecReload, as systemd runs it: $MAINPID is the daemon's pid.
+        subprocess.run([a.replace("$MAINPID", str(old.pid)) for a in reload], check=True)
+        message = notify.recv(4096).decode()
+        fields = dict(line.split("=", 1) for line in message.splitlines())
+        new_pid = int(fields["MAINPID"])
+        assert fields["READY"] == "1" and new_pid != old.pid
+        assert old.wait(60) == 0
+        # The new daemon shares this stdout (as it shares the journal under systemd): its
+        # two lines and the old daemon's last one come in either order.
+        events = {}
+        for _ in range(4):
+            event = json.loads(old.stdout.readline())
+            events.setdefault(event.pop("event"), event)
+        assert events["took_over"] == {"from_pid": old.pid, "forks": 1}
+        assert events["handed_over"] == {"to_pid": new_pid, "forks": 1}
+        assert set(events) == {"listening", "took_over", "handed_over"}
+        assert guests[0].send(cmd="touch", all=True)["bad"] == 0
+        guests[0].close()
+        assert client.release_fork("f0")["stats"]["faults"] == ALL_PAGES
+        os.kill(new_pid, signal.SIGTERM)  # systemctl stop
+        _gone(new_pid)
+        assert not control.exists()
+    finally:
+        if old.poll() is None:
+            old.kill()
+        old.wait()
+        old.stdout.close()
+        notify.close()
+
+
+def test_daemon_takeover_refuses_a_wrong_control_socket(tmp_path: Path, short_dir: Path) -> None:
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    proc = subprocess.run(
+        [*PAGEFORK, "daemon", "--state-dir", str(tmp_path / "state"), "--control",
+         str(short_dir / "other.sock"), "--takeover"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--control {short_dir}/other.sock is not the running daemon's" in proc.stderr
+    assert DaemonClient(str(control)).templates()["templates"] == []
+    old.proc.send_signal(signal.SIGTERM)
+    assert old.proc.wait(60) == 0
+
+
+@needs_kvm
+def test_daemon_takeover_adopts_microvm_forks(tmp_path: Path, short_dir: Path) -> None:
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    client = DaemonClient(str(control), timeout=120)
+    client.create_template("vm", "kvm", mem_size_mib=16, variants=2)
+    assert client.create_fork("vm", "warm", vmm="kvm")["role"] == "warmup"
+    assert client.wait_fork("warm", timeout=60)["vmm"]["checksum_ok"]
+    later = client.create_fork("vm", "later", vmm="kvm", options={"fork_index": 1})
+    assert later["role"] == "prefetch" and later["prefetch"]["installed"] > 0
+    new = DaemonProc(tmp_path / "state", control, "--takeover")
+    assert new.wait_for("took_over")["forks"] == 2
+    assert old.proc.wait(60) == 0
+    forks = {f["fork"]: f for f in client.forks()}
+    assert forks["warm"]["phase"] == "exited" and forks["warm"]["exit_status"] == 0
+    assert forks["later"]["driver"] == "kvm" and forks["later"]["pid"] == later["pid"]
+    assert forks["later"]["prefetch"] == later["prefetch"]
+    stats = client.release_fork("later")["stats"]
+    assert stats["errors"] == 0 and stats["prefetched_pages"] == later["prefetch"]["installed"]
+    _gone(later["pid"])  # released: its VMM is stopped, whether its guest had finished or not
+    assert client.release_fork("warm")["stats"]["errors"] == 0
+    assert client.template("vm")["live_forks"] == 0
+    new.proc.send_signal(signal.SIGTERM)
+    assert new.proc.wait(60) == 0
