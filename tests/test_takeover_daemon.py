@@ -364,3 +364,61 @@ def test_daemon_takeover_adopts_microvm_forks(tmp_path: Path, short_dir: Path) -
     assert client.template("vm")["live_forks"] == 0
     new.proc.send_signal(signal.SIGTERM)
     assert new.proc.wait(60) == 0
+
+
+@needs_kvm
+def test_a_fork_snapshotted_before_a_takeover_goes_on_with_its_diff_chain_after_it(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    client = DaemonClient(str(control), timeout=120)
+    client.create_template("vm", "kvm", mem_size_mib=16, variants=2)
+    fid = client.create_fork("vm", vmm="kvm", options={"fork_index": 0, "snapshots": True})[
+        "fork"
+    ]
+    assert client.wait_fork(fid, timeout=60)["vmm"]["checksum_ok"]
+    client.snapshot_fork(fid, "s1")  # a layer over vm; the fork then walks on
+    walk1 = client.wait_fork(fid, timeout=60)["vmm"]
+
+    new = DaemonProc(tmp_path / "state", control, "--takeover")
+    assert new.wait_for("took_over")["forks"] == 1
+    assert old.proc.wait(60) == 0
+
+    # The new daemon snapshots the adopted VMM through its pipes, and the layer goes over s1:
+    # the VMM's dirty log holds only what changed since s1.
+    s2 = client.snapshot_fork(fid, "s2")["template"]
+    assert (s2["parent"], len(s2["layers"])) == ("s1", 2)
+    walk2 = client.wait_fork(fid, timeout=60)["vmm"]  # over the memory s2 holds
+    branch = client.create_fork("s2", vmm="kvm", options={"fork_index": 0})["fork"]
+    run = client.wait_fork(branch, timeout=60)["vmm"]
+    assert run["checksums"] == walk2["checksums"] != walk1["checksums"]
+    for f in (branch, fid):
+        client.release_fork(f)
+    new.proc.send_signal(signal.SIGTERM)
+    assert new.proc.wait(60) == 0
+
+
+@needs_kvm
+def test_a_daemons_microvm_does_not_outlive_a_daemon_that_dies_without_a_successor(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    # Forks of a daemon may outlive it for a successor (no PR_SET_PDEATHSIG), so without one
+    # they must go by themselves: the one stopped after its walk (snapshots) at the end of its
+    # stdin, the one still walking when its page server is gone.
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    client = DaemonClient(str(control), timeout=120)
+    client.create_template("vm", "kvm", mem_size_mib=16, variants=2)
+    kept = client.create_fork("vm", vmm="kvm", options={"fork_index": 0, "snapshots": True})
+    assert client.wait_fork(kept["fork"], timeout=60)["vmm"]["checksum_ok"]
+    pidfd = os.pidfd_open(kept["pid"])
+    try:
+        old.proc.kill()
+        old.proc.wait(60)
+        ready, _, _ = select.select([pidfd], [], [], 60)
+        assert ready == [pidfd], "the daemon's microVM outlived it"
+    finally:
+        os.close(pidfd)

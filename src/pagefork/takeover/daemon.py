@@ -78,6 +78,7 @@ class AdoptedHandle(VmmHandle):
         self._pid = pid
         self._resumed = resumed
         self._snapshots = snapshots
+        self._paused_by_snapshot = False
         self._command_lock = threading.Lock()
         self._pidfd: int | None = pidfd if pidfd >= 0 else None
         self._stdin = stdin
@@ -123,11 +124,13 @@ class AdoptedHandle(VmmHandle):
         return self._snapshots
 
     def resume(self) -> None:
-        """The microVM: ``go`` on its stdin, once (as its own driver does). Other VMMs cannot
-        be resumed after a takeover."""
+        """The microVM: ``go`` on its stdin, as its own driver does: once, and again after a
+        snapshot (the guest walks on). Other VMMs cannot be resumed after a takeover."""
         if self._stdin < 0:
             raise VmmError(f"fork {self.fork_id}: a VMM adopted in a takeover cannot be resumed")
-        if self._resumed:
+        again = self._resumed and self._paused_by_snapshot
+        self._paused_by_snapshot = False
+        if self._resumed and not again:
             return
         self._resumed = True
         with contextlib.suppress(BrokenPipeError):
@@ -149,6 +152,7 @@ class AdoptedHandle(VmmHandle):
             with contextlib.suppress(BrokenPipeError):
                 os.write(self._stdin, (line + "\n").encode())
             doc = self._next_event("snapshot", line, timeout)
+        self._paused_by_snapshot = True
         return VmmSnapshot(memory_diff=str(doc["memory_diff"]), vmstate=out_dir)
 
     def _next_event(self, want: str, command: str, timeout: float) -> dict[str, Any]:
@@ -179,15 +183,23 @@ class AdoptedHandle(VmmHandle):
                 lambda: self._eof or any(e.get("event") == "result" for e in self._events),
                 timeout,
             )
-            found = [e for e in self._events if e.get("event") == "result"]
+            found = [e for e in self._events if e.get("event") == "result"][:1]
+            if found:  # consumed, as the microVM's own driver does: the next walk reports anew
+                self._events.remove(found[0])
         if not found:
             raise VmmError(
                 f"fork {self.fork_id}: no result from its VMM (adopted in a takeover, it may "
                 "have reported to the previous daemon)"
             )
         doc = found[0]
-        return {"fork_id": self.fork_id, "pid": self._pid, "checksum_ok": doc.get("checksum_ok"),
-                "exits": doc.get("exits")}  # fmt: skip
+        return {
+            "fork_id": self.fork_id,
+            "pid": self._pid,
+            "checksum_ok": doc.get("checksum_ok"),
+            "checksums": doc.get("checksums"),
+            "pages_ok": not doc.get("bad_pages"),
+            "exits": doc.get("exits"),
+        }
 
     def stop(self) -> None:
         """SIGKILL the VMM and wait for it to go; idempotent."""
@@ -302,6 +314,10 @@ def _fork_state(fork: Fork, fds: list[int]) -> dict[str, Any]:
         "exit_status": fork.exit_status,
         "vmm_exited": fork.vmm_exited,
         "vmm": vmm,
+        # The fork's diff chain: its next snapshot is a layer over its last one.
+        "last_snapshot": list(fork.last_snapshot) if fork.last_snapshot is not None else None,
+        "removed_at_snapshot": [list(r) for r in fork.removed_at_snapshot],
+        "snapshot_lost": fork.snapshot_lost,
         # A session that ended here is in no page server's state: its figures go with it.
         "final_stats": fork.final_stats.to_dict() if fork.final_stats is not None else None,
     }
@@ -405,6 +421,14 @@ class DaemonTarget(Target):
             exit_status=spec.get("exit_status"),
             vmm_exited=bool(spec.get("vmm_exited")),
         )
+        last = spec.get("last_snapshot")
+        if isinstance(last, list) and len(last) == 2:
+            fork.last_snapshot = (str(last[0]), float(last[1]))
+        fork.removed_at_snapshot = tuple(
+            (int(a), int(b)) for a, b in spec.get("removed_at_snapshot") or ()
+        )
+        lost = spec.get("snapshot_lost")
+        fork.snapshot_lost = str(lost) if lost is not None else None
         final = spec.get("final_stats")
         if isinstance(final, dict):
             known = {f.name for f in dataclasses.fields(ForkStats)}

@@ -28,7 +28,9 @@ to serve the fault. The process speaks JSON lines with whoever started it
   of the template directory's mem-file: a fork of a snapshot checks its pages against them;
 - if the page server closes its socket before the fork is done, an ``error`` event and exit
   status 3 (a watchdog thread: vCPUs blocked on faults nobody serves would otherwise hang
-  forever). The process also dies with its parent (``PR_SET_PDEATHSIG``).
+  forever). The process also dies with its parent (``PR_SET_PDEATHSIG``), unless started
+  with ``--outlive-parent``: a daemon's forks may be handed to its successor in a live takeover,
+  and they still go when no one serves them (the watchdog) or holds their stdin (end of input).
 """
 
 from __future__ import annotations
@@ -100,10 +102,12 @@ def run_fork(
     *,
     snapshots: bool = False,
     memory: Sequence[str] | None = None,
+    outlive_parent: bool = False,
 ) -> int:
     """Restore, wait for ``go``, run, report. Returns the exit status."""
     t_start = time.monotonic()
-    _die_with_parent()
+    if not outlive_parent:
+        _die_with_parent()
     template = load_template(template_dir, memory)
     finished = threading.Event()
     with MicroVm(template, fork_index) as vm:
@@ -260,6 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="PATH",
         help="read the template's RAM from this base mem-file, then these layers (repeat)",
     )
+    parser.add_argument(
+        "--outlive-parent",
+        action="store_true",
+        help="do not die with the parent process (a daemon's fork, which a successor daemon "
+        "may adopt); it still exits when its page server or its stdin goes away",
+    )
     args = parser.parse_args(argv)
     try:
         return run_fork(
@@ -269,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             not args.no_wait,
             snapshots=args.snapshots,
             memory=args.memory,
+            outlive_parent=args.outlive_parent,
         )
     except PageforkError as exc:
         _emit({"event": "error", "message": _one_line(str(exc))})

@@ -169,6 +169,10 @@ class KvmDriver(VmmDriver):
             fork_index,
             snapshots=snapshots,
             memory=memory,
+            # A daemon's fork may be handed to its successor in a live takeover: it must not
+            # die with this process. It still exits once its page server and every holder of
+            # its stdin are gone (see pagefork.vmm.kvm.__main__).
+            outlive_parent=True,
         )
         try:
             process.wait_restored(timeout=timeout)

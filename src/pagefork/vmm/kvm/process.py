@@ -88,6 +88,7 @@ class ForkProcess:
         wait_go: bool = True,
         snapshots: bool = False,
         memory: Sequence[str] = (),
+        outlive_parent: bool = False,
     ) -> None:
         self.fork_index = fork_index
         #: Started with ``--snapshots``: it stays, stopped, after its result until :meth:`close`.
@@ -106,6 +107,8 @@ class ForkProcess:
             cmd.append("--no-wait")
         if snapshots:
             cmd.append("--snapshots")
+        if outlive_parent:
+            cmd.append("--outlive-parent")
         for path in memory:
             cmd += ["--memory", str(path)]
         self._proc = _SPAWNER.submit(
