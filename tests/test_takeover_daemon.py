@@ -422,3 +422,74 @@ def test_a_daemons_microvm_does_not_outlive_a_daemon_that_dies_without_a_success
         assert ready == [pidfd], "the daemon's microVM outlived it"
     finally:
         os.close(pidfd)
+
+
+def _daemons_on(state: Path) -> list[int]:
+    """Processes whose command line runs ``pagefork daemon`` on ``state``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"daemon" in argv and str(state).encode() in argv:
+                found.append(int(entry))
+    return found
+
+
+@needs_uffd
+def test_a_stop_right_after_a_reload_still_stops_the_service(
+    tmp_path: Path, short_dir: Path, mem_file: Path, vmms
+) -> None:
+    # systemctl reload, then systemctl stop: the SIGTERM must not be taken for the reload's.
+    control = short_dir / "c.sock"
+    state = tmp_path / "state"
+    old = DaemonProc(state, control, "--on-sighup", "takeover")
+    old.wait_for("listening")
+    setup_forks(control, mem_file, tmp_path, vmms, n=1)
+    os.kill(old.proc.pid, signal.SIGHUP)
+    os.kill(old.proc.pid, signal.SIGTERM)
+    assert old.proc.wait(120) == 0
+    for event in old.events:
+        if event["event"] == "handed_over":  # the TERM came during the handover: passed on
+            try:
+                pidfd = os.pidfd_open(event["to_pid"])
+            except ProcessLookupError:
+                continue
+            try:
+                assert select.select([pidfd], [], [], 60)[0] == [pidfd], "the successor runs on"
+            finally:
+                os.close(pidfd)
+    assert _daemons_on(state) == []
+    assert not control.exists()
+
+
+@needs_uffd
+def test_a_template_whose_page_server_starts_during_the_build_is_taken_over_too(
+    tmp_path: Path, short_dir: Path, mem_file: Path, vmms
+) -> None:
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    client, _, guests = setup_forks(control, mem_file, tmp_path, vmms, n=1)
+    client.create_template(
+        "t2", "firecracker", mem_file=str(mem_file), snapshot_path=str(tmp_path / "t.snap")
+    )
+    new = DaemonProc(
+        tmp_path / "state", control, "--takeover", env={"PAGEFORK_TAKEOVER_PAUSE_AT": "built"}
+    )
+    new.wait_err("takeover: paused at built")
+    late = client.create_fork("t2", "late")  # not in the plan: its page server starts now
+    go_on(new.proc)
+    assert new.wait_for("took_over")["forks"] == 2
+    assert old.proc.wait(60) == 0
+    g2 = vmms(late["socket"])
+    assert g2.send(cmd="touch", all=True)["bad"] == 0
+    assert guests[0].send(cmd="touch", all=True)["bad"] == 0
+    for g in [g2, *guests]:
+        g.close()
+    assert client.release_fork("late")["stats"]["errors"] == 0
+    new.proc.send_signal(signal.SIGTERM)
+    assert new.proc.wait(60) == 0

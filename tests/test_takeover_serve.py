@@ -356,3 +356,118 @@ def test_a_peer_that_names_a_stranger_as_its_worker_cannot_get_it_killed(
     guest.close()
     assert old.wait_for("fork_end")[0]["faults"] == ALL_PAGES
     assert old.stop() == 0
+
+
+@needs_uffd
+@pytest.mark.parametrize("step", ["state", "adopted"])
+def test_old_side_killed_after_handing_over_the_state_new_side_keeps_every_fork(
+    short_dir: Path, mem_file: Path, vmms, step: str
+) -> None:
+    sock = short_dir / "h.sock"
+    old = Serve(*args_for(sock, mem_file))
+    old.wait_for("listening")
+    guests = [vmms(str(sock)) for _ in range(2)]
+    for g in guests:
+        assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    new = Serve(*args_for(sock, mem_file, "--takeover"), env={"PAGEFORK_TAKEOVER_PAUSE_AT": step})
+    new.wait_err(f"takeover: paused at {step}")
+    old.proc.kill()  # it sent every fork: this side is the only one left to serve them
+    assert old.proc.wait(30) == -signal.SIGKILL
+    go_on(new.proc)
+    assert new.wait_for("took_over")[0]["forks"] == 2
+    for g in guests:
+        assert g.send(cmd="touch", all=True)["bad"] == 0
+    late = vmms(str(sock))  # and it accepts on the socket it took
+    assert late.send(cmd="touch", all=True)["bad"] == 0
+    for g in [*guests, late]:
+        g.close()
+    ends = new.wait_for("fork_end", count=3)
+    assert all(e["errors"] == 0 for e in ends)
+    assert new.stop() == 0
+
+
+@needs_uffd
+def test_a_takeover_without_the_running_servers_recording_is_refused(
+    short_dir: Path, mem_file: Path, tmp_path: Path, vmms
+) -> None:
+    sock = short_dir / "h.sock"
+    out = tmp_path / "hot.hpl"
+    old = Serve(*args_for(sock, mem_file, "--record", str(out), "--record-max-seconds", "300"))
+    old.wait_for("listening")
+    warm = vmms(str(sock))  # the warm-up records: a successor that does not would lose it
+    assert warm.send(cmd="touch", pages=[[0, 0], [0, PAGE]])["bad"] == 0
+    proc = subprocess.run(
+        [*PAGEFORK, "serve", *args_for(sock, mem_file, "--takeover")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--record (none) is not the running server's ({out})" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    # The old server still records: the warm-up's hot set is saved when its window closes.
+    assert warm.send(cmd="touch", pages=[[0, 2 * PAGE]])["bad"] == 0
+    warm.close()
+    old.wait_for("fork_end")
+    assert old.stop() == 0
+    assert out.exists()
+
+
+@needs_uffd
+def test_an_old_side_that_gives_up_tells_the_new_side_why(
+    short_dir: Path, mem_file: Path, vmms
+) -> None:
+    from pagefork.takeover.protocol import PROTOCOL_VERSION, Channel, TakeoverError
+
+    sock = short_dir / "h.sock"
+    old = Serve(*args_for(sock, mem_file))
+    old.wait_for("listening")
+    guest = vmms(str(sock))
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.connect(f"{sock}.takeover")
+    ch = Channel(peer)
+    try:
+        ch.send({"type": "hello", "protocol": list(PROTOCOL_VERSION), "pid": os.getpid(),
+                 "version": "test", "kind": "serve"})  # fmt: skip
+        ch.recv(time.monotonic() + 30, ["plan"])
+        ch.send({"type": "bogus"})  # not "ready": the old side gives up, and says why
+        with pytest.raises(TakeoverError, match="gave up: expected ready, got 'bogus'"):
+            ch.recv(time.monotonic() + 30, ["state"])
+    finally:
+        ch.close()
+    assert guest.send(cmd="touch", all=True)["bad"] == 0  # and serves on
+    guest.close()
+    assert old.wait_for("fork_end")[0]["errors"] == 0
+    assert old.stop() == 0
+
+
+@needs_uffd
+def test_a_serve_of_an_object_storage_template_is_taken_over(
+    short_dir: Path, mem_file: Path, tmp_path: Path, vmms, s3_bucket: str, s3_endpoint: str
+) -> None:
+    from conftest import S3_ENV
+
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}
+    url = f"s3://{s3_bucket}/t"
+    pushed = subprocess.run(
+        [*PAGEFORK, "push", url, "--mem-file", str(mem_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    sock = short_dir / "h.sock"
+    args = ["--mem-file", url, "--socket", str(sock), "--workers", "1",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    old = Serve(*args, env=env)
+    old.wait_for("listening", timeout=60)
+    guest = vmms(str(sock))
+    assert guest.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    new = Serve(*args, "--takeover", env=env)
+    assert new.wait_for("took_over", timeout=60)[0]["forks"] == 1
+    assert old.proc.wait(60) == 0
+    assert guest.send(cmd="touch", all=True)["bad"] == 0  # the rest fetched by the new side
+    guest.close()
+    assert new.wait_for("fork_end")[0]["errors"] == 0
+    assert new.stop() == 0

@@ -235,10 +235,15 @@ def run_daemon(args: argparse.Namespace) -> int:
         )
     stop = threading.Event()
     upgrade = threading.Event()
+    # Kept apart from an upgrade: a SIGTERM right after a SIGHUP (a reload, then a stop) must
+    # still stop the service, not be taken for the upgrade's wake-up.
+    terminate = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP and args.on_sighup == "takeover":
             upgrade.set()
+        else:
+            terminate.set()
         stop.set()
 
     # SIGHUP (its terminal or supervisor went away) stops it cleanly too, like SIGTERM, unless
@@ -251,7 +256,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     try:
         from pagefork.takeover.daemon_cli import serve_daemon
 
-        serve_daemon(args, stop, upgrade)
+        serve_daemon(args, stop, upgrade, terminate)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -132,7 +132,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
-
 class _Printer:
     """Writes one JSON object per line on stdout, whole lines only.
 
@@ -355,7 +354,7 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
             try:
                 took = take_over(
                     takeover_path(args.socket),
-                    ServeTarget(server, loop, args.socket, should_record),
+                    ServeTarget(server, loop, args.socket, should_record, args.record),
                 )
             except BaseException:
                 abandon(server)  # the forks are the old server's: end none, save nothing
@@ -369,7 +368,9 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
             emit("handed_over", to_pid=pid, forks=forks)
             os.eventfd_write(wake_fd, 1)
 
-        handover = ServeHandover(server, loop, args.socket, handed_over, listener)
+        handover = ServeHandover(
+            server, loop, args.socket, handed_over, listener, record=args.record
+        )
         server.wait_ready()  # "listening" promises forks are served at once
         emit(
             "listening",

@@ -372,7 +372,13 @@ class DaemonTarget(Target):
                 key = (str(t["id"]), float(t["created"]))
                 server = self.servers.pop(key, None)
                 if server is None:
-                    raise TakeoverError(f"template {key[0]!r} was not in the plan")
+                    # Its page server started after the plan (a fork was created while this
+                    # side built): start it now, as the old side's was.
+                    record = daemon.registry.get(key[0])
+                    if record.created != key[1]:
+                        raise TakeoverError(f"template {key[0]!r} changed on disk meanwhile")
+                    server = manager._open_server(record)
+                    server.wait_ready()
                 base, count = int(t["base"]), int(t["count"])
                 given.update(range(base, base + count))
                 pageserver.adopt(server, t["server"], fds[base : base + count])

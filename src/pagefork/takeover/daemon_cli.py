@@ -12,9 +12,11 @@ Events on stdout, one JSON line each: ``took_over`` {from_pid, forks} (a takeove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -93,8 +95,28 @@ def _discard(daemon: Daemon, target: DaemonTarget) -> None:
         daemon._lock_fd = None
 
 
-def serve_daemon(args: argparse.Namespace, stop: threading.Event, upgrade: threading.Event) -> None:
-    """Run the daemon of ``args`` until ``stop`` (a SIGHUP with ``upgrade`` hands over)."""
+def _pass_on_terminate(pid: int) -> None:
+    """SIGTERM the successor ``pid`` (it is alive: it just said ``done``)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    finally:
+        os.close(pidfd)
+
+
+def serve_daemon(
+    args: argparse.Namespace,
+    stop: threading.Event,
+    upgrade: threading.Event,
+    terminate: threading.Event,
+) -> None:
+    """Run the daemon of ``args`` until ``stop`` (a SIGHUP with ``upgrade`` hands over). A
+    ``terminate`` (SIGTERM, SIGINT) wins over an upgrade; one that comes while a successor
+    takes over is passed on to it, so the service still stops."""
     store = store_options(args, os.path.join(args.state_dir, "chunk-cache"))
     settings = ManagerConfig(
         socket_dir="",
@@ -149,7 +171,7 @@ def serve_daemon(args: argparse.Namespace, stop: threading.Event, upgrade: threa
             notify(READY=1)
         while True:
             stop.wait()
-            if handed or not upgrade.is_set():
+            if handed or terminate.is_set() or not upgrade.is_set():
                 break
             upgrade.clear()
             stop.clear()
@@ -158,5 +180,7 @@ def serve_daemon(args: argparse.Namespace, stop: threading.Event, upgrade: threa
         handover.close()
     if handed:
         _emit("handed_over", to_pid=handed[0][0], forks=handed[0][1])
+        if terminate.is_set():  # asked to stop while handing over: the successor stops
+            _pass_on_terminate(handed[0][0])
     else:
         _emit("stopped")

@@ -3,7 +3,9 @@
 :func:`take_over` runs the protocol of :mod:`pagefork.takeover.protocol` against the old side's
 socket and drives a :class:`Target` (the ``serve`` or daemon being started). Any failure raises
 :class:`~pagefork.takeover.protocol.TakeoverError` with a one-line reason, after telling the
-old side (``abort``) where the connection still works; the old side then serves on.
+old side (``abort``) where the connection still works; the old side then serves on. Except one:
+when ``done`` cannot reach an old side that has died after sending the state, this side is the
+only one left that can serve the forks, so it keeps them and the takeover succeeds.
 
 ``PAGEFORK_TAKEOVER_STOP_AT`` (tests only) stops this side at a step and blocks there, after
 printing ``takeover: stopped at STEP`` on stderr, so a test can SIGKILL it at that very point:
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import abc
 import os
+import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -73,6 +77,25 @@ def _stop_point(step: str) -> None:
         sys.stdin.readline()  # a test goes on when it is ready: one line on our stdin
 
 
+def _peer_pidfd(sock: socket.socket) -> int:
+    """A pidfd of the process at the other end of ``sock`` (-1 if it cannot be had)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return os.pidfd_open(struct.unpack("3i", creds)[0])
+    except OSError:
+        return -1
+
+
+def _died(pidfd: int, timeout: float) -> bool:
+    """True once the process behind ``pidfd`` has exited (waiting up to ``timeout``: its
+    socket closes before it is a zombie)."""
+    if pidfd < 0:
+        return False
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
+
+
 def take_over(
     path: str,
     target: Target,
@@ -93,6 +116,7 @@ def take_over(
         ) from None
     ch = Channel(sock)
     listener: socket.socket | None = None
+    old = _peer_pidfd(sock)
     try:
         _stop_point("hello")
         ch.send(
@@ -122,7 +146,14 @@ def take_over(
                 listener = socket.socket(fileno=os.dup(fds[index]))
             forks = target.adopt(state, fds)
             _stop_point("adopted")
-            ch.send({"type": "done", "forks": forks})
+            try:
+                ch.send({"type": "done", "forks": forks})
+            except TakeoverError:
+                # The old side is gone after handing everything over: this side is the only
+                # one left to serve the forks, so it keeps them. (An old side that gave up on
+                # purpose kills this one first, and is still alive here.)
+                if not _died(old, step_timeout):
+                    raise
         except Exception as exc:
             why = str(exc) if isinstance(exc, TakeoverError) else f"{type(exc).__name__}: {exc}"
             try:
@@ -136,6 +167,8 @@ def take_over(
             raise TakeoverError(why) from exc
     finally:
         ch.close()
+        if old >= 0:
+            os.close(old)
     return TakeoverResult(from_pid, forks, time.monotonic() - t0, listener)
 
 

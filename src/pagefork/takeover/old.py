@@ -193,6 +193,8 @@ class TakeoverListener:
                 os.close(fd)
         except Exception as exc:
             why = str(exc) if isinstance(exc, TakeoverError) else repr(exc)
+            with contextlib.suppress(TakeoverError):  # the new side says why it exits
+                ch.send({"type": "abort", "error": f"the running process gave up: {why}"})
             if sent:
                 # It may serve some forks already: stop it for good before ours adopt them.
                 _stop_all(pidfd, pid, watched)

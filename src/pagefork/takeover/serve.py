@@ -17,6 +17,7 @@ from typing import Any
 from pagefork.errors import PageforkError
 from pagefork.hotloop import HotSetLoop
 from pagefork.server import PageServer
+from pagefork.store.layout import is_s3_url
 from pagefork.takeover import pageserver
 from pagefork.takeover.new import Target
 from pagefork.takeover.old import Source, TakeoverListener
@@ -33,10 +34,20 @@ def takeover_path(socket_path: str) -> str:
     return socket_path + SUFFIX
 
 
-def _identity(mem_file: str) -> dict[str, Any]:
-    st = os.stat(mem_file)
-    return {"mem_file": os.path.abspath(mem_file), "dev": st.st_dev, "ino": st.st_ino,
-            "size": st.st_size}  # fmt: skip
+def _identity(server: PageServer, record: str | None) -> dict[str, Any]:
+    """What a successor must serve exactly as this server does: the very mem-file (or the
+    object-storage template), the same layers, and the same recording."""
+    config = server.config
+    mem_file = config.mem_file_path
+    if is_s3_url(mem_file):
+        ident: dict[str, Any] = {"mem_file": mem_file, "dev": None, "ino": None, "size": None}
+    else:
+        st = os.stat(mem_file)
+        ident = {"mem_file": os.path.abspath(mem_file), "dev": st.st_dev, "ino": st.st_ino,
+                 "size": st.st_size}  # fmt: skip
+    ident["layers"] = [os.path.abspath(p) for p in config.layers]
+    ident["record"] = os.path.abspath(record) if record is not None else None
+    return ident
 
 
 class ServeSource(Source):
@@ -44,13 +55,16 @@ class ServeSource(Source):
 
     kind = "serve"
 
-    def __init__(self, server: PageServer, loop: HotSetLoop, socket_path: str) -> None:
+    def __init__(
+        self, server: PageServer, loop: HotSetLoop, socket_path: str, record: str | None = None
+    ) -> None:
         self.server = server
         self.loop = loop
         self.socket_path = os.path.abspath(socket_path)
+        self.record_path = record
 
     def plan(self) -> dict[str, Any]:
-        return {**_identity(self.server.config.mem_file_path), "socket": self.socket_path}
+        return {**_identity(self.server, self.record_path), "socket": self.socket_path}
 
     def quiesce(self, deadline: float) -> None:
         pageserver.quiesce(self.server, deadline)
@@ -77,18 +91,30 @@ class ServeTarget(Target):
         loop: HotSetLoop,
         socket_path: str,
         record: Callable[[str], bool],
+        record_path: str | None = None,
     ) -> None:
         self.server = server
         self.loop = loop
         self.socket_path = os.path.abspath(socket_path)
         self.record = record
+        self.record_path = record_path
 
     def build(self, plan: dict[str, Any]) -> list[int]:
-        mine = _identity(self.server.config.mem_file_path)
-        if any(plan.get(k) != mine[k] for k in ("dev", "ino", "size")):
+        mine = _identity(self.server, self.record_path)
+        if any(plan.get(k) != mine[k] for k in ("mem_file", "dev", "ino", "size")):
             raise TakeoverError(
                 f"--mem-file {mine['mem_file']} is not the running server's mem-file "
                 f"({plan.get('mem_file')})"
+            )
+        if plan.get("layers", []) != mine["layers"]:
+            raise TakeoverError(
+                f"--layer {' '.join(mine['layers']) or '(none)'} is not the running server's "
+                f"({' '.join(plan.get('layers') or []) or 'none'})"
+            )
+        if plan.get("record") != mine["record"]:
+            raise TakeoverError(
+                f"--record {mine['record'] or '(none)'} is not the running server's "
+                f"({plan.get('record') or 'none'}): its warm-up's hot set would be lost"
             )
         if plan.get("socket") != self.socket_path:
             raise TakeoverError(
@@ -113,6 +139,7 @@ class ServeHandover:
         socket_path: str,
         on_done: Callable[[int, int], None],
         sock: Any = None,
+        record: str | None = None,
     ) -> None:
         self.server = server
         self.handed = False
@@ -124,7 +151,10 @@ class ServeHandover:
         self.listener: TakeoverListener | None = None
         try:
             self.listener = TakeoverListener(
-                takeover_path(socket_path), ServeSource(server, loop, socket_path), done, sock=sock
+                takeover_path(socket_path),
+                ServeSource(server, loop, socket_path, record),
+                done,
+                sock=sock,
             )
         except PageforkError as exc:
             # Serving matters more than a later upgrade: say so, and serve.
