@@ -75,7 +75,9 @@ def test_push_on_one_host_serve_on_another(tmp_path: Path, mem_file, vmms, s3_bu
         "1",
     )
     try:
-        serve.wait_for("listening", timeout=60)
+        (listening,) = serve.wait_for("listening", timeout=60)
+        # Pinned at start: the memory served and the hot set come from the same push.
+        assert listening["mem_file"].startswith(f"{url}#sha256=")
         vmm = vmms(str(tmp_path / "s.sock"))
         (done,) = serve.wait_for("prefetch_done")  # the hot set pushed with the template
         assert done["pages"] == 50 and done["fetched_bytes"] == 2 << 20

@@ -325,17 +325,23 @@ def test_past_max_layer_depth_a_snapshot_is_flattened_at_once(start_daemon: Star
     client.release_fork(c)
 
 
-@needs_uffd
-def test_a_firecracker_fork_snapshotted_through_the_daemon_is_forked_byte_for_byte(
-    start_daemon: StartDaemon, short_dir: Path, tmp_path: Path
-) -> None:
-    _, client = start_daemon()
+def _fc_template(client: DaemonClient, short_dir: Path, tmp_path: Path) -> str:
+    """Template "fc": a snapshot of a started Firecracker double (8 MiB); its mem-file."""
     with FcDoubleProcess(str(short_dir / "source.api")) as source:
         source.api.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 8})
         source.api.request("PUT", "/actions", {"action_type": "InstanceStart"})
         state, mem = str(tmp_path / "tpl.vmstate"), str(tmp_path / "tpl.mem")
         create_snapshot(source.api_sock, state, mem)
     client.create_template("fc", "firecracker", mem_file=mem, snapshot_path=state)
+    return mem
+
+
+@needs_uffd
+def test_a_firecracker_fork_snapshotted_through_the_daemon_is_forked_byte_for_byte(
+    start_daemon: StartDaemon, short_dir: Path, tmp_path: Path
+) -> None:
+    _, client = start_daemon()
+    mem = _fc_template(client, short_dir, tmp_path)
     with FcDoubleProcess(str(short_dir / "p.api"), "--fc-version", "1.14") as fc:
         opts = {"api_socket": fc.api_sock, "snapshots": True}
         parent = client.create_fork("fc", vmm="firecracker", options=opts)["fork"]
@@ -370,12 +376,7 @@ def test_a_firecracker_fork_snapshotted_twice_is_forked_byte_for_byte_from_the_s
     """Firecracker's second Diff holds only the pages written since the first: the second
     child is a layer over the first, and a branch of it holds the first writes too."""
     _, client = start_daemon()
-    with FcDoubleProcess(str(short_dir / "source.api")) as source:
-        source.api.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 8})
-        source.api.request("PUT", "/actions", {"action_type": "InstanceStart"})
-        state, mem = str(tmp_path / "tpl.vmstate"), str(tmp_path / "tpl.mem")
-        create_snapshot(source.api_sock, state, mem)
-    client.create_template("fc", "firecracker", mem_file=mem, snapshot_path=state)
+    mem = _fc_template(client, short_dir, tmp_path)
     with FcDoubleProcess(str(short_dir / "p.api"), "--fc-version", "1.14") as fc:
         opts = {"api_socket": fc.api_sock, "snapshots": True}
         parent = client.create_fork("fc", vmm="firecracker", options=opts)["fork"]
@@ -410,12 +411,7 @@ def test_a_snapshot_the_vmm_refuses_leaves_nothing_and_the_fork_running(
 ) -> None:
     state_dir = tmp_path / "state"
     _, client = start_daemon(state_dir=state_dir)
-    with FcDoubleProcess(str(short_dir / "source.api")) as source:
-        source.api.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 8})
-        source.api.request("PUT", "/actions", {"action_type": "InstanceStart"})
-        state, mem = str(tmp_path / "tpl.vmstate"), str(tmp_path / "tpl.mem")
-        create_snapshot(source.api_sock, state, mem)
-    client.create_template("fc", "firecracker", mem_file=mem, snapshot_path=state)
+    _fc_template(client, short_dir, tmp_path)
     with FcDoubleProcess(str(short_dir / "p.api"), "--fc-version", "1.12") as fc:
         # No 'snapshots' option: a 1.12 Firecracker has no dirty tracking and refuses a Diff.
         fork = client.create_fork("fc", vmm="firecracker", options={"api_socket": fc.api_sock})

@@ -339,13 +339,20 @@ def test_daemon_takeover_refuses_a_wrong_control_socket(tmp_path: Path, short_di
     assert old.proc.wait(60) == 0
 
 
-@needs_kvm
-def test_daemon_takeover_adopts_microvm_forks(tmp_path: Path, short_dir: Path) -> None:
+def _microvm_daemon(tmp_path: Path, short_dir: Path) -> tuple[Path, DaemonProc, DaemonClient]:
+    """A daemon with the built-in microVM template "vm" (16 MiB): its control socket, its
+    process and a client."""
     control = short_dir / "c.sock"
     old = DaemonProc(tmp_path / "state", control)
     old.wait_for("listening")
     client = DaemonClient(str(control), timeout=120)
     client.create_template("vm", "kvm", mem_size_mib=16, variants=2)
+    return control, old, client
+
+
+@needs_kvm
+def test_daemon_takeover_adopts_microvm_forks(tmp_path: Path, short_dir: Path) -> None:
+    control, old, client = _microvm_daemon(tmp_path, short_dir)
     assert client.create_fork("vm", "warm", vmm="kvm")["role"] == "warmup"
     assert client.wait_fork("warm", timeout=60)["vmm"]["checksum_ok"]
     later = client.create_fork("vm", "later", vmm="kvm", options={"fork_index": 1})
@@ -370,11 +377,7 @@ def test_daemon_takeover_adopts_microvm_forks(tmp_path: Path, short_dir: Path) -
 def test_a_fork_snapshotted_before_a_takeover_goes_on_with_its_diff_chain_after_it(
     tmp_path: Path, short_dir: Path
 ) -> None:
-    control = short_dir / "c.sock"
-    old = DaemonProc(tmp_path / "state", control)
-    old.wait_for("listening")
-    client = DaemonClient(str(control), timeout=120)
-    client.create_template("vm", "kvm", mem_size_mib=16, variants=2)
+    control, old, client = _microvm_daemon(tmp_path, short_dir)
     fid = client.create_fork("vm", vmm="kvm", options={"fork_index": 0, "snapshots": True})[
         "fork"
     ]
@@ -405,13 +408,10 @@ def test_a_daemons_microvm_does_not_outlive_a_daemon_that_dies_without_a_success
     tmp_path: Path, short_dir: Path
 ) -> None:
     # Forks of a daemon may outlive it for a successor (no PR_SET_PDEATHSIG), so without one
-    # they must go by themselves: the one stopped after its walk (snapshots) at the end of its
-    # stdin, the one still walking when its page server is gone.
-    control = short_dir / "c.sock"
-    old = DaemonProc(tmp_path / "state", control)
-    old.wait_for("listening")
-    client = DaemonClient(str(control), timeout=120)
-    client.create_template("vm", "kvm", mem_size_mib=16, variants=2)
+    # they must go by themselves: one stopped after its walk (snapshots) at the end of its
+    # stdin. (One still walking goes when its page server does: see
+    # test_fork_exits_with_an_error_when_its_page_server_goes_away.)
+    _control, old, client = _microvm_daemon(tmp_path, short_dir)
     kept = client.create_fork("vm", vmm="kvm", options={"fork_index": 0, "snapshots": True})
     assert client.wait_fork(kept["fork"], timeout=60)["vmm"]["checksum_ok"]
     pidfd = os.pidfd_open(kept["pid"])

@@ -87,7 +87,33 @@ def readonly_memfd(name: str, data: bytes | bytearray) -> int:
     return fd
 
 
-class MemFile:
+class ZeroIndexed:
+    """A template's memory whose all-zero 4 KiB pages are known: one byte per page in
+    ``_zeros`` (set by the subclass, with ``_zero_fd = -1``; the subclass closes ``_zero_fd``).
+    The fault path then never scans a page to choose ``UFFDIO_ZEROPAGE``."""
+
+    _zeros: bytearray
+    _zero_fd: int
+
+    def zero_index_fd(self) -> int:
+        """A memfd holding :attr:`zero_pages` (made once; closed by :meth:`close`)."""
+        if self._zero_fd < 0:
+            self._zero_fd = readonly_memfd("pagefork-zero-index", self._zeros)
+        return self._zero_fd
+
+    def is_zero(self, offset: int, length: int = PAGE_SIZE) -> bool:
+        """True when ``[offset, offset+length)`` is all zero (no scanning)."""
+        first = offset // PAGE_SIZE
+        last = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
+        return self._zeros.find(0, first, last) < 0
+
+    @property
+    def zero_pages(self) -> bytearray:
+        """One byte per 4 KiB page, 1 where the page is zero. Shared: do not modify."""
+        return self._zeros
+
+
+class MemFile(ZeroIndexed):
     """A template mem-file opened read-only, indexed for zero pages (unless ``scan`` is False),
     and (unless ``mapped`` is False) mapped once with ``MAP_SHARED``.
 
@@ -123,23 +149,6 @@ class MemFile:
         self.fd = fd
         self._zero_fd = -1
         self._closed = False
-
-    def zero_index_fd(self) -> int:
-        """A memfd holding :attr:`zero_pages` (made once; closed by :meth:`close`)."""
-        if self._zero_fd < 0:
-            self._zero_fd = readonly_memfd("pagefork-zero-index", self._zeros)
-        return self._zero_fd
-
-    def is_zero(self, offset: int, length: int = PAGE_SIZE) -> bool:
-        """True when ``[offset, offset+length)`` of the mem-file is all zero (no scanning)."""
-        first = offset // PAGE_SIZE
-        last = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
-        return self._zeros.find(0, first, last) < 0
-
-    @property
-    def zero_pages(self) -> bytearray:
-        """One byte per 4 KiB page, 1 where the page is zero. Shared: do not modify."""
-        return self._zeros
 
     def close(self) -> None:
         """Unmap and close the file; idempotent. No fork may be served from it afterwards."""

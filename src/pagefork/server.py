@@ -170,6 +170,19 @@ class _Fork:
     final_latencies: list[int] = field(default_factory=list)
     final_hot: HotPageList | None = None
 
+    def close_session(self) -> None:
+        """Close this process's copies of the session: ledger, uffd, pidfd, connection."""
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        for fd in (self.uffd, self.pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self.uffd = self.pidfd = -1
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -1164,16 +1177,7 @@ class PageServer:
             stats.latency_us = percentiles_us(samples)
         entry.final_latencies = samples
         entry.final_stats = stats
-        if entry.ledger is not None:
-            entry.ledger.close()
-            entry.ledger = None
-        for fd in (entry.uffd, entry.pidfd):
-            if fd >= 0:
-                os.close(fd)
-        entry.uffd = entry.pidfd = -1
-        if entry.conn is not None:
-            entry.conn.close()
-            entry.conn = None
+        entry.close_session()
         self._serving.pop(entry.key, None)
         for request in self._requests.values():
             if request.key == entry.key and not request.done.is_set():

@@ -36,7 +36,7 @@ from pagefork.hotpages import HotPageList, load
 from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
 from pagefork.stats import ForkStats
 from pagefork.store.layout import is_s3_url, parse_s3_url
-from pagefork.store.lazy import StoreOptions, pushed_hot_pages
+from pagefork.store.lazy import StoreOptions, pin_with_hot_pages
 from pagefork.takeover.new import take_over
 from pagefork.takeover.pageserver import abandon
 from pagefork.takeover.serve import ServeHandover, ServeTarget, takeover_path
@@ -259,8 +259,10 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
     store: StoreOptions | None = None
     if is_s3_url(args.mem_file):
         store = store_options(args)
+        # Pinned: the memory served and the hot set pushed with it come from one manifest.
+        args.mem_file, pushed = pin_with_hot_pages(args.mem_file, store)
         if not args.hot_pages:
-            hot = pushed_hot_pages(args.mem_file, store)  # the hot set pushed with it
+            hot = pushed
     if args.hot_pages:
         hot = load(args.hot_pages)
         if not len(hot):

@@ -630,18 +630,22 @@ class Worker:
             return
         if self.forks.get(f.fork_id) is f:
             del self.forks[f.fork_id]
-        for fd in (f.uffd, f.conn, f.pidfd):
-            if fd >= 0:
-                self._unwatch(fd)
-                os.close(fd)
-        f.uffd = f.conn = f.pidfd = -1
-        self.attend.discard(f)
+        self._drop(f)
         if f.rec_seen is not None:
             f.rec_seen = None
             f.ledger.counters[L.RECORD_STATE] = L.RECORD_CLOSED
         f.ledger.close()
         if report:
             ipc.send(self.chan, ("ended", f.fork_id, state, error))
+
+    def _drop(self, f: _Fork) -> None:
+        """Stop watching the fork and close this worker's copies of its fds."""
+        for fd in (f.uffd, f.conn, f.pidfd):
+            if fd >= 0:
+                self._unwatch(fd)
+                os.close(fd)
+        f.uffd = f.conn = f.pidfd = -1
+        self.attend.discard(f)
 
     def _release(self, keys: list[str]) -> None:
         """A takeover: stop serving these forks without ending them (another process serves
@@ -650,12 +654,7 @@ class Worker:
             f = self.forks.pop(key, None)
             if f is None:
                 continue
-            for fd in (f.uffd, f.conn, f.pidfd):
-                if fd >= 0:
-                    self._unwatch(fd)
-                    os.close(fd)
-            f.uffd = f.conn = f.pidfd = -1
-            self.attend.discard(f)
+            self._drop(f)
             # Faults deferred on EAGAIN were read but not served: the adopter's wake makes
             # their vCPUs fault again.
             f.deferred = []

@@ -37,7 +37,7 @@ from typing import Any
 
 from pagefork.errors import StoreError
 from pagefork.hotpages import HotPageList, decode
-from pagefork.memfile import MemFile, readonly_memfd
+from pagefork.memfile import MemFile, ZeroIndexed
 from pagefork.regions import PAGE_SIZE
 from pagefork.store import client as s3
 from pagefork.store.cache import ChunkCache, default_cache_dir
@@ -62,7 +62,7 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 ChunkFuture = concurrent.futures.Future[int]
 
 
-class LazyTemplate:
+class LazyTemplate(ZeroIndexed):
     """The template at ``url`` (``s3://BUCKET/PREFIX``), served lazily through ``cache``."""
 
     def __init__(
@@ -121,24 +121,6 @@ class LazyTemplate:
         #: GETs issued for chunks, and the bytes they brought (cache hits not counted).
         self.gets = 0
         self.fetched_bytes = 0
-
-    # --- what the page server needs of a mem-file ------------------------------------------
-    def is_zero(self, offset: int, length: int = PAGE_SIZE) -> bool:
-        """True when ``[offset, offset+length)`` is all zero (from the manifest's map)."""
-        first = offset // PAGE_SIZE
-        last = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
-        return self._zeros.find(0, first, last) < 0
-
-    @property
-    def zero_pages(self) -> bytearray:
-        """One byte per 4 KiB page, 1 where the page is zero. Shared: do not modify."""
-        return self._zeros
-
-    def zero_index_fd(self) -> int:
-        """A memfd holding :attr:`zero_pages` (made once; closed by :meth:`close`)."""
-        if self._zero_fd < 0:
-            self._zero_fd = readonly_memfd("pagefork-zero-index", self._zeros)
-        return self._zero_fd
 
     # --- chunks ------------------------------------------------------------------------------
     def present(self, chunk: int) -> bool:
@@ -360,19 +342,18 @@ def client_of(options: StoreOptions) -> Iterator[Any]:
         client.close()
 
 
-def pushed_hot_pages(url: str, options: StoreOptions) -> HotPageList | None:
-    """The hot-page list pushed with the template at ``url`` (None if none was)."""
+def pin_with_hot_pages(url: str, options: StoreOptions) -> tuple[str, HotPageList | None]:
+    """``url`` pinned to the manifest it names now, and the hot-page list pushed with that
+    manifest (None if none was): read once, so the hot set and the memory a server then opens
+    come from the same push, whatever is pushed to the prefix meanwhile."""
     with client_of(options) as client:
-        return _pushed_hot_pages(url, client)
-
-
-def _pushed_hot_pages(url: str, client: Any) -> HotPageList | None:
-    u = parse_s3_url(url)
-    manifest = s3.read_manifest(client, u)
-    blob = manifest.hot_pages
-    if blob is None:
-        return None
-    data = s3.get_bytes(client, u.bucket, blob.key, limit=blob.size)
-    if len(data) != blob.size or sha256(data) != blob.sha256:
-        raise StoreError(f"hot-page list s3://{u.bucket}/{blob.key} does not match its SHA-256")
-    return decode(data, f"s3://{u.bucket}/{blob.key}")
+        u = parse_s3_url(url)
+        manifest, sha = s3.read_pinned(client, u)
+        pinned = str(u.pinned(sha))
+        blob = manifest.hot_pages
+        if blob is None:
+            return pinned, None
+        data = s3.get_bytes(client, u.bucket, blob.key, limit=blob.size)
+        if len(data) != blob.size or sha256(data) != blob.sha256:
+            raise StoreError(f"hot-page list s3://{u.bucket}/{blob.key} does not match its SHA-256")
+        return pinned, decode(data, f"s3://{u.bucket}/{blob.key}")

@@ -16,7 +16,6 @@ workers wake each fork's vCPUs (``UFFDIO_WAKE``) and serve on.
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import socket
 import time
@@ -178,16 +177,7 @@ def abandon(server: PageServer) -> None:
     calling a callback, or removing a socket file (they are the new side's). Then close."""
     with server._lock:
         for entry in list(server._serving.values()):
-            if entry.ledger is not None:
-                entry.ledger.close()
-                entry.ledger = None
-            for fd in (entry.uffd, entry.pidfd):
-                if fd >= 0:
-                    os.close(fd)
-            entry.uffd = entry.pidfd = -1
-            if entry.conn is not None:
-                entry.conn.close()
-                entry.conn = None
+            entry.close_session()
             entry.connected = False  # no fork_end for it here
         server._serving.clear()
         for entry in server._forks.values():

@@ -24,14 +24,9 @@ from pathlib import Path
 from pagefork import libc
 from pagefork.errors import VmmError
 from pagefork.regions import PAGE_SIZE
-from pagefork.vmm.kvm import cpustate, guest
+from pagefork.vmm.kvm import cpustate
 from pagefork.vmm.kvm.memory import GuestMemory
-from pagefork.vmm.kvm.template import (
-    FORMAT_VERSION,
-    TEMPLATE_FILE,
-    VMSTATE_FILE,
-    VMSTATE_FORMAT,
-)
+from pagefork.vmm.kvm.template import TEMPLATE_FILE, VMSTATE_FILE, vmstate_doc
 from pagefork.vmm.kvm.vm import VirtualMachine
 
 #: The diff snapshot's memory file inside the snapshot directory (sparse; mem-file offsets).
@@ -102,25 +97,16 @@ def write_diff_snapshot(
         raise VmmError(f"{diff_path}: {exc.strerror}") from None
     finally:
         os.close(fd)
-    vmstate = {
-        "format": VMSTATE_FORMAT,
-        "version": FORMAT_VERSION,
-        "memory": {
-            "page_size": PAGE_SIZE,
-            "regions": [
-                {"guest_phys_addr": r.guest_phys_addr, "size": r.size, "file_offset": r.file_offset}
-                for r in memory.layout
-            ],
-        },
-        "vcpus": [
+    vmstate = vmstate_doc(
+        memory.layout,
+        [
             {
                 "regs": cpustate.regs_to_dict(v.get_regs()),
                 "sregs": cpustate.sregs_to_dict(v.get_sregs()),
             }
             for v in vm.vcpus
         ],
-        "devices": {"trace": {"ports": list(range(guest.PORT_PAUSE, guest.PORT_READY + 1))}},
-    }
+    )
     try:
         state_path.write_text(json.dumps(vmstate, indent=1))
     except OSError as exc:

@@ -463,7 +463,17 @@ def _build_in(
         },
         "variants": meta_variants,
     }
-    vmstate = {
+    vmstate = vmstate_doc(layout, [{"regs": v.regs, "sregs": v.sregs} for v in vcpu_states])
+    (out / VMSTATE_FILE).write_text(json.dumps(vmstate, indent=1))
+    (out / TEMPLATE_FILE).write_text(json.dumps(meta, indent=1))
+    say("template written")
+    return Template(out)
+
+
+def vmstate_doc(layout: Sequence[MemoryRegionSpec], vcpus: list[dict[str, Any]]) -> dict[str, Any]:
+    """The vmstate file of a microVM template (or a snapshot of a fork): its memory layout,
+    the vCPUs' registers, and the guest program's device."""
+    return {
         "format": VMSTATE_FORMAT,
         "version": FORMAT_VERSION,
         "memory": {
@@ -473,13 +483,9 @@ def _build_in(
                 for r in layout
             ],
         },
-        "vcpus": [{"regs": s.regs, "sregs": s.sregs} for s in vcpu_states],
+        "vcpus": vcpus,
         "devices": {"trace": {"ports": list(range(guest.PORT_PAUSE, guest.PORT_READY + 1))}},
     }
-    (out / VMSTATE_FILE).write_text(json.dumps(vmstate, indent=1))
-    (out / TEMPLATE_FILE).write_text(json.dumps(meta, indent=1))
-    say("template written")
-    return Template(out)
 
 
 def _boot_to_pause(
