@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from datetime import datetime
 from typing import Any
 
@@ -233,33 +232,16 @@ def run_daemon(args: argparse.Namespace) -> int:
         raise PageforkError(
             f"--max-layer-depth must be in 1..{MAX_DEPTH}, not {args.max_layer_depth}"
         )
-    stop = threading.Event()
-    upgrade = threading.Event()
-    # Kept apart from an upgrade: a SIGTERM right after a SIGHUP (a reload, then a stop) must
-    # still stop the service, not be taken for the upgrade's wake-up.
-    terminate = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        if signum == signal.SIGHUP and args.on_sighup == "takeover":
-            upgrade.set()
-        else:
-            terminate.set()
-        stop.set()
-
     # SIGHUP (its terminal or supervisor went away) stops it cleanly too, like SIGTERM, unless
     # --on-sighup takeover; one that is ignored on entry (nohup) stays ignored: that caller
     # asked it to outlive them.
-    stop_signals = [signal.SIGINT, signal.SIGTERM]
-    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
-        stop_signals.append(signal.SIGHUP)
-    previous = {s: signal.signal(s, on_signal) for s in stop_signals}
-    try:
-        from pagefork.takeover.daemon_cli import serve_daemon
+    from pagefork.signals import SignalInbox
+    from pagefork.takeover.daemon_cli import serve_daemon
 
-        serve_daemon(args, stop, upgrade, terminate)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with SignalInbox(
+        (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), keep_ignored=(signal.SIGHUP,)
+    ) as inbox:
+        serve_daemon(args, inbox)
     return 0
 
 

@@ -34,6 +34,7 @@ from pagefork.files import check_writable
 from pagefork.hotloop import HotSetLoop
 from pagefork.hotpages import HotPageList, load
 from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
+from pagefork.signals import SignalInbox
 from pagefork.stats import ForkStats
 from pagefork.store.layout import is_s3_url, parse_s3_url
 from pagefork.store.lazy import StoreOptions, pin_with_hot_pages
@@ -233,28 +234,16 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     _check_args(args)
-    # Signals and a closed stdout wake the main thread through one eventfd. Installed before
-    # the mem-file is loaded, so a signal during a long load stops the server once it is up.
-    wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    # A SIGHUP that is ignored on entry (nohup) stays ignored: that caller asked to outlive
-    # its terminal.
-    previous = {
-        sig: signal.getsignal(sig)
-        for sig in STOP_SIGNALS
-        if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN)
-    }
-    for sig in previous:
-        signal.signal(sig, lambda *_: os.eventfd_write(wake_fd, 1))
-    try:
-        return _serve(args, wake_fd)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        os.close(wake_fd)
+    # Signals, a takeover's end and a closed stdout wake the main thread through one pipe.
+    # Installed before the mem-file is loaded, so a signal during a long load stops the server
+    # once it is up. A SIGHUP ignored on entry (nohup) stays ignored: that caller asked to
+    # outlive its terminal.
+    with SignalInbox(STOP_SIGNALS, keep_ignored=(signal.SIGHUP,)) as inbox:
+        return _serve(args, inbox)
 
 
-def _serve(args: argparse.Namespace, wake_fd: int) -> int:
-    emit = _Printer(on_gone=lambda: os.eventfd_write(wake_fd, 1))
+def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
+    emit = _Printer(on_gone=inbox.post)
     hot: HotPageList | None = None
     store: StoreOptions | None = None
     if is_s3_url(args.mem_file):
@@ -357,6 +346,7 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
                 took = take_over(
                     takeover_path(args.socket),
                     ServeTarget(server, loop, args.socket, should_record, args.record),
+                    cancel_fd=inbox.fileno(),
                 )
             except BaseException:
                 abandon(server)  # the forks are the old server's: end none, save nothing
@@ -368,7 +358,7 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
 
         def handed_over(pid: int, forks: int) -> None:
             emit("handed_over", to_pid=pid, forks=forks)
-            os.eventfd_write(wake_fd, 1)
+            inbox.post()
 
         handover = ServeHandover(
             server, loop, args.socket, handed_over, listener, record=args.record
@@ -380,7 +370,7 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
             mem_file=args.mem_file,
             worker_pids=server.worker_pids(),
         )
-        _wait_for_stop(wake_fd)
+        _wait_for_stop(inbox)
     finally:
         if handover is not None:
             handover.close()  # after a takeover: drops every fork without ending it
@@ -389,18 +379,21 @@ def _serve(args: argparse.Namespace, wake_fd: int) -> int:
     return 0
 
 
-def _wait_for_stop(wake_fd: int) -> None:
-    """Block until ``wake_fd`` is signalled or the reader of stdout goes away."""
+def _wait_for_stop(inbox: SignalInbox) -> None:
+    """Block until a stop signal or a post arrives in ``inbox``, or the reader of stdout goes
+    away."""
     poller = select.poll()
-    poller.register(wake_fd, select.POLLIN)
+    poller.register(inbox.fileno(), select.POLLIN)
     # No events asked for: poll still reports POLLERR when a pipe's reader has closed, and
     # POLLHUP when a socket's peer has. A regular file or /dev/null never reports either.
     with contextlib.suppress(ValueError, OSError):
         poller.register(1, 0)
     while True:
         for fd, events in poller.poll():
-            if fd == wake_fd:
-                return
+            if fd == inbox.fileno():
+                if inbox.drain():
+                    return
+                continue
             if events & select.POLLNVAL:
                 poller.unregister(1)  # stdout was closed before we started: nothing to watch
             elif events & (select.POLLERR | select.POLLHUP):

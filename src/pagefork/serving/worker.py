@@ -738,7 +738,10 @@ def main() -> None:
     level_text = os.environ.get("PAGEFORK_WORKER_LOG", "")
     level = int(level_text) if level_text.isdigit() else logging.WARNING
     logging.basicConfig(level=level, format=f"pagefork worker {os.getpid()}: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    # The supervisor decides when we stop: a stop sent to the whole process group (Ctrl-C,
+    # ``kill -TERM -PGID``, a terminal's hang-up) reaches it too, and it stops us in order.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     chan_fd, mem_fd, mem_size, zero_fd = (int(a) for a in sys.argv[1:5])
     options = dict(a.split("=", 1) for a in sys.argv[5:])
     lazy_args = [int(v) for v in options["lazy"].split(",")] if "lazy" in options else None

@@ -25,6 +25,7 @@ from typing import Any
 from pagefork.cli.store_options import store_options
 from pagefork.daemon.manager import ManagerConfig
 from pagefork.daemon.service import Daemon
+from pagefork.signals import POSTED, SignalInbox
 from pagefork.takeover import pageserver
 from pagefork.takeover.daemon import DaemonHandover, DaemonTarget, takeover_path
 from pagefork.takeover.new import take_over
@@ -63,7 +64,9 @@ def _start_successor(args: argparse.Namespace) -> None:
     cmd = successor_command(args)
     log.warning("SIGHUP: handing over to a new daemon: %s", " ".join(cmd))
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        # In this daemon's process group: whatever bounds this daemon (a group kill,
+        # ``timeout``, a terminal's Ctrl-C, systemd's cgroup) bounds its successor too.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     except OSError as exc:
         log.error("SIGHUP: cannot start a new daemon: %s; serving on", exc.strerror or exc)
         return
@@ -108,15 +111,18 @@ def _pass_on_terminate(pid: int) -> None:
         os.close(pidfd)
 
 
-def serve_daemon(
-    args: argparse.Namespace,
-    stop: threading.Event,
-    upgrade: threading.Event,
-    terminate: threading.Event,
-) -> None:
-    """Run the daemon of ``args`` until ``stop`` (a SIGHUP with ``upgrade`` hands over). A
-    ``terminate`` (SIGTERM, SIGINT) wins over an upgrade; one that comes while a successor
-    takes over is passed on to it, so the service still stops."""
+def _is_stop(code: int, args: argparse.Namespace) -> bool:
+    """Whether ``code`` from the inbox asks the daemon to stop."""
+    if code == POSTED:
+        return False
+    return not (code == signal.SIGHUP and args.on_sighup == "takeover")
+
+
+def serve_daemon(args: argparse.Namespace, inbox: SignalInbox) -> None:
+    """Run the daemon of ``args`` until a stop signal from ``inbox`` (SIGHUP with
+    ``--on-sighup takeover`` hands over instead). A stop (SIGTERM, SIGINT) wins over a reload
+    that came before it; one that comes while a successor takes over is passed on to it, so
+    the service still stops."""
     store = store_options(args, os.path.join(args.state_dir, "chunk-cache"))
     settings = ManagerConfig(
         socket_dir="",
@@ -133,7 +139,7 @@ def serve_daemon(
         )
         target = DaemonTarget(daemon)
         try:
-            took = take_over(takeover_path(args.state_dir), target)
+            took = take_over(takeover_path(args.state_dir), target, cancel_fd=inbox.fileno())
         except BaseException:
             _discard(daemon, target)
             raise
@@ -154,33 +160,37 @@ def serve_daemon(
         daemon.start()
     handed: list[tuple[int, int]] = []
 
-    def done(pid: int, forks: int) -> None:
+    def done(pid: int, forks: int) -> None:  # the listener's thread
         handed.append((pid, forks))
-        stop.set()
+        inbox.post()
 
     try:
         handover = DaemonHandover(daemon, done, sock=listener)
     except BaseException:
         daemon.close()
         raise
+    terminate = False
     try:
         _emit("listening", control=args.control)
         if args.takeover:
             notify(MAINPID=os.getpid(), READY=1)
         else:
             notify(READY=1)
-        while True:
-            stop.wait()
-            if handed or terminate.is_set() or not upgrade.is_set():
-                break
-            upgrade.clear()
-            stop.clear()
-            _start_successor(args)
+        while not handed and not terminate:
+            upgrade = False
+            for code in inbox.wait():
+                if _is_stop(code, args):
+                    terminate = True  # whatever came before it: a stop stops
+                elif code == signal.SIGHUP:
+                    upgrade = True
+            if upgrade and not terminate and not handed:
+                _start_successor(args)
     finally:
-        handover.close()
+        handover.close()  # waits for a handover in progress to end either way
+    terminate = terminate or any(_is_stop(c, args) for c in inbox.drain())
     if handed:
         _emit("handed_over", to_pid=handed[0][0], forks=handed[0][1])
-        if terminate.is_set():  # asked to stop while handing over: the successor stops
+        if terminate:  # asked to stop while handing over: the successor stops
             _pass_on_terminate(handed[0][0])
     else:
         _emit("stopped")

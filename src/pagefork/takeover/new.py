@@ -102,8 +102,11 @@ def take_over(
     *,
     ready_timeout: float = 120.0,
     step_timeout: float = 30.0,
+    cancel_fd: int = -1,
 ) -> TakeoverResult:
-    """Take over from the process listening on ``path``."""
+    """Take over from the process listening on ``path``. A stop signal that arrives meanwhile
+    (``cancel_fd``, a signal inbox's pipe, turns readable) fails the takeover at its next
+    step: the old side serves on."""
     t0 = time.monotonic()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -114,7 +117,7 @@ def take_over(
         raise TakeoverError(
             f"cannot reach the running process at {path}: {exc.strerror or exc}"
         ) from None
-    ch = Channel(sock)
+    ch = Channel(sock, cancel_fd)
     listener: socket.socket | None = None
     old = _peer_pidfd(sock)
     try:

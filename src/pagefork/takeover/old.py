@@ -92,12 +92,24 @@ class TakeoverListener:
         self._ident: tuple[int, int] | None = (st.st_dev, st.st_ino)
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._done = False
+        # The connection of a takeover in flight: close() cuts it, so a stop never waits for
+        # a successor that builds slowly or hangs.
+        self._conn_lock = threading.Lock()
+        self._conn: socket.socket | None = None
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="pagefork-takeover", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Stop listening and remove the socket, if it is still the one we bound."""
+        """Stop listening and remove the socket, if it is still the one we bound. A takeover
+        in flight that has not reached ``done`` fails at once, as any failed takeover does: the
+        new side is stopped and every released fork is adopted again here."""
         os.eventfd_write(self._wake, 1)
+        with self._conn_lock:
+            self._closing = True
+            if self._conn is not None:
+                with contextlib.suppress(OSError):
+                    self._conn.shutdown(socket.SHUT_RDWR)
         if threading.current_thread() is not self._thread:
             self._thread.join()
         with contextlib.suppress(OSError):
@@ -119,11 +131,18 @@ class TakeoverListener:
                 conn, _ = self._sock.accept()
             except OSError:
                 continue
+            with self._conn_lock:
+                if self._closing:
+                    conn.close()
+                    return
+                self._conn = conn
             try:
                 self._handle(conn)
             except Exception:  # the old side serves on whatever happens here
                 log.exception("takeover: handling a takeover failed")
             finally:
+                with self._conn_lock:
+                    self._conn = None
                 conn.close()
 
     def _handle(self, conn: socket.socket) -> None:

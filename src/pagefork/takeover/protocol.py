@@ -24,6 +24,7 @@ import array
 import contextlib
 import json
 import os
+import select
 import socket
 import struct
 import time
@@ -46,10 +47,12 @@ class TakeoverError(PageforkError):
 
 
 class Channel:
-    """One end of a takeover connection. Every receive waits at most until ``deadline``."""
+    """One end of a takeover connection. Every receive waits at most until ``deadline``, and
+    gives up as soon as ``cancel_fd`` (a signal inbox's pipe) is readable."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, cancel_fd: int = -1) -> None:
         self.sock = sock
+        self.cancel_fd = cancel_fd
 
     def close(self) -> None:
         """Close the connection (the peer sees EOF)."""
@@ -147,6 +150,14 @@ class Channel:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TakeoverError("timed out waiting for the peer")
+        if self.cancel_fd >= 0:
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            poller.register(self.cancel_fd, select.POLLIN)
+            ready = dict(poller.poll(max(1, int(left * 1000))))
+            if self.cancel_fd in ready:
+                raise TakeoverError("stopped by a signal")
+            left = max(deadline - time.monotonic(), 0.001)
         self.sock.settimeout(left)
 
 
