@@ -352,12 +352,13 @@ def test_a_503_storm_does_not_use_up_the_retries(pushed, proxy, monkeypatch):
     from pagefork.store import client as s3
 
     monkeypatch.setattr(s3, "_BACKOFF", 0.001)  # the count matters here, not the pauses
-    key = chunk_key(pushed, 0)
+    key = "storm/object"  # small: the count matters, not the bytes
     bucket = parse_s3_url(pushed).bucket
+    put_bytes(make_client(), bucket, key, b"x" * 100)
     client = make_client(proxy.url)
     for _ in range(120):
         proxy.fail_next(1, status=503, key_contains=key)
-        assert len(s3.get_bytes(client, bucket, key)) == CHUNK
+        assert s3.get_bytes(client, bucket, key) == b"x" * 100
     assert proxy.get_count(key) == 240  # every 503 was tried again, the last ones too
 
 
@@ -400,3 +401,70 @@ def test_a_chunk_gone_from_the_bucket_or_corrupt_says_what_to_do(
         ended = server.wait_ended(fork, timeout=30)
         assert ended.error is not None and "\n" not in ended.error
         assert f"chunk {chunk} of {pushed}" in ended.error and why in ended.error
+
+
+def test_a_trickling_chunk_fails_its_fault_at_the_deadline(pushed, vmms, proxy, tmp_path):
+    """A store that sends a chunk's body a byte at a time never lets a single read time out;
+    the chunk's deadline (2 s here) still bounds the whole GET, and the fork fails, named."""
+    key = chunk_key(pushed, 1)
+    options = StoreOptions(
+        cache=ChunkCache(str(tmp_path / "c")), endpoint_url=proxy.url, fetch_deadline=2.0
+    )
+    config = ServerConfig(mem_file_path=pushed, socket_dir=str(tmp_path), store=options)
+    with PageServer(config) as server:
+        proxy.trickle(key, 0.2)
+        vmm = vmms(server.register_fork("a"))
+        started = time.monotonic()
+        with pytest.raises(EOFError):
+            vmm.send(cmd="touch", pages=pages_in_chunk(1))
+        ended = server.wait_ended("a", timeout=30)
+        assert time.monotonic() - started < 15  # the deadline is 2 s; a megabyte takes 2.4 days
+        assert ended.state == "failed" and ended.error is not None and "\n" not in ended.error
+        assert "chunk 1 of" in ended.error and "not read within its deadline" in ended.error
+
+
+def test_a_store_that_refuses_connections_for_a_while_is_waited_out(pushed, s3_server, vmms, proxy):
+    """A store that restarts (every connection dropped, new ones refused for 1.5 s) costs a
+    fault time, not its fork: the fetch backs off and retries until the store is back."""
+    server = s3_server(pushed)
+    vmm = vmms(server.register_fork("a"))
+    assert vmm.send(cmd="touch", pages=pages_in_chunk(0))["bad"] == 0  # a pooled connection
+    key = chunk_key(pushed, 1)
+    proxy.refuse_for(1.5)
+    refused_at = time.monotonic()
+    reply = vmm.send(cmd="touch", pages=pages_in_chunk(1))
+    assert reply["bad"] == 0 and reply["touched"] == 8
+    # Served only once the store was back: the chunk came from the one GET that got through.
+    assert proxy.listening.is_set() and time.monotonic() - refused_at >= 1.5
+    assert proxy.get_count(key) == 1
+    stats = server.stats("a")
+    assert stats.errors == 0 and stats.state == "serving"
+
+
+def test_a_transfer_corrupted_once_is_fetched_again(pushed, s3_server, vmms, proxy):
+    """One bit flipped on the way (the object in the store is intact): the chunk is fetched
+    again and served; nothing corrupt reaches the guest and the fork goes on."""
+    key = chunk_key(pushed, 2)
+    proxy.flip_bits(key, gets=1)
+    server = s3_server(pushed)
+    vmm = vmms(server.register_fork("a"))
+    reply = vmm.send(cmd="touch", pages=pages_in_chunk(2))
+    assert reply["bad"] == 0 and reply["touched"] == 8
+    assert proxy.get_count(key) == 2
+    assert server.stats("a").errors == 0
+
+
+def test_a_chunk_corrupted_on_every_transfer_fails_with_the_repair_hint(
+    pushed, s3_server, vmms, proxy
+):
+    key = chunk_key(pushed, 2)
+    proxy.flip_bits(key, gets=2)
+    server = s3_server(pushed)
+    vmm = vmms(server.register_fork("a"))
+    with pytest.raises(EOFError):
+        vmm.send(cmd="touch", pages=pages_in_chunk(2))
+    ended = server.wait_ended("a", timeout=30)
+    assert ended.error is not None and "\n" not in ended.error
+    assert f"chunk 2 of {pushed}" in ended.error and "does not match its SHA-256" in ended.error
+    assert f"repair it with 'pagefork push --verify {pushed} --mem-file MEM'" in ended.error
+    assert proxy.get_count(key) == 2  # fetched again once, then refused

@@ -5,19 +5,35 @@ Credentials and region come from boto3's standard chain (environment, ``~/.aws/c
 ``AWS_ENDPOINT_URL``/the config files, else AWS itself. boto3 is imported on first use, so
 serving a local mem-file never pays for it.
 
-Transient errors (throttling, 5xx, timeouts, connection resets) are retried here, not by
-botocore: its ``standard`` mode shares one retry quota per client, which a 503 storm drains,
-after which a single 503 fails a page fault outright; its ``legacy`` mode bounds attempts, not
-time. Every call below retries with exponential backoff and full jitter until it succeeds, fails
-for good, or its deadline passes (:data:`DEADLINE`, a minute by default), whatever failed
-before. A socket waits at most :data:`CONNECT_TIMEOUT`/:data:`READ_TIMEOUT` seconds, so a hung
-store costs a fault about a minute, not an hour.
+Transient errors (throttling, 5xx, timeouts, connection resets, a refused connection) are
+retried here, not by botocore: its ``standard`` mode shares one retry quota per client, which a
+503 storm drains, after which a single 503 fails a page fault outright; its ``legacy`` mode
+bounds attempts, not time. Every call below retries with exponential backoff and full jitter
+until it succeeds, fails for good, or its deadline passes (:data:`DEADLINE`, a minute by
+default), whatever failed before. A call a command makes gives a refused connection only
+:data:`_REFUSED_ATTEMPTS` quick tries (a wrong URL should not cost a minute); a chunk a page
+fault waits for (``patient``) waits out a store that restarts, until its deadline.
+
+The deadline bounds the whole GET, not only each read: a socket waits at most
+:data:`CONNECT_TIMEOUT` to connect and :data:`READ_TIMEOUT` for each read, and a body still
+arriving at the deadline (a store that trickles a byte at a time, so that no single read ever
+times out) is cut off there, by shutting down its socket from a timer. botocore offers no way
+to abort a read, so this uses the urllib3 response beneath its body (``HTTPResponse.shutdown``,
+urllib3 2.3 and later); without one the deadline is checked between reads only.
+
+An object whose transfer botocore finds corrupt (its CRC from the store does not match:
+flexible checksums) raises :class:`TransferCorruptError`, which :func:`get_verified` retries as
+it retries bytes that fail their SHA-256: one corrupt transfer costs one more GET, and only an
+object that stays wrong fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -41,8 +57,11 @@ READ_TIMEOUT = 20.0
 #: First backoff and the most any backoff waits (full jitter: a random share of it).
 _BACKOFF = 0.1
 _BACKOFF_CAP = 5.0
-#: Body bytes read at once (the deadline is checked between reads).
+#: Body bytes read at once.
 _READ_PIECE = 1 << 20
+#: GETs of an object whose bytes do not match their checksum before it is declared corrupt (a
+#: second try rules out a one-off corruption on the way).
+VERIFY_ATTEMPTS = 2
 #: Error codes worth another attempt (besides every 5xx status).
 _TRANSIENT_CODES = {
     "SlowDown",
@@ -58,6 +77,15 @@ _TRANSIENT_CODES = {
 #: Attempts when nothing listens at the endpoint (a store restarting, or a wrong URL).
 _REFUSED_ATTEMPTS = 3
 T = TypeVar("T")
+log = logging.getLogger("pagefork.store")
+
+
+class TransferCorruptError(StoreError):
+    """An object's bytes arrived corrupt (the store's checksum of them did not match)."""
+
+
+class CorruptObjectError(StoreError):
+    """An object's bytes did not match their SHA-256 in every attempt: corrupt in the store."""
 
 
 def _refused(exc: BaseException) -> bool:
@@ -78,7 +106,8 @@ def make_client(endpoint_url: str | None = None, *, read_timeout: float = READ_T
     import botocore.exceptions
 
     config = botocore.config.Config(
-        retries={"mode": "standard", "max_attempts": 1},  # one attempt: see with_retries
+        # One attempt in all ("max_attempts" would count retries only): see with_retries.
+        retries={"mode": "standard", "total_max_attempts": 1},
         max_pool_connections=MAX_CONNECTIONS,
         connect_timeout=min(CONNECT_TIMEOUT, read_timeout),
         read_timeout=read_timeout,
@@ -143,11 +172,14 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
-def with_retries(call: Callable[[], T], what: str, deadline: float | None = None) -> T:
+def with_retries(
+    call: Callable[[], T], what: str, deadline: float | None = None, *, patient: bool = False
+) -> T:
     """``call()``, retried on transient errors with exponential backoff and full jitter until
     ``deadline`` (a :func:`time.monotonic` time; default :data:`DEADLINE` from now). Any other
     error, or the last transient one, is raised as a one-line :class:`StoreError` about
-    ``what``."""
+    ``what``. A refused connection is tried :data:`_REFUSED_ATTEMPTS` times, or, ``patient``,
+    until the deadline like any other transient error."""
     end = time.monotonic() + DEADLINE if deadline is None else deadline
     attempt = 0
     while True:
@@ -157,7 +189,7 @@ def with_retries(call: Callable[[], T], what: str, deadline: float | None = None
             if isinstance(exc, StoreError) or not is_transient(exc):
                 raise store_error(exc, what) from None
             attempt += 1
-            if attempt >= _REFUSED_ATTEMPTS and _refused(exc):
+            if not patient and attempt >= _REFUSED_ATTEMPTS and _refused(exc):
                 raise store_error(exc, what) from None  # nothing listens: do not wait a minute
             pause = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF * 2**attempt))
             if time.monotonic() + pause >= end:
@@ -183,31 +215,108 @@ def check_bucket(client: Any, bucket: str) -> None:
 
 
 def get_bytes(
-    client: Any, bucket: str, key: str, limit: int | None = None, deadline: float | None = None
+    client: Any,
+    bucket: str,
+    key: str,
+    limit: int | None = None,
+    deadline: float | None = None,
+    *,
+    patient: bool = False,
 ) -> bytes:
     """The whole object ``bucket/key``, refused when larger than ``limit`` bytes (raises
-    :class:`StoreError`); retried until ``deadline`` (see :func:`with_retries`)."""
+    :class:`StoreError`); retried until ``deadline`` (see :func:`with_retries`), which bounds
+    every attempt's reads too. A transfer botocore finds corrupt raises
+    :class:`TransferCorruptError` (not retried here: see :func:`get_verified`)."""
+    import botocore.exceptions
+
     end = time.monotonic() + DEADLINE if deadline is None else deadline
     where = f"s3://{bucket}/{key}"
 
+    def too_late() -> StoreError:
+        return StoreError(f"{where}: not read within its deadline")
+
     def get() -> bytes:
+        if time.monotonic() >= end:
+            raise too_late()
         response = client.get_object(Bucket=bucket, Key=key)
         body = response["Body"]
+        cut = threading.Event()
+        timer = threading.Timer(max(0.0, end - time.monotonic()), _cut_off, (body, cut))
+        timer.daemon = True
+        timer.start()
         try:
             if limit is not None and int(response.get("ContentLength", 0)) > limit:
                 raise StoreError(f"{where}: larger than {limit} bytes, the most pagefork reads")
             out = bytearray()
-            while piece := body.read(_READ_PIECE):
+            while True:
+                left = end - time.monotonic()
+                if left <= 0 or cut.is_set():
+                    raise too_late()
+                piece = body.read(_READ_PIECE)
+                if not piece:
+                    break
                 out += piece
                 if limit is not None and len(out) > limit:
                     raise StoreError(f"{where}: larger than {limit} bytes, the most pagefork reads")
-                if time.monotonic() > end:  # a trickling store: give up at the deadline
-                    raise StoreError(f"{where}: not read within the {DEADLINE:g}s deadline")
             return bytes(out)
+        except botocore.exceptions.FlexibleChecksumError:
+            raise TransferCorruptError(
+                f"{where}: the transfer arrived corrupt (its checksum does not match)"
+            ) from None
+        except Exception:
+            if cut.is_set():  # the read failed because the timer cut it off
+                raise too_late() from None
+            raise
         finally:
+            timer.cancel()
+            timer.join()
             body.close()
 
-    return with_retries(get, where, end)
+    return with_retries(get, where, end, patient=patient)
+
+
+def _cut_off(body: Any, cut: threading.Event) -> None:
+    """At a GET's deadline: make its blocked read fail, by shutting its socket down."""
+    cut.set()
+    stream = getattr(body, "_raw_stream", None)  # urllib3's response: botocore has no abort
+    shutdown = getattr(stream, "shutdown", None)
+    if shutdown is not None:
+        with contextlib.suppress(Exception):  # already released, closed: nothing to cut
+            shutdown()
+
+
+def get_verified(
+    client: Any,
+    bucket: str,
+    key: str,
+    size: int,
+    sha: str,
+    deadline: float | None = None,
+    *,
+    patient: bool = False,
+    on_get: Callable[[int], None] | None = None,
+) -> bytes:
+    """Object ``bucket/key``, which must be ``size`` bytes with SHA-256 ``sha``: fetched again
+    (up to :data:`VERIFY_ATTEMPTS` GETs in all, within ``deadline``) while it arrives corrupt
+    or does not match, then :class:`CorruptObjectError`. ``on_get(n)`` is told of each GET
+    that brought ``n`` bytes."""
+    end = time.monotonic() + DEADLINE if deadline is None else deadline
+    where = f"s3://{bucket}/{key}"
+    for attempt in range(1, VERIFY_ATTEMPTS + 1):
+        try:
+            data = get_bytes(client, bucket, key, size, end, patient=patient)
+        except TransferCorruptError as exc:
+            why = str(exc)
+            if on_get is not None:
+                on_get(0)
+        else:
+            if on_get is not None:
+                on_get(len(data))
+            if len(data) == size and sha256(data) == sha:
+                return data
+            why = f"{where}: does not match its SHA-256"
+        log.warning("%s (attempt %d of %d)", why, attempt, VERIFY_ATTEMPTS)
+    raise CorruptObjectError(f"{where} does not match its SHA-256")
 
 
 def head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:

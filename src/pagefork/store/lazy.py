@@ -17,8 +17,12 @@ the manifest's zero-page map keeps every zero page off the copy path anyway.
 
 A chunk is verified twice over: its bytes against its SHA-256, and every page the manifest's
 zero map marks zero against those bytes (a lying map would otherwise give a guest zeros where
-the template has data). Each chunk has :data:`~pagefork.store.client.DEADLINE` seconds (a
-minute; ``fetch_deadline``) for all its attempts, so a hung store fails its forks, not the host.
+the template has data); a transfer that arrives corrupt, or bytes that do not match, are
+fetched once more before the chunk is declared corrupt. Each chunk has
+:data:`~pagefork.store.client.DEADLINE` seconds (a minute; ``fetch_deadline``) for all its
+attempts, reads included: a store that hangs, trickles or stays away fails its forks, not the
+host, while one that refuses connections, resets them or answers 5xx for a while (restarting) is
+waited out within that time.
 The manifest is read once, when the template opens: a ``#sha256=`` pin fixes which one.
 """
 
@@ -46,17 +50,12 @@ from pagefork.store.layout import (
     Manifest,
     is_s3_url,
     parse_s3_url,
-    sha256,
 )
 
 log = logging.getLogger("pagefork.store")
 
 #: Chunks fetched at once (per template), unless chosen otherwise.
 DEFAULT_FETCH_JOBS = 16
-#: GETs of a chunk whose bytes do not match its SHA-256 before it is declared corrupt (a
-#: second try rules out a one-off corruption on the way).
-_VERIFY_ATTEMPTS = 2
-
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 ChunkFuture = concurrent.futures.Future[int]
@@ -194,36 +193,40 @@ class LazyTemplate(ZeroIndexed):
         cached = data is not None
         if data is None:
             deadline = time.monotonic() + self.fetch_deadline
-            for _ in range(_VERIFY_ATTEMPTS):
-                try:
-                    got = s3.get_bytes(self._client, self.url.bucket, key, length, deadline)
-                except StoreError as exc:
-                    if "no such object" in str(exc):
-                        raise StoreError(
-                            f"{where}: s3://{self.url.bucket}/{key} is gone from the bucket "
-                            "(deleted after the push): push the template again"
-                        ) from None
-                    raise StoreError(f"{where}: {exc}") from None
+
+            def counted(n: int) -> None:
+                nonlocal fetched
+                fetched += n
                 with self._lock:
                     self.gets += 1
-                    self.fetched_bytes += len(got)
-                fetched += len(got)
-                if len(got) == length and sha256(got) == sha:
-                    data = got
-                    break
-                log.warning(
-                    "chunk %d of %s: s3://%s/%s fails verification",
-                    chunk,
-                    self.path,
+                    self.fetched_bytes += n
+
+            try:
+                # Patient: a store that refuses connections for a while (restarting) is waited
+                # out, as any transient error is, until the chunk's deadline.
+                data = s3.get_verified(
+                    self._client,
                     self.url.bucket,
                     key,
+                    length,
+                    sha,
+                    deadline,
+                    patient=True,
+                    on_get=counted,
                 )
-            if data is None:
+            except s3.CorruptObjectError:
                 raise StoreError(
                     f"{where}: s3://{self.url.bucket}/{key} does not match its SHA-256 (corrupt "
                     "object in the store; nothing of it was served): repair it with 'pagefork "
                     f"push --verify s3://{self.url.bucket}/{self.url.prefix} --mem-file MEM'"
-                )
+                ) from None
+            except StoreError as exc:
+                if "no such object" in str(exc):
+                    raise StoreError(
+                        f"{where}: s3://{self.url.bucket}/{key} is gone from the bucket "
+                        "(deleted after the push): push the template again"
+                    ) from None
+                raise StoreError(f"{where}: {exc}") from None
         page = self._zero_map_lies(chunk, data)
         if page is not None:
             raise StoreError(
@@ -259,10 +262,10 @@ class LazyTemplate(ZeroIndexed):
 
     # --- side objects --------------------------------------------------------------------------
     def _blob(self, blob: Blob, what: str) -> bytes:
-        data = s3.get_bytes(self._client, self.url.bucket, blob.key, limit=blob.size)
-        if len(data) != blob.size or sha256(data) != blob.sha256:
-            raise StoreError(f"{what} s3://{self.url.bucket}/{blob.key} does not match its SHA-256")
-        return data
+        try:
+            return s3.get_verified(self._client, self.url.bucket, blob.key, blob.size, blob.sha256)
+        except s3.CorruptObjectError as exc:
+            raise StoreError(f"{what} {exc}") from None
 
     def hot_pages(self) -> HotPageList | None:
         """The hot-page list pushed with the template, verified, or None."""
@@ -353,7 +356,8 @@ def pin_with_hot_pages(url: str, options: StoreOptions) -> tuple[str, HotPageLis
         blob = manifest.hot_pages
         if blob is None:
             return pinned, None
-        data = s3.get_bytes(client, u.bucket, blob.key, limit=blob.size)
-        if len(data) != blob.size or sha256(data) != blob.sha256:
-            raise StoreError(f"hot-page list s3://{u.bucket}/{blob.key} does not match its SHA-256")
+        try:
+            data = s3.get_verified(client, u.bucket, blob.key, blob.size, blob.sha256)
+        except s3.CorruptObjectError as exc:
+            raise StoreError(f"hot-page list {exc}") from None
         return pinned, decode(data, f"s3://{u.bucket}/{blob.key}")

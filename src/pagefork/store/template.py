@@ -9,12 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pagefork.errors import StoreError
 from pagefork.store import client as s3
-from pagefork.store.layout import (
-    parse_s3_url,
-    sha256,
-)
+from pagefork.store.layout import parse_s3_url
 from pagefork.store.lazy import StoreOptions, client_of
 
 
@@ -43,8 +39,5 @@ def _fetch_pushed(url: str, client: Any) -> PushedTemplate:
         if blob is None:
             side[name] = None
             continue
-        data = s3.get_bytes(client, u.bucket, blob.key, limit=blob.size)
-        if len(data) != blob.size or sha256(data) != blob.sha256:
-            raise StoreError(f"s3://{u.bucket}/{blob.key} does not match its SHA-256")
-        side[name] = data
+        side[name] = s3.get_verified(client, u.bucket, blob.key, blob.size, blob.sha256)
     return PushedTemplate(str(u.pinned(sha)), manifest.size, side["vmstate"], side["hot_pages"])

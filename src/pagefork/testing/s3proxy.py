@@ -5,8 +5,12 @@ to show what a real object store does: :attr:`S3Proxy.delay` seconds pass before
 request is forwarded (the time to the first byte of a distant store, 10-50 ms), and
 :meth:`S3Proxy.fail_next` answers the next requests with an error status (503 SlowDown, say)
 instead of forwarding them, and :meth:`S3Proxy.hang` makes requests wait, unanswered, until the
-proxy closes (a hung store). :attr:`S3Proxy.gets` counts the GETs per object key, so a test can
-tell how many times a chunk was fetched. Request signatures pass through untouched (the
+proxy closes (a hung store). :meth:`S3Proxy.trickle` sends chosen bodies a byte at a time (a
+store that is slow but never silent), :meth:`S3Proxy.flip_bits` flips one bit in the first
+GETs of chosen objects (transfers corrupted on the way) and :meth:`S3Proxy.refuse_for` stops
+listening for a while and drops every open connection (a store restarting).
+:attr:`S3Proxy.gets` counts the GETs per object key, so a test can tell how many times a chunk
+was fetched. Request signatures pass through untouched (the
 ``Host`` header is kept), so any client that signs for the proxy's address works.
 
 :class:`S3ProxyProcess` runs the proxy in a process of its own (``python -m
@@ -22,6 +26,7 @@ import contextlib
 import http.client
 import http.server
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -60,11 +65,32 @@ class S3Proxy:
         self._lock = threading.Lock()
         self._failures: list[tuple[int, str]] = []  # (status, key substring) to answer next
         self._hang: str | None = None  # key substring of requests left unanswered
+        self._trickle: tuple[str, float] | None = None  # (key substring, seconds per byte)
+        self._flip: tuple[str, int] | None = None  # (key substring, GETs per object to flip)
+        self._flipped: collections.Counter[str] = collections.Counter()  # flips per path
         self._closing = threading.Event()
+        self._conns: set[socket.socket] = set()  # open client connections
+        #: Set while the proxy listens (cleared during :meth:`refuse_for`).
+        self.listening = threading.Event()
+        self._reopen: threading.Timer | None = None
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body go out as two writes: without this, Nagle holds the body
+                # back until the client's delayed ACK of the headers (up to 200 ms a request).
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with proxy._lock:
+                    proxy._conns.add(self.connection)
+
+            def finish(self) -> None:
+                with proxy._lock:
+                    proxy._conns.discard(self.connection)
+                with contextlib.suppress(OSError):
+                    super().finish()
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # a request log per chunk would drown a test's output
@@ -74,11 +100,17 @@ class S3Proxy:
 
             do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._handler = Handler
+        self._server = self._listen(0)
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         self._thread: threading.Thread | None = None
         self._local = threading.local()
+
+    def _listen(self, port: int) -> _Server:
+        server = _Server(("127.0.0.1", port), self._handler)
+        server.daemon_threads = True
+        return server
 
     def fail_next(self, count: int, status: int = 503, key_contains: str = "") -> None:
         """Answer the next ``count`` requests whose path contains ``key_contains`` with
@@ -91,6 +123,55 @@ class S3Proxy:
         closes (None: answer them all again)."""
         with self._lock:
             self._hang = key_contains
+
+    def trickle(self, key_contains: str | None, seconds_per_byte: float = 1.0) -> None:
+        """Send the body of every GET whose path contains ``key_contains`` one byte per
+        ``seconds_per_byte`` (headers at once, in full; None: at full speed again)."""
+        with self._lock:
+            self._trickle = None if key_contains is None else (key_contains, seconds_per_byte)
+
+    def flip_bits(self, key_contains: str | None, gets: int = 1) -> None:
+        """Flip one bit in the body of the first ``gets`` GETs of each object whose path
+        contains ``key_contains`` (headers, checksums included, unchanged); later GETs are
+        intact (None: flip no more)."""
+        with self._lock:
+            self._flip = None if key_contains is None else (key_contains, gets)
+
+    def refuse_for(self, seconds: float) -> None:
+        """Stop listening and drop every open connection, so that new ones are refused, for
+        ``seconds``; then listen on the same port again (:attr:`listening` is set then)."""
+        self._stop_listening()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._reopen = threading.Timer(seconds, self._listen_again)
+        self._reopen.daemon = True
+        self._reopen.start()
+
+    def _stop_listening(self) -> None:
+        self.listening.clear()
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    def _listen_again(self) -> None:
+        if self._closing.is_set():
+            return
+        self._server = self._listen(self.port)
+        self.start()
+
+    def _take_flip(self, h: http.server.BaseHTTPRequestHandler, path: str) -> bool:
+        with self._lock:
+            if h.command != "GET" or self._flip is None or self._flip[0] not in path:
+                return False
+            if self._flipped[path] >= self._flip[1]:
+                return False
+            self._flipped[path] += 1
+            return True
 
     def _take_failure(self, path: str) -> int | None:
         with self._lock:
@@ -165,8 +246,24 @@ class S3Proxy:
             str(len(data) if h.command != "HEAD" else resp.getheader("Content-Length") or 0),
         )
         h.end_headers()
-        if h.command != "HEAD":
-            h.wfile.write(data)
+        if h.command == "HEAD":
+            return
+        if data and self._take_flip(h, path):
+            flipped = bytearray(data)
+            flipped[len(flipped) // 2] ^= 0x01
+            data = bytes(flipped)
+        with self._lock:
+            trickle = self._trickle
+        if h.command == "GET" and trickle is not None and trickle[0] in path:
+            h.close_connection = True
+            with contextlib.suppress(OSError):  # the client gave up: it may
+                for i in range(len(data)):  # a byte at a time: no read ever waits long
+                    h.wfile.write(data[i : i + 1])
+                    h.wfile.flush()
+                    if self._closing.wait(trickle[1]):
+                        break
+            return
+        h.wfile.write(data)
 
     def get_count(self, key: str) -> int:
         """GETs seen for the object ``key`` (in any bucket)."""
@@ -176,19 +273,19 @@ class S3Proxy:
     def start(self) -> S3Proxy:
         """Serve on a thread of this process."""
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="s3proxy", daemon=True
+            target=self._server.serve_forever, args=(0.05,), name="s3proxy", daemon=True
         )
         self._thread.start()
+        self.listening.set()
         return self
 
     def close(self) -> None:
         """Stop serving and close the socket."""
         self._closing.set()
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
+        if self._reopen is not None:
+            self._reopen.cancel()
+            self._reopen.join()
+        self._stop_listening()
 
     def __enter__(self) -> S3Proxy:
         return self.start()
