@@ -24,10 +24,15 @@ from pagefork.layers.format import (
     LayerError,
     LayerFile,
     diff_against,
-    open_reader,
     write_layer,
 )
-from pagefork.layers.source import LayeredView, flatten, map_view, removed_file_ranges
+from pagefork.layers.source import (
+    LayeredView,
+    flatten,
+    map_view,
+    open_reader,
+    removed_file_ranges,
+)
 from pagefork.regions import Region
 
 
@@ -172,6 +177,76 @@ def test_not_a_regular_file_is_refused_without_opening_it(tmp_path: Path):
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(LayerError, match="Is a FIFO, not a regular file"):
         LayerFile(tmp_path / "fifo")
+
+
+def _flip_data_byte(path: str, slot: int, at: int = 100) -> None:
+    """Flip one bit of data page ``slot`` in place (the header and index stay valid)."""
+    with open(path, "r+b") as f:
+        f.seek(LayerFile.data_offset(slot) + at)
+        byte = f.read(1)[0]
+        f.seek(LayerFile.data_offset(slot) + at)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def _as_version_1(path: str) -> None:
+    """Rewrite a layer as the first file version wrote it: no page checksums."""
+    raw = bytearray(Path(path).read_bytes())
+    head = struct.Struct("<8sQQQQHxxI")
+    pages = head.unpack_from(raw)[2]
+    del raw[len(raw) - 4 * pages :]
+    raw[:8] = b"PFLAYER1"
+    Path(path).write_bytes(raw)
+    _rewrite_crc(path)
+
+
+def test_a_flipped_byte_in_a_data_page_is_refused_naming_the_file_and_page(tmp_path: Path):
+    """The header's CRC does not cover the data: each data page has its own, checked when a
+    view maps it and whenever a page is read."""
+    chain = Chain(tmp_path, pages=64, depth=1, seed=21)
+    layer = chain.layers[0]
+    with LayerFile(layer) as f:
+        slot = 3
+        page = f.index[slot]
+    _flip_data_byte(layer, slot)
+    why = (
+        f"layer {layer}: data page {slot} (memory page {page}, file offset "
+        f"{LayerFile.data_offset(slot)}) does not match its checksum: the file is corrupt"
+    )
+    with LayerFile(layer) as f:  # the header and index are intact: it opens
+        assert f.version == 2
+        f.read_slot(2)
+        with pytest.raises(LayerError) as err:
+            f.read_slot(slot)
+        assert str(err.value) == why
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(LayerError) as err:
+        LayeredView(chain.base, [layer])  # what a page server opens
+    assert str(err.value) == why
+    assert set(os.listdir("/proc/self/fd")) <= fds  # nothing left open
+    with pytest.raises(LayerError, match="does not match its checksum"):
+        flatten(chain.base, [layer], str(tmp_path / "flat"))
+    assert not (tmp_path / "flat").exists()
+
+
+def test_a_page_a_higher_layer_hides_is_not_what_fails_a_view(tmp_path: Path):
+    """Only what reaches a guest is checked: a corrupt page under a newer one is not read."""
+    base = make_mem_file(tmp_path / "base", 16)
+    write_layer(str(tmp_path / "low"), size=16 * PAGE, pages=[(2, b"a" * PAGE), (5, b"b" * PAGE)])
+    write_layer(str(tmp_path / "high"), size=16 * PAGE, pages=[(2, b"c" * PAGE)])
+    _flip_data_byte(str(tmp_path / "low"), 0)  # page 2 of the lower layer
+    with LayeredView(base, [str(tmp_path / "low"), str(tmp_path / "high")]) as view:
+        assert view.read_page(2) == b"c" * PAGE and view.read_page(5) == b"b" * PAGE
+
+
+def test_a_layer_of_the_first_version_still_loads_unchecked(tmp_path: Path):
+    chain = Chain(tmp_path, pages=128, depth=2, seed=23)
+    for layer in chain.layers:
+        _as_version_1(layer)
+    with LayerFile(chain.layers[0]) as f:
+        assert (f.version, f.page_crcs) == (1, None)
+        assert f.bytes == os.path.getsize(chain.layers[0])
+    with LayeredView(chain.base, chain.layers) as view:
+        assert all(view.read_page(p) == chain.page(p) for p in range(128))
 
 
 # --- the view ------------------------------------------------------------------------------

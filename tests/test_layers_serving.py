@@ -17,7 +17,7 @@ from test_layers import Chain
 from conftest import PAGE, make_mem_file, needs_uffd
 from pagefork.hotpages import HotPageList
 from pagefork.layers import source
-from pagefork.layers.format import write_layer
+from pagefork.layers.format import LayerError, write_layer
 from pagefork.server import PageServer, ServerConfig
 from pagefork.testing.vmm import VmmProcess
 
@@ -162,6 +162,27 @@ def test_a_bad_layer_fails_the_server_at_start_with_one_line(tmp_path: Path):
     write_layer(str(tmp_path / "other"), size=128 * PAGE, pages=[(0, b"x" * PAGE)])
     with pytest.raises(Exception, match=r"^layer .*/other: its memory is 524288 bytes"):
         PageServer(ServerConfig(chain.base, str(tmp_path), layers=(str(tmp_path / "other"),)))
+
+
+def test_a_corrupt_data_page_fails_the_server_at_start_not_a_guest_later(tmp_path: Path, served):
+    """A flipped bit in a layer's data page, which no header CRC covers: the server refuses
+    the chain at start, naming the file and the page, before any fork reads it; the same chain
+    intact serves a real fork byte for byte."""
+    chain = Chain(tmp_path, PAGES, depth=2, seed=31)
+    server = _serve(served, tmp_path, chain)
+    vmm = _vmm(served, server, chain, tmp_path, "intact")
+    assert vmm.send(cmd="touch", all=True)["bad"] == 0
+    slot = 7
+    with open(chain.layers[1], "r+b") as f:
+        f.seek(PAGE * (1 + slot) + 2000)  # data page 7 of the top layer
+        byte = f.read(1)[0]
+        f.seek(PAGE * (1 + slot) + 2000)
+        f.write(bytes([byte ^ 1]))
+    with pytest.raises(LayerError) as err:
+        _serve(served, tmp_path, chain)
+    message = str(err.value)
+    assert message.startswith(f"layer {chain.layers[1]}: data page {slot} (memory page ")
+    assert "does not match its checksum" in message and "\n" not in message
 
 
 def test_a_layered_server_closes_every_layer_fd(no_leaks, tmp_path: Path):

@@ -272,7 +272,8 @@ def test_capture_over_a_layered_chain_keeps_exactly_the_pages_that_differ(
     ranges, make a layer that reads back as the diff's owner held memory."""
     import random
 
-    from pagefork.layers.format import open_reader, write_layer
+    from pagefork.layers.format import write_layer
+    from pagefork.layers.source import open_reader
 
     npages = 512
     rng = random.Random(7)

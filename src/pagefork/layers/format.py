@@ -4,13 +4,14 @@ A layered template is a base mem-file plus an ordered list of layers, bottom fir
 holds the 4 KiB pages that differ from everything below it, and *zero runs*: pages that must
 read zero in the child (a range the guest removed, say), whatever the parent holds there.
 
-The file (``PFLAYER1``) is laid out so each data page can be mapped where it belongs in guest
-memory: page *k* of the data area starts at a page-aligned file offset.
+The file (``PFLAYER2``; ``PFLAYER1`` files, which lack the page checksums, still load) is laid
+out so each data page can be mapped where it belongs in guest memory: page *k* of the data area
+starts at a page-aligned file offset.
 
 ====================  =======================================================================
 offset                content
 ====================  =======================================================================
-0                     header: magic ``PFLAYER1``, guest memory ``size``, data page count,
+0                     header: magic ``PFLAYER2``, guest memory ``size``, data page count,
                       zero run count, index offset, parent name length, CRC-32 (of the
                       header with the CRC field zero, the parent name, the parent
                       fingerprint unless it is all zero, and the index)
@@ -18,8 +19,18 @@ offset                content
 1072                  parent fingerprint: 32 bytes, all zero when the writer gave none
 4096                  data area: data page *k* at ``4096 + k * 4096``
 index offset          ``pages`` little-endian u64 page numbers (data page *k* is guest page
-                      ``index[k]``), then ``zero_runs`` pairs of u64 (first page, count)
+                      ``index[k]``), then ``zero_runs`` pairs of u64 (first page, count),
+                      then (not in ``PFLAYER1``) ``pages`` little-endian u32: the CRC-32 of
+                      each data page
 ====================  =======================================================================
+
+The header's CRC covers the header, parent and index, so it is checked at every open for the
+cost of the index alone. The data pages have their own CRC-32 each, in the index: a flipped
+bit in a data page would otherwise reach a guest unnoticed. They are checked where a page is
+read (:meth:`LayerFile.read_slot`) and, for the pages a page server maps, once when it opens the
+chain (:meth:`LayerFile.verify_slots`, from :class:`~pagefork.layers.source.LayeredView`), so
+the fault path never checks anything. A CRC catches accidents (a bad disk, a torn copy), not a
+file forged to match: layer files live in the daemon's own directory.
 
 The index sits after the data, so a writer streams pages without knowing their count first.
 Zero runs are stored in page order and never touch each other or a data page.
@@ -37,7 +48,7 @@ of older versions, or ``write_layer`` without ``parent_fingerprint``) is not che
 snapshot captures always carries one.
 
 Reading: :class:`LayerFile` opens and validates a layer (every error is one line naming the
-file); :func:`open_reader` reads what a fork of a chain reads, page by page.
+file).
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ import re
 import struct
 import sys
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO, Protocol
@@ -60,7 +71,9 @@ from pagefork.files import atomic_save, open_regular
 
 #: The page size of layers: data pages and zero runs are counted in these.
 LAYER_PAGE = 4096
-MAGIC = b"PFLAYER1"
+#: The magic of the files written now; :data:`MAGIC_V1` files (no page checksums) still load.
+MAGIC = b"PFLAYER2"
+MAGIC_V1 = b"PFLAYER1"
 #: The most bytes of a parent name stored in a layer.
 MAX_PARENT_BYTES = 1024
 _HEADER = struct.Struct("<8sQQQQHxxI")  # magic, size, pages, zero runs, index offset, parent, crc
@@ -75,8 +88,10 @@ _ZERO_PAGE = bytes(LAYER_PAGE)
 # A page in the writer's map: untouched, data, zero (stored as a zero run).
 _NONE, _DATA, _ZERO = 0, 1, 2
 _ZERO_RUN_RE = re.compile(b"\x02+")
-# The index is stored little-endian; array("Q") is native.
+# The index is stored little-endian; array("Q") and array("I") are native.
 _SWAP = sys.byteorder != "little"
+#: Data pages checked at once by :meth:`LayerFile.verify_slots` (one pread each).
+_VERIFY_PAGES = 256
 
 
 class LayerError(TemplateError):
@@ -105,6 +120,12 @@ class PageReader(Protocol):
 
 def _u64_array(values: Iterable[int] = ()) -> array.array[int]:
     return array.array("Q", values)
+
+
+def _u32_array(values: Iterable[int] = ()) -> array.array[int]:
+    out = array.array("I", values)
+    assert out.itemsize == 4
+    return out
 
 
 def write_layer(
@@ -136,6 +157,7 @@ def write_layer(
     kinds = bytearray(npages)
     index = _u64_array()
     runs = _u64_array()
+    crcs = _u32_array()
 
     def write(f: BinaryIO) -> None:
         f.seek(_DATA_START)
@@ -156,6 +178,7 @@ def write_layer(
             kinds[page] = _DATA
             f.write(data)
             index.append(page)
+            crcs.append(zlib.crc32(data))
         for n, (first, count) in enumerate(zero_runs):
             if count <= 0 or first < 0 or first + count > npages:
                 raise LayerError(
@@ -170,7 +193,7 @@ def write_layer(
             kinds[first : first + count] = b"\x02" * count
         for m in _ZERO_RUN_RE.finditer(kinds):
             runs.extend((m.start(), m.end() - m.start()))
-        tail = _index_bytes(index, runs)
+        tail = _index_bytes(index, runs, crcs)
         index_offset = _DATA_START + len(index) * LAYER_PAGE
         f.write(tail)
         f.truncate(index_offset + len(tail))  # an empty layer still spans its header page
@@ -186,16 +209,17 @@ def write_layer(
     return LayerInfo(
         pages=len(index),
         zero_pages=zero_pages,
-        bytes=_DATA_START + len(index) * LAYER_PAGE + len(index) * 8 + len(runs) * 8,
+        bytes=_DATA_START + len(index) * (LAYER_PAGE + 8 + 4) + len(runs) * 8,
     )
 
 
-def _index_bytes(index: array.array[int], runs: array.array[int]) -> bytes:
+def _index_bytes(index: array.array[int], runs: array.array[int], crcs: array.array[int]) -> bytes:
     if _SWAP:
-        index, runs = _u64_array(index), _u64_array(runs)
+        index, runs, crcs = _u64_array(index), _u64_array(runs), _u32_array(crcs)
         index.byteswap()
         runs.byteswap()
-    return index.tobytes() + runs.tobytes()
+        crcs.byteswap()
+    return index.tobytes() + runs.tobytes() + crcs.tobytes()
 
 
 def _crc(bare: bytes, parent: bytes, fingerprint: bytes, tail: bytes) -> int:
@@ -277,9 +301,10 @@ class LayerFile:
     def _load(self, fd: int) -> None:
         file_size = os.fstat(fd).st_size
         head = os.pread(fd, _HEADER.size, 0)
-        if len(head) < _HEADER.size or head[:8] != MAGIC:
+        if len(head) < _HEADER.size or head[:8] not in (MAGIC, MAGIC_V1):
             raise self._fail("not a pagefork layer file (bad magic)")
-        _, size, pages, zero_runs, index_offset, parent_len, crc = _HEADER.unpack(head)
+        magic, size, pages, zero_runs, index_offset, parent_len, crc = _HEADER.unpack(head)
+        checksums = magic == MAGIC
         if size <= 0 or size % LAYER_PAGE:
             raise self._fail(f"memory size {size} is not a positive multiple of 4096")
         npages = size // LAYER_PAGE
@@ -287,7 +312,7 @@ class LayerFile:
             raise self._fail("corrupt header")
         if index_offset != _DATA_START + pages * LAYER_PAGE:
             raise self._fail("corrupt header (index offset)")
-        end = index_offset + pages * 8 + zero_runs * 16
+        end = index_offset + pages * 8 + zero_runs * 16 + (pages * 4 if checksums else 0)
         if file_size < end:
             raise self._fail(f"truncated ({file_size} bytes, the header says {end})")
         if file_size > end:
@@ -295,16 +320,19 @@ class LayerFile:
         parent = self._read(fd, parent_len, _HEADER.size)
         fingerprint = self._read(fd, FINGERPRINT_BYTES, _FINGERPRINT_AT)
         tail = self._read(fd, end - index_offset, index_offset)
-        bare = _HEADER.pack(MAGIC, size, pages, zero_runs, index_offset, parent_len, 0)
+        bare = _HEADER.pack(magic, size, pages, zero_runs, index_offset, parent_len, 0)
         if _crc(bare, parent, fingerprint, tail) != crc:
             raise self._fail("checksum mismatch (corrupt header or index)")
         index = _u64_array()
         index.frombytes(tail[: pages * 8])
         runs = _u64_array()
-        runs.frombytes(tail[pages * 8 :])
+        runs.frombytes(tail[pages * 8 : pages * 8 + zero_runs * 16])
+        crcs = _u32_array()
+        crcs.frombytes(tail[pages * 8 + zero_runs * 16 :])
         if _SWAP:
             index.byteswap()
             runs.byteswap()
+            crcs.byteswap()
         # A CRC catches accidents; these catch a file built to lie (it is a peer's input).
         # Checked by sorting, not with a map of the memory: the header's size is not trusted
         # to be small.
@@ -331,6 +359,10 @@ class LayerFile:
             self.zero_runs.append((first, count))
         self.size = size
         self.index = index
+        #: The CRC-32 of each data page; None in a ``PFLAYER1`` file (its pages are unchecked).
+        self.page_crcs = crcs if checksums else None
+        #: 2 for files with page checksums, 1 for ``PFLAYER1`` files.
+        self.version = 2 if checksums else 1
         self.parent = parent.decode(errors="replace") or None
         #: What the layer was taken over (:func:`chain_fingerprint`), None if not recorded.
         self.parent_fingerprint = None if fingerprint == _NO_FINGERPRINT else fingerprint
@@ -354,8 +386,35 @@ class LayerFile:
         return _DATA_START + slot * LAYER_PAGE
 
     def read_slot(self, slot: int) -> bytes:
-        """The bytes of data page ``slot`` (a file cut short since open is an error)."""
-        return self._read(self.fd, LAYER_PAGE, self.data_offset(slot))
+        """The bytes of data page ``slot``, checked against its CRC-32 (a file cut short
+        since open, or a page that does not match, is a :class:`LayerError`)."""
+        data = self._read(self.fd, LAYER_PAGE, self.data_offset(slot))
+        if self.page_crcs is not None and zlib.crc32(data) != self.page_crcs[slot]:
+            raise self._corrupt(slot)
+        return data
+
+    def verify_slots(self, first: int, count: int) -> None:
+        """Check data pages ``first`` to ``first + count - 1`` against their CRC-32s, reading
+        them in large pieces; the first that does not match is a one-line :class:`LayerError`
+        naming the file and the page. Nothing is checked in a ``PFLAYER1`` file."""
+        crcs = self.page_crcs
+        if crcs is None:
+            return
+        crc32 = zlib.crc32
+        end = first + count
+        while first < end:
+            n = min(_VERIFY_PAGES, end - first)
+            data = memoryview(self._read(self.fd, n * LAYER_PAGE, self.data_offset(first)))
+            for i in range(n):
+                if crc32(data[i * LAYER_PAGE : (i + 1) * LAYER_PAGE]) != crcs[first + i]:
+                    raise self._corrupt(first + i)
+            first += n
+
+    def _corrupt(self, slot: int) -> LayerError:
+        return self._fail(
+            f"data page {slot} (memory page {self.index[slot]}, file offset "
+            f"{self.data_offset(slot)}) does not match its checksum: the file is corrupt"
+        )
 
     def info(self) -> LayerInfo:
         """What this layer holds."""
@@ -388,14 +447,6 @@ def diff_against(
             yield page, data
 
 
-def open_reader(template_chain: Sequence[str]) -> PageReader:
-    """A reader of what a fork of a chain reads: ``template_chain`` is the base mem-file path
-    then the layer paths, bottom first. Close it with ``close()`` when done."""
-    from pagefork.layers.source import LayeredView  # the view resolves chains; it imports us
-
-    return LayeredView(template_chain[0], template_chain[1:], scan=False)
-
-
 __all__ = [
     "LAYER_PAGE",
     "LayerError",
@@ -405,6 +456,5 @@ __all__ = [
     "chain_fingerprint",
     "check_parent",
     "diff_against",
-    "open_reader",
     "write_layer",
 ]

@@ -22,13 +22,34 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Protocol
 
 from pagefork.errors import PageforkError
 from pagefork.hotpages import HotPage, HotPageList
 from pagefork.hotpages import load as load_hot_pages
 from pagefork.layers.format import LAYER_PAGE, LayerFile
 from pagefork.regions import Region
-from pagefork.templates import TemplateRecord, TemplateRegistry
+
+
+class TemplateLike(Protocol):
+    """What :func:`inherited_hot_set` reads of a template
+    (:class:`pagefork.templates.TemplateRecord`, a layer above this one, is one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def parent(self) -> str | None: ...
+    @property
+    def layers(self) -> list[str]: ...
+    @property
+    def hot_pages_path(self) -> str: ...
+    def has_hot_pages(self) -> bool: ...
+
+
+class TemplateLookup(Protocol):
+    """Finds a template by id (:class:`pagefork.templates.TemplateRegistry` is one)."""
+
+    def get(self, template_id: str) -> TemplateLike: ...
 
 
 def chain_data_pages(layer_paths: Sequence[str]) -> list[int]:
@@ -83,7 +104,7 @@ class InheritedHotSet:
         return out
 
 
-def inherited_hot_set(registry: TemplateRegistry, record: TemplateRecord) -> InheritedHotSet | None:
+def inherited_hot_set(registry: TemplateLookup, record: TemplateLike) -> InheritedHotSet | None:
     """What a fork of ``record`` is prefetched from until the template has its own hot set:
     None for a template that has one, or has no layers. An ancestor's unreadable hot set
     counts as none (it would be re-recorded there)."""
@@ -108,4 +129,10 @@ def inherited_hot_set(registry: TemplateRegistry, record: TemplateRecord) -> Inh
     return InheritedHotSet(parent_hot, chain_data_pages(record.layers))
 
 
-__all__ = ["InheritedHotSet", "chain_data_pages", "inherited_hot_set"]
+__all__ = [
+    "InheritedHotSet",
+    "TemplateLike",
+    "TemplateLookup",
+    "chain_data_pages",
+    "inherited_hot_set",
+]

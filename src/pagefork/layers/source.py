@@ -34,7 +34,7 @@ from typing import BinaryIO
 from pagefork import libc
 from pagefork.errors import MemFileError
 from pagefork.files import atomic_save
-from pagefork.layers.format import LAYER_PAGE, LayerError, LayerFile, check_parent
+from pagefork.layers.format import LAYER_PAGE, LayerError, LayerFile, PageReader, check_parent
 from pagefork.memfile import MemFile
 from pagefork.regions import Region
 
@@ -69,8 +69,11 @@ class LayeredView(MemFile):
     :class:`~pagefork.layers.format.PageReader`). With no layers it is the base mem-file.
     ``materialized`` is true when the chain had too many segments to map and was copied whole
     into a memfd. ``scan=False`` skips reading the whole base for its zero pages: for a reader
-    that never serves faults (:func:`~pagefork.layers.format.open_reader`, flatten). Errors
-    are one line naming the file (:class:`LayerError`, :class:`~pagefork.errors.MemFileError`).
+    that never serves faults (:func:`open_reader`, flatten). Every layer page the view maps
+    is checked against its CRC-32 once, here, so that a corrupt page never reaches a guest and
+    the fault path checks nothing; ``verify=False`` skips that, for a reader whose every read
+    is checked anyway (:meth:`read_page`). Errors are one line naming the file
+    (:class:`LayerError`, :class:`~pagefork.errors.MemFileError`).
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class LayeredView(MemFile):
         *,
         segment_limit: int | None = None,
         scan: bool = True,
+        verify: bool = True,
     ) -> None:
         super().__init__(base, mapped=False, scan=scan)
         self.layers: list[LayerFile] = []
@@ -108,7 +112,9 @@ class LayeredView(MemFile):
                 self._resolve()
                 limit = max_segments() if segment_limit is None else segment_limit
                 if len(self.segments) > limit:
-                    self._materialize()
+                    self._materialize()  # reads every page through read_page: checked
+                elif verify:
+                    self._verify_segments()
         except BaseException:
             self.close()
             raise
@@ -150,6 +156,12 @@ class LayeredView(MemFile):
         self.segments: list[tuple[int, int, int | None, int]] = sorted(
             [(f, c, n, k) for f, c, n, k in segments] + [(f, c, None, 0) for f, c in zero_segments]
         )
+
+    def _verify_segments(self) -> None:
+        """Check every layer page the view maps (pages a higher layer hides reach no guest)."""
+        for _first, count, n, k in self.segments:
+            if n is not None:
+                self.layers[n].verify_slots(k, count)
 
     def _materialize(self) -> None:
         fd = os.memfd_create("pagefork-composite", os.MFD_CLOEXEC)
@@ -241,9 +253,16 @@ def flatten(base: str, layers: Sequence[str], out: str) -> int:
     names = {os.path.realpath(p) for p in (base, *layers)}
     if os.path.realpath(out) in names:
         raise LayerError(f"flatten: {out} is part of the chain it would replace")
-    with LayeredView(base, layers, segment_limit=1 << 62, scan=False) as view:
+    with LayeredView(base, layers, segment_limit=1 << 62, scan=False, verify=False) as view:
         atomic_save(out, lambda f: _write_composite(view, f), "mem-file", error=LayerError)
         return view.size
+
+
+def open_reader(template_chain: Sequence[str]) -> PageReader:
+    """A reader of what a fork of a chain reads: ``template_chain`` is the base mem-file path
+    then the layer paths, bottom first (each page read is checked). Close it with
+    ``close()`` when done."""
+    return LayeredView(template_chain[0], template_chain[1:], scan=False, verify=False)
 
 
 def removed_file_ranges(
@@ -305,5 +324,6 @@ __all__ = [
     "flatten",
     "map_view",
     "max_segments",
+    "open_reader",
     "removed_file_ranges",
 ]
