@@ -325,6 +325,29 @@ def test_past_max_layer_depth_a_snapshot_is_flattened_at_once(start_daemon: Star
     client.release_fork(c)
 
 
+@needs_kvm
+def test_a_snapshot_at_the_layer_limit_is_flattened_and_the_next_one_works(
+    start_daemon: StartDaemon,
+) -> None:
+    """With no --max-layer-depth, a fork's snapshot whose chain would pass the most layers a
+    chain may have (2 here, 200 in use) is flattened, not refused after the VMM wrote its
+    diff; the fork's later snapshots go on as layers over it."""
+    daemon, client = start_daemon()
+    daemon.registry.max_depth = 2
+    client.create_template("vm", "kvm", **TEMPLATE)
+    a, _ = _fork(client, "vm", snapshots=True)
+    one = client.snapshot_fork(a, "one")["template"]
+    two = client.snapshot_fork(a, "two")["template"]
+    assert (len(one["layers"]), len(two["layers"])) == (1, 2)
+    three = client.snapshot_fork(a, "three")["template"]
+    assert (three["parent"], three["layers"]) == (None, [])  # flattened: one mem-file
+    four = client.snapshot_fork(a, "four", release=True)["template"]
+    assert (four["parent"], len(four["layers"])) == ("three", 1)
+    b, run = _fork(client, "four")  # walks memory as a left it, over the flat file + a layer
+    assert run["checksum_ok"]
+    client.release_fork(b)
+
+
 def _fc_template(client: DaemonClient, short_dir: Path, tmp_path: Path) -> str:
     """Template "fc": a snapshot of a started Firecracker double (8 MiB); its mem-file."""
     with FcDoubleProcess(str(short_dir / "source.api")) as source:

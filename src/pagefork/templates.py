@@ -249,6 +249,9 @@ class TemplateRegistry:
             raise TemplateError(f"cannot create {self.root}: {exc.strerror}") from None
         # One lock for every read-modify-write of a record, and for delete.
         self._lock = threading.Lock()
+        #: The most layers a chain registered here may have (at most ``MAX_DEPTH``, what a
+        #: page server opens; lower only to exercise the limit).
+        self.max_depth = MAX_DEPTH
         #: How many live forks a template (id, ``created``) has: set by the fork manager, which
         #: holds them. Called with the registry's lock held, so it must not block or take a
         #: lock of its caller. None: no forks anywhere (a registry used on its own).
@@ -574,18 +577,21 @@ class TemplateRegistry:
         template's directory, the originals left to the caller: hard-linked when they are
         under the registry's own directory (a snapshot's work directory), copied otherwise (a
         file someone else may later rewrite in place must not change the template). With
-        ``flatten_past``, a chain deeper than that many layers is flattened at once, as
-        :meth:`flatten` does, but before the child appears: a flatten that fails (a full disk)
-        leaves no child behind.
+        ``flatten_past``, a chain deeper than that many layers (or than :attr:`max_depth`) is
+        flattened at once, as :meth:`flatten` does, but before the child appears: a flatten
+        that fails (a full disk) leaves no child behind. Without it, a chain deeper than
+        :attr:`max_depth` is refused.
         """
         from pagefork.layers.format import LayerError, LayerFile
         from pagefork.layers.source import flatten as flatten_chain
 
         parent = self.get(parent_id)
-        if len(parent.layers) + 1 > MAX_DEPTH:
+        if flatten_past is not None:
+            flatten_past = min(flatten_past, self.max_depth)
+        elif len(parent.layers) + 1 > self.max_depth:
             raise TemplateError(
                 f"template {parent_id!r} already has {len(parent.layers)} layers, the most a "
-                f"chain may have is {MAX_DEPTH}: flatten it first"
+                f"chain may have is {self.max_depth}: flatten it first"
             )
         try:
             with LayerFile(layer_path) as layer:

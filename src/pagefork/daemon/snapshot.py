@@ -10,8 +10,11 @@
    pages that really changed, and the ranges the page server saw removed since the fork's
    previous snapshot;
 3. the registry registers the child (:meth:`~pagefork.templates.TemplateRegistry.create_child`),
-   flattened before it appears if its chain would grow past ``max_layer_depth``: a failure
-   leaves no child.
+   flattened before it appears if its chain would grow past ``max_layer_depth``, or past the
+   most layers a chain may have (:attr:`~pagefork.templates.TemplateRegistry.max_depth`, 200)
+   when no depth is set: a fork's snapshots never run into that limit once the VMM has
+   written its diff (a refusal then would lose the diff, and with it every later snapshot of
+   the fork). A failure leaves no child.
 
 A diff snapshot holds only the pages written since the VMM's previous one (KVM's dirty log is
 cleared as it is read; Firecracker's ``Diff`` is relative to its last snapshot). So ``parent``
@@ -151,7 +154,8 @@ def snapshot_fork(
             parent.id,
             os.path.join(work, _LAYER),
             snap.vmstate,
-            flatten_past=max_layer_depth,
+            # Never refused for depth: past the limit the chain is flattened instead.
+            flatten_past=registry.max_depth if max_layer_depth is None else max_layer_depth,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
