@@ -74,7 +74,8 @@ _TRANSIENT_CODES = {
     "503",
     "500",
 }
-#: Attempts when nothing listens at the endpoint (a store restarting, or a wrong URL).
+#: Attempts when nothing listens at the endpoint (a wrong URL, or a store restarting), for a
+#: call that is not ``patient``.
 _REFUSED_ATTEMPTS = 3
 T = TypeVar("T")
 log = logging.getLogger("pagefork.store")
