@@ -430,8 +430,8 @@ def test_a_store_that_refuses_connections_for_a_while_is_waited_out(pushed, s3_s
     vmm = vmms(server.register_fork("a"))
     assert vmm.send(cmd="touch", pages=pages_in_chunk(0))["bad"] == 0  # a pooled connection
     key = chunk_key(pushed, 1)
+    refused_at = time.monotonic()  # before: the proxy listens again 1.5 s after this at least
     proxy.refuse_for(1.5)
-    refused_at = time.monotonic()
     reply = vmm.send(cmd="touch", pages=pages_in_chunk(1))
     assert reply["bad"] == 0 and reply["touched"] == 8
     # Served only once the store was back: the chunk came from the one GET that got through.
@@ -468,3 +468,21 @@ def test_a_chunk_corrupted_on_every_transfer_fails_with_the_repair_hint(
     assert f"chunk 2 of {pushed}" in ended.error and "does not match its SHA-256" in ended.error
     assert f"repair it with 'pagefork push --verify {pushed} --mem-file MEM'" in ended.error
     assert proxy.get_count(key) == 2  # fetched again once, then refused
+
+
+def test_a_store_that_stays_away_past_the_deadline_fails_the_fork_naming_the_chunk(
+    pushed, vmms, proxy, tmp_path
+):
+    options = StoreOptions(
+        cache=ChunkCache(str(tmp_path / "c")), endpoint_url=proxy.url, fetch_deadline=1.5
+    )
+    config = ServerConfig(mem_file_path=pushed, socket_dir=str(tmp_path), store=options)
+    with PageServer(config) as server:
+        vmm = vmms(server.register_fork("a"))
+        server.wait_connected("a")
+        proxy.refuse_for(600)  # gone for good, as far as this test goes
+        with pytest.raises(EOFError):
+            vmm.send(cmd="touch", pages=pages_in_chunk(1))
+        ended = server.wait_ended("a", timeout=30)
+        assert ended.state == "failed" and ended.error is not None and "\n" not in ended.error
+        assert f"chunk 1 of {pushed}" in ended.error and "cannot connect" in ended.error
