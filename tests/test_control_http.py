@@ -878,3 +878,60 @@ def test_requests_that_wait_on_a_vmm_never_hold_up_the_quick_ones(tmp_path: Path
         server.shutdown()
         runner.join(WAIT)
         server.server_close()
+
+
+def test_idle_connections_beyond_the_cap_never_crowd_out_a_client_with_a_request(
+    start_control: StartControl,
+) -> None:
+    # The idle timeout is far longer than the wait below: only making room gets it through.
+    control = start_control(max_connections=16, idle_timeout=600, evict_after=0.05)
+    idle = [_connect(control.path) for _ in range(300)]
+    try:
+        client = DaemonClient(control.path, timeout=WAIT)
+        assert client.forks() == []
+        assert control.server.connections <= 16
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_waiters_never_hold_up_the_creation_of_a_fork(tmp_path: Path) -> None:
+    from pagefork.daemon.api import request_pool
+    from pagefork.daemon.httpserver import HttpServer
+    from pagefork.server import bind_private_socket
+
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def handler(method: str, target: str, body: bytes) -> Response:
+        if target.endswith("/wait"):
+            entered.release()
+            release.wait(WAIT)  # guests that take their time
+        return Response.json(200, {"target": target})
+
+    path = str(tmp_path / "c.sock")
+    limits = ServerLimits(workers=2, long_workers=4, wait_workers=4)
+    server = HttpServer(bind_private_socket(path), handler, limits, is_long=request_pool)
+    runner = threading.Thread(target=server.serve_forever, daemon=True)
+    runner.start()
+    waits = []
+    try:
+        for i in range(6):  # more waiters than the wait pool, and than the long pool, has
+            sock = _connect(path)
+            request = f"POST /forks/f{i}/wait HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+            sock.sendall(request.encode())
+            waits.append(sock)
+        for _ in range(4):
+            assert entered.acquire(timeout=WAIT)
+        create = b"POST /forks HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+        assert _exchange(path, create) == (200, {"target": "/forks"})  # while they all wait
+        release.set()
+        for sock in waits:
+            assert _read_answer(sock)[0] == 200
+    finally:
+        release.set()
+        for sock in waits:
+            sock.close()
+        server.shutdown()
+        runner.join(WAIT)
+        server.server_close()

@@ -52,7 +52,13 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from pagefork.daemon.httpserver import KNOWN_METHODS, HttpServer, Response, ServerLimits
+from pagefork.daemon.httpserver import (
+    KNOWN_METHODS,
+    HttpServer,
+    PoolName,
+    Response,
+    ServerLimits,
+)
 from pagefork.daemon.manager import DriverOptionsError, ForkManager, UnknownForkError
 from pagefork.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pagefork.daemon.metrics import DaemonMetrics
@@ -361,6 +367,16 @@ def _microvm_spec(body: _Body) -> Any:
     )
 
 
+def request_pool(method: str, target: str) -> PoolName:
+    """Which of the server's pools answers a request: ``wait`` for the requests that only
+    wait for a guest to be done (any number of waiters must not hold up a fork's creation),
+    ``long`` for the others that may wait on a VMM (:func:`takes_long`), else ``quick``."""
+    path = target.split("?", 1)[0]
+    if method == "POST" and path.startswith("/forks/") and path.endswith("/wait"):
+        return "wait"
+    return "long" if takes_long(method, target) else "quick"
+
+
 def takes_long(method: str, target: str) -> bool:
     """The requests that may wait on a VMM for long (restore, prefetch, a guest's end): they
     are answered by a pool of their own, so a burst of them never holds up the others."""
@@ -388,7 +404,7 @@ class ControlServer(HttpServer):
         # permissions, whatever the umask.
         sock = bind_private_socket(path)
         try:
-            super().__init__(sock, api.handle, limits, is_long=takes_long)
+            super().__init__(sock, api.handle, limits, is_long=request_pool)
         except BaseException:
             sock.close()
             raise
@@ -405,7 +421,7 @@ class ControlServer(HttpServer):
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise DaemonError(f"control socket fd {sock.fileno()}: not listening")
         server = cls.__new__(cls)
-        HttpServer.__init__(server, sock, api.handle, limits, is_long=takes_long)
+        HttpServer.__init__(server, sock, api.handle, limits, is_long=request_pool)
         server.api = api
         name = sock.getsockname()
         server.path = name if isinstance(name, str) else name.decode(errors="replace")

@@ -17,12 +17,23 @@ How it serves:
   or framed twice is answered with a JSON error and the connection closed.
 - A complete request goes to a pool of ``workers`` threads, which run the handler (it may
   block for seconds, e.g. a VMM restore) and write the answer; other requests go on.
+- Requests that may wait long go to pools of their own (``long_workers``; and
+  ``wait_workers`` for requests that only wait for something to end, like a guest's run),
+  chosen by the ``is_long`` callable: a crowd of waiters never holds up a fork's creation,
+  and neither holds up the quick requests.
 - A connection must deliver a complete request within ``idle_timeout`` seconds of opening
   or of its previous answer, or it is closed: idle and slow peers cannot pin it down.
-- At most ``max_connections`` connections are open at once. Beyond that the server stops
-  accepting: new connections wait in the kernel's listen backlog (``backlog``) and are served
-  as others close. A client whose connect finds even the backlog full waits too (see
-  :mod:`pagefork.daemon.client`).
+- At most ``max_connections`` connections are open at once. When that many are open and a
+  newcomer waits, the connection idle the longest (one with no request being answered;
+  silent ones first) is closed to make room, so idle peers never crowd out a client with a
+  request to make: the cap binds only connections whose requests are being answered. Once
+  every open connection is busy the server stops accepting: new connections wait in the
+  kernel's listen backlog (``backlog``) and are served as others finish. A connection idle
+  for less than ``evict_after`` seconds is not closed for a newcomer (it has just connected
+  and may be about to send its request). A client whose
+  connect finds even the backlog full waits too (see :mod:`pagefork.daemon.client`).
+  Accepting and reading take turns (one newcomer per turn while at the cap), so a
+  newcomer's request is read before it could become the oldest idle connection.
 - Every error the server itself answers is JSON ``{"error": ...}``, like the handler's (HEAD
   answers carry the headers only, as HTTP says). A peer that goes away mid-answer is logged
   at debug level, never as a traceback.
@@ -46,6 +57,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from http import HTTPStatus
+from typing import Literal
 
 import h11
 
@@ -94,6 +106,12 @@ class Response:
 #: What the server calls for each complete request: (method, target, body) -> response.
 Handler = Callable[[str, str, bytes], Response]
 
+#: Which pool answers a request: ``"quick"`` (also False), ``"long"`` (also True) or
+#: ``"wait"``; see :class:`ServerLimits`.
+PoolName = Literal["quick", "long", "wait"]
+#: Says which pool answers a request, from its method and target.
+PoolChooser = Callable[[str, str], "bool | PoolName"]
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -104,12 +122,19 @@ class ServerLimits:
     #: Threads answering the requests the handler says may take long (waiting on a VMM): a
     #: pool of their own, so they never hold up the quick ones.
     long_workers: int = 64
+    #: Threads answering requests that only wait for something to end (a guest's run): a
+    #: pool of their own, so waiters never hold up the long requests that do work.
+    wait_workers: int = 64
     #: Open connections at most; more wait in the listen backlog.
     max_connections: int = 256
     #: The listen backlog (the kernel caps it at ``net.core.somaxconn``).
     backlog: int = 1024
     #: Seconds a connection has to deliver a complete request (after opening or an answer).
     idle_timeout: float = 30.0
+    #: Seconds a connection must have been idle (since opening or its last answer) before it
+    #: may be closed to make room for a newcomer: a client that has just connected has the
+    #: time to send its request.
+    evict_after: float = 1.0
     #: Seconds an answer may take to write before the connection is dropped.
     send_timeout: float = 10.0
     #: Largest request body, in bytes (a control request is a few hundred).
@@ -226,7 +251,7 @@ class HttpServer:
         sock: socket.socket,
         handler: Handler,
         limits: ServerLimits | None = None,
-        is_long: Callable[[str, str], bool] | None = None,
+        is_long: PoolChooser | None = None,
     ) -> None:
         self.limits = limits or ServerLimits()
         self.socket = sock
@@ -241,6 +266,7 @@ class HttpServer:
         self._wake_w.setblocking(False)
         self._pool = _Workers(self.limits.workers, "pagefork-http")
         self._long_pool = _Workers(self.limits.long_workers, "pagefork-http-long")
+        self._wait_pool = _Workers(self.limits.wait_workers, "pagefork-http-wait")
         self._lock = threading.Condition()
         self._conns: set[_Conn] = set()  # every open connection (under _lock)
         self._returned: deque[_Conn] = deque()  # answered, kept alive: back to the loop
@@ -282,13 +308,18 @@ class HttpServer:
             while not self._stop:
                 self._update_listening()
                 events = self._selector.select(self._next_timeout())
+                accept = False
+                # Read before accepting: a newcomer's request is read (and the connection
+                # busy) before another newcomer could make it the oldest idle one.
                 for key, _ in events:
                     if key.fileobj is self.socket:
-                        self._accept()
+                        accept = True
                     elif key.fileobj is self._wake_r:
                         self._take_returned()
                     else:
                         self._guarded(key.data, self._on_readable)
+                if accept:
+                    self._accept()
                 self._expire_idle()
         finally:
             self._leave_loop()
@@ -355,7 +386,8 @@ class HttpServer:
             else:
                 self._close(conn)
         grace = min(1.0, self.limits.shutdown_grace)
-        if not (self._pool.close(timeout=grace) & self._long_pool.close(timeout=grace)):
+        pools = (self._pool, self._long_pool, self._wait_pool)
+        if not all([pool.close(timeout=grace) for pool in pools]):
             log.warning("control: requests still running at close; their answers are lost")
         self.socket.close()
         self._selector.close()
@@ -390,7 +422,10 @@ class HttpServer:
         with self._lock:
             want = (
                 self._accepting
-                and len(self._conns) < self.limits.max_connections
+                and (
+                    len(self._conns) < self.limits.max_connections
+                    or bool(self._evictable(time.monotonic()))
+                )
                 and time.monotonic() >= self._resume_accept_at
             )
         if want:
@@ -401,20 +436,51 @@ class HttpServer:
             self._selector.unregister(self.socket)
         self._listening = want
 
+    def _evictable(self, now: float) -> list[_Conn]:
+        """The connections that may be closed to make room (lock held): idle for at least
+        ``evict_after`` seconds."""
+        since = now + self.limits.idle_timeout - self.limits.evict_after
+        return [c for c in self._conns if not c.busy and c.deadline <= since]
+
     def _next_timeout(self) -> float | None:
         with self._lock:
             deadlines = [c.deadline for c in self._conns if not c.busy]
+            if len(self._conns) >= self.limits.max_connections:  # when one becomes evictable
+                wait = self.limits.idle_timeout - self.limits.evict_after
+                deadlines += [d - wait for d in deadlines]
         if self._resume_accept_at:  # accepting resumes then
             deadlines.append(self._resume_accept_at)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
 
+    def _make_room(self) -> bool:
+        """Below the cap, or made so by closing the connection idle the longest (silent
+        ones first, and only one idle for ``evict_after``); False when none may go."""
+        with self._lock:
+            if len(self._conns) < self.limits.max_connections:
+                return True
+            idle = self._evictable(time.monotonic())
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: (c.received, c.deadline))
+        log.debug("control: closing an idle connection to make room for a new one")
+        self._close(oldest)
+        return True
+
     def _accept(self) -> None:
+        """Accept the newcomers waiting now (the listening socket was readable)."""
+        first = True
         while True:
             with self._lock:
-                if len(self._conns) >= self.limits.max_connections or not self._accepting:
+                if not self._accepting:
                     return
+                full = len(self._conns) >= self.limits.max_connections
+            # At the cap, room is made for a newcomer known to wait: the first one, on this
+            # turn (one per turn: its request is read before the next is let in).
+            if full and (not first or not self._make_room()):
+                return
+            first = False
             try:
                 sock, _ = self.socket.accept()
             except (BlockingIOError, InterruptedError):
@@ -562,8 +628,13 @@ class HttpServer:
         with self._lock:
             self._in_flight += 1
         try:
-            long = self._is_long is not None and self._is_long(method, target)
-            pool = self._long_pool if long else self._pool
+            kind = self._is_long(method, target) if self._is_long is not None else "quick"
+            if kind == "wait":
+                pool = self._wait_pool
+            elif kind is True or kind == "long":
+                pool = self._long_pool
+            else:
+                pool = self._pool
             pool.submit(lambda: self._answer(conn, method, target, body))
         except RuntimeError:  # the pool is shut down: the server is closing
             with self._lock:
@@ -672,4 +743,4 @@ class HttpServer:
         self._wake()  # the loop may accept again
 
 
-__all__ = ["Handler", "HttpServer", "Response", "ServerLimits"]
+__all__ = ["Handler", "HttpServer", "PoolChooser", "PoolName", "Response", "ServerLimits"]
