@@ -36,7 +36,7 @@ def test_show_json_reports_counts_runs_and_regions(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write(tmp_path / "hot.hpl", [(1, 0), (0, P), (0, 0), (0, 5 * P), (0, 2 * P)])
-    assert main(["hotpages", "show", path, "--json"]) == 0
+    assert main(["hotpages", "show", path, "--json", "--pages"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["count"] == 5
     assert out["bytes"] == 5 * P
@@ -71,7 +71,7 @@ def test_show_human_form_prints_the_figures(
 
 def test_show_empty_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path / "empty.hpl", [])
-    assert main(["hotpages", "show", path, "--json"]) == 0
+    assert main(["hotpages", "show", path, "--json", "--pages"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["count"], out["pages"], out["first"], out["runs"]) == (0, [], None, 0)
 
@@ -334,3 +334,16 @@ def test_plain_text_removes_literals_and_roles() -> None:
     assert plain_text("run ``pagefork demo`` or :func:`~pagefork.hotpages.load`") == (
         "run pagefork demo or pagefork.hotpages.load"
     )
+
+
+def test_show_json_is_a_summary_and_lists_pages_only_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path / "hot.hpl", [(0, k * P) for k in range(5000)])
+    assert main(["hotpages", "show", path, "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out)
+    assert summary["count"] == 5000 and summary["runs"] == 1
+    assert "pages" not in summary and len(out) < 1000  # a summary, whatever the file's size
+    assert main(["hotpages", "show", path, "--pages"]) == 2  # --pages is for the JSON
+    assert "add --json" in capsys.readouterr().err

@@ -15,8 +15,10 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pagefork import __version__
+from pagefork.cli.display import safe
 from pagefork.errors import PageforkError
 
 #: Exit code for bad input or an unusable environment (argparse uses it too).
@@ -33,12 +35,70 @@ def plain_text(text: str) -> str:
     return _RST_ROLE.sub(r"\1", _RST_LITERAL.sub(r"\1", text))
 
 
+class PageforkFormatter(argparse.HelpFormatter):
+    """Wraps the description and epilog paragraph by paragraph (blank lines apart); a
+    paragraph whose lines are indented (examples, lists) is kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for para in text.split("\n\n"):
+            if para.startswith(" "):
+                paragraphs.append("\n".join(indent + line for line in para.splitlines()))
+            else:
+                paragraphs.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(paragraphs)
+
+
+def examples(*commands: str) -> str:
+    """An epilog paragraph showing ``commands``, for a sub-command's help."""
+    return "examples:\n\n" + "\n".join(f"  {c}" for c in commands)
+
+
 class PageforkParser(argparse.ArgumentParser):
-    """An ArgumentParser whose help is plain text (sub-command parsers are of this class too)."""
+    """An ArgumentParser whose help is plain text (sub-command parsers are of this class too),
+    formatted by :class:`PageforkFormatter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", PageforkFormatter)
+        super().__init__(*args, **kwargs)
 
     def format_help(self) -> str:
         """The help text, without reStructuredText markup."""
         return plain_text(super().format_help())
+
+
+#: Examples for the sub-commands whose module sets none: each is shown in its --help.
+EXAMPLES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("demo",): (
+        "pagefork demo",
+        "pagefork demo --mem-size 64 --forks 4 --workdir demo-work",
+        "pagefork demo --branch --plot demo.png",
+    ),
+    ("serve",): (
+        "pagefork serve --mem-file snap/mem --socket /tmp/uffd.sock --record hot.hpl",
+        "pagefork serve --mem-file snap/mem --socket /tmp/uffd.sock --hot-pages hot.hpl",
+        "pagefork serve --mem-file s3://my-bucket/templates/web --socket /tmp/uffd.sock",
+    ),
+}
+
+
+def leaf_parsers(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every sub-command parser that takes no further sub-command, with its command path
+    (``("forks", "create")``); aliases are left out."""
+    found: list[tuple[tuple[str, ...], argparse.ArgumentParser]] = []
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [(path, parser)]
+    for action in subs:
+        seen: set[int] = set()
+        for name, child in action.choices.items():
+            if id(child) in seen:
+                continue  # an alias of one listed already
+            seen.add(id(child))
+            found += leaf_parsers(child, (*path, name))
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for module in (demo, serve, hotpages_cmd, daemon_cmd, push):
         module.add_parser(sub)
+    for path, leaf in leaf_parsers(parser):
+        if path in EXAMPLES and "examples:" not in (leaf.epilog or ""):
+            shown = examples(*EXAMPLES[path])
+            leaf.epilog = f"{shown}\n\n{leaf.epilog}" if leaf.epilog else shown
     return parser
 
 
@@ -65,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except PageforkError as exc:
-        print(f"pagefork: error: {exc}", file=sys.stderr)
+        print(f"pagefork: error: {safe(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -22,7 +22,10 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from pagefork.cli import examples as _examples
+from pagefork.cli.display import cell, safe
 from pagefork.cli.options import parse_workers
 from pagefork.cli.store_options import add_cache_arguments
 from pagefork.errors import PageforkError
@@ -39,6 +42,31 @@ _FINDING_THE_DAEMON = (
     "These verbs talk to a running 'pagefork daemon' through its control socket: --control "
     f"PATH, else $PAGEFORK_CONTROL, else {DEFAULT_CONTROL}."
 )
+
+
+#: The words for a fork's state, as the CLI, the API and the metrics use them.
+_STATES = (
+    "A fork is live while its VMM runs, and exited once its VMM has exited (it is held, and "
+    "counted, until it is released); a released fork is gone, as is a deleted template."
+)
+
+#: The options each VMM driver takes, for 'forks create --help'.
+DRIVER_OPTIONS_HELP = """driver options (--option KEY=VALUE):
+
+  --vmm firecracker
+    api_socket=PATH         a Firecracker started with --api-sock PATH, not yet loaded
+    jailer={...}            start Firecracker through the jailer instead (an object)
+    api_timeout=SECONDS     bound on each API call (default: the restore timeout)
+    stop=kill|ctrl-alt-del  how the fork's release stops Firecracker (default kill)
+    stop_timeout=SECONDS    how long a ctrl-alt-del stop may take
+    network_overrides={...} {"IFACE": "tap-{fork}"}: the fork's tap per interface
+    vsock_uds=PATTERN       the fork's vsock socket path, with {fork} in it
+    load_fields={...}       extra PUT /snapshot/load fields, as Firecracker spells them
+    snapshots=true          keep dirty-page tracking on, for 'forks snapshot'
+  --vmm kvm (the built-in microVM)
+    fork_index=N            which trace variant the guest walks (default 0)
+    snapshots=true          log the guest's writes and keep the fork after its guest's
+                            run, for 'forks snapshot' (else it exits when the guest is done)"""
 
 
 def _add_control(p: argparse.ArgumentParser) -> None:
@@ -114,6 +142,11 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("-v", "--verbose", action="store_true", help="log the fork lifecycle")
     d.set_defaults(func=run_daemon)
 
+    d.epilog = _examples(
+        "pagefork daemon --state-dir /var/lib/pagefork --control /run/pagefork.sock",
+        "pagefork daemon --state-dir /var/lib/pagefork --on-sighup takeover --workers 4",
+    )
+
     t = subparsers.add_parser(
         "templates",
         help="list, show, create, delete daemon templates",
@@ -121,10 +154,22 @@ def add_parser(subparsers: Any) -> None:
     )
     tsub = t.add_subparsers(dest="templates_command", metavar="ACTION")
     tsub.required = True
-    tl = tsub.add_parser("list", help="list templates")
+    tl = tsub.add_parser(
+        "list",
+        help="list templates",
+        description="List the daemon's templates: kind, memory, whether a hot set was "
+        f"recorded, and their forks by state. {_STATES}",
+    )
+    tl.epilog = _examples("pagefork templates list", "pagefork templates list --json")
     tl.set_defaults(func=run_templates_list)
-    ts = tsub.add_parser("show", help="show one template")
-    ts.add_argument("id")
+    ts = tsub.add_parser(
+        "show",
+        help="show one template",
+        description="Show one template's record: its files, sizes, hot set, parent and "
+        f"layers, and its forks by state. {_STATES}",
+    )
+    ts.add_argument("id", help="the template's id (see 'templates list')")
+    ts.epilog = _examples("pagefork templates show web", "pagefork templates show web --json")
     ts.set_defaults(func=run_templates_show)
     tc = tsub.add_parser(
         "create",
@@ -134,7 +179,7 @@ def add_parser(subparsers: Any) -> None:
         "(referenced, or copied with --copy). With --microvm: build a microVM template. With "
         "--from s3://BUCKET/PREFIX: a template pushed with 'pagefork push', served lazily.",
     )
-    tc.add_argument("id")
+    tc.add_argument("id", help="the new template's id: 1-64 of [A-Za-z0-9._-]")
     tc.add_argument("--name", help="a display name (default: the id)")
     tc.add_argument("--mem-file", help="Firecracker snapshot: the guest memory file")
     tc.add_argument("--snapshot", help="Firecracker snapshot: the VM state file")
@@ -150,28 +195,58 @@ def add_parser(subparsers: Any) -> None:
         help="a template pushed with 'pagefork push': served lazily from the store (its "
         "vmstate and hot set come with it)",
     )
+    tc.epilog = _examples(
+        "pagefork templates create web --mem-file snap/mem --snapshot snap/vmstate",
+        "pagefork templates create vm --microvm --mem-size 64",
+        "pagefork templates create web --from s3://my-bucket/templates/web",
+    )
     tc.set_defaults(func=run_templates_create)
-    td = tsub.add_parser("delete", help="delete a template (refused while forks are live)")
-    td.add_argument("id")
+    td = tsub.add_parser(
+        "delete",
+        help="delete a template (refused while it has forks)",
+        description="Delete a template: its record, hot set and the files it owns (a "
+        "referenced snapshot's files stay). Refused while the daemon holds forks of it, live "
+        "or exited: release them first ('pagefork forks release FORK').",
+    )
+    td.add_argument("id", help="the template's id (see 'templates list')")
+    td.epilog = _examples("pagefork templates delete web")
     td.set_defaults(func=run_templates_delete)
-    tr = tsub.add_parser("rerecord", help="make the next fork record a new hot set")
-    tr.add_argument("id")
+    tr = tsub.add_parser(
+        "rerecord",
+        help="make the next fork record a new hot set",
+        description="Make the template's next fork a warm-up again: it records the pages "
+        "its guest touches, which then replace the template's hot set. Until it is saved, "
+        "other forks are prefetched the old one.",
+    )
+    tr.add_argument("id", help="the template's id (see 'templates list')")
+    tr.epilog = _examples("pagefork templates rerecord web")
     tr.set_defaults(func=run_templates_rerecord)
     tf = tsub.add_parser(
         "flatten",
         help="merge a child template's layers into one mem-file (it then needs no parent)",
+        description="Merge a child template's layers (from 'forks snapshot') into one "
+        "mem-file, so it no longer depends on its parent.",
     )
     tf.add_argument("id", help="the template to flatten")
+    tf.epilog = _examples("pagefork templates flatten web-warm")
     tf.set_defaults(func=run_templates_flatten)
 
     f = subparsers.add_parser(
         "forks",
-        help="list, create, show, delete daemon forks",
-        description=f"List, create, show and release the daemon's forks. {_FINDING_THE_DAEMON}",
+        help="list, create, show, release daemon forks",
+        description=f"List, create, show and release the daemon's forks. {_STATES} "
+        f"{_FINDING_THE_DAEMON}",
     )
     fsub = f.add_subparsers(dest="forks_command", metavar="ACTION")
     fsub.required = True
-    fl = fsub.add_parser("list", help="list live forks")
+    fl = fsub.add_parser(
+        "list",
+        help="list the forks the daemon holds, live and exited",
+        description=f"List the forks the daemon holds, oldest first, with their state. {_STATES}"
+        " With --json: one object, {\"forks\": [...]}, as GET /forks answers (earlier "
+        "versions printed the bare list).",
+    )
+    fl.epilog = _examples("pagefork forks list", "pagefork forks list --json | jq '.forks[]'")
     fl.set_defaults(func=run_forks_list)
     fc = fsub.add_parser(
         "create",
@@ -179,7 +254,7 @@ def add_parser(subparsers: Any) -> None:
         description="Register a fork of TEMPLATE. With --vmm the daemon restores, prefetches "
         "and resumes the VMM itself; otherwise point your VMM at the printed socket.",
     )
-    fc.add_argument("template")
+    fc.add_argument("template", help="the template to fork (see 'templates list')")
     fc.add_argument("--id", dest="fork_id", help="the fork id (default: generated)")
     fc.add_argument("--vmm", help="VMM driver to start the fork with (firecracker, kvm)")
     fc.add_argument(
@@ -187,28 +262,50 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a driver option (VALUE parsed as JSON when it can be); repeatable",
+        help="a driver option (VALUE parsed as JSON when it can be); repeatable; the options "
+        "each driver takes are listed below",
+    )
+    fc.epilog = DRIVER_OPTIONS_HELP + "\n\n" + _examples(
+        "pagefork forks create vm --vmm kvm --option snapshots=true",
+        "pagefork forks create web --vmm firecracker --option api_socket=/run/fc-1.sock",
+        "pagefork forks create web --id web-1    # your VMM connects to the printed socket",
     )
     fc.set_defaults(func=run_forks_create)
-    fs = fsub.add_parser("show", help="show a fork and its counters")
-    fs.add_argument("id")
+    fs = fsub.add_parser(
+        "show",
+        help="show a fork and its counters",
+        description="Show one fork: its template, state, role in the hot-page loop, VMM, "
+        f"prefetch result and the page server's counters for it. {_STATES}",
+    )
+    fs.add_argument("id", help="the fork's id (see 'forks list')")
+    fs.epilog = _examples("pagefork forks show web-1", "pagefork forks show web-1 --json")
     fs.set_defaults(func=run_forks_show)
-    fd = fsub.add_parser("delete", help="release a fork")
-    fd.add_argument("id")
+    fd = fsub.add_parser(
+        "release",
+        aliases=["delete"],
+        help="release a fork (stop its VMM if the daemon started it; 'delete' works too)",
+        description="Release a fork, live or exited: stop its VMM if the daemon started it, "
+        "stop serving it, and print its final counters. A released fork is gone; its "
+        "template can then be deleted once it has no other fork.",
+    )
+    fd.add_argument("id", help="the fork's id (see 'forks list')")
+    fd.epilog = _examples("pagefork forks release web-1")
     fd.set_defaults(func=run_forks_delete)
     fsn = fsub.add_parser(
         "snapshot",
         help="snapshot a fork into a child template of its own template",
         description="Pause the fork's VMM, register the memory it changed as template NAME "
         "(a layer over the fork's template), then resume the fork, or release it with "
-        "--release. The fork must have been created with --vmm and --option snapshots=true.",
+        "--release. The fork must be live, created with --vmm (a built-in microVM fork also "
+        "with --option snapshots=true, or it exits after its guest's run).",
     )
     fsn.add_argument("id", help="the fork to snapshot")
     fsn.add_argument("--as", dest="template", required=True, metavar="NAME", help="new template")
     fsn.add_argument("--release", action="store_true", help="release the fork afterwards")
+    fsn.epilog = _examples("pagefork forks snapshot vm-1 --as vm-warm")
     fsn.set_defaults(func=run_forks_snapshot)
     for p in (tl, ts, tc, td, tr, tf, fl, fc, fs, fd, fsn):
-        p.epilog = _FINDING_THE_DAEMON
+        p.epilog = f"{p.epilog}\n\n{_FINDING_THE_DAEMON}"
         _add_control(p)
         p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -255,14 +352,30 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _print_json(doc: object) -> None:
-    print(json.dumps(doc, indent=2))
+    # ensure_ascii: whatever a record holds (a lone surrogate, an escape) prints as \u escapes.
+    print(json.dumps(doc, indent=2, ensure_ascii=True))
 
 
 def _console() -> Console:
-    out = Console()
+    # No markup and no highlighting: names are shown as they are (see cli.display). Off a
+    # terminal (a pipe, a file) nothing is cut to a width: every row is whole.
+    out = Console(highlight=False, markup=False, emoji=False)
     if not out.is_terminal:
-        out.width = max(out.width, 120)
+        out.width = _UNBOUNDED_WIDTH
     return out
+
+
+#: Width of output that goes to no terminal: wide enough that no cell is ever cut.
+_UNBOUNDED_WIDTH = 10_000
+
+
+def _table(*columns: str, header: bool = True) -> Table:
+    """A table whose cells wrap (fold) rather than being cut with an ellipsis on a terminal
+    narrower than they are."""
+    table = Table(box=box.SIMPLE_HEAD if header else box.SIMPLE, show_header=header)
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    return table
 
 
 def _mib(n: int) -> str:
@@ -275,22 +388,21 @@ def run_templates_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(doc)
         return 0
-    table = Table(box=box.SIMPLE_HEAD)
-    for col in ("id", "kind", "memory", "hot set", "live forks", "mem-file"):
-        table.add_column(col)
+    table = _table("id", "kind", "memory", "hot set", "live forks", "exited forks", "mem-file")
     for t in doc["templates"]:
         table.add_row(
-            t["id"],
-            t["kind"],
+            cell(t["id"]),
+            cell(t["kind"]),
             _mib(t["mem_size"]),
             "yes" if t["has_hot_pages"] else "no",
-            str(t["live_forks"]),
-            t["mem_file"],
+            str(t.get("live_forks", 0)),
+            str(t.get("exited_forks", 0)),
+            cell(t["mem_file"]),
         )
     out = _console()
     out.print(table)
     for err in doc["errors"]:
-        out.print(f"[red]broken:[/] {err}")
+        out.print(Text.assemble(("broken: ", "red"), safe(err)))
     return 0
 
 
@@ -304,21 +416,46 @@ def run_templates_show(args: argparse.Namespace) -> int:
 _TIMESTAMPS = frozenset({"created", "last_used"})
 
 
+def shown_value(key: str, value: Any) -> str:
+    """How ``show`` prints one field: dates for timestamps, seconds with units, floats to a
+    few significant digits (also inside objects), and text escaped (see cli.display)."""
+    if key in _TIMESTAMPS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value).isoformat(sep=" ", timespec="seconds")
+    if isinstance(value, float):
+        if key == "seconds" or key.endswith("_seconds"):
+            return _duration(value)
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return safe(json.dumps(_rounded(value), ensure_ascii=True))
+    return safe(value)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
+    return f"{seconds:.3g} s"
+
+
+def _rounded(value: Any) -> Any:
+    """``value`` with every float cut to 4 significant digits (for display only)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _show(doc: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(doc)
         return
-    table = Table(box=box.SIMPLE, show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
+    table = _table("field", "value", header=False)
+    table.columns[0].style = "bold"
+    table.columns[0].overflow = "fold"
     for key, value in doc.items():
-        if key in _TIMESTAMPS and isinstance(value, (int, float)):
-            text = datetime.fromtimestamp(value).isoformat(sep=" ", timespec="seconds")
-        elif isinstance(value, (dict, list)):
-            text = json.dumps(value)
-        else:
-            text = str(value)
-        table.add_row(key, text)
+        table.add_row(cell(key), Text(shown_value(key, value)))
     _console().print(table)
 
 
@@ -360,7 +497,7 @@ def run_templates_delete(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"deleted": args.id})
     else:
-        print(f"deleted template {args.id}")
+        print(f"deleted template {safe(args.id)}")
     return 0
 
 
@@ -370,7 +507,7 @@ def run_templates_rerecord(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"template": args.id, "rerecord": True})
     else:
-        print(f"the next fork of {args.id} records a new hot set")
+        print(f"the next fork of {safe(args.id)} records a new hot set")
     return 0
 
 
@@ -380,27 +517,27 @@ def run_templates_flatten(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(doc)
     else:
-        print(f"flattened template {args.id} into {doc['mem_file']}")
+        print(f"flattened template {safe(args.id)} into {safe(doc['mem_file'])}")
     return 0
 
 
 def run_forks_list(args: argparse.Namespace) -> int:
-    """``forks list``."""
+    """``forks list``: with ``--json``, ``{"forks": [...]}`` as the API answers (an object,
+    like ``templates list --json``)."""
     forks = _client(args).forks()
     if args.json:
-        _print_json(forks)
+        _print_json({"forks": forks})
         return 0
-    table = Table(box=box.SIMPLE_HEAD)
-    for col in ("fork", "template", "role", "driver", "pid", "socket"):
-        table.add_column(col)
+    table = _table("fork", "template", "state", "role", "driver", "pid", "socket")
     for f in forks:
         table.add_row(
-            f["fork"],
-            f["template"],
-            f["role"],
-            f["driver"] or "-",
+            cell(f["fork"]),
+            cell(f["template"]),
+            cell(f.get("state", f.get("phase", "-"))),
+            cell(f["role"]),
+            cell(f["driver"] or "-"),
             str(f["pid"] or "-"),
-            f["socket"],
+            cell(f["socket"]),
         )
     _console().print(table)
     return 0
@@ -414,7 +551,7 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
             raise PageforkError(f"--option {pair!r}: use KEY=VALUE")
         try:
             options[key] = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             options[key] = value
     return options
 
@@ -427,7 +564,7 @@ def run_forks_create(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(doc)
     else:
-        print(f"{doc['fork']} {doc['socket']}")
+        print(f"{safe(doc['fork'])} {safe(doc['socket'])}")
     return 0
 
 
@@ -436,7 +573,8 @@ def run_forks_show(args: argparse.Namespace) -> int:
     doc = _client(args).fork(args.id)
     if not args.json:
         stats = doc.pop("stats")
-        doc.update({k: stats[k] for k in ("state", "faults", "prefetched_pages", "misses")})
+        doc.update({k: stats[k] for k in ("faults", "prefetched_pages", "misses")})
+        doc["session"] = stats["state"]
         doc["latency_us"] = stats["latency_us"]
     _show(doc, args.json)
     return 0
@@ -449,19 +587,19 @@ def run_forks_snapshot(args: argparse.Namespace) -> int:
         _print_json(doc)
     else:
         print(
-            f"template {args.template}: {doc['changed_pages']} pages changed, "
+            f"template {safe(args.template)}: {doc['changed_pages']} pages changed, "
             f"{doc['zero_pages']} zero, layer {doc['layer_bytes']} bytes, "
-            f"{doc['seconds'] * 1000:.0f} ms; fork {args.id} "
+            f"{doc['seconds'] * 1000:.0f} ms; fork {safe(args.id)} "
             + ("released" if args.release else "resumed")
         )
     return 0
 
 
 def run_forks_delete(args: argparse.Namespace) -> int:
-    """``forks delete ID``."""
+    """``forks release ID`` (also ``forks delete ID``)."""
     doc = _client(args).release_fork(args.id)
     if args.json:
         _print_json(doc)
     else:
-        print(f"released fork {args.id}")
+        print(f"released fork {safe(args.id)}")
     return 0

@@ -14,6 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pagefork.cli import examples
+from pagefork.cli.display import safe
 from pagefork.errors import PageforkError
 from pagefork.hotpages import (
     HotPage,
@@ -52,7 +54,21 @@ def add_parser(subparsers: Any) -> None:
         + _PAGE_SIZE_NOTE,
     )
     show.add_argument("file", metavar="FILE", help="an HPL1 or HPL2 hot-page file")
-    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as one JSON object (the pages themselves only with --pages)",
+    )
+    show.add_argument(
+        "--pages",
+        action="store_true",
+        help="with --json: also list every page, as [region, offset] pairs, sorted",
+    )
+    show.epilog = examples(
+        "pagefork hotpages show hot.hpl",
+        "pagefork hotpages show hot.hpl --json",
+        "pagefork hotpages show hot.hpl --json --pages",
+    )
     show.set_defaults(func=run_show)
 
     merge = sub.add_parser(
@@ -88,6 +104,10 @@ def add_parser(subparsers: Any) -> None:
         "keeps first-touch order and times. Default: the inputs' format, so hpl1 when every "
         "input is HPL1 and hpl2 when any is HPL2",
     )
+    merge.epilog = examples(
+        "pagefork hotpages merge run1.hpl run2.hpl -o hot.hpl",
+        "pagefork hotpages merge run*.hpl --mode min-count --min-count 2 -o hot.hpl",
+    )
     merge.set_defaults(func=run_merge)
 
     diff = sub.add_parser(
@@ -98,6 +118,10 @@ def add_parser(subparsers: Any) -> None:
     diff.add_argument("a", metavar="A", help="first hot-page file")
     diff.add_argument("b", metavar="B", help="second hot-page file")
     diff.add_argument("--json", action="store_true", help="print one JSON object")
+    diff.epilog = examples(
+        "pagefork hotpages diff run1.hpl run2.hpl",
+        "pagefork hotpages diff run1.hpl run2.hpl --json",
+    )
     diff.set_defaults(func=run_diff)
 
 
@@ -146,7 +170,6 @@ def summarize(hot: HotPageList) -> dict[str, Any]:
         "last": list(pages[-1]) if pages else None,
         "first_touch_span_seconds": max(times) if times else None,
         "regions": regions,
-        "pages": [list(page) for page in pages],
     }
 
 
@@ -174,13 +197,18 @@ def _console() -> Console:
 
 def run_show(args: argparse.Namespace) -> int:
     """``hotpages show FILE [--json]``."""
+    if args.pages and not args.json:
+        raise PageforkError("hotpages show: --pages lists the pages in the JSON (add --json)")
     hot = _load_named(args.file)
     summary = summarize(hot)
     if args.json:
-        print(json.dumps({"file": args.file, **summary}))
+        doc = {"file": args.file, **summary}
+        if args.pages:
+            doc["pages"] = [list(page) for page in hot.sorted_pages()]
+        print(json.dumps(doc))
         return 0
     console = _console()
-    head = Table(title=f"{args.file}", show_header=False, box=None)
+    head = Table(title=safe(args.file), show_header=False, box=None)
     head.add_column(style="bold")
     head.add_column()
     head.add_row("format", summary["format"] or "-")

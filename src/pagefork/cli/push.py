@@ -15,9 +15,11 @@ import json
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task
+from rich.text import Text
 
-from pagefork.cli.store_options import add_endpoint_argument
+from pagefork.cli import examples
+from pagefork.cli.store_options import add_endpoint_argument, check_endpoint_environment
 from pagefork.errors import PageforkError
 from pagefork.store.cache import parse_size
 from pagefork.store.client import make_client
@@ -78,7 +80,42 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_endpoint_argument(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.epilog = examples(
+        "pagefork push s3://my-bucket/templates/web --mem-file snap/mem --vmstate snap/vmstate",
+        "pagefork push s3://my-bucket/templates/web --mem-file snap/mem --hot-pages hot.hpl "
+        "--endpoint-url http://127.0.0.1:9000",
+    )
     p.set_defaults(func=run)
+
+
+class BinarySpeedColumn(ProgressColumn):
+    """Transfer speed in binary units (MiB/s), matching the bar's MiB amounts (rich's own
+    speed column counts in decimal MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        """The speed so far, or ``?`` before there is one."""
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text("?", style="progress.data.speed")
+        value, unit = float(speed), "B/s"
+        for prefix in ("KiB/s", "MiB/s", "GiB/s", "TiB/s"):
+            if value < 1024:
+                break
+            value, unit = value / 1024, prefix
+        return Text(f"{value:.1f} {unit}", style="progress.data.speed")
+
+
+def push_progress(console: Console, disable: bool) -> Progress:
+    """The push's progress bar: bytes done and total, and speed, all in binary units."""
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        BinarySpeedColumn(),
+        transient=True,
+        console=console,
+        disable=disable,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,16 +129,10 @@ def run(args: argparse.Namespace) -> int:
             f"--chunks-prefix {args.chunks_prefix!r} must be a key prefix ending in '/' with no "
             "empty, '.' or '..' part"
         )
+    check_endpoint_environment()
     client = make_client(args.endpoint_url)
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        transient=True,
-        console=Console(stderr=True),  # stdout keeps the summary (or --json) alone
-        disable=not sys.stderr.isatty(),
-    )
+    # stdout keeps the summary (or --json) alone
+    bar = push_progress(Console(stderr=True), disable=not sys.stderr.isatty())
     with bar:
         task = bar.add_task(f"push {url}", total=None)
         result = push(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+from urllib.parse import urlsplit
 
+from pagefork.errors import PageforkError
 from pagefork.store.cache import ChunkCache, default_cache_dir, parse_size
 from pagefork.store.lazy import StoreOptions
 
@@ -11,10 +14,27 @@ from pagefork.store.lazy import StoreOptions
 DEFAULT_CACHE_SIZE = "10G"
 
 
+def endpoint_url(text: str) -> str:
+    """``--endpoint-url`` (or ``$AWS_ENDPOINT_URL``): an ``http://`` or ``https://`` URL with
+    a host, checked here so that a mistake is one line naming the fix."""
+    where = urlsplit(text) if text.isprintable() else None
+    if where is None or where.scheme not in ("http", "https") or not where.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http:// or https:// URL with a host (e.g. "
+            "http://127.0.0.1:9000)"
+        )
+    try:
+        where.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return text
+
+
 def add_endpoint_argument(p: argparse.ArgumentParser) -> None:
     """``--endpoint-url``."""
     p.add_argument(
         "--endpoint-url",
+        type=endpoint_url,
         metavar="URL",
         help="the S3-compatible endpoint (MinIO, Ceph, R2...); default $AWS_ENDPOINT_URL, "
         "else AWS. Credentials come from the AWS environment and config files",
@@ -42,7 +62,19 @@ def add_cache_arguments(p: argparse.ArgumentParser, default_dir: str | None = No
 def store_options(args: argparse.Namespace, default_dir: str | None = None) -> StoreOptions:
     """The :class:`StoreOptions` the parsed options give (the cache directory is made and
     checked now, so a bad one is an error at start)."""
+    check_endpoint_environment()
     cache = ChunkCache(
         args.cache_dir or default_dir or default_cache_dir(), parse_size(args.cache_size)
     )
     return StoreOptions(cache=cache, endpoint_url=args.endpoint_url)
+
+
+def check_endpoint_environment() -> None:
+    """Refuse an ``$AWS_ENDPOINT_URL`` that is no URL (one line naming it), as
+    ``--endpoint-url`` is refused."""
+    text = os.environ.get("AWS_ENDPOINT_URL")
+    if text:
+        try:
+            endpoint_url(text)
+        except argparse.ArgumentTypeError as exc:
+            raise PageforkError(f"$AWS_ENDPOINT_URL: {exc}") from None

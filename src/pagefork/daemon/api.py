@@ -59,13 +59,21 @@ from pagefork.daemon.httpserver import (
     Response,
     ServerLimits,
 )
-from pagefork.daemon.manager import DriverOptionsError, ForkManager, UnknownForkError
+from pagefork.daemon.manager import (
+    FORK_STATES,
+    DriverOptionsError,
+    ForkManager,
+    ForkStateWord,
+    TemplateKey,
+    UnknownForkError,
+)
 from pagefork.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pagefork.daemon.metrics import DaemonMetrics
 from pagefork.errors import DaemonError, ForkError, PageforkError, TemplateError, VmmError
 from pagefork.server import bind_private_socket, validate_fork_id
 from pagefork.templates import (
     TemplateFieldError,
+    TemplateRecord,
     TemplateRegistry,
     UnknownTemplateError,
     kind_of,
@@ -73,6 +81,10 @@ from pagefork.templates import (
 )
 
 log = logging.getLogger("pagefork")
+
+
+#: Forks per template identity and state (:meth:`ForkManager.fork_counts`).
+_Counts = dict[TemplateKey, dict[ForkStateWord, int]]
 
 
 class HttpError(Exception):
@@ -102,6 +114,55 @@ def _segment(raw: str) -> str:
         raise _bad(f"path segment {raw!r}: percent-encoding is not UTF-8") from None
 
 
+#: The deepest JSON a request body may nest (a control request nests two or three levels;
+#: driver options a few more).
+MAX_BODY_DEPTH = 32
+#: C0 and C1 control characters and DEL: a terminal acts on them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _walk(doc: object) -> list[tuple[str, object]]:
+    """Every value in ``doc`` with its place (``options.a[2]``), without recursion."""
+    out: list[tuple[str, object]] = []
+    todo: list[tuple[str, object]] = [("", doc)]
+    while todo:
+        where, value = todo.pop()
+        out.append((where, value))
+        if isinstance(value, dict):
+            for key, item in value.items():
+                place = f"{where}.{key}" if where else str(key)
+                todo.append((place, key))  # a key is text too
+                todo.append((place, item))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return out
+
+
+def _lone_surrogate(doc: object) -> str | None:
+    """Where ``doc`` holds a string that is not encodable Unicode (``"\\ud800"`` in JSON),
+    or None."""
+    for where, value in _walk(doc):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return repr(where.encode("utf-8", "backslashreplace").decode())
+    return None
+
+
+def _nesting(doc: object) -> int:
+    """How deep ``doc`` nests (a scalar is 0), without recursion."""
+    deepest = 0
+    todo: list[tuple[int, object]] = [(0, doc)]
+    while todo:
+        depth, value = todo.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            items = value.values() if isinstance(value, dict) else value
+            todo.extend((depth + 1, v) for v in items)
+    return deepest
+
+
 class _Body:
     """A request's JSON object, with typed field access that names the field on error."""
 
@@ -115,9 +176,23 @@ class _Body:
             doc = json.loads(raw)
         except ValueError as exc:
             raise _bad(f"request body: not valid JSON ({exc})") from None
+        except RecursionError:  # the parser recurses per level: refuse, never a traceback
+            raise _bad("request body: JSON nested too deeply") from None
         if not isinstance(doc, dict):
             raise _bad("request body: must be a JSON object")
+        where = _lone_surrogate(doc)
+        if where is not None:
+            raise _bad(f"request body: {where} holds a lone surrogate (not Unicode text)")
+        if _nesting(doc) > MAX_BODY_DEPTH:
+            raise _bad(f"request body: JSON nested deeper than {MAX_BODY_DEPTH} levels")
         self.doc = doc
+
+    def text(self, name: str) -> str | None:
+        """A free-text field shown to people (a display name): no control characters."""
+        value: str | None = self.get(name, str)
+        if value is not None and _CONTROL.search(value):
+            raise _bad(f"field {name!r} must not hold control characters, not {value!r}")
+        return value
 
     def get(self, name: str, kind: type | tuple[type, ...], required: bool = False) -> Any:
         if name not in self.doc or self.doc[name] is None:
@@ -212,11 +287,23 @@ class ControlApi:
             raise _not_found(f"unknown template {template_id!r}")
         return template_id
 
+    def _record(self, record: TemplateRecord, counts: _Counts) -> dict[str, Any]:
+        """A template as the API shows it: its record, and its forks counted by state."""
+        mine = counts.get((record.id, record.created), {})
+        return {
+            **record.to_dict(),
+            **{f"{word}_forks": mine.get(word, 0) for word in FORK_STATES},
+        }
+
     def _get_templates(self, raw: bytes) -> Response:
         listing = self.registry.listing()
+        counts = self.manager.fork_counts()
         return Response.json(
             HTTPStatus.OK,
-            {"templates": [r.to_dict() for r in listing.templates], "errors": listing.errors},
+            {
+                "templates": [self._record(r, counts) for r in listing.templates],
+                "errors": listing.errors,
+            },
         )
 
     def _post_templates(self, raw: bytes) -> Response:
@@ -228,13 +315,13 @@ class ControlApi:
             raise _bad(f"field 'id': {exc}") from None
         source = body.get("source", str)
         if source is not None:  # a template pushed to object storage: kind firecracker
-            record = self.manager.create_template_from(template_id, source, body.get("name", str))
+            record = self.manager.create_template_from(template_id, source, body.text("name"))
             return Response.json(HTTPStatus.CREATED, record.to_dict())
         try:
             kind = kind_of(body.get("kind", str, required=True))
         except TemplateError as exc:
             raise _bad(f"field 'kind': {exc}") from None
-        name = body.get("name", str)
+        name = body.text("name")
         if kind == "firecracker":
             record = self.registry.create_from_snapshot(
                 template_id,
@@ -251,9 +338,9 @@ class ControlApi:
     def _get_template(self, template_id: str, raw: bytes) -> Response:
         record = self.registry.get(self._template_id(template_id))
         hot = self.manager.hot_set(template_id)
-        return Response.json(
-            HTTPStatus.OK, {**record.to_dict(), "hot_pages": len(hot) if hot is not None else 0}
-        )
+        doc = self._record(record, self.manager.fork_counts())
+        doc["hot_pages"] = len(hot) if hot is not None else 0
+        return Response.json(HTTPStatus.OK, doc)
 
     def _delete_template(self, template_id: str, raw: bytes) -> Response:
         self.manager.delete_template(self._template_id(template_id))
@@ -332,7 +419,9 @@ class ControlApi:
 
     # --- metrics -----------------------------------------------------------------------------
     def _get_metrics(self, raw: bytes) -> Response:
-        templates = [r.id for r in self.registry.listing().templates]
+        records = self.registry.listing().templates
+        templates = [r.id for r in records]
+        counts = self.manager.fork_counts()
         hot: dict[str, int] = {}
         for t in templates:
             try:
@@ -340,7 +429,11 @@ class ControlApi:
             except TemplateError:
                 continue  # deleted meanwhile
             hot[t] = len(pages) if pages is not None else 0
-        text = self.metrics.render(self.manager.live_stats(), templates, hot)
+        # By template id (one record per id): the same counts GET /templates shows.
+        forks: dict[str, dict[str, int]] = {
+            r.id: {str(w): n for w, n in counts.get((r.id, r.created), {}).items()} for r in records
+        }
+        text = self.metrics.render(self.manager.live_stats(), templates, hot, forks)
         return Response(HTTPStatus.OK, text, METRICS_CONTENT_TYPE)
 
 

@@ -82,6 +82,12 @@ log = logging.getLogger("pagefork")
 
 ForkRole = Role  # the fork's part in its template's hot-page loop
 
+#: What a held fork is, in the words the API, the CLI and the metrics share (see
+#: :attr:`Fork.state`). A fork that is gone was *released*; a template that is gone *deleted*.
+ForkStateWord = Literal["live", "exited"]
+#: Every :data:`ForkStateWord`, in the order they are shown.
+FORK_STATES: tuple[ForkStateWord, ...] = ("live", "exited")
+
 #: A template's identity: its id and its record's ``created`` stamp. A template deleted and
 #: created again under the same id is another template: it never shares a page server, a
 #: cached hot set or a re-record request with the old one.
@@ -216,6 +222,17 @@ class Fork:
         """The identity of the template this fork is of."""
         return (self.template_id, self.template_created)
 
+    @property
+    def state(self) -> ForkStateWord:
+        """``live`` or ``exited``: the one word the API, the CLI and the metrics use.
+
+        A fork is *exited* once its VMM has exited or its page-server session has ended (its
+        guest memory is gone, whether or not the driver can see the process go); it is held
+        until it is *released*. Every other fork the manager holds is *live*.
+        """
+        gone = self.vmm_exited or self.final_stats is not None
+        return "exited" if gone or self.phase is ForkPhase.EXITED else "live"
+
     def to_dict(self) -> dict[str, Any]:
         """The API's fork object (without live counters)."""
         return {
@@ -223,6 +240,7 @@ class Fork:
             "template": self.template_id,
             "socket": self.socket_path,
             "role": self.role,
+            "state": self.state,
             "phase": self.phase,
             "driver": self.driver,
             "pid": self.handle.pid if self.handle is not None else None,
@@ -252,6 +270,27 @@ class _ServerStart:
 
     ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+
+
+def _no_snapshot_why(fork: Fork) -> str:
+    """Why ``fork`` (not live, or with no VMM the daemon drives) cannot be snapshotted."""
+    if fork.handle is None:
+        return (
+            f"fork {fork.fork_id} has no VMM the daemon drives: no snapshot (create the fork "
+            "with --vmm to snapshot it)"
+        )
+    phase = getattr(fork.phase, "value", fork.phase)
+    if fork.state == "exited" or fork.phase is ForkPhase.EXITED:
+        status = "" if fork.exit_status is None else f" (status {fork.exit_status})"
+        why = f"fork {fork.fork_id} is exited: its VMM has exited{status}, and only a live fork "
+        why += "can be snapshotted"
+        if not getattr(fork.handle, "stays_after_run", False):
+            why += (
+                "; a built-in microVM fork stays after its guest's run only when created with "
+                "--option snapshots=true"
+            )
+        return why
+    return f"fork {fork.fork_id} is not live ({phase}): no snapshot"
 
 
 def _misfit(hot: HotPageList, regions: Sequence[Region]) -> str | None:
@@ -386,6 +425,15 @@ class ForkManager:
         """
         key = (template_id, created)
         return sum(1 for f in list(self._forks.values()) if f.template_key == key)
+
+    def fork_counts(self) -> dict[TemplateKey, dict[ForkStateWord, int]]:
+        """Per template identity, how many of its held forks are in each
+        :data:`ForkStateWord` (templates with no fork are absent)."""
+        out: dict[TemplateKey, dict[ForkStateWord, int]] = {}
+        for fork in self.forks():
+            counts = out.setdefault(fork.template_key, dict.fromkeys(FORK_STATES, 0))
+            counts[fork.state] += 1
+        return out
 
     def _state_of(self, fork: Fork) -> _TemplateState:
         with self._lock:
@@ -910,9 +958,7 @@ class ForkManager:
         try:
             with self._lock:
                 if fork.phase is not ForkPhase.LIVE or fork.handle is None:
-                    why = "has no VMM the daemon drives" if fork.handle is None else "is not live"
-                    phase = getattr(fork.phase, "value", fork.phase)
-                    raise ForkConflictError(f"fork {fork_id} {why} ({phase}): no snapshot")
+                    raise ForkConflictError(_no_snapshot_why(fork))
             handle = fork.handle
             if fork.snapshot_lost is not None:
                 raise ForkConflictError(fork.snapshot_lost)
@@ -1095,9 +1141,15 @@ class ForkManager:
         with self._hot_lock, self._lock:
             forks, serving = self._in_use(template_id)
             if forks:
+                held = [f for f in self._forks.values() if f.template_id == template_id]
+                counts = {w: sum(1 for f in held if f.state == w) for w in FORK_STATES}
+                which = " and ".join(f"{n} {w}" for w, n in counts.items() if n)
                 raise TemplateError(
-                    f"template {template_id!r} is in use by {forks} live "
-                    f"fork{'s' if forks != 1 else ''}; release them first"
+                    f"template {template_id!r} is in use by {which} "
+                    f"fork{'s' if forks != 1 else ''} ({held[0].fork_id!r}"
+                    f"{', ...' if forks > 1 else ''}); release "
+                    f"{'them' if forks > 1 else 'it'} first: 'pagefork forks release FORK' "
+                    "(DELETE /forks/FORK)"
                 )
             if serving:
                 raise TemplateError(

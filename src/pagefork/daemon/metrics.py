@@ -98,11 +98,18 @@ class DaemonMetrics:
         live: Mapping[str, Sequence[ForkStats]],
         templates: Sequence[str],
         hot_pages: Mapping[str, int],
+        forks: Mapping[str, Mapping[str, int]] | None = None,
     ) -> bytes:
-        """The Prometheus text exposition: ``live`` forks' stats per template, every
-        registered template id, and each template's hot-set size."""
+        """The Prometheus text exposition: the current stats of forks whose session goes on
+        (``live``) per template, every registered template id, each template's hot-set size,
+        and how many forks it has in each state (``forks``: template -> {"live": n,
+        "exited": n}, the fork manager's :meth:`~pagefork.daemon.manager.ForkManager.
+        fork_counts`; without it, the forks in ``live`` are counted as live)."""
+        if forks is None:
+            forks = {t: {"live": len(s), "exited": 0} for t, s in live.items()}
+        counts = forks
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(lambda: self._families(live, templates, hot_pages)))
+        registry.register(_Collector(lambda: self._families(live, templates, hot_pages, counts)))
         return generate_latest(registry)
 
     def _families(
@@ -110,10 +117,11 @@ class DaemonMetrics:
         live: Mapping[str, Sequence[ForkStats]],
         templates: Sequence[str],
         hot_pages: Mapping[str, int],
+        forks: Mapping[str, Mapping[str, int]],
     ) -> Iterator[Metric]:
         with self._lock:
             totals = {t: _copy(v) for t, v in self._totals.items()}
-        names = sorted(set(totals) | set(live) | set(templates))
+        names = sorted(set(totals) | set(live) | set(templates) | set(forks))
         label = ["template"]
         for name, help_text in COUNTERS.items():
             family = CounterMetricFamily(f"pagefork_{name}", help_text, labels=label)
@@ -125,13 +133,21 @@ class DaemonMetrics:
         started = CounterMetricFamily(
             "pagefork_forks_ended", "Forks whose session ended", labels=label
         )
-        live_forks = GaugeMetricFamily("pagefork_live_forks", "Forks being served", labels=label)
+        live_forks = GaugeMetricFamily(
+            "pagefork_live_forks", "Forks held whose VMM runs (state live)", labels=label
+        )
+        exited_forks = GaugeMetricFamily(
+            "pagefork_exited_forks",
+            "Forks held whose VMM has exited, until they are released (state exited)",
+            labels=label,
+        )
         hot = GaugeMetricFamily(
             "pagefork_hot_pages", "Pages in the template's hot set (0: none yet)", labels=label
         )
         for t in names:
             started.add_metric([t], totals[t].forks_ended if t in totals else 0)
-            live_forks.add_metric([t], len(live.get(t, ())))
+            live_forks.add_metric([t], forks.get(t, {}).get("live", 0))
+            exited_forks.add_metric([t], forks.get(t, {}).get("exited", 0))
             hot.add_metric([t], hot_pages.get(t, 0))
         restarts = CounterMetricFamily(
             "pagefork_worker_restarts",
@@ -143,6 +159,7 @@ class DaemonMetrics:
         yield started
         yield restarts
         yield live_forks
+        yield exited_forks
         yield hot
         yield GaugeMetricFamily("pagefork_templates", "Templates registered", value=len(templates))
         latency = HistogramMetricFamily(
