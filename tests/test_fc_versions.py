@@ -3,7 +3,8 @@
 
 The double (:mod:`pagefork.testing.fcdouble`) runs in its own process and reproduces, per
 ``--fc-version``: the handler socket closed after the handshake before 1.12, the VMGenID write
-during the load from 1.8, the exit after a failed load, and which load fields are accepted.
+during the load from 1.8 (and the VMClock write from 1.14), the exit after a failed load, and
+which load fields are accepted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pagefork.hotpages import HotPage
 from pagefork.server import PageServer
 from pagefork.testing.fcdouble import (
     EXIT_LOAD_FAILED,
+    VMCLOCK_COUNTER,
+    VMCLOCK_OFFSET,
     VMGENID_OFFSET,
     DoubleSnapshot,
     FcDoubleProcess,
@@ -39,6 +42,7 @@ REGIONS = (8 << 20, 4 << 20)  # fits the 12 MiB mem_file fixture
 #: The releases the matrix runs whole forks against.
 MATRIX = ("1.7", "1.10", "1.12", "1.14", "1.16")
 VMGENID_PAGE = (0, VMGENID_OFFSET & -PAGE)
+VMCLOCK_PAGE = (0, VMCLOCK_OFFSET)
 
 
 @pytest.fixture
@@ -185,15 +189,15 @@ def test_double_accepts_exactly_the_load_fields_of_its_release(
             r"network_overrides\[0\]: field `iface_id` must be of type str",
         ),
         ("vsock_override", {}, "vsock_override: missing field `uds_path`"),
-        ("vsock_override", {"uds_path": "/v", "cid": 3}, "vsock_override: unknown field `cid`"),
+        ("huge_pages", "bogus", "huge_pages: unknown variant `bogus`, expected `None` or `2M`"),
     ],
 )
 def test_double_checks_the_shape_of_override_items(
     doubles: Callable[..., FcDoubleProcess], field: str, value: Any, message: str
 ) -> None:
-    fc = doubles("1.16")
+    fc = doubles("main" if field == "huge_pages" else "1.16")
     body = {**snapshot_load_body("/s", "/u"), field: value}
-    with pytest.raises(VmmError, match=f"400: {message}"):
+    with pytest.raises(VmmError, match=f"400: .*{message}"):
         fc.api.request("PUT", "/snapshot/load", body)
     assert fc.api.request("GET", "/")["state"] == "Not started"  # a body error: no exit
 
@@ -231,15 +235,18 @@ def test_fork_of_each_release_is_served_prefetched_and_ends_with_its_vmm(
     v = FirecrackerVersion.parse(version)
     server = make_server()
     fc = doubles(version)
-    touch = [(r, i * 3 * PAGE) for r in (0, 1) for i in range(64)]
-    assert VMGENID_PAGE in touch  # the guest reads the page the load rewrote
+    touch = [(r, i * 3 * PAGE) for r in (0, 1) for i in range(64)] + [VMCLOCK_PAGE]
+    assert VMGENID_PAGE in touch  # the guest reads the pages the load rewrote
     hot = [HotPage(r, off) for r, off in touch[:32] + touch[64:96]]
-    snapshot = _snapshot(tmp_path, mem_file, touch, vmgenid=VMGENID_OFFSET)
+    snapshot = _snapshot(
+        tmp_path, mem_file, touch, vmgenid=VMGENID_OFFSET, vmclock=VMCLOCK_OFFSET + VMCLOCK_COUNTER
+    )
     uffd_socket = server.register_fork("f")
 
     handle = FirecrackerDriver().restore(_request("f", uffd_socket, snapshot, fc.api_sock))
-    load_faults = 1 if v.writes_memory_on_load else 0
-    # 1.8+: the VMGenID write was a fault, served before the load's answer came.
+    load_faults = (1 if v.writes_memory_on_load else 0) + (1 if v.key >= (1, 14, 0) else 0)
+    # 1.8+: the VMGenID write was a fault, served before the load's answer came; from 1.14
+    # the VMClock write too.
     assert server.stats("f").faults == load_faults
     if not v.keeps_uffd_socket:
         assert socket_closed.wait(10), "a release before 1.12 closes its socket"

@@ -12,9 +12,14 @@ or ``main``) picks the release whose behaviour it reproduces (see
   creates a uffd (``O_CLOEXEC|O_NONBLOCK``), ``UFFDIO_API`` with ``EVENT_REMOVE``, registers the
   regions in MISSING mode, connects to ``S`` and sends the bare JSON array of mappings
   (``page_size_kib`` from 1.7, ``page_size`` too from 1.12) plus the uffd in one ``sendmsg``.
-  Before 1.12 it then closes that socket; from 1.12 it keeps it open. From 1.8 it then writes
-  a new VMGenID (16 bytes) into guest memory, a fault the page server must serve before the
-  load is answered. ``resume_vm`` false leaves the VM paused.
+  Before 1.12 it then closes that socket; from 1.12 it keeps it open. Only then are the
+  devices restored, as Firecracker does: a tap another process holds, a vsock socket that
+  cannot be bound, or a ``vsock_override`` for a snapshot without a vsock device (1.16+:
+  ``UnknownVsockDevice``) fails the load after the handler got its handshake, and the
+  process exits 1. From 1.8 the load then writes a new VMGenID (16 bytes) into guest memory,
+  and from 1.14 it also bumps the VMClock page's generation counter (8 bytes): faults the
+  page server must serve before the load is answered. ``resume_vm`` false leaves the VM
+  paused.
 - A load that fails after its body was accepted (an unreadable snapshot, a busy tap, no uffd
   handler...) is answered with its error and then the process exits (status 1), as Firecracker
   does: a fresh process is needed per attempt. Body errors and loads refused because of the
@@ -22,14 +27,18 @@ or ``main``) picks the release whose behaviour it reproduces (see
   (it refuses the File backend, which it does not implement).
 - Every load field is accepted or refused as the chosen release does (``network_overrides``
   from 1.12, ``track_dirty_pages`` from 1.13, ``clock_realtime`` from 1.14.4/1.15.1,
-  ``vsock_override`` from 1.16, ``huge_pages`` on main only); ``network_overrides`` items need
-  ``iface_id`` and ``host_dev_name``, ``vsock_override`` needs ``uds_path``.
+  ``vsock_override`` from 1.16, ``huge_pages`` on main only, ``"None"`` or ``"2M"``);
+  ``network_overrides`` items need ``iface_id`` and ``host_dev_name``, ``vsock_override``
+  needs ``uds_path``; other fields inside either are ignored, as Firecracker's structs do not
+  deny them. The optional fields Firecracker declares as ``Option`` (``mem_file_path``,
+  ``mem_backend``, ``vsock_override``) may be ``null``, which means absent.
 - ``PATCH /vm {"state": "Resumed"|"Paused"}``: on the first resume after a load the "guest"
   runs: it reads the snapshot's pages (all of them, or the list in the snapshot file) and checks
   each against the mem-file byte for byte; pausing holds it between pages.
 - ``PUT /machine-config`` + ``PUT /actions {"action_type": "InstanceStart"}``: a fresh boot
   (plain anonymous memory filled with seeded content, no uffd), so a template can be made.
-- ``PUT /snapshot/create`` (paused only): writes the mem-file (regions back to back) and the
+- ``PUT /snapshot/create`` (paused only; ``snapshot_type``, ``snapshot_path``,
+  ``mem_file_path``, nothing else): writes the mem-file (regions back to back) and the
   snapshot file from guest memory. With ``snapshot_type: "Diff"`` the memory file is sparse,
   as big as guest memory, with data only at the pages the guest wrote since the load (or the
   last snapshot), when the load asked for dirty tracking (``track_dirty_pages``, or
@@ -97,6 +106,16 @@ DEFAULT_FC_VERSION = "1.12"
 VMGENID_OFFSET = 0x9FFF0
 #: Bytes of the VMGenID (a 128-bit generation id).
 VMGENID_SIZE = 16
+#: Where a booted double of 1.14+ puts its VMClock page (guest-physical, page aligned, below
+#: the VMGenID), and the offset in that page of the generation counter a load bumps.
+VMCLOCK_OFFSET = 0x9E000
+VMCLOCK_COUNTER = 0x10
+#: Bytes of the VMClock generation counter.
+VMCLOCK_SIZE = 8
+#: The first release that writes the VMClock page while it loads a snapshot.
+VMCLOCK_SINCE = (1, 14, 0)
+#: The values ``huge_pages`` takes (Firecracker's ``HugePageConfig``).
+HUGE_PAGES = ("None", "2M")
 #: The longest tap name Linux takes (IFNAMSIZ - 1).
 MAX_TAP_NAME = 15
 #: Exit status after a failed load.
@@ -138,6 +157,9 @@ class DoubleSnapshot:
     #: For a diff snapshot: the memory files below ``mem_file``, bottom (a full mem-file)
     #: first. A page reads from the topmost file that holds data there.
     base: tuple[str, ...] = ()
+    #: The offset in region 0 of the VMClock generation counter a 1.14+ load bumps (``None``:
+    #: no VMClock device).
+    vmclock: int | None = None
 
     def to_json(self) -> str:
         """The snapshot file's text."""
@@ -155,6 +177,7 @@ class DoubleSnapshot:
                 ],
                 "vsock_uds": self.vsock_uds,
                 "base": list(self.base),
+                "vmclock": self.vmclock,
             }
         )
 
@@ -194,6 +217,7 @@ def read_snapshot(path: str) -> DoubleSnapshot:
         )
         vsock = None if doc.get("vsock_uds") is None else str(doc["vsock_uds"])
         base = tuple(str(b) for b in doc.get("base", []))
+        vmclock = None if doc.get("vmclock") is None else int(doc["vmclock"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ApiError(f"snapshot file {path}: malformed ({exc!r})") from None
     if page_size != PAGE_SIZE:
@@ -205,7 +229,11 @@ def read_snapshot(path: str) -> DoubleSnapshot:
             raise ApiError(f"snapshot file {path}: touch entry {i} ({r}, {off}) is not a page")
     if vmgenid is not None and not (0 <= vmgenid <= regions[0] - VMGENID_SIZE and vmgenid % 8 == 0):
         raise ApiError(f"snapshot file {path}: vmgenid {vmgenid:#x} is not in region 0")
-    return DoubleSnapshot(regions, mem_file, page_size, touch, vmgenid, nets, vsock, base)
+    if vmclock is not None and not (
+        0 <= vmclock <= regions[0] - VMCLOCK_SIZE and vmclock % VMCLOCK_SIZE == 0
+    ):
+        raise ApiError(f"snapshot file {path}: vmclock {vmclock:#x} is not in region 0")
+    return DoubleSnapshot(regions, mem_file, page_size, touch, vmgenid, nets, vsock, base, vmclock)
 
 
 class _MemoryChain:
@@ -232,16 +260,24 @@ class _MemoryChain:
 
 # --- request validation (Firecracker's serde rules: required fields, no unknown ones) ------------
 def _fields(
-    body: Any, what: str, required: dict[str, type], optional: dict[str, type]
+    body: Any,
+    what: str,
+    required: dict[str, type],
+    optional: dict[str, type],
+    nullable: frozenset[str] = frozenset(),
+    deny_unknown: bool = True,
 ) -> dict[str, Any]:
+    """Check ``body`` as a serde struct: ``required`` and ``optional`` fields of their JSON
+    types; ``nullable`` ones (Rust ``Option``) may be ``null``, which counts as absent; unknown
+    fields are refused when the struct denies them (``deny_unknown``), else ignored."""
     if not isinstance(body, dict):
         raise ApiError(f"{what}: the body must be a JSON object")
     for name in body:
-        if name not in required and name not in optional:
+        if deny_unknown and name not in required and name not in optional:
             expected = ", ".join(f"`{n}`" for n in (*required, *optional))
             raise ApiError(f"{what}: unknown field `{name}`, expected one of {expected}")
     for name, kind in {**required, **optional}.items():
-        if name not in body:
+        if name not in body or (name in nullable and body[name] is None):
             if name in required:
                 raise ApiError(f"{what}: missing field `{name}`")
             continue
@@ -280,6 +316,8 @@ _LOAD_FIELD_TYPES: dict[str, type] = {
     "clock_realtime": bool,
     "huge_pages": str,
 }
+#: The load fields Firecracker declares as ``Option``: ``null`` is accepted and means absent.
+_NULLABLE_LOAD_FIELDS = frozenset({"mem_file_path", "mem_backend", "vsock_override"})
 
 
 # --- the VM ------------------------------------------------------------------------------------
@@ -292,18 +330,23 @@ _MADV_DONTNEED = 4
 class _Guest:
     """Guest memory of a restored or booted VM and the guest's one workload run."""
 
-    def __init__(
-        self, regions: list[Region], snapshot: DoubleSnapshot | None, genid: bytes = b""
-    ) -> None:
+    def __init__(self, regions: list[Region], snapshot: DoubleSnapshot | None) -> None:
         self.regions = regions
         self.snapshot = snapshot
-        self.genid = genid  # what the load wrote at snapshot.vmgenid (the page's new bytes)
+        #: What the load wrote into region 0 (VMGenID, VMClock): offset -> the new bytes.
+        self.loaded: dict[int, bytes] = {}
         self.running = threading.Event()  # cleared while paused: the guest waits between pages
         self.done = threading.Event()
         self.result: dict[str, Any] = {"state": "not-run"}
         self._thread: threading.Thread | None = None
         #: (region, page offset) the guest wrote since the load or the last snapshot.
         self.dirty: set[tuple[int, int]] = set()
+
+    def load_write(self, offset: int, data: bytes) -> None:
+        """The load writes ``data`` at ``offset`` of region 0 (faulting through the uffd);
+        the guest's check expects those bytes there."""
+        ctypes.memmove(self.regions[0].base + offset, data, len(data))
+        self.loaded[offset] = data
 
     def start(self) -> None:
         """Resume; the first resume after a load starts the workload."""
@@ -324,7 +367,6 @@ class _Guest:
         buf = ctypes.create_string_buffer(ps)
         mismatches: list[list[int]] = []
         pages = snap.pages()
-        genid_page = -1 if not self.genid or snap.vmgenid is None else snap.vmgenid & -ps
         t0 = time.perf_counter()
         for region, off in pages:
             if not self.running.is_set():
@@ -335,10 +377,10 @@ class _Guest:
             if template is None:
                 continue
             expected = template.read(r.offset + off, ps)
-            if region == 0 and off == genid_page:
-                assert snap.vmgenid is not None
-                at = snap.vmgenid - off  # the load rewrote the VMGenID: expect the new one
-                expected = expected[:at] + self.genid + expected[at + len(self.genid) :]
+            for at, data in self.loaded.items() if region == 0 else ():
+                if off <= at < off + ps:  # the load rewrote these bytes: expect the new ones
+                    at -= off
+                    expected = expected[:at] + data + expected[at + len(data) :]
             if buf.raw != expected:
                 mismatches.append([region, off])
         seconds = time.perf_counter() - t0
@@ -428,6 +470,7 @@ class FcDouble:
         self._net: tuple[tuple[str, str], ...] = ()
         self._vsock: str | None = None
         self._vmgenid: int | None = None
+        self._vmclock: int | None = None
         self._track_dirty = False
         self._mem_chain: tuple[str, ...] = ()  # the loaded snapshot's memory: base, mem-file
 
@@ -472,6 +515,10 @@ class FcDouble:
             ctypes.memmove(base + VMGENID_OFFSET, random.randbytes(VMGENID_SIZE), VMGENID_SIZE)
         else:
             self._vmgenid = None
+        self._vmclock = None
+        if self.version.key >= VMCLOCK_SINCE and size >= VMGENID_OFFSET:
+            self._vmclock = VMCLOCK_OFFSET + VMCLOCK_COUNTER
+            ctypes.memmove(base + VMCLOCK_OFFSET, bytes(PAGE_SIZE), PAGE_SIZE)  # counter 0
         self.guest.start()
         self.state = "Running"
 
@@ -485,7 +532,7 @@ class FcDouble:
                 "Loading a microVM snapshot not allowed after configuring boot-specific resources."
             )
         self._pre_boot()
-        if "mem_file_path" in body or body["mem_backend"]["backend_type"] != "Uffd":
+        if body.get("mem_file_path") is not None or body["mem_backend"]["backend_type"] != "Uffd":
             raise ApiError("the test double supports the Uffd memory backend only")
         # From here on, a failure leaves the process in no state to go on: it exits.
         try:
@@ -497,12 +544,17 @@ class FcDouble:
         """Refuse what this release's serde structs refuse (a parse error: 400, no exit)."""
         accepted = self.version.load_fields()
         optional = {n: _LOAD_FIELD_TYPES[n] for n in accepted if n != "snapshot_path"}
-        _fields(body, "snapshot/load", {"snapshot_path": str}, optional)
-        if ("mem_backend" in body) == ("mem_file_path" in body):
+        _fields(body, "snapshot/load", {"snapshot_path": str}, optional, _NULLABLE_LOAD_FIELDS)
+        if (body.get("mem_backend") is None) == (body.get("mem_file_path") is None):
             raise ApiError(
                 "snapshot/load: exactly one of `mem_backend` and `mem_file_path` must be given"
             )
-        if "mem_backend" in body:
+        if body.get("huge_pages", "None") not in HUGE_PAGES:
+            raise ApiError(
+                f"snapshot/load: huge_pages: unknown variant `{body['huge_pages']}`, expected "
+                + " or ".join(f"`{v}`" for v in HUGE_PAGES)
+            )
+        if body.get("mem_backend") is not None:
             backend = _fields(
                 body["mem_backend"], "mem_backend", {"backend_type": str, "backend_path": str}, {}
             )
@@ -512,8 +564,10 @@ class FcDouble:
                     "expected `File` or `Uffd`"
                 )
         _network_overrides(body.get("network_overrides", []))
-        if "vsock_override" in body:
-            _fields(body["vsock_override"], "vsock_override", {"uds_path": str}, {})
+        if body.get("vsock_override") is not None:  # other fields inside are ignored
+            _fields(
+                body["vsock_override"], "vsock_override", {"uds_path": str}, {}, deny_unknown=False
+            )
 
     def _load(self, body: dict[str, Any]) -> None:
         snap = read_snapshot(self.path(body["snapshot_path"]))
@@ -523,10 +577,13 @@ class FcDouble:
             body.get("track_dirty_pages", False) or body.get("enable_diff_snapshots", False)
         )
         self._mem_chain = (*snap.base, snap.mem_file)
-        self._open_devices(snap, body)
+        # Firecracker's order: guest memory first (the uffd handshake), then the devices,
+        # whose restore writes guest memory (VMGenID, VMClock) and may fail (a busy tap).
         self.guest, self.handler_socket = self._connect_uffd(
             snap, self.path(body["mem_backend"]["backend_path"])
         )
+        self._open_devices(snap, body)
+        self._write_on_load(snap, self.guest)
         self.state = "Paused"
         if body.get("resume_vm", False):
             self.resume()
@@ -550,7 +607,13 @@ class FcDouble:
                     f"Open tap device {host_dev!r} for {iface} failed: Resource busy (os error 16)"
                 ) from None
         self._net = tuple(taps.items())
-        uds = body.get("vsock_override", {}).get("uds_path", snap.vsock_uds)
+        override = body.get("vsock_override")
+        if override is not None and snap.vsock_uds is None:
+            raise ApiError(
+                "Failed to restore from snapshot: UnknownVsockDevice: vsock_override names a "
+                "vsock device the snapshot does not have"
+            )
+        uds = override["uds_path"] if override is not None else snap.vsock_uds
         self._vsock = uds
         if uds is not None:
             vsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -595,14 +658,19 @@ class FcDouble:
             ) from None
         if not self.version.keeps_uffd_socket:
             sock.close()  # before 1.12 the socket is dropped once the handshake is sent
-        genid = b""
+        return _Guest(mem.regions, snap), sock
+
+    def _write_on_load(self, snap: DoubleSnapshot, guest: _Guest) -> None:
+        """What restoring the devices writes into guest memory: faults the handler serves
+        now, before this load is answered."""
         if self.version.writes_memory_on_load and snap.vmgenid is not None:
-            # Restoring the VMGenID device writes a fresh id into guest memory: a fault the
-            # handler serves now, before this load is answered.
-            genid = random.randbytes(VMGENID_SIZE)
-            ctypes.memmove(mem.regions[0].base + snap.vmgenid, genid, VMGENID_SIZE)
+            guest.load_write(snap.vmgenid, random.randbytes(VMGENID_SIZE))  # a fresh id
+        if self.version.key >= VMCLOCK_SINCE and snap.vmclock is not None:
+            # The VMClock's generation counter goes up by one: a clone must know it is one.
+            counter = ctypes.c_uint64.from_address(guest.regions[0].base + snap.vmclock).value
+            guest.load_write(snap.vmclock, ((counter + 1) % (1 << 64)).to_bytes(8, "little"))
         self._vmgenid = snap.vmgenid
-        return _Guest(mem.regions, snap, genid), sock
+        self._vmclock = snap.vmclock
 
     # -- runtime -------------------------------------------------------------------------
     def _started(self) -> _Guest:
@@ -633,7 +701,7 @@ class FcDouble:
             body,
             "snapshot/create",
             {"snapshot_path": str, "mem_file_path": str},
-            {"snapshot_type": str, "version": str},
+            {"snapshot_type": str},  # no ``version``: no supported release takes one
         )
         if body.get("snapshot_type", "Full") not in ("Full", "Diff"):
             raise ApiError(
@@ -667,6 +735,7 @@ class FcDouble:
                 self._net,
                 self._vsock,
                 self._mem_chain if diff else (),
+                self._vmclock,
             ).write(self.path(body["snapshot_path"]))
         except OSError as exc:
             raise ApiError(f"Create snapshot error: {exc.filename}: {exc.strerror}") from None
@@ -817,7 +886,15 @@ class _ApiServer(socketserver.ThreadingUnixStreamServer):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m pagefork.testing.fcdouble``."""
-    p = argparse.ArgumentParser(prog="pagefork-fcdouble", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="pagefork-fcdouble",
+        description="A Firecracker test double: Firecracker's HTTP API on a Unix socket, with "
+        "real guest memory, for tests where the Firecracker binary is not installed. It prints "
+        "one JSON readiness line on stdout once --api-sock listens, and behaves as the release "
+        "chosen with --fc-version does: snapshot loads over a uffd handler, pause and resume, "
+        "snapshots, boots. The module pagefork.testing.fcdouble describes it all, and the test "
+        "endpoints it adds under /pagefork-test/.",
+    )
     p.add_argument("--api-sock", required=True, help="Unix socket path of the HTTP API")
     p.add_argument(
         "--fc-version",
