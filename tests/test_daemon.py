@@ -351,7 +351,7 @@ def test_cli_verbs_talk_to_the_daemon(
     fork_id, sock = capsys.readouterr().out.split()
     assert fork_id == "f1" and os.path.exists(sock)
     assert main(["forks", "list", *ctl, "--json"]) == 0
-    assert [f["fork"] for f in json.loads(capsys.readouterr().out)] == ["f1"]
+    assert [f["fork"] for f in json.loads(capsys.readouterr().out)["forks"]] == ["f1"]
     assert main(["forks", "show", "f1", *ctl]) == 0
     assert "waiting" in capsys.readouterr().out
     assert main(["templates", "delete", "fc", *ctl]) == 2

@@ -203,6 +203,8 @@ class Fork:
     exit_status: int | None = None
     # Set when the VMM has exited (``exit_status`` may still be None).
     vmm_exited: bool = field(default=False, repr=False)
+    # Set when a wait saw the fork's session end (its final stats may come a moment later).
+    session_ended: bool = field(default=False, repr=False)
     # The exit watcher's token for this fork's VMM, while watched.
     exit_watch: int | None = field(default=None, repr=False)
     # A release arrived while the fork was starting: its creator releases it.
@@ -230,7 +232,7 @@ class Fork:
         guest memory is gone, whether or not the driver can see the process go); it is held
         until it is *released*. Every other fork the manager holds is *live*.
         """
-        gone = self.vmm_exited or self.final_stats is not None
+        gone = self.vmm_exited or self.session_ended or self.final_stats is not None
         return "exited" if gone or self.phase is ForkPhase.EXITED else "live"
 
     def to_dict(self) -> dict[str, Any]:
@@ -899,6 +901,8 @@ class ForkManager:
             stats = state.server.stats(fork_id)
         else:
             stats = state.server.wait_ended(fork_id, timeout=timeout)
+            # Its state says so from now on, whenever the final stats arrive.
+            fork.session_ended = stats.state in ("ended", "failed")
         return {"vmm": summary, "stats": stats.to_dict()}
 
     # --- the hot-page loop -------------------------------------------------------------------
