@@ -84,6 +84,8 @@ def parse_s3_url(text: str) -> S3Url:
     m = re.search(r"#sha256=([0-9a-f]{64})\Z", rest)
     if m:
         rest, pin = rest[: m.start()], m.group(1)
+    if not rest.isprintable():  # a newline, a tab, an escape: never part of a key here
+        raise StoreError(f"{text!r}: the URL holds a control character")
     bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
     if not _BUCKET.fullmatch(bucket):
@@ -184,6 +186,8 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad(f"not JSON ({exc})") from None
+    except RecursionError:  # the parser recurses per level: a hostile store nests deep
+        raise bad("not a manifest (JSON nested too deeply)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise bad(f"not a {FORMAT} manifest")
     if doc.get("version") != VERSION:

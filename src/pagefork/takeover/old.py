@@ -189,11 +189,11 @@ class TakeoverListener:
             ready, fds = ch.recv(time.monotonic() + self.ready_timeout, ["ready"])
             for fd in fds:
                 os.close(fd)
-            for worker in ready.get("worker_pids", []):
+            for worker in _worker_pids(ready.get("worker_pids", [])):
                 # Only its own children: a failed takeover kills these, and a peer must not
                 # be able to name any other process.
-                with contextlib.suppress(OSError, TypeError, ValueError):
-                    fd = os.pidfd_open(int(worker))
+                with contextlib.suppress(OSError):
+                    fd = os.pidfd_open(worker)
                     if _parent_of(int(worker)) == pid:
                         watched.append(fd)
                     else:
@@ -227,6 +227,22 @@ class TakeoverListener:
         self._done = True
         self._ident = None  # the socket file is the successor's now
         self.on_done(pid, int(done.get("forks", 0)))
+
+
+#: The largest pid Linux gives (``PID_MAX_LIMIT`` on 64-bit, 2**22).
+_PID_MAX = 1 << 22
+
+
+def _worker_pids(value: object) -> list[int]:
+    """The ``worker_pids`` of a ``ready`` message: a list of pids (whole numbers in
+    1..2**22); :class:`TakeoverError` naming the bad entry otherwise."""
+    if not isinstance(value, list):
+        raise TakeoverError(f"ready: worker_pids must be a list, not {type(value).__name__}")
+    for i, pid in enumerate(value):
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 1 <= pid <= _PID_MAX:
+            shown = repr(pid) if len(repr(pid)) <= 40 else repr(pid)[:40] + "..."
+            raise TakeoverError(f"ready: worker_pids[{i}] {shown} is not a pid")
+    return value
 
 
 def _parent_of(pid: int) -> int:

@@ -132,7 +132,10 @@ class Channel:
                 if not chunk:
                     raise TakeoverError("the peer closed the connection mid-message")
                 body += chunk
-            message = json.loads(body)
+            try:
+                message = json.loads(body)
+            except RecursionError:  # the parser recurses per level: refuse, no traceback
+                raise TakeoverError("malformed message: JSON nested too deeply") from None
             if not isinstance(message, dict):
                 raise TakeoverError("malformed message: not a JSON object")
         except BaseException as exc:
