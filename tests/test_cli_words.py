@@ -5,7 +5,6 @@ safely however they were made."""
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import re
 import subprocess
@@ -268,9 +267,11 @@ def test_tables_and_show_are_never_cut_on_a_terminal_or_off_one(
             lines = out.splitlines()
             at = next(i for i, line in enumerate(lines) if line.split()[:1] == ["mem_file"])
             column = lines[at].index(lines[at].split()[1])
-            folded = [lines[at]] + list(
-                itertools.takewhile(lambda line: not line[:column].strip(), lines[at + 1 :])
-            )
+            folded = [lines[at]]
+            for line in lines[at + 1 :]:
+                if line[:column].strip():
+                    break  # the next field
+                folded.append(line)
             assert "".join(line[column:].strip() for line in folded) == str(mem)
 
 
