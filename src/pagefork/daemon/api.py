@@ -24,6 +24,7 @@ POST     /forks/{id}/snapshot         ``{"template", ["release"]}``: pause the f
                                       resume it (or release it)
 DELETE   /forks/{id}                  release; the final counters
 GET      /metrics                     Prometheus text format
+GET      /openapi.json                this API as an OpenAPI 3.1 document (also docs/openapi.json)
 =======  ===========================  ==========================================================
 
 Ids in paths are percent-encoded (one path segment each: ``/templates/a%20b`` is the
@@ -44,6 +45,7 @@ why).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -225,6 +227,7 @@ _ROUTES = [
     (re.compile(r"/forks/([^/]+)/wait"), "wait"),
     (re.compile(r"/forks/([^/]+)/snapshot"), "snapshot"),
     (re.compile(r"/metrics"), "metrics"),
+    (re.compile(r"/openapi\.json"), "openapi"),
 ]
 
 
@@ -417,6 +420,10 @@ class ControlApi:
         stats = self.manager.release(self._fork_id(fork_id))
         return Response.json(HTTPStatus.OK, {"released": fork_id, "stats": stats.to_dict()})
 
+    # --- the API's own description -------------------------------------------------------------
+    def _get_openapi(self, raw: bytes) -> Response:
+        return Response(HTTPStatus.OK, _openapi_body())
+
     # --- metrics -----------------------------------------------------------------------------
     def _get_metrics(self, raw: bytes) -> Response:
         records = self.registry.listing().templates
@@ -435,6 +442,13 @@ class ControlApi:
         }
         text = self.metrics.render(self.manager.live_stats(), templates, hot, forks)
         return Response(HTTPStatus.OK, text, METRICS_CONTENT_TYPE)
+
+
+@functools.cache
+def _openapi_body() -> bytes:
+    from pagefork.daemon.openapi import render
+
+    return render().encode()
 
 
 def _microvm_spec(body: _Body) -> Any:
