@@ -306,3 +306,34 @@ def test_a_name_with_escapes_or_a_surrogate_is_refused_and_never_printed_raw(
         assert "\x1b" not in out and "\x00" not in out and "\x07" not in out
     assert main(["templates", "show", "t", *ctl]) == 0
     assert "\\x1b]0;owned\\x07\\x00\\ud800" in capsys.readouterr().out
+
+
+# --- starting the daemon ----------------------------------------------------------------------
+
+
+def test_a_refused_daemon_start_leaves_no_state_directory_behind(
+    start_daemon: StartDaemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon, client = start_daemon()
+    fresh = tmp_path / "new" / "state"
+    cache = tmp_path / "cache"
+    args = ["daemon", "--state-dir", str(fresh), "--control", client.control_path]
+    assert main([*args, "--cache-dir", str(cache)]) == 2
+    assert "is in use by a live server" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and not cache.exists()
+    # A directory that was there is left as it was, whatever the start made in it.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes").write_text("kept")
+    assert (
+        main(["daemon", "--state-dir", str(tmp_path / "mine"), "--control", client.control_path])
+        == 2
+    )
+    assert (tmp_path / "mine" / "notes").read_text() == "kept"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes"]
+    # And the running daemon's state directory is untouched by a refused second start.
+    assert (
+        main(["daemon", "--state-dir", str(daemon.registry.state_dir), "--control", "x.sock"]) == 2
+    )
+    assert "in use by another daemon" in capsys.readouterr().err
+    assert (daemon.registry.state_dir / "daemon.lock").exists()
+    assert client.templates()["templates"] == []

@@ -11,6 +11,7 @@ same socket. Help texts are plain text: argparse prints them as they are.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -335,11 +336,57 @@ def run_daemon(args: argparse.Namespace) -> int:
     from pagefork.signals import SignalInbox
     from pagefork.takeover.daemon_cli import serve_daemon
 
-    with SignalInbox(
-        (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), keep_ignored=(signal.SIGHUP,)
-    ) as inbox:
-        serve_daemon(args, inbox)
+    dirs = [d for d in (args.state_dir, args.cache_dir, args.socket_dir) if d]
+    dirs += [os.path.join(args.state_dir, name) for name in _SKELETON]
+    made = [_first_missing(d) for d in dirs]
+    try:
+        with SignalInbox(
+            (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), keep_ignored=(signal.SIGHUP,)
+        ) as inbox:
+            serve_daemon(args, inbox)
+    except BaseException:
+        # Refused (another daemon, a control socket in use...) or failed: what this start
+        # made and nothing was put in goes again. A directory holding anything else stays.
+        for top in made:
+            if top is not None:
+                _remove_skeleton(top)
+        raise
     return 0
+
+
+#: What a daemon's start puts in its state directory before it holds anything of worth.
+_SKELETON_FILES = frozenset({"daemon.lock"})
+_SKELETON = ("daemon.lock", "chunk-cache", "forks", "fork-sockets", "templates")
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost directory of ``path`` (itself included) that does not exist yet, or
+    None: what creating ``path`` would make."""
+    path = os.path.abspath(path)
+    missing = None
+    while not os.path.lexists(path):
+        missing = path
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_skeleton(top: str) -> None:
+    """Remove ``top`` if it holds only empty directories and the daemon's lock file (what a
+    start makes); anything else there keeps it, and the directories on the way to it."""
+    if os.path.isfile(top) and os.path.basename(top) in _SKELETON_FILES:
+        with contextlib.suppress(OSError):
+            os.unlink(top)
+        return
+    for root, _dirs, files in os.walk(top, topdown=False):
+        for name in files:
+            if name in _SKELETON_FILES and os.path.isfile(os.path.join(root, name)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(root, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(root)  # fails, as it should, when anything else is left in it
 
 
 # --- verbs -----------------------------------------------------------------------------------
