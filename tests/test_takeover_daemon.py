@@ -6,6 +6,7 @@ import json
 import os
 import select
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -259,17 +260,29 @@ def test_new_daemon_killed_mid_handover_old_serves_every_fork(
 
 
 UNIT = Path(__file__).parent.parent / "contrib" / "systemd" / "pagefork.service"
+#: The drop-in for an install in a virtual environment, and the environment it names.
+VENV_DROP_IN = UNIT.parent / "venv.conf"
+VENV_IN_DROP_IN = "/opt/pagefork/venv"
+
+
+def _settings(text: str) -> dict[str, str]:
+    # As systemd reads them: the last assignment wins (an empty ExecStart= clears it).
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line[:40])
 
 
 def unit_commands(state: Path, control: Path) -> tuple[list[str], list[str], dict[str, str]]:
-    """The unit's ExecStart (its python, state dir and control socket swapped for this
-    test's), its ExecReload, and its [Service] settings."""
-    settings = dict(
-        line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line[:40]
-    )
+    """The unit's ExecStart as the virtual-environment drop-in sets it, for this test's
+    environment (state dir and control socket swapped for this test's), its ExecReload, and
+    its [Service] settings."""
+    settings = _settings(UNIT.read_text())
+    # The unit itself runs the installed command, found on systemd's search path.
+    assert shlex.split(settings["ExecStart"])[:2] == ["pagefork", "daemon"]
+    venv = sys.prefix  # this test's environment, where `pagefork` is installed
+    drop_in = VENV_DROP_IN.read_text().replace(VENV_IN_DROP_IN, venv)
+    assert "ExecStart=\n" in drop_in  # clears the unit's, as a drop-in must
+    settings.update(_settings(drop_in))
     start = shlex.split(settings["ExecStart"])
-    assert start[:3] == ["/usr/bin/python3", "-m", "pagefork"]
-    start[0] = sys.executable
+    assert start[0] == f"{venv}/bin/pagefork" and os.access(start[0], os.X_OK)
     start[start.index("--state-dir") + 1] = str(state)
     start[start.index("--control") + 1] = str(control)
     return start, shlex.split(settings["ExecReload"]), settings
@@ -337,6 +350,43 @@ def test_daemon_takeover_refuses_a_wrong_control_socket(tmp_path: Path, short_di
     assert DaemonClient(str(control)).templates()["templates"] == []
     old.proc.send_signal(signal.SIGTERM)
     assert old.proc.wait(60) == 0
+
+
+def test_daemon_takeover_refuses_another_cache_dir_or_endpoint(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    cache = tmp_path / "other-cache"
+    for option, value, theirs in (
+        ("--cache-dir", str(cache), str(tmp_path / "state" / "chunk-cache")),
+        ("--endpoint-url", "http://127.0.0.1:9", "not given"),
+    ):
+        proc = subprocess.run(
+            [*PAGEFORK, "daemon", "--state-dir", str(tmp_path / "state"), "--control",
+             str(control), "--takeover", option, value],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{option} {value} is not the running daemon's ({theirs})" in proc.stderr
+    assert not cache.exists()  # made by the refused start, and removed again
+    assert DaemonClient(str(control)).templates()["templates"] == []
+    old.proc.send_signal(signal.SIGTERM)
+    assert old.proc.wait(60) == 0
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_accepts_the_unit_with_the_virtual_environment_drop_in(tmp_path: Path) -> None:
+    (tmp_path / "pagefork.service").write_text(UNIT.read_text())
+    (tmp_path / "pagefork.service.d").mkdir()
+    drop_in = VENV_DROP_IN.read_text().replace(VENV_IN_DROP_IN, sys.prefix)
+    (tmp_path / "pagefork.service.d" / "venv.conf").write_text(drop_in)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "pagefork.service")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
 
 
 def _microvm_daemon(tmp_path: Path, short_dir: Path) -> tuple[Path, DaemonProc, DaemonClient]:

@@ -234,6 +234,7 @@ class DaemonSource(Source):
             "state_dir": str(self.daemon.registry.state_dir.absolute()),
             "control": os.path.abspath(self.daemon.control_path),
             "templates": [[s.record.id, s.record.created] for s in _servers(self.daemon)],
+            "store": _store_settings(self.daemon),
         }
 
     def quiesce(self, deadline: float) -> None:
@@ -277,6 +278,19 @@ class DaemonSource(Source):
         for state in _servers(self.daemon):
             pageserver.readopt(state.server)
         self.daemon.server.resume_accepting()
+
+
+def _store_settings(daemon: Daemon) -> dict[str, str | None]:
+    """Where the daemon's templates in object storage come from: its chunk cache directory
+    and its endpoint (``$AWS_ENDPOINT_URL`` when not given), which a successor must share."""
+    store = daemon.manager.config.store
+    cache = store.cache if store is not None else None
+    default_cache = str(daemon.registry.state_dir.absolute() / "chunk-cache")
+    endpoint = store.endpoint_url if store is not None else None
+    return {
+        "cache_dir": os.path.realpath(cache.path if cache is not None else default_cache),
+        "endpoint_url": endpoint or os.environ.get("AWS_ENDPOINT_URL") or None,
+    }
 
 
 def _fork_state(fork: Fork, fds: list[int]) -> dict[str, Any]:
@@ -342,6 +356,14 @@ class DaemonTarget(Target):
                 f"--control {daemon.control_path} is not the running daemon's "
                 f"({plan.get('control')})"
             )
+        theirs, ours = plan.get("store"), _store_settings(daemon)
+        if isinstance(theirs, dict):  # an older daemon sends none
+            for key, option in (("cache_dir", "--cache-dir"), ("endpoint_url", "--endpoint-url")):
+                if theirs.get(key) != ours[key]:
+                    raise TakeoverError(
+                        f"{option} {ours[key] or '(not given)'} is not the running daemon's "
+                        f"({theirs.get(key) or 'not given'}): a successor must use the same"
+                    )
         pids: list[int] = []
         for template_id, created in plan.get("templates", []):
             record = daemon.registry.get(str(template_id))
