@@ -42,8 +42,6 @@ from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle
 MIB = 1 << 20
 
 
-
-
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """Mount tmpfs file systems of a chosen size (a disk that fills up); unmounted at the end."""
@@ -476,6 +474,12 @@ def test_a_vmm_killed_under_a_live_fork_is_reaped_and_the_fork_says_exited(
     assert _is_reaped(handle.proc.pid)  # no zombie, though the fork is still registered
     record = client.template("t")  # held until released, and counted as exited
     assert (shown["state"], record["live_forks"], record["exited_forks"]) == ("exited", 0, 1)
+    with pytest.raises(DaemonError) as info:  # a snapshot says why, and what would have done
+        client.snapshot_fork("f", "child")
+    assert info.value.status == 409
+    assert "fork f is exited: its VMM has exited (status -9), and only a live fork can be " \
+        "snapshotted; a built-in microVM fork stays after its guest's run only when created " \
+        "with --option snapshots=true" in str(info.value)  # fmt: skip
     released = client.release_fork("f")
     assert released["released"] == "f" and handle.stopped == 1
     assert daemon.manager._exits._watched == {}  # the watcher's pidfd is closed too
