@@ -260,7 +260,7 @@ def run_merge(args: argparse.Namespace) -> int:
     fmt = args.format or merge_format(lists)
     merged.save(args.output, fmt=fmt)
     how = f"min-count {args.min_count}" if args.mode == "min-count" else args.mode
-    print(f"wrote {len(merged)} pages to {args.output} ({how} of {n} files, {fmt})")
+    print(f"wrote {len(merged)} pages to {safe(args.output)} ({how} of {n} files, {fmt})")
     return 0
 
 
@@ -289,17 +289,18 @@ def run_diff(args: argparse.Namespace) -> int:
         )
         return 0
     console = _console()
-    table = Table(title=f"{args.a} vs {args.b}")
+    a_name, b_name = safe(args.a), safe(args.b)
+    table = Table(title=f"{a_name} vs {b_name}")
     table.add_column("", style="bold")
     table.add_column("pages", justify="right")
-    table.add_row(f"only in {args.a}", str(len(only_a)))
-    table.add_row(f"only in {args.b}", str(len(only_b)))
+    table.add_row(f"only in {a_name}", str(len(only_a)))
+    table.add_row(f"only in {b_name}", str(len(only_b)))
     table.add_row("in both", str(common))
     console.print(table)
     for path, pages in ((args.a, only_a), (args.b, only_b)):
         if not pages:
             continue
-        console.print(f"only in {path}:")
+        console.print(f"only in {safe(path)}:")
         for page in pages[:_DIFF_LIST_LIMIT]:
             console.print(f"  region {page.region} offset {page.page_offset:#x}")
         if len(pages) > _DIFF_LIST_LIMIT:

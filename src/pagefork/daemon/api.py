@@ -10,10 +10,11 @@ POST     /templates                   create: ``{"id", "kind": "firecracker", "m
                                       "variants", "working_set", "fork_share", "seed", "name"]}``
                                       or ``{"id", "source": "s3://BUCKET/PREFIX", ["name"]}``
 GET      /templates/{id}              the record
-DELETE   /templates/{id}              409 while forks of it are live
+DELETE   /templates/{id}              409 while it has forks (live or exited)
 POST     /templates/{id}/rerecord     the next fork records a new hot set
 POST     /templates/{id}/flatten      merge a child template's layers into one mem-file
-GET      /forks                       ``{"forks": [...]}``
+GET      /forks                       ``{"forks": [...]}``, each with its ``state``: ``live``
+                                      or ``exited`` (held until released)
 POST     /forks                       ``{"template", ["fork", "vmm", "options"]}`` → the fork,
                                       with its uffd ``socket`` (201)
 GET      /forks/{id}                  the fork and its page server counters
