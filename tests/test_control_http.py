@@ -935,3 +935,23 @@ def test_waiters_never_hold_up_the_creation_of_a_fork(tmp_path: Path) -> None:
         server.shutdown()
         runner.join(WAIT)
         server.server_close()
+
+
+def test_a_server_full_of_idle_connections_sleeps_until_something_happens(
+    start_control: StartControl,
+) -> None:
+    control = start_control(max_connections=4, idle_timeout=600, evict_after=0.01)
+    idle = [_connect(control.path) for _ in range(4)]
+    try:
+        while control.server.connections < 4:  # until all are accepted
+            select.select([], [], [], 0.01)
+        evictable = time.monotonic() + 0.01
+        while time.monotonic() < evictable:  # until every one may go for a newcomer
+            select.select([], [], [], 0.01)
+        # At the cap, and every one may go for a newcomer: the loop waits for one (or an
+        # idle timeout), it does not spin.
+        timeout = control.server._next_timeout()
+        assert timeout is not None and timeout > 100, timeout
+    finally:
+        for sock in idle:
+            sock.close()

@@ -445,9 +445,12 @@ class HttpServer:
     def _next_timeout(self) -> float | None:
         with self._lock:
             deadlines = [c.deadline for c in self._conns if not c.busy]
-            if len(self._conns) >= self.limits.max_connections:  # when one becomes evictable
+            if len(self._conns) >= self.limits.max_connections:
+                # When one becomes evictable (listening resumes then); one that is already
+                # evictable needs no wake-up: the listening socket wakes the loop.
                 wait = self.limits.idle_timeout - self.limits.evict_after
-                deadlines += [d - wait for d in deadlines]
+                now = time.monotonic()
+                deadlines += [d - wait for d in deadlines if d - wait > now]
         if self._resume_accept_at:  # accepting resumes then
             deadlines.append(self._resume_accept_at)
         if not deadlines:
