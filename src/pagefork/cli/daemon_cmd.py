@@ -244,7 +244,7 @@ def add_parser(subparsers: Any) -> None:
         "list",
         help="list the forks the daemon holds, live and exited",
         description=f"List the forks the daemon holds, oldest first, with their state. {_STATES}"
-        " With --json: one object, {\"forks\": [...]}, as GET /forks answers (earlier "
+        ' With --json: one object, {"forks": [...]}, as GET /forks answers (earlier '
         "versions printed the bare list).",
     )
     fl.epilog = _examples("pagefork forks list", "pagefork forks list --json | jq '.forks[]'")
@@ -266,10 +266,14 @@ def add_parser(subparsers: Any) -> None:
         help="a driver option (VALUE parsed as JSON when it can be); repeatable; the options "
         "each driver takes are listed below",
     )
-    fc.epilog = DRIVER_OPTIONS_HELP + "\n\n" + _examples(
-        "pagefork forks create vm --vmm kvm --option snapshots=true",
-        "pagefork forks create web --vmm firecracker --option api_socket=/run/fc-1.sock",
-        "pagefork forks create web --id web-1    # your VMM connects to the printed socket",
+    fc.epilog = (
+        DRIVER_OPTIONS_HELP
+        + "\n\n"
+        + _examples(
+            "pagefork forks create vm --vmm kvm --option snapshots=true",
+            "pagefork forks create web --vmm firecracker --option api_socket=/run/fc-1.sock",
+            "pagefork forks create web --id web-1    # your VMM connects to the printed socket",
+        )
     )
     fc.set_defaults(func=run_forks_create)
     fs = fsub.add_parser(

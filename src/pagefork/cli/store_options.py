@@ -20,8 +20,7 @@ def endpoint_url(text: str) -> str:
     where = urlsplit(text) if text.isprintable() else None
     if where is None or where.scheme not in ("http", "https") or not where.hostname:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not an http:// or https:// URL with a host (e.g. "
-            "http://127.0.0.1:9000)"
+            f"{text!r} is not an http:// or https:// URL with a host (e.g. http://127.0.0.1:9000)"
         )
     try:
         where.port  # noqa: B018 - raises on a port that is not a number in range

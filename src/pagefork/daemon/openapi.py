@@ -369,7 +369,7 @@ def document() -> dict[str, Any]:
             "version": __version__,
             "description": "JSON over HTTP/1.1 on the daemon's Unix socket (mode 0600; "
             "--control, default /run/pagefork.sock). Every answer but /metrics is JSON, "
-            "errors included ({\"error\": message}). Ids in paths are one percent-encoded "
+            'errors included ({"error": message}). Ids in paths are one percent-encoded '
             "segment. Also: 405 for a known route with another method (Allow lists the "
             "right ones), 413 for a body over 1 MiB, 501 for a method HTTP does not define. "
             + _STATE_WORDS,
