@@ -18,6 +18,8 @@ import pytest
 
 from conftest import PAGE, needs_kvm, needs_uffd
 from pagefork.daemon.client import DaemonClient
+from pagefork.testing.fcdouble import TEST_PREFIX, FcDoubleProcess
+from pagefork.vmm.firecracker import create_snapshot
 
 PAGEFORK = [
     sys.executable,
@@ -493,3 +495,63 @@ def test_a_template_whose_page_server_starts_during_the_build_is_taken_over_too(
     assert client.release_fork("late")["stats"]["errors"] == 0
     new.proc.send_signal(signal.SIGTERM)
     assert new.proc.wait(60) == 0
+
+
+def _hop(tmp_path: Path, control: Path, old: DaemonProc, forks: int) -> DaemonProc:
+    """One takeover of ``old`` by a new daemon, which it hands ``forks`` forks."""
+    new = DaemonProc(tmp_path / "state", control, "--takeover")
+    assert new.wait_for("took_over")["forks"] == forks
+    assert old.proc.wait(60) == 0
+    return new
+
+
+@needs_kvm
+@needs_uffd
+def test_every_fork_kind_survives_three_takeovers_in_a_row_with_its_options(
+    tmp_path: Path, short_dir: Path, mem_file: Path, vmms
+) -> None:
+    control, daemon, client = _microvm_daemon(tmp_path, short_dir)
+    # The built-in microVM, kept after its walk for snapshots.
+    micro = client.create_fork("vm", "m", vmm="kvm", options={"fork_index": 1, "snapshots": True})
+    assert client.wait_fork("m", timeout=60)["vmm"]["checksum_ok"]
+    # The test VMM, which connects by itself.
+    _, [plain], [guest] = setup_forks(control, mem_file, tmp_path, vmms, n=1)
+    # Firecracker (the double), kept for snapshots and stopped with Ctrl-Alt-Del.
+    with FcDoubleProcess(str(short_dir / "src.api")) as source:
+        source.api.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 8})
+        source.api.request("PUT", "/actions", {"action_type": "InstanceStart"})
+        create_snapshot(source.api_sock, str(tmp_path / "fc.state"), str(tmp_path / "fc.mem"))
+    client.create_template("fc", "firecracker", mem_file=str(tmp_path / "fc.mem"),
+                           snapshot_path=str(tmp_path / "fc.state"))  # fmt: skip
+    with FcDoubleProcess(str(short_dir / "fc.api"), "--fc-version", "1.14") as fc:
+        opts = {"api_socket": fc.api_sock, "snapshots": True, "stop": "ctrl-alt-del"}
+        fcfork = client.create_fork("fc", "f", vmm="firecracker", options=opts)
+        assert fc.result(wait=30)["bad"] == 0
+        for _ in range(3):
+            daemon = _hop(tmp_path, control, daemon, forks=3)
+        listed = {f["fork"]: f for f in client.forks()}
+        assert {k: (f["phase"], f["pid"]) for k, f in listed.items()} == {
+            "m": ("live", micro["pid"]), "f": ("live", fcfork["pid"]), plain["fork"]: ("live", None)
+        }  # fmt: skip
+        # The microVM answers through the pipes its first daemon made: a snapshot (its
+        # 'snapshots' option held), then a walk on over the memory the snapshot holds.
+        assert client.snapshot_fork("m", "m1")["template"]["parent"] == "vm"
+        walk = client.wait_fork("m", timeout=60)["vmm"]
+        branch = client.create_fork("m1", vmm="kvm", options={"fork_index": 1})["fork"]
+        assert client.wait_fork(branch, timeout=60)["vmm"]["checksums"] == walk["checksums"]
+        # Firecracker is driven through its API as before: a diff snapshot of its writes.
+        write = {"region": 0, "offset": 40960, "length": 3 * PAGE, "seed": 9}
+        fc.api.request("PUT", TEST_PREFIX + "write", write)
+        assert client.snapshot_fork("f", "f1")["changed_pages"] == 3
+        # The test VMM's every page is still served right.
+        assert guest.send(cmd="touch", all=True)["bad"] == 0
+        # Released: each VMM stopped the way its options said.
+        client.release_fork("f")
+        assert fc.wait(30) == 0  # it shut down on Ctrl-Alt-Del, not SIGKILLed
+    for fork in (branch, "m"):
+        assert client.release_fork(fork)["stats"]["errors"] == 0
+    _gone(micro["pid"])
+    guest.close()
+    assert client.release_fork(plain["fork"])["stats"]["errors"] == 0
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(60) == 0

@@ -114,16 +114,6 @@ class DriverOptionsError(PageforkError):
     """A fork's driver ``options`` are invalid (the API answers 400); nothing was started."""
 
 
-def _check_kvm_options(options: Mapping[str, Any]) -> None:
-    fork_index = options.get("fork_index", 0)
-    if isinstance(fork_index, bool) or not isinstance(fork_index, int) or fork_index < 0:
-        raise VmmError(f"option 'fork_index' must be an integer >= 0, not {fork_index!r}")
-
-
-#: Option checks for drivers that have no ``check_options`` method of their own.
-_OPTION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {"kvm": _check_kvm_options}
-
-
 def load_drivers() -> dict[str, VmmDriver]:
     """An instance of every known driver whose module imports (a missing one is skipped)."""
     drivers: dict[str, VmmDriver] = {}
@@ -456,13 +446,8 @@ class ForkManager:
         if vmm is None:
             known = ", ".join(sorted(self.drivers)) or "none available"
             raise VmmError(f"unknown VMM driver {driver!r} (known: {known})")
-        check = getattr(vmm, "check_options", None)
-        if not callable(check):
-            check = _OPTION_CHECKS.get(getattr(vmm, "name", driver))
-        if check is None:
-            return
         try:
-            check(options)
+            vmm.check_options(options)
         except VmmError as exc:
             raise DriverOptionsError(f"driver {driver}: {exc}") from None
 
@@ -742,19 +727,18 @@ class ForkManager:
 
     # --- VMM exits -----------------------------------------------------------------------------
     def _watch_exit(self, fork: Fork) -> None:
-        pidfd = getattr(fork.handle, "pidfd", None)
-        if not isinstance(pidfd, int) or pidfd < 0:
+        pidfd = fork.handle.pidfd if fork.handle is not None else None
+        if pidfd is None:
             return  # this driver cannot tell: the fork stays live until released
         fork.exit_watch = self._exits.watch(pidfd, lambda: self._vmm_exited(fork))
 
     def _vmm_exited(self, fork: Fork) -> None:
         """On the watcher's thread: the fork's VMM has exited. Reap it, and say so."""
-        exit_status = getattr(fork.handle, "exit_status", None)
-        status = exit_status() if callable(exit_status) else None
+        status = fork.handle.exit_status() if fork.handle is not None else None
         with self._lock:
             fork.exit_watch = None
             fork.vmm_exited = True
-            fork.exit_status = status if isinstance(status, int) else None
+            fork.exit_status = status
             if fork.phase is ForkPhase.LIVE:
                 fork.phase = transition(fork.fork_id, fork.phase, ForkPhase.EXITED)
         log.info("fork %s: its VMM exited (status %s)", fork.fork_id, fork.exit_status)
@@ -846,7 +830,7 @@ class ForkManager:
         fork = self.fork(fork_id)
         state = self._state_of(fork)
         summary = fork.handle.wait(timeout) if fork.handle is not None else None
-        if getattr(fork.handle, "stays_after_run", False):
+        if fork.handle is not None and fork.handle.stays_after_run:
             # Kept for snapshots: its VMM stays, stopped, so its session goes on.
             stats = state.server.stats(fork_id)
         else:
@@ -1133,9 +1117,7 @@ class ForkManager:
             state.server.close()
         self._exits.close()
         for vmm in self.drivers.values():
-            close = getattr(vmm, "close", None)
-            if callable(close):
-                close()
+            vmm.close()
 
 
 __all__ = [
