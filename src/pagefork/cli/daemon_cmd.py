@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pagefork.cli.options import parse_workers
-from pagefork.cli.store_options import add_cache_arguments
+from pagefork.cli.store_options import add_cache_arguments, store_options
 from pagefork.errors import PageforkError
 
 DEFAULT_CONTROL = "/run/pagefork.sock"
@@ -235,13 +235,14 @@ def run_daemon(args: argparse.Namespace) -> int:
     # SIGHUP (its terminal or supervisor went away) stops it cleanly too, like SIGTERM, unless
     # --on-sighup takeover; one that is ignored on entry (nohup) stays ignored: that caller
     # asked it to outlive them.
+    from pagefork.daemon.main import serve_daemon
     from pagefork.signals import SignalInbox
-    from pagefork.takeover.daemon_cli import serve_daemon
 
+    store = store_options(args, os.path.join(args.state_dir, "chunk-cache"))
     with SignalInbox(
         (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), keep_ignored=(signal.SIGHUP,)
     ) as inbox:
-        serve_daemon(args, inbox)
+        serve_daemon(args, inbox, store)
     return 0
 
 

@@ -185,6 +185,26 @@ class DaemonTarget(Target):
             pids += pageserver.all_worker_pids(server)
         return pids
 
+    def discard(self) -> None:
+        """A takeover that failed, on this new side: stop what was built without releasing a
+        fork or stopping a VMM (they are the old daemon's, which serves on)."""
+        daemon = self.daemon
+        servers = list(self.servers.values())
+        self.servers.clear()
+        with daemon.manager._lock:
+            servers += [s.server for s in daemon.manager._templates.values()]
+            daemon.manager._templates.clear()
+            daemon.manager._forks.clear()
+        for server in servers:
+            pageserver.abandon(server)
+        daemon.manager._exits.close()
+        control = getattr(daemon, "server", None)
+        if control is not None:
+            control.server_close()  # our copy of the listening socket only
+        if daemon._lock_fd is not None:
+            os.close(daemon._lock_fd)
+            daemon._lock_fd = None
+
     def adopt(self, state: dict[str, Any], fds: list[int]) -> int:
         daemon = self.daemon
         manager = daemon.manager
