@@ -18,8 +18,12 @@ import pytest
 
 from conftest import PAGE, needs_kvm, needs_uffd
 from pagefork.daemon.client import DaemonClient
+from pagefork.server import PageServer, ServerConfig
 from pagefork.testing.fcdouble import TEST_PREFIX, FcDoubleProcess
+from pagefork.vmm.base import RestoreRequest
 from pagefork.vmm.firecracker import create_snapshot
+from pagefork.vmm.kvm.driver import KvmDriver
+from pagefork.vmm.kvm.template import TemplateSpec, build_template
 
 PAGEFORK = [
     sys.executable,
@@ -555,3 +559,49 @@ def test_every_fork_kind_survives_three_takeovers_in_a_row_with_its_options(
     assert client.release_fork(plain["fork"])["stats"]["errors"] == 0
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(60) == 0
+
+
+@needs_kvm
+def test_a_line_a_microvm_writes_while_it_is_handed_over_reaches_the_next_daemon(
+    tmp_path: Path,
+) -> None:
+    tpl = build_template(tmp_path / "t", TemplateSpec(mem_size=8 << 20, variants=1))
+    tpl.close()
+    config = ServerConfig(mem_file_path=str(tpl.mem_file), socket_dir=str(tmp_path), workers=1)
+    driver = KvmDriver()
+    with PageServer(config) as server:
+        request = RestoreRequest("f", server.register_fork("f"), str(tpl.path), str(tpl.mem_file),
+                                 options={"snapshots": True})  # fmt: skip
+        handle = driver.restore(request)
+        adopted = None
+        try:
+            handle.resume()
+            assert handle.wait(60)["checksum_ok"]
+
+            dirs = [tmp_path / f"s{i}" for i in range(5)]
+            for d in dirs:
+                d.mkdir()
+
+            def ask(fds: dict[str, int], i: int) -> None:  # answered on the VMM's stdout
+                os.write(fds["stdin"], f"snapshot {dirs[i]}\n".encode())
+
+            def answered(doc: dict[str, object], i: int) -> bool:
+                return Path(str(doc["memory_diff"])).parent == dirs[i]
+
+            # A handover that fails: this side reads on, the answer written meanwhile first.
+            ask(handle.handover().fds, 0)
+            handle.handover_cancelled()
+            assert answered(handle.process.snapshot(str(dirs[1])), 0)
+            # One that succeeds: the answer this side has not taken yet, and the one the VMM
+            # writes after this side let go, both reach the adopting side, in order.
+            given = handle.handover()
+            ask(given.fds, 2)
+            adopted = driver.adopt("f", given)
+            assert adopted.stays_after_run and adopted.pid == handle.pid
+            assert answered(adopted.process.snapshot(str(dirs[3])), 1)
+            assert answered(adopted.process.snapshot(str(dirs[4])), 2)
+            assert adopted.exit_status() is None  # not its child: only the parent can tell
+        finally:
+            if adopted is not None:
+                adopted.stop()
+            handle.stop()

@@ -115,6 +115,9 @@ class DaemonSource(Source):
                 "loops": loops}, fds  # fmt: skip
 
     def resume(self) -> None:
+        for fork in self.daemon.manager.forks():
+            if fork.handle is not None:
+                fork.handle.handover_cancelled()
         for state in _servers(self.daemon):
             pageserver.readopt(state.server)
         self.daemon.server.resume_accepting()

@@ -103,6 +103,11 @@ class VmmHandle(abc.ABC):
         fds = {"pidfd": self.pidfd} if self.pidfd is not None else {}
         return VmmHandover(state={"pid": self.pid}, fds=fds)
 
+    def handover_cancelled(self) -> None:
+        """The takeover that :meth:`handover` was for failed: this daemon drives the VMM on
+        (undo what :meth:`handover` paused). By default nothing to undo."""
+        return None
+
     @abc.abstractmethod
     def resume(self) -> None:
         """Start the vCPUs (Firecracker: ``PATCH /vm {"state": "Resumed"}``)."""

@@ -83,6 +83,7 @@ class KvmHandle(VmmHandle):
 
     def handover(self) -> VmmHandover:
         """Its pidfd and pipes, and where it stands: what :meth:`KvmDriver.adopt` needs."""
+        events, partial = self.process.hold_output()  # the next daemon reads on
         stdin, stdout = self.process.pipes()
         fds = {"stdin": stdin, "stdout": stdout}
         if self._pidfd is not None:
@@ -94,9 +95,14 @@ class KvmHandle(VmmHandle):
             "resumed": self._resumed,
             "paused_by_snapshot": self._paused_by_snapshot,
             "restored": self.process.restored,
-            "events": self.process.pending_events(),
+            "events": events,
+            "partial": partial.decode("latin-1"),
         }
         return VmmHandover(state=state, fds=fds)
+
+    def handover_cancelled(self) -> None:
+        """The takeover failed: read the process's output here again."""
+        self.process.resume_output()
 
     def resume(self) -> None:
         """Start the vCPUs: the guest walks to its halt. After a snapshot of the halted guest
@@ -225,6 +231,7 @@ class KvmDriver(VmmDriver):
             )
         restored = state.get("restored")
         events = [e for e in state.get("events") or () if isinstance(e, dict)]
+        partial = str(state.get("partial") or "").encode("latin-1", "replace")
         kept: list[int] = []
         try:
             for name in ("pidfd", "stdin", "stdout"):
@@ -239,6 +246,7 @@ class KvmDriver(VmmDriver):
             pid, kept[0], kept[1], kept[2], int(state.get("fork_index", 0)),
             snapshots=bool(state.get("snapshots")),
             restored=restored if isinstance(restored, dict) else None, events=events,
+            partial=partial,
         )  # fmt: skip
         return KvmHandle(
             fork_id, process, pidfd=pidfd, resumed=bool(state.get("resumed")),

@@ -174,7 +174,7 @@ class ForkProcess:
             text=True,
             bufsize=1,
         ).result()
-        self._attach(proc, [])
+        self._attach(proc, [], b"")
 
     @classmethod
     def adopt(
@@ -188,18 +188,20 @@ class ForkProcess:
         snapshots: bool,
         restored: dict[str, Any] | None,
         events: Sequence[dict[str, Any]] = (),
+        partial: bytes = b"",
     ) -> ForkProcess:
         """A fork process another orchestrator started (a live takeover): driven through the
         same pipes (``stdin``, ``stdout``), watched and killed through ``pidfd``; this object
-        owns the three fds. ``events`` are lines it had read and not yet taken."""
+        owns the three fds. ``events`` are lines the other one had read and not taken,
+        ``partial`` the start of a line it had read part of (see :meth:`hold_output`)."""
         self = cls.__new__(cls)
         self.fork_index = fork_index
         self.snapshots = snapshots
-        self._attach(_AdoptedPopen(pid, pidfd, stdin, stdout), list(events))
+        self._attach(_AdoptedPopen(pid, pidfd, stdin, stdout), list(events), partial)
         self.restored = restored
         return self
 
-    def _attach(self, proc: _Process, events: list[dict[str, Any]]) -> None:
+    def _attach(self, proc: _Process, events: list[dict[str, Any]], partial: bytes) -> None:
         self._proc: _Process = proc
         # Events not yet taken, and whether the output ended: several threads may wait for
         # different events of one fork (its result, a snapshot), so each takes only its own.
@@ -208,35 +210,70 @@ class ForkProcess:
         self._arrived = threading.Condition()
         self._command_lock = threading.Lock()
         assert self._proc.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self._proc.stdout,), daemon=True)
+        self._stdout = self._proc.stdout.fileno()
+        self._partial = partial  # read, but not yet a whole line
+        # Written to stop the reader at a line boundary (hold_output), without polling.
+        self._hold = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.restored: dict[str, Any] | None = None
-
-    def pipes(self) -> tuple[int, int]:
-        """The fds of the process's stdin and stdout (for a handover; still this object's)."""
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        return self._proc.stdin.fileno(), self._proc.stdout.fileno()
-
-    def pending_events(self) -> list[dict[str, Any]]:
-        """The lines read from the process and not yet taken (for a handover)."""
-        with self._arrived:
-            return [dict(e) for e in self._events]
 
     @property
     def pid(self) -> int:
         """The fork process's pid."""
         return self._proc.pid
 
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
+    def pipes(self) -> tuple[int, int]:
+        """The fds of the process's stdin and stdout (for a handover; still this object's)."""
+        assert self._proc.stdin is not None
+        return self._proc.stdin.fileno(), self._stdout
+
+    def hold_output(self, timeout: float = 10.0) -> tuple[list[dict[str, Any]], bytes]:
+        """Stop reading the process's output (a handover: its next reader is in another
+        process, and a line read here would be lost to it); the lines read and not yet taken,
+        and the start of a line read in part. What the process writes meanwhile stays in the
+        pipe. :meth:`resume_output` reads on (the handover failed)."""
+        if self._reader.is_alive():
+            os.eventfd_write(self._hold, 1)
+            self._reader.join(timeout)
+            if self._reader.is_alive():
+                raise VmmError(f"fork {self.fork_index}: its output reader did not stop")
+        with self._arrived:
+            return [dict(e) for e in self._events], self._partial
+
+    def resume_output(self) -> None:
+        """Read the process's output again after :meth:`hold_output`; a no-op otherwise."""
+        if self._reader.is_alive() or self._ended:
+            return
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._hold)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        poller = select.poll()
+        poller.register(self._hold, select.POLLIN)
+        poller.register(self._stdout, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._hold in ready:
+                return  # held: what is still in the pipe is the next reader's
             try:
-                doc = json.loads(line)
-            except ValueError:
-                continue  # not ours (a stray print); the protocol lines are JSON
-            if isinstance(doc, dict):
-                with self._arrived:
-                    self._events.append(doc)
-                    self._arrived.notify_all()
+                chunk = os.read(self._stdout, 1 << 16)
+            except OSError:
+                chunk = b""  # closed under us (close()): the output has ended for us
+            if not chunk:
+                break
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            for line in lines:
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    continue  # not ours (a stray print); the protocol lines are JSON
+                if isinstance(doc, dict):
+                    with self._arrived:
+                        self._events.append(doc)
+                        self._arrived.notify_all()
         with self._arrived:
             self._ended = True
             self._arrived.notify_all()
@@ -347,6 +384,13 @@ class ForkProcess:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
+        # Stop the reader before its fd is closed (a reused fd number must not be read).
+        if self._hold >= 0 and self._reader.is_alive():
+            os.eventfd_write(self._hold, 1)
+            self._reader.join()
         for stream in (self._proc.stdin, self._proc.stdout):
             if stream is not None:
                 stream.close()
+        if self._hold >= 0:
+            os.close(self._hold)
+            self._hold = -1
