@@ -18,9 +18,10 @@ import pytest
 
 from conftest import PAGE, needs_kvm, needs_uffd
 from pagefork.daemon.client import DaemonClient
+from pagefork.errors import VmmError
 from pagefork.server import PageServer, ServerConfig
 from pagefork.testing.fcdouble import TEST_PREFIX, FcDoubleProcess
-from pagefork.vmm.base import RestoreRequest
+from pagefork.vmm.base import AdoptedProcess, RestoreRequest, VmmDriver, VmmHandle, VmmHandover
 from pagefork.vmm.firecracker import create_snapshot
 from pagefork.vmm.kvm.driver import KvmDriver
 from pagefork.vmm.kvm.template import TemplateSpec, build_template
@@ -605,3 +606,43 @@ def test_a_line_a_microvm_writes_while_it_is_handed_over_reaches_the_next_daemon
             if adopted is not None:
                 adopted.stop()
             handle.stop()
+
+
+class _RestoreOnly(VmmDriver):
+    """A driver with only what a driver must have: every other method is the default."""
+
+    name = "restore-only"
+
+    def restore(self, request: RestoreRequest, timeout: float = 30.0) -> VmmHandle:
+        raise VmmError("not used here")
+
+
+def test_a_vmm_adopted_by_a_driver_that_cannot_drive_it_is_watched_and_stopped() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        driver = _RestoreOnly()
+        driver.check_options({"anything": 1})  # accepted by default
+        handle = driver.adopt("f", VmmHandover({"pid": child.pid}, {"pidfd": pidfd}))
+        assert isinstance(handle, AdoptedProcess) and handle.pid == child.pid
+        assert handle.pidfd is not None and handle.pidfd != pidfd  # its own copy
+        assert handle.exit_status() is None and not handle.stays_after_run
+        assert handle.handover().state == {"pid": child.pid}  # and hands over again
+        with pytest.raises(VmmError, match="cannot be resumed"):
+            handle.resume()
+        handle.stop()
+        assert child.wait(60) == -signal.SIGKILL and handle.pidfd is None
+        handle.stop()  # idempotent
+    finally:
+        os.close(pidfd)
+        child.kill()
+        child.wait()
+        assert child.stdin is not None
+        child.stdin.close()
+
+
+def test_a_microvm_handover_without_its_pipes_is_refused_in_one_line() -> None:
+    with pytest.raises(VmmError, match=r"fork f: .* needs its pid, pidfd, stdin and stdout "
+                                       r"\(missing: stdin, stdout\)"):  # fmt: skip
+        KvmDriver().adopt("f", VmmHandover({"pid": 1}, {"pidfd": 0}))

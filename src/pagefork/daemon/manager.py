@@ -26,9 +26,10 @@ whole mem-file) starts outside it, so other templates and other requests go on m
 second fork of the same template waits for that start only. A template's live forks are the
 forks held here (:meth:`ForkManager.live_forks_of`), never a stored count.
 
-A VMM whose driver gives a pidfd (the built-in microVM) is watched through it on one thread, with
-no polling: when it exits, its fork says so (phase ``exited`` with the ``exit_status``) and the
-process is reaped at once. The fork stays until it is released.
+A VMM whose handle gives a pidfd (the built-in microVM, Firecracker) is watched through it on
+one thread, with no polling: when it exits, its fork says so (phase ``exited`` with the
+``exit_status``, when the daemon is its parent) and the process is reaped at once. The fork
+stays until it is released.
 """
 
 from __future__ import annotations
