@@ -1100,6 +1100,71 @@ class ForkManager:
     def _forget_hot_set(self, template_id: str) -> None:
         self._loops = {k: v for k, v in self._loops.items() if k[0] != template_id}
 
+    # --- live takeover ---------------------------------------------------------------------
+    # What :mod:`pagefork.takeover.daemon` moves between daemons, through these methods only.
+
+    def template_servers(self) -> list[tuple[TemplateRecord, PageServer]]:
+        """Every template whose page server runs, with that server."""
+        with self._lock:
+            return [(s.record, s.server) for s in self._templates.values()]
+
+    def open_server(self, record: TemplateRecord) -> PageServer:
+        """Start ``record``'s page server (it maps and scans the mem-file) without giving it
+        forks: a takeover's new side builds the old side's servers before it adopts them."""
+        return self._open_server(record)
+
+    def export_state(
+        self,
+    ) -> tuple[list[Fork], list[tuple[TemplateKey, dict[str, Any]]], dict[str, int]]:
+        """For a takeover's old side, once quiesced: every fork, where each template's
+        hot-page loop stands, and how many of each fork's fault latencies the metrics have
+        counted already."""
+        with self._lock:
+            forks = list(self._forks.values())
+            loops = [(key, loop.snapshot()) for key, loop in self._loops.items()]
+        with self._feed_lock:
+            fed = {f.fork_id: self._fed.get(f.fork_id, 0) for f in forks}
+        return forks, loops, fed
+
+    def adopt_template(self, record: TemplateRecord, server: PageServer) -> None:
+        """Serve ``record``'s forks from ``server``, which a takeover handed them to."""
+        with self._lock:
+            self._templates[(record.id, record.created)] = _TemplateState(record, server)
+
+    def adopt_loop(self, key: TemplateKey, snapshot: dict[str, Any]) -> None:
+        """Continue a template's hot-page loop from another daemon's :meth:`export_state`."""
+        loop = HotSetLoop()
+        loop.restore(snapshot)
+        with self._lock:
+            self._loops[key] = loop
+
+    def adopt_fork(self, fork: Fork, latencies_fed: int) -> None:
+        """Hold ``fork``, which another daemon handed over (its template adopted first): a
+        prefetch fork gets its template's hot set, and its VMM's exit is watched."""
+        with self._feed_lock:
+            self._fed[fork.fork_id] = latencies_fed
+        with self._lock:
+            loop = self._loops.get(fork.template_key)
+            if fork.role == "prefetch" and loop is not None:
+                fork.hot = loop.hot
+            self._forks[fork.fork_id] = fork
+            state = self._templates.get(fork.template_key)
+            if state is not None:
+                state.forks.add(fork.fork_id)
+        if fork.handle is not None and not fork.vmm_exited:
+            self._watch_exit(fork)
+
+    def abandon(self) -> list[PageServer]:
+        """Let go of every template and fork without releasing one or stopping a VMM (a
+        takeover moved them, or a failed one's new side built them for nothing) and stop
+        watching VMM exits; the page servers, which the caller abandons."""
+        with self._lock:
+            servers = [s.server for s in self._templates.values()]
+            self._templates.clear()
+            self._forks.clear()
+        self._exits.close()
+        return servers
+
     def close(self) -> None:
         """Release every fork (stopping the VMMs the manager started) and stop all servers."""
         with self._lock:

@@ -33,10 +33,9 @@ import time
 from typing import Any
 
 from pagefork.daemon.api import ControlApi, ControlServer
-from pagefork.daemon.manager import Fork, ManagerConfig, _TemplateState
+from pagefork.daemon.manager import Fork, ManagerConfig
 from pagefork.daemon.service import Daemon
 from pagefork.errors import PageforkError, VmmError
-from pagefork.hotloop import HotSetLoop
 from pagefork.server import PageServer
 from pagefork.serving.state import ForkPhase
 from pagefork.stats import ForkStats
@@ -57,9 +56,8 @@ def takeover_path(state_dir: str | os.PathLike[str]) -> str:
     return os.path.join(os.path.abspath(state_dir), TAKEOVER_SOCKET)
 
 
-def _servers(daemon: Daemon) -> list[_TemplateState]:
-    with daemon.manager._lock:
-        return list(daemon.manager._templates.values())
+def _servers(daemon: Daemon) -> list[PageServer]:
+    return [server for _, server in daemon.manager.template_servers()]
 
 
 class DaemonSource(Source):
@@ -74,7 +72,9 @@ class DaemonSource(Source):
         return {
             "state_dir": str(self.daemon.registry.state_dir.absolute()),
             "control": os.path.abspath(self.daemon.control_path),
-            "templates": [[s.record.id, s.record.created] for s in _servers(self.daemon)],
+            "templates": [
+                [record.id, record.created] for record, _ in self.daemon.manager.template_servers()
+            ],
         }
 
     def quiesce(self, deadline: float) -> None:
@@ -82,35 +82,32 @@ class DaemonSource(Source):
         control.stop_accepting()
         if not control.drain(max(0.0, deadline - time.monotonic())):
             raise TakeoverError("control requests in flight did not finish in time")
-        for state in _servers(self.daemon):
-            pageserver.quiesce(state.server, deadline)
+        for server in _servers(self.daemon):
+            pageserver.quiesce(server, deadline)
 
     def release(self, deadline: float) -> None:
-        for state in _servers(self.daemon):
-            pageserver.release(state.server, deadline)
+        for server in _servers(self.daemon):
+            pageserver.release(server, deadline)
 
     def export(self) -> tuple[dict[str, Any], list[int]]:
         daemon = self.daemon
         manager = daemon.manager
-        assert daemon._lock_fd is not None
-        fds = [daemon._lock_fd, daemon.server.socket.fileno()]
+        assert daemon.lock_fd is not None
+        fds = [daemon.lock_fd, daemon.server.socket.fileno()]
         templates = []
-        for state in _servers(daemon):
-            exported, more = pageserver.export(state.server)
+        for record, server in manager.template_servers():
+            exported, more = pageserver.export(server)
             base = len(fds)
             fds += more
             templates.append(
-                {"id": state.record.id, "created": state.record.created, "base": base,
+                {"id": record.id, "created": record.created, "base": base,
                  "count": len(more), "server": exported}
             )  # fmt: skip
-        forks = []
-        with manager._lock:
-            loops = [[k[0], k[1], loop.snapshot()] for k, loop in manager._loops.items()]
-            for fork in manager._forks.values():
-                forks.append(_fork_state(fork, fds))
-        with manager._feed_lock:  # latencies the metrics have counted already
-            for f in forks:
-                f["latencies_fed"] = manager._fed.get(f["fork"], 0)
+        held, loop_states, fed = manager.export_state()
+        loops = [[key[0], key[1], snap] for key, snap in loop_states]
+        forks = [_fork_state(fork, fds) for fork in held]
+        for f in forks:  # latencies the metrics have counted already
+            f["latencies_fed"] = fed.get(f["fork"], 0)
         return {"lock": 0, "control": 1, "templates": templates, "forks": forks,
                 "loops": loops}, fds  # fmt: skip
 
@@ -118,8 +115,8 @@ class DaemonSource(Source):
         for fork in self.daemon.manager.forks():
             if fork.handle is not None:
                 fork.handle.handover_cancelled()
-        for state in _servers(self.daemon):
-            pageserver.readopt(state.server)
+        for server in _servers(self.daemon):
+            pageserver.readopt(server)
         self.daemon.server.resume_accepting()
 
 
@@ -181,7 +178,7 @@ class DaemonTarget(Target):
             record = daemon.registry.get(str(template_id))
             if record.created != created:
                 raise TakeoverError(f"template {template_id!r} changed on disk meanwhile")
-            server = daemon.manager._open_server(record)  # maps and scans the mem-file
+            server = daemon.manager.open_server(record)  # maps and scans the mem-file
             self.servers[(record.id, record.created)] = server
         for server in self.servers.values():
             server.wait_ready()
@@ -194,19 +191,8 @@ class DaemonTarget(Target):
         daemon = self.daemon
         servers = list(self.servers.values())
         self.servers.clear()
-        with daemon.manager._lock:
-            servers += [s.server for s in daemon.manager._templates.values()]
-            daemon.manager._templates.clear()
-            daemon.manager._forks.clear()
-        for server in servers:
+        for server in servers + daemon.abandon():
             pageserver.abandon(server)
-        daemon.manager._exits.close()
-        control = getattr(daemon, "server", None)
-        if control is not None:
-            control.server_close()  # our copy of the listening socket only
-        if daemon._lock_fd is not None:
-            os.close(daemon._lock_fd)
-            daemon._lock_fd = None
 
     def adopt(self, state: dict[str, Any], fds: list[int]) -> int:
         daemon = self.daemon
@@ -214,7 +200,7 @@ class DaemonTarget(Target):
         given: set[int] = set()  # fds whose ownership went to a page server
         try:
             lock_fd = os.dup(fds[state["lock"]])
-            daemon._lock_fd = lock_fd
+            daemon.adopt_lock(lock_fd)
             with contextlib.suppress(OSError):  # for a human wondering who holds it
                 os.pwrite(lock_fd, f"{os.getpid()}\n".encode().ljust(16), 0)
             control = socket.socket(fileno=os.dup(fds[state["control"]]))
@@ -231,18 +217,14 @@ class DaemonTarget(Target):
                     record = daemon.registry.get(key[0])
                     if record.created != key[1]:
                         raise TakeoverError(f"template {key[0]!r} changed on disk meanwhile")
-                    server = manager._open_server(record)
+                    server = manager.open_server(record)
                     server.wait_ready()
                 base, count = int(t["base"]), int(t["count"])
                 given.update(range(base, base + count))
                 pageserver.adopt(server, t["server"], fds[base : base + count])
-                with manager._lock:
-                    manager._templates[key] = _TemplateState(daemon.registry.get(key[0]), server)
+                manager.adopt_template(daemon.registry.get(key[0]), server)
             for template_id, created, snap in state.get("loops", []):
-                loop = HotSetLoop()
-                loop.restore(snap)
-                with manager._lock:
-                    manager._loops[(template_id, created)] = loop
+                manager.adopt_loop((str(template_id), float(created)), snap)
             for spec in state["forks"]:
                 self._adopt_fork(spec, fds)
             for server in self.servers.values():  # planned, but its forks are gone: stop it
@@ -297,18 +279,7 @@ class DaemonTarget(Target):
         if isinstance(final, dict):
             known = {f.name for f in dataclasses.fields(ForkStats)}
             fork.final_stats = ForkStats(**{k: v for k, v in final.items() if k in known})
-        with manager._feed_lock:
-            manager._fed[fork.fork_id] = int(spec.get("latencies_fed", 0))
-        with manager._lock:
-            loop = manager._loops.get(key)
-            if fork.role == "prefetch" and loop is not None:
-                fork.hot = loop.hot
-            manager._forks[fork.fork_id] = fork
-            tstate = manager._templates.get(key)
-            if tstate is not None:
-                tstate.forks.add(fork.fork_id)
-        if handle is not None and not fork.vmm_exited:
-            manager._watch_exit(fork)
+        manager.adopt_fork(fork, int(spec.get("latencies_fed", 0)))
 
 
 def build_for_takeover(
@@ -344,18 +315,8 @@ class DaemonHandover:
         if not self.handed:
             self.daemon.close()
             return
-        daemon = self.daemon
-        daemon._closed = True
-        if daemon._thread is not None:
-            daemon.server.shutdown()  # drained already: returns at once
-            daemon._thread.join()
-        daemon.server.server_close()  # our copy of the listening socket only
-        for state in _servers(daemon):
-            pageserver.abandon(state.server)
-        daemon.manager._exits.close()
-        if daemon._lock_fd is not None:
-            os.close(daemon._lock_fd)  # the new daemon holds the lock through its own fd
-            daemon._lock_fd = None
+        for server in self.daemon.abandon():
+            pageserver.abandon(server)
 
 
 __all__ = [
