@@ -8,9 +8,11 @@ server's forks (:mod:`pagefork.takeover.pageserver`):
   it from the moment it has the fd, and the directory is never unowned);
 - every fork the manager holds: template, role, phase, prefetch result, driver, and its VMM
   as its handle hands it over (:meth:`pagefork.vmm.base.VmmHandle.handover`: pid, pidfd, and
-  for the built-in microVM the pipes it is driven through); the new daemon's driver of the
-  same name adopts it (:meth:`pagefork.vmm.base.VmmDriver.adopt`), so it is driven as before
-  and hands over again at the next takeover;
+  for the built-in microVM the pipes it is driven through, the old daemon no longer reading
+  them, so a line the microVM writes meanwhile waits in the pipe for the new one; for
+  Firecracker its API socket and stop settings); the new daemon's driver of the same name
+  adopts it (:meth:`pagefork.vmm.base.VmmDriver.adopt`), so it is driven as before and hands
+  over again at the next takeover;
 - each template's hot-page loop (which fork records, whether a re-record is pending).
 
 Templates are named by id and ``created`` stamp; the new daemon opens each from its state
