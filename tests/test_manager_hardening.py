@@ -396,12 +396,16 @@ class _ProcessHandle(VmmHandle):
     def __init__(self, fork_id: str) -> None:
         self.fork_id = fork_id
         self.proc = subprocess.Popen(["sleep", "600"])
-        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.fd = os.pidfd_open(self.proc.pid)
         self.stopped = 0
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid
+
+    @property
+    def pidfd(self) -> int | None:
+        return self.fd if self.fd >= 0 else None
 
     def exit_status(self) -> int | None:
         return self.proc.poll()
@@ -417,9 +421,9 @@ class _ProcessHandle(VmmHandle):
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _ProcessDriver(VmmDriver):

@@ -19,6 +19,13 @@ import pytest
 
 from conftest import PAGE, needs_kvm, needs_uffd
 from pagefork.daemon.client import DaemonClient
+from pagefork.errors import VmmError
+from pagefork.server import PageServer, ServerConfig
+from pagefork.testing.fcdouble import TEST_PREFIX, FcDoubleProcess
+from pagefork.vmm.base import AdoptedProcess, RestoreRequest, VmmDriver, VmmHandle, VmmHandover
+from pagefork.vmm.firecracker import create_snapshot
+from pagefork.vmm.kvm.driver import KvmDriver
+from pagefork.vmm.kvm.template import TemplateSpec, build_template
 
 PAGEFORK = [
     sys.executable,
@@ -543,3 +550,149 @@ def test_a_template_whose_page_server_starts_during_the_build_is_taken_over_too(
     assert client.release_fork("late")["stats"]["errors"] == 0
     new.proc.send_signal(signal.SIGTERM)
     assert new.proc.wait(60) == 0
+
+
+def _hop(tmp_path: Path, control: Path, old: DaemonProc, forks: int) -> DaemonProc:
+    """One takeover of ``old`` by a new daemon, which it hands ``forks`` forks."""
+    new = DaemonProc(tmp_path / "state", control, "--takeover")
+    assert new.wait_for("took_over")["forks"] == forks
+    assert old.proc.wait(60) == 0
+    return new
+
+
+@needs_kvm
+@needs_uffd
+def test_every_fork_kind_survives_three_takeovers_in_a_row_with_its_options(
+    tmp_path: Path, short_dir: Path, mem_file: Path, vmms
+) -> None:
+    control, daemon, client = _microvm_daemon(tmp_path, short_dir)
+    # The built-in microVM, kept after its walk for snapshots.
+    micro = client.create_fork("vm", "m", vmm="kvm", options={"fork_index": 1, "snapshots": True})
+    assert client.wait_fork("m", timeout=60)["vmm"]["checksum_ok"]
+    # The test VMM, which connects by itself.
+    _, [plain], [guest] = setup_forks(control, mem_file, tmp_path, vmms, n=1)
+    # Firecracker (the double), kept for snapshots and stopped with Ctrl-Alt-Del.
+    with FcDoubleProcess(str(short_dir / "src.api")) as source:
+        source.api.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 8})
+        source.api.request("PUT", "/actions", {"action_type": "InstanceStart"})
+        create_snapshot(source.api_sock, str(tmp_path / "fc.state"), str(tmp_path / "fc.mem"))
+    client.create_template("fc", "firecracker", mem_file=str(tmp_path / "fc.mem"),
+                           snapshot_path=str(tmp_path / "fc.state"))  # fmt: skip
+    with FcDoubleProcess(str(short_dir / "fc.api"), "--fc-version", "1.14") as fc:
+        opts = {"api_socket": fc.api_sock, "snapshots": True, "stop": "ctrl-alt-del"}
+        fcfork = client.create_fork("fc", "f", vmm="firecracker", options=opts)
+        assert fc.result(wait=30)["bad"] == 0
+        for _ in range(3):
+            daemon = _hop(tmp_path, control, daemon, forks=3)
+        listed = {f["fork"]: f for f in client.forks()}
+        assert {k: (f["phase"], f["pid"]) for k, f in listed.items()} == {
+            "m": ("live", micro["pid"]), "f": ("live", fcfork["pid"]), plain["fork"]: ("live", None)
+        }  # fmt: skip
+        # The microVM answers through the pipes its first daemon made: a snapshot (its
+        # 'snapshots' option held), then a walk on over the memory the snapshot holds.
+        assert client.snapshot_fork("m", "m1")["template"]["parent"] == "vm"
+        walk = client.wait_fork("m", timeout=60)["vmm"]
+        branch = client.create_fork("m1", vmm="kvm", options={"fork_index": 1})["fork"]
+        assert client.wait_fork(branch, timeout=60)["vmm"]["checksums"] == walk["checksums"]
+        # Firecracker is driven through its API as before: a diff snapshot of its writes.
+        write = {"region": 0, "offset": 40960, "length": 3 * PAGE, "seed": 9}
+        fc.api.request("PUT", TEST_PREFIX + "write", write)
+        assert client.snapshot_fork("f", "f1")["changed_pages"] == 3
+        # The test VMM's every page is still served right.
+        assert guest.send(cmd="touch", all=True)["bad"] == 0
+        # Released: each VMM stopped the way its options said.
+        client.release_fork("f")
+        assert fc.wait(30) == 0  # it shut down on Ctrl-Alt-Del, not SIGKILLed
+    for fork in (branch, "m"):
+        assert client.release_fork(fork)["stats"]["errors"] == 0
+    _gone(micro["pid"])
+    guest.close()
+    assert client.release_fork(plain["fork"])["stats"]["errors"] == 0
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(60) == 0
+
+
+@needs_kvm
+def test_a_line_a_microvm_writes_while_it_is_handed_over_reaches_the_next_daemon(
+    tmp_path: Path,
+) -> None:
+    tpl = build_template(tmp_path / "t", TemplateSpec(mem_size=8 << 20, variants=1))
+    tpl.close()
+    config = ServerConfig(mem_file_path=str(tpl.mem_file), socket_dir=str(tmp_path), workers=1)
+    driver = KvmDriver()
+    with PageServer(config) as server:
+        request = RestoreRequest("f", server.register_fork("f"), str(tpl.path), str(tpl.mem_file),
+                                 options={"snapshots": True})  # fmt: skip
+        handle = driver.restore(request)
+        adopted = None
+        try:
+            handle.resume()
+            assert handle.wait(60)["checksum_ok"]
+
+            dirs = [tmp_path / f"s{i}" for i in range(5)]
+            for d in dirs:
+                d.mkdir()
+
+            def ask(fds: dict[str, int], i: int) -> None:  # answered on the VMM's stdout
+                os.write(fds["stdin"], f"snapshot {dirs[i]}\n".encode())
+
+            def answered(doc: dict[str, object], i: int) -> bool:
+                return Path(str(doc["memory_diff"])).parent == dirs[i]
+
+            # A handover that fails: this side reads on, the answer written meanwhile first.
+            ask(handle.handover().fds, 0)
+            handle.handover_cancelled()
+            assert answered(handle.process.snapshot(str(dirs[1])), 0)
+            # One that succeeds: the answer this side has not taken yet, and the one the VMM
+            # writes after this side let go, both reach the adopting side, in order.
+            given = handle.handover()
+            ask(given.fds, 2)
+            adopted = driver.adopt("f", given)
+            assert adopted.stays_after_run and adopted.pid == handle.pid
+            assert answered(adopted.process.snapshot(str(dirs[3])), 1)
+            assert answered(adopted.process.snapshot(str(dirs[4])), 2)
+            assert adopted.exit_status() is None  # not its child: only the parent can tell
+        finally:
+            if adopted is not None:
+                adopted.stop()
+            handle.stop()
+
+
+class _RestoreOnly(VmmDriver):
+    """A driver with only what a driver must have: every other method is the default."""
+
+    name = "restore-only"
+
+    def restore(self, request: RestoreRequest, timeout: float = 30.0) -> VmmHandle:
+        raise VmmError("not used here")
+
+
+def test_a_vmm_adopted_by_a_driver_that_cannot_drive_it_is_watched_and_stopped() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        driver = _RestoreOnly()
+        driver.check_options({"anything": 1})  # accepted by default
+        handle = driver.adopt("f", VmmHandover({"pid": child.pid}, {"pidfd": pidfd}))
+        assert isinstance(handle, AdoptedProcess) and handle.pid == child.pid
+        assert handle.pidfd is not None and handle.pidfd != pidfd  # its own copy
+        assert handle.exit_status() is None and not handle.stays_after_run
+        assert handle.handover().state == {"pid": child.pid}  # and hands over again
+        with pytest.raises(VmmError, match="cannot be resumed"):
+            handle.resume()
+        handle.stop()
+        assert child.wait(60) == -signal.SIGKILL and handle.pidfd is None
+        handle.stop()  # idempotent
+    finally:
+        os.close(pidfd)
+        child.kill()
+        child.wait()
+        assert child.stdin is not None
+        child.stdin.close()
+
+
+def test_a_microvm_handover_without_its_pipes_is_refused_in_one_line() -> None:
+    with pytest.raises(VmmError, match=r"fork f: .* needs its pid, pidfd, stdin and stdout "
+                                       r"\(missing: stdin, stdout\)"):  # fmt: skip
+        KvmDriver().adopt("f", VmmHandover({"pid": 1}, {"pidfd": 0}))

@@ -28,7 +28,7 @@ from rich.text import Text
 from pagefork.cli import examples as _examples
 from pagefork.cli.display import cell, safe
 from pagefork.cli.options import parse_workers
-from pagefork.cli.store_options import add_cache_arguments
+from pagefork.cli.store_options import add_cache_arguments, store_options
 from pagefork.errors import PageforkError
 
 DEFAULT_CONTROL = "/run/pagefork.sock"
@@ -337,17 +337,18 @@ def run_daemon(args: argparse.Namespace) -> int:
     # SIGHUP (its terminal or supervisor went away) stops it cleanly too, like SIGTERM, unless
     # --on-sighup takeover; one that is ignored on entry (nohup) stays ignored: that caller
     # asked it to outlive them.
+    from pagefork.daemon.main import serve_daemon
     from pagefork.signals import SignalInbox
-    from pagefork.takeover.daemon_cli import serve_daemon
 
     dirs = [d for d in (args.state_dir, args.cache_dir, args.socket_dir) if d]
     dirs += [os.path.join(args.state_dir, name) for name in _SKELETON]
     made = [_first_missing(d) for d in dirs]
     try:
+        store = store_options(args, os.path.join(args.state_dir, "chunk-cache"))
         with SignalInbox(
             (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), keep_ignored=(signal.SIGHUP,)
         ) as inbox:
-            serve_daemon(args, inbox)
+            serve_daemon(args, inbox, store)
     except BaseException:
         # Refused (another daemon, a control socket in use...) or failed: what this start
         # made and nothing was put in goes again. A directory holding anything else stays.

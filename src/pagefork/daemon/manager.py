@@ -26,9 +26,10 @@ whole mem-file) starts outside it, so other templates and other requests go on m
 second fork of the same template waits for that start only. A template's live forks are the
 forks held here (:meth:`ForkManager.live_forks_of`), never a stored count.
 
-A VMM whose driver gives a pidfd (the built-in microVM) is watched through it on one thread, with
-no polling: when it exits, its fork says so (phase ``exited`` with the ``exit_status``) and the
-process is reaped at once. The fork stays until it is released.
+A VMM whose handle gives a pidfd (the built-in microVM, Firecracker) is watched through it on
+one thread, with no polling: when it exits, its fork says so (phase ``exited`` with the
+``exit_status``, when the daemon is its parent) and the process is reaped at once. The fork
+stays until it is released.
 """
 
 from __future__ import annotations
@@ -118,16 +119,6 @@ class ForkConflictError(ForkError):
 
 class DriverOptionsError(PageforkError):
     """A fork's driver ``options`` are invalid (the API answers 400); nothing was started."""
-
-
-def _check_kvm_options(options: Mapping[str, Any]) -> None:
-    fork_index = options.get("fork_index", 0)
-    if isinstance(fork_index, bool) or not isinstance(fork_index, int) or fork_index < 0:
-        raise VmmError(f"option 'fork_index' must be an integer >= 0, not {fork_index!r}")
-
-
-#: Option checks for drivers that have no ``check_options`` method of their own.
-_OPTION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {"kvm": _check_kvm_options}
 
 
 def load_drivers() -> dict[str, VmmDriver]:
@@ -506,13 +497,8 @@ class ForkManager:
         if vmm is None:
             known = ", ".join(sorted(self.drivers)) or "none available"
             raise VmmError(f"unknown VMM driver {driver!r} (known: {known})")
-        check = getattr(vmm, "check_options", None)
-        if not callable(check):
-            check = _OPTION_CHECKS.get(getattr(vmm, "name", driver))
-        if check is None:
-            return
         try:
-            check(options)
+            vmm.check_options(options)
         except VmmError as exc:
             raise DriverOptionsError(f"driver {driver}: {exc}") from None
 
@@ -792,19 +778,18 @@ class ForkManager:
 
     # --- VMM exits -----------------------------------------------------------------------------
     def _watch_exit(self, fork: Fork) -> None:
-        pidfd = getattr(fork.handle, "pidfd", None)
-        if not isinstance(pidfd, int) or pidfd < 0:
+        pidfd = fork.handle.pidfd if fork.handle is not None else None
+        if pidfd is None:
             return  # this driver cannot tell: the fork stays live until released
         fork.exit_watch = self._exits.watch(pidfd, lambda: self._vmm_exited(fork))
 
     def _vmm_exited(self, fork: Fork) -> None:
         """On the watcher's thread: the fork's VMM has exited. Reap it, and say so."""
-        exit_status = getattr(fork.handle, "exit_status", None)
-        status = exit_status() if callable(exit_status) else None
+        status = fork.handle.exit_status() if fork.handle is not None else None
         with self._lock:
             fork.exit_watch = None
             fork.vmm_exited = True
-            fork.exit_status = status if isinstance(status, int) else None
+            fork.exit_status = status
             if fork.phase is ForkPhase.LIVE:
                 fork.phase = transition(fork.fork_id, fork.phase, ForkPhase.EXITED)
         log.info("fork %s: its VMM exited (status %s)", fork.fork_id, fork.exit_status)
@@ -896,7 +881,7 @@ class ForkManager:
         fork = self.fork(fork_id)
         state = self._state_of(fork)
         summary = fork.handle.wait(timeout) if fork.handle is not None else None
-        if getattr(fork.handle, "stays_after_run", False):
+        if fork.handle is not None and fork.handle.stays_after_run:
             # Kept for snapshots: its VMM stays, stopped, so its session goes on.
             stats = state.server.stats(fork_id)
         else:
@@ -1171,6 +1156,71 @@ class ForkManager:
     def _forget_hot_set(self, template_id: str) -> None:
         self._loops = {k: v for k, v in self._loops.items() if k[0] != template_id}
 
+    # --- live takeover ---------------------------------------------------------------------
+    # What :mod:`pagefork.takeover.daemon` moves between daemons, through these methods only.
+
+    def template_servers(self) -> list[tuple[TemplateRecord, PageServer]]:
+        """Every template whose page server runs, with that server."""
+        with self._lock:
+            return [(s.record, s.server) for s in self._templates.values()]
+
+    def open_server(self, record: TemplateRecord) -> PageServer:
+        """Start ``record``'s page server (it maps and scans the mem-file) without giving it
+        forks: a takeover's new side builds the old side's servers before it adopts them."""
+        return self._open_server(record)
+
+    def export_state(
+        self,
+    ) -> tuple[list[Fork], list[tuple[TemplateKey, dict[str, Any]]], dict[str, int]]:
+        """For a takeover's old side, once quiesced: every fork, where each template's
+        hot-page loop stands, and how many of each fork's fault latencies the metrics have
+        counted already."""
+        with self._lock:
+            forks = list(self._forks.values())
+            loops = [(key, loop.snapshot()) for key, loop in self._loops.items()]
+        with self._feed_lock:
+            fed = {f.fork_id: self._fed.get(f.fork_id, 0) for f in forks}
+        return forks, loops, fed
+
+    def adopt_template(self, record: TemplateRecord, server: PageServer) -> None:
+        """Serve ``record``'s forks from ``server``, which a takeover handed them to."""
+        with self._lock:
+            self._templates[(record.id, record.created)] = _TemplateState(record, server)
+
+    def adopt_loop(self, key: TemplateKey, snapshot: dict[str, Any]) -> None:
+        """Continue a template's hot-page loop from another daemon's :meth:`export_state`."""
+        loop = HotSetLoop()
+        loop.restore(snapshot)
+        with self._lock:
+            self._loops[key] = loop
+
+    def adopt_fork(self, fork: Fork, latencies_fed: int) -> None:
+        """Hold ``fork``, which another daemon handed over (its template adopted first): a
+        prefetch fork gets its template's hot set, and its VMM's exit is watched."""
+        with self._feed_lock:
+            self._fed[fork.fork_id] = latencies_fed
+        with self._lock:
+            loop = self._loops.get(fork.template_key)
+            if fork.role == "prefetch" and loop is not None:
+                fork.hot = loop.hot
+            self._forks[fork.fork_id] = fork
+            state = self._templates.get(fork.template_key)
+            if state is not None:
+                state.forks.add(fork.fork_id)
+        if fork.handle is not None and not fork.vmm_exited:
+            self._watch_exit(fork)
+
+    def abandon(self) -> list[PageServer]:
+        """Let go of every template and fork without releasing one or stopping a VMM (a
+        takeover moved them, or a failed one's new side built them for nothing) and stop
+        watching VMM exits; the page servers, which the caller abandons."""
+        with self._lock:
+            servers = [s.server for s in self._templates.values()]
+            self._templates.clear()
+            self._forks.clear()
+        self._exits.close()
+        return servers
+
     def close(self) -> None:
         """Release every fork (stopping the VMMs the manager started) and stop all servers."""
         with self._lock:
@@ -1189,9 +1239,7 @@ class ForkManager:
             state.server.close()
         self._exits.close()
         for vmm in self.drivers.values():
-            close = getattr(vmm, "close", None)
-            if callable(close):
-                close()
+            vmm.close()
 
 
 __all__ = [

@@ -32,6 +32,7 @@ from pagefork.daemon.journal import SocketJournal
 from pagefork.daemon.manager import ForkManager, ManagerConfig, load_drivers
 from pagefork.daemon.metrics import DaemonMetrics
 from pagefork.errors import PageforkError
+from pagefork.server import PageServer
 from pagefork.store.lazy import StoreOptions
 from pagefork.templates import TemplateRegistry
 from pagefork.vmm.base import VmmDriver
@@ -209,6 +210,36 @@ class Daemon:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # the next daemon may take the state directory
                 self._lock_fd = None
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The open file whose ``flock`` owns the state directory (a takeover hands it on)."""
+        return self._lock_fd
+
+    def adopt_lock(self, fd: int) -> None:
+        """Own the state directory through ``fd``, a copy of the running daemon's lock file
+        (an ``flock`` belongs to the open file: the directory is never unowned)."""
+        self._lock_fd = fd
+
+    def abandon(self) -> list[PageServer]:
+        """Let go of everything without releasing a fork, removing a socket or unlocking the
+        state directory through another copy: after a takeover they are the new daemon's (or,
+        on a failed one's new side, still the old daemon's). Returns the page servers, which
+        the caller abandons; idempotent."""
+        if self._closed:
+            return []
+        self._closed = True
+        control = getattr(self, "server", None)  # a new side's, before it adopted one: none
+        if control is not None:
+            if self._thread is not None:
+                control.shutdown()  # drained already: returns at once
+                self._thread.join()
+            control.server_close()  # this process's copy of the listening socket only
+        servers = self.manager.abandon()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        return servers
 
     def __enter__(self) -> Daemon:
         return self

@@ -42,9 +42,16 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Literal, cast
 
 from pagefork.errors import VmmError
-from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle, VmmSnapshot
+from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle, VmmHandover, VmmSnapshot
 from pagefork.vmm.fc_releases import LOAD_FIELD_SINCE, OLDEST_SUPPORTED, FirecrackerVersion
-from pagefork.vmm.jailer import Jail, JailerConfig, JailerError, format_pattern, parse_jailer
+from pagefork.vmm.jailer import (
+    Jail,
+    JailerConfig,
+    JailerError,
+    format_pattern,
+    parse_jailer,
+    remove_made,
+)
 
 #: A diff snapshot's files inside the directory it is taken into.
 DIFF_VMSTATE_FILE = "vmstate"
@@ -297,6 +304,7 @@ class FirecrackerHandle(VmmHandle):
         stop_mode: StopMode,
         stop_timeout: float,
         jailed: _Jailed | None = None,
+        jail_made: dict[str, list[str]] | None = None,
     ) -> None:
         self.fork_id = fork_id
         self.api = api
@@ -305,12 +313,43 @@ class FirecrackerHandle(VmmHandle):
         self._stop_mode = stop_mode
         self._stop_timeout = stop_timeout
         self._jailed = jailed
+        # A jailed Firecracker adopted in a takeover: what its jail holds (removed at stop).
+        self._jail_made = jail_made
         self._stopped = False
 
     @property
     def pid(self) -> int | None:
         """Firecracker's pid, from ``SO_PEERCRED`` on its API socket."""
         return self._pid
+
+    @property
+    def pidfd(self) -> int | None:
+        """A pidfd of Firecracker, opened before the load; None after :meth:`stop`."""
+        return self._pidfd
+
+    def exit_status(self) -> int | None:
+        """A jailed Firecracker (this daemon's child): its status once it has exited, reaping
+        it. Any other is not this process's child: unknown (None)."""
+        if self._jailed is None:
+            return None
+        return self._jailed.proc.poll()
+
+    def handover(self) -> VmmHandover:
+        """Its pidfd, API socket and stop settings, and for a jailed one what its jail
+        holds: what :meth:`FirecrackerDriver.adopt` needs to drive it as before."""
+        state: dict[str, Any] = {
+            "pid": self._pid,
+            "api_socket": self.api.socket_path,
+            "api_timeout": self.api.timeout,
+            "stop": self._stop_mode,
+            "stop_timeout": self._stop_timeout,
+        }
+        if self._jailed is not None:
+            state["jail"] = self._jailed.jail.made()
+        elif self._jail_made is not None:
+            state["jail"] = self._jail_made
+        fds = {"pidfd": self._pidfd} if self._pidfd is not None else {}
+        return VmmHandover(state=state, fds=fds)
 
     def resume(self) -> None:
         """``PATCH /vm {"state": "Resumed"}``: the vCPUs run."""
@@ -355,6 +394,8 @@ class FirecrackerHandle(VmmHandle):
         finally:
             if self._jailed is not None:
                 self._jailed.release(self._stop_timeout)
+            if self._jail_made is not None:
+                remove_made(self._jail_made)
 
     def _end_process(self) -> None:
         pidfd, self._pidfd = self._pidfd, None
@@ -679,6 +720,37 @@ class FirecrackerDriver(VmmDriver):
             if jailed is not None:
                 jailed.release(opts.stop_timeout)
             raise
+
+    def adopt(self, fork_id: str, handover: VmmHandover) -> FirecrackerHandle:
+        """A Firecracker another daemon restored, from its :meth:`FirecrackerHandle.handover`:
+        driven through the same API socket (resume, snapshots, its stop mode), watched and
+        killed through its pidfd (duplicated here). A jailed one's jail is removed at stop;
+        its process is not this daemon's child, so its exit status is unknown."""
+        state = handover.state
+        path = state.get("api_socket")
+        if not isinstance(path, str) or not path:
+            raise VmmError(f"fork {fork_id}: a Firecracker handover needs its API socket")
+        pid = state.get("pid")
+        timeout = state.get("api_timeout")
+        stop = state.get("stop")
+        stop_timeout = state.get("stop_timeout")
+        jail = state.get("jail")
+        fd = handover.fds.get("pidfd", -1)
+        if not isinstance(timeout, (int, float)):
+            timeout = DEFAULT_API_TIMEOUT
+        return FirecrackerHandle(
+            fork_id,
+            FirecrackerApi(path, timeout=float(timeout)),
+            pid if isinstance(pid, int) else None,
+            os.dup(fd) if fd >= 0 else None,
+            "ctrl-alt-del" if stop == "ctrl-alt-del" else "kill",
+            float(stop_timeout) if isinstance(stop_timeout, (int, float)) else 5.0,
+            jail_made=(
+                {k: [str(p) for p in v] for k, v in jail.items() if isinstance(v, list)}
+                if isinstance(jail, dict)
+                else None
+            ),
+        )
 
     @staticmethod
     def _check_fresh(api: FirecrackerApi, fork_id: str) -> FirecrackerVersion:

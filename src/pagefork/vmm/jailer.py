@@ -248,23 +248,37 @@ class Jail:
         except OSError as exc:
             raise JailerError(f"cannot hand {dst} to the jail's uid: {exc.strerror}") from None
 
+    def made(self) -> dict[str, list[str]]:
+        """What :meth:`prepare` made, for :func:`remove_made` in another process (a daemon
+        that adopts the jailed Firecracker in a takeover)."""
+        return {
+            "mounts": list(self._mounts),
+            "files": list(self._made_files),
+            "dirs": list(self._made_dirs),
+        }
+
     def cleanup(self) -> None:
         """Remove what :meth:`prepare` made (mounts, links, copies, empty directories)."""
-        for path in reversed(self._mounts):
-            _libc.umount2(path.encode(), _MNT_DETACH)
+        remove_made(self.made())
         self._mounts.clear()
-        for path in reversed(self._made_files):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
         self._made_files.clear()
-        for d in reversed(self._made_dirs):
-            try:
-                os.rmdir(d)  # only if empty: what the jailer put there is not ours
-            except OSError:
-                break
         self._made_dirs.clear()
+
+
+def remove_made(made: dict[str, list[str]]) -> None:
+    """Remove what a jail's :meth:`Jail.prepare` made, as :meth:`Jail.made` lists it."""
+    for path in reversed(made.get("mounts", [])):
+        _libc.umount2(path.encode(), _MNT_DETACH)
+    for path in reversed(made.get("files", [])):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    for d in reversed(made.get("dirs", [])):
+        try:
+            os.rmdir(d)  # only if empty: what the jailer put there is not ours
+        except OSError:
+            break
 
 
 __all__ = [
@@ -275,4 +289,5 @@ __all__ = [
     "JailerError",
     "format_pattern",
     "parse_jailer",
+    "remove_made",
 ]

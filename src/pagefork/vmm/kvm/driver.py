@@ -9,6 +9,10 @@ The fork process exits by itself once its guest has reported. A handle holds a p
 (opened while the process cannot yet have been reaped, so it names this process and no other):
 whoever watches it learns of the exit without polling, and :meth:`KvmHandle.exit_status` then
 reaps the process, so no zombie is left however long the fork stays registered.
+
+In a live takeover the handle hands over its pidfd, its two pipes and where it stands (resumed,
+paused by a snapshot, lines read and not yet taken); :meth:`KvmDriver.adopt` builds the same
+kind of handle from them in the new daemon, which can hand it over again.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pagefork.errors import VmmError
-from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle, VmmSnapshot
+from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle, VmmHandover, VmmSnapshot
 from pagefork.vmm.kvm.process import ForkProcess
 from pagefork.vmm.kvm.template import MEM_FILE
 
@@ -27,15 +31,24 @@ from pagefork.vmm.kvm.template import MEM_FILE
 class KvmHandle(VmmHandle):
     """One microVM fork process, restored and waiting for :meth:`resume`."""
 
-    def __init__(self, fork_id: str, process: ForkProcess) -> None:
+    def __init__(
+        self,
+        fork_id: str,
+        process: ForkProcess,
+        *,
+        pidfd: int | None = None,
+        resumed: bool = False,
+        paused_by_snapshot: bool = False,
+    ) -> None:
         self.fork_id = fork_id
         self.process = process
-        self._resumed = False
-        self._paused_by_snapshot = False
-        # Only this handle's process reaps the pid, and it has not yet: the pidfd is its.
-        self._pidfd: int | None = None
-        with contextlib.suppress(OSError):  # no pidfd: the fork is simply not watched
-            self._pidfd = os.pidfd_open(process.pid)
+        self._resumed = resumed
+        self._paused_by_snapshot = paused_by_snapshot
+        self._pidfd: int | None = pidfd
+        if pidfd is None:
+            # Only this handle's process reaps the pid, and it has not yet: the pidfd is its.
+            with contextlib.suppress(OSError):  # no pidfd: the fork is simply not watched
+                self._pidfd = os.pidfd_open(process.pid)
 
     @property
     def pidfd(self) -> int | None:
@@ -67,6 +80,29 @@ class KvmHandle(VmmHandle):
     def pid(self) -> int | None:
         """The fork process's pid."""
         return self.process.pid
+
+    def handover(self) -> VmmHandover:
+        """Its pidfd and pipes, and where it stands: what :meth:`KvmDriver.adopt` needs."""
+        events, partial = self.process.hold_output()  # the next daemon reads on
+        stdin, stdout = self.process.pipes()
+        fds = {"stdin": stdin, "stdout": stdout}
+        if self._pidfd is not None:
+            fds["pidfd"] = self._pidfd
+        state = {
+            "pid": self.process.pid,
+            "fork_index": self.process.fork_index,
+            "snapshots": self.process.snapshots,
+            "resumed": self._resumed,
+            "paused_by_snapshot": self._paused_by_snapshot,
+            "restored": self.process.restored,
+            "events": events,
+            "partial": partial.decode("latin-1"),
+        }
+        return VmmHandover(state=state, fds=fds)
+
+    def handover_cancelled(self) -> None:
+        """The takeover failed: read the process's output here again."""
+        self.process.resume_output()
 
     def resume(self) -> None:
         """Start the vCPUs: the guest walks to its halt. After a snapshot of the halted guest
@@ -150,11 +186,11 @@ class KvmDriver(VmmDriver):
     def restore(self, request: RestoreRequest, timeout: float = 30.0) -> KvmHandle:
         """Start the fork process against ``request.uffd_socket`` and wait until it has handed
         its RAM over and restored its vCPUs."""
-        fork_index = request.options.get("fork_index", 0)
-        if isinstance(fork_index, bool) or not isinstance(fork_index, int) or fork_index < 0:
-            raise VmmError(
-                f"fork {request.fork_id}: fork_index must be an integer >= 0, got {fork_index!r}"
-            )
+        try:
+            self.check_options(request.options)
+        except VmmError as exc:
+            raise VmmError(f"fork {request.fork_id}: {exc}") from None
+        fork_index = int(request.options.get("fork_index", 0))
         snapshots = request.options.get("snapshots", False) is True
         # A child template's directory holds no mem-file: its memory is the base and layers
         # (or, once flattened, a mem-file elsewhere in the template's directory).
@@ -180,3 +216,39 @@ class KvmDriver(VmmDriver):
         except BaseException:
             process.close()
             raise
+
+    def adopt(self, fork_id: str, handover: VmmHandover) -> KvmHandle:
+        """The fork process another daemon started, from its :meth:`KvmHandle.handover`:
+        driven through the same pipes (duplicated here), so it is resumed, waited for and
+        snapshotted as before, and hands over again the same way."""
+        state, fds = handover.state, handover.fds
+        missing = [name for name in ("pidfd", "stdin", "stdout") if fds.get(name, -1) < 0]
+        pid = state.get("pid")
+        if missing or not isinstance(pid, int):
+            raise VmmError(
+                f"fork {fork_id}: a microVM handover needs its pid, pidfd, stdin and stdout "
+                f"(missing: {', '.join(missing) or 'pid'})"
+            )
+        restored = state.get("restored")
+        events = [e for e in state.get("events") or () if isinstance(e, dict)]
+        partial = str(state.get("partial") or "").encode("latin-1", "replace")
+        kept: list[int] = []
+        try:
+            for name in ("pidfd", "stdin", "stdout"):
+                kept.append(os.dup(fds[name]))
+            pidfd = os.dup(kept[0])  # the handle's own: the process object closes its one
+            kept.append(pidfd)
+        except OSError as exc:
+            for fd in kept:
+                os.close(fd)
+            raise VmmError(f"fork {fork_id}: cannot keep its handed-over fds: {exc}") from None
+        process = ForkProcess.adopt(
+            pid, kept[0], kept[1], kept[2], int(state.get("fork_index", 0)),
+            snapshots=bool(state.get("snapshots")),
+            restored=restored if isinstance(restored, dict) else None, events=events,
+            partial=partial,
+        )  # fmt: skip
+        return KvmHandle(
+            fork_id, process, pidfd=pidfd, resumed=bool(state.get("resumed")),
+            paused_by_snapshot=bool(state.get("paused_by_snapshot")),
+        )  # fmt: skip

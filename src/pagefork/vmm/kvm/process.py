@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -11,7 +14,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from pagefork.errors import VmmError
 
@@ -28,6 +31,58 @@ def _new_spawner_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_new_spawner_in_child)
+
+
+class _Process(Protocol):
+    """What a :class:`ForkProcess` needs of its process (a :class:`subprocess.Popen`)."""
+
+    pid: int
+    stdin: IO[str] | None
+    stdout: IO[str] | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int | None: ...
+    def kill(self) -> None: ...
+
+
+class _AdoptedPopen:
+    """A fork process this process did not start, as :class:`ForkProcess` drives one: its
+    pipes, and a pidfd to watch and kill it. Only its parent can read its exit status, so
+    ``poll`` and ``wait`` return None for it."""
+
+    def __init__(self, pid: int, pidfd: int, stdin: int, stdout: int) -> None:
+        self.pid = pid
+        self._pidfd = pidfd
+        self.stdin: IO[str] | None = open(stdin, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self.stdout: IO[str] | None = open(stdout, encoding="utf-8", errors="replace")  # noqa: SIM115
+
+    def _exited(self, timeout: float | None) -> bool:
+        if self._pidfd < 0:
+            return True
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else int(timeout * 1000)))
+
+    def poll(self) -> int | None:
+        """None: running, or exited with a status only its parent can read."""
+        return None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the process to exit (:class:`subprocess.TimeoutExpired` after ``timeout``);
+        its status is unknown (None)."""
+        if not self._exited(timeout):
+            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+        return None
+
+    def kill(self) -> None:
+        """SIGKILL it through the pidfd (so a reused pid is never hit); the pidfd is closed
+        once it has exited."""
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            self.wait(10.0)
+            os.close(self._pidfd)
+            self._pidfd = -1
 
 
 @dataclass
@@ -111,7 +166,7 @@ class ForkProcess:
             cmd.append("--outlive-parent")
         for path in memory:
             cmd += ["--memory", str(path)]
-        self._proc = _SPAWNER.submit(
+        proc = _SPAWNER.submit(
             subprocess.Popen,
             cmd,
             stdin=subprocess.PIPE,
@@ -119,14 +174,47 @@ class ForkProcess:
             text=True,
             bufsize=1,
         ).result()
+        self._attach(proc, [], b"")
+
+    @classmethod
+    def adopt(
+        cls,
+        pid: int,
+        pidfd: int,
+        stdin: int,
+        stdout: int,
+        fork_index: int,
+        *,
+        snapshots: bool,
+        restored: dict[str, Any] | None,
+        events: Sequence[dict[str, Any]] = (),
+        partial: bytes = b"",
+    ) -> ForkProcess:
+        """A fork process another orchestrator started (a live takeover): driven through the
+        same pipes (``stdin``, ``stdout``), watched and killed through ``pidfd``; this object
+        owns the three fds. ``events`` are lines the other one had read and not taken,
+        ``partial`` the start of a line it had read part of (see :meth:`hold_output`)."""
+        self = cls.__new__(cls)
+        self.fork_index = fork_index
+        self.snapshots = snapshots
+        self._attach(_AdoptedPopen(pid, pidfd, stdin, stdout), list(events), partial)
+        self.restored = restored
+        return self
+
+    def _attach(self, proc: _Process, events: list[dict[str, Any]], partial: bytes) -> None:
+        self._proc: _Process = proc
         # Events not yet taken, and whether the output ended: several threads may wait for
         # different events of one fork (its result, a snapshot), so each takes only its own.
-        self._events: list[dict[str, Any]] = []
+        self._events = events
         self._ended = False
         self._arrived = threading.Condition()
         self._command_lock = threading.Lock()
         assert self._proc.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self._proc.stdout,), daemon=True)
+        self._stdout = self._proc.stdout.fileno()
+        self._partial = partial  # read, but not yet a whole line
+        # Written to stop the reader at a line boundary (hold_output), without polling.
+        self._hold = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.restored: dict[str, Any] | None = None
 
@@ -135,16 +223,57 @@ class ForkProcess:
         """The fork process's pid."""
         return self._proc.pid
 
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
+    def pipes(self) -> tuple[int, int]:
+        """The fds of the process's stdin and stdout (for a handover; still this object's)."""
+        assert self._proc.stdin is not None
+        return self._proc.stdin.fileno(), self._stdout
+
+    def hold_output(self, timeout: float = 10.0) -> tuple[list[dict[str, Any]], bytes]:
+        """Stop reading the process's output (a handover: its next reader is in another
+        process, and a line read here would be lost to it); the lines read and not yet taken,
+        and the start of a line read in part. What the process writes meanwhile stays in the
+        pipe. :meth:`resume_output` reads on (the handover failed)."""
+        if self._reader.is_alive():
+            os.eventfd_write(self._hold, 1)
+            self._reader.join(timeout)
+            if self._reader.is_alive():
+                raise VmmError(f"fork {self.fork_index}: its output reader did not stop")
+        with self._arrived:
+            return [dict(e) for e in self._events], self._partial
+
+    def resume_output(self) -> None:
+        """Read the process's output again after :meth:`hold_output`; a no-op otherwise."""
+        if self._reader.is_alive() or self._ended:
+            return
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._hold)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        poller = select.poll()
+        poller.register(self._hold, select.POLLIN)
+        poller.register(self._stdout, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._hold in ready:
+                return  # held: what is still in the pipe is the next reader's
             try:
-                doc = json.loads(line)
-            except ValueError:
-                continue  # not ours (a stray print); the protocol lines are JSON
-            if isinstance(doc, dict):
-                with self._arrived:
-                    self._events.append(doc)
-                    self._arrived.notify_all()
+                chunk = os.read(self._stdout, 1 << 16)
+            except OSError:
+                chunk = b""  # closed under us (close()): the output has ended for us
+            if not chunk:
+                break
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            for line in lines:
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    continue  # not ours (a stray print); the protocol lines are JSON
+                if isinstance(doc, dict):
+                    with self._arrived:
+                        self._events.append(doc)
+                        self._arrived.notify_all()
         with self._arrived:
             self._ended = True
             self._arrived.notify_all()
@@ -168,8 +297,9 @@ class ForkProcess:
                 left = deadline - time.monotonic()
                 if self._ended:
                     code = self._proc.wait()
+                    status = "status unknown" if code is None else code
                     raise VmmError(
-                        f"fork {self.fork_index}: process exited ({code}) before {want!r}"
+                        f"fork {self.fork_index}: process exited ({status}) before {want!r}"
                     )
                 if left <= 0:
                     raise VmmError(f"fork {self.fork_index}: no {want!r} within {timeout:g}s")
@@ -254,6 +384,13 @@ class ForkProcess:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
+        # Stop the reader before its fd is closed (a reused fd number must not be read).
+        if self._hold >= 0 and self._reader.is_alive():
+            os.eventfd_write(self._hold, 1)
+            self._reader.join()
         for stream in (self._proc.stdin, self._proc.stdout):
             if stream is not None:
                 stream.close()
+        if self._hold >= 0:
+            os.close(self._hold)
+            self._hold = -1

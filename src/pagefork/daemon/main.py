@@ -1,4 +1,5 @@
-"""How ``pagefork daemon`` runs: started fresh or by a takeover, and handing over in turn.
+"""The daemon's main loop: how ``pagefork daemon`` runs, started fresh or by a takeover, and
+handing over in turn (the handover itself is :mod:`pagefork.takeover.daemon`).
 
 Every daemon listens for a successor on ``STATE_DIR/takeover.sock``. With ``--on-sighup
 takeover``, SIGHUP starts one itself (``python -m pagefork daemon SAME-OPTIONS --takeover``,
@@ -22,11 +23,10 @@ import sys
 import threading
 from typing import Any
 
-from pagefork.cli.store_options import store_options
 from pagefork.daemon.manager import ManagerConfig
 from pagefork.daemon.service import Daemon
 from pagefork.signals import POSTED, SignalInbox
-from pagefork.takeover import pageserver
+from pagefork.store.lazy import StoreOptions
 from pagefork.takeover.daemon import DaemonHandover, DaemonTarget, takeover_path
 from pagefork.takeover.new import take_over
 from pagefork.takeover.systemd import notify
@@ -79,25 +79,6 @@ def _start_successor(args: argparse.Namespace) -> None:
     threading.Thread(target=reap, name="pagefork-successor", daemon=True).start()
 
 
-def _discard(daemon: Daemon, target: DaemonTarget) -> None:
-    """A takeover that failed, on the new side: stop what was built without releasing a fork
-    or stopping a VMM (they are the old daemon's, which serves on)."""
-    servers = list(target.servers.values())
-    with daemon.manager._lock:
-        servers += [s.server for s in daemon.manager._templates.values()]
-        daemon.manager._templates.clear()
-        daemon.manager._forks.clear()
-    for server in servers:
-        pageserver.abandon(server)
-    daemon.manager._exits.close()
-    control = getattr(daemon, "server", None)
-    if control is not None:
-        control.server_close()  # our copy of the listening socket only
-    if daemon._lock_fd is not None:
-        os.close(daemon._lock_fd)
-        daemon._lock_fd = None
-
-
 def _pass_on_terminate(pid: int) -> None:
     """SIGTERM the successor ``pid`` (it is alive: it just said ``done``)."""
     try:
@@ -118,12 +99,12 @@ def _is_stop(code: int, args: argparse.Namespace) -> bool:
     return not (code == signal.SIGHUP and args.on_sighup == "takeover")
 
 
-def serve_daemon(args: argparse.Namespace, inbox: SignalInbox) -> None:
-    """Run the daemon of ``args`` until a stop signal from ``inbox`` (SIGHUP with
+def serve_daemon(args: argparse.Namespace, inbox: SignalInbox, store: StoreOptions) -> None:
+    """Run the daemon of ``args`` (the parsed ``pagefork daemon`` options; ``store``: how it
+    reaches templates in object storage) until a stop signal from ``inbox`` (SIGHUP with
     ``--on-sighup takeover`` hands over instead). A stop (SIGTERM, SIGINT) wins over a reload
     that came before it; one that comes while a successor takes over is passed on to it, so
     the service still stops."""
-    store = store_options(args, os.path.join(args.state_dir, "chunk-cache"))
     settings = ManagerConfig(
         socket_dir="",
         record_max_seconds=args.record_max_seconds,
@@ -141,7 +122,7 @@ def serve_daemon(args: argparse.Namespace, inbox: SignalInbox) -> None:
         try:
             took = take_over(takeover_path(args.state_dir), target, cancel_fd=inbox.fileno())
         except BaseException:
-            _discard(daemon, target)
+            target.discard()
             raise
         daemon.start()
         listener = took.listener

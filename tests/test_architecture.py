@@ -1,0 +1,177 @@
+"""The import graph reads as the architecture: no cycle, no import from a lower layer up.
+
+Every module under ``src/pagefork`` is parsed (never imported) and each of its imports of a
+pagefork module is an edge, wherever it is written: a lazy import inside a function is a
+dependency too. Layers are :data:`TIERS`, lowest first; a tier holds one or more groups of
+top-level modules or packages. A module may import its own group and any group of a lower
+tier, never a higher tier nor another group of its own tier (siblings stay independent: the
+page server and the VMM drivers know nothing of each other).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PACKAGE = "pagefork"
+
+#: The layers, lowest first; each a list of groups, each group the top-level names under
+#: ``pagefork`` it holds ("" is the package itself: its version and docstring).
+TIERS: list[list[set[str]]] = [
+    # Kernel interfaces and plain data: each depends on nothing of ours.
+    [{""}, {"errors"}, {"libc"}, {"regions"}, {"removed"}, {"signals"}, {"stats"}],
+    [{"files"}, {"uffd"}],
+    # Wire and file formats, and the fault-path primitives.
+    [{"handshake"}, {"memfile"}, {"hotpages"}, {"prefetch"}],
+    # Where memory comes from (a mem-file's layers, object storage), and the hot-set policy.
+    [{"layers", "store"}, {"hotloop"}],
+    # The page server, and the VMMs it serves: neither knows the other.
+    [{"server", "serving"}, {"vmm"}],
+    # The template registry (it recognises a built-in microVM template).
+    [{"templates"}],
+    # The daemon and the live takeover of a daemon or a page server.
+    [{"daemon", "takeover"}],
+    # Entry points, and what tests and benchmarks drive.
+    [{"cli", "__main__"}, {"testing"}],
+]
+
+#: Imports that break the rules today, each (importer, imported). Keep this short: remove an
+#: entry once its module moves (the test fails while an entry no longer occurs).
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
+    # The demo's orchestration (``pagefork demo``, ``--branch``) lives inside the VMM package
+    # and drives a page server; it is moving to a package of its own.
+    ("pagefork.vmm.kvm.orchestrate", "pagefork.server"): "demo orchestration in vmm/kvm",
+    ("pagefork.vmm.kvm.branch", "pagefork.server"): "demo orchestration in vmm/kvm",
+}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted((SRC / PACKAGE).rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def _imported(name: str, path: Path, modules: dict[str, Path]) -> Iterator[str]:
+    """The pagefork modules ``name`` imports (``from pkg import mod`` names ``pkg.mod``)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            targets = [f"{module}.{alias.name}" for alias in node.names] + [module]
+            # ``from pagefork.x import y``: the module y if it is one, else module x.
+            targets = [t for t in targets[:-1] if t in modules] or [module]
+        for target in targets:
+            while target not in modules and "." in target:
+                target = target.rpartition(".")[0]
+            if target in modules and target != name:
+                yield target
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every pagefork module and the pagefork modules it imports."""
+    modules = _modules()
+    return {name: set(_imported(name, path, modules)) for name, path in modules.items()}
+
+
+def _place(module: str) -> tuple[int, int]:
+    """(tier, group) of a module."""
+    top = module.split(".")[1] if "." in module else ""
+    for tier, groups in enumerate(TIERS):
+        for group, names in enumerate(groups):
+            if top in names:
+                return tier, group
+    raise AssertionError(f"{module}: its top-level name {top!r} is in no layer of TIERS")
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _without_exceptions(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {a: {b for b in deps if (a, b) not in KNOWN_EXCEPTIONS} for a, deps in graph.items()}
+
+
+def test_the_graph_sees_every_kind_of_import() -> None:
+    graph = import_graph()
+    assert "pagefork.daemon.manager" in graph["pagefork.daemon.main"]  # from x import y
+    assert "pagefork.daemon.main" in graph["pagefork.cli.daemon_cmd"]  # inside a function
+    assert "pagefork.vmm.kvm.orchestrate" in graph["pagefork.vmm.kvm.branch"]
+    assert "pagefork.errors" in graph["pagefork.uffd"]
+
+
+def test_every_module_has_a_layer() -> None:
+    for module in import_graph():
+        _place(module)
+
+
+def test_no_import_cycle_among_pagefork_modules() -> None:
+    assert _cycles(_without_exceptions(import_graph())) == []
+
+
+def test_no_import_from_a_lower_layer_to_a_higher_one_or_a_sibling() -> None:
+    wrong = []
+    for importer, deps in _without_exceptions(import_graph()).items():
+        tier, group = _place(importer)
+        for imported in sorted(deps):
+            their_tier, their_group = _place(imported)
+            if their_tier > tier or (their_tier == tier and their_group != group):
+                wrong.append(f"{importer} -> {imported}")
+    assert wrong == []
+
+
+def test_every_known_exception_still_occurs() -> None:
+    graph = import_graph()
+    stale = [f"{a} -> {b}" for a, b in KNOWN_EXCEPTIONS if b not in graph.get(a, set())]
+    assert stale == [], "no longer needed: remove from KNOWN_EXCEPTIONS"
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_import() -> None:
+    graph = {"pagefork.errors": {"pagefork.uffd"}, "pagefork.uffd": {"pagefork.errors"}}
+    assert _cycles(graph) == [["pagefork.errors", "pagefork.uffd"]]
+    assert _place("pagefork.errors") < _place("pagefork.uffd")
+    assert _place("pagefork.vmm.kvm.driver")[0] == _place("pagefork.server")[0]
+    assert _place("pagefork.vmm.base")[1] != _place("pagefork.serving.worker")[1]
