@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagefork import __version__
-from pagefork.cli.display import safe
+from pagefork.cli.display import examples, safe
 from pagefork.errors import PageforkError
 
 #: Exit code for bad input or an unusable environment (argparse uses it too).
@@ -47,11 +47,6 @@ class PageforkFormatter(argparse.HelpFormatter):
             else:
                 paragraphs.append(super()._fill_text(para, width, indent))
         return "\n\n".join(paragraphs)
-
-
-def examples(*commands: str) -> str:
-    """An epilog paragraph showing ``commands``, for a sub-command's help."""
-    return "examples:\n\n" + "\n".join(f"  {c}" for c in commands)
 
 
 class PageforkParser(argparse.ArgumentParser):

@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pagefork.cli import examples as _examples
 from pagefork.cli.display import cell, safe
+from pagefork.cli.display import examples as _examples
 from pagefork.cli.options import parse_workers
 from pagefork.cli.store_options import add_cache_arguments, store_options
 from pagefork.errors import PageforkError

@@ -31,3 +31,8 @@ def safe(text: object) -> str:
 def cell(text: object) -> Text:
     """A table cell showing ``text`` safely, with no rich markup applied to it."""
     return Text(safe(text))
+
+
+def examples(*commands: str) -> str:
+    """An epilog paragraph showing ``commands``, for a sub-command's help."""
+    return "examples:\n\n" + "\n".join(f"  {c}" for c in commands)

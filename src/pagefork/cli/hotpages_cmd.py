@@ -14,8 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pagefork.cli import examples
-from pagefork.cli.display import safe
+from pagefork.cli.display import examples, safe
 from pagefork.errors import PageforkError
 from pagefork.hotpages import (
     HotPage,

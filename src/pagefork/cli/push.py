@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task
 from rich.text import Text
 
-from pagefork.cli import examples
+from pagefork.cli.display import examples
 from pagefork.cli.store_options import add_endpoint_argument, check_endpoint_environment
 from pagefork.errors import PageforkError
 from pagefork.store.cache import parse_size

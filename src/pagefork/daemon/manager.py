@@ -350,6 +350,8 @@ class ForkManager:
                 f"cannot create socket dir {config.socket_dir}: {exc.strerror}"
             ) from None
         self._lock = threading.Lock()
+        # Notified when a fork's final stats arrive (after its hot-set window was reported).
+        self._final = threading.Condition(self._lock)
         self._store: StoreOptions | None = None  # made on first use: see _store_options
         self._store_lock = threading.Lock()
         self._templates: dict[TemplateKey, _TemplateState] = {}
@@ -699,6 +701,7 @@ class ForkManager:
                 fork = self._forks.get(fork_id)
                 if fork is not None and fork.template_key == key:
                     fork.final_stats = stats
+                    self._final.notify_all()
             if self.on_fork_end is not None:
                 self.on_fork_end(record.id, stats)
 
@@ -885,9 +888,17 @@ class ForkManager:
             # Kept for snapshots: its VMM stays, stopped, so its session goes on.
             stats = state.server.stats(fork_id)
         else:
+            deadline = time.monotonic() + timeout
             stats = state.server.wait_ended(fork_id, timeout=timeout)
             # Its state says so from now on, whenever the final stats arrive.
             fork.session_ended = stats.state in ("ended", "failed")
+            # The page server reports a fork's end, and a warm-up's hot set before it, on a
+            # thread of its own: wait for that too, so a fork created once this returns is
+            # prefetched from the set the warm-up just recorded.
+            with self._final:
+                self._final.wait_for(
+                    lambda: fork.final_stats is not None, max(0.0, deadline - time.monotonic())
+                )
         return {"vmm": summary, "stats": stats.to_dict()}
 
     # --- the hot-page loop -------------------------------------------------------------------
