@@ -17,6 +17,7 @@ from pagefork.hotpages import (
     HotPageList,
     at_least,
     decode,
+    encode,
     encode_hpl1,
     encode_hpl2,
     intersection,
@@ -498,3 +499,27 @@ def test_random_bytes_after_the_magic_never_escape_as_another_error(magic: bytes
         assert decode(encode_hpl1(hot.sorted_pages()), "again").sorted_pages() == hot.sorted_pages()
     # Both outcomes are common (fixed counts for this generator seed; the bounds leave room).
     assert decoded > 300 and refused > 1500, (decoded, refused)
+
+
+def test_hpl3_keeps_the_plans_made_for_the_list_and_hpl2_files_still_load() -> None:
+    hot = HotPageList.from_pages([(0, 0x3000), (1, 0), (0, 0x1000)], [0.5, None, 1.0])
+    hot.set_plan_data("10000,0,1000", b"\x01\x02plan")
+    data = encode(hot, "hpl3")
+    assert data[:4] == b"HPL3"
+    back = decode(data, "x.hpl")
+    assert back.entries() == hot.entries() and back.source_format == "hpl3"
+    assert back.plans() == {"10000,0,1000": b"\x01\x02plan"}
+    old = decode(encode(hot, "hpl2"))
+    assert old.entries() == hot.entries() and old.plans() == {}
+    for cut in range(4, len(data)):
+        with pytest.raises(HotPageFileError, match=r"^x\.hpl: "):
+            decode(data[:cut], "x.hpl")
+
+
+def test_adding_a_page_drops_the_plans_made_without_it() -> None:
+    hot = HotPageList.from_pages([(0, 0)])
+    hot.set_plan_data("k", b"plan")
+    hot.add(0, 0)  # already there: the plan still fits
+    assert hot.plan_data("k") == b"plan"
+    hot.add(0, 0x1000)
+    assert hot.plan_data("k") is None

@@ -19,6 +19,16 @@ offsets. Both rules are checked on save and on load::
 
     "HPL2" flags count { region page_offset [time] } * count     first-touch order, unique
 
+``HPL3`` (ours: HPL2 plus the prefetch plans made for the list, so that a restarted server or
+a successor does not plan again)::
+
+    "HPL3" flags count { region page_offset [time] } * count
+           nplans { keylen key[keylen] bloblen blob[bloblen] } * nplans
+
+``key`` names the region layout a plan was made for (ASCII), ``blob`` is the plan as
+:meth:`pagefork.prefetch.PrefetchPlan.to_bytes` wrote it; a plan is checked when it is used,
+and planned anew if it does not fit.
+
 ``flags`` bit 0 set means every entry carries ``time``: 0 for "unknown", else the first-touch
 time in microseconds since the fork's handshake, plus 1. Other flag bits are reserved and
 rejected, so a newer writer's extension fails loudly instead of being misread.
@@ -31,6 +41,7 @@ saves that never replace anything but a regular file).
 
 from __future__ import annotations
 
+import array
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -41,6 +52,9 @@ from pagefork.files import atomic_save, read_regular
 
 MAGIC_HPL1 = b"HPL1"
 MAGIC_HPL2 = b"HPL2"
+MAGIC_HPL3 = b"HPL3"
+#: At most this many stored plans per file (one per region layout; a template has one).
+MAX_PLANS = 16
 #: HPL2 flag: every entry carries a first-touch time varint.
 HPL2_FLAG_TIMES = 1 << 0
 _HPL2_KNOWN_FLAGS = HPL2_FLAG_TIMES
@@ -64,7 +78,7 @@ class HotPageEncodeError(HotPageFileError, ValueError):
     """
 
 
-HotPageFormat = Literal["hpl1", "hpl2"]
+HotPageFormat = Literal["hpl1", "hpl2", "hpl3"]
 
 
 class HotPage(NamedTuple):
@@ -85,7 +99,7 @@ class HotPageList:
     Memory is bounded by the number of distinct pages, not by the number of adds.
     """
 
-    __slots__ = ("_lock", "_order", "_seen", "_times", "source_format")
+    __slots__ = ("_lock", "_order", "_packed", "_plans", "_seen", "_times", "source_format")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -94,7 +108,11 @@ class HotPageList:
         self._order: list[tuple[int, int]] = []
         self._times: list[float | None] = []
         self._seen: set[tuple[int, int]] = set()
-        #: "hpl1"/"hpl2" when the list was decoded from a file, else None.
+        # The same pages as int64 pairs, for planning without a Python object per page.
+        self._packed = array.array("q")
+        # Prefetch plans made for exactly these pages, by region layout (see plan_data).
+        self._plans: dict[str, bytes] = {}
+        #: "hpl1"/"hpl2"/"hpl3" when the list was decoded from a file, else None.
         self.source_format: HotPageFormat | None = None
 
     @classmethod
@@ -125,6 +143,12 @@ class HotPageList:
         self._seen.add(key)
         self._order.append(key)
         self._times.append(t)
+        try:
+            self._packed.extend(key)
+        except OverflowError:  # beyond int64: no region has it; planning will say which entry
+            self._packed = array.array("q")
+        if self._plans:
+            self._plans = {}
         return True
 
     def add(self, region: int, page_offset: int, t: float | None = None) -> bool:
@@ -138,6 +162,36 @@ class HotPageList:
 
     def __len__(self) -> int:
         return len(self._order)
+
+    def packed(self) -> array.array[int]:
+        """A copy of the pages as ``region, offset`` int64 pairs, in first-touch order.
+
+        Empty (for a non-empty list) when an offset does not fit 64-bit signed integers.
+        """
+        with self._lock:
+            if len(self._packed) != 2 * len(self._order):
+                return array.array("q")
+            return array.array("q", self._packed)
+
+    def plan_data(self, layout: str) -> bytes | None:
+        """The stored prefetch plan for region layout ``layout``, or None.
+
+        Plans are kept with the list (and in HPL3 files) and dropped when a page is added.
+        """
+        with self._lock:
+            return self._plans.get(layout)
+
+    def set_plan_data(self, layout: str, data: bytes) -> None:
+        """Keep ``data``, a prefetch plan for region layout ``layout``, with the list."""
+        with self._lock:
+            if layout not in self._plans and len(self._plans) >= MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[layout] = bytes(data)
+
+    def plans(self) -> dict[str, bytes]:
+        """Every stored plan, by layout."""
+        with self._lock:
+            return dict(self._plans)
 
     def __contains__(self, page: object) -> bool:
         return page in self._seen
@@ -325,13 +379,31 @@ def encode_hpl2(
     return bytes(out)
 
 
+def encode_hpl3(hot: HotPageList, *, name: str = "<bytes>") -> bytes:
+    """The HPL3 bytes of ``hot``: HPL2's entries followed by the plans kept with the list."""
+    body = encode_hpl2(hot, name=name)
+    out = bytearray(MAGIC_HPL3)
+    out += body[len(MAGIC_HPL2) :]
+    plans = hot.plans()
+    _put_uvarint(out, len(plans))
+    for layout, blob in plans.items():
+        key = layout.encode("ascii")
+        _put_uvarint(out, len(key))
+        out += key
+        _put_uvarint(out, len(blob))
+        out += blob
+    return bytes(out)
+
+
 def encode(hot: HotPageList, fmt: HotPageFormat = "hpl1", name: str = "<bytes>") -> bytes:
     """The bytes of ``hot`` in file format ``fmt``; errors name ``name``."""
     if fmt == "hpl1":
         return encode_hpl1(hot.in_order(), name)
     if fmt == "hpl2":
         return encode_hpl2(hot, name=name)
-    raise ValueError(f"unknown hot-page format {fmt!r} (expected 'hpl1' or 'hpl2')")
+    if fmt == "hpl3":
+        return encode_hpl3(hot, name=name)
+    raise ValueError(f"unknown hot-page format {fmt!r} (expected 'hpl1', 'hpl2' or 'hpl3')")
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -346,11 +418,14 @@ def decode(data: bytes, name: str = "<bytes>", *, strict: bool = False) -> HotPa
     """
     data = bytes(data)
     magic = data[:4]
-    if magic not in (MAGIC_HPL1, MAGIC_HPL2):
-        if len(data) < 4 and (MAGIC_HPL1.startswith(magic) or MAGIC_HPL2.startswith(magic)):
+    if magic not in (MAGIC_HPL1, MAGIC_HPL2, MAGIC_HPL3):
+        if len(data) < 4 and any(m.startswith(magic) for m in (MAGIC_HPL1, MAGIC_HPL2, MAGIC_HPL3)):
             raise HotPageFileError(f"{name}: truncated header ({len(data)} bytes)")
-        raise HotPageFileError(f"{name}: not a hot-page file (magic {magic!r}, expected HPL1/HPL2)")
-    hpl2 = magic == MAGIC_HPL2
+        raise HotPageFileError(
+            f"{name}: not a hot-page file (magic {magic!r}, expected HPL1/HPL2/HPL3)"
+        )
+    hpl3 = magic == MAGIC_HPL3
+    hpl2 = magic == MAGIC_HPL2 or hpl3
     pos = 4
 
     def header_varint(what: str) -> int:
@@ -379,7 +454,7 @@ def decode(data: bytes, name: str = "<bytes>", *, strict: bool = False) -> HotPa
         )
 
     hot = HotPageList()
-    hot.source_format = "hpl2" if hpl2 else "hpl1"
+    hot.source_format = "hpl3" if hpl3 else "hpl2" if hpl2 else "hpl1"
     previous: tuple[int, int] | None = None
     index = 0
     field = ""
@@ -419,6 +494,8 @@ def decode(data: bytes, name: str = "<bytes>", *, strict: bool = False) -> HotPa
         raise HotPageFileError(
             f"{name}: entry {index}: {field}: varint overflows 64 bits"
         ) from None
+    if hpl3:
+        pos = _decode_plans(data, pos, hot, name)
     if pos != len(data):
         raise HotPageFileError(
             f"{name}: {len(data) - pos} trailing bytes after the last entry (entry {count - 1})"
@@ -426,6 +503,39 @@ def decode(data: bytes, name: str = "<bytes>", *, strict: bool = False) -> HotPa
             else f"{name}: {len(data) - pos} trailing bytes after an empty list"
         )
     return hot
+
+
+def _decode_plans(data: bytes, pos: int, hot: HotPageList, name: str) -> int:
+    """Read HPL3's plan section into ``hot``; returns the position after it."""
+
+    def varint(what: str) -> int:
+        nonlocal pos
+        try:
+            value, pos = _get_uvarint(data, pos)
+        except _Truncated:
+            raise HotPageFileError(f"{name}: truncated {what}") from None
+        except _Overflow:
+            raise HotPageFileError(f"{name}: {what}: varint overflows 64 bits") from None
+        return value
+
+    nplans = varint("plan count")
+    if nplans > MAX_PLANS:
+        raise HotPageFileError(f"{name}: {nplans} stored plans (at most {MAX_PLANS})")
+    for i in range(nplans):
+        for what in ("layout", "plan"):
+            length = varint(f"plan {i}: {what} length")
+            if length > len(data) - pos:
+                raise HotPageFileError(f"{name}: plan {i}: truncated {what}")
+            chunk = data[pos : pos + length]
+            pos += length
+            if what == "layout":
+                try:
+                    layout = chunk.decode("ascii")
+                except UnicodeDecodeError:
+                    raise HotPageFileError(f"{name}: plan {i}: layout is not ASCII") from None
+            else:
+                hot.set_plan_data(layout, chunk)
+    return pos
 
 
 # --- file I/O --------------------------------------------------------------------------------
@@ -468,7 +578,9 @@ __all__ = [
     "HPL2_FLAG_TIMES",
     "MAGIC_HPL1",
     "MAGIC_HPL2",
+    "MAGIC_HPL3",
     "MAX_FILE_BYTES",
+    "MAX_PLANS",
     "REGION_LIMIT",
     "HotPage",
     "HotPageEncodeError",
@@ -479,6 +591,7 @@ __all__ = [
     "encode",
     "encode_hpl1",
     "encode_hpl2",
+    "encode_hpl3",
     "intersection",
     "load",
     "save",
