@@ -51,6 +51,7 @@ from _common import (
 )
 
 from pagefork import uffd
+from pagefork.copycost import bridge_gap_for_host
 from pagefork.hotpages import HotPage, HotPageList
 from pagefork.memfile import MemFile
 from pagefork.prefetch import plan_prefetch
@@ -77,6 +78,7 @@ RECORDING, PLAIN = "record=True", "record=False"
 #: Figures with a goal, for run.py's summary: key -> (comparison, target).
 TARGETS = {
     "install_ratio_scattered_over_bulk": (">=", 0.8),
+    "install_planning_ms": ("<=", 2.0),
     "recording_overhead_pct": ("<=", 10.0),
 }
 #: The figures worth a row in run.py's summary table.
@@ -87,6 +89,8 @@ SUMMARY = (
     "install_floor_ratio_scattered_over_bulk",
     "install_ratio_with_planning",
     "install_planning_ms",
+    "install_planning_list_ms",
+    "install_bridged_bytes",
     "cold_speedup",
     "cold_speedup_cached",
     "cold_demand_ms",
@@ -119,6 +123,7 @@ class Install:
     ioctls: int
     seconds: float  # PrefetchResult.seconds: issuing the ioctls
     wall: float  # the whole server.prefetch() call, planning included
+    bridged: int = 0  # PrefetchResult.bridged_bytes: installed beyond the hot set
 
 
 class IoctlFloor:
@@ -165,16 +170,20 @@ class IoctlFloor:
         self.source.close()
 
 
-def planning_ms(hot: HotPageList, regions: list[Region], mem: MemFile, repeats: int) -> float:
-    """Milliseconds to plan ``hot`` for ``regions`` in this process (median of ``repeats``):
-    what a fork pays when the server has no cached plan for its hot set."""
+def planning_ms(
+    hot: HotPageList, regions: list[Region], mem: MemFile, repeats: int
+) -> tuple[float, float]:
+    """Milliseconds to plan ``hot`` for ``regions`` in this process (median of ``repeats``),
+    from the hot set itself (as when it is recorded or loaded) and from a plain list of its
+    pages (as a caller with a bare list pays)."""
     pages = hot.in_order()
-    times = []
-    for _ in range(max(3, repeats)):
+    gap = bridge_gap_for_host()  # measured once, before timing
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _, packed in alternating(max(3, repeats), (True, False)):
         t0 = time.perf_counter()
-        plan_prefetch(pages, regions, mem.is_zero)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return median(times)
+        plan_prefetch(hot if packed else pages, regions, mem.is_zero, bridge_gap=gap)
+        times[packed].append((time.perf_counter() - t0) * 1e3)
+    return median(times[True]), median(times[False])
 
 
 def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
@@ -227,8 +236,18 @@ def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
                 wall = time.perf_counter() - t0
             if res.installed != hot_pages:
                 raise RuntimeError(f"{which}: installed {res.installed} of {hot_pages} pages")
-            results[which].append(Install(res.bytes, res.runs, res.ioctls, res.seconds, wall))
-        planning = planning_ms(lists[SCATTERED], regions, floor.source, rounds)
+            results[which].append(
+                # Rates count the hot set's bytes: bridged ones are a cost, not progress.
+                Install(
+                    res.bytes - res.bridged_bytes,
+                    res.runs,
+                    res.ioctls,
+                    res.seconds,
+                    wall,
+                    res.bridged_bytes,
+                )
+            )
+        planning, planning_list = planning_ms(lists[SCATTERED], regions, floor.source, 3 * rounds)
     finally:
         forks.close()
         floor.close()
@@ -257,6 +276,13 @@ def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
     )
     console.print(verdict("scattered/bulk install rate (ioctls)", ratio, ">=", 0.8))
     console.print(
+        f"planning the scattered list ({len(lists[SCATTERED])} pages, {len(runs)} runs, "
+        f"bridge gap {bridge_gap_for_host()} pages) in-process: {fmt(planning, 2)} ms from the "
+        f"hot set, {fmt(planning_list, 2)} ms from a plain list; {len(runs)} hot runs became "
+        f"{results[SCATTERED][0].runs} ioctl runs, {results[SCATTERED][0].bridged // 1024} KiB "
+        "installed beyond the hot set"
+    )
+    console.print(
         f"planning the scattered list ({len(runs)} runs) in-process: {fmt(planning, 1)} ms; "
         f"scattered/bulk rate including planning {fmt(ratio_wall)}; floor scattered/bulk "
         f"{fmt(ratio_floor)}; pagefork scattered / floor scattered {fmt(vs_floor)}"
@@ -271,6 +297,11 @@ def bench_install(workdir: str, rounds: int) -> dict[str, Any]:
         "install_bulk_mib_s_with_planning": median(rate(BULK, True)),
         "install_ratio_with_planning": ratio_wall,
         "install_planning_ms": planning,
+        "install_planning_list_ms": planning_list,
+        "install_planned_pages": len(lists[SCATTERED]),
+        "install_hot_runs": len(runs),
+        "install_bridge_gap_pages": bridge_gap_for_host(),
+        "install_bridged_bytes": results[SCATTERED][0].bridged,
         "install_floor_scattered_mib_s": median(rate(FLOOR_SCATTERED, False)),
         "install_floor_bulk_mib_s": median(rate(FLOOR_BULK, False)),
         "install_floor_ratio_scattered_over_bulk": ratio_floor,

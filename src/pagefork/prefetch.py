@@ -243,10 +243,11 @@ def _check_table(table: array.array[int], regions: Sequence[Region], name: str) 
 class PrefetchResult:
     """What one prefetch did.
 
-    ``requested == installed + already_present + skipped_removed`` (all in pages of each
-    region's page size, hot pages only). ``ioctls`` counts every ``UFFDIO_COPY``/``UFFDIO_ZEROPAGE`` issued
-    (failed ones included) and the final ``UFFDIO_WAKE``s; ``bytes`` is what this prefetch
-    installed.
+    ``requested == installed + already_present + skipped_removed``, in hot pages (of each
+    region's page size). ``ioctls`` counts every ``UFFDIO_COPY``/``UFFDIO_ZEROPAGE`` issued
+    (failed ones included) and the final ``UFFDIO_WAKE``s. ``bytes`` is every byte this
+    prefetch installed; ``bridged_bytes`` the part of it beyond the hot set (gaps between hot
+    runs that one larger copy installed; per run, the pages installed beyond its hot ones).
     """
 
     requested: int
@@ -306,11 +307,11 @@ class PrefetchTarget(Protocol):
 # import numpy), and is vectorised: a hot set of tens of thousands of scattered pages plans in
 # a couple of milliseconds instead of tens. The steps, each one array operation:
 #   key      = region << 44 | page number        one int64 per entry, ordered as the runs are
-#   unique   = sorted distinct keys, with the index of each key's first touch
+#   unique   = sorted distinct keys, with the index of each key's first touch (one sort)
 #   breaks   = where a run must end: the next page is not adjacent (or, for copies, further
 #              than the bridge gap), its zero-ness differs, or it is in another region
 #   runs     = segments between breaks, each keyed by its earliest first touch
-#   order    = runs sorted by that key (stable): the guest's first touches come first
+#   order    = runs by that key (a scatter, no sort): the guest's first touches come first
 
 #: Bits of a key below the region index: page numbers of regions up to 2**44 pages.
 _KEY_SHIFT = 44
@@ -422,7 +423,16 @@ def plan_prefetch(
 
     shifts = np.array([r.page_size.bit_length() - 1 for r in regions], dtype=np.int64)
     keys = (reg << _KEY_SHIFT) | (off >> shifts[reg])
-    uniq, first = np.unique(keys, return_index=True)  # sorted; index of each first touch
+    # Sorted distinct keys and each one's first touch, from one sort of key and index packed
+    # in one int64 when they fit (the usual case), else a stable argsort.
+    index_bits = max(1, (npages - 1).bit_length())
+    if int(keys.max()) < 1 << (62 - index_bits):
+        both = np.sort((keys << index_bits) | np.arange(npages, dtype=np.int64))
+        head = np.concatenate(([True], (both[1:] >> index_bits) != (both[:-1] >> index_bits)))
+        uniq = both[head] >> index_bits
+        first = both[head] & ((1 << index_bits) - 1)
+    else:
+        uniq, first = np.unique(keys, return_index=True)
     m = len(uniq)
     ureg = uniq >> _KEY_SHIFT
     upage = uniq & ((1 << _KEY_SHIFT) - 1)
@@ -448,7 +458,11 @@ def plan_prefetch(
     joined = (adjacent & (zero[1:] == zero[:-1])) | bridgeable
     starts = np.flatnonzero(np.concatenate(([True], ~joined)))
     ends = np.concatenate((starts[1:], [m]))
-    order = np.argsort(np.minimum.reduceat(first, starts), kind="stable")
+    # Runs in order of their first touch: the touches are distinct indices below npages, so
+    # scattering each run to its own index orders them without a sort.
+    slot = np.full(npages, -1, dtype=np.int64)
+    slot[np.minimum.reduceat(first, starts)] = np.arange(len(starts))
+    order = slot[slot >= 0]
     starts, ends = starts[order], ends[order]
 
     run_region = ureg[starts]
@@ -466,8 +480,8 @@ def plan_prefetch(
     table[:, 5] = run_ps
     table[:, 6] = hot
     packed = array.array("q")
-    packed.frombytes(table.tobytes())
-    touched = sorted(set(np.unique(ureg).tolist()))
+    packed.frombytes(table.data.cast("B"))  # one copy, no intermediate bytes
+    touched = np.flatnonzero(np.bincount(ureg, minlength=nregions)).tolist()
     hot_bytes = int((np.array([r.page_size for r in regions], dtype=np.int64)[ureg]).sum())
     return PrefetchPlan(
         packed,
