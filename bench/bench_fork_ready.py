@@ -37,12 +37,12 @@ from _common import alternating, median, paired_ratio
 from rich.console import Console
 from rich.table import Table
 
+from pagefork.demo import orchestrate
+from pagefork.demo.orchestrate import ForkReport, percentile
 from pagefork.errors import PageforkError
 from pagefork.hotpages import HotPageList
 from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer, ServerConfig
-from pagefork.vmm.kvm import orchestrate
-from pagefork.vmm.kvm.orchestrate import ForkReport, percentile
 from pagefork.vmm.kvm.template import MEM_FILE, Template, TemplateSpec, build_template
 
 console = Console(highlight=False, width=120)  # tables wider than a pipe's 80 columns

@@ -40,11 +40,11 @@ from _common import alternating, median, paired_ratio
 from rich.console import Console
 from rich.table import Table
 
+from pagefork.demo import branch, orchestrate
+from pagefork.demo.orchestrate import ForkReport, percentile
 from pagefork.errors import PageforkError
 from pagefork.layers.capture import capture_layer
 from pagefork.server import PageServer, ServerConfig
-from pagefork.vmm.kvm import branch, orchestrate
-from pagefork.vmm.kvm.orchestrate import ForkReport, percentile
 from pagefork.vmm.kvm.process import ForkProcess
 from pagefork.vmm.kvm.template import (
     MEM_FILE,

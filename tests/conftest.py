@@ -37,7 +37,7 @@ needs_uffd = pytest.mark.skipif(UFFD_MISSING is not None, reason=UFFD_MISSING or
 
 
 def _kvm_missing() -> str | None:
-    from pagefork.vmm.kvm import orchestrate
+    from pagefork.demo import orchestrate
 
     try:
         orchestrate.check_environment()

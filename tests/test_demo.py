@@ -13,9 +13,9 @@ import pytest
 
 from conftest import needs_kvm
 from pagefork.cli import main
+from pagefork.demo import branch as kvm_branch
+from pagefork.demo import orchestrate
 from pagefork.layers.capture import data_extents
-from pagefork.vmm.kvm import branch as kvm_branch
-from pagefork.vmm.kvm import orchestrate
 
 #: The least speed-up of a prefetched fork's prefetch + run over its pair's run (the median over
 #: 5 pairs walking the same trace) that the test accepts. Measured with this test's settings on

@@ -16,10 +16,11 @@ import pytest
 
 from conftest import KVM_MISSING as ENV_MISSING
 from conftest import needs_kvm
+from pagefork.demo import orchestrate
 from pagefork.errors import TemplateError, VmmError
 from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer, ServerConfig
-from pagefork.vmm.kvm import guest, orchestrate
+from pagefork.vmm.kvm import guest
 from pagefork.vmm.kvm.microvm import MicroVm
 from pagefork.vmm.kvm.process import ForkProcess
 from pagefork.vmm.kvm.template import (

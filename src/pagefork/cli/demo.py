@@ -117,8 +117,8 @@ def _require_matplotlib() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``pagefork demo``; returns the exit code (1 if a checksum failed)."""
+    from pagefork.demo import branch, orchestrate
     from pagefork.server import PageServer, ServerConfig
-    from pagefork.vmm.kvm import branch, orchestrate
     from pagefork.vmm.kvm.template import MEM_FILE, TemplateSpec, build_template
     from pagefork.vmm.kvm.trace import TraceSpec
 
@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
 def _result_doc(
     warm: Any, hot_pages: int, demand: list[Any], prefetch: list[Any], mem_size: int, elapsed: float
 ) -> dict[str, Any]:
-    from pagefork.vmm.kvm.orchestrate import summarize
+    from pagefork.demo.orchestrate import summarize
 
     d, p = summarize(demand), summarize(prefetch)
     # Pair i of each mode walked the same trace variant.

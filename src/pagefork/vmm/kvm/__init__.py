@@ -11,10 +11,11 @@ rewriting it:
 - :mod:`.guest` the hand-assembled guest program, :mod:`.trace` its access traces;
 - :mod:`.template` building and loading templates (mem-file, vmstate, metadata);
 - :mod:`.microvm` a fork: restore from a template, run; ``python -m pagefork.vmm.kvm`` runs one
-  in its own process, :mod:`.process` drives that process, :mod:`.orchestrate` fans forks out
-  against a page server;
-- :mod:`.snapshot` diff snapshots of a stopped fork from KVM's dirty log, :mod:`.branch` a
-  fork snapshotted and forked again (``pagefork demo --branch``).
+  in its own process, :mod:`.process` drives that process;
+- :mod:`.snapshot` diff snapshots of a stopped fork from KVM's dirty log.
+
+Fanning forks out against a page server, and branching from a snapshot, sit a layer above
+this one, in :mod:`pagefork.demo`: nothing here imports the page server.
 """
 
 from pagefork.vmm.kvm.microvm import MicroVm, RunResult

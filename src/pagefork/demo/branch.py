@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pagefork.demo.orchestrate import ForkReport, percentile, run_forks
 from pagefork.errors import VmmError
 from pagefork.hotpages import HotPageList
 from pagefork.layers.capture import capture_layer
 from pagefork.layers.hotset import InheritedHotSet, chain_data_pages
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.server import PageServer, ServerConfig
-from pagefork.vmm.kvm.orchestrate import ForkReport, percentile, run_forks
 from pagefork.vmm.kvm.process import ForkProcess
 from pagefork.vmm.kvm.template import Template, load_template
 
