@@ -61,6 +61,25 @@ def test_demo_json_reports_speedup_and_checksums(
     assert doc["speedup"] == statistics.median(doc["speedup_pairs"])
     assert doc["speedup_pairs"] == [d["ready_ms"] / p["ready_ms"] for d, p in pairs]
     assert (tmp_path / "hot-pages.hpl").exists()
+    present = doc["modes"]["present"]
+    for mode in ("demand", "prefetch", "present"):
+        m = doc["modes"][mode]
+        assert len(m["ready_ms"]) == len(m["faults"]) == len(m["checksums"]) == 5
+        assert m["ready_ms"] == [f["ready_ms"] for f in m["per_fork"]]
+    for d, p, a in zip(demand["per_fork"], prefetch["per_fork"], present["per_fork"], strict=True):
+        # The limit walked the same trace with every page there: no fault at all, the same
+        # checksums, and its population is left out of its ready time.
+        assert a["variant"] == d["variant"] and a["checksums"] == d["checksums"] == p["checksums"]
+        assert a["faults"] == 0 and a["prefetched_pages"] == 16 * 256
+        assert a["ready_ms"] == pytest.approx(a["restore_ms"] + a["run_ms"])
+        assert p["ready_ms"] == pytest.approx(p["restore_ms"] + p["prefetch_ms"] + p["run_ms"])
+    limit = [
+        p["ready_ms"] / a["ready_ms"]
+        for p, a in zip(prefetch["per_fork"], present["per_fork"], strict=True)
+    ]
+    assert doc["prefetch_over_present_rounds"] == limit
+    assert doc["prefetch_over_present_first"] == limit[0]
+    assert doc["prefetch_over_present_later"] == statistics.median(limit[1:])
 
 
 @needs_kvm
@@ -161,6 +180,35 @@ def test_demo_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[st
     png = tmp_path / "demo.png"
     assert main(["demo", "--mem-size", "16", "--forks", "1", "--json", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out, err = capsys.readouterr()
+    assert json.loads(out)["modes"]["present"]["forks"] == 1  # stdout is the JSON alone
+    assert f"wrote the plot to {png}" in err
+
+
+@needs_kvm
+def test_demo_plot_has_a_title_with_parameters_and_speedup_and_one_quantity_per_axis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    saved: list[matplotlib.figure.Figure] = []
+    real = matplotlib.figure.Figure.savefig
+
+    def keep(self: matplotlib.figure.Figure, *args: Any, **kwargs: Any) -> None:
+        saved.append(self)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    png = tmp_path / "demo.png"
+    args = ["demo", "--mem-size", "16", "--forks", "2", "--seed", "7", "--plot", str(png)]
+    assert main(args) == 0
+    [fig] = saved
+    title = fig._suptitle.get_text()  # type: ignore[union-attr]
+    assert "16 MiB" in title and "seed 7" in title and "2 forks per mode" in title
+    assert "speed-up over on demand" in title and "x" in title
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert labels == ["fork ready (ms)", "pages walked by the guest", "demand faults (cumulative)"]
 
 
 @pytest.mark.parametrize(

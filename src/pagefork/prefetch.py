@@ -377,6 +377,15 @@ class PackedPages(Protocol):
     def __iter__(self) -> Iterator[tuple[int, int]]: ...
 
 
+def prepare_planner() -> int:
+    """Load what planning needs (numpy) and measure the host's copy costs now, off any fork's
+    path; returns the bridge gap. A supervisor calls it at start, or when a hot set is
+    recorded or loaded, so that the first fork it plans for does not pay for either."""
+    import numpy  # noqa: F401  (the import is the point: it takes tens of ms the first time)
+
+    return bridge_gap_for_host()
+
+
 def plan_prefetch(
     pages: Sequence[tuple[int, int]] | PackedPages,
     regions: Sequence[Region],
@@ -831,4 +840,5 @@ __all__ = [
     "plan_hot_set",
     "plan_prefetch",
     "prefetch",
+    "prepare_planner",
 ]

@@ -9,6 +9,11 @@ The fork-ready time is ``restore + prefetch + run``: fork start (before the hand
 RAM is handed over and the vCPUs restored, plus the prefetch when there is one, plus resume
 until the guest reports ready. Idle time of the orchestrator between the steps (reading a pipe,
 waiting for other forks at a start barrier) is not the fork's cost and is left out.
+
+Four modes: ``warmup`` records the pages it faults, ``demand`` is served fault by fault,
+``prefetch`` installs a hot set before resume, and ``present`` installs every page of guest
+RAM before resume and leaves that population out of its ready time: the physical limit, a
+fork whose memory is all there (its ``prefetch_ms`` still says what the population took).
 """
 
 from __future__ import annotations
@@ -24,13 +29,22 @@ from typing import Any, Literal
 
 from pagefork.errors import UffdError, VmmError
 from pagefork.hotpages import HotPageList
+from pagefork.prefetch import prepare_planner
+from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer
 from pagefork.uffd import open_userfaultfd
 from pagefork.vmm.kvm.process import ForkProcess, ForkResult
 from pagefork.vmm.kvm.template import Template
 from pagefork.vmm.kvm.vm import kvm_available
 
-Mode = Literal["warmup", "demand", "prefetch"]
+Mode = Literal["warmup", "demand", "prefetch", "present"]
+
+
+def every_page(template: Template) -> HotPageList:
+    """Every page of the template's guest RAM, region by region: what ``present`` installs."""
+    return HotPageList.from_pages(
+        (i, off) for i, r in enumerate(template.layout) for off in range(0, r.size, PAGE_SIZE)
+    )
 
 
 def check_environment() -> None:
@@ -105,7 +119,9 @@ def _report(
     specific = 0
     if warmup_pages is not None:
         specific = len(template.touched_pages(result.variant) - warmup_pages)
-    ready = result.restore_seconds + fork.prefetch_seconds + result.run_seconds
+    # The physical limit: memory already there, however long it took to put it there.
+    population = 0.0 if mode == "present" else fork.prefetch_seconds
+    ready = result.restore_seconds + population + result.run_seconds
     total_pages: dict[int, int] = {}
     progress = []
     for t, vcpu, pages in result.progress:
@@ -148,7 +164,8 @@ def run_forks(
 ) -> list[ForkReport]:
     """Run one fork per entry of ``indices`` (fork index picks the trace variant).
 
-    ``mode`` ``warmup`` records hot pages, ``prefetch`` installs ``hot`` before resuming.
+    ``mode`` ``warmup`` records hot pages, ``prefetch`` installs ``hot`` before resuming,
+    ``present`` installs ``hot`` (default: :func:`every_page`) and leaves that out of ready.
     Sequential by default; ``concurrent`` restores (and prefetches) all forks in parallel,
     then resumes them together, so the page server serves them all at once.
     ``warmup_variant`` lets each report say how many of its pages the warm-up never touched
@@ -156,6 +173,8 @@ def run_forks(
     """
     if mode == "prefetch" and hot is None:
         raise VmmError("prefetch mode needs a hot-page list")
+    if mode == "present" and hot is None:
+        hot = every_page(template)
     warmup_pages = template.touched_pages(warmup_variant) if warmup_variant is not None else None
     reports: list[ForkReport] = []
     groups = [list(indices)] if concurrent else [[i] for i in indices]
@@ -168,7 +187,7 @@ def run_forks(
 
             def prepare(fork: _Fork) -> None:
                 server.wait_connected(fork.name, timeout=timeout)
-                if mode == "prefetch":
+                if mode in ("prefetch", "present"):
                     assert hot is not None
                     # Wall clock of the whole call: planning counts as much as the copies.
                     t0 = time.monotonic()
@@ -218,6 +237,7 @@ def warm_up(
     [report] = run_forks(server, template, [fork_index], "warmup", timeout=timeout)
     hot = server.hot_pages(report.name)
     server.unregister_fork(report.name)
+    prepare_planner()  # the hot set is recorded: no fork should pay for the planner's start
     return report, hot
 
 
