@@ -9,11 +9,13 @@ a. **Paired rounds on one trace variant.** Each round picks a variant the warm-u
    - ``prefetch``: prefetched from a fresh copy of the hot set, so the plan is made anew and
      the fork pays for planning, as the first fork of a template does;
    - ``cached``: prefetched from the hot set whose plan the server has cached (later forks);
-   - ``limit``: every page of guest RAM installed before the vCPUs resume, the population not
-     counted: the physical limit, a fork that takes no fault at all.
+   - ``present``: every page of guest RAM installed before the vCPUs resume, the population
+     not counted: the physical limit, a fork that takes no fault at all.
 
    Fork-ready = restore + prefetch (wall clock of the whole ``server.prefetch`` call) + run to
-   guest ready; ``limit`` leaves its population out. Speed-ups are medians of per-round ratios.
+   guest ready; ``present`` leaves its population out. The ratios to the limit are given for a
+   template's first prefetched fork (``prefetch``, which plans) and for later ones (``cached``).
+   Speed-ups are medians of per-round ratios.
    After the timed rounds, one untimed recording fork per round's variant gives the pages a fork
    of it touches, as the server records its faults: the reference for the hot set's precision
    and recall, and for the prefetched forks' misses beyond the pages the hot set does not hold.
@@ -41,13 +43,12 @@ from pagefork.demo import orchestrate
 from pagefork.demo.orchestrate import ForkReport, percentile
 from pagefork.errors import PageforkError
 from pagefork.hotpages import HotPageList
-from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer, ServerConfig
 from pagefork.vmm.kvm.template import MEM_FILE, Template, TemplateSpec, build_template
 
 console = Console(highlight=False, width=120)  # tables wider than a pipe's 80 columns
 
-DEMAND, PREFETCH, CACHED, LIMIT = "demand", "prefetch", "cached", "limit"
+DEMAND, PREFETCH, CACHED, LIMIT = "demand", "prefetch", "cached", "present"
 PAIRED_MODES = (DEMAND, PREFETCH, CACHED, LIMIT)
 
 
@@ -75,33 +76,26 @@ def _table(title: str) -> Table:
     return table
 
 
-def _every_page(template: Template) -> HotPageList:
-    """Every page of guest RAM, region by region: prefetching it leaves nothing to fault."""
-    return HotPageList.from_pages(
-        (i, off) for i, r in enumerate(template.layout) for off in range(0, r.size, PAGE_SIZE)
-    )
-
-
-def _ready(report: ForkReport, mode: str) -> float:
-    """The fork's ready time; the physical limit leaves its population out."""
-    return report.ready_ms - report.prefetch_ms if mode == LIMIT else report.ready_ms
-
-
-TARGETS = {"speedup": (">=", 4.0), "misses_beyond_unrecorded": ("<=", 0.0)}
+TARGETS = {
+    "speedup": (">=", 8.0),
+    "misses_beyond_unrecorded": ("<=", 0.0),
+    "prefetch_over_present": ("<=", 1.3),
+    "cached_over_present": ("<=", 1.3),
+}
 SUMMARY = (
     "speedup",
     "speedup_cached",
     "demand_ready_ms_p50",
     "prefetch_ready_ms_p50",
     "cached_ready_ms_p50",
-    "limit_ready_ms_p50",
-    "prefetch_over_limit",
-    "cached_over_limit",
+    "present_ready_ms_p50",
+    "prefetch_over_present",
+    "cached_over_present",
     "planning_ms",
     "hot_set_precision",
     "hot_set_recall",
     "misses_beyond_unrecorded",
-    "limit_faults",
+    "present_faults",
     "prefetch_burst_p50_over_single",
     "prefetch_burst_p99_over_single",
     "demand_burst_p50_over_single",
@@ -113,7 +107,7 @@ def paired_rounds(
     server: PageServer, template: Template, warm: ForkReport, hot: HotPageList, pairs: int
 ) -> dict[str, float]:
     """(a): ``pairs`` rounds of the four paired modes on one variant each."""
-    every_page = _every_page(template)
+    every_page = orchestrate.every_page(template)
     # Untimed: fills the plan cache for ``cached`` (and warms the page cache for all modes).
     idx0 = orchestrate.fork_index(template, 0, warm.variant)
     orchestrate.run_forks(server, template, [idx0], "prefetch", hot=hot)
@@ -141,7 +135,12 @@ def paired_rounds(
             return report
         lists = {PREFETCH: HotPageList.from_pages(hot.in_order()), CACHED: hot, LIMIT: every_page}
         [report] = orchestrate.run_forks(
-            server, template, [index], "prefetch", hot=lists[mode], warmup_variant=warm.variant
+            server,
+            template,
+            [index],
+            "present" if mode == LIMIT else "prefetch",
+            hot=lists[mode],
+            warmup_variant=warm.variant,
         )
         return report
 
@@ -155,10 +154,10 @@ def paired_rounds(
             # A perfect prefetch misses exactly the touched pages the hot set does not hold.
             beyond.append(report.misses - unrecorded[report.fork_index])
 
-    ready = {m: [_ready(x, m) for x in got[m]] for m in PAIRED_MODES}
+    ready = {m: [x.ready_ms for x in got[m]] for m in PAIRED_MODES}  # present: no population
     table = _table(
         f"a. fork-ready, {template.mem_size >> 20} MiB guest, {pairs} paired rounds "
-        "(limit: every page present, population not counted)"
+        "(present: every page installed before resume, population not counted)"
     )
     for mode in PAIRED_MODES:
         _row(table, mode, got[mode], ready[mode])
@@ -169,9 +168,10 @@ def paired_rounds(
     figures = {
         "speedup": paired_ratio(ready[DEMAND], ready[PREFETCH]),
         "speedup_cached": paired_ratio(ready[DEMAND], ready[CACHED]),
-        "speedup_limit": paired_ratio(ready[DEMAND], ready[LIMIT]),
-        "prefetch_over_limit": paired_ratio(ready[PREFETCH], ready[LIMIT]),
-        "cached_over_limit": paired_ratio(ready[CACHED], ready[LIMIT]),
+        "speedup_present": paired_ratio(ready[DEMAND], ready[LIMIT]),
+        # A template's first prefetched fork (it plans) and later ones, to the limit.
+        "prefetch_over_present": paired_ratio(ready[PREFETCH], ready[LIMIT]),
+        "cached_over_present": paired_ratio(ready[CACHED], ready[LIMIT]),
         **{f"{m}_ready_ms_p50": median(ready[m]) for m in PAIRED_MODES},
         "prefetch_ms_uncached": median([x.prefetch_ms for x in got[PREFETCH]]),
         "prefetch_ms_cached": median([x.prefetch_ms for x in got[CACHED]]),
@@ -184,17 +184,19 @@ def paired_rounds(
         "misses_beyond_unrecorded": float(max(beyond, key=abs)),
         "hot_set_precision": median(precision),
         "hot_set_recall": median(recall),
-        "limit_faults": float(max(x.faults for x in got[LIMIT])),
+        "present_faults": float(max(x.faults for x in got[LIMIT])),
         "checksums_ok": float(all(x.checksum_ok for m in PAIRED_MODES for x in got[m])),
     }
     console.print(
         f"speed-up on demand -> prefetched, paying planning: [bold]{figures['speedup']:.2f}x[/]; "
         f"plan cached: {figures['speedup_cached']:.2f}x; every page present: "
-        f"{figures['speedup_limit']:.2f}x (target >= 4x)"
+        f"{figures['speedup_present']:.2f}x (target >= 8x)"
     )
     console.print(
-        f"prefetched ready / physical limit: {figures['prefetch_over_limit']:.2f} "
-        f"(cached {figures['cached_over_limit']:.2f}); planning {planning:.1f} ms per fork "
+        f"prefetched ready / all present (the limit): first fork "
+        f"{figures['prefetch_over_present']:.2f}x, later forks "
+        f"{figures['cached_over_present']:.2f}x (target <= 1.3x); "
+        f"planning {planning:.1f} ms per fork "
         f"(uncached {figures['prefetch_ms_uncached']:.1f} ms vs cached "
         f"{figures['prefetch_ms_cached']:.1f} ms of prefetch)"
     )
@@ -202,8 +204,8 @@ def paired_rounds(
         f"hot set ({len(hot)} pages) against the pages a fork of each trace touched (recorded): "
         f"precision {figures['hot_set_precision']:.3f}, recall {figures['hot_set_recall']:.3f}; "
         f"misses {figures['misses_mean']:.0f} per prefetched fork, beyond the touched pages the "
-        f"hot set lacks: {beyond}; limit forks' faults: "
-        f"{int(figures['limit_faults'])}"
+        f"hot set lacks: {beyond}; all-present forks' faults: "
+        f"{int(figures['present_faults'])}"
     )
     return figures
 
