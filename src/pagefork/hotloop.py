@@ -10,9 +10,12 @@ each new fork of a template, and :class:`HotSetLoop` is where that decision live
 - every other fork is *prefetched* from the hot set (during a re-record, the old one).
 
 When the warm-up's window closes, its pages become the hot set (an empty recording changes
-nothing). A warm-up that ends without a window (its VMM never connected) lets the next fork
-record instead. Saving the set is the caller's: :meth:`HotSetLoop.claim` says whether a closed
-window is the one to save, :meth:`HotSetLoop.adopt` installs what was saved.
+nothing). With a :class:`~pagefork.hotlearn.LearnPolicy` the set also learns: prefetched forks
+record what they still fault, and :meth:`HotSetLoop.fork_missed` feeds it to the template's
+:class:`~pagefork.hotlearn.HotSetLearner`. A warm-up that ends without a window (its VMM never
+connected) lets the next fork record instead. Saving the set is the caller's:
+:meth:`HotSetLoop.claim` says whether a closed window is the one to save,
+:meth:`HotSetLoop.adopt` installs what was saved.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Literal
 
+from pagefork.hotlearn import Generation, HotSetLearner, LearnPolicy
 from pagefork.hotpages import HotPageList
 
 #: A fork's part in the loop.
@@ -36,10 +40,21 @@ class HotSetLoop:
     """
 
     def __init__(
-        self, hot: HotPageList | None = None, *, record: bool = True, record_every: bool = False
+        self,
+        hot: HotPageList | None = None,
+        *,
+        record: bool = True,
+        record_every: bool = False,
+        learn: LearnPolicy | None = None,
+        history: list[Generation] | None = None,
+        base: int | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._hot = hot if hot is not None and len(hot) else None
+        self._learn = learn
+        self._learner: HotSetLearner | None = None
+        if learn is not None and self._hot is not None:
+            self._learner = HotSetLearner(self._hot, learn, history or (), base=base)
         self._record = record
         self._record_every = record_every
         self._rerecord = False
@@ -50,6 +65,30 @@ class HotSetLoop:
     def hot(self) -> HotPageList | None:
         """The hot set forks are prefetched from, or None."""
         return self._hot
+
+    @property
+    def learner(self) -> HotSetLearner | None:
+        """The learner of the current hot set, when the loop learns and has a set."""
+        return self._learner
+
+    def records(self, role: Role) -> bool:
+        """Whether a fork of ``role`` records the pages it faults: a warm-up always, a
+        prefetched fork when the set learns (its faults are its misses)."""
+        return role == "warmup" or (role == "prefetch" and self._learn is not None)
+
+    def fork_missed(self, fork_id: str, missed: HotPageList) -> Generation | None:
+        """A prefetched fork ended having faulted ``missed``: learn from it. Returns the new
+        generation when the hot set changed (the caller saves :attr:`hot`)."""
+        with self._lock:
+            learner = self._learner
+            if learner is None or self._roles.get(fork_id) != "prefetch":
+                return None
+        gen = learner.observe(missed=missed.in_order())
+        if gen is not None:
+            with self._lock:
+                if self._learner is learner:  # not replaced by a new recording meanwhile
+                    self._hot = learner.hot
+        return gen
 
     def role(self, fork_id: str) -> Role:
         """Decide (once) the part of a new fork; later calls return the same answer."""
@@ -84,6 +123,9 @@ class HotSetLoop:
             if hot is not None and len(hot) and not self._record_every:
                 self._hot = hot
                 self._rerecord = False
+                if self._learn is not None:  # a new recording: a new base, counts from zero
+                    history = self._learner.history() if self._learner is not None else []
+                    self._learner = HotSetLearner(hot, self._learn, history)
             if self._warmup == fork_id:
                 self._warmup = None
 
@@ -103,6 +145,7 @@ class HotSetLoop:
         """The hot set does not fit the template's forks any more: stop using it, record anew."""
         with self._lock:
             self._hot = None
+            self._learner = None
             self._rerecord = True
 
     def snapshot(self) -> dict[str, Any]:
@@ -123,6 +166,9 @@ class HotSetLoop:
             if hot is not None:
                 pages = HotPageList.from_pages([(int(r), int(o)) for r, o in hot])
                 self._hot = pages if len(pages) else None
+                if self._learn is not None and self._hot is not None:
+                    history = self._learner.history() if self._learner is not None else []
+                    self._learner = HotSetLearner(self._hot, self._learn, history)
             self._rerecord = bool(snap.get("rerecord"))
             self._warmup = snap.get("warmup")
             self._roles = {str(k): v for k, v in dict(snap.get("roles") or {}).items()}
