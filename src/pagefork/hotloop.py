@@ -20,11 +20,15 @@ connected) lets the next fork record instead. Saving the set is the caller's:
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Literal
 
-from pagefork.hotlearn import Generation, HotSetLearner, LearnPolicy
+from pagefork.errors import HotPageFileError
+from pagefork.hotlearn import Generation, HotSetLearner, LearnPolicy, load_history, save_history
 from pagefork.hotpages import HotPageList
+
+log = logging.getLogger(__name__)
 
 #: A fork's part in the loop.
 Role = Literal["warmup", "prefetch", "demand"]
@@ -65,6 +69,39 @@ class HotSetLoop:
     def hot(self) -> HotPageList | None:
         """The hot set forks are prefetched from, or None."""
         return self._hot
+
+    @classmethod
+    def for_file(cls, hot: HotPageList | None, hot_path: str) -> HotSetLoop:
+        """The loop of a template whose hot set is kept in ``hot_path``: it learns when a
+        history beside the file says so (``pagefork hotpages learn``). An unreadable history
+        is logged and the set does not learn."""
+        try:
+            history = load_history(hot_path)
+        except HotPageFileError as exc:
+            log.warning("%s; the hot set will not learn", exc)
+            history = None
+        if history is None:
+            return cls(hot)
+        return cls(hot, learn=history.policy, history=history.generations, base=history.base)
+
+    def learn_and_save(self, fork_id: str, missed: HotPageList, hot_path: str) -> bool:
+        """:meth:`fork_missed`, then save a changed set to ``hot_path`` (HPL2: first-touch
+        order) and its history beside it. True when the set changed."""
+        gen = self.fork_missed(fork_id, missed)
+        learner = self._learner
+        if gen is None or learner is None:
+            return False
+        learner.hot.save(hot_path, "hpl2")
+        save_history(hot_path, learner.policy, learner.history(), learner.base)
+        log.info(
+            "%s: hot set generation %d: %d pages (+%d -%d)",
+            hot_path,
+            gen.generation,
+            gen.size,
+            gen.joined,
+            gen.left,
+        )
+        return True
 
     @property
     def learner(self) -> HotSetLearner | None:

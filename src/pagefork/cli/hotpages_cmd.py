@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
@@ -16,6 +19,7 @@ from rich.table import Table
 
 from pagefork.cli.display import examples, safe
 from pagefork.errors import PageforkError
+from pagefork.hotlearn import LearnPolicy, history_path, load_history, save_history
 from pagefork.hotpages import (
     HotPage,
     HotPageFormat,
@@ -37,7 +41,8 @@ _PAGE_SIZE_NOTE = (
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``hotpages`` and its sub-commands ``show``, ``merge`` and ``diff``."""
+    """Register ``hotpages`` and its sub-commands ``show``, ``merge``, ``diff``, ``learn`` and
+    ``history``."""
     parser = subparsers.add_parser(
         "hotpages",
         help="inspect, merge and compare hot-page files",
@@ -122,6 +127,37 @@ def add_parser(subparsers: Any) -> None:
         "pagefork hotpages diff run1.hpl run2.hpl --json",
     )
     diff.set_defaults(func=run_diff)
+
+    learn = sub.add_parser(
+        "learn",
+        help="make a template's hot set learn from its prefetched forks' misses",
+        description="Keep a learning policy beside a hot-page file (FILE.history.json): the "
+        "daemon then records what each prefetched fork of the template still faults, adds a "
+        "page when --join of the last --window forks missed it, never grows the set beyond "
+        "(1 + --max-growth) times its recorded size, and counts one fork's misses only up to "
+        "--per-fork times that size. Example: pagefork hotpages learn "
+        "state/templates/web/hot-pages.hpl --window 8 --join 3",
+    )
+    learn.add_argument("file", metavar="FILE", help="the template's hot-page file")
+    learn.add_argument("--window", type=int, default=8, metavar="N", help="forks remembered")
+    learn.add_argument(
+        "--join", type=int, default=3, metavar="K", help="misses among them that add a page"
+    )
+    learn.add_argument("--max-growth", type=float, default=0.10, metavar="SHARE")
+    learn.add_argument("--per-fork", type=float, default=0.05, metavar="SHARE")
+    learn.add_argument("--off", action="store_true", help="stop learning (keeps the set)")
+    learn.set_defaults(func=run_learn)
+
+    history = sub.add_parser(
+        "history",
+        help="show how a learning hot set changed",
+        description="Show the generations of a learning hot set: after how many forks it "
+        "changed, its size, the pages that joined and left. Example: pagefork hotpages "
+        "history state/templates/web/hot-pages.hpl",
+    )
+    history.add_argument("file", metavar="FILE", help="the template's hot-page file")
+    history.add_argument("--json", action="store_true", help="print one JSON object")
+    history.set_defaults(func=run_history)
 
 
 # --- summaries (pure) ------------------------------------------------------------------------
@@ -304,4 +340,72 @@ def run_diff(args: argparse.Namespace) -> int:
             console.print(f"  region {page.region} offset {page.page_offset:#x}")
         if len(pages) > _DIFF_LIST_LIMIT:
             console.print(f"  ... and {len(pages) - _DIFF_LIST_LIMIT} more (--json lists all)")
+    return 0
+
+
+def run_learn(args: argparse.Namespace) -> int:
+    """``hotpages learn``: write (or with ``--off`` remove) the learning policy of FILE."""
+    hot = _load_named(args.file)
+    path = history_path(args.file)
+    if args.off:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise PageforkError(f"{path}: {exc.strerror or exc}") from None
+        print(f"{args.file}: the hot set no longer learns")
+        return 0
+    try:
+        policy = LearnPolicy(args.window, args.join, args.max_growth, args.per_fork)
+    except ValueError as exc:
+        raise PageforkError(f"hotpages learn: {exc}") from None
+    known = load_history(args.file)
+    generations = known.generations if known is not None else []
+    base = known.base if known is not None and known.base is not None else len(hot)
+    save_history(args.file, policy, generations, base)
+    print(
+        f"{args.file}: learns from prefetched forks: a page joins when {policy.join} of the "
+        f"last {policy.window} forks missed it; at most {int(base * (1 + policy.max_growth))} "
+        f"pages (recorded: {base})"
+    )
+    return 0
+
+
+def run_history(args: argparse.Namespace) -> int:
+    """``hotpages history``: the generations kept beside FILE."""
+    hot = _load_named(args.file)
+    known = load_history(args.file)
+    if known is None:
+        raise PageforkError(
+            f"{args.file}: no history (the hot set does not learn: see pagefork hotpages learn)"
+        )
+    doc = {
+        "file": args.file,
+        "pages": len(hot),
+        "base": known.base,
+        "policy": asdict(known.policy),
+        "generations": [asdict(g) for g in known.generations],
+    }
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    out = _console()
+    out.print(
+        f"{args.file}: {len(hot)} pages now, {known.base} when recorded; a page joins "
+        f"when {known.policy.join} of the last {known.policy.window} forks missed it",
+        markup=False,
+        highlight=False,
+    )
+    table = Table("generation", "after forks", "pages", "joined", "left", "at (UTC)")
+    for g in known.generations:
+        table.add_row(
+            str(g.generation),
+            str(g.forks),
+            str(g.size),
+            f"+{g.joined}",
+            f"-{g.left}",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(g.at)),
+        )
+    out.print(table)
     return 0

@@ -489,7 +489,7 @@ class ForkManager:
             hot = None
         with self._lock:
             # Loaded meanwhile, or made by a warm-up: that one wins.
-            return self._loops.setdefault(key, HotSetLoop(hot))
+            return self._loops.setdefault(key, HotSetLoop.for_file(hot, record.hot_pages_path))
 
     # --- creating ----------------------------------------------------------------------------
     def check_options(self, driver: str, options: Mapping[str, Any]) -> None:
@@ -658,10 +658,12 @@ class ForkManager:
         """Register the fork with ``state``'s page server (called with the lock held)."""
         if self._closed:
             raise ForkError("the fork manager is shutting down")
-        loop = self._loops.setdefault(state.key, HotSetLoop(hot))
+        loop = self._loops.get(state.key) or self._loops.setdefault(
+            state.key, HotSetLoop.for_file(hot, state.record.hot_pages_path)
+        )
         role = loop.role(fork_id)
         try:
-            socket_path = state.server.register_fork(fork_id, record=role == "warmup")
+            socket_path = state.server.register_fork(fork_id, record=loop.records(role))
         except BaseException:
             loop.fork_gone(fork_id)  # a warm-up that never was: the next fork records
             raise
@@ -930,6 +932,21 @@ class ForkManager:
             finally:
                 loop.adopt(fork_id, hot)
 
+    def _learn_from(self, state: _TemplateState, fork_id: str) -> None:
+        """A prefetched fork ends: a learning hot set takes its misses (and is saved if it
+        changed). Under ``_hot_lock``, as every write of a template's hot set."""
+        with self._lock:
+            loop = self._loops.get(state.key)
+        if loop is None or not loop.records("prefetch"):
+            return
+        with self._hot_lock, contextlib.suppress(ForkError):
+            try:
+                loop.learn_and_save(
+                    fork_id, state.server.hot_pages(fork_id), state.record.hot_pages_path
+                )
+            except PageforkError as exc:
+                log.error("template %s: cannot save the learned hot set: %s", state.key[0], exc)
+
     def rerecord(self, template_id: str) -> None:
         """Make the template's next fork a recording warm-up again."""
         self._loop_of(self.registry.get(template_id)).rerecord()
@@ -1073,6 +1090,8 @@ class ForkManager:
                 if fork.role == "warmup":
                     with contextlib.suppress(ForkError):
                         hot = state.server.hot_pages(fork_id)
+                elif fork.role == "prefetch":
+                    self._learn_from(state, fork_id)
                 with contextlib.suppress(ForkError):
                     state.server.unregister_fork(fork_id)  # stops the session: recording ends
                 if hot is not None:
