@@ -20,6 +20,11 @@ b. **Cold start from a recorded hot set.** A warm-up fork records the pages its 
    against the pages a fork touched, and the misses beyond the pages the hot set lacks, are
    taken from the server's own records.
 c. **Recording overhead.** The same fault workload served to forks with and without recording.
+d. **Hot sets that learn.** 32 forks whose traces drift from the warm-up's (pages going out of
+   use, pages every later fork touches, pages one fork alone touches) are each prefetched from
+   a learning hot set and feed their misses back; per fork, the set's precision and recall
+   against what the fork touched, its misses against the pages no earlier fork touched, and
+   the same figures for the recorded set left unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from _common import (
 
 from pagefork import uffd
 from pagefork.copycost import bridge_gap_for_host
+from pagefork.hotlearn import LearnPolicy
+from pagefork.hotloop import HotSetLoop
 from pagefork.hotpages import HotPage, HotPageList
 from pagefork.memfile import MemFile
 from pagefork.prefetch import plan_prefetch
@@ -80,6 +87,7 @@ TARGETS = {
     "install_ratio_scattered_over_bulk": (">=", 0.8),
     "install_planning_ms": ("<=", 2.0),
     "recording_overhead_pct": ("<=", 10.0),
+    "learn_precision_min": (">=", 0.95),
 }
 #: The figures worth a row in run.py's summary table.
 SUMMARY = (
@@ -103,6 +111,14 @@ SUMMARY = (
     "cold_misses_beyond_unrecorded",
     "recording_overhead_pct",
     "recording_overhead_server_p50_pct",
+    "learn_precision_min",
+    "learn_recall_late_median",
+    "static_recall_late_median",
+    "learn_misses_late_median",
+    "static_misses_late_median",
+    "learn_novel_late_median",
+    "learn_set_size_final",
+    "learn_set_size_limit",
 )
 
 
@@ -509,6 +525,136 @@ def bench_recording(forks: Forks, rounds: int) -> dict[str, Any]:
     }
 
 
+# --- d. hot sets that learn ------------------------------------------------------------------
+
+#: (d): forks in the run, the working set, and how the traces drift.
+LEARN_FORKS = 32
+LEARN_WORKING_SET = 4096
+LEARN_FADING = 0.02  # share of the working set later forks stop touching
+LEARN_EMERGING = 0.05  # share that every fork from LEARN_EMERGE_AT on touches (new code paths)
+LEARN_EMERGE_AT = 8
+LEARN_ONE_OFF = 0.02  # share of pages each fork touches that no other fork does
+LEARN_POLICY = LearnPolicy(window=8, join=3, max_growth=0.10, per_fork=0.05)
+
+
+def _learning_traces(guest_pages: int, seed: int) -> tuple[list[int], list[list[int]]]:
+    """The warm-up's trace and ``LEARN_FORKS`` later ones drifting from it."""
+    rng = random.Random(seed)
+    runs = scattered_runs(guest_pages // 2, LEARN_WORKING_SET, seed=seed)
+    rng.shuffle(runs)
+    base = [p for run in runs for p in run]
+    upper = list(range(guest_pages // 2, guest_pages))
+    rng.shuffle(upper)
+    fading = set(base[: int(len(base) * LEARN_FADING)])
+    emerging = upper[: int(len(base) * LEARN_EMERGING)]
+    one_off_pool = iter(upper[len(emerging) :])
+    traces = []
+    for f in range(LEARN_FORKS):
+        keep_fading = f < LEARN_FORKS // 4  # the fading pages go out of use a quarter in
+        trace = [p for p in base if keep_fading or p not in fading]
+        if f >= LEARN_EMERGE_AT:
+            trace += emerging
+        trace += [next(one_off_pool) for _ in range(int(len(base) * LEARN_ONE_OFF))]
+        traces.append(trace)
+    return base, traces
+
+
+def bench_learning(forks: Forks) -> dict[str, Any]:
+    """(d): a learning hot set against the recorded one over forks whose traces drift."""
+    guest_pages = TEMPLATE_SIZE // PAGE
+    header(
+        "prefetch d: hot sets that learn, over forks whose traces drift",
+        f"{LEARN_FORKS} forks after a warm-up of {LEARN_WORKING_SET} pages: "
+        f"{LEARN_FADING:.0%} of them go out of use after {LEARN_FORKS // 4} forks, "
+        f"{LEARN_EMERGING:.0%} more are touched by every fork from fork {LEARN_EMERGE_AT} on, "
+        f"and each fork touches {LEARN_ONE_OFF:.0%} pages no other fork does; policy "
+        f"join {LEARN_POLICY.join} of {LEARN_POLICY.window}, growth <= "
+        f"{LEARN_POLICY.max_growth:.0%}. Each fork is prefetched from the learning set, "
+        "records its misses, and feeds them back; 'recorded' is the warm-up's set, unchanged.",
+    )
+    warm_trace, traces = _learning_traces(guest_pages, seed=11)
+    with forks.fork(TEMPLATE_SIZE, record=True) as fork:
+        fork.vm.send(cmd="touch", pages=[list(p) for p in _pages(warm_trace)], verify=False)
+    assert fork.hot is not None
+    recorded = fork.hot
+    loop = HotSetLoop(recorded, learn=LEARN_POLICY)
+    seen: set[HotPage] = set(recorded.in_order())
+    rows = []
+    for f, trace in enumerate(traces):
+        touched = {HotPage(0, p * PAGE) for p in trace}
+        hot = loop.hot
+        assert hot is not None
+        with forks.fork(TEMPLATE_SIZE, record=True) as fork:
+            fork_id = f"learn-{f}"
+            loop.role(fork_id)
+            forks.server.prefetch(fork.fork_id, hot)
+            fork.vm.send(cmd="touch", pages=[list(p) for p in _pages(trace)], verify=f == 0)
+        assert fork.stats is not None and fork.hot is not None
+        loop.fork_missed(fork_id, fork.hot)
+        loop.fork_gone(fork_id)
+        hot_set = set(hot.in_order())
+        static = set(recorded.in_order())
+        rows.append(
+            {
+                "fork": f,
+                "size": len(hot_set),
+                "precision": len(hot_set & touched) / len(hot_set),
+                "recall": len(hot_set & touched) / len(touched),
+                "static_precision": len(static & touched) / len(static),
+                "static_recall": len(static & touched) / len(touched),
+                "misses": fork.stats.misses,
+                "static_misses": len(touched - static),
+                "novel": len(touched - seen),  # pages no earlier fork (or the warm-up) touched
+            }
+        )
+        seen |= touched
+    late = rows[LEARN_FORKS // 2 :]
+    table(
+        "per fork (every 4th)",
+        ["fork", "set size", "precision", "recall", "misses", "never seen", "recorded set: misses"],
+        [
+            [
+                r["fork"],
+                r["size"],
+                fmt(r["precision"], 3),
+                fmt(r["recall"], 3),
+                r["misses"],
+                r["novel"],
+                r["static_misses"],
+            ]
+            for r in rows
+            if r["fork"] % 4 == 3
+        ],
+    )
+    learner = loop.learner
+    assert learner is not None
+    figures = {
+        "learn_forks": LEARN_FORKS,
+        "learn_precision_min": min(r["precision"] for r in rows),
+        "learn_precision_late_median": median([r["precision"] for r in late]),
+        "learn_recall_late_median": median([r["recall"] for r in late]),
+        "static_recall_late_median": median([r["static_recall"] for r in late]),
+        "learn_misses_late_median": median([r["misses"] for r in late]),
+        "static_misses_late_median": median([r["static_misses"] for r in late]),
+        "learn_novel_late_median": median([r["novel"] for r in late]),
+        "learn_set_size_final": len(learner.hot),
+        "learn_set_size_limit": learner.limit,
+        "learn_set_size_recorded": len(recorded),
+        "learn_generations": len(learner.history()),
+    }
+    console.print(
+        f"learning: precision >= {fmt(figures['learn_precision_min'], 3)} over all forks; in "
+        f"the second half, recall {fmt(figures['learn_recall_late_median'], 3)} (recorded set "
+        f"{fmt(figures['static_recall_late_median'], 3)}), misses "
+        f"{figures['learn_misses_late_median']:.0f} per fork (recorded set "
+        f"{figures['static_misses_late_median']:.0f}) against "
+        f"{figures['learn_novel_late_median']:.0f} pages no earlier fork touched; set size "
+        f"{figures['learn_set_size_final']} (recorded {len(recorded)}, bound "
+        f"{learner.limit}), {figures['learn_generations']} generations"
+    )
+    return figures
+
+
 def main(quick: bool = False) -> dict[str, Any]:
     """Run (a), (b) and (c); returns their figures in one dict."""
     figures: dict[str, Any] = {}
@@ -520,6 +666,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         try:
             figures.update(bench_cold_start(forks, rounds=3 if quick else 11))
             figures.update(bench_recording(forks, rounds=10 if quick else 30))
+            figures.update(bench_learning(forks))
         finally:
             forks.close()
     return figures
