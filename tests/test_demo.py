@@ -72,7 +72,9 @@ def test_demo_json_reports_speedup_and_checksums(
         assert a["variant"] == d["variant"] and a["checksums"] == d["checksums"] == p["checksums"]
         assert a["faults"] == 0 and a["prefetched_pages"] == 16 * 256
         assert a["ready_ms"] == pytest.approx(a["restore_ms"] + a["run_ms"])
-        assert p["ready_ms"] == pytest.approx(p["restore_ms"] + p["prefetch_ms"] + p["run_ms"])
+        # The others' ready is wall time: at least the restore and the run, whatever overlaps.
+        for f in (d, p):
+            assert f["ready_ms"] >= f["restore_ms"] + f["run_ms"] - 1e-6
     limit = [
         p["ready_ms"] / a["ready_ms"]
         for p, a in zip(prefetch["per_fork"], present["per_fork"], strict=True)

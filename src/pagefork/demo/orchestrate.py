@@ -5,15 +5,17 @@ server take their uffds, prefetch a hot set before the vCPUs resume (Firecracker
 ``resume_vm: false`` then ``PATCH /vm Resumed``), and collect per-fork figures from both sides:
 the guest's (ready time, checksum) and the server's (faults, prefetched pages, misses).
 
-The fork-ready time is ``restore + prefetch + run``: fork start (before the handshake) until
-RAM is handed over and the vCPUs restored, plus the prefetch when there is one, plus resume
-until the guest reports ready. Idle time of the orchestrator between the steps (reading a pipe,
-waiting for other forks at a start barrier) is not the fork's cost and is left out.
+The fork-ready time is wall time, from the fork's start (before the handshake) to the guest's
+ready, whatever overlaps: a prefetch starts as soon as the handshake is in, while the VMM still
+restores its vCPUs. Only the wait of a fork of a burst for its siblings at the start barrier
+(resumed together, to serve them all at once) is left out: it is the orchestrator's, not the
+fork's. ``restore_ms``, ``prefetch_ms`` and ``run_ms`` are the parts, which may overlap.
 
 Four modes: ``warmup`` records the pages it faults, ``demand`` is served fault by fault,
 ``prefetch`` installs a hot set before resume, and ``present`` installs every page of guest
-RAM before resume and leaves that population out of its ready time: the physical limit, a
-fork whose memory is all there (its ``prefetch_ms`` still says what the population took).
+RAM before resume and leaves that population out of its ready time (``restore + run``): the
+physical limit, a fork whose memory is all there (its ``prefetch_ms`` still says what the
+population took).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ class _Fork:
         memory = template.memory_chain if len(template.memory_chain) > 1 else ()
         self.process = ForkProcess(str(template.path), socket_path, index, memory=memory)
         self.prefetch_seconds = 0.0
+        #: When the orchestrator was done preparing the fork (monotonic; 0: not yet).
+        self.prepared_at = 0.0
 
 
 def _report(
@@ -119,9 +123,13 @@ def _report(
     specific = 0
     if warmup_pages is not None:
         specific = len(template.touched_pages(result.variant) - warmup_pages)
-    # The physical limit: memory already there, however long it took to put it there.
-    population = 0.0 if mode == "present" else fork.prefetch_seconds
-    ready = result.restore_seconds + population + result.run_seconds
+    if mode == "present":
+        # The physical limit: memory already there, however long it took to put it there.
+        ready = result.restore_seconds + result.run_seconds
+    else:
+        # Wall time; less only a burst's wait at the barrier after this fork was set to go.
+        set_to_go = max(result.t_restored, fork.prepared_at or result.t_restored)
+        ready = result.ready_seconds - max(0.0, result.t_go - set_to_go)
     total_pages: dict[int, int] = {}
     progress = []
     for t, vcpu, pages in result.progress:
@@ -193,6 +201,7 @@ def run_forks(
                     t0 = time.monotonic()
                     server.prefetch(fork.name, hot)
                     fork.prefetch_seconds = time.monotonic() - t0
+                fork.prepared_at = time.monotonic()
                 fork.process.wait_restored(timeout=timeout)
 
             if len(forks) == 1:
