@@ -767,3 +767,11 @@ def test_a_stored_plan_that_installs_outside_its_regions_is_refused(
     hot = HotPageList.from_pages([(0, 0), (0, P)])
     hot.set_plan_data(layout_key(MIXED), blob.tobytes())
     assert plan_hot_set(hot, MIXED, never_zero, bridge_gap=0) == plan  # planned anew
+
+
+def test_a_stored_plan_filed_under_another_layout_is_made_again() -> None:
+    hot = HotPageList.from_pages([(0, 0), (0, P)])
+    other = [Region(BASE0, 128 * P, 0), *MIXED[1:]]
+    hot.set_plan_data(layout_key(MIXED), plan_exact([(0, 0)], other, never_zero).to_bytes())
+    plan = plan_hot_set(hot, MIXED, never_zero, bridge_gap=0)
+    assert plan.planned_for == tuple(MIXED) and plan.pages == 2

@@ -571,7 +571,11 @@ def plan_hot_set(
             stored = PrefetchPlan.from_bytes(data)
         except PrefetchError:
             stored = None
-        if stored is not None and _zero_runs_still_zero(stored, is_zero):
+        if (
+            stored is not None
+            and layout_key(stored.planned_for) == layout
+            and _zero_runs_still_zero(stored, is_zero)
+        ):
             return stored
     plan = plan_prefetch(hot, regions, is_zero, bridge_gap=bridge_gap)
     hot.set_plan_data(layout, plan.to_bytes())
