@@ -138,7 +138,12 @@ def add_parser(subparsers: Any) -> None:
         "--per-fork times that size. Example: pagefork hotpages learn "
         "state/templates/web/hot-pages.hpl --window 8 --join 3",
     )
-    learn.add_argument("file", metavar="FILE", help="the template's hot-page file")
+    learn.add_argument(
+        "file",
+        metavar="FILE",
+        help="the template's hot-page file (it may not exist yet: the set its warm-up records "
+        "then learns)",
+    )
     learn.add_argument("--window", type=int, default=8, metavar="N", help="forks remembered")
     learn.add_argument(
         "--join", type=int, default=3, metavar="K", help="misses among them that add a page"
@@ -345,7 +350,8 @@ def run_diff(args: argparse.Namespace) -> int:
 
 def run_learn(args: argparse.Namespace) -> int:
     """``hotpages learn``: write (or with ``--off`` remove) the learning policy of FILE."""
-    hot = _load_named(args.file)
+    # The template may have no hot set yet: it learns from the one its warm-up records.
+    hot = load(args.file) if os.path.exists(args.file) else None
     path = history_path(args.file)
     if args.off:
         try:
@@ -362,12 +368,18 @@ def run_learn(args: argparse.Namespace) -> int:
         raise PageforkError(f"hotpages learn: {exc}") from None
     known = load_history(args.file)
     generations = known.generations if known is not None else []
-    base = known.base if known is not None and known.base is not None else len(hot)
+    base = known.base if known is not None and known.base is not None else None
+    if base is None and hot is not None:
+        base = len(hot)
     save_history(args.file, policy, generations, base)
+    bound = (
+        f"at most {int(base * (1 + policy.max_growth))} pages (recorded: {base})"
+        if base is not None
+        else f"at most {1 + policy.max_growth:g} times the set its warm-up records"
+    )
     print(
         f"{args.file}: learns from prefetched forks: a page joins when {policy.join} of the "
-        f"last {policy.window} forks missed it; at most {int(base * (1 + policy.max_growth))} "
-        f"pages (recorded: {base})"
+        f"last {policy.window} forks missed it; {bound}"
     )
     return 0
 
