@@ -23,13 +23,14 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pagefork.errors import UffdError, VmmError
+from pagefork.errors import PageforkError, UffdError, VmmError
 from pagefork.hotpages import HotPageList
 from pagefork.prefetch import prepare_planner
 from pagefork.regions import PAGE_SIZE
@@ -46,6 +47,37 @@ def every_page(template: Template) -> HotPageList:
     """Every page of the template's guest RAM, region by region: what ``present`` installs."""
     return HotPageList.from_pages(
         (i, off) for i, r in enumerate(template.layout) for off in range(0, r.size, PAGE_SIZE)
+    )
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A hot set split for resuming early: ``head`` (its first pages in first-touch order) is
+    installed before resume, ``slices`` stream in, one ``PageServer.prefetch`` call each, while
+    the guest runs; the worker serves the fork's faults between two slices."""
+
+    head: HotPageList
+    slices: tuple[HotPageList, ...]
+
+    @property
+    def pages(self) -> int:
+        """Pages in the head and the slices."""
+        return len(self.head) + sum(len(s) for s in self.slices)
+
+
+def split_hot_set(hot: HotPageList, head: int, slice_pages: int = 512) -> Stream:
+    """Split ``hot`` into a head of ``head`` pages and slices of ``slice_pages`` (make it once
+    per hot set: the server then plans each part once)."""
+    if head < 0 or slice_pages < 1:
+        raise ValueError("head must be >= 0 and slice_pages >= 1")
+    pages = hot.in_order()
+    tail = pages[head:]
+    return Stream(
+        HotPageList.from_pages(pages[:head]),
+        tuple(
+            HotPageList.from_pages(tail[i : i + slice_pages])
+            for i in range(0, len(tail), slice_pages)
+        ),
     )
 
 
@@ -86,6 +118,14 @@ class ForkReport:
     progress: list[tuple[float, int]] = field(default_factory=list)
     #: The guest's checksum per vCPU.
     checksums: list[int] = field(default_factory=list)
+    #: Resumed early: pages installed before resume, and streamed after it (by the end of the
+    #: stream, which may outlast ready); misses that raced the stream: pages of the hot set
+    #: the guest reached before the stream did (misses beyond the pages the hot set lacks).
+    head_pages: int = 0
+    streamed_pages: int = 0
+    raced: int = 0
+    #: Faults that found their page already installed (by a prefetch that won the race).
+    already_present: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (progress as [ms since resume, pages read])."""
@@ -107,6 +147,8 @@ class _Fork:
         memory = template.memory_chain if len(template.memory_chain) > 1 else ()
         self.process = ForkProcess(str(template.path), socket_path, index, memory=memory)
         self.prefetch_seconds = 0.0
+        self.streamed = 0
+        self.stream_thread: threading.Thread | None = None
         #: When the orchestrator was done preparing the fork (monotonic; 0: not yet).
         self.prepared_at = 0.0
 
@@ -118,7 +160,10 @@ def _report(
     mode: Mode,
     result: ForkResult,
     warmup_pages: set[int] | None,
+    stream: Stream | None = None,
 ) -> ForkReport:
+    if fork.stream_thread is not None:
+        fork.stream_thread.join()
     stats = server.wait_ended(fork.name, timeout=30.0)
     specific = 0
     if warmup_pages is not None:
@@ -155,7 +200,21 @@ def _report(
         fault_latency_us=dict(stats.latency_us),
         progress=progress,
         checksums=list(result.checksums),
+        head_pages=len(stream.head) if stream is not None else 0,
+        streamed_pages=fork.streamed,
+        raced=max(0, stats.misses - specific) if stream is not None and warmup_pages else 0,
+        already_present=stats.already_present,
     )
+
+
+def _stream(server: PageServer, fork: _Fork, stream: Stream, timeout: float) -> None:
+    """Install the stream's slices into the running fork, in order, until done or the fork
+    ends (its session then refuses the next slice: nothing left to do)."""
+    for part in stream.slices:
+        try:
+            fork.streamed += server.prefetch(fork.name, part, timeout).installed
+        except PageforkError:
+            return
 
 
 def run_forks(
@@ -169,6 +228,7 @@ def run_forks(
     concurrent: bool = False,
     timeout: float = 60.0,
     on_done: Callable[[ForkReport], None] | None = None,
+    stream: Stream | None = None,
 ) -> list[ForkReport]:
     """Run one fork per entry of ``indices`` (fork index picks the trace variant).
 
@@ -177,8 +237,13 @@ def run_forks(
     Sequential by default; ``concurrent`` restores (and prefetches) all forks in parallel,
     then resumes them together, so the page server serves them all at once.
     ``warmup_variant`` lets each report say how many of its pages the warm-up never touched
-    (the misses a perfect prefetch leaves).
+    (the misses a perfect prefetch leaves). With ``stream`` (mode ``prefetch``), only its
+    head is installed before resume and its slices stream in while the guest runs.
     """
+    if stream is not None:
+        if mode != "prefetch":
+            raise VmmError("a stream needs prefetch mode")
+        hot = stream.head
     if mode == "prefetch" and hot is None:
         raise VmmError("prefetch mode needs a hot-page list")
     if mode == "present" and hot is None:
@@ -215,9 +280,14 @@ def run_forks(
                         future.result()
             for fork in forks:
                 fork.process.go()
+                if stream is not None:
+                    fork.stream_thread = threading.Thread(
+                        target=_stream, args=(server, fork, stream, timeout), daemon=True
+                    )
+                    fork.stream_thread.start()
             for fork in forks:
                 result = fork.process.wait_result(timeout=timeout)
-                report = _report(server, template, fork, mode, result, warmup_pages)
+                report = _report(server, template, fork, mode, result, warmup_pages, stream)
                 reports.append(report)
                 if on_done is not None:
                     on_done(report)
@@ -225,6 +295,8 @@ def run_forks(
             # Each in its own try: one failing close must not leak the other forks.
             errors: list[BaseException] = []
             for fork in forks:
+                if fork.stream_thread is not None:
+                    fork.stream_thread.join()  # a slice in flight finishes, the rest refuse
                 try:
                     fork.process.close()
                 except Exception as exc:  # collected; the first is re-raised
