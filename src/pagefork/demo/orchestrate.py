@@ -126,6 +126,8 @@ class ForkReport:
     raced: int = 0
     #: Faults that found their page already installed (by a prefetch that won the race).
     already_present: int = 0
+    #: The fork's memory at ready (``pagefork.memstats`` figures, ``*_bytes``).
+    memory: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (progress as [ms since resume, pages read])."""
@@ -204,6 +206,7 @@ def _report(
         streamed_pages=fork.streamed,
         raced=max(0, stats.misses - specific) if stream is not None and warmup_pages else 0,
         already_present=stats.already_present,
+        memory=dict(result.memory),
     )
 
 

@@ -12,6 +12,7 @@ to serve the fault. The process speaks JSON lines with whoever started it
 - stdout ``{"event": "result", ...}`` when every vCPU halted: ready time, checksums, whether
   they match the template, and the touched pages whose bytes differ from the mem-file
   (``bad_pages``, checked after ready); ``checksum_ok`` is true only if both are right;
+  ``memory``: the process's own memory figures at that moment (:mod:`pagefork.memstats`);
 - stdout ``{"event": "error", "message": ...}`` and exit status 1 on any failure;
 - with ``--snapshots`` KVM logs the guest's writes, and the process takes commands on stdin
   until ``exit`` or end of input, before ``go`` and after the result (the vCPUs are then
@@ -47,6 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pagefork.errors import PageforkError, VmmError
+from pagefork.memstats import try_measure
 from pagefork.vmm.kvm.microvm import MicroVm
 from pagefork.vmm.kvm.snapshot import dump_memory, remove_range
 from pagefork.vmm.kvm.template import Template, load_template
@@ -228,6 +230,7 @@ def _run_and_report(
     if not keep:
         template.close()
     guest_ok = result.checksums == expected
+    memory = try_measure(os.getpid())  # alive and after ready: what the fork holds now
     _emit(
         {
             "event": "result",
@@ -242,6 +245,7 @@ def _run_and_report(
             "checksum_ok": guest_ok and not bad_pages,
             "exits": result.exits,
             "progress": result.progress,
+            "memory": memory.to_dict() if memory is not None else {},
         }
     )
 

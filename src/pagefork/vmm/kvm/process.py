@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 from pagefork.errors import VmmError
+from pagefork.ksm import merge_preexec
 
 #: Fork processes die with the thread that started them (``PR_SET_PDEATHSIG`` is per thread),
 #: so they are all started from this one long-lived thread, not from short-lived request or
@@ -109,6 +110,9 @@ class ForkResult:
     #: Touched pages whose bytes differed from the mem-file (checked after ready).
     bad_pages: list[int] = field(default_factory=list)
     guest_checksum_ok: bool = True
+    #: The fork's memory at ready, measured by itself (:meth:`pagefork.memstats.ProcessMemory.
+    #: to_dict`); empty if it could not tell.
+    memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pages_ok(self) -> bool:
@@ -132,7 +136,10 @@ class ForkResult:
 
 
 class ForkProcess:
-    """A fork of ``template_dir`` in its own process, connected to ``socket_path``."""
+    """A fork of ``template_dir`` in its own process, connected to ``socket_path``.
+
+    ``share_memory`` marks the process mergeable for KSM (``PR_SET_MEMORY_MERGE``) before it
+    runs, so forks of one template can share the pages they hold in common."""
 
     def __init__(
         self,
@@ -144,6 +151,7 @@ class ForkProcess:
         snapshots: bool = False,
         memory: Sequence[str] = (),
         outlive_parent: bool = False,
+        share_memory: bool = False,
     ) -> None:
         self.fork_index = fork_index
         #: Started with ``--snapshots``: it stays, stopped, after its result until :meth:`close`.
@@ -173,6 +181,8 @@ class ForkProcess:
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
+            # Opt-in KSM: the flag is set between fork and exec and survives the exec.
+            preexec_fn=merge_preexec if share_memory else None,
         ).result()
         self._attach(proc, [], b"")
 
@@ -377,6 +387,7 @@ class ForkProcess:
             progress=[(float(t), int(v), int(p)) for t, v, p in doc["progress"]],
             bad_pages=[int(p) for p in doc.get("bad_pages", [])],
             guest_checksum_ok=bool(doc.get("guest_checksum_ok", doc["checksum_ok"])),
+            memory=dict(doc.get("memory") or {}),
         )
 
     def close(self) -> None:
