@@ -24,7 +24,10 @@ nothing until the guest writes them.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from pagefork.errors import PageforkError
 
@@ -237,3 +240,72 @@ def try_measure(pid: int | None, guest: bool = True) -> ProcessMemory | None:
 def total(memories: list[ProcessMemory], name: str) -> int:
     """The sum of one figure (a field of :class:`ProcessMemory`) over several processes."""
     return sum(int(getattr(m, name) or 0) for m in memories)
+
+
+class MemorySampler:
+    """Measures registered processes every ``interval`` seconds on one thread, keeping each
+    one's last figures and its peak ``Pss``.
+
+    A VMM's memory can only be read while it lives, and a fork's session usually ends because
+    its VMM exited: whoever reports a fork's end (``pagefork serve``'s ``fork_end``) adds the
+    fork's VMM here when it connects and takes the last sample when it ends.
+    """
+
+    def __init__(self, interval: float = 2.0) -> None:
+        if not interval > 0:
+            raise ValueError(f"interval must be > 0, not {interval}")
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._pids: dict[str, int] = {}
+        self._last: dict[str, ProcessMemory] = {}
+        self._peak: dict[str, int] = {}
+        self._taken_at: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+        self._thread.start()
+
+    def add(self, key: str, pid: int) -> None:
+        """Sample ``pid`` under ``key`` from now on (once at once)."""
+        with self._lock:
+            self._pids[key] = pid
+        self._sample(key, pid)
+
+    def take(self, key: str) -> dict[str, Any] | None:
+        """Stop sampling ``key``; its last figures (:meth:`ProcessMemory.to_dict`) with
+        ``peak_pss_bytes`` and ``age_s`` (seconds since that sample), or None if never read."""
+        with self._lock:
+            self._pids.pop(key, None)
+            last = self._last.pop(key, None)
+            peak = self._peak.pop(key, None)
+            taken_at = self._taken_at.pop(key, None)
+        if last is None or taken_at is None:
+            return None
+        doc: dict[str, Any] = dict(last.to_dict())
+        doc["peak_pss_bytes"] = peak
+        doc["age_s"] = round(time.monotonic() - taken_at, 3)
+        return doc
+
+    def _sample(self, key: str, pid: int) -> None:
+        memory = try_measure(pid)
+        if memory is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if self._pids.get(key) != pid:
+                return  # taken meanwhile
+            self._last[key] = memory
+            self._peak[key] = max(self._peak.get(key, 0), memory.pss)
+            self._taken_at[key] = now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                pids = list(self._pids.items())
+            for key, pid in pids:
+                self._sample(key, pid)
+
+    def close(self) -> None:
+        """Stop the thread; idempotent."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()

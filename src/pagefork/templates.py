@@ -82,8 +82,8 @@ _TMP_LEFTOVER = re.compile(
 )
 #: Fields every record has; ``live_forks`` is derived, never stored.
 _DERIVED_FIELDS = ("live_forks",)
-#: Fields records of older versions lack (they are roots).
-_OPTIONAL_FIELDS = ("parent", "layers")
+#: Fields records of older versions lack (they are roots, and do not share memory).
+_OPTIONAL_FIELDS = ("parent", "layers", "share_memory")
 
 log = logging.getLogger("pagefork")
 
@@ -128,6 +128,8 @@ class TemplateRecord:
     the daemon holds when it reads the record. ``parent`` is the template a child was
     snapshotted from (None for a root, or once flattened) and ``layers`` the layer files over
     ``mem_file``, bottom first (records of older versions have neither: a root).
+    ``share_memory``: its forks' VMMs are marked mergeable for KSM (opt-in; see
+    :mod:`pagefork.ksm`).
     """
 
     id: str
@@ -144,6 +146,7 @@ class TemplateRecord:
     live_forks: int = field(default=0, compare=False)
     parent: str | None = None
     layers: list[str] = field(default_factory=list)
+    share_memory: bool = False
 
     @property
     def mem_pages(self) -> int:
@@ -179,6 +182,7 @@ class TemplateRecord:
             "owns_files": (bool,),
             "parent": (str, type(None)),
             "layers": (list,),
+            "share_memory": (bool,),
         }
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -190,7 +194,7 @@ class TemplateRecord:
                 raise TemplateError(f"{where}: field {f.name!r} is missing")
             value = doc[f.name]
             if not isinstance(value, kinds[f.name]) or (
-                isinstance(value, bool) and f.name != "owns_files"
+                isinstance(value, bool) and f.name not in ("owns_files", "share_memory")
             ):
                 raise TemplateError(f"{where}: field {f.name!r} has a wrong type")
             values[f.name] = value
@@ -499,6 +503,14 @@ class TemplateRegistry:
             change(record)
             _write_atomically(self.directory(template_id) / RECORD_FILE, _record_doc(record))
             return record
+
+    def set_share_memory(self, template_id: str, share: bool) -> TemplateRecord:
+        """Turn KSM sharing of the template's forks on or off (forks started from now on)."""
+
+        def change(r: TemplateRecord) -> None:
+            r.share_memory = share
+
+        return self._update(template_id, change)
 
     def touch(self, template_id: str, created: float) -> None:
         """Note that the template was used now (``last_used``), best effort.

@@ -140,6 +140,14 @@ def add_parser(subparsers: Any) -> None:
         "--takeover' with the code installed now and hand everything to it; if it fails, "
         "serve on). The systemd unit in contrib/systemd reloads this way",
     )
+    d.add_argument(
+        "--ksm-pages-to-scan",
+        type=int,
+        metavar="N",
+        help="set KSM's scan rate (/sys/kernel/mm/ksm/pages_to_scan, pages per 20 ms by "
+        "default) at start, for templates created with --share-memory; the setting stays. "
+        "KSM itself is never turned on by pagefork",
+    )
     d.add_argument("-v", "--verbose", action="store_true", help="log the fork lifecycle")
     d.set_defaults(func=run_daemon)
 
@@ -187,6 +195,12 @@ def add_parser(subparsers: Any) -> None:
     tc.add_argument("--page-size", type=int, help="Firecracker snapshot: page size in bytes")
     tc.add_argument("--copy", action="store_true", help="copy the snapshot files in")
     tc.add_argument("--microvm", action="store_true", help="build a built-in microVM template")
+    tc.add_argument(
+        "--share-memory",
+        action="store_true",
+        help="forks of this template share the memory they hold in common (KSM; only for "
+        "forks that trust each other: see the density docs); needs KSM on",
+    )
     tc.add_argument("--mem-size", type=int, metavar="MIB", help="microVM RAM (default 64)")
     tc.add_argument("--vcpus", type=int, help="microVM vCPUs (default 1)")
     tc.add_argument(
@@ -334,6 +348,8 @@ def run_daemon(args: argparse.Namespace) -> int:
         raise PageforkError(
             f"--max-layer-depth must be in 1..{MAX_DEPTH}, not {args.max_layer_depth}"
         )
+    if args.ksm_pages_to_scan is not None:
+        _tune_ksm(args.ksm_pages_to_scan)
     # SIGHUP (its terminal or supervisor went away) stops it cleanly too, like SIGTERM, unless
     # --on-sighup takeover; one that is ignored on entry (nohup) stays ignored: that caller
     # asked it to outlive them.
@@ -392,6 +408,19 @@ def _remove_skeleton(top: str) -> None:
                     os.unlink(os.path.join(root, name))
         with contextlib.suppress(OSError):
             os.rmdir(root)  # fails, as it should, when anything else is left in it
+
+
+def _tune_ksm(pages_to_scan: int) -> None:
+    """``--ksm-pages-to-scan``: write the scan rate (a host setting that outlives the daemon,
+    so a successor taking over finds it as set); a one-line error if it cannot."""
+    from pagefork import ksm
+
+    if not 1 <= pages_to_scan <= 1_000_000:
+        raise PageforkError(f"--ksm-pages-to-scan must be in 1..1000000, not {pages_to_scan}")
+    ksm.write_setting("pages_to_scan", pages_to_scan)
+    note = ksm.off_note()
+    if note is not None:
+        print(f"pagefork: {note}", file=sys.stderr)
 
 
 # --- verbs -----------------------------------------------------------------------------------
@@ -516,10 +545,14 @@ def run_templates_create(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {}
     if args.name:
         fields["name"] = args.name
+    if args.share_memory:
+        fields["share_memory"] = True
     if args.source:
         if args.microvm or args.mem_file or args.snapshot:
             raise PageforkError("--from takes no --microvm, --mem-file or --snapshot")
-        _show(_client(args).create_template_from(args.id, args.source, args.name), args.json)
+        client = _client(args)
+        doc = client.create_template_from(args.id, args.source, args.name, args.share_memory)
+        _show_created(doc, args.json)
         return 0
     if args.microvm:
         if args.mem_file or args.snapshot:
@@ -539,8 +572,16 @@ def run_templates_create(args: argparse.Namespace) -> int:
             fields["page_size"] = args.page_size
         if args.copy:
             fields["copy"] = True
-    _show(_client(args).create_template(args.id, kind, **fields), args.json)
+    _show_created(_client(args).create_template(args.id, kind, **fields), args.json)
     return 0
+
+
+def _show_created(doc: dict[str, Any], as_json: bool) -> None:
+    """A new template; a ``note`` (KSM is off) goes to stderr in one line."""
+    note = doc.pop("note", None) if not as_json else None
+    _show(doc, as_json)
+    if note:
+        print(f"pagefork: {note}", file=sys.stderr)
 
 
 def run_templates_delete(args: argparse.Namespace) -> int:
@@ -628,6 +669,17 @@ def run_forks_show(args: argparse.Namespace) -> int:
         doc.update({k: stats[k] for k in ("faults", "prefetched_pages", "misses")})
         doc["session"] = stats["state"]
         doc["latency_us"] = stats["latency_us"]
+        memory = doc.pop("memory", None)
+        if memory:
+            doc.update(
+                {
+                    f"memory {k.removesuffix('_bytes')}": f"{memory[k] / (1 << 20):.1f} MiB"
+                    for k in ("rss_bytes", "pss_bytes", "private_bytes", "shared_bytes")
+                }
+            )
+            doc["memory guest_pss"] = f"{memory['guest_pss_bytes'] / (1 << 20):.1f} MiB"
+            if memory.get("ksm_merging_pages") is not None:
+                doc["ksm merging pages"] = memory["ksm_merging_pages"]
     _show(doc, args.json)
     return 0
 

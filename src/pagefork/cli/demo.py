@@ -15,6 +15,12 @@ prefetched forks are forked from that snapshot, each on the trace of one prefetc
 the template. Each must report the checksum the snapshotted fork itself answers for its trace
 from its own memory (it then walks on from the snapshot, and its own walk must agree): a check
 independent of the layers the branches are served from.
+
+Every fork's memory (``Pss`` of its VMM, measured by the kernel at ready) is reported next to
+its ready time. With ``--share-memory`` it then runs a burst of ``--forks`` forks alive
+together twice, without and with KSM sharing (each VMM marked ``PR_SET_MEMORY_MERGE``), and
+reports their memory side by side, with how long merging took to converge. KSM must be on
+(``echo 1 > /sys/kernel/mm/ksm/run``): the demo never turns it on.
 """
 
 from __future__ import annotations
@@ -78,6 +84,12 @@ def add_parser(subparsers: Any) -> None:
         help="also snapshot a fork that changed guest memory and branch --forks forks from it "
         "(JSON: a 'branch' object)",
     )
+    p.add_argument(
+        "--share-memory",
+        action="store_true",
+        help="also run a burst of --forks forks alive together, without and with KSM sharing, "
+        "and compare their memory (JSON: a 'memory' object; needs KSM on)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument(
         "--plot", metavar="FILE.png", help="draw ready times and fault timelines (needs matplotlib)"
@@ -125,6 +137,8 @@ def _require_matplotlib() -> None:
 def run(args: argparse.Namespace) -> int:
     """Handler of ``pagefork demo``; returns the exit code (1 if a checksum failed)."""
     from pagefork.demo import branch, orchestrate
+    from pagefork.demo.density import side_by_side
+    from pagefork.ksm import off_note
     from pagefork.server import PageServer, ServerConfig
     from pagefork.vmm.kvm.template import MEM_FILE, TemplateSpec, build_template
     from pagefork.vmm.kvm.trace import TraceSpec
@@ -133,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         _require_matplotlib()
     orchestrate.check_environment()
+    if args.share_memory and (note := off_note()) is not None:
+        Console(stderr=True).print(note, highlight=False, soft_wrap=True, markup=False)
     spec = TemplateSpec(
         mem_size=args.mem_size << 20,
         vcpus=args.vcpus,
@@ -194,6 +210,16 @@ def run(args: argparse.Namespace) -> int:
                             on_done=done,
                         )
                 demand, prefetch, present = runs["demand"], runs["prefetch"], runs["present"]
+                memory = None
+                if args.share_memory:
+                    t_mem = progress.add_task("bursts: unshared, shared", total=2)
+                    memory = side_by_side(
+                        server,
+                        template,
+                        [r.fork_index for r in prefetch],
+                        hot,
+                        on_done=lambda: progress.advance(t_mem),
+                    )
                 snapshot = None
                 if args.branch:
                     t_snap = progress.add_task("snapshot of a fork", total=1)
@@ -228,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
         }
         doc["workdir"] = str(workdir) if args.workdir else None
+        if memory is not None:
+            doc["memory"] = memory
         if branched is not None:
             doc["branch"] = branched.to_dict()
         # Figures first: a plot that fails must not lose them.
@@ -245,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
                 f"wrote the plot to {args.plot}", soft_wrap=True, markup=False, highlight=False
             )
         branch_ok = branched is None or doc["branch"]["checksums_ok"]
+        if memory is not None:
+            branch_ok = branch_ok and all(m["checksums_ok"] for m in memory.values())
         return 0 if doc["checksums_ok"] and branch_ok else 1
     finally:
         if not args.workdir:
@@ -290,6 +320,7 @@ def _result_doc(
         "modes": {
             mode: {
                 **summaries[mode],
+                **_pss(runs[mode]),
                 "ready_ms": [r.ready_ms for r in runs[mode]],
                 "faults": [r.faults for r in runs[mode]],
                 "checksums": [r.checksums for r in runs[mode]],
@@ -298,6 +329,16 @@ def _result_doc(
             for mode in MODES
         },
         "elapsed_s": elapsed,
+    }
+
+
+def _pss(reports: list[Any]) -> dict[str, float]:
+    """Mean memory per fork at ready (its VMM's ``Pss``, and of that its guest RAM's)."""
+    pss = [r.memory.get("pss_bytes", 0) for r in reports]
+    guest = [r.memory.get("guest_pss_bytes", 0) for r in reports]
+    return {
+        "pss_bytes_mean": statistics.fmean(pss) if pss else 0.0,
+        "guest_pss_bytes_mean": statistics.fmean(guest) if guest else 0.0,
     }
 
 
@@ -322,10 +363,11 @@ def _print_tables(doc: dict[str, Any]) -> None:
         "faults",
         "prefetched",
         "misses",
+        "Pss (guest)",
         "checksums",
     )
     for col in columns:
-        table.add_column(col, justify="left" if col == "mode" else "right")
+        table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=col == "mode")
     for mode, m in doc["modes"].items():
         table.add_row(
             f"{mode} ({m['forks']})",
@@ -334,12 +376,14 @@ def _print_tables(doc: dict[str, Any]) -> None:
             f"{m['demand_faults_mean']:.0f}",
             f"{m['prefetched_pages_mean']:.0f}",
             f"{m['misses_mean']:.0f} / {m['specific_pages_mean']:.0f}",
+            f"{m['pss_bytes_mean'] / 2**20:.0f} ({m['guest_pss_bytes_mean'] / 2**20:.0f})M",
             "[green]OK[/]" if m["checksums_ok"] else "[red]WRONG[/]",
         )
     out.print(table)
     out.print(
-        "faults, prefetched, misses: means per fork; misses / pages the warm-up never touched; "
-        "present: every page installed before resume, not counted in its ready time"
+        "faults, prefetched, misses, Pss: means per fork; misses / pages the warm-up never "
+        "touched; present: every page installed before resume, not counted in its ready time; "
+        "Pss: the VMM's proportional memory at ready, in MiB (of it, guest RAM)"
     )
     out.print(
         f"[bold]speed-up[/] (ready time, demand / prefetch, median of {len(doc['speedup_pairs'])}"
@@ -353,6 +397,8 @@ def _print_tables(doc: dict[str, Any]) -> None:
         f"{doc['prefetch_over_present_first']:.2f}x (it pays for its plan), later forks "
         + (f"{later:.2f}x (median)" if later is not None else "- (one round only)")
     )
+    if doc.get("memory") is not None:
+        _print_memory(out, doc["memory"])
     b = doc.get("branch")
     if b is not None:
         out.print(
@@ -363,6 +409,32 @@ def _print_tables(doc: dict[str, Any]) -> None:
             f"walks to what the snapshotted fork's own memory says: "
             + ("[green]OK[/]" if b["checksums_ok"] else "[red]WRONG[/]")
         )
+
+
+def _print_memory(out: Console, memory: dict[str, Any]) -> None:
+    """The two bursts side by side: memory settled, ready time, convergence."""
+    mib = 2**20
+    table = Table(box=box.SIMPLE_HEAD, title="forks alive together: memory without and with KSM")
+    for col in ("burst", "Pss total", "per fork", "guest Pss", "ready mean", "converged"):
+        table.add_column(col, justify="left" if col == "burst" else "right")
+    for name, m in memory.items():
+        conv = m["converge_s"]
+        table.add_row(
+            f"{name} ({m['forks']})",
+            f"{m['pss_total_bytes'] / mib:.0f} MiB",
+            f"{m['per_fork_pss_bytes'] / mib:.1f} MiB",
+            f"{m['guest_pss_total_bytes'] / mib:.0f} MiB",
+            f"{m['ready_ms_mean']:.0f} ms",
+            "-" if conv is None else f"{conv:.1f} s",
+        )
+    out.print(table)
+    s = memory["shared"]
+    out.print(
+        f"shared: {s['ksm_merging_pages']} pages merged, ksmd "
+        + ("-" if s["ksmd_cpu_s"] is None else f"{s['ksmd_cpu_s']:.2f}")
+        + f" CPU s; {s['free_zero_pages']} touched pages stayed the zero page (free)"
+        + ("" if s["ksm_running"] else "; KSM is off on this host: nothing merged")
+    )
 
 
 def _plot(

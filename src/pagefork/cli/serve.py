@@ -2,6 +2,8 @@
 
 Every connection on the socket is one fork session. Events go to stdout as JSON lines
 (``listening``, ``prefetch_done``, ``hot_pages_saved``, ``fork_end``); logs go to stderr.
+``fork_end`` carries the VMM's ``memory`` as last sampled while it lived (every
+``--memory-interval`` seconds, from ``/proc/PID/smaps_rollup``; null if never read).
 
 Every option is checked before the mem-file is loaded, so a bad one is a one-line error at
 start, never a failure on some fork later. The server stops cleanly (every fork stopped, the
@@ -33,6 +35,7 @@ from pagefork.errors import PageforkError
 from pagefork.files import check_writable
 from pagefork.hotloop import HotSetLoop
 from pagefork.hotpages import HotPageList, load
+from pagefork.memstats import MemorySampler
 from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
 from pagefork.signals import SignalInbox
 from pagefork.stats import ForkStats
@@ -129,6 +132,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "(same --mem-file), through SOCKET.takeover: no fork notices, and the old server exits "
         "0; if the takeover fails the old one serves on and this exits 2 with the reason",
     )
+    p.add_argument(
+        "--memory-interval",
+        type=float,
+        default=2.0,
+        metavar="T",
+        help="sample each fork's VMM memory every T seconds while it lives, for fork_end "
+        "(default 2; 0: off)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log each fork's lifecycle")
     p.set_defaults(func=run)
 
@@ -184,6 +195,9 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--handshake-timeout must be more than 0 and at most {MAX_HANDSHAKE_TIMEOUT:g} "
             f"seconds, not {t:g}"
         )
+    m = args.memory_interval
+    if not (math.isfinite(m) and m >= 0):
+        raise PageforkError(f"--memory-interval must be 0 (off) or more seconds, not {m:g}")
     if args.record_max_pages is not None and args.record_max_pages < 1:
         raise PageforkError(f"--record-max-pages must be at least 1, not {args.record_max_pages}")
     seconds = args.record_max_seconds
@@ -207,7 +221,7 @@ def _check_args(args: argparse.Namespace) -> None:
                     raise PageforkError(f"--record {record} is the layer {layer}")
 
 
-def _fork_end_fields(stats: ForkStats) -> dict[str, Any]:
+def _fork_end_fields(stats: ForkStats, memory: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "fork": stats.fork,
         "pid": stats.pid,
@@ -222,6 +236,7 @@ def _fork_end_fields(stats: ForkStats) -> dict[str, Any]:
         "already_present": stats.already_present,
         "latency_us": stats.latency_us,
         "state": stats.state,
+        "memory": memory,
         **({"error": stats.error} if stats.error else {}),
     }
 
@@ -287,8 +302,14 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
         if saved is not None:
             emit("hot_pages_saved", fork=fork_id, path=path, pages=len(pages))
 
+    sampler: MemorySampler | None = None  # started with the server, below
+
     def connected(fork_id: str) -> None:
         log.info("fork %s: connected", fork_id)
+        if sampler is not None and server is not None:
+            pid = server.stats(fork_id).pid
+            if pid is not None:
+                sampler.add(fork_id, pid)
         current = loop.hot
         if loop.role(fork_id) != "prefetch" or current is None or server is None:
             return
@@ -316,7 +337,8 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
 
     def ended(fork_id: str, stats: ForkStats) -> None:
         loop.fork_gone(fork_id)
-        emit("fork_end", **_fork_end_fields(stats))
+        memory = sampler.take(fork_id) if sampler is not None else None
+        emit("fork_end", **_fork_end_fields(stats, memory))
 
     def worker_restarted(old_pid: int, pid: int, forks: int) -> None:
         emit("worker_restarted", old_pid=old_pid, pid=pid, forks=forks)
@@ -339,6 +361,8 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
     server = PageServer(config)
     handover: ServeHandover | None = None
     try:
+        if args.memory_interval > 0:
+            sampler = MemorySampler(args.memory_interval)
         listener = None
         if args.takeover:
             server.wait_ready()  # built before the old server is asked for anything
@@ -376,6 +400,8 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
             handover.close()  # after a takeover: drops every fork without ending it
         else:
             server.close()
+        if sampler is not None:
+            sampler.close()
     return 0
 
 

@@ -8,7 +8,9 @@ POST     /templates                   create: ``{"id", "kind": "firecracker", "m
                                       "snapshot_path", ["page_size", "copy", "name"]}`` or
                                       ``{"id", "kind": "kvm", ["mem_size_mib", "vcpus",
                                       "variants", "working_set", "fork_share", "seed", "name"]}``
-                                      or ``{"id", "source": "s3://BUCKET/PREFIX", ["name"]}``
+                                      or ``{"id", "source": "s3://BUCKET/PREFIX", ["name"]}``;
+                                      each takes ``"share_memory": true`` (KSM across its
+                                      forks; ``note`` says so when KSM is off)
 GET      /templates/{id}              the record
 DELETE   /templates/{id}              409 while it has forks (live or exited)
 POST     /templates/{id}/rerecord     the next fork records a new hot set
@@ -17,13 +19,14 @@ GET      /forks                       ``{"forks": [...]}``, each with its ``stat
                                       or ``exited`` (held until released)
 POST     /forks                       ``{"template", ["fork", "vmm", "options"]}`` → the fork,
                                       with its uffd ``socket`` (201)
-GET      /forks/{id}                  the fork and its page server counters
+GET      /forks/{id}                  the fork, its page server counters and its VMM's
+                                      ``memory`` (:mod:`pagefork.memstats`; null once gone)
 POST     /forks/{id}/prefetch         install the hot set (``{"timeout"}`` optional)
 POST     /forks/{id}/wait             wait until the guest is done and the session ended
 POST     /forks/{id}/snapshot         ``{"template", ["release"]}``: pause the fork, register
                                       its memory as a child template of its own (201), then
                                       resume it (or release it)
-DELETE   /forks/{id}                  release; the final counters
+DELETE   /forks/{id}                  release; the final counters and the VMM's last ``memory``
 GET      /metrics                     Prometheus text format
 GET      /openapi.json                this API as an OpenAPI 3.1 document (also docs/openapi.json)
 =======  ===========================  ==========================================================
@@ -73,6 +76,8 @@ from pagefork.daemon.manager import (
 from pagefork.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pagefork.daemon.metrics import DaemonMetrics
 from pagefork.errors import DaemonError, ForkError, PageforkError, TemplateError, VmmError
+from pagefork.ksm import off_note
+from pagefork.memstats import try_measure
 from pagefork.server import bind_private_socket, validate_fork_id
 from pagefork.templates import (
     TemplateFieldError,
@@ -317,10 +322,11 @@ class ControlApi:
             validate_template_id(template_id)
         except TemplateError as exc:
             raise _bad(f"field 'id': {exc}") from None
+        share = body.get("share_memory", bool) is True
         source = body.get("source", str)
         if source is not None:  # a template pushed to object storage: kind firecracker
             record = self.manager.create_template_from(template_id, source, body.text("name"))
-            return Response.json(HTTPStatus.CREATED, record.to_dict())
+            return self._created_template(record, share)
         try:
             kind = kind_of(body.get("kind", str, required=True))
         except TemplateError as exc:
@@ -337,7 +343,18 @@ class ControlApi:
             )
         else:
             record = self.registry.create_microvm(template_id, _microvm_spec(body), name=name)
-        return Response.json(HTTPStatus.CREATED, record.to_dict())
+        return self._created_template(record, share)
+
+    def _created_template(self, record: TemplateRecord, share: bool) -> Response:
+        """201 with the record; with ``share``, sharing is turned on first, and ``note`` says
+        so in one line when KSM is off on this host (pagefork never turns it on)."""
+        doc: dict[str, Any] = {}
+        if share:
+            record = self.registry.set_share_memory(record.id, True)
+            note = off_note()
+            if note is not None:
+                doc["note"] = note
+        return Response.json(HTTPStatus.CREATED, {**record.to_dict(), **doc})
 
     def _get_template(self, template_id: str, raw: bytes) -> Response:
         record = self.registry.get(self._template_id(template_id))
@@ -389,7 +406,15 @@ class ControlApi:
     def _get_fork(self, fork_id: str, raw: bytes) -> Response:
         fork = self.manager.fork(self._fork_id(fork_id))
         stats = self.manager.stats(fork_id)
-        return Response.json(HTTPStatus.OK, {**fork.to_dict(), "stats": stats.to_dict()})
+        memory = try_measure(fork.handle.pid if fork.handle is not None else stats.pid)
+        return Response.json(
+            HTTPStatus.OK,
+            {
+                **fork.to_dict(),
+                "stats": stats.to_dict(),
+                "memory": memory.to_dict() if memory is not None else None,
+            },
+        )
 
     def _post_prefetch(self, fork_id: str, raw: bytes) -> Response:
         body = _Body(raw, required=False)
@@ -418,8 +443,19 @@ class ControlApi:
         return Response.json(HTTPStatus.CREATED, doc)
 
     def _delete_fork(self, fork_id: str, raw: bytes) -> Response:
-        stats = self.manager.release(self._fork_id(fork_id))
-        return Response.json(HTTPStatus.OK, {"released": fork_id, "stats": stats.to_dict()})
+        fork = self.manager.fork(self._fork_id(fork_id))
+        # Measured before the release stops the VMM: afterwards there is nothing to read.
+        pid = fork.handle.pid if fork.handle is not None else self.manager.stats(fork_id).pid
+        memory = try_measure(pid)
+        stats = self.manager.release(fork_id)
+        return Response.json(
+            HTTPStatus.OK,
+            {
+                "released": fork_id,
+                "stats": stats.to_dict(),
+                "memory": memory.to_dict() if memory is not None else None,
+            },
+        )
 
     # --- the API's own description -------------------------------------------------------------
     def _get_openapi(self, raw: bytes) -> Response:
@@ -441,7 +477,12 @@ class ControlApi:
         forks: dict[str, dict[str, int]] = {
             r.id: {str(w): n for w, n in counts.get((r.id, r.created), {}).items()} for r in records
         }
-        text = self.metrics.render(self.manager.live_stats(), templates, hot, forks)
+        live = self.manager.live_stats()
+        memory = {
+            t: [(s.fork, m) for s in forks_of if (m := try_measure(s.pid)) is not None]
+            for t, forks_of in live.items()
+        }
+        text = self.metrics.render(live, templates, hot, forks, memory=memory)
         return Response(HTTPStatus.OK, text, METRICS_CONTENT_TYPE)
 
 

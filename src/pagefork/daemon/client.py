@@ -165,10 +165,14 @@ class DaemonClient:
         return result
 
     def create_template_from(
-        self, template_id: str, source: str, name: str | None = None
+        self, template_id: str, source: str, name: str | None = None, share_memory: bool = False
     ) -> dict[str, Any]:
         """Create a template from one pushed to object storage (``s3://BUCKET/PREFIX``)."""
-        body = {"id": template_id, "source": source, **({"name": name} if name else {})}
+        body: dict[str, Any] = {"id": template_id, "source": source}
+        if name:
+            body["name"] = name
+        if share_memory:
+            body["share_memory"] = True
         result: dict[str, Any] = self.request("POST", "/templates", body)
         return result
 

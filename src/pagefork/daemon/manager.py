@@ -62,6 +62,7 @@ from pagefork.hotloop import HotSetLoop, Role
 from pagefork.hotpages import HotPageList
 from pagefork.hotpages import load as load_hot_pages
 from pagefork.layers.hotset import InheritedHotSet, inherited_hot_set
+from pagefork.memstats import try_measure
 from pagefork.regions import Region
 from pagefork.server import PageServer, ServerConfig, validate_fork_id
 from pagefork.serving.state import ForkPhase, transition
@@ -296,6 +297,19 @@ def _misfit(hot: HotPageList, regions: Sequence[Region]) -> str | None:
         if offset % r.page_size or offset >= r.size:
             return f"entry {index} (offset {offset:#x}) lies outside region {region}"
     return None
+
+
+def _check_mergeable(fork_id: str, pid: int | None) -> None:
+    """Warn when a fork of a sharing template runs in a VMM that is not mergeable: one the
+    caller started (``api_socket``) must be started with ``PR_SET_MEMORY_MERGE`` set."""
+    memory = try_measure(pid, guest=False)
+    if memory is not None and memory.merge_any is False:
+        log.warning(
+            "fork %s: its template shares memory, but VMM pid %d is not mergeable (a VMM "
+            "pagefork did not start must be started with prctl(PR_SET_MEMORY_MERGE, 1))",
+            fork_id,
+            pid,
+        )
 
 
 def new_latency_samples(
@@ -771,8 +785,11 @@ class ForkManager:
             mem_file=record.mem_file,
             options=options,
             layers=tuple(record.layers),
+            share_memory=record.share_memory,
         )
         fork.handle = vmm.restore(request, timeout=self.config.restore_timeout)
+        if record.share_memory:
+            _check_mergeable(fork.fork_id, fork.handle.pid)
         self._watch_exit(fork)
         if fork.release_requested:
             return

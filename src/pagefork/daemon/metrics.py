@@ -7,6 +7,11 @@ are never below its live ones, so the sums only grow, as Prometheus counters mus
 Fault latency is a histogram in seconds. The fork manager feeds it with each fork's new
 fault-service latencies at every scrape (only the samples since the last one) and the rest when
 the fork is released, so a dashboard sees faults while forks are live, each exactly once.
+
+Memory is a gauge read at scrape time from the kernel (:mod:`pagefork.memstats`) for every
+live fork's VMM: per template (the sum over its forks) and per fork, by figure (``rss``,
+``pss``, ``private``, ``shared``, ``guest_pss``: guest RAM only), plus the pages KSM merged.
+The ``pss`` sum of a template is what its forks cost the host together.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from pagefork.memstats import ProcessMemory
 from pagefork.stats import ForkStats
 
 #: Bucket upper bounds of the fault latency histogram, in seconds (5 µs .. 100 ms).
@@ -52,6 +58,8 @@ COUNTERS = {
     "misses": "Demand faults after a prefetch (pages the hot set lacked)",
     "errors": "Fork-fatal errors",
 }
+#: ProcessMemory fields exported as the ``kind`` label of the memory gauges.
+MEMORY_KINDS = ("rss", "pss", "private", "shared", "guest_rss", "guest_pss")
 
 
 @dataclass
@@ -99,17 +107,20 @@ class DaemonMetrics:
         templates: Sequence[str],
         hot_pages: Mapping[str, int],
         forks: Mapping[str, Mapping[str, int]] | None = None,
+        memory: Mapping[str, Sequence[tuple[str, ProcessMemory]]] | None = None,
     ) -> bytes:
         """The Prometheus text exposition: the current stats of forks whose session goes on
         (``live``) per template, every registered template id, each template's hot-set size,
         and how many forks it has in each state (``forks``: template -> {"live": n,
         "exited": n}, the fork manager's :meth:`~pagefork.daemon.manager.ForkManager.
-        fork_counts`; without it, the forks in ``live`` are counted as live)."""
+        fork_counts`; without it, the forks in ``live`` are counted as live), and the memory
+        of its live forks' VMMs (``memory``: per template, (fork, measured memory) pairs)."""
         if forks is None:
             forks = {t: {"live": len(s), "exited": 0} for t, s in live.items()}
         counts = forks
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(lambda: self._families(live, templates, hot_pages, counts)))
+        registry.register(_Collector(lambda: _memory_families(memory or {})))
         return generate_latest(registry)
 
     def _families(
@@ -178,6 +189,37 @@ class DaemonMetrics:
         yield latency
 
 
+def _memory_families(
+    memory: Mapping[str, Sequence[tuple[str, ProcessMemory]]],
+) -> Iterator[Metric]:
+    total = GaugeMetricFamily(
+        "pagefork_memory_bytes",
+        "Memory of the template's live forks' VMMs, summed (kind: rss, pss, private, shared; "
+        "guest_*: guest RAM only). The pss sum is what the forks cost together",
+        labels=["template", "kind"],
+    )
+    per_fork = GaugeMetricFamily(
+        "pagefork_fork_memory_bytes",
+        "Memory of one live fork's VMM (kind as in pagefork_memory_bytes)",
+        labels=["template", "fork", "kind"],
+    )
+    merged = GaugeMetricFamily(
+        "pagefork_ksm_merging_pages",
+        "Pages of the template's live forks that KSM merged (ksm_stat)",
+        labels=["template"],
+    )
+    for t in sorted(memory):
+        forks = memory[t]
+        for kind in MEMORY_KINDS:
+            total.add_metric([t, kind], sum(int(getattr(m, kind)) for _, m in forks))
+            for fork, m in forks:
+                per_fork.add_metric([t, fork, kind], int(getattr(m, kind)))
+        merged.add_metric([t], sum(m.ksm_merging_pages or 0 for _, m in forks))
+    yield total
+    yield per_fork
+    yield merged
+
+
 def _bucket(seconds: float) -> int:
     for i, bound in enumerate(LATENCY_BUCKETS):
         if seconds <= bound:
@@ -202,4 +244,4 @@ class _Collector:
         return self._families()
 
 
-__all__ = ["CONTENT_TYPE", "COUNTERS", "LATENCY_BUCKETS", "DaemonMetrics"]
+__all__ = ["CONTENT_TYPE", "COUNTERS", "LATENCY_BUCKETS", "MEMORY_KINDS", "DaemonMetrics"]

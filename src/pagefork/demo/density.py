@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,3 +262,21 @@ def run_burst(
                 errors.append(exc)
         if errors and sys.exc_info()[1] is None:
             raise errors[0]
+
+
+def side_by_side(
+    server: PageServer,
+    template: Template,
+    indices: Sequence[int],
+    hot: HotPageList | None,
+    on_done: Callable[[], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Two bursts of the same forks, without then with sharing: ``{"unshared": ...,
+    "shared": ...}``, each :meth:`BurstReport.to_dict`."""
+    out: dict[str, dict[str, Any]] = {}
+    for share in (False, True):
+        report = run_burst(server, template, indices, share_memory=share, hot=hot)
+        out["shared" if share else "unshared"] = report.to_dict()
+        if on_done is not None:
+            on_done()
+    return out

@@ -36,6 +36,8 @@ class RestoreRequest:
     ``options`` holds driver-specific settings (e.g. Firecracker's API socket path);
     ``layers`` the template's layers over ``mem_file``, bottom first (a child template; the
     page server serves them, a driver only needs them to check what the guest reads).
+    ``share_memory`` asks the driver to mark the VMM mergeable for KSM
+    (``PR_SET_MEMORY_MERGE``, :mod:`pagefork.ksm`) before it runs.
     """
 
     fork_id: str
@@ -44,6 +46,7 @@ class RestoreRequest:
     mem_file: str
     options: dict[str, Any] = field(default_factory=dict)
     layers: tuple[str, ...] = ()
+    share_memory: bool = False
 
 
 @dataclass(frozen=True)

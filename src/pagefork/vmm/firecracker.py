@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Literal, cast
 
 from pagefork.errors import VmmError
+from pagefork.ksm import merge_preexec
 from pagefork.vmm.base import RestoreRequest, VmmDriver, VmmHandle, VmmHandover, VmmSnapshot
 from pagefork.vmm.fc_releases import LOAD_FIELD_SINCE, OLDEST_SUPPORTED, FirecrackerVersion
 from pagefork.vmm.jailer import (
@@ -803,7 +804,12 @@ class _Jailed:
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 (kept open for the process life)
         try:
             proc = subprocess.Popen(
-                jail.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+                jail.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                # Opt-in KSM: set before exec, kept by the jailer and the Firecracker it execs.
+                preexec_fn=merge_preexec if request.share_memory else None,
             )
         except OSError as exc:
             stderr.close()

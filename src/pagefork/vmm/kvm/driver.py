@@ -209,6 +209,7 @@ class KvmDriver(VmmDriver):
             # die with this process. It still exits once its page server and every holder of
             # its stdin are gone (see pagefork.vmm.kvm.__main__).
             outlive_parent=True,
+            share_memory=request.share_memory,
         )
         try:
             process.wait_restored(timeout=timeout)
