@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_cli_serve import Serve
 
-from conftest import StartDaemon, needs_kvm
+from conftest import PAGE, StartDaemon, needs_kvm, needs_uffd
 from pagefork import ksm
 from pagefork.cli import main
 from pagefork.memstats import measure
 from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer, ServerConfig
+from pagefork.testing.vmm import VmmProcess
 from pagefork.vmm.kvm.density import free_zero_pages
 from pagefork.vmm.kvm.process import ForkProcess, ForkResult
 from pagefork.vmm.kvm.template import MEM_FILE, Template, TemplateSpec, build_template
@@ -278,3 +280,33 @@ def test_daemon_template_shares_memory_and_reports_each_forks_memory(
     released = client.release_fork(forks["vm"]["fork"])
     assert released["memory"]["guest_rss_bytes"] == shown["vm"]["memory"]["guest_rss_bytes"]
     client.release_fork(forks["plain"]["fork"])
+
+
+# --- serve's fork_end --------------------------------------------------------------------------
+
+
+@needs_uffd
+def test_serve_fork_end_carries_the_vmms_memory(
+    tmp_path: Path, mem_file: Path, vmms: Callable[..., VmmProcess]
+) -> None:
+    sock = tmp_path / "s.sock"
+    serve = Serve("--mem-file", str(mem_file), "--socket", str(sock), "--memory-interval", "30")
+    serve.wait_for("listening")
+    # A VMM that exits: its last sample (taken when it connected, before it touched anything).
+    gone = vmms(str(sock))
+    assert gone.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    gone.close()
+    (first,) = serve.wait_for("fork_end")
+    assert first["memory"]["pid"] == gone.pid and first["memory"]["guest_rss_bytes"] == 0
+    # A VMM still alive when its session ends (the server stops): read afresh at the end.
+    live = vmms(str(sock))
+    pages = [[0, k * PAGE] for k in range(64)]  # every 4th page of the mem-file is zero
+    assert live.send(cmd="touch", pages=pages)["bad"] == 0
+    code, err = serve.stop()
+    assert code == 0, err
+    end = [e for e in serve.events if e["event"] == "fork_end"][1]
+    m = end["memory"]
+    assert m["pid"] == live.pid and m["age_s"] < 1
+    assert m["guest_size_bytes"] == 12 << 20  # both regions: all the uffd-registered memory
+    assert m["guest_rss_bytes"] == 48 * PAGE  # the 16 zero pages are the shared zero page
+    assert m["peak_pss_bytes"] >= m["pss_bytes"] > 0

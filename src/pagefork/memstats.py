@@ -23,7 +23,10 @@ nothing until the guest writes them.
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import select
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -248,64 +251,99 @@ class MemorySampler:
 
     A VMM's memory can only be read while it lives, and a fork's session usually ends because
     its VMM exited: whoever reports a fork's end (``pagefork serve``'s ``fork_end``) adds the
-    fork's VMM here when it connects and takes the last sample when it ends.
+    fork's VMM here when it connects and takes its figures when it ends: measured afresh if
+    the VMM still lives, else the last sample. Each process is held by a pidfd, so a pid the
+    kernel hands to another process after the VMM's exit is never measured in its place.
     """
 
     def __init__(self, interval: float = 2.0) -> None:
-        if not interval > 0:
+        if not (math.isfinite(interval) and interval > 0):
             raise ValueError(f"interval must be > 0, not {interval}")
         self.interval = interval
         self._lock = threading.Lock()
-        self._pids: dict[str, int] = {}
-        self._last: dict[str, ProcessMemory] = {}
-        self._peak: dict[str, int] = {}
-        self._taken_at: dict[str, float] = {}
+        self._procs: dict[str, _Sampled] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
         self._thread.start()
 
     def add(self, key: str, pid: int) -> None:
-        """Sample ``pid`` under ``key`` from now on (once at once)."""
+        """Sample ``pid`` under ``key`` from now on (a first time at once); a process that is
+        already gone is ignored."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+        entry = _Sampled(pid, pidfd)
         with self._lock:
-            self._pids[key] = pid
-        self._sample(key, pid)
+            old = self._procs.pop(key, None)
+            self._procs[key] = entry
+        if old is not None:
+            old.close()
+        self._sample(entry)
 
     def take(self, key: str) -> dict[str, Any] | None:
-        """Stop sampling ``key``; its last figures (:meth:`ProcessMemory.to_dict`) with
-        ``peak_pss_bytes`` and ``age_s`` (seconds since that sample), or None if never read."""
+        """Stop sampling ``key``; its figures (:meth:`ProcessMemory.to_dict`) with
+        ``peak_pss_bytes`` and ``age_s`` (seconds since they were read: 0 when read now,
+        from a live process), or None if they were never read."""
         with self._lock:
-            self._pids.pop(key, None)
-            last = self._last.pop(key, None)
-            peak = self._peak.pop(key, None)
-            taken_at = self._taken_at.pop(key, None)
-        if last is None or taken_at is None:
+            entry = self._procs.pop(key, None)
+        if entry is None:
             return None
-        doc: dict[str, Any] = dict(last.to_dict())
-        doc["peak_pss_bytes"] = peak
-        doc["age_s"] = round(time.monotonic() - taken_at, 3)
+        try:
+            self._sample(entry)
+        finally:
+            entry.close()
+        if entry.last is None:
+            return None
+        doc: dict[str, Any] = dict(entry.last.to_dict())
+        doc["peak_pss_bytes"] = entry.peak
+        doc["age_s"] = round(time.monotonic() - entry.taken_at, 3)
         return doc
 
-    def _sample(self, key: str, pid: int) -> None:
-        memory = try_measure(pid)
-        if memory is None:
-            return
-        now = time.monotonic()
-        with self._lock:
-            if self._pids.get(key) != pid:
-                return  # taken meanwhile
-            self._last[key] = memory
-            self._peak[key] = max(self._peak.get(key, 0), memory.pss)
-            self._taken_at[key] = now
+    @staticmethod
+    def _sample(entry: _Sampled) -> None:
+        with entry.lock:
+            if entry.pidfd < 0 or select.select([entry.pidfd], [], [], 0)[0]:
+                return  # closed, or the process has exited: keep the last sample
+            memory = try_measure(entry.pid)
+            if memory is None:
+                return
+            entry.last = memory
+            entry.peak = max(entry.peak, memory.pss)
+            entry.taken_at = time.monotonic()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             with self._lock:
-                pids = list(self._pids.items())
-            for key, pid in pids:
-                self._sample(key, pid)
+                entries = list(self._procs.values())
+            for entry in entries:
+                self._sample(entry)
 
     def close(self) -> None:
-        """Stop the thread; idempotent."""
+        """Stop the thread and let go of every process; idempotent."""
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
+        with self._lock:
+            entries = list(self._procs.values())
+            self._procs.clear()
+        for entry in entries:
+            entry.close()
+
+
+class _Sampled:
+    """One process a :class:`MemorySampler` follows: its pidfd and what was read of it."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.lock = threading.Lock()  # one reader at a time, and no read after close
+        self.last: ProcessMemory | None = None
+        self.peak = 0
+        self.taken_at = 0.0
+
+    def close(self) -> None:
+        with self.lock:
+            if self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1
