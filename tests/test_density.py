@@ -8,8 +8,11 @@ fails, and checks that it did.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli_serve import Serve
+from test_fc_fanout import FAKE_JAILER, _snapshot
 
 from conftest import PAGE, StartDaemon, needs_kvm, needs_uffd
 from pagefork import ksm
@@ -26,6 +30,8 @@ from pagefork.memstats import measure
 from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer, ServerConfig
 from pagefork.testing.vmm import VmmProcess
+from pagefork.vmm.base import RestoreRequest
+from pagefork.vmm.firecracker import FirecrackerDriver
 from pagefork.vmm.kvm.density import free_zero_pages
 from pagefork.vmm.kvm.process import ForkProcess, ForkResult
 from pagefork.vmm.kvm.template import MEM_FILE, Template, TemplateSpec, build_template
@@ -310,3 +316,50 @@ def test_serve_fork_end_carries_the_vmms_memory(
     assert m["guest_size_bytes"] == 12 << 20  # both regions: all the uffd-registered memory
     assert m["guest_rss_bytes"] == 48 * PAGE  # the 16 zero pages are the shared zero page
     assert m["peak_pss_bytes"] >= m["pss_bytes"] > 0
+
+
+# --- the Firecracker driver under the jailer ---------------------------------------------------
+
+
+@needs_uffd
+def test_a_jailed_firecracker_is_mergeable_only_for_a_sharing_template(
+    tmp_path: Path,
+    mem_file: Path,
+    make_server: Callable[..., PageServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = Path(tempfile.mkdtemp(prefix="pf-jail-", dir="/tmp"))  # short: sun_path
+    try:
+        binary = tmp_path / "jailer"
+        binary.write_text(FAKE_JAILER.format(python=sys.executable))
+        binary.chmod(0o755)
+        monkeypatch.setenv("FAKE_JAILER_LOG", str(tmp_path / "jailer.log"))
+        monkeypatch.setenv("FAKE_FC_VERSION", "1.16")
+        jailer = {
+            "binary": str(binary),
+            "exec_file": "/usr/bin/firecracker",
+            "chroot_base": str(base),
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+        }
+        server = make_server()
+        snapshot = _snapshot(tmp_path, mem_file)
+        for share in (True, False):
+            fork = f"jail-{share}"
+            request = RestoreRequest(
+                fork,
+                server.register_fork(fork),
+                snapshot,
+                "unused",
+                {"jailer": jailer},
+                share_memory=share,
+            )
+            handle = FirecrackerDriver().restore(request, timeout=20)
+            try:
+                # The Firecracker (double) the jailer exec'd: the flag went through both execs.
+                assert handle.pid is not None and handle.pid != os.getpid()
+                assert measure(handle.pid, guest=False).merge_any is share
+            finally:
+                handle.stop()
+    finally:
+        shutil.rmtree(base)
