@@ -26,6 +26,7 @@ from test_fc_fanout import FAKE_JAILER, _snapshot
 from conftest import PAGE, StartDaemon, needs_kvm, needs_uffd
 from pagefork import ksm
 from pagefork.cli import main
+from pagefork.cli.daemon_cmd import _tune_ksm
 from pagefork.memstats import measure
 from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer, ServerConfig
@@ -363,3 +364,21 @@ def test_a_jailed_firecracker_is_mergeable_only_for_a_sharing_template(
                 handle.stop()
     finally:
         shutil.rmtree(base)
+
+
+@needs_ksm
+def test_daemon_tunes_the_scan_rate_only_when_asked_and_never_starts_ksm(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with ksm.temporarily() as found:  # nothing set; every setting back afterwards
+        ksm.write_setting("run", 0)
+        _tune_ksm(4321)
+        assert ksm.settings()["pages_to_scan"] == "4321"
+        assert not ksm.running()
+        err = capsys.readouterr().err
+        assert err.strip() == f"pagefork: {ksm.off_note()}"
+    assert ksm.settings() == {**found}
+    code = main(["daemon", "--state-dir", "/nonexistent", "--ksm-pages-to-scan", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().endswith("--ksm-pages-to-scan must be in 1..1000000, not 0")
+    assert ksm.settings() == found
