@@ -38,6 +38,8 @@ class BurstReport:
 
     share_memory: bool
     forks: int
+    #: Per fork: whether it was started mergeable (a burst may mix both, side by side).
+    shares: list[bool]
     ready_ms: list[float]
     fanout_ms: float
     checksums_ok: bool
@@ -70,6 +72,7 @@ class BurstReport:
         guest_pss = total(self.settled, "guest_pss")
         return {
             "share_memory": self.share_memory,
+            "shares": self.shares,
             "forks": self.forks,
             "ksm_running": self.ksm_running,
             "pss_total_bytes": pss,
@@ -162,7 +165,7 @@ def run_burst(
     template: Template,
     indices: Sequence[int],
     *,
-    share_memory: bool,
+    share_memory: bool | Sequence[bool],
     hot: HotPageList | None = None,
     timeout: float = 120.0,
     converge_timeout: float = 30.0,
@@ -170,16 +173,24 @@ def run_burst(
     """Run one fork per entry of ``indices`` at once, keep them alive, measure their memory.
 
     ``hot`` prefetches it into every fork before the vCPUs resume. With ``share_memory`` each
-    VMM is marked mergeable before it starts, and when KSM runs the burst then waits (up to
+    VMM is marked mergeable before it starts (a sequence: per fork, so one burst can hold both
+    kinds side by side, under the same load), and when KSM runs the burst then waits (up to
     ``converge_timeout`` seconds) for merging to converge. KSM itself is never turned on here.
     """
+    if isinstance(share_memory, bool):
+        shares = [share_memory] * len(indices)
+    else:
+        shares = list(share_memory)
+        if len(shares) != len(indices):
+            raise ValueError("share_memory needs one entry per fork index")
+    any_share = any(shares)
     running = ksm.running()
-    cpu0 = ksm.ksmd_cpu_seconds() if share_memory and running else None
+    cpu0 = ksm.ksmd_cpu_seconds() if any_share and running else None
     names: list[str] = []
     procs: list[ForkProcess] = []
     try:
         t_start = time.monotonic()
-        for index in indices:
+        for index, share in zip(indices, shares, strict=True):
             name = f"burst-{index}-{time.monotonic_ns() % 1_000_000_000}"
             socket_path = server.register_fork(name, record=False)
             names.append(name)
@@ -189,7 +200,7 @@ def run_burst(
                     socket_path,
                     index,
                     snapshots=True,  # stays alive, stopped, after its result
-                    share_memory=share_memory,
+                    share_memory=share,
                 )
             )
 
@@ -217,7 +228,7 @@ def run_burst(
         stats = [server.stats(n) for n in names]
         timeline: list[tuple[float, int]] = []
         scans = 0
-        if share_memory and running:
+        if any_share and running:
             timeline, scans = wait_converged(pids, converge_timeout, t_ready)
         settled = _measure_all(pids, True)
         cpu1 = ksm.ksmd_cpu_seconds() if cpu0 is not None else None
@@ -226,8 +237,9 @@ def run_burst(
         for v in set(variants):
             union |= template.touched_pages(v)
         return BurstReport(
-            share_memory=share_memory,
+            share_memory=any_share,
             forks=len(procs),
+            shares=shares,
             ready_ms=ready_ms,
             fanout_ms=(t_ready - t_start) * 1e3,
             checksums_ok=all(r.checksum_ok for r in results),
