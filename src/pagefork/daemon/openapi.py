@@ -82,6 +82,15 @@ SCHEMAS: dict[str, Any] = {
             "owns_files": {"type": "boolean"},
             "parent": {"type": ["string", "null"]},
             "layers": {"type": "array", "items": {"type": "string"}},
+            "share_memory": {
+                "type": "boolean",
+                "description": "Its forks' VMMs are mergeable by KSM (opt-in; docs/density.md).",
+            },
+            "note": {
+                "type": "string",
+                "description": "On creation with share_memory while KSM is off: one line saying "
+                "so, with the command that turns it on (pagefork never does).",
+            },
             "live_forks": {"type": "integer", "description": "Its forks in state `live`."},
             "exited_forks": {"type": "integer", "description": "Its forks in state `exited`."},
             "hot_pages": {
@@ -116,6 +125,7 @@ SCHEMAS: dict[str, Any] = {
                     "page_size": {"type": "integer", "minimum": 4096, "default": 4096},
                     "copy": {"type": "boolean", "default": False},
                     "name": {"type": "string"},
+                    "share_memory": {"type": "boolean", "default": False},
                 },
             },
             {
@@ -132,6 +142,7 @@ SCHEMAS: dict[str, Any] = {
                     "fork_share": {"type": "number", "minimum": 0, "maximum": 1},
                     "seed": {"type": "integer", "minimum": 0},
                     "name": {"type": "string"},
+                    "share_memory": {"type": "boolean", "default": False},
                 },
             },
             {
@@ -142,6 +153,7 @@ SCHEMAS: dict[str, Any] = {
                     "id": {"type": "string"},
                     "source": {"type": "string", "description": "s3://BUCKET/PREFIX"},
                     "name": {"type": "string"},
+                    "share_memory": {"type": "boolean", "default": False},
                 },
             },
         ]
@@ -166,6 +178,39 @@ SCHEMAS: dict[str, Any] = {
             "created": {"type": "number"},
             "prefetch": {"type": ["object", "null"]},
             "stats": _ref("ForkStats"),
+            "memory": {
+                "oneOf": [_ref("ForkMemory"), {"type": "null"}],
+                "description": "Its VMM's memory now (GET /forks/{id}); null once it is gone.",
+            },
+        },
+    },
+    "ForkMemory": {
+        "type": "object",
+        "description": "A VMM's memory from /proc/PID/smaps_rollup, smaps and ksm_stat, in bytes; "
+        "guest_*: guest RAM only (the userfaultfd-registered memory).",
+        "properties": {
+            "pid": {"type": "integer"},
+            **{
+                f"{k}_bytes": {"type": "integer"}
+                for k in (
+                    "rss",
+                    "pss",
+                    "private",
+                    "shared",
+                    "anonymous",
+                    "swap",
+                    "ksm",
+                    "guest_size",
+                    "guest_rss",
+                    "guest_pss",
+                    "guest_private",
+                    "guest_ksm",
+                )
+            },
+            "ksm_merging_pages": {"type": ["integer", "null"]},
+            "ksm_zero_pages": {"type": ["integer", "null"]},
+            "ksm_profit_bytes": {"type": ["integer", "null"]},
+            "merge_any": {"type": ["boolean", "null"]},
         },
     },
     "ForkStats": {
@@ -305,8 +350,15 @@ PATHS: dict[str, Any] = {
             "summary": "Release a fork (stops its VMM if the daemon started it)",
             "responses": {
                 "200": _json(
-                    {"type": "object", "properties": {"released": {}, "stats": _ref("ForkStats")}},
-                    "Released; its final counters.",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "released": {},
+                            "stats": _ref("ForkStats"),
+                            "memory": {"oneOf": [_ref("ForkMemory"), {"type": "null"}]},
+                        },
+                    },
+                    "Released; its final counters, and its VMM's memory just before.",
                 ),
                 **_errors(404),
             },
