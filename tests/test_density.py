@@ -27,6 +27,7 @@ from conftest import PAGE, StartDaemon, needs_kvm, needs_uffd
 from pagefork import ksm
 from pagefork.cli import main
 from pagefork.cli.daemon_cmd import _tune_ksm
+from pagefork.hotpages import HotPageList
 from pagefork.memstats import measure
 from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer, ServerConfig
@@ -297,18 +298,28 @@ def test_daemon_template_shares_memory_and_reports_each_forks_memory(
 def test_serve_fork_end_carries_the_vmms_memory(
     tmp_path: Path, mem_file: Path, vmms: Callable[..., VmmProcess]
 ) -> None:
+    # A hot set of 64 pages (16 of them zero: every 4th page of the mem-file): serve measures a
+    # fork's VMM when it connects, before the prefetch, so prefetch_done says it was measured.
+    hot = tmp_path / "hot.hpl"
+    HotPageList.from_pages((0, k * PAGE) for k in range(64, 128)).save(hot)
     sock = tmp_path / "s.sock"
-    serve = Serve("--mem-file", str(mem_file), "--socket", str(sock), "--memory-interval", "30")
+    serve = Serve(
+        "--mem-file", str(mem_file), "--socket", str(sock), "--hot-pages", str(hot),
+        "--memory-interval", "30",
+    )  # fmt: skip
     serve.wait_for("listening")
-    # A VMM that exits: its last sample (taken when it connected, before it touched anything).
+    # A VMM that dies: the kernel drops its memory before its fds, so nothing is left to read
+    # when its session ends: the figures are its last sample, from before it held any page.
     gone = vmms(str(sock))
+    serve.wait_for("prefetch_done")
     assert gone.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
-    gone.close()
+    gone.kill()
     (first,) = serve.wait_for("fork_end")
     assert first["memory"]["pid"] == gone.pid and first["memory"]["guest_rss_bytes"] == 0
     # A VMM still alive when its session ends (the server stops): read afresh at the end.
     live = vmms(str(sock))
-    pages = [[0, k * PAGE] for k in range(64)]  # every 4th page of the mem-file is zero
+    serve.wait_for("prefetch_done", count=2)
+    pages = [[0, k * PAGE] for k in range(64)]
     assert live.send(cmd="touch", pages=pages)["bad"] == 0
     code, err = serve.stop()
     assert code == 0, err
@@ -316,7 +327,8 @@ def test_serve_fork_end_carries_the_vmms_memory(
     m = end["memory"]
     assert m["pid"] == live.pid and m["age_s"] < 1
     assert m["guest_size_bytes"] == 12 << 20  # both regions: all the uffd-registered memory
-    assert m["guest_rss_bytes"] == 48 * PAGE  # the 16 zero pages are the shared zero page
+    # 48 data pages prefetched and 48 touched; the zero pages of each are the shared zero page.
+    assert m["guest_rss_bytes"] == 96 * PAGE
     assert m["peak_pss_bytes"] >= m["pss_bytes"] > 0
 
 
