@@ -40,10 +40,10 @@ from typing import Any
 from _common import MiB, alternating, console, fmt, header, median, standalone, table, verdict
 
 from pagefork import ksm
-from pagefork.errors import PageforkError
-from pagefork.server import PageServer, ServerConfig
 from pagefork.demo import orchestrate
 from pagefork.demo.density import BurstReport, run_burst
+from pagefork.errors import PageforkError
+from pagefork.server import PageServer, ServerConfig
 from pagefork.vmm.kvm.template import MEM_FILE, TemplateSpec, build_template
 from pagefork.vmm.kvm.trace import TraceSpec
 

@@ -22,7 +22,8 @@ PACKAGE = "pagefork"
 TIERS: list[list[set[str]]] = [
     # Kernel interfaces and plain data: each depends on nothing of ours.
     [{""}, {"errors"}, {"libc"}, {"regions"}, {"removed"}, {"signals"}, {"stats"}],
-    [{"files"}, {"uffd"}],
+    # ... and the kernel's memory figures of a process, and KSM (samepage merging) control.
+    [{"files"}, {"uffd"}, {"memstats"}, {"ksm"}],
     # Wire and file formats, and the fault-path primitives.
     [{"handshake"}, {"memfile"}, {"hotpages"}, {"prefetch", "copycost"}],
     # Where memory comes from (a mem-file's layers, object storage), and the hot-set policy.

@@ -27,6 +27,7 @@ from conftest import PAGE, StartDaemon, needs_kvm, needs_uffd
 from pagefork import ksm
 from pagefork.cli import main
 from pagefork.cli.daemon_cmd import _tune_ksm
+from pagefork.demo.density import free_zero_pages
 from pagefork.hotpages import HotPageList
 from pagefork.memstats import measure
 from pagefork.regions import PAGE_SIZE
@@ -34,7 +35,6 @@ from pagefork.server import PageServer, ServerConfig
 from pagefork.testing.vmm import VmmProcess
 from pagefork.vmm.base import RestoreRequest
 from pagefork.vmm.firecracker import FirecrackerDriver
-from pagefork.vmm.kvm.density import free_zero_pages
 from pagefork.vmm.kvm.process import ForkProcess, ForkResult
 from pagefork.vmm.kvm.template import MEM_FILE, Template, TemplateSpec, build_template
 from pagefork.vmm.kvm.trace import TraceSpec

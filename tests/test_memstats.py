@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from pagefork import ksm
+from pagefork.demo.density import converge_time
 from pagefork.memstats import (
     memory_from_text,
     parse_ksm_stat,
     parse_smaps,
     parse_smaps_fields,
 )
-from pagefork.demo.density import converge_time
 
 ROLLUP = """\
 55dab72bf000-7ffdb0659000 ---p 00000000 00:00 0                          [rollup]
