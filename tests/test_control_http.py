@@ -690,6 +690,7 @@ def test_cli_verbs_find_the_daemon_through_pagefork_control(
     assert main(["templates", "list", "--json"]) == 0
     assert [t["id"] for t in json.loads(capsys.readouterr().out)["templates"]] == ["tmpx"]
     # --control wins over the environment.
+    monkeypatch.setattr("pagefork.daemon.client.START_WAIT", 0.1)  # no daemon is starting
     assert main(["templates", "list", "--control", control.path + ".none"]) == 2
     assert "cannot reach the daemon at " + control.path + ".none" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -364,11 +364,13 @@ def test_cli_verbs_talk_to_the_daemon(
 
 
 def test_cli_without_a_daemon_is_a_one_line_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("pagefork.daemon.client.START_WAIT", 0.2)  # no daemon is starting
     assert main(["templates", "list", "--control", str(tmp_path / "none.sock")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach the daemon" in err[0]
+    assert "no daemon came up within 0.2 s" in err[0]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])

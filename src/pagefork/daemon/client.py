@@ -8,7 +8,13 @@ empty id is refused before anything is sent.
 When a burst of clients fills the control socket's listen backlog, ``connect`` waits in the
 kernel (``SO_SNDTIMEO``) until the daemon accepts, within the request's timeout, instead of
 failing with EAGAIN; an early EAGAIN is retried with a short backoff. A client may be shared
-by threads: each request has a connection of its own. ::
+by threads: each request has a connection of its own.
+
+A daemon that is starting has no control socket yet, or one that is bound but not yet
+listening. A request then waits for it, up to ``start_wait`` seconds (5 by default), so
+``pagefork daemon &`` followed at once by a verb works; after that it fails naming the socket
+and how long it waited. Nothing has been sent before the connect succeeds, so this wait never
+repeats a request. ::
 
     client = DaemonClient("/run/pagefork.sock")
     fork = client.create_fork("web", vmm="firecracker", options={"api_socket": "..."})
@@ -20,7 +26,10 @@ from __future__ import annotations
 import errno
 import http.client
 import json
+import logging
+import os
 import socket
+import stat
 import struct
 import time
 from typing import Any
@@ -33,6 +42,13 @@ _MAX_TIMEOUT = 86400.0
 # Backoff between connects that the kernel ended early with EAGAIN (normally it waits).
 _RETRY_FIRST = 0.001
 _RETRY_MAX = 0.05
+#: How long a request waits by default for a daemon that is starting (see the module's doc).
+START_WAIT = 5.0
+# Polling interval bounds while that socket is absent or refuses (no event tells us it appears).
+_START_POLL_FIRST = 0.01
+_START_POLL_MAX = 0.1
+
+log = logging.getLogger(__name__)
 
 
 def connect_unix(path: str, timeout: float) -> socket.socket:
@@ -68,15 +84,45 @@ def connect_unix(path: str, timeout: float) -> socket.socket:
         return sock
 
 
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return True  # gone meanwhile: a daemon replacing it, keep waiting
+
+
+def connect_starting(path: str, timeout: float, start_wait: float) -> socket.socket:
+    """:func:`connect_unix`, waiting up to ``start_wait`` seconds while ``path`` does not exist
+    or refuses connections (a daemon that is starting: not yet bound, or bound and not yet
+    listening). Other errors, and these after ``start_wait``, are raised as they come."""
+    deadline = time.monotonic() + start_wait
+    delay = _START_POLL_FIRST
+    while True:
+        try:
+            return connect_unix(path, timeout)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if isinstance(exc, ConnectionRefusedError) and not _is_socket(path):
+                # Connecting to a file that is not a socket is refused too; no daemon is
+                # starting there.
+                raise OSError(errno.ENOTSOCK, "not a socket") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            log.debug("daemon at %s not up yet (%s); waiting", path, exc.strerror)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, _START_POLL_MAX)
+
+
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
-        self._path = path
+        sock.settimeout(timeout)
+        self.sock = sock
 
     def connect(self) -> None:
-        timeout = self.timeout if self.timeout is not None else 120.0
-        self.sock = connect_unix(self._path, timeout)
-        self.sock.settimeout(timeout)
+        # The socket is connected before the request (see DaemonClient.request); a second
+        # connect would be http.client retrying on its own, which must not happen.
+        raise ConnectionError(errno.ENOTCONN, "the connection to the daemon was closed")
 
 
 def _segment(kind: str, value: str) -> str:
@@ -90,14 +136,24 @@ class DaemonClient:
     """Talks to the daemon listening on ``control_path``.
 
     ``timeout`` bounds each request; creating a microVM template or a fork with a VMM driver
-    may take seconds.
+    may take seconds. ``start_wait`` bounds how long a request waits for a daemon that is
+    starting (default :data:`START_WAIT`; 0: fail at once when nothing listens).
     """
 
-    def __init__(self, control_path: str, timeout: float = 120.0) -> None:
+    def __init__(
+        self, control_path: str, timeout: float = 120.0, start_wait: float | None = None
+    ) -> None:
         if not 0 < timeout < _MAX_TIMEOUT:
             raise DaemonError(f"client timeout must be within (0, {_MAX_TIMEOUT:g}) s: {timeout}")
+        if start_wait is None:
+            start_wait = START_WAIT
+        if not 0 <= start_wait < _MAX_TIMEOUT:
+            raise DaemonError(
+                f"client start_wait must be within [0, {_MAX_TIMEOUT:g}) s: {start_wait}"
+            )
         self.control_path = control_path
         self.timeout = timeout
+        self.start_wait = start_wait
 
     def request(
         self, method: str, path: str, body: object = None, timeout: float | None = None
@@ -106,7 +162,20 @@ class DaemonClient:
 
         ``timeout`` (default the client's) bounds the connect and each read.
         """
-        conn = _UnixConnection(self.control_path, timeout or self.timeout)
+        timeout = timeout or self.timeout
+        try:
+            sock = connect_starting(self.control_path, timeout, self.start_wait)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            waited = (
+                f" (no daemon came up within {self.start_wait:g} s)"
+                if self.start_wait and isinstance(exc, (FileNotFoundError, ConnectionRefusedError))
+                else ""
+            )
+            raise DaemonError(
+                f"cannot reach the daemon at {self.control_path}: {reason}{waited}"
+            ) from None
+        conn = _UnixConnection(sock, timeout)
         try:
             payload = json.dumps(body).encode() if body is not None else None
             headers = {"Content-Type": "application/json"} if payload is not None else {}
