@@ -11,6 +11,12 @@ socket removed, exit 0) on SIGINT, SIGTERM or SIGHUP (SIGHUP stays ignored when 
 at start, as under ``nohup``), and when the reader of its stdout goes away
 (``serve | head -1``): its events would have nowhere to go, so it stops as a pipeline member
 does, without a traceback.
+
+A template served from object storage (``--mem-file s3://...``) brings its vmstate along when
+it was pushed with one: serve writes it beside the socket (``SOCKET.vmstate``, mode 0600), names
+it in ``listening`` (``vmstate``: null for a local mem-file, whose vmstate the user has), and
+removes it when it stops (unless it handed over to a successor, which writes its own), so
+Firecracker's ``snapshot_path`` can point at it.
 """
 
 from __future__ import annotations
@@ -32,15 +38,16 @@ from typing import Any
 from pagefork.cli.options import parse_workers
 from pagefork.cli.store_options import add_cache_arguments, store_options
 from pagefork.errors import PageforkError
-from pagefork.files import check_writable
+from pagefork.files import atomic_save, check_writable
 from pagefork.hotloop import HotSetLoop
-from pagefork.hotpages import HotPageList, load
+from pagefork.hotpages import HotPageList, decode, load
 from pagefork.memstats import MemorySampler
 from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
 from pagefork.signals import SignalInbox
 from pagefork.stats import ForkStats
 from pagefork.store.layout import is_s3_url, parse_s3_url
-from pagefork.store.lazy import StoreOptions, pin_with_hot_pages
+from pagefork.store.lazy import StoreOptions
+from pagefork.store.template import fetch_pushed
 from pagefork.takeover.new import take_over
 from pagefork.takeover.pageserver import abandon
 from pagefork.takeover.serve import ServeHandover, ServeTarget, takeover_path
@@ -187,6 +194,11 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
+def vmstate_path(socket_path: str) -> str:
+    """Where serve writes the vmstate of an ``s3://`` template: beside its socket."""
+    return socket_path + ".vmstate"
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse options that could only fail later, naming the option."""
     t = args.handshake_timeout
@@ -205,6 +217,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise PageforkError(f"--record-max-seconds must be a positive number, not {seconds:g}")
     if is_s3_url(args.mem_file):
         parse_s3_url(args.mem_file)
+        check_writable(vmstate_path(args.socket), "vmstate")
     if args.record is not None:
         record: str = args.record
         if "{fork}" in os.path.dirname(record):
@@ -261,12 +274,15 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
     emit = _Printer(on_gone=inbox.post)
     hot: HotPageList | None = None
     store: StoreOptions | None = None
+    pushed_vmstate: bytes | None = None
     if is_s3_url(args.mem_file):
         store = store_options(args)
-        # Pinned: the memory served and the hot set pushed with it come from one manifest.
-        args.mem_file, pushed = pin_with_hot_pages(args.mem_file, store)
-        if not args.hot_pages:
-            hot = pushed
+        # Pinned: the memory served, the vmstate and the hot set come from one manifest.
+        pushed = fetch_pushed(args.mem_file, store)
+        args.mem_file = pushed.url
+        pushed_vmstate = pushed.vmstate
+        if pushed.hot_pages is not None and not args.hot_pages:
+            hot = decode(pushed.hot_pages, f"the hot-page list of {pushed.url}")
     if args.hot_pages:
         hot = load(args.hot_pages)
         if not len(hot):
@@ -360,6 +376,8 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
     )
     server = PageServer(config)
     handover: ServeHandover | None = None
+    vmstate: str | None = None
+    handed: list[int] = []
     try:
         if args.memory_interval > 0:
             sampler = MemorySampler(args.memory_interval)
@@ -381,6 +399,7 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
             server.listen(args.socket, record=should_record)
 
         def handed_over(pid: int, forks: int) -> None:
+            handed.append(pid)  # the vmstate beside the socket is the successor's now
             emit("handed_over", to_pid=pid, forks=forks)
             inbox.post()
 
@@ -388,10 +407,16 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
             server, loop, args.socket, handed_over, listener, record=args.record
         )
         server.wait_ready()  # "listening" promises forks are served at once
+        if pushed_vmstate is not None:
+            # Written once this process owns the socket: a successor replaces its
+            # predecessor's file, and one whose takeover failed leaves it alone.
+            vmstate = vmstate_path(args.socket)
+            atomic_save(vmstate, pushed_vmstate, "vmstate", mode=0o600)
         emit(
             "listening",
             socket=args.socket,
             mem_file=args.mem_file,
+            vmstate=vmstate,
             worker_pids=server.worker_pids(),
         )
         _wait_for_stop(inbox)
@@ -402,6 +427,9 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
             server.close()
         if sampler is not None:
             sampler.close()
+        if vmstate is not None and not handed:
+            with contextlib.suppress(OSError):
+                os.unlink(vmstate)
     return 0
 
 
