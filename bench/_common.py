@@ -1,8 +1,14 @@
 """Helpers shared by the benchmarks: scratch space, template mem-files, pairing, printing.
 
-The machine the benchmarks run on is noisy (shared cores), so every comparison is made inside
-one run: variants alternate round by round (A B, B A, A B, ...) and figures are medians of
-per-round values, ratios medians of per-round paired ratios.
+Absolute times drift on a shared machine, and more so in a VM, where every syscall and fault
+costs more than on bare metal and where a fault served on another core than the faulting
+thread's costs several times one served on its own. So no figure is compared with one from
+another run: each benchmark measures every side of a comparison in one run, the variants
+alternating round by round in an order that reverses every round (A B, B A, A B, ...), so
+drift hits them alike. A figure is the median of its per-round values, and a ratio the median
+of the per-round ratios of paired rounds, which can differ from the quotient of the two medians
+shown beside it. Every benchmark also checks what it served (the bytes a guest read, the faults
+a server counted), so a fast wrong answer never counts.
 """
 
 from __future__ import annotations

@@ -56,12 +56,18 @@ C = "C"
 
 #: Figures with a goal, for run.py's summary: key -> (comparison, target).
 TARGETS = {"ratio_16": ("<=", 1.5)}
-#: The figures worth a row in run.py's summary (those of a missing ``workers`` setting are skipped).
-SUMMARY = (
-    tuple(f"ratio_{n}" for n in SIZES)
-    + tuple(f"ratio_{n}_workers_{w}" for w in (1, 2) for n in (16, 32))
-    + tuple(f"{w}_ms_{n}" for w in ("pagefork", "c") for n in SIZES)
-)
+#: The figures worth a row in run.py's summary, and what each means (those of a missing
+#: ``workers`` setting are skipped).
+SUMMARY = {
+    **{f"ratio_{n}": f"burst wall time of {n} forks, pagefork / C" for n in SIZES},
+    **{
+        f"ratio_{n}_workers_{w}": f"the same at {n} forks with workers={w}"
+        for w in (1, 2)
+        for n in (16, 32)
+    },
+    **{f"pagefork_ms_{n}": f"burst wall time of {n} forks, pagefork (ms)" for n in SIZES},
+    **{f"c_ms_{n}": "the same, C with a process per connection (ms)" for n in SIZES},
+}
 
 
 @dataclass

@@ -48,19 +48,19 @@ PAGEFORK, C = "pagefork", "C"
 
 #: Figures with a goal, for run.py's summary: key -> (comparison, target).
 TARGETS = {"ratio_pagefork_over_c": ("<=", 1.3)}
-#: The figures worth a row in run.py's summary table.
-SUMMARY = (
-    "ratio_pagefork_over_c",
-    "pagefork_us_per_fault",
-    "c_us_per_fault",
-    "ratio_net_pagefork_over_c",
-    "pagefork_server_p50_us",
-    "c_server_p50_us",
-    "pagefork_server_p99_us",
-    "c_server_p99_us",
-    "pagefork_bad_pages",
-    "c_bad_pages",
-)
+#: The figures worth a row in run.py's summary, and what each means.
+SUMMARY = {
+    "ratio_pagefork_over_c": "guest-visible time per demand fault, pagefork / C handler",
+    "pagefork_us_per_fault": "µs per demand fault as the guest sees it, pagefork",
+    "c_us_per_fault": "the same, C handler",
+    "ratio_net_pagefork_over_c": "the ratio net of the VMM's loop (a fault-free pass subtracted)",
+    "pagefork_server_p50_us": "server-side service time per fault, p50, pagefork (µs)",
+    "c_server_p50_us": "the same, C handler",
+    "pagefork_server_p99_us": "server-side service time per fault, p99, pagefork (µs)",
+    "c_server_p99_us": "the same, C handler",
+    "pagefork_bad_pages": "pages whose bytes differed from the template, pagefork (must be 0)",
+    "c_bad_pages": "the same, C handler",
+}
 
 
 class BuildError(RuntimeError):

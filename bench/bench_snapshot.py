@@ -59,21 +59,21 @@ console = Console(highlight=False, width=120)
 
 SHARES = (0.01, 0.10, 0.50)
 TARGETS = {"branch_over_base_ready": ("<=", 1.1)}
-SUMMARY = (
-    "snapshot_ms_1pct",
-    "snapshot_ms_10pct",
-    "snapshot_ms_50pct",
-    "full_copy_ms_1pct",
-    "full_over_snapshot_time_1pct",
-    "full_over_snapshot_time_10pct",
-    "full_over_snapshot_time_50pct",
-    "layer_mib_1pct",
-    "layer_mib_10pct",
-    "layer_mib_50pct",
-    "branch_ready_ms_p50",
-    "base_ready_ms_p50",
-    "branch_over_base_ready",
-)
+SUMMARY = {
+    "snapshot_ms_1pct": "(a) snapshot of a guest that wrote 1% of its memory (ms)",
+    "snapshot_ms_10pct": "(a) the same, 10% written",
+    "snapshot_ms_50pct": "(a) the same, 50% written",
+    "full_copy_ms_1pct": "(a) a full memory copy of the 1% guest (ms)",
+    "full_over_snapshot_time_1pct": "(a) full copy / snapshot, time, 1% written",
+    "full_over_snapshot_time_10pct": "(a) the same, 10% written",
+    "full_over_snapshot_time_50pct": "(a) the same, 50% written",
+    "layer_mib_1pct": "(a) the layer on disk, 1% written (MiB; 2.56 MiB were written)",
+    "layer_mib_10pct": "(a) the same, 10% written (25.6 MiB written)",
+    "layer_mib_50pct": "(a) the same, 50% written (128 MiB written)",
+    "branch_ready_ms_p50": "(b) fork-ready of a branch of a snapshot, prefetched, p50 (ms)",
+    "base_ready_ms_p50": "(b) fork-ready of a fork of its template, prefetched, p50 (ms)",
+    "branch_over_base_ready": "(b) branch / template fork, median of per-round ratios",
+}
 
 
 def _label(share: float) -> str:

@@ -40,7 +40,12 @@ from _common import (
 from pagefork.testing.vmm import VmmProcess
 
 TARGETS = {"handover_ms": ("<=", 100.0), "slowest_fault_ms": ("<=", 100.0)}
-SUMMARY = ("handover_ms", "slowest_fault_ms", "slowest_fault_plain_ms", "command_s")
+SUMMARY = {
+    "handover_ms": "from the go-on to the new server's took_over, 16 forks faulting (ms)",
+    "slowest_fault_ms": "the slowest page any fork saw in a storm with a takeover in it (ms)",
+    "slowest_fault_plain_ms": "the same storm without a takeover (ms)",
+    "command_s": "what an operator waits for serve --takeover in all (s)",
+}
 FORKS = 16
 
 

@@ -4,12 +4,16 @@
     python bench/run.py --quick           # short version (about 1.5 minutes)
     python bench/run.py --only faults     # one benchmark (repeat --only for more)
     python bench/run.py --json out.json   # also write every figure as JSON
+    python bench/report.py out.json > docs/benchmarks.md   # the figures page, from that JSON
 
 A benchmark is a module ``bench/bench_<name>.py`` with ``main(quick: bool) -> dict`` returning
 its figures; it may declare ``TARGETS`` (figure -> (``"<="`` or ``">="``, goal)) and ``SUMMARY``
-(the figures worth a row in the final table; all numeric figures when absent). Benchmarks are not
-tests: a missed target is reported, not failed; only a benchmark that crashes makes the exit
-status non-zero.
+(the figures worth a row in the final table, each with a short line saying what it means: a dict
+figure -> meaning, or a tuple of figure names; all numeric figures when absent). The module's
+docstring says what the benchmark does. The JSON carries all of it (figures, targets, meanings,
+docstring) and the machine the run was made on, so the page made from it says what was run.
+Benchmarks are not tests: a missed target is reported, not failed; only a benchmark that crashes
+makes the exit status non-zero.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ def _setup_paths() -> None:
 
 _setup_paths()
 
-from _common import console, fmt  # noqa: E402  (needs the path set above)
+import _common  # noqa: E402  (needs the path set above)
+from _common import console, fmt  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 
@@ -62,6 +67,12 @@ class Outcome:
     message: str = ""
     targets: dict[str, tuple[str, float]] = field(default_factory=dict)
     summary: tuple[str, ...] = ()
+    #: What each summary figure means (from the module's ``SUMMARY``), where it says.
+    meanings: dict[str, str] = field(default_factory=dict)
+    #: The module's docstring: what the benchmark does.
+    doc: str = ""
+    #: The 1-minute load average when the benchmark started.
+    load_before: float = 0.0
 
 
 def discover() -> list[str]:
@@ -100,6 +111,7 @@ def call_main(module: ModuleType, quick: bool) -> object:
 def run_one(name: str, quick: bool) -> Outcome:
     """Import ``bench_<name>`` and run it; never raises."""
     path = os.path.join(BENCH_DIR, f"bench_{name}.py")
+    load = os.getloadavg()[0]
     if not os.path.exists(path):
         console.print(f"[yellow]skipped {name}:[/] bench/bench_{name}.py not found")
         return Outcome(name, "skipped", message=f"bench/bench_{name}.py not found")
@@ -121,6 +133,7 @@ def run_one(name: str, quick: bool) -> Outcome:
     status, message = "ok", ""
     if "skipped" in figures:
         status, message = "skipped", str(figures.pop("skipped"))
+    summary = getattr(module, "SUMMARY", ())
     return Outcome(
         name,
         status,
@@ -128,7 +141,10 @@ def run_one(name: str, quick: bool) -> Outcome:
         figures,
         message,
         dict(getattr(module, "TARGETS", {})),
-        tuple(getattr(module, "SUMMARY", ())),
+        tuple(summary),
+        {str(k): str(v) for k, v in summary.items()} if isinstance(summary, dict) else {},
+        inspect.cleandoc(module.__doc__ or ""),
+        load,
     )
 
 
@@ -168,6 +184,38 @@ def summary_table(outcomes: list[Outcome], quick: bool) -> Table:
     return t
 
 
+def host_facts() -> dict[str, Any]:
+    """What the figures were measured on: CPU, memory, kernel, Python, and whether the CPU
+    says it runs under a hypervisor (a VM, where syscalls and faults cost more)."""
+    facts: dict[str, Any] = {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and "cpu_model" not in facts:
+            facts["cpu_model"] = " ".join(value.split())
+        elif key.strip() == "flags" and "virtualized" not in facts:
+            facts["virtualized"] = "hypervisor" in value.split()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    facts["memory_gib"] = round(int(line.split()[1]) / (1 << 20), 1)
+                    break
+    except OSError:
+        pass
+    return facts
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse options, run the benchmarks, print the summary, write JSON."""
     available = discover()
@@ -191,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n in wanted]
 
     started = time.time()
+    load_at_start = list(os.getloadavg())
     outcomes = [run_one(name, args.quick) for name in names]
+    load_at_end = list(os.getloadavg())
     console.rule("[bold]summary")
     console.print(summary_table(outcomes, args.quick))
     console.print(f"total {time.time() - started:.0f} s")
@@ -201,12 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "seconds": time.time() - started,
-            "host": {
-                "python": platform.python_version(),
-                "kernel": platform.release(),
-                "machine": platform.machine(),
-                "cpus": os.cpu_count(),
-            },
+            # Load averages (1, 5, 15 minutes): how busy the machine was around the run.
+            "host": {**host_facts(), "load_at_start": load_at_start, "load_at_end": load_at_end},
+            # How every benchmark measures: _common's docstring after its summary line.
+            "method": inspect.cleandoc(_common.__doc__ or "").partition("\n\n")[2],
             "benchmarks": {
                 o.name: {
                     "status": o.status,
@@ -214,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                     "message": o.message,
                     "figures": o.figures,
                     "targets": {k: list(v) for k, v in o.targets.items()},
+                    "summary": list(o.summary),
+                    "meanings": o.meanings,
+                    "doc": o.doc,
+                    "load_at_start": o.load_before,
                 }
                 for o in outcomes
             },
