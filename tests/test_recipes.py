@@ -115,6 +115,24 @@ def check_takeover_serve(work: Path, out: str) -> None:
     assert not (work / "pagefork.sock").exists()
 
 
+def check_snapshot_branch(work: Path, out: str) -> None:
+    assert re.search(r"template vm-step1: [1-9]\d* pages changed", out), out
+    assert re.search(r"\bparent\s+vm\b", out), out
+    assert (work / "state" / "templates" / "vm-step1" / "layer.pfl").stat().st_size > 0
+
+
+def check_s3_push_serve(work: Path, out: str) -> None:
+    (result,) = _results(out)
+    assert result["bad"] == 0 and result["touched"] == 8192
+    events = _events(work / "events.jsonl")
+    listening, end = events[0], events[-1]
+    assert listening["mem_file"].startswith("s3://pagefork-recipes/templates/base#sha256=")
+    assert listening["vmstate"] == "pagefork.sock.vmstate"
+    assert end["event"] == "fork_end" and end["errors"] == 0
+    assert not (work / "pagefork.sock.vmstate").exists()  # removed when serve stopped
+    assert any((work / "cache").iterdir())
+
+
 def check_daemon_quickstart(work: Path, out: str) -> None:
     assert re.search(r"\bwarm\s+vm\s+warmup\s+kvm\b", out), out
     assert re.search(r"\bweb-1\s+vm\s+prefetch\s+kvm\b", out), out
@@ -127,6 +145,8 @@ def check_daemon_quickstart(work: Path, out: str) -> None:
 CHECKS: dict[str, Callable[[Path, str], None]] = {
     "daemon-quickstart": check_daemon_quickstart,
     "takeover-serve": check_takeover_serve,
+    "snapshot-branch": check_snapshot_branch,
+    "s3-push-serve": check_s3_push_serve,
     "fc-template": check_fc_template,
     "fc-serve": check_fc_serve,
     "fc-daemon": check_fc_daemon,
