@@ -47,7 +47,7 @@ def _recipes() -> dict[str, Recipe]:
             name, after, script = m.groups()
             assert name not in found, f"recipe {name} in both {found[name].page} and {page.name}"
             found[name] = Recipe(name, after, script, page.name)
-        marks = text.count("<!-- recipe ")
+        marks = len(re.findall(r"^<!-- recipe .*-->$", text, re.M))
         got = sum(1 for r in found.values() if r.page == page.name)
         assert marks == got, f"{page.name}: a recipe mark not followed by a sh block"
     return found
