@@ -14,6 +14,9 @@ connected and waiting) until the last has touched its last page, and the ratio p
 per round. The handlers take turns within each N, in an order that reverses every round, so
 drift on this shared machine hits them alike. Every fork's faults are counted by its server,
 and the first round of each handler checks every page's bytes.
+
+Reading it: pagefork's workers serve on every core, as the C handler's processes do; a
+single on-demand fork is itself slowed by faults served across cores.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ all-zero pages). The handler is either pagefork's :class:`PageServer` (in this p
 alternate between the two; the figure is the guest-visible time per fault and the ratio
 pagefork / C. The VMM then reads the same pages again (now present, no faults): subtracting that
 gives the "net" time per fault, without the VMM's own Python loop.
+
+Reading it: on the demand path, where the faulting thread and the serving thread run
+matters most (a fault served across cores costs several times one served on the faulting
+thread's core: ``bench_workers``' placement figure), and the kernel's choice drifts, so compare
+the ratio, not the µs, with other runs.
 """
 
 from __future__ import annotations

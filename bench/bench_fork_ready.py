@@ -26,6 +26,11 @@ b. **Fan-out.** Bursts of forks restored together (prefetched in parallel, from 
    and resumed at once, against single forks of the same mode, the four kinds interleaved round
    by round: p50/p99 ready against single.
 
+Reading it: fork-ready has a floor (``limit``): a fork with all its memory present still
+runs its trace, and guest instructions are emulated. The traces are synthetic, so precision and
+recall come out near 1 minus the trace's fork-specific share; what the server's records show is
+that prefetch installs every hot page (misses beyond the pages the hot set lacks: 0).
+
 Run: ``python bench/bench_fork_ready.py [--quick]``. Prints figures and ratios; no assertions.
 """
 

@@ -13,6 +13,10 @@ What a user also pays: the time to open a chain (resolve it, build the zero inde
 workers that map it), and the layers' size on disk. The last part opens a 256 MiB chain whose
 one layer holds a random half of the pages, the worst case for the number of mappings a
 worker needs (``vm.max_map_count``).
+
+Reading it: a layer costs nothing per fault (each worker maps the chain once, and a fault
+copies from one address whatever the depth); depth is paid when a chain is opened, and on
+disk.
 """
 
 from __future__ import annotations

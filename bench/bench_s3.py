@@ -27,6 +27,10 @@ c. **Push.** Upload throughput of a template to the store (0 ms). Then a snapsho
    stored bytes and against the bytes the guest changed (the chunk granularity's
    amplification). Skipped without ``/dev/kvm``.
 
+Reading it: ``moto_server`` serves one GET at a time, so prefetching in parallel hides the
+store's latency but not moto's own serial service time; a store that serves GETs in parallel
+gains more. The hot set here is scattered over all of memory, so every chunk is fetched.
+
 Run: ``python bench/bench_s3.py [--quick]``. Prints figures and ratios; no assertions.
 """
 

@@ -23,6 +23,10 @@ b. **Fork-ready of a branch.** A fork of a 256 MiB template is snapshotted; fork
    each fills the plan caches first (every fork after a template's first). Target: branch /
    base <= 1.1x.
 
+Reading it: a snapshot costs what the guest changed; the changed pages are written twice
+(the VMM's diff file, then the layer) against one stream of all memory for a full copy, so the
+two come close when half the memory was written, while the layer stays half the size.
+
 Run: ``python bench/bench_snapshot.py [--quick]``. Prints figures and ratios; no assertions.
 """
 

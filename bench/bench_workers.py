@@ -14,6 +14,9 @@ supervisor and its workers use.
   map them) of the supervisor plus its workers, with 16 forks of a 256 MiB template connected and
   each having faulted 2,048 pages, for 1, 2 and 4 workers. Every worker maps the same mem-file,
   so the page cache is shared: PSS grows by an interpreter per worker, not by the template.
+
+Reading it: the spare worker has its interpreter started and the mem-file mapped, so it
+adopts a dead worker's forks at once; without it a new interpreter must start first.
 """
 
 from __future__ import annotations
