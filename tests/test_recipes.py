@@ -10,6 +10,7 @@ so a recipe added to the docs without a check fails here too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,30 +185,32 @@ def _start_in(recipe: Recipe, work: Path, env: dict[str, str], keep: Path) -> No
 
 
 def _run(recipe: Recipe, work: Path, env: dict[str, str]) -> str:
-    proc = subprocess.Popen(
-        ["bash", "-e", "-c", recipe.script],
-        cwd=work,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        out, err = "", "timed out"
-    finally:
-        # Whatever the recipe left running (a background server it did not stop) goes too.
+    """Run one recipe in ``work``; its stdout. Output goes to files, not pipes, so a background
+    process the recipe left running cannot hold the test up."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            ["bash", "-e", "-c", recipe.script],
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+        )
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    assert proc.returncode == 0 and err != "timed out", (
-        f"recipe {recipe.name} ({recipe.page}) failed ({proc.returncode}):\n{err}\n{out}"
-    )
-    return out
+            code: int | str = proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = f"timed out after {TIMEOUT} s"
+        finally:
+            # Whatever the recipe left running (a server it did not stop) goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    assert code == 0, f"recipe {recipe.name} ({recipe.page}) failed ({code}):\n{stderr}\n{stdout}"
+    return stdout
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
