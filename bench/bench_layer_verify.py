@@ -37,7 +37,12 @@ SIZE = 256 * MiB
 PAGES = SIZE // PAGE
 
 TARGETS = {"verify_ms_per_mib": ("<=", 2.0)}
-SUMMARY = ("open_verified_ms", "open_unverified_ms", "verify_ms_per_mib", "ratio_verified_over_not")
+SUMMARY = {
+    "open_verified_ms": "opening a 256 MiB all-data layer over its base, pages checked (ms)",
+    "open_unverified_ms": "the same without the check (ms)",
+    "verify_ms_per_mib": "what the check adds per MiB of layer (ms)",
+    "ratio_verified_over_not": "open time, checked / not checked",
+}
 
 
 def _open_ms(base: str, layer: str, verify: bool) -> float:
