@@ -26,7 +26,7 @@ b. **Fan-out.** Bursts of forks restored together (prefetched in parallel, from 
    and resumed at once, against single forks of the same mode, the four kinds interleaved round
    by round: p50/p99 ready against single.
 
-Reading it: fork-ready has a floor (``limit``): a fork with all its memory present still
+Reading it: fork-ready has a floor (``present``): a fork with all its memory present still
 runs its trace, and guest instructions are emulated. The traces are synthetic, so precision and
 recall come out near 1 minus the trace's fork-specific share; what the server's records show is
 that prefetch installs every hot page (misses beyond the pages the hot set lacks: 0).
@@ -95,28 +95,30 @@ TARGETS = {
     "prefetch_over_present": ("<=", 1.3),
     "cached_over_present": ("<=", 1.3),
 }
-SUMMARY = (
-    "speedup",
-    "speedup_cached",
-    "demand_ready_ms_p50",
-    "prefetch_ready_ms_p50",
-    "cached_ready_ms_p50",
-    "present_ready_ms_p50",
-    "prefetch_over_present",
-    "cached_over_present",
-    "stream_over_present",
-    "speedup_stream",
-    "stream_raced_mean",
-    "planning_ms",
-    "hot_set_precision",
-    "hot_set_recall",
-    "misses_beyond_unrecorded",
-    "present_faults",
-    "prefetch_burst_p50_over_single",
-    "prefetch_burst_p99_over_single",
-    "demand_burst_p50_over_single",
-    "demand_burst_p99_over_single",
-)
+SUMMARY = {
+    "speedup": "(a) fork-ready, on demand / prefetched, planning paid",
+    "speedup_cached": "(a) the same with the plan cached",
+    "demand_ready_ms_p50": "(a) on-demand fork-ready, p50 (ms)",
+    "prefetch_ready_ms_p50": "(a) prefetched fork-ready, planning paid, p50 (ms)",
+    "cached_ready_ms_p50": "(a) prefetched fork-ready, plan cached, p50 (ms)",
+    "present_ready_ms_p50": "(a) every page present before resume (the physical limit), p50 (ms)",
+    "prefetch_over_present": "(a) a template's first prefetched fork (it plans) / the limit",
+    "cached_over_present": "(a) a later prefetched fork (plan cached) / the limit",
+    "stream_over_present": "(a) resumed early, the rest of the hot set streamed / the limit",
+    "speedup_stream": "(a) on demand / resumed early and streamed",
+    "stream_raced_mean": "(a) faults that raced the stream, per streamed fork",
+    "planning_ms": "(a) planning the hot set, paid by a template's first fork (ms)",
+    "hot_set_precision": "(a) hot set against the pages a fork of its trace touched: precision",
+    "hot_set_recall": "(a) and recall",
+    "misses_beyond_unrecorded": "(a) faults of prefetched forks beyond the touched pages the "
+    "hot set lacks (largest over the forks)",
+    "present_faults": "(a) faults of the all-present forks (must be 0)",
+    "prefetch_burst_p50_over_single": "(b) a burst of prefetched forks at once: p50 ready / a "
+    "single fork's p50",
+    "prefetch_burst_p99_over_single": "(b) the same, p99",
+    "demand_burst_p50_over_single": "(b) a burst of on-demand forks: p50 ready / one fork's p50",
+    "demand_burst_p99_over_single": "(b) the same, p99",
+}
 
 
 def paired_rounds(
