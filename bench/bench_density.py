@@ -61,22 +61,22 @@ TARGETS = {
     "ready_ratio": ("<=", 1.05),
     "fanout_ratio": ("<=", 1.05),
 }
-SUMMARY = (
-    "guest_pss_shared_mib",
-    "guest_pss_unshared_mib",
-    "budget_mib",
-    "guest_pss_over_budget",
-    "pss_shared_mib",
-    "pss_unshared_mib",
-    "converge_s",
-    "converge_s_max",
-    "ksmd_cpu_s",
-    "ready_ratio",
-    "ready_ratio_bursts",
-    "fanout_ratio",
-    "cow_write_us",
-    "private_write_us",
-)
+SUMMARY = {
+    "guest_pss_shared_mib": "Pss of the 16 forks' guest RAM, settled, with KSM sharing (MiB)",
+    "guest_pss_unshared_mib": "the same without sharing (MiB)",
+    "budget_mib": "template data the burst touched plus 1.3x the bytes the forks wrote (MiB)",
+    "guest_pss_over_budget": "shared guest Pss / that budget",
+    "pss_shared_mib": "Pss of the whole VMM processes, with sharing (MiB)",
+    "pss_unshared_mib": "the same without sharing (MiB)",
+    "converge_s": "from the burst's last ready until the total is within 2% of its final value (s)",
+    "converge_s_max": "the same, slowest round (s)",
+    "ksmd_cpu_s": "ksmd's CPU time over that convergence (s)",
+    "ready_ratio": "fork-ready, shared / plain forks in mixed bursts, median over rounds",
+    "ready_ratio_bursts": "the same between whole shared and plain bursts",
+    "fanout_ratio": "a burst's first start to last ready, shared / plain",
+    "cow_write_us": "a write to a KSM-merged page: its copy-on-write fault (µs)",
+    "private_write_us": "a write to a private page already present (µs)",
+}
 
 
 def cow_costs(pages: int = 8192, timeout: float = 30.0) -> dict[str, float]:
