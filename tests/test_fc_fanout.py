@@ -9,8 +9,10 @@ own for ``--netns``, and execs the double chrooted (``--root``) where the real o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,8 +22,10 @@ from typing import Any
 
 import pytest
 
-from conftest import PAGE, needs_uffd
-from pagefork.errors import VmmError
+from conftest import PAGE, StartDaemon, needs_uffd
+from pagefork.cli import main
+from pagefork.daemon.client import DaemonClient
+from pagefork.errors import DaemonError, VmmError
 from pagefork.server import PageServer
 from pagefork.testing.fcdouble import EXIT_LOAD_FAILED, DoubleSnapshot, FcDoubleProcess
 from pagefork.vmm.base import RestoreRequest
@@ -30,6 +34,7 @@ from pagefork.vmm.firecracker import (
     FirecrackerApiError,
     FirecrackerDriver,
     FirecrackerOptionError,
+    fork_devices,
     parse_options,
     tap_name,
 )
@@ -123,11 +128,13 @@ def test_concurrent_forks_collide_on_the_snapshots_tap_and_the_loser_exits(
     handle.stop()
 
 
+@pytest.mark.parametrize("shape", ["map and vsock_uds", "Firecracker's own"])
 def test_overrides_give_each_fork_its_own_tap_and_vsock_socket(
     doubles: Callable[..., FcDoubleProcess],
     make_server: Callable[..., PageServer],
     tmp_path: Path,
     mem_file: Path,
+    shape: str,
 ) -> None:
     server = make_server()
     snapshot = _snapshot(
@@ -136,10 +143,15 @@ def test_overrides_give_each_fork_its_own_tap_and_vsock_socket(
         network_interfaces=(("eth0", TAP),),
         vsock_uds=str(tmp_path / "template-vsock.sock"),
     )
-    opts = {
+    opts: dict[str, Any] = {
         "network_overrides": {"eth0": "t{fork}"},
         "vsock_uds": str(tmp_path / "vsock-{fork}.sock"),
     }
+    if shape == "Firecracker's own":  # as PUT /snapshot/load spells them, with patterns
+        opts = {
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": "t{fork}"}],
+            "vsock_override": {"uds_path": str(tmp_path / "vsock-{fork}.sock")},
+        }
     forks = {f"a{TAG}": doubles("1.16", "a"), f"b{TAG}": doubles("1.16", "b")}
     handles = [
         _restore(server, fork, snapshot, fc.api_sock, **opts)[1] for fork, fc in forks.items()
@@ -195,11 +207,11 @@ def test_an_override_the_release_lacks_is_refused_before_the_load(
 
 def test_tap_names_must_be_linux_interface_names() -> None:
     assert tap_name("network_overrides", "tap-{fork}-{iface}", "f1", "eth0") == "tap-f1-eth0"
-    with pytest.raises(FirecrackerOptionError, match=r"tap name 'tap-" + "x" * 20):
+    with pytest.raises(FirecrackerOptionError, match=r"tap name 'tap-" + "x" * 20 + "'.*: 24 char"):
         tap_name("network_overrides", "tap-{fork}", "x" * 20, "eth0")
-    with pytest.raises(FirecrackerOptionError, match=r"only \{fork\} and \{iface\}"):
+    with pytest.raises(FirecrackerOptionError, match=r"only \{fork\}, \{fork_hash\} and \{iface\}"):
         parse_options({"network_overrides": {"eth0": "tap-{vm}"}})
-    with pytest.raises(FirecrackerOptionError, match="'vsock_uds' must be a path pattern"):
+    with pytest.raises(FirecrackerOptionError, match="'vsock_uds' must be a path pattern with"):
         parse_options({"vsock_uds": "/run/same-for-every-fork.sock"})
     with pytest.raises(FirecrackerOptionError, match="may not set network_overrides as well"):
         parse_options(
@@ -208,6 +220,172 @@ def test_tap_names_must_be_linux_interface_names() -> None:
                 "load_fields": {"network_overrides": []},
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"network_overrides": [{"iface_id": "eth0"}]},
+            r"^option 'network_overrides' entry 0: 'host_dev_name' must be a non-empty string, "
+            r"not None$",
+        ),
+        (
+            {"network_overrides": [{"iface_id": "eth0", "host_dev_name": "a{fork}"}, "eth1"]},
+            r"^option 'network_overrides' entry 1: must be an object with 'iface_id' and "
+            r"'host_dev_name', not 'eth1'$",
+        ),
+        (
+            {"network_overrides": [{"iface_id": "eth0", "host_dev": "a{fork}"}]},
+            r"^option 'network_overrides' entry 0: unknown key 'host_dev'",
+        ),
+        (
+            {
+                "network_overrides": [
+                    {"iface_id": "eth0", "host_dev_name": "a{fork}"},
+                    {"iface_id": "eth0", "host_dev_name": "b{fork}"},
+                ]
+            },
+            r"^option 'network_overrides' entry 1: interface 'eth0' given twice$",
+        ),
+        (
+            {"network_overrides": {"eth0": 3}},
+            r"^option 'network_overrides' entry 'eth0': 3 is not a tap name pattern",
+        ),
+        ({"network_overrides": "tap0"}, r"^option 'network_overrides' must be \{'eth0'"),
+        (
+            {"vsock_override": {"uds_path": "/run/v.sock"}},
+            r"^option 'vsock_override.uds_path' must be a path pattern with \{fork\}",
+        ),
+        ({"vsock_override": "/run/v-{fork}.sock"}, r"^option 'vsock_override' must be "),
+        (
+            {"vsock_override": {"uds_path": "/v-{fork}", "cid": 3}},
+            r"^option 'vsock_override' must be Firecracker's \{'uds_path': PATTERN\}",
+        ),
+        (
+            {"vsock_uds": "/a-{fork}", "vsock_override": {"uds_path": "/b-{fork}"}},
+            r"^option 'vsock_override' and 'vsock_uds' both give the vsock socket: give one$",
+        ),
+        (
+            {"vsock_override": {"uds_path": "/b-{fork}"}, "load_fields": {"vsock_override": {}}},
+            r"may not set vsock_override as well",
+        ),
+    ],
+)
+def test_firecrackers_own_shapes_are_checked_entry_by_entry(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(FirecrackerOptionError, match=message) as err:
+        parse_options(options)
+    assert "\n" not in str(err.value)
+
+
+def test_fork_hash_names_a_tap_that_fits_whatever_the_fork_id() -> None:
+    fork = "a-template-with-a-long-name-2e566ec9"
+    digest = hashlib.sha256(fork.encode()).hexdigest()[:10]
+    assert tap_name("network_overrides", "tap-{fork_hash}", fork, "eth0") == f"tap-{digest}"
+    opts = parse_options(
+        {
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap-{fork_hash}"}],
+            "vsock_override": {"uds_path": "/run/vsock/{fork_hash}.sock"},
+        }
+    )
+    assert parse_options({"vsock_override": None, "network_overrides": None}) == parse_options({})
+    assert fork_devices(opts, fork) == {
+        "network_overrides": [{"iface_id": "eth0", "host_dev_name": f"tap-{digest}"}],
+        "vsock_override": {"uds_path": f"/run/vsock/{digest}.sock"},
+    }
+
+
+def _recipe_template(client: DaemonClient, tmp_path: Path, mem_file: Path) -> None:
+    snapshot = _snapshot(
+        tmp_path, mem_file, network_interfaces=(("eth0", TAP),), vsock_uds="/v.sock"
+    )
+    client.create_template("web", "firecracker", mem_file=str(mem_file), snapshot_path=snapshot)
+
+
+#: The fan-out recipe's options (docs/firecracker.md), as typed; then Firecracker's own shapes.
+RECIPE_OPTIONS = [
+    [
+        'network_overrides={"eth0": "tap-{fork_hash}"}',
+        "vsock_uds=VSOCK/{fork}.sock",
+    ],
+    [
+        'network_overrides=[{"iface_id": "eth0", "host_dev_name": "tap-{fork_hash}"}]',
+        'vsock_override={"uds_path": "VSOCK/{fork}.sock"}',
+    ],
+]
+
+
+def test_the_fanout_recipe_works_with_generated_fork_ids(
+    start_daemon: StartDaemon,
+    short_dir: Path,
+    tmp_path: Path,
+    mem_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The fan-out recipe through the CLI, forks without --id: each gets its own tap and vsock
+    socket from the documented patterns, and the tap names fit Linux's 15 characters."""
+    _, client = start_daemon()
+    _recipe_template(client, tmp_path, mem_file)
+    vsock = short_dir / "vsock"
+    vsock.mkdir()
+    forks = []
+    for i, options in enumerate(RECIPE_OPTIONS):
+        fc = FcDoubleProcess(str(short_dir / f"fc{i}.api"), "--fc-version", "1.16")
+        try:
+            argv = [
+                "forks",
+                "create",
+                "web",
+                "--vmm",
+                "firecracker",
+                "--control",
+                client.control_path,
+            ]
+            argv += ["--option", f"api_socket={fc.api_sock}"]
+            for option in options:
+                argv += ["--option", option.replace("VSOCK", str(vsock))]
+            assert main(argv) == 0, capsys.readouterr().err
+            fork_id = capsys.readouterr().out.split()[0]
+            assert re.fullmatch(r"web-[0-9a-f]{8}", fork_id)  # generated
+            tap = "tap-" + hashlib.sha256(fork_id.encode()).hexdigest()[:10]
+            load = next(r for r in fc.requests() if r["path"] == "/snapshot/load")["body"]
+            assert load["network_overrides"] == [{"iface_id": "eth0", "host_dev_name": tap}]
+            assert load["vsock_override"] == {"uds_path": str(vsock / f"{fork_id}.sock")}
+            assert (vsock / f"{fork_id}.sock").is_socket()  # bound by this fork alone
+            result = fc.result(wait=30)
+            assert (result["touched"], result["bad"]) == (80, 0)
+            forks.append(fork_id)
+        finally:
+            fc.stop()
+    assert len(set(forks)) == 2
+    for fork_id in forks:
+        client.release_fork(fork_id)
+
+
+def test_a_tap_name_too_long_for_the_generated_id_is_refused_at_fork_creation(
+    start_daemon: StartDaemon, short_dir: Path, tmp_path: Path, mem_file: Path
+) -> None:
+    _, client = start_daemon()
+    _recipe_template(client, tmp_path, mem_file)
+    with FcDoubleProcess(str(short_dir / "fc.api"), "--fc-version", "1.16") as fc:
+        with pytest.raises(DaemonError) as err:
+            client.create_fork(
+                "web",
+                vmm="firecracker",
+                options={"api_socket": fc.api_sock, "network_overrides": {"eth0": "tap-{fork}"}},
+            )
+        message = str(err.value)
+        assert re.search(
+            r"option 'network_overrides' gives tap name 'tap-web-[0-9a-f]{8}' for fork "
+            r"'web-[0-9a-f]{8}': 16 characters, and Linux allows 15 \(use \{fork_hash\}",
+            message,
+        ), message
+        assert "\n" not in message
+        assert fc.requests() == []  # refused before the driver touched Firecracker
+        assert fc.api.request("GET", "/")["state"] == "Not started"
+    assert client.forks() == []
 
 
 # --- the jailer -------------------------------------------------------------------------------

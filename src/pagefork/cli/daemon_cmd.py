@@ -60,8 +60,12 @@ DRIVER_OPTIONS_HELP = """driver options (--option KEY=VALUE):
     api_timeout=SECONDS     bound on each API call (default: the restore timeout)
     stop=kill|ctrl-alt-del  how the fork's release stops Firecracker (default kill)
     stop_timeout=SECONDS    how long a ctrl-alt-del stop may take
-    network_overrides={...} {"IFACE": "tap-{fork}"}: the fork's tap per interface
-    vsock_uds=PATTERN       the fork's vsock socket path, with {fork} in it
+    network_overrides={...} {"IFACE": "tap-{fork_hash}"}: the fork's tap per interface
+                            (or Firecracker's [{"iface_id": .., "host_dev_name": ..}]);
+                            {fork_hash}: 10 hex digits of the fork id's SHA-256, so the
+                            name fits Linux's 15 characters whatever the id
+    vsock_uds=PATTERN       the fork's vsock socket path, with {fork} or {fork_hash} in it
+    vsock_override={...}    the same, as Firecracker spells it: {"uds_path": PATTERN}
     load_fields={...}       extra PUT /snapshot/load fields, as Firecracker spells them
     snapshots=true          keep dirty-page tracking on, for 'forks snapshot'
   --vmm kvm (the built-in microVM)

@@ -506,15 +506,17 @@ class ForkManager:
             return self._loops.setdefault(key, HotSetLoop.for_file(hot, record.hot_pages_path))
 
     # --- creating ----------------------------------------------------------------------------
-    def check_options(self, driver: str, options: Mapping[str, Any]) -> None:
-        """Validate ``options`` for ``driver`` without side effects;
-        :class:`DriverOptionsError` naming the option if they are invalid."""
+    def check_options(
+        self, driver: str, options: Mapping[str, Any], fork_id: str | None = None
+    ) -> None:
+        """Validate ``options`` for ``driver`` (and what they make of ``fork_id``) without
+        side effects; :class:`DriverOptionsError` naming the option if they are invalid."""
         vmm = self.drivers.get(driver)
         if vmm is None:
             known = ", ".join(sorted(self.drivers)) or "none available"
             raise VmmError(f"unknown VMM driver {driver!r} (known: {known})")
         try:
-            vmm.check_options(options)
+            vmm.check_options(options, fork_id)
         except VmmError as exc:
             raise DriverOptionsError(f"driver {driver}: {exc}") from None
 
@@ -553,7 +555,7 @@ class ForkManager:
         vmm: VmmDriver | None = None
         opts = dict(options or {})
         if driver is not None:
-            self.check_options(driver, opts)
+            self.check_options(driver, opts, fork_id)
             vmm = self.drivers[driver]
         seen = self.registry.get(template_id)
         hot = self._hot_set_of(seen)

@@ -135,10 +135,11 @@ class VmmDriver(abc.ABC):
 
     name: str
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
+    def check_options(self, options: Mapping[str, Any], fork_id: str | None = None) -> None:
         """Validate restore options without side effects (the daemon calls this before it
-        registers a fork); :class:`~pagefork.errors.VmmError` naming the bad option. By
-        default every option is accepted."""
+        registers a fork, with its id: what the options make of that id is checked too);
+        :class:`~pagefork.errors.VmmError` naming the bad option. By default every option is
+        accepted."""
         return None
 
     def adopt(self, fork_id: str, handover: VmmHandover) -> VmmHandle:

@@ -473,6 +473,7 @@ def parse_options(options: Mapping[str, Any]) -> FirecrackerOptions:
         "load_fields",
         "network_overrides",
         "vsock_uds",
+        "vsock_override",
         "jailer",
         "snapshots",
     )
@@ -498,24 +499,8 @@ def parse_options(options: Mapping[str, Any]) -> FirecrackerOptions:
         raise FirecrackerOptionError(
             "load_fields", f"may not set {', '.join(reserved)} (the uffd backend is the driver's)"
         )
-    nets = options.get("network_overrides") or {}
-    if not isinstance(nets, dict) or not all(
-        isinstance(k, str) and k and isinstance(v, str) and v for k, v in nets.items()
-    ):
-        raise FirecrackerOptionError(
-            "network_overrides",
-            f"must map interface ids to tap name patterns (like {{'eth0': 'tap-{{fork}}'}}), "
-            f"not {nets!r}",
-        )
-    for iface, pattern in nets.items():
-        tap_name("network_overrides", pattern, "f", iface)  # fields and characters
-    vsock = options.get("vsock_uds")
-    if vsock is not None:
-        if not isinstance(vsock, str) or "{fork}" not in vsock:
-            raise FirecrackerOptionError(
-                "vsock_uds", f"must be a path pattern with {{fork}} in it, not {vsock!r}"
-            )
-        _pattern("vsock_uds", vsock, "f")
+    nets = _network_overrides(options.get("network_overrides"))
+    vsock = _vsock_pattern(options)
     for name, given in (("network_overrides", bool(nets)), ("vsock_override", vsock is not None)):
         if given and name in load_fields:
             raise FirecrackerOptionError("load_fields", f"may not set {name} as well")
@@ -551,6 +536,91 @@ def parse_options(options: Mapping[str, Any]) -> FirecrackerOptions:
     )
 
 
+#: How a ``network_overrides`` option may look, for its errors.
+_NETWORK_SHAPES = (
+    "{'eth0': 'tap-{fork_hash}'} or Firecracker's "
+    "[{'iface_id': 'eth0', 'host_dev_name': 'tap-{fork_hash}'}]"
+)
+
+
+def _network_overrides(value: Any) -> dict[str, str]:
+    """``network_overrides`` as interface id -> tap name pattern, from either shape: a map, or
+    Firecracker's own list of ``{"iface_id", "host_dev_name"}`` (patterns in the names)."""
+    option = "network_overrides"
+    if value is None:
+        return {}
+    nets: dict[str, str] = {}
+    if isinstance(value, dict):
+        for iface, pattern in value.items():
+            if not (isinstance(iface, str) and iface and isinstance(pattern, str) and pattern):
+                raise FirecrackerOptionError(
+                    option,
+                    f"entry {iface!r}: {pattern!r} is not a tap name pattern "
+                    f"(like {_NETWORK_SHAPES})",
+                )
+            nets[iface] = pattern
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            where = f"entry {i}"
+            if not isinstance(item, dict):
+                raise FirecrackerOptionError(
+                    option,
+                    f"{where}: must be an object with 'iface_id' and 'host_dev_name', not {item!r}",
+                )
+            extra = sorted(str(k) for k in item if k not in ("iface_id", "host_dev_name"))
+            if extra:
+                raise FirecrackerOptionError(
+                    option,
+                    f"{where}: unknown key {extra[0]!r} (an entry has 'iface_id' and "
+                    "'host_dev_name')",
+                )
+            for key in ("iface_id", "host_dev_name"):
+                field_value = item.get(key)
+                if not isinstance(field_value, str) or not field_value:
+                    raise FirecrackerOptionError(
+                        option, f"{where}: {key!r} must be a non-empty string, not {field_value!r}"
+                    )
+            iface = item["iface_id"]
+            if iface in nets:
+                raise FirecrackerOptionError(option, f"{where}: interface {iface!r} given twice")
+            nets[iface] = item["host_dev_name"]
+    else:
+        raise FirecrackerOptionError(option, f"must be {_NETWORK_SHAPES}, not {value!r}")
+    for iface, pattern in nets.items():
+        tap_name(option, pattern, "f", iface)  # fields and characters
+    return nets
+
+
+def _vsock_pattern(options: Mapping[str, Any]) -> str | None:
+    """The vsock socket path pattern, from ``vsock_uds`` or Firecracker's own
+    ``vsock_override: {"uds_path": ...}`` (not both); null is absent, as in Firecracker."""
+    given = [k for k in ("vsock_uds", "vsock_override") if options.get(k) is not None]
+    if len(given) == 2:
+        raise FirecrackerOptionError(
+            "vsock_override", "and 'vsock_uds' both give the vsock socket: give one"
+        )
+    if given == ["vsock_override"]:
+        option, override = "vsock_override", options["vsock_override"]
+        if not isinstance(override, dict) or set(override) != {"uds_path"}:
+            raise FirecrackerOptionError(
+                option,
+                "must be Firecracker's {'uds_path': PATTERN} (with {fork} or {fork_hash} in "
+                f"PATTERN), not {override!r}",
+            )
+        vsock = override["uds_path"]
+        option = "vsock_override.uds_path"
+    else:
+        option, vsock = "vsock_uds", options.get("vsock_uds")
+        if vsock is None:
+            return None
+    if not isinstance(vsock, str) or not ("{fork}" in vsock or "{fork_hash}" in vsock):
+        raise FirecrackerOptionError(
+            option, f"must be a path pattern with {{fork}} or {{fork_hash}} in it, not {vsock!r}"
+        )
+    _pattern(option, vsock, "f")
+    return vsock
+
+
 def _pattern(option: str, pattern: str, fork: str, iface: str = "") -> str:
     try:
         return format_pattern(option, pattern, fork, iface)
@@ -558,21 +628,56 @@ def _pattern(option: str, pattern: str, fork: str, iface: str = "") -> str:
         raise FirecrackerOptionError(option, str(exc)) from None
 
 
-#: What Linux allows in an interface name (and at most IFNAMSIZ - 1 bytes of it).
+#: What Linux allows in an interface name: at most IFNAMSIZ - 1 bytes, of these characters.
+_MAX_TAP_NAME = 15
 _TAP_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 
 
 def tap_name(option: str, pattern: str, fork: str, iface: str) -> str:
-    """The fork's tap name from ``pattern`` (``{fork}``, ``{iface}``); it must be a valid
-    Linux interface name, at most 15 bytes: :class:`FirecrackerOptionError` otherwise."""
+    """The fork's tap name from ``pattern`` (``{fork}``, ``{fork_hash}``, ``{iface}``); it must
+    be a valid Linux interface name, at most 15 bytes: :class:`FirecrackerOptionError`
+    otherwise."""
     name = _pattern(option, pattern, fork, iface)
+    if len(name.encode()) > _MAX_TAP_NAME:
+        raise FirecrackerOptionError(
+            option,
+            f"gives tap name {name!r} for fork {fork!r}: {len(name.encode())} characters, and "
+            f"Linux allows {_MAX_TAP_NAME} (use {{fork_hash}}, like 'tap-{{fork_hash}}', or a "
+            "shorter fork id)",
+        )
     if not _TAP_NAME.match(name):
         raise FirecrackerOptionError(
             option,
             f"gives tap name {name!r} for fork {fork!r}: an interface name is 1-15 letters, "
-            "digits or _.:- (shorten the pattern or the fork id)",
+            "digits or _.:-",
         )
     return name
+
+
+#: The longest Unix socket path ``bind`` takes (``sun_path`` less its NUL).
+_MAX_SOCKET_PATH = 107
+
+
+def fork_devices(opts: FirecrackerOptions, fork_id: str) -> dict[str, Any]:
+    """The fork's own taps and vsock socket as ``PUT /snapshot/load`` fields
+    (``network_overrides``, ``vsock_override``), its id filled into the patterns;
+    :class:`FirecrackerOptionError` if a tap name or socket path does not fit."""
+    fields: dict[str, Any] = {}
+    if opts.network_overrides:
+        fields["network_overrides"] = [
+            {"iface_id": iface, "host_dev_name": tap_name("network_overrides", p, fork_id, iface)}
+            for iface, p in opts.network_overrides.items()
+        ]
+    if opts.vsock_uds is not None:
+        path = _pattern("vsock_uds", opts.vsock_uds, fork_id)
+        if len(path.encode()) > _MAX_SOCKET_PATH:
+            raise FirecrackerOptionError(
+                "vsock_uds",
+                f"gives vsock socket {path!r} for fork {fork_id!r}: {len(path.encode())} bytes, "
+                f"and a Unix socket path holds at most {_MAX_SOCKET_PATH}",
+            )
+        fields["vsock_override"] = {"uds_path": path}
+    return fields
 
 
 def fork_load_fields(
@@ -581,13 +686,7 @@ def fork_load_fields(
     """The extra ``PUT /snapshot/load`` fields of one fork: ``load_fields`` plus its own taps
     and vsock socket; :class:`VmmError` if ``version`` does not accept one of them."""
     extra = dict(opts.load_fields)
-    if opts.network_overrides:
-        extra["network_overrides"] = [
-            {"iface_id": iface, "host_dev_name": tap_name("network_overrides", p, fork_id, iface)}
-            for iface, p in opts.network_overrides.items()
-        ]
-    if opts.vsock_uds is not None:
-        extra["vsock_override"] = {"uds_path": _pattern("vsock_uds", opts.vsock_uds, fork_id)}
+    extra.update(fork_devices(opts, fork_id))
     if opts.snapshots and not {"track_dirty_pages", "enable_diff_snapshots"} & set(extra):
         # Dirty tracking makes a Diff snapshot hold only the pages the guest wrote; the field
         # was renamed in 1.13 (older releases take only the old name).
@@ -636,10 +735,13 @@ class FirecrackerDriver(VmmDriver):
       (:func:`pagefork.vmm.jailer.parse_jailer` lists its keys);
     - ``api_timeout``: seconds per API request (default: the ``restore`` timeout);
     - ``stop``: ``"kill"`` (default) or ``"ctrl-alt-del"``; ``stop_timeout`` (default 5 s);
-    - ``network_overrides``: interface id → tap name pattern (``{fork}``, ``{iface}``), sent
-      as ``network_overrides`` (1.12+);
-    - ``vsock_uds``: a vsock socket path pattern with ``{fork}``, sent as ``vsock_override``
-      (1.16+);
+    - ``network_overrides``: interface id → tap name pattern (``{fork}``, ``{fork_hash}``,
+      ``{iface}``), or Firecracker's own list of ``{"iface_id", "host_dev_name"}``; sent as
+      ``network_overrides`` (1.12+). A tap name holds at most 15 characters, checked against
+      the fork's id before the fork is made: ``tap-{fork_hash}`` always fits;
+    - ``vsock_uds``: a vsock socket path pattern with ``{fork}`` or ``{fork_hash}``, or the
+      same as Firecracker's own ``vsock_override: {"uds_path": ...}``; sent as
+      ``vsock_override`` (1.16+);
     - ``load_fields``: other ``PUT /snapshot/load`` fields (e.g. ``track_dirty_pages``); each
       must be one the release accepts;
     - ``snapshots``: true to take diff snapshots of the fork later (:meth:`FirecrackerHandle.
@@ -652,10 +754,13 @@ class FirecrackerDriver(VmmDriver):
 
     name = "firecracker"
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
+    def check_options(self, options: Mapping[str, Any], fork_id: str | None = None) -> None:
         """Validate restore options without side effects (the daemon calls this before it
-        registers a fork); :class:`FirecrackerOptionError` naming the bad option."""
-        parse_options(options)
+        registers a fork); :class:`FirecrackerOptionError` naming the bad option. With
+        ``fork_id``, also the tap names and vsock path it gives the patterns."""
+        opts = parse_options(options)
+        if fork_id is not None:
+            fork_devices(opts, fork_id)
 
     def restore(self, request: RestoreRequest, timeout: float = 30.0) -> FirecrackerHandle:
         """``PUT /snapshot/load`` with the Uffd backend, paused; returns once Firecracker
@@ -892,6 +997,7 @@ __all__ = [
     "FirecrackerVersion",
     "create_snapshot",
     "fault_message",
+    "fork_devices",
     "fork_load_fields",
     "parse_options",
     "snapshot_create_body",

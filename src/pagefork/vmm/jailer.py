@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -101,15 +102,26 @@ def parse_jailer(value: Any) -> JailerConfig:
     )
 
 
+#: Hex digits of ``{fork_hash}``: 40 bits, so thousands of concurrent forks do not collide,
+#: and ``tap-{fork_hash}`` (14 characters) fits a Linux interface name.
+FORK_HASH_DIGITS = 10
+
+
+def fork_hash(fork: str) -> str:
+    """The ``{fork_hash}`` of ``fork``: the first :data:`FORK_HASH_DIGITS` hex digits of the
+    SHA-256 of its id (``printf %s ID | sha256sum | cut -c1-10`` gives the same)."""
+    return hashlib.sha256(fork.encode()).hexdigest()[:FORK_HASH_DIGITS]
+
+
 def format_pattern(what: str, pattern: str, fork: str, iface: str = "") -> str:
-    """``pattern`` with ``{fork}`` (and ``{iface}``) filled in; :class:`JailerError` if it
-    names any other field."""
+    """``pattern`` with ``{fork}``, ``{fork_hash}`` (and ``{iface}``) filled in;
+    :class:`JailerError` if it names any other field."""
     try:
-        return pattern.format(fork=fork, iface=iface)
+        return pattern.format(fork=fork, fork_hash=fork_hash(fork), iface=iface)
     except (KeyError, IndexError, ValueError) as exc:
         raise JailerError(
-            f"{what} pattern {pattern!r} is not valid: only {{fork}} and {{iface}} may be used "
-            f"({exc!r})"
+            f"{what} pattern {pattern!r} is not valid: only {{fork}}, {{fork_hash}} and "
+            f"{{iface}} may be used ({exc!r})"
         ) from None
 
 
@@ -283,10 +295,12 @@ def remove_made(made: dict[str, list[str]]) -> None:
 
 __all__ = [
     "API_SOCKET_IN_JAIL",
+    "FORK_HASH_DIGITS",
     "UFFD_SOCKET_IN_JAIL",
     "Jail",
     "JailerConfig",
     "JailerError",
+    "fork_hash",
     "format_pattern",
     "parse_jailer",
     "remove_made",

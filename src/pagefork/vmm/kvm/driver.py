@@ -170,7 +170,7 @@ class KvmDriver(VmmDriver):
 
     name = "kvm"
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
+    def check_options(self, options: Mapping[str, Any], fork_id: str | None = None) -> None:
         """Validate restore options (``fork_index``, ``snapshots``) without side effects."""
         known = ("fork_index", "snapshots")
         for key in options:
