@@ -135,8 +135,11 @@ def add_parser(subparsers: Any) -> None:
         "daemon then records what each prefetched fork of the template still faults, adds a "
         "page when --join of the last --window forks missed it, never grows the set beyond "
         "(1 + --max-growth) times its recorded size, and counts one fork's misses only up to "
-        "--per-fork times that size. Example: pagefork hotpages learn "
-        "state/templates/web/hot-pages.hpl --window 8 --join 3",
+        "--per-fork times that size.",
+        epilog=examples(
+            "pagefork hotpages learn state/templates/web/hot-pages.hpl --window 8 --join 3",
+            "pagefork hotpages learn state/templates/web/hot-pages.hpl --off",
+        ),
     )
     learn.add_argument(
         "file",
@@ -148,8 +151,20 @@ def add_parser(subparsers: Any) -> None:
     learn.add_argument(
         "--join", type=int, default=3, metavar="K", help="misses among them that add a page"
     )
-    learn.add_argument("--max-growth", type=float, default=0.10, metavar="SHARE")
-    learn.add_argument("--per-fork", type=float, default=0.05, metavar="SHARE")
+    learn.add_argument(
+        "--max-growth",
+        type=float,
+        default=0.10,
+        metavar="SHARE",
+        help="how far past its recorded size the set may grow (default 0.10)",
+    )
+    learn.add_argument(
+        "--per-fork",
+        type=float,
+        default=0.05,
+        metavar="SHARE",
+        help="the most one fork's misses count, as a share of the recorded size (default 0.05)",
+    )
     learn.add_argument("--off", action="store_true", help="stop learning (keeps the set)")
     learn.set_defaults(func=run_learn)
 
@@ -157,8 +172,11 @@ def add_parser(subparsers: Any) -> None:
         "history",
         help="show how a learning hot set changed",
         description="Show the generations of a learning hot set: after how many forks it "
-        "changed, its size, the pages that joined and left. Example: pagefork hotpages "
-        "history state/templates/web/hot-pages.hpl",
+        "changed, its size, the pages that joined and left.",
+        epilog=examples(
+            "pagefork hotpages history state/templates/web/hot-pages.hpl",
+            "pagefork hotpages history state/templates/web/hot-pages.hpl --json",
+        ),
     )
     history.add_argument("file", metavar="FILE", help="the template's hot-page file")
     history.add_argument("--json", action="store_true", help="print one JSON object")
