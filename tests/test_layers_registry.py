@@ -186,3 +186,18 @@ def test_cli_flatten_and_the_delete_guard_through_the_daemon(
     assert main(["templates", "delete", "base", *ctl]) == 0
     assert main(["templates", "flatten", "nope", *ctl]) == 2
     assert "unknown template 'nope'" in capsys.readouterr().err
+
+
+def test_a_child_of_a_template_that_shares_memory_shares_it_too(tmp_path: Path) -> None:
+    reg = TemplateRegistry(tmp_path / "state")
+    mem = make_mem_file(tmp_path / "mem", PAGES)
+    state = tmp_path / "vmstate"
+    state.write_bytes(b"state")
+    reg.create_from_snapshot("shared", mem, state, copy=True)
+    reg.set_share_memory("shared", True)
+    reg.create_from_snapshot("plain", mem, state, copy=True)
+    for parent in ("shared", "plain"):
+        layer = _layer(tmp_path, f"{parent}.pfl", 3, bytearray(mem.read_bytes()))
+        kid = reg.create_child(f"{parent}-kid", parent, layer, state)
+        assert kid.share_memory is (parent == "shared")
+        assert reg.get(f"{parent}-kid").share_memory is (parent == "shared")  # as stored

@@ -639,6 +639,8 @@ class TemplateRegistry:
             )
             record.parent = parent_id
             record.layers = [*parent.layers, str(final / LAYER_FILE)]
+            # Its forks are the parent's forks' kin: they share memory only if those did.
+            record.share_memory = parent.share_memory
             if flatten_past is not None and len(record.layers) > flatten_past:
                 chain = [*parent.layers, str(tmp / LAYER_FILE)]
                 try:
