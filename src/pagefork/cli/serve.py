@@ -323,7 +323,10 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
     def connected(fork_id: str) -> None:
         log.info("fork %s: connected", fork_id)
         if sampler is not None and server is not None:
-            pid = server.stats(fork_id).pid
+            try:
+                pid = server.stats(fork_id).pid
+            except PageforkError:
+                return  # it ended already (the callback runs on a thread of its own)
             if pid is not None:
                 sampler.add(fork_id, pid)
         current = loop.hot
