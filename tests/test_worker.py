@@ -104,12 +104,12 @@ def harness(tmp_path: Path, mem_file: Path) -> Iterator[Harness]:
         adopt=False,
         hangup_ends=False,
     )
-    worker._add(spec, [os.dup(fds[0]), os.dup(conn.fileno()), os.dup(ledger.fd)])
+    worker.table.add(spec, [os.dup(fds[0]), os.dup(conn.fileno()), os.dup(ledger.fd)])
     h = Harness(worker, sup, vmm, memfile, fds[0], regions, ledger)
     yield h
     vmm.kill()
     for f in list(worker.forks.values()):
-        worker._end(f, M.EndState.ENDED, None, report=False)
+        worker.table.end(f, M.EndState.ENDED, None, report=False)
     worker.ep.close()
     worker.zeros.close()
     child.close()
@@ -138,7 +138,9 @@ def test_fault_on_a_page_prefetch_installed_meanwhile_wakes_the_guest(harness: H
     h.wait_uffd_readable()  # the guest sleeps in its fault; nothing has read it yet
     mem_address = h.worker.mem_address
     uffd.UffdIoctls(h.uffd).copy(
-        region.base + PAGE, mem_address + region.offset + PAGE, PAGE,
+        region.base + PAGE,
+        mem_address + region.offset + PAGE,
+        PAGE,
         uffd.UFFDIO_COPY_MODE_DONTWAKE,
     )
     h.step()  # reads the fault; its copy says EEXIST; it wakes the guest

@@ -272,7 +272,7 @@ def _to_wire(value: Any) -> Any:
     if isinstance(value, frozenset):
         return value
     name = type(value).__name__
-    if _TYPES.get(name) is type(value):
+    if _TYPES.get(name) is type(value) and dataclasses.is_dataclass(value):
         return {
             "@": name,
             "f": tuple(_to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)),
