@@ -190,3 +190,17 @@ def test_a_uffd_without_uffdio_api_is_refused_at_the_handshake_saying_so(
     finally:
         guest.kill()
         guest.wait()
+
+
+def test_a_worker_of_another_protocol_version_is_refused_in_one_line(
+    make_server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    from pagefork.errors import PageforkError
+    from pagefork.serving import messages
+
+    # This process speaks a version the worker processes (started afresh) do not.
+    monkeypatch.setattr(messages, "PROTOCOL_VERSION", messages.PROTOCOL_VERSION + 1)
+    server = make_server(workers=1, spare_worker=False)
+    with pytest.raises(PageforkError, match="exited before it could serve"):
+        server.wait_ready(30)
+    assert f"speaks worker protocol version {messages.PROTOCOL_VERSION - 1}" in caplog.text

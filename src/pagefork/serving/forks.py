@@ -10,9 +10,11 @@ off the loop's thread.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -84,6 +86,17 @@ class ForkRecord:
     def final(self) -> bool:
         """True once it is never served again."""
         return self.stage in FINAL_STAGES
+
+    def apply_failure_policy(self, on_failure: str, why: str) -> None:
+        """Kill the fork's VMM (``on_failure="kill"``): a guest nobody serves would hang
+        forever. Or only say why it is left."""
+        if on_failure == "kill" and self.pidfd >= 0:
+            # Only through the pidfd taken at accept: a bare pid may be another process's now.
+            log.error("fork %s: %s; killing VMM pid %s", self.fork_id, why, self.pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        else:
+            log.error("fork %s: %s; closing its connection", self.fork_id, why)
 
     def close_session(self) -> None:
         """Close this process's copies of the session: ledger, uffd, pidfd, connection."""

@@ -134,7 +134,9 @@ class Handover:
                 worker = entry.worker or sup.place(entry)
                 if worker is None:
                     # Nobody could serve it here: the policy a dead worker's forks get.
-                    sup.apply_failure_policy(entry, "no worker is left to serve it")
+                    entry.apply_failure_policy(
+                        sup.config.on_failure, "no worker is left to serve it"
+                    )
                     continue
                 sup.carry_out(entry, sup.table.move(entry, Event.READOPTED), worker=worker)
                 n += 1

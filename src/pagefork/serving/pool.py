@@ -352,13 +352,14 @@ class WorkerPool:
                     return w
         return min(live, key=lambda w: len(w.forks), default=None)
 
-    def _crash_looping(self, slot: int, had_forks: bool = True) -> float | None:
+    def _crash_looping(self, slot: int, counts: bool = True) -> float | None:
         """Note a death in ``slot``; the seconds its last deaths took when it crash-loops.
 
-        Only deaths with forks count: a worker that dies with nothing to serve was killed from
-        outside (an operator, the OOM killer), and no fork of ours can be why.
+        Only deaths that count do: one with forks, or before the worker was ready. A worker
+        that dies ready and with nothing to serve was killed from outside (an operator, the
+        OOM killer), and no fork of ours can be why.
         """
-        if not had_forks:
+        if not counts:
             return None
         deaths = self._deaths[slot]
         now = time.monotonic()
@@ -390,7 +391,8 @@ class WorkerPool:
         slot = dead.slot
         if 0 <= slot < len(self.workers) and self.workers[slot] is dead:
             self.workers[slot] = None
-        span = self._crash_looping(slot, bool(dead.forks))
+        # A worker that never got ready could not start: that loops whatever it served.
+        span = self._crash_looping(slot, bool(dead.forks) or not dead.ready.is_set())
         if span is not None:
             self.given_up[slot] = time.monotonic()
             return None, (
@@ -443,6 +445,16 @@ class WorkerPool:
             self.workers[slot] = w
             started.append(w)
         return started
+
+    def top_up(self) -> list[WorkerProcess]:
+        """When a slot is empty: :meth:`refill`, then start a spare if one is wanted (it may
+        have gone into a slot). Returns every process started (the spare too)."""
+        if len(self.live()) == len(self.workers):
+            return []
+        started = self.refill()
+        had = self.spare
+        self.start_spare()
+        return started + ([self.spare] if self.spare is not None and self.spare is not had else [])
 
     def all_processes(self) -> list[WorkerProcess]:
         """Every worker, spare included."""

@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import select
-import signal
 import threading
 import time
 
@@ -114,7 +113,7 @@ class Supervisor:
         now = time.monotonic()
         with self.lock:
             deadlines = self.handshakes.deadlines()
-            deadlines += [w.ping_due(now) for w in self.pool.all_processes() if w.ready.is_set()]
+            deadlines += [w.ping_due(now) for w in self._pinged()]
         if not deadlines:
             return -1
         return max(0.0, min(deadlines) - now)
@@ -141,14 +140,29 @@ class Supervisor:
         now = time.monotonic()
         with self.lock:
             self.handshakes.run_timers(now)
-            for w in self.pool.all_processes():
-                if w.alive and not w.killed and w.ready.is_set() and not w.heartbeat(now):
+            suspects = [w for w in self._pinged() if not w.heartbeat(now)]
+        for w in suspects:
+            self._drain(w)  # an answer that came while this turn ran still counts
+            now = time.monotonic()
+            with self.lock:
+                if w in self._pinged() and not w.heartbeat(now):
                     log.error(
                         "worker %d has not answered for %.1fs: killing it (its forks move on)",
                         w.pid,
                         now - w.unanswered_since(now),
                     )
                     w.kill()
+
+    def _pinged(self) -> list[WorkerProcess]:
+        """The workers the heartbeat watches (lock held): started, and not being killed."""
+        return [w for w in self.pool.all_processes() if w.ready.is_set() and not w.killed]
+
+    def _drain(self, worker: WorkerProcess) -> None:
+        """Act on every message ``worker`` has sent so far (never waits for more)."""
+        poller = select.poll()
+        poller.register(worker.chan.fileno(), select.POLLIN)
+        while poller.poll(0) and self._worker_message(worker):
+            pass
 
     def wake_and_join(self) -> None:
         """Stop the loop (the caller has set :attr:`closed`) and wait for it."""
@@ -182,7 +196,7 @@ class Supervisor:
             elif command is Command.FORGET_WORKER:
                 entry.worker = None
             elif command is Command.APPLY_POLICY:
-                self.apply_failure_policy(entry, why or "")
+                entry.apply_failure_policy(self.config.on_failure, why or "")
             elif command is Command.FINISH:
                 error = why if entry.stage is Stage.FAILED else None
                 callbacks += self.table.finish(entry, error, self.config.on_window_closed)
@@ -201,7 +215,8 @@ class Supervisor:
         limit = self.config.record_max_pages
         capacity = min(pages, limit) if entry.record and limit is not None else pages
         entry.record_capacity = capacity if entry.record else 0
-        self.refill_workers()
+        for started in self.pool.top_up():  # slots left empty: try them again
+            self.watch_worker(started)
         worker = self.place(entry)
         why = None if worker is not None else "no worker is left to serve it"
         if worker is not None:
@@ -229,15 +244,6 @@ class Supervisor:
             self.watch_worker(worker)
         return worker
 
-    def refill_workers(self) -> None:
-        """Slots left empty (no worker could start, or given up a while ago): try again."""
-        if len(self.pool.live()) < len(self.pool.workers):
-            for started in self.pool.refill():
-                self.watch_worker(started)
-            self.pool.start_spare()  # the spare may have gone into a slot
-            if self.pool.spare is not None:
-                self.watch_worker(self.pool.spare)
-
     def hand_to(self, entry: ForkRecord, worker: WorkerProcess, *, adopt: bool) -> None:
         """Send ``entry`` with its fds to ``worker`` (lock held)."""
         assert entry.ledger is not None
@@ -261,16 +267,6 @@ class Supervisor:
             hangup_ends=entry.hangup_ends,
         )
         worker.send(M.Serve(spec), [named[n] for n in names])  # a gone one re-adopts on death
-
-    def apply_failure_policy(self, entry: ForkRecord, why: str) -> None:
-        """Kill the fork's VMM (``on_failure="kill"``), or only say why it is left."""
-        if self.config.on_failure == "kill" and entry.pidfd >= 0:
-            # Only through the pidfd taken at accept: a bare pid may be another process's now.
-            log.error("fork %s: %s; killing VMM pid %s", entry.fork_id, why, entry.pid)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                signal.pidfd_send_signal(entry.pidfd, signal.SIGKILL)
-        else:
-            log.error("fork %s: %s; closing its connection", entry.fork_id, why)
 
     # --- workers -------------------------------------------------------------------------
     def watch_worker(self, worker: WorkerProcess) -> None:
@@ -370,10 +366,7 @@ class Supervisor:
 
     def _worker_died(self, worker: WorkerProcess) -> None:
         # What it said before it died (a fork that ended, a window that closed) still counts.
-        poller = select.poll()
-        poller.register(worker.chan.fileno(), select.POLLIN)
-        while poller.poll(0) and self._worker_message(worker):
-            pass
+        self._drain(worker)
         self._unwatch_worker(worker)
         status = worker.reap()
         with self.lock:
