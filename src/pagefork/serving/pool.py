@@ -254,6 +254,15 @@ class WorkerProcess:
         """False while a ping has waited longer than :data:`SLOW_AFTER` for its answer."""
         return not self._pings or time.monotonic() - min(self._pings.values()) < SLOW_AFTER
 
+    @property
+    def failed_to_start(self) -> bool:
+        """After its death: it never got ready, and exited by itself or was refused here (a
+        protocol mismatch), rather than being killed from outside while it started."""
+        if self.ready.is_set():
+            return False
+        status = self.proc.returncode
+        return self.killed or (status is not None and status >= 0)
+
     def kill(self) -> None:
         """SIGKILL the worker (its death is then handled as any other)."""
         self.killed = True
@@ -355,9 +364,9 @@ class WorkerPool:
     def _crash_looping(self, slot: int, counts: bool = True) -> float | None:
         """Note a death in ``slot``; the seconds its last deaths took when it crash-loops.
 
-        Only deaths that count do: one with forks, or before the worker was ready. A worker
-        that dies ready and with nothing to serve was killed from outside (an operator, the
-        OOM killer), and no fork of ours can be why.
+        Only deaths that count do: one with forks, or of a worker that could not start. A
+        worker killed with nothing to serve was killed from outside (an operator, the OOM
+        killer), and no fork of ours can be why.
         """
         if not counts:
             return None
@@ -375,9 +384,9 @@ class WorkerPool:
         :meth:`refill` manages to)."""
         if dead is self.spare:
             self.spare = None
-            # A spare killed from outside once it served is no reason to stop keeping one;
-            # a spare that dies before it is ready cannot start, and that may loop.
-            span = self._crash_looping(-1, not dead.ready.is_set())
+            # A spare killed from outside is no reason to stop keeping one; a spare that
+            # cannot start may loop.
+            span = self._crash_looping(-1, dead.failed_to_start)
             if span is None:
                 self.start_spare()
             else:
@@ -391,15 +400,18 @@ class WorkerPool:
         slot = dead.slot
         if 0 <= slot < len(self.workers) and self.workers[slot] is dead:
             self.workers[slot] = None
-        # A worker that never got ready could not start: that loops whatever it served.
-        span = self._crash_looping(slot, bool(dead.forks) or not dead.ready.is_set())
+        # A worker that could not start loops whatever it served.
+        span = self._crash_looping(slot, bool(dead.forks) or dead.failed_to_start)
         if span is not None:
             self.given_up[slot] = time.monotonic()
             return None, (
                 f"worker slot {slot} died {CRASH_LOOP_DEATHS} times in {span:.1f}s; "
                 "not restarting it"
             )
-        new, self.spare = self.spare, None
+        new = None
+        # A spare that does not answer its heartbeat is about to be killed: never give it forks.
+        if self.spare is not None and self.spare.answering:
+            new, self.spare = self.spare, None
         cpu = self._cpus[slot]
         if new is None:
             try:
@@ -430,7 +442,7 @@ class WorkerPool:
                     continue
                 del self.given_up[slot]
                 self._deaths[slot].clear()
-            if self.spare is not None:
+            if self.spare is not None and self.spare.answering:
                 w, self.spare = self.spare, None
                 w.slot, w.cpu = slot, self._cpus[slot]
                 if w.cpu is not None:
