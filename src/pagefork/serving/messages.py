@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagefork.errors import PageforkError
-from pagefork.prefetch import PrefetchPlan, PrefetchResult, Run
+from pagefork.prefetch import PrefetchPlan, PrefetchResult
 from pagefork.regions import Region
 
 #: Bumped whenever a message below changes shape.
@@ -252,20 +252,12 @@ def _to_wire(value: Any) -> Any:
             return {"@": type(value).__name__, "v": value.value}
         return value
     if isinstance(value, PrefetchPlan):
-        # Six int64s per run: a plan of many runs packs in microseconds.
-        packed = array.array(
-            "q",
-            [
-                v
-                for r in value.runs
-                for v in (r.region, r.host_start, r.file_offset, r.length, r.zero, r.page_size)
-            ],
-        )
+        # Its run table is one int64 buffer: a plan of many runs packs in microseconds.
+        rest = [f.name for f in dataclasses.fields(value) if f.name != "table"]
         return {
             "@": _PLAN,
-            "runs": packed.tobytes(),
-            "f": (value.pages, value.bytes, value.regions, value.wake_ranges),
-            "for": tuple(_to_wire(r) for r in value.planned_for),
+            "table": value.table.tobytes(),
+            "f": tuple(_to_wire(getattr(value, name)) for name in rest),
         }
     if isinstance(value, (tuple, list)):
         return type(value)(_to_wire(v) for v in value)
@@ -284,18 +276,9 @@ def _from_wire(value: Any) -> Any:
     if isinstance(value, dict):
         name = value.get("@")
         if name == _PLAN:
-            packed = array.array("q")
-            packed.frombytes(value["runs"])
-            it = iter(packed)
-            runs = tuple(
-                Run(region, host, offset, length, bool(zero), page_size)
-                for region, host, offset, length, zero, page_size in zip(
-                    it, it, it, it, it, it, strict=True
-                )
-            )
-            pages, size, regions, wake = value["f"]
-            planned = tuple(_from_wire(r) for r in value["for"])
-            return PrefetchPlan(runs, pages, size, regions, wake, planned)
+            table = array.array("q")
+            table.frombytes(value["table"])
+            return PrefetchPlan(table, *(_from_wire(v) for v in value["f"]))
         cls = _TYPES.get(name) if isinstance(name, str) else None
         if cls is None:
             raise ProtocolError(f"unknown message type {name!r} on the worker channel")
