@@ -85,7 +85,7 @@ def _recovery_round(workdir: str, mem: str, spare: bool, forks: int) -> tuple[fl
             vms.append(VmmProcess(server.register_fork(f"f{i}"), mem, ["16M"]))
             server.wait_connected(f"f{i}")
         victim = server.worker_pids()[0]
-        orphans = [f"f{i}" for i in range(forks) if server._forks[f"f{i}"].worker.pid == victim]  # type: ignore[union-attr]
+        orphans = [f"f{i}" for i in range(forks) if server.stats(f"f{i}").worker_pid == victim]
         replies: list[dict[str, Any]] = []
 
         def storm(vm: VmmProcess) -> None:

@@ -177,7 +177,7 @@ def test_one_plan_serves_every_fork_of_the_template(make_server, vmms):
     bases = [tuple(r.base for r in server.wait_connected(f"f{i}")) for i in range(3)]
     assert len(set(bases)) == 3  # each VMM mapped its memory elsewhere
     results = [server.prefetch(f"f{i}", hot) for i in range(3)]
-    assert len(server._plans) == 1  # planned once, relocated for the other forks
+    assert server.plans_cached() == 1  # planned once, relocated for the other forks
     for i, fork in enumerate(forks):
         assert results[i].installed == 300
         assert fork.send(cmd="touch", pages=[list(p) for p in hot])["bad"] == 0

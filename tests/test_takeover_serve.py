@@ -286,7 +286,9 @@ def test_takeover_while_a_fork_is_mid_prefetch(short_dir: Path, mem_file: Path, 
     warm.close()
     first.wait_for("hot_pages_saved")
     assert first.stop() == 0
-    old = Serve(*args_for(sock, mem_file, "--hot-pages", str(hot)))
+    # Its workers are stopped below and must not be replaced as stuck meanwhile.
+    old = Serve(*args_for(sock, mem_file, "--hot-pages", str(hot)),
+                env={"PAGEFORK_WORKER_STUCK_AFTER": "600"})  # fmt: skip
     (listening,) = old.wait_for("listening")
     # Its workers stopped: the prefetch the guest's handshake starts cannot finish until the
     # takeover has begun.

@@ -24,6 +24,7 @@ from pagefork.prefetch import plan_prefetch
 from pagefork.regions import Region
 from pagefork.serving import ipc
 from pagefork.serving import ledger as L
+from pagefork.serving import messages as M
 from pagefork.serving.worker import Worker
 from pagefork.testing.vmm import VmmProcess
 
@@ -57,7 +58,7 @@ class Harness:
         """One turn of the worker's loop for this fork's uffd."""
         self.worker._on_fd(self.worker.forks["a#1"].uffd)
 
-    def messages(self) -> list[tuple[object, ...]]:
+    def messages(self) -> list[M.Message]:
         out = []
         self.supervisor_end.setblocking(False)
         try:
@@ -90,21 +91,25 @@ def harness(tmp_path: Path, mem_file: Path) -> Iterator[Harness]:
     sup, child = ipc.channel_pair()
     worker = Worker(child, os.dup(memfile.fd), memfile.size, os.dup(memfile.zero_index_fd()))
     ledger = L.Ledger.create(0)
-    spec = {
-        "key": "a#1",
-        "fork": "a",
-        "pid": vmm.pid,
-        "on_failure": "close",
-        "regions": [(r.base, r.size, r.offset, r.page_size) for r in regions],
-        "record_capacity": 0,
-        "fds": ["uffd", "conn", "ledger"],
-    }
-    worker._add(spec, [os.dup(fds[0]), os.dup(conn.fileno()), os.dup(ledger.fd)])
+    spec = M.ForkSpec(
+        key="a#1",
+        fork="a",
+        pid=vmm.pid,
+        on_failure="close",
+        regions=tuple(regions),
+        record_capacity=0,
+        record_max_pages=None,
+        record_max_seconds=None,
+        fds=("uffd", "conn", "ledger"),
+        adopt=False,
+        hangup_ends=False,
+    )
+    worker.table.add(spec, [os.dup(fds[0]), os.dup(conn.fileno()), os.dup(ledger.fd)])
     h = Harness(worker, sup, vmm, memfile, fds[0], regions, ledger)
     yield h
     vmm.kill()
     for f in list(worker.forks.values()):
-        worker._end(f, "ended", None, report=False)
+        worker.table.end(f, M.EndState.ENDED, None, report=False)
     worker.ep.close()
     worker.zeros.close()
     child.close()
@@ -133,7 +138,9 @@ def test_fault_on_a_page_prefetch_installed_meanwhile_wakes_the_guest(harness: H
     h.wait_uffd_readable()  # the guest sleeps in its fault; nothing has read it yet
     mem_address = h.worker.mem_address
     uffd.UffdIoctls(h.uffd).copy(
-        region.base + PAGE, mem_address + region.offset + PAGE, PAGE,
+        region.base + PAGE,
+        mem_address + region.offset + PAGE,
+        PAGE,
         uffd.UFFDIO_COPY_MODE_DONTWAKE,
     )
     h.step()  # reads the fault; its copy says EEXIST; it wakes the guest
@@ -154,9 +161,9 @@ def test_prefetch_never_copies_into_a_range_removed_before_it_ran(harness: Harne
     pages = [(0, off) for off in range(0, 128 * PAGE, PAGE)]
     plan = plan_prefetch(pages, h.regions, h.memfile.is_zero)
     h.worker._prefetch(7, "a#1", plan, 10.0)
-    [(_, req, result, error, installed)] = [m for m in h.messages() if m[0] == "prefetched"]
-    assert req == 7 and error is None
-    assert result.skipped_removed == 64 and installed == result.installed == 64
+    [done] = [m for m in h.messages() if isinstance(m, M.Prefetched)]
+    assert done.req == 7 and done.error is None and done.result is not None
+    assert done.result.skipped_removed == 64 and done.installed == done.result.installed == 64
     assert list(h.ledger.removed()) == [(h.regions[0].base, h.regions[0].base + removed_len)]
     assert h.vmm._reply() == {"ok": True}  # the madvise returned once the REMOVE was read
     h.ask(cmd="check_zero", region=0, offset=0, length=removed_len)
@@ -200,7 +207,7 @@ def test_a_peer_that_clears_o_nonblock_fails_its_own_fork_and_never_blocks_the_l
     fcntl.fcntl(h.uffd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
     got: list[list[int]] = []
     reader = threading.Thread(
-        target=lambda: got.append(h.worker._read_events(f, until_empty=True)), daemon=True
+        target=lambda: got.append(h.worker.read_events(f, until_empty=True)), daemon=True
     )
     reader.start()
     reader.join(5)
@@ -211,5 +218,6 @@ def test_a_peer_that_clears_o_nonblock_fails_its_own_fork_and_never_blocks_the_l
     assert fd == f.uffd and ev & select.EPOLLERR
     h.worker._on_fd(fd, ev)
     assert "a#1" not in h.worker.forks and h.ledger.counters[L.ERRORS] == 1
-    [ended] = [m for m in h.messages() if m[0] == "ended"]
-    assert ended[1] == "a#1" and ended[2] == "failed" and "O_NONBLOCK" in ended[3]
+    [ended] = [m for m in h.messages() if isinstance(m, M.Ended)]
+    assert ended.key == "a#1" and ended.state is M.EndState.FAILED
+    assert "O_NONBLOCK" in (ended.error or "")

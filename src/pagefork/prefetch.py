@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pagefork import uffd
 from pagefork.copycost import bridge_gap_for_host
 from pagefork.errors import PrefetchError
 from pagefork.regions import PAGE_SIZE, Region
@@ -694,12 +695,13 @@ def _install_run(
         tally.installed += partial // ps
         tally.installed_bytes += partial
         cursor += partial
-        if exc.errno == errno.EEXIST:
+        outcome = uffd.copy_outcome(exc.errno)
+        if outcome is uffd.CopyOutcome.PRESENT:
             # The page at cursor is present: a vCPU's fault got there first. That is
             # success for that page; carry on with the rest of the run after it.
             tally.already_present += 1
             cursor += ps
-        elif exc.errno == errno.EAGAIN:
+        elif outcome is uffd.CopyOutcome.RETRY:
             if partial == 0:
                 # Nothing done: the mm is changing. While a UFFD_EVENT_REMOVE is unread
                 # every copy fails with EAGAIN; let the fault loop read it first.

@@ -9,10 +9,12 @@ preallocated buffer per struct so the fault path allocates nothing but the call 
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno as errno_mod
 import fcntl
 import os
 import platform
+import select
 import struct
 from dataclasses import dataclass
 
@@ -71,7 +73,8 @@ UFFD_PAGEFAULT_FLAG_WP = 1 << 1
 UFFD_MSG_SIZE = 32
 #: ``struct uffd_msg`` as (event, reserved, a, b, c): ``a``/``b``/``c`` are the union's three
 #: u64s (pagefault: flags, address, ptid; remove/unmap: start, end; remap: from, to, len;
-#: fork: ufd). The worker's loop reads raw tuples with it; :func:`decode_msg` names them.
+#: fork: ufd). The worker's loop reads a lone fault's address in place (:data:`PAGEFAULT_ADDRESS`)
+#: and names every other message with :func:`decode_msg`.
 MSG = struct.Struct("=B3xI QQQ")
 #: Where ``uffd_msg.arg.pagefault.address`` sits: the fault loop's one-fault fast path.
 PAGEFAULT_ADDRESS = struct.Struct("=16xQ8x")
@@ -230,6 +233,51 @@ def uffdio_unregister(fd: int, start: int, length: int) -> None:
         raise UffdError(f"UFFDIO_UNREGISTER {start:#x}: {exc.strerror}", exc.errno) from None
 
 
+def api_done(fd: int) -> bool:
+    """True when ``UFFDIO_API`` has been called on the uffd ``fd`` (which must be O_NONBLOCK).
+
+    A uffd polls as an error until its API handshake is done (and whenever it is blocking):
+    ``userfaultfd_poll`` in ``fs/userfaultfd.c``. Without it no range can be registered, so
+    no fault would ever reach us.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return not any(ev & select.POLLERR for _, ev in poller.poll(0))
+
+
+class CopyOutcome(enum.Enum):
+    """What a failed ``UFFDIO_COPY`` / ``UFFDIO_ZEROPAGE`` means, by errno (one rule for demand
+    faults and prefetch alike)."""
+
+    #: EEXIST: the page is there already (another vCPU's fault or a prefetch put it first):
+    #: success for that page. A copy made with DONTWAKE may have left its faulting thread
+    #: asleep, so whoever needs the page wakes it.
+    PRESENT = "present"
+    #: EAGAIN: the mm is changing under us. With nothing done, a non-cooperative event
+    #: (REMOVE) is unread and every copy fails until it is read: read the events, then retry.
+    #: With bytes done, a copy stopped early: retry from where it stopped.
+    RETRY = "retry"
+    #: ESRCH: the VMM's address space is gone (it is exiting): nothing to serve any more.
+    GONE = "gone"
+    #: EFAULT: our source could not be read (a mem-file that shrank under us).
+    UNREADABLE = "unreadable"
+    #: Anything else: the fork cannot be served.
+    FAILED = "failed"
+
+
+_OUTCOMES = {
+    errno_mod.EEXIST: CopyOutcome.PRESENT,
+    errno_mod.EAGAIN: CopyOutcome.RETRY,
+    errno_mod.ESRCH: CopyOutcome.GONE,
+    errno_mod.EFAULT: CopyOutcome.UNREADABLE,
+}
+
+
+def copy_outcome(code: int | None) -> CopyOutcome:
+    """What the errno ``code`` of a failed copy or zeropage ioctl means (:class:`CopyOutcome`)."""
+    return _OUTCOMES.get(code or 0, CopyOutcome.FAILED)
+
+
 def is_userfaultfd(fd: int) -> bool:
     """True when ``fd`` is a userfaultfd (its anon inode is named ``[userfaultfd]``)."""
     try:
@@ -310,6 +358,7 @@ __all__ = [
     "UFFD_EVENT_UNMAP",
     "UFFD_FEATURE_EVENT_REMOVE",
     "UFFD_MSG_SIZE",
+    "CopyOutcome",
     "ForkEvent",
     "PageFault",
     "Remap",
@@ -318,6 +367,8 @@ __all__ = [
     "UffdIoctls",
     "UnknownEvent",
     "Unmap",
+    "api_done",
+    "copy_outcome",
     "decode_msg",
     "decode_msgs",
     "is_userfaultfd",

@@ -1,20 +1,21 @@
 """The supervisor-worker channel: framed messages with file descriptors, over a socketpair.
 
-Both ends are our own processes, created together by :func:`channel_pair`, so messages are
-pickled Python values. Each frame is a fixed header (body length, fd count) sent with its fds
-as SCM_RIGHTS, then the body. Receiving is blocking: a frame is written whole by its sender,
-so a reader that saw the channel readable gets the rest at memory speed.
+Both ends are our own processes, created together by :func:`channel_pair`. What a frame
+carries is one typed message of :mod:`pagefork.serving.messages`, encoded there. Each frame
+is a fixed header (body length, fd count) sent with its fds as SCM_RIGHTS, then the body.
+Receiving is blocking: a frame is written whole by its sender, so a reader that saw the
+channel readable gets the rest at memory speed.
 """
 
 from __future__ import annotations
 
 import array
 import os
-import pickle
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Any
+
+from pagefork.serving.messages import Message, decode, encode
 
 _HEADER = struct.Struct("=IH2x")
 #: fds per frame; a fork is handed over with four (uffd, connection, pidfd, ledger).
@@ -30,9 +31,9 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
 
 
-def send(sock: socket.socket, message: Any, fds: Sequence[int] = ()) -> None:
+def send(sock: socket.socket, message: Message, fds: Sequence[int] = ()) -> None:
     """Send one message with ``fds`` (the caller keeps its own copies of them)."""
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    body = encode(message)
     header = _HEADER.pack(len(body), len(fds))
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     sent = sock.sendmsg([header, body], anc)
@@ -51,7 +52,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(parts)
 
 
-def recv(sock: socket.socket) -> tuple[Any, list[int]]:
+def recv(sock: socket.socket) -> tuple[Message, list[int]]:
     """Receive one message and the fds that came with it (now owned by the caller)."""
     fds: list[int] = []
     data = b""
@@ -69,7 +70,7 @@ def recv(sock: socket.socket) -> tuple[Any, list[int]]:
         data += chunk
     length, nfds = _HEADER.unpack(data)
     try:
-        message = pickle.loads(_recv_exact(sock, length))
+        message = decode(_recv_exact(sock, length))
     except BaseException:
         for fd in fds:
             os.close(fd)

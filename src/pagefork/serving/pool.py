@@ -3,7 +3,10 @@
 A worker is ``python -m pagefork.serving.worker`` with one end of a socketpair (its channel),
 the mem-file's fd and the zero-page index's memfd, so every worker maps the same file (one page
 cache) and nobody scans it twice. One spare worker is kept started, so replacing a dead worker
-costs a hand-over, not an interpreter start-up. Death is noticed through a pidfd, not polling.
+costs a hand-over, not an interpreter start-up. Death is noticed through a pidfd, not polling;
+a worker that lives but stops answering (stopped, wedged) through a heartbeat
+(:data:`PING_INTERVAL`, :data:`STUCK_AFTER`), and is then killed, so its death is handled
+exactly like a crash.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
 import pagefork
 from pagefork.errors import PageforkError
 from pagefork.prefetch import PrefetchPlan
 from pagefork.serving import ipc
+from pagefork.serving import messages as M
 
 log = logging.getLogger("pagefork")
 
@@ -38,6 +41,25 @@ PLANS_KEPT = 16
 #: in a kernel wait it cannot leave): it is killed and replaced like a dead one. Long enough
 #: for the longest prefetch a worker runs between two looks at its channel.
 SEND_TIMEOUT = 20.0
+#: The supervisor pings each worker this often (seconds); the worker answers from its loop.
+PING_INTERVAL = 0.2
+#: A worker whose oldest unanswered ping is older than this is not placed on; it answers
+#: within a few ms when its loop turns, so this is far above a busy worker's delay.
+SLOW_AFTER = 0.4
+#: A worker whose oldest unanswered ping is older than this is stuck: it is killed and its
+#: forks adopted as a dead worker's. Detection takes at most STUCK_AFTER + PING_INTERVAL.
+#: ``PAGEFORK_WORKER_STUCK_AFTER`` (seconds) sets another bound, for a debugger's pauses.
+STUCK_AFTER = 1.0
+
+
+def stuck_after() -> float:
+    """The heartbeat's bound: :data:`STUCK_AFTER`, or ``PAGEFORK_WORKER_STUCK_AFTER``."""
+    text = os.environ.get("PAGEFORK_WORKER_STUCK_AFTER", "")
+    try:
+        value = float(text)
+    except ValueError:
+        return STUCK_AFTER
+    return value if value > SLOW_AFTER and value < 1e9 else STUCK_AFTER
 
 
 def usable_cpus() -> list[int]:
@@ -138,15 +160,22 @@ class WorkerProcess:
             with contextlib.suppress(OSError):  # a CPU taken offline meanwhile: run anywhere
                 os.sched_setaffinity(self.pid, {cpu})
         self.alive = True
+        #: Set once it was SIGKILLed from here (its death is then on its way).
+        self.killed = False
         #: Set once the worker has mapped the mem-file and serves (its "ready" message).
         self.ready = threading.Event()
+        # The heartbeat: pings sent and not yet answered, by sequence number, with when.
+        self._pings: dict[int, float] = {}
+        self._ping_seq = 0
+        self._last_ping = time.monotonic()
+        self.send(M.Hello(M.PROTOCOL_VERSION))
 
-    def send(self, message: Any, fds: tuple[int, ...] | list[int] = ()) -> bool:
+    def send(self, message: M.ToWorker, fds: tuple[int, ...] | list[int] = ()) -> bool:
         """Send a message; False when the worker is gone (its death is handled elsewhere)."""
         with self._send_lock:
             return self._send(message, fds)
 
-    def _send(self, message: Any, fds: tuple[int, ...] | list[int] = ()) -> bool:
+    def _send(self, message: M.ToWorker, fds: tuple[int, ...] | list[int] = ()) -> bool:
         if not self.alive:
             return False
         try:
@@ -175,11 +204,68 @@ class WorkerProcess:
                 self._plans.move_to_end(token)
                 while len(self._plans) > PLANS_KEPT:
                     self._plans.popitem(last=False)
-            message = ("prefetch", req, key, token, None if known else plan, timeout)
-            return self._send(message)
+            return self._send(M.Prefetch(req, key, token, None if known else plan, timeout))
+
+    # --- the heartbeat (called from the supervisor's loop only) --------------------------
+    def ping_due(self, now: float) -> float:
+        """When this worker's next heartbeat step is due (a ping, or a verdict)."""
+        due = self._last_ping + PING_INTERVAL
+        if self._pings:
+            due = min(due, min(self._pings.values()) + stuck_after())
+        return due
+
+    def heartbeat(self, now: float) -> bool:
+        """Ping if one is due; False when the worker has not answered for :func:`stuck_after`.
+
+        Never waits: a send already in progress (to a worker that is not reading) skips the
+        ping, and the unanswered ones still count.
+        """
+        if self._pings and now - min(self._pings.values()) >= stuck_after():
+            return False
+        if now - self._last_ping >= PING_INTERVAL and self._send_lock.acquire(blocking=False):
+            try:
+                self._ping_seq += 1
+                self._pings[self._ping_seq] = now
+                self._last_ping = now
+                self.chan.settimeout(0)
+                try:
+                    ipc.send(self.chan, M.Ping(self._ping_seq))
+                except OSError:
+                    # A channel too full for a ping is a worker that does not read (and a
+                    # frame cut short cannot be finished later): it is stuck.
+                    return False
+                finally:
+                    self.chan.settimeout(SEND_TIMEOUT)
+            finally:
+                self._send_lock.release()
+        return True
+
+    def unanswered_since(self, now: float) -> float:
+        """When the oldest ping still unanswered was sent (``now`` when none is)."""
+        return min(self._pings.values(), default=now)
+
+    def pong(self, seq: int) -> None:
+        """The worker answered ping ``seq`` (and so every ping before it)."""
+        for n in [n for n in self._pings if n <= seq]:
+            del self._pings[n]
+
+    @property
+    def answering(self) -> bool:
+        """False while a ping has waited longer than :data:`SLOW_AFTER` for its answer."""
+        return not self._pings or time.monotonic() - min(self._pings.values()) < SLOW_AFTER
+
+    @property
+    def failed_to_start(self) -> bool:
+        """After its death: it never got ready, and exited by itself or was refused here (a
+        protocol mismatch), rather than being killed from outside while it started."""
+        if self.ready.is_set():
+            return False
+        status = self.proc.returncode
+        return self.killed or (status is not None and status >= 0)
 
     def kill(self) -> None:
         """SIGKILL the worker (its death is then handled as any other)."""
+        self.killed = True
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
@@ -266,22 +352,23 @@ class WorkerPool:
 
     def place(self, vmm_cpu: int | None) -> WorkerProcess | None:
         """The worker for a new fork: the one pinned to the CPU its VMM is pinned to (a wake-up
-        within one core costs a fraction of one across cores), else the least loaded. None when
-        every slot has failed."""
-        live = self.live()
+        within one core costs a fraction of one across cores), else the least loaded. Never a
+        worker that is not answering its heartbeat. None when no worker can take it."""
+        live = [w for w in self.live() if w.answering]
         if vmm_cpu is not None:
             for w in live:
                 if w.cpu == vmm_cpu:
                     return w
         return min(live, key=lambda w: len(w.forks), default=None)
 
-    def _crash_looping(self, slot: int, had_forks: bool = True) -> float | None:
+    def _crash_looping(self, slot: int, counts: bool = True) -> float | None:
         """Note a death in ``slot``; the seconds its last deaths took when it crash-loops.
 
-        Only deaths with forks count: a worker that dies with nothing to serve was killed from
-        outside (an operator, the OOM killer), and no fork of ours can be why.
+        Only deaths that count do: one with forks, or of a worker that could not start. A
+        worker killed with nothing to serve was killed from outside (an operator, the OOM
+        killer), and no fork of ours can be why.
         """
-        if not had_forks:
+        if not counts:
             return None
         deaths = self._deaths[slot]
         now = time.monotonic()
@@ -297,7 +384,9 @@ class WorkerPool:
         :meth:`refill` manages to)."""
         if dead is self.spare:
             self.spare = None
-            span = self._crash_looping(-1)
+            # A spare killed from outside is no reason to stop keeping one; a spare that
+            # cannot start may loop.
+            span = self._crash_looping(-1, dead.failed_to_start)
             if span is None:
                 self.start_spare()
             else:
@@ -311,14 +400,18 @@ class WorkerPool:
         slot = dead.slot
         if 0 <= slot < len(self.workers) and self.workers[slot] is dead:
             self.workers[slot] = None
-        span = self._crash_looping(slot, bool(dead.forks))
+        # A worker that could not start loops whatever it served.
+        span = self._crash_looping(slot, bool(dead.forks) or dead.failed_to_start)
         if span is not None:
             self.given_up[slot] = time.monotonic()
             return None, (
                 f"worker slot {slot} died {CRASH_LOOP_DEATHS} times in {span:.1f}s; "
                 "not restarting it"
             )
-        new, self.spare = self.spare, None
+        new = None
+        # A spare that does not answer its heartbeat is about to be killed: never give it forks.
+        if self.spare is not None and self.spare.answering:
+            new, self.spare = self.spare, None
         cpu = self._cpus[slot]
         if new is None:
             try:
@@ -349,7 +442,7 @@ class WorkerPool:
                     continue
                 del self.given_up[slot]
                 self._deaths[slot].clear()
-            if self.spare is not None:
+            if self.spare is not None and self.spare.answering:
                 w, self.spare = self.spare, None
                 w.slot, w.cpu = slot, self._cpus[slot]
                 if w.cpu is not None:
@@ -364,6 +457,16 @@ class WorkerPool:
             self.workers[slot] = w
             started.append(w)
         return started
+
+    def top_up(self) -> list[WorkerProcess]:
+        """When a slot is empty: :meth:`refill`, then start a spare if one is wanted (it may
+        have gone into a slot). Returns every process started (the spare too)."""
+        if len(self.live()) == len(self.workers):
+            return []
+        started = self.refill()
+        had = self.spare
+        self.start_spare()
+        return started + ([self.spare] if self.spare is not None and self.spare is not had else [])
 
     def all_processes(self) -> list[WorkerProcess]:
         """Every worker, spare included."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import errno
 import logging
 import mmap
 import os
@@ -40,13 +39,15 @@ from pagefork import libc, uffd
 from pagefork.errors import PageforkError, PrefetchError
 from pagefork.layers.source import map_view
 from pagefork.prefetch import PrefetchPlan, execute_plan
-from pagefork.regions import PAGE_SIZE, Region, RegionMap
-from pagefork.removed import RemovedRanges
+from pagefork.regions import PAGE_SIZE
 from pagefork.serving import ipc
 from pagefork.serving import ledger as L
+from pagefork.serving import messages as M
 from pagefork.serving.policy import Action, decide
 from pagefork.serving.pool import PLANS_KEPT
-from pagefork.serving.state import ForkState
+from pagefork.serving.state import WorkerCommand, WorkerEvent, WorkerStage
+from pagefork.serving.workerforks import PIDFD, UFFD, LazyChunks, WorkerFork, WorkerForks
+from pagefork.uffd import CopyOutcome, copy_outcome
 
 log = logging.getLogger("pagefork.worker")
 
@@ -55,7 +56,6 @@ _READ_BATCH = 64
 #: Prefetch ioctls between two looks at the other forks' faults.
 _PREFETCH_SLICE = 16
 _MADV_POPULATE_READ = 22
-_UFFD, _PIDFD, _CONN = 0, 1, 2
 _COPY, _ZEROPAGE, _OUTSIDE = int(Action.COPY), int(Action.ZEROPAGE), int(Action.OUTSIDE)
 
 
@@ -75,67 +75,6 @@ def zero_source(size: int) -> int:
         found = (view, ctypes.addressof(ctypes.c_char.from_buffer(view)))
         _ZERO_SOURCES[size] = found
     return found[1]
-
-
-class _Fork:
-    """One fork served by this worker."""
-
-    __slots__ = (
-        "conn",
-        "deferred",
-        "ending",
-        "fork_id",
-        "hangup_ends",
-        "ioctls",
-        "ledger",
-        "name",
-        "on_failure",
-        "pid",
-        "pidfd",
-        "prefetching",
-        "rec_deadline",
-        "rec_max",
-        "rec_seen",
-        "rec_start",
-        "regions",
-        "removed",
-        "table",
-        "uffd",
-    )
-
-    def __init__(self, spec: dict[str, Any], fds: dict[str, int], ledger: L.Ledger) -> None:
-        self.fork_id: str = spec["key"]  # unique within the server: the channel's name for it
-        self.name: str = spec["fork"]
-        self.pid: int | None = spec["pid"]
-        self.on_failure: str = spec["on_failure"]
-        self.hangup_ends: bool = spec.get("hangup_ends", False)
-        self.uffd = fds["uffd"]
-        self.conn = fds.get("conn", -1)
-        self.pidfd = fds.get("pidfd", -1)
-        self.ledger = ledger
-        self.ioctls = uffd.UffdIoctls(self.uffd)
-        self.regions: list[Region] = [Region(*r) for r in spec["regions"]]
-        self.table = RegionMap(self.regions).table
-        self.removed = RemovedRanges()
-        for start, end in ledger.removed():  # what a dead worker made durable
-            self.removed.add(start, end)
-        self.deferred: list[int] = []
-        self.prefetching = False
-        self.ending: tuple[ForkState, str | None] | None = None
-        c = ledger.counters
-        self.rec_seen: set[tuple[int, int]] | None = None
-        self.rec_start = c[L.RECORD_START_NS]
-        self.rec_max: int | None = spec.get("record_max_pages")
-        self.rec_deadline = float("inf")
-        if c[L.RECORD_STATE] == L.RECORD_OPEN:
-            self.rec_seen = {(r, o) for r, o, _ in ledger.recorded()}
-            seconds = spec.get("record_max_seconds")
-            if seconds is not None:
-                self.rec_deadline = self.rec_start + seconds * 1e9
-
-    def set_regions(self, regions: list[Region]) -> None:
-        self.regions = regions
-        self.table = RegionMap(regions).table
 
 
 class Worker:
@@ -161,39 +100,53 @@ class Worker:
         os.close(zero_fd)
         self.ep = select.epoll()
         self.ep.register(chan.fileno(), select.EPOLLIN)
-        self.forks: dict[str, _Fork] = {}
-        # Forks the loop must visit without an event: faults deferred on EAGAIN, or a recording
-        # window with a time limit. Usually empty, so an idle loop costs nothing per fork.
-        self.attend: set[_Fork] = set()
-        self.by_fd: dict[int, tuple[int, _Fork]] = {}
+        self.table = WorkerForks(chan, self.ep)
+        self.forks = self.table.forks  # by the channel's key
         self.crash_at: dict[str, int] = {}
         self._read_buf = bytearray(uffd.UFFD_MSG_SIZE * _READ_BATCH)
-        self._closed_fds: set[int] = set()  # closed while handling the current batch
         self.plans: collections.OrderedDict[int, PrefetchPlan] = collections.OrderedDict()
-        self._in_prefetch = False
-        # A lazy template (pagefork.store.lazy): one byte per chunk, 1 once the supervisor has
-        # put the verified chunk in the view. None for a mem-file: the fault path skips it.
-        self.presence: mmap.mmap | None = None
-        self.chunk_shift = 0
-        self.parked: dict[int, list[tuple[_Fork, int]]] = {}  # chunk -> faults waiting on it
-        self.asked: set[int] = set()  # chunks asked for and not yet answered
-        if lazy is not None:
-            presence_fd, chunk_size = lazy
-            nchunks = (mem_size + chunk_size - 1) // chunk_size
-            self.presence = mmap.mmap(presence_fd, nchunks, mmap.MAP_SHARED, mmap.PROT_READ)
-            os.close(presence_fd)
-            self.chunk_shift = chunk_size.bit_length() - 1
+        # Messages read during a prefetch (to answer a ping) and kept for the loop: no
+        # prefetch inside a prefetch, no fork added or released under one.
+        self._backlog: collections.deque[tuple[M.Message, list[int]]] = collections.deque()
+        # A lazy template (pagefork.store.lazy); None for a mem-file: the fault path skips it.
+        self.lazy = LazyChunks(lazy[0], lazy[1], mem_size) if lazy is not None else None
 
     # --- the loop ------------------------------------------------------------------------
+    # Theory of operation.
+    #
+    # One thread, one epoll over every fork's uffd, VMM pidfd and VMM socket, plus the channel
+    # to the supervisor. Each turn serves what is ready, in the order epoll gives it, then does
+    # the housekeeping of forks that need a visit without an event. Why it is built so:
+    #
+    # - One thread per worker, not per fork: a REMOVE read from a fork's uffd is noted (in the
+    #   ledger, durably) before any copy into that fork can run, because nothing else runs. A
+    #   copy can then never install a template page over a range the guest removed.
+    # - Faults are batched per read: one read(2) takes up to 64 uffd_msgs, and one fault alone
+    #   (the usual case) is decoded in place. The counters are bumped before each ioctl, since
+    #   the ioctl wakes the guest, which may read the stats at once.
+    # - EAGAIN from a copy means an event (REMOVE) is unread: the fault is deferred, the events
+    #   read, and the deferred faults retried on the next turn, which comes after at most 1 ms
+    #   (the poll timeout while any fault is deferred): short against a fault's cost to the
+    #   guest, long enough that a burst of removals is read whole before the retry.
+    # - A prefetch runs inside a turn, a slice at a time: every 16 ioctls (about 100 us of
+    #   copies) it polls the other forks' fds and serves their faults, so a long prefetch costs
+    #   the other forks at most one slice of latency, while 16 ioctls amortise the poll. The
+    #   channel is read then too, but only a Ping is answered there; everything else waits in
+    #   the backlog for the loop, so nothing changes the fork table under a prefetch.
+    # - Pings are answered from this loop (never from another thread), so an answer proves the
+    #   loop turns: a worker that is stopped or wedged stops answering, and the supervisor
+    #   hands its forks on. (A fork ends on its VMM's pidfd, not its socket: see above.)
     def run(self) -> None:
         """Serve until the supervisor closes the channel."""
-        ipc.send(self.chan, ("ready", os.getpid()))
+        ipc.send(self.chan, M.Ready(M.PROTOCOL_VERSION, os.getpid()))
         chan_fd = self.chan.fileno()
         while True:
+            while self._backlog:
+                self._on_message(*self._backlog.popleft())
             events = self.ep.poll(self._timeout())
-            self._closed_fds.clear()
+            self.table.closed_fds.clear()
             for fd, ev in events:
-                if fd in self._closed_fds:
+                if fd in self.table.closed_fds:
                     continue  # closed by an earlier event of this batch: the number may be reused
                 if fd == chan_fd:
                     try:
@@ -206,61 +159,55 @@ class Worker:
             self._housekeeping()
 
     def _timeout(self) -> float:
-        if not self.attend:
+        if not self.table.attend:
             return -1
-        if any(f.deferred for f in self.attend):
+        if any(f.deferred for f in self.table.attend):
             return 0.001  # deferred on EAGAIN: retry soon
-        deadline = min(f.rec_deadline for f in self.attend)
+        deadline = min(f.rec_deadline for f in self.table.attend)
         return max(0.0, (deadline - time.monotonic_ns()) / 1e9)
 
     def _housekeeping(self) -> None:
-        if not self.attend:
+        if not self.table.attend:
             return
         now = time.monotonic_ns()
-        for f in list(self.attend):
+        for f in list(self.table.attend):
             if f.deferred:
                 self._guard(f, self._serve_faults, [])
             if f.rec_seen is not None and now >= f.rec_deadline:
-                self._close_window(f)
-            self._attend(f)
-
-    def _attend(self, f: _Fork) -> None:
-        """Keep :attr:`attend` in step with ``f``'s deferred faults and recording deadline."""
-        if (f.deferred or f.rec_deadline != float("inf")) and f.uffd >= 0:
-            self.attend.add(f)
-        else:
-            self.attend.discard(f)
+                self.table.close_window(f)
+            self.table.track(f)
 
     def _on_fd(self, fd: int, ev: int = select.EPOLLIN) -> None:
-        entry = self.by_fd.get(fd)
+        entry = self.table.by_fd.get(fd)
         if entry is None:
             return
         kind, f = entry
-        if kind == _UFFD:
+        if kind == UFFD:
             if ev & select.EPOLLERR:
-                # A uffd polls as an error once O_NONBLOCK is off its file: only the VMM, which
-                # shares that file, can have cleared it. It can no longer be served safely.
-                self._fail(f, "the VMM cleared O_NONBLOCK on its uffd, which then cannot be polled")
+                # A uffd polls as an error once O_NONBLOCK is off its file (the handshake
+                # refused one without UFFDIO_API): only the VMM, which shares that file, can
+                # have cleared it. It can no longer be served safely.
+                self.table.fail(
+                    f, "the VMM cleared O_NONBLOCK on its uffd, which then cannot be polled"
+                )
                 return
             self._guard(f, self._on_uffd)
-        elif kind == _PIDFD:
-            self._end(f, ForkState.ENDED, None)  # the VMM exited
+        elif kind == PIDFD:
+            self.table.end(f, M.EndState.ENDED, None)  # the VMM exited
         else:
             self._on_conn(f)
 
-    def _guard(self, f: _Fork, fn: Any, *args: Any) -> None:
+    def _guard(self, f: WorkerFork, fn: Any, *args: Any) -> None:
         """Run ``fn(f, *args)``; an error fails this fork only."""
         try:
             fn(f, *args)
-        except _Fatal as exc:
-            self._fail(f, str(exc))
-        except PageforkError as exc:
-            self._fail(f, str(exc))
+        except (_Fatal, PageforkError) as exc:
+            self.table.fail(f, str(exc))
         except Exception as exc:  # a bug must end this fork only, never the worker
             log.exception("fork %s: fault loop crashed", f.name)
-            self._fail(f, f"internal error: {exc!r}")
+            self.table.fail(f, f"internal error: {exc!r}")
 
-    def _on_conn(self, f: _Fork) -> None:
+    def _on_conn(self, f: WorkerFork) -> None:
         try:
             chunk = os.read(f.conn, 4096)
         except BlockingIOError:
@@ -272,19 +219,16 @@ class Worker:
         if f.pidfd >= 0 and not f.hangup_ends:
             # Firecracker before 1.12 closes the socket after the handshake and runs on: its
             # exit (the pidfd) ends the fork, not this.
-            self._unwatch(f.conn)
-            os.close(f.conn)
-            f.conn = -1
-            ipc.send(self.chan, ("hung_up", f.fork_id))
+            self.table.hang_up(f)
         else:
-            self._end(f, ForkState.ENDED, None)
+            self.table.end(f, M.EndState.ENDED, None)
 
     # --- faults --------------------------------------------------------------------------
-    def _on_uffd(self, f: _Fork) -> None:
-        faults = self._read_events(f, until_empty=False)
+    def _on_uffd(self, f: WorkerFork) -> None:
+        faults = self.read_events(f, until_empty=False)
         self._serve_faults(f, faults)
 
-    def _read_events(self, f: _Fork, *, until_empty: bool) -> list[int]:
+    def read_events(self, f: WorkerFork, *, until_empty: bool) -> list[int]:
         """Read the uffd's events: REMOVE is made durable at once; faults are returned."""
         faults: list[int] = []
         size = uffd.UFFD_MSG_SIZE * _READ_BATCH
@@ -296,45 +240,20 @@ class Worker:
                 got = os.preadv(f.uffd, [buf], -1, os.RWF_NOWAIT)
             except BlockingIOError:
                 return faults
-            if got == uffd.UFFD_MSG_SIZE and buf[0] == uffd.UFFD_EVENT_PAGEFAULT:
-                # The usual read: one fault, decoded in place.
-                faults.append(uffd.PAGEFAULT_ADDRESS.unpack_from(buf)[0])
-            else:
-                for event, _, a, b, c in uffd.MSG.iter_unpack(bytes(buf[:got])):
-                    if event == uffd.UFFD_EVENT_PAGEFAULT:
-                        faults.append(b)
-                    else:
-                        self._other_event(f, event, a, b, c)
+            for offset in range(0, got, uffd.UFFD_MSG_SIZE):
+                if buf[offset] == uffd.UFFD_EVENT_PAGEFAULT:
+                    # The usual message: a fault's address, read in place.
+                    faults.append(uffd.PAGEFAULT_ADDRESS.unpack_from(buf, offset)[0])
+                else:
+                    removed = self.table.on_event(f, uffd.decode_msg(buf, offset))
+                    if removed and self.crash_at:
+                        self.crash_point("remove_noted")
             if faults and self.crash_at:
-                self._crash_point("fault_read")
+                self.crash_point("fault_read")
             if not until_empty or got < size:
                 return faults
 
-    def _other_event(self, f: _Fork, event: int, a: int, b: int, c: int) -> None:
-        if event == uffd.UFFD_EVENT_REMOVE:
-            # Balloon inflation: the template's bytes are stale here from now on. Durable
-            # first, so a worker that replaces us after a crash serves zeros here too.
-            f.ledger.note_removed(a, b)
-            f.ledger.counters[L.REMOVED_BYTES] += f.removed.add(a, b)
-            if self.crash_at:
-                self._crash_point("remove_noted")
-        elif event == uffd.UFFD_EVENT_REMAP:
-            for i, r in enumerate(f.regions):
-                if r.base == a and r.size == c:
-                    regions = list(f.regions)
-                    regions[i] = Region(b, r.size, r.offset, r.page_size)
-                    f.set_regions(regions)
-                    ipc.send(self.chan, ("remapped", f.fork_id, [tuple_of(r) for r in regions]))
-                    return
-            log.warning("fork %s: mremap of %#x does not match a whole region", f.name, a)
-        elif event == uffd.UFFD_EVENT_UNMAP:
-            log.info("fork %s: range %#x-%#x unmapped by the VMM", f.name, a, b)
-        elif event == uffd.UFFD_EVENT_FORK:
-            os.close(a & 0xFFFFFFFF)  # we serve the VMM, not its children
-        else:
-            log.warning("fork %s: ignoring unknown uffd event %#x", f.name, event)
-
-    def _serve_faults(self, f: _Fork, faults: list[int]) -> None:
+    def _serve_faults(self, f: WorkerFork, faults: list[int]) -> None:
         """Install the page of each faulting address (and of those deferred before)."""
         addresses = f.deferred + faults if f.deferred else faults
         if not addresses:
@@ -351,8 +270,7 @@ class Worker:
         ioctls = f.ioctls
         clock = time.perf_counter_ns
         ring = f.ledger.latency_ring
-        present = self.presence
-        shift = self.chunk_shift
+        missing_chunk = self.lazy.missing_chunk if self.lazy is not None else None
         # The fault path: everything it touches is bound to a local once per batch.
         copy_, zeropage_, outside = _COPY, _ZEROPAGE, _OUTSIDE
         faults_, misses_, copied_, zeroed_, lat_n = (
@@ -371,21 +289,22 @@ class Worker:
             )
             if action == outside:
                 raise _Fatal(f"fault at {address:#x} is outside every region")
-            if present is not None and action == copy_:
+            if missing_chunk is not None and action == copy_:
                 # A lazy template: copy only from a chunk that is verified and in the view.
-                first = file_offset >> shift
-                last = (file_offset + psize - 1) >> shift
-                if not present[first] or (last != first and 0 in present[first : last + 1]):
-                    self._park(f, address, file_offset, psize)
+                chunk = missing_chunk(file_offset, psize)
+                if chunk is not None:
+                    self._park(f, address, chunk)
                     continue
             # Count before the ioctl: it wakes the guest, which may read the stats right after.
             c[faults_] += 1
             if prefetched:
                 c[misses_] += 1
+            # Recorded before the copy: a worker killed after it would leave a page the guest
+            # has out of the recording.
             if recording:
-                # Before the copy: a worker killed after it would leave a page the guest has
-                # out of the recording.
-                self._record(f, idx, file_offset - f.regions[idx].offset)
+                added = self.table.record(f, idx, file_offset - f.regions[idx].offset)
+                if added and self.crash_at:
+                    self.crash_point("recorded")
             slot = copied_ if action == copy_ else zeroed_
             c[slot] += 1
             try:
@@ -397,25 +316,24 @@ class Worker:
                     ioctls.copy(dst, zero_source(psize), psize)  # hugetlbfs: no ZEROPAGE
             except OSError as exc:
                 c[slot] -= 1
-                code = exc.errno
-                if code == errno.EEXIST:
-                    # Installed first by prefetch or another vCPU; prefetch copies with
-                    # DONTWAKE, so the faulting thread may still sleep: wake it.
+                outcome = copy_outcome(exc.errno)
+                if outcome is CopyOutcome.PRESENT:
+                    # Installed first (by prefetch, with DONTWAKE): wake the faulting thread.
                     c[L.ALREADY_PRESENT] += 1
                     with contextlib.suppress(OSError):
                         ioctls.wake(dst, psize)
-                elif code == errno.EAGAIN:
-                    # An unread REMOVE blocks copies: defer, read the events, retry.
+                elif outcome is CopyOutcome.RETRY:
+                    # Defer: the events are read below and the fault retried within 1 ms.
                     c[L.FAULTS] -= 1
                     if prefetched:
                         c[L.MISSES] -= 1
                     again.append(address)
                     continue
-                elif code == errno.ESRCH:
+                elif outcome is CopyOutcome.GONE:
                     f.deferred = []
-                    self._end(f, ForkState.ENDED, None)  # the VMM's address space is gone
+                    self.table.end(f, M.EndState.ENDED, None)
                     return
-                elif code == errno.EFAULT and action == Action.COPY:
+                elif outcome is CopyOutcome.UNREADABLE and action == copy_:
                     raise _Fatal(
                         f"page at file offset {file_offset:#x} cannot be read from the mem-file "
                         "(did it shrink?)"
@@ -423,7 +341,7 @@ class Worker:
                 else:
                     raise _Fatal(
                         f"installing the page at {dst:#x} (region {idx}) failed: "
-                        f"{os.strerror(code or 0)}"
+                        f"{os.strerror(exc.errno or 0)}"
                     ) from None
             n = c[lat_n]
             ring[n & mask] = clock() - t0
@@ -431,120 +349,92 @@ class Worker:
         if again:
             c[L.EAGAIN_RETRIES] += len(again)
             # Read the events now (faults read with them wait their turn behind these).
-            f.deferred = again + self._read_events(f, until_empty=True)
-            self.attend.add(f)
+            f.deferred = again + self.read_events(f, until_empty=True)
+            self.table.attend.add(f)
 
-    def _park(self, f: _Fork, address: int, file_offset: int, psize: int) -> None:
+    def _park(self, f: WorkerFork, address: int, chunk: int) -> None:
         """Keep a fault until its chunk is in the view; ask the supervisor for it once."""
-        assert self.presence is not None
-        first = file_offset >> self.chunk_shift
-        last = (file_offset + psize - 1) >> self.chunk_shift
-        # The first chunk of the page not yet in (a huge page may span several chunks).
-        chunk = first + self.presence[first : last + 1].index(0)
-        self.parked.setdefault(chunk, []).append((f, address))
-        if chunk not in self.asked:
-            self.asked.add(chunk)
-            ipc.send(self.chan, ("need", chunk))
+        assert self.lazy is not None
+        if self.lazy.park(f, address, chunk):
+            ipc.send(self.chan, M.Need(chunk))
             if self.crash_at:
-                self._crash_point("parked")
+                self.crash_point("parked")
 
     def _chunk_answered(self, chunk: int, error: str | None) -> None:
         """The supervisor's answer for ``chunk``: serve the faults parked on it, or fail
         their forks (nothing unverified is ever installed)."""
-        self.asked.discard(chunk)
-        by_fork: dict[_Fork, list[int]] = {}
-        for f, address in self.parked.pop(chunk, []):
-            if f.uffd >= 0 and self.forks.get(f.fork_id) is f:
-                by_fork.setdefault(f, []).append(address)
+        assert self.lazy is not None
+        by_fork = self.lazy.answered(chunk, self.forks)
         for f, addresses in by_fork.items():
             if error is None:
                 self._guard(f, self._serve_faults, addresses)
             else:
-                self._fail(f, error)
+                self.table.fail(f, error)
 
     def _is_zero(self, offset: int, length: int) -> bool:
         first = offset // PAGE_SIZE
         last = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
         return self.zeros.find(b"\x00", first, last) < 0
 
-    # --- recording -----------------------------------------------------------------------
-    def _record(self, f: _Fork, region: int, page_offset: int) -> None:
-        seen = f.rec_seen
-        if seen is None:
-            return
-        key = (region, page_offset)
-        if key in seen:
-            return
-        now = time.monotonic_ns()
-        if now >= f.rec_deadline:
-            self._close_window(f)  # outside the window: not part of the hot set
-            return
-        seen.add(key)
-        if not f.ledger.append_record(region, page_offset, now - f.rec_start):
-            self._close_window(f)
-            return
-        if self.crash_at:
-            self._crash_point("recorded")
-        if f.rec_max is not None and len(seen) >= f.rec_max:
-            self._close_window(f)
-
-    def _close_window(self, f: _Fork) -> None:
-        if f.rec_seen is None:
-            return
-        f.rec_seen = None
-        f.rec_deadline = float("inf")
-        self._attend(f)
-        f.ledger.counters[L.RECORD_STATE] = L.RECORD_CLOSED
-        ipc.send(self.chan, ("window_closed", f.fork_id))
-
     # --- prefetch ------------------------------------------------------------------------
     def _prefetch(self, req: int, fork_id: str, plan: PrefetchPlan, timeout: float) -> None:
         f = self.forks.get(fork_id)
         if f is None:
             name = fork_id.rpartition("#")[0]
-            ipc.send(self.chan, ("prefetched", req, None, f"fork {name}: session has ended", 0))
+            ipc.send(self.chan, M.Prefetched(req, None, f"fork {name}: session has ended", 0))
             return
         target = _Target(self, f)
-        f.prefetching = True
-        self._in_prefetch = True
+        f.move(WorkerEvent.PREFETCH_STARTED)
         c = f.ledger.counters
         c[L.PREFETCHED] = 1  # from now on a demand fault is a miss
         try:
             result = execute_plan(plan, target, regions=f.regions, timeout=timeout)
         except PrefetchError as exc:
             c[L.PREFETCHED_PAGES] += exc.installed
-            ipc.send(self.chan, ("prefetched", req, None, f"fork {f.name}: {exc}", exc.installed))
+            ipc.send(self.chan, M.Prefetched(req, None, f"fork {f.name}: {exc}", exc.installed))
         except Exception as exc:
             log.exception("fork %s: prefetch crashed", f.name)
-            ipc.send(self.chan, ("prefetched", req, None, f"fork {f.name}: {exc!r}", 0))
+            ipc.send(self.chan, M.Prefetched(req, None, f"fork {f.name}: {exc!r}", 0))
         else:
             c[L.PREFETCHED_PAGES] += result.installed
-            ipc.send(self.chan, ("prefetched", req, result, None, result.installed))
+            ipc.send(self.chan, M.Prefetched(req, result, None, result.installed))
         finally:
-            f.prefetching = False
-            self._in_prefetch = False
-            if f.ending is not None:
-                state, error = f.ending
-                f.ending = None
-                self._end(f, state, error)
+            if WorkerCommand.END_DEFERRED in f.move(WorkerEvent.PREFETCH_STOPPED):
+                assert f.end_reason is not None
+                self.table.close(f, *f.end_reason)
 
     def poll_forks(self) -> None:
         """Serve what the other forks need now (called between prefetch slices)."""
         chan_fd = self.chan.fileno()
         events = self.ep.poll(0)
-        closed = set(self._closed_fds)
+        closed = set(self.table.closed_fds)
         for fd, ev in events:
-            # Messages wait for the loop: no prefetch inside a prefetch.
-            if fd != chan_fd and fd not in self._closed_fds - closed:
+            if fd == chan_fd:
+                self._read_during_prefetch()
+            elif fd not in self.table.closed_fds - closed:
                 self._on_fd(fd, ev)
 
+    def _read_during_prefetch(self) -> None:
+        """Answer a ping now; keep any other message for the loop (no prefetch inside a
+        prefetch, and the fork table stays as the prefetch found it)."""
+        message, fds = ipc.recv(self.chan)
+        if isinstance(message, M.Ping):
+            ipc.send(self.chan, M.Pong(message.seq))
+        else:
+            self._backlog.append((message, fds))
+
     # --- fork lifecycle ------------------------------------------------------------------
-    def _on_message(self, message: tuple[Any, ...], fds: list[int]) -> None:
-        op = message[0]
-        if op == "serve":
-            self._add(message[1], fds)
-        elif op == "prefetch":
-            _, req, fork_id, token, plan, timeout = message
+    def _on_message(self, message: M.Message, fds: list[int]) -> None:
+        if isinstance(message, M.Serve):
+            self.table.add(message.spec, fds)
+            return
+        for fd in fds:
+            os.close(fd)  # only a fork comes with fds
+        if isinstance(message, M.Ping):
+            ipc.send(self.chan, M.Pong(message.seq))
+        elif isinstance(message, M.Prefetch):
+            plan = message.plan
+            token = message.token
             if token is not None:
                 # The supervisor sends a plan once and then names it: keep it (in step with
                 # its record of what we have, and a little longer).
@@ -554,114 +444,31 @@ class Worker:
                 self.plans.move_to_end(token)
                 while len(self.plans) > 2 * PLANS_KEPT:
                     self.plans.popitem(last=False)
-            self._prefetch(req, fork_id, plan, timeout)
-        elif op == "chunk_ready":
-            self._chunk_answered(message[1], None)
-        elif op == "chunk_failed":
-            self._chunk_answered(message[1], message[2])
-        elif op == "drop":
-            f = self.forks.get(message[1])
+            assert plan is not None
+            self._prefetch(message.req, message.key, plan, message.timeout)
+        elif isinstance(message, M.ChunkReady):
+            self._chunk_answered(message.chunk, None)
+        elif isinstance(message, M.ChunkFailed):
+            self._chunk_answered(message.chunk, message.error)
+        elif isinstance(message, M.Drop):
+            f = self.forks.get(message.key)
             if f is not None:
-                self._end(f, ForkState.ENDED, None)
-        elif op == "release":
-            self._release(message[1])
-        elif op == "crash_at":
-            self.crash_at[message[1]] = message[2]
-            ipc.send(self.chan, ("armed", message[3]))
+                self.table.end(f, M.EndState.ENDED, None)
+        elif isinstance(message, M.Release):
+            self.table.release(message.keys)
+        elif isinstance(message, M.Hello):
+            try:
+                M.check_version(message.version, "the supervisor")
+            except M.ProtocolError as exc:
+                log.error("%s", exc)
+                sys.exit(2)
+        elif isinstance(message, M.CrashAt):
+            self.crash_at[message.point] = message.count
+            ipc.send(self.chan, M.Armed(message.req))
         else:
-            log.error("unknown message %r from the supervisor", op)
-        for fd in fds if op != "serve" else ():
-            os.close(fd)
+            log.error("unexpected message %s from the supervisor", type(message).__name__)
 
-    def _add(self, spec: dict[str, Any], fds: list[int]) -> None:
-        named = dict(zip(spec["fds"], fds, strict=True))
-        try:
-            ledger = L.Ledger.adopt(named["ledger"], spec["record_capacity"])
-        except Exception as exc:
-            for fd in named.values():
-                os.close(fd)
-            ipc.send(self.chan, ("ended", spec["key"], ForkState.FAILED, f"ledger: {exc}"))
-            return
-        f = _Fork(spec, named, ledger)
-        old = self.forks.pop(f.fork_id, None)
-        if old is not None:
-            self._end(old, ForkState.ENDED, None, report=False)
-        self.forks[f.fork_id] = f
-        self._attend(f)
-        self._watch(f.uffd, _UFFD, f)
-        if f.pidfd >= 0:
-            self._watch(f.pidfd, _PIDFD, f)
-        if f.conn >= 0:
-            self._watch(f.conn, _CONN, f)
-        if spec.get("adopt"):
-            ledger.counters[L.ADOPTIONS] += 1
-            # The dead worker may have read faults it never served: their vCPUs sleep until
-            # a wake makes them retry, which raises the faults again, to us.
-            for r in f.regions:
-                with contextlib.suppress(OSError):
-                    f.ioctls.wake(r.base, r.size)
-        ipc.send(self.chan, ("serving", f.fork_id))
-
-    def _watch(self, fd: int, kind: int, f: _Fork) -> None:
-        events = select.EPOLLIN | (select.EPOLLRDHUP if kind == _CONN else 0)
-        self.ep.register(fd, events)
-        self.by_fd[fd] = (kind, f)
-
-    def _unwatch(self, fd: int) -> None:
-        self._closed_fds.add(fd)
-        self.by_fd.pop(fd, None)
-        with contextlib.suppress(OSError, ValueError):
-            self.ep.unregister(fd)
-
-    def _fail(self, f: _Fork, why: str) -> None:
-        f.ledger.counters[L.ERRORS] += 1
-        if f.on_failure == "kill" and f.pidfd >= 0:
-            # Only through the pidfd: a bare pid may be another process's by now.
-            log.error("fork %s: %s; killing VMM pid %s (its guest would hang)", f.name, why, f.pid)
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(f.pidfd, signal.SIGKILL)
-        else:
-            log.error("fork %s: %s; closing its connection", f.name, why)
-        self._end(f, ForkState.FAILED, why)
-
-    def _end(self, f: _Fork, state: ForkState, error: str | None, *, report: bool = True) -> None:
-        if f.prefetching:
-            f.ending = f.ending or (state, error)  # the prefetch finishes first, then this
-            return
-        if self.forks.get(f.fork_id) is f:
-            del self.forks[f.fork_id]
-        self._drop(f)
-        if f.rec_seen is not None:
-            f.rec_seen = None
-            f.ledger.counters[L.RECORD_STATE] = L.RECORD_CLOSED
-        f.ledger.close()
-        if report:
-            ipc.send(self.chan, ("ended", f.fork_id, state, error))
-
-    def _drop(self, f: _Fork) -> None:
-        """Stop watching the fork and close this worker's copies of its fds."""
-        for fd in (f.uffd, f.conn, f.pidfd):
-            if fd >= 0:
-                self._unwatch(fd)
-                os.close(fd)
-        f.uffd = f.conn = f.pidfd = -1
-        self.attend.discard(f)
-
-    def _release(self, keys: list[str]) -> None:
-        """A takeover: stop serving these forks without ending them (another process serves
-        them next). Their ledgers are final once this answers: the recording stays open."""
-        for key in keys:
-            f = self.forks.pop(key, None)
-            if f is None:
-                continue
-            self._drop(f)
-            # Faults deferred on EAGAIN were read but not served: the adopter's wake makes
-            # their vCPUs fault again.
-            f.deferred = []
-            f.ledger.close()
-        ipc.send(self.chan, ("released", keys))
-
-    def _crash_point(self, name: str) -> None:
+    def crash_point(self, name: str) -> None:
         left = self.crash_at.get(name)
         if left is None:
             return
@@ -669,11 +476,6 @@ class Worker:
             self.crash_at[name] = left - 1
             return
         os.kill(os.getpid(), signal.SIGKILL)  # a test asked to die exactly here
-
-
-def tuple_of(r: Region) -> tuple[int, int, int, int]:
-    """A region as the plain tuple the channel carries."""
-    return (r.base, r.size, r.offset, r.page_size)
 
 
 class _Target:
@@ -685,7 +487,7 @@ class _Target:
 
     __slots__ = ("_f", "_n", "_worker", "src_base")
 
-    def __init__(self, worker: Worker, f: _Fork) -> None:
+    def __init__(self, worker: Worker, f: WorkerFork) -> None:
         self._worker = worker
         self._f = f
         self._n = 0
@@ -696,20 +498,18 @@ class _Target:
         if self._n % _PREFETCH_SLICE == 0:
             self._worker.poll_forks()
             if self._worker.crash_at:
-                self._worker._crash_point("prefetch")
-        if self._f.ending is not None or self._f.uffd < 0:
+                self._worker.crash_point("prefetch")
+        if self._f.stage is not WorkerStage.PREFETCHING or self._f.uffd < 0:
             raise PrefetchError("session ended during prefetch")
 
     def copy(self, dst: int, src: int, length: int, mode: int) -> int:
         self._tick()
-        present = self._worker.presence
-        if present is not None:
+        lazy = self._worker.lazy
+        if lazy is not None:
             # The supervisor fetched the plan's chunks first; never copy one that is not in.
-            shift = self._worker.chunk_shift
-            offset = src - self.src_base
-            for chunk in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
-                if not present[chunk]:
-                    raise PrefetchError(f"chunk {chunk} of the template is not fetched")
+            chunk = lazy.missing_chunk(src - self.src_base, length)
+            if chunk is not None:
+                raise PrefetchError(f"chunk {chunk} of the template is not fetched")
         return self._f.ioctls.copy(dst, src, length, mode)
 
     def zeropage(self, dst: int, length: int, mode: int) -> int:
@@ -726,8 +526,8 @@ class _Target:
     def await_events(self, timeout: float) -> None:
         # EAGAIN with nothing done: an event (REMOVE) is unread. Read it now, on this thread:
         # the caller then re-reads the removed ranges. Faults read meanwhile wait their turn.
-        self._f.deferred.extend(self._worker._read_events(self._f, until_empty=True))
-        self._worker._attend(self._f)
+        self._f.deferred.extend(self._worker.read_events(self._f, until_empty=True))
+        self._worker.table.track(self._f)
 
 
 def main() -> None:

@@ -1,0 +1,321 @@
+"""Every message between the supervisor and its workers, as a declared type.
+
+The channel (:mod:`pagefork.serving.ipc`) carries frames; this module says what is in them.
+Each message is a frozen dataclass below, so a reader follows one from its sender to its
+handler by name. :func:`encode` and :func:`decode` are the only (de)serialisers: values are
+plain data (ints, strings, floats, bools, None, tuples, lists, frozensets) or one of the
+types in :data:`_TYPES`, written with :mod:`marshal` (which builds no arbitrary objects, unlike
+pickle). A decoder meeting a name it does not know raises :class:`ProtocolError`.
+
+The first message each way is a hello carrying :data:`PROTOCOL_VERSION`: the supervisor's
+:class:`Hello`, the worker's :class:`Ready`. A worker of another version is refused in one
+line (it can only come from a mixed install, say an upgrade under a running supervisor).
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import enum
+import marshal
+from dataclasses import dataclass
+from typing import Any
+
+from pagefork.errors import PageforkError
+from pagefork.prefetch import PrefetchPlan, PrefetchResult
+from pagefork.regions import Region
+
+#: Bumped whenever a message below changes shape.
+PROTOCOL_VERSION = 2
+
+
+class ProtocolError(PageforkError):
+    """A frame that is not a message of this protocol (or of another version)."""
+
+
+# --- what travels inside messages -----------------------------------------------------------
+class EndState(str, enum.Enum):
+    """How a worker says a fork ended (the supervisor's lifecycle names the same two)."""
+
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ForkSpec:
+    """A fork handed to a worker: what it needs besides the fds that come with it.
+
+    ``fds`` names the fds of the frame in order (``uffd``, ``ledger``, ``pidfd``, ``conn``).
+    """
+
+    key: str
+    fork: str
+    pid: int | None
+    on_failure: str
+    regions: tuple[Region, ...]
+    record_capacity: int
+    record_max_pages: int | None
+    record_max_seconds: float | None
+    fds: tuple[str, ...]
+    adopt: bool
+    hangup_ends: bool
+
+
+# --- supervisor -> worker --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The supervisor's first message: the protocol it speaks."""
+
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    """Serve this fork (its fds come with the frame); ``spec.adopt``: a dead worker's."""
+
+    spec: ForkSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Install ``plan`` into fork ``key``. With a ``token`` and no plan: the plan sent before
+    under that token."""
+
+    req: int
+    key: str
+    token: int | None
+    plan: PrefetchPlan | None
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkReady:
+    """A lazy template's chunk is verified and in the view: serve the faults parked on it."""
+
+    chunk: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFailed:
+    """A lazy template's chunk could not be had: fail the forks whose faults wait on it."""
+
+    chunk: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Stop serving fork ``key`` (it was unregistered)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """A takeover: let these forks go without ending them."""
+
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Are you answering? (the heartbeat; answered by :class:`Pong` from the worker's loop)."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class CrashAt:
+    """Tests only: SIGKILL yourself the ``count``-th time you reach ``point``."""
+
+    point: str
+    count: int
+    req: int
+
+
+# --- worker -> supervisor --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The worker's first message: it has mapped the template and serves."""
+
+    version: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """The worker serves fork ``key`` now (sent for every :class:`Serve`)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """Fork ``key`` ended: its VMM exited or it was dropped (``ENDED``), or it failed."""
+
+    key: str
+    state: EndState
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WindowClosed:
+    """Fork ``key``'s recording window closed (its ledger holds the final hot set)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class HungUp:
+    """Fork ``key``'s VMM closed its socket; its exit (pidfd) ends the fork."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Remapped:
+    """Fork ``key``'s VMM moved a region (``mremap``): these are its regions now."""
+
+    key: str
+    regions: tuple[Region, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """The forks of a :class:`Release` are let go: their ledgers are final."""
+
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """Faults wait on this chunk of a lazy template: fetch it."""
+
+    chunk: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetched:
+    """A :class:`Prefetch` finished: its ``result``, or ``error`` and pages ``installed``."""
+
+    req: int
+    result: PrefetchResult | None
+    error: str | None
+    installed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The answer to :class:`Ping`."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Armed:
+    """Tests only: the :class:`CrashAt` numbered ``req`` is armed."""
+
+    req: int
+
+
+ToWorker = Hello | Serve | Prefetch | ChunkReady | ChunkFailed | Drop | Release | Ping | CrashAt
+ToSupervisor = (
+    Ready
+    | Serving
+    | Ended
+    | WindowClosed
+    | HungUp
+    | Remapped
+    | Released
+    | Need
+    | Prefetched
+    | Pong
+    | Armed
+)
+Message = ToWorker | ToSupervisor
+
+_MESSAGES: tuple[type, ...] = (
+    Hello, Serve, Prefetch, ChunkReady, ChunkFailed, Drop, Release, Ping, CrashAt,
+    Ready, Serving, Ended, WindowClosed, HungUp, Remapped, Released, Need, Prefetched, Pong, Armed,
+)  # fmt: skip
+#: Every type a frame may name: the messages and the values they carry.
+_TYPES: dict[str, type] = {
+    t.__name__: t for t in (*_MESSAGES, ForkSpec, Region, PrefetchResult, EndState)
+}
+_PLAN = "PrefetchPlan"
+
+
+def _to_wire(value: Any) -> Any:
+    # A dict on the wire is always a typed value: messages carry no dicts of their own.
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        if isinstance(value, enum.Enum):
+            return {"@": type(value).__name__, "v": value.value}
+        return value
+    if isinstance(value, PrefetchPlan):
+        # Its run table is one int64 buffer: a plan of many runs packs in microseconds.
+        rest = [f.name for f in dataclasses.fields(value) if f.name != "table"]
+        return {
+            "@": _PLAN,
+            "table": value.table.tobytes(),
+            "f": tuple(_to_wire(getattr(value, name)) for name in rest),
+        }
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_wire(v) for v in value)
+    if isinstance(value, frozenset):
+        return value
+    name = type(value).__name__
+    if _TYPES.get(name) is type(value) and dataclasses.is_dataclass(value):
+        return {
+            "@": name,
+            "f": tuple(_to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)),
+        }
+    raise ProtocolError(f"cannot send a {name} over the worker channel")
+
+
+def _from_wire(value: Any) -> Any:
+    if isinstance(value, dict):
+        name = value.get("@")
+        if name == _PLAN:
+            table = array.array("q")
+            table.frombytes(value["table"])
+            return PrefetchPlan(table, *(_from_wire(v) for v in value["f"]))
+        cls = _TYPES.get(name) if isinstance(name, str) else None
+        if cls is None:
+            raise ProtocolError(f"unknown message type {name!r} on the worker channel")
+        if issubclass(cls, enum.Enum):
+            return cls(value["v"])
+        try:
+            return cls(*(_from_wire(v) for v in value["f"]))
+        except TypeError as exc:
+            raise ProtocolError(f"malformed {name} on the worker channel: {exc}") from None
+    if isinstance(value, (tuple, list)):
+        return type(value)(_from_wire(v) for v in value)
+    return value
+
+
+def encode(message: Message) -> bytes:
+    """The bytes of one frame's body for ``message``."""
+    if type(message) not in _MESSAGES:
+        raise ProtocolError(f"{type(message).__name__} is not a worker-channel message")
+    return marshal.dumps(_to_wire(message))
+
+
+def decode(body: bytes) -> Message:
+    """The message in one frame's body; :class:`ProtocolError` if it is not one."""
+    try:
+        raw = marshal.loads(body)
+    except (EOFError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"undecodable frame on the worker channel: {exc}") from None
+    message = _from_wire(raw)
+    if type(message) not in _MESSAGES:
+        raise ProtocolError(f"a {type(message).__name__} is not a message on the worker channel")
+    return message  # type: ignore[no-any-return]
+
+
+def check_version(version: int, who: str) -> None:
+    """Raise :class:`ProtocolError` unless ``version`` is this side's protocol version."""
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"{who} speaks worker protocol version {version}, this process version "
+            f"{PROTOCOL_VERSION}: mixed pagefork installs (restart the service after an upgrade)"
+        )

@@ -1,0 +1,135 @@
+"""The page server's Unix sockets: fork ids as file names, private listening sockets, the
+peer's pidfd, and removing only the socket files this process made."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import shutil
+import socket
+import stat
+import tempfile
+
+from pagefork.errors import ForkError
+
+_FORK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: sun_path holds 108 bytes including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+def validate_fork_id(fork_id: str) -> str:
+    """Return ``fork_id`` if it is safe as a file name (no separators, no traversal)."""
+    if not isinstance(fork_id, str) or not _FORK_ID.fullmatch(fork_id):
+        raise ForkError(
+            f"invalid fork id {fork_id!r}: use 1-64 characters from [A-Za-z0-9._-], "
+            "starting with a letter or digit"
+        )
+    return fork_id
+
+
+def has_pending(listener: socket.socket | None) -> bool:
+    """True when a connection waits in ``listener``'s backlog."""
+    if listener is None:
+        return False
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def peer_pidfd(conn: socket.socket, pid: int | None) -> int:
+    """A pidfd of the process at the other end of ``conn``, or -1.
+
+    The VMM's exit ends its fork (not its socket's EOF), and the failure policy kills it only
+    through this pidfd, so it must name the very process that connected: SO_PEERPIDFD (Linux
+    6.5+) takes it from the socket; older kernels open it from the SO_PEERCRED pid at once.
+    A peer in this very process is never watched that way: its socket's EOF ends the fork.
+    """
+    if pid is None or pid == os.getpid():
+        return -1
+    try:
+        return int(conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD))
+    except OSError:
+        pass
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return -1  # gone already, or not visible here: the socket's EOF ends the fork
+
+
+def bind_private_socket(path: str) -> socket.socket:
+    """Create a listening Unix socket at ``path`` with mode 0600, without a umask race.
+
+    The socket is bound in a fresh 0700 directory, chmod-ed, then renamed into place, so it is
+    never reachable by others with looser permissions. A stale socket at ``path`` is replaced;
+    one a live server still listens on is refused.
+    """
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise ForkError(f"socket path too long ({len(path)} > {_MAX_SOCKET_PATH} bytes): {path}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ForkError(f"socket directory {parent} does not exist")
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ForkError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise ForkError(f"{path} is in use by a live server")
+        finally:
+            probe.close()
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".pagefork-", dir=parent)
+    except OSError as exc:
+        raise ForkError(f"cannot create a socket in {parent}: {exc.strerror}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    dirfd = -1
+    try:
+        tmp = os.path.join(tmpdir, "s")
+        # Bound through the directory's fd: the temporary path may be longer than sun_path
+        # allows even when the final one fits.
+        dirfd = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        sock.bind(f"/proc/self/fd/{dirfd}/s")
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise ForkError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    finally:
+        if dirfd >= 0:
+            os.close(dirfd)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return sock
+
+
+class SocketFiles:
+    """The socket files this server made (by inode), so it removes only its own: another
+    server may have put its socket at the same path since ours was removed by hand."""
+
+    def __init__(self) -> None:
+        self._bound: dict[str, tuple[int, int]] = {}
+
+    def note(self, path: str) -> None:
+        """Remember which file the socket we bound at ``path`` is."""
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            self._bound[path] = (st.st_dev, st.st_ino)
+
+    def unlink(self, path: str) -> None:
+        """Remove ``path`` only if it is still the socket we bound there."""
+        ident = self._bound.pop(path, None)
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if ident == (st.st_dev, st.st_ino) and stat.S_ISSOCK(st.st_mode):
+                os.unlink(path)
+
+    def forget_all(self) -> None:
+        """Another process owns every socket file now (a takeover): remove none of them."""
+        self._bound.clear()

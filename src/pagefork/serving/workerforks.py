@@ -1,0 +1,324 @@
+"""A worker's fork table: the forks it serves, their fds in its epoll, their lifecycle.
+
+Each :class:`WorkerFork` moves only by :data:`pagefork.serving.state.WORKER_TABLE`; this module
+carries out what the table says (close the fork's fds and report its end, or let it go in a
+takeover). The worker's loop (:mod:`pagefork.serving.worker`) serves the faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import time
+
+from pagefork import uffd
+from pagefork.regions import Region, RegionMap
+from pagefork.removed import RemovedRanges
+from pagefork.serving import ipc
+from pagefork.serving import ledger as L
+from pagefork.serving import messages as M
+from pagefork.serving.state import WorkerCommand, WorkerEvent, WorkerStage, worker_step
+
+log = logging.getLogger("pagefork.worker")
+
+#: What an fd in the epoll is to its fork.
+UFFD, PIDFD, CONN = 0, 1, 2
+
+
+class WorkerFork:
+    """One fork served by this worker."""
+
+    __slots__ = (
+        "conn",
+        "deferred",
+        "end_reason",
+        "fork_id",
+        "hangup_ends",
+        "ioctls",
+        "ledger",
+        "name",
+        "on_failure",
+        "pid",
+        "pidfd",
+        "rec_deadline",
+        "rec_max",
+        "rec_seen",
+        "rec_start",
+        "regions",
+        "removed",
+        "stage",
+        "table",
+        "uffd",
+    )
+
+    def __init__(self, spec: M.ForkSpec, fds: dict[str, int], ledger: L.Ledger) -> None:
+        self.fork_id = spec.key  # unique within the server: the channel's name for it
+        self.name = spec.fork
+        self.pid = spec.pid
+        self.on_failure = spec.on_failure
+        self.hangup_ends = spec.hangup_ends
+        self.uffd = fds["uffd"]
+        self.conn = fds.get("conn", -1)
+        self.pidfd = fds.get("pidfd", -1)
+        self.ledger = ledger
+        self.ioctls = uffd.UffdIoctls(self.uffd)
+        self.regions: list[Region] = list(spec.regions)
+        self.table = RegionMap(self.regions).table
+        self.removed = RemovedRanges()
+        for start, end in ledger.removed():  # what a dead worker made durable
+            self.removed.add(start, end)
+        self.deferred: list[int] = []
+        self.stage = WorkerStage.SERVING
+        #: Why it ends, kept while a prefetch it is in finishes (stage ENDING).
+        self.end_reason: tuple[M.EndState, str | None] | None = None
+        c = ledger.counters
+        self.rec_seen: set[tuple[int, int]] | None = None
+        self.rec_start = c[L.RECORD_START_NS]
+        self.rec_max = spec.record_max_pages
+        self.rec_deadline = float("inf")
+        if c[L.RECORD_STATE] == L.RECORD_OPEN:
+            self.rec_seen = {(r, o) for r, o, _ in ledger.recorded()}
+            seconds = spec.record_max_seconds
+            if seconds is not None:
+                self.rec_deadline = self.rec_start + seconds * 1e9
+
+    def move(self, event: WorkerEvent) -> tuple[WorkerCommand, ...]:
+        """Move by :data:`pagefork.serving.state.WORKER_TABLE`; the commands to carry out."""
+        self.stage, commands = worker_step(self.fork_id, self.stage, event)
+        return commands
+
+    def set_regions(self, regions: list[Region]) -> None:
+        self.regions = regions
+        self.table = RegionMap(regions).table
+
+
+class WorkerForks:
+    """Every fork of one worker, by channel key and by fd."""
+
+    def __init__(self, chan: socket.socket, ep: select.epoll) -> None:
+        self.chan = chan
+        self.ep = ep
+        self.forks: dict[str, WorkerFork] = {}
+        self.by_fd: dict[int, tuple[int, WorkerFork]] = {}
+        # Forks the loop must visit without an event: faults deferred on EAGAIN, or a recording
+        # window with a time limit. Usually empty, so an idle loop costs nothing per fork.
+        self.attend: set[WorkerFork] = set()
+        self.closed_fds: set[int] = set()  # closed while the loop handles the current batch
+
+    def track(self, f: WorkerFork) -> None:
+        """Keep :attr:`attend` in step with ``f``'s deferred faults and recording deadline."""
+        if (f.deferred or f.rec_deadline != float("inf")) and f.uffd >= 0:
+            self.attend.add(f)
+        else:
+            self.attend.discard(f)
+
+    def record(self, f: WorkerFork, region: int, page_offset: int) -> bool:
+        """Note a page the fork's guest touched first now; True when it was added."""
+        seen = f.rec_seen
+        if seen is None:
+            return False
+        key = (region, page_offset)
+        if key in seen:
+            return False
+        now = time.monotonic_ns()
+        if now >= f.rec_deadline:
+            self.close_window(f)  # outside the window: not part of the hot set
+            return False
+        seen.add(key)
+        if not f.ledger.append_record(region, page_offset, now - f.rec_start):
+            self.close_window(f)
+            return False
+        if f.rec_max is not None and len(seen) >= f.rec_max:
+            self.close_window(f)
+        return True
+
+    def close_window(self, f: WorkerFork) -> None:
+        """Close the fork's recording window (its ledger then holds the hot set)."""
+        if f.rec_seen is None:
+            return
+        f.rec_seen = None
+        f.rec_deadline = float("inf")
+        self.track(f)
+        f.ledger.counters[L.RECORD_STATE] = L.RECORD_CLOSED
+        ipc.send(self.chan, M.WindowClosed(f.fork_id))
+
+    def on_event(self, f: WorkerFork, event: uffd.UffdEvent) -> bool:
+        """Act on a uffd event other than a fault; True when it was a REMOVE (noted)."""
+        if isinstance(event, uffd.Remove):
+            # Balloon inflation: the template's bytes are stale here from now on. Durable
+            # first, so a worker that replaces us after a crash serves zeros here too.
+            f.ledger.note_removed(event.start, event.end)
+            f.ledger.counters[L.REMOVED_BYTES] += f.removed.add(event.start, event.end)
+            return True
+        elif isinstance(event, uffd.Remap):
+            for i, r in enumerate(f.regions):
+                if r.base == event.old and r.size == event.length:
+                    regions = list(f.regions)
+                    regions[i] = Region(event.new, r.size, r.offset, r.page_size)
+                    f.set_regions(regions)
+                    ipc.send(self.chan, M.Remapped(f.fork_id, tuple(regions)))
+                    return False
+            log.warning("fork %s: mremap of %#x does not match a whole region", f.name, event.old)
+        elif isinstance(event, uffd.Unmap):
+            log.info("fork %s: range %#x-%#x unmapped by the VMM", f.name, event.start, event.end)
+        elif isinstance(event, uffd.ForkEvent):
+            os.close(event.ufd)  # we serve the VMM, not its children
+        elif isinstance(event, uffd.UnknownEvent):
+            log.warning("fork %s: ignoring unknown uffd event %#x", f.name, event.event)
+        return False
+
+    def hang_up(self, f: WorkerFork) -> None:
+        """The VMM closed its socket but runs on: its pidfd ends the fork, not this."""
+        self.unwatch(f.conn)
+        os.close(f.conn)
+        f.conn = -1
+        ipc.send(self.chan, M.HungUp(f.fork_id))
+
+    def add(self, spec: M.ForkSpec, fds: list[int]) -> None:
+        """Serve the fork of ``spec`` with ``fds`` (an adopted one: wake its vCPUs first)."""
+        named = dict(zip(spec.fds, fds, strict=True))
+        try:
+            ledger = L.Ledger.adopt(named["ledger"], spec.record_capacity)
+        except Exception as exc:
+            for fd in named.values():
+                os.close(fd)
+            ipc.send(self.chan, M.Ended(spec.key, M.EndState.FAILED, f"ledger: {exc}"))
+            return
+        f = WorkerFork(spec, named, ledger)
+        old = self.forks.pop(f.fork_id, None)
+        if old is not None:
+            self.end(old, M.EndState.ENDED, None, report=False)
+        self.forks[f.fork_id] = f
+        self.track(f)
+        self._watch(f.uffd, UFFD, f)
+        if f.pidfd >= 0:
+            self._watch(f.pidfd, PIDFD, f)
+        if f.conn >= 0:
+            self._watch(f.conn, CONN, f)
+        if spec.adopt:
+            ledger.counters[L.ADOPTIONS] += 1
+            # The dead worker may have read faults it never served: their vCPUs sleep until
+            # a wake makes them retry, which raises the faults again, to us.
+            for r in f.regions:
+                with contextlib.suppress(OSError):
+                    f.ioctls.wake(r.base, r.size)
+        ipc.send(self.chan, M.Serving(f.fork_id))
+
+    def _watch(self, fd: int, kind: int, f: WorkerFork) -> None:
+        events = select.EPOLLIN | (select.EPOLLRDHUP if kind == CONN else 0)
+        self.ep.register(fd, events)
+        self.by_fd[fd] = (kind, f)
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (it is about to be closed)."""
+        self.closed_fds.add(fd)
+        self.by_fd.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.ep.unregister(fd)
+
+    def fail(self, f: WorkerFork, why: str) -> None:
+        """Fail the fork: apply its failure policy to the VMM, then end it."""
+        f.ledger.counters[L.ERRORS] += 1
+        if f.on_failure == "kill" and f.pidfd >= 0:
+            # Only through the pidfd: a bare pid may be another process's by now.
+            log.error("fork %s: %s; killing VMM pid %s (its guest would hang)", f.name, why, f.pid)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(f.pidfd, signal.SIGKILL)
+        else:
+            log.error("fork %s: %s; closing its connection", f.name, why)
+        self.end(f, M.EndState.FAILED, why)
+
+    def end(
+        self, f: WorkerFork, state: M.EndState, error: str | None, *, report: bool = True
+    ) -> None:
+        """End the fork now, or once the prefetch it is in stops (the first reason is kept)."""
+        if f.end_reason is None:
+            f.end_reason = (state, error)
+        if WorkerCommand.CLOSE in f.move(WorkerEvent.END):
+            self.close(f, state, error, report=report)
+
+    def close(
+        self, f: WorkerFork, state: M.EndState, error: str | None, *, report: bool = True
+    ) -> None:
+        """Close the fork's fds here and tell the supervisor how it ended (unless not to)."""
+        if self.forks.get(f.fork_id) is f:
+            del self.forks[f.fork_id]
+        self._drop(f)
+        if f.rec_seen is not None:
+            f.rec_seen = None
+            f.ledger.counters[L.RECORD_STATE] = L.RECORD_CLOSED
+        f.ledger.close()
+        if report:
+            ipc.send(self.chan, M.Ended(f.fork_id, state, error))
+
+    def _drop(self, f: WorkerFork) -> None:
+        """Stop watching the fork and close this worker's copies of its fds."""
+        for fd in (f.uffd, f.conn, f.pidfd):
+            if fd >= 0:
+                self.unwatch(fd)
+                os.close(fd)
+        f.uffd = f.conn = f.pidfd = -1
+        self.attend.discard(f)
+
+    def release(self, keys: tuple[str, ...]) -> None:
+        """A takeover: stop serving these forks without ending them (another process serves
+        them next). Their ledgers are final once this answers: the recording stays open."""
+        for key in keys:
+            f = self.forks.get(key)
+            if f is None or WorkerCommand.LET_GO not in f.move(WorkerEvent.RELEASE):
+                continue
+            del self.forks[key]
+            self._drop(f)
+            # Faults deferred on EAGAIN were read but not served: the adopter's wake makes
+            # their vCPUs fault again.
+            f.deferred = []
+            f.ledger.close()
+        ipc.send(self.chan, M.Released(keys))
+
+
+class LazyChunks:
+    """A lazy template's chunks as a worker sees them (:mod:`pagefork.store.lazy`): one byte
+    per chunk, 1 once the supervisor has put the verified chunk in the view, and the faults
+    parked until theirs is in."""
+
+    def __init__(self, presence_fd: int, chunk_size: int, mem_size: int) -> None:
+        nchunks = (mem_size + chunk_size - 1) // chunk_size
+        self.presence = mmap.mmap(presence_fd, nchunks, mmap.MAP_SHARED, mmap.PROT_READ)
+        os.close(presence_fd)
+        self.chunk_shift = chunk_size.bit_length() - 1
+        self.parked: dict[int, list[tuple[WorkerFork, int]]] = {}  # chunk -> faults on it
+        self.asked: set[int] = set()  # chunks asked for and not yet answered
+
+    def missing_chunk(self, offset: int, length: int) -> int | None:
+        """The first chunk of ``[offset, offset+length)`` not yet in the view (a huge page may
+        span several chunks), or None when all are in: the one presence check of the worker."""
+        present = self.presence
+        first = offset >> self.chunk_shift
+        if present[first]:
+            last = (offset + length - 1) >> self.chunk_shift
+            if last == first or 0 not in present[first : last + 1]:
+                return None
+            return first + present[first : last + 1].index(0)
+        return first
+
+    def park(self, f: WorkerFork, address: int, chunk: int) -> bool:
+        """Keep a fault until ``chunk`` is in; True when the chunk must be asked for."""
+        self.parked.setdefault(chunk, []).append((f, address))
+        if chunk in self.asked:
+            return False
+        self.asked.add(chunk)
+        return True
+
+    def answered(self, chunk: int, forks: dict[str, WorkerFork]) -> dict[WorkerFork, list[int]]:
+        """The faults parked on ``chunk`` by fork, of the forks still served."""
+        self.asked.discard(chunk)
+        by_fork: dict[WorkerFork, list[int]] = {}
+        for f, address in self.parked.pop(chunk, []):
+            if f.uffd >= 0 and forks.get(f.fork_id) is f:
+                by_fork.setdefault(f, []).append(address)
+        return by_fork
