@@ -63,6 +63,7 @@ from pagefork.hotpages import HotPageList
 from pagefork.hotpages import load as load_hot_pages
 from pagefork.layers.hotset import InheritedHotSet, inherited_hot_set
 from pagefork.memstats import try_measure
+from pagefork.prefetch import prepare_planner
 from pagefork.regions import Region
 from pagefork.server import PageServer, ServerConfig, validate_fork_id
 from pagefork.serving.state import ForkPhase, transition
@@ -941,6 +942,7 @@ class ForkManager:
                 if state is not None and len(pages):
                     pages.save(state.record.hot_pages_path)
                     hot = load_hot_pages(state.record.hot_pages_path)  # as later forks read it
+                    prepare_planner()  # numpy and the host's copy costs: no fork waits for them
                     log.info("template %s: hot set of %d pages saved", template_id, len(hot))
                 elif state is not None:
                     log.warning(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from pagefork.errors import PrefetchError, StoreError
 from pagefork.hotpages import HotPage, HotPageList
-from pagefork.prefetch import PrefetchPlan, PrefetchResult, plan_prefetch
+from pagefork.prefetch import PrefetchPlan, PrefetchResult, plan_hot_set, plan_prefetch
 from pagefork.regions import Region
 from pagefork.serving import messages as M
 from pagefork.serving.forks import ForkRecord, ForkTable
@@ -86,7 +86,8 @@ class PrefetchService:
             worker = entry.worker
         try:
             worker.send_prefetch(request.req, entry.key, token, plan, timeout)
-            if not request.done.wait(timeout + _PREFETCH_GRACE + plan.pages / 10_000):
+            installs = plan.pages + plan.bridged_pages
+            if not request.done.wait(timeout + _PREFETCH_GRACE + installs / 10_000):
                 raise PrefetchError(f"fork {fork_id}: its worker did not finish the prefetch")
         finally:
             with self._table.lock:
@@ -147,7 +148,9 @@ class PrefetchService:
             if hit is not None:
                 self._plans.move_to_end(key)
                 return hit[2], hit[1]
-        plan = plan_prefetch(hot_pages.in_order(), regions, self._is_zero)
+        # The plan kept with the list (an HPL3 file's, or one made for an earlier fork of this
+        # layout) when it fits; else planned now and kept with it.
+        plan = plan_hot_set(hot_pages, regions, self._is_zero)
         token = next(self._table.serial)
         with self._plans_lock:
             self._plans[key] = (hot_pages, plan, token)
