@@ -19,11 +19,11 @@ import pytest
 
 from conftest import PAGE, needs_uffd
 from pagefork import libc, uffd
-from pagefork import server as server_module
 from pagefork.handshake import encode_mappings
 from pagefork.hotpages import HotPage
 from pagefork.regions import Region
 from pagefork.server import PageServer
+from pagefork.serving import sockets as server_sockets
 from pagefork.testing.vmm import VmmProcess
 
 PAGES = (12 << 20) // PAGE  # the 8M + 4M guest of the vmms fixture
@@ -121,7 +121,7 @@ def test_without_a_pidfd_the_hang_up_ends_the_fork(
 
     server = make_server()  # its workers are watched through pidfds of their own
     monkeypatch.setattr(os, "pidfd_open", no_pidfd)  # but the VMM's cannot be had: neither
-    monkeypatch.setattr(server_module, "_SO_PEERPIDFD", -1)  # opened, nor from the socket
+    monkeypatch.setattr(server_sockets, "_SO_PEERPIDFD", -1)  # opened, nor from the socket
     vmm = vmms(server.register_fork("old"), "--fc-version", "1.10", "--close-after-handshake")
     ended = server.wait_ended("old", timeout=10)
     assert ended.state == "ended"

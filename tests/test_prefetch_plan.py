@@ -775,3 +775,17 @@ def test_a_stored_plan_filed_under_another_layout_is_made_again() -> None:
     hot.set_plan_data(layout_key(MIXED), plan_exact([(0, 0)], other, never_zero).to_bytes())
     plan = plan_hot_set(hot, MIXED, never_zero, bridge_gap=0)
     assert plan.planned_for == tuple(MIXED) and plan.pages == 2
+
+
+def test_the_bridge_gap_can_be_fixed_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagefork.copycost import MAX_BRIDGE_GAP, bridge_gap_for_host
+    from pagefork.errors import PageforkError
+
+    monkeypatch.setenv("PAGEFORK_BRIDGE_GAP", "3")
+    assert bridge_gap_for_host() == 3
+    monkeypatch.setenv("PAGEFORK_BRIDGE_GAP", str(MAX_BRIDGE_GAP + 100))
+    assert bridge_gap_for_host() == MAX_BRIDGE_GAP
+    for bad in ("-1", "two", " 2", "\u0661"):
+        monkeypatch.setenv("PAGEFORK_BRIDGE_GAP", bad)
+        with pytest.raises(PageforkError, match="PAGEFORK_BRIDGE_GAP"):
+            bridge_gap_for_host()
