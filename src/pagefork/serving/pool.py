@@ -281,6 +281,14 @@ class WorkerProcess:
         """Close the channel (the worker exits on it) and wait; SIGKILL a worker that lingers.
         Never waits for a sender: shutting the channel down fails any send in progress."""
         self.alive = False
+        if self._send_lock.acquire(blocking=False):  # never wait for a sender
+            try:
+                # Tell it this is a stop, not our death (it would serve on as an orphan).
+                self.chan.setblocking(False)
+                with contextlib.suppress(OSError):
+                    ipc.send(self.chan, M.Stop())
+            finally:
+                self._send_lock.release()
         with contextlib.suppress(OSError):
             self.chan.shutdown(socket.SHUT_RDWR)
         try:
