@@ -330,8 +330,9 @@ class PageServer:
         """Have every worker, now and later, serve on if this process dies, and hand its forks
         to the next supervisor as ``setup`` says: its ``handler`` names the module a worker
         imports to do so (:mod:`pagefork.takeover.orphan`), the rest is that module's."""
-        settings = json.dumps(setup)
-        self._sup.keep_forks_if_killed(M.OrphanSetup(str(setup["handler"]), settings))
+        message = M.OrphanSetup(str(setup["handler"]), json.dumps(setup))
+        with self._table.lock:
+            self._sup.pool.keep_forks_if_killed(message)
 
     def _debug_crash_worker_at(self, fork_id: str, point: str, count: int = 1) -> int:
         """Tests only: make the worker serving ``fork_id`` SIGKILL itself when it reaches

@@ -63,8 +63,6 @@ class Supervisor:
         lazy = memfile if isinstance(memfile, LazyTemplate) else None
         self.prefetcher = PrefetchService(self.table, memfile.is_zero, lazy, self.tell_workers)
         self._workers_by_fd: dict[int, WorkerProcess] = {}
-        #: What each worker is told to do if this process dies (see keep_forks_if_killed).
-        self.orphan_setup: M.OrphanSetup | None = None
         self._acks: dict[int, threading.Event] = {}  # tests' crash points, once armed
         for w in pool.all_processes():
             self.watch_worker(w)
@@ -276,14 +274,6 @@ class Supervisor:
         worker.send(M.Serve(spec), [named[n] for n in names])  # a gone one re-adopts on death
 
     # --- workers -------------------------------------------------------------------------
-    def keep_forks_if_killed(self, setup: M.OrphanSetup) -> None:
-        """Have every worker, now and later, serve on if this process dies, as ``setup`` says."""
-        with self.lock:
-            self.orphan_setup = setup
-            workers = self.pool.all_processes()
-        for w in workers:
-            w.send(setup)
-
     def watch_worker(self, worker: WorkerProcess) -> None:
         """Watch ``worker``'s channel and pidfd (a no-op for one watched already)."""
         if self._workers_by_fd.get(worker.pidfd) is worker:
@@ -291,8 +281,6 @@ class Supervisor:
         for fd in (worker.chan.fileno(), worker.pidfd):
             self._workers_by_fd[fd] = worker
             self.epoll.register(fd, select.EPOLLIN)
-        if self.orphan_setup is not None:
-            worker.send(self.orphan_setup)
 
     def _unwatch_worker(self, worker: WorkerProcess) -> None:
         self.closed_fds.update((worker.chan.fileno(), worker.pidfd))

@@ -25,8 +25,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import importlib
-import json
 import logging
 import mmap
 import os
@@ -42,7 +40,7 @@ from pagefork.errors import PageforkError, PrefetchError
 from pagefork.layers.source import map_view
 from pagefork.prefetch import PrefetchPlan, execute_plan
 from pagefork.regions import PAGE_SIZE
-from pagefork.serving import ipc
+from pagefork.serving import ipc, orphaning
 from pagefork.serving import ledger as L
 from pagefork.serving import messages as M
 from pagefork.serving.policy import Action, decide
@@ -103,15 +101,7 @@ class Worker:
         self.ep = select.epoll()
         self.ep.register(chan.fileno(), select.EPOLLIN)
         self.table = WorkerForks(chan, self.ep)
-        #: False ends :meth:`run` after the current batch.
-        self.running = True
-        #: What to do if the supervisor dies, once it has said: the handler module its setup
-        #: names (pagefork.takeover.orphan: ``prepare``, ``forget`` and ``become_orphan``, each
-        #: given this worker), and what that handler keeps here.
-        self.orphan_handler: Any = None
-        self.orphan_setup: Any = None
-        #: Other fds the loop watches, and what each one's event runs (an orphaned worker's).
-        self.hooks: dict[int, Any] = {}
+        self.hooks: dict[int, Any] = {}  # other fds to watch, and what each runs (an orphan's)
         self.forks = self.table.forks  # by the channel's key
         self.crash_at: dict[str, int] = {}
         self._read_buf = bytearray(uffd.UFFD_MSG_SIZE * _READ_BATCH)
@@ -148,11 +138,10 @@ class Worker:
     #   loop turns: a worker that is stopped or wedged stops answering, and the supervisor
     #   hands its forks on. (A fork ends on its VMM's pidfd, not its socket: see above.)
     def run(self) -> None:
-        """Serve until the supervisor closes the channel; if it died instead, serve on as an
-        orphan until another supervisor adopts the forks (see :meth:`_orphaned`)."""
+        """Serve until the channel ends (:class:`ipc.ChannelClosed`: see :func:`main`)."""
         ipc.send(self.chan, M.Ready(M.PROTOCOL_VERSION, os.getpid()))
         chan_fd = self.chan.fileno()
-        while self.running:
+        while True:
             while self._backlog:
                 self._on_message(*self._backlog.popleft())
             events = self.ep.poll(self._timeout())
@@ -161,33 +150,13 @@ class Worker:
                 if fd in self.table.closed_fds:
                     continue  # closed by an earlier event of this batch: the number may be reused
                 if fd == chan_fd:
-                    try:
-                        message, fds = ipc.recv(self.chan)
-                    except (ipc.ChannelClosed, ConnectionResetError):
-                        if not self._orphaned():
-                            return
-                        chan_fd = -1
-                        continue
+                    message, fds = ipc.recv(self.chan)
                     self._on_message(message, fds)
                 elif fd in self.hooks:
                     self.hooks[fd]()
                 else:
                     self._on_fd(fd, ev)
             self._housekeeping()
-
-    def _orphaned(self) -> bool:
-        """The channel closed without a ``Stop``: the supervisor died. True when this worker
-        serves on as an orphan; False when it has nothing to hand on (it then exits)."""
-        with contextlib.suppress(OSError, ValueError):
-            self.ep.unregister(self.chan.fileno())
-        if self.orphan_handler is None or self.orphan_setup is None:
-            return False
-        return bool(self.orphan_handler.become_orphan(self))
-
-    def set_channel(self, chan: socket.socket) -> None:
-        """Send what the supervisor would be told to ``chan`` from now on (an orphan's)."""
-        self.chan = chan
-        self.table.chan = chan
 
     def _timeout(self) -> float:
         if not self.table.attend:
@@ -448,10 +417,7 @@ class Worker:
     def _read_during_prefetch(self) -> None:
         """Answer a ping now; keep any other message for the loop (no prefetch inside a
         prefetch, and the fork table stays as the prefetch found it)."""
-        try:
-            message, fds = ipc.recv(self.chan)
-        except (ipc.ChannelClosed, ConnectionResetError):
-            return  # the supervisor died: the loop finds the channel's end after the prefetch
+        message, fds = ipc.recv(self.chan)
         if isinstance(message, M.Ping):
             ipc.send(self.chan, M.Pong(message.seq))
         else:
@@ -496,21 +462,11 @@ class Worker:
             except M.ProtocolError as exc:
                 log.error("%s", exc)
                 sys.exit(2)
-        elif isinstance(message, M.OrphanSetup):  # where to wait if the supervisor dies
-            if self.orphan_handler is None:
-                # Named by the setup, not imported here: the handler speaks the takeover
-                # protocol, a layer above this one.
-                self.orphan_handler = importlib.import_module(message.handler)
-                self.orphan_setup = json.loads(message.settings)
-                self.orphan_handler.prepare(self)
-        elif isinstance(message, M.Stop):  # an orderly stop: the channel's end is no death
-            if self.orphan_handler is not None:
-                self.orphan_handler.forget(self)
         elif isinstance(message, M.CrashAt):
             self.crash_at[message.point] = message.count
             ipc.send(self.chan, M.Armed(message.req))
-        else:
-            log.error("unexpected message %s from the supervisor", type(message).__name__)
+        else:  # what to do if the supervisor dies, or a message this worker does not know
+            orphaning.on_message(self, message)
 
     def crash_point(self, name: str) -> None:
         left = self.crash_at.get(name)
@@ -520,22 +476,6 @@ class Worker:
             self.crash_at[name] = left - 1
             return
         os.kill(os.getpid(), signal.SIGKILL)  # a test asked to die exactly here
-
-
-class _SupervisorChannel(socket.socket):
-    """The channel to the supervisor. A send to a supervisor that died is dropped, not
-    raised: it may be in the middle of a fault, and the loop learns of the death from the
-    channel's end (then it serves on as an orphan)."""
-
-    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
-        try:
-            return super().sendmsg(*args, **kwargs)
-        except (BrokenPipeError, ConnectionResetError):
-            return sum(len(b) for b in args[0])
-
-    def sendall(self, *args: Any, **kwargs: Any) -> None:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            super().sendall(*args, **kwargs)
 
 
 class _Target:
@@ -607,15 +547,21 @@ def main() -> None:
     lazy_args = [int(v) for v in options["lazy"].split(",")] if "lazy" in options else None
     lazy = (lazy_args[0], lazy_args[1]) if lazy_args else None
     layout_fds = tuple(int(v) for v in options["layout"].split(",")) if "layout" in options else ()
-    chan = _SupervisorChannel(fileno=chan_fd)
+    chan = orphaning.SupervisorChannel(fileno=chan_fd)
     worker = Worker(chan, mem_fd, mem_size, zero_fd, layout_fds, lazy)
     if lazy is None:  # a lazy view fills later: populating it now would only map holes
         with contextlib.suppress(OSError):  # fill the page tables now; faults then cost less
             libc.madvise(worker.mem_address, mem_size, _MADV_POPULATE_READ)
-    try:
-        worker.run()
-    except (ipc.ChannelClosed, BrokenPipeError, ConnectionResetError):
-        pass  # the supervisor is gone: so are we (the kernel closes what we held)
+    while True:
+        try:
+            worker.run()
+        except (ipc.ChannelClosed, ConnectionResetError):
+            # The supervisor stopped us, or died: then serve on as an orphan if it said how.
+            if orphaning.channel_ended(worker):
+                continue
+        except BrokenPipeError:
+            pass
+        return  # the kernel closes what we held
 
 
 if __name__ == "__main__":

@@ -122,34 +122,25 @@ class Rendezvous:
                 os.unlink(self.path)
 
 
-def prepare(worker: Worker) -> None:
-    """The supervisor said where to wait if it dies (``worker.orphan_setup``): bind there."""
-    settings = worker.orphan_setup
-    if isinstance(settings, Rendezvous):  # said twice: keep the first
-        return
+def prepare(worker: Worker, settings: dict[str, Any]) -> Rendezvous | None:
+    """The supervisor said where to wait if it dies: bind there (pagefork.serving.orphaning
+    keeps what this returns)."""
     try:
-        worker.orphan_setup = Rendezvous(dict(settings))
+        return Rendezvous(settings)
     except (PageforkError, OSError) as exc:
         # Serving matters more: this worker exits with its supervisor, as it always did.
         log.warning("cannot bind a rendezvous socket for a new supervisor: %s", exc)
-        worker.orphan_setup = None
+        return None
 
 
-def forget(worker: Worker) -> None:
+def forget(rv: Rendezvous) -> None:
     """An orderly stop: the channel's end is no death; remove the rendezvous socket."""
-    rv = worker.orphan_setup
-    worker.orphan_setup = None
-    if isinstance(rv, Rendezvous):
-        rv.close()
+    rv.close()
 
 
-def become_orphan(worker: Worker) -> bool:
+def become_orphan(worker: Worker, rv: Rendezvous) -> bool:
     """The supervisor died: serve on and wait for a new one (True), or, with no fork to hand
     on, remove the rendezvous socket and let the worker exit (False)."""
-    rv = worker.orphan_setup
-    worker.orphan_setup = None
-    if not isinstance(rv, Rendezvous):
-        return False
     if not worker.forks:
         rv.close()
         return False
@@ -176,9 +167,10 @@ class OrphanedWorker(Source):
         worker.ep.register(self._wake, 1)  # EPOLLIN
         worker.hooks[self._wake] = self._run_calls
         # What the worker tells its supervisor now reaches this object: a fork that ends.
+        # What the worker tells its supervisor comes here now (the loop reads no channel).
         old = worker.chan
         chan, inbox = ipc.channel_pair()
-        worker.set_channel(chan)
+        worker.chan = worker.table.chan = chan
         old.close()
         threading.Thread(target=self._read, args=(inbox,), name="orphan-inbox", daemon=True).start()
         self._timer = threading.Timer(self.deadline, self.call_soon, (self._expire,))
@@ -288,7 +280,7 @@ class OrphanedWorker(Source):
         self._timer.cancel()
         self.listener.close()
         self.rv.close()
-        self.worker.running = False
+        raise SystemExit(0)  # out of the worker's loop (it runs this): the worker exits
 
     # --- the takeover listener's side (its thread) -----------------------------------------
     def plan(self) -> dict[str, Any]:
