@@ -50,8 +50,12 @@ from pagefork.store.layout import is_s3_url, parse_s3_url
 from pagefork.store.lazy import StoreOptions
 from pagefork.store.template import fetch_pushed
 from pagefork.takeover.new import take_over
+from pagefork.takeover.orphan import orphan_deadline
+from pagefork.takeover.orphan import setup as orphan_setup
 from pagefork.takeover.pageserver import abandon
-from pagefork.takeover.serve import ServeHandover, ServeTarget, takeover_path
+from pagefork.takeover.protocol import NoPeerError, TakeoverError
+from pagefork.takeover.recover import adopt_orphans, supervisor_alive
+from pagefork.takeover.serve import ServeHandover, ServeSource, ServeTarget, takeover_path
 
 log = logging.getLogger("pagefork")
 
@@ -216,6 +220,7 @@ def _check_args(args: argparse.Namespace) -> None:
     seconds = args.record_max_seconds
     if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
         raise PageforkError(f"--record-max-seconds must be a positive number, not {seconds:g}")
+    orphan_deadline()  # a bad PAGEFORK_ORPHAN_DEADLINE is refused now, not once serving
     if is_s3_url(args.mem_file):
         parse_s3_url(args.mem_file)
         check_writable(vmstate_path(args.socket), "vmstate")
@@ -388,20 +393,41 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
         if args.memory_interval > 0:
             sampler = MemorySampler(args.memory_interval)
         listener = None
+        target = ServeTarget(server, loop, args.socket, should_record, args.record)
+        # Killed, this process leaves its workers serving, for the next one to adopt (told
+        # before any fork is theirs).
+        server.keep_forks_if_killed(
+            orphan_setup(
+                takeover_path(args.socket),
+                "serve",
+                ServeSource(server, loop, args.socket, args.record).plan(),
+            )
+        )
+        orphans = True  # a server killed before us may have left workers serving its forks
         if args.takeover:
             server.wait_ready()  # built before the old server is asked for anything
             try:
-                took = take_over(
-                    takeover_path(args.socket),
-                    ServeTarget(server, loop, args.socket, should_record, args.record),
-                    cancel_fd=inbox.fileno(),
-                )
+                took = take_over(takeover_path(args.socket), target, cancel_fd=inbox.fileno())
+            except TakeoverError as exc:
+                if isinstance(exc, NoPeerError) or supervisor_alive(takeover_path(args.socket)):
+                    abandon(server)  # the forks are the old server's: end none, save nothing
+                    raise
+                # The old server died mid-takeover: its workers serve its forks on.
+                log.warning("takeover: %s; the running server is gone: adopting its forks", exc)
             except BaseException:
-                abandon(server)  # the forks are the old server's: end none, save nothing
+                abandon(server)
                 raise
-            listener = took.listener
-            emit("took_over", from_pid=took.from_pid, forks=took.forks)
-        else:
+            else:
+                orphans = False
+                listener = took.listener
+                emit("took_over", from_pid=took.from_pid, forks=took.forks)
+        if orphans:
+            if not supervisor_alive(takeover_path(args.socket)):
+                server.wait_ready()
+                found = adopt_orphans(takeover_path(args.socket), target, cancel_fd=inbox.fileno())
+                if found.workers or found.failed:
+                    emit("adopted", workers=found.workers, forks=found.forks,
+                         seconds=round(found.seconds, 6), failed=len(found.failed))  # fmt: skip
             server.listen(args.socket, record=should_record)
 
         def handed_over(pid: int, forks: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import stat
@@ -98,4 +99,69 @@ class SocketJournal:
         return removed
 
 
-__all__ = ["SocketJournal"]
+class ForkJournal:
+    """The daemon's record of each fork it created, so that a daemon restarted after a crash
+    knows again the forks it adopts from the dead one's workers (pagefork.takeover.orphan).
+
+    One small JSON file per fork under ``directory`` (written to a temporary name, then
+    renamed: a reader never sees half of one), removed when the fork is released. Only the
+    daemon's own fields are kept (template, socket, role, driver, creation time); the live
+    state (uffd, ledger, VMM) comes back from the workers. The directory must be private, as
+    for :class:`SocketJournal`.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        SocketJournal(directory)  # the same checks: created 0700, ours, writable by us only
+        self.directory = Path(directory)
+
+    def write(self, fork_id: str, record: dict[str, object]) -> None:
+        """Note (or update) fork ``fork_id``'s record; best effort (a full disk is logged)."""
+        tmp = self.directory / f".{fork_id}.tmp"
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+            try:
+                data = json.dumps(record).encode()
+                if os.write(fd, data) != len(data):
+                    raise OSError(0, "short write")
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.directory / f"{fork_id}.json")
+        except OSError as exc:
+            log.warning(
+                "fork %s: cannot note it for a restart after a crash: %s",
+                fork_id,
+                exc.strerror or exc,
+            )
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def remove(self, fork_id: str) -> None:
+        """Forget fork ``fork_id`` (released)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.directory / f"{fork_id}.json")
+
+    def load(self) -> dict[str, dict[str, object]]:
+        """Every record, by fork id (torn or foreign files are skipped)."""
+        found: dict[str, dict[str, object]] = {}
+        for entry in sorted(self.directory.glob("*.json")):
+            try:
+                record = json.loads(entry.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("fork") == entry.name[: -len(".json")]:
+                found[entry.name[: -len(".json")]] = record
+        return found
+
+    def keep_only(self, fork_ids: set[str]) -> None:
+        """Drop every record but those of ``fork_ids`` (the forks a restart adopted)."""
+        for entry in self.directory.iterdir():
+            name = entry.name
+            if name.endswith(".json") and name[: -len(".json")] in fork_ids:
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry)
+
+
+__all__ = ["ForkJournal", "SocketJournal"]

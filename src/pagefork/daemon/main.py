@@ -28,7 +28,11 @@ from pagefork.daemon.service import Daemon
 from pagefork.signals import POSTED, SignalInbox
 from pagefork.store.lazy import StoreOptions
 from pagefork.takeover.daemon import DaemonHandover, DaemonTarget, takeover_path
+from pagefork.takeover.daemon_recover import adopt_orphans_into, keep_forks_if_killed
 from pagefork.takeover.new import take_over
+from pagefork.takeover.orphan import orphan_deadline
+from pagefork.takeover.protocol import NoPeerError, TakeoverError
+from pagefork.takeover.recover import supervisor_alive
 from pagefork.takeover.systemd import notify
 
 log = logging.getLogger("pagefork")
@@ -105,6 +109,7 @@ def serve_daemon(args: argparse.Namespace, inbox: SignalInbox, store: StoreOptio
     ``--on-sighup takeover`` hands over instead). A stop (SIGTERM, SIGINT) wins over a reload
     that came before it; one that comes while a successor takes over is passed on to it, so
     the service still stops."""
+    orphan_deadline()  # a bad PAGEFORK_ORPHAN_DEADLINE is refused now, not at a first fork
     settings = ManagerConfig(
         socket_dir="",
         record_max_seconds=args.record_max_seconds,
@@ -114,6 +119,7 @@ def serve_daemon(args: argparse.Namespace, inbox: SignalInbox, store: StoreOptio
         store=store,
     )
     listener = None
+    daemon: Daemon | None = None
     if args.takeover:
         daemon = Daemon.for_takeover(
             args.state_dir, args.control, settings, socket_dir=args.socket_dir
@@ -121,13 +127,22 @@ def serve_daemon(args: argparse.Namespace, inbox: SignalInbox, store: StoreOptio
         target = DaemonTarget(daemon)
         try:
             took = take_over(takeover_path(args.state_dir), target, cancel_fd=inbox.fileno())
+        except TakeoverError as exc:
+            target.discard()
+            if isinstance(exc, NoPeerError) or supervisor_alive(takeover_path(args.state_dir)):
+                raise
+            # The old daemon died mid-takeover: its workers serve its forks on.
+            log.warning("takeover: %s; the running daemon is gone: adopting its forks", exc)
+            daemon = None
         except BaseException:
             target.discard()
             raise
-        daemon.start()
-        listener = took.listener
-        _emit("took_over", from_pid=took.from_pid, forks=took.forks)
-    else:
+        else:
+            keep_forks_if_killed(daemon)
+            daemon.start()
+            listener = took.listener
+            _emit("took_over", from_pid=took.from_pid, forks=took.forks)
+    if daemon is None:
         daemon = Daemon(
             args.state_dir,
             args.control,
@@ -138,6 +153,17 @@ def serve_daemon(args: argparse.Namespace, inbox: SignalInbox, store: StoreOptio
             max_layer_depth=args.max_layer_depth,
             store=store,
         )
+        try:
+            # Killed, this daemon leaves its workers serving, for the next one to adopt; and
+            # it adopts what a daemon killed before it left, before its first request.
+            keep_forks_if_killed(daemon)
+            found = adopt_orphans_into(daemon, inbox.fileno())
+        except BaseException:
+            daemon.close()
+            raise
+        if found.workers or found.failed:
+            _emit("adopted", workers=found.workers, forks=found.forks,
+                  seconds=round(found.seconds, 6), failed=len(found.failed))  # fmt: skip
         daemon.start()
     handed: list[tuple[int, int]] = []
 

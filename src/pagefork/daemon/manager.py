@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pagefork.daemon.exits import ExitWatcher
-from pagefork.daemon.journal import SocketJournal
+from pagefork.daemon.journal import ForkJournal, SocketJournal
 from pagefork.daemon.snapshot import SnapshotResult, snapshot_fork
 from pagefork.errors import (
     ForkError,
@@ -245,6 +245,19 @@ class Fork:
         }
 
 
+def journal_record(fork: Fork) -> dict[str, Any]:
+    """What :class:`ForkJournal` keeps of ``fork``."""
+    return {
+        "fork": fork.fork_id,
+        "template": fork.template_id,
+        "template_created": fork.template_created,
+        "socket": fork.socket_path,
+        "role": fork.role,
+        "created": fork.created,
+        "driver": fork.driver,
+    }
+
+
 @dataclass
 class _TemplateState:
     """A template's page server, its forks, and where its hot-page loop stands."""
@@ -357,6 +370,10 @@ class ForkManager:
         #: Called with the template id when a worker of its page server died and was replaced.
         self.on_worker_restarted = on_worker_restarted
         self.socket_journal = socket_journal
+        #: Set by a daemon whose workers outlive it (pagefork.takeover.orphan): each fork's
+        #: record, and what each new page server's workers are told.
+        self.fork_journal: ForkJournal | None = None
+        self.orphan_setup: Callable[[TemplateRecord], dict[str, Any]] | None = None
         self._id_room = self._check_socket_dir(config.socket_dir)
         try:
             os.makedirs(config.socket_dir, mode=0o700, exist_ok=True)
@@ -564,6 +581,8 @@ class ForkManager:
         log.info("fork %s of %s: %s, socket %s", fork_id, template_id, fork.role, fork.socket_path)
         if self.socket_journal is not None:
             self.socket_journal.add(fork_id, fork.socket_path)
+        if self.fork_journal is not None:
+            self.fork_journal.write(fork_id, journal_record(fork))
         self.registry.touch(template_id, record.created)
         if vmm is None:
             return fork
@@ -750,6 +769,8 @@ class ForkManager:
                 store=self._store_options() if is_s3_url(record.mem_file) else None,
             )
         )
+        if self.orphan_setup is not None:
+            server.keep_forks_if_killed(self.orphan_setup(record))
         log.info("template %s: page server started", record.id)
         return server
 
@@ -1121,6 +1142,8 @@ class ForkManager:
                     self._adopt_hot_set(fork.template_key, fork_id, hot)
             if self.socket_journal is not None:
                 self.socket_journal.remove(fork_id)
+            if self.fork_journal is not None:
+                self.fork_journal.remove(fork_id)
             with self._feed_lock:
                 self._fed.pop(fork_id, None)
             stop_server: PageServer | None = None

@@ -26,7 +26,7 @@ from pagefork.prefetch import PrefetchPlan, PrefetchResult
 from pagefork.regions import Region
 
 #: Bumped whenever a message below changes shape.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(PageforkError):
@@ -59,6 +59,12 @@ class ForkSpec:
     fds: tuple[str, ...]
     adopt: bool
     hangup_ends: bool
+    # Only for a new supervisor, should this one die (what a takeover's state carries).
+    record: bool = False
+    ephemeral: bool = False
+    socket: str | None = None
+    window_reported: bool = False
+    next_conn: int = 0
 
 
 # --- supervisor -> worker --------------------------------------------------------------------
@@ -122,6 +128,21 @@ class Ping:
     """Are you answering? (the heartbeat; answered by :class:`Pong` from the worker's loop)."""
 
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanSetup:
+    """If this supervisor dies, serve on and wait for the next one: ``handler`` names the
+    module that carries it out in the worker (a layer above the page server's), ``settings``
+    is its JSON (where to wait, what to tell an adopter, for how long)."""
+
+    handler: str
+    settings: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """An orderly stop: the channel's end that follows is not the supervisor's death."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +239,19 @@ class Armed:
     req: int
 
 
-ToWorker = Hello | Serve | Prefetch | ChunkReady | ChunkFailed | Drop | Release | Ping | CrashAt
+ToWorker = (
+    Hello
+    | Serve
+    | Prefetch
+    | ChunkReady
+    | ChunkFailed
+    | Drop
+    | Release
+    | Ping
+    | OrphanSetup
+    | Stop
+    | CrashAt
+)
 ToSupervisor = (
     Ready
     | Serving
@@ -235,7 +268,8 @@ ToSupervisor = (
 Message = ToWorker | ToSupervisor
 
 _MESSAGES: tuple[type, ...] = (
-    Hello, Serve, Prefetch, ChunkReady, ChunkFailed, Drop, Release, Ping, CrashAt,
+    Hello, Serve, Prefetch, ChunkReady, ChunkFailed, Drop, Release, Ping, OrphanSetup, Stop,
+    CrashAt,
     Ready, Serving, Ended, WindowClosed, HungUp, Remapped, Released, Need, Prefetched, Pong, Armed,
 )  # fmt: skip
 #: Every type a frame may name: the messages and the values they carry.

@@ -19,6 +19,7 @@ every fork to another process through :meth:`PageServer.export` and :meth:`PageS
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from pagefork.layers.source import LayeredView, removed_file_ranges
 from pagefork.memfile import MemFile
 from pagefork.prefetch import PrefetchResult
 from pagefork.regions import Region
+from pagefork.serving import messages as M
 from pagefork.serving.config import ServerConfig, check_config
 from pagefork.serving.forks import Callback, ForkRecord
 from pagefork.serving.handover import Handover
@@ -323,6 +325,14 @@ class PageServer:
     def adopt(self, state: dict[str, Any], fds: list[int], record: RecordRule = None) -> int:
         """Serve the forks and sockets another process exported; how many live forks."""
         return self._handover.adopt(state, fds, record)
+
+    def keep_forks_if_killed(self, setup: dict[str, Any]) -> None:
+        """Have every worker, now and later, serve on if this process dies, and hand its forks
+        to the next supervisor as ``setup`` says: its ``handler`` names the module a worker
+        imports to do so (:mod:`pagefork.takeover.orphan`), the rest is that module's."""
+        message = M.OrphanSetup(str(setup["handler"]), json.dumps(setup))
+        with self._table.lock:
+            self._sup.pool.keep_forks_if_killed(message)
 
     def _debug_crash_worker_at(self, fork_id: str, point: str, count: int = 1) -> int:
         """Tests only: make the worker serving ``fork_id`` SIGKILL itself when it reaches

@@ -281,6 +281,14 @@ class WorkerProcess:
         """Close the channel (the worker exits on it) and wait; SIGKILL a worker that lingers.
         Never waits for a sender: shutting the channel down fails any send in progress."""
         self.alive = False
+        if self._send_lock.acquire(blocking=False):  # never wait for a sender
+            try:
+                # Tell it this is a stop, not our death (it would serve on as an orphan).
+                self.chan.setblocking(False)
+                with contextlib.suppress(OSError):
+                    ipc.send(self.chan, M.Stop())
+            finally:
+                self._send_lock.release()
         with contextlib.suppress(OSError):
             self.chan.shutdown(socket.SHUT_RDWR)
         try:
@@ -315,6 +323,8 @@ class WorkerPool:
         self._mem = (mem_fd, mem_size, zero_fd)
         self._layout = layout_fds
         self._lazy = lazy
+        #: What each worker is told to do if the supervisor dies (None: nothing, it exits).
+        self.orphan_setup: M.OrphanSetup | None = None
         self._want_spare = spare
         #: Slot i's CPU when workers are pinned (one per CPU), else None.
         self._cpus: list[int | None] = list(cpus) if cpus else [None] * count
@@ -335,7 +345,17 @@ class WorkerPool:
         self.start_spare()
 
     def _spawn(self, slot: int, cpu: int | None) -> WorkerProcess:
-        return WorkerProcess(slot, *self._mem, cpu=cpu, layout_fds=self._layout, lazy=self._lazy)
+        w = WorkerProcess(slot, *self._mem, cpu=cpu, layout_fds=self._layout, lazy=self._lazy)
+        if self.orphan_setup is not None:
+            w.send(self.orphan_setup)
+        return w
+
+    def keep_forks_if_killed(self, setup: M.OrphanSetup) -> None:
+        """Tell every worker, and each one started later, to serve on if the supervisor dies
+        (pagefork.serving.orphaning); the caller holds the supervisor's lock."""
+        self.orphan_setup = setup
+        for w in self.all_processes():
+            w.send(setup)
 
     def start_spare(self) -> None:
         """Start a spare if one is wanted; a failure only costs the spare (logged)."""

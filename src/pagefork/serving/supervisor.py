@@ -265,6 +265,11 @@ class Supervisor:
             fds=names,
             adopt=adopt,
             hangup_ends=entry.hangup_ends,
+            record=entry.record,
+            ephemeral=entry.ephemeral,
+            socket=entry.socket_path,
+            window_reported=entry.window_reported,
+            next_conn=self.table.next_conn,
         )
         worker.send(M.Serve(spec), [named[n] for n in names])  # a gone one re-adopts on death
 

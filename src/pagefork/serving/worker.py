@@ -40,7 +40,7 @@ from pagefork.errors import PageforkError, PrefetchError
 from pagefork.layers.source import map_view
 from pagefork.prefetch import PrefetchPlan, execute_plan
 from pagefork.regions import PAGE_SIZE
-from pagefork.serving import ipc
+from pagefork.serving import ipc, orphaning
 from pagefork.serving import ledger as L
 from pagefork.serving import messages as M
 from pagefork.serving.policy import Action, decide
@@ -101,6 +101,7 @@ class Worker:
         self.ep = select.epoll()
         self.ep.register(chan.fileno(), select.EPOLLIN)
         self.table = WorkerForks(chan, self.ep)
+        self.hooks: dict[int, Any] = {}  # other fds to watch, and what each runs (an orphan's)
         self.forks = self.table.forks  # by the channel's key
         self.crash_at: dict[str, int] = {}
         self._read_buf = bytearray(uffd.UFFD_MSG_SIZE * _READ_BATCH)
@@ -137,7 +138,7 @@ class Worker:
     #   loop turns: a worker that is stopped or wedged stops answering, and the supervisor
     #   hands its forks on. (A fork ends on its VMM's pidfd, not its socket: see above.)
     def run(self) -> None:
-        """Serve until the supervisor closes the channel."""
+        """Serve until the channel ends (:class:`ipc.ChannelClosed`: see :func:`main`)."""
         ipc.send(self.chan, M.Ready(M.PROTOCOL_VERSION, os.getpid()))
         chan_fd = self.chan.fileno()
         while True:
@@ -149,11 +150,10 @@ class Worker:
                 if fd in self.table.closed_fds:
                     continue  # closed by an earlier event of this batch: the number may be reused
                 if fd == chan_fd:
-                    try:
-                        message, fds = ipc.recv(self.chan)
-                    except ipc.ChannelClosed:
-                        return
+                    message, fds = ipc.recv(self.chan)
                     self._on_message(message, fds)
+                elif fd in self.hooks:
+                    self.hooks[fd]()
                 else:
                     self._on_fd(fd, ev)
             self._housekeeping()
@@ -465,8 +465,8 @@ class Worker:
         elif isinstance(message, M.CrashAt):
             self.crash_at[message.point] = message.count
             ipc.send(self.chan, M.Armed(message.req))
-        else:
-            log.error("unexpected message %s from the supervisor", type(message).__name__)
+        else:  # what to do if the supervisor dies, or a message this worker does not know
+            orphaning.on_message(self, message)
 
     def crash_point(self, name: str) -> None:
         left = self.crash_at.get(name)
@@ -547,15 +547,21 @@ def main() -> None:
     lazy_args = [int(v) for v in options["lazy"].split(",")] if "lazy" in options else None
     lazy = (lazy_args[0], lazy_args[1]) if lazy_args else None
     layout_fds = tuple(int(v) for v in options["layout"].split(",")) if "layout" in options else ()
-    chan = socket.socket(fileno=chan_fd)
+    chan = orphaning.SupervisorChannel(fileno=chan_fd)
     worker = Worker(chan, mem_fd, mem_size, zero_fd, layout_fds, lazy)
     if lazy is None:  # a lazy view fills later: populating it now would only map holes
         with contextlib.suppress(OSError):  # fill the page tables now; faults then cost less
             libc.madvise(worker.mem_address, mem_size, _MADV_POPULATE_READ)
-    try:
-        worker.run()
-    except (ipc.ChannelClosed, BrokenPipeError, ConnectionResetError):
-        pass  # the supervisor is gone: so are we (the kernel closes what we held)
+    while True:
+        try:
+            worker.run()
+        except (ipc.ChannelClosed, ConnectionResetError):
+            # The supervisor stopped us, or died: then serve on as an orphan if it said how.
+            if orphaning.channel_ended(worker):
+                continue
+        except BrokenPipeError:
+            pass
+        return  # the kernel closes what we held
 
 
 if __name__ == "__main__":

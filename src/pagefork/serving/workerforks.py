@@ -51,6 +51,7 @@ class WorkerFork:
         "rec_start",
         "regions",
         "removed",
+        "spec",
         "stage",
         "table",
         "uffd",
@@ -58,6 +59,7 @@ class WorkerFork:
 
     def __init__(self, spec: M.ForkSpec, fds: dict[str, int], ledger: L.Ledger) -> None:
         self.fork_id = spec.key  # unique within the server: the channel's name for it
+        self.spec = spec  # as the supervisor sent it: what an orphaned worker hands on
         self.name = spec.fork
         self.pid = spec.pid
         self.on_failure = spec.on_failure

@@ -32,6 +32,7 @@ import pagefork
 from pagefork.takeover.protocol import (
     PROTOCOL_VERSION,
     Channel,
+    NoPeerError,
     TakeoverError,
     check_version,
     close_all,
@@ -114,7 +115,7 @@ def take_over(
         sock.connect(path)
     except OSError as exc:
         sock.close()
-        raise TakeoverError(
+        raise NoPeerError(
             f"cannot reach the running process at {path}: {exc.strerror or exc}"
         ) from None
     ch = Channel(sock, cancel_fd)

@@ -46,6 +46,10 @@ class TakeoverError(PageforkError):
     """A takeover failed; the message says at which step and why."""
 
 
+class NoPeerError(TakeoverError):
+    """Nobody listens where the other side should: there is no process to take over from."""
+
+
 class Channel:
     """One end of a takeover connection. Every receive waits at most until ``deadline``, and
     gives up as soon as ``cancel_fd`` (a signal inbox's pipe) is readable."""

@@ -125,7 +125,17 @@ class ServeTarget(Target):
         return pageserver.all_worker_pids(self.server)
 
     def adopt(self, state: dict[str, Any], fds: list[int]) -> int:
-        self.loop.restore(dict(state.get("hotloop") or {}))
+        if "hotloop" in state:
+            self.loop.restore(dict(state["hotloop"]))
+        else:
+            # An orphaned worker's forks: the loop that knew them died with their server. A
+            # fork still recording is a warm-up, whose window this side saves.
+            snap = self.loop.snapshot()
+            for spec in state["forks"]:
+                if spec.get("record") and not spec.get("window_reported"):
+                    snap["roles"][str(spec["fork"])] = "warmup"
+                    snap["warmup"] = snap["warmup"] or str(spec["fork"])
+            self.loop.restore(snap)
         return pageserver.adopt(self.server, state, fds, record=self.record)
 
 
