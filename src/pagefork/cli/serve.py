@@ -423,6 +423,10 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
                 emit("took_over", from_pid=took.from_pid, forks=took.forks)
         if orphans:
             if not supervisor_alive(takeover_path(args.socket)):
+                if supervisor_alive(args.socket):
+                    # Forks adopted now would end when the socket then cannot be bound: the
+                    # orphans serve on for whoever holds it.
+                    raise PageforkError(f"{args.socket} is in use by a live server")
                 server.wait_ready()
                 found = adopt_orphans(takeover_path(args.socket), target, cancel_fd=inbox.fileno())
                 if found.workers or found.failed:

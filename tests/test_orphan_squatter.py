@@ -1,0 +1,55 @@
+"""A restarted serve that cannot have its socket leaves the orphaned forks alone.
+
+Real ``pagefork serve`` processes, real SIGKILL, test VMMs that fault real uffd memory.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from test_orphans import kill, rendezvous
+from test_takeover_serve import ALL_PAGES, Serve, args_for
+
+from conftest import needs_uffd
+
+
+@needs_uffd
+def test_socket_held_by_another_process_no_orphan_is_adopted_and_ended(
+    short_dir: Path, mem_file: Path, vmms
+) -> None:
+    sock = short_dir / "h.sock"
+    old = Serve(*args_for(sock, mem_file))
+    old.wait_for("listening")
+    guests = [vmms(str(sock)) for _ in range(2)]
+    for g in guests:
+        assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    kill(old)
+    waiting = rendezvous(sock)
+    assert len(waiting) == 2
+    # Another process (a second supervisor started at the same time, say) holds the socket.
+    os.unlink(sock)
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squatter.bind(str(sock))
+    squatter.listen(8)
+    new = Serve(*args_for(sock, mem_file))
+    assert new.proc.wait(60) == 2
+    new.wait_err(f"pagefork: error: {sock} is in use by a live server")
+    assert not any(e["event"] in ("adopted", "fork_end") for e in new.events)
+    assert not any("Traceback" in line for line in new.errors)
+    # The orphans still serve their forks, every byte, and still wait to be adopted.
+    for g in guests:
+        assert g.send(cmd="touch", all=True)["bad"] == 0
+    assert rendezvous(sock) == waiting
+    squatter.close()
+    os.unlink(sock)
+    last = Serve(*args_for(sock, mem_file))
+    (adopted,) = last.wait_for("adopted")
+    assert adopted["forks"] == 2 and adopted["failed"] == 0
+    last.wait_for("listening")
+    for g in guests:
+        g.close()
+    ends = last.wait_for("fork_end", count=2)
+    assert sorted(e["faults"] for e in ends) == [ALL_PAGES] * 2
+    assert last.stop() == 0
