@@ -429,6 +429,15 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
                     raise PageforkError(f"{args.socket} is in use by a live server")
                 server.wait_ready()
                 found = adopt_orphans(takeover_path(args.socket), target, cancel_fd=inbox.fileno())
+                if found.failed and not found.workers:
+                    # Serving on beside orphans it could not adopt (another mem-file, say)
+                    # would leave their forks to die at the deadline, with no later server
+                    # able to take them: refuse, and let the operator start the right one.
+                    raise PageforkError(
+                        f"orphaned workers of an earlier serve on {args.socket} could not be "
+                        f"adopted ({found.failed[0]}); they serve their forks on until their "
+                        "deadline: start serve with the options they were started with"
+                    )
                 if found.workers or found.failed:
                     emit("adopted", workers=found.workers, forks=found.forks,
                          seconds=round(found.seconds, 6), failed=len(found.failed))  # fmt: skip
