@@ -75,7 +75,8 @@ def test_a_restart_with_another_mem_file_refuses_to_start_and_the_orphans_serve_
     assert not any(e["event"] == "listening" for e in new.events)
     assert not any("Traceback" in line for line in new.errors)
     assert guest.send(cmd="touch", all=True)["bad"] == 0  # the orphans serve on
-    assert rendezvous(sock) == waiting
+    # The worker that serves the fork still waits (one that served none may have gone).
+    assert rendezvous(sock) and set(rendezvous(sock)) <= set(waiting)
     last = Serve(*args_for(sock, mem_file))
     (adopted,) = last.wait_for("adopted")
     assert adopted["forks"] == 1 and adopted["failed"] == 0

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -414,6 +415,12 @@ def test_daemon_takeover_adopts_microvm_forks(tmp_path: Path, short_dir: Path) -
     assert client.wait_fork("warm", timeout=60)["vmm"]["checksum_ok"]
     later = client.create_fork("vm", "later", vmm="kvm", options={"fork_index": 1})
     assert later["role"] == "prefetch" and later["prefetch"]["installed"] > 0
+    # The warm-up's VMM exits after its run; its status is known only to the daemon that
+    # reaps it (an adopted VMM is not the new daemon's child): let the old one reap it first.
+    deadline = time.monotonic() + 60
+    while client.fork("warm")["exit_status"] is None:
+        assert time.monotonic() < deadline, "the warm-up's VMM exit was never reaped"
+        time.sleep(0.05)
     new = DaemonProc(tmp_path / "state", control, "--takeover")
     assert new.wait_for("took_over")["forks"] == 2
     assert old.proc.wait(60) == 0
@@ -435,9 +442,7 @@ def test_a_fork_snapshotted_before_a_takeover_goes_on_with_its_diff_chain_after_
     tmp_path: Path, short_dir: Path
 ) -> None:
     control, old, client = _microvm_daemon(tmp_path, short_dir)
-    fid = client.create_fork("vm", vmm="kvm", options={"fork_index": 0, "snapshots": True})[
-        "fork"
-    ]
+    fid = client.create_fork("vm", vmm="kvm", options={"fork_index": 0, "snapshots": True})["fork"]
     assert client.wait_fork(fid, timeout=60)["vmm"]["checksum_ok"]
     client.snapshot_fork(fid, "s1")  # a layer over vm; the fork then walks on
     walk1 = client.wait_fork(fid, timeout=60)["vmm"]
