@@ -53,7 +53,7 @@ from pagefork.takeover.new import take_over
 from pagefork.takeover.orphan import orphan_deadline
 from pagefork.takeover.orphan import setup as orphan_setup
 from pagefork.takeover.pageserver import abandon
-from pagefork.takeover.protocol import NoPeerError, TakeoverError
+from pagefork.takeover.protocol import NoPeerError, TakeoverError, TakeoverRefused
 from pagefork.takeover.recover import adopt_orphans, supervisor_alive
 from pagefork.takeover.serve import ServeHandover, ServeSource, ServeTarget, takeover_path
 
@@ -409,7 +409,9 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
             try:
                 took = take_over(takeover_path(args.socket), target, cancel_fd=inbox.fileno())
             except TakeoverError as exc:
-                if isinstance(exc, NoPeerError) or supervisor_alive(takeover_path(args.socket)):
+                if isinstance(exc, (NoPeerError, TakeoverRefused)) or supervisor_alive(
+                    takeover_path(args.socket)
+                ):
                     abandon(server)  # the forks are the old server's: end none, save nothing
                     raise
                 # The old server died mid-takeover: its workers serve its forks on.

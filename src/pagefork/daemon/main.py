@@ -31,7 +31,7 @@ from pagefork.takeover.daemon import DaemonHandover, DaemonTarget, takeover_path
 from pagefork.takeover.daemon_recover import adopt_orphans_into, keep_forks_if_killed
 from pagefork.takeover.new import take_over
 from pagefork.takeover.orphan import orphan_deadline
-from pagefork.takeover.protocol import NoPeerError, TakeoverError
+from pagefork.takeover.protocol import NoPeerError, TakeoverError, TakeoverRefused
 from pagefork.takeover.recover import supervisor_alive
 from pagefork.takeover.systemd import notify
 
@@ -63,7 +63,7 @@ def successor_command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def _start_successor(args: argparse.Namespace) -> None:
+def _start_successor(args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
     """Start a successor; log its failure (this daemon then serves on)."""
     cmd = successor_command(args)
     log.warning("SIGHUP: handing over to a new daemon: %s", " ".join(cmd))
@@ -73,7 +73,7 @@ def _start_successor(args: argparse.Namespace) -> None:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     except OSError as exc:
         log.error("SIGHUP: cannot start a new daemon: %s; serving on", exc.strerror or exc)
-        return
+        return None
 
     def reap() -> None:
         code = proc.wait()
@@ -81,6 +81,7 @@ def _start_successor(args: argparse.Namespace) -> None:
             log.error("SIGHUP: the new daemon exited with status %d; serving on", code)
 
     threading.Thread(target=reap, name="pagefork-successor", daemon=True).start()
+    return proc
 
 
 def _pass_on_terminate(pid: int) -> None:
@@ -129,7 +130,9 @@ def serve_daemon(args: argparse.Namespace, inbox: SignalInbox, store: StoreOptio
             took = take_over(takeover_path(args.state_dir), target, cancel_fd=inbox.fileno())
         except TakeoverError as exc:
             target.discard()
-            if isinstance(exc, NoPeerError) or supervisor_alive(takeover_path(args.state_dir)):
+            if isinstance(exc, (NoPeerError, TakeoverRefused)) or supervisor_alive(
+                takeover_path(args.state_dir)
+            ):
                 raise
             # The old daemon died mid-takeover: its workers serve its forks on.
             log.warning("takeover: %s; the running daemon is gone: adopting its forks", exc)
@@ -177,6 +180,7 @@ def serve_daemon(args: argparse.Namespace, inbox: SignalInbox, store: StoreOptio
         daemon.close()
         raise
     terminate = False
+    successors: list[subprocess.Popen[bytes]] = []
     try:
         _emit("listening", control=args.control)
         if args.takeover:
@@ -191,7 +195,9 @@ def serve_daemon(args: argparse.Namespace, inbox: SignalInbox, store: StoreOptio
                 elif code == signal.SIGHUP:
                     upgrade = True
             if upgrade and not terminate and not handed:
-                _start_successor(args)
+                started = _start_successor(args)
+                if started is not None:
+                    successors.append(started)
     finally:
         handover.close()  # waits for a handover in progress to end either way
     terminate = terminate or any(_is_stop(c, args) for c in inbox.drain())
@@ -200,4 +206,14 @@ def serve_daemon(args: argparse.Namespace, inbox: SignalInbox, store: StoreOptio
         if terminate:  # asked to stop while handing over: the successor stops
             _pass_on_terminate(handed[0][0])
     else:
+        # Stopped before a successor it started took over (one still starting, say): that
+        # successor must not become the service this stop ends.
+        for proc in successors:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:  # stuck: it holds nothing of ours yet
+                    proc.kill()
+                    proc.wait()
         _emit("stopped")

@@ -108,8 +108,10 @@ class TakeoverListener:
         with self._conn_lock:
             self._closing = True
             if self._conn is not None:
+                # Reading only: the handler's wait ends, and its "abort" still reaches the
+                # new side, which then knows this side gave up and did not die.
                 with contextlib.suppress(OSError):
-                    self._conn.shutdown(socket.SHUT_RDWR)
+                    self._conn.shutdown(socket.SHUT_RD)
         if threading.current_thread() is not self._thread:
             self._thread.join()
         with contextlib.suppress(OSError):

@@ -50,6 +50,11 @@ class NoPeerError(TakeoverError):
     """Nobody listens where the other side should: there is no process to take over from."""
 
 
+class TakeoverRefused(TakeoverError):
+    """The takeover was called off on purpose: the other side refused or gave up (it lives,
+    or stopped cleanly), or this side was asked to stop. Never a sign the other side died."""
+
+
 class Channel:
     """One end of a takeover connection. Every receive waits at most until ``deadline``, and
     gives up as soon as ``cancel_fd`` (a signal inbox's pipe) is readable."""
@@ -93,7 +98,7 @@ class Channel:
         try:
             kind = message.get("type")
             if kind in ("refused", "abort") and kind not in expect:
-                raise TakeoverError(str(message.get("error", "refused, no reason given")))
+                raise TakeoverRefused(str(message.get("error", "refused, no reason given")))
             if kind not in expect:
                 raise TakeoverError(f"expected {' or '.join(expect)}, got {kind!r}")
             total = message.get("fd_count", 0)
@@ -163,7 +168,7 @@ class Channel:
             poller.register(self.cancel_fd, select.POLLIN)
             ready = dict(poller.poll(max(1, int(left * 1000))))
             if self.cancel_fd in ready:
-                raise TakeoverError("stopped by a signal")
+                raise TakeoverRefused("stopped by a signal")
             left = max(deadline - time.monotonic(), 0.001)
         self.sock.settimeout(left)
 
