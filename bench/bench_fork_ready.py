@@ -59,10 +59,9 @@ console = Console(highlight=False, width=120)  # tables wider than a pipe's 80 c
 DEMAND, PREFETCH, CACHED, LIMIT = "demand", "prefetch", "cached", "present"
 STREAM = "stream"
 PAIRED_MODES = (DEMAND, PREFETCH, CACHED, STREAM, LIMIT)
-#: ``stream``: the share of the hot set (first touches first) installed before resume, and the
-#: pages per slice streamed while the guest runs.
+#: ``stream``: the share of the hot set (first touches first) installed before resume; the
+#: fork's worker streams the rest while the guest runs.
 STREAM_HEAD = 0.25
-STREAM_SLICE = 512
 
 
 def _row(table: Table, label: str, reports: list[ForkReport], ready: list[float]) -> None:
@@ -126,7 +125,7 @@ def paired_rounds(
 ) -> dict[str, float]:
     """(a): ``pairs`` rounds of the four paired modes on one variant each."""
     every_page = orchestrate.every_page(template)
-    stream = orchestrate.split_hot_set(hot, int(len(hot) * STREAM_HEAD), STREAM_SLICE)
+    stream = orchestrate.Stream(hot, int(len(hot) * STREAM_HEAD))
     # Untimed: fills the plan cache for ``cached`` (and warms the page cache for all modes).
     idx0 = orchestrate.fork_index(template, 0, warm.variant)
     orchestrate.run_forks(server, template, [idx0], "prefetch", hot=hot)
@@ -200,7 +199,7 @@ def paired_rounds(
         "stream_over_present": paired_ratio(ready[STREAM], ready[LIMIT]),
         "speedup_stream": paired_ratio(ready[DEMAND], ready[STREAM]),
         "stream_raced_mean": statistics.fmean(x.raced for x in got[STREAM]),
-        "stream_head_pages": len(stream.head),
+        "stream_head_pages": stream.head,
         **{f"{m}_ready_ms_p50": median(ready[m]) for m in PAIRED_MODES},
         "prefetch_ms_uncached": median([x.prefetch_ms for x in got[PREFETCH]]),
         "prefetch_ms_cached": median([x.prefetch_ms for x in got[CACHED]]),
@@ -225,7 +224,7 @@ def paired_rounds(
         f"prefetched ready / all present (the limit): first fork "
         f"{figures['prefetch_over_present']:.2f}x, later forks "
         f"{figures['cached_over_present']:.2f}x (target <= 1.3x); "
-        f"resumed early ({len(stream.head)} pages before resume, the rest streamed): "
+        f"resumed early ({stream.head} pages before resume, the rest streamed): "
         f"{figures['stream_over_present']:.2f}x the limit, {figures['speedup_stream']:.2f}x "
         f"on demand, {figures['stream_raced_mean']:.0f} faults raced the stream per fork; "
         f"planning {planning:.1f} ms per fork "

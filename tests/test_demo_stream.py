@@ -37,12 +37,11 @@ def server(template: Template, tmp_path: Path) -> Iterator[PageServer]:
         yield srv
 
 
-def test_split_keeps_first_touch_order_and_every_page() -> None:
+def test_a_stream_needs_a_head_of_zero_or_more() -> None:
     hot = HotPageList.from_pages([(0, i * 0x1000) for i in (5, 3, 9, 1, 7)])
-    stream = orchestrate.split_hot_set(hot, head=2, slice_pages=2)
-    assert stream.head.in_order() == hot.in_order()[:2]
-    assert [s.in_order() for s in stream.slices] == [hot.in_order()[2:4], hot.in_order()[4:]]
-    assert stream.pages == len(hot)
+    assert orchestrate.Stream(hot, 2).pages == 5
+    with pytest.raises(ValueError, match="head"):
+        orchestrate.Stream(hot, -1)
 
 
 @needs_kvm
@@ -51,16 +50,16 @@ def test_a_fork_resumed_early_reads_the_template_while_the_rest_streams_in(
 ) -> None:
     warm, hot = orchestrate.warm_up(server, template, fork_index=0)
     for head in (0, len(hot) // 8):
-        stream = orchestrate.split_hot_set(hot, head=head, slice_pages=64)
+        stream = orchestrate.Stream(hot, head)
         [report] = orchestrate.run_forks(
             server, template, [2], "prefetch", warmup_variant=warm.variant, stream=stream
         )
         assert report.checksum_ok and report.bad_pages == 0  # every byte it read was right
-        assert report.head_pages == head
-        # Each hot page came in before resume, streamed, or by a fault that raced the stream
-        # (a racing fault may also find the stream's copy there first: then both count it).
-        installed = report.head_pages + report.streamed_pages
-        assert installed <= len(hot) <= installed + report.raced
-        assert report.misses == report.specific_pages + report.raced
-        assert report.already_present <= report.raced
+        assert report.head_pages >= head  # the head's last run may hold a few more
+        # Each hot page came in before resume, streamed, or by a fault that raced the stream.
+        assert report.head_pages + report.streamed_pages + report.raced == len(hot)
         assert report.prefetched_pages == report.head_pages + report.streamed_pages
+        # Misses: pages the hot set lacks, and hot pages the guest reached first (served by a
+        # fault; or installed by the stream while the fault waited, which then found it there).
+        beyond = report.misses - report.specific_pages
+        assert report.raced <= beyond <= report.raced + report.already_present

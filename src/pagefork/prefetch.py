@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import builtins
+import dataclasses
 import errno
 import itertools
 import os
@@ -264,6 +265,13 @@ class PrefetchResult:
     fetched_bytes: int = 0
     fetch_seconds: float = 0.0
     bridged_bytes: int = 0
+    #: A streamed prefetch (``head`` given): hot pages installed after the head was reported
+    #: (while the guest ran), and of those reached by the stream, how many the guest had
+    #: faulted in first (a fault that raced the stream). Both 0 when nothing was streamed.
+    streamed: int = 0
+    raced: int = 0
+    #: Seconds from the start until the head was installed (all of ``seconds`` unstreamed).
+    head_seconds: float = 0.0
 
 
 class PrefetchTarget(Protocol):
@@ -751,6 +759,8 @@ def execute_plan(
     regions: Sequence[Region] | None = None,
     timeout: float = 10.0,
     clock: Callable[[], float] = time.perf_counter,
+    head: int | None = None,
+    on_head: Callable[[PrefetchResult], None] | None = None,
 ) -> PrefetchResult:
     """Install ``plan`` into ``target``: one ioctl per run, then one wake per touched region.
 
@@ -761,6 +771,12 @@ def execute_plan(
     for (another fork of the same template): runs are relocated by each region's base.
     ``timeout`` bounds, from the start, the time spent waiting for the fault loop after
     EAGAIN. The regions are woken even when a run fails with :class:`PrefetchError`.
+
+    ``head`` streams the plan: once the runs holding the first ``head`` hot pages (in
+    first-touch order) are in, the regions are woken and ``on_head`` is given the result so
+    far (the caller resumes the guest then); the rest is installed after it, and the final
+    result counts those pages in ``streamed`` and the ones the guest faulted in first in
+    ``raced``. A ``head`` of the whole plan or more is no stream.
     """
     started = clock()
     deadline = started + timeout
@@ -771,8 +787,17 @@ def execute_plan(
     src_base = target.src_base
     copy, zeropage = target.copy, target.zeropage
     bridged = 0
+    streaming = head is not None and head < plan.pages
+    stream_from: tuple[int, int] | None = None  # (installed, already present) at the head
+    head_seconds = 0.0
+    hot_done = 0
     try:
         for region, host, offset, length, zero, page_size, hot in plan.rows():
+            if stream_from is None and streaming and head is not None and hot_done >= head:
+                stream_from, head_seconds = _report_head(
+                    plan, deltas, target, tally, bridged, started, clock, on_head
+                )
+            hot_done += hot
             delta = deltas[region] if deltas else 0
             first_error = None
             if not tally.check_removed:
@@ -812,6 +837,20 @@ def execute_plan(
             exc.installed = tally.installed
         raise
     _wake_regions(plan, deltas, target, tally, quiet=False)
+    seconds = clock() - started
+    streamed = raced = 0
+    if stream_from is not None:
+        streamed = tally.installed - stream_from[0]
+        raced = tally.already_present - stream_from[1]
+    return dataclasses.replace(
+        _result(plan, tally, bridged, seconds),
+        streamed=streamed,
+        raced=raced,
+        head_seconds=head_seconds if stream_from is not None else seconds,
+    )
+
+
+def _result(plan: PrefetchPlan, tally: _Tally, bridged: int, seconds: float) -> PrefetchResult:
     return PrefetchResult(
         requested=plan.pages,
         installed=tally.installed,
@@ -820,9 +859,28 @@ def execute_plan(
         runs=plan.run_count,
         ioctls=tally.ioctls,
         bytes=tally.installed_bytes,
-        seconds=clock() - started,
+        seconds=seconds,
         bridged_bytes=bridged,
     )
+
+
+def _report_head(
+    plan: PrefetchPlan,
+    deltas: list[int],
+    target: PrefetchTarget,
+    tally: _Tally,
+    bridged: int,
+    started: float,
+    clock: Callable[[], float],
+    on_head: Callable[[PrefetchResult], None] | None,
+) -> tuple[tuple[int, int], float]:
+    """The head is in: wake what it installed with DONTWAKE, and say so before the guest runs.
+    Returns the counters the stream starts from and the head's seconds."""
+    _wake_regions(plan, deltas, target, tally, quiet=False)
+    seconds = clock() - started
+    if on_head is not None:
+        on_head(_result(plan, tally, bridged, seconds))
+    return (tally.installed, tally.already_present), seconds
 
 
 def prefetch(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ from typing import Any, Literal
 
 from pagefork.errors import PageforkError, UffdError, VmmError
 from pagefork.hotpages import HotPageList
-from pagefork.prefetch import prepare_planner
+from pagefork.prefetch import PrefetchResult, prepare_planner
 from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer
 from pagefork.uffd import open_userfaultfd
@@ -52,33 +51,21 @@ def every_page(template: Template) -> HotPageList:
 
 @dataclass(frozen=True)
 class Stream:
-    """A hot set split for resuming early: ``head`` (its first pages in first-touch order) is
-    installed before resume, ``slices`` stream in, one ``PageServer.prefetch`` call each, while
-    the guest runs; the worker serves the fork's faults between two slices."""
+    """A hot set installed by resuming early: its first ``head`` pages (first-touch order) go
+    in before resume, and the page server's worker streams the rest while the guest runs,
+    serving the guest's faults ahead of it (``PageServer.prefetch(..., head=)``)."""
 
-    head: HotPageList
-    slices: tuple[HotPageList, ...]
+    hot: HotPageList
+    head: int
+
+    def __post_init__(self) -> None:
+        if self.head < 0:
+            raise ValueError("head must be >= 0")
 
     @property
     def pages(self) -> int:
-        """Pages in the head and the slices."""
-        return len(self.head) + sum(len(s) for s in self.slices)
-
-
-def split_hot_set(hot: HotPageList, head: int, slice_pages: int = 512) -> Stream:
-    """Split ``hot`` into a head of ``head`` pages and slices of ``slice_pages`` (make it once
-    per hot set: the server then plans each part once)."""
-    if head < 0 or slice_pages < 1:
-        raise ValueError("head must be >= 0 and slice_pages >= 1")
-    pages = hot.in_order()
-    tail = pages[head:]
-    return Stream(
-        HotPageList.from_pages(pages[:head]),
-        tuple(
-            HotPageList.from_pages(tail[i : i + slice_pages])
-            for i in range(0, len(tail), slice_pages)
-        ),
-    )
+        """Pages in the whole hot set."""
+        return len(self.hot)
 
 
 def check_environment() -> None:
@@ -119,8 +106,8 @@ class ForkReport:
     #: The guest's checksum per vCPU.
     checksums: list[int] = field(default_factory=list)
     #: Resumed early: pages installed before resume, and streamed after it (by the end of the
-    #: stream, which may outlast ready); misses that raced the stream: pages of the hot set
-    #: the guest reached before the stream did (misses beyond the pages the hot set lacks).
+    #: stream, which may outlast ready); pages of the hot set the guest faulted in before the
+    #: stream reached them (faults that raced the stream).
     head_pages: int = 0
     streamed_pages: int = 0
     raced: int = 0
@@ -149,8 +136,8 @@ class _Fork:
         memory = template.memory_chain if len(template.memory_chain) > 1 else ()
         self.process = ForkProcess(str(template.path), socket_path, index, memory=memory)
         self.prefetch_seconds = 0.0
-        self.streamed = 0
-        self.stream_thread: threading.Thread | None = None
+        #: What the prefetch call returned (a streamed one: the head's result).
+        self.prefetched: PrefetchResult | None = None
         #: When the orchestrator was done preparing the fork (monotonic; 0: not yet).
         self.prepared_at = 0.0
 
@@ -164,8 +151,16 @@ def _report(
     warmup_pages: set[int] | None,
     stream: Stream | None = None,
 ) -> ForkReport:
-    if fork.stream_thread is not None:
-        fork.stream_thread.join()
+    head_pages = streamed = raced = 0
+    if stream is not None:
+        try:
+            # The stream may outlast ready: its figures are the whole prefetch's.
+            whole = server.stream_result(fork.name, timeout=30.0) or fork.prefetched
+        except PageforkError:
+            whole = fork.prefetched  # the fork ended mid-stream: what the head did
+        if whole is not None:
+            streamed, raced = whole.streamed, whole.raced
+            head_pages = whole.installed - whole.streamed
     stats = server.wait_ended(fork.name, timeout=30.0)
     specific = 0
     if warmup_pages is not None:
@@ -202,22 +197,12 @@ def _report(
         fault_latency_us=dict(stats.latency_us),
         progress=progress,
         checksums=list(result.checksums),
-        head_pages=len(stream.head) if stream is not None else 0,
-        streamed_pages=fork.streamed,
-        raced=max(0, stats.misses - specific) if stream is not None and warmup_pages else 0,
+        head_pages=head_pages,
+        streamed_pages=streamed,
+        raced=raced,
         already_present=stats.already_present,
         memory=dict(result.memory),
     )
-
-
-def _stream(server: PageServer, fork: _Fork, stream: Stream, timeout: float) -> None:
-    """Install the stream's slices into the running fork, in order, until done or the fork
-    ends (its session then refuses the next slice: nothing left to do)."""
-    for part in stream.slices:
-        try:
-            fork.streamed += server.prefetch(fork.name, part, timeout).installed
-        except PageforkError:
-            return
 
 
 def run_forks(
@@ -241,12 +226,12 @@ def run_forks(
     then resumes them together, so the page server serves them all at once.
     ``warmup_variant`` lets each report say how many of its pages the warm-up never touched
     (the misses a perfect prefetch leaves). With ``stream`` (mode ``prefetch``), only its
-    head is installed before resume and its slices stream in while the guest runs.
+    head is installed before resume and the worker streams the rest while the guest runs.
     """
     if stream is not None:
         if mode != "prefetch":
             raise VmmError("a stream needs prefetch mode")
-        hot = stream.head
+        hot = stream.hot
     if mode == "prefetch" and hot is None:
         raise VmmError("prefetch mode needs a hot-page list")
     if mode == "present" and hot is None:
@@ -267,7 +252,8 @@ def run_forks(
                     assert hot is not None
                     # Wall clock of the whole call: planning counts as much as the copies.
                     t0 = time.monotonic()
-                    server.prefetch(fork.name, hot)
+                    head = stream.head if stream is not None else None
+                    fork.prefetched = server.prefetch(fork.name, hot, head=head)
                     fork.prefetch_seconds = time.monotonic() - t0
                 fork.prepared_at = time.monotonic()
                 fork.process.wait_restored(timeout=timeout)
@@ -283,11 +269,6 @@ def run_forks(
                         future.result()
             for fork in forks:
                 fork.process.go()
-                if stream is not None:
-                    fork.stream_thread = threading.Thread(
-                        target=_stream, args=(server, fork, stream, timeout), daemon=True
-                    )
-                    fork.stream_thread.start()
             for fork in forks:
                 result = fork.process.wait_result(timeout=timeout)
                 report = _report(server, template, fork, mode, result, warmup_pages, stream)
@@ -298,8 +279,6 @@ def run_forks(
             # Each in its own try: one failing close must not leak the other forks.
             errors: list[BaseException] = []
             for fork in forks:
-                if fork.stream_thread is not None:
-                    fork.stream_thread.join()  # a slice in flight finishes, the rest refuse
                 try:
                     fork.process.close()
                 except Exception as exc:  # collected; the first is re-raised

@@ -26,7 +26,7 @@ from pagefork.prefetch import PrefetchPlan, PrefetchResult
 from pagefork.regions import Region
 
 #: Bumped whenever a message below changes shape.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class ProtocolError(PageforkError):
@@ -92,6 +92,8 @@ class Prefetch:
     token: int | None
     plan: PrefetchPlan | None
     timeout: float
+    #: Stream: answer :class:`PrefetchHead` once this many hot pages are in, then go on.
+    head: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +149,13 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class CrashAt:
-    """Tests only: SIGKILL yourself the ``count``-th time you reach ``point``."""
+    """Tests only: SIGKILL yourself the ``count``-th time you reach ``point`` (SIGSTOP, with
+    ``stop``: the test sends SIGCONT)."""
 
     point: str
     count: int
     req: int
+    stop: bool = False
 
 
 # --- worker -> supervisor --------------------------------------------------------------------
@@ -226,6 +230,15 @@ class Prefetched:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefetchHead:
+    """A streamed :class:`Prefetch` has its head in (``result`` so far): the guest may run
+    while the rest streams; :class:`Prefetched` follows."""
+
+    req: int
+    result: PrefetchResult
+
+
+@dataclass(frozen=True, slots=True)
 class Pong:
     """The answer to :class:`Ping`."""
 
@@ -262,6 +275,7 @@ ToSupervisor = (
     | Released
     | Need
     | Prefetched
+    | PrefetchHead
     | Pong
     | Armed
 )
@@ -270,7 +284,8 @@ Message = ToWorker | ToSupervisor
 _MESSAGES: tuple[type, ...] = (
     Hello, Serve, Prefetch, ChunkReady, ChunkFailed, Drop, Release, Ping, OrphanSetup, Stop,
     CrashAt,
-    Ready, Serving, Ended, WindowClosed, HungUp, Remapped, Released, Need, Prefetched, Pong, Armed,
+    Ready, Serving, Ended, WindowClosed, HungUp, Remapped, Released, Need, Prefetched,
+    PrefetchHead, Pong, Armed,
 )  # fmt: skip
 #: Every type a frame may name: the messages and the values they carry.
 _TYPES: dict[str, type] = {

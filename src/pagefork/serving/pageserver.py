@@ -144,6 +144,7 @@ class PageServer:
             if entry is None:
                 return
             self._sup.handshakes.drop_fork(entry)
+            self._sup.prefetcher.forget(fork_id)
             commands = self._table.move(entry, Event.UNREGISTERED)
             callbacks = self._sup.carry_out(entry, commands)
             if not entry.final:  # its worker ends it; or its death does
@@ -278,7 +279,11 @@ class PageServer:
             return self._table.hot_of(entry)
 
     def prefetch(
-        self, fork_id: str, hot_pages: HotPageList | Sequence[HotPage], timeout: float = 10.0
+        self,
+        fork_id: str,
+        hot_pages: HotPageList | Sequence[HotPage],
+        timeout: float = 10.0,
+        head: int | None = None,
     ) -> PrefetchResult:
         """Install ``hot_pages`` into the fork before its guest runs.
 
@@ -287,9 +292,20 @@ class PageServer:
         installed), then the fork's worker copies it in coalesced runs. Safe to race the
         fork's own faults. If the worker dies meanwhile, its replacement runs the prefetch
         again (installing a page twice is harmless: the kernel says EEXIST).
+
+        ``head`` streams it: this returns once the first ``head`` hot pages (first-touch
+        order) are in, with the result so far, so the caller can resume the guest at once;
+        the worker installs the rest while the guest runs, serving the guest's faults ahead
+        of it. :meth:`stream_result` gives the whole result.
         """
         entry = self._wait_connected(fork_id, timeout)
-        return self._sup.prefetcher.prefetch(entry, hot_pages, timeout)
+        return self._sup.prefetcher.prefetch(entry, hot_pages, timeout, head)
+
+    def stream_result(self, fork_id: str, timeout: float = 10.0) -> PrefetchResult | None:
+        """Wait for the streamed prefetch of ``fork_id`` to finish: the whole result
+        (``streamed`` and ``raced`` say what happened after the head), or None if no
+        prefetch streamed into it. :class:`PrefetchError` if it failed."""
+        return self._sup.prefetcher.stream_result(fork_id, timeout)
 
     def plans_cached(self) -> int:
         """How many prefetch plans are cached (one per hot set and region layout)."""
@@ -334,12 +350,15 @@ class PageServer:
         with self._table.lock:
             self._sup.pool.keep_forks_if_killed(message)
 
-    def _debug_crash_worker_at(self, fork_id: str, point: str, count: int = 1) -> int:
-        """Tests only: make the worker serving ``fork_id`` SIGKILL itself when it reaches
-        ``point`` for the ``count``-th time (``fault_read``, ``remove_noted``, ``recorded``,
-        ``prefetch``, ``parked``: a lazy template's fault waits for its chunk). Returns that
-        worker's pid."""
-        return self._sup.crash_worker_at(self._get(fork_id), point, count)
+    def _debug_crash_worker_at(
+        self, fork_id: str, point: str, count: int = 1, stop: bool = False
+    ) -> int:
+        """Tests only: make the worker serving ``fork_id`` SIGKILL itself (SIGSTOP, with
+        ``stop``) when it reaches ``point`` for the ``count``-th time (``fault_read``,
+        ``remove_noted``, ``recorded``, ``prefetch``, ``stream``: a streamed prefetch's head is
+        in, ``parked``: a lazy template's fault waits for its chunk). Returns that worker's
+        pid."""
+        return self._sup.crash_worker_at(self._get(fork_id), point, count, stop)
 
     # --- shutdown ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -193,10 +193,17 @@ class WorkerProcess:
         return True
 
     def send_prefetch(
-        self, req: int, key: str, token: int | None, plan: PrefetchPlan, timeout: float
+        self,
+        req: int,
+        key: str,
+        token: int | None,
+        plan: PrefetchPlan,
+        timeout: float,
+        head: int | None = None,
     ) -> bool:
-        """Ask for a prefetch. A plan this worker already has (``token``) is not sent again:
-        its copy is kept in step with this side's record, both least-recently-used."""
+        """Ask for a prefetch (streamed after ``head`` hot pages, if given). A plan this
+        worker already has (``token``) is not sent again: its copy is kept in step with this
+        side's record, both least-recently-used."""
         with self._send_lock:
             known = token is not None and token in self._plans
             if token is not None:
@@ -204,7 +211,7 @@ class WorkerProcess:
                 self._plans.move_to_end(token)
                 while len(self._plans) > PLANS_KEPT:
                     self._plans.popitem(last=False)
-            return self._send(M.Prefetch(req, key, token, None if known else plan, timeout))
+            return self._send(M.Prefetch(req, key, token, None if known else plan, timeout, head))
 
     # --- the heartbeat (called from the supervisor's loop only) --------------------------
     def ping_due(self, now: float) -> float:

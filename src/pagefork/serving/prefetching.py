@@ -39,10 +39,35 @@ class _Request:
     plan: PrefetchPlan
     timeout: float
     token: int | None = None
+    head: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    #: Set when the head is in (a streamed prefetch) or when it is done, whichever is first.
+    head_done: threading.Event = field(default_factory=threading.Event)
+    head_result: PrefetchResult | None = None
     result: PrefetchResult | None = None
     error: str | None = None
     installed: int = 0
+    fetched: tuple[int, float] | None = None
+
+    def finish(self, result: PrefetchResult | None, error: str | None, installed: int) -> None:
+        self.result, self.error, self.installed = result, error, installed
+        self.done.set()
+        self.head_done.set()
+
+    def outcome(self) -> PrefetchResult:
+        """The whole prefetch's result, or its :class:`PrefetchError` (call once done)."""
+        if self.error is not None:
+            exc = PrefetchError(self.error)
+            exc.installed = self.installed
+            raise exc
+        assert self.result is not None
+        return _with_fetch(self.result, self.fetched)
+
+
+def _with_fetch(result: PrefetchResult, fetched: tuple[int, float] | None) -> PrefetchResult:
+    if fetched is None:
+        return result
+    return dataclasses.replace(result, fetched_bytes=fetched[0], fetch_seconds=fetched[1])
 
 
 class PrefetchService:
@@ -60,6 +85,8 @@ class PrefetchService:
         self._lazy = lazy
         self._tell_workers = tell_workers
         self._requests: dict[int, _Request] = {}
+        # Fork id -> its streamed prefetch, kept (done or not) until the fork is unregistered.
+        self._streams: dict[str, _Request] = {}
         self._plans: OrderedDict[tuple[object, ...], tuple[HotPageList, PrefetchPlan, int]] = (
             OrderedDict()
         )
@@ -71,61 +98,104 @@ class PrefetchService:
             return len(self._plans)
 
     def prefetch(
-        self, entry: ForkRecord, hot_pages: HotPageList | Sequence[HotPage], timeout: float
+        self,
+        entry: ForkRecord,
+        hot_pages: HotPageList | Sequence[HotPage],
+        timeout: float,
+        head: int | None = None,
     ) -> PrefetchResult:
-        """Install ``hot_pages`` into the connected fork ``entry`` through its worker."""
+        """Install ``hot_pages`` into the connected fork ``entry`` through its worker.
+
+        With ``head``, return once the first ``head`` hot pages are in (the result so far);
+        the worker streams the rest, and :meth:`stream_result` waits for the whole.
+        """
         fork_id = entry.fork_id
         token, plan = self._plan(hot_pages, list(entry.regions))
-        fetched = self._fetch_for(fork_id, plan, timeout)
-        request = _Request(next(self._table.serial), "", plan, timeout, token)
+        request = _Request(next(self._table.serial), "", plan, timeout, token, head)
+        request.fetched = self._fetch_for(fork_id, plan, timeout)
         with self._table.lock:
             if entry.final or entry.worker is None:
                 raise PrefetchError(f"fork {fork_id}: session has ended")
+            streaming_now = self._streams.get(fork_id)
+            if streaming_now is not None and not streaming_now.done.is_set():
+                raise PrefetchError(f"fork {fork_id}: a prefetch is still streaming into it")
             request.key = entry.key
             self._requests[request.req] = request
             worker = entry.worker
+        streaming = False
         try:
-            worker.send_prefetch(request.req, entry.key, token, plan, timeout)
+            worker.send_prefetch(request.req, entry.key, token, plan, timeout, head)
             installs = plan.pages + plan.bridged_pages
-            if not request.done.wait(timeout + _PREFETCH_GRACE + installs / 10_000):
+            if not request.head_done.wait(timeout + _PREFETCH_GRACE + installs / 10_000):
                 raise PrefetchError(f"fork {fork_id}: its worker did not finish the prefetch")
-        finally:
             with self._table.lock:
-                self._requests.pop(request.req, None)
-        if request.error is not None:
-            exc = PrefetchError(request.error)
-            exc.installed = request.installed
-            raise exc
-        assert request.result is not None
-        if fetched is not None:
-            return dataclasses.replace(
-                request.result, fetched_bytes=fetched[0], fetch_seconds=fetched[1]
-            )
-        return request.result
+                streaming = not request.done.is_set()
+                if streaming:
+                    self._streams[fork_id] = request
+        finally:
+            if not streaming:
+                with self._table.lock:
+                    self._requests.pop(request.req, None)
+        if streaming:
+            assert request.head_result is not None
+            return _with_fetch(request.head_result, request.fetched)
+        return request.outcome()
+
+    def stream_result(self, fork_id: str, timeout: float) -> PrefetchResult | None:
+        """Wait for the streamed prefetch of ``fork_id`` to finish: its whole result (None if
+        none streams into it), or :class:`PrefetchError`."""
+        with self._table.lock:
+            request = self._streams.get(fork_id)
+        if request is None:
+            return None
+        if not request.done.wait(timeout):
+            raise PrefetchError(f"fork {fork_id}: the prefetch still streams after {timeout} s")
+        return request.outcome()
 
     # --- what workers say and what happens to forks (lock held) -------------------------
-    def answered(self, message: M.Prefetched) -> None:
-        """A worker finished prefetch ``message.req``."""
+    def answered(self, message: M.Prefetched | M.PrefetchHead) -> None:
+        """A worker finished prefetch ``message.req``, or installed its head."""
         request = self._requests.get(message.req)
-        if request is not None:
-            request.result, request.error = message.result, message.error
-            request.installed = message.installed
-            request.done.set()
+        if request is None:
+            return
+        if isinstance(message, M.PrefetchHead):
+            if not request.head_done.is_set():  # a re-sent prefetch says it again
+                request.head_result = message.result
+                request.head_done.set()
+            return
+        request.finish(message.result, message.error, message.installed)
+        if request.head_result is not None:
+            # Streamed: the caller has its head already; the whole is kept for stream_result.
+            self._requests.pop(message.req, None)
+            if request.result is not None:
+                request.result = dataclasses.replace(
+                    request.result, head_seconds=request.head_result.head_seconds
+                )
 
     def fork_ended(self, entry: ForkRecord) -> None:
         """Fail the prefetches still waiting on ``entry``'s session."""
         for request in self._requests.values():
             if request.key == entry.key and not request.done.is_set():
-                request.error = f"fork {entry.fork_id}: session has ended"
-                request.done.set()
+                request.finish(None, f"fork {entry.fork_id}: session has ended", 0)
+        stream = self._streams.get(entry.fork_id)
+        if stream is not None:
+            self._requests.pop(stream.req, None)
+            if entry.ephemeral:
+                del self._streams[entry.fork_id]  # nobody can ask for it by name any more
+
+    def forget(self, fork_id: str) -> None:
+        """The fork is unregistered: drop what its stream left (lock held)."""
+        self._streams.pop(fork_id, None)
 
     def resend_to(self, new: WorkerProcess) -> None:
         """Send again to ``new`` the unfinished prefetches of the forks it adopted."""
         for request in self._requests.values():
             owner = self._table.by_key.get(request.key)
             if owner is not None and owner.worker is new and not request.done.is_set():
+                # Installing a page twice is harmless; a head already answered is not awaited.
+                head = None if request.head_result is not None else request.head
                 new.send_prefetch(
-                    request.req, request.key, request.token, request.plan, request.timeout
+                    request.req, request.key, request.token, request.plan, request.timeout, head
                 )
 
     # --- plans and lazy fetches ---------------------------------------------------------

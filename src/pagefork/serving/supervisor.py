@@ -364,7 +364,7 @@ class Supervisor:
             worker.ready.set()
         elif isinstance(message, M.Armed) and message.req in self._acks:
             self._acks[message.req].set()
-        elif isinstance(message, M.Prefetched):
+        elif isinstance(message, (M.Prefetched, M.PrefetchHead)):
             self.prefetcher.answered(message)
         self.changed.notify_all()
         return []
@@ -419,8 +419,9 @@ class Supervisor:
                 callbacks.append(restarted)
         return callbacks
 
-    def crash_worker_at(self, entry: ForkRecord, point: str, count: int) -> int:
-        """Tests only: make ``entry``'s worker SIGKILL itself at ``point``; its pid."""
+    def crash_worker_at(self, entry: ForkRecord, point: str, count: int, stop: bool = False) -> int:
+        """Tests only: make ``entry``'s worker SIGKILL (or SIGSTOP) itself at ``point``; its
+        pid."""
         worker = entry.worker
         if worker is None:
             raise ForkError(f"fork {entry.fork_id} has no worker")
@@ -430,7 +431,7 @@ class Supervisor:
             self._acks[req] = armed
         try:
             # Armed before this returns: the test's next step then meets the crash point.
-            if not (worker.send(M.CrashAt(point, count, req)) and armed.wait(10)):
+            if not (worker.send(M.CrashAt(point, count, req, stop)) and armed.wait(10)):
                 raise ForkError(f"fork {entry.fork_id}: its worker did not arm {point!r}")
         finally:
             with self.lock:

@@ -36,25 +36,23 @@ import time
 from typing import Any
 
 from pagefork import libc, uffd
-from pagefork.errors import PageforkError, PrefetchError
+from pagefork.errors import PageforkError
 from pagefork.layers.source import map_view
-from pagefork.prefetch import PrefetchPlan, execute_plan
+from pagefork.prefetch import PrefetchPlan
 from pagefork.regions import PAGE_SIZE
 from pagefork.serving import ipc, orphaning
 from pagefork.serving import ledger as L
 from pagefork.serving import messages as M
 from pagefork.serving.policy import Action, decide
 from pagefork.serving.pool import PLANS_KEPT
-from pagefork.serving.state import WorkerCommand, WorkerEvent, WorkerStage
 from pagefork.serving.workerforks import PIDFD, UFFD, LazyChunks, WorkerFork, WorkerForks
+from pagefork.serving.workerprefetch import run_prefetch
 from pagefork.uffd import CopyOutcome, copy_outcome
 
 log = logging.getLogger("pagefork.worker")
 
 #: Events read per ``read(2)`` of a uffd: one syscall drains a burst of faults.
 _READ_BATCH = 64
-#: Prefetch ioctls between two looks at the other forks' faults.
-_PREFETCH_SLICE = 16
 _MADV_POPULATE_READ = 22
 _COPY, _ZEROPAGE, _OUTSIDE = int(Action.COPY), int(Action.ZEROPAGE), int(Action.OUTSIDE)
 
@@ -104,6 +102,7 @@ class Worker:
         self.hooks: dict[int, Any] = {}  # other fds to watch, and what each runs (an orphan's)
         self.forks = self.table.forks  # by the channel's key
         self.crash_at: dict[str, int] = {}
+        self.stop_at: set[str] = set()  # points where a test wants SIGSTOP, not SIGKILL
         self._read_buf = bytearray(uffd.UFFD_MSG_SIZE * _READ_BATCH)
         self.plans: collections.OrderedDict[int, PrefetchPlan] = collections.OrderedDict()
         # Messages read during a prefetch (to answer a ping) and kept for the loop: no
@@ -376,33 +375,7 @@ class Worker:
         last = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
         return self.zeros.find(b"\x00", first, last) < 0
 
-    # --- prefetch ------------------------------------------------------------------------
-    def _prefetch(self, req: int, fork_id: str, plan: PrefetchPlan, timeout: float) -> None:
-        f = self.forks.get(fork_id)
-        if f is None:
-            name = fork_id.rpartition("#")[0]
-            ipc.send(self.chan, M.Prefetched(req, None, f"fork {name}: session has ended", 0))
-            return
-        target = _Target(self, f)
-        f.move(WorkerEvent.PREFETCH_STARTED)
-        c = f.ledger.counters
-        c[L.PREFETCHED] = 1  # from now on a demand fault is a miss
-        try:
-            result = execute_plan(plan, target, regions=f.regions, timeout=timeout)
-        except PrefetchError as exc:
-            c[L.PREFETCHED_PAGES] += exc.installed
-            ipc.send(self.chan, M.Prefetched(req, None, f"fork {f.name}: {exc}", exc.installed))
-        except Exception as exc:
-            log.exception("fork %s: prefetch crashed", f.name)
-            ipc.send(self.chan, M.Prefetched(req, None, f"fork {f.name}: {exc!r}", 0))
-        else:
-            c[L.PREFETCHED_PAGES] += result.installed
-            ipc.send(self.chan, M.Prefetched(req, result, None, result.installed))
-        finally:
-            if WorkerCommand.END_DEFERRED in f.move(WorkerEvent.PREFETCH_STOPPED):
-                assert f.end_reason is not None
-                self.table.close(f, *f.end_reason)
-
+    # --- prefetch (pagefork.serving.workerprefetch runs it) ---------------------------
     def poll_forks(self) -> None:
         """Serve what the other forks need now (called between prefetch slices)."""
         chan_fd = self.chan.fileno()
@@ -445,7 +418,7 @@ class Worker:
                 while len(self.plans) > 2 * PLANS_KEPT:
                     self.plans.popitem(last=False)
             assert plan is not None
-            self._prefetch(message.req, message.key, plan, message.timeout)
+            run_prefetch(self, message.req, message.key, plan, message.timeout, message.head)
         elif isinstance(message, M.ChunkReady):
             self._chunk_answered(message.chunk, None)
         elif isinstance(message, M.ChunkFailed):
@@ -464,6 +437,8 @@ class Worker:
                 sys.exit(2)
         elif isinstance(message, M.CrashAt):
             self.crash_at[message.point] = message.count
+            if message.stop:
+                self.stop_at.add(message.point)
             ipc.send(self.chan, M.Armed(message.req))
         else:  # what to do if the supervisor dies, or a message this worker does not know
             orphaning.on_message(self, message)
@@ -475,59 +450,12 @@ class Worker:
         if left > 1:
             self.crash_at[name] = left - 1
             return
+        if name in self.stop_at:
+            del self.crash_at[name]
+            self.stop_at.discard(name)
+            os.kill(os.getpid(), signal.SIGSTOP)  # a test holds us here, then sends SIGCONT
+            return
         os.kill(os.getpid(), signal.SIGKILL)  # a test asked to die exactly here
-
-
-class _Target:
-    """Prefetch's view of one fork in this worker (a :class:`pagefork.prefetch.PrefetchTarget`).
-
-    Every :data:`_PREFETCH_SLICE` ioctls it lets the loop serve the faults of every fork, so a
-    long prefetch does not stall the others.
-    """
-
-    __slots__ = ("_f", "_n", "_worker", "src_base")
-
-    def __init__(self, worker: Worker, f: WorkerFork) -> None:
-        self._worker = worker
-        self._f = f
-        self._n = 0
-        self.src_base = worker.mem_address
-
-    def _tick(self) -> None:
-        self._n += 1
-        if self._n % _PREFETCH_SLICE == 0:
-            self._worker.poll_forks()
-            if self._worker.crash_at:
-                self._worker.crash_point("prefetch")
-        if self._f.stage is not WorkerStage.PREFETCHING or self._f.uffd < 0:
-            raise PrefetchError("session ended during prefetch")
-
-    def copy(self, dst: int, src: int, length: int, mode: int) -> int:
-        self._tick()
-        lazy = self._worker.lazy
-        if lazy is not None:
-            # The supervisor fetched the plan's chunks first; never copy one that is not in.
-            chunk = lazy.missing_chunk(src - self.src_base, length)
-            if chunk is not None:
-                raise PrefetchError(f"chunk {chunk} of the template is not fetched")
-        return self._f.ioctls.copy(dst, src, length, mode)
-
-    def zeropage(self, dst: int, length: int, mode: int) -> int:
-        self._tick()
-        return self._f.ioctls.zeropage(dst, length, mode)
-
-    def wake(self, start: int, length: int) -> None:
-        if self._f.uffd >= 0:
-            self._f.ioctls.wake(start, length)
-
-    def removed_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
-        return self._f.removed.overlaps(start, end)
-
-    def await_events(self, timeout: float) -> None:
-        # EAGAIN with nothing done: an event (REMOVE) is unread. Read it now, on this thread:
-        # the caller then re-reads the removed ranges. Faults read meanwhile wait their turn.
-        self._f.deferred.extend(self._worker.read_events(self._f, until_empty=True))
-        self._worker.table.track(self._f)
 
 
 def main() -> None:
