@@ -180,12 +180,12 @@ def test_handshake_split_over_several_writes_is_assembled(make_server, vmms, gue
         socket.send_fds(conn, [payload[:7]], [fd])
         conn.sendall(payload[7:20])
         conn.sendall(payload[20:])
-        regions = server.wait_connected("a", timeout=5)
+        regions = server.wait_connected("a", timeout=30)
         assert regions == [Region(base, 2 * MIB, 0)]
         assert server.stats("a").pid == os.getpid()
     finally:
         conn.close()
-    assert server.wait_ended("a", timeout=5).state == "ended"
+    assert server.wait_ended("a", timeout=30).state == "ended"
 
 
 @needs_uffd
@@ -199,7 +199,7 @@ def test_retry_after_a_failed_handshake_is_accepted(make_server, vmms, guest_uff
         server.wait_connected("a", timeout=3)
     conn.close()
     vmm = vmms(path)
-    server.wait_connected("a", timeout=5)
+    server.wait_connected("a", timeout=30)
     assert vmm.send(cmd="touch", all=True)["bad"] == 0
 
 
@@ -217,7 +217,7 @@ def test_hostile_payloads_fail_the_handshake_cleanly(payload, message, make_serv
     try:
         socket.send_fds(conn, [payload], [fd])
         with pytest.raises(ForkError, match=message):
-            server.wait_connected("a", timeout=5)
+            server.wait_connected("a", timeout=30)
         stats = server.stats("a")
         assert stats.state == "failed" and stats.errors == 1
     finally:
@@ -233,7 +233,7 @@ def test_a_second_fd_is_refused_at_once(make_server, guest_uffd):
     try:
         socket.send_fds(conn, [b" "], [fd, fd])  # no mappings yet: refused on the fds alone
         with pytest.raises(ForkError, match="exactly one uffd"):
-            server.wait_connected("a", timeout=5)
+            server.wait_connected("a", timeout=30)
     finally:
         conn.close()
 

@@ -113,8 +113,9 @@ def _every_message() -> list[M.Message]:
     return [
         M.Hello(M.PROTOCOL_VERSION), M.Serve(spec), M.Prefetch(1, "a#1", 3, plan, 2.0),
         M.Prefetch(2, "a#1", 3, None, 2.0, 100), M.ChunkReady(5), M.ChunkFailed(5, "gone"),
-        M.Drop("a#1"), M.Release(("a#1", "b#2")), M.Ping(9), M.CrashAt("fault_read", 1, 4), M.CrashAt("stream", 1, 5, True),
-        M.OrphanSetup("pagefork.takeover.orphan", '{"deadline": 60}'), M.Stop(),
+        M.Drop("a#1"), M.Release(("a#1", "b#2")), M.Ping(9), M.CrashAt("fault_read", 1, 4),
+        M.CrashAt("stream", 1, 5, True), M.Stop(),
+        M.OrphanSetup("pagefork.takeover.orphan", '{"deadline": 60}'),
         M.Ready(M.PROTOCOL_VERSION, 123), M.Serving("a#1"),
         M.Ended("a#1", M.EndState.FAILED, "why"), M.Ended("a#1", M.EndState.ENDED, None),
         M.WindowClosed("a#1"), M.HungUp("a#1"), M.Remapped("a#1", tuple(regions)),

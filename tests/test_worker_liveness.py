@@ -204,3 +204,24 @@ def test_a_worker_of_another_protocol_version_is_refused_in_one_line(
     with pytest.raises(PageforkError, match="exited before it could serve"):
         server.wait_ready(30)
     assert f"speaks worker protocol version {messages.PROTOCOL_VERSION - 1}" in caplog.text
+
+
+def test_a_runnable_worker_is_slow_not_stuck_and_a_stopped_one_is_stuck() -> None:
+    # The verdict reads the kernel's own state of the process: a host short of CPU leaves a
+    # worker runnable (R) but unanswered, and killing it would only add work.
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        wait_until(lambda: pool.scheduler_state(spin.pid) == "R", 10, "a spinning process")
+        wait_until(lambda: pool.scheduler_state(sleeper.pid) == "S", 10, "a sleeping process")
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        wait_until(lambda: pool.scheduler_state(sleeper.pid) == "T", 10, "a stopped process")
+        assert pool.stuck_bound(pool.scheduler_state(sleeper.pid)) == pool.STUCK_AFTER
+        assert pool.stuck_bound(pool.scheduler_state(spin.pid)) == pool.BUSY_STUCK_AFTER
+        assert pool.stuck_bound("D") == pool.BUSY_STUCK_AFTER  # in an I/O wait: slow, too
+        assert pool.stuck_bound("S") == pool.STUCK_AFTER  # asleep, not in its loop: stuck
+    finally:
+        for p in (spin, sleeper):
+            p.kill()
+            p.wait()
+    assert pool.scheduler_state(spin.pid) is None  # gone: nothing to read

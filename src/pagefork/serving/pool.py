@@ -50,6 +50,10 @@ SLOW_AFTER = 0.4
 #: forks adopted as a dead worker's. Detection takes at most STUCK_AFTER + PING_INTERVAL.
 #: ``PAGEFORK_WORKER_STUCK_AFTER`` (seconds) sets another bound, for a debugger's pauses.
 STUCK_AFTER = 1.0
+#: A worker whose ping is overdue while the kernel says it is runnable (running, or waiting
+#: for a CPU on an overloaded host) or in an I/O wait is slow, not stopped: it is killed only
+#: after this long. Killing healthy workers of a host short of CPU would only add work.
+BUSY_STUCK_AFTER = 10.0
 
 
 def stuck_after() -> float:
@@ -60,6 +64,27 @@ def stuck_after() -> float:
     except ValueError:
         return STUCK_AFTER
     return value if value > SLOW_AFTER and value < 1e9 else STUCK_AFTER
+
+
+def scheduler_state(pid: int) -> str | None:
+    """The kernel's one-letter state of process ``pid`` (``R``, ``S``, ``D``, ``T``...), or
+    None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (in parentheses) may hold any byte: the state follows its last ')'.
+    rest = stat[stat.rfind(b")") + 1 :].split()
+    return rest[0].decode("ascii", "replace") if rest else None
+
+
+def stuck_bound(state: str | None) -> float:
+    """How long an unanswered ping may wait before a worker in ``state`` is stuck: stopped
+    (``T``, ``t``) or asleep elsewhere than its loop, :func:`stuck_after`; runnable or in an
+    I/O wait (``R``, ``D``), at least :data:`BUSY_STUCK_AFTER`."""
+    base = stuck_after()
+    return max(base, BUSY_STUCK_AFTER) if state in ("R", "D") else base
 
 
 def usable_cpus() -> list[int]:
@@ -218,17 +243,22 @@ class WorkerProcess:
         """When this worker's next heartbeat step is due (a ping, or a verdict)."""
         due = self._last_ping + PING_INTERVAL
         if self._pings:
-            due = min(due, min(self._pings.values()) + stuck_after())
+            verdict = min(self._pings.values()) + stuck_after()
+            if verdict > now:  # past it, a busy worker's verdict is looked at every ping
+                due = min(due, verdict)
         return due
 
     def heartbeat(self, now: float) -> bool:
-        """Ping if one is due; False when the worker has not answered for :func:`stuck_after`.
+        """Ping if one is due; False when the worker is stuck: it has not answered for
+        :func:`stuck_bound` of its scheduler state (1 s stopped, 10 s runnable but slow).
 
         Never waits: a send already in progress (to a worker that is not reading) skips the
         ping, and the unanswered ones still count.
         """
-        if self._pings and now - min(self._pings.values()) >= stuck_after():
-            return False
+        if self._pings:
+            waited = now - min(self._pings.values())
+            if waited >= stuck_after() and waited >= stuck_bound(scheduler_state(self.pid)):
+                return False
         if now - self._last_ping >= PING_INTERVAL and self._send_lock.acquire(blocking=False):
             try:
                 self._ping_seq += 1
