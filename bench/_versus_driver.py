@@ -42,7 +42,7 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import MiB, Serve  # noqa: E402
+from _common import Serve  # noqa: E402
 
 from pagefork.server import PageServer, ServerConfig  # noqa: E402
 from pagefork.testing.vmm import VmmProcess  # noqa: E402
