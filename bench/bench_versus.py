@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -157,8 +158,8 @@ def compare(baseline: str, quick: bool) -> dict[str, Any]:
             mem = big if scenario == "fanout" else small
             for r in range(rounds):
                 for side in (OLD, NEW) if r % 2 == 0 else (NEW, OLD):
-                    figures = run_driver(trees[side], scenario, arg, mem, workdir)
-                    got.setdefault((scenario, arg, side), []).append(figures)
+                    one = run_driver(trees[side], scenario, arg, mem, workdir)
+                    got.setdefault((scenario, arg, side), []).append(one)
             label = scenario + (f" spare={arg}" if arg else "")
             console.print(
                 f"{label}: "
@@ -176,7 +177,9 @@ def compare(baseline: str, quick: bool) -> dict[str, Any]:
     for name, scenario, arg, key, meaning in METRICS:
         old = [f[key] for f in got[(scenario, arg, OLD)]]
         new = [f[key] for f in got[(scenario, arg, NEW)]]
-        ratios = [n / o for n, o in zip(new, old, strict=True) if o > 0]
+        # A round where a part could not be timed (nan) counts for neither side.
+        ratios = [n / o for n, o in zip(new, old, strict=True) if o > 0 and math.isfinite(n)]
+        old, new = [x for x in old if math.isfinite(x)], [x for x in new if math.isfinite(x)]
         figures[f"old_{name}"] = median(old)
         figures[f"new_{name}"] = median(new)
         figures[f"ratio_{name}"] = median(ratios)
