@@ -14,13 +14,17 @@ a server counted), so a fast wrong answer never counts.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +184,63 @@ class Forks:
     def close(self) -> None:
         """Stop the page server."""
         self.server.close()
+
+
+class Serve:
+    """A ``pagefork serve`` process (2 workers unless told) whose output is read as it comes.
+
+    Each JSON event it prints on stdout is kept by its name, the first of each with ``_at``
+    (``time.perf_counter()`` when it was read) added; each stderr line is kept by its text, as
+    ``{"_at": ...}``. Its stdin is a pipe, for ``PAGEFORK_TAKEOVER_PAUSE_AT``'s go-on line.
+    """
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, workers: int = 2) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pagefork", "serve", "--workers", str(workers), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.events: dict[str, dict[str, Any]] = {}
+        self.cond = threading.Condition()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
+
+    def _pump(self, stream: Any, events: bool) -> None:
+        for line in stream:
+            now = time.perf_counter()
+            if events:
+                event = json.loads(line)
+                key = event["event"]
+            else:
+                key, event = line.strip(), {}
+            with self.cond:
+                self.events.setdefault(key, {**event, "_at": now})
+                self.cond.notify_all()
+
+    def wait(self, key: str, timeout: float = 120) -> dict[str, Any]:
+        """The first event (or stderr line) named ``key``, waiting up to ``timeout`` s for it."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: key in self.events, timeout):
+                raise RuntimeError(f"serve: no {key!r} within {timeout}s")
+            return self.events[key]
+
+    def go_on(self) -> None:
+        """Send the line a serve held by ``PAGEFORK_TAKEOVER_PAUSE_AT`` waits for."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        """SIGTERM it (if still running) and wait for it to exit."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
 
 
 def alternating(rounds: int, variants: Sequence[T]) -> Iterator[tuple[int, T]]:

@@ -26,17 +26,14 @@ How to read it: an orphaned ratio near 1 means forks do not notice their supervi
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from typing import Any
 
 from _common import (
     MiB,
+    Serve,
     console,
     fmt,
     header,
@@ -62,38 +59,6 @@ FORKS = 16
 PAGES = 16 * MiB // 4096
 
 
-class _Serve:
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pagefork", "serve", "--workers", "2", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        self.events: dict[str, dict[str, Any]] = {}
-        self.cond = threading.Condition()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            event = json.loads(line)
-            with self.cond:
-                self.events.setdefault(event["event"], {**event, "_at": time.perf_counter()})
-                self.cond.notify_all()
-
-    def wait(self, event: str, timeout: float = 120) -> dict[str, Any]:
-        with self.cond:
-            if not self.cond.wait_for(lambda: event in self.events, timeout):
-                raise RuntimeError(f"serve: no {event!r} within {timeout}s")
-            return self.events[event]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
-
-
 def _storm(vms: list[VmmProcess], pages: list[list[int]]) -> float:
     """Touch ``pages`` in every VM at once; faults per second, all VMs together."""
     replies: list[dict[str, Any]] = []
@@ -115,8 +80,8 @@ def _storm(vms: list[VmmProcess], pages: list[list[int]]) -> float:
 
 def _round(workdir: str, mem: str, n: int) -> dict[str, float]:
     sock = os.path.join(workdir, f"s{n}.sock")
-    old = _Serve("--mem-file", mem, "--socket", sock)
-    new: _Serve | None = None
+    old = Serve("--mem-file", mem, "--socket", sock)
+    new: Serve | None = None
     vms: list[VmmProcess] = []
     third = PAGES // 3
     thirds = [[[0, i * 4096] for i in range(k * third, (k + 1) * third)] for k in range(3)]
@@ -128,7 +93,7 @@ def _round(workdir: str, mem: str, n: int) -> dict[str, float]:
         old.proc.wait(60)
         orphaned = _storm(vms, thirds[1])
         t_start = time.perf_counter()
-        new = _Serve("--mem-file", mem, "--socket", sock)
+        new = Serve("--mem-file", mem, "--socket", sock)
         adopted = new.wait("adopted")
         if adopted["forks"] != FORKS:
             raise RuntimeError(f"adopted {adopted['forks']} forks of {FORKS}")

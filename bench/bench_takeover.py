@@ -15,17 +15,14 @@ worker start-up are measured apart) takes everything over. Figures, per round (m
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from typing import Any
 
 from _common import (
     MiB,
+    Serve,
     console,
     fmt,
     header,
@@ -49,41 +46,6 @@ SUMMARY = {
 FORKS = 16
 
 
-class _Serve:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pagefork", "serve", "--workers", "2", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.cond = threading.Condition()
-        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
-
-    def _pump(self, stream: Any, events: bool) -> None:
-        for line in stream:
-            now = time.perf_counter()
-            key = json.loads(line)["event"] if events else line.strip()
-            with self.cond:
-                self.lines.setdefault(key, (now, json.loads(line) if events else {}))
-                self.cond.notify_all()
-
-    def wait(self, key: str, timeout: float = 120) -> tuple[float, dict[str, Any]]:
-        with self.cond:
-            if not self.cond.wait_for(lambda: key in self.lines, timeout):
-                raise RuntimeError(f"serve: no {key!r} within {timeout}s")
-            return self.lines[key]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
-
-
 def _storm(vms: list[VmmProcess]) -> tuple[list[threading.Thread], list[dict[str, Any]]]:
     replies: list[dict[str, Any]] = []
 
@@ -101,8 +63,8 @@ def _storm(vms: list[VmmProcess]) -> tuple[list[threading.Thread], list[dict[str
 
 def _round(workdir: str, mem: str, n: int, takeover: bool) -> dict[str, float]:
     sock = os.path.join(workdir, f"s{n}.sock")
-    old = _Serve("--mem-file", mem, "--socket", sock)
-    new: _Serve | None = None
+    old = Serve("--mem-file", mem, "--socket", sock)
+    new: Serve | None = None
     vms: list[VmmProcess] = []
     try:
         old.wait("listening")
@@ -110,15 +72,14 @@ def _round(workdir: str, mem: str, n: int, takeover: bool) -> dict[str, float]:
         out: dict[str, float] = {}
         if takeover:
             t_cmd = time.perf_counter()
-            new = _Serve("--mem-file", mem, "--socket", sock, "--takeover",
+            new = Serve("--mem-file", mem, "--socket", sock, "--takeover",
                          env={"PAGEFORK_TAKEOVER_PAUSE_AT": "hello"})  # fmt: skip
-            t_ready, _ = new.wait("takeover: paused at hello")
+            t_ready = new.wait("takeover: paused at hello")["_at"]
             threads, replies = _storm(vms)
             t_go = time.perf_counter()
-            assert new.proc.stdin is not None
-            new.proc.stdin.write("\n")  # go on (PAGEFORK_TAKEOVER_PAUSE_AT waits for a line)
-            new.proc.stdin.flush()
-            t_done, took = new.wait("took_over")
+            new.go_on()
+            took = new.wait("took_over")
+            t_done = took["_at"]
             assert took["forks"] == FORKS, took
             out["handover_ms"] = (t_done - t_go) * 1000
             out["command_s"] = (t_ready - t_cmd) + (t_done - t_go)

@@ -187,6 +187,7 @@ def _section(name: str, b: dict[str, Any]) -> list[str]:
     if status != "ok":
         return out
     figures: dict[str, Any] = b.get("figures", {})
+    out += _comparison(figures.get("comparison"))
     targets: dict[str, Any] = b.get("targets", {})
     meanings: dict[str, str] = b.get("meanings", {})
     keys = [k for k in b.get("summary") or figures if k in figures]
@@ -208,6 +209,29 @@ def _section(name: str, b: dict[str, Any]) -> list[str]:
         out += [f"| `{k}` | {value_text(figures[k])} |" for k in rest]
         out += ["", "</details>", ""]
     return out
+
+
+def _comparison(table: Any) -> list[str]:
+    """A side-by-side table, when a benchmark returned one as its ``comparison`` figure:
+    ``{"old": label, "new": label, "rows": [{"figure", "meaning", "old", "new", "ratio",
+    "ratio_min", "ratio_max"}, ...]}`` (``bench_versus``). Nothing otherwise."""
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
+        return []
+    old, new = _cell(str(table.get("old", "old"))), _cell(str(table.get("new", "new")))
+    out = [
+        f"| figure | what it means | old: {old} | new: {new} | new / old | spread over rounds |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for row in table["rows"]:
+        if not isinstance(row, dict):
+            continue
+        spread = f"{value_text(row.get('ratio_min'))} to {value_text(row.get('ratio_max'))}"
+        out.append(
+            f"| `{_cell(str(row.get('figure', '')))}` | {_cell(str(row.get('meaning', '')))} "
+            f"| {value_text(row.get('old'))} | {value_text(row.get('new'))} "
+            f"| {value_text(row.get('ratio'))} | {spread} |"
+        )
+    return [*out, ""]
 
 
 def _scalar(value: Any) -> bool:

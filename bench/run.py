@@ -3,6 +3,7 @@
     python bench/run.py                   # everything (about 6 minutes)
     python bench/run.py --quick           # short version (about 1.5 minutes)
     python bench/run.py --only faults     # one benchmark (repeat --only for more)
+    python bench/run.py --only versus     # this tree against an older revision, side by side
     python bench/run.py --json out.json   # also write every figure as JSON
     python bench/report.py out.json > docs/benchmarks.md   # the figures page, from that JSON
 

@@ -141,3 +141,51 @@ def test_every_benchmark_says_what_its_summary_figures_mean(
         assert not empty, f"{path.name}: no meaning for {empty}"
         assert set(module.TARGETS) <= set(summary), f"{path.name}: a target without a meaning"
         assert (module.__doc__ or "").strip(), f"{path.name}: no module docstring"
+
+
+def test_a_side_by_side_comparison_gets_its_own_table() -> None:
+    """A benchmark that compares two trees (bench_versus) returns its rows as ``comparison``:
+    the page shows both sides, the ratio and its spread, before the summary table."""
+    doc = {
+        **SAMPLE,
+        "benchmarks": {
+            "versus": {
+                "status": "ok",
+                "seconds": 300.0,
+                "doc": "This tree against a baseline.",
+                "summary": ["ratio_fault_us"],
+                "meanings": {"ratio_fault_us": "new / old: demand fault"},
+                "targets": {"ratio_fault_us": ["<=", 1.25]},
+                "figures": {
+                    "ratio_fault_us": 1.04,
+                    "comparison": {
+                        "old": "3239e0a",
+                        "new": "this tree",
+                        "rows": [
+                            {"figure": "fault_us", "meaning": "demand fault (µs)", "old": 41.7,
+                             "new": 43.4, "ratio": 1.04, "ratio_min": 0.9, "ratio_max": 1.31},
+                        ],
+                    },
+                },
+            }
+        },
+    }  # fmt: skip
+    lines = _report().render(doc).splitlines()
+    head = (
+        "| figure | what it means | old: 3239e0a | new: this tree | new / old "
+        "| spread over rounds |"
+    )
+    table = lines[lines.index(head) :]
+    assert table[2] == "| `fault_us` | demand fault (µs) | 41.7 | 43.4 | 1.04 | 0.90 to 1.31 |"
+    assert table[3] == ""
+    assert "| `ratio_fault_us` | new / old: demand fault | 1.04 | ≤ 1.25 | yes |" in lines
+    assert "comparison" not in "\n".join(lines)
+
+
+def test_versus_refuses_a_baseline_that_is_no_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong --baseline is skipped in one line naming it, before anything is unpacked."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    versus = importlib.import_module("bench_versus")
+    refused = pytest.raises(versus.BaselineError, match="baseline 'no-such-rev': no such commit")
+    with refused, versus.baseline_tree("no-such-rev"):
+        pass

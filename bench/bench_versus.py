@@ -1,0 +1,228 @@
+"""This tree against a baseline revision, side by side in one run: is anything slower?
+
+    python bench/bench_versus.py [--quick] [--baseline REV]    # default REV: 3239e0a
+    python bench/run.py --only versus                          # the default baseline
+
+The baseline (by default the revision before the page server was split into the modules of
+``serving/``) is unpacked from git into a temporary directory, removed afterwards. Every round
+of every scenario runs ``bench/_versus_driver.py`` in a fresh process once per tree, with
+``PYTHONPATH`` set to that tree's ``src``: each tree runs its own code on the same template,
+through the API both share. The two trees take turns in an order that reverses every round
+(old new, new old, ...), so drift on the machine hits them alike. Scenarios (see the driver):
+
+- **fan-out at 16 forks**: 16 test VMMs of a 32 MiB template touch every page at once (burst
+  wall time); also what a user pays before that: start-up (imports, page server, workers
+  ready) and connecting 16 forks;
+- **demand faults**: one fork of 16 MiB, µs per fault as the guest sees it;
+- **worker recovery**: a worker SIGKILLed under 4 faulting forks of 16 MiB, until every fork
+  it served is served again, with the spare worker and cold (a new interpreter must start);
+  ``respawn`` is the part until a worker took the dead one's place, ``ready`` until it has
+  started and mapped the template (the rest is adopting the forks and their next fault);
+- **takeover pause**: ``serve --takeover`` of 16 forks faulting, go-on to ``took_over``, and
+  the longest page a fork waited for meanwhile.
+
+Each figure: the median per tree, and the ratio new / old as the median of per-round ratios,
+with their smallest and largest (the spread). A ratio above 1 is slower now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from _common import (
+    BENCH_DIR,
+    MiB,
+    console,
+    fmt,
+    header,
+    make_mem_file,
+    median,
+    scratch_dir,
+    table,
+)
+
+REPO = BENCH_DIR.parent
+DRIVER = BENCH_DIR / "_versus_driver.py"
+#: The revision before the page server was split (its supervisor one ``server.py``).
+DEFAULT_BASELINE = "3239e0a"
+OLD, NEW = "old", "new"
+
+#: (figure, scenario, driver argument, driver figure, what it means)
+METRICS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("fanout16_burst_ms", "fanout", "", "burst_ms",
+     "16 forks of 32 MiB touching every page at once, wall time (ms)"),
+    ("fanout16_connect_ms", "fanout", "", "connect_ms",
+     "registering 16 forks until all are connected (ms)"),
+    ("startup_ms", "fanout", "", "startup_ms",
+     "imports + page server + workers serving, interpreter excluded (ms)"),
+    ("fault_us", "faults", "", "us_per_fault",
+     "one fork's demand fault as the guest sees it (µs)"),
+    ("recovery_ms", "recovery", "1", "ms",
+     "worker SIGKILLed -> its forks served again, spare worker (ms)"),
+    ("recovery_cold_ms", "recovery", "0", "ms",
+     "the same without a spare: a new worker interpreter starts (ms)"),
+    ("recovery_cold_respawn_ms", "recovery", "0", "respawn_ms",
+     "of that, until a new worker took the dead one's place (ms)"),
+    ("recovery_cold_ready_ms", "recovery", "0", "ready_ms",
+     "of that, until the new worker has started and mapped the template (ms)"),
+    ("takeover_pause_ms", "takeover", "", "handover_ms",
+     "serve --takeover of 16 faulting forks, go-on -> took_over (ms)"),
+    ("takeover_slowest_fault_ms", "takeover", "", "slowest_fault_ms",
+     "the longest page any of those forks waited for meanwhile (ms)"),
+    ("takeover_command_s", "takeover", "", "command_s",
+     "what an operator waits for serve --takeover in all (s)"),
+)  # fmt: skip
+SUMMARY = {f"ratio_{name}": f"new / old: {meaning}" for name, _, _, _, meaning in METRICS}
+#: The figures "no regression" is judged by: none more than 25% slower than the baseline's
+#: (the others say where a difference comes from).
+TARGETS = {
+    f"ratio_{name}": ("<=", 1.25)
+    for name in ("fanout16_burst_ms", "fault_us", "recovery_ms", "recovery_cold_ms",
+                 "takeover_pause_ms", "takeover_slowest_fault_ms")
+}  # fmt: skip
+
+
+class BaselineError(RuntimeError):
+    """The baseline revision cannot be found or unpacked."""
+
+
+@contextlib.contextmanager
+def baseline_tree(rev: str) -> Iterator[str]:
+    """The tree of ``rev`` unpacked (``git archive``) into a temporary directory, removed
+    afterwards; its commit is checked first, so a wrong name fails in one line."""
+    check = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if check.returncode != 0:
+        raise BaselineError(f"baseline {rev!r}: no such commit in {REPO}")
+    path = tempfile.mkdtemp(prefix="pagefork-baseline-", dir="/tmp")
+    try:
+        archive = subprocess.Popen(
+            ["git", "-C", str(REPO), "archive", check.stdout.strip(), "src", "bench"],
+            stdout=subprocess.PIPE,
+        )
+        untar = subprocess.run(["tar", "-x", "-C", path], stdin=archive.stdout)
+        assert archive.stdout is not None
+        archive.stdout.close()
+        if archive.wait() != 0 or untar.returncode != 0:
+            raise BaselineError(f"baseline {rev!r}: git archive into {path} failed")
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_driver(tree: str, scenario: str, arg: str, mem: str, workdir: str) -> dict[str, float]:
+    """One round of ``scenario`` on ``tree``'s code, in a fresh process; its figures."""
+    env = {**os.environ, "PYTHONPATH": os.path.join(tree, "src")}
+    sockets = tempfile.mkdtemp(prefix="v", dir=workdir)
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), scenario, mem, sockets, *([arg] if arg else [])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    shutil.rmtree(sockets, ignore_errors=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"{scenario} on {tree} exited {proc.returncode}:\n{tail}")
+    figures: dict[str, float] = json.loads(lines[-1])
+    return figures
+
+
+def compare(baseline: str, quick: bool) -> dict[str, Any]:
+    """Run every scenario on both trees, interleaved; the figures (see the module docstring)."""
+    rounds = 2 if quick else 6
+    trees = {NEW: str(REPO)}
+    runs = sorted({(m[1], m[2]) for m in METRICS}, key=lambda s: [m[1:3] for m in METRICS].index(s))
+    got: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+    with baseline_tree(baseline) as old_tree, scratch_dir() as workdir:
+        trees[OLD] = old_tree
+        big, small = os.path.join(workdir, "t32.mem"), os.path.join(workdir, "t16.mem")
+        make_mem_file(big, 32 * MiB, 0.25, seed=11)
+        make_mem_file(small, 16 * MiB, 0.25, seed=5)
+        for scenario, arg in runs:
+            mem = big if scenario == "fanout" else small
+            for r in range(rounds):
+                for side in (OLD, NEW) if r % 2 == 0 else (NEW, OLD):
+                    one = run_driver(trees[side], scenario, arg, mem, workdir)
+                    got.setdefault((scenario, arg, side), []).append(one)
+            label = scenario + (f" spare={arg}" if arg else "")
+            console.print(
+                f"{label}: "
+                + "; ".join(
+                    f"{side} " + ", ".join(f"{k} {fmt(median([f[k] for f in runs_]))}"
+                                          for k in runs_[0])
+                    for side in (OLD, NEW)
+                    for runs_ in [got[(scenario, arg, side)]]
+                )
+            )  # fmt: skip
+    figures: dict[str, Any] = {"baseline": baseline, "rounds": rounds}
+    rows = []
+    # The side-by-side table of docs/benchmarks.md (bench/report.py renders it).
+    comparison: list[dict[str, Any]] = []
+    for name, scenario, arg, key, meaning in METRICS:
+        old = [f[key] for f in got[(scenario, arg, OLD)]]
+        new = [f[key] for f in got[(scenario, arg, NEW)]]
+        # A round where a part could not be timed (nan) counts for neither side.
+        ratios = [n / o for n, o in zip(new, old, strict=True) if o > 0 and math.isfinite(n)]
+        old, new = [x for x in old if math.isfinite(x)], [x for x in new if math.isfinite(x)]
+        figures[f"old_{name}"] = median(old)
+        figures[f"new_{name}"] = median(new)
+        figures[f"ratio_{name}"] = median(ratios)
+        figures[f"ratio_{name}_min"] = min(ratios, default=float("nan"))
+        figures[f"ratio_{name}_max"] = max(ratios, default=float("nan"))
+        spread = f"{fmt(figures[f'ratio_{name}_min'])} to {fmt(figures[f'ratio_{name}_max'])}"
+        rows.append([name, fmt(median(old)), fmt(median(new)), fmt(median(ratios)), spread])
+        comparison.append({
+            "figure": name, "meaning": meaning, "old": median(old), "new": median(new),
+            "ratio": median(ratios), "ratio_min": figures[f"ratio_{name}_min"],
+            "ratio_max": figures[f"ratio_{name}_max"],
+        })  # fmt: skip
+    figures["comparison"] = {"old": baseline, "new": "this tree", "rows": comparison}
+    table(
+        f"this tree (new) against {baseline} (old), {rounds} paired rounds",
+        ["figure", "old (median)", "new (median)", "new / old", "spread over rounds"],
+        rows,
+    )
+    return figures
+
+
+def main(quick: bool = False, baseline: str = DEFAULT_BASELINE) -> dict[str, Any]:
+    """Compare this tree with ``baseline``; figures, or ``skipped`` when it cannot be had."""
+    header(
+        f"versus: this tree against {baseline}, side by side",
+        "fan-out at 16 forks, demand faults, worker recovery (spare and cold), takeover pause; "
+        "each round runs both trees' own code in fresh processes, alternating.",
+    )
+    try:
+        return compare(baseline, quick)
+    except BaselineError as exc:
+        console.print(f"[red]skipped:[/] {exc}")
+        return {"skipped": str(exc)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 6")
+    parser.add_argument(
+        "--baseline",
+        default=DEFAULT_BASELINE,
+        metavar="REV",
+        help=f"the git revision to compare with (default {DEFAULT_BASELINE})",
+    )
+    options = parser.parse_args()
+    sys.exit(1 if "skipped" in main(options.quick, options.baseline) else 0)
