@@ -10,8 +10,8 @@ a. **Paired rounds on one trace variant.** Each round picks a variant the warm-u
      the fork pays for planning, as the first fork of a template does;
    - ``cached``: prefetched from the hot set whose plan the server has cached (later forks);
    - ``stream``: resumed early: the first quarter of the hot set (in first-touch order) is
-     installed before resume and the rest streams in, in slices, while the guest runs
-     (cached plans);
+     installed before resume and the fork's worker streams the rest while the guest runs,
+     serving its faults first (cached plan);
    - ``present``: every page of guest RAM installed before the vCPUs resume, the population
      not counted: the physical limit, a fork that takes no fault at all.
 
