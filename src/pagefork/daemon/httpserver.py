@@ -39,203 +39,47 @@ How it serves:
   at debug level, never as a traceback.
 - h11 merges repeated equal Content-Length headers (RFC 9112 allows it); this server refuses
   any repeat instead, since no control client sends one and a proxy in front might disagree.
+
+Where each part lives: :mod:`.httpwire` the response and limit types; :mod:`.httpconn` one
+connection (h11's parsing, the head checks, an answer's encoding); :mod:`.httptable` the open
+connections and the rules on idleness and room; :mod:`.httppool` the thread pools; this
+module the loop and the server's life cycle.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
-import queue
-import re
 import selectors
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from http import HTTPStatus
-from typing import Literal
 
 import h11
 
+from pagefork.daemon.httpconn import HttpConnection, Progress, Refusal
+from pagefork.daemon.httppool import WorkerPool
+from pagefork.daemon.httptable import ConnectionTable
+from pagefork.daemon.httpwire import (
+    JSON_TYPE,
+    KNOWN_METHODS,
+    Handler,
+    PoolChooser,
+    PoolName,
+    Response,
+    ServerLimits,
+)
 from pagefork.errors import PageforkError
 
 log = logging.getLogger("pagefork")
 
-JSON_TYPE = "application/json"
-
-#: The methods HTTP defines (RFC 9110 §9, and PATCH): a route answers 405 to those it does
-#: not take. Any other method is 501 before routing.
-KNOWN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
-)
-
-# A Content-Length line in a request head (RFC 9112 §5: field names are case-insensitive;
-# h11 also takes bare LF line ends, so this does too).
-_CONTENT_LENGTH_LINE = re.compile(rb"\ncontent-length[ \t]*:", re.IGNORECASE)
-_END_OF_HEAD = re.compile(rb"\n\r?\n")
-_RECV_SIZE = 65536
 # accept() errors that mean "out of a resource for now": back off instead of spinning.
 _ACCEPT_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_BACKOFF = 0.1
-
-
-@dataclass(frozen=True)
-class Response:
-    """An HTTP response: status, body, content type and extra headers."""
-
-    status: int
-    body: bytes
-    content_type: str = JSON_TYPE
-    headers: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def json(cls, status: int, doc: object, headers: tuple[tuple[str, str], ...] = ()) -> Response:
-        """A JSON response."""
-        return cls(status, (json.dumps(doc) + "\n").encode(), JSON_TYPE, headers)
-
-    @classmethod
-    def error(cls, status: int, message: str) -> Response:
-        """``{"error": message}`` with ``status``."""
-        return cls.json(status, {"error": message})
-
-
-#: What the server calls for each complete request: (method, target, body) -> response.
-Handler = Callable[[str, str, bytes], Response]
-
-#: Which pool answers a request: ``"quick"`` (also False), ``"long"`` (also True) or
-#: ``"wait"``; see :class:`ServerLimits`.
-PoolName = Literal["quick", "long", "wait"]
-#: Says which pool answers a request, from its method and target.
-PoolChooser = Callable[[str, str], "bool | PoolName"]
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """The server's bounds; every one must be positive."""
-
-    #: Threads answering requests; more complete requests wait for one.
-    workers: int = 16
-    #: Threads answering the requests the handler says may take long (waiting on a VMM): a
-    #: pool of their own, so they never hold up the quick ones.
-    long_workers: int = 64
-    #: Threads answering requests that only wait for something to end (a guest's run): a
-    #: pool of their own, so waiters never hold up the long requests that do work.
-    wait_workers: int = 64
-    #: Open connections at most; more wait in the listen backlog.
-    max_connections: int = 256
-    #: The listen backlog (the kernel caps it at ``net.core.somaxconn``).
-    backlog: int = 1024
-    #: Seconds a connection has to deliver a complete request (after opening or an answer).
-    idle_timeout: float = 30.0
-    #: Seconds a connection must have been idle (since opening or its last answer) before it
-    #: may be closed to make room for a newcomer: a client that has just connected has the
-    #: time to send its request.
-    evict_after: float = 1.0
-    #: Seconds an answer may take to write before the connection is dropped.
-    send_timeout: float = 10.0
-    #: Largest request body, in bytes (a control request is a few hundred).
-    max_body: int = 1 << 20
-    #: Largest request head (request line and headers), in bytes.
-    max_head: int = 16 << 10
-    #: Seconds :meth:`HttpServer.shutdown` lets requests in flight finish.
-    shutdown_grace: float = 5.0
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not value > 0 or value == float("inf"):
-                raise PageforkError(f"server limit {f.name} must be positive and finite: {value}")
-
-
-class _Workers:
-    """A capped pool of daemon threads, started as work arrives.
-
-    Not :class:`concurrent.futures.ThreadPoolExecutor`: its threads are joined at interpreter
-    exit, so one request stuck in a long manager call would keep a stopping daemon alive.
-    """
-
-    def __init__(self, size: int, name: str) -> None:
-        self._size = size
-        self._name = name
-        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0
-        self._closed = False
-
-    def submit(self, task: Callable[[], None]) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the pool is closed")
-            if self._idle == 0 and len(self._threads) < self._size:
-                thread = threading.Thread(
-                    target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True
-                )
-                self._threads.append(thread)
-                thread.start()
-            else:
-                self._idle -= 1  # an idle thread takes it
-        self._tasks.put(task)
-
-    def _run(self) -> None:
-        while True:
-            task = self._tasks.get()
-            if task is None:
-                return
-            try:
-                task()
-            except Exception:  # _answer handles everything; this keeps the thread alive
-                log.exception("control: a worker task failed")
-            with self._lock:
-                self._idle += 1
-
-    def close(self, timeout: float) -> bool:
-        """Stop every thread once its task is done; True if all stopped within ``timeout``."""
-        with self._lock:
-            self._closed = True
-            threads = list(self._threads)
-        for _ in threads:
-            self._tasks.put(None)
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in threads)
-
-
-class _Conn:
-    """One accepted connection. The loop thread owns it while it reads; a worker owns it
-    while it answers (``busy``). Only the owner closes its socket."""
-
-    __slots__ = (
-        "answered",
-        "body",
-        "busy",
-        "deadline",
-        "h11",
-        "head",
-        "method",
-        "received",
-        "sock",
-        "target",
-    )
-
-    def __init__(self, sock: socket.socket, max_head: int, deadline: float) -> None:
-        self.sock = sock
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
-        self.deadline = deadline
-        self.busy = False
-        self.head = bytearray()  # the raw bytes of the request head being received
-        self.received = False  # any byte since the last answer
-        # A connection that has had no answer yet was opened to ask something: a drain waits
-        # for its request (a hand-over must not fail a client that has just connected).
-        self.answered = False
-        self.method = ""
-        self.target = ""
-        self.body = bytearray()
 
 
 class HttpServer:
@@ -264,12 +108,12 @@ class HttpServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._pool = _Workers(self.limits.workers, "pagefork-http")
-        self._long_pool = _Workers(self.limits.long_workers, "pagefork-http-long")
-        self._wait_pool = _Workers(self.limits.wait_workers, "pagefork-http-wait")
+        self._pool = WorkerPool(self.limits.workers, "pagefork-http")
+        self._long_pool = WorkerPool(self.limits.long_workers, "pagefork-http-long")
+        self._wait_pool = WorkerPool(self.limits.wait_workers, "pagefork-http-wait")
         self._lock = threading.Condition()
-        self._conns: set[_Conn] = set()  # every open connection (under _lock)
-        self._returned: deque[_Conn] = deque()  # answered, kept alive: back to the loop
+        self._conns = ConnectionTable(self.limits)  # every open connection (under _lock)
+        self._returned: deque[HttpConnection] = deque()  # answered, kept alive: to the loop
         self._in_flight = 0
         self._accepting = True
         self._draining = False
@@ -406,7 +250,7 @@ class HttpServer:
             for conn in self._returned:
                 conn.busy = False
             self._returned.clear()
-            idle = [c for c in self._conns if not c.busy]
+            idle = self._conns.idle()
         for conn in idle:
             self._close(conn)
         self._running.clear()
@@ -422,10 +266,7 @@ class HttpServer:
         with self._lock:
             want = (
                 self._accepting
-                and (
-                    len(self._conns) < self.limits.max_connections
-                    or bool(self._evictable(time.monotonic()))
-                )
+                and (not self._conns.full or bool(self._conns.evictable(time.monotonic())))
                 and time.monotonic() >= self._resume_accept_at
             )
         if want:
@@ -436,21 +277,10 @@ class HttpServer:
             self._selector.unregister(self.socket)
         self._listening = want
 
-    def _evictable(self, now: float) -> list[_Conn]:
-        """The connections that may be closed to make room (lock held): idle for at least
-        ``evict_after`` seconds."""
-        since = now + self.limits.idle_timeout - self.limits.evict_after
-        return [c for c in self._conns if not c.busy and c.deadline <= since]
-
     def _next_timeout(self) -> float | None:
         with self._lock:
-            deadlines = [c.deadline for c in self._conns if not c.busy]
-            if len(self._conns) >= self.limits.max_connections:
-                # When one becomes evictable (listening resumes then); one that is already
-                # evictable needs no wake-up: the listening socket wakes the loop.
-                wait = self.limits.idle_timeout - self.limits.evict_after
-                now = time.monotonic()
-                deadlines += [d - wait for d in deadlines if d - wait > now]
+            deadline = self._conns.next_deadline(time.monotonic())
+        deadlines = [] if deadline is None else [deadline]
         if self._resume_accept_at:  # accepting resumes then
             deadlines.append(self._resume_accept_at)
         if not deadlines:
@@ -461,12 +291,11 @@ class HttpServer:
         """Below the cap, or made so by closing the connection idle the longest (silent
         ones first, and only one idle for ``evict_after``); False when none may go."""
         with self._lock:
-            if len(self._conns) < self.limits.max_connections:
+            if not self._conns.full:
                 return True
-            idle = self._evictable(time.monotonic())
-        if not idle:
+            oldest = self._conns.to_evict(time.monotonic())
+        if oldest is None:
             return False
-        oldest = min(idle, key=lambda c: (c.received, c.deadline))
         log.debug("control: closing an idle connection to make room for a new one")
         self._close(oldest)
         return True
@@ -478,7 +307,7 @@ class HttpServer:
             with self._lock:
                 if not self._accepting:
                     return
-                full = len(self._conns) >= self.limits.max_connections
+                full = self._conns.full
             # At the cap, room is made for a newcomer known to wait: the first one, on this
             # turn (one per turn: its request is read before the next is let in).
             if full and (not first or not self._make_room()):
@@ -497,7 +326,8 @@ class HttpServer:
                 return  # ECONNABORTED and the like: the peer is gone already
             self._accept_failing = False
             sock.setblocking(False)
-            conn = _Conn(sock, self.limits.max_head, time.monotonic() + self.limits.idle_timeout)
+            deadline = time.monotonic() + self.limits.idle_timeout
+            conn = HttpConnection(sock, self.limits, deadline)
             with self._lock:
                 self._conns.add(conn)
             self._selector.register(sock, selectors.EVENT_READ, conn)
@@ -516,19 +346,18 @@ class HttpServer:
             self._guarded(conn, self._process)  # a pipelined request may be buffered already
         if self._draining:
             with self._lock:
-                quiet = [c for c in self._conns if not c.busy and c.answered and not c.received]
+                quiet = self._conns.quiet()
             for conn in quiet:
                 self._close(conn)
 
     def _expire_idle(self) -> None:
-        now = time.monotonic()
         with self._lock:
-            expired = [c for c in self._conns if not c.busy and c.deadline <= now]
+            expired = self._conns.expired(time.monotonic())
         for conn in expired:
             log.debug("control: closing a connection idle for %gs", self.limits.idle_timeout)
             self._close(conn)
 
-    def _guarded(self, conn: _Conn, step: Callable[[_Conn], None]) -> None:
+    def _guarded(self, conn: HttpConnection, step: Callable[[HttpConnection], None]) -> None:
         """Run one step of a connection; a bug in it costs that connection, not the loop."""
         try:
             step(conn)
@@ -537,97 +366,30 @@ class HttpServer:
             if not conn.busy:
                 self._close(conn)
 
-    def _on_readable(self, conn: _Conn) -> None:
+    def _on_readable(self, conn: HttpConnection) -> None:
         try:
-            data = conn.sock.recv(_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
+            fed = conn.receive()
         except OSError as exc:
             log.debug("control: connection lost while reading: %s", exc)
             self._close(conn)
             return
-        if data:
-            conn.received = True
-            if conn.h11.their_state is h11.IDLE:
-                conn.head += data[: self.limits.max_head + 4 - len(conn.head)]
-        conn.h11.receive_data(data)  # b"" is the peer's EOF
-        self._process(conn)
+        if fed:
+            self._process(conn)
 
-    def _process(self, conn: _Conn) -> None:
-        """Feed h11's events until it needs more bytes, the request is complete, or it is bad."""
-        while True:
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                # A body cut short by EOF lands here too: refused, never executed.
-                status = exc.error_status_hint
-                if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:  # h11's own limit
-                    message = f"request head larger than {self.limits.max_head} bytes"
-                else:
-                    message = f"bad request: {exc}"
-                self._refuse(conn, status, message)
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.ConnectionClosed):
-                self._close(conn)
-                return
-            if isinstance(event, h11.Request):
-                refusal = self._check_head(conn, event)
-                if refusal is not None:
-                    self._refuse(conn, *refusal)
-                    return
-                if conn.h11.they_are_waiting_for_100_continue:  # curl waits a second for it
-                    go_on = h11.InformationalResponse(
-                        status_code=100, headers=[], reason="Continue"
-                    )
-                    self._send_nowait(conn, conn.h11.send(go_on) or b"")
-            elif isinstance(event, h11.Data):
-                if len(conn.body) + len(event.data) > self.limits.max_body:
-                    limit = self.limits.max_body
-                    self._refuse(conn, 413, f"request body larger than {limit} bytes")
-                    return
-                conn.body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                self._dispatch(conn)
-                return
+    def _process(self, conn: HttpConnection) -> None:
+        """Act on where the connection's request stands: dispatch it once complete."""
+        progress = conn.progress()
+        if isinstance(progress, Refusal):
+            conn.refuse(progress)
+            self._close(conn)
+        elif progress is Progress.CLOSED:
+            self._close(conn)
+        elif progress is Progress.COMPLETE:
+            self._dispatch(conn)
 
-    def _check_head(self, conn: _Conn, request: h11.Request) -> tuple[int, str] | None:
-        """Why a request head is refused before its body is read, or None."""
-        conn.method = request.method.decode("ascii")
-        conn.target = request.target.decode("ascii")
-        parts = _END_OF_HEAD.split(bytes(conn.head), 1)
-        conn.head.clear()
-        if len(parts) == 1:  # the kept bytes hold no end of head: it is over the limit
-            return (
-                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                f"request head larger than {self.limits.max_head} bytes",
-            )
-        head = parts[0]
-        names = {name for name, _ in request.headers}
-        # h11 refuses conflicting lengths and merges equal ones; a control client never
-        # sends two, so any repeat is refused: framing must be unambiguous (RFC 9112 §6.3).
-        if len(_CONTENT_LENGTH_LINE.findall(head)) > 1:
-            return HTTPStatus.BAD_REQUEST, "bad request: duplicate Content-Length headers"
-        if b"content-length" in names and b"transfer-encoding" in names:
-            return HTTPStatus.BAD_REQUEST, "bad request: both Content-Length and Transfer-Encoding"
-        if conn.method not in KNOWN_METHODS:
-            return HTTPStatus.NOT_IMPLEMENTED, f"method {conn.method} is not implemented"
-        for name, value in request.headers:
-            if name == b"content-length" and int(value) > self.limits.max_body:
-                return (
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"request body larger than {self.limits.max_body} bytes",
-                )
-        return None
-
-    def _dispatch(self, conn: _Conn) -> None:
-        # The head of a pipelined next request may already sit in h11's buffer.
-        conn.head = bytearray(conn.h11.trailing_data[0][: self.limits.max_head + 4])
-        conn.busy = True
+    def _dispatch(self, conn: HttpConnection) -> None:
+        method, target, body = conn.take_request()
         self._selector.unregister(conn.sock)
-        method, target, body = conn.method, conn.target, bytes(conn.body)
-        conn.body = bytearray()
         with self._lock:
             self._in_flight += 1
         try:
@@ -644,30 +406,8 @@ class HttpServer:
                 self._in_flight -= 1
             self._close(conn)
 
-    def _refuse(self, conn: _Conn, status: int, message: str) -> None:
-        """Answer a request the server will not execute, then close the connection."""
-        if conn.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            response = Response.error(status, message)
-            try:
-                data = self._encode(conn, response, close=True)
-            except h11.LocalProtocolError:
-                data = b""
-            self._send_nowait(conn, data)
-        # Read what the peer already sent, so that closing does not turn into a reset that
-        # could discard the answer on its side.
-        with contextlib.suppress(OSError):
-            for _ in range(16):
-                if not conn.sock.recv(_RECV_SIZE):
-                    break
-        self._close(conn)
-
-    def _send_nowait(self, conn: _Conn, data: bytes) -> None:
-        """Write from the loop without ever blocking it (a short answer to a fresh socket)."""
-        with contextlib.suppress(OSError):
-            conn.sock.send(data, socket.MSG_NOSIGNAL)
-
     # --- the workers -------------------------------------------------------------------------
-    def _answer(self, conn: _Conn, method: str, target: str, body: bytes) -> None:
+    def _answer(self, conn: HttpConnection, method: str, target: str, body: bytes) -> None:
         keep = False
         try:
             if self._closed:  # queued behind a close: never executed, never answered
@@ -691,50 +431,20 @@ class HttpServer:
             else:
                 self._close(conn)
 
-    def _write(self, conn: _Conn, response: Response) -> bool:
+    def _write(self, conn: HttpConnection, response: Response) -> bool:
         """Send the answer; whether the connection may carry another request."""
         with self._lock:
             close = self._draining or self._stop
         try:
-            data = self._encode(conn, response, close)
-            conn.sock.settimeout(self.limits.send_timeout)
-            conn.sock.sendall(data, socket.MSG_NOSIGNAL)
-            conn.sock.setblocking(False)
+            conn.write(response, close)
         except (OSError, h11.LocalProtocolError) as exc:
             # A peer that went away (EPIPE, ECONNRESET) or stopped reading: its loss.
             log.debug("control: %s %s: answer not delivered: %s", conn.method, conn.target, exc)
             return False
-        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-            conn.h11.start_next_cycle()
-            conn.method = conn.target = ""
-            conn.received = bool(conn.head)
-            conn.answered = True
-            conn.deadline = time.monotonic() + self.limits.idle_timeout
-            return True
-        return False
-
-    def _encode(self, conn: _Conn, response: Response, close: bool) -> bytes:
-        headers = [
-            ("Content-Type", response.content_type),
-            ("Content-Length", str(len(response.body))),
-            *response.headers,
-        ]
-        if close:
-            headers.append(("Connection", "close"))
-        try:
-            reason = HTTPStatus(response.status).phrase
-        except ValueError:
-            reason = ""
-        data = (
-            conn.h11.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-            or b""
-        )
-        if conn.method != "HEAD":  # h11 frames a HEAD answer as headers only
-            data += conn.h11.send(h11.Data(data=response.body)) or b""
-        return data + (conn.h11.send(h11.EndOfMessage()) or b"")
+        return conn.next_cycle()
 
     # --- closing -----------------------------------------------------------------------------
-    def _close(self, conn: _Conn) -> None:
+    def _close(self, conn: HttpConnection) -> None:
         """Close a connection its caller owns (the loop, or the worker that answered it)."""
         if not conn.busy:
             with contextlib.suppress(KeyError, ValueError, RuntimeError):
@@ -746,4 +456,13 @@ class HttpServer:
         self._wake()  # the loop may accept again
 
 
-__all__ = ["Handler", "HttpServer", "PoolChooser", "PoolName", "Response", "ServerLimits"]
+__all__ = [
+    "JSON_TYPE",
+    "KNOWN_METHODS",
+    "Handler",
+    "HttpServer",
+    "PoolChooser",
+    "PoolName",
+    "Response",
+    "ServerLimits",
+]
