@@ -39,9 +39,15 @@ from (a snapshot, object storage, the microVM, a fork's layer) and flattening.
 from __future__ import annotations
 
 from pagefork.templates.record import (
+    CHILD_STATE,
+    FLAT_MEM_FILE,
     HOT_PAGES_FILE,
     LAYER_FILE,
+    MICROVM_DIR,
     RECORD_FILE,
+    RECORD_FORMAT,
+    RECORD_VERSION,
+    SNAPSHOT_DIR,
     TEMPLATE_KINDS,
     TemplateFieldError,
     TemplateKind,
@@ -53,11 +59,18 @@ from pagefork.templates.record import (
     validate_template_id,
 )
 from pagefork.templates.registry import TemplateRegistry
+from pagefork.templates.store import TemplateStore
 
 __all__ = [
+    "CHILD_STATE",
+    "FLAT_MEM_FILE",
     "HOT_PAGES_FILE",
     "LAYER_FILE",
+    "MICROVM_DIR",
     "RECORD_FILE",
+    "RECORD_FORMAT",
+    "RECORD_VERSION",
+    "SNAPSHOT_DIR",
     "TEMPLATE_KINDS",
     "TemplateFieldError",
     "TemplateKind",
@@ -65,6 +78,7 @@ __all__ = [
     "TemplateRecord",
     "TemplateRegistry",
     "TemplateStorageError",
+    "TemplateStore",
     "UnknownTemplateError",
     "kind_of",
     "validate_template_id",
