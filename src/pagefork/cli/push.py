@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         "uploaded_chunks": result.uploaded_chunks,
         "uploaded_bytes": result.uploaded_bytes,
         "repaired_chunks": result.repaired_chunks,
+        "hot_pack_bytes": result.pack_bytes,
         "seconds": round(result.seconds, 3),
     }
     if args.json:
@@ -168,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
             f"{result.uploaded_chunks} uploaded ({result.uploaded_bytes / (1 << 20):.1f} MiB), "
             f"{result.present_chunks} already in the bucket, {result.zero_chunks} all zero, "
             f"{result.repaired_chunks} repaired, "
-            f"in {result.seconds:.2f}s"
+            + (
+                f"hot pack of {result.pack_bytes >> 12} pages ({result.pack_bytes / (1 << 20):.1f} MiB), "
+                if result.pack_bytes
+                else ""
+            )
+            + f"in {result.seconds:.2f}s"
         )
     return 0

@@ -235,9 +235,9 @@ class PrefetchService:
         them; (bytes fetched, seconds). None for a mem-file."""
         if self._lazy is None:
             return None
-        chunks = self._lazy.chunks_of((r.file_offset, r.length) for r in plan.runs if not r.zero)
-        try:
-            return self._lazy.ensure(chunks, timeout)
+        spans = [(r.file_offset, r.length) for r in plan.runs if not r.zero]
+        try:  # the hot pack (if any), then the chunks of what it lacks
+            return self._lazy.ensure_spans(spans, timeout)
         except StoreError as exc:
             raise PrefetchError(f"fork {fork_id}: {exc}") from None
 

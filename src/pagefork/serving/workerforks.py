@@ -17,7 +17,7 @@ import socket
 import time
 
 from pagefork import uffd
-from pagefork.regions import Region, RegionMap
+from pagefork.regions import PAGE_SIZE, Region, RegionMap
 from pagefork.removed import RemovedRanges
 from pagefork.serving import ipc
 from pagefork.serving import ledger as L
@@ -290,8 +290,13 @@ class LazyChunks:
 
     def __init__(self, presence_fd: int, chunk_size: int, mem_size: int) -> None:
         nchunks = (mem_size + chunk_size - 1) // chunk_size
-        self.presence = mmap.mmap(presence_fd, nchunks, mmap.MAP_SHARED, mmap.PROT_READ)
+        # A byte per chunk, then a byte per page (pages the supervisor put in from a hot pack).
+        npages = (mem_size + PAGE_SIZE - 1) // PAGE_SIZE
+        self.presence = mmap.mmap(
+            presence_fd, nchunks + npages, mmap.MAP_SHARED, mmap.PROT_READ
+        )
         os.close(presence_fd)
+        self.nchunks = nchunks
         self.chunk_shift = chunk_size.bit_length() - 1
         self.parked: dict[int, list[tuple[WorkerFork, int]]] = {}  # chunk -> faults on it
         self.asked: set[int] = set()  # chunks asked for and not yet answered
@@ -301,12 +306,14 @@ class LazyChunks:
         span several chunks), or None when all are in: the one presence check of the worker."""
         present = self.presence
         first = offset >> self.chunk_shift
-        if present[first]:
-            last = (offset + length - 1) >> self.chunk_shift
-            if last == first or 0 not in present[first : last + 1]:
-                return None
-            return first + present[first : last + 1].index(0)
-        return first
+        last = (offset + length - 1) >> self.chunk_shift
+        if present[first] and (last == first or 0 not in present[first : last + 1]):
+            return None
+        # Pages that came from the hot pack are in though their chunk is not.
+        base = self.nchunks
+        if 0 not in present[base + offset // PAGE_SIZE : base + (offset + length - 1) // PAGE_SIZE + 1]:
+            return None
+        return first + present[first : last + 1].index(0)
 
     def park(self, f: WorkerFork, address: int, chunk: int) -> bool:
         """Keep a fault until ``chunk`` is in; True when the chunk must be asked for."""

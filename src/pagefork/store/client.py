@@ -394,3 +394,52 @@ def read_pinned(client: Any, url: S3Url) -> tuple[Manifest, str]:
 def read_manifest(client: Any, url: S3Url) -> Manifest:
     """The manifest of the template at ``url`` (pinned or current), fetched and checked."""
     return read_pinned(client, url)[0]
+
+
+def get_range(
+    client: Any,
+    bucket: str,
+    key: str,
+    start: int,
+    length: int,
+    deadline: float | None = None,
+    *,
+    patient: bool = False,
+) -> bytes:
+    """Bytes ``[start, start + length)`` of object ``bucket/key`` (one ranged GET, retried on
+    transient errors until ``deadline``). Fewer bytes come back from an object shorter than
+    that: the caller checks. The read is bounded by the deadline as :func:`get_bytes`' is."""
+    end = time.monotonic() + DEADLINE if deadline is None else deadline
+    where = f"s3://{bucket}/{key}"
+
+    def get() -> bytes:
+        if time.monotonic() >= end:
+            raise StoreError(f"{where}: not read within its deadline")
+        response = client.get_object(
+            Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
+        )
+        body = response["Body"]
+        cut = threading.Event()
+        timer = threading.Timer(max(0.0, end - time.monotonic()), _cut_off, (body, cut))
+        timer.daemon = True
+        timer.start()
+        try:
+            out = bytearray()
+            while len(out) <= length:
+                if cut.is_set() or time.monotonic() >= end:
+                    raise StoreError(f"{where}: not read within its deadline")
+                piece = body.read(_READ_PIECE)
+                if not piece:
+                    break
+                out += piece
+            return bytes(out[:length])
+        except Exception:
+            if cut.is_set():
+                raise StoreError(f"{where}: not read within its deadline") from None
+            raise
+        finally:
+            timer.cancel()
+            timer.join()
+            body.close()
+
+    return with_retries(get, where, end, patient=patient)

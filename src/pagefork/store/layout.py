@@ -10,6 +10,11 @@ A template pushed to ``s3://BUCKET/PREFIX`` is:
   template pinned to it (``s3://BUCKET/PREFIX#sha256=HEX``) is served the memory it was made
   from even after a new push to the prefix. Side files are content-addressed too
   (``PREFIX/vmstate-<sha256>``), so a new push never changes what an older manifest names.
+- ``BUCKET/PREFIX/hot-pack-<sha256>`` (manifest version 2, optional): the hot set's pages in
+  one object, in first-touch order, so a cold host fetches exactly them in a few ranged GETs.
+  The manifest's ``hot_pack`` names it and holds its index: per packed page its page number in
+  the template and its SHA-256 (a page is verified on its own, whatever range brought it).
+  A manifest without a pack is written as version 1, so older readers still load it.
 - ``BUCKET/<chunks_prefix><sha256>``: each chunk, content-addressed. The chunk prefix is the
   same for every template pushed into a bucket (``chunks/`` unless chosen otherwise), so
   templates that share content share chunks, and a push uploads only what the bucket lacks.
@@ -30,6 +35,10 @@ from pagefork.regions import PAGE_SIZE
 
 FORMAT = "pagefork-template"
 VERSION = 1
+#: The version of a manifest that names a hot pack; both are read.
+PACK_VERSION = 2
+#: One index entry of a hot pack: the page number (little-endian u64) and its SHA-256.
+PACK_ENTRY = 8 + 32
 #: Chunk size of a push unless chosen otherwise (measured: see bench/bench_s3.py).
 DEFAULT_CHUNK_SIZE = 2 << 20
 MIN_CHUNK_SIZE = 64 << 10
@@ -124,6 +133,39 @@ class Blob:
 
 
 @dataclass(frozen=True)
+class HotPack:
+    """The hot pack: object ``key`` of ``size`` bytes (SHA-256 ``sha256``), page ``i`` of it
+    being template page ``pages[i]``, whose SHA-256 is ``digests[i]`` (raw 32 bytes)."""
+
+    key: str
+    sha256: str
+    pages: tuple[int, ...]
+    digests: tuple[bytes, ...]
+
+    @property
+    def size(self) -> int:
+        """Bytes in the pack object (whole pages)."""
+        return len(self.pages) * PAGE_SIZE
+
+    def index_bytes(self) -> bytes:
+        """The index as stored: a page number and a SHA-256 per packed page."""
+        return b"".join(
+            p.to_bytes(8, "little") + d for p, d in zip(self.pages, self.digests, strict=True)
+        )
+
+
+def parse_pack_index(data: bytes) -> tuple[tuple[int, ...], tuple[bytes, ...]]:
+    """Page numbers and digests of an index (:meth:`HotPack.index_bytes`)."""
+    if len(data) % PACK_ENTRY:
+        raise ValueError(f"{len(data)} bytes is not a whole number of entries")
+    pages = tuple(
+        int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), PACK_ENTRY)
+    )
+    digests = tuple(data[i + 8 : i + PACK_ENTRY] for i in range(0, len(data), PACK_ENTRY))
+    return pages, digests
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What ``manifest.json`` says about one template."""
 
@@ -135,6 +177,7 @@ class Manifest:
     page_size: int = PAGE_SIZE
     hot_pages: Blob | None = None
     vmstate: Blob | None = None
+    hot_pack: HotPack | None = None
 
     def chunk_key(self, index: int) -> str:
         """The object key of chunk ``index`` (which must not be a zero chunk)."""
@@ -161,9 +204,9 @@ class Manifest:
         def blob(b: Blob | None) -> dict[str, Any] | None:
             return None if b is None else {"key": b.key, "sha256": b.sha256, "size": b.size}
 
-        doc = {
+        doc: dict[str, Any] = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if self.hot_pack is None else PACK_VERSION,
             "size": self.size,
             "page_size": self.page_size,
             "chunk_size": self.chunk_size,
@@ -173,6 +216,14 @@ class Manifest:
             "hot_pages": blob(self.hot_pages),
             "vmstate": blob(self.vmstate),
         }
+        if self.hot_pack is not None:
+            pack = self.hot_pack
+            doc["hot_pack"] = {
+                "key": pack.key,
+                "sha256": pack.sha256,
+                "size": pack.size,
+                "index": base64.b64encode(zlib.compress(pack.index_bytes(), 9)).decode(),
+            }
         return json.dumps(doc, indent=1).encode()
 
 
@@ -190,8 +241,9 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         raise bad("not a manifest (JSON nested too deeply)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise bad(f"not a {FORMAT} manifest")
-    if doc.get("version") != VERSION:
-        raise bad(f"format version {doc.get('version')!r} is not {VERSION}")
+    version = doc.get("version")
+    if version not in (VERSION, PACK_VERSION) or isinstance(version, bool):
+        raise bad(f"format version {version!r} is not {VERSION} or {PACK_VERSION}")
 
     def integer(name: str, low: int, high: int) -> int:
         value = doc.get(name)
@@ -245,6 +297,9 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             raise bad(f"{name} must be null or {{key, sha256, size}}")
         return Blob(value["key"], value["sha256"], value["size"])
 
+    hot_pack = None
+    if version == PACK_VERSION and doc.get("hot_pack") is not None:
+        hot_pack = _parse_pack(doc["hot_pack"], npages, zeros, bad)
     return Manifest(
         size=size,
         chunk_size=chunk_size,
@@ -254,4 +309,34 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         page_size=page_size,
         hot_pages=blob("hot_pages"),
         vmstate=blob("vmstate"),
+        hot_pack=hot_pack,
     )
+
+
+def _parse_pack(value: Any, npages: int, zeros: bytes, bad: Any) -> HotPack:
+    """The manifest's ``hot_pack``, checked: its pages are distinct, in the template and not
+    zero (a zero page is never fetched), and the index matches the object's size."""
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("key"), str)
+        or not isinstance(value.get("sha256"), str)
+        or not _SHA.fullmatch(value["sha256"])
+        or not isinstance(value.get("size"), int)
+        or not isinstance(value.get("index"), str)
+    ):
+        raise bad("hot_pack must be {key, sha256, size, index}")
+    try:
+        inflate = zlib.decompressobj()
+        limit = npages * PACK_ENTRY + 1
+        index = inflate.decompress(base64.b64decode(value["index"], validate=True), limit)
+        pages, digests = parse_pack_index(index)
+    except (ValueError, TypeError, zlib.error) as exc:
+        raise bad(f"hot_pack index does not decode ({exc})") from None
+    if len(pages) * PAGE_SIZE != value["size"]:
+        raise bad(f"hot_pack lists {len(pages)} pages but its size is {value['size']}")
+    if len(set(pages)) != len(pages):
+        raise bad("hot_pack lists a page twice")
+    for p in pages:
+        if p >= npages or zeros[p]:
+            raise bad(f"hot_pack page {p} is outside the template or marked zero")
+    return HotPack(value["key"], value["sha256"], pages, digests)

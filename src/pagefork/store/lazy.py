@@ -24,6 +24,13 @@ attempts, reads included: a store that hangs, trickles or stays away fails its f
 host, while one that refuses connections, resets them or answers 5xx for a while (restarting) is
 waited out within that time.
 The manifest is read once, when the template opens: a ``#sha256=`` pin fixes which one.
+
+A template pushed with a hot pack (:mod:`pagefork.store.hotpack`) also has presence per page:
+the presence map holds, after its byte per chunk, a byte per page, set for each page installed
+from the pack (verified against its own SHA-256). A worker's fault on such a page is served at
+once, though its chunk is not in; a prefetch fetches the pack and only the chunks of hot pages
+the pack lacks; and a chunk fetched later writes only the pages not already in, so it never
+overwrites a page a worker may be copying.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from pagefork.memfile import MemFile, ZeroIndexed
 from pagefork.regions import PAGE_SIZE
 from pagefork.store import client as s3
 from pagefork.store.cache import ChunkCache, default_cache_dir
+from pagefork.store.hotpack import fetch_pack
 from pagefork.store.layout import (
     Blob,
     Manifest,
@@ -94,6 +102,7 @@ class LazyTemplate(ZeroIndexed):
         self.size = m.size
         self.chunk_size = m.chunk_size
         self.nchunks = len(m.chunks)
+        self.npages = (m.size + PAGE_SIZE - 1) // PAGE_SIZE
         self.address = 0  # never mapped here: only workers read the view
         self._zeros = bytearray(m.zero_pages)
         self._zero_fd = -1
@@ -104,8 +113,11 @@ class LazyTemplate(ZeroIndexed):
             self.fd = os.memfd_create("pagefork-lazy-view", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, m.size)  # sparse: costs memory only as chunks arrive
             self.presence_fd = os.memfd_create("pagefork-presence", os.MFD_CLOEXEC)
-            os.ftruncate(self.presence_fd, self.nchunks)
-            self._presence = mmap.mmap(self.presence_fd, self.nchunks, mmap.MAP_SHARED)
+            # A byte per chunk, then a byte per page (pages installed from the hot pack).
+            os.ftruncate(self.presence_fd, self.nchunks + self.npages)
+            self._presence = mmap.mmap(
+                self.presence_fd, self.nchunks + self.npages, mmap.MAP_SHARED
+            )
         except OSError as exc:
             self.close()
             raise StoreError(f"{self.path}: cannot make the memory view: {exc.strerror}") from None
@@ -117,9 +129,16 @@ class LazyTemplate(ZeroIndexed):
         self._pool = concurrent.futures.ThreadPoolExecutor(fetch_jobs, "pagefork-fetch")
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "pagefork-cache-write")
         self._closed = False
-        #: GETs issued for chunks, and the bytes they brought (cache hits not counted).
+        # Serialises writes to the view: a chunk's write skips the pages the pack put in.
+        self._view_lock = threading.Lock()
+        self._pack_lock = threading.Lock()
+        self._pack_done = False
+        #: GETs issued for chunks and the hot pack, and the bytes they brought (cache hits
+        #: not counted); of those, the pack's.
         self.gets = 0
         self.fetched_bytes = 0
+        self.pack_gets = 0
+        self.pack_bytes = 0
 
     # --- chunks ------------------------------------------------------------------------------
     def present(self, chunk: int) -> bool:
@@ -127,13 +146,82 @@ class LazyTemplate(ZeroIndexed):
         assert self._presence is not None
         return bool(self._presence[chunk])
 
-    def chunks_of(self, spans: Iterable[tuple[int, int]]) -> list[int]:
-        """The chunks, not yet present, that ``(file_offset, length)`` spans touch (sorted)."""
+    def page_present(self, page: int) -> bool:
+        """True once page ``page`` is in the view: its chunk is, or the pack brought it."""
+        assert self._presence is not None
         shift = self.chunk_size.bit_length() - 1
+        return bool(self._presence[(page * PAGE_SIZE) >> shift] or self._presence[self.nchunks + page])
+
+    def chunks_of(self, spans: Iterable[tuple[int, int]]) -> list[int]:
+        """The chunks, not yet present, that ``(file_offset, length)`` spans touch (sorted),
+        leaving out a chunk whose pages the spans touch all came from the hot pack."""
+        assert self._presence is not None
+        shift = self.chunk_size.bit_length() - 1
+        per_chunk = self.chunk_size // PAGE_SIZE
+        pages = self._presence
+        base = self.nchunks
         want: set[int] = set()
         for offset, length in spans:
-            want.update(range(offset >> shift, ((offset + length - 1) >> shift) + 1))
-        return sorted(c for c in want if 0 <= c < self.nchunks and not self.present(c))
+            for c in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
+                if not 0 <= c < self.nchunks or c in want or self.present(c):
+                    continue
+                first = max(offset // PAGE_SIZE, c * per_chunk)
+                last = min((offset + length - 1) // PAGE_SIZE, (c + 1) * per_chunk - 1)
+                if 0 in pages[base + first : base + last + 1]:
+                    want.add(c)
+        return sorted(want)
+
+    def ensure_spans(self, spans: Iterable[tuple[int, int]], timeout: float) -> tuple[int, float]:
+        """Bring the pages of ``(file_offset, length)`` spans into the view: the hot pack
+        first (when the template has one: a few ranged GETs), then the chunks of what the
+        pack lacks. (bytes fetched from the store, seconds taken), as :meth:`ensure`."""
+        started = time.monotonic()
+        spans = list(spans)
+        fetched = self.ensure_pack(timeout)
+        more, _ = self.ensure(self.chunks_of(spans), timeout - (time.monotonic() - started))
+        return fetched + more, time.monotonic() - started
+
+    def ensure_pack(self, timeout: float) -> int:
+        """Fetch the hot pack into the view, once per template (later calls return at once;
+        one that failed is tried again by the next). Bytes fetched; :class:`StoreError` names
+        the pack object and how to repair it."""
+        pack = self.manifest.hot_pack
+        if pack is None:
+            return 0
+        with self._pack_lock:  # one fetch: the forks that arrive meanwhile wait for it
+            if self._pack_done:
+                return 0
+            if self._closed:
+                raise StoreError(f"{self.path}: template closed")
+            fetched = 0
+
+            def counted(n: int) -> None:
+                nonlocal fetched
+                with self._lock:
+                    fetched += n
+                    self.gets += 1
+                    self.pack_gets += 1
+                    self.fetched_bytes += n
+                    self.pack_bytes += n
+
+            deadline = time.monotonic() + min(timeout, self.fetch_deadline)
+            fetch_pack(
+                self._client, self.url.bucket, pack, self._pool, self._install_page, deadline,
+                counted,
+            )
+            self._pack_done = True
+            return fetched
+
+    def _install_page(self, page: int, data: bytes) -> None:
+        """Put verified page ``page`` in the view, then mark it present (a pool thread)."""
+        assert self._presence is not None
+        if self._zeros[page]:
+            return  # a zero page is served as zeros, never copied
+        with self._view_lock:
+            if self.page_present(page):
+                return  # its chunk is in already: never written twice
+            _write_all(self.fd, data, page * PAGE_SIZE)
+            self._presence[self.nchunks + page] = 1
 
     def request(self, chunk: int) -> ChunkFuture:
         """A future of chunk ``chunk`` arriving in the view (result: bytes fetched from the
@@ -233,14 +321,30 @@ class LazyTemplate(ZeroIndexed):
                 f"{where}: the manifest marks page {page} zero but the chunk (verified against "
                 "its SHA-256) holds data there: the manifest is corrupt; nothing of it was served"
             )
+        assert self._presence is not None
         view = memoryview(data)
         offset = chunk * self.chunk_size
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-        assert self._presence is not None
-        # Only now may a worker copy from it: the bytes are in the view and verified.
-        self._presence[chunk] = 1
+        first = offset // PAGE_SIZE
+        npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
+        base = self.nchunks + first
+        with self._view_lock:
+            packed = self._presence[base : base + npages]
+            if 1 not in packed:
+                _write_all(self.fd, view, offset)
+            else:  # only the pages the hot pack did not bring: never rewrite a served page
+                page = 0
+                while page < npages:
+                    if packed[page]:
+                        page += 1
+                        continue
+                    end = packed.find(1, page)
+                    end = npages if end < 0 else end
+                    _write_all(
+                        self.fd, view[page * PAGE_SIZE : end * PAGE_SIZE], offset + page * PAGE_SIZE
+                    )
+                    page = end
+            # Only now may a worker copy from it: the bytes are in the view and verified.
+            self._presence[chunk] = 1
         if not cached:
             # On a thread of its own: the faults waiting for this chunk need not wait for it.
             self._writer.submit(self.cache.put, sha, data)
@@ -300,6 +404,13 @@ class LazyTemplate(ZeroIndexed):
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ read ahead, so memory stays bounded whatever the template's size. The manifest g
 reader never sees a manifest whose chunks are not all there. It is stored twice: as
 ``manifest.json`` and as ``manifests/<its SHA-256>.json``, which later pushes never overwrite
 (nor the side files, named by their SHA-256), so templates pinned to it keep their memory.
+
+A push with a hot-page list also uploads the hot pack (:mod:`pagefork.store.hotpack`): the hot
+pages themselves, in first-touch order, in one object the manifest indexes. It is uploaded on
+every push (it is the size of the hot set), so pushing again repairs a damaged one.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from typing import Any
 
 from pagefork.errors import StoreError
 from pagefork.files import open_regular, read_regular
-from pagefork.hotpages import decode
+from pagefork.hotpages import HotPageList, decode
 from pagefork.layers.capture import ChainPages
 from pagefork.memfile import scan_zero_pages
 from pagefork.regions import PAGE_SIZE
 from pagefork.store import client as s3
+from pagefork.store.hotpack import build_pack, hot_file_pages
 from pagefork.store.layout import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CHUNKS_PREFIX,
@@ -67,6 +72,8 @@ class PushResult:
     uploaded_bytes: int
     seconds: float
     repaired_chunks: int = 0
+    #: Bytes of the hot pack uploaded (0 without one).
+    pack_bytes: int = 0
 
 
 def push(
@@ -101,10 +108,11 @@ def push(
             "'.' or '..' part"
         )
     side: dict[str, bytes] = {}
+    hot: HotPageList | None = None
     if hot_pages is not None:
         data = read_regular(hot_pages, "hot-page file", limit=_MAX_SIDE_FILE, error=StoreError)
         assert data is not None
-        decode(data, hot_pages)  # refuse a corrupt list before uploading
+        hot = decode(data, hot_pages)  # refuse a corrupt list before uploading
         side["hot_pages"] = data
     if vmstate is not None:
         data = read_regular(vmstate, "vmstate", limit=_MAX_SIDE_FILE, error=StoreError)
@@ -182,14 +190,27 @@ def push(
             key = url.key(_SIDE_NAMES[name].format(digest))
             s3.put_bytes(client, url.bucket, key, data)
             blobs[name] = Blob(key, digest, len(data))
+        zero_map = bytes(zeros[: (size + PAGE_SIZE - 1) // PAGE_SIZE])
+        packed = None
+        if hot is not None:
+
+            def read_page(page: int) -> bytes:
+                if chain is None:
+                    return os.pread(fd, PAGE_SIZE, page * PAGE_SIZE)
+                return bytes(chain.read_range(page, 1))
+
+            packed = build_pack(url, hot_file_pages(hot, len(zero_map)), read_page, zero_map)
+            if packed is not None:
+                s3.put_bytes(client, url.bucket, packed[0].key, packed[1])
         manifest = Manifest(
             size=size,
             chunk_size=chunk_size,
             chunks=tuple(shas),
-            zero_pages=bytes(zeros[: (size + PAGE_SIZE - 1) // PAGE_SIZE]),
+            zero_pages=zero_map,
             chunks_prefix=chunks_prefix,
             hot_pages=blobs.get("hot_pages"),
             vmstate=blobs.get("vmstate"),
+            hot_pack=None if packed is None else packed[0],
         )
         doc = manifest.to_json()
         s3.put_bytes(client, url.bucket, s3.pinned_key(url, sha256(doc)), doc)  # kept for pins
@@ -208,6 +229,7 @@ def push(
         uploaded_bytes=tally["bytes"],
         seconds=time.monotonic() - started,
         repaired_chunks=tally["repaired"],
+        pack_bytes=0 if packed is None else len(packed[1]),
     )
 
 

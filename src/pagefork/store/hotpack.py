@@ -1,0 +1,160 @@
+"""The hot pack: a template's hot pages in one object, fetched in a few ranged GETs.
+
+A hot set scattered over memory touches most fixed-size chunks, so a cold host that fetched
+the chunks holding it would fetch most of the template. The pack holds exactly the hot pages
+(zero pages left out: they are never fetched), in first-touch order, under a content address
+(``PREFIX/hot-pack-<sha256>``); the manifest's index gives each packed page's page number and
+SHA-256. A cold host fetches the pack in :data:`RANGES` parallel ranged GETs of whole pages,
+checks every page against its digest, and only then puts it in the memory view (see
+:meth:`pagefork.store.lazy.LazyTemplate.ensure_pack`). A range that does not match is fetched
+once more; one that still does not, or a pack that is missing or short, fails the forks that
+wait for it with an error naming the object and the repair (push the template again).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pagefork.errors import PrefetchError, StoreError
+from pagefork.hotpages import HotPageList
+from pagefork.prefetch import PrefetchPlan
+from pagefork.regions import PAGE_SIZE
+from pagefork.store import client as s3
+from pagefork.store.layout import HotPack, S3Url, sha256
+
+#: Ranged GETs a pack is fetched in (at most; at least 64 KiB each).
+RANGES = 8
+_MIN_RANGE = 64 << 10
+
+
+def hot_file_pages(hot: HotPageList, npages: int) -> list[int]:
+    """The mem-file page numbers of ``hot``'s pages, in first-touch order, distinct.
+
+    A hot-page list names pages by region and offset; the region's place in the mem-file is
+    known from a prefetch plan kept with the list (an HPL3 file's), else only region 0 is
+    placed (at the start of the file, as a single-region VMM lays it out). Pages it cannot
+    place are left out of the pack: they stay lazy, served by their chunks.
+    """
+    offsets: dict[int, int] = {0: 0}
+    for data in hot.plans().values():
+        try:
+            plan = PrefetchPlan.from_bytes(data)
+        except PrefetchError:
+            continue
+        if plan.planned_for:
+            offsets = {i: r.offset for i, r in enumerate(plan.planned_for)}
+            break
+    out: list[int] = []
+    seen: set[int] = set()
+    for region, offset in hot.in_order():
+        base = offsets.get(region)
+        if base is None or offset % PAGE_SIZE:
+            continue
+        page = (base + offset) // PAGE_SIZE
+        if page < npages and page not in seen:
+            seen.add(page)
+            out.append(page)
+    return out
+
+
+def build_pack(
+    url: S3Url, pages: Iterable[int], read_page: Callable[[int], bytes], zeros: bytes
+) -> tuple[HotPack, bytes] | None:
+    """The pack of ``pages`` (zero pages left out) read with ``read_page``, and its bytes;
+    None when no page is left."""
+    order = [p for p in pages if not zeros[p]]
+    if not order:
+        return None
+    parts = [read_page(p) for p in order]
+    for p, data in zip(order, parts, strict=True):
+        if len(data) != PAGE_SIZE:
+            raise StoreError(f"page {p}: read {len(data)} bytes, not a whole page")
+    data = b"".join(parts)
+    digest = sha256(data)
+    pack = HotPack(
+        key=url.key(f"hot-pack-{digest}"),
+        sha256=digest,
+        pages=tuple(order),
+        digests=tuple(hashlib.sha256(part).digest() for part in parts),
+    )
+    return pack, data
+
+
+def _ranges(npages: int) -> list[tuple[int, int]]:
+    """(first page, pages) of each ranged GET."""
+    per = max(_MIN_RANGE // PAGE_SIZE, -(-npages // RANGES))
+    return [(i, min(per, npages - i)) for i in range(0, npages, per)]
+
+
+def fetch_pack(
+    client: Any,
+    bucket: str,
+    pack: HotPack,
+    pool: concurrent.futures.Executor,
+    install: Callable[[int, bytes], None],
+    deadline: float,
+    on_get: Callable[[int], None],
+) -> None:
+    """Fetch ``pack`` in parallel ranged GETs on ``pool``; each page, once it matches its
+    digest, goes to ``install(page_number, bytes)``. Raises :class:`StoreError` naming the
+    object and how to repair it; a page that does not match is never installed."""
+    where = f"s3://{bucket}/{pack.key}"
+
+    def one(first: int, count: int) -> None:
+        why = ""
+        for _attempt in range(s3.VERIFY_ATTEMPTS):
+            try:
+                data = s3.get_range(
+                    client, bucket, pack.key, first * PAGE_SIZE, count * PAGE_SIZE, deadline,
+                    patient=True,
+                )
+            except StoreError as exc:
+                text = str(exc)
+                if "no such object" in text:
+                    raise StoreError(
+                        f"hot pack {where} is gone from the bucket: push the template again "
+                        "with its hot pages (pagefork push ... --hot-pages FILE)"
+                    ) from None
+                if "InvalidRange" in text:
+                    why = "is shorter than its index says (truncated)"
+                    on_get(0)
+                    continue
+                raise StoreError(f"hot pack {exc}") from None
+            on_get(len(data))
+            bad = _first_bad(pack, first, count, data)
+            if bad is None:
+                for i in range(count):
+                    install(pack.pages[first + i], data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+                return
+            why = bad
+        raise StoreError(
+            f"hot pack {where} {why} (nothing of it was served): push the template again "
+            "with its hot pages (pagefork push ... --hot-pages FILE) to repair it"
+        )
+
+    futures = [pool.submit(one, first, count) for first, count in _ranges(len(pack.pages))]
+    _, pending = concurrent.futures.wait(futures, max(0.0, deadline - time.monotonic()) + 1)
+    for fut in pending:
+        fut.cancel()
+    if pending:
+        raise StoreError(f"hot pack {where}: not fetched within its deadline")
+    for fut in futures:
+        exc = fut.exception()
+        if exc is not None:
+            raise exc if isinstance(exc, StoreError) else StoreError(f"hot pack {where}: {exc}")
+
+
+def _first_bad(pack: HotPack, first: int, count: int, data: bytes) -> str | None:
+    """Why ``data`` is not pages ``first .. first+count`` of ``pack``, or None."""
+    if len(data) != count * PAGE_SIZE:
+        return "is shorter than its index says (truncated)"
+    view = memoryview(data)
+    for i in range(count):
+        page = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        if hashlib.sha256(page).digest() != pack.digests[first + i]:
+            return f"page {first + i} (template page {pack.pages[first + i]}) does not match its SHA-256"
+    return None
