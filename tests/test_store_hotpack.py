@@ -59,7 +59,10 @@ def packed(s3_bucket: str, s3_endpoint: str, mem_file: Path, tmp_path: Path) -> 
     hpl.write_bytes(encode(HotPageList.from_pages(hot_pages()), "hpl2"))  # first-touch order
     url = f"s3://{s3_bucket}/tmpl"
     push(
-        parse_s3_url(url), str(mem_file), make_client(s3_endpoint), chunk_size=CHUNK,
+        parse_s3_url(url),
+        str(mem_file),
+        make_client(s3_endpoint),
+        chunk_size=CHUNK,
         hot_pages=str(hpl),
     )
     return url
@@ -128,7 +131,10 @@ def test_a_bad_pack_index_is_refused_naming_the_fault(pages, size, why):
     zeros[0] = 1
     pack = HotPack("k", "b" * 64, pages, tuple(b"d" * 32 for _ in pages))
     m = Manifest(
-        size=3 * MIB, chunk_size=MIB, chunks=("a" * 64,) * 3, zero_pages=bytes(zeros),
+        size=3 * MIB,
+        chunk_size=MIB,
+        chunks=("a" * 64,) * 3,
+        zero_pages=bytes(zeros),
         hot_pack=pack,
     )
     doc = json.loads(m.to_json())

@@ -169,11 +169,7 @@ def run(args: argparse.Namespace) -> int:
             f"{result.uploaded_chunks} uploaded ({result.uploaded_bytes / (1 << 20):.1f} MiB), "
             f"{result.present_chunks} already in the bucket, {result.zero_chunks} all zero, "
             f"{result.repaired_chunks} repaired, "
-            + (
-                f"hot pack of {result.pack_bytes >> 12} pages ({result.pack_bytes / (1 << 20):.1f} MiB), "
-                if result.pack_bytes
-                else ""
-            )
+            + (f"hot pack of {result.pack_bytes >> 12} pages, " if result.pack_bytes else "")
             + f"in {result.seconds:.2f}s"
         )
     return 0

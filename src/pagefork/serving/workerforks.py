@@ -292,9 +292,7 @@ class LazyChunks:
         nchunks = (mem_size + chunk_size - 1) // chunk_size
         # A byte per chunk, then a byte per page (pages the supervisor put in from a hot pack).
         npages = (mem_size + PAGE_SIZE - 1) // PAGE_SIZE
-        self.presence = mmap.mmap(
-            presence_fd, nchunks + npages, mmap.MAP_SHARED, mmap.PROT_READ
-        )
+        self.presence = mmap.mmap(presence_fd, nchunks + npages, mmap.MAP_SHARED, mmap.PROT_READ)
         os.close(presence_fd)
         self.nchunks = nchunks
         self.chunk_shift = chunk_size.bit_length() - 1
@@ -310,8 +308,8 @@ class LazyChunks:
         if present[first] and (last == first or 0 not in present[first : last + 1]):
             return None
         # Pages that came from the hot pack are in though their chunk is not.
-        base = self.nchunks
-        if 0 not in present[base + offset // PAGE_SIZE : base + (offset + length - 1) // PAGE_SIZE + 1]:
+        pages = self.nchunks + offset // PAGE_SIZE
+        if 0 not in present[pages : pages + (length + PAGE_SIZE - 1) // PAGE_SIZE]:
             return None
         return first + present[first : last + 1].index(0)
 

@@ -109,7 +109,12 @@ def fetch_pack(
         for _attempt in range(s3.VERIFY_ATTEMPTS):
             try:
                 data = s3.get_range(
-                    client, bucket, pack.key, first * PAGE_SIZE, count * PAGE_SIZE, deadline,
+                    client,
+                    bucket,
+                    pack.key,
+                    first * PAGE_SIZE,
+                    count * PAGE_SIZE,
+                    deadline,
                     patient=True,
                 )
             except StoreError as exc:
@@ -156,5 +161,6 @@ def _first_bad(pack: HotPack, first: int, count: int, data: bytes) -> str | None
     for i in range(count):
         page = view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         if hashlib.sha256(page).digest() != pack.digests[first + i]:
-            return f"page {first + i} (template page {pack.pages[first + i]}) does not match its SHA-256"
+            which = f"page {first + i} (template page {pack.pages[first + i]})"
+            return f"{which} does not match its SHA-256"
     return None

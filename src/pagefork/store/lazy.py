@@ -149,8 +149,8 @@ class LazyTemplate(ZeroIndexed):
     def page_present(self, page: int) -> bool:
         """True once page ``page`` is in the view: its chunk is, or the pack brought it."""
         assert self._presence is not None
-        shift = self.chunk_size.bit_length() - 1
-        return bool(self._presence[(page * PAGE_SIZE) >> shift] or self._presence[self.nchunks + page])
+        chunk = page * PAGE_SIZE // self.chunk_size
+        return bool(self._presence[chunk] or self._presence[self.nchunks + page])
 
     def chunks_of(self, spans: Iterable[tuple[int, int]]) -> list[int]:
         """The chunks, not yet present, that ``(file_offset, length)`` spans touch (sorted),
@@ -206,7 +206,12 @@ class LazyTemplate(ZeroIndexed):
 
             deadline = time.monotonic() + min(timeout, self.fetch_deadline)
             fetch_pack(
-                self._client, self.url.bucket, pack, self._pool, self._install_page, deadline,
+                self._client,
+                self.url.bucket,
+                pack,
+                self._pool,
+                self._install_page,
+                deadline,
                 counted,
             )
             self._pack_done = True
