@@ -80,7 +80,9 @@ def test_push_on_one_host_serve_on_another(tmp_path: Path, mem_file, vmms, s3_bu
         assert listening["mem_file"].startswith(f"{url}#sha256=")
         vmm = vmms(str(tmp_path / "s.sock"))
         (done,) = serve.wait_for("prefetch_done")  # the hot set pushed with the template
-        assert done["pages"] == 50 and done["fetched_bytes"] == 2 << 20
+        # The hot pack pushed with it: the 50 hot pages' bytes alone, not the chunk they are in.
+        assert done["pages"] == 50 and done["fetched_bytes"] == 50 * PAGE
+        assert doc["hot_pack_bytes"] == 50 * PAGE
         assert vmm.send(cmd="touch", all=True)["bad"] == 0
         vmm.close()
         (end,) = serve.wait_for("fork_end")

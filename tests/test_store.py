@@ -71,7 +71,7 @@ def test_manifest_round_trips():
     ("change", "why"),
     [
         ({"format": "other"}, "not a pagefork-template manifest"),
-        ({"version": 2}, "format version 2"),
+        ({"version": 3}, "format version 3"),
         ({"chunk_size": 3 << 20}, "not a power of two"),
         ({"size": -1}, "size -1"),
         ({"chunks": []}, "chunks must be a list of 3 entries"),
