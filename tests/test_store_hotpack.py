@@ -17,6 +17,7 @@ import pytest
 from conftest import PAGE, needs_uffd
 from pagefork.errors import PrefetchError, StoreError
 from pagefork.hotpages import HotPageList, encode
+from pagefork.regions import Region
 from pagefork.server import PageServer, ServerConfig
 from pagefork.store import lazy as lazy_mod
 from pagefork.store.cache import ChunkCache
@@ -164,8 +165,11 @@ needs = needs_uffd
 
 @needs
 def test_a_cold_prefetch_fetches_the_pack_alone_and_the_guest_sees_the_template(
-    packed, s3_server, vmms, proxy
+    packed, s3_server, vmms, proxy, monkeypatch
 ):
+    # Bridging is on (gaps of up to 8 pages between hot pages would be copied too), yet no
+    # bridged page may cost its chunk: the pack holds the hot pages alone.
+    monkeypatch.setenv("PAGEFORK_BRIDGE_GAP", "8")
     server = s3_server(packed)
     vmm = vmms(server.register_fork("a"))
     server.wait_connected("a")
@@ -302,3 +306,57 @@ def test_an_old_manifest_without_a_pack_still_loads(s3_bucket, s3_endpoint, mem_
         assert lazy.ensure_pack(10) == 0
     finally:
         lazy.close()
+
+
+# --- a hot set recorded on a host, published ---------------------------------------------------
+
+
+def test_a_hot_set_recorded_here_is_published_with_its_pack(
+    s3_bucket, s3_endpoint, mem_file, tmp_path
+):
+    url = f"s3://{s3_bucket}/rec"
+    push(parse_s3_url(url), str(mem_file), make_client(s3_endpoint), chunk_size=CHUNK)
+    regions = [Region(0x7000_0000, 8 * MIB, 0), Region(0x9000_0000, 4 * MIB, 8 * MIB)]
+    # First touches in both regions; region 1's pages lie 8 MiB into the mem-file.
+    hot = HotPageList.from_pages([(1, 5 * PAGE), (0, 9 * PAGE), (1, 2 * PAGE), (0, 4 * PAGE)])
+    cache = ChunkCache(str(tmp_path / "c"))
+    here = LazyTemplate(url, cache, endpoint_url=s3_endpoint)
+    try:
+        here.ensure([0, 8], 30)  # what the recording fork faulted in
+        pinned = here.publish_hot_set(hot, regions)
+    finally:
+        here.close()
+    current = manifest_of(url)
+    assert current.hot_pack is not None and pinned.endswith(sha256(current.to_json()))
+    # In first-touch order, the zero page (4: every 4th page is zero) left out.
+    assert current.hot_pack.pages == (2048 + 5, 9, 2048 + 2)
+    template = mem_file.read_bytes()
+    cold = LazyTemplate(pinned, ChunkCache(str(tmp_path / "cold")), endpoint_url=s3_endpoint)
+    try:
+        assert cold.ensure_pack(30) == 3 * PAGE
+        for p in current.hot_pack.pages:
+            assert os.pread(cold.fd, PAGE, p * PAGE) == template[p * PAGE : (p + 1) * PAGE]
+        assert cold.gets == 1 and not cold.present(8)
+    finally:
+        cold.close()
+
+
+def test_publishing_never_replaces_a_newer_push(s3_bucket, s3_endpoint, mem_file, tmp_path):
+    url = f"s3://{s3_bucket}/rec"
+    client = make_client(s3_endpoint)
+    push(parse_s3_url(url), str(mem_file), client, chunk_size=CHUNK)
+    here = LazyTemplate(url, ChunkCache(str(tmp_path / "c")), endpoint_url=s3_endpoint)
+    try:
+        here.ensure([0], 30)
+        newer = push(parse_s3_url(url), str(mem_file), client, chunk_size=2 * CHUNK)
+        one = HotPageList.from_pages([(0, 9 * PAGE)])
+        pinned = here.publish_hot_set(one, [Region(0x7000_0000, 12 * MIB, 0)])
+    finally:
+        here.close()
+    assert manifest_of(url) == newer.manifest  # the newer push stays current
+    pinned_to = LazyTemplate(pinned, ChunkCache(str(tmp_path / "d")), endpoint_url=s3_endpoint)
+    try:
+        assert pinned_to.manifest.hot_pack is not None
+        assert pinned_to.manifest.hot_pack.pages == (9,)
+    finally:
+        pinned_to.close()

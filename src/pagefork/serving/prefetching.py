@@ -220,7 +220,11 @@ class PrefetchService:
                 return hit[2], hit[1]
         # The plan kept with the list (an HPL3 file's, or one made for an earlier fork of this
         # layout) when it fits; else planned now and kept with it.
-        plan = plan_hot_set(hot_pages, regions, self._is_zero)
+        if self._lazy is not None and self._lazy.manifest.hot_pack is not None:
+            # The hot pack holds the hot pages alone: a bridged gap would cost its chunk.
+            plan = plan_prefetch(hot_pages, regions, self._is_zero, bridge_gap=0)
+        else:
+            plan = plan_hot_set(hot_pages, regions, self._is_zero)
         token = next(self._table.serial)
         with self._plans_lock:
             self._plans[key] = (hot_pages, plan, token)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pagefork.errors import PrefetchError, StoreError
 from pagefork.hotpages import HotPageList
 from pagefork.prefetch import PrefetchPlan
-from pagefork.regions import PAGE_SIZE
+from pagefork.regions import PAGE_SIZE, Region
 from pagefork.store import client as s3
 from pagefork.store.layout import HotPack, S3Url, sha256
 
@@ -31,23 +31,29 @@ RANGES = 8
 _MIN_RANGE = 64 << 10
 
 
-def hot_file_pages(hot: HotPageList, npages: int) -> list[int]:
+def hot_file_pages(
+    hot: HotPageList, npages: int, regions: Sequence[Region] | None = None
+) -> list[int]:
     """The mem-file page numbers of ``hot``'s pages, in first-touch order, distinct.
 
     A hot-page list names pages by region and offset; the region's place in the mem-file is
-    known from a prefetch plan kept with the list (an HPL3 file's), else only region 0 is
-    placed (at the start of the file, as a single-region VMM lays it out). Pages it cannot
-    place are left out of the pack: they stay lazy, served by their chunks.
+    given by ``regions`` (the forks' layout), else known from a prefetch plan kept with the
+    list (an HPL3 file's), else only region 0 is placed (at the start of the file, as a
+    single-region VMM lays it out). Pages it cannot place are left out of the pack: they stay
+    lazy, served by their chunks.
     """
     offsets: dict[int, int] = {0: 0}
-    for data in hot.plans().values():
-        try:
-            plan = PrefetchPlan.from_bytes(data)
-        except PrefetchError:
-            continue
-        if plan.planned_for:
-            offsets = {i: r.offset for i, r in enumerate(plan.planned_for)}
-            break
+    if regions is not None:
+        offsets = {i: r.offset for i, r in enumerate(regions)}
+    else:
+        for data in hot.plans().values():
+            try:
+                plan = PrefetchPlan.from_bytes(data)
+            except PrefetchError:
+                continue
+            if plan.planned_for:
+                offsets = {i: r.offset for i, r in enumerate(plan.planned_for)}
+                break
     out: list[int] = []
     seen: set[int] = set()
     for region, offset in hot.in_order():

@@ -37,27 +37,30 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import mmap
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pagefork.errors import StoreError
-from pagefork.hotpages import HotPageList, decode
+from pagefork.hotpages import HotPageList, decode, encode
 from pagefork.memfile import MemFile, ZeroIndexed
-from pagefork.regions import PAGE_SIZE
+from pagefork.regions import PAGE_SIZE, Region
 from pagefork.store import client as s3
 from pagefork.store.cache import ChunkCache, default_cache_dir
-from pagefork.store.hotpack import fetch_pack
+from pagefork.store.hotpack import build_pack, fetch_pack, hot_file_pages
 from pagefork.store.layout import (
+    MANIFEST_NAME,
     Blob,
     Manifest,
     is_s3_url,
     parse_s3_url,
+    sha256,
 )
 
 log = logging.getLogger("pagefork.store")
@@ -332,7 +335,9 @@ class LazyTemplate(ZeroIndexed):
         first = offset // PAGE_SIZE
         npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
         base = self.nchunks + first
-        with self._view_lock:
+        # Without a pack no page is present on its own: chunks are written in parallel.
+        packed_template = self.manifest.hot_pack is not None
+        with self._view_lock if packed_template else contextlib.nullcontext():
             packed = self._presence[base : base + npages]
             if 1 not in packed:
                 _write_all(self.fd, view, offset)
@@ -368,6 +373,43 @@ class LazyTemplate(ZeroIndexed):
                 return page
             page = self._zeros.find(1, page + 1, first + npages)
         return None
+
+    # --- publishing a hot set recorded here --------------------------------------------------
+    def publish_hot_set(self, hot: HotPageList, regions: Sequence[Region]) -> str:
+        """Push ``hot`` (recorded by a fork of this template on ``regions``) with its hot pack,
+        so that cold hosts prefetch it: the hot-page list and the pack (its pages read from
+        this view, where every one of them is verified) are uploaded, then a manifest that is
+        this one plus them. Returns the URL pinned to that manifest.
+
+        The new manifest is always kept as ``manifests/<sha256>.json``; it also becomes the
+        prefix's ``manifest.json`` only while that is still the manifest this template was
+        opened from (a newer push is never replaced). Pages not in the view (not faulted by
+        the recording fork) are left out of the pack. :class:`StoreError` names what failed.
+        """
+        assert self._presence is not None
+        m = self.manifest
+        pages = [p for p in hot_file_pages(hot, self.npages, regions) if self.page_present(p)]
+        packed = build_pack(
+            self.url, pages, lambda p: os.pread(self.fd, PAGE_SIZE, p * PAGE_SIZE), m.zero_pages
+        )
+        listing = encode(hot, "hpl2")
+        list_sha = sha256(listing)
+        blob = Blob(self.url.key(f"hot-pages-{list_sha}.hpl"), list_sha, len(listing))
+        s3.put_bytes(self._client, self.url.bucket, blob.key, listing)
+        if packed is not None:
+            s3.put_bytes(self._client, self.url.bucket, packed[0].key, packed[1])
+        new = dataclasses.replace(m, hot_pages=blob, hot_pack=None if packed is None else packed[0])
+        doc = new.to_json()
+        digest = sha256(doc)
+        s3.put_bytes(self._client, self.url.bucket, s3.pinned_key(self.url, digest), doc)
+        current = self.url.key(MANIFEST_NAME)
+        try:
+            now = s3.get_bytes(self._client, self.url.bucket, current)
+        except StoreError:
+            now = b""
+        if sha256(now) == self.manifest_sha:
+            s3.put_bytes(self._client, self.url.bucket, current, doc)
+        return str(self.url.pinned(digest))
 
     # --- side objects --------------------------------------------------------------------------
     def _blob(self, blob: Blob, what: str) -> bytes:
