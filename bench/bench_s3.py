@@ -371,7 +371,7 @@ def main(quick: bool = False) -> dict[str, Any]:
             figures[f"cold_pack_speedup_{ms}ms"] = paired_ratio(got["demand"], got["pack"])
             rows.append(
                 (
-                    f"{ms} ms, {pushed.manifest.chunk_size // MiB} MiB chunks",
+                    f"{ms} ms, {pushed.manifest.chunk_size // MiB} MiB",
                     fmt(median(got["demand"]), 1),
                     fmt(median(got["prefetch"]), 1),
                     fmt(median(got["prefetch_prefetch"]), 1),
@@ -410,7 +410,7 @@ def main(quick: bool = False) -> dict[str, Any]:
                 figures[f"cold_prefetch_ms_20ms_{size}mib"] = median(got["prefetch"])
                 rows.append(
                     (
-                        f"20 ms, {size} MiB chunks",
+                        f"20 ms, {size} MiB",
                         fmt(median(got["demand"]), 1),
                         fmt(median(got["prefetch"]), 1),
                         fmt(median(got["prefetch_prefetch"]), 1),
@@ -421,17 +421,9 @@ def main(quick: bool = False) -> dict[str, Any]:
                     )
                 )
         table(
-            "a. cold-cache fork: ready ms (median)",
-            [
-                "store latency",
-                "on demand",
-                "prefetched (chunks)",
-                "of which fetch",
-                "speed-up",
-                "prefetched (hot pack)",
-                "of which fetch",
-                "speed-up",
-            ],
+            "a. cold-cache fork: ready ms (median), on demand and prefetched by chunks or from "
+            "the hot pack (fetch: the prefetch's share; x: speed-up over on demand)",
+            ["store", "on demand", "chunks", "fetch", "x", "hot pack", "fetch", "x"],
             rows,
         )
         table(
