@@ -16,13 +16,14 @@ import pytest
 
 from conftest import PAGE, needs_uffd
 from pagefork.errors import PrefetchError, StoreError
-from pagefork.hotpages import HotPageList, encode
+from pagefork.hotpages import HotPageList, decode, encode
+from pagefork.prefetch import plan_hot_set
 from pagefork.regions import Region
 from pagefork.server import PageServer, ServerConfig
 from pagefork.store import lazy as lazy_mod
 from pagefork.store.cache import ChunkCache
 from pagefork.store.client import get_bytes, make_client, put_bytes
-from pagefork.store.hotpack import RANGES, _ranges
+from pagefork.store.hotpack import RANGES, _ranges, hot_file_pages
 from pagefork.store.layout import HotPack, Manifest, parse_manifest, parse_s3_url, sha256
 from pagefork.store.lazy import LazyTemplate, StoreOptions
 from pagefork.store.push import push
@@ -360,3 +361,13 @@ def test_publishing_never_replaces_a_newer_push(s3_bucket, s3_endpoint, mem_file
         assert pinned_to.manifest.hot_pack.pages == (9,)
     finally:
         pinned_to.close()
+
+
+def test_push_places_other_regions_by_the_plan_kept_with_the_list():
+    regions = [Region(0x7000_0000, 8 * MIB, 0), Region(0x9000_0000, 4 * MIB, 8 * MIB)]
+    hot = HotPageList.from_pages([(1, 3 * PAGE), (0, 5 * PAGE), (1, 0)])
+    # Without a layout only region 0 can be placed: region 1's pages stay lazy.
+    assert hot_file_pages(hot, 3072) == [5]
+    plan_hot_set(hot, regions, lambda _o, _n: False)  # an HPL3 list carries this plan
+    again = decode(encode(hot, "hpl3"))
+    assert hot_file_pages(again, 3072) == [2048 + 3, 5, 2048]
