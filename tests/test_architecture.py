@@ -39,6 +39,16 @@ TIERS: list[list[set[str]]] = [
     [{"cli", "__main__"}, {"testing"}],
 ]
 
+#: The most lines a class may span (its docstring and comments included): a class a newcomer
+#: can read whole. Split a longer one by responsibility.
+MAX_CLASS_LINES = 400
+#: Classes longer than that today, each (module, class name). Keep this short: remove an entry
+#: once its class is split (the test fails while an entry is no longer long).
+LONG_CLASSES: set[tuple[str, str]] = set()
+#: Packages whose modules never touch another object's ``_private`` attributes (only ``self``'s,
+#: ``cls``'s, or those of the class the code is written in): give the class a method instead.
+NO_PRIVATE_ACCESS = ("pagefork.daemon",)
+
 #: Imports that break the rules today, each (importer, imported). Keep this short: remove an
 #: entry once its module moves (the test fails while an entry no longer occurs).
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
@@ -172,3 +182,82 @@ def test_the_checks_catch_a_cycle_and_an_upward_import() -> None:
     assert _place("pagefork.errors") < _place("pagefork.uffd")
     assert _place("pagefork.vmm.kvm.driver")[0] == _place("pagefork.server")[0]
     assert _place("pagefork.vmm.base")[1] != _place("pagefork.serving.worker")[1]
+
+
+def _class_lengths() -> Iterator[tuple[str, str, int]]:
+    """(module, class, lines) of every class under ``src/pagefork``, nested ones included."""
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                assert node.end_lineno is not None
+                yield module, node.name, node.end_lineno - node.lineno + 1
+
+
+def test_no_class_is_longer_than_the_limit() -> None:
+    long = {(m, c): n for m, c, n in _class_lengths() if n > MAX_CLASS_LINES}
+    wrong = [
+        f"{m}.{c}: {n} lines" for (m, c), n in sorted(long.items()) if (m, c) not in LONG_CLASSES
+    ]
+    assert wrong == [], f"split these by responsibility (at most {MAX_CLASS_LINES} lines each)"
+    stale = sorted(f"{m}.{c}" for m, c in LONG_CLASSES if (m, c) not in long)
+    assert stale == [], "no longer long: remove from LONG_CLASSES"
+
+
+def _own_private_names(cls: ast.ClassDef) -> set[str]:
+    """The ``_private`` names a class defines: its methods and what it sets on ``self``/``cls``."""
+    names = set()
+    for node in ast.walk(cls):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id in ("self", "cls"):
+                names.add(node.attr)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return {n for n in names if n.startswith("_")}
+
+
+def _private_reaches(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """(line, expression) of each ``x._name`` where ``x`` is not ``self`` or ``cls`` and the
+    enclosing class does not define ``_name`` itself."""
+
+    def visit(node: ast.AST, own: frozenset[str]) -> Iterator[tuple[int, str]]:
+        for child in ast.iter_child_nodes(node):
+            mine = own | _own_private_names(child) if isinstance(child, ast.ClassDef) else own
+            if (
+                isinstance(child, ast.Attribute)
+                and child.attr.startswith("_")
+                and not child.attr.startswith("__")
+                and not (isinstance(child.value, ast.Name) and child.value.id in ("self", "cls"))
+                and child.attr not in mine
+            ):
+                yield child.lineno, ast.unparse(child)
+            yield from visit(child, mine)
+
+    return visit(tree, frozenset())
+
+
+def test_no_module_reaches_into_another_objects_private_attributes() -> None:
+    wrong = []
+    for module, path in _modules().items():
+        if module.startswith(NO_PRIVATE_ACCESS):
+            tree = ast.parse(path.read_text(), str(path))
+            wrong += [f"{module}:{line}: {expr}" for line, expr in _private_reaches(tree)]
+    assert wrong == []
+
+
+def test_the_class_checks_catch_a_long_class_and_a_private_reach() -> None:
+    long_class = "class Big:\n" + "    x = 1\n" * MAX_CLASS_LINES
+    [node] = [n for n in ast.walk(ast.parse(long_class)) if isinstance(n, ast.ClassDef)]
+    assert node.end_lineno is not None and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES
+    reaching = (
+        "class A:\n"
+        "    def f(self, other):\n"
+        "        self._mine = other._theirs\n"
+        "    @classmethod\n"
+        "    def make(cls):\n"
+        "        a = cls.__new__(cls)\n"
+        "        a._mine = 1\n"
+        "        return a\n"
+    )
+    assert list(_private_reaches(ast.parse(reaching))) == [(3, "other._theirs")]

@@ -590,8 +590,8 @@ def test_a_template_created_again_never_gets_the_old_page_server(
     assert new["created"] != old["created"]
     client.create_fork("t", "new-fork")
     manager = daemon.manager
-    old_server = manager._state_of(manager.fork("old-fork"))
-    new_server = manager._state_of(manager.fork("new-fork"))
+    old_server = manager.holdings.state_of(manager.fork("old-fork"))
+    new_server = manager.holdings.state_of(manager.fork("new-fork"))
     assert old_server is not new_server
     assert new_server.record.mem_file == new["mem_file"] != old["mem_file"]
     client.release_fork("old-fork")  # does not count down the new template's forks
@@ -607,11 +607,11 @@ def test_a_hot_set_cached_for_a_deleted_template_is_not_served_to_its_successor(
     record = _fc_template(client, tmp_path, "s")
     HotPageList.from_pages([(0, 0), (0, 4096)]).save(record["hot_pages_path"])
     stale_record = daemon.registry.get("s")  # a GET /metrics read the record, loaded ...
-    stale = daemon.manager._hot_set_of(stale_record)
+    stale = daemon.manager.hot_sets.hot_set_of(stale_record)
     assert stale is not None
     client.delete_template("s")
     # ... and cached the deleted template's hot set only after the delete forgot it.
-    daemon.manager._loops[("s", stale_record.created)] = HotSetLoop(stale)
+    daemon.manager.holdings.loops[("s", stale_record.created)] = HotSetLoop(stale)
     _fc_template(client, tmp_path, "s")
     assert client.template("s")["hot_pages"] == 0
     fork = client.create_fork("s")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from conftest import PAGE, StartDaemon, in_thread, make_mem_file, needs_kvm, needs_uffd
-from pagefork.daemon import manager as manager_module
+from pagefork.daemon import servers as servers_module
 from pagefork.daemon.client import DaemonClient, DaemonError
 from pagefork.daemon.journal import SocketJournal
 from pagefork.daemon.manager import (
@@ -141,11 +141,11 @@ def test_a_slow_page_server_start_freezes_neither_the_api_nor_other_templates(
     slow = _fc_template(client, tmp_path, "slow")
     _fc_template(client, tmp_path, "fast")
     gate = _GatedServers(slow["mem_file"])
-    monkeypatch.setattr(manager_module, "PageServer", gate.cls)
+    monkeypatch.setattr(servers_module, "PageServer", gate.cls)
 
     first, first_out = in_thread(lambda: client.create_fork("slow", "s1"))
     assert gate.entered.wait(30)  # s1's creator is loading the slow template's mem-file
-    start = daemon.manager._starting[("slow", slow["created"])]
+    start = daemon.manager.holdings.starting[("slow", slow["created"])]
     start.ready = ready = _SignallingEvent()
     second, second_out = in_thread(lambda: client.create_fork("slow", "s2"))
     assert ready.waiting.wait(30)  # s2 waits for that start, not for the manager
@@ -184,10 +184,10 @@ def test_a_page_server_that_fails_to_start_fails_each_waiting_fork_cleanly(
     tpl = _fc_template(client, tmp_path, "t")
     gate = _GatedServers(tpl["mem_file"])
     gate.fail = MemFileError(f"mem-file {tpl['mem_file']}: it shrank")
-    monkeypatch.setattr(manager_module, "PageServer", gate.cls)
+    monkeypatch.setattr(servers_module, "PageServer", gate.cls)
     first, first_out = in_thread(lambda: client.create_fork("t", "a"))
     assert gate.entered.wait(30)
-    daemon.manager._starting[("t", tpl["created"])].ready = ready = _SignallingEvent()
+    daemon.manager.holdings.starting[("t", tpl["created"])].ready = ready = _SignallingEvent()
     second, second_out = in_thread(lambda: client.create_fork("t", "b"))
     assert ready.waiting.wait(30)
     gate.proceed.set()
@@ -198,7 +198,7 @@ def test_a_page_server_that_fails_to_start_fails_each_waiting_fork_cleanly(
     assert "it shrank" in str(second_out["error"])
     # Nothing is left held: the ids are free, the template deletable, the next start works.
     assert client.forks() == [] and client.template("t")["live_forks"] == 0
-    assert not daemon.manager._starting and not daemon.manager._reserved
+    assert not daemon.manager.holdings.starting and not daemon.manager.holdings.reserved
     gate.fail = None
     assert client.create_fork("t", "a")["role"] == "warmup"
     client.release_fork("a")
@@ -441,13 +441,13 @@ class _ProcessDriver(VmmDriver):
 def _exits_seen(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """An event set once the manager has handled a VMM's exit."""
     seen = threading.Event()
-    handled = daemon.manager._vmm_exited
+    handled = daemon.manager.releaser.vmm_exited
 
     def wrapped(fork: Any) -> None:
         handled(fork)
         seen.set()
 
-    monkeypatch.setattr(daemon.manager, "_vmm_exited", wrapped)
+    monkeypatch.setattr(daemon.manager.releaser, "vmm_exited", wrapped)
     return seen
 
 
@@ -486,7 +486,7 @@ def test_a_vmm_killed_under_a_live_fork_is_reaped_and_the_fork_says_exited(
         "with --option snapshots=true" in str(info.value)  # fmt: skip
     released = client.release_fork("f")
     assert released["released"] == "f" and handle.stopped == 1
-    assert daemon.manager._exits._watched == {}  # the watcher's pidfd is closed too
+    assert daemon.manager.releaser.exits._watched == {}  # the watcher's pidfd is closed too
     client.delete_template("t")
 
 
@@ -500,11 +500,11 @@ def test_releasing_a_running_vmm_stops_watching_it_without_reporting_an_exit(
     before = _pidfds()
     for i in range(5):
         client.create_fork("t", f"f{i}", vmm="proc")
-    assert len(daemon.manager._exits._watched) == 5
+    assert len(daemon.manager.releaser.exits._watched) == 5
     assert _pidfds() == before + 10  # each handle's, and the watcher's duplicate
     for i in range(5):
         client.release_fork(f"f{i}")
-    assert daemon.manager._exits._watched == {}
+    assert daemon.manager.releaser.exits._watched == {}
     assert all(h.stopped == 1 and h.proc.returncode == -signal.SIGKILL for h in driver.handles)
     assert _pidfds() == before
 
@@ -655,7 +655,7 @@ def test_a_fork_waiting_too_long_for_its_page_server_gives_up_cleanly(
     (tmp_path / "snap").write_bytes(b"s")
     registry.create_from_snapshot("t", mem, tmp_path / "snap")
     gate = _GatedServers(str(mem))
-    monkeypatch.setattr(manager_module, "PageServer", gate.cls)
+    monkeypatch.setattr(servers_module, "PageServer", gate.cls)
     config = ManagerConfig(socket_dir=str(short_dir / "f"), server_start_timeout=0.05)
     manager = ForkManager(registry, config)
     try:
@@ -663,7 +663,7 @@ def test_a_fork_waiting_too_long_for_its_page_server_gives_up_cleanly(
         assert gate.entered.wait(30)
         with pytest.raises(ForkError, match=r"'t': its page server is still starting after 0.05s"):
             manager.create_fork("t", "b")
-        assert manager._reserved == {"a"}  # b's id is free again
+        assert manager.holdings.reserved == {"a"}  # b's id is free again
         gate.proceed.set()
         first.join(30)
         assert out["result"].role == "warmup"
@@ -726,10 +726,10 @@ def test_a_burst_of_first_forks_starts_one_page_server_and_one_warm_up(
     daemon, client = start_daemon(drivers={})
     tpl = _fc_template(client, tmp_path, "t")
     gate = _GatedServers(tpl["mem_file"])
-    monkeypatch.setattr(manager_module, "PageServer", gate.cls)
+    monkeypatch.setattr(servers_module, "PageServer", gate.cls)
     first, first_out = in_thread(lambda: client.create_fork("t", "f0"))
     assert gate.entered.wait(30)
-    daemon.manager._starting[("t", tpl["created"])].ready = ready = _SignallingEvent()
+    daemon.manager.holdings.starting[("t", tpl["created"])].ready = ready = _SignallingEvent()
 
     def create(fork_id: str) -> Callable[[], Any]:
         return lambda: client.create_fork("t", fork_id)

@@ -70,14 +70,3 @@ def test_fork_states_move_only_as_the_table_allows() -> None:
         assert not any(can_move(final, s) for s in ForkState)
     with pytest.raises(ForkError, match="fork f: cannot go from ended to serving"):
         transition("f", ForkState.ENDED, ForkState.SERVING)
-
-
-def test_a_daemon_forks_vmm_phases_move_only_forward() -> None:
-    from pagefork.serving.state import ForkPhase
-
-    assert transition("f", ForkPhase.STARTING, ForkPhase.LIVE) is ForkPhase.LIVE
-    assert can_move(ForkPhase.LIVE, ForkPhase.EXITED)
-    assert can_move(ForkPhase.EXITED, ForkPhase.RELEASING)
-    assert not can_move(ForkPhase.EXITED, ForkPhase.LIVE)  # an exited VMM never runs again
-    with pytest.raises(ForkError, match="fork f: cannot go from releasing to live"):
-        transition("f", ForkPhase.RELEASING, ForkPhase.LIVE)

@@ -4,8 +4,8 @@
   each entry gives the next stage and the commands the supervisor then carries out. What was
   once a set of flags (dropping, handed over) is a stage of its own.
 - The worker's fork (:class:`WorkerStage`, :data:`WORKER_TABLE`): the same for a worker's copy.
-- :class:`ForkState` is what the API shows of a supervisor's fork (:data:`SHOWN`), and
-  :class:`ForkPhase` the daemon's view of the fork's VMM, owned by the fork manager.
+- :class:`ForkState` is what the API shows of a supervisor's fork (:data:`SHOWN`). The
+  daemon's record of a fork has a table of its own, in ``pagefork.daemon.lifecycle``.
 
 Nothing here does I/O: the tests walk every (stage, event) pair without a kernel. A pair that
 is neither in a table nor ignored on purpose (a message that comes after its fork moved on) is a
@@ -15,7 +15,6 @@ bug, raised as :class:`ForkError` naming the fork.
 from __future__ import annotations
 
 import enum
-from typing import TypeVar
 
 from pagefork.errors import ForkError
 
@@ -48,41 +47,16 @@ _ALLOWED: dict[ForkState, frozenset[ForkState]] = {
     ForkState.FAILED: frozenset(),
 }
 
-_S = TypeVar("_S", "ForkState", "ForkPhase")
-
 #: States after which a fork is never served again.
 FINAL = frozenset({ForkState.ENDED, ForkState.FAILED})
 
 
-class ForkPhase(str, enum.Enum):
-    """Where a daemon fork's VMM stands. The values are what the API shows as ``phase``."""
-
-    #: The manager is restoring its VMM (a release waits for that to end).
-    STARTING = "starting"
-    #: Restored, or driven by the caller.
-    LIVE = "live"
-    #: Its VMM process has exited; the fork is kept until it is released.
-    EXITED = "exited"
-    #: One release has claimed it.
-    RELEASING = "releasing"
-
-
-_PHASES: dict[ForkPhase, frozenset[ForkPhase]] = {
-    ForkPhase.STARTING: frozenset({ForkPhase.LIVE, ForkPhase.EXITED, ForkPhase.RELEASING}),
-    ForkPhase.LIVE: frozenset({ForkPhase.EXITED, ForkPhase.RELEASING}),
-    ForkPhase.EXITED: frozenset({ForkPhase.RELEASING}),
-    ForkPhase.RELEASING: frozenset(),
-}
-
-
-def can_move(old: ForkState | ForkPhase, new: ForkState | ForkPhase) -> bool:
+def can_move(old: ForkState, new: ForkState) -> bool:
     """True when a fork in ``old`` may move to ``new``."""
-    if isinstance(old, ForkState):
-        return new in _ALLOWED[old]
-    return new in _PHASES[old]
+    return new in _ALLOWED[old]
 
 
-def transition(fork_id: str, old: _S, new: _S) -> _S:
+def transition(fork_id: str, old: ForkState, new: ForkState) -> ForkState:
     """Return ``new`` if the move is allowed; raise :class:`ForkError` naming the fork if not."""
     if not can_move(old, new):
         raise ForkError(f"fork {fork_id}: cannot go from {old.value} to {new.value}")

@@ -35,11 +35,11 @@ import time
 from typing import Any
 
 from pagefork.daemon.api import ControlApi, ControlServer
+from pagefork.daemon.lifecycle import ForkPhase, stage_of
 from pagefork.daemon.manager import Fork, ManagerConfig
 from pagefork.daemon.service import Daemon
 from pagefork.errors import PageforkError, VmmError
 from pagefork.server import PageServer
-from pagefork.serving.state import ForkPhase
 from pagefork.stats import ForkStats
 from pagefork.takeover import pageserver
 from pagefork.takeover.new import Target
@@ -160,6 +160,7 @@ def _fork_state(fork: Fork, fds: list[int]) -> dict[str, Any]:
         "phase": fork.phase.value,
         "exit_status": fork.exit_status,
         "vmm_exited": fork.vmm_exited,
+        "session_ended": fork.state == "exited",
         "vmm": vmm,
         # The fork's diff chain: its next snapshot is a layer over its last one.
         "last_snapshot": list(fork.last_snapshot) if fork.last_snapshot is not None else None,
@@ -286,10 +287,14 @@ class DaemonTarget(Target):
             driver=spec.get("driver"),
             handle=handle,
             prefetch=spec.get("prefetch"),
-            phase=ForkPhase(spec["phase"]),
+            stage=stage_of(
+                ForkPhase(spec["phase"]),
+                vmm_exited=bool(spec.get("vmm_exited")),
+                session_ended=bool(spec.get("session_ended"))
+                or isinstance(spec.get("final_stats"), dict),
+            ),
             template_created=key[1],
             exit_status=spec.get("exit_status"),
-            vmm_exited=bool(spec.get("vmm_exited")),
         )
         last = spec.get("last_snapshot")
         if isinstance(last, list) and len(last) == 2:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pagefork.daemon.journal import ForkJournal
+from pagefork.daemon.lifecycle import DaemonStage
 from pagefork.daemon.manager import Fork, journal_record
 from pagefork.daemon.service import Daemon
 from pagefork.server import PageServer
-from pagefork.serving.state import ForkPhase
 from pagefork.takeover import pageserver
 from pagefork.takeover.daemon import takeover_path
 from pagefork.takeover.new import Target
@@ -107,7 +107,7 @@ class DaemonOrphanTarget(Target):
                 float(rec.get("created", 0.0)),
                 driver=str(driver) if driver is not None else None,
                 handle=handle,
-                phase=ForkPhase.LIVE,
+                stage=DaemonStage.LIVE,
                 template_created=self._key[1],
             )
             manager.adopt_fork(fork, 0)

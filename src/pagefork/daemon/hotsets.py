@@ -1,0 +1,217 @@
+"""The hot-page loop of each template, as the fork manager runs it.
+
+- *warm-up*: the first fork while the template has no hot set records the pages it faults, in
+  a bounded window (``record_max_seconds``, ``record_max_share`` of guest memory: a hot set that
+  grows into all of memory makes restores slower). When the window closes, or the fork ends or
+  is released, the hot set is saved to the template's hot-pages file (the producer).
+- *prefetch*: every later fork gets that hot set installed before its vCPUs resume (the
+  consumer). A hot set that does not fit the fork's memory (the snapshot was taken again with
+  another layout) is not an error: the fork is served on demand, its prefetch result says
+  why, and the template's next fork records a new hot set.
+- *demand*: a fork that arrives while the warm-up still records, before any hot set exists, is
+  served on demand only (two recordings would race for one file).
+
+Who records and who is prefetched is decided by the template's
+:class:`~pagefork.hotloop.HotSetLoop`, the same policy ``pagefork serve`` follows; this module
+saves what it records into the template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from pagefork.daemon.config import ManagerConfig
+from pagefork.daemon.fork import Fork, TemplateKey
+from pagefork.daemon.holdings import Holdings, TemplateState
+from pagefork.errors import ForkError, HotPageFileError, PageforkError, PrefetchError
+from pagefork.hotloop import HotSetLoop
+from pagefork.hotpages import HotPageList
+from pagefork.hotpages import load as load_hot_pages
+from pagefork.layers.hotset import InheritedHotSet, inherited_hot_set
+from pagefork.prefetch import prepare_planner
+from pagefork.regions import Region
+from pagefork.templates import TemplateRecord, TemplateRegistry
+
+log = logging.getLogger("pagefork")
+
+
+def _misfit(hot: HotPageList, regions: Sequence[Region]) -> str | None:
+    """Why ``hot`` cannot be installed into a fork with ``regions`` (its first bad entry), or
+    None if every entry fits."""
+    for index, (region, offset) in enumerate(hot.in_order()):
+        if not 0 <= region < len(regions):
+            return f"entry {index} is in region {region}; the fork has {len(regions)}"
+        r = regions[region]
+        if offset % r.page_size or offset >= r.size:
+            return f"entry {index} (offset {offset:#x}) lies outside region {region}"
+    return None
+
+
+class HotSets:
+    """Each template's hot-page loop: who records, what is prefetched, what is saved."""
+
+    def __init__(
+        self, holdings: Holdings, registry: TemplateRegistry, config: ManagerConfig
+    ) -> None:
+        self.holdings = holdings
+        self.registry = registry
+        self.config = config
+        # A child template's inherited hot set, by template identity (see inherited_of).
+        self._inherited: dict[TemplateKey, InheritedHotSet | None] = {}
+
+    def hot_set_of(self, record: TemplateRecord) -> HotPageList | None:
+        """The template's hot set (loaded from its file once), or None if it has none."""
+        return self.loop_of(record).hot
+
+    def loop_of(self, record: TemplateRecord) -> HotSetLoop:
+        """The template's hot-page loop, its hot set loaded from the template's file."""
+        h = self.holdings
+        key: TemplateKey = (record.id, record.created)
+        with h.lock:
+            loop = h.loops.get(key)
+            if loop is not None:
+                return loop
+        try:
+            hot: HotPageList | None = load_hot_pages(record.hot_pages_path)
+        except HotPageFileError as exc:
+            log.warning(
+                "template %s: ignoring its hot set, it will be re-recorded: %s", record.id, exc
+            )
+            hot = None
+        with h.lock:
+            # Loaded meanwhile, or made by a warm-up: that one wins.
+            return h.loops.setdefault(key, HotSetLoop.for_file(hot, record.hot_pages_path))
+
+    def forget(self, template_id: str) -> None:
+        """Drop the template's loops: its cached hot set and a pending re-record (lock held)."""
+        h = self.holdings
+        h.loops = {k: v for k, v in h.loops.items() if k[0] != template_id}
+
+    # --- prefetch ----------------------------------------------------------------------------
+    def prefetch(self, fork: Fork, state: TemplateState, timeout: float | None) -> dict[str, Any]:
+        """Install the template's hot set into ``fork`` (waits for its handshake); see
+        :meth:`~pagefork.daemon.manager.ForkManager.prefetch`."""
+        fork_id = fork.fork_id
+        wait = timeout if timeout is not None else self.config.prefetch_timeout
+        if fork.role != "prefetch" or fork.hot is None:
+            regions = state.server.wait_connected(fork_id, timeout=wait)
+            inherited = self._inherited_of(state.record) if fork.role == "demand" else None
+            if inherited is not None:  # a child that has no hot set of its own yet
+                hot = inherited.for_regions(regions)
+                result = state.server.prefetch(fork_id, hot, timeout=wait)
+                fork.prefetch = {
+                    "role": fork.role,
+                    "inherited": True,
+                    "hot_pages": len(hot),
+                    "installed": result.installed,
+                    "already_present": result.already_present,
+                    "seconds": result.seconds,
+                }
+                return fork.prefetch
+            fork.prefetch = {"role": fork.role, "hot_pages": 0, "installed": 0}
+            return fork.prefetch
+        try:
+            result = state.server.prefetch(fork_id, fork.hot, timeout=wait)
+        except PrefetchError as exc:
+            problem = None
+            if not exc.installed:
+                with contextlib.suppress(ForkError):
+                    problem = _misfit(fork.hot, state.server.wait_connected(fork_id, wait))
+            if problem is None:
+                raise
+            return self._fall_back_to_demand(fork, problem)
+        fork.prefetch = {
+            "role": fork.role,
+            "hot_pages": len(fork.hot),
+            "installed": result.installed,
+            "already_present": result.already_present,
+            "skipped_removed": result.skipped_removed,
+            "runs": result.runs,
+            "ioctls": result.ioctls,
+            "bytes": result.bytes,
+            "seconds": result.seconds,
+            # A template in object storage: what its hot chunks cost to fetch first.
+            "fetched_bytes": result.fetched_bytes,
+            "fetch_seconds": result.fetch_seconds,
+            # Gaps between hot runs installed with them (one copy cheaper than two ioctls).
+            "bridged_bytes": result.bridged_bytes,
+        }
+        return fork.prefetch
+
+    def _inherited_of(self, record: TemplateRecord) -> InheritedHotSet | None:
+        """What a child template's forks are prefetched from while its first fork records
+        its own hot set (:mod:`pagefork.layers.hotset`), made once per template; None for a
+        template without layers."""
+        h = self.holdings
+        key: TemplateKey = (record.id, record.created)
+        with h.lock:
+            if key in self._inherited:
+                return self._inherited[key]
+        found = inherited_hot_set(self.registry, record) if record.layers else None
+        with h.lock:
+            return self._inherited.setdefault(key, found)
+
+    def _fall_back_to_demand(self, fork: Fork, problem: str) -> dict[str, Any]:
+        note = (
+            f"the template's hot set does not fit this fork's memory ({problem}): served on "
+            "demand; the template's next fork records a new hot set"
+        )
+        log.warning("fork %s of %s: %s", fork.fork_id, fork.template_id, note)
+        with self.holdings.lock:
+            loop = self.holdings.loops.get(fork.template_key)
+            if loop is not None:
+                loop.misfit()  # later forks are served on demand until the next one records
+            fork.role = "demand"
+            fork.hot = None
+            fork.prefetch = {"role": "demand", "hot_pages": 0, "installed": 0, "note": note}
+            return fork.prefetch
+
+    # --- saving ------------------------------------------------------------------------------
+    def adopt_hot_set(self, key: TemplateKey, fork_id: str, pages: HotPageList) -> None:
+        """Save the warm-up fork's hot set as the template's (first call per warm-up wins).
+
+        Holds ``hot_lock`` throughout: deleting a template takes it too, so the set is never
+        written into a template deleted (or deleted and created again) meanwhile.
+        """
+        h = self.holdings
+        template_id = key[0]
+        with h.hot_lock:
+            with h.lock:
+                loop = h.loops.get(key)
+                if loop is None or not loop.claim(fork_id):
+                    return  # not this template's warm-up, or its set was saved already
+                state = h.templates.get(key)
+            hot: HotPageList | None = None
+            try:
+                if state is not None and len(pages):
+                    pages.save(state.record.hot_pages_path)
+                    hot = load_hot_pages(state.record.hot_pages_path)  # as later forks read it
+                    prepare_planner()  # numpy and the host's copy costs: no fork waits for them
+                    log.info("template %s: hot set of %d pages saved", template_id, len(hot))
+                elif state is not None:
+                    log.warning(
+                        "template %s: warm-up fork %s faulted no page", template_id, fork_id
+                    )
+            except PageforkError as exc:
+                log.error("template %s: cannot save the hot set: %s", template_id, exc)
+            finally:
+                loop.adopt(fork_id, hot)
+
+    def learn_from(self, state: TemplateState, fork_id: str) -> None:
+        """A prefetched fork ends: a learning hot set takes its misses (and is saved if it
+        changed). Under ``hot_lock``, as every write of a template's hot set."""
+        h = self.holdings
+        with h.lock:
+            loop = h.loops.get(state.key)
+        if loop is None or not loop.records("prefetch"):
+            return
+        with h.hot_lock, contextlib.suppress(ForkError):
+            try:
+                loop.learn_and_save(
+                    fork_id, state.server.hot_pages(fork_id), state.record.hot_pages_path
+                )
+            except PageforkError as exc:
+                log.error("template %s: cannot save the learned hot set: %s", state.key[0], exc)
