@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -178,7 +179,27 @@ class ForkCreator:
     def _start_vmm(
         self, fork: Fork, vmm: VmmDriver, record: TemplateRecord, options: dict[str, Any]
     ) -> None:
-        """Restore, prefetch, resume; stops early (without error) once a release is pending."""
+        """Restore, prefetch, resume; stops early (without error) once a release is pending.
+
+        The prefetch starts with the restore: it waits for the fork's handshake, which the VMM
+        sends while it loads its snapshot, and installs the hot set while the load goes on (a
+        fault the load itself takes, such as Firecracker's VMGenID write, is served between
+        two slices of it). Resume waits for both.
+        """
+        prefetched: list[BaseException | None] = []
+
+        def prefetch() -> None:
+            try:
+                self.prefetch(fork.fork_id)
+            except BaseException as exc:  # handed to the creating thread
+                prefetched.append(exc)
+            else:
+                prefetched.append(None)
+
+        early = threading.Thread(
+            target=prefetch, name=f"pagefork-prefetch-{fork.fork_id}", daemon=True
+        )
+        early.start()
         request = RestoreRequest(
             fork_id=fork.fork_id,
             uffd_socket=fork.socket_path,
@@ -188,13 +209,17 @@ class ForkCreator:
             layers=tuple(record.layers),
             share_memory=record.share_memory,
         )
+        # A restore that fails leaves the prefetch waiting for a handshake that never comes:
+        # the fork's teardown unregisters it, which ends that wait.
         fork.handle = vmm.restore(request, timeout=self.config.restore_timeout)
         if record.share_memory:
             _check_mergeable(fork.fork_id, fork.handle.pid)
         self.releaser.watch_exit(fork)
         if fork.stage in CANCELLED:
             return
-        self.prefetch(fork.fork_id)
+        early.join()
         if fork.stage in CANCELLED:
             return
+        if prefetched and prefetched[0] is not None:
+            raise prefetched[0]
         fork.handle.resume()
