@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -211,3 +212,53 @@ def test_templates_create_from_on_the_command_line(
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "--from takes no --microvm" in bad.stderr
+
+
+def test_a_hot_set_recorded_here_is_pushed_with_its_hot_pack_for_cold_hosts(
+    start_daemon: StartDaemon, tmp_path: Path, s3_bucket: str, s3_endpoint: str
+) -> None:
+    url = f"s3://{s3_bucket}/rec"
+    mem = make_mem_file(tmp_path / "mem", 3072, seed=4)
+    push(parse_s3_url(url), str(mem), make_client(s3_endpoint), chunk_size=MIB)  # no hot set
+    store = StoreOptions(
+        cache=ChunkCache(str(tmp_path / "cache"), 1 << 30), endpoint_url=s3_endpoint
+    )
+    here, client = start_daemon(drivers={}, store=store)
+    client.create_template_from("rec", url)
+    fork = client.create_fork("rec", fork_id="warm")
+    assert fork["role"] == "warmup"
+    touched = [[0, (4 * i + 1) * PAGE] for i in range(30)]  # none of them a zero page
+    vmm = VmmProcess(fork["socket"], str(mem), ("8M", "4M"))
+    try:
+        # A VMM the caller drives asks for the prefetch before it resumes (a warm-up has
+        # nothing to install): the daemon learns the guest's memory layout from it.
+        assert client.prefetch("warm", timeout=30)["installed"] == 0
+        assert vmm.send(cmd="touch", pages=touched)["bad"] == 0
+    finally:
+        vmm.close()
+    client.release_fork("warm")  # the warm-up's hot set is saved, then pushed
+    s3 = make_client(s3_endpoint)
+    deadline = time.monotonic() + 60
+    while True:
+        doc = json.loads(s3.get_object(Bucket=s3_bucket, Key="rec/manifest.json")["Body"].read())
+        if doc.get("hot_pack") is not None:
+            break
+        assert time.monotonic() < deadline, "the hot set was never pushed"
+        time.sleep(0.05)
+    assert doc["hot_pack"]["size"] == 30 * PAGE  # exactly the recorded pages
+    # A cold host (its own cache) made from the prefix prefetches just those pages.
+    here.close()
+    cold = StoreOptions(
+        cache=ChunkCache(str(tmp_path / "cold"), 1 << 30), endpoint_url=s3_endpoint
+    )
+    _, other = start_daemon(drivers={}, store=cold, state_dir=tmp_path / "state2")
+    other.create_template_from("rec", url)
+    later = other.create_fork("rec", fork_id="later")
+    assert later["role"] == "prefetch"
+    vmm = VmmProcess(later["socket"], str(mem), ("8M", "4M"))
+    try:
+        result = other.prefetch("later", timeout=30)
+        assert result["installed"] == 30 and result["fetched_bytes"] == 30 * PAGE
+        assert vmm.send(cmd="touch", pages=touched)["bad"] == 0
+    finally:
+        vmm.close()

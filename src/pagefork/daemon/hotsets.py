@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from pagefork.hotpages import load as load_hot_pages
 from pagefork.layers.hotset import InheritedHotSet, inherited_hot_set
 from pagefork.prefetch import prepare_planner
 from pagefork.regions import Region
+from pagefork.store.lazy import LazyTemplate
 from pagefork.templates import TemplateRecord, TemplateRegistry
 
 log = logging.getLogger("pagefork")
@@ -61,6 +63,9 @@ class HotSets:
         self.config = config
         # A child template's inherited hot set, by template identity (see inherited_of).
         self._inherited: dict[TemplateKey, InheritedHotSet | None] = {}
+        # Each template's guest memory layout, as its forks' handshakes gave it (one snapshot:
+        # one layout): where a recorded hot set's pages lie in the mem-file.
+        self._layouts: dict[TemplateKey, list[Region]] = {}
 
     def hot_set_of(self, record: TemplateRecord) -> HotPageList | None:
         """The template's hot set (loaded from its file once), or None if it has none."""
@@ -89,6 +94,7 @@ class HotSets:
         """Drop the template's loops: its cached hot set and a pending re-record (lock held)."""
         h = self.holdings
         h.loops = {k: v for k, v in h.loops.items() if k[0] != template_id}
+        self._layouts = {k: v for k, v in self._layouts.items() if k[0] != template_id}
 
     # --- prefetch ----------------------------------------------------------------------------
     def prefetch(self, fork: Fork, state: TemplateState, timeout: float | None) -> dict[str, Any]:
@@ -98,6 +104,8 @@ class HotSets:
         wait = timeout if timeout is not None else self.config.prefetch_timeout
         if fork.role != "prefetch" or fork.hot is None:
             regions = state.server.wait_connected(fork_id, timeout=wait)
+            with self.holdings.lock:
+                self._layouts[state.key] = regions
             inherited = self._inherited_of(state.record) if fork.role == "demand" else None
             if inherited is not None:  # a child that has no hot set of its own yet
                 hot = inherited.for_regions(regions)
@@ -191,6 +199,7 @@ class HotSets:
                     hot = load_hot_pages(state.record.hot_pages_path)  # as later forks read it
                     prepare_planner()  # numpy and the host's copy costs: no fork waits for them
                     log.info("template %s: hot set of %d pages saved", template_id, len(hot))
+                    self._publish(state, fork_id, hot)
                 elif state is not None:
                     log.warning(
                         "template %s: warm-up fork %s faulted no page", template_id, fork_id
@@ -199,6 +208,39 @@ class HotSets:
                 log.error("template %s: cannot save the hot set: %s", template_id, exc)
             finally:
                 loop.adopt(fork_id, hot)
+
+    def _publish(self, state: TemplateState, fork_id: str, hot: HotPageList) -> None:
+        """A template in object storage: push the hot set with its hot pack, so that other
+        hosts' cold forks fetch just those pages. On a thread of its own (it uploads), and
+        never the template's failure: a push that fails is logged."""
+        memfile = state.server.memfile
+        if not isinstance(memfile, LazyTemplate):
+            return
+        template_id = state.key[0]
+        with self.holdings.lock:
+            regions = self._layouts.get(state.key)
+        if regions is None:
+            try:
+                regions = state.server.wait_connected(fork_id, timeout=0)
+            except ForkError:
+                log.warning(
+                    "template %s: hot set not pushed to the store: the warm-up fork's memory "
+                    "layout is unknown (no prefetch was asked for it before it ended)",
+                    template_id,
+                )
+                return
+
+        def publish() -> None:
+            try:
+                url = memfile.publish_hot_set(hot, regions)
+            except Exception as exc:  # the store, or a template closed meanwhile
+                log.error("template %s: cannot push its hot set to the store: %s", template_id, exc)
+            else:
+                log.info("template %s: hot set and hot pack pushed: %s", template_id, url)
+
+        threading.Thread(
+            target=publish, name=f"pagefork-publish-{template_id}", daemon=True
+        ).start()
 
     def learn_from(self, state: TemplateState, fork_id: str) -> None:
         """A prefetched fork ends: a learning hot set takes its misses (and is saved if it
