@@ -43,6 +43,8 @@ class Serve:
         self.events: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self._cond = threading.Condition()
+        #: Set once every writer of its stderr (its workers too) has closed it.
+        self.stderr_closed = threading.Event()
         threading.Thread(target=self._read_out, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
 
@@ -59,6 +61,7 @@ class Serve:
             with self._cond:
                 self.errors.append(line)
                 self._cond.notify_all()
+        self.stderr_closed.set()
 
     def wait_for(self, event: str, count: int = 1, timeout: float = 30) -> list[dict[str, Any]]:
         with self._cond:
