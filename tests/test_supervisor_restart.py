@@ -113,9 +113,8 @@ def test_a_silent_peer_on_the_rendezvous_does_not_hold_the_adoption(
     guest = vmms(str(sock))
     assert guest.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
     (worker,) = kill(old)
-    (path,) = rendezvous(sock)
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    silent.connect(str(sock.parent / path))  # and says nothing
+    silent.connect(f"{sock}.takeover.orphan.{worker}")  # and says nothing
     try:
         new = Serve(*args_for(sock, mem_file, "--workers", "1"))
         (adopted,) = new.wait_for("adopted")
