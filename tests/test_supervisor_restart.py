@@ -163,3 +163,30 @@ def test_a_stop_during_adoption_adopts_every_orphan_then_stops_them_all(
     for pid in workers:
         assert exited(pid, 30), f"orphaned worker {pid} was left behind"
     assert rendezvous(sock) == []
+
+
+@needs_uffd
+def test_a_daemon_fork_whose_vmm_never_connected_is_reported_lost_on_restart(
+    tmp_path: Path, short_dir: Path, mem_file: Path, vmms
+) -> None:
+    from test_takeover_daemon import DaemonProc, setup_forks
+
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    client, _, guests = setup_forks(control, mem_file, tmp_path, vmms, n=1)
+    waiting = client.create_fork("t", "nobody")  # no VMM ever connects to its socket
+    old.proc.kill()
+    assert old.proc.wait(30) == -signal.SIGKILL
+    new = DaemonProc(tmp_path / "state", control)
+    adopted = new.wait_for("adopted")
+    assert adopted["forks"] == 1 and adopted["lost"] == ["nobody"]
+    new.wait_err(
+        f"fork nobody (template t, socket {waiting['socket']}) is lost: no worker of the "
+        "daemon that died served it"
+    )
+    new.wait_for("listening")
+    assert [f["fork"] for f in client.forks()] == ["f0"]
+    assert guests[0].send(cmd="touch", all=True)["bad"] == 0
+    new.proc.send_signal(signal.SIGTERM)
+    assert new.proc.wait(60) == 0
