@@ -7,8 +7,9 @@ request is forwarded (the time to the first byte of a distant store, 10-50 ms), 
 instead of forwarding them, and :meth:`S3Proxy.hang` makes requests wait, unanswered, until the
 proxy closes (a hung store). :meth:`S3Proxy.trickle` sends chosen bodies, or their headers,
 a byte at a time (a store that is slow but never silent), :meth:`S3Proxy.flip_bits` flips one
-bit in the first GETs of chosen objects (transfers corrupted on the way) and :meth:`S3Proxy.refuse_for` stops
-listening for a while and drops every open connection (a store restarting).
+bit in the first GETs of chosen objects (transfers corrupted on the way) and
+:meth:`S3Proxy.refuse_for` stops listening for a while and drops every open connection (a
+store restarting).
 :attr:`S3Proxy.gets` counts the GETs per object key, so a test can tell how many times a chunk
 was fetched. Request signatures pass through untouched (the
 ``Host`` header is kept), so any client that signs for the proxy's address works.
