@@ -190,3 +190,28 @@ def test_a_daemon_fork_whose_vmm_never_connected_is_reported_lost_on_restart(
     assert guests[0].send(cmd="touch", all=True)["bad"] == 0
     new.proc.send_signal(signal.SIGTERM)
     assert new.proc.wait(60) == 0
+
+
+def test_a_symlink_at_the_daemon_lock_is_refused_and_its_target_untouched(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    import subprocess
+
+    from test_takeover_serve import PAGEFORK
+
+    state = tmp_path / "state"
+    state.mkdir()
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me\n")
+    os.symlink(target, state / "daemon.lock")
+    control = short_dir / "c.sock"
+    proc = subprocess.run(
+        [*PAGEFORK, "daemon", "--state-dir", str(state), "--control", str(control)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"pagefork: error: cannot open {state / 'daemon.lock'}: ")
+    assert target.read_bytes() == b"keep me\n" and not control.exists()
