@@ -215,3 +215,30 @@ def test_a_symlink_at_the_daemon_lock_is_refused_and_its_target_untouched(
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"pagefork: error: cannot open {state / 'daemon.lock'}: ")
     assert target.read_bytes() == b"keep me\n" and not control.exists()
+
+
+@needs_uffd
+def test_a_stop_during_a_daemons_adoption_adopts_every_orphan_then_stops(
+    tmp_path: Path, short_dir: Path, mem_file: Path, vmms
+) -> None:
+    from test_takeover_daemon import DaemonProc, setup_forks
+
+    control = short_dir / "c.sock"
+    old = DaemonProc(tmp_path / "state", control)
+    old.wait_for("listening")
+    setup_forks(control, mem_file, tmp_path, vmms, n=2)  # one per worker
+    orphans = rendezvous(tmp_path / "state" / "takeover.sock")
+    old.proc.kill()
+    assert old.proc.wait(30) == -signal.SIGKILL
+    new = DaemonProc(tmp_path / "state", control, env={"PAGEFORK_TAKEOVER_PAUSE_AT": "hello"})
+    paused(new, 1)  # type: ignore[arg-type]
+    go_on(new.proc)
+    paused(new, 2)  # type: ignore[arg-type]
+    new.proc.send_signal(signal.SIGTERM)
+    for _ in range(2):
+        go_on(new.proc)
+    assert new.proc.wait(60) == 0
+    adopted = new.wait_for("adopted")
+    assert adopted["forks"] == 2 and adopted["failed"] == 0 and adopted["lost"] == []
+    for name in orphans:
+        assert exited(int(name.rpartition(".")[2]), 30), f"orphan {name} was left behind"

@@ -350,8 +350,9 @@ def test_a_peer_that_names_a_stranger_as_its_worker_cannot_get_it_killed(
             text=True,
             timeout=60,
         )
-        # One fork: its 4 fds, the uffd listening socket and the takeover socket.
-        assert peer.returncode == 3 and peer.stdout.split() == ["1", "6"]
+        # One fork: its 4 fds, the uffd listening socket, the socket's lock and the takeover
+        # socket.
+        assert peer.returncode == 3 and peer.stdout.split() == ["1", "7"]
         reply = guest.send(cmd="touch", all=True)
         assert reply["bad"] == 0 and reply["touched"] == ALL_PAGES  # served on, re-adopted
         assert stranger.poll() is None
