@@ -757,7 +757,8 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused_before_it_touches_anyt
     leftover = daemon.registry.root / ".new-x-123"
     leftover.mkdir()
     other = str(short_dir / "other.sock")
-    with pytest.raises(PageforkError, match="in use by another daemon"):
+    # The holder is this very process: named by its pid.
+    with pytest.raises(PageforkError, match=f"in use by another daemon pid {os.getpid()} "):
         Daemon(tmp_path / "state", other, socket_dir=str(short_dir / "forks"))
     state = ["--state-dir", str(tmp_path / "state"), "--socket-dir", str(short_dir / "forks")]
     assert main(["daemon", *state, "--control", other]) == 2

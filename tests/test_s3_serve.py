@@ -423,6 +423,28 @@ def test_a_trickling_chunk_fails_its_fault_at_the_deadline(pushed, vmms, proxy, 
         assert "chunk 1 of" in ended.error and "not read within its deadline" in ended.error
 
 
+def test_trickling_headers_fail_the_fault_at_the_deadline(pushed, vmms, proxy, tmp_path):
+    """A store that sends a chunk's status line and headers a byte at a time (one a second:
+    minutes for the lot) never lets a read time out, and the client library is still reading
+    the headers; the chunk's deadline (2 s here) bounds that part of the GET too."""
+    key = chunk_key(pushed, 1)
+    options = StoreOptions(
+        cache=ChunkCache(str(tmp_path / "c")), endpoint_url=proxy.url, fetch_deadline=2.0
+    )
+    config = ServerConfig(mem_file_path=pushed, socket_dir=str(tmp_path), store=options)
+    with PageServer(config) as server:
+        proxy.trickle(key, 1.0, headers=True)
+        vmm = vmms(server.register_fork("a"))
+        started = time.monotonic()
+        with pytest.raises(EOFError):
+            vmm.send(cmd="touch", pages=pages_in_chunk(1))
+        ended = server.wait_ended("a", timeout=120)
+        # The deadline is 2 s; the headers alone take minutes at this pace.
+        assert time.monotonic() - started < 20
+        assert ended.state == "failed" and ended.error is not None and "\n" not in ended.error
+        assert "chunk 1 of" in ended.error and "not read within its deadline" in ended.error
+
+
 def test_a_store_that_refuses_connections_for_a_while_is_waited_out(pushed, s3_server, vmms, proxy):
     """A store that restarts (every connection dropped, new ones refused for 1.5 s) costs a
     fault time, not its fork: the fetch backs off and retries until the store is back."""

@@ -43,6 +43,8 @@ class Serve:
         self.events: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self._cond = threading.Condition()
+        #: Set once every writer of its stderr (its workers too) has closed it.
+        self.stderr_closed = threading.Event()
         threading.Thread(target=self._read_out, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
 
@@ -59,6 +61,7 @@ class Serve:
             with self._cond:
                 self.errors.append(line)
                 self._cond.notify_all()
+        self.stderr_closed.set()
 
     def wait_for(self, event: str, count: int = 1, timeout: float = 30) -> list[dict[str, Any]]:
         with self._cond:
@@ -347,8 +350,9 @@ def test_a_peer_that_names_a_stranger_as_its_worker_cannot_get_it_killed(
             text=True,
             timeout=60,
         )
-        # One fork: its 4 fds, the uffd listening socket and the takeover socket.
-        assert peer.returncode == 3 and peer.stdout.split() == ["1", "6"]
+        # One fork: its 4 fds, the uffd listening socket, the socket's lock and the takeover
+        # socket.
+        assert peer.returncode == 3 and peer.stdout.split() == ["1", "7"]
         reply = guest.send(cmd="touch", all=True)
         assert reply["bad"] == 0 and reply["touched"] == ALL_PAGES  # served on, re-adopted
         assert stranger.poll() is None

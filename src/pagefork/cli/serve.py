@@ -44,6 +44,7 @@ from pagefork.hotpages import HotPageList, decode, load
 from pagefork.memstats import MemorySampler
 from pagefork.prefetch import prepare_planner
 from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
+from pagefork.serving.sockets import SocketLock
 from pagefork.signals import SignalInbox
 from pagefork.stats import ForkStats
 from pagefork.store.layout import is_s3_url, parse_s3_url
@@ -273,10 +274,44 @@ def run(args: argparse.Namespace) -> int:
     # once it is up. A SIGHUP ignored on entry (nohup) stays ignored: that caller asked to
     # outlive its terminal.
     with SignalInbox(STOP_SIGNALS, keep_ignored=(signal.SIGHUP,)) as inbox:
-        return _serve(args, inbox)
+        owner = _Owner(args.socket)
+        if not args.takeover:
+            # Taken before anything is loaded: a second serve started at once on this socket
+            # fails in one line at once. A successor is handed the lock with the forks.
+            owner.take()
+        try:
+            return _serve(args, inbox, owner)
+        finally:
+            owner.release()
 
 
-def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
+class _Owner:
+    """This serve's lock on its socket (:class:`SocketLock`), once it has it."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.lock: SocketLock | None = None
+        #: Handed to a successor with the forks: released, not removed.
+        self.handed = False
+
+    def take(self, handed_fd: int = -1) -> None:
+        """Lock the socket (or own the lock a predecessor handed over as ``handed_fd``)."""
+        if self.lock is None:
+            self.lock = SocketLock(self.socket_path, handed_fd)
+        elif handed_fd >= 0:
+            os.close(handed_fd)
+
+    @property
+    def fd(self) -> int:
+        """The lock's fd, for a successor (-1: none held)."""
+        return self.lock.fd if self.lock is not None else -1
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release(remove=not self.handed)
+
+
+def _serve(args: argparse.Namespace, inbox: SignalInbox, owner: _Owner) -> int:
     emit = _Printer(on_gone=inbox.post)
     hot: HotPageList | None = None
     store: StoreOptions | None = None
@@ -422,15 +457,21 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
             else:
                 orphans = False
                 listener = took.listener
+                if target.lock_fd >= 0:
+                    owner.take(target.lock_fd)
                 emit("took_over", from_pid=took.from_pid, forks=took.forks)
         if orphans:
+            owner.take()  # a successor whose old side died: no one else may adopt now
             if not supervisor_alive(takeover_path(args.socket)):
                 if supervisor_alive(args.socket):
                     # Forks adopted now would end when the socket then cannot be bound: the
                     # orphans serve on for whoever holds it.
                     raise PageforkError(f"{args.socket} is in use by a live server")
                 server.wait_ready()
-                found = adopt_orphans(takeover_path(args.socket), target, cancel_fd=inbox.fileno())
+                # Not cancelled by a stop signal: a stop in the middle would leave some forks
+                # adopted and some orphaned. Every step is bounded (recover.STEP_TIMEOUT); the
+                # signal waits in the inbox, and the stop that follows ends every fork alike.
+                found = adopt_orphans(takeover_path(args.socket), target)
                 if found.failed and not found.workers:
                     # Serving on beside orphans it could not adopt (another mem-file, say)
                     # would leave their forks to die at the deadline, with no later server
@@ -447,11 +488,12 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox) -> int:
 
         def handed_over(pid: int, forks: int) -> None:
             handed.append(pid)  # the vmstate beside the socket is the successor's now
+            owner.handed = True  # and so is the lock
             emit("handed_over", to_pid=pid, forks=forks)
             inbox.post()
 
         handover = ServeHandover(
-            server, loop, args.socket, handed_over, listener, record=args.record
+            server, loop, args.socket, handed_over, listener, record=args.record, lock_fd=owner.fd
         )
         server.wait_ready()  # "listening" promises forks are served at once
         if pushed_vmstate is not None:

@@ -164,9 +164,10 @@ def serve_daemon(args: argparse.Namespace, inbox: SignalInbox, store: StoreOptio
         except BaseException:
             daemon.close()
             raise
-        if found.workers or found.failed:
+        if found.workers or found.failed or found.lost:
             _emit("adopted", workers=found.workers, forks=found.forks,
-                  seconds=round(found.seconds, 6), failed=len(found.failed))  # fmt: skip
+                  seconds=round(found.seconds, 6), failed=len(found.failed),
+                  lost=found.lost)  # fmt: skip
         daemon.start()
     handed: list[tuple[int, int]] = []
 

@@ -50,16 +50,20 @@ def lock_state_dir(state_dir: Path) -> int:
     path = state_dir / LOCK_FILE
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise PageforkError(f"cannot open {path}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
+        holder = b""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 32, 0).strip()
         os.close(fd)
         if isinstance(exc, BlockingIOError):
+            pid = f" pid {holder.decode()}" if holder.isdigit() else ""
             raise PageforkError(
-                f"state directory {state_dir} is in use by another daemon (it holds {path})"
+                f"state directory {state_dir} is in use by another daemon{pid} (it holds {path})"
             ) from None
         raise PageforkError(f"cannot lock {path}: {exc.strerror}") from None
     with contextlib.suppress(OSError):  # for a human wondering who holds it

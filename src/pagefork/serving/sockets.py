@@ -1,9 +1,12 @@
 """The page server's Unix sockets: fork ids as file names, private listening sockets, the
-peer's pidfd, and removing only the socket files this process made."""
+peer's pidfd, the lock that makes one process the owner of a socket path, and removing only
+the socket files this process made."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import re
 import select
@@ -133,3 +136,98 @@ class SocketFiles:
     def forget_all(self) -> None:
         """Another process owns every socket file now (a takeover): remove none of them."""
         self._bound.clear()
+
+
+def lock_path(socket_path: str) -> str:
+    """The lock file beside ``socket_path`` whose holder owns it (``SOCKET.lock``)."""
+    return socket_path + ".lock"
+
+
+class SocketLock:
+    """An exclusive ``flock`` on ``SOCKET.lock``: only its holder binds ``SOCKET`` or adopts the
+    forks a supervisor killed there left behind.
+
+    Two supervisors started at once on one socket would otherwise both take the other's
+    workers for orphans, or both try to bind. The lock belongs to the open file, so it dies
+    with its holder (a SIGKILLed supervisor never blocks its restart), and it can be handed to
+    a successor as an fd. The file is created 0600 by this class, never through a symbolic
+    link, and holds the holder's pid for the error a second one prints. A holder that stops
+    removes it while it still holds it; one that locked a file removed meanwhile tries again.
+    """
+
+    def __init__(self, socket_path: str, fd: int = -1) -> None:
+        self.socket_path = socket_path
+        self.path = lock_path(socket_path)
+        #: The locked file (-1 once released); ``fd`` is one a predecessor handed over.
+        self.fd = fd if fd >= 0 else self._take()
+        if fd >= 0:
+            self._note_pid()
+
+    def _take(self) -> int:
+        while True:
+            try:
+                fd = os.open(
+                    self.path,
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ForkError(
+                        f"{self.path} is a symbolic link: refusing to lock {self.socket_path} "
+                        "through it"
+                    ) from None
+                raise ForkError(f"cannot open {self.path}: {exc.strerror or exc}") from None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                os.close(fd)
+                raise ForkError(
+                    f"{self.path} is not a regular file of this user: refusing to lock "
+                    f"{self.socket_path} with it"
+                )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise ForkError(
+                        f"{self.socket_path} is in use by pid {holder or '?'} (it holds "
+                        f"{self.path})"
+                    ) from None
+                raise ForkError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+            try:
+                now = os.lstat(self.path)
+            except OSError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                self.fd = fd
+                self._note_pid()
+                return fd
+            os.close(fd)  # its holder removed it as it stopped: lock the one there now
+
+    def _note_pid(self) -> None:
+        with contextlib.suppress(OSError):  # only for the message a second one prints
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self, *, remove: bool = True) -> None:
+        """Let go of the lock; ``remove`` (an orderly stop): remove the file too, while it is
+        still locked and still the one locked. A handed-over lock is released without."""
+        if self.fd < 0:
+            return
+        if remove:
+            with contextlib.suppress(OSError):
+                st, now = os.fstat(self.fd), os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                    os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

@@ -15,11 +15,14 @@ default), whatever failed before. A call a command makes gives a refused connect
 fault waits for (``patient``) waits out a store that restarts, until its deadline.
 
 The deadline bounds the whole GET, not only each read: a socket waits at most
-:data:`CONNECT_TIMEOUT` to connect and :data:`READ_TIMEOUT` for each read, and a body still
-arriving at the deadline (a store that trickles a byte at a time, so that no single read ever
-times out) is cut off there, by shutting down its socket from a timer. botocore offers no way
-to abort a read, so this uses the urllib3 response beneath its body (``HTTPResponse.shutdown``,
-urllib3 2.3 and later); without one the deadline is checked between reads only.
+:data:`CONNECT_TIMEOUT` to connect and :data:`READ_TIMEOUT` for each read, and a response still
+arriving at the deadline (a store that trickles its headers or its body a byte at a time, so
+that no single read ever times out) is cut off there, by shutting down its socket from a
+timer. botocore offers no way to abort a request, so each client's connection pools are given
+a connection class that notes which connection a thread sends its request on
+(:func:`_track_connections`); the body's urllib3 response (``HTTPResponse.shutdown``, urllib3
+2.3 and later) is cut too. A client made elsewhere, without that class, has its headers
+bounded by :data:`READ_TIMEOUT` per read only.
 
 An object whose transfer botocore finds corrupt (its CRC from the store does not match:
 flexible checksums) raises :class:`TransferCorruptError`, which :func:`get_verified` retries as
@@ -33,6 +36,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -118,11 +122,41 @@ def make_client(endpoint_url: str | None = None, *, read_timeout: float = READ_T
     try:
         session = boto3.session.Session()
         region = session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
-        return session.client(
+        client = session.client(
             "s3", endpoint_url=endpoint_url or None, region_name=region, config=config
         )
     except (botocore.exceptions.BotoCoreError, ValueError) as exc:
         raise StoreError(f"cannot make an S3 client: {exc}") from None
+    _track_connections(client)
+    return client
+
+
+#: The connection each thread last sent a request on (see :func:`_track_connections`).
+_SENDING: dict[int, Any] = {}
+
+
+def _track_connections(client: Any) -> None:
+    """Have ``client``'s connection pools note, per thread, the connection a request is sent
+    on, so that a GET's deadline can cut it while its headers still arrive. botocore keeps its
+    pool classes in one dict its pool managers share (created lazily, at the first request):
+    each is replaced by a subclass whose connection class notes itself. Without that dict (a
+    botocore that changed), nothing is replaced and only the body is cut at the deadline."""
+    session = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    classes = getattr(session, "_pool_classes_by_scheme", None)
+    if not isinstance(classes, dict):
+        return
+    for scheme, pool in list(classes.items()):
+        conn_cls = getattr(pool, "ConnectionCls", None)
+        if conn_cls is None or getattr(conn_cls, "_pagefork_tracked", False):
+            continue
+
+        def request(self: Any, *args: Any, _base: Any = conn_cls, **kwargs: Any) -> Any:
+            _SENDING[threading.get_ident()] = self
+            return _base.request(self, *args, **kwargs)
+
+        tracked = type(conn_cls.__name__, (conn_cls,), {"request": request,
+                                                        "_pagefork_tracked": True})  # fmt: skip
+        classes[scheme] = type(pool.__name__, (pool,), {"ConnectionCls": tracked})
 
 
 def store_error(exc: BaseException, what: str) -> StoreError:
@@ -239,13 +273,20 @@ def get_bytes(
     def get() -> bytes:
         if time.monotonic() >= end:
             raise too_late()
-        response = client.get_object(Bucket=bucket, Key=key)
-        body = response["Body"]
+        me = threading.get_ident()
+        _SENDING.pop(me, None)  # an earlier request's connection: never cut
+        bodies: list[Any] = []
         cut = threading.Event()
-        timer = threading.Timer(max(0.0, end - time.monotonic()), _cut_off, (body, cut))
+        timer = threading.Timer(max(0.0, end - time.monotonic()), _cut_off, (me, bodies, cut))
         timer.daemon = True
         timer.start()
         try:
+            # Headers that trickle in are cut at the deadline too: the timer runs already.
+            response = client.get_object(Bucket=bucket, Key=key)
+            body = response["Body"]
+            bodies.append(body)
+            if cut.is_set():
+                raise too_late()
             if limit is not None and int(response.get("ContentLength", 0)) > limit:
                 raise StoreError(f"{where}: larger than {limit} bytes, the most pagefork reads")
             out = bytearray()
@@ -271,19 +312,28 @@ def get_bytes(
         finally:
             timer.cancel()
             timer.join()
-            body.close()
+            _SENDING.pop(me, None)
+            for body in bodies:
+                body.close()
 
     return with_retries(get, where, end, patient=patient)
 
 
-def _cut_off(body: Any, cut: threading.Event) -> None:
-    """At a GET's deadline: make its blocked read fail, by shutting its socket down."""
+def _cut_off(thread: int, bodies: list[Any], cut: threading.Event) -> None:
+    """At a GET's deadline: make its blocked read fail, by shutting its socket down (the
+    connection ``thread`` sends on while the headers arrive; the body's after)."""
     cut.set()
-    stream = getattr(body, "_raw_stream", None)  # urllib3's response: botocore has no abort
-    shutdown = getattr(stream, "shutdown", None)
-    if shutdown is not None:
-        with contextlib.suppress(Exception):  # already released, closed: nothing to cut
-            shutdown()
+    conn = _SENDING.get(thread)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    for body in bodies:
+        stream = getattr(body, "_raw_stream", None)  # urllib3's response: botocore has no abort
+        shutdown = getattr(stream, "shutdown", None)
+        if shutdown is not None:
+            with contextlib.suppress(Exception):  # already released, closed: nothing to cut
+                shutdown()
 
 
 def get_verified(

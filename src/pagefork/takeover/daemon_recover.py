@@ -16,6 +16,7 @@ is unknown.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from pagefork.takeover.orphan import setup
 from pagefork.takeover.protocol import TakeoverError
 from pagefork.takeover.recover import Recovery, adopt_orphans, supervisor_alive
 from pagefork.vmm.base import AdoptedProcess
+
+log = logging.getLogger("pagefork")
 
 #: Under the state directory: the daemon's record of each fork.
 FORK_JOURNAL = "fork-journal"
@@ -126,7 +129,22 @@ def adopt_orphans_into(daemon: Daemon, cancel_fd: int = -1) -> Recovery:
     target = DaemonOrphanTarget(daemon, records)
     found = Recovery()
     if not supervisor_alive(path):
-        found = adopt_orphans(path, target, cancel_fd=cancel_fd)
+        # Not cancelled by a stop signal (``cancel_fd`` is kept for callers' sake): a stop in
+        # the middle would leave some forks adopted and others orphaned. Every step is
+        # bounded; the stop that follows treats every fork alike.
+        found = adopt_orphans(path, target)
+    # A fork recorded but served by no orphan is reported, never dropped in silence.
+    for fork_id in sorted(set(records) - target.adopted):
+        rec = records[fork_id]
+        found.lost.append(fork_id)
+        log.warning(
+            "fork %s (template %s, socket %s) is lost: no worker of the daemon that died "
+            "served it (its VMM had not connected yet, or it ended while no daemon ran); "
+            "its record is dropped",
+            fork_id,
+            rec.get("template", "?"),
+            rec.get("socket", "?"),
+        )
     if journal is not None:
         journal.keep_only(target.adopted)
     return found

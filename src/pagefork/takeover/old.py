@@ -32,6 +32,8 @@ from pagefork.takeover.protocol import PROTOCOL_VERSION, Channel, TakeoverError,
 log = logging.getLogger("pagefork")
 
 _PEERCRED = struct.Struct("3i")
+#: Connections that may wait for their hello at once; more wait in the listening backlog.
+MAX_WAITING = 16
 
 
 class Source(abc.ABC):
@@ -92,11 +94,13 @@ class TakeoverListener:
         self._ident: tuple[int, int] | None = (st.st_dev, st.st_ino)
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._done = False
-        # The connection of a takeover in flight: close() cuts it, so a stop never waits for
-        # a successor that builds slowly or hangs.
+        # Every connection open (waiting for its hello, or a takeover in flight): close()
+        # cuts them all, so a stop never waits for a successor that builds slowly or hangs.
         self._conn_lock = threading.Lock()
-        self._conn: socket.socket | None = None
+        self._conns: dict[socket.socket, threading.Thread] = {}
         self._closing = False
+        # One takeover at a time; a connection that says nothing holds only its own thread.
+        self._turn = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="pagefork-takeover", daemon=True)
         self._thread.start()
 
@@ -107,13 +111,15 @@ class TakeoverListener:
         os.eventfd_write(self._wake, 1)
         with self._conn_lock:
             self._closing = True
-            if self._conn is not None:
+            conns = dict(self._conns)
+            for conn in conns:
                 # Reading only: the handler's wait ends, and its "abort" still reaches the
                 # new side, which then knows this side gave up and did not die.
                 with contextlib.suppress(OSError):
-                    self._conn.shutdown(socket.SHUT_RD)
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+                    conn.shutdown(socket.SHUT_RD)
+        for thread in [self._thread, *conns.values()]:
+            if thread is not threading.current_thread():
+                thread.join()
         with contextlib.suppress(OSError):
             st = os.lstat(self.path)
             if self._ident is not None and (st.st_dev, st.st_ino) == self._ident:
@@ -122,13 +128,26 @@ class TakeoverListener:
         os.close(self._wake)
 
     def _run(self) -> None:
+        # Accepts every connection at once and gives each its own thread to wait for its
+        # hello in: a peer that connects and says nothing (or says it slowly) holds only its
+        # own thread until its step times out, never the takeover of a genuine successor.
+        # Past the hello, takeovers take turns (_turn). The backlog holds the rest while
+        # MAX_WAITING connections wait for their hello.
         poller = select.poll()
         poller.register(self._wake, select.POLLIN)
         poller.register(self._sock.fileno(), select.POLLIN)
         while not self._done:
-            ready = {fd for fd, _ in poller.poll()}
+            with self._conn_lock:
+                full = len(self._conns) >= MAX_WAITING
+            if full:
+                poller.unregister(self._sock.fileno())
+            ready = {fd for fd, _ in poller.poll(100 if full else None)}
+            if full:
+                poller.register(self._sock.fileno(), select.POLLIN)
             if self._wake in ready:
                 return
+            if self._sock.fileno() not in ready:
+                continue
             try:
                 conn, _ = self._sock.accept()
             except OSError:
@@ -137,15 +156,22 @@ class TakeoverListener:
                 if self._closing:
                     conn.close()
                     return
-                self._conn = conn
-            try:
-                self._handle(conn)
-            except Exception:  # the old side serves on whatever happens here
-                log.exception("takeover: handling a takeover failed")
-            finally:
-                with self._conn_lock:
-                    self._conn = None
-                conn.close()
+                thread = threading.Thread(
+                    target=self._serve_one, args=(conn,), name="pagefork-takeover-conn",
+                    daemon=True,
+                )  # fmt: skip
+                self._conns[conn] = thread
+                thread.start()  # under the lock: close() never joins one not started
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            self._handle(conn)
+        except Exception:  # the old side serves on whatever happens here
+            log.exception("takeover: handling a takeover failed")
+        finally:
+            with self._conn_lock:
+                self._conns.pop(conn, None)
+            conn.close()
 
     def _handle(self, conn: socket.socket) -> None:
         pid, uid, _ = _PEERCRED.unpack(
@@ -158,10 +184,17 @@ class TakeoverListener:
         try:
             hello, fds = ch.recv(time.monotonic() + self.step_timeout, ["hello"])
         except TakeoverError as exc:
-            log.warning("takeover by pid %d: %s", pid, exc)
+            if not self._closing:  # cut by close(): no news
+                log.warning("takeover by pid %d: %s", pid, exc)
             return
         for fd in fds:
             os.close(fd)
+        with self._turn:
+            if self._done or self._closing:
+                return  # another one took over meanwhile, or this side stops
+            self._take_turn(conn, ch, pid, hello)
+
+    def _take_turn(self, conn: socket.socket, ch: Channel, pid: int, hello: dict[str, Any]) -> None:
         why = check_version(hello.get("protocol"))
         if why is None and hello.get("kind") != self.source.kind:
             why = f"this is a {self.source.kind}, not a {hello.get('kind')!r}"
@@ -228,6 +261,8 @@ class TakeoverListener:
                 os.close(fd)
         self._done = True
         self._ident = None  # the socket file is the successor's now
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._wake, 1)  # the accept loop ends
         self.on_done(pid, int(done.get("forks", 0)))
 
 

@@ -42,6 +42,9 @@ class Recovery:
     #: One line per orphaned worker that could not be adopted from (it serves on until its
     #: deadline, then applies the failure policy).
     failed: list[str] = field(default_factory=list)
+    #: Forks the dead supervisor had recorded that no orphaned worker served (the daemon's
+    #: journal): a fork whose VMM had not connected yet, or one that ended meanwhile.
+    lost: list[str] = field(default_factory=list)
 
 
 def supervisor_alive(takeover_path: str) -> bool:

@@ -56,12 +56,19 @@ class ServeSource(Source):
     kind = "serve"
 
     def __init__(
-        self, server: PageServer, loop: HotSetLoop, socket_path: str, record: str | None = None
+        self,
+        server: PageServer,
+        loop: HotSetLoop,
+        socket_path: str,
+        record: str | None = None,
+        lock_fd: int = -1,
     ) -> None:
         self.server = server
         self.loop = loop
         self.socket_path = os.path.abspath(socket_path)
         self.record_path = record
+        #: The socket's lock (``SOCKET.lock``): handed on, so the socket never has no owner.
+        self.lock_fd = lock_fd
 
     def plan(self) -> dict[str, Any]:
         return {**_identity(self.server, self.record_path), "socket": self.socket_path}
@@ -74,7 +81,11 @@ class ServeSource(Source):
 
     def export(self) -> tuple[dict[str, Any], list[int]]:
         state, fds = pageserver.export(self.server)
-        return {**state, "hotloop": self.loop.snapshot()}, fds
+        state = {**state, "hotloop": self.loop.snapshot()}
+        if self.lock_fd >= 0:
+            state["lock"] = len(fds)
+            fds = [*fds, self.lock_fd]
+        return state, fds
 
     def resume(self) -> None:
         pageserver.readopt(self.server)
@@ -98,6 +109,8 @@ class ServeTarget(Target):
         self.socket_path = os.path.abspath(socket_path)
         self.record = record
         self.record_path = record_path
+        #: The socket's lock, as the old side handed it over (-1: none came).
+        self.lock_fd = -1
 
     def build(self, plan: dict[str, Any]) -> list[int]:
         mine = _identity(self.server, self.record_path)
@@ -125,6 +138,9 @@ class ServeTarget(Target):
         return pageserver.all_worker_pids(self.server)
 
     def adopt(self, state: dict[str, Any], fds: list[int]) -> int:
+        index = state.pop("lock", None)
+        if isinstance(index, int) and 0 <= index < len(fds):
+            self.lock_fd = os.dup(fds[index])
         if "hotloop" in state:
             self.loop.restore(dict(state["hotloop"]))
         else:
@@ -150,6 +166,7 @@ class ServeHandover:
         on_done: Callable[[int, int], None],
         sock: Any = None,
         record: str | None = None,
+        lock_fd: int = -1,
     ) -> None:
         self.server = server
         self.handed = False
@@ -162,7 +179,7 @@ class ServeHandover:
         try:
             self.listener = TakeoverListener(
                 takeover_path(socket_path),
-                ServeSource(server, loop, socket_path, record),
+                ServeSource(server, loop, socket_path, record, lock_fd),
                 done,
                 sock=sock,
             )

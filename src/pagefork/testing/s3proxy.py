@@ -5,10 +5,11 @@ to show what a real object store does: :attr:`S3Proxy.delay` seconds pass before
 request is forwarded (the time to the first byte of a distant store, 10-50 ms), and
 :meth:`S3Proxy.fail_next` answers the next requests with an error status (503 SlowDown, say)
 instead of forwarding them, and :meth:`S3Proxy.hang` makes requests wait, unanswered, until the
-proxy closes (a hung store). :meth:`S3Proxy.trickle` sends chosen bodies a byte at a time (a
-store that is slow but never silent), :meth:`S3Proxy.flip_bits` flips one bit in the first
-GETs of chosen objects (transfers corrupted on the way) and :meth:`S3Proxy.refuse_for` stops
-listening for a while and drops every open connection (a store restarting).
+proxy closes (a hung store). :meth:`S3Proxy.trickle` sends chosen bodies, or their headers,
+a byte at a time (a store that is slow but never silent), :meth:`S3Proxy.flip_bits` flips one
+bit in the first GETs of chosen objects (transfers corrupted on the way) and
+:meth:`S3Proxy.refuse_for` stops listening for a while and drops every open connection (a
+store restarting).
 :attr:`S3Proxy.gets` counts the GETs per object key, so a test can tell how many times a chunk
 was fetched. Request signatures pass through untouched (the
 ``Host`` header is kept), so any client that signs for the proxy's address works.
@@ -65,7 +66,8 @@ class S3Proxy:
         self._lock = threading.Lock()
         self._failures: list[tuple[int, str]] = []  # (status, key substring) to answer next
         self._hang: str | None = None  # key substring of requests left unanswered
-        self._trickle: tuple[str, float] | None = None  # (key substring, seconds per byte)
+        # (key substring, seconds per byte, the headers rather than the body)
+        self._trickle: tuple[str, float, bool] | None = None
         self._flip: tuple[str, int] | None = None  # (key substring, GETs per object to flip)
         self._flipped: collections.Counter[str] = collections.Counter()  # flips per path
         self._closing = threading.Event()
@@ -124,11 +126,17 @@ class S3Proxy:
         with self._lock:
             self._hang = key_contains
 
-    def trickle(self, key_contains: str | None, seconds_per_byte: float = 1.0) -> None:
+    def trickle(
+        self, key_contains: str | None, seconds_per_byte: float = 1.0, *, headers: bool = False
+    ) -> None:
         """Send the body of every GET whose path contains ``key_contains`` one byte per
-        ``seconds_per_byte`` (headers at once, in full; None: at full speed again)."""
+        ``seconds_per_byte`` (headers at once, in full; None: at full speed again). With
+        ``headers``, the status line and headers trickle so instead (the body follows at
+        once): a client never gets as far as the body."""
         with self._lock:
-            self._trickle = None if key_contains is None else (key_contains, seconds_per_byte)
+            self._trickle = (
+                None if key_contains is None else (key_contains, seconds_per_byte, headers)
+            )
 
     def flip_bits(self, key_contains: str | None, gets: int = 1) -> None:
         """Flip one bit in the body of the first ``gets`` GETs of each object whose path
@@ -237,6 +245,12 @@ class S3Proxy:
             self._local.conn = None
             h.send_error(502)
             return
+        with self._lock:
+            trickle = self._trickle
+        trickling = h.command == "GET" and trickle is not None and trickle[0] in path
+        if trickling and trickle is not None and trickle[2]:
+            self._trickle_headers(h, resp, data, trickle[1])
+            return
         h.send_response(resp.status, resp.reason)
         for k, v in resp.getheaders():
             if k.lower() not in _HOP and k.lower() != "content-length":
@@ -252,9 +266,7 @@ class S3Proxy:
             flipped = bytearray(data)
             flipped[len(flipped) // 2] ^= 0x01
             data = bytes(flipped)
-        with self._lock:
-            trickle = self._trickle
-        if h.command == "GET" and trickle is not None and trickle[0] in path:
+        if trickling and trickle is not None:
             h.close_connection = True
             with contextlib.suppress(OSError):  # the client gave up: it may
                 for i in range(len(data)):  # a byte at a time: no read ever waits long
@@ -264,6 +276,28 @@ class S3Proxy:
                         break
             return
         h.wfile.write(data)
+
+    def _trickle_headers(
+        self,
+        h: http.server.BaseHTTPRequestHandler,
+        resp: http.client.HTTPResponse,
+        data: bytes,
+        seconds_per_byte: float,
+    ) -> None:
+        """Answer with the status line and headers one byte at a time, then ``data``."""
+        h.close_connection = True
+        lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
+        lines += [f"{k}: {v}" for k, v in resp.getheaders() if k.lower() not in _HOP
+                  and k.lower() != "content-length"]  # fmt: skip
+        lines += [f"Content-Length: {len(data)}", "Connection: close", "", ""]
+        head = "\r\n".join(lines).encode("latin-1")
+        with contextlib.suppress(OSError):  # the client gave up: it may
+            for i in range(len(head)):
+                h.wfile.write(head[i : i + 1])
+                h.wfile.flush()
+                if self._closing.wait(seconds_per_byte):
+                    return
+            h.wfile.write(data)
 
     def get_count(self, key: str) -> int:
         """GETs seen for the object ``key`` (in any bucket)."""
