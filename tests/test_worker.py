@@ -26,6 +26,7 @@ from pagefork.serving import ipc
 from pagefork.serving import ledger as L
 from pagefork.serving import messages as M
 from pagefork.serving.worker import Worker
+from pagefork.serving.workerprefetch import run_prefetch
 from pagefork.testing.vmm import VmmProcess
 
 MIB = 1 << 20
@@ -160,7 +161,7 @@ def test_prefetch_never_copies_into_a_range_removed_before_it_ran(harness: Harne
     h.wait_uffd_readable()  # the REMOVE is queued and unread: the guest waits in madvise
     pages = [(0, off) for off in range(0, 128 * PAGE, PAGE)]
     plan = plan_prefetch(pages, h.regions, h.memfile.is_zero)
-    h.worker._prefetch(7, "a#1", plan, 10.0)
+    run_prefetch(h.worker, 7, "a#1", plan, 10.0, None)
     [done] = [m for m in h.messages() if isinstance(m, M.Prefetched)]
     assert done.req == 7 and done.error is None and done.result is not None
     assert done.result.skipped_removed == 64 and done.installed == done.result.installed == 64
