@@ -246,6 +246,12 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
+class OrphanPrepared:
+    """The answer to :class:`OrphanSetup`: the worker has carried it out (its handler is
+    imported and prepared), so its start-up is paid in full."""
+
+
+@dataclass(frozen=True, slots=True)
 class Armed:
     """Tests only: the :class:`CrashAt` numbered ``req`` is armed."""
 
@@ -277,6 +283,7 @@ ToSupervisor = (
     | Prefetched
     | PrefetchHead
     | Pong
+    | OrphanPrepared
     | Armed
 )
 Message = ToWorker | ToSupervisor
@@ -285,7 +292,7 @@ _MESSAGES: tuple[type, ...] = (
     Hello, Serve, Prefetch, ChunkReady, ChunkFailed, Drop, Release, Ping, OrphanSetup, Stop,
     CrashAt,
     Ready, Serving, Ended, WindowClosed, HungUp, Remapped, Released, Need, Prefetched,
-    PrefetchHead, Pong, Armed,
+    PrefetchHead, Pong, OrphanPrepared, Armed,
 )  # fmt: skip
 #: Every type a frame may name: the messages and the values they carry.
 _TYPES: dict[str, type] = {

@@ -189,11 +189,28 @@ class WorkerProcess:
         self.killed = False
         #: Set once the worker has mapped the mem-file and serves (its "ready" message).
         self.ready = threading.Event()
+        #: Set while no :class:`~M.OrphanSetup` sent to it is unanswered: its start-up is only
+        #: paid once that is done too (the handler's import costs CPU that serving forks need).
+        self.prepared = threading.Event()
+        self.prepared.set()
+        self._setups = 0
         # The heartbeat: pings sent and not yet answered, by sequence number, with when.
         self._pings: dict[int, float] = {}
         self._ping_seq = 0
         self._last_ping = time.monotonic()
         self.send(M.Hello(M.PROTOCOL_VERSION))
+
+    def send_orphan_setup(self, setup: M.OrphanSetup) -> None:
+        """Send ``setup``; :attr:`prepared` is clear until the worker answers it."""
+        self._setups += 1
+        self.prepared.clear()
+        self.send(setup)
+
+    def orphan_prepared(self) -> None:
+        """The worker answered one :class:`~M.OrphanSetup` (:class:`~M.OrphanPrepared`)."""
+        self._setups = max(0, self._setups - 1)
+        if not self._setups:
+            self.prepared.set()
 
     def send(self, message: M.ToWorker, fds: tuple[int, ...] | list[int] = ()) -> bool:
         """Send a message; False when the worker is gone (its death is handled elsewhere)."""
@@ -384,7 +401,7 @@ class WorkerPool:
     def _spawn(self, slot: int, cpu: int | None) -> WorkerProcess:
         w = WorkerProcess(slot, *self._mem, cpu=cpu, layout_fds=self._layout, lazy=self._lazy)
         if self.orphan_setup is not None:
-            w.send(self.orphan_setup)
+            w.send_orphan_setup(self.orphan_setup)
         return w
 
     def keep_forks_if_killed(self, setup: M.OrphanSetup) -> None:
@@ -392,7 +409,7 @@ class WorkerPool:
         (pagefork.serving.orphaning); the caller holds the supervisor's lock."""
         self.orphan_setup = setup
         for w in self.all_processes():
-            w.send(setup)
+            w.send_orphan_setup(setup)
 
     def start_spare(self) -> None:
         """Start a spare if one is wanted; a failure only costs the spare (logged)."""

@@ -362,6 +362,8 @@ class Supervisor:
                 worker.kill()
                 return []
             worker.ready.set()
+        elif isinstance(message, M.OrphanPrepared):
+            worker.orphan_prepared()
         elif isinstance(message, M.Armed) and message.req in self._acks:
             self._acks[message.req].set()
         elif isinstance(message, (M.Prefetched, M.PrefetchHead)):

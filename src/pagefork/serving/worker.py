@@ -442,6 +442,8 @@ class Worker:
             ipc.send(self.chan, M.Armed(message.req))
         else:  # what to do if the supervisor dies, or a message this worker does not know
             orphaning.on_message(self, message)
+            if isinstance(message, M.OrphanSetup):
+                ipc.send(self.chan, M.OrphanPrepared())
 
     def crash_point(self, name: str) -> None:
         left = self.crash_at.get(name)
