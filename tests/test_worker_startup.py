@@ -75,7 +75,8 @@ def test_a_workers_imports_and_its_orphan_handler_leave_out_numpy_and_the_superv
     code = (
         "import sys, pagefork.serving.worker, pagefork.takeover.orphan\n"
         "heavy = ('numpy', 'pagefork.server', 'pagefork.serving.supervisor', "
-        "'pagefork.serving.pageserver', 'pagefork.store.client')\n"
+        "'pagefork.serving.pageserver', 'pagefork.store.client', 'pagefork.serving.pool', "
+        "'subprocess')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run(

@@ -26,7 +26,11 @@ from pagefork.prefetch import PrefetchPlan, PrefetchResult
 from pagefork.regions import Region
 
 #: Bumped whenever a message below changes shape.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
+
+#: Prefetch plans a worker keeps, so forks of one template send theirs once per worker (the
+#: supervisor's copy of what each worker kept follows the same bound).
+PLANS_KEPT = 16
 
 
 class ProtocolError(PageforkError):

@@ -35,8 +35,6 @@ CRASH_LOOP_DEATHS = 5
 CRASH_LOOP_SECONDS = 10.0
 #: How long a slot that crash-looped stays empty before a new fork tries it again.
 GIVE_UP_SECONDS = 30.0
-#: Prefetch plans a worker keeps, so forks of one template send theirs once per worker.
-PLANS_KEPT = 16
 #: A worker that has not taken a message off its channel for this long is stuck (stopped, or
 #: in a kernel wait it cannot leave): it is killed and replaced like a dead one. Long enough
 #: for the longest prefetch a worker runs between two looks at its channel.
@@ -251,7 +249,7 @@ class WorkerProcess:
             if token is not None:
                 self._plans[token] = None
                 self._plans.move_to_end(token)
-                while len(self._plans) > PLANS_KEPT:
+                while len(self._plans) > M.PLANS_KEPT:
                     self._plans.popitem(last=False)
             return self._send(M.Prefetch(req, key, token, None if known else plan, timeout, head))
 
