@@ -204,8 +204,11 @@ class WorkerProcess:
         self.prepared.clear()
         self.send(setup)
 
-    def orphan_prepared(self) -> None:
-        """The worker answered one :class:`~M.OrphanSetup` (:class:`~M.OrphanPrepared`)."""
+    def answered(self, message: M.Pong | M.OrphanPrepared) -> None:
+        """The worker answered a ping (:class:`~M.Pong`) or an :class:`~M.OrphanSetup`."""
+        if isinstance(message, M.Pong):
+            self.pong(message.seq)
+            return
         self._setups = max(0, self._setups - 1)
         if not self._setups:
             self.prepared.set()

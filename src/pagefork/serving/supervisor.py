@@ -322,8 +322,8 @@ class Supervisor:
 
     def _on_worker_message(self, worker: WorkerProcess, message: M.Message) -> list[Callback]:
         by_key = self.table.by_key
-        if isinstance(message, M.Pong):
-            worker.pong(message.seq)
+        if isinstance(message, (M.Pong, M.OrphanPrepared)):
+            worker.answered(message)
         elif isinstance(message, M.Ended):
             worker.forks.discard(message.key)
             entry = by_key.get(message.key)
@@ -362,8 +362,6 @@ class Supervisor:
                 worker.kill()
                 return []
             worker.ready.set()
-        elif isinstance(message, M.OrphanPrepared):
-            worker.orphan_prepared()
         elif isinstance(message, M.Armed) and message.req in self._acks:
             self._acks[message.req].set()
         elif isinstance(message, (M.Prefetched, M.PrefetchHead)):
