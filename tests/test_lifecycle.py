@@ -121,6 +121,7 @@ def _every_message() -> list[M.Message]:
         M.WindowClosed("a#1"), M.HungUp("a#1"), M.Remapped("a#1", tuple(regions)),
         M.Released(("a#1",)), M.Need(3), M.Prefetched(1, result, None, 2),
         M.Prefetched(1, None, "failed", 0), M.PrefetchHead(1, result), M.Pong(9), M.Armed(4),
+        M.OrphanPrepared(),
     ]  # fmt: skip
 
 

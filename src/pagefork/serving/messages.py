@@ -26,7 +26,11 @@ from pagefork.prefetch import PrefetchPlan, PrefetchResult
 from pagefork.regions import Region
 
 #: Bumped whenever a message below changes shape.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
+
+#: Prefetch plans a worker keeps, so forks of one template send theirs once per worker (the
+#: supervisor's copy of what each worker kept follows the same bound).
+PLANS_KEPT = 16
 
 
 class ProtocolError(PageforkError):
@@ -246,6 +250,12 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
+class OrphanPrepared:
+    """The answer to :class:`OrphanSetup`: the worker has carried it out (its handler is
+    imported and prepared), so its start-up is paid in full."""
+
+
+@dataclass(frozen=True, slots=True)
 class Armed:
     """Tests only: the :class:`CrashAt` numbered ``req`` is armed."""
 
@@ -277,6 +287,7 @@ ToSupervisor = (
     | Prefetched
     | PrefetchHead
     | Pong
+    | OrphanPrepared
     | Armed
 )
 Message = ToWorker | ToSupervisor
@@ -285,7 +296,7 @@ _MESSAGES: tuple[type, ...] = (
     Hello, Serve, Prefetch, ChunkReady, ChunkFailed, Drop, Release, Ping, OrphanSetup, Stop,
     CrashAt,
     Ready, Serving, Ended, WindowClosed, HungUp, Remapped, Released, Need, Prefetched,
-    PrefetchHead, Pong, Armed,
+    PrefetchHead, Pong, OrphanPrepared, Armed,
 )  # fmt: skip
 #: Every type a frame may name: the messages and the values they carry.
 _TYPES: dict[str, type] = {

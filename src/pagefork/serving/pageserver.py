@@ -186,7 +186,9 @@ class PageServer:
             return spare.pid if spare is not None else None
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until every worker (the spare too) has mapped the mem-file and serves.
+        """Wait until every worker (the spare too) has mapped the mem-file and serves, and
+        has carried out what it was told to do should this process die (its start-up is then
+        paid in full: nothing of it competes for CPU with the faults served later).
 
         Forks are accepted before that (their faults wait for the worker), so this is only for
         callers that want start-up fully paid before they measure or announce anything.
@@ -197,7 +199,9 @@ class PageServer:
                 raise PageforkError("no worker process could be started")
 
             def settled() -> bool:
-                return all(w.ready.is_set() or not w.alive for w in workers)
+                return all(
+                    (w.ready.is_set() and w.prepared.is_set()) or not w.alive for w in workers
+                )
 
             if not self._table.changed.wait_for(settled, timeout):
                 raise PageforkError(f"the workers did not start within {timeout:g}s")

@@ -35,8 +35,6 @@ CRASH_LOOP_DEATHS = 5
 CRASH_LOOP_SECONDS = 10.0
 #: How long a slot that crash-looped stays empty before a new fork tries it again.
 GIVE_UP_SECONDS = 30.0
-#: Prefetch plans a worker keeps, so forks of one template send theirs once per worker.
-PLANS_KEPT = 16
 #: A worker that has not taken a message off its channel for this long is stuck (stopped, or
 #: in a kernel wait it cannot leave): it is killed and replaced like a dead one. Long enough
 #: for the longest prefetch a worker runs between two looks at its channel.
@@ -189,11 +187,31 @@ class WorkerProcess:
         self.killed = False
         #: Set once the worker has mapped the mem-file and serves (its "ready" message).
         self.ready = threading.Event()
+        #: Set while no :class:`~M.OrphanSetup` sent to it is unanswered: its start-up is only
+        #: paid once that is done too (the handler's import costs CPU that serving forks need).
+        self.prepared = threading.Event()
+        self.prepared.set()
+        self._setups = 0
         # The heartbeat: pings sent and not yet answered, by sequence number, with when.
         self._pings: dict[int, float] = {}
         self._ping_seq = 0
         self._last_ping = time.monotonic()
         self.send(M.Hello(M.PROTOCOL_VERSION))
+
+    def send_orphan_setup(self, setup: M.OrphanSetup) -> None:
+        """Send ``setup``; :attr:`prepared` is clear until the worker answers it."""
+        self._setups += 1
+        self.prepared.clear()
+        self.send(setup)
+
+    def answered(self, message: M.Pong | M.OrphanPrepared) -> None:
+        """The worker answered a ping (:class:`~M.Pong`) or an :class:`~M.OrphanSetup`."""
+        if isinstance(message, M.Pong):
+            self.pong(message.seq)
+            return
+        self._setups = max(0, self._setups - 1)
+        if not self._setups:
+            self.prepared.set()
 
     def send(self, message: M.ToWorker, fds: tuple[int, ...] | list[int] = ()) -> bool:
         """Send a message; False when the worker is gone (its death is handled elsewhere)."""
@@ -234,7 +252,7 @@ class WorkerProcess:
             if token is not None:
                 self._plans[token] = None
                 self._plans.move_to_end(token)
-                while len(self._plans) > PLANS_KEPT:
+                while len(self._plans) > M.PLANS_KEPT:
                     self._plans.popitem(last=False)
             return self._send(M.Prefetch(req, key, token, None if known else plan, timeout, head))
 
@@ -384,7 +402,7 @@ class WorkerPool:
     def _spawn(self, slot: int, cpu: int | None) -> WorkerProcess:
         w = WorkerProcess(slot, *self._mem, cpu=cpu, layout_fds=self._layout, lazy=self._lazy)
         if self.orphan_setup is not None:
-            w.send(self.orphan_setup)
+            w.send_orphan_setup(self.orphan_setup)
         return w
 
     def keep_forks_if_killed(self, setup: M.OrphanSetup) -> None:
@@ -392,7 +410,7 @@ class WorkerPool:
         (pagefork.serving.orphaning); the caller holds the supervisor's lock."""
         self.orphan_setup = setup
         for w in self.all_processes():
-            w.send(setup)
+            w.send_orphan_setup(setup)
 
     def start_spare(self) -> None:
         """Start a spare if one is wanted; a failure only costs the spare (logged)."""

@@ -322,8 +322,8 @@ class Supervisor:
 
     def _on_worker_message(self, worker: WorkerProcess, message: M.Message) -> list[Callback]:
         by_key = self.table.by_key
-        if isinstance(message, M.Pong):
-            worker.pong(message.seq)
+        if isinstance(message, (M.Pong, M.OrphanPrepared)):
+            worker.answered(message)
         elif isinstance(message, M.Ended):
             worker.forks.discard(message.key)
             entry = by_key.get(message.key)

@@ -44,7 +44,6 @@ from pagefork.serving import ipc, orphaning
 from pagefork.serving import ledger as L
 from pagefork.serving import messages as M
 from pagefork.serving.policy import Action, decide
-from pagefork.serving.pool import PLANS_KEPT
 from pagefork.serving.workerforks import PIDFD, UFFD, LazyChunks, WorkerFork, WorkerForks
 from pagefork.serving.workerprefetch import run_prefetch
 from pagefork.uffd import CopyOutcome, copy_outcome
@@ -415,7 +414,7 @@ class Worker:
                     plan = self.plans[token]
                 self.plans[token] = plan
                 self.plans.move_to_end(token)
-                while len(self.plans) > 2 * PLANS_KEPT:
+                while len(self.plans) > 2 * M.PLANS_KEPT:
                     self.plans.popitem(last=False)
             assert plan is not None
             run_prefetch(self, message.req, message.key, plan, message.timeout, message.head)
@@ -442,6 +441,8 @@ class Worker:
             ipc.send(self.chan, M.Armed(message.req))
         else:  # what to do if the supervisor dies, or a message this worker does not know
             orphaning.on_message(self, message)
+            if isinstance(message, M.OrphanSetup):
+                ipc.send(self.chan, M.OrphanPrepared())
 
     def crash_point(self, name: str) -> None:
         left = self.crash_at.get(name)

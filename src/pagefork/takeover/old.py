@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pagefork
-from pagefork.server import bind_private_socket
+from pagefork.serving.sockets import bind_private_socket
 from pagefork.takeover.protocol import PROTOCOL_VERSION, Channel, TakeoverError, check_version
 
 log = logging.getLogger("pagefork")
