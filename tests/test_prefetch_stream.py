@@ -18,6 +18,7 @@ import pytest
 
 from conftest import PAGE, needs_uffd
 from pagefork.hotpages import HotPage, HotPageList
+from pagefork.serving import pool
 from pagefork.testing.vmm import VmmProcess
 
 pytestmark = needs_uffd
@@ -56,7 +57,7 @@ def _while_held(worker: int, vmm: VmmProcess, **cmd: Any) -> dict[str, Any]:
     while not _blocked_in_fault(vmm.pid):
         assert t.is_alive() and time.monotonic() < deadline, "the guest never faulted"
         time.sleep(0.001)
-    os.kill(worker, signal.SIGCONT)
+    _let_go(worker)
     t.join(60)
     (reply,) = replies
     return reply
@@ -64,6 +65,16 @@ def _while_held(worker: int, vmm: VmmProcess, **cmd: Any) -> dict[str, Any]:
 
 def _held_at_head(server: Any, fork: str) -> int:
     return int(server._debug_crash_worker_at(fork, "stream", stop=True))
+
+
+def _let_go(worker: int) -> None:
+    """SIGCONT the worker once it has stopped itself: it says its head is in just before it
+    stops, so a SIGCONT sent on that news alone could come first and be lost."""
+    deadline = time.monotonic() + 30
+    while pool.scheduler_state(worker) != "T":
+        assert time.monotonic() < deadline, "the worker never stopped at its head"
+        time.sleep(0.001)
+    os.kill(worker, signal.SIGCONT)
 
 
 def test_the_head_is_in_before_prefetch_returns_and_the_rest_streams(
@@ -77,7 +88,7 @@ def test_the_head_is_in_before_prefetch_returns_and_the_rest_streams(
     # The worker is stopped right after its head: nothing past it can have been installed.
     assert head.installed == 300 and head.streamed == 0
     assert server.stats("a").prefetched_pages == 0  # counted once the whole prefetch ends
-    os.kill(worker, signal.SIGCONT)
+    _let_go(worker)
     whole = server.stream_result("a", timeout=30)
     assert whole is not None
     assert whole.installed == 1024 and whole.streamed == 1024 - 300 and whole.raced == 0
