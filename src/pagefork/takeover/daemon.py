@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 from pagefork.daemon.api import ControlApi, ControlServer
+from pagefork.daemon.fork import journal_record
 from pagefork.daemon.lifecycle import ForkPhase, stage_of
 from pagefork.daemon.manager import Fork, ManagerConfig
 from pagefork.daemon.service import Daemon
@@ -149,13 +150,7 @@ def _fork_state(fork: Fork, fds: list[int]) -> dict[str, Any]:
         fd_index = {name: add(fd) for name, fd in given.fds.items()}
         vmm = {"state": given.state, "fds": {k: v for k, v in fd_index.items() if v is not None}}
     return {
-        "fork": fork.fork_id,
-        "template": fork.template_id,
-        "template_created": fork.template_created,
-        "socket": fork.socket_path,
-        "role": fork.role,
-        "created": fork.created,
-        "driver": fork.driver,
+        **journal_record(fork),  # what a restarted daemon would know of it, and more:
         "prefetch": fork.prefetch,
         "phase": fork.phase.value,
         "exit_status": fork.exit_status,
