@@ -164,6 +164,9 @@ class SocketLock:
             self._note_pid()
 
     def _take(self) -> int:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            raise ForkError(f"socket directory {parent} does not exist")
         while True:
             try:
                 fd = os.open(

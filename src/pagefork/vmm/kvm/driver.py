@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,15 +60,26 @@ class KvmHandle(VmmHandle):
         """The process's exit status once it has exited, reaping it (negative: the signal
         that killed it); None while it runs."""
         status = None
+        reaped_elsewhere = False
         pidfd = self._pidfd
         if pidfd is not None:
             # Read without reaping first: a concurrent wait() may be reaping it right now.
-            with contextlib.suppress(OSError):  # ChildProcessError: that wait() was quicker
+            try:
                 info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                reaped_elsewhere = True  # that wait() was quicker: it has the status
+            except OSError:
+                info = None
+            else:
                 if info is not None:
                     exited = info.si_code == os.CLD_EXITED
                     status = info.si_status if exited else -info.si_status
         code = self.process.poll()  # reaps it (unless that concurrent wait() does)
+        if code is None and status is None and reaped_elsewhere:
+            # poll() gives None while another thread's wait() holds the process: that wait
+            # has reaped it already, so this one returns at once with its status.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.process.wait(timeout=5)
         return code if code is not None else status
 
     @property

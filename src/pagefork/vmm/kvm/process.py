@@ -327,6 +327,11 @@ class ForkProcess:
         """The exit status if the process has exited (reaping it), else None."""
         return self._proc.poll()
 
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the process to exit and return its status (None for an adopted one);
+        :class:`subprocess.TimeoutExpired` after ``timeout``."""
+        return self._proc.wait(timeout)
+
     def go(self) -> None:
         """Resume the vCPUs."""
         assert self._proc.stdin is not None
