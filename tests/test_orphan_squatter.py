@@ -9,8 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-from test_orphans import kill, rendezvous
-from test_takeover_serve import ALL_PAGES, Serve, args_for
+from procs import ALL_PAGES, Serve, args_for, kill, rendezvous, serve_with_guests
 
 from conftest import needs_uffd
 
@@ -20,11 +19,7 @@ def test_socket_held_by_another_process_no_orphan_is_adopted_and_ended(
     short_dir: Path, mem_file: Path, vmms
 ) -> None:
     sock = short_dir / "h.sock"
-    old = Serve(*args_for(sock, mem_file))
-    old.wait_for("listening")
-    guests = [vmms(str(sock)) for _ in range(2)]
-    for g in guests:
-        assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    old, guests = serve_with_guests(sock, mem_file, vmms, 2)
     kill(old)
     waiting = rendezvous(sock)
     assert len(waiting) == 2

@@ -7,7 +7,6 @@ check every byte against the template.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import threading
@@ -15,8 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_takeover_daemon import DaemonProc, setup_forks
-from test_takeover_serve import ALL_PAGES, Serve, args_for, go_on, storm
+from procs import (
+    ALL_PAGES,
+    PAGEFORK,
+    DaemonProc,
+    Serve,
+    args_for,
+    exited,
+    go_on,
+    kill,
+    rendezvous,
+    serve_with_guests,
+)
+from test_takeover_daemon import setup_forks
+from test_takeover_serve import storm
 
 from conftest import PAGE, needs_uffd
 from pagefork.hotpages import load
@@ -25,42 +36,12 @@ REGION0 = [[0, o] for o in range(0, 8 << 20, PAGE)]
 REGION1 = [[1, o] for o in range(0, 4 << 20, PAGE)]
 
 
-def exited(pid: int, timeout: float) -> bool:
-    """True once process ``pid`` (not our child) has exited, waiting up to ``timeout``."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(int(timeout * 1000)))
-    finally:
-        os.close(fd)
-
-
-def kill(serve: Serve) -> list[int]:
-    """SIGKILL a serve; its worker pids."""
-    workers: list[int] = serve.wait_for("listening")[0]["worker_pids"]
-    serve.proc.kill()
-    assert serve.proc.wait(30) == -signal.SIGKILL
-    return workers
-
-
-def rendezvous(sock: Path) -> list[str]:
-    return sorted(p.name for p in sock.parent.iterdir() if ".orphan." in p.name)
-
-
 @needs_uffd
 def test_serve_killed_mid_storm_forks_are_served_on_and_adopted(
     short_dir: Path, mem_file: Path, vmms
 ) -> None:
     sock = short_dir / "h.sock"
-    old = Serve(*args_for(sock, mem_file))
-    old.wait_for("listening")
-    guests = [vmms(str(sock)) for _ in range(3)]
-    for g in guests:
-        assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    old, guests = serve_with_guests(sock, mem_file, vmms, 3)
     replies: list[dict[str, Any]] = []
     threads = [storm_pages(g, REGION0, replies, seed=i) for i, g in enumerate(guests)]
     workers = kill(old)  # mid-storm
@@ -139,11 +120,7 @@ def test_old_side_killed_while_the_successor_is_at_a_step_no_fork_is_lost(
     short_dir: Path, mem_file: Path, vmms, step: str
 ) -> None:
     sock = short_dir / "h.sock"
-    old = Serve(*args_for(sock, mem_file))
-    old.wait_for("listening")
-    guests = [vmms(str(sock)) for _ in range(2)]
-    for g in guests:
-        assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    old, guests = serve_with_guests(sock, mem_file, vmms, 2)
     new = Serve(*args_for(sock, mem_file, "--takeover"), env={"PAGEFORK_TAKEOVER_PAUSE_AT": step})
     new.wait_err(f"takeover: paused at {step}")
     replies: list[dict[str, Any]] = []
@@ -210,8 +187,6 @@ def test_daemon_killed_mid_storm_its_forks_come_back_with_their_records(
 def test_a_lazy_template_fault_waits_for_the_next_supervisor_to_fetch_its_chunk(
     short_dir: Path, mem_file: Path, tmp_path: Path, vmms, s3_bucket: str, s3_endpoint: str
 ) -> None:
-    from test_takeover_serve import PAGEFORK
-
     from conftest import S3_ENV
 
     env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}
@@ -284,11 +259,7 @@ def test_an_adopter_killed_mid_adoption_leaves_the_orphans_serving_for_the_next(
     short_dir: Path, mem_file: Path, vmms
 ) -> None:
     sock = short_dir / "h.sock"
-    old = Serve(*args_for(sock, mem_file, "--workers", "1"))
-    old.wait_for("listening")
-    guests = [vmms(str(sock)) for _ in range(2)]
-    for g in guests:
-        assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    old, guests = serve_with_guests(sock, mem_file, vmms, 2, "--workers", "1")
     kill(old)
     # Its workers serve the forks, then it dies before saying "done": the orphaned worker
     # kills its workers and serves the forks again itself (never two workers on one fork).
@@ -315,8 +286,6 @@ def test_an_adopter_killed_mid_adoption_leaves_the_orphans_serving_for_the_next(
 def test_a_bad_orphan_deadline_is_a_one_line_error(
     short_dir: Path, mem_file: Path, tmp_path: Path, command: str
 ) -> None:
-    from test_takeover_serve import PAGEFORK
-
     args = (
         args_for(short_dir / "h.sock", mem_file)
         if command == "serve"
@@ -341,10 +310,7 @@ def test_a_rendezvous_whose_worker_died_too_is_removed_by_the_next_supervisor(
     short_dir: Path, mem_file: Path, vmms
 ) -> None:
     sock = short_dir / "h.sock"
-    old = Serve(*args_for(sock, mem_file, "--workers", "1"))
-    old.wait_for("listening")
-    guest = vmms(str(sock))
-    assert guest.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    old, _ = serve_with_guests(sock, mem_file, vmms, 1, "--workers", "1")
     (worker,) = kill(old)
     (left,) = rendezvous(sock)
     assert left == f"h.sock.takeover.orphan.{worker}"

@@ -77,13 +77,28 @@ def _let_go(worker: int) -> None:
     os.kill(worker, signal.SIGCONT)
 
 
-def test_the_head_is_in_before_prefetch_returns_and_the_rest_streams(
+def _connected(
     make_server: Callable[..., Any], vmms: Callable[..., VmmProcess]
-) -> None:
+) -> tuple[Any, VmmProcess]:
+    """A server with fork "a" and that fork's guest connected to it."""
     server = make_server()
     vmm = vmms(server.register_fork("a"))
     server.wait_connected("a")
-    worker = _held_at_head(server, "a")
+    return server, vmm
+
+
+def _held(
+    make_server: Callable[..., Any], vmms: Callable[..., VmmProcess]
+) -> tuple[Any, VmmProcess, int]:
+    """``_connected``, with the fork's worker set to stop once its head is in; that worker."""
+    server, vmm = _connected(make_server, vmms)
+    return server, vmm, _held_at_head(server, "a")
+
+
+def test_the_head_is_in_before_prefetch_returns_and_the_rest_streams(
+    make_server: Callable[..., Any], vmms: Callable[..., VmmProcess]
+) -> None:
+    server, vmm, worker = _held(make_server, vmms)
     head = server.prefetch("a", HOT, head=300)
     # The worker is stopped right after its head: nothing past it can have been installed.
     assert head.installed == 300 and head.streamed == 0
@@ -101,10 +116,7 @@ def test_the_head_is_in_before_prefetch_returns_and_the_rest_streams(
 def test_guest_faults_are_served_ahead_of_the_stream(
     make_server: Callable[..., Any], vmms: Callable[..., VmmProcess]
 ) -> None:
-    server = make_server()
-    vmm = vmms(server.register_fork("a"))
-    server.wait_connected("a")
-    worker = _held_at_head(server, "a")
+    server, vmm, worker = _held(make_server, vmms)
     head = server.prefetch("a", HOT, head=100)
     assert head.installed == 100
     # The guest reads the hot set backwards: its first fault is the stream's very last page.
@@ -123,10 +135,7 @@ def test_guest_faults_are_served_ahead_of_the_stream(
 def test_a_range_removed_during_the_stream_never_gets_template_bytes(
     make_server: Callable[..., Any], vmms: Callable[..., VmmProcess]
 ) -> None:
-    server = make_server()
-    vmm = vmms(server.register_fork("a"))
-    server.wait_connected("a")
-    worker = _held_at_head(server, "a")
+    server, vmm, worker = _held(make_server, vmms)
     server.prefetch("a", HOT, head=100)
     # The REMOVE blocks the guest until the worker reads it: it lands in the middle of the
     # stream, whose remaining pages include the removed range.
@@ -143,9 +152,7 @@ def test_a_range_removed_during_the_stream_never_gets_template_bytes(
 def test_a_worker_killed_mid_stream_is_replaced_and_the_stream_finishes(
     make_server: Callable[..., Any], vmms: Callable[..., VmmProcess]
 ) -> None:
-    server = make_server()
-    vmm = vmms(server.register_fork("a"))
-    server.wait_connected("a")
+    server, vmm = _connected(make_server, vmms)
     # Killed at its 40th slice of 16 ioctls: well after a head of 100 pages, before the end.
     old = server._debug_crash_worker_at("a", "prefetch", count=40)
     head = server.prefetch("a", HOT, head=100)

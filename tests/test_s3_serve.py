@@ -10,10 +10,11 @@ import stat
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import S3Servers
 from test_hugepages import hugepages  # noqa: F401  (the fixture)
 
 from conftest import PAGE, make_mem_file, needs_uffd
@@ -55,27 +56,11 @@ def pushed(s3_bucket: str, s3_endpoint: str, mem_file: Path) -> str:
 
 
 @pytest.fixture
-def s3_server(tmp_path: Path, proxy: S3Proxy) -> Iterator[Callable[..., PageServer]]:
+def s3_server(tmp_path: Path, proxy: S3Proxy) -> Iterator[S3Servers]:
     """Page servers on S3 templates, reached through the proxy; closed at the end."""
-    servers: list[PageServer] = []
-
-    def make(url: str, cache_dir: Path | None = None, **kw: object) -> PageServer:
-        cache = ChunkCache(str(cache_dir or tmp_path / "cache"), 1 << 30)
-        kw.setdefault("socket_dir", str(tmp_path))
-        kw.setdefault("workers", 2)
-        server = PageServer(
-            ServerConfig(
-                mem_file_path=url,
-                store=StoreOptions(cache=cache, endpoint_url=proxy.url),
-                **kw,  # type: ignore[arg-type]
-            )
-        )
-        servers.append(server)
-        return server
-
+    make = S3Servers(tmp_path, proxy.url)
     yield make
-    for s in servers:
-        s.close()
+    make.close()
 
 
 def chunk_gets(proxy: S3Proxy) -> dict[str, int]:

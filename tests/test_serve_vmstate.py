@@ -9,7 +9,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from test_takeover_serve import PAGEFORK, Serve
+from procs import PAGEFORK, Serve
 
 from conftest import S3_ENV, needs_uffd
 

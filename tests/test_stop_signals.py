@@ -8,18 +8,15 @@ the daemon running with the stop pending.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import platform
-import select
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import PAGEFORK, DaemonProc, Proc, exited
 
 from conftest import PAGE, needs_uffd
 from pagefork.daemon.client import DaemonClient
@@ -27,13 +24,6 @@ from pagefork.signals import POSTED, SignalInbox
 
 _SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
 _libc = ctypes.CDLL(None, use_errno=True)
-
-PAGEFORK = [
-    sys.executable,
-    "-c",
-    "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-    "from pagefork.cli import main; sys.exit(main(sys.argv[1:]))",
-]
 
 
 def tgkill(pid: int, tid: int, sig: int) -> None:
@@ -49,18 +39,6 @@ def other_thread(pid: int) -> int:
     tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
     assert tids, f"process {pid} runs one thread only"
     return tids[0]
-
-
-def exited(pid: int, timeout: float) -> bool:
-    """Whether process ``pid`` (not necessarily our child) exits within ``timeout``."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 # --- the inbox itself ------------------------------------------------------------------------
@@ -116,47 +94,6 @@ def test_an_ignored_sighup_stays_ignored_and_handlers_are_restored() -> None:
 # --- serve ----------------------------------------------------------------------------------
 
 
-class Proc:
-    """A pagefork child process whose stdout events are collected."""
-
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.events: list[dict[str, Any]] = []
-        self.errors: list[str] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
-
-    def _pump(self, stream: Any, events: bool) -> None:
-        for line in stream:
-            with self._cond:
-                (self.events.append(json.loads(line)) if events else self.errors.append(line))
-                self._cond.notify_all()
-
-    def wait_for(self, event: str, timeout: float = 60) -> dict[str, Any]:
-        with self._cond:
-            ok = self._cond.wait_for(lambda: any(e["event"] == event for e in self.events), timeout)
-        assert ok, f"no {event}; got {self.events}; stderr {self.errors}"
-        return next(e for e in self.events if e["event"] == event)
-
-    def wait_err(self, text: str, timeout: float = 60) -> None:
-        with self._cond:
-            ok = self._cond.wait_for(lambda: any(text in line for line in self.errors), timeout)
-        assert ok, f"no {text!r} on stderr; got {self.errors}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
-
-
 @needs_uffd
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_serve_stops_on_a_signal_taken_by_a_thread_other_than_main(
@@ -206,11 +143,7 @@ def test_workers_ignore_a_stop_sent_to_the_process_group_and_are_not_replaced(
 
 
 def _daemon(state: Path, control: Path, *extra: str, env: dict[str, str] | None = None) -> Proc:
-    return Proc(
-        [*PAGEFORK, "daemon", "--state-dir", str(state), "--control", str(control),
-         "--socket-dir", str(control.parent / "forks"), "--workers", "1", *extra],
-        env=env,
-    )  # fmt: skip
+    return DaemonProc(state, control, *extra, env=env, workers=1)
 
 
 def _children(pid: int) -> list[int]:

@@ -9,23 +9,23 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import S3Servers
 
 from conftest import PAGE, needs_uffd
 from pagefork.errors import PrefetchError, StoreError
 from pagefork.hotpages import HotPageList, decode, encode
 from pagefork.prefetch import plan_hot_set
 from pagefork.regions import Region
-from pagefork.server import PageServer, ServerConfig
 from pagefork.store import lazy as lazy_mod
 from pagefork.store.cache import ChunkCache
 from pagefork.store.client import get_bytes, make_client, put_bytes
 from pagefork.store.hotpack import RANGES, _ranges, hot_file_pages
 from pagefork.store.layout import HotPack, Manifest, parse_manifest, parse_s3_url, sha256
-from pagefork.store.lazy import LazyTemplate, StoreOptions
+from pagefork.store.lazy import LazyTemplate
 from pagefork.store.push import push
 from pagefork.testing.s3proxy import S3Proxy
 
@@ -71,26 +71,10 @@ def packed(s3_bucket: str, s3_endpoint: str, mem_file: Path, tmp_path: Path) -> 
 
 
 @pytest.fixture
-def s3_server(tmp_path: Path, proxy: S3Proxy) -> Iterator[Callable[..., PageServer]]:
-    servers: list[PageServer] = []
-
-    def make(url: str, **kw: object) -> PageServer:
-        cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
-        kw.setdefault("socket_dir", str(tmp_path))
-        kw.setdefault("workers", 2)
-        server = PageServer(
-            ServerConfig(
-                mem_file_path=url,
-                store=StoreOptions(cache=cache, endpoint_url=proxy.url),
-                **kw,  # type: ignore[arg-type]
-            )
-        )
-        servers.append(server)
-        return server
-
+def s3_server(tmp_path: Path, proxy: S3Proxy) -> Iterator[S3Servers]:
+    make = S3Servers(tmp_path, proxy.url)
     yield make
-    for s in servers:
-        s.close()
+    make.close()
 
 
 def manifest_of(url: str) -> Manifest:

@@ -13,8 +13,19 @@ import socket
 import stat
 from pathlib import Path
 
-from test_orphans import exited, kill, rendezvous
-from test_takeover_serve import ALL_PAGES, Serve, args_for, go_on
+from procs import (
+    ALL_PAGES,
+    PAGEFORK,
+    DaemonProc,
+    Serve,
+    args_for,
+    exited,
+    go_on,
+    kill,
+    rendezvous,
+    serve_with_guests,
+)
+from test_takeover_daemon import setup_forks
 
 from conftest import needs_uffd
 
@@ -33,11 +44,7 @@ def test_two_serves_restarted_at_once_one_adopts_and_the_other_names_the_holder(
     short_dir: Path, mem_file: Path, vmms
 ) -> None:
     sock = short_dir / "h.sock"
-    old = Serve(*args_for(sock, mem_file))
-    old.wait_for("listening")
-    guests = [vmms(str(sock)) for _ in range(2)]
-    for g in guests:
-        assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    old, guests = serve_with_guests(sock, mem_file, vmms, 2)
     kill(old)
     # The first restart holds the lock and is in the middle of adopting the orphans.
     first = Serve(*args_for(sock, mem_file), env={"PAGEFORK_TAKEOVER_PAUSE_AT": "hello"})
@@ -108,10 +115,7 @@ def test_a_silent_peer_on_the_rendezvous_does_not_hold_the_adoption(
     short_dir: Path, mem_file: Path, vmms
 ) -> None:
     sock = short_dir / "h.sock"
-    old = Serve(*args_for(sock, mem_file, "--workers", "1"))
-    old.wait_for("listening")
-    guest = vmms(str(sock))
-    assert guest.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    old, (guest,) = serve_with_guests(sock, mem_file, vmms, 1, "--workers", "1")
     (worker,) = kill(old)
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.connect(f"{sock}.takeover.orphan.{worker}")  # and says nothing
@@ -140,11 +144,7 @@ def test_a_stop_during_adoption_adopts_every_orphan_then_stops_them_all(
     short_dir: Path, mem_file: Path, vmms
 ) -> None:
     sock = short_dir / "h.sock"
-    old = Serve(*args_for(sock, mem_file))
-    old.wait_for("listening")
-    guests = [vmms(str(sock)) for _ in range(2)]
-    for g in guests:
-        assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    old, _guests = serve_with_guests(sock, mem_file, vmms, 2)
     workers = kill(old)
     assert len(rendezvous(sock)) >= 2  # one orphaned worker per fork
     new = Serve(*args_for(sock, mem_file), env={"PAGEFORK_TAKEOVER_PAUSE_AT": "hello"})
@@ -169,8 +169,6 @@ def test_a_stop_during_adoption_adopts_every_orphan_then_stops_them_all(
 def test_a_daemon_fork_whose_vmm_never_connected_is_reported_lost_on_restart(
     tmp_path: Path, short_dir: Path, mem_file: Path, vmms
 ) -> None:
-    from test_takeover_daemon import DaemonProc, setup_forks
-
     control = short_dir / "c.sock"
     old = DaemonProc(tmp_path / "state", control)
     old.wait_for("listening")
@@ -197,8 +195,6 @@ def test_a_symlink_at_the_daemon_lock_is_refused_and_its_target_untouched(
 ) -> None:
     import subprocess
 
-    from test_takeover_serve import PAGEFORK
-
     state = tmp_path / "state"
     state.mkdir()
     target = tmp_path / "precious"
@@ -221,8 +217,6 @@ def test_a_symlink_at_the_daemon_lock_is_refused_and_its_target_untouched(
 def test_a_stop_during_a_daemons_adoption_adopts_every_orphan_then_stops(
     tmp_path: Path, short_dir: Path, mem_file: Path, vmms
 ) -> None:
-    from test_takeover_daemon import DaemonProc, setup_forks
-
     control = short_dir / "c.sock"
     old = DaemonProc(tmp_path / "state", control)
     old.wait_for("listening")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import ALL_PAGES, PAGEFORK, DaemonProc, exited, go_on
 
 from conftest import PAGE, needs_kvm, needs_uffd
 from pagefork.daemon.client import DaemonClient
@@ -27,54 +28,6 @@ from pagefork.vmm.base import AdoptedProcess, RestoreRequest, VmmDriver, VmmHand
 from pagefork.vmm.firecracker import create_snapshot
 from pagefork.vmm.kvm.driver import KvmDriver
 from pagefork.vmm.kvm.template import TemplateSpec, build_template
-
-PAGEFORK = [
-    sys.executable,
-    "-c",
-    "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-    "from pagefork.cli import main; sys.exit(main(sys.argv[1:]))",
-]
-ALL_PAGES = 3072
-
-
-class DaemonProc:
-    """A ``pagefork daemon`` child; its stdout events and stderr lines are collected."""
-
-    def __init__(self, state: Path, control: Path, *extra: str, env: dict[str, str] | None = None):
-        self.proc = subprocess.Popen(
-            [*PAGEFORK, "daemon", "--state-dir", str(state), "--control", str(control),
-             "--socket-dir", str(control.parent / "forks"), "--workers", "2", *extra],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )  # fmt: skip
-        self.events: list[dict[str, Any]] = []
-        self.errors: list[str] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
-
-    def _pump(self, stream: Any, events: bool) -> None:
-        for line in stream:
-            with self._cond:
-                if events:
-                    self.events.append(json.loads(line))
-                else:
-                    self.errors.append(line)
-                self._cond.notify_all()
-
-    def wait_for(self, event: str, timeout: float = 60) -> dict[str, Any]:
-        with self._cond:
-            ok = self._cond.wait_for(lambda: any(e["event"] == event for e in self.events), timeout)
-        assert ok, f"no {event}; got {self.events}; stderr {self.errors}"
-        return next(e for e in self.events if e["event"] == event)
-
-    def wait_err(self, text: str, timeout: float = 60) -> None:
-        with self._cond:
-            ok = self._cond.wait_for(lambda: any(text in line for line in self.errors), timeout)
-        assert ok, f"no {text!r} on stderr; got {self.errors}"
 
 
 class Poller:
@@ -115,13 +68,6 @@ class Poller:
         self.thread.join(60)
 
 
-def go_on(proc: subprocess.Popen[str]) -> None:
-    """Let a process paused by PAGEFORK_TAKEOVER_PAUSE_AT go on."""
-    assert proc.stdin is not None
-    proc.stdin.write("\n")
-    proc.stdin.flush()
-
-
 def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
     t = threading.Thread(
         target=lambda: out.append(
@@ -147,16 +93,7 @@ def setup_forks(control: Path, mem_file: Path, tmp_path: Path, vmms, n: int = 3)
 
 def _gone(pid: int) -> None:
     """Wait until process ``pid`` (not our child) has exited."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        assert poller.poll(60_000), f"pid {pid} still runs"
-    finally:
-        os.close(fd)
+    assert exited(pid, 60), f"pid {pid} still runs"
 
 
 @needs_uffd

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,71 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import ALL_PAGES, PAGEFORK, Serve, args_for, go_on, serve_with_guests
 
 from conftest import PAGE, needs_uffd
 from pagefork.hotpages import load
 from pagefork.takeover.protocol import Channel, TakeoverError
-
-PAGEFORK = [
-    sys.executable,
-    "-c",
-    "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-    "from pagefork.cli import main; sys.exit(main(sys.argv[1:]))",
-]
-ALL_PAGES = 3072  # the 8M + 4M guest of the vmms fixture
-
-
-class Serve:
-    """A ``pagefork serve`` child; its stdout events and stderr lines are collected."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [*PAGEFORK, "serve", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.events: list[dict[str, Any]] = []
-        self.errors: list[str] = []
-        self._cond = threading.Condition()
-        #: Set once every writer of its stderr (its workers too) has closed it.
-        self.stderr_closed = threading.Event()
-        threading.Thread(target=self._read_out, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
-
-    def _read_out(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.events.append({**json.loads(line), "_at": time.monotonic()})
-                self._cond.notify_all()
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._cond:
-                self.errors.append(line)
-                self._cond.notify_all()
-        self.stderr_closed.set()
-
-    def wait_for(self, event: str, count: int = 1, timeout: float = 30) -> list[dict[str, Any]]:
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: len([e for e in self.events if e["event"] == event]) >= count, timeout
-            )
-        assert ok, f"no {count} {event} events; got {self.events}; stderr {self.errors}"
-        return [e for e in self.events if e["event"] == event]
-
-    def wait_err(self, text: str, timeout: float = 30) -> None:
-        with self._cond:
-            ok = self._cond.wait_for(lambda: any(text in line for line in self.errors), timeout)
-        assert ok, f"no {text!r} on stderr; got {self.errors}"
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
 
 
 def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
@@ -91,17 +30,6 @@ def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
-
-
-def go_on(proc: subprocess.Popen[str]) -> None:
-    """Let a process paused by PAGEFORK_TAKEOVER_PAUSE_AT go on."""
-    assert proc.stdin is not None
-    proc.stdin.write("\n")
-    proc.stdin.flush()
-
-
-def args_for(sock: Path, mem_file: Path, *extra: str) -> list[str]:
-    return ["--mem-file", str(mem_file), "--socket", str(sock), "--workers", "2", *extra]
 
 
 @needs_uffd
@@ -370,11 +298,7 @@ def test_old_side_killed_after_handing_over_the_state_new_side_keeps_every_fork(
     short_dir: Path, mem_file: Path, vmms, step: str
 ) -> None:
     sock = short_dir / "h.sock"
-    old = Serve(*args_for(sock, mem_file))
-    old.wait_for("listening")
-    guests = [vmms(str(sock)) for _ in range(2)]
-    for g in guests:
-        assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    old, guests = serve_with_guests(sock, mem_file, vmms, 2)
     new = Serve(*args_for(sock, mem_file, "--takeover"), env={"PAGEFORK_TAKEOVER_PAUSE_AT": step})
     new.wait_err(f"takeover: paused at {step}")
     old.proc.kill()  # it sent every fork: this side is the only one left to serve them

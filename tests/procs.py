@@ -1,0 +1,232 @@
+"""Real ``pagefork`` child processes for the tests, and what the tests do with them.
+
+``Serve`` runs ``pagefork serve``, ``Proc`` any ``pagefork`` command and ``DaemonProc``
+``pagefork daemon``; each collects its child's stdout events (one JSON object a line) and stderr
+lines on threads of its own and waits on them with a timeout. ``S3Servers`` makes page servers
+on templates in S3-compatible storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pagefork.server import PageServer, ServerConfig
+from pagefork.store.cache import ChunkCache
+from pagefork.store.lazy import StoreOptions
+
+#: ``pagefork`` as a command, with SIGHUP at its default (a test's parent may ignore it).
+PAGEFORK = [
+    sys.executable,
+    "-c",
+    "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "from pagefork.cli import main; sys.exit(main(sys.argv[1:]))",
+]
+ALL_PAGES = 3072  # the 8M + 4M guest of the vmms fixture
+
+
+def _spawn(argv: list[str], env: dict[str, str] | None) -> subprocess.Popen[str]:
+    """``argv`` as a child with every standard stream a text pipe, ``env`` added to ours."""
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+class Serve:
+    """A ``pagefork serve`` child; its stdout events and stderr lines are collected."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = _spawn([*PAGEFORK, "serve", *args], env)
+        self.events: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self._cond = threading.Condition()
+        #: Set once every writer of its stderr (its workers too) has closed it.
+        self.stderr_closed = threading.Event()
+        threading.Thread(target=self._read_out, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read_out(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.events.append({**json.loads(line), "_at": time.monotonic()})
+                self._cond.notify_all()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.errors.append(line)
+                self._cond.notify_all()
+        self.stderr_closed.set()
+
+    def wait_for(self, event: str, count: int = 1, timeout: float = 30) -> list[dict[str, Any]]:
+        """Wait until ``count`` ``event`` events have come; every one of them so far."""
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: len([e for e in self.events if e["event"] == event]) >= count, timeout
+            )
+        assert ok, f"no {count} {event} events; got {self.events}; stderr {self.errors}"
+        return [e for e in self.events if e["event"] == event]
+
+    def wait_err(self, text: str, timeout: float = 30) -> None:
+        """Wait until a stderr line holds ``text``."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: any(text in line for line in self.errors), timeout)
+        assert ok, f"no {text!r} on stderr; got {self.errors}"
+
+    def stop(self) -> int:
+        """SIGTERM it; its exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+class Proc:
+    """A pagefork child process whose stdout events are collected."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = _spawn(argv, env)
+        self.events: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
+
+    def _pump(self, stream: Any, events: bool) -> None:
+        for line in stream:
+            with self._cond:
+                if events:
+                    self.events.append(json.loads(line))
+                else:
+                    self.errors.append(line)
+                self._cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float = 60) -> dict[str, Any]:
+        """Wait for the first ``event`` event; it."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: any(e["event"] == event for e in self.events), timeout)
+        assert ok, f"no {event}; got {self.events}; stderr {self.errors}"
+        return next(e for e in self.events if e["event"] == event)
+
+    def wait_err(self, text: str, timeout: float = 60) -> None:
+        """Wait until a stderr line holds ``text``."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: any(text in line for line in self.errors), timeout)
+        assert ok, f"no {text!r} on stderr; got {self.errors}"
+
+    def kill(self) -> None:
+        """SIGKILL it if it still runs, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+class DaemonProc(Proc):
+    """A ``pagefork daemon`` child with its fork sockets beside ``control``."""
+
+    def __init__(
+        self,
+        state: Path,
+        control: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        workers: int = 2,
+    ) -> None:
+        super().__init__(
+            [*PAGEFORK, "daemon", "--state-dir", str(state), "--control", str(control),
+             "--socket-dir", str(control.parent / "forks"), "--workers", str(workers), *extra],
+            env=env,
+        )  # fmt: skip
+
+
+def go_on(proc: subprocess.Popen[str]) -> None:
+    """Let a process paused by PAGEFORK_TAKEOVER_PAUSE_AT go on."""
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+
+
+def args_for(sock: Path, mem_file: Path, *extra: str) -> list[str]:
+    """``pagefork serve``'s arguments: ``mem_file`` on ``sock`` with 2 workers, then ``extra``."""
+    return ["--mem-file", str(mem_file), "--socket", str(sock), "--workers", "2", *extra]
+
+
+def serve_with_guests(
+    sock: Path, mem_file: Path, vmms: Any, n: int, *extra: str
+) -> tuple[Serve, list[Any]]:
+    """A listening serve on ``sock`` (``args_for`` with ``extra``) with ``n`` guests that have
+    each faulted one page."""
+    serve = Serve(*args_for(sock, mem_file, *extra))
+    serve.wait_for("listening")
+    guests = [vmms(str(sock)) for _ in range(n)]
+    for g in guests:
+        assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    return serve, guests
+
+
+def exited(pid: int, timeout: float) -> bool:
+    """True once process ``pid`` (not our child) has exited, waiting up to ``timeout``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(int(timeout * 1000)))
+    finally:
+        os.close(fd)
+
+
+def kill(serve: Serve) -> list[int]:
+    """SIGKILL a serve; its worker pids."""
+    workers: list[int] = serve.wait_for("listening")[0]["worker_pids"]
+    serve.proc.kill()
+    assert serve.proc.wait(30) == -signal.SIGKILL
+    return workers
+
+
+def rendezvous(sock: Path) -> list[str]:
+    """The names of the orphaned workers' rendezvous sockets beside ``sock``."""
+    return sorted(p.name for p in sock.parent.iterdir() if ".orphan." in p.name)
+
+
+class S3Servers:
+    """Makes page servers on S3 templates, reached through ``endpoint_url``; ``close`` closes
+    them all."""
+
+    def __init__(self, tmp_path: Path, endpoint_url: str) -> None:
+        self.tmp_path = tmp_path
+        self.endpoint_url = endpoint_url
+        self.servers: list[PageServer] = []
+
+    def __call__(self, url: str, cache_dir: Path | None = None, **kw: object) -> PageServer:
+        cache = ChunkCache(str(cache_dir or self.tmp_path / "cache"), 1 << 30)
+        kw.setdefault("socket_dir", str(self.tmp_path))
+        kw.setdefault("workers", 2)
+        server = PageServer(
+            ServerConfig(
+                mem_file_path=url,
+                store=StoreOptions(cache=cache, endpoint_url=self.endpoint_url),
+                **kw,  # type: ignore[arg-type]
+            )
+        )
+        self.servers.append(server)
+        return server
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
