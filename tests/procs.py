@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from conftest import PAGE
+from pagefork.daemon.client import DaemonClient
 from pagefork.server import PageServer, ServerConfig
 from pagefork.store.cache import ChunkCache
 from pagefork.store.lazy import StoreOptions
@@ -175,6 +177,34 @@ def serve_with_guests(
     for g in guests:
         assert g.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
     return serve, guests
+
+
+def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
+    """Touch every page of ``vmm`` from 4 threads in random order; the reply goes to ``out``."""
+
+    def run() -> None:
+        reply = vmm.send(cmd="touch", all=True, order="random", seed=seed, threads=4)
+        out.append({**reply, "_at": time.monotonic()})
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def setup_forks(
+    control: Path, mem_file: Path, tmp_path: Path, vmms: Any, n: int = 3
+) -> tuple[DaemonClient, list[dict[str, Any]], list[Any]]:
+    """Template "t" (``mem_file``) on the daemon at ``control`` and forks f0.. of it, each with
+    a guest that has faulted two pages: a client, the forks and the guests."""
+    client = DaemonClient(str(control), timeout=60)
+    snap = tmp_path / "t.snap"
+    snap.write_bytes(b"state")
+    client.create_template("t", "firecracker", mem_file=str(mem_file), snapshot_path=str(snap))
+    forks = [client.create_fork("t", f"f{i}") for i in range(n)]
+    guests = [vmms(f["socket"]) for f in forks]
+    for g in guests:
+        assert g.send(cmd="touch", pages=[[0, 0], [1, PAGE]])["bad"] == 0
+    return client, forks, guests
 
 
 def exited(pid: int, timeout: float) -> bool:

@@ -25,9 +25,9 @@ from procs import (
     kill,
     rendezvous,
     serve_with_guests,
+    setup_forks,
+    storm,
 )
-from test_takeover_daemon import setup_forks
-from test_takeover_serve import storm
 
 from conftest import PAGE, needs_uffd
 from pagefork.hotpages import load

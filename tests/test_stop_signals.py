@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import PAGEFORK, DaemonProc, Proc, exited
+from procs import PAGEFORK, DaemonProc, Proc, exited, setup_forks
 
-from conftest import PAGE, needs_uffd
-from pagefork.daemon.client import DaemonClient
+from conftest import needs_uffd
 from pagefork.signals import POSTED, SignalInbox
 
 _SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
@@ -155,13 +154,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _one_fork(control: Path, mem_file: Path, tmp_path: Path, vmms: Any) -> Any:
-    client = DaemonClient(str(control), timeout=60)
-    snap = tmp_path / "t.snap"
-    snap.write_bytes(b"state")
-    client.create_template("t", "firecracker", mem_file=str(mem_file), snapshot_path=str(snap))
-    fork = client.create_fork("t", "f0")
-    guest = vmms(fork["socket"])
-    assert guest.send(cmd="touch", pages=[[0, 0], [1, PAGE]])["bad"] == 0
+    (guest,) = setup_forks(control, mem_file, tmp_path, vmms, n=1)[2]
     return guest
 
 

@@ -24,8 +24,8 @@ from procs import (
     kill,
     rendezvous,
     serve_with_guests,
+    setup_forks,
 )
-from test_takeover_daemon import setup_forks
 
 from conftest import needs_uffd
 

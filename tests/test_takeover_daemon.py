@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import ALL_PAGES, PAGEFORK, DaemonProc, exited, go_on
+from procs import ALL_PAGES, PAGEFORK, DaemonProc, exited, go_on, setup_forks
 
 from conftest import PAGE, needs_kvm, needs_uffd
 from pagefork.daemon.client import DaemonClient
@@ -77,18 +77,6 @@ def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
     )
     t.start()
     return t
-
-
-def setup_forks(control: Path, mem_file: Path, tmp_path: Path, vmms, n: int = 3):
-    client = DaemonClient(str(control), timeout=60)
-    snap = tmp_path / "t.snap"
-    snap.write_bytes(b"state")
-    client.create_template("t", "firecracker", mem_file=str(mem_file), snapshot_path=str(snap))
-    forks = [client.create_fork("t", f"f{i}") for i in range(n)]
-    guests = [vmms(f["socket"]) for f in forks]
-    for g in guests:
-        assert g.send(cmd="touch", pages=[[0, 0], [1, PAGE]])["bad"] == 0
-    return client, forks, guests
 
 
 def _gone(pid: int) -> None:

@@ -7,29 +7,16 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import ALL_PAGES, PAGEFORK, Serve, args_for, go_on, serve_with_guests
+from procs import ALL_PAGES, PAGEFORK, Serve, args_for, go_on, serve_with_guests, storm
 
 from conftest import PAGE, needs_uffd
 from pagefork.hotpages import load
 from pagefork.takeover.protocol import Channel, TakeoverError
-
-
-def storm(vmm: Any, out: list[dict[str, Any]], seed: int) -> threading.Thread:
-    """Touch every page of ``vmm`` from 4 threads in random order; the reply goes to ``out``."""
-
-    def run() -> None:
-        reply = vmm.send(cmd="touch", all=True, order="random", seed=seed, threads=4)
-        out.append({**reply, "_at": time.monotonic()})
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 @needs_uffd
