@@ -3,7 +3,7 @@
 ``Serve`` runs ``pagefork serve``, ``Proc`` any ``pagefork`` command and ``DaemonProc``
 ``pagefork daemon``; each collects its child's stdout events (one JSON object a line) and stderr
 lines on threads of its own and waits on them with a timeout. ``S3Servers`` makes page servers
-on templates in S3-compatible storage.
+on templates in S3-compatible storage, and the fixtures at the end serve the S3 test modules.
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from conftest import PAGE
 from pagefork.daemon.client import DaemonClient
 from pagefork.server import PageServer, ServerConfig
 from pagefork.store.cache import ChunkCache
 from pagefork.store.lazy import StoreOptions
+from pagefork.testing.s3proxy import S3Proxy
 
 #: ``pagefork`` as a command, with SIGHUP at its default (a test's parent may ignore it).
 PAGEFORK = [
@@ -260,3 +264,29 @@ class S3Servers:
     def close(self) -> None:
         for s in self.servers:
             s.close()
+
+
+# Fixtures for the S3 test modules, which import them: an imported fixture serves (and an autouse
+# one applies to) the importing module alone. Named apart from their fixture names so that a
+# test's parameter never redefines the imported name.
+
+
+@pytest.fixture(name="_endpoint", autouse=True)
+def s3_env_fixture(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients made without an endpoint reach the test's S3 server (AWS_ENDPOINT_URL)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+
+
+@pytest.fixture(name="proxy")
+def proxy_fixture(s3_endpoint: str) -> Iterator[S3Proxy]:
+    """The fault-injecting proxy in front of the test's S3 server."""
+    with S3Proxy(s3_endpoint) as p:
+        yield p
+
+
+@pytest.fixture(name="s3_server")
+def s3_server_fixture(tmp_path: Path, proxy: S3Proxy) -> Iterator[S3Servers]:
+    """Page servers on S3 templates, reached through the proxy; closed at the end."""
+    make = S3Servers(tmp_path, proxy.url)
+    yield make
+    make.close()

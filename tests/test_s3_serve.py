@@ -10,11 +10,10 @@ import stat
 import threading
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import S3Servers
+from procs import proxy_fixture, s3_env_fixture, s3_server_fixture  # noqa: F401
 from test_hugepages import hugepages  # noqa: F401  (the fixture)
 
 from conftest import PAGE, make_mem_file, needs_uffd
@@ -35,32 +34,12 @@ MIB = 1 << 20
 CHUNK = 1 * MIB  # 12 chunks in the 12 MiB test template
 
 
-@pytest.fixture(autouse=True)
-def _endpoint(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Clients made without an endpoint reach the test's S3 server (AWS_ENDPOINT_URL)."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-
-
-@pytest.fixture
-def proxy(s3_endpoint: str) -> Iterator[S3Proxy]:
-    with S3Proxy(s3_endpoint) as p:
-        yield p
-
-
 @pytest.fixture
 def pushed(s3_bucket: str, s3_endpoint: str, mem_file: Path) -> str:
     """The test's mem-file pushed to the test's bucket; its URL."""
     url = f"s3://{s3_bucket}/tmpl"
     push(parse_s3_url(url), str(mem_file), make_client(s3_endpoint), chunk_size=CHUNK)
     return url
-
-
-@pytest.fixture
-def s3_server(tmp_path: Path, proxy: S3Proxy) -> Iterator[S3Servers]:
-    """Page servers on S3 templates, reached through the proxy; closed at the end."""
-    make = S3Servers(tmp_path, proxy.url)
-    yield make
-    make.close()
 
 
 def chunk_gets(proxy: S3Proxy) -> dict[str, int]:

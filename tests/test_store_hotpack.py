@@ -9,11 +9,10 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import S3Servers
+from procs import proxy_fixture, s3_env_fixture, s3_server_fixture  # noqa: F401
 
 from conftest import PAGE, needs_uffd
 from pagefork.errors import PrefetchError, StoreError
@@ -43,17 +42,6 @@ def hot_pages() -> list[tuple[int, int]]:
     return pages  # page i is zero when i % 4 == 0: none of these is
 
 
-@pytest.fixture(autouse=True)
-def _endpoint(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-
-
-@pytest.fixture
-def proxy(s3_endpoint: str) -> Iterator[S3Proxy]:
-    with S3Proxy(s3_endpoint) as p:
-        yield p
-
-
 @pytest.fixture
 def packed(s3_bucket: str, s3_endpoint: str, mem_file: Path, tmp_path: Path) -> str:
     """The test's mem-file pushed with the hot set (so with a hot pack); its URL."""
@@ -68,13 +56,6 @@ def packed(s3_bucket: str, s3_endpoint: str, mem_file: Path, tmp_path: Path) -> 
         hot_pages=str(hpl),
     )
     return url
-
-
-@pytest.fixture
-def s3_server(tmp_path: Path, proxy: S3Proxy) -> Iterator[S3Servers]:
-    make = S3Servers(tmp_path, proxy.url)
-    yield make
-    make.close()
 
 
 def manifest_of(url: str) -> Manifest:
