@@ -29,7 +29,8 @@ from pagefork.store.cache import ChunkCache
 from pagefork.store.lazy import StoreOptions
 from pagefork.testing.s3proxy import S3Proxy
 
-#: ``pagefork`` as a command, with SIGHUP at its default (a test's parent may ignore it).
+#: ``pagefork`` with SIGHUP at its default disposition, whatever this test run inherited
+#: (serve keeps an ignored SIGHUP ignored, as nohup asks).
 PAGEFORK = [
     sys.executable,
     "-c",

@@ -13,20 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import PAGEFORK
 
 from conftest import PAGE, needs_uffd
 from pagefork.errors import PageforkError
 from pagefork.hotpages import HotPage, load
 from pagefork.server import PageServer, ServerConfig
-
-#: ``pagefork`` with SIGHUP at its default disposition, whatever this test run inherited
-#: (serve keeps an ignored SIGHUP ignored, as nohup asks).
-PAGEFORK = [
-    sys.executable,
-    "-c",
-    "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-    "from pagefork.cli import main; sys.exit(main(sys.argv[1:]))",
-]
 
 
 class Serve:

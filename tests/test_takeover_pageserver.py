@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import ALL_PAGES
 
 from conftest import PAGE, needs_uffd
 from pagefork.takeover import pageserver
 from pagefork.takeover.protocol import TakeoverError
-
-ALL_PAGES = 3072
 
 
 @needs_uffd
