@@ -7,6 +7,7 @@ fails, and checks that it did.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -40,6 +41,18 @@ from pagefork.vmm.kvm.template import MEM_FILE, Template, TemplateSpec, build_te
 from pagefork.vmm.kvm.trace import TraceSpec
 
 needs_ksm = pytest.mark.skipif(not ksm.available(), reason="this kernel has no KSM")
+
+
+@pytest.fixture(autouse=True)
+def _host_ksm_lock() -> Iterator[None]:
+    # KSM's settings are the host's: two test runs on one host (two CI jobs) take turns at
+    # them, or one would see the other's settings as its own "found" values.
+    fd = os.open("/tmp/pagefork-tests-ksm.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
