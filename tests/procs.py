@@ -239,6 +239,18 @@ def rendezvous(sock: Path) -> list[str]:
     return sorted(p.name for p in sock.parent.iterdir() if ".orphan." in p.name)
 
 
+def orphans(sock: Path, workers: list[int], timeout: float = 30.0) -> list[str]:
+    """The rendezvous sockets beside ``sock`` once only ``workers``' are left: the spare (a
+    worker with no fork) removes its own when it sees its supervisor gone, a moment later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        names = rendezvous(sock)
+        if all(int(n.rpartition(".")[2]) in workers for n in names):
+            return names
+        assert time.monotonic() < deadline, f"the spare's rendezvous stays: {names}"
+        time.sleep(0.01)
+
+
 class S3Servers:
     """Makes page servers on S3 templates, reached through ``endpoint_url``; ``close`` closes
     them all."""

@@ -9,7 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-from procs import ALL_PAGES, Serve, args_for, kill, rendezvous, serve_with_guests
+from procs import ALL_PAGES, Serve, args_for, kill, orphans, rendezvous, serve_with_guests
 
 from conftest import needs_uffd
 
@@ -20,8 +20,7 @@ def test_socket_held_by_another_process_no_orphan_is_adopted_and_ended(
 ) -> None:
     sock = short_dir / "h.sock"
     old, guests = serve_with_guests(sock, mem_file, vmms, 2)
-    kill(old)
-    waiting = rendezvous(sock)
+    waiting = orphans(sock, kill(old))
     assert len(waiting) == 2
     # Another process (a second supervisor started at the same time, say) holds the socket.
     os.unlink(sock)

@@ -23,6 +23,7 @@ from procs import (
     exited,
     go_on,
     kill,
+    orphans,
     rendezvous,
     serve_with_guests,
     setup_forks,
@@ -55,7 +56,7 @@ def test_serve_killed_mid_storm_forks_are_served_on_and_adopted(
     assert old.proc.poll() is not None
     assert [r["bad"] for r in replies] == [0] * 6
     assert sum(r["touched"] for r in replies) == 3 * ALL_PAGES
-    assert len(rendezvous(sock)) == 2  # one per worker that has forks; the spare exited
+    assert len(orphans(sock, workers)) == 2  # one per worker that has forks; the spare exits
     new = Serve(*args_for(sock, mem_file))
     (adopted,) = new.wait_for("adopted")
     assert adopted["forks"] == 3 and adopted["workers"] == 2 and adopted["failed"] == 0
@@ -74,7 +75,7 @@ def test_serve_killed_mid_storm_forks_are_served_on_and_adopted(
     assert sorted(e["faults"] for e in ends) == [ALL_PAGES] * 4
     assert all(e["errors"] == 0 and e["state"] == "ended" for e in ends)
     assert new.stop() == 0
-    assert rendezvous(sock) == []
+    assert orphans(sock, []) == []  # the spare, too, removed its own
 
 
 def storm_pages(
@@ -106,7 +107,7 @@ def test_nobody_adopts_in_time_the_vmms_are_killed_and_the_workers_exit(
     for pid in workers:
         assert exited(pid, 30), f"orphaned worker {pid} did not exit"
     old.wait_err("no supervisor adopted it within 0.5s of its supervisor's death; killing VMM")
-    assert rendezvous(sock) == []
+    assert orphans(sock, []) == []  # the spare, too, removed its own
     # The next supervisor finds nothing to adopt and starts clean.
     new = Serve(*args_for(sock, mem_file))
     new.wait_for("listening")
@@ -312,7 +313,7 @@ def test_a_rendezvous_whose_worker_died_too_is_removed_by_the_next_supervisor(
     sock = short_dir / "h.sock"
     old, _ = serve_with_guests(sock, mem_file, vmms, 1, "--workers", "1")
     (worker,) = kill(old)
-    (left,) = rendezvous(sock)
+    (left,) = orphans(sock, [worker])
     assert left == f"h.sock.takeover.orphan.{worker}"
     os.kill(worker, signal.SIGKILL)  # nobody is left to serve the fork: it is lost
     assert exited(worker, 30)
