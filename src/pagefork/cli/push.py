@@ -4,7 +4,9 @@ The mem-file is cut into fixed-size chunks; all-zero chunks are not stored, and 
 chunk is stored once, content-addressed, under the bucket's chunk prefix, so templates that
 share content share chunks and a push uploads only what the bucket lacks (a chunk whose size or
 recorded SHA-256 is wrong is uploaded again; ``--verify`` also reads back and hashes every chunk
-the bucket has, repairing any corrupt one). The manifest goes last. A progress bar shows on
+the bucket has, repairing any corrupt one). With ``--layer`` and ``--parent``, only the top
+layer's own pages are uploaded (one packed object) with a manifest that points to the parent
+template's. The manifest goes last. A progress bar shows on
 stderr when it is a terminal; a summary line (or ``--json``) goes to stdout.
 """
 
@@ -23,13 +25,15 @@ from pagefork.cli.store_options import add_endpoint_argument, check_endpoint_env
 from pagefork.errors import PageforkError
 from pagefork.store.cache import parse_size
 from pagefork.store.client import make_client
+from pagefork.store.layerpush import push_layer
 from pagefork.store.layout import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CHUNKS_PREFIX,
+    S3Url,
     parse_s3_url,
     valid_chunks_prefix,
 )
-from pagefork.store.push import DEFAULT_JOBS, push
+from pagefork.store.push import DEFAULT_JOBS, PushResult, push
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,8 +55,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=[],
         metavar="PATH",
-        help="a layer file over the mem-file (repeat, bottom first): push the layered template "
-        "(a snapshot's chunks that equal its parent's are already stored and not uploaded)",
+        help="a layer file over the mem-file (repeat, bottom first): push the layered template; "
+        "with --parent only the top layer's pages are uploaded",
+    )
+    p.add_argument(
+        "--parent",
+        metavar="s3://BUCKET/PREFIX",
+        help="the template already pushed from the mem-file and the layers below the top one: "
+        "push the top layer alone (its pages, packed) over it, not the whole memory",
     )
     p.add_argument("--hot-pages", metavar="FILE", help="a hot-page file to push with it")
     p.add_argument("--vmstate", metavar="FILE", help="the VM state file to push with it")
@@ -84,6 +94,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "pagefork push s3://my-bucket/templates/web --mem-file snap/mem --vmstate snap/vmstate",
         "pagefork push s3://my-bucket/templates/web --mem-file snap/mem --hot-pages hot.hpl "
         "--endpoint-url http://127.0.0.1:9000",
+        "pagefork push s3://my-bucket/templates/web-warm --mem-file snap/mem --layer warm.layer "
+        "--parent s3://my-bucket/templates/web",
     )
     p.set_defaults(func=run)
 
@@ -129,12 +141,27 @@ def run(args: argparse.Namespace) -> int:
             f"--chunks-prefix {args.chunks_prefix!r} must be a key prefix ending in '/' with no "
             "empty, '.' or '..' part"
         )
+    parent = parse_s3_url(args.parent) if args.parent is not None else None
+    if parent is not None and not args.layer:
+        raise PageforkError("--parent needs the layer to push over it (--layer PATH)")
     check_endpoint_environment()
     client = make_client(args.endpoint_url)
     # stdout keeps the summary (or --json) alone
     bar = push_progress(Console(stderr=True), disable=not sys.stderr.isatty())
     with bar:
         task = bar.add_task(f"push {url}", total=None)
+        if parent is not None:
+            result = push_layer(
+                url,
+                args.mem_file,
+                args.layer,
+                parent,
+                client,
+                hot_pages=args.hot_pages,
+                vmstate=args.vmstate,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+            return _report_layer(args, url, parent, result)
         result = push(
             url,
             args.mem_file,
@@ -169,6 +196,29 @@ def run(args: argparse.Namespace) -> int:
             f"{result.uploaded_chunks} uploaded ({result.uploaded_bytes / (1 << 20):.1f} MiB), "
             f"{result.present_chunks} already in the bucket, {result.zero_chunks} all zero, "
             f"{result.repaired_chunks} repaired, "
+            + (f"hot pack of {result.pack_bytes >> 12} pages, " if result.pack_bytes else "")
+            + f"in {result.seconds:.2f}s"
+        )
+    return 0
+
+
+def _report_layer(args: argparse.Namespace, url: S3Url, parent: S3Url, result: PushResult) -> int:
+    """Print what a layer push uploaded."""
+    doc = {
+        "url": str(url),
+        "parent": str(parent),
+        "size": result.manifest.size,
+        "layer_pages": result.layer_pages,
+        "layer_bytes": result.layer_bytes,
+        "hot_pack_bytes": result.pack_bytes,
+        "seconds": round(result.seconds, 3),
+    }
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(
+            f"pushed layer {url} over {parent}: {result.layer_pages} pages "
+            f"({result.layer_bytes / (1 << 20):.2f} MiB) uploaded, "
             + (f"hot pack of {result.pack_bytes >> 12} pages, " if result.pack_bytes else "")
             + f"in {result.seconds:.2f}s"
         )

@@ -26,6 +26,8 @@ from pagefork.regions import PAGE_SIZE, Region
 from pagefork.store import client as s3
 from pagefork.store.layout import HotPack, S3Url, sha256
 
+#: How a damaged hot pack is repaired (said in the error that fails its forks).
+_REPAIR = "push the template again with its hot pages (pagefork push ... --hot-pages FILE)"
 #: Ranged GETs a pack is fetched in (at most; at least 64 KiB each).
 RANGES = 8
 _MIN_RANGE = 64 << 10
@@ -68,10 +70,14 @@ def hot_file_pages(
 
 
 def build_pack(
-    url: S3Url, pages: Iterable[int], read_page: Callable[[int], bytes], zeros: bytes
+    url: S3Url,
+    pages: Iterable[int],
+    read_page: Callable[[int], bytes],
+    zeros: bytes,
+    name: str = "hot-pack",
 ) -> tuple[HotPack, bytes] | None:
-    """The pack of ``pages`` (zero pages left out) read with ``read_page``, and its bytes;
-    None when no page is left."""
+    """The pack of ``pages`` (zero pages left out) read with ``read_page``, and its bytes
+    (its key ``PREFIX/<name>-<sha256>``); None when no page is left."""
     order = [p for p in pages if not zeros[p]]
     if not order:
         return None
@@ -82,7 +88,7 @@ def build_pack(
     data = b"".join(parts)
     digest = sha256(data)
     pack = HotPack(
-        key=url.key(f"hot-pack-{digest}"),
+        key=url.key(f"{name}-{digest}"),
         sha256=digest,
         pages=tuple(order),
         digests=tuple(hashlib.sha256(part).digest() for part in parts),
@@ -104,10 +110,13 @@ def fetch_pack(
     install: Callable[[int, bytes], None],
     deadline: float,
     on_get: Callable[[int], None],
+    what: str = "hot pack",
+    repair: str = _REPAIR,
 ) -> None:
     """Fetch ``pack`` in parallel ranged GETs on ``pool``; each page, once it matches its
     digest, goes to ``install(page_number, bytes)``. Raises :class:`StoreError` naming the
-    object and how to repair it; a page that does not match is never installed."""
+    object (``what`` and its URL) and how to ``repair`` it; a page that does not match is
+    never installed."""
     where = f"s3://{bucket}/{pack.key}"
 
     def one(first: int, count: int) -> None:
@@ -126,15 +135,12 @@ def fetch_pack(
             except StoreError as exc:
                 text = str(exc)
                 if "no such object" in text:
-                    raise StoreError(
-                        f"hot pack {where} is gone from the bucket: push the template again "
-                        "with its hot pages (pagefork push ... --hot-pages FILE)"
-                    ) from None
+                    raise StoreError(f"{what} {where} is gone from the bucket: {repair}") from None
                 if "InvalidRange" in text:
                     why = "is shorter than its index says (truncated)"
                     on_get(0)
                     continue
-                raise StoreError(f"hot pack {exc}") from None
+                raise StoreError(f"{what} {exc}") from None
             on_get(len(data))
             bad = _first_bad(pack, first, count, data)
             if bad is None:
@@ -142,21 +148,18 @@ def fetch_pack(
                     install(pack.pages[first + i], data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
                 return
             why = bad
-        raise StoreError(
-            f"hot pack {where} {why} (nothing of it was served): push the template again "
-            "with its hot pages (pagefork push ... --hot-pages FILE) to repair it"
-        )
+        raise StoreError(f"{what} {where} {why} (nothing of it was served): {repair}")
 
     futures = [pool.submit(one, first, count) for first, count in _ranges(len(pack.pages))]
     _, pending = concurrent.futures.wait(futures, max(0.0, deadline - time.monotonic()) + 1)
     for fut in pending:
         fut.cancel()
     if pending:
-        raise StoreError(f"hot pack {where}: not fetched within its deadline")
+        raise StoreError(f"{what} {where}: not fetched within its deadline")
     for fut in futures:
         exc = fut.exception()
         if exc is not None:
-            raise exc if isinstance(exc, StoreError) else StoreError(f"hot pack {where}: {exc}")
+            raise exc if isinstance(exc, StoreError) else StoreError(f"{what} {where}: {exc}")
 
 
 def _first_bad(pack: HotPack, first: int, count: int, data: bytes) -> str | None:

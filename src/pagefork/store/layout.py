@@ -15,6 +15,15 @@ A template pushed to ``s3://BUCKET/PREFIX`` is:
   The manifest's ``hot_pack`` names it and holds its index: per packed page its page number in
   the template and its SHA-256 (a page is verified on its own, whatever range brought it).
   A manifest without a pack is written as version 1, so older readers still load it.
+- A *layer* manifest (version 3) describes a template as its parent plus the pages it changed.
+  It names its parent's manifest by key and SHA-256 (``parent``: the parent's pinned
+  ``manifests/<sha256>.json``, in the same bucket), and holds the layer pack
+  (``layer_pack``, ``PREFIX/layer-pack-<sha256>``: the changed pages, in page order, indexed
+  as a hot pack is). It stores no chunk: ``memory_chunks`` lists the SHA-256 of each chunk of
+  the memory it describes (``null`` for an all-zero one) so that a layer pushed over it can
+  check it is the memory below, and ``zero_pages`` is the zero map of that memory. Every page
+  no layer of the chain holds comes from the chunks of the first manifest down the chain that
+  is not a layer (version 1 or 2).
 - ``BUCKET/<chunks_prefix><sha256>``: each chunk, content-addressed. The chunk prefix is the
   same for every template pushed into a bucket (``chunks/`` unless chosen otherwise), so
   templates that share content share chunks, and a push uploads only what the bucket lacks.
@@ -37,6 +46,10 @@ FORMAT = "pagefork-template"
 VERSION = 1
 #: The version of a manifest that names a hot pack; both are read.
 PACK_VERSION = 2
+#: The version of a layer manifest (a parent and the pages changed over it).
+LAYER_VERSION = 3
+#: The versions this code reads; a newer one is refused with a clear error.
+KNOWN_VERSIONS = (VERSION, PACK_VERSION, LAYER_VERSION)
 #: One index entry of a hot pack: the page number (little-endian u64) and its SHA-256.
 PACK_ENTRY = 8 + 32
 #: Chunk size of a push unless chosen otherwise (measured: see bench/bench_s3.py).
@@ -133,6 +146,15 @@ class Blob:
 
 
 @dataclass(frozen=True)
+class ParentRef:
+    """The manifest a layer manifest is laid over: its key (in the same bucket) and the
+    SHA-256 it must have."""
+
+    key: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class HotPack:
     """The hot pack: object ``key`` of ``size`` bytes (SHA-256 ``sha256``), page ``i`` of it
     being template page ``pages[i]``, whose SHA-256 is ``digests[i]`` (raw 32 bytes)."""
@@ -178,11 +200,21 @@ class Manifest:
     hot_pages: Blob | None = None
     vmstate: Blob | None = None
     hot_pack: HotPack | None = None
+    #: Set in a layer manifest (version 3): the manifest below. Its ``chunks`` then describe
+    #: the memory (they are not stored under ``chunks_prefix``).
+    parent: ParentRef | None = None
+    #: A layer manifest's pages changed over the parent (None when it changed none).
+    layer_pack: HotPack | None = None
+
+    @property
+    def is_layer(self) -> bool:
+        """True for a layer manifest: its pages come from its pack and its parent."""
+        return self.parent is not None
 
     def chunk_key(self, index: int) -> str:
         """The object key of chunk ``index`` (which must not be a zero chunk)."""
         sha = self.chunks[index]
-        assert sha is not None
+        assert sha is not None and self.parent is None
         return self.chunks_prefix + sha
 
     def chunk_length(self, index: int) -> int:
@@ -204,26 +236,34 @@ class Manifest:
         def blob(b: Blob | None) -> dict[str, Any] | None:
             return None if b is None else {"key": b.key, "sha256": b.sha256, "size": b.size}
 
-        doc: dict[str, Any] = {
-            "format": FORMAT,
-            "version": VERSION if self.hot_pack is None else PACK_VERSION,
-            "size": self.size,
-            "page_size": self.page_size,
-            "chunk_size": self.chunk_size,
-            "chunks_prefix": self.chunks_prefix,
-            "chunks": list(self.chunks),
-            "zero_pages": base64.b64encode(zlib.compress(self.zero_pages, 9)).decode(),
-            "hot_pages": blob(self.hot_pages),
-            "vmstate": blob(self.vmstate),
-        }
-        if self.hot_pack is not None:
-            pack = self.hot_pack
-            doc["hot_pack"] = {
+        def packed(pack: HotPack) -> dict[str, Any]:
+            return {
                 "key": pack.key,
                 "sha256": pack.sha256,
                 "size": pack.size,
                 "index": base64.b64encode(zlib.compress(pack.index_bytes(), 9)).decode(),
             }
+
+        version = VERSION if self.hot_pack is None else PACK_VERSION
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "version": LAYER_VERSION if self.parent is not None else version,
+            "size": self.size,
+            "page_size": self.page_size,
+            "chunk_size": self.chunk_size,
+        }
+        if self.parent is None:
+            doc["chunks_prefix"] = self.chunks_prefix
+            doc["chunks"] = list(self.chunks)
+        else:
+            doc["parent"] = {"key": self.parent.key, "sha256": self.parent.sha256}
+            doc["memory_chunks"] = list(self.chunks)
+            doc["layer_pack"] = None if self.layer_pack is None else packed(self.layer_pack)
+        doc["zero_pages"] = base64.b64encode(zlib.compress(self.zero_pages, 9)).decode()
+        doc["hot_pages"] = blob(self.hot_pages)
+        doc["vmstate"] = blob(self.vmstate)
+        if self.hot_pack is not None:
+            doc["hot_pack"] = packed(self.hot_pack)
         return json.dumps(doc, indent=1).encode()
 
 
@@ -242,8 +282,14 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise bad(f"not a {FORMAT} manifest")
     version = doc.get("version")
-    if version not in (VERSION, PACK_VERSION) or isinstance(version, bool):
-        raise bad(f"format version {version!r} is not {VERSION} or {PACK_VERSION}")
+    if isinstance(version, int) and not isinstance(version, bool) and version > LAYER_VERSION:
+        raise bad(
+            f"format version {version} is newer than this pagefork reads (1 to "
+            f"{LAYER_VERSION}): upgrade pagefork on this host to serve it"
+        )
+    if version not in KNOWN_VERSIONS or isinstance(version, bool):
+        raise bad(f"format version {version!r} is not one of {KNOWN_VERSIONS}")
+    layer = version == LAYER_VERSION
 
     def integer(name: str, low: int, high: int) -> int:
         value = doc.get(name)
@@ -256,13 +302,14 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     chunk_size = integer("chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
     if chunk_size & (chunk_size - 1):
         raise bad(f"chunk_size {chunk_size} is not a power of two")
-    prefix = doc.get("chunks_prefix")
+    prefix = doc.get("chunks_prefix", DEFAULT_CHUNKS_PREFIX if layer else None)
     if not isinstance(prefix, str) or not valid_chunks_prefix(prefix):
         raise bad(f"chunks_prefix {prefix!r} is not a key prefix")
-    chunks = doc.get("chunks")
+    chunks_name = "memory_chunks" if layer else "chunks"
+    chunks = doc.get(chunks_name)
     nchunks = (size + chunk_size - 1) // chunk_size
     if not isinstance(chunks, list) or len(chunks) != nchunks:
-        raise bad(f"chunks must be a list of {nchunks} entries")
+        raise bad(f"{chunks_name} must be a list of {nchunks} entries")
     for i, sha in enumerate(chunks):
         if sha is not None and not (isinstance(sha, str) and _SHA.fullmatch(sha)):
             raise bad(f"chunk {i}: {sha!r} is neither null nor a hex SHA-256")
@@ -298,8 +345,22 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         return Blob(value["key"], value["sha256"], value["size"])
 
     hot_pack = None
-    if version == PACK_VERSION and doc.get("hot_pack") is not None:
+    if version != VERSION and doc.get("hot_pack") is not None:
         hot_pack = _parse_pack(doc["hot_pack"], npages, zeros, bad)
+    parent = layer_pack = None
+    if layer:
+        ref = doc.get("parent")
+        if (
+            not isinstance(ref, dict)
+            or not isinstance(ref.get("key"), str)
+            or not ref["key"]
+            or not isinstance(ref.get("sha256"), str)
+            or not _SHA.fullmatch(ref["sha256"])
+        ):
+            raise bad("parent must be {key, sha256} (a layer manifest names its parent)")
+        parent = ParentRef(ref["key"], ref["sha256"])
+        if doc.get("layer_pack") is not None:
+            layer_pack = _parse_pack(doc["layer_pack"], npages, zeros, bad, "layer_pack")
     return Manifest(
         size=size,
         chunk_size=chunk_size,
@@ -310,10 +371,12 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         hot_pages=blob("hot_pages"),
         vmstate=blob("vmstate"),
         hot_pack=hot_pack,
+        parent=parent,
+        layer_pack=layer_pack,
     )
 
 
-def _parse_pack(value: Any, npages: int, zeros: bytes, bad: Any) -> HotPack:
+def _parse_pack(value: Any, npages: int, zeros: bytes, bad: Any, name: str = "hot_pack") -> HotPack:
     """The manifest's ``hot_pack``, checked: its pages are distinct, in the template and not
     zero (a zero page is never fetched), and the index matches the object's size."""
     if (
@@ -324,19 +387,19 @@ def _parse_pack(value: Any, npages: int, zeros: bytes, bad: Any) -> HotPack:
         or not isinstance(value.get("size"), int)
         or not isinstance(value.get("index"), str)
     ):
-        raise bad("hot_pack must be {key, sha256, size, index}")
+        raise bad(f"{name} must be {{key, sha256, size, index}}")
     try:
         inflate = zlib.decompressobj()
         limit = npages * PACK_ENTRY + 1
         index = inflate.decompress(base64.b64decode(value["index"], validate=True), limit)
         pages, digests = parse_pack_index(index)
     except (ValueError, TypeError, zlib.error) as exc:
-        raise bad(f"hot_pack index does not decode ({exc})") from None
+        raise bad(f"{name} index does not decode ({exc})") from None
     if len(pages) * PAGE_SIZE != value["size"]:
-        raise bad(f"hot_pack lists {len(pages)} pages but its size is {value['size']}")
+        raise bad(f"{name} lists {len(pages)} pages but its size is {value['size']}")
     if len(set(pages)) != len(pages):
-        raise bad("hot_pack lists a page twice")
+        raise bad(f"{name} lists a page twice")
     for p in pages:
         if p >= npages or zeros[p]:
-            raise bad(f"hot_pack page {p} is outside the template or marked zero")
+            raise bad(f"{name} page {p} is outside the template or marked zero")
     return HotPack(value["key"], value["sha256"], pages, digests)

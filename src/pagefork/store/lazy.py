@@ -31,6 +31,10 @@ from the pack (verified against its own SHA-256). A worker's fault on such a pag
 once, though its chunk is not in; a prefetch fetches the pack and only the chunks of hot pages
 the pack lacks; and a chunk fetched later writes only the pages not already in, so it never
 overwrites a page a worker may be copying.
+
+A layer template (a manifest laid over a parent, :mod:`pagefork.store.layered`) uses the same
+per-page presence: before its first chunk is written, every page its layers changed is
+installed from their packs, and the chunks that serve the rest are its base template's.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from pagefork.regions import PAGE_SIZE, Region
 from pagefork.store import client as s3
 from pagefork.store.cache import ChunkCache, default_cache_dir
 from pagefork.store.hotpack import build_pack, fetch_pack, hot_file_pages
+from pagefork.store.layered import LayerOverlay
 from pagefork.store.layout import (
     MANIFEST_NAME,
     Blob,
@@ -142,6 +147,21 @@ class LazyTemplate(ZeroIndexed):
         self.fetched_bytes = 0
         self.pack_gets = 0
         self.pack_bytes = 0
+        #: Of those, the GETs and bytes of layer packs (a layer template's).
+        self.layer_gets = 0
+        self.layer_bytes = 0
+        # A layer template: its layer pages, installed before any chunk (None otherwise).
+        self._layers: LayerOverlay | None = None
+        if m.is_layer:
+            self._layers = LayerOverlay(
+                self._client,
+                self.url.bucket,
+                m,
+                self.path,
+                cache,
+                self._install_page,
+                self._count_layer_get,
+            )
 
     # --- chunks ------------------------------------------------------------------------------
     def present(self, chunk: int) -> bool:
@@ -180,7 +200,7 @@ class LazyTemplate(ZeroIndexed):
         pack lacks. (bytes fetched from the store, seconds taken), as :meth:`ensure`."""
         started = time.monotonic()
         spans = list(spans)
-        fetched = self.ensure_pack(timeout)
+        fetched = self.ensure_layers(timeout) + self.ensure_pack(timeout)
         more, _ = self.ensure(self.chunks_of(spans), timeout - (time.monotonic() - started))
         return fetched + more, time.monotonic() - started
 
@@ -219,6 +239,22 @@ class LazyTemplate(ZeroIndexed):
             )
             self._pack_done = True
             return fetched
+
+    def ensure_layers(self, timeout: float) -> int:
+        """Bring a layer template's changed pages into the view (once; 0 for any other
+        template). Bytes fetched; :class:`StoreError` names the layer object that failed."""
+        if self._layers is None or self._layers.ready:
+            return 0
+        before = self.layer_bytes
+        self._layers.ensure(min(timeout, self.fetch_deadline))
+        return self.layer_bytes - before
+
+    def _count_layer_get(self, n: int) -> None:
+        with self._lock:
+            self.gets += 1
+            self.layer_gets += 1
+            self.fetched_bytes += n
+            self.layer_bytes += n
 
     def _install_page(self, page: int, data: bytes) -> None:
         """Put verified page ``page`` in the view, then mark it present (a pool thread)."""
@@ -278,8 +314,13 @@ class LazyTemplate(ZeroIndexed):
     def _fetch(self, chunk: int) -> int:
         """Bring chunk ``chunk`` into the view, verified (a pool thread)."""
         m = self.manifest
+        if self._layers is not None:  # the layer pages first; the chunks are the base's
+            m = self._layers.ensure(self.fetch_deadline)
         sha = m.chunks[chunk]
         if sha is None:
+            if self._layers is not None:  # the view's hole is the base; the layer pages are in
+                assert self._presence is not None
+                self._presence[chunk] = 1
             return 0
         length = m.chunk_length(chunk)
         key = m.chunk_key(chunk)
@@ -323,7 +364,7 @@ class LazyTemplate(ZeroIndexed):
                         "(deleted after the push): push the template again"
                     ) from None
                 raise StoreError(f"{where}: {exc}") from None
-        page = self._zero_map_lies(chunk, data)
+        page = self._zero_map_lies(chunk, data, m.zero_pages)
         if page is not None:
             raise StoreError(
                 f"{where}: the manifest marks page {page} zero but the chunk (verified against "
@@ -336,7 +377,7 @@ class LazyTemplate(ZeroIndexed):
         npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
         base = self.nchunks + first
         # Without a pack no page is present on its own: chunks are written in parallel.
-        packed_template = self.manifest.hot_pack is not None
+        packed_template = self.manifest.hot_pack is not None or self._layers is not None
         with self._view_lock if packed_template else contextlib.nullcontext():
             packed = self._presence[base : base + npages]
             if 1 not in packed:
@@ -360,18 +401,19 @@ class LazyTemplate(ZeroIndexed):
             self._writer.submit(self.cache.put, sha, data)
         return fetched
 
-    def _zero_map_lies(self, chunk: int, data: bytes) -> int | None:
-        """The first page of ``chunk`` the zero map marks zero that ``data`` has data in."""
+    def _zero_map_lies(self, chunk: int, data: bytes, zeros: bytes) -> int | None:
+        """The first page of ``chunk`` the zero map ``zeros`` (of the chunk's own manifest)
+        marks zero that ``data`` has data in."""
         first = chunk * self.chunk_size // PAGE_SIZE
         view = memoryview(data)
         npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
-        page = self._zeros.find(1, first, first + npages)
+        page = zeros.find(1, first, first + npages)
         while page >= 0:
             start = (page - first) * PAGE_SIZE
             piece = view[start : start + PAGE_SIZE]
             if piece != _ZERO_PAGE[: len(piece)]:
                 return page
-            page = self._zeros.find(1, page + 1, first + npages)
+            page = zeros.find(1, page + 1, first + npages)
         return None
 
     # --- publishing a hot set recorded here --------------------------------------------------
@@ -440,6 +482,8 @@ class LazyTemplate(ZeroIndexed):
             pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None  # type: ignore[assignment]
             self._writer.shutdown(wait=True)  # every verified chunk fetched is kept
+            if self._layers is not None:
+                self._layers.close()
         if self._presence is not None:
             self._presence.close()
             self._presence = None

@@ -74,6 +74,9 @@ class PushResult:
     repaired_chunks: int = 0
     #: Bytes of the hot pack uploaded (0 without one).
     pack_bytes: int = 0
+    #: A layer push's: bytes of the layer pack uploaded (its pages) and its page count.
+    layer_bytes: int = 0
+    layer_pages: int = 0
 
 
 def push(
@@ -107,17 +110,7 @@ def push(
             f"chunks prefix {chunks_prefix!r} must be a key prefix ending in '/' with no empty, "
             "'.' or '..' part"
         )
-    side: dict[str, bytes] = {}
-    hot: HotPageList | None = None
-    if hot_pages is not None:
-        data = read_regular(hot_pages, "hot-page file", limit=_MAX_SIDE_FILE, error=StoreError)
-        assert data is not None
-        hot = decode(data, hot_pages)  # refuse a corrupt list before uploading
-        side["hot_pages"] = data
-    if vmstate is not None:
-        data = read_regular(vmstate, "vmstate", limit=_MAX_SIDE_FILE, error=StoreError)
-        assert data is not None
-        side["vmstate"] = data
+    side, hot = read_side_files(hot_pages, vmstate)
     chain = ChainPages([mem_file, *layers]) if layers else None
     fd = open_regular(mem_file, "mem-file", error=StoreError) if chain is None else -1
     started = time.monotonic()
@@ -184,12 +177,7 @@ def push(
                         fut.result()  # the first failure stops the push
             for fut in concurrent.futures.as_completed(inflight):
                 fut.result()
-        blobs: dict[str, Blob] = {}
-        for name, data in side.items():
-            digest = sha256(data)
-            key = url.key(_SIDE_NAMES[name].format(digest))
-            s3.put_bytes(client, url.bucket, key, data)
-            blobs[name] = Blob(key, digest, len(data))
+        blobs = upload_side_files(url, client, side)
         zero_map = bytes(zeros[: (size + PAGE_SIZE - 1) // PAGE_SIZE])
         packed = None
         if hot is not None:
@@ -212,9 +200,7 @@ def push(
             vmstate=blobs.get("vmstate"),
             hot_pack=None if packed is None else packed[0],
         )
-        doc = manifest.to_json()
-        s3.put_bytes(client, url.bucket, s3.pinned_key(url, sha256(doc)), doc)  # kept for pins
-        s3.put_bytes(client, url.bucket, url.key(MANIFEST_NAME), doc)
+        put_manifest(url, client, manifest)
     finally:
         if chain is not None:
             chain.close()
@@ -231,6 +217,46 @@ def push(
         repaired_chunks=tally["repaired"],
         pack_bytes=0 if packed is None else len(packed[1]),
     )
+
+
+def read_side_files(
+    hot_pages: str | None, vmstate: str | None
+) -> tuple[dict[str, bytes], HotPageList | None]:
+    """The side files to push (by manifest field) and the hot-page list, decoded (a corrupt
+    one is refused before anything is uploaded)."""
+    side: dict[str, bytes] = {}
+    hot: HotPageList | None = None
+    if hot_pages is not None:
+        data = read_regular(hot_pages, "hot-page file", limit=_MAX_SIDE_FILE, error=StoreError)
+        assert data is not None
+        hot = decode(data, hot_pages)
+        side["hot_pages"] = data
+    if vmstate is not None:
+        data = read_regular(vmstate, "vmstate", limit=_MAX_SIDE_FILE, error=StoreError)
+        assert data is not None
+        side["vmstate"] = data
+    return side, hot
+
+
+def upload_side_files(url: S3Url, client: Any, side: dict[str, bytes]) -> dict[str, Blob]:
+    """Upload the side files, each named by its SHA-256 under the template's prefix."""
+    blobs: dict[str, Blob] = {}
+    for name, data in side.items():
+        digest = sha256(data)
+        key = url.key(_SIDE_NAMES[name].format(digest))
+        s3.put_bytes(client, url.bucket, key, data)
+        blobs[name] = Blob(key, digest, len(data))
+    return blobs
+
+
+def put_manifest(url: S3Url, client: Any, manifest: Manifest) -> str:
+    """Store ``manifest`` as ``manifests/<sha256>.json`` (kept for pins) and then as the
+    prefix's ``manifest.json``; its SHA-256."""
+    doc = manifest.to_json()
+    digest = sha256(doc)
+    s3.put_bytes(client, url.bucket, s3.pinned_key(url, digest), doc)
+    s3.put_bytes(client, url.bucket, url.key(MANIFEST_NAME), doc)
+    return digest
 
 
 def _in_bucket(client: Any, bucket: str, key: str, sha: str, data: bytes, verify: bool) -> str:

@@ -10,9 +10,13 @@ a byte at a time (a store that is slow but never silent), :meth:`S3Proxy.flip_bi
 bit in the first GETs of chosen objects (transfers corrupted on the way) and
 :meth:`S3Proxy.refuse_for` stops listening for a while and drops every open connection (a
 store restarting).
+:attr:`S3Proxy.bandwidth` caps the bytes per second of the answers to GETs, all connections
+sharing the one link (a store reached over a slow or busy network).
 :attr:`S3Proxy.gets` counts the GETs per object key, so a test can tell how many times a chunk
-was fetched. Request signatures pass through untouched (the
-``Host`` header is kept), so any client that signs for the proxy's address works.
+was fetched; :attr:`S3Proxy.got_bytes` the body bytes they brought, and
+:attr:`S3Proxy.put_bytes` the body bytes uploaded per key (what a push really sends).
+Request signatures pass through untouched (the ``Host`` header is kept), so any client that
+signs for the proxy's address works.
 
 :class:`S3ProxyProcess` runs the proxy in a process of its own (``python -m
 pagefork.testing.s3proxy UPSTREAM``), as a benchmark wants: a store's work must not compete
@@ -57,11 +61,18 @@ class S3Proxy:
     """A proxy on ``127.0.0.1`` (an ephemeral port) forwarding to ``upstream``
     (``http://HOST:PORT``). Start with :meth:`start` or ``with``; :attr:`url` is its address."""
 
-    def __init__(self, upstream: str, delay: float = 0.0) -> None:
+    def __init__(self, upstream: str, delay: float = 0.0, bandwidth: float = 0.0) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.delay = delay
+        #: Bytes per second of GET answers, shared by all connections (0: no cap).
+        self.bandwidth = bandwidth
+        self._link_free = 0.0  # when the capped link has sent what it was given
         self.gets: collections.Counter[str] = collections.Counter()
+        #: Body bytes of the GET answers sent.
+        self.got_bytes = 0
+        #: Body bytes uploaded (PUT), per path.
+        self.put_bytes: collections.Counter[str] = collections.Counter()
         self.requests = 0
         self._lock = threading.Lock()
         self._failures: list[tuple[int, str]] = []  # (status, key substring) to answer next
@@ -190,12 +201,25 @@ class S3Proxy:
         return None
 
     def _control(self, h: http.server.BaseHTTPRequestHandler, path: str) -> None:
-        """``/_pagefork_proxy/stats`` (the counts) and ``/_pagefork_proxy/delay?seconds=S``."""
+        """``/_pagefork_proxy/stats`` (the counts), ``/_pagefork_proxy/delay?seconds=S``,
+        ``/_pagefork_proxy/bandwidth?bytes=B`` (per second; 0: no cap) and
+        ``/_pagefork_proxy/reset`` (counts back to zero)."""
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
         if path.endswith("/delay") and "seconds" in query:
             self.delay = float(query["seconds"][0])
+        if path.endswith("/bandwidth") and "bytes" in query:
+            self.bandwidth = float(query["bytes"][0])
+        if path.endswith("/reset"):
+            self.reset_counts()
         with self._lock:
-            doc = {"gets": dict(self.gets), "requests": self.requests, "delay": self.delay}
+            doc = {
+                "gets": dict(self.gets),
+                "requests": self.requests,
+                "delay": self.delay,
+                "bandwidth": self.bandwidth,
+                "got_bytes": self.got_bytes,
+                "put_bytes": dict(self.put_bytes),
+            }
         data = json.dumps(doc).encode()
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
@@ -214,6 +238,8 @@ class S3Proxy:
             self.requests += 1
             if h.command == "GET":
                 self.gets[path] += 1
+            elif h.command == "PUT":
+                self.put_bytes[path] += len(body)
         if self.delay > 0:
             time.sleep(self.delay)  # the injected time to first byte (this is the point)
         with self._lock:
@@ -266,6 +292,10 @@ class S3Proxy:
             flipped = bytearray(data)
             flipped[len(flipped) // 2] ^= 0x01
             data = bytes(flipped)
+        if h.command == "GET":
+            with self._lock:
+                self.got_bytes += len(data)
+            self._pace(len(data))
         if trickling and trickle is not None:
             h.close_connection = True
             with contextlib.suppress(OSError):  # the client gave up: it may
@@ -276,6 +306,25 @@ class S3Proxy:
                         break
             return
         h.wfile.write(data)
+
+    def _pace(self, nbytes: int) -> None:
+        """Under a bandwidth cap, wait until the shared link has room for ``nbytes``: each
+        answer takes its turn, ``nbytes / bandwidth`` seconds after the one before."""
+        with self._lock:
+            if self.bandwidth <= 0 or nbytes == 0:
+                return
+            start = max(time.monotonic(), self._link_free)
+            self._link_free = start + nbytes / self.bandwidth
+            until = self._link_free
+        self._closing.wait(max(0.0, until - time.monotonic()))
+
+    def reset_counts(self) -> None:
+        """Set every count (GETs, requests, bytes) back to zero."""
+        with self._lock:
+            self.gets.clear()
+            self.put_bytes.clear()
+            self.got_bytes = 0
+            self.requests = 0
 
     def _trickle_headers(
         self,
@@ -418,6 +467,19 @@ class S3ProxyProcess:
         gets = self._call("stats")["gets"]
         assert isinstance(gets, dict)
         return {str(k): int(v) for k, v in gets.items()}
+
+    def set_bandwidth(self, bytes_per_second: float) -> None:
+        """Cap the GET answers at ``bytes_per_second`` over all connections (0: no cap)."""
+        self._call(f"bandwidth?bytes={bytes_per_second}")
+
+    def stats(self) -> dict[str, object]:
+        """Everything counted: ``gets`` (per path), ``got_bytes``, ``put_bytes`` (per path),
+        ``requests``, and the ``delay`` and ``bandwidth`` in force."""
+        return self._call("stats")
+
+    def reset(self) -> None:
+        """Set every count back to zero."""
+        self._call("reset")
 
     def close(self) -> None:
         """Stop the proxy (it exits when its stdin closes) and reap it."""
