@@ -2,8 +2,9 @@
 
 A local S3-compatible server (``moto_server``) runs on this host, behind the latency proxy of
 :mod:`pagefork.testing.s3proxy` (a process of its own, as a store is), which adds a fixed delay
-before every request is forwarded:
-0 ms (this host's own HTTP round trip) or 20 ms (a store in another zone). Every fork is a
+before every request is forwarded: 0 ms (this host's own HTTP round trip), 20 ms (a store in
+another zone) or 50 ms (another region); and, in one row, caps the bandwidth of all GET
+answers together at 40 MiB/s (a modest or busy link), on top of 20 ms. Every fork is a
 test VMM (its own process) that touches the template's hot set (scattered runs of 1-3 pages,
 in first-touch order) and checks every byte. Variants alternate round by round; figures are
 medians, ratios medians of per-round ratios.
@@ -16,8 +17,9 @@ a. **Cold-cache fork.** A fresh page server and an empty host cache each round: 
    prefetch fetches in a few parallel ranged GETs; the rest stays lazy. Fork-ready = prefetch
    (if any) + the guest's walk of its hot set. Per fork: the bytes fetched before the guest
    resumes against the hot set's bytes, and the GETs made (chunks and pack; the manifest, read
-   when the server opens, is not counted). Done at 0 ms and 20 ms, and at 20 ms for chunk sizes
-   of 1, 2 and 4 MiB (the full run), which is how the default chunk size was chosen.
+   when the server opens, is not counted). Done at 0, 20 and 50 ms and capped, side by side,
+   and at 20 ms for chunk sizes of 1, 2 and 4 MiB (the full run), which is how the default
+   chunk size was chosen. A quick run does the 50 ms and capped rows in 2 rounds.
 b. **Warm-cache fork vs a local mem-file.** b1: the walk on demand, by a later fork of a
    template whose chunks are in the server's view (every fork after the first on that server:
    only the presence check remains) against a local mem-file. b2: the first fork of a new page
@@ -27,9 +29,10 @@ b. **Warm-cache fork vs a local mem-file.** b1: the walk on demand, by a later f
 c. **Push.** Upload throughput of a template to the store (0 ms). Then a snapshot pushed as a
    layer: a fork of a built-in microVM template (KVM) runs its guest, whose write phase changes
    what it changes (nothing here sets it), is snapshotted through the daemon, and the child is
-   pushed with ``push --layer`` after its parent: the bytes uploaded against the template's
-   stored bytes and against the bytes the guest changed (the chunk granularity's
-   amplification). Skipped without ``/dev/kvm``.
+   pushed after its parent twice: as chunks of its whole memory (``push --layer``: chunks
+   equal to the parent's are not uploaded, but one changed page costs its chunk) and as a
+   layer (``push --layer --parent``: its own pages, packed). The bytes uploaded, counted at
+   the store (the proxy), against the bytes the guest changed. Skipped without ``/dev/kvm``.
 
 Reading it: ``moto_server`` serves one GET at a time, so prefetching in parallel hides the
 store's latency but not moto's own serial service time; a store that serves GETs in parallel
@@ -72,6 +75,7 @@ from pagefork.hotpages import HotPageList, encode
 from pagefork.server import PageServer, ServerConfig
 from pagefork.store.cache import ChunkCache
 from pagefork.store.client import make_client
+from pagefork.store.layerpush import push_layer
 from pagefork.store.layout import parse_s3_url
 from pagefork.store.lazy import LazyTemplate, StoreOptions
 from pagefork.store.push import push
@@ -83,6 +87,7 @@ TARGETS = {
     "cold_pack_fetch_ratio": ("<=", 1.25),
     "cold_pack_speedup_0ms": (">=", 3.0),
     "cold_pack_speedup_20ms": (">=", 5.0),
+    "layer_push_amplification": ("<=", 1.2),
 }
 SUMMARY = {
     "cold_speedup_0ms": "(a) cold-cache fork, on demand / prefetched, store at 0 ms",
@@ -96,9 +101,17 @@ SUMMARY = {
     "on demand",
     "warm_cache_prefetch_ratio": "(b2) the same, prefetched",
     "push_mib_s": "(c) push throughput to the local store (MiB/s)",
-    "snapshot_uploaded_share": "(c) a snapshot pushed with --layer: uploaded / template bytes",
-    "snapshot_amplification": "(c) bytes uploaded / bytes the guest changed",
+    "snapshot_uploaded_share": "(c) a snapshot pushed as whole-memory chunks: uploaded / "
+    "template bytes",
+    "snapshot_amplification": "(c) the same: bytes uploaded / bytes the guest changed",
+    "layer_push_amplification": "(c) a snapshot pushed as a layer (push --layer --parent): page "
+    "bytes uploaded / bytes the guest changed",
+    "layer_push_ratio_with_index": "(c) the same, with its manifest (index, zero map) counted",
 }
+
+#: The bandwidth cap of the capped-store row (bytes per second, shared by all GETs): a
+#: store reached over a busy or modest link.
+_CAP = 40 << 20
 
 _CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "pagefork-bench",
@@ -235,8 +248,9 @@ def _cold(
     return out
 
 
-def _snapshot_push(client: Any, guest: int) -> dict[str, Any]:
-    """c2: a microVM fork's snapshot pushed as a layer over its pushed template."""
+def _snapshot_push(client: Any, proxy: S3ProxyProcess, guest: int) -> dict[str, Any]:
+    """c2: a microVM fork's snapshot pushed over its pushed template, as fixed chunks of the
+    whole memory and as a layer (its own pages), the bytes uploaded counted at the store."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         console.print("c2. snapshot push: skipped (needs /dev/kvm)")
         return {}
@@ -248,58 +262,71 @@ def _snapshot_push(client: Any, guest: int) -> dict[str, Any]:
         os.path.join(short, "state"), os.path.join(short, "c.sock"), socket_dir=short + "/f"
     )
     daemon.start()
+    counted = make_client(proxy.url)  # the pushes measured go through the proxy, which counts
+
+    def uploaded() -> int:
+        put = proxy.stats()["put_bytes"]
+        assert isinstance(put, dict)
+        return sum(int(n) for n in put.values())
+
     try:
         dc = DaemonClient(os.path.join(short, "c.sock"), timeout=300)
         record = dc.create_template("vm", "kvm", mem_size_mib=guest // MiB)
         fork = dc.create_fork("vm", vmm="kvm", options={"fork_index": 0, "snapshots": True})
         dc.wait_fork(fork["fork"], timeout=300)
         snap = dc.snapshot_fork(fork["fork"], "vm-b", release=True)
-        pushes = []
-        for size in (2 * MiB, 256 << 10, 64 << 10):  # the default, and finer granularities
-            kib = size >> 10
-            base = push(
-                parse_s3_url(f"s3://bench/vm-{kib}k"),
-                record["mem_file"],
-                client,
-                chunk_size=size,
-                chunks_prefix=f"chunks-{kib}k/",
-            )
-            child = push(
-                parse_s3_url(f"s3://bench/vm-b-{kib}k"),
-                record["mem_file"],
-                client,
-                layers=snap["template"]["layers"],
-                chunk_size=size,
-                chunks_prefix=f"chunks-{kib}k/",
-            )
-            pushes.append((size, base, child))
+        layers = snap["template"]["layers"]
+        mem = record["mem_file"]
+        base = push(parse_s3_url("s3://bench/vm"), mem, client, layers=layers[:-1])
+        before = uploaded()
+        chunked = push(parse_s3_url("s3://bench/vm-b-chunks"), mem, counted, layers=layers)
+        chunked_up = uploaded() - before
+        before = uploaded()
+        layered = push_layer(
+            parse_s3_url("s3://bench/vm-b"), mem, layers, parse_s3_url("s3://bench/vm"), counted
+        )
+        layer_up = uploaded() - before
     finally:
         daemon.close()
         shutil.rmtree(short, ignore_errors=True)
     changed = snap["changed_pages"] * PAGE
-    figures: dict[str, Any] = {"snapshot_changed_bytes": changed}
-    rows = []
-    for size, base, child in pushes:
-        stored = base.manifest.stored_bytes
-        share = child.uploaded_bytes / stored
-        amplification = child.uploaded_bytes / changed if changed else 0.0
-        suffix = "" if size == 2 * MiB else f"_{size >> 10}k"
-        figures[f"snapshot_uploaded_share{suffix}"] = share
-        figures[f"snapshot_amplification{suffix}"] = amplification
-        rows.append(
-            (
-                f"{size >> 10} KiB",
-                f"{child.uploaded_chunks} of {child.chunks}",
-                fmt(child.uploaded_bytes / MiB, 2),
-                f"{fmt(100 * share, 1)}% of {fmt(stored / MiB, 1)} MiB",
-                fmt(amplification, 1),
-            )
-        )
+    stored = base.manifest.stored_bytes
+    figures: dict[str, Any] = {
+        "snapshot_changed_bytes": changed,
+        "snapshot_chunks_uploaded_bytes": chunked_up,
+        "snapshot_uploaded_share": chunked.uploaded_bytes / stored,
+        "snapshot_amplification": chunked_up / changed if changed else 0.0,
+        "layer_push_uploaded_bytes": layer_up,
+        "layer_push_pack_bytes": layered.layer_bytes,
+        "layer_push_amplification": layered.layer_bytes / changed if changed else 0.0,
+        "layer_push_ratio_with_index": layer_up / changed if changed else 0.0,
+    }
     table(
-        f"c2. a microVM fork's snapshot pushed as a layer: the guest changed "
-        f"{fmt(changed / MiB, 2)} MiB ({snap['changed_pages']} pages)",
-        ["chunk size", "chunks uploaded", "MiB uploaded", "of template stored", "x changed"],
-        rows,
+        f"c2. a microVM fork's snapshot pushed over its template: the guest changed "
+        f"{fmt(changed / MiB, 2)} MiB ({snap['changed_pages']} pages); bytes counted at the store",
+        ["push", "MiB uploaded", "of which pages", "x changed", "with index/manifest"],
+        [
+            (
+                f"whole memory, {chunked.manifest.chunk_size >> 20} MiB chunks "
+                f"({chunked.uploaded_chunks} of {chunked.chunks})",
+                fmt(chunked_up / MiB, 2),
+                fmt(chunked.uploaded_bytes / MiB, 2),
+                fmt(figures["snapshot_amplification"], 1),
+                "-",
+            ),
+            (
+                f"layer ({layered.layer_pages} pages packed)",
+                fmt(layer_up / MiB, 2),
+                fmt(layered.layer_bytes / MiB, 2),
+                fmt(figures["layer_push_amplification"], 2),
+                fmt(figures["layer_push_ratio_with_index"], 2),
+            ),
+        ],
+    )
+    console.print(
+        verdict(
+            "layer push: bytes uploaded / changed", figures["layer_push_amplification"], "<=", 1.2
+        )
     )
     return figures
 
@@ -355,15 +382,24 @@ def main(quick: bool = False) -> dict[str, Any]:
             f"{fmt(with_pack.pack_bytes / MiB, 2)} MiB uploaded"
         )
         hot_bytes = len(pages) * PAGE
-        figures.update(_snapshot_push(b.client, guest))
+        figures.update(_snapshot_push(b.client, proxy, guest))
 
-        # a. cold-cache forks, on demand vs prefetched (chunks, hot pack), at 0 and 20 ms
+        # a. cold-cache forks, on demand vs prefetched (chunks, hot pack), at 0, 20, 50 ms
+        # and capped
         rows = []
         fetch_rows = []
-        for delay in (0.0, 0.020):
+        # (figure suffix, row label, added latency, bandwidth cap): the first two in every
+        # run; the farther store and the capped link with fewer rounds in a quick one.
+        stores = [
+            ("0ms", "0 ms", 0.0, 0.0, rounds),
+            ("20ms", "20 ms", 0.020, 0.0, rounds),
+            ("50ms", "50 ms", 0.050, 0.0, min(rounds, 2) if quick else rounds),
+            ("20ms_cap", f"20 ms, {_CAP >> 20} MiB/s", 0.020, _CAP, 2 if quick else rounds),
+        ]
+        for ms, label, delay, cap, n in stores:
             proxy.set_delay(delay)
-            got = _cold(b, mem, "s3://bench/base", guest, pages, rounds, "s3://bench/packed")
-            ms = int(delay * 1000)
+            proxy.set_bandwidth(cap)
+            got = _cold(b, mem, "s3://bench/base", guest, pages, n, "s3://bench/packed")
             figures[f"cold_demand_ms_{ms}ms"] = median(got["demand"])
             figures[f"cold_prefetch_ms_{ms}ms"] = median(got["prefetch"])
             figures[f"cold_pack_ms_{ms}ms"] = median(got["pack"])
@@ -371,7 +407,7 @@ def main(quick: bool = False) -> dict[str, Any]:
             figures[f"cold_pack_speedup_{ms}ms"] = paired_ratio(got["demand"], got["pack"])
             rows.append(
                 (
-                    f"{ms} ms, {pushed.manifest.chunk_size // MiB} MiB",
+                    f"{label}, {pushed.manifest.chunk_size // MiB} MiB",
                     fmt(median(got["demand"]), 1),
                     fmt(median(got["prefetch"]), 1),
                     fmt(median(got["prefetch_prefetch"]), 1),
@@ -389,7 +425,7 @@ def main(quick: bool = False) -> dict[str, Any]:
                 before = median(got[f"{mode}_fetched"])
                 fetch_rows.append(
                     (
-                        f"{ms} ms, {name}",
+                        f"{label}, {name}",
                         fmt(before / MiB, 2),
                         fmt(before / hot_bytes, 2),
                         fmt(median(got[f"{mode}_total_bytes"]) / MiB, 2),
@@ -398,6 +434,7 @@ def main(quick: bool = False) -> dict[str, Any]:
                 )
                 figures[f"cold_{mode}_fetched_{ms}ms"] = before
                 figures[f"cold_{mode}_gets_{ms}ms"] = median(got[f"{mode}_gets"])
+        proxy.set_bandwidth(0)
         figures["cold_pack_fetch_ratio"] = figures["cold_pack_fetched_0ms"] / hot_bytes
         figures["cold_pack_gets"] = figures["cold_pack_gets_0ms"]
         if not quick:
