@@ -71,7 +71,8 @@ def test_manifest_round_trips():
     ("change", "why"),
     [
         ({"format": "other"}, "not a pagefork-template manifest"),
-        ({"version": 3}, "format version 3"),
+        ({"version": 4}, "format version 4 is newer than this pagefork reads"),
+        ({"version": 0}, r"format version 0 is not one of \(1, 2, 3\)"),
         ({"chunk_size": 3 << 20}, "not a power of two"),
         ({"size": -1}, "size -1"),
         ({"chunks": []}, "chunks must be a list of 3 entries"),
