@@ -19,8 +19,10 @@ from procs import proxy_fixture, s3_env_fixture, s3_server_fixture  # noqa: F401
 
 from conftest import PAGE, S3_ENV, make_mem_file, needs_uffd
 from pagefork.errors import StoreError
+from pagefork.hotpages import HotPageList
 from pagefork.layers.format import write_layer
 from pagefork.layers.source import flatten
+from pagefork.regions import Region
 from pagefork.store.cache import ChunkCache
 from pagefork.store.client import get_bytes, make_client, put_bytes
 from pagefork.store.layered import MAX_DEPTH
@@ -380,3 +382,30 @@ def test_push_layer_from_the_command_line(s3_bucket, s3_endpoint, mem_file, laye
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "a layer and its parent share a bucket" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_hot_set_published_from_a_layer_template_keeps_it_a_layer(layer_url, child_mem, tmp_path):
+    # The hot pages: layer pages and pages of the parent, in region 0 (the mem-file's start).
+    hot_pages = [CHANGED[5], 9, CHANGED[2], 10]
+    hot = HotPageList.from_pages([(0, p * PAGE) for p in hot_pages])
+    here = LazyTemplate(layer_url, ChunkCache(str(tmp_path / "c")))
+    try:
+        here.ensure([0, hot_pages[0] * PAGE // CHUNK, hot_pages[2] * PAGE // CHUNK], 30)
+        pinned = here.publish_hot_set(hot, [Region(0x7000_0000, 12 * MIB, 0)])
+    finally:
+        here.close()
+    published = manifest_of(layer_url)
+    assert published.is_layer and published.layer_pack == manifest_of(pinned).layer_pack
+    assert published.hot_pack is not None and list(published.hot_pack.pages) == hot_pages
+    child = child_mem.read_bytes()
+    cold = LazyTemplate(pinned, ChunkCache(str(tmp_path / "cold")))
+    try:
+        assert cold.ensure_pack(30) == len(hot_pages) * PAGE
+        cold.ensure(range(12), 60)
+        view = bytearray(os.pread(cold.fd, NPAGES * PAGE, 0))
+        for p in range(NPAGES):  # a page the zero map marks is served as zeros, not copied
+            if cold.manifest.zero_pages[p]:
+                view[p * PAGE : (p + 1) * PAGE] = bytes(PAGE)
+        assert view == child  # every byte the layered memory's
+    finally:
+        cold.close()
