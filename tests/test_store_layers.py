@@ -382,6 +382,12 @@ def test_push_layer_from_the_command_line(s3_bucket, s3_endpoint, mem_file, laye
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "a layer and its parent share a bucket" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    verify = subprocess.run(
+        [*argv, "--parent", parent_url, "--verify"], capture_output=True, text=True, env=env
+    )
+    assert verify.returncode != 0 and "--verify, --chunk-size and --chunks-prefix do not" in (
+        verify.stderr
+    )
 
 
 def test_a_hot_set_published_from_a_layer_template_keeps_it_a_layer(layer_url, child_mem, tmp_path):

@@ -144,6 +144,15 @@ def run(args: argparse.Namespace) -> int:
     parent = parse_s3_url(args.parent) if args.parent is not None else None
     if parent is not None and not args.layer:
         raise PageforkError("--parent needs the layer to push over it (--layer PATH)")
+    if parent is not None and (
+        args.verify
+        or args.chunks_prefix != DEFAULT_CHUNKS_PREFIX
+        or chunk_size != DEFAULT_CHUNK_SIZE
+    ):
+        raise PageforkError(
+            "--parent pushes the layer's pages alone, over the parent's chunks: --verify, "
+            "--chunk-size and --chunks-prefix do not apply (push the parent with them)"
+        )
     check_endpoint_environment()
     client = make_client(args.endpoint_url)
     # stdout keeps the summary (or --json) alone
