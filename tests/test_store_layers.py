@@ -294,15 +294,17 @@ def test_a_damaged_layer_object_fails_only_the_forks_that_need_it(
         elsewhere.kill()
 
 
-def test_a_chain_deeper_than_the_bound_is_refused(s3_bucket, mem_file, tmp_path, parent_url):
+def test_a_chain_deeper_than_the_bound_is_refused(s3_bucket, tmp_path):
     client = make_client()
+    small = make_mem_file(tmp_path / "small", 32)  # 128 KiB in two 64 KiB chunks: quick
+    below = f"s3://{s3_bucket}/small"
+    push(parse_s3_url(below), str(small), client, chunk_size=64 << 10)
     # Layers that change nothing, each over the one before: MAX_DEPTH of them over the base.
-    below = parent_url
     empty = tmp_path / "empty.layer"
-    write_layer(str(empty), size=NPAGES * PAGE, pages=[])
+    write_layer(str(empty), size=32 * PAGE, pages=[])
     for i in range(MAX_DEPTH):
         url = f"s3://{s3_bucket}/l{i}"
-        push_layer(parse_s3_url(url), str(mem_file), [str(empty)], parse_s3_url(below), client)
+        push_layer(parse_s3_url(url), str(small), [str(empty)], parse_s3_url(below), client)
         below = url
     lazy = LazyTemplate(below, ChunkCache(str(tmp_path / "c")))
     try:

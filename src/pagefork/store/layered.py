@@ -30,7 +30,14 @@ from pagefork.errors import StoreError
 from pagefork.store import client as s3
 from pagefork.store.cache import ChunkCache
 from pagefork.store.hotpack import RANGES, fetch_pack
-from pagefork.store.layout import MAX_MANIFEST_BYTES, HotPack, Manifest, parse_manifest, sha256
+from pagefork.store.layout import (
+    MAX_MANIFEST_BYTES,
+    HotPack,
+    Manifest,
+    S3Url,
+    parse_manifest,
+    sha256,
+)
 
 #: The most layers a template may sit on (itself included): a longer chain is refused.
 MAX_DEPTH = 16
@@ -124,7 +131,6 @@ class LayerOverlay:
         where: str,
         cache: ChunkCache | None,
         install: Install,
-        on_get: Callable[[int], None],
     ) -> None:
         self._client = client
         self._bucket = bucket
@@ -132,17 +138,43 @@ class LayerOverlay:
         self._where = where
         self._cache = cache
         self._install = install
-        self._on_get = on_get
         self._lock = threading.Lock()
+        #: The GETs of layer packs made and the bytes they brought.
+        self.gets = 0
+        self.fetched_bytes = 0
+        self._count_lock = threading.Lock()
         self._chain: ResolvedChain | None = None
         self._ready = False
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
 
+    @classmethod
+    def of(
+        cls, client: Any, url: S3Url, top: Manifest, cache: ChunkCache | None, install: Install
+    ) -> LayerOverlay | None:
+        """The overlay of the template at ``url`` whose manifest is ``top``; None when it is
+        not a layer template."""
+        if not top.is_layer:
+            return None
+        return cls(client, url.bucket, top, str(url), cache, install)
+
     @property
     def ready(self) -> bool:
         """True once every layer page is in the view."""
         return self._ready
+
+    def bring_in(self, timeout: float) -> int:
+        """:meth:`ensure`, returning the bytes it fetched (0 when the pages were in)."""
+        if self._ready:
+            return 0
+        before = self.fetched_bytes
+        self.ensure(timeout)
+        return self.fetched_bytes - before
+
+    def _counted(self, n: int) -> None:
+        with self._count_lock:
+            self.gets += 1
+            self.fetched_bytes += n
 
     def ensure(self, timeout: float) -> Manifest:
         """Bring every layer page into the view (once); the base manifest."""
@@ -170,7 +202,7 @@ class LayerOverlay:
                     self._pool,
                     self._install,
                     deadline,
-                    self._on_get,
+                    self._counted,
                     what=f"{self._where}: layer pack",
                     repair=repair_hint(self._where),
                 )

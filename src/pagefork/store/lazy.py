@@ -147,21 +147,8 @@ class LazyTemplate(ZeroIndexed):
         self.fetched_bytes = 0
         self.pack_gets = 0
         self.pack_bytes = 0
-        #: Of those, the GETs and bytes of layer packs (a layer template's).
-        self.layer_gets = 0
-        self.layer_bytes = 0
-        # A layer template: its layer pages, installed before any chunk (None otherwise).
-        self._layers: LayerOverlay | None = None
-        if m.is_layer:
-            self._layers = LayerOverlay(
-                self._client,
-                self.url.bucket,
-                m,
-                self.path,
-                cache,
-                self._install_page,
-                self._count_layer_get,
-            )
+        # A layer template's changed pages, installed before any chunk (None: not a layer).
+        self._layers = LayerOverlay.of(self._client, self.url, m, cache, self._install_page)
 
     # --- chunks ------------------------------------------------------------------------------
     def present(self, chunk: int) -> bool:
@@ -241,20 +228,10 @@ class LazyTemplate(ZeroIndexed):
             return fetched
 
     def ensure_layers(self, timeout: float) -> int:
-        """Bring a layer template's changed pages into the view (once; 0 for any other
-        template). Bytes fetched; :class:`StoreError` names the layer object that failed."""
-        if self._layers is None or self._layers.ready:
-            return 0
-        before = self.layer_bytes
-        self._layers.ensure(min(timeout, self.fetch_deadline))
-        return self.layer_bytes - before
-
-    def _count_layer_get(self, n: int) -> None:
-        with self._lock:
-            self.gets += 1
-            self.layer_gets += 1
-            self.fetched_bytes += n
-            self.layer_bytes += n
+        """A layer template's changed pages into the view, once (0 for any other); bytes
+        fetched (:class:`StoreError` names the layer object that failed)."""
+        layers, limit = self._layers, min(timeout, self.fetch_deadline)
+        return 0 if layers is None else layers.bring_in(limit)
 
     def _install_page(self, page: int, data: bytes) -> None:
         """Put verified page ``page`` in the view, then mark it present (a pool thread)."""
@@ -313,14 +290,12 @@ class LazyTemplate(ZeroIndexed):
 
     def _fetch(self, chunk: int) -> int:
         """Bring chunk ``chunk`` into the view, verified (a pool thread)."""
-        m = self.manifest
-        if self._layers is not None:  # the layer pages first; the chunks are the base's
-            m = self._layers.ensure(self.fetch_deadline)
+        # A layer template's pages first: its chunks are its base template's.
+        m = self.manifest if self._layers is None else self._layers.ensure(self.fetch_deadline)
         sha = m.chunks[chunk]
         if sha is None:
             if self._layers is not None:  # the view's hole is the base; the layer pages are in
-                assert self._presence is not None
-                self._presence[chunk] = 1
+                self._presence[chunk] = 1  # type: ignore[index]
             return 0
         length = m.chunk_length(chunk)
         key = m.chunk_key(chunk)
