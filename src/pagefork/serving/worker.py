@@ -52,6 +52,9 @@ log = logging.getLogger("pagefork.worker")
 
 #: Events read per ``read(2)`` of a uffd: one syscall drains a burst of faults.
 _READ_BATCH = 64
+_READ_SIZE = uffd.UFFD_MSG_SIZE * _READ_BATCH
+_MSG_SIZE, _PAGEFAULT = uffd.UFFD_MSG_SIZE, uffd.UFFD_EVENT_PAGEFAULT
+_unpack_address = uffd.PAGEFAULT_ADDRESS.unpack_from
 _MADV_POPULATE_READ = 22
 _COPY, _ZEROPAGE, _OUTSIDE = int(Action.COPY), int(Action.ZEROPAGE), int(Action.OUTSIDE)
 
@@ -100,6 +103,7 @@ class Worker:
         self.table = WorkerForks(chan, self.ep)
         self.hooks: dict[int, Any] = {}  # other fds to watch, and what each runs (an orphan's)
         self.forks = self.table.forks  # by the channel's key
+        self.by_fd = self.table.by_fd  # what each watched fd is, and its fork
         self.crash_at: dict[str, int] = {}
         self.stop_at: set[str] = set()  # points where a test wants SIGSTOP, not SIGKILL
         self._read_buf = bytearray(uffd.UFFD_MSG_SIZE * _READ_BATCH)
@@ -139,22 +143,26 @@ class Worker:
         """Serve until the channel ends (:class:`ipc.ChannelClosed`: see :func:`main`)."""
         ipc.send(self.chan, M.Ready(M.PROTOCOL_VERSION, os.getpid()))
         chan_fd = self.chan.fileno()
+        # Bound once: the loop runs once per fault when faults come one at a time.
+        poll, table, on_fd = self.ep.poll, self.table, self._on_fd
+        closed, hooks, backlog = table.closed_fds, self.hooks, self._backlog
         while True:
-            while self._backlog:
-                self._on_message(*self._backlog.popleft())
-            events = self.ep.poll(self._timeout())
-            self.table.closed_fds.clear()
+            while backlog:
+                self._on_message(*backlog.popleft())
+            events = poll(self._timeout() if table.attend else -1)
+            closed.clear()
             for fd, ev in events:
-                if fd in self.table.closed_fds:
+                if fd in closed:
                     continue  # closed by an earlier event of this batch: the number may be reused
                 if fd == chan_fd:
                     message, fds = ipc.recv(self.chan)
                     self._on_message(message, fds)
-                elif fd in self.hooks:
-                    self.hooks[fd]()
+                elif hooks and fd in hooks:
+                    hooks[fd]()
                 else:
-                    self._on_fd(fd, ev)
-            self._housekeeping()
+                    on_fd(fd, ev)
+            if table.attend:
+                self._housekeeping()
 
     def _timeout(self) -> float:
         if not self.table.attend:
@@ -176,7 +184,7 @@ class Worker:
             self.table.track(f)
 
     def _on_fd(self, fd: int, ev: int = select.EPOLLIN) -> None:
-        entry = self.table.by_fd.get(fd)
+        entry = self.by_fd.get(fd)
         if entry is None:
             return
         kind, f = entry
@@ -229,7 +237,6 @@ class Worker:
     def read_events(self, f: WorkerFork, *, until_empty: bool) -> list[int]:
         """Read the uffd's events: REMOVE is made durable at once; faults are returned."""
         faults: list[int] = []
-        size = uffd.UFFD_MSG_SIZE * _READ_BATCH
         buf = self._read_buf
         while True:
             try:
@@ -238,17 +245,20 @@ class Worker:
                 got = os.preadv(f.uffd, [buf], -1, os.RWF_NOWAIT)
             except BlockingIOError:
                 return faults
-            for offset in range(0, got, uffd.UFFD_MSG_SIZE):
-                if buf[offset] == uffd.UFFD_EVENT_PAGEFAULT:
-                    # The usual message: a fault's address, read in place.
-                    faults.append(uffd.PAGEFAULT_ADDRESS.unpack_from(buf, offset)[0])
-                else:
-                    removed = self.table.on_event(f, uffd.decode_msg(buf, offset))
-                    if removed and self.crash_at:
-                        self.crash_point("remove_noted")
+            if got == _MSG_SIZE and buf[0] == _PAGEFAULT:
+                # The usual read: one fault, its address read in place.
+                faults.append(_unpack_address(buf)[0])
+            else:
+                for offset in range(0, got, _MSG_SIZE):
+                    if buf[offset] == _PAGEFAULT:
+                        faults.append(_unpack_address(buf, offset)[0])
+                    else:
+                        removed = self.table.on_event(f, uffd.decode_msg(buf, offset))
+                        if removed and self.crash_at:
+                            self.crash_point("remove_noted")
             if faults and self.crash_at:
                 self.crash_point("fault_read")
-            if not until_empty or got < size:
+            if not until_empty or got < _READ_SIZE:
                 return faults
 
     def _serve_faults(self, f: WorkerFork, faults: list[int]) -> None:
@@ -268,7 +278,9 @@ class Worker:
         ioctls = f.ioctls
         clock = time.perf_counter_ns
         ring = f.ledger.latency_ring
-        missing_chunk = self.lazy.missing_chunk if self.lazy is not None else None
+        lazy = self.lazy
+        present = lazy.presence if lazy is not None else None
+        shift = lazy.chunk_shift if lazy is not None else 0
         # The fault path: everything it touches is bound to a local once per batch.
         copy_, zeropage_, outside = _COPY, _ZEROPAGE, _OUTSIDE
         faults_, misses_, copied_, zeroed_, lat_n = (
@@ -287,12 +299,17 @@ class Worker:
             )
             if action == outside:
                 raise _Fatal(f"fault at {address:#x} is outside every region")
-            if missing_chunk is not None and action == copy_:
-                # A lazy template: copy only from a chunk that is verified and in the view.
-                chunk = missing_chunk(file_offset, psize)
-                if chunk is not None:
-                    self._park(f, address, chunk)
-                    continue
+            if present is not None and action == copy_:
+                # A lazy template: copy only from a chunk that is verified and in the view. A
+                # page inside one chunk that is in (the usual case) is tested here; the rest
+                # (a huge page over several chunks, a page from a hot pack) by LazyChunks.
+                first = file_offset >> shift
+                if not present[first] or (file_offset + psize - 1) >> shift != first:
+                    assert lazy is not None
+                    chunk = lazy.missing_chunk(file_offset, psize)
+                    if chunk is not None:
+                        self._park(f, address, chunk)
+                        continue
             # Count before the ioctl: it wakes the guest, which may read the stats right after.
             c[faults_] += 1
             if prefetched:

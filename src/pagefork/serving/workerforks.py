@@ -301,7 +301,8 @@ class LazyChunks:
 
     def missing_chunk(self, offset: int, length: int) -> int | None:
         """The first chunk of ``[offset, offset+length)`` not yet in the view (a huge page may
-        span several chunks), or None when all are in: the one presence check of the worker."""
+        span several chunks), or None when all are in. The fault loop tests the usual case
+        itself (a page inside one chunk that is in) and asks this for every other."""
         present = self.presence
         first = offset >> self.chunk_shift
         last = (offset + length - 1) >> self.chunk_shift
