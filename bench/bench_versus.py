@@ -4,8 +4,9 @@
     python bench/run.py --only versus                          # the default baseline
 
 The baseline (by default the revision before the page server was split into the modules of
-``serving/``) is unpacked from git into a temporary directory, removed afterwards. Every round
-of every scenario runs ``bench/_versus_driver.py`` in a fresh process once per tree, with
+``serving/``) is unpacked from git into a temporary directory, removed afterwards. Both trees
+are compiled to bytecode first, as an install is: no process compiles source while timed. Every
+round of every scenario runs ``bench/_versus_driver.py`` in a fresh process once per tree, with
 ``PYTHONPATH`` set to that tree's ``src``: each tree runs its own code on the same template,
 through the API both share. The two trees take turns in an order that reverses every round
 (old new, new old, ...), so drift on the machine hits them alike. Scenarios (see the driver):
@@ -123,9 +124,28 @@ def baseline_tree(rev: str) -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def compile_trees(trees: list[str]) -> None:
+    """Compile every tree's ``src`` to bytecode (``__pycache__``, as an install does).
+
+    Without this, a host that sets ``PYTHONDONTWRITEBYTECODE`` has every worker and every
+    ``serve`` compile its modules from source each time it starts: the tree with more source
+    lines would pay for that, not for what it runs.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(BENCH_DIR), *(f"{t}/src" for t in trees)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"compileall failed:\n{proc.stdout}{proc.stderr}")
+
+
 def run_driver(tree: str, scenario: str, arg: str, mem: str, workdir: str) -> dict[str, float]:
     """One round of ``scenario`` on ``tree``'s code, in a fresh process; its figures."""
-    env = {**os.environ, "PYTHONPATH": os.path.join(tree, "src")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
+    env["PYTHONPATH"] = os.path.join(tree, "src")
     sockets = tempfile.mkdtemp(prefix="v", dir=workdir)
     proc = subprocess.run(
         [sys.executable, str(DRIVER), scenario, mem, sockets, *([arg] if arg else [])],
@@ -151,6 +171,7 @@ def compare(baseline: str, quick: bool) -> dict[str, Any]:
     got: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     with baseline_tree(baseline) as old_tree, scratch_dir() as workdir:
         trees[OLD] = old_tree
+        compile_trees([trees[OLD], trees[NEW]])
         big, small = os.path.join(workdir, "t32.mem"), os.path.join(workdir, "t16.mem")
         make_mem_file(big, 32 * MiB, 0.25, seed=11)
         make_mem_file(small, 16 * MiB, 0.25, seed=5)
