@@ -18,12 +18,118 @@ import array
 import dataclasses
 import enum
 import marshal
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pagefork.errors import PageforkError
 from pagefork.prefetch import PrefetchPlan, PrefetchResult
 from pagefork.regions import Region
+
+_T = TypeVar("_T")
+
+
+# --- how the message types are built ---------------------------------------------------------
+# Every worker imports this module when it starts, and a new worker's start is what a fork
+# waits for after its worker died. ``dataclass(frozen=True)`` compiles six methods per class
+# from generated source (about a millisecond each class, two dozen classes here); the methods
+# below are the same for every message and compiled once, with this module. What a message
+# is stays the same: a frozen dataclass (``dataclasses.fields``, ``replace`` and
+# ``FrozenInstanceError`` work on it, and the type checker sees ``dataclass`` itself).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frozen:
+    """A dataclass declared as every message is: its parameters are theirs."""
+
+
+_FROZEN_PARAMS = _Frozen.__dataclass_params__  # type: ignore[attr-defined]
+del _Frozen  # not a message
+
+
+def _make_init(cls: type, names: tuple[str, ...], defaults: dict[str, Any]) -> Callable[..., None]:
+    put = object.__setattr__
+    where = cls.__qualname__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(names):
+            raise TypeError(f"{where}() takes {len(names)} arguments but {len(args)} were given")
+        for name, value in zip(names, args, strict=False):
+            put(self, name, value)
+        for name in names[len(args) :]:
+            if name in kwargs:
+                put(self, name, kwargs.pop(name))
+            elif name in defaults:
+                put(self, name, defaults[name])
+            else:
+                raise TypeError(f"{where}() missing argument {name!r}")
+        if kwargs:
+            raise TypeError(f"{where}() got an unexpected argument {next(iter(kwargs))!r}")
+
+    return __init__
+
+
+def _values(self: Any) -> tuple[Any, ...]:
+    return tuple([getattr(self, name) for name in self.__match_args__])
+
+
+def _repr(self: Any) -> str:
+    fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__match_args__)
+    return f"{type(self).__qualname__}({fields})"
+
+
+def _eq(self: Any, other: object) -> object:
+    if type(other) is not type(self):
+        return NotImplemented
+    return _values(self) == _values(other)
+
+
+def _hash(self: Any) -> int:
+    return hash(_values(self))
+
+
+def _frozen_setattr(self: Any, name: str, value: Any) -> None:
+    raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+
+def _frozen_delattr(self: Any, name: str) -> None:
+    raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+def _getstate(self: Any) -> tuple[Any, ...]:
+    return _values(self)
+
+
+def _setstate(self: Any, state: tuple[Any, ...]) -> None:
+    for name, value in zip(self.__match_args__, state, strict=True):
+        object.__setattr__(self, name, value)
+
+
+def _frozen_dataclass(*, frozen: bool, slots: bool) -> Callable[[type[_T]], type[_T]]:
+    assert frozen and slots  # the one kind this module declares
+
+    def build(cls: type[_T]) -> type[_T]:
+        # The dataclass machinery with nothing generated: fields, slots, __match_args__.
+        cls = dataclasses.dataclass(cls, init=False, repr=False, eq=False, slots=True)
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+        names = tuple(f.name for f in fields)
+        for name, value in (
+            ("__init__", _make_init(cls, names, defaults)),
+            ("__repr__", _repr), ("__eq__", _eq), ("__hash__", _hash),
+            ("__setattr__", _frozen_setattr), ("__delattr__", _frozen_delattr),
+            ("__getstate__", _getstate), ("__setstate__", _setstate),
+            ("__dataclass_params__", _FROZEN_PARAMS),
+        ):  # fmt: skip
+            setattr(cls, name, value)
+        return cls
+
+    return build
+
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    dataclass = _frozen_dataclass
 
 #: Bumped whenever a message below changes shape.
 PROTOCOL_VERSION = 5

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import socket
 from typing import Any
@@ -58,6 +57,8 @@ def on_message(worker: Any, message: M.Message) -> None:
     link = _LINK
     if isinstance(message, M.OrphanSetup):
         if link.handler is None:  # said twice (a spare given a slot): keep the first
+            import json  # here, not at start: a worker's start-up is what its forks wait for
+
             link.handler = importlib.import_module(message.handler)
             link.kept = link.handler.prepare(worker, json.loads(message.settings))
     elif isinstance(message, M.Stop):

@@ -33,12 +33,10 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagefork import libc, uffd
 from pagefork.errors import PageforkError
-from pagefork.layers.source import map_view
-from pagefork.prefetch import PrefetchPlan
 from pagefork.regions import PAGE_SIZE
 from pagefork.serving import ipc, orphaning
 from pagefork.serving import ledger as L
@@ -47,6 +45,9 @@ from pagefork.serving.policy import Action, decide
 from pagefork.serving.workerforks import PIDFD, UFFD, LazyChunks, WorkerFork, WorkerForks
 from pagefork.serving.workerprefetch import run_prefetch
 from pagefork.uffd import CopyOutcome, copy_outcome
+
+if TYPE_CHECKING:
+    from pagefork.prefetch import PrefetchPlan
 
 log = logging.getLogger("pagefork.worker")
 
@@ -94,6 +95,9 @@ class Worker:
         self.mem_address = libc.mmap(mem_size, mmap.PROT_READ, mmap.MAP_SHARED, mem_fd)
         os.close(mem_fd)
         if layout_fds:  # a layered template: its layers' pages mapped over the base
+            # Imported only here: a new worker's start-up is what its forks wait for.
+            from pagefork.layers.source import map_view
+
             map_view(self.mem_address, layout_fds)
         npages = (mem_size + PAGE_SIZE - 1) // PAGE_SIZE
         self.zeros = mmap.mmap(zero_fd, npages, mmap.MAP_SHARED, mmap.PROT_READ)
