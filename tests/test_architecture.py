@@ -261,3 +261,22 @@ def test_the_class_checks_catch_a_long_class_and_a_private_reach() -> None:
         "        return a\n"
     )
     assert list(_private_reaches(ast.parse(reaching))) == [(3, "other._theirs")]
+
+
+def _calls_of(function: str) -> list[str]:
+    """Every ``module:line`` under ``src/pagefork`` that calls ``function`` (by its name)."""
+    found = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                if name == function:
+                    found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_the_prefetch_planner_is_made_ready_in_one_place() -> None:
+    # The page server's prefetch service, once per process; everyone else asks the server.
+    [call] = _calls_of("prepare_planner")
+    assert call.startswith("pagefork.serving.prefetching:")

@@ -183,3 +183,23 @@ def test_one_plan_serves_every_fork_of_the_template(make_server, vmms):
         assert results[i].installed == 300
         assert fork.send(cmd="touch", pages=[list(p) for p in hot])["bad"] == 0
         assert server.stats(f"f{i}").faults == 0
+
+
+def test_a_plan_is_made_once_per_hot_set_and_reused_for_every_fork(make_server, vmms):
+    server = make_server()
+    server.prepare_prefetch()  # when a hot set is loaded or recorded: planning made ready
+    server.prepare_prefetch()  # (again: a no-op)
+    first = HotPageList.from_pages([HotPage(r, o) for r, o in _pages(200, seed=7)])
+    second = HotPageList.from_pages([HotPage(r, o) for r, o in _pages(100, seed=8)])
+    forks = [vmms(server.register_fork(f"f{i}")) for i in range(3)]
+    assert server.plans_made() == 0
+    for i in range(3):
+        assert server.prefetch(f"f{i}", first).installed == 200
+    assert server.plans_made() == 1  # the first fork's plan, reused by the other two
+    for i in range(2):
+        server.prefetch(f"f{i}", second)
+    assert server.plans_made() == 2  # one more for the other hot set, and only one
+    assert server.plans_cached() == 2
+    for i, fork in enumerate(forks):
+        assert fork.send(cmd="touch", pages=[list(p) for p in first])["bad"] == 0
+        assert server.stats(f"f{i}").faults == 0  # every page was prefetched

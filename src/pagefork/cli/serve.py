@@ -42,7 +42,6 @@ from pagefork.files import atomic_save, check_writable
 from pagefork.hotloop import HotSetLoop
 from pagefork.hotpages import HotPageList, decode, load
 from pagefork.memstats import MemorySampler
-from pagefork.prefetch import prepare_planner
 from pagefork.server import MAX_HANDSHAKE_TIMEOUT, PageServer, ServerConfig
 from pagefork.serving.sockets import SocketLock
 from pagefork.signals import SignalInbox
@@ -330,8 +329,6 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox, owner: _Owner) -> int:
             log.warning(
                 "hot-page file %s is empty or missing: forks are served on demand", args.hot_pages
             )
-    if (hot is not None and len(hot)) or args.record:
-        prepare_planner()  # numpy and the host's copy costs, now: no fork waits for them
     record_path: str | None = args.record
     # The first fork records (its window's pages become the hot set of every later fork),
     # or, with {fork} in --record, every fork records to its own file.
@@ -421,6 +418,8 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox, owner: _Owner) -> int:
         store=store,
     )
     server = PageServer(config)
+    if (hot is not None and len(hot)) or args.record:
+        server.prepare_prefetch()  # numpy and the host's copy costs, now: no fork waits
     handover: ServeHandover | None = None
     vmstate: str | None = None
     handed: list[int] = []

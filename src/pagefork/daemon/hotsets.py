@@ -32,7 +32,6 @@ from pagefork.hotloop import HotSetLoop
 from pagefork.hotpages import HotPageList
 from pagefork.hotpages import load as load_hot_pages
 from pagefork.layers.hotset import InheritedHotSet, inherited_hot_set
-from pagefork.prefetch import prepare_planner
 from pagefork.regions import Region
 from pagefork.store.lazy import LazyTemplate
 from pagefork.templates import TemplateRecord, TemplateRegistry
@@ -197,7 +196,7 @@ class HotSets:
                 if state is not None and len(pages):
                     pages.save(state.record.hot_pages_path)
                     hot = load_hot_pages(state.record.hot_pages_path)  # as later forks read it
-                    prepare_planner()  # numpy and the host's copy costs: no fork waits for them
+                    state.server.prepare_prefetch()  # numpy, copy costs: no fork waits
                     log.info("template %s: hot set of %d pages saved", template_id, len(hot))
                     self._publish(state, fork_id, hot)
                 elif state is not None:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pagefork.errors import PageforkError, UffdError, VmmError
 from pagefork.hotpages import HotPageList
-from pagefork.prefetch import PrefetchResult, prepare_planner
+from pagefork.prefetch import PrefetchResult
 from pagefork.regions import PAGE_SIZE
 from pagefork.server import PageServer
 from pagefork.uffd import open_userfaultfd
@@ -300,7 +300,7 @@ def warm_up(
     [report] = run_forks(server, template, [fork_index], "warmup", timeout=timeout)
     hot = server.hot_pages(report.name)
     server.unregister_fork(report.name)
-    prepare_planner()  # the hot set is recorded: no fork should pay for the planner's start
+    server.prepare_prefetch()  # the hot set is recorded: no fork should pay for the planner
     return report, hot
 
 

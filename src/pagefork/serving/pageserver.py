@@ -315,6 +315,17 @@ class PageServer:
         """How many prefetch plans are cached (one per hot set and region layout)."""
         return self._sup.prefetcher.plans_cached()
 
+    def plans_made(self) -> int:
+        """How many prefetch plans this server has made (one per hot set and region layout,
+        unless one was evicted from the cache and needed again)."""
+        return self._sup.prefetcher.plans_made()
+
+    def prepare_prefetch(self) -> None:
+        """Get prefetch planning ready now (numpy and the host's copy costs, once per
+        process): call it when a hot set is recorded or loaded, or will be, so that no fork
+        waits for it."""
+        self._sup.prefetcher.prepare()
+
     # --- a live takeover (pagefork.serving.handover) -------------------------------------------
     def all_worker_pids(self) -> list[int]:
         """Every worker process, the spare included."""

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 from pagefork.errors import PrefetchError, StoreError
 from pagefork.hotpages import HotPage, HotPageList
-from pagefork.prefetch import PrefetchPlan, PrefetchResult, plan_hot_set, plan_prefetch
+from pagefork.prefetch import (
+    PrefetchPlan,
+    PrefetchResult,
+    plan_hot_set,
+    plan_prefetch,
+    prepare_planner,
+)
 from pagefork.regions import Region
 from pagefork.serving import messages as M
 from pagefork.serving.forks import ForkRecord, ForkTable
@@ -91,11 +97,29 @@ class PrefetchService:
             OrderedDict()
         )
         self._plans_lock = threading.Lock()
+        self._plans_made = 0
+        self._planner_ready = False
+
+    def prepare(self) -> None:
+        """Get planning ready now: numpy and the host's copy costs (tens of ms, once per
+        process). Called when a hot set is recorded or loaded, or will be, so that the first
+        fork to prefetch does not wait for it; the plan itself is made at that fork's prefetch
+        (it needs the fork's regions) and then reused for every fork of the same layout."""
+        with self._plans_lock:
+            if self._planner_ready:
+                return
+            self._planner_ready = True
+        prepare_planner()
 
     def plans_cached(self) -> int:
         """How many plans are cached now."""
         with self._plans_lock:
             return len(self._plans)
+
+    def plans_made(self) -> int:
+        """How many plans were made (or read from a hot-page file) for a hot set and layout."""
+        with self._plans_lock:
+            return self._plans_made
 
     def prefetch(
         self,
@@ -227,6 +251,7 @@ class PrefetchService:
             plan = plan_hot_set(hot_pages, regions, self._is_zero)
         token = next(self._table.serial)
         with self._plans_lock:
+            self._plans_made += 1
             self._plans[key] = (hot_pages, plan, token)
             while len(self._plans) > PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
