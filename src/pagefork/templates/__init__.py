@@ -38,48 +38,13 @@ from (a snapshot, object storage, the microVM, a fork's layer) and flattening.
 
 from __future__ import annotations
 
-from pagefork.templates.record import (
-    CHILD_STATE,
-    FLAT_MEM_FILE,
-    HOT_PAGES_FILE,
-    LAYER_FILE,
-    MICROVM_DIR,
-    RECORD_FILE,
-    RECORD_FORMAT,
-    RECORD_VERSION,
-    SNAPSHOT_DIR,
-    TEMPLATE_KINDS,
-    TemplateFieldError,
-    TemplateKind,
-    TemplateListing,
-    TemplateRecord,
-    TemplateStorageError,
-    UnknownTemplateError,
-    kind_of,
-    validate_template_id,
-)
-from pagefork.templates.registry import TemplateRegistry
-from pagefork.templates.store import TemplateStore
+# The package's names are its modules' public names, each listed once, in its module.
+from pagefork.templates import record, registry, store
+from pagefork.templates.record import *  # noqa: F403
+from pagefork.templates.registry import *  # noqa: F403
+from pagefork.templates.store import *  # noqa: F403
 
-__all__ = [
-    "CHILD_STATE",
-    "FLAT_MEM_FILE",
-    "HOT_PAGES_FILE",
-    "LAYER_FILE",
-    "MICROVM_DIR",
-    "RECORD_FILE",
-    "RECORD_FORMAT",
-    "RECORD_VERSION",
-    "SNAPSHOT_DIR",
-    "TEMPLATE_KINDS",
-    "TemplateFieldError",
-    "TemplateKind",
-    "TemplateListing",
-    "TemplateRecord",
-    "TemplateRegistry",
-    "TemplateStorageError",
-    "TemplateStore",
-    "UnknownTemplateError",
-    "kind_of",
-    "validate_template_id",
-]
+__all__: list[str] = []
+__all__ += record.__all__
+__all__ += registry.__all__
+__all__ += store.__all__
