@@ -140,6 +140,32 @@ def test_every_message_type_round_trips_through_one_encoder_and_decoder() -> Non
         assert type(message).__dataclass_params__.frozen  # type: ignore[attr-defined]
 
 
+def test_messages_behave_as_frozen_dataclasses() -> None:
+    for message in _every_message():
+        fields = dataclasses.fields(message)
+        values = [getattr(message, f.name) for f in fields]
+        again = type(message)(*values)
+        assert again == message
+        if not isinstance(message, M.Prefetch):  # a plan's table is an array: no hash
+            assert hash(again) == hash(message)
+        shown = ", ".join(f"{f.name}={v!r}" for f, v in zip(fields, values, strict=True))
+        assert repr(message) == f"{type(message).__name__}({shown})"
+        for f in fields:
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                setattr(message, f.name, None)
+    ended = M.Ended("a#1", M.EndState.ENDED, None)
+    assert dataclasses.replace(ended, key="b#2") == M.Ended("b#2", M.EndState.ENDED, None)
+    assert ended != M.Ended("a#1", M.EndState.FAILED, None)
+    assert ended != M.Ended("a#1", M.EndState.ENDED, "")
+    assert M.Prefetch(1, "a#1", None, None, 2.0).head is None  # a default
+    with pytest.raises(TypeError, match="missing argument 'error'"):
+        M.Ended("a#1", M.EndState.ENDED)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="takes 1 arguments but 2"):
+        M.Ping(1, 2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected argument 'sequence'"):
+        M.Ping(sequence=1)  # type: ignore[call-arg]
+
+
 def test_the_decoder_builds_no_object_it_does_not_declare() -> None:
     with pytest.raises(M.ProtocolError, match="undecodable"):
         M.decode(pickle.dumps(("serve", {})))

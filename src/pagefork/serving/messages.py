@@ -53,17 +53,18 @@ def _make_init(cls: type, names: tuple[str, ...], defaults: dict[str, Any]) -> C
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if len(args) > len(names):
             raise TypeError(f"{where}() takes {len(names)} arguments but {len(args)} were given")
+        for name in kwargs:
+            if name not in names[len(args) :]:
+                raise TypeError(f"{where}() got an unexpected argument {name!r}")
         for name, value in zip(names, args, strict=False):
             put(self, name, value)
         for name in names[len(args) :]:
             if name in kwargs:
-                put(self, name, kwargs.pop(name))
+                put(self, name, kwargs[name])
             elif name in defaults:
                 put(self, name, defaults[name])
             else:
                 raise TypeError(f"{where}() missing argument {name!r}")
-        if kwargs:
-            raise TypeError(f"{where}() got an unexpected argument {next(iter(kwargs))!r}")
 
     return __init__
 
