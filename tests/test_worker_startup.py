@@ -71,15 +71,26 @@ def test_wait_ready_waits_for_every_worker_to_carry_out_its_orphan_setup(
         os.close(writer)
 
 
-def test_a_workers_imports_and_its_orphan_handler_leave_out_numpy_and_the_supervisor() -> None:
+def test_a_workers_imports_and_its_orphan_handler_leave_out_numpy_and_the_supervisor(
+    tmp_path: Path,
+) -> None:
+    # The handler carried out as a worker does (its rendezvous socket bound), not only imported.
     code = (
-        "import sys, pagefork.serving.worker, pagefork.takeover.orphan\n"
+        "import os, sys, pagefork.serving.worker, pagefork.takeover.orphan as orphan\n"
+        "rv = orphan.prepare(None, {'takeover': sys.argv[1]})\n"
+        "assert rv is not None and os.path.exists(rv.path), 'no rendezvous socket'\n"
+        "rv.close()\n"
         "heavy = ('numpy', 'pagefork.server', 'pagefork.serving.supervisor', "
         "'pagefork.serving.pageserver', 'pagefork.store.client', 'pagefork.serving.pool', "
-        "'subprocess')\n"
+        "'subprocess', 'tempfile', 'shutil')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", code, str(tmp_path / "serve.sock.takeover")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     assert out.strip() == "[]"
+    assert list(tmp_path.iterdir()) == []  # the socket removed, and no directory left behind

@@ -10,10 +10,8 @@ import fcntl
 import os
 import re
 import select
-import shutil
 import socket
 import stat
-import tempfile
 
 from pagefork.errors import ForkError
 
@@ -87,8 +85,11 @@ def bind_private_socket(path: str) -> socket.socket:
             raise ForkError(f"{path} is in use by a live server")
         finally:
             probe.close()
+    # Made here, not with tempfile: every worker binds one of these (see takeover.orphan), and
+    # tempfile's imports would add to each worker's start-up.
+    tmpdir = os.path.join(parent, f".pagefork-{os.getpid()}-{os.urandom(8).hex()}")
     try:
-        tmpdir = tempfile.mkdtemp(prefix=".pagefork-", dir=parent)
+        os.mkdir(tmpdir, 0o700)
     except OSError as exc:
         raise ForkError(f"cannot create a socket in {parent}: {exc.strerror}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -108,7 +109,10 @@ def bind_private_socket(path: str) -> socket.socket:
     finally:
         if dirfd >= 0:
             os.close(dirfd)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(tmpdir, "s"))  # bound but not renamed: a failed step
+        with contextlib.suppress(OSError):
+            os.rmdir(tmpdir)
     return sock
 
 

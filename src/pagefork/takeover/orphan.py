@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from pagefork.errors import PageforkError
 from pagefork.serving import ipc
 from pagefork.serving import messages as M
+from pagefork.serving.sockets import bind_private_socket
 from pagefork.takeover.old import Source, TakeoverListener
 from pagefork.takeover.protocol import TakeoverError
 
@@ -103,8 +104,6 @@ class Rendezvous:
     """A worker's bound rendezvous socket (nothing accepts on it until it is orphaned)."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        from pagefork.server import bind_private_socket
-
         self.settings = settings
         self.path = rendezvous_path(settings["takeover"], os.getpid())
         self.sock: socket.socket | None = bind_private_socket(self.path)
