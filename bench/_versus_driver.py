@@ -15,7 +15,7 @@ Scenarios:
   for both trees), imports included; ``connect_ms``: 16 forks registered until all connected;
   ``burst_ms``: first page asked to last page answered, all forks.
 - ``faults``: one fork touching all its pages in random order; µs per demand fault as the guest
-  sees it.
+  sees it (the median of three such forks, one after another).
 - ``recovery``: 4 forks of 2 workers fault continuously; one worker is SIGKILLed. ``ms``: until
   every fork it served has had a fault served again; with the spare worker (``SPARE`` = 1) or
   without it (0). Also ``respawn_ms``: until a worker took the dead one's place, and
@@ -52,6 +52,8 @@ from pagefork.testing.vmm import VmmProcess  # noqa: E402
 FANOUT_FORKS = 16
 TAKEOVER_FORKS = 16
 RECOVERY_FORKS = 4
+#: Forks of the fault scenario, one after another (its figure is their median).
+FAULT_FORKS = 3
 
 
 def _pages(mem: str) -> int:
@@ -114,18 +116,23 @@ def fanout(mem: str, workdir: str) -> dict[str, float]:
 
 def faults(mem: str, workdir: str) -> dict[str, float]:
     server = PageServer(ServerConfig(mem_file_path=mem, socket_dir=workdir))
+    per_fork: list[float] = []
     try:
         server.wait_ready()
-        vm = VmmProcess(server.register_fork("a"), mem, [f"{_pages(mem) // 256}M"])
-        try:
-            server.wait_connected("a")
-            reply = vm.send(cmd="touch", all=True, order="random", verify=True)
-        finally:
-            vm.close()
-        served = server.wait_ended("a").faults
-        if reply["bad"] or served != reply["touched"]:
-            raise RuntimeError(f"{reply['bad']} wrong pages; {served} faults served")
-        return {"us_per_fault": float(reply["seconds"]) / reply["touched"] * 1e6}
+        # One fork after another, the median of them: a shared host's hiccup in one fork's
+        # second of faults then does not make the round.
+        for fork_id in (f"a{i}" for i in range(FAULT_FORKS)):
+            vm = VmmProcess(server.register_fork(fork_id), mem, [f"{_pages(mem) // 256}M"])
+            try:
+                server.wait_connected(fork_id)
+                reply = vm.send(cmd="touch", all=True, order="random", verify=True)
+            finally:
+                vm.close()
+            served = server.wait_ended(fork_id).faults
+            if reply["bad"] or served != reply["touched"]:
+                raise RuntimeError(f"{reply['bad']} wrong pages; {served} faults served")
+            per_fork.append(float(reply["seconds"]) / reply["touched"] * 1e6)
+        return {"us_per_fault": sorted(per_fork)[len(per_fork) // 2]}
     finally:
         server.close()
 

@@ -14,7 +14,7 @@ through the API both share. The two trees take turns in an order that reverses e
 - **fan-out at 16 forks**: 16 test VMMs of a 32 MiB template touch every page at once (burst
   wall time); also what a user pays before that: start-up (imports, page server, workers
   ready) and connecting 16 forks;
-- **demand faults**: one fork of 16 MiB, µs per fault as the guest sees it;
+- **demand faults**: one fork of 16 MiB, µs per fault as the guest sees it (median of three);
 - **worker recovery**: a worker SIGKILLed under 4 faulting forks of 16 MiB, until every fork
   it served is served again, with the spare worker and cold (a new interpreter must start);
   ``respawn`` is the part until a worker took the dead one's place, ``ready`` until it has
