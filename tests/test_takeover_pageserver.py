@@ -75,3 +75,33 @@ def test_released_forks_go_to_another_server_with_their_ledgers(
     assert os.path.exists(path)  # the old server left the fork's socket to the new one
     new.unregister_fork("a")
     assert not os.path.exists(path)
+
+
+@needs_uffd
+def test_a_release_asks_each_worker_once_for_all_its_forks(
+    make_server, vmms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pagefork.serving import messages as M
+    from pagefork.serving.pool import WorkerProcess
+
+    server = make_server(workers=1)
+    guests = {name: vmms(server.register_fork(name)) for name in ("a", "b", "c")}
+    for name in guests:
+        server.wait_connected(name)
+    sent: list[M.Release] = []
+    real_send = WorkerProcess.send
+
+    def send(self: WorkerProcess, message: M.ToWorker, *args: object, **kwargs: object) -> bool:
+        if isinstance(message, M.Release):
+            sent.append(message)
+        return real_send(self, message, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WorkerProcess, "send", send)
+    pageserver.quiesce(server, time.monotonic() + 5)
+    pageserver.release(server, time.monotonic() + 10)
+    # One message for the worker's three forks: the forks wait while their release goes on.
+    assert [len(m.keys) for m in sent] == [3]
+    assert pageserver.readopt(server) == 3
+    for name, guest in guests.items():
+        assert guest.send(cmd="touch", pages=[[0, 0], [1, PAGE]])["bad"] == 0
+        assert server.stats(name).faults == 2

@@ -27,7 +27,7 @@ from pagefork.serving import messages as M
 from pagefork.serving.forks import ForkRecord
 from pagefork.serving.handshakes import RecordRule
 from pagefork.serving.pool import WorkerProcess
-from pagefork.serving.state import Event, Stage
+from pagefork.serving.state import Command, Event, Stage
 from pagefork.serving.supervisor import Supervisor
 
 #: What a fork's state carries, by field; fds are named in ``fds`` (indexes into the batch).
@@ -75,13 +75,25 @@ class Handover:
                 held = [e for e in held if not e.final]
                 if not held:
                     return
+                # One Release per worker, naming all its forks: the forks wait for this, and
+                # one message per fork would be as many round trips and wake-ups here.
+                batches: dict[WorkerProcess, list[str]] = {}
                 for entry in held:
+                    worker = entry.worker
+                    assert worker is not None
                     if entry.stage is not Stage.RELEASING:
-                        sup.carry_out(entry, sup.table.move(entry, Event.RELEASE_ASKED))
-                    elif asked.get(entry.key) is not entry.worker and entry.worker is not None:
+                        commands = sup.table.move(entry, Event.RELEASE_ASKED)
+                        if Command.SEND_RELEASE in commands:
+                            batches.setdefault(worker, []).append(entry.key)
+                        sup.carry_out(
+                            entry, tuple(c for c in commands if c is not Command.SEND_RELEASE)
+                        )
+                    elif asked.get(entry.key) is not worker:
                         # Adopted by a replacement after a worker death: ask that one.
-                        entry.worker.send(M.Release((entry.key,)))
-                    asked[entry.key] = entry.worker  # type: ignore[assignment]
+                        batches.setdefault(worker, []).append(entry.key)
+                    asked[entry.key] = worker
+                for worker, keys in batches.items():
+                    worker.send(M.Release(tuple(keys)))
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise HandoverError("the workers did not release their forks in time")
