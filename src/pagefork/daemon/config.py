@@ -79,15 +79,6 @@ class PrefetchPolicy:
         name = "before-resume" if policy is None else policy
         return cls(cast(PrefetchPolicyName, name), cast(int | None, head))
 
-    @property
-    def streams(self) -> bool:
-        """True when the VMM resumes after the head, the rest streaming."""
-        return self.policy == "stream"
-
-    def to_dict(self) -> dict[str, object]:
-        """The policy as the API shows it."""
-        return {"prefetch_policy": self.policy, "prefetch_head": self.head}
-
 
 @dataclass(frozen=True)
 class ManagerConfig:
