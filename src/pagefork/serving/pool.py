@@ -451,16 +451,17 @@ class WorkerPool:
         the least loaded (forks arriving together go round the workers). Never a worker that
         is not answering its heartbeat. None when no worker can take it.
 
-        Chosen by measurement (bench_fanout, 2 CPUs, a shared host; paired ratios to a C
-        handler with a process per fork, medians of two runs): a fault and its answer are two
+        Chosen by measurement (bench_fanout, 2 CPUs, a shared host; per-round ratios to a C
+        handler with a process per fork; the range of three runs' medians, 3-4 rounds each;
+        crossed VMMs in two runs, placing by last CPU in one): a fault and its answer are two
         wake-ups, and across cores each costs an IPI. Serving a pinned VMM from the other
-        core's worker made a burst 11x slower at 1 fork and 2.3-3.2x at 4 to 32, so a pinned
-        VMM goes to its CPU's worker. Pinning workers (the default, ``pin_workers``) against
-        leaving them to the scheduler measured 1.5-1.75x against 2.0-2.5x at 1 pinned fork,
-        and the same within the noise at 4 to 32 (0.99-1.6x either way); with free VMMs, no
-        better either way (1.5-2.3x). Placing a free VMM by the CPU it ran on at its handshake
-        was no better than the least loaded worker (1.6-2.7x against 0.9-2.1x): the scheduler
-        moves it soon after.
+        core's worker made a burst 6-11x slower at 1 fork and 1.6-3.6x at 4 to
+        32, so a pinned VMM goes to its CPU's worker. Pinning the workers (``pin_workers``,
+        the default) measured 1.07-1.75x at 1 pinned fork against 1.10-2.49x unpinned, and
+        the same within the noise at 4 to 32 forks (0.99-1.63x against 0.92-2.03x); with
+        free VMMs neither was better (0.87-2.51x against 1.51-2.29x). Placing a free VMM by
+        the CPU it ran on at its handshake was no better than the least loaded worker
+        (1.56-2.73x against 0.87-1.91x): the scheduler moves it soon after.
         """
         live = [w for w in self.live() if w.answering]
         if vmm_cpu is not None:
