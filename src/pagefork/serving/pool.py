@@ -455,9 +455,9 @@ class WorkerPool:
         handler with a process per fork; the range of three runs' medians, 3-4 rounds each;
         crossed VMMs in two runs, placing by last CPU in one): a fault and its answer are two
         wake-ups, and across cores each costs an IPI. Serving a pinned VMM from the other
-        core's worker made a burst 6-11x slower at 1 fork and 1.6-3.6x at 4 to
-        32, so a pinned VMM goes to its CPU's worker. Pinning the workers (``pin_workers``,
-        the default) measured 1.07-1.75x at 1 pinned fork against 1.10-2.49x unpinned, and
+        core's worker made a burst 6-11x slower at 1 fork and 1.6-3.6x at 4 to 32, so a
+        pinned VMM goes to its CPU's worker. Pinning the workers (``pin_workers``, the
+        default) measured 1.07-1.75x at 1 pinned fork against 1.10-2.49x unpinned, and
         the same within the noise at 4 to 32 forks (0.99-1.63x against 0.92-2.03x); with
         free VMMs neither was better (0.87-2.51x against 1.51-2.29x). Placing a free VMM by
         the CPU it ran on at its handshake was no better than the least loaded worker
