@@ -879,7 +879,7 @@ def _report_head(
     _wake_regions(plan, deltas, target, tally, quiet=False)
     seconds = clock() - started
     if on_head is not None:
-        on_head(_result(plan, tally, bridged, seconds))
+        on_head(dataclasses.replace(_result(plan, tally, bridged, seconds), head_seconds=seconds))
     return (tally.installed, tally.already_present), seconds
 
 

@@ -10,19 +10,24 @@ POST     /templates                   create: ``{"id", "kind": "firecracker", "m
                                       "variants", "working_set", "fork_share", "seed", "name"]}``
                                       or ``{"id", "source": "s3://BUCKET/PREFIX", ["name"]}``;
                                       each takes ``"share_memory": true`` (KSM across its
-                                      forks; ``note`` says so when KSM is off)
+                                      forks; ``note`` says so when KSM is off) and a prefetch
+                                      policy: ``"prefetch_policy": "before-resume"`` (the
+                                      default) or ``"stream"`` with ``"prefetch_head": N``
 GET      /templates/{id}              the record
 DELETE   /templates/{id}              409 while it has forks (live or exited)
 POST     /templates/{id}/rerecord     the next fork records a new hot set
 POST     /templates/{id}/flatten      merge a child template's layers into one mem-file
 GET      /forks                       ``{"forks": [...]}``, each with its ``state``: ``live``
                                       or ``exited`` (held until released)
-POST     /forks                       ``{"template", ["fork", "vmm", "options"]}`` → the fork,
-                                      with its uffd ``socket`` (201)
+POST     /forks                       ``{"template", ["fork", "vmm", "options",
+                                      "prefetch_policy", "prefetch_head"]}`` → the fork, with
+                                      its uffd ``socket`` (201); a policy given here overrides
+                                      the template's for this fork
 GET      /forks/{id}                  the fork, its page server counters and its VMM's
                                       ``memory`` (:mod:`pagefork.memstats`; null once gone)
 POST     /forks/{id}/prefetch         install the hot set (``{"timeout"}`` optional)
-POST     /forks/{id}/wait             wait until the guest is done and the session ended
+POST     /forks/{id}/wait             wait until the guest is done and the session ended;
+                                      the final ``stats`` and ``prefetch`` report
 POST     /forks/{id}/snapshot         ``{"template", ["release"]}``: pause the fork, register
                                       its memory as a child template of its own (201), then
                                       resume it (or release it)
@@ -58,6 +63,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
+from pagefork.daemon.config import PrefetchPolicy, PrefetchPolicyError
 from pagefork.daemon.httpserver import (
     KNOWN_METHODS,
     HttpServer,
@@ -215,6 +221,18 @@ class _Body:
             raise _bad(f"field {name!r} must be of type {names}, not {type(value).__name__}")
         return value
 
+    def prefetch_policy(self) -> PrefetchPolicy | None:
+        """The prefetch policy the body names (``prefetch_policy``, ``prefetch_head``), or
+        None when it names none; 400 naming the field if it is invalid."""
+        policy = self.get("prefetch_policy", str)
+        head = self.get("prefetch_head", int)
+        if policy is None and head is None:
+            return None
+        try:
+            return PrefetchPolicy.parse(policy, head)
+        except PrefetchPolicyError as exc:
+            raise _bad(str(exc)) from None
+
     def number(self, name: str, low: float, high: float, integer: bool = False) -> Any:
         value = self.get(name, int if integer else (int, float))
         if value is not None and not low <= value <= high:
@@ -255,7 +273,7 @@ class ControlApi:
             return self._dispatch(method, path.split("?", 1)[0].rstrip("/") or "/", body)
         except HttpError as exc:
             return Response.json(exc.status, {"error": str(exc)}, exc.headers)
-        except (TemplateFieldError, DriverOptionsError) as exc:
+        except (TemplateFieldError, DriverOptionsError, PrefetchPolicyError) as exc:
             return Response.json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
         except (UnknownTemplateError, UnknownForkError) as exc:
             return Response.json(HTTPStatus.NOT_FOUND, {"error": str(exc)})
@@ -323,10 +341,11 @@ class ControlApi:
         except TemplateError as exc:
             raise _bad(f"field 'id': {exc}") from None
         share = body.get("share_memory", bool) is True
+        policy = body.prefetch_policy()  # checked before anything is made
         source = body.get("source", str)
         if source is not None:  # a template pushed to object storage: kind firecracker
             record = self.manager.create_template_from(template_id, source, body.text("name"))
-            return self._created_template(record, share)
+            return self._created_template(record, share, policy)
         try:
             kind = kind_of(body.get("kind", str, required=True))
         except TemplateError as exc:
@@ -343,12 +362,21 @@ class ControlApi:
             )
         else:
             record = self.registry.create_microvm(template_id, _microvm_spec(body), name=name)
-        return self._created_template(record, share)
+        return self._created_template(record, share, policy)
 
-    def _created_template(self, record: TemplateRecord, share: bool) -> Response:
+    def _created_template(
+        self, record: TemplateRecord, share: bool, policy: PrefetchPolicy | None
+    ) -> Response:
         """201 with the record; with ``share``, sharing is turned on first, and ``note`` says
-        so in one line when KSM is off on this host (pagefork never turns it on)."""
+        so in one line when KSM is off on this host (pagefork never turns it on); ``policy``
+        is kept in the record (None: the template follows the daemon's default)."""
         doc: dict[str, Any] = {}
+        if policy is not None:
+
+            def keep_policy(r: TemplateRecord) -> None:
+                r.prefetch_policy, r.prefetch_head = policy.policy, policy.head
+
+            record = self.registry.update_with(record.id, keep_policy)
         if share:
             record = self.registry.set_share_memory(record.id, True)
             note = off_note()
@@ -400,7 +428,8 @@ class ControlApi:
             known = ", ".join(sorted(self.manager.drivers)) or "none available"
             raise _bad(f"field 'vmm': unknown VMM driver {vmm!r} (known: {known})")
         options = body.get("options", dict) or {}
-        fork = self.manager.create_fork(template_id, fork_id, vmm, options)
+        policy = body.prefetch_policy()
+        fork = self.manager.create_fork(template_id, fork_id, vmm, options, policy)
         return Response.json(HTTPStatus.CREATED, fork.to_dict())
 
     def _get_fork(self, fork_id: str, raw: bytes) -> Response:

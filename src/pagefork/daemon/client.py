@@ -271,8 +271,11 @@ class DaemonClient:
         fork_id: str | None = None,
         vmm: str | None = None,
         options: dict[str, Any] | None = None,
+        prefetch_policy: str | None = None,
+        prefetch_head: int | None = None,
     ) -> dict[str, Any]:
-        """Create a fork; the answer holds its id (``fork``) and uffd ``socket``."""
+        """Create a fork; the answer holds its id (``fork``) and uffd ``socket``. A prefetch
+        policy given here overrides the template's for this fork."""
         body: dict[str, Any] = {"template": template_id}
         if fork_id is not None:
             body["fork"] = fork_id
@@ -280,6 +283,10 @@ class DaemonClient:
             body["vmm"] = vmm
         if options:
             body["options"] = options
+        if prefetch_policy is not None:
+            body["prefetch_policy"] = prefetch_policy
+        if prefetch_head is not None:
+            body["prefetch_head"] = prefetch_head
         result: dict[str, Any] = self.request("POST", "/forks", body)
         return result
 

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pagefork.daemon.config import ManagerConfig
+from pagefork.daemon.config import ManagerConfig, PrefetchPolicy, PrefetchPolicyError
 from pagefork.daemon.fork import DriverOptionsError, Fork, journal_record
 from pagefork.daemon.holdings import Holdings, Hooks
 from pagefork.daemon.hotsets import HotSets
@@ -50,6 +50,17 @@ def _check_mergeable(fork_id: str, pid: int | None) -> None:
             fork_id,
             pid,
         )
+
+
+def template_policy(record: TemplateRecord, default: PrefetchPolicy) -> PrefetchPolicy:
+    """The prefetch policy ``record`` names, or ``default`` when it names none;
+    :class:`PrefetchPolicyError` naming the template and the field if its record's is bad."""
+    if record.prefetch_policy is None and record.prefetch_head is None:
+        return default
+    try:
+        return PrefetchPolicy.parse(record.prefetch_policy, record.prefetch_head)
+    except PrefetchPolicyError as exc:
+        raise PrefetchPolicyError(f"template {record.id!r}: {exc}") from None
 
 
 def check_socket_dir(socket_dir: str) -> int:
@@ -122,6 +133,7 @@ class ForkCreator:
         fork_id: str | None = None,
         driver: str | None = None,
         options: Mapping[str, Any] | None = None,
+        policy: PrefetchPolicy | None = None,
     ) -> Fork:
         """Register a fork of ``template_id`` and return it; see
         :meth:`~pagefork.daemon.manager.ForkManager.create_fork`.
@@ -140,8 +152,13 @@ class ForkCreator:
             self.check_options(driver, opts, fork_id)
             vmm = self.drivers[driver]
         seen = self.registry.get(template_id)
+        if policy is None:
+            policy = template_policy(seen, self.config.prefetch_policy)
         hot = self.hot_sets.hot_set_of(seen)
         fork, record = self.servers.register(seen, fork_id, hot, driver, starting=vmm is not None)
+        # Before this call answers with the fork's socket, and before its VMM starts: nobody
+        # has asked for its prefetch yet.
+        fork.policy = policy
         log.info("fork %s of %s: %s, socket %s", fork_id, template_id, fork.role, fork.socket_path)
         hooks = self.hooks
         if hooks.socket_journal is not None:
@@ -184,7 +201,9 @@ class ForkCreator:
         The prefetch starts with the restore: it waits for the fork's handshake, which the VMM
         sends while it loads its snapshot, and installs the hot set while the load goes on (a
         fault the load itself takes, such as Firecracker's VMGenID write, is served between
-        two slices of it). Resume waits for both.
+        two slices of it). Resume waits for both. With a ``stream`` policy the prefetch
+        returns once the head of the hot set is in, so the VMM resumes then, and the rest
+        streams while the guest runs (:meth:`HotSets.prefetch` reports it when done).
         """
         prefetched: list[BaseException | None] = []
 

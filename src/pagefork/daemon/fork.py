@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagefork.daemon.config import PrefetchPolicy
 from pagefork.daemon.lifecycle import (
     PHASE,
     VMM_GONE,
@@ -60,6 +61,8 @@ class Fork:
     prefetch: dict[str, Any] | None = None
     final_stats: ForkStats | None = None
     hot: HotPageList | None = None  # what this fork prefetches (role "prefetch")
+    #: How its hot set goes in around its resume (its template's policy, or the request's).
+    policy: PrefetchPolicy = field(default_factory=PrefetchPolicy)
     stage: DaemonStage = DaemonStage.LIVE
     template_created: float = 0.0  # the template record's ``created``: see TemplateKey
     #: The VMM's exit status once it has exited (negative: the signal that killed it; None

@@ -5,9 +5,10 @@
   grows into all of memory makes restores slower). When the window closes, or the fork ends or
   is released, the hot set is saved to the template's hot-pages file (the producer).
 - *prefetch*: every later fork gets that hot set installed before its vCPUs resume (the
-  consumer). A hot set that does not fit the fork's memory (the snapshot was taken again with
-  another layout) is not an error: the fork is served on demand, its prefetch result says
-  why, and the template's next fork records a new hot set.
+  consumer), or, with the template's ``stream`` policy, the head of it before and the rest
+  while the guest runs. A hot set that does not fit the fork's memory (the snapshot was
+  taken again with another layout) is not an error: the fork is served on demand, its
+  prefetch result says why, and the template's next fork records a new hot set.
 - *demand*: a fork that arrives while the warm-up still records, before any hot set exists, is
   served on demand only (two recordings would race for one file).
 
@@ -32,11 +33,35 @@ from pagefork.hotloop import HotSetLoop
 from pagefork.hotpages import HotPageList
 from pagefork.hotpages import load as load_hot_pages
 from pagefork.layers.hotset import InheritedHotSet, inherited_hot_set
+from pagefork.prefetch import PrefetchResult
 from pagefork.regions import Region
 from pagefork.store.lazy import LazyTemplate
 from pagefork.templates import TemplateRecord, TemplateRegistry
 
 log = logging.getLogger("pagefork")
+
+#: How much longer than the prefetch's own timeout its streamed rest may take to report.
+_STREAM_GRACE = 60.0
+
+
+def _counts(result: PrefetchResult) -> dict[str, Any]:
+    """A prefetch result's counters, as a fork's prefetch report shows them."""
+    return {
+        "installed": result.installed,
+        "already_present": result.already_present,
+        "skipped_removed": result.skipped_removed,
+        "runs": result.runs,
+        "ioctls": result.ioctls,
+        "bytes": result.bytes,
+        "seconds": result.seconds,
+        # Until the head was in: what the VMM's resume waited for.
+        "head_seconds": result.head_seconds,
+        # A template in object storage: what its hot chunks cost to fetch first.
+        "fetched_bytes": result.fetched_bytes,
+        "fetch_seconds": result.fetch_seconds,
+        # Gaps between hot runs installed with them (one copy cheaper than two ioctls).
+        "bridged_bytes": result.bridged_bytes,
+    }
 
 
 def _misfit(hot: HotPageList, regions: Sequence[Region]) -> str | None:
@@ -120,8 +145,11 @@ class HotSets:
                 return fork.prefetch
             fork.prefetch = {"role": fork.role, "hot_pages": 0, "installed": 0}
             return fork.prefetch
+        policy = fork.policy
+        # A head as large as the hot set streams nothing: all of it goes in before resume.
+        head = policy.head if policy.head is not None and policy.head < len(fork.hot) else None
         try:
-            result = state.server.prefetch(fork_id, fork.hot, timeout=wait)
+            result = state.server.prefetch(fork_id, fork.hot, timeout=wait, head=head)
         except PrefetchError as exc:
             problem = None
             if not exc.installed:
@@ -130,23 +158,60 @@ class HotSets:
             if problem is None:
                 raise
             return self._fall_back_to_demand(fork, problem)
-        fork.prefetch = {
+        report: dict[str, Any] = {
             "role": fork.role,
             "hot_pages": len(fork.hot),
-            "installed": result.installed,
-            "already_present": result.already_present,
-            "skipped_removed": result.skipped_removed,
-            "runs": result.runs,
-            "ioctls": result.ioctls,
-            "bytes": result.bytes,
-            "seconds": result.seconds,
-            # A template in object storage: what its hot chunks cost to fetch first.
-            "fetched_bytes": result.fetched_bytes,
-            "fetch_seconds": result.fetch_seconds,
-            # Gaps between hot runs installed with them (one copy cheaper than two ioctls).
-            "bridged_bytes": result.bridged_bytes,
+            "policy": policy.policy,
+            "head": policy.head,
+            **_counts(result),
+            # Installed before the call returned (the VMM resumes then), after it (while the
+            # guest ran), and the pages the guest faulted in before the stream reached them.
+            "before_resume": result.installed,
+            "after_resume": 0,
+            "raced": 0,
+            # Until the rest of a streamed hot set is in (then its counts above are final).
+            "streaming": head is not None,
         }
-        return fork.prefetch
+        with self.holdings.lock:
+            fork.prefetch = report
+        if head is not None:
+            threading.Thread(
+                target=self._settle_stream,
+                args=(fork, state, report, wait + _STREAM_GRACE),
+                name=f"pagefork-stream-{fork_id}",
+                daemon=True,
+            ).start()
+        return report
+
+    def _settle_stream(
+        self, fork: Fork, state: TemplateState, report: dict[str, Any], timeout: float
+    ) -> None:
+        """Wait for the rest of ``fork``'s streamed hot set, then give its report the final
+        counts (or the error that ended the stream)."""
+        try:
+            whole = state.server.stream_result(fork.fork_id, timeout)
+        except PageforkError as exc:  # the session ended first, or the fork was released
+            settled = {**report, "streaming": False, "stream_error": str(exc)}
+        else:
+            settled = {**report, "streaming": False}
+            if whole is not None:
+                settled.update(_counts(whole))
+                settled["before_resume"] = whole.installed - whole.streamed
+                settled["after_resume"] = whole.streamed
+                settled["raced"] = whole.raced
+        with self.holdings.lock:
+            if fork.prefetch is report:  # not replaced by a later prefetch meanwhile
+                fork.prefetch = settled
+            self.holdings.final.notify_all()
+        log.debug("fork %s: hot set streamed: %s", fork.fork_id, settled)
+
+    def wait_streamed(self, fork: Fork, timeout: float) -> dict[str, Any] | None:
+        """``fork``'s prefetch report once no hot set streams into it (or after ``timeout``
+        seconds, still streaming)."""
+        h = self.holdings
+        with h.final:
+            h.final.wait_for(lambda: not (fork.prefetch or {}).get("streaming"), timeout)
+            return fork.prefetch
 
     def _inherited_of(self, record: TemplateRecord) -> InheritedHotSet | None:
         """What a child template's forks are prefetched from while its first fork records

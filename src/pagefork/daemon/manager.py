@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pagefork.daemon.config import ManagerConfig
+from pagefork.daemon.config import ManagerConfig, PrefetchPolicy
 from pagefork.daemon.creating import (
     MAX_FORK_ID,
     MAX_SOCKET_PATH,
@@ -253,6 +253,7 @@ class ForkManager:
         fork_id: str | None = None,
         driver: str | None = None,
         options: Mapping[str, Any] | None = None,
+        policy: PrefetchPolicy | None = None,
     ) -> Fork:
         """Register a fork of ``template_id`` and return it (its uffd socket path in it).
 
@@ -265,8 +266,9 @@ class ForkManager:
 
         The template's first fork starts its page server, outside the manager's lock: other
         requests proceed meanwhile, and other forks of the template wait for that start.
+        ``policy`` overrides the template's prefetch policy for this fork.
         """
-        return self.creator.create_fork(template_id, fork_id, driver, options)
+        return self.creator.create_fork(template_id, fork_id, driver, options, policy)
 
     def create_template_from(
         self, template_id: str, source: str, name: str | None = None
@@ -294,16 +296,17 @@ class ForkManager:
 
     def wait(self, fork_id: str, timeout: float) -> dict[str, Any]:
         """Wait until the fork's guest has done its work (when its driver can tell) and its
-        session has ended; the driver's summary (``vmm``) and the final ``stats``."""
+        session has ended; the driver's summary (``vmm``), the final ``stats``, and the
+        ``prefetch`` report (final: a hot set streamed into it is in, or its stream ended)."""
         h = self.holdings
         fork = self.fork(fork_id)
         state = h.state_of(fork)
         summary = fork.handle.wait(timeout) if fork.handle is not None else None
+        deadline = time.monotonic() + timeout
         if fork.handle is not None and fork.handle.stays_after_run:
             # Kept for snapshots: its VMM stays, stopped, so its session goes on.
             stats = state.server.stats(fork_id)
         else:
-            deadline = time.monotonic() + timeout
             stats = state.server.wait_ended(fork_id, timeout=timeout)
             if stats.state in ("ended", "failed"):
                 # Its state says so from now on, whenever the final stats arrive.
@@ -315,7 +318,8 @@ class ForkManager:
                 h.final.wait_for(
                     lambda: fork.final_stats is not None, max(0.0, deadline - time.monotonic())
                 )
-        return {"vmm": summary, "stats": stats.to_dict()}
+        prefetch = self.hot_sets.wait_streamed(fork, max(0.0, deadline - time.monotonic()))
+        return {"vmm": summary, "stats": stats.to_dict(), "prefetch": prefetch}
 
     def rerecord(self, template_id: str) -> None:
         """Make the template's next fork a recording warm-up again."""

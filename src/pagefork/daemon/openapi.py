@@ -57,6 +57,48 @@ _STATE_WORDS = (
     "fork is gone (DELETE /forks/{id}); so is a deleted template."
 )
 
+#: A template's, or one fork's, prefetch policy (both fields optional: none names the
+#: daemon's default, before-resume).
+_POLICY_FIELDS: dict[str, Any] = {
+    "prefetch_policy": {
+        "type": "string",
+        "enum": ["before-resume", "stream"],
+        "description": "How its forks' hot set goes in: all of it before the VMM resumes "
+        "(`before-resume`, the default), or its first `prefetch_head` pages (first-touch "
+        "order) before, the VMM resumed at once, and the rest streamed while the guest runs "
+        "(`stream`).",
+    },
+    "prefetch_head": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 1 << 26,
+        "description": "With `stream` (and required by it): hot pages installed before resume. "
+        "A head as large as the hot set is a before-resume.",
+    },
+}
+
+#: A fork's prefetch report (null until its hot set is asked for).
+_PREFETCH_REPORT: dict[str, Any] = {
+    "type": ["object", "null"],
+    "description": "What its prefetch did. Warm-up and demand forks: `role`, `hot_pages` 0, "
+    "`installed` 0. Prefetched forks, also: `policy`, `head`, `already_present`, `runs`, "
+    "`ioctls`, `bytes`, `seconds`, `head_seconds` (what the resume waited for), "
+    "`bridged_bytes`, `fetched_bytes`, `fetch_seconds`, and `before_resume` / "
+    "`after_resume` (hot pages installed before the VMM resumed, and while its guest ran), "
+    "`raced` (pages the guest faulted in before the stream reached them), `streaming` (true "
+    "until the rest of a streamed hot set is in: the counts are then final), `stream_error` "
+    "(why a stream ended early, if it did).",
+    "properties": {
+        "policy": {"type": "string", "enum": ["before-resume", "stream"]},
+        "head": {"type": ["integer", "null"]},
+        "installed": {"type": "integer"},
+        "before_resume": {"type": "integer"},
+        "after_resume": {"type": "integer"},
+        "raced": {"type": "integer"},
+        "streaming": {"type": "boolean"},
+    },
+}
+
 SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -97,6 +139,14 @@ SCHEMAS: dict[str, Any] = {
                 "type": "integer",
                 "description": "Pages in its hot set (GET /templates/{id} only).",
             },
+            **{
+                k: {
+                    **v,
+                    "type": [v["type"], "null"],
+                    "description": v["description"] + " Null: the daemon's default.",
+                }
+                for k, v in _POLICY_FIELDS.items()
+            },
         },
     },
     "TemplateList": {
@@ -126,6 +176,7 @@ SCHEMAS: dict[str, Any] = {
                     "copy": {"type": "boolean", "default": False},
                     "name": {"type": "string"},
                     "share_memory": {"type": "boolean", "default": False},
+                    **_POLICY_FIELDS,
                 },
             },
             {
@@ -143,6 +194,7 @@ SCHEMAS: dict[str, Any] = {
                     "seed": {"type": "integer", "minimum": 0},
                     "name": {"type": "string"},
                     "share_memory": {"type": "boolean", "default": False},
+                    **_POLICY_FIELDS,
                 },
             },
             {
@@ -154,6 +206,7 @@ SCHEMAS: dict[str, Any] = {
                     "source": {"type": "string", "description": "s3://BUCKET/PREFIX"},
                     "name": {"type": "string"},
                     "share_memory": {"type": "boolean", "default": False},
+                    **_POLICY_FIELDS,
                 },
             },
         ]
@@ -176,7 +229,7 @@ SCHEMAS: dict[str, Any] = {
             "pid": {"type": ["integer", "null"]},
             "exit_status": {"type": ["integer", "null"]},
             "created": {"type": "number"},
-            "prefetch": {"type": ["object", "null"]},
+            "prefetch": _PREFETCH_REPORT,
             "stats": _ref("ForkStats"),
             "memory": {
                 "oneOf": [_ref("ForkMemory"), {"type": "null"}],
@@ -239,6 +292,10 @@ SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "description": "Driver options (see 'pagefork forks create --help').",
             },
+            **{
+                k: {**v, "description": v["description"] + " Overrides the template's."}
+                for k, v in _POLICY_FIELDS.items()
+            },
         },
     },
     "Timeout": {
@@ -275,7 +332,13 @@ PATHS: dict[str, Any] = {
                         "mem_file": "/var/lib/snapshots/web/mem",
                         "snapshot_path": "/var/lib/snapshots/web/vmstate",
                     },
-                    "kvm": {"id": "vm", "kind": "kvm", "mem_size_mib": 16},
+                    "kvm": {
+                        "id": "vm",
+                        "kind": "kvm",
+                        "mem_size_mib": 16,
+                        "prefetch_policy": "stream",
+                        "prefetch_head": 256,
+                    },
                     "store": {"id": "pushed", "source": "s3://my-bucket/templates/web"},
                 },
             ),
@@ -326,6 +389,11 @@ PATHS: dict[str, Any] = {
                 _ref("NewFork"),
                 {
                     "socket only": {"template": "web", "fork": "web-1"},
+                    "whole hot set before resume": {
+                        "template": "web",
+                        "fork": "web-2",
+                        "prefetch_policy": "before-resume",
+                    },
                     "built-in microVM": {
                         "template": "vm",
                         "fork": "vm-1",
@@ -377,7 +445,20 @@ PATHS: dict[str, Any] = {
         "post": {
             "summary": "Wait until the guest is done and its session ended",
             "requestBody": _body(_ref("Timeout"), {"bounded": {"timeout": 30}}, required=False),
-            "responses": {"200": _json({"type": "object"}, "Done."), **_errors(400, 404, 409)},
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "vmm": {"description": "The driver's summary of the guest's run."},
+                            "stats": _ref("ForkStats"),
+                            "prefetch": _PREFETCH_REPORT,
+                        },
+                    },
+                    "Done; its final counters and prefetch report.",
+                ),
+                **_errors(400, 404, 409),
+            },
         },
     },
     _F + "/snapshot": {

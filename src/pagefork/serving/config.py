@@ -31,8 +31,9 @@ class ServerConfig:
     bound the recording window. At most ``max_pending_handshakes`` connections may wait for
     their handshake at once; more are refused. ``workers`` is the number of worker processes
     (``"auto"``: one per usable CPU); ``spare_worker`` keeps one more started, so a dead
-    worker is replaced at once. With ``pin_workers`` and one worker per CPU, each worker is
-    pinned to its CPU and a fork whose VMM is pinned to one CPU goes to that CPU's worker.
+    worker is replaced at once. With one worker per CPU, a fork whose VMM is pinned to one CPU
+    goes to that CPU's worker, and ``pin_workers`` pins each worker to its CPU (measured no
+    worse, and better for a lone fork: see :meth:`~pagefork.serving.pool.WorkerPool.place`).
     ``on_connect`` / ``on_fork_end`` / ``on_window_closed`` are called with the fork's id;
     ``on_worker_restarted`` with (old pid, new pid, forks adopted). ``layers`` are layer
     files over the mem-file, bottom first: forks then read the layered template

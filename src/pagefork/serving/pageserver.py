@@ -73,9 +73,10 @@ def _start_pool(config: ServerConfig, memfile: MemFile | LazyTemplate | LayeredV
         memfile.size,
         memfile.zero_index_fd(),
         spare=config.spare_worker,
-        # One worker per CPU, each pinned there: a fork whose VMM is pinned is then served
-        # on its own core.
-        cpus=cpus if config.pin_workers and count == len(cpus) else None,
+        # One worker per CPU, each with that CPU as its home: a fork whose VMM is pinned is
+        # served by the worker of its CPU (pinned there with pin_workers).
+        cpus=cpus if count == len(cpus) else None,
+        pin=config.pin_workers,
         layout_fds=memfile.layout_fds() if isinstance(memfile, LayeredView) else (),
         lazy=(lazy.presence_fd, lazy.chunk_size) if lazy is not None else None,
     )

@@ -124,8 +124,11 @@ class WorkerProcess:
         cpu: int | None = None,
         layout_fds: tuple[int, ...] = (),
         lazy: tuple[int, int] | None = None,
+        pin: bool = True,
     ) -> None:
         self.slot = slot
+        #: Its home CPU (None: it has none): forks whose VMM is pinned there come to it. With
+        #: ``pin`` it runs there only; else wherever the scheduler puts it.
         self.cpu = cpu
         self.forks: set[str] = set()
         self._plans: collections.OrderedDict[int, None] = collections.OrderedDict()
@@ -179,7 +182,7 @@ class WorkerProcess:
             parent.close()
             raise PageforkError(f"cannot watch a worker process: {exc.strerror}") from None
         parent.settimeout(SEND_TIMEOUT)
-        if cpu is not None:
+        if cpu is not None and pin:
             with contextlib.suppress(OSError):  # a CPU taken offline meanwhile: run anywhere
                 os.sched_setaffinity(self.pid, {cpu})
         self.alive = True
@@ -362,7 +365,12 @@ class WorkerProcess:
 
 
 class WorkerPool:
-    """``count`` worker slots and one spare; the caller (the supervisor loop) owns it."""
+    """``count`` worker slots and one spare; the caller (the supervisor loop) owns it.
+
+    With ``cpus`` (one per slot), slot i's worker has CPU i as its home: a fork whose VMM is
+    pinned to a CPU goes to that CPU's worker (:meth:`place`). ``pin`` also pins each worker
+    to its home CPU; without it the scheduler may run a worker on any CPU.
+    """
 
     def __init__(
         self,
@@ -374,6 +382,7 @@ class WorkerPool:
         cpus: list[int] | None = None,
         layout_fds: tuple[int, ...] = (),
         lazy: tuple[int, int] | None = None,
+        pin: bool = True,
     ) -> None:
         self._mem = (mem_fd, mem_size, zero_fd)
         self._layout = layout_fds
@@ -381,8 +390,9 @@ class WorkerPool:
         #: What each worker is told to do if the supervisor dies (None: nothing, it exits).
         self.orphan_setup: M.OrphanSetup | None = None
         self._want_spare = spare
-        #: Slot i's CPU when workers are pinned (one per CPU), else None.
+        #: Slot i's home CPU (one per CPU), else None; workers run only there with ``pin``.
         self._cpus: list[int | None] = list(cpus) if cpus else [None] * count
+        self._pin = pin
         self.workers: list[WorkerProcess | None] = []
         self.spare: WorkerProcess | None = None
         #: Slots whose workers crash-looped, and when: not restarted for :data:`GIVE_UP_SECONDS`.
@@ -400,10 +410,21 @@ class WorkerPool:
         self.start_spare()
 
     def _spawn(self, slot: int, cpu: int | None) -> WorkerProcess:
-        w = WorkerProcess(slot, *self._mem, cpu=cpu, layout_fds=self._layout, lazy=self._lazy)
+        w = WorkerProcess(
+            slot, *self._mem, cpu=cpu, layout_fds=self._layout, lazy=self._lazy, pin=self._pin
+        )
         if self.orphan_setup is not None:
             w.send_orphan_setup(self.orphan_setup)
         return w
+
+    def _seat(self, w: WorkerProcess, slot: int) -> None:
+        """Put ``w`` (the spare) in ``slot``, with the slot's home CPU (pinned there if the
+        pool pins)."""
+        w.slot, w.cpu = slot, self._cpus[slot]
+        self.workers[slot] = w
+        if w.cpu is not None and self._pin:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(w.pid, {w.cpu})
 
     def keep_forks_if_killed(self, setup: M.OrphanSetup) -> None:
         """Tell every worker, and each one started later, to serve on if the supervisor dies
@@ -426,9 +447,22 @@ class WorkerPool:
         return [w for w in self.workers if w is not None]
 
     def place(self, vmm_cpu: int | None) -> WorkerProcess | None:
-        """The worker for a new fork: the one pinned to the CPU its VMM is pinned to (a wake-up
-        within one core costs a fraction of one across cores), else the least loaded. Never a
-        worker that is not answering its heartbeat. None when no worker can take it."""
+        """The worker for a new fork: the one whose home is the CPU its VMM is pinned to, else
+        the least loaded (forks arriving together go round the workers). Never a worker that
+        is not answering its heartbeat. None when no worker can take it.
+
+        Chosen by measurement (bench_fanout, 2 CPUs, a shared host; per-round ratios to a C
+        handler with a process per fork; the range of three runs' medians, 3-4 rounds each;
+        crossed VMMs in two runs, placing by last CPU in one): a fault and its answer are two
+        wake-ups, and across cores each costs an IPI. Serving a pinned VMM from the other
+        core's worker made a burst 6-11x slower at 1 fork and 1.6-3.6x at 4 to 32, so a
+        pinned VMM goes to its CPU's worker. Pinning the workers (``pin_workers``, the
+        default) measured 1.07-1.75x at 1 pinned fork against 1.10-2.49x unpinned, and
+        the same within the noise at 4 to 32 forks (0.99-1.63x against 0.92-2.03x); with
+        free VMMs neither was better (0.87-2.51x against 1.51-2.29x). Placing a free VMM by
+        the CPU it ran on at its handshake was no better than the least loaded worker
+        (1.56-2.73x against 0.87-1.91x): the scheduler moves it soon after.
+        """
         live = [w for w in self.live() if w.answering]
         if vmm_cpu is not None:
             for w in live:
@@ -494,10 +528,7 @@ class WorkerPool:
             except PageforkError as exc:
                 return None, str(exc)
         else:
-            new.slot, new.cpu = slot, cpu
-            if cpu is not None:
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(new.pid, {cpu})
+            self._seat(new, slot)
         self.workers[slot] = new
         self.start_spare()  # after the slot is filled: a spare that cannot start costs nothing
         return new, None
@@ -518,12 +549,8 @@ class WorkerPool:
                 del self.given_up[slot]
                 self._deaths[slot].clear()
             if self.spare is not None and self.spare.answering:
-                w, self.spare = self.spare, None
-                w.slot, w.cpu = slot, self._cpus[slot]
-                if w.cpu is not None:
-                    with contextlib.suppress(OSError):
-                        os.sched_setaffinity(w.pid, {w.cpu})
-                self.workers[slot] = w
+                self._seat(self.spare, slot)
+                self.spare = None
                 continue
             try:
                 w = self._spawn(slot, self._cpus[slot])

@@ -30,7 +30,7 @@ _TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Fields every record has; ``live_forks`` is derived, never stored.
 _DERIVED_FIELDS = ("live_forks",)
 #: Fields records of older versions lack (they are roots, and do not share memory).
-_OPTIONAL_FIELDS = ("parent", "layers", "share_memory")
+_OPTIONAL_FIELDS = ("parent", "layers", "share_memory", "prefetch_policy", "prefetch_head")
 
 
 class UnknownTemplateError(TemplateError):
@@ -74,7 +74,9 @@ class TemplateRecord:
     snapshotted from (None for a root, or once flattened) and ``layers`` the layer files over
     ``mem_file``, bottom first (records of older versions have neither: a root).
     ``share_memory``: its forks' VMMs are marked mergeable for KSM (opt-in; see
-    :mod:`pagefork.ksm`).
+    :mod:`pagefork.ksm`). ``prefetch_policy`` and ``prefetch_head``: how the daemon installs
+    its forks' hot set around their resume (None: the daemon's default; checked by the daemon,
+    :class:`pagefork.daemon.config.PrefetchPolicy`).
     """
 
     id: str
@@ -92,6 +94,8 @@ class TemplateRecord:
     parent: str | None = None
     layers: list[str] = field(default_factory=list)
     share_memory: bool = False
+    prefetch_policy: str | None = None
+    prefetch_head: int | None = None
 
     @property
     def mem_pages(self) -> int:
@@ -128,6 +132,8 @@ class TemplateRecord:
             "parent": (str, type(None)),
             "layers": (list,),
             "share_memory": (bool,),
+            "prefetch_policy": (str, type(None)),
+            "prefetch_head": (int, type(None)),
         }
         values: dict[str, Any] = {}
         for f in fields(cls):
