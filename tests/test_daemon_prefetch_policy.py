@@ -70,8 +70,10 @@ def test_a_stream_policy_resumes_after_the_head_and_streams_the_rest(
     assert (streamed["policy"], streamed["head"], streamed["streaming"]) == ("stream", HEAD, False)
     assert "stream_error" not in streamed
     # Whole runs go in, so the head may be a little more than HEAD pages.
-    assert HEAD <= streamed["before_resume"] < WINDOW
-    assert streamed["after_resume"] > 0
+    assert HEAD <= streamed["before_resume"] <= WINDOW
+    # Whether the rest goes in before the VMM's resume completes, after it, or by the guest's
+    # own faults (demand faults go ahead of stream slices) is timing: the stream's own tests
+    # decide it with a stopped worker. What is not timing: the resume waited for the head only.
     assert 0 < streamed["head_seconds"] <= streamed["seconds"]  # the resume waited this long
     assert streamed["before_resume"] + streamed["after_resume"] == streamed["installed"]
     # Every hot page went in once, or was found present: faulted in first by the guest (a
