@@ -5,12 +5,14 @@ its bytes against the template."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import StartDaemon, needs_uffd
+from pagefork.cli import main
 from pagefork.daemon.client import DaemonClient, DaemonError
 from pagefork.daemon.service import Daemon
 from pagefork.testing.fcdouble import FcDoubleProcess
@@ -95,7 +97,7 @@ def test_a_stream_policy_resumes_after_the_head_and_streams_the_rest(
 
 
 def test_invalid_prefetch_policies_get_400_naming_the_field(
-    start_daemon: StartDaemon, tmp_path: Path
+    start_daemon: StartDaemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, client = start_daemon(drivers={})
     mem, snap = tmp_path / "mem", tmp_path / "snap"
@@ -130,3 +132,33 @@ def test_invalid_prefetch_policies_get_400_naming_the_field(
             client.request("POST", "/forks", {"template": "fc", **fields})
         assert (info.value.status, message in str(info.value)) == (400, True), (fields, info.value)
     assert client.forks() == []  # nothing was registered
+
+    # The command line passes both options through, and shows the daemon's refusal in one line.
+    ctl = ["--control", client.control_path]
+    stream = ["--prefetch-policy", "stream", "--prefetch-head"]
+    assert main(["forks", "create", "fc", *stream, "-1", *ctl]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "field 'prefetch_head' must be" in err[0], err
+    assert main(["forks", "create", "fc", "--id", "f1", *stream, "16", *ctl, "--json"]) == 0
+    capsys.readouterr()
+    assert [f["fork"] for f in client.forks()] == ["f1"]
+    assert (
+        main(
+            [
+                "templates",
+                "create",
+                "fc2",
+                "--mem-file",
+                str(mem),
+                "--snapshot",
+                str(snap),
+                *stream,
+                "16",
+                *ctl,
+                "--json",
+            ]
+        )
+        == 0
+    )
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["prefetch_policy"], shown["prefetch_head"]) == ("stream", 16)

@@ -83,6 +83,34 @@ def _add_control(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_prefetch_policy(p: Any, whose: str) -> None:
+    """The two options that choose how a fork's hot set goes in (``whose``: for the help)."""
+    p.add_argument(
+        "--prefetch-policy",
+        choices=("before-resume", "stream"),
+        help=f"{whose}: install the whole hot set before the VMM resumes (before-resume, the "
+        "daemon's default), or resume once --prefetch-head pages are in and stream the rest "
+        "while the guest runs (stream)",
+    )
+    p.add_argument(
+        "--prefetch-head",
+        type=int,
+        metavar="PAGES",
+        help="with --prefetch-policy stream: the hot pages, in first-touch order, installed "
+        "before resume",
+    )
+
+
+def _prefetch_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields --prefetch-policy and --prefetch-head give (none when not given)."""
+    fields: dict[str, Any] = {}
+    if args.prefetch_policy is not None:
+        fields["prefetch_policy"] = args.prefetch_policy
+    if args.prefetch_head is not None:
+        fields["prefetch_head"] = args.prefetch_head
+    return fields
+
+
 def add_parser(subparsers: Any) -> None:
     """Register ``daemon``, ``templates`` and ``forks``."""
     d = subparsers.add_parser(
@@ -214,6 +242,7 @@ def add_parser(subparsers: Any) -> None:
         help="a template pushed with 'pagefork push': served lazily from the store (its "
         "vmstate and hot set come with it)",
     )
+    _add_prefetch_policy(tc, "this template's forks")
     tc.epilog = _examples(
         "pagefork templates create web --mem-file snap/mem --snapshot snap/vmstate",
         "pagefork templates create vm --microvm --mem-size 64",
@@ -284,6 +313,7 @@ def add_parser(subparsers: Any) -> None:
         help="a driver option (VALUE parsed as JSON when it can be); repeatable; the options "
         "each driver takes are listed below",
     )
+    _add_prefetch_policy(fc, "this fork (overrides its template's)")
     fc.epilog = (
         DRIVER_OPTIONS_HELP
         + "\n\n"
@@ -291,6 +321,7 @@ def add_parser(subparsers: Any) -> None:
             "pagefork forks create vm --vmm kvm --option snapshots=true",
             "pagefork forks create web --vmm firecracker --option api_socket=/run/fc-1.sock",
             "pagefork forks create web --id web-1    # your VMM connects to the printed socket",
+            "pagefork forks create vm --vmm kvm --prefetch-policy stream --prefetch-head 256",
         )
     )
     fc.set_defaults(func=run_forks_create)
@@ -555,7 +586,9 @@ def run_templates_create(args: argparse.Namespace) -> int:
         if args.microvm or args.mem_file or args.snapshot:
             raise PageforkError("--from takes no --microvm, --mem-file or --snapshot")
         client = _client(args)
-        doc = client.create_template_from(args.id, args.source, args.name, args.share_memory)
+        doc = client.create_template_from(
+            args.id, args.source, args.name, args.share_memory, **_prefetch_fields(args)
+        )
         _show_created(doc, args.json)
         return 0
     if args.microvm:
@@ -576,6 +609,7 @@ def run_templates_create(args: argparse.Namespace) -> int:
             fields["page_size"] = args.page_size
         if args.copy:
             fields["copy"] = True
+    fields.update(_prefetch_fields(args))
     _show_created(_client(args).create_template(args.id, kind, **fields), args.json)
     return 0
 
@@ -656,7 +690,12 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
 def run_forks_create(args: argparse.Namespace) -> int:
     """``forks create TEMPLATE``."""
     doc = _client(args).create_fork(
-        args.template, args.fork_id, args.vmm, _parse_options(args.option)
+        args.template,
+        args.fork_id,
+        args.vmm,
+        _parse_options(args.option),
+        args.prefetch_policy,
+        args.prefetch_head,
     )
     if args.json:
         _print_json(doc)

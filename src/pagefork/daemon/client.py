@@ -234,10 +234,16 @@ class DaemonClient:
         return result
 
     def create_template_from(
-        self, template_id: str, source: str, name: str | None = None, share_memory: bool = False
+        self,
+        template_id: str,
+        source: str,
+        name: str | None = None,
+        share_memory: bool = False,
+        **fields: Any,
     ) -> dict[str, Any]:
-        """Create a template from one pushed to object storage (``s3://BUCKET/PREFIX``)."""
-        body: dict[str, Any] = {"id": template_id, "source": source}
+        """Create a template from one pushed to object storage (``s3://BUCKET/PREFIX``);
+        ``fields`` are further fields of the request (``prefetch_policy``, ...)."""
+        body: dict[str, Any] = {"id": template_id, "source": source, **fields}
         if name:
             body["name"] = name
         if share_memory:
