@@ -312,7 +312,7 @@ class Worker:
                     assert lazy is not None
                     chunk = lazy.missing_chunk(file_offset, psize)
                     if chunk is not None:
-                        self._park(f, address, chunk)
+                        self._park(f, address, chunk, file_offset)
                         continue
             # Count before the ioctl: it wakes the guest, which may read the stats right after.
             c[faults_] += 1
@@ -371,11 +371,11 @@ class Worker:
             f.deferred = again + self.read_events(f, until_empty=True)
             self.table.attend.add(f)
 
-    def _park(self, f: WorkerFork, address: int, chunk: int) -> None:
-        """Keep a fault until its chunk is in the view; ask the supervisor for it once."""
+    def _park(self, f: WorkerFork, address: int, chunk: int, file_offset: int) -> None:
+        """Keep a fault until its page is in the view; ask the supervisor for it once."""
         assert self.lazy is not None
         if self.lazy.park(f, address, chunk):
-            ipc.send(self.chan, M.Need(chunk))
+            ipc.send(self.chan, M.Need(chunk, file_offset))
             if self.crash_at:
                 self.crash_point("parked")
 

@@ -57,6 +57,7 @@ from pagefork.memfile import MemFile, ZeroIndexed
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.store import client as s3
 from pagefork.store.cache import ChunkCache, default_cache_dir
+from pagefork.store.coldfault import block_of, chunk_error, fetch_block
 from pagefork.store.hotpack import build_pack, fetch_pack, hot_file_pages
 from pagefork.store.layered import LayerOverlay
 from pagefork.store.layout import (
@@ -89,6 +90,7 @@ class LazyTemplate(ZeroIndexed):
         endpoint_url: str | None = None,
         fetch_jobs: int = DEFAULT_FETCH_JOBS,
         fetch_deadline: float = s3.DEADLINE,
+        warm: bool = True,
     ) -> None:
         self.url = parse_s3_url(url)
         self.path = str(self.url)
@@ -141,6 +143,9 @@ class LazyTemplate(ZeroIndexed):
         self._view_lock = threading.Lock()
         self._pack_lock = threading.Lock()
         self._pack_done = False
+        # Pages may come in alone (hot pack, blocks): writes to the view then take turns.
+        self._per_page = m.hot_pack is not None or bool(m.block_size) or m.is_layer
+        self._blocks: dict[tuple[int, int], ChunkFuture] = {}  # block fetches in flight
         #: GETs issued for chunks and the hot pack, and the bytes they brought (cache hits
         #: not counted); of those, the pack's.
         self.gets = 0
@@ -149,6 +154,16 @@ class LazyTemplate(ZeroIndexed):
         self.pack_bytes = 0
         # A layer template's changed pages, installed before any chunk (None: not a layer).
         self._layers = LayerOverlay.of(self._client, self.url, m, cache, self._install_page)
+        #: Ranged GETs of single blocks (a cold chunk's fault first); chunks installed from
+        #: the host cache when the template opened.
+        self.block_gets = 0
+        self.warm_chunks = 0
+        self._warmer: threading.Thread | None = None
+        if warm and self._layers is None:  # a layer's chunks are its base's
+            self._warmer = threading.Thread(
+                target=self._warm_from_cache, name="pagefork-warm", daemon=True
+            )
+            self._warmer.start()
 
     # --- chunks ------------------------------------------------------------------------------
     def present(self, chunk: int) -> bool:
@@ -301,7 +316,7 @@ class LazyTemplate(ZeroIndexed):
         key = m.chunk_key(chunk)
         fetched = 0
         where = f"chunk {chunk} of {self.path}"
-        data = self.cache.get(sha, length)
+        data = self.cache.get(sha, length)  # verified when it entered the cache
         cached = data is not None
         if data is None:
             deadline = time.monotonic() + self.fetch_deadline
@@ -326,38 +341,40 @@ class LazyTemplate(ZeroIndexed):
                     patient=True,
                     on_get=counted,
                 )
-            except s3.CorruptObjectError:
-                raise StoreError(
-                    f"{where}: s3://{self.url.bucket}/{key} does not match its SHA-256 (corrupt "
-                    "object in the store; nothing of it was served): repair it with 'pagefork "
-                    f"push --verify s3://{self.url.bucket}/{self.url.prefix} --mem-file MEM'"
-                ) from None
             except StoreError as exc:
-                if "no such object" in str(exc):
-                    raise StoreError(
-                        f"{where}: s3://{self.url.bucket}/{key} is gone from the bucket "
-                        "(deleted after the push): push the template again"
-                    ) from None
-                raise StoreError(f"{where}: {exc}") from None
-        page = self._zero_map_lies(chunk, data, m.zero_pages)
+                raise chunk_error(where, self.url, key, exc) from None
+        self._install(chunk * self.chunk_size, data, where, chunk, m.zero_pages)
+        if not cached:
+            # On a thread of its own: the faults waiting for this chunk need not wait for it.
+            self._writer.submit(self.cache.put, sha, data)
+        return fetched
+
+    def _install(
+        self, offset: int, data: bytes, where: str, chunk: int | None, zeros: bytes
+    ) -> None:
+        """Write verified ``data`` (chunk ``chunk``, or a block of one when None) at file
+        ``offset`` into the view, skipping pages already in, then mark it present; ``zeros``
+        is the zero map of the manifest that names its bytes."""
+        assert self._presence is not None
+        first = offset // PAGE_SIZE
+        page = self._zero_map_lies(first, data, zeros)
         if page is not None:
             raise StoreError(
-                f"{where}: the manifest marks page {page} zero but the chunk (verified against "
-                "its SHA-256) holds data there: the manifest is corrupt; nothing of it was served"
+                f"{where}: the manifest marks page {page} zero but its bytes (verified against "
+                "their SHA-256) hold data there: the manifest is corrupt; nothing of it was served"
             )
-        assert self._presence is not None
         view = memoryview(data)
-        offset = chunk * self.chunk_size
-        first = offset // PAGE_SIZE
         npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
         base = self.nchunks + first
-        # Without a pack no page is present on its own: chunks are written in parallel.
-        packed_template = self.manifest.hot_pack is not None or self._layers is not None
-        with self._view_lock if packed_template else contextlib.nullcontext():
+        # Without per-page presence (no pack, no blocks) chunks are written in parallel.
+        with self._view_lock if self._per_page else contextlib.nullcontext():
+            whole = offset // self.chunk_size
+            if chunk is None and self._presence[whole]:
+                return  # its chunk came in first: every page of it is in already
             packed = self._presence[base : base + npages]
             if 1 not in packed:
                 _write_all(self.fd, view, offset)
-            else:  # only the pages the hot pack did not bring: never rewrite a served page
+            else:  # only the pages not in yet: never rewrite a page a worker may copy
                 page = 0
                 while page < npages:
                     if packed[page]:
@@ -370,16 +387,14 @@ class LazyTemplate(ZeroIndexed):
                     )
                     page = end
             # Only now may a worker copy from it: the bytes are in the view and verified.
-            self._presence[chunk] = 1
-        if not cached:
-            # On a thread of its own: the faults waiting for this chunk need not wait for it.
-            self._writer.submit(self.cache.put, sha, data)
-        return fetched
+            if chunk is not None:
+                self._presence[chunk] = 1
+            else:
+                self._presence[base : base + npages] = b"\x01" * npages
 
-    def _zero_map_lies(self, chunk: int, data: bytes, zeros: bytes) -> int | None:
-        """The first page of ``chunk`` the zero map ``zeros`` (of the chunk's own manifest)
-        marks zero that ``data`` has data in."""
-        first = chunk * self.chunk_size // PAGE_SIZE
+    def _zero_map_lies(self, first: int, data: bytes, zeros: bytes) -> int | None:
+        """The first page of ``data`` (at page ``first``) the zero map ``zeros`` (of the
+        manifest that names those bytes) marks zero that ``data`` has data in."""
         view = memoryview(data)
         npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
         page = zeros.find(1, first, first + npages)
@@ -390,6 +405,79 @@ class LazyTemplate(ZeroIndexed):
                 return page
             page = zeros.find(1, page + 1, first + npages)
         return None
+
+    # --- a cold chunk's fault first (pagefork.store.coldfault) --------------------------------
+    def request_page(self, chunk: int, offset: int) -> ChunkFuture:
+        """A future of the page at file ``offset`` (in chunk ``chunk``) arriving in the view:
+        with per-block digests, its block is fetched and verified alone, then the rest of the
+        chunk in the background; without, :meth:`request` (the whole chunk)."""
+        span = None if not 0 <= chunk < self.nchunks else block_of(self.manifest, chunk, offset)
+        if span is None:
+            return self.request(chunk)
+        block = span[0]
+        with self._lock:
+            fut = self._inflight.get(chunk)  # the chunk is coming: the page comes with it
+            if fut is not None or self._closed or self.present(chunk):
+                return fut if fut is not None else self.request(chunk)
+            fut = self._blocks.get((chunk, block))
+            if fut is not None:
+                return fut
+            fut = self._pool.submit(self._fetch_block, chunk, span)
+            self._blocks[(chunk, block)] = fut
+        # Added before any caller's: the rest of the chunk is asked for before a fault
+        # answered on this block can ask again for another page of it.
+        fut.add_done_callback(lambda f: self._block_done(chunk, block, f))
+        return fut
+
+    def _fetch_block(self, chunk: int, span: tuple[int, int, int]) -> int:
+        """Bring the block ``span`` (block, file offset, length) of ``chunk`` into the view,
+        verified; from the host cache, whole chunk, when it holds it (a pool thread)."""
+        sha = self.manifest.chunks[chunk]
+        assert sha is not None
+        if self.cache.get(sha, self.manifest.chunk_length(chunk)) is not None:
+            return self._fetch(chunk)  # read once more from the page cache: cheap
+        fetched = 0
+
+        def counted(n: int) -> None:
+            nonlocal fetched
+            fetched += n
+            with self._lock:
+                self.gets += 1
+                self.fetched_bytes += n
+                self.block_gets += 1
+
+        block, offset, _ = span
+        deadline = time.monotonic() + self.fetch_deadline
+        data = fetch_block(self._client, self.url, self.manifest, chunk, block, deadline, counted)
+        where = f"block {block} of chunk {chunk} of {self.path}"
+        self._install(offset, data, where, None, self.manifest.zero_pages)
+        return fetched
+
+    def _block_done(self, chunk: int, block: int, fut: ChunkFuture) -> None:
+        with self._lock:
+            self._blocks.pop((chunk, block), None)
+        if fut.cancelled() or fut.exception() is not None:
+            return  # its forks fail with the block's error; a later fault asks again
+        with contextlib.suppress(StoreError):
+            self.request(chunk)  # the rest, in the background (its failure fails its waiters)
+
+    # --- a warm host cache ------------------------------------------------------------------
+    def _warm_from_cache(self) -> None:
+        """Install every chunk the host cache holds, one after another (a thread of its own):
+        one read each, no hashing (verified when it entered the cache), so a warm host's
+        forks never park. One chunk at a time, so demand fetches always find a pool thread."""
+        names = self.cache.names()
+        for chunk, sha in enumerate(self.manifest.chunks):
+            if sha is None or sha not in names or self.present(chunk):
+                continue
+            try:
+                self.request(chunk).result()
+            except (StoreError, concurrent.futures.CancelledError):
+                if self._closed:
+                    return
+                continue  # an entry gone bad meanwhile: fetched again, its error to its forks
+            with self._lock:
+                self.warm_chunks += 1
 
     # --- publishing a hot set recorded here --------------------------------------------------
     def publish_hot_set(self, hot: HotPageList, regions: Sequence[Region]) -> str:
@@ -459,6 +547,10 @@ class LazyTemplate(ZeroIndexed):
             self._writer.shutdown(wait=True)  # every verified chunk fetched is kept
             if self._layers is not None:
                 self._layers.close()
+        if getattr(self, "_warmer", None) is not None:
+            assert self._warmer is not None
+            self._warmer.join()
+            self._warmer = None
         if self._presence is not None:
             self._presence.close()
             self._presence = None
@@ -491,6 +583,10 @@ class StoreOptions:
     client: Any = None
     #: Seconds a chunk may take, every attempt and backoff included, before its forks fail.
     fetch_deadline: float = s3.DEADLINE
+    #: Install every chunk the host cache holds into the view when the template opens (in the
+    #: background, no hashing), so a warm host's forks never wait: the view then holds the
+    #: cached part of the template in memory, as a local mem-file's page cache would.
+    warm_view: bool = True
 
 
 def open_mem_source(path: str, options: StoreOptions | None) -> MemFile | LazyTemplate:
@@ -506,6 +602,7 @@ def open_mem_source(path: str, options: StoreOptions | None) -> MemFile | LazyTe
         endpoint_url=options.endpoint_url,
         fetch_jobs=options.fetch_jobs,
         fetch_deadline=options.fetch_deadline,
+        warm=options.warm_view,
     )
 
 

@@ -1,0 +1,254 @@
+"""A cold chunk's first fault, and a new server's first fork on a warm host cache.
+
+A local S3-compatible server (``moto_server``) runs behind the latency proxy of
+:mod:`pagefork.testing.s3proxy` (a process of its own). Every fork is a test VMM (its own
+process) that checks every byte it touches.
+
+a. **A demand fault on a cold chunk.** A fresh page server and an empty host cache each round;
+   the guest touches one page in each of a few chunks, one touch at a time: each touch is one
+   fault whose chunk is not on the host. Compared: the template pushed without per-block
+   digests (the fault waits for its whole 2 MiB chunk) and with them (the fault waits for the
+   one block around it: 16, 64 or 256 KiB; the rest of the chunk follows in the background).
+   Store at 0 ms and 20 ms added latency.
+b. **Warm host cache.** A new page server on a host whose cache holds the whole template: its
+   first fork walks a scattered hot set on demand. *warm view*: the chunks the cache holds are
+   installed into the view when the template opens (in the background, one read each, no
+   hashing); *on fault*: each chunk is read from the cache (no hashing) when a fault first
+   needs it. Against a local mem-file served the same way (its server already open, as the
+   cache-backed server's workers are started before the walk is timed). The template's open
+   (until the server is ready) is shown beside: it is what a user pays once per server.
+
+Run: ``python bench/bench_coldfault.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from _common import (
+    PAGE,
+    MiB,
+    alternating,
+    console,
+    fmt,
+    header,
+    make_mem_file,
+    median,
+    paired_ratio,
+    scattered_runs,
+    scratch_dir,
+    standalone,
+    table,
+)
+
+from pagefork.server import PageServer, ServerConfig
+from pagefork.store.cache import ChunkCache
+from pagefork.store.client import make_client
+from pagefork.store.layout import parse_s3_url
+from pagefork.store.lazy import LazyTemplate, StoreOptions
+from pagefork.store.push import push
+from pagefork.testing.s3proxy import MotoServer, S3ProxyProcess
+from pagefork.testing.vmm import VmmProcess
+
+TARGETS = {"warm_cache_ratio": ("<=", 1.2)}
+SUMMARY = {
+    "cold_fault_ms_whole_0ms": "(a) a cold chunk's first fault, whole chunk (ms), 0 ms store",
+    "cold_fault_ms_block_0ms": "(a) the same, its 64 KiB block first (ms)",
+    "cold_fault_ms_whole_20ms": "(a) a cold chunk's first fault, whole chunk (ms), 20 ms store",
+    "cold_fault_ms_block_20ms": "(a) the same, its 64 KiB block first (ms)",
+    "warm_cache_ratio": "(b) a new server's first fork from a warm host cache / local mem-file",
+    "warm_fault_ratio": "(b) the same, chunks read from the cache on fault only",
+}
+_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "pagefork-bench",
+    "AWS_SECRET_ACCESS_KEY": "pagefork-bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextmanager
+def _store() -> Iterator[tuple[str, S3ProxyProcess]]:
+    saved = {k: os.environ.get(k) for k in _CREDENTIALS}
+    os.environ.update(_CREDENTIALS)
+    try:
+        with MotoServer() as moto, S3ProxyProcess(moto.url) as proxy:
+            yield moto.url, proxy
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _Servers:
+    def __init__(self, work: str, proxy: S3ProxyProcess) -> None:
+        self.work = work
+        self.proxy = proxy
+        self.n = 0
+
+    def path(self, what: str) -> str:
+        self.n += 1
+        return os.path.join(self.work, f"{what}{self.n}")
+
+    def server(self, mem: str, cache: str | None = None, warm: bool = True) -> PageServer:
+        sockets = self.path("s")
+        os.mkdir(sockets)
+        store = None
+        if cache is not None:
+            store = StoreOptions(
+                cache=ChunkCache(cache, 1 << 40), endpoint_url=self.proxy.url, warm_view=warm
+            )
+        config = ServerConfig(mem_file_path=mem, socket_dir=sockets, store=store, workers=1)
+        server = PageServer(config)
+        server.wait_ready()
+        return server
+
+    def walk(self, server: PageServer, mem: str, guest: int, touches: list[list[Any]]) -> float:
+        """One fork: each of ``touches`` in turn; the seconds of each (a list when several)."""
+        self.n += 1
+        fork_id = f"f{self.n}"
+        vm = VmmProcess(server.register_fork(fork_id), mem, [f"{guest // MiB}M"])
+        seconds: list[float] = []
+        try:
+            server.wait_connected(fork_id)
+            for pages in touches:
+                reply = vm.send(cmd="touch", pages=pages)
+                if reply["bad"]:
+                    raise RuntimeError(f"fork {fork_id}: {reply['bad']} pages differ")
+                seconds.append(reply["seconds"])
+        finally:
+            vm.close()
+        stats = server.wait_ended(fork_id, timeout=60)
+        server.unregister_fork(fork_id)
+        if stats.errors:
+            raise RuntimeError(f"fork {fork_id} failed: {stats.error}")
+        return median(seconds) if len(seconds) > 1 else seconds[0]
+
+
+def _cold_faults(
+    s: _Servers, mem: str, guest: int, urls: dict[str, str], rounds: int
+) -> dict[str, list[float]]:
+    """(a): per template, the median ms of a cold chunk's first fault, per round."""
+    chunk = 2 * MiB
+    # One non-zero page in the middle of each of 6 chunks (the mem-file's zero pages are random:
+    # the VMM checks every byte, a zero page would be served without a fetch).
+    touches = [[[0, c * chunk + chunk // 2 + PAGE]] for c in range(1, guest // chunk, 5)][:6]
+    out: dict[str, list[float]] = {}
+    for _, name in alternating(rounds, list(urls)):
+        server = s.server(urls[name], s.path("cache"))
+        try:
+            out.setdefault(name, []).append(s.walk(server, mem, guest, touches) * 1000)
+        finally:
+            server.close()
+    return out
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    """Run the comparisons; return the figures."""
+    if importlib.util.find_spec("moto") is None:
+        return {"skipped": "needs moto[server] for a local S3 server: pip install '.[dev]'"}
+    guest = (32 if quick else 64) * MiB
+    rounds = 3 if quick else 5
+    header(
+        "Cold-chunk faults and warm host caches",
+        f"{guest // MiB} MiB template, 2 MiB chunks, {rounds} rounds per comparison; "
+        "moto_server behind a latency proxy.",
+    )
+    figures: dict[str, Any] = {}
+    with scratch_dir() as work, _store() as (endpoint, proxy):
+        client = make_client(endpoint)
+        client.create_bucket(Bucket="bench")
+        s = _Servers(work, proxy)
+        mem = os.path.join(work, "mem")
+        make_mem_file(mem, guest, 0.0, seed=1)
+        urls: dict[str, str] = {}
+        sizes = (("whole", 0), ("16K", 16 << 10), ("block", 64 << 10), ("256K", 256 << 10))
+        for name, block in sizes:
+            if quick and name in ("16K", "256K"):
+                continue
+            urls[name] = f"s3://bench/t-{name}"
+            push(parse_s3_url(urls[name]), mem, client, block_size=block)
+
+        # a. a cold chunk's first fault
+        rows = []
+        for ms in (0, 20):
+            proxy.set_delay(ms / 1000)
+            got = _cold_faults(s, mem, guest, urls, rounds)
+            for name, values in got.items():
+                figures[f"cold_fault_ms_{name}_{ms}ms"] = median(values)
+            ratio = paired_ratio(got["whole"], got["block"])
+            figures[f"cold_fault_speedup_{ms}ms"] = ratio
+            for name, values in got.items():
+                label = {"whole": "whole chunk", "block": "64K block"}.get(name, f"{name} block")
+                rows.append([f"{ms} ms", label, fmt(median(values), 1)])
+        table("a. a cold chunk's first fault", ["store", "fault waits for", "ms (median)"], rows)
+
+        # b. a new server's first fork on a warm host cache
+        proxy.set_delay(0.020)  # a store that would be far away: warm forks must not reach it
+        cache = s.path("cache")
+        filler = s.server(urls["block"], cache)
+        try:
+            everything = [[0, o] for o in range(0, guest, PAGE)]
+            s.walk(filler, mem, guest, [everything])
+        finally:
+            filler.close()
+        runs = scattered_runs(guest // PAGE, guest // PAGE // 10, seed=5)
+        hot = [[[0, p * PAGE] for run in runs for p in run]]
+        local = s.server(mem)
+        res: dict[str, list[float]] = {}
+        try:
+            for _, mode in alternating(rounds, ["local", "warm", "fault"]):
+                if mode == "local":
+                    res.setdefault(mode, []).append(s.walk(local, mem, guest, hot) * 1000)
+                    continue
+                t0 = time.perf_counter()
+                fresh = s.server(urls["block"], cache, warm=mode == "warm")
+                res.setdefault(f"{mode}_open", []).append((time.perf_counter() - t0) * 1000)
+                try:
+                    res.setdefault(mode, []).append(s.walk(fresh, mem, guest, hot) * 1000)
+                    lazy = fresh.memfile
+                    assert isinstance(lazy, LazyTemplate)
+                    if lazy.gets or lazy.cache.hashed:
+                        raise RuntimeError("a warm fork reached the store or hashed")
+                finally:
+                    fresh.close()
+        finally:
+            local.close()
+        figures["warm_local_ms"] = median(res["local"])
+        figures["warm_cache_ms"] = median(res["warm"])
+        figures["warm_fault_ms"] = median(res["fault"])
+        figures["warm_cache_ratio"] = paired_ratio(res["warm"], res["local"])
+        figures["warm_fault_ratio"] = paired_ratio(res["fault"], res["local"])
+        figures["warm_open_ms"] = median(res["warm_open"])
+        figures["fault_open_ms"] = median(res["fault_open"])
+        table(
+            "b. a new server's first fork, on demand",
+            ["template", "walk ms", "vs local mem-file", "server open ms"],
+            [
+                ["local mem-file", fmt(figures["warm_local_ms"], 1), "1.00", "-"],
+                [
+                    "warm cache, installed at open",
+                    fmt(figures["warm_cache_ms"], 1),
+                    fmt(figures["warm_cache_ratio"]),
+                    fmt(figures["warm_open_ms"], 0),
+                ],
+                [
+                    "warm cache, read on fault",
+                    fmt(figures["warm_fault_ms"], 1),
+                    fmt(figures["warm_fault_ratio"]),
+                    fmt(figures["fault_open_ms"], 0),
+                ],
+            ],
+        )
+        console.print(f"hot set {len(hot[0])} pages; every byte checked by the guest")
+    return figures
+
+
+if __name__ == "__main__":
+    standalone(main)
