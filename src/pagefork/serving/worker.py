@@ -499,9 +499,14 @@ def main() -> None:
     layout_fds = tuple(int(v) for v in options["layout"].split(",")) if "layout" in options else ()
     chan = orphaning.SupervisorChannel(fileno=chan_fd)
     worker = Worker(chan, mem_fd, mem_size, zero_fd, layout_fds, lazy)
-    if lazy is None:  # a lazy view fills later: populating it now would only map holes
+    if worker.lazy is None:
         with contextlib.suppress(OSError):  # fill the page tables now; faults then cost less
             libc.madvise(worker.mem_address, mem_size, _MADV_POPULATE_READ)
+    else:  # a lazy view: only the chunks in already (a warm host cache's), never its holes
+        for offset, length in worker.lazy.present_spans(worker.zeros):
+            with contextlib.suppress(OSError):
+                length = min(length, mem_size - offset)
+                libc.madvise(worker.mem_address + offset, length, _MADV_POPULATE_READ)
     while True:
         try:
             worker.run()
