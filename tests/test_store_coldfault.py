@@ -14,6 +14,7 @@ from procs import proxy_fixture, s3_env_fixture, s3_server_fixture  # noqa: F401
 from conftest import PAGE, needs_uffd
 from pagefork.errors import StoreError
 from pagefork.server import PageServer, ServerConfig
+from pagefork.store import lazy as lazy_mod
 from pagefork.store.cache import ChunkCache
 from pagefork.store.client import get_bytes, make_client, put_bytes
 from pagefork.store.layout import Manifest, parse_manifest, parse_s3_url, sha256
@@ -118,6 +119,37 @@ def test_a_cold_fault_is_served_before_the_rest_of_its_chunk_arrives(pushed, vmm
     finally:
         proxy.hang(None)
         server.close()
+
+
+def test_the_rest_of_a_chunk_never_rewrites_a_block_already_served(
+    pushed, proxy, tmp_path, monkeypatch, mem_file
+):
+    lazy = LazyTemplate(pushed, ChunkCache(str(tmp_path / "c")), endpoint_url=proxy.url)
+    try:
+        proxy.hang("/chunks/", whole_only=True)  # the rest waits until the block is checked
+        writes: list[tuple[int, int]] = []
+        real = os.pwrite
+
+        def spy(fd: int, data: bytes, offset: int) -> int:
+            writes.append((offset, len(data)))
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(lazy_mod.os, "pwrite", spy)
+        assert lazy.request_page(4, 4 * CHUNK + 3 * BLOCK + 5 * PAGE).result(30) == BLOCK
+        block = set(range((4 * CHUNK + 3 * BLOCK) // PAGE, (4 * CHUNK + 4 * BLOCK) // PAGE))
+        assert all(lazy.page_present(p) for p in block) and not lazy.present(4)
+        assert {o // PAGE + i for o, n in writes for i in range(n // PAGE)} == block
+        writes.clear()
+        proxy.hang(None)
+        lazy.ensure([4], 30)  # the fetch of the rest, in flight since the block came
+        written = {o // PAGE + i for o, n in writes for i in range(n // PAGE)}
+        assert written.isdisjoint(block)
+        assert written | block == set(range(4 * CHUNK // PAGE, 5 * CHUNK // PAGE))
+        assert os.pread(lazy.fd, CHUNK, 4 * CHUNK) == mem_file.read_bytes()[4 * CHUNK : 5 * CHUNK]
+        assert lazy.block_gets == 1 and proxy.get_count(manifest_of(pushed).chunk_key(4)) == 2
+    finally:
+        proxy.hang(None)
+        lazy.close()
 
 
 @needs

@@ -35,6 +35,15 @@ overwrites a page a worker may be copying.
 A layer template (a manifest laid over a parent, :mod:`pagefork.store.layered`) uses the same
 per-page presence: before its first chunk is written, every page its layers changed is
 installed from their packs, and the chunks that serve the rest are its base template's.
+
+Per-page presence serves two more paths. A fault on a chunk not yet on the host, in a template
+whose manifest has per-block digests, is answered as soon as the block around it is fetched
+and verified; the chunk follows in the background (:mod:`pagefork.store.coldfault` says how
+every byte is still verified first). And a template opened on a host whose cache holds its
+chunks installs them all into the view at once, in the background (not a layer template:
+its chunks are its base's) (one read each, no hashing:
+the cache verified them when they entered it, :mod:`pagefork.store.cache` says why that is
+safe), so a warm host's forks never park; workers started after that map them in at once.
 """
 
 from __future__ import annotations
