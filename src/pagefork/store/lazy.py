@@ -39,11 +39,11 @@ installed from their packs, and the chunks that serve the rest are its base temp
 Per-page presence serves two more paths. A fault on a chunk not yet on the host, in a template
 whose manifest has per-block digests, is answered as soon as the block around it is fetched
 and verified; the chunk follows in the background (:mod:`pagefork.store.coldfault` says how
-every byte is still verified first). And a template opened on a host whose cache holds its
-chunks installs them all into the view at once, in the background (not a layer template:
-its chunks are its base's) (one read each, no hashing:
-the cache verified them when they entered it, :mod:`pagefork.store.cache` says why that is
-safe), so a warm host's forks never park; workers started after that map them in at once.
+every byte is still verified first). And a template (not a layer one) opened on a host whose
+cache holds its chunks installs them all into the view at once, in the background (one read
+each, no hashing: the cache verified them when they entered it, :mod:`pagefork.store.cache`
+says why that is safe), so a warm host's forks never park; workers started after that map
+them in at once.
 """
 
 from __future__ import annotations
