@@ -77,12 +77,12 @@ from pagefork.store.layout import (
     parse_s3_url,
     sha256,
 )
+from pagefork.store.viewio import write_absent, write_all, zero_map_lies
 
 log = logging.getLogger("pagefork.store")
 
 #: Chunks fetched at once (per template), unless chosen otherwise.
 DEFAULT_FETCH_JOBS = 16
-_ZERO_PAGE = bytes(PAGE_SIZE)
 
 ChunkFuture = concurrent.futures.Future[int]
 
@@ -265,7 +265,7 @@ class LazyTemplate(ZeroIndexed):
         with self._view_lock:
             if self.page_present(page):
                 return  # its chunk is in already: never written twice
-            _write_all(self.fd, data, page * PAGE_SIZE)
+            write_all(self.fd, data, page * PAGE_SIZE)
             self._presence[self.nchunks + page] = 1
 
     def request(self, chunk: int) -> ChunkFuture:
@@ -366,54 +366,23 @@ class LazyTemplate(ZeroIndexed):
         is the zero map of the manifest that names its bytes."""
         assert self._presence is not None
         first = offset // PAGE_SIZE
-        page = self._zero_map_lies(first, data, zeros)
+        page = zero_map_lies(zeros, first, data)
         if page is not None:
             raise StoreError(
                 f"{where}: the manifest marks page {page} zero but its bytes (verified against "
                 "their SHA-256) hold data there: the manifest is corrupt; nothing of it was served"
             )
-        view = memoryview(data)
-        npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
-        base = self.nchunks + first
+        base, npages = self.nchunks + first, (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
         # Without per-page presence (no pack, no blocks) chunks are written in parallel.
         with self._view_lock if self._per_page else contextlib.nullcontext():
-            whole = offset // self.chunk_size
-            if chunk is None and self._presence[whole]:
+            if chunk is None and self._presence[offset // self.chunk_size]:
                 return  # its chunk came in first: every page of it is in already
-            packed = self._presence[base : base + npages]
-            if 1 not in packed:
-                _write_all(self.fd, view, offset)
-            else:  # only the pages not in yet: never rewrite a page a worker may copy
-                page = 0
-                while page < npages:
-                    if packed[page]:
-                        page += 1
-                        continue
-                    end = packed.find(1, page)
-                    end = npages if end < 0 else end
-                    _write_all(
-                        self.fd, view[page * PAGE_SIZE : end * PAGE_SIZE], offset + page * PAGE_SIZE
-                    )
-                    page = end
+            write_absent(self.fd, data, offset, self._presence[base : base + npages])
             # Only now may a worker copy from it: the bytes are in the view and verified.
             if chunk is not None:
                 self._presence[chunk] = 1
             else:
                 self._presence[base : base + npages] = b"\x01" * npages
-
-    def _zero_map_lies(self, first: int, data: bytes, zeros: bytes) -> int | None:
-        """The first page of ``data`` (at page ``first``) the zero map ``zeros`` (of the
-        manifest that names those bytes) marks zero that ``data`` has data in."""
-        view = memoryview(data)
-        npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
-        page = zeros.find(1, first, first + npages)
-        while page >= 0:
-            start = (page - first) * PAGE_SIZE
-            piece = view[start : start + PAGE_SIZE]
-            if piece != _ZERO_PAGE[: len(piece)]:
-                return page
-            page = zeros.find(1, page + 1, first + npages)
-        return None
 
     # --- a cold chunk's fault first (pagefork.store.coldfault) --------------------------------
     def request_page(self, chunk: int, offset: int) -> ChunkFuture:
@@ -571,13 +540,6 @@ class LazyTemplate(ZeroIndexed):
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
-
-
-def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 @dataclass(frozen=True)
