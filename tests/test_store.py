@@ -124,7 +124,9 @@ def test_cache_returns_what_was_put_and_detects_corruption(tmp_path):
     cache.put(sha, data)
     assert cache.get(sha, len(data)) == data
     path = tmp_path / "c" / sha
-    path.write_bytes(b"\x02" + data[1:])  # bit rot, or a hostile local writer
+    assert path.stat().st_mode & 0o777 == 0o400  # read-only: verified once, when it entered
+    path.chmod(0o600)  # a local writer must make it writable first: then it is hashed again
+    path.write_bytes(b"\x02" + data[1:])
     assert cache.get(sha) is None  # detected: never handed out
     assert not path.exists() and cache.corrupt == 1
     assert [p.name for p in (tmp_path / "c").iterdir()] == []  # no temporaries left

@@ -148,9 +148,12 @@ def test_a_cold_prefetch_fetches_the_pack_alone_and_the_guest_sees_the_template(
     reply = vmm.send(cmd="touch", pages=[list(p) for p in hot])
     assert reply["bad"] == 0
     assert server.stats("a").faults == 0
-    # The rest stays lazy: every page still matches, its chunks fetched on demand.
+    # The rest stays lazy: every page still matches, its chunks fetched on demand (each whole
+    # once, after the block of its first fault).
     assert vmm.send(cmd="touch", all=True)["bad"] == 0
-    assert gets(proxy, "/chunks/") == 12
+    assert isinstance(server.memfile, LazyTemplate)
+    assert 0 < server.memfile.block_gets <= 12
+    assert gets(proxy, "/chunks/") == 12 + server.memfile.block_gets
 
 
 @needs
@@ -165,10 +168,13 @@ def test_pack_pages_are_served_per_page_without_their_chunk(packed, s3_server, v
     reply = b.send(cmd="touch", pages=[list(p) for p in hot_pages()])
     assert reply["bad"] == 0 and server.stats("b").faults == len(hot_pages())
     assert gets(proxy, "/chunks/") == 0
-    # A page beside them that the pack lacks fetches its chunk, once.
+    # A page beside them that the pack lacks fetches its block, then its chunk, once.
     other = [[0, (5 * CHUNK // PAGE + 10) * PAGE]]
     assert b.send(cmd="touch", pages=other)["bad"] == 0
-    assert gets(proxy, "/chunks/") == 1
+    lazy = server.memfile
+    assert isinstance(lazy, LazyTemplate) and lazy.block_gets == 1
+    lazy.ensure([5], 30)  # waits for the chunk's fetch in flight: no GET of its own
+    assert gets(proxy, "/chunks/") == 2
 
 
 def test_a_chunk_fetched_later_never_rewrites_a_pack_page(

@@ -325,9 +325,11 @@ class Released:
 
 @dataclass(frozen=True, slots=True)
 class Need:
-    """Faults wait on this chunk of a lazy template: fetch it."""
+    """Faults wait on this chunk of a lazy template: fetch it (the block holding file
+    ``offset``, the first fault's, first when the template has block digests)."""
 
     chunk: int
+    offset: int = -1
 
 
 @dataclass(frozen=True, slots=True)

@@ -270,13 +270,14 @@ class PrefetchService:
         except StoreError as exc:
             raise PrefetchError(f"fork {fork_id}: {exc}") from None
 
-    def need(self, chunk: int) -> None:
-        """A worker has faults parked on ``chunk``: fetch it (once, however many ask), then
-        tell every worker it is in or that it failed."""
+    def need(self, chunk: int, offset: int = -1) -> None:
+        """A worker has faults parked on ``chunk``: fetch it (once, however many ask; the
+        block holding file ``offset`` first, when the template allows), then tell every worker
+        it is in (the parked faults whose pages are still out ask again) or that it failed."""
         if self._lazy is None:
             return
         try:
-            fut = self._lazy.request(chunk)
+            fut = self._lazy.request_page(chunk, offset)
         except StoreError as exc:
             self._tell_workers(M.ChunkFailed(chunk, str(exc)))
             return

@@ -313,7 +313,7 @@ class Supervisor:
         for fd in fds:
             os.close(fd)  # workers send no fds
         if isinstance(message, M.Need):
-            self.prefetcher.need(message.chunk)
+            self.prefetcher.need(message.chunk, message.offset)
             return True
         with self.lock:
             callbacks = self._on_worker_message(worker, message)

@@ -312,7 +312,7 @@ class Worker:
                     assert lazy is not None
                     chunk = lazy.missing_chunk(file_offset, psize)
                     if chunk is not None:
-                        self._park(f, address, chunk)
+                        self._park(f, address, chunk, file_offset)
                         continue
             # Count before the ioctl: it wakes the guest, which may read the stats right after.
             c[faults_] += 1
@@ -371,11 +371,11 @@ class Worker:
             f.deferred = again + self.read_events(f, until_empty=True)
             self.table.attend.add(f)
 
-    def _park(self, f: WorkerFork, address: int, chunk: int) -> None:
-        """Keep a fault until its chunk is in the view; ask the supervisor for it once."""
+    def _park(self, f: WorkerFork, address: int, chunk: int, file_offset: int) -> None:
+        """Keep a fault until its page is in the view; ask the supervisor for it once."""
         assert self.lazy is not None
         if self.lazy.park(f, address, chunk):
-            ipc.send(self.chan, M.Need(chunk))
+            ipc.send(self.chan, M.Need(chunk, file_offset))
             if self.crash_at:
                 self.crash_point("parked")
 
@@ -499,9 +499,14 @@ def main() -> None:
     layout_fds = tuple(int(v) for v in options["layout"].split(",")) if "layout" in options else ()
     chan = orphaning.SupervisorChannel(fileno=chan_fd)
     worker = Worker(chan, mem_fd, mem_size, zero_fd, layout_fds, lazy)
-    if lazy is None:  # a lazy view fills later: populating it now would only map holes
+    if worker.lazy is None:
         with contextlib.suppress(OSError):  # fill the page tables now; faults then cost less
             libc.madvise(worker.mem_address, mem_size, _MADV_POPULATE_READ)
+    else:  # a lazy view: only the chunks in already (a warm host cache's), never its holes
+        for offset, length in worker.lazy.present_spans(worker.zeros):
+            with contextlib.suppress(OSError):
+                length = min(length, mem_size - offset)
+                libc.madvise(worker.mem_address + offset, length, _MADV_POPULATE_READ)
     while True:
         try:
             worker.run()

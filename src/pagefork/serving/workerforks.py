@@ -314,6 +314,20 @@ class LazyChunks:
             return None
         return first + present[first : last + 1].index(0)
 
+    def present_spans(self, zeros: mmap.mmap) -> list[tuple[int, int]]:
+        """(file offset, length) of the runs of chunks in the view now (a warm host cache put
+        them in at open), all-zero chunks left out: holes, which must stay unallocated."""
+        per = (1 << self.chunk_shift) // PAGE_SIZE
+        spans: list[tuple[int, int]] = []
+        for c in range(self.nchunks):
+            if not self.presence[c] or zeros.find(b"\x00", c * per, (c + 1) * per) < 0:
+                continue
+            if spans and spans[-1][0] + spans[-1][1] == c << self.chunk_shift:
+                spans[-1] = (spans[-1][0], spans[-1][1] + (1 << self.chunk_shift))
+            else:
+                spans.append((c << self.chunk_shift, 1 << self.chunk_shift))
+        return spans
+
     def park(self, f: WorkerFork, address: int, chunk: int) -> bool:
         """Keep a fault until ``chunk`` is in; True when the chunk must be asked for."""
         self.parked.setdefault(chunk, []).append((f, address))

@@ -1,17 +1,42 @@
 """The host's chunk cache: content-addressed files, bounded, least recently used out first.
 
 Every template and fork on a host shares one cache directory: a chunk is the file named by its
-SHA-256, so templates that share content share cache entries too. Writes go to a temporary
-file renamed into place, so processes that share the directory (two ``serve``s, a daemon)
-never see half a chunk. An entry is verified against its name on every read: a corrupt one is
-removed and reported as absent, so it is fetched again. A read refreshes the entry's mtime:
-eviction drops the oldest mtimes first, across restarts and processes alike. The directory,
-not this process's count, is the truth: it is rescanned (sizes and mtimes) whenever this
-process has written a sixty-fourth of the bound or 16 chunks since the last scan, so processes
-that share it together stay within the bound (each may overshoot by that much between scans).
-Only files named as a SHA-256 (and our own temporaries) are ever removed, and only regular
-files: anything else under a chunk's name (a FIFO, a directory, a symlink) is not ours, so it
-is a miss, logged once and left alone, and the chunk is served from the store.
+SHA-256, so templates that share content share cache entries too. A chunk enters the cache only
+after its SHA-256 was checked (by the caller, against the store's bytes); writes go to a
+temporary file, written whole and synced, made read-only (mode 0400), and renamed into place, so
+processes that share the directory (two ``serve``s, a daemon) never see half a chunk.
+
+**Verified once per host.** A later read does not hash the entry again: it trusts it when it is
+what only this cache could have made. That is safe because:
+
+- The directory is owned by this process's effective uid and is not group- or other-writable
+  (created 0700; a directory another user can write is refused at open with a one-line error),
+  so no other user can add, replace or rename an entry. It is opened once and every entry is
+  opened relative to that descriptor, so a directory swapped for another (or for a symlink)
+  later is never followed.
+- An entry is trusted only if, seen through the descriptor it is read from (``O_NOFOLLOW``,
+  ``fstat``, so no symlink and no race between check and read), it is a regular file owned by
+  this uid, with no write permission for anyone (the cache writes 0400) and one link (no other
+  name through which it could be written), of the chunk's size. Its bytes are read once and
+  those bytes are what is installed: nothing read later can change what was checked.
+- An entry that fails those checks but is a regular file of ours (older caches wrote 0600, or
+  someone made it writable) is hashed: if it matches it is served and made read-only, so it is
+  trusted next time; if not it is removed and fetched again. Anything else under a chunk's name
+  (a FIFO, a directory, a symlink, a file of another owner) is not ours: a miss, logged once and
+  left alone.
+
+What remains trusted is this uid (and root): a process of the same user that chmods an entry
+back to 0400 after changing it is not detected, as it could change the server's own files.
+fs-verity would close that gap (the kernel then checks every read against the file's Merkle
+tree and no one can write it); it is not used: the kernels this is built on do not enable it
+(``FS_IOC_ENABLE_VERITY`` fails with ``EOPNOTSUPP``).
+
+A read refreshes the entry's mtime: eviction drops the oldest mtimes first, across restarts and
+processes alike. The directory, not this process's count, is the truth: it is rescanned (sizes
+and mtimes) whenever this process has written a sixty-fourth of the bound or 16 chunks since
+the last scan, so processes that share it together stay within the bound (each may overshoot by
+that much between scans). Only files named as a SHA-256 (and our own temporaries) are ever
+removed, and only regular files.
 """
 
 from __future__ import annotations
@@ -21,8 +46,8 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import stat
-import tempfile
 import threading
 
 from pagefork.errors import StoreError
@@ -35,6 +60,8 @@ _LOW_WATER = 0.9
 #: The directory is rescanned after this many writes, or this share of the bound written.
 _RESCAN_WRITES = 16
 _RESCAN_SHARE = 64
+#: Any write permission: an entry that has one is hashed before it is served.
+_WRITABLE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -60,32 +87,51 @@ class ChunkCache:
             raise StoreError(f"cache size must be positive, not {max_bytes}")
         self.path = os.path.abspath(path)
         self.max_bytes = max_bytes
+        where = f"cache directory {self.path}"
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
+            self._dir = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise StoreError(f"cache directory {self.path}: {exc.strerror}") from None
-        if not os.path.isdir(self.path):
-            raise StoreError(f"cache directory {self.path}: not a directory")
-        if not os.access(self.path, os.W_OK | os.X_OK):
-            raise StoreError(f"cache directory {self.path}: not writable")
+            why = "not a directory" if isinstance(exc, NotADirectoryError) else exc.strerror
+            raise StoreError(f"{where}: {why}") from None
+        try:
+            st = os.fstat(self._dir)
+            if st.st_uid != os.geteuid():
+                raise StoreError(
+                    f"{where}: owned by uid {st.st_uid}, not this user ({os.geteuid()}): "
+                    "entries are served unhashed, so the cache must be this user's alone"
+                )
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise StoreError(
+                    f"{where}: writable by other users (mode {stat.S_IMODE(st.st_mode):o}): "
+                    "entries are served unhashed; chmod 700 it or choose another directory"
+                )
+            if not os.access(self.path, os.W_OK | os.X_OK):
+                raise StoreError(f"{where}: not writable")
+        except BaseException:
+            os.close(self._dir)
+            raise
         self._lock = threading.Lock()
         self._foreign: set[str] = set()  # entries logged as not ours (logged once each)
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
         self.evicted = 0
+        #: Entries read and hashed (not trusted as they were), and served without hashing.
+        self.hashed = 0
+        self.trusted = 0
         self._bytes = sum(size for _, size, _ in self._scan())
         self._since_scan = (0, 0)  # (writes, bytes) since the directory was last scanned
 
-    def _file(self, sha: str) -> str:
+    def _name(self, sha: str) -> str:
         if not _ENTRY.fullmatch(sha):
             raise StoreError(f"{sha!r} is not a SHA-256")
-        return os.path.join(self.path, sha)
+        return sha
 
     def _scan(self) -> list[tuple[str, int, float]]:
         """(name, size, mtime) of every entry now in the directory."""
         out = []
-        with contextlib.suppress(OSError), os.scandir(self.path) as it:
+        with contextlib.suppress(OSError), os.scandir(self._dir) as it:
             for e in it:
                 if _ENTRY.fullmatch(e.name):
                     with contextlib.suppress(OSError):
@@ -94,12 +140,17 @@ class ChunkCache:
                             out.append((e.name, st.st_size, st.st_mtime))
         return out
 
+    def names(self) -> set[str]:
+        """The SHA-256 names of the entries now in the directory (one listing)."""
+        return {name for name, _, _ in self._scan()}
+
     @property
     def used_bytes(self) -> int:
         """Bytes the directory held at the last scan, plus what this process wrote since."""
         return self._bytes
 
-    def _not_ours(self, path: str, what: str) -> None:
+    def _not_ours(self, name: str, what: str) -> None:
+        path = os.path.join(self.path, name)
         with self._lock:
             self.misses += 1
             first = path not in self._foreign
@@ -108,65 +159,95 @@ class ChunkCache:
             log.warning("cache entry %s is %s, not a chunk: ignored and left alone", path, what)
 
     def get(self, sha: str, length: int | None = None) -> bytes | None:
-        """The chunk named ``sha``, verified; None when absent, corrupt (then removed), or
-        not a regular file (then left alone)."""
-        path = self._file(sha)
+        """The chunk named ``sha``, verified (when it entered the cache, or now: see the
+        module's docstring); None when absent, corrupt (then removed), or not ours (then
+        left alone)."""
+        name = self._name(sha)
         try:
             # Non-blocking: opening a FIFO must not wait for a writer that never comes.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=self._dir)
         except FileNotFoundError:
             with self._lock:
                 self.misses += 1
             return None
         except OSError as exc:  # a symlink (ELOOP), no permission...
-            self._not_ours(path, f"unreadable ({exc.strerror})")
+            self._not_ours(name, f"unreadable ({exc.strerror})")
             return None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                self._not_ours(path, "not a regular file")
+                self._not_ours(name, "not a regular file")
+                return None
+            if st.st_uid != os.geteuid():
+                self._not_ours(name, f"owned by uid {st.st_uid}")
                 return None
             try:
                 data = _read_all(fd, st.st_size)
             except OSError as exc:
-                self._not_ours(path, f"unreadable ({exc.strerror})")
+                self._not_ours(name, f"unreadable ({exc.strerror})")
                 return None
             with contextlib.suppress(OSError):
                 os.utime(fd)  # most recently used: evicted last
+            sealed = not st.st_mode & _WRITABLE and st.st_nlink == 1
+            if sealed and len(data) == st.st_size and (length is None or len(data) == length):
+                with self._lock:  # as this cache wrote it: verified when it entered
+                    self.hits += 1
+                    self.trusted += 1
+                return data
+            with self._lock:
+                self.hashed += 1
+            if hashlib.sha256(data).hexdigest() == sha and (length is None or len(data) == length):
+                if st.st_nlink == 1:
+                    with contextlib.suppress(OSError):
+                        os.fchmod(fd, 0o400)  # verified: trusted from now on
+                with self._lock:
+                    self.hits += 1
+                return data
         finally:
             os.close(fd)
-        if hashlib.sha256(data).hexdigest() != sha or (length is not None and len(data) != length):
-            log.warning("cache entry %s is corrupt: removed, to be fetched again", path)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            with self._lock:
-                self.corrupt += 1
-                self.misses += 1
-                self._bytes = max(0, self._bytes - len(data))
-            return None
+        log.warning(
+            "cache entry %s is corrupt: removed, to be fetched again",
+            os.path.join(self.path, name),
+        )
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=self._dir)
         with self._lock:
-            self.hits += 1
-        return data
+            self.corrupt += 1
+            self.misses += 1
+            self._bytes = max(0, self._bytes - len(data))
+        return None
 
     def put(self, sha: str, data: bytes) -> None:
         """Keep ``data`` (whose SHA-256 the caller checked) as ``sha``; may evict others.
 
         A cache that cannot be written (disk full) costs only the caching: it is logged.
         """
-        path = self._file(sha)
+        name = self._name(sha)
         with contextlib.suppress(OSError):
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                self._not_ours(path, "not a regular file")
+            st = os.lstat(name, dir_fd=self._dir)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                self._not_ours(name, "not a regular file of ours")
                 return  # renaming over it would remove a file that is not ours
+        tmp = f".tmp-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o400, dir_fd=self._dir)  # read-only once closed
             try:
-                with open(fd, "wb") as f:
-                    f.write(data)
-                os.rename(tmp, path)  # atomic: readers see all of it or nothing
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    # On disk before it has its name: a crash never leaves a trusted entry
+                    # whose blocks were never written.
+                    os.fsync(fd)
+                    os.fchmod(fd, 0o400)  # whatever the umask did
+                finally:
+                    os.close(fd)
+                os.rename(tmp, name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                    os.unlink(tmp, dir_fd=self._dir)
                 raise
         except OSError as exc:
             log.warning("cannot cache chunk %s in %s: %s", sha[:12], self.path, exc.strerror)
@@ -196,12 +277,22 @@ class ChunkCache:
                 if total <= target:
                     break
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.path, name))
+                    os.unlink(name, dir_fd=self._dir)
                 total -= size
                 removed += 1
             self._bytes = total
             self.evicted += removed
             return removed
+
+    def close(self) -> None:
+        """Let the directory go (idempotent); the entries stay for the next process."""
+        fd, self._dir = self._dir, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def _read_all(fd: int, size: int) -> bytes:

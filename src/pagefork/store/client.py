@@ -33,6 +33,7 @@ object that stays wrong fails.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -257,11 +258,13 @@ def get_bytes(
     deadline: float | None = None,
     *,
     patient: bool = False,
+    byte_range: tuple[int, int] | None = None,
 ) -> bytes:
     """The whole object ``bucket/key``, refused when larger than ``limit`` bytes (raises
     :class:`StoreError`); retried until ``deadline`` (see :func:`with_retries`), which bounds
     every attempt's reads too. A transfer botocore finds corrupt raises
-    :class:`TransferCorruptError` (not retried here: see :func:`get_verified`)."""
+    :class:`TransferCorruptError` (not retried here: see :func:`get_verified`). With
+    ``byte_range`` (start, length), only those bytes (one ranged GET)."""
     import botocore.exceptions
 
     end = time.monotonic() + DEADLINE if deadline is None else deadline
@@ -282,7 +285,10 @@ def get_bytes(
         timer.start()
         try:
             # Headers that trickle in are cut at the deadline too: the timer runs already.
-            response = client.get_object(Bucket=bucket, Key=key)
+            extra = {}
+            if byte_range is not None:
+                extra["Range"] = f"bytes={byte_range[0]}-{byte_range[0] + byte_range[1] - 1}"
+            response = client.get_object(Bucket=bucket, Key=key, **extra)
             body = response["Body"]
             bodies.append(body)
             if cut.is_set():
@@ -457,39 +463,42 @@ def get_range(
     patient: bool = False,
 ) -> bytes:
     """Bytes ``[start, start + length)`` of object ``bucket/key`` (one ranged GET, retried on
-    transient errors until ``deadline``). Fewer bytes come back from an object shorter than
-    that: the caller checks. The read is bounded by the deadline as :func:`get_bytes`' is."""
-    end = time.monotonic() + DEADLINE if deadline is None else deadline
-    where = f"s3://{bucket}/{key}"
+    transient errors until ``deadline``, which bounds its reads as :func:`get_bytes`' does).
+    Fewer bytes come back from an object shorter than that: the caller checks. A store that
+    ignores the range and sends more is refused (:class:`StoreError`)."""
+    return get_bytes(
+        client, bucket, key, length, deadline, patient=patient, byte_range=(start, length)
+    )
 
-    def get() -> bytes:
-        if time.monotonic() >= end:
-            raise StoreError(f"{where}: not read within its deadline")
-        response = client.get_object(
-            Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
-        )
-        body = response["Body"]
-        cut = threading.Event()
-        timer = threading.Timer(max(0.0, end - time.monotonic()), _cut_off, (body, cut))
-        timer.daemon = True
-        timer.start()
+
+def get_verified_range(
+    client: Any,
+    bucket: str,
+    key: str,
+    start: int,
+    length: int,
+    digest: bytes,
+    deadline: float,
+    *,
+    patient: bool = False,
+    on_get: Callable[[int], None] | None = None,
+) -> bytes:
+    """Bytes ``[start, start + length)`` of ``bucket/key``, which must have the raw SHA-256
+    ``digest``: fetched again (up to :data:`VERIFY_ATTEMPTS` ranged GETs) while they arrive
+    corrupt or do not match, then :class:`CorruptObjectError`; as :func:`get_verified`."""
+    where = f"s3://{bucket}/{key} bytes {start}-{start + length - 1}"
+    for attempt in range(1, VERIFY_ATTEMPTS + 1):
         try:
-            out = bytearray()
-            while len(out) <= length:
-                if cut.is_set() or time.monotonic() >= end:
-                    raise StoreError(f"{where}: not read within its deadline")
-                piece = body.read(_READ_PIECE)
-                if not piece:
-                    break
-                out += piece
-            return bytes(out[:length])
-        except Exception:
-            if cut.is_set():
-                raise StoreError(f"{where}: not read within its deadline") from None
-            raise
-        finally:
-            timer.cancel()
-            timer.join()
-            body.close()
-
-    return with_retries(get, where, end, patient=patient)
+            data = get_range(client, bucket, key, start, length, deadline, patient=patient)
+        except TransferCorruptError as exc:
+            why = str(exc)
+            if on_get is not None:
+                on_get(0)
+        else:
+            if on_get is not None:
+                on_get(len(data))
+            if len(data) == length and hashlib.sha256(data).digest() == digest:
+                return data
+            why = f"{where}: does not match its SHA-256"
+        log.warning("%s (attempt %d of %d)", why, attempt, VERIFY_ATTEMPTS)
+    raise CorruptObjectError(f"{where} does not match its SHA-256")

@@ -24,6 +24,11 @@ A template pushed to ``s3://BUCKET/PREFIX`` is:
   check it is the memory below, and ``zero_pages`` is the zero map of that memory. Every page
   no layer of the chain holds comes from the chunks of the first manifest down the chain that
   is not a layer (version 1 or 2).
+- Per-block digests (optional, versions 1 and 2): ``block_size`` and ``block_digests``, the
+  SHA-256 of each ``block_size`` piece of every stored chunk, in chunk order (zlib, base64). A
+  page fault on a chunk not yet on the host fetches and verifies the one block around it first
+  (see :mod:`pagefork.store.coldfault`). A manifest without them is served a whole chunk at a
+  time; a reader that does not know them ignores them.
 - ``BUCKET/<chunks_prefix><sha256>``: each chunk, content-addressed. The chunk prefix is the
   same for every template pushed into a bucket (``chunks/`` unless chosen otherwise), so
   templates that share content share chunks, and a push uploads only what the bucket lacks.
@@ -55,6 +60,8 @@ PACK_ENTRY = 8 + 32
 #: Chunk size of a push unless chosen otherwise (measured: see bench/bench_s3.py).
 DEFAULT_CHUNK_SIZE = 2 << 20
 MIN_CHUNK_SIZE = 64 << 10
+#: Block size of the per-block digests a push records unless chosen otherwise (0: none).
+DEFAULT_BLOCK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 64 << 20
 DEFAULT_CHUNKS_PREFIX = "chunks/"
 MANIFEST_NAME = "manifest.json"
@@ -205,6 +212,14 @@ class Manifest:
     parent: ParentRef | None = None
     #: A layer manifest's pages changed over the parent (None when it changed none).
     layer_pack: HotPack | None = None
+    #: Per-block digests (0 and empty: none): per chunk, the raw SHA-256 of each of its
+    #: ``block_size`` pieces, concatenated (empty for an all-zero chunk).
+    block_size: int = 0
+    block_digests: tuple[bytes, ...] = ()
+
+    def block_digest(self, chunk: int, block: int) -> bytes:
+        """The raw SHA-256 of block ``block`` of chunk ``chunk`` (the manifest must have them)."""
+        return self.block_digests[chunk][block * 32 : (block + 1) * 32]
 
     @property
     def is_layer(self) -> bool:
@@ -264,6 +279,10 @@ class Manifest:
         doc["vmstate"] = blob(self.vmstate)
         if self.hot_pack is not None:
             doc["hot_pack"] = packed(self.hot_pack)
+        if self.block_size and self.parent is None:  # ignored by readers that do not know them
+            doc["block_size"] = self.block_size
+            flat = zlib.compress(b"".join(self.block_digests), 9)
+            doc["block_digests"] = base64.b64encode(flat).decode()
         return json.dumps(doc, indent=1).encode()
 
 
@@ -361,6 +380,9 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         parent = ParentRef(ref["key"], ref["sha256"])
         if doc.get("layer_pack") is not None:
             layer_pack = _parse_pack(doc["layer_pack"], npages, zeros, bad, "layer_pack")
+    block_size, block_digests = (
+        (0, ()) if layer else _parse_blocks(doc, size, chunk_size, chunks, bad)
+    )
     return Manifest(
         size=size,
         chunk_size=chunk_size,
@@ -373,7 +395,64 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         hot_pack=hot_pack,
         parent=parent,
         layer_pack=layer_pack,
+        block_size=block_size,
+        block_digests=block_digests,
     )
+
+
+# --- per-block digests ----------------------------------------------------------------------
+
+
+def blocks_in(length: int, block_size: int) -> int:
+    """Blocks of ``block_size`` in a chunk of ``length`` bytes (the last may be short)."""
+    return (length + block_size - 1) // block_size
+
+
+def block_digests_of(data: bytes | memoryview, block_size: int) -> bytes:
+    """The raw SHA-256 of each ``block_size`` piece of chunk ``data``, concatenated."""
+    view = memoryview(data)
+    return b"".join(
+        hashlib.sha256(view[i : i + block_size]).digest() for i in range(0, len(view), block_size)
+    )
+
+
+def valid_block_size(block_size: int, chunk_size: int) -> bool:
+    """True when ``block_size`` is whole pages, a power of two, and at most a chunk."""
+    return PAGE_SIZE <= block_size <= chunk_size and not block_size & (block_size - 1)
+
+
+def _parse_blocks(
+    doc: dict[str, Any], size: int, chunk_size: int, chunks: list[Any], bad: Any
+) -> tuple[int, tuple[bytes, ...]]:
+    """The manifest's per-block digests, checked: (0, ()) when it has none."""
+    if doc.get("block_size") is None and doc.get("block_digests") is None:
+        return 0, ()
+    block_size = doc.get("block_size")
+    if (
+        not isinstance(block_size, int)
+        or isinstance(block_size, bool)
+        or not valid_block_size(block_size, chunk_size)
+    ):
+        raise bad(f"block_size {block_size!r} is not a power of two in [{PAGE_SIZE}, chunk_size]")
+    counts = [
+        0 if sha is None else blocks_in(min(chunk_size, size - i * chunk_size), block_size)
+        for i, sha in enumerate(chunks)
+    ]
+    want = 32 * sum(counts)
+    try:
+        inflate = zlib.decompressobj()  # bounded, as the zero map is
+        packed = base64.b64decode(doc.get("block_digests") or "", validate=True)
+        flat = inflate.decompress(packed, want + 1)
+    except (ValueError, TypeError, zlib.error) as exc:
+        raise bad(f"block_digests does not decode ({exc})") from None
+    if len(flat) != want:
+        raise bad(f"block_digests must hold {want} bytes (32 per block), not {len(flat)}")
+    out: list[bytes] = []
+    at = 0
+    for n in counts:
+        out.append(flat[at : at + 32 * n])
+        at += 32 * n
+    return block_size, tuple(out)
 
 
 def _parse_pack(value: Any, npages: int, zeros: bytes, bad: Any, name: str = "hot_pack") -> HotPack:

@@ -35,6 +35,15 @@ overwrites a page a worker may be copying.
 A layer template (a manifest laid over a parent, :mod:`pagefork.store.layered`) uses the same
 per-page presence: before its first chunk is written, every page its layers changed is
 installed from their packs, and the chunks that serve the rest are its base template's.
+
+Per-page presence serves two more paths. A fault on a chunk not yet on the host, in a template
+whose manifest has per-block digests, is answered as soon as the block around it is fetched
+and verified; the chunk follows in the background (:mod:`pagefork.store.coldfault` says how
+every byte is still verified first). And a template (not a layer one) opened on a host whose
+cache holds its chunks installs them all into the view at once, in the background (one read
+each, no hashing: the cache verified them when they entered it, :mod:`pagefork.store.cache`
+says why that is safe), so a warm host's forks never park; workers started after that map
+them in at once.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from pagefork.memfile import MemFile, ZeroIndexed
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.store import client as s3
 from pagefork.store.cache import ChunkCache, default_cache_dir
+from pagefork.store.coldfault import block_of, chunk_error, fetch_block
 from pagefork.store.hotpack import build_pack, fetch_pack, hot_file_pages
 from pagefork.store.layered import LayerOverlay
 from pagefork.store.layout import (
@@ -67,12 +77,12 @@ from pagefork.store.layout import (
     parse_s3_url,
     sha256,
 )
+from pagefork.store.viewio import write_absent, write_all, zero_map_lies
 
 log = logging.getLogger("pagefork.store")
 
 #: Chunks fetched at once (per template), unless chosen otherwise.
 DEFAULT_FETCH_JOBS = 16
-_ZERO_PAGE = bytes(PAGE_SIZE)
 
 ChunkFuture = concurrent.futures.Future[int]
 
@@ -89,6 +99,7 @@ class LazyTemplate(ZeroIndexed):
         endpoint_url: str | None = None,
         fetch_jobs: int = DEFAULT_FETCH_JOBS,
         fetch_deadline: float = s3.DEADLINE,
+        warm: bool = True,
     ) -> None:
         self.url = parse_s3_url(url)
         self.path = str(self.url)
@@ -141,6 +152,9 @@ class LazyTemplate(ZeroIndexed):
         self._view_lock = threading.Lock()
         self._pack_lock = threading.Lock()
         self._pack_done = False
+        # Pages may come in alone (hot pack, blocks): writes to the view then take turns.
+        self._per_page = m.hot_pack is not None or bool(m.block_size) or m.is_layer
+        self._blocks: dict[tuple[int, int], ChunkFuture] = {}  # block fetches in flight
         #: GETs issued for chunks and the hot pack, and the bytes they brought (cache hits
         #: not counted); of those, the pack's.
         self.gets = 0
@@ -149,6 +163,16 @@ class LazyTemplate(ZeroIndexed):
         self.pack_bytes = 0
         # A layer template's changed pages, installed before any chunk (None: not a layer).
         self._layers = LayerOverlay.of(self._client, self.url, m, cache, self._install_page)
+        #: Ranged GETs of single blocks (a cold chunk's fault first); chunks installed from
+        #: the host cache when the template opened.
+        self.block_gets = 0
+        self.warm_chunks = 0
+        self._warmer: threading.Thread | None = None
+        if warm and self._layers is None:  # a layer's chunks are its base's
+            self._warmer = threading.Thread(
+                target=self._warm_from_cache, name="pagefork-warm", daemon=True
+            )
+            self._warmer.start()
 
     # --- chunks ------------------------------------------------------------------------------
     def present(self, chunk: int) -> bool:
@@ -241,7 +265,7 @@ class LazyTemplate(ZeroIndexed):
         with self._view_lock:
             if self.page_present(page):
                 return  # its chunk is in already: never written twice
-            _write_all(self.fd, data, page * PAGE_SIZE)
+            write_all(self.fd, data, page * PAGE_SIZE)
             self._presence[self.nchunks + page] = 1
 
     def request(self, chunk: int) -> ChunkFuture:
@@ -301,7 +325,7 @@ class LazyTemplate(ZeroIndexed):
         key = m.chunk_key(chunk)
         fetched = 0
         where = f"chunk {chunk} of {self.path}"
-        data = self.cache.get(sha, length)
+        data = self.cache.get(sha, length)  # verified when it entered the cache
         cached = data is not None
         if data is None:
             deadline = time.monotonic() + self.fetch_deadline
@@ -326,70 +350,112 @@ class LazyTemplate(ZeroIndexed):
                     patient=True,
                     on_get=counted,
                 )
-            except s3.CorruptObjectError:
-                raise StoreError(
-                    f"{where}: s3://{self.url.bucket}/{key} does not match its SHA-256 (corrupt "
-                    "object in the store; nothing of it was served): repair it with 'pagefork "
-                    f"push --verify s3://{self.url.bucket}/{self.url.prefix} --mem-file MEM'"
-                ) from None
             except StoreError as exc:
-                if "no such object" in str(exc):
-                    raise StoreError(
-                        f"{where}: s3://{self.url.bucket}/{key} is gone from the bucket "
-                        "(deleted after the push): push the template again"
-                    ) from None
-                raise StoreError(f"{where}: {exc}") from None
-        page = self._zero_map_lies(chunk, data, m.zero_pages)
-        if page is not None:
-            raise StoreError(
-                f"{where}: the manifest marks page {page} zero but the chunk (verified against "
-                "its SHA-256) holds data there: the manifest is corrupt; nothing of it was served"
-            )
-        assert self._presence is not None
-        view = memoryview(data)
-        offset = chunk * self.chunk_size
-        first = offset // PAGE_SIZE
-        npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
-        base = self.nchunks + first
-        # Without a pack no page is present on its own: chunks are written in parallel.
-        packed_template = self.manifest.hot_pack is not None or self._layers is not None
-        with self._view_lock if packed_template else contextlib.nullcontext():
-            packed = self._presence[base : base + npages]
-            if 1 not in packed:
-                _write_all(self.fd, view, offset)
-            else:  # only the pages the hot pack did not bring: never rewrite a served page
-                page = 0
-                while page < npages:
-                    if packed[page]:
-                        page += 1
-                        continue
-                    end = packed.find(1, page)
-                    end = npages if end < 0 else end
-                    _write_all(
-                        self.fd, view[page * PAGE_SIZE : end * PAGE_SIZE], offset + page * PAGE_SIZE
-                    )
-                    page = end
-            # Only now may a worker copy from it: the bytes are in the view and verified.
-            self._presence[chunk] = 1
+                raise chunk_error(where, self.url, key, exc) from None
+        self._install(chunk * self.chunk_size, data, where, chunk, m.zero_pages)
         if not cached:
             # On a thread of its own: the faults waiting for this chunk need not wait for it.
             self._writer.submit(self.cache.put, sha, data)
         return fetched
 
-    def _zero_map_lies(self, chunk: int, data: bytes, zeros: bytes) -> int | None:
-        """The first page of ``chunk`` the zero map ``zeros`` (of the chunk's own manifest)
-        marks zero that ``data`` has data in."""
-        first = chunk * self.chunk_size // PAGE_SIZE
-        view = memoryview(data)
-        npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
-        page = zeros.find(1, first, first + npages)
-        while page >= 0:
-            start = (page - first) * PAGE_SIZE
-            piece = view[start : start + PAGE_SIZE]
-            if piece != _ZERO_PAGE[: len(piece)]:
-                return page
-            page = zeros.find(1, page + 1, first + npages)
-        return None
+    def _install(
+        self, offset: int, data: bytes, where: str, chunk: int | None, zeros: bytes
+    ) -> None:
+        """Write verified ``data`` (chunk ``chunk``, or a block of one when None) at file
+        ``offset`` into the view, skipping pages already in, then mark it present; ``zeros``
+        is the zero map of the manifest that names its bytes."""
+        assert self._presence is not None
+        first = offset // PAGE_SIZE
+        page = zero_map_lies(zeros, first, data)
+        if page is not None:
+            raise StoreError(
+                f"{where}: the manifest marks page {page} zero but its bytes (verified against "
+                "their SHA-256) hold data there: the manifest is corrupt; nothing of it was served"
+            )
+        base, npages = self.nchunks + first, (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
+        # Without per-page presence (no pack, no blocks) chunks are written in parallel.
+        with self._view_lock if self._per_page else contextlib.nullcontext():
+            if chunk is None and self._presence[offset // self.chunk_size]:
+                return  # its chunk came in first: every page of it is in already
+            write_absent(self.fd, data, offset, self._presence[base : base + npages])
+            # Only now may a worker copy from it: the bytes are in the view and verified.
+            if chunk is not None:
+                self._presence[chunk] = 1
+            else:
+                self._presence[base : base + npages] = b"\x01" * npages
+
+    # --- a cold chunk's fault first (pagefork.store.coldfault) --------------------------------
+    def request_page(self, chunk: int, offset: int) -> ChunkFuture:
+        """A future of the page at file ``offset`` (in chunk ``chunk``) arriving in the view:
+        with per-block digests, its block is fetched and verified alone, then the rest of the
+        chunk in the background; without, :meth:`request` (the whole chunk)."""
+        span = None if not 0 <= chunk < self.nchunks else block_of(self.manifest, chunk, offset)
+        if span is None:
+            return self.request(chunk)
+        block = span[0]
+        with self._lock:
+            fut = self._inflight.get(chunk)  # the chunk is coming: the page comes with it
+            if fut is not None or self._closed or self.present(chunk):
+                return fut if fut is not None else self.request(chunk)
+            fut = self._blocks.get((chunk, block))
+            if fut is not None:
+                return fut
+            fut = self._pool.submit(self._fetch_block, chunk, span)
+            self._blocks[(chunk, block)] = fut
+        # Added before any caller's: the rest of the chunk is asked for before a fault
+        # answered on this block can ask again for another page of it.
+        fut.add_done_callback(lambda f: self._block_done(chunk, block, f))
+        return fut
+
+    def _fetch_block(self, chunk: int, span: tuple[int, int, int]) -> int:
+        """Bring the block ``span`` (block, file offset, length) of ``chunk`` into the view,
+        verified; from the host cache, whole chunk, when it holds it (a pool thread)."""
+        sha = self.manifest.chunks[chunk]
+        assert sha is not None
+        if self.cache.get(sha, self.manifest.chunk_length(chunk)) is not None:
+            return self._fetch(chunk)  # read once more from the page cache: cheap
+        fetched = 0
+
+        def counted(n: int) -> None:
+            nonlocal fetched
+            fetched += n
+            with self._lock:
+                self.gets += 1
+                self.fetched_bytes += n
+                self.block_gets += 1
+
+        block, offset, _ = span
+        deadline = time.monotonic() + self.fetch_deadline
+        data = fetch_block(self._client, self.url, self.manifest, chunk, block, deadline, counted)
+        where = f"block {block} of chunk {chunk} of {self.path}"
+        self._install(offset, data, where, None, self.manifest.zero_pages)
+        return fetched
+
+    def _block_done(self, chunk: int, block: int, fut: ChunkFuture) -> None:
+        with self._lock:
+            self._blocks.pop((chunk, block), None)
+        if fut.cancelled() or fut.exception() is not None:
+            return  # its forks fail with the block's error; a later fault asks again
+        with contextlib.suppress(StoreError):
+            self.request(chunk)  # the rest, in the background (its failure fails its waiters)
+
+    # --- a warm host cache ------------------------------------------------------------------
+    def _warm_from_cache(self) -> None:
+        """Install every chunk the host cache holds, one after another (a thread of its own):
+        one read each, no hashing (verified when it entered the cache), so a warm host's
+        forks never park. One chunk at a time, so demand fetches always find a pool thread."""
+        names = self.cache.names()
+        for chunk, sha in enumerate(self.manifest.chunks):
+            if sha is None or sha not in names or self.present(chunk):
+                continue
+            try:
+                self.request(chunk).result()
+            except (StoreError, concurrent.futures.CancelledError):
+                if self._closed:
+                    return
+                continue  # an entry gone bad meanwhile: fetched again, its error to its forks
+            with self._lock:
+                self.warm_chunks += 1
 
     # --- publishing a hot set recorded here --------------------------------------------------
     def publish_hot_set(self, hot: HotPageList, regions: Sequence[Region]) -> str:
@@ -459,6 +525,10 @@ class LazyTemplate(ZeroIndexed):
             self._writer.shutdown(wait=True)  # every verified chunk fetched is kept
             if self._layers is not None:
                 self._layers.close()
+        if getattr(self, "_warmer", None) is not None:
+            assert self._warmer is not None
+            self._warmer.join()
+            self._warmer = None
         if self._presence is not None:
             self._presence.close()
             self._presence = None
@@ -470,13 +540,6 @@ class LazyTemplate(ZeroIndexed):
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
-
-
-def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 @dataclass(frozen=True)
@@ -491,6 +554,10 @@ class StoreOptions:
     client: Any = None
     #: Seconds a chunk may take, every attempt and backoff included, before its forks fail.
     fetch_deadline: float = s3.DEADLINE
+    #: Install every chunk the host cache holds into the view when the template opens (in the
+    #: background, no hashing), so a warm host's forks never wait: the view then holds the
+    #: cached part of the template in memory, as a local mem-file's page cache would.
+    warm_view: bool = True
 
 
 def open_mem_source(path: str, options: StoreOptions | None) -> MemFile | LazyTemplate:
@@ -506,6 +573,7 @@ def open_mem_source(path: str, options: StoreOptions | None) -> MemFile | LazyTe
         endpoint_url=options.endpoint_url,
         fetch_jobs=options.fetch_jobs,
         fetch_deadline=options.fetch_deadline,
+        warm=options.warm_view,
     )
 
 

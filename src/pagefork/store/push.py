@@ -13,6 +13,10 @@ reader never sees a manifest whose chunks are not all there. It is stored twice:
 A push with a hot-page list also uploads the hot pack (:mod:`pagefork.store.hotpack`): the hot
 pages themselves, in first-touch order, in one object the manifest indexes. It is uploaded on
 every push (it is the size of the hot set), so pushing again repairs a damaged one.
+
+The manifest also records a SHA-256 per ``block_size`` piece of every chunk (64 KiB unless
+chosen otherwise; 0: none), so a reader can verify one block of a chunk on its own and serve a
+page fault before the rest of its chunk arrives.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pagefork.regions import PAGE_SIZE
 from pagefork.store import client as s3
 from pagefork.store.hotpack import build_pack, hot_file_pages
 from pagefork.store.layout import (
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CHUNKS_PREFIX,
     MANIFEST_NAME,
@@ -43,7 +48,9 @@ from pagefork.store.layout import (
     Blob,
     Manifest,
     S3Url,
+    block_digests_of,
     sha256,
+    valid_block_size,
     valid_chunks_prefix,
 )
 
@@ -92,17 +99,22 @@ def push(
     progress: Progress | None = None,
     layers: Sequence[str] = (),
     verify: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> PushResult:
     """Upload ``mem_file`` (and the optional side files) as the template at ``url``. With
     ``layers`` (layer files over the mem-file, bottom first) the memory pushed is what a fork
     of that layered template reads: the chunks it shares with its parent are already in the
     bucket and are not uploaded again, so a pushed snapshot costs the chunks it changed. With
-    ``verify`` every chunk the bucket has is read back and hashed; a bad one is uploaded again."""
+    ``verify`` every chunk the bucket has is read back and hashed; a bad one is uploaded again.
+    ``block_size`` (0: none) is the piece of a chunk the manifest gives a SHA-256 of its own."""
     if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise StoreError(
             f"chunk size {chunk_size} must be a power of two in "
             f"[{MIN_CHUNK_SIZE >> 10} KiB, {MAX_CHUNK_SIZE >> 20} MiB]"
         )
+    block_size = min(block_size, chunk_size)  # a block never spans chunks
+    if block_size and not valid_block_size(block_size, chunk_size):
+        raise StoreError(f"block size {block_size} must be a power of two of whole pages, or 0")
     if jobs < 1:
         raise StoreError(f"jobs must be at least 1, not {jobs}")
     if not valid_chunks_prefix(chunks_prefix):  # the reader's own check
@@ -121,6 +133,7 @@ def push(
         s3.check_bucket(client, url.bucket)  # fail early: endpoint, bucket, credentials
         nchunks = (size + chunk_size - 1) // chunk_size
         shas: list[str | None] = [None] * nchunks
+        blocks: list[bytes] = [b""] * nchunks  # per-block digests (none for a zero chunk)
         zeros = bytearray()
         done = [0]
         tally = {"present": 0, "uploaded": 0, "bytes": 0, "repaired": 0}
@@ -163,6 +176,8 @@ def push(
                     continue  # an all-zero chunk is never stored
                 sha = sha256(data)
                 shas[i] = sha
+                if block_size:
+                    blocks[i] = block_digests_of(data, block_size)
                 if sha in seen:  # the same content twice in this template: stored once
                     with lock:
                         done[0] += length
@@ -199,6 +214,8 @@ def push(
             hot_pages=blobs.get("hot_pages"),
             vmstate=blobs.get("vmstate"),
             hot_pack=None if packed is None else packed[0],
+            block_size=block_size,
+            block_digests=tuple(blocks) if block_size else (),
         )
         put_manifest(url, client, manifest)
     finally:

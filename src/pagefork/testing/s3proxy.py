@@ -77,6 +77,8 @@ class S3Proxy:
         self._lock = threading.Lock()
         self._failures: list[tuple[int, str]] = []  # (status, key substring) to answer next
         self._hang: str | None = None  # key substring of requests left unanswered
+        self._hang_whole = False  # only those without a Range header
+        self._unhang = threading.Event()  # set: the requests left unanswered go on
         # (key substring, seconds per byte, the headers rather than the body)
         self._trickle: tuple[str, float, bool] | None = None
         self._flip: tuple[str, int] | None = None  # (key substring, GETs per object to flip)
@@ -131,11 +133,17 @@ class S3Proxy:
         with self._lock:
             self._failures.extend([(status, key_contains)] * count)
 
-    def hang(self, key_contains: str | None) -> None:
-        """Leave every request whose path contains ``key_contains`` unanswered until the proxy
-        closes (None: answer them all again)."""
+    def hang(self, key_contains: str | None, *, whole_only: bool = False) -> None:
+        """Leave every request whose path contains ``key_contains`` (with ``whole_only``, only
+        those without a ``Range`` header: whole objects) unanswered until the proxy closes
+        (None: answer them all again, those held so far included)."""
         with self._lock:
             self._hang = key_contains
+            self._hang_whole = whole_only
+            if key_contains is None:
+                self._unhang.set()
+            elif self._unhang.is_set():
+                self._unhang = threading.Event()
 
     def trickle(
         self, key_contains: str | None, seconds_per_byte: float = 1.0, *, headers: bool = False
@@ -244,10 +252,14 @@ class S3Proxy:
             time.sleep(self.delay)  # the injected time to first byte (this is the point)
         with self._lock:
             hang = self._hang is not None and self._hang in path
+            hang = hang and not (self._hang_whole and h.headers.get("Range"))
+            unhang = self._unhang
         if hang:
-            self._closing.wait()  # a hung store: the connection stays open, silent
-            h.close_connection = True
-            return
+            while not (self._closing.wait(0.05) or unhang.is_set()):
+                pass  # a hung store: the connection stays open, silent
+            if self._closing.is_set():
+                h.close_connection = True
+                return
         status = self._take_failure(path)
         if status is not None:
             h.send_response(status)
