@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import mmap
 import os
@@ -61,23 +60,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagefork.errors import StoreError
-from pagefork.hotpages import HotPageList, decode, encode
+from pagefork.hotpages import HotPageList, decode
 from pagefork.memfile import MemFile, ZeroIndexed
 from pagefork.regions import PAGE_SIZE, Region
 from pagefork.store import client as s3
 from pagefork.store.cache import ChunkCache, default_cache_dir
 from pagefork.store.coldfault import block_of, chunk_error, fetch_block
-from pagefork.store.hotpack import build_pack, fetch_pack, hot_file_pages
+from pagefork.store.hotpack import fetch_pack
 from pagefork.store.layered import LayerOverlay
 from pagefork.store.layout import (
-    MANIFEST_NAME,
-    Blob,
     Manifest,
     is_s3_url,
     parse_s3_url,
-    sha256,
 )
-from pagefork.store.viewio import write_absent, write_all, zero_map_lies
+from pagefork.store.publish import publish_hot_set
+from pagefork.store.viewio import chunks_wanted, write_absent, write_all, zero_map_lies
 
 log = logging.getLogger("pagefork.store")
 
@@ -190,20 +187,7 @@ class LazyTemplate(ZeroIndexed):
         """The chunks, not yet present, that ``(file_offset, length)`` spans touch (sorted),
         leaving out a chunk whose pages the spans touch all came from the hot pack."""
         assert self._presence is not None
-        shift = self.chunk_size.bit_length() - 1
-        per_chunk = self.chunk_size // PAGE_SIZE
-        pages = self._presence
-        base = self.nchunks
-        want: set[int] = set()
-        for offset, length in spans:
-            for c in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
-                if not 0 <= c < self.nchunks or c in want or self.present(c):
-                    continue
-                first = max(offset // PAGE_SIZE, c * per_chunk)
-                last = min((offset + length - 1) // PAGE_SIZE, (c + 1) * per_chunk - 1)
-                if 0 in pages[base + first : base + last + 1]:
-                    want.add(c)
-        return sorted(want)
+        return chunks_wanted(self._presence, self.nchunks, self.chunk_size, spans)
 
     def ensure_spans(self, spans: Iterable[tuple[int, int]], timeout: float) -> tuple[int, float]:
         """Bring the pages of ``(file_offset, length)`` spans into the view: the hot pack
@@ -459,59 +443,14 @@ class LazyTemplate(ZeroIndexed):
 
     # --- publishing a hot set recorded here --------------------------------------------------
     def publish_hot_set(self, hot: HotPageList, regions: Sequence[Region]) -> str:
-        """Push ``hot`` (recorded by a fork of this template on ``regions``) with its hot pack,
-        so that cold hosts prefetch it: the hot-page list and the pack (its pages read from
-        this view, where every one of them is verified) are uploaded, then a manifest that is
-        this one plus them. Returns the URL pinned to that manifest.
+        """Push ``hot`` with its hot pack (see :func:`pagefork.store.publish.publish_hot_set`);
+        the URL pinned to the new manifest."""
+        return publish_hot_set(self, hot, regions)
 
-        The new manifest is always kept as ``manifests/<sha256>.json``; it also becomes the
-        prefix's ``manifest.json`` only while that is still the manifest this template was
-        opened from (a newer push is never replaced). Pages not in the view (not faulted by
-        the recording fork) are left out of the pack. :class:`StoreError` names what failed.
-        """
-        assert self._presence is not None
-        m = self.manifest
-        pages = [p for p in hot_file_pages(hot, self.npages, regions) if self.page_present(p)]
-        packed = build_pack(
-            self.url, pages, lambda p: os.pread(self.fd, PAGE_SIZE, p * PAGE_SIZE), m.zero_pages
-        )
-        listing = encode(hot, "hpl2")
-        list_sha = sha256(listing)
-        blob = Blob(self.url.key(f"hot-pages-{list_sha}.hpl"), list_sha, len(listing))
-        s3.put_bytes(self._client, self.url.bucket, blob.key, listing)
-        if packed is not None:
-            s3.put_bytes(self._client, self.url.bucket, packed[0].key, packed[1])
-        new = dataclasses.replace(m, hot_pages=blob, hot_pack=None if packed is None else packed[0])
-        doc = new.to_json()
-        digest = sha256(doc)
-        s3.put_bytes(self._client, self.url.bucket, s3.pinned_key(self.url, digest), doc)
-        current = self.url.key(MANIFEST_NAME)
-        try:
-            now = s3.get_bytes(self._client, self.url.bucket, current)
-        except StoreError:
-            now = b""
-        if sha256(now) == self.manifest_sha:
-            s3.put_bytes(self._client, self.url.bucket, current, doc)
-        return str(self.url.pinned(digest))
-
-    # --- side objects --------------------------------------------------------------------------
-    def _blob(self, blob: Blob, what: str) -> bytes:
-        try:
-            return s3.get_verified(self._client, self.url.bucket, blob.key, blob.size, blob.sha256)
-        except s3.CorruptObjectError as exc:
-            raise StoreError(f"{what} {exc}") from None
-
-    def hot_pages(self) -> HotPageList | None:
-        """The hot-page list pushed with the template, verified, or None."""
-        blob = self.manifest.hot_pages
-        if blob is None:
-            return None
-        return decode(self._blob(blob, "hot-page list"), f"s3://{self.url.bucket}/{blob.key}")
-
-    def vmstate(self) -> bytes | None:
-        """The vmstate pushed with the template, verified, or None."""
-        blob = self.manifest.vmstate
-        return None if blob is None else self._blob(blob, "vmstate")
+    @property
+    def client(self) -> Any:
+        """The S3 client this template fetches with."""
+        return self._client
 
     # --- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:

@@ -9,6 +9,8 @@ data), and a page already in the view is never written again (a worker may be co
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import Any
 
 from pagefork.regions import PAGE_SIZE
 
@@ -55,3 +57,23 @@ def zero_map_lies(zeros: bytes | bytearray, first: int, data: bytes) -> int | No
             return page
         page = zeros.find(1, page + 1, first + npages)
     return None
+
+
+def chunks_wanted(
+    presence: Any, nchunks: int, chunk_size: int, spans: Iterable[tuple[int, int]]
+) -> list[int]:
+    """The chunks that ``(file_offset, length)`` spans touch and that are not yet in, sorted,
+    by the ``presence`` map (a byte per chunk, then a byte per page): a chunk is left out when
+    its byte is set, or when every page of it the spans touch is in on its own."""
+    shift = chunk_size.bit_length() - 1
+    per_chunk = chunk_size // PAGE_SIZE
+    want: set[int] = set()
+    for offset, length in spans:
+        for c in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
+            if not 0 <= c < nchunks or c in want or presence[c]:
+                continue
+            first = max(offset // PAGE_SIZE, c * per_chunk)
+            last = min((offset + length - 1) // PAGE_SIZE, (c + 1) * per_chunk - 1)
+            if 0 in presence[nchunks + first : nchunks + last + 1]:
+                want.add(c)
+    return sorted(want)
