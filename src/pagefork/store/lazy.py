@@ -395,13 +395,17 @@ class LazyTemplate(ZeroIndexed):
         block = span[0]
         with self._lock:
             fut = self._inflight.get(chunk)  # the chunk is coming: the page comes with it
-            if fut is not None or self._closed or self.present(chunk):
-                return fut if fut is not None else self.request(chunk)
-            fut = self._blocks.get((chunk, block))
             if fut is not None:
                 return fut
-            fut = self._pool.submit(self._fetch_block, chunk, span)
-            self._blocks[(chunk, block)] = fut
+            whole = self._closed or self.present(chunk)
+            if not whole:
+                fut = self._blocks.get((chunk, block))
+                if fut is not None:
+                    return fut
+                fut = self._pool.submit(self._fetch_block, chunk, span)
+                self._blocks[(chunk, block)] = fut
+        if whole:  # in already, or closed: request() answers (it takes the lock itself)
+            return self.request(chunk)
         # Added before any caller's: the rest of the chunk is asked for before a fault
         # answered on this block can ask again for another page of it.
         fut.add_done_callback(lambda f: self._block_done(chunk, block, f))

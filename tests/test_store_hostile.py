@@ -1,0 +1,69 @@
+"""Object-storage templates against a hostile store, a hostile peer on the same host and a
+careless operator: layers, a cold chunk's block first, and the host cache. Each test drives
+the real ``moto_server`` (through the fault-injecting proxy where the store misbehaves)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from procs import proxy_fixture, s3_env_fixture, s3_server_fixture  # noqa: F401
+
+from pagefork.store.cache import ChunkCache
+from pagefork.store.client import make_client
+from pagefork.store.layout import parse_s3_url
+from pagefork.store.lazy import LazyTemplate
+from pagefork.store.push import push
+from pagefork.testing.s3proxy import S3Proxy
+
+MIB = 1 << 20
+CHUNK = MIB
+BLOCK = 64 << 10
+PAGE = 4096
+
+
+@pytest.fixture
+def pushed(s3_bucket: str, s3_endpoint: str, mem_file: Path) -> str:
+    """The test's mem-file pushed with per-block digests (64 KiB blocks, 1 MiB chunks)."""
+    url = f"s3://{s3_bucket}/tmpl"
+    push(parse_s3_url(url), str(mem_file), make_client(s3_endpoint), chunk_size=CHUNK)
+    return url
+
+
+def _returns(call, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    """``call()``'s result, run on a thread: a call that never returns fails the test."""
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "the call never returned (deadlock)"
+    return out[0]
+
+
+# --- a cold chunk's block first ---------------------------------------------------------------
+
+
+def test_a_block_asked_for_after_its_chunk_arrived_is_answered_at_once(
+    pushed: str, proxy: S3Proxy, tmp_path: Path
+) -> None:
+    # A worker parks a fault, and its chunk arrives (another fault's fetch) before the
+    # supervisor reads the worker's request: the late request must be answered, not hang
+    # the supervisor.
+    lazy = LazyTemplate(pushed, ChunkCache(str(tmp_path / "c")), endpoint_url=proxy.url)
+    try:
+        lazy.ensure([3], 30)
+        fut = _returns(lambda: lazy.request_page(3, 3 * CHUNK + 5 * BLOCK))
+        assert fut.result(5) == 0 and lazy.block_gets == 0
+    finally:
+        lazy.close()
+
+
+def test_a_block_asked_for_after_the_template_closed_fails_at_once(
+    pushed: str, proxy: S3Proxy, tmp_path: Path
+) -> None:
+    lazy = LazyTemplate(pushed, ChunkCache(str(tmp_path / "c")), endpoint_url=proxy.url)
+    lazy.close()
+    fut = _returns(lambda: lazy.request_page(3, 3 * CHUNK + 5 * BLOCK))
+    with pytest.raises(Exception, match="template closed"):
+        fut.result(5)
