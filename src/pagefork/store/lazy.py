@@ -277,7 +277,7 @@ class LazyTemplate(ZeroIndexed):
             fut = self._inflight.get(chunk)
             if fut is not None:
                 return fut
-            if self.present(chunk) or self._closed:
+            if self._closed or self.present(chunk):  # closed: no presence map left
                 fut = concurrent.futures.Future()
                 if self._closed:
                     fut.set_exception(StoreError(f"{self.path}: template closed"))
