@@ -294,6 +294,35 @@ def test_a_damaged_layer_object_fails_only_the_forks_that_need_it(
         elsewhere.kill()
 
 
+@pytest.mark.parametrize(
+    ("kind", "repair"),
+    [
+        ("gone", "is gone from the bucket (deleted after the push): push the parent {base}#"),
+        ("corrupt", "repair it with 'pagefork push --verify {base} --mem-file MEM'"),
+    ],
+)
+def test_a_damaged_base_chunk_of_a_layer_names_the_parent_to_push_again(
+    kind, repair, layer_url, parent_url, s3_bucket, tmp_path
+):
+    key = manifest_of(parent_url).chunk_key(5)
+    client = make_client()
+    if kind == "gone":
+        client.delete_object(Bucket=s3_bucket, Key=key)
+    else:
+        put_bytes(client, s3_bucket, key, b"\x01" * CHUNK)
+    lazy = LazyTemplate(layer_url, ChunkCache(str(tmp_path / "c")), warm=False)
+    try:
+        with pytest.raises(StoreError) as info:
+            lazy.ensure([5], 30)
+    finally:
+        lazy.close()
+    text = str(info.value)
+    # The chunk is the parent's: pushing the layer again would not bring it back.
+    assert f"s3://{s3_bucket}/{key} (a chunk of {layer_url}'s parent template" in text, text
+    assert repair.format(base=parent_url) in text, text
+    assert "push the template again" not in text and "\n" not in text
+
+
 def test_a_chain_deeper_than_the_bound_is_refused(s3_bucket, tmp_path):
     client = make_client()
     small = make_mem_file(tmp_path / "small", 32)  # 128 KiB in two 64 KiB chunks: quick

@@ -54,19 +54,26 @@ def block_of(manifest: Manifest, chunk: int, offset: int) -> tuple[int, int, int
     return block, start + first, length
 
 
-def chunk_error(where: str, url: S3Url, key: str, exc: StoreError) -> StoreError:
+def chunk_error(
+    where: str, url: S3Url, key: str, exc: StoreError, base: S3Url | None = None
+) -> StoreError:
     """``exc`` (from fetching ``key``, a chunk's object, or a block of it) as the one-line
-    error its forks fail with: what is wrong, where, and how to repair it."""
+    error its forks fail with: what is wrong, where, and how to repair it. ``base`` is the
+    template whose chunk it is when that is not ``url`` (a layer template's base): the
+    repair is then to push that one, not the layer."""
+    owner = url if base is None else base
+    whose = "" if base is None else f" (a chunk of {url}'s parent template {base})"
     if isinstance(exc, s3.CorruptObjectError):
         return StoreError(
-            f"{where}: s3://{url.bucket}/{key} does not match its SHA-256 (corrupt object in the "
-            "store; nothing of it was served): repair it with 'pagefork push --verify "
-            f"s3://{url.bucket}/{url.prefix} --mem-file MEM'"
+            f"{where}: s3://{url.bucket}/{key}{whose} does not match its SHA-256 (corrupt "
+            "object in the store; nothing of it was served): repair it with 'pagefork push "
+            f"--verify s3://{owner.bucket}/{owner.prefix} --mem-file MEM'"
         )
     if "no such object" in str(exc):
+        again = "push the template again" if base is None else f"push the parent {base} again"
         return StoreError(
-            f"{where}: s3://{url.bucket}/{key} is gone from the bucket (deleted after the push): "
-            "push the template again"
+            f"{where}: s3://{url.bucket}/{key}{whose} is gone from the bucket (deleted after "
+            f"the push): {again}"
         )
     return StoreError(f"{where}: {exc}")
 

@@ -32,10 +32,12 @@ from pagefork.store.cache import ChunkCache
 from pagefork.store.hotpack import RANGES, fetch_pack
 from pagefork.store.layout import (
     MAX_MANIFEST_BYTES,
+    PINNED_MANIFESTS,
     HotPack,
     Manifest,
     S3Url,
     parse_manifest,
+    parse_s3_url,
     sha256,
 )
 
@@ -52,6 +54,18 @@ class ResolvedChain:
 
     base: Manifest
     packs: tuple[HotPack, ...]
+    #: The base template (pinned to its manifest): what a damaged base chunk's error names,
+    #: since pushing that template again, not the layer, repairs it.
+    base_url: S3Url
+
+
+def template_of(bucket: str, key: str, sha: str) -> S3Url:
+    """The template (pinned) whose manifest ``key`` is: ``PREFIX/manifests/<sha>.json`` is
+    ``s3://BUCKET/PREFIX#sha256=<sha>``; a key of another shape is named as it is."""
+    suffix = f"/{PINNED_MANIFESTS}{sha}.json"
+    if key.endswith(suffix) and len(key) > len(suffix):
+        return S3Url(bucket, key[: -len(suffix)], sha)
+    return S3Url(bucket, key)
 
 
 def repair_hint(where: str) -> str:
@@ -71,6 +85,7 @@ def resolve_chain(
     packs: list[HotPack] = []
     m = top
     depth = 1
+    base_url = parse_s3_url(where)  # top itself, when it is not a layer
     while m.parent is not None:
         if m.layer_pack is not None:
             packs.append(m.layer_pack)
@@ -110,7 +125,8 @@ def resolve_chain(
                 f"{repair_hint(where)} over its real parent"
             )
         m = parent
-    return ResolvedChain(m, tuple(packs))
+        base_url = template_of(bucket, ref.key, ref.sha256)
+    return ResolvedChain(m, tuple(packs), base_url)
 
 
 class LayerOverlay:
@@ -157,6 +173,12 @@ class LayerOverlay:
         if not top.is_layer:
             return None
         return cls(client, url.bucket, top, str(url), cache, install)
+
+    @property
+    def base_url(self) -> S3Url | None:
+        """The base template whose chunks serve the pages no layer holds (None until the
+        chain is resolved)."""
+        return None if self._chain is None else self._chain.base_url
 
     @property
     def ready(self) -> bool:

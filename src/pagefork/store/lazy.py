@@ -351,7 +351,8 @@ class LazyTemplate(ZeroIndexed):
                     on_get=counted,
                 )
             except StoreError as exc:
-                raise chunk_error(where, self.url, key, exc) from None
+                base = None if self._layers is None else self._layers.base_url
+                raise chunk_error(where, self.url, key, exc, base) from None
         self._install(chunk * self.chunk_size, data, where, chunk, m.zero_pages)
         if not cached:
             # On a thread of its own: the faults waiting for this chunk need not wait for it.
