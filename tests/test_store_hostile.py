@@ -67,3 +67,63 @@ def test_a_block_asked_for_after_the_template_closed_fails_at_once(
     fut = _returns(lambda: lazy.request_page(3, 3 * CHUNK + 5 * BLOCK))
     with pytest.raises(Exception, match="template closed"):
         fut.result(5)
+
+
+# --- the host cache ---------------------------------------------------------------------------
+
+_WRITER = """
+import os, sys
+from pagefork.store import cache as cache_mod
+from pagefork.store.cache import ChunkCache
+
+def stuck(fd):  # the chunk is written, not yet synced: the writer is killed here
+    print("writing", flush=True)
+    sys.stdin.read()
+
+cache_mod.os.fsync = stuck
+data = bytes(range(256)) * 4096
+ChunkCache(sys.argv[1]).put(cache_mod.hashlib.sha256(data).hexdigest(), data)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_no_temporary_behind(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    d = tmp_path / "c"
+    ChunkCache(str(d)).close()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(d)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+        temps = [p for p in d.iterdir() if p.name.startswith(".tmp-")]
+        assert len(temps) == 1 and temps[0].stat().st_size == 1 << 20
+        # A live writer's temporary is left alone.
+        cache = ChunkCache(str(d), max_bytes=4 << 20)
+        assert temps[0].exists()
+        writer.kill()
+        writer.wait(10)
+        # Once its writer is gone, the next cache to rescan removes it...
+        cache.evict()
+        assert not temps[0].exists()
+        cache.close()
+    finally:
+        writer.kill()
+        writer.wait(10)
+        assert writer.stdin is not None and writer.stdout is not None
+        writer.stdin.close()
+        writer.stdout.close()
+    # ...and so does one opening the directory.
+    stale = d / ".tmp-999999999-1-0123abcd"
+    stale.write_bytes(b"x" * 100)
+    ChunkCache(str(d)).close()
+    assert not stale.exists()
+    # Anything else there is not the cache's to remove.
+    other = d / "notes.txt"
+    other.write_text("mine")
+    ChunkCache(str(d)).evict()
+    assert other.exists()
