@@ -4,6 +4,7 @@ the real ``moto_server`` (through the fault-injecting proxy where the store misb
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -127,3 +128,32 @@ def test_a_writer_killed_mid_write_leaves_no_temporary_behind(tmp_path: Path) ->
     other.write_text("mine")
     ChunkCache(str(d)).evict()
     assert other.exists()
+
+
+def _ignoring_ranges(endpoint: str):  # type: ignore[no-untyped-def]
+    """A client whose store ignores byte ranges: every GET is answered with the whole object
+    (the Range header is dropped before it is sent, so the real server answers 200)."""
+    client = make_client(endpoint)
+
+    def drop_range(request, **_kw):  # type: ignore[no-untyped-def]
+        if "Range" in request.headers:
+            del request.headers["Range"]
+
+    client.meta.events.register("before-sign.s3.GetObject", drop_range)
+    return client
+
+
+def test_a_store_that_ignores_byte_ranges_still_serves_a_cold_fault(
+    pushed: str, s3_endpoint: str, tmp_path: Path, mem_file: Path
+) -> None:
+    client = _ignoring_ranges(s3_endpoint)
+    lazy = LazyTemplate(pushed, ChunkCache(str(tmp_path / "c")), client=client, warm=False)
+    try:
+        at = 6 * CHUNK + 3 * BLOCK + 5 * PAGE
+        lazy.request_page(6, at).result(30)
+        # Its block could not be had alone: the whole chunk, verified, served the page.
+        assert lazy.present(6)
+        assert os.pread(lazy.fd, CHUNK, 6 * CHUNK) == mem_file.read_bytes()[6 * CHUNK : 7 * CHUNK]
+    finally:
+        lazy.close()
+        client.close()

@@ -376,8 +376,8 @@ class LazyTemplate(ZeroIndexed):
         base, npages = self.nchunks + first, (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
         # Without per-page presence (no pack, no blocks) chunks are written in parallel.
         with self._view_lock if self._per_page else contextlib.nullcontext():
-            if chunk is None and self._presence[offset // self.chunk_size]:
-                return  # its chunk came in first: every page of it is in already
+            if self._presence[offset // self.chunk_size]:
+                return  # its chunk came in first (or twice): every page of it is in already
             write_absent(self.fd, data, offset, self._presence[base : base + npages])
             # Only now may a worker copy from it: the bytes are in the view and verified.
             if chunk is not None:
@@ -431,7 +431,18 @@ class LazyTemplate(ZeroIndexed):
 
         block, offset, _ = span
         deadline = time.monotonic() + self.fetch_deadline
-        data = fetch_block(self._client, self.url, self.manifest, chunk, block, deadline, counted)
+        try:
+            data = fetch_block(
+                self._client, self.url, self.manifest, chunk, block, deadline, counted
+            )
+        except StoreError as exc:
+            if "is gone from the bucket" in str(exc):
+                raise  # the chunk is gone with it
+            # A block that cannot be had verified alone (a store that ignores byte ranges or
+            # answers the wrong one, a block that does not match): the whole chunk, verified
+            # against its own SHA-256, decides. Its error, if any, names the chunk.
+            log.warning("%s: fetching the whole chunk instead", exc)
+            return fetched + self._fetch(chunk)
         where = f"block {block} of chunk {chunk} of {self.path}"
         self._install(offset, data, where, None, self.manifest.zero_pages)
         return fetched
