@@ -157,3 +157,44 @@ def test_a_store_that_ignores_byte_ranges_still_serves_a_cold_fault(
     finally:
         lazy.close()
         client.close()
+
+
+# --- a hostile manifest -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["hot_pack", "block_digests"])
+def test_an_index_that_inflates_like_a_zlib_bomb_is_refused_before_it_is_held(field: str) -> None:
+    import base64
+    import json
+    import tracemalloc
+    import zlib
+
+    from pagefork.errors import StoreError
+    from pagefork.store.layout import FORMAT, parse_manifest
+
+    size, chunk = 4 << 30, 64 << 20  # a million pages: 40 MiB of index entries would fit
+    npages = size // PAGE
+    bomb = base64.b64encode(zlib.compress(bytes(npages * 40), 9)).decode()
+    doc: dict[str, object] = {
+        "format": FORMAT,
+        "version": 2,
+        "size": size,
+        "page_size": PAGE,
+        "chunk_size": chunk,
+        "chunks_prefix": "chunks/",
+        "chunks": ["a" * 64] * (size // chunk),
+        "zero_pages": base64.b64encode(zlib.compress(bytes(npages), 9)).decode(),
+    }
+    if field == "hot_pack":
+        doc["hot_pack"] = {"key": "k", "sha256": "b" * 64, "size": npages * PAGE, "index": bomb}
+    else:
+        doc.update(block_size=PAGE, block_digests=bomb)
+    text = json.dumps(doc).encode()
+    tracemalloc.start()
+    try:
+        with pytest.raises(StoreError, match=f"manifest m: {field}.* does not decode .*inflates"):
+            parse_manifest(text, "m")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak} bytes held for a {len(text)}-byte manifest"
