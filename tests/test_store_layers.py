@@ -6,6 +6,7 @@ the parent fetches only the layer; a damaged layer object fails only the forks t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from pagefork.store.layout import (
     ParentRef,
     parse_manifest,
     parse_s3_url,
+    sha256,
 )
 from pagefork.store.lazy import LazyTemplate
 from pagefork.store.push import push
@@ -331,10 +333,22 @@ def test_a_chain_deeper_than_the_bound_is_refused(s3_bucket, tmp_path):
     # Layers that change nothing, each over the one before: MAX_DEPTH of them over the base.
     empty = tmp_path / "empty.layer"
     write_layer(str(empty), size=32 * PAGE, pages=[])
-    for i in range(MAX_DEPTH):
+    for i in range(MAX_DEPTH - 1):
         url = f"s3://{s3_bucket}/l{i}"
         push_layer(parse_s3_url(url), str(small), [str(empty)], parse_s3_url(below), client)
         below = url
+    # The push of one more is refused: no host would serve it.
+    deep = parse_s3_url(f"s3://{s3_bucket}/deep")
+    with pytest.raises(StoreError, match=f"chain of {MAX_DEPTH} templates: .*deeper than"):
+        push_layer(deep, str(small), [str(empty)], parse_s3_url(below), client)
+    assert not client.list_objects_v2(Bucket=s3_bucket, Prefix="deep/").get("Contents")
+    # A store that holds one anyway (made by hand) is refused when served.
+    top = manifest_of(below)
+    u = parse_s3_url(below)
+    pin = sha256(get_bytes(client, s3_bucket, u.key("manifest.json")))
+    over = dataclasses.replace(top, parent=ParentRef(u.key(f"manifests/{pin}.json"), pin))
+    put_bytes(client, s3_bucket, deep.key("manifest.json"), over.to_json())
+    below = str(deep)
     lazy = LazyTemplate(below, ChunkCache(str(tmp_path / "c")))
     try:
         with pytest.raises(StoreError, match=f"deeper than {MAX_DEPTH} templates"):
@@ -348,6 +362,20 @@ def test_a_chain_deeper_than_the_bound_is_refused(s3_bucket, tmp_path):
         assert lazy.present(0)
     finally:
         lazy.close()
+
+
+def test_a_layer_over_a_layer_whose_parent_is_gone_is_refused_at_push(
+    s3_bucket, mem_file, tmp_path, layer, layer_url
+):
+    client = make_client()
+    client.delete_object(Bucket=s3_bucket, Key=manifest_of(layer_url).parent.key)
+    empty = tmp_path / "empty.layer"
+    write_layer(str(empty), size=NPAGES * PAGE, pages=[])
+    top = parse_s3_url(f"s3://{s3_bucket}/top")
+    with pytest.raises(StoreError, match=r"parent manifest .*base/manifests/.* is gone"):
+        push_layer(top, str(mem_file), [str(layer), str(empty)], parse_s3_url(layer_url), client)
+    # Nothing of the refused layer was uploaded: no fork of it could have run.
+    assert not client.list_objects_v2(Bucket=s3_bucket, Prefix="top/").get("Contents")
 
 
 def test_an_old_manifest_still_loads_and_serves(s3_bucket, mem_file, tmp_path, parent_url):

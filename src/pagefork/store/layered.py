@@ -57,6 +57,8 @@ class ResolvedChain:
     #: The base template (pinned to its manifest): what a damaged base chunk's error names,
     #: since pushing that template again, not the layer, repairs it.
     base_url: S3Url
+    #: Templates in the chain, the top one and the base included.
+    depth: int = 1
 
 
 def template_of(bucket: str, key: str, sha: str) -> S3Url:
@@ -126,7 +128,7 @@ def resolve_chain(
             )
         m = parent
         base_url = template_of(bucket, ref.key, ref.sha256)
-    return ResolvedChain(m, tuple(packs), base_url)
+    return ResolvedChain(m, tuple(packs), base_url, depth)
 
 
 class LayerOverlay:
