@@ -198,3 +198,26 @@ def test_an_index_that_inflates_like_a_zlib_bomb_is_refused_before_it_is_held(fi
     finally:
         tracemalloc.stop()
     assert peak < 8 << 20, f"{peak} bytes held for a {len(text)}-byte manifest"
+
+
+def test_eviction_never_removes_an_entry_that_is_not_the_caches_own(tmp_path: Path) -> None:
+    import os as _os
+
+    from pagefork.store.layout import sha256
+
+    d = tmp_path / "c"
+    cache = ChunkCache(str(d), max_bytes=1 << 20)
+    foreign = d / ("f" * 64)
+    foreign.write_bytes(b"x" * (600 << 10))
+    _os.chown(foreign, 12345, 12345)  # another user's file (only root could put it there)
+    sub = d / ("e" * 64)
+    sub.mkdir()  # a directory under a chunk's name: not ours either
+    data = [_os.urandom(300 << 10) for _ in range(4)]
+    for chunk in data:  # 1.2 MiB of our own: over the bound, so the oldest go
+        cache.put(sha256(chunk), chunk)
+    cache.evict()
+    assert foreign.exists() and foreign.stat().st_uid == 12345 and sub.is_dir()
+    ours = [p for p in d.iterdir() if p.name not in (foreign.name, sub.name)]
+    assert 0 < len(ours) < 4 and cache.used_bytes <= 1 << 20
+    assert cache.get(sha256(data[-1])) == data[-1]  # the newest stayed
+    cache.close()

@@ -140,7 +140,8 @@ class ChunkCache:
                 if _ENTRY.fullmatch(e.name):
                     with contextlib.suppress(OSError):
                         st = e.stat(follow_symlinks=False)
-                        if stat.S_ISREG(st.st_mode):  # anything else is not ours
+                        # Anything else is not ours: neither counted nor ever removed.
+                        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
                             out.append((e.name, st.st_size, st.st_mtime))
         return out
 
