@@ -474,3 +474,32 @@ def test_a_hot_set_published_from_a_layer_template_keeps_it_a_layer(layer_url, c
         assert view == child  # every byte the layered memory's
     finally:
         cold.close()
+
+
+def test_a_layer_template_is_served_by_a_store_that_ignores_byte_ranges(
+    layer_url, child_mem, s3_endpoint, tmp_path
+):
+    # A store that answers every GET with the whole object: the layer pack is fetched whole,
+    # once, and every page of it still checked against its digest.
+    client = make_client(s3_endpoint)
+
+    def drop_range(request, **_kw):  # type: ignore[no-untyped-def]
+        if "Range" in request.headers:
+            del request.headers["Range"]
+
+    client.meta.events.register("before-sign.s3.GetObject", drop_range)
+    lazy = LazyTemplate(layer_url, ChunkCache(str(tmp_path / "c")), client=client, warm=False)
+    try:
+        lazy.ensure(range(12), 60)
+        view, want = os.pread(lazy.fd, 12 * CHUNK, 0), child_mem.read_bytes()
+        zeros = lazy.manifest.zero_pages  # served as zeros, whatever the view holds there
+        bad = [
+            p
+            for p in range(NPAGES)
+            if (bytes(PAGE) if zeros[p] else view[p * PAGE : (p + 1) * PAGE])
+            != want[p * PAGE : (p + 1) * PAGE]
+        ]
+        assert bad == [] and lazy.gets >= 1
+    finally:
+        lazy.close()
+        client.close()
