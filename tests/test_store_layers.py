@@ -503,3 +503,26 @@ def test_a_layer_template_is_served_by_a_store_that_ignores_byte_ranges(
     finally:
         lazy.close()
         client.close()
+
+
+def test_a_parent_manifest_damaged_in_the_host_cache_is_fetched_again(
+    layer_url, s3_bucket, tmp_path
+):
+    cache_dir = tmp_path / "c"
+    lazy = LazyTemplate(layer_url, ChunkCache(str(cache_dir)), warm=False)
+    try:
+        lazy.ensure([0], 30)
+    finally:
+        lazy.close()
+    pin = manifest_of(layer_url).parent.sha256
+    entry = cache_dir / pin
+    good = entry.read_bytes()
+    entry.write_bytes(good[: len(good) // 2])  # still 0400 (root writes through the mode)
+    assert entry.stat().st_mode & 0o777 == 0o400
+    lazy = LazyTemplate(layer_url, ChunkCache(str(cache_dir)), warm=False)
+    try:
+        lazy.ensure([0], 30)
+        assert lazy.present(0)
+    finally:
+        lazy.close()
+    assert entry.read_bytes() == good  # and the cache holds the right one again

@@ -100,6 +100,11 @@ def resolve_chain(
         ref = m.parent
         url = f"s3://{bucket}/{ref.key}"
         data = cache.get(ref.sha256) if cache is not None else None
+        if data is not None and sha256(data) != ref.sha256:
+            # A manifest is small: hashed even from the cache, so an entry damaged in place
+            # (by root, or this user behind the cache's back) is fetched again, not a fork
+            # that fails on this host forever.
+            data = None
         if data is None:
             try:
                 data = s3.get_bytes(client, bucket, ref.key, MAX_MANIFEST_BYTES)
