@@ -186,7 +186,6 @@ def fetch_pack(
         raise exc if isinstance(exc, StoreError) else StoreError(f"{what} {where}: {exc}")
 
 
-
 def _first_bad(pack: HotPack, first: int, count: int, data: bytes) -> str | None:
     """Why ``data`` is not pages ``first .. first+count`` of ``pack``, or None."""
     if len(data) != count * PAGE_SIZE:

@@ -405,7 +405,7 @@ class LazyTemplate(ZeroIndexed):
                     return fut
                 fut = self._pool.submit(self._fetch_block, chunk, span)
                 self._blocks[(chunk, block)] = fut
-        if whole:  # in already, or closed: request() answers (it takes the lock itself)
+        if fut is None:  # in already, or closed: request() answers (it takes the lock itself)
             return self.request(chunk)
         # Added before any caller's: the rest of the chunk is asked for before a fault
         # answered on this block can ask again for another page of it.
