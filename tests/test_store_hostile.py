@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from procs import proxy_fixture, s3_env_fixture, s3_server_fixture  # noqa: F401
 
+from conftest import needs_uffd
 from pagefork.store.cache import ChunkCache
 from pagefork.store.client import make_client
 from pagefork.store.layout import parse_s3_url
@@ -221,3 +222,47 @@ def test_eviction_never_removes_an_entry_that_is_not_the_caches_own(tmp_path: Pa
     assert 0 < len(ours) < 4 and cache.used_bytes <= 1 << 20
     assert cache.get(sha256(data[-1])) == data[-1]  # the newest stayed
     cache.close()
+
+
+@needs_uffd
+def test_a_vmm_killed_while_its_fault_waits_on_a_block_leaves_the_block_for_others(
+    pushed: str,
+    vmms,
+    proxy: S3Proxy,
+    tmp_path: Path,
+    mem_file: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    import json as _json
+    import time
+
+    from pagefork.server import PageServer, ServerConfig
+    from pagefork.store.lazy import StoreOptions
+
+    store = StoreOptions(
+        cache=ChunkCache(str(tmp_path / "cache")), endpoint_url=proxy.url, fetch_deadline=20
+    )
+    server = PageServer(
+        ServerConfig(mem_file_path=pushed, socket_dir=str(tmp_path), store=store, workers=1)
+    )
+    first = (7 * CHUNK + 2 * BLOCK) // PAGE
+    pages = [[0, p * PAGE] for p in range(first, first + BLOCK // PAGE) if p % 4]
+    try:
+        proxy.hang("/chunks/")  # the block's GET stays unanswered: the fault stays parked
+        doomed = vmms(server.register_fork("doomed"))
+        assert doomed.proc.stdin is not None
+        doomed.proc.stdin.write(_json.dumps({"cmd": "touch", "pages": pages}) + "\n")
+        doomed.proc.stdin.flush()
+        end = time.monotonic() + 20
+        while not any("/chunks/" in k for k in proxy.gets) and time.monotonic() < end:
+            time.sleep(0.01)  # until the store has the block's GET (its fault is parked)
+        assert any("/chunks/" in k for k in proxy.gets)
+        doomed.kill()
+        assert server.wait_ended("doomed", timeout=20).state in ("ended", "failed")
+        proxy.hang(None)
+        # Another fork faults on the same block: every byte right, the block fetched once.
+        other = vmms(server.register_fork("other"))
+        assert other.send(cmd="touch", pages=pages)["bad"] == 0
+        assert server.stats("other").errors == 0
+    finally:
+        proxy.hang(None)
+        server.close()
