@@ -266,3 +266,22 @@ def test_a_vmm_killed_while_its_fault_waits_on_a_block_leaves_the_block_for_othe
     finally:
         proxy.hang(None)
         server.close()
+
+
+def test_a_fifo_or_directory_under_a_chunks_name_is_a_miss_never_waited_on(
+    tmp_path: Path,
+) -> None:
+    from pagefork.store.layout import sha256
+
+    d = tmp_path / "c"
+    cache = ChunkCache(str(d))
+    a, b = b"a" * PAGE, b"b" * PAGE
+    os.mkfifo(d / sha256(a), 0o400)  # opening it for reading would wait for a writer
+    (d / sha256(b)).mkdir()
+    assert _returns(lambda: cache.get(sha256(a), PAGE), 10) is None
+    assert cache.get(sha256(b), PAGE) is None
+    cache.put(sha256(a), a)  # never renamed over: they are not the cache's
+    cache.put(sha256(b), b)
+    assert (d / sha256(a)).is_fifo() and (d / sha256(b)).is_dir()
+    assert cache.misses == 2 and cache.hits == 0
+    cache.close()

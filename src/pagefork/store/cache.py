@@ -172,10 +172,10 @@ class ChunkCache:
         """Bytes the directory held at the last scan, plus what this process wrote since."""
         return self._bytes
 
-    def _not_ours(self, name: str, what: str) -> None:
+    def _not_ours(self, name: str, what: str, *, miss: bool = True) -> None:
         path = os.path.join(self.path, name)
         with self._lock:
-            self.misses += 1
+            self.misses += miss  # a read that found it; a write that found it is no miss
             first = path not in self._foreign
             self._foreign.add(path)
         if first:
@@ -250,7 +250,7 @@ class ChunkCache:
         with contextlib.suppress(OSError):
             st = os.lstat(name, dir_fd=self._dir)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                self._not_ours(name, "not a regular file of ours")
+                self._not_ours(name, "not a regular file of ours", miss=False)
                 return  # renaming over it would remove a file that is not ours
         tmp = f".tmp-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
         try:
