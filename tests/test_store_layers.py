@@ -378,6 +378,16 @@ def test_a_layer_over_a_layer_whose_parent_is_gone_is_refused_at_push(
     assert not client.list_objects_v2(Bucket=s3_bucket, Prefix="top/").get("Contents")
 
 
+def test_a_layer_over_a_parent_never_pushed_names_the_parent(s3_bucket, mem_file, layer):
+    parent = parse_s3_url(f"s3://{s3_bucket}/nothere")
+    top = parse_s3_url(f"s3://{s3_bucket}/top")
+    with pytest.raises(StoreError) as info:
+        push_layer(top, str(mem_file), [str(layer)], parent, make_client())
+    assert str(info.value) == (
+        f"parent {parent}: s3://{s3_bucket}/nothere/manifest.json: no such object"
+    )
+
+
 def test_an_old_manifest_still_loads_and_serves(s3_bucket, mem_file, tmp_path, parent_url):
     m = manifest_of(parent_url)
     assert json.loads(m.to_json())["version"] == 1

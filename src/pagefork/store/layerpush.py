@@ -65,7 +65,10 @@ def push_layer(
     side, hot = read_side_files(hot_pages, vmstate)
     started = time.monotonic()
     s3.check_bucket(client, url.bucket)
-    pm, psha = s3.read_pinned(client, parent)
+    try:
+        pm, psha = s3.read_pinned(client, parent)
+    except StoreError as exc:  # say which URL of the command line it is about
+        raise StoreError(f"parent {parent}: {exc}") from None
     parent_key = s3.pinned_key(parent, psha)
     if pm.is_layer:  # every manifest below it must be there and right, or no fork would run
         below_chain = resolve_chain(client, parent.bucket, pm, str(parent.pinned(psha)), None)
