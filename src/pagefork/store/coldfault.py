@@ -19,8 +19,10 @@ when its chunk's presence byte or its own page byte is set. A chunk's byte is se
 the whole chunk matched its SHA-256; a page's byte only after the block holding it matched its
 block digest (or, for a hot-pack page, its page digest). The digests come from the manifest,
 itself checked as it was read (pinned by SHA-256 when the URL is). A block that does not match
-is fetched once more, then fails the forks waiting on its chunk with an error naming the
-object and the repair; nothing of it is written to the view.
+is fetched once more; nothing of it is written to the view. If it still cannot be had verified
+(a corrupt object, or a store that ignores byte ranges or answers the wrong one), the whole
+chunk is fetched instead and decides: served if it matches its SHA-256, else the forks
+waiting on it fail with an error naming the object and the repair.
 
 A manifest without block digests (pushed before they were recorded, or with a block size of
 0) keeps the whole-chunk path: the fault waits for its chunk.

@@ -8,7 +8,9 @@ SHA-256. A cold host fetches the pack in :data:`RANGES` parallel ranged GETs of 
 checks every page against its digest, and only then puts it in the memory view (see
 :meth:`pagefork.store.lazy.LazyTemplate.ensure_pack`). A range that does not match is fetched
 once more; one that still does not, or a pack that is missing or short, fails the forks that
-wait for it with an error naming the object and the repair (push the template again).
+wait for it with an error naming the object and the repair (push the template again). A
+store that does not honour byte ranges (it answers each with the whole object) gets one GET
+of the whole pack instead, every page still checked against its digest.
 """
 
 from __future__ import annotations
