@@ -36,8 +36,9 @@ processes alike. The directory, not this process's count, is the truth: it is re
 and mtimes) whenever this process has written a sixty-fourth of the bound or 16 chunks since
 the last scan, so processes that share it together stay within the bound (each may overshoot by
 that much between scans). Only files named as a SHA-256 (and our own temporaries) are ever
-removed, and only regular files. A temporary whose writer died mid-write (SIGKILL, a crash)
-is removed when a cache opens the directory or rescans it, once no process has its pid.
+removed, and only regular files of this user. A temporary whose writer died mid-write
+(SIGKILL, a crash) is removed when a cache opens the directory or rescans it, once no process
+has its pid.
 """
 
 from __future__ import annotations
