@@ -6,6 +6,7 @@ the parent fetches only the layer; a damaged layer object fails only the forks t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from pagefork.store.layout import (
     ParentRef,
     parse_manifest,
     parse_s3_url,
+    sha256,
 )
 from pagefork.store.lazy import LazyTemplate
 from pagefork.store.push import push
@@ -294,6 +296,35 @@ def test_a_damaged_layer_object_fails_only_the_forks_that_need_it(
         elsewhere.kill()
 
 
+@pytest.mark.parametrize(
+    ("kind", "repair"),
+    [
+        ("gone", "is gone from the bucket (deleted after the push): push the parent {base}#"),
+        ("corrupt", "repair it with 'pagefork push --verify {base} --mem-file MEM'"),
+    ],
+)
+def test_a_damaged_base_chunk_of_a_layer_names_the_parent_to_push_again(
+    kind, repair, layer_url, parent_url, s3_bucket, tmp_path
+):
+    key = manifest_of(parent_url).chunk_key(5)
+    client = make_client()
+    if kind == "gone":
+        client.delete_object(Bucket=s3_bucket, Key=key)
+    else:
+        put_bytes(client, s3_bucket, key, b"\x01" * CHUNK)
+    lazy = LazyTemplate(layer_url, ChunkCache(str(tmp_path / "c")), warm=False)
+    try:
+        with pytest.raises(StoreError) as info:
+            lazy.ensure([5], 30)
+    finally:
+        lazy.close()
+    text = str(info.value)
+    # The chunk is the parent's: pushing the layer again would not bring it back.
+    assert f"s3://{s3_bucket}/{key} (a chunk of {layer_url}'s parent template" in text, text
+    assert repair.format(base=parent_url) in text, text
+    assert "push the template again" not in text and "\n" not in text
+
+
 def test_a_chain_deeper_than_the_bound_is_refused(s3_bucket, tmp_path):
     client = make_client()
     small = make_mem_file(tmp_path / "small", 32)  # 128 KiB in two 64 KiB chunks: quick
@@ -302,10 +333,22 @@ def test_a_chain_deeper_than_the_bound_is_refused(s3_bucket, tmp_path):
     # Layers that change nothing, each over the one before: MAX_DEPTH of them over the base.
     empty = tmp_path / "empty.layer"
     write_layer(str(empty), size=32 * PAGE, pages=[])
-    for i in range(MAX_DEPTH):
+    for i in range(MAX_DEPTH - 1):
         url = f"s3://{s3_bucket}/l{i}"
         push_layer(parse_s3_url(url), str(small), [str(empty)], parse_s3_url(below), client)
         below = url
+    # The push of one more is refused: no host would serve it.
+    deep = parse_s3_url(f"s3://{s3_bucket}/deep")
+    with pytest.raises(StoreError, match=f"chain of {MAX_DEPTH} templates: .*deeper than"):
+        push_layer(deep, str(small), [str(empty)], parse_s3_url(below), client)
+    assert not client.list_objects_v2(Bucket=s3_bucket, Prefix="deep/").get("Contents")
+    # A store that holds one anyway (made by hand) is refused when served.
+    top = manifest_of(below)
+    u = parse_s3_url(below)
+    pin = sha256(get_bytes(client, s3_bucket, u.key("manifest.json")))
+    over = dataclasses.replace(top, parent=ParentRef(u.key(f"manifests/{pin}.json"), pin))
+    put_bytes(client, s3_bucket, deep.key("manifest.json"), over.to_json())
+    below = str(deep)
     lazy = LazyTemplate(below, ChunkCache(str(tmp_path / "c")))
     try:
         with pytest.raises(StoreError, match=f"deeper than {MAX_DEPTH} templates"):
@@ -319,6 +362,30 @@ def test_a_chain_deeper_than_the_bound_is_refused(s3_bucket, tmp_path):
         assert lazy.present(0)
     finally:
         lazy.close()
+
+
+def test_a_layer_over_a_layer_whose_parent_is_gone_is_refused_at_push(
+    s3_bucket, mem_file, tmp_path, layer, layer_url
+):
+    client = make_client()
+    client.delete_object(Bucket=s3_bucket, Key=manifest_of(layer_url).parent.key)
+    empty = tmp_path / "empty.layer"
+    write_layer(str(empty), size=NPAGES * PAGE, pages=[])
+    top = parse_s3_url(f"s3://{s3_bucket}/top")
+    with pytest.raises(StoreError, match=r"parent manifest .*base/manifests/.* is gone"):
+        push_layer(top, str(mem_file), [str(layer), str(empty)], parse_s3_url(layer_url), client)
+    # Nothing of the refused layer was uploaded: no fork of it could have run.
+    assert not client.list_objects_v2(Bucket=s3_bucket, Prefix="top/").get("Contents")
+
+
+def test_a_layer_over_a_parent_never_pushed_names_the_parent(s3_bucket, mem_file, layer):
+    parent = parse_s3_url(f"s3://{s3_bucket}/nothere")
+    top = parse_s3_url(f"s3://{s3_bucket}/top")
+    with pytest.raises(StoreError) as info:
+        push_layer(top, str(mem_file), [str(layer)], parent, make_client())
+    assert str(info.value) == (
+        f"parent {parent}: s3://{s3_bucket}/nothere/manifest.json: no such object"
+    )
 
 
 def test_an_old_manifest_still_loads_and_serves(s3_bucket, mem_file, tmp_path, parent_url):
@@ -417,3 +484,55 @@ def test_a_hot_set_published_from_a_layer_template_keeps_it_a_layer(layer_url, c
         assert view == child  # every byte the layered memory's
     finally:
         cold.close()
+
+
+def test_a_layer_template_is_served_by_a_store_that_ignores_byte_ranges(
+    layer_url, child_mem, s3_endpoint, tmp_path
+):
+    # A store that answers every GET with the whole object: the layer pack is fetched whole,
+    # once, and every page of it still checked against its digest.
+    client = make_client(s3_endpoint)
+
+    def drop_range(request, **_kw):  # type: ignore[no-untyped-def]
+        if "Range" in request.headers:
+            del request.headers["Range"]
+
+    client.meta.events.register("before-sign.s3.GetObject", drop_range)
+    lazy = LazyTemplate(layer_url, ChunkCache(str(tmp_path / "c")), client=client, warm=False)
+    try:
+        lazy.ensure(range(12), 60)
+        view, want = os.pread(lazy.fd, 12 * CHUNK, 0), child_mem.read_bytes()
+        zeros = lazy.manifest.zero_pages  # served as zeros, whatever the view holds there
+        bad = [
+            p
+            for p in range(NPAGES)
+            if (bytes(PAGE) if zeros[p] else view[p * PAGE : (p + 1) * PAGE])
+            != want[p * PAGE : (p + 1) * PAGE]
+        ]
+        assert bad == [] and lazy.gets >= 1
+    finally:
+        lazy.close()
+        client.close()
+
+
+def test_a_parent_manifest_damaged_in_the_host_cache_is_fetched_again(
+    layer_url, s3_bucket, tmp_path
+):
+    cache_dir = tmp_path / "c"
+    lazy = LazyTemplate(layer_url, ChunkCache(str(cache_dir)), warm=False)
+    try:
+        lazy.ensure([0], 30)
+    finally:
+        lazy.close()
+    pin = manifest_of(layer_url).parent.sha256
+    entry = cache_dir / pin
+    good = entry.read_bytes()
+    entry.write_bytes(good[: len(good) // 2])  # still 0400 (root writes through the mode)
+    assert entry.stat().st_mode & 0o777 == 0o400
+    lazy = LazyTemplate(layer_url, ChunkCache(str(cache_dir)), warm=False)
+    try:
+        lazy.ensure([0], 30)
+        assert lazy.present(0)
+    finally:
+        lazy.close()
+    assert entry.read_bytes() == good  # and the cache holds the right one again

@@ -36,7 +36,9 @@ processes alike. The directory, not this process's count, is the truth: it is re
 and mtimes) whenever this process has written a sixty-fourth of the bound or 16 chunks since
 the last scan, so processes that share it together stay within the bound (each may overshoot by
 that much between scans). Only files named as a SHA-256 (and our own temporaries) are ever
-removed, and only regular files.
+removed, and only regular files of this user. A temporary whose writer died mid-write
+(SIGKILL, a crash) is removed when a cache opens the directory or rescans it, once no process
+has its pid.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ from pagefork.errors import StoreError
 log = logging.getLogger("pagefork.store")
 
 _ENTRY = re.compile(r"[0-9a-f]{64}")
+#: A temporary file being written: ``.tmp-<pid>-<thread>-<random>``.
+_TEMPORARY = re.compile(r"\.tmp-(\d+)-\d+-[0-9a-f]{8}")
 #: Eviction goes down to this share of the bound, so it does not run on every write.
 _LOW_WATER = 0.9
 #: The directory is rescanned after this many writes, or this share of the bound written.
@@ -120,6 +124,7 @@ class ChunkCache:
         #: Entries read and hashed (not trusted as they were), and served without hashing.
         self.hashed = 0
         self.trusted = 0
+        self._sweep_temporaries()
         self._bytes = sum(size for _, size, _ in self._scan())
         self._since_scan = (0, 0)  # (writes, bytes) since the directory was last scanned
 
@@ -136,9 +141,28 @@ class ChunkCache:
                 if _ENTRY.fullmatch(e.name):
                     with contextlib.suppress(OSError):
                         st = e.stat(follow_symlinks=False)
-                        if stat.S_ISREG(st.st_mode):  # anything else is not ours
+                        # Anything else is not ours: neither counted nor ever removed.
+                        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
                             out.append((e.name, st.st_size, st.st_mtime))
         return out
+
+    def _sweep_temporaries(self) -> int:
+        """Remove the temporaries of writers that died mid-write (killed, or the host went
+        down): a regular file of ours named ``.tmp-<pid>-...`` whose process is gone. They are
+        not entries, so nothing else would ever remove them or count them against the bound.
+        The count removed."""
+        removed = 0
+        with contextlib.suppress(OSError), os.scandir(self._dir) as it:
+            for e in it:
+                m = _TEMPORARY.fullmatch(e.name)
+                if m is None or _alive(int(m.group(1))):
+                    continue
+                with contextlib.suppress(OSError):
+                    st = e.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                        os.unlink(e.name, dir_fd=self._dir)
+                        removed += 1
+        return removed
 
     def names(self) -> set[str]:
         """The SHA-256 names of the entries now in the directory (one listing)."""
@@ -149,10 +173,10 @@ class ChunkCache:
         """Bytes the directory held at the last scan, plus what this process wrote since."""
         return self._bytes
 
-    def _not_ours(self, name: str, what: str) -> None:
+    def _not_ours(self, name: str, what: str, *, miss: bool = True) -> None:
         path = os.path.join(self.path, name)
         with self._lock:
-            self.misses += 1
+            self.misses += miss  # a read that found it; a write that found it is no miss
             first = path not in self._foreign
             self._foreign.add(path)
         if first:
@@ -227,7 +251,7 @@ class ChunkCache:
         with contextlib.suppress(OSError):
             st = os.lstat(name, dir_fd=self._dir)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                self._not_ours(name, "not a regular file of ours")
+                self._not_ours(name, "not a regular file of ours", miss=False)
                 return  # renaming over it would remove a file that is not ours
         tmp = f".tmp-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
         try:
@@ -267,6 +291,7 @@ class ChunkCache:
     def evict(self) -> int:
         """Rescan the directory; when it holds more than the bound, remove least recently used
         entries down to 90% of it. The count removed."""
+        self._sweep_temporaries()
         with self._lock:
             self._since_scan = (0, 0)
             entries = sorted(self._scan(), key=lambda e: e[2])
@@ -293,6 +318,19 @@ class ChunkCache:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _alive(pid: int) -> bool:
+    """True when process ``pid`` exists (as far as this process can see)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, another user's
+        return True
+    return True
 
 
 def _read_all(fd: int, size: int) -> bytes:

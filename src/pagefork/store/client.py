@@ -294,6 +294,11 @@ def get_bytes(
             if cut.is_set():
                 raise too_late()
             if limit is not None and int(response.get("ContentLength", 0)) > limit:
+                if byte_range is not None:
+                    raise StoreError(
+                        f"{where}: the store answered a {limit}-byte range with "
+                        f"{response.get('ContentLength')} bytes (it does not honour byte ranges)"
+                    )
                 raise StoreError(f"{where}: larger than {limit} bytes, the most pagefork reads")
             out = bytearray()
             while True:

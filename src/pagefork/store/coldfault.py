@@ -19,8 +19,10 @@ when its chunk's presence byte or its own page byte is set. A chunk's byte is se
 the whole chunk matched its SHA-256; a page's byte only after the block holding it matched its
 block digest (or, for a hot-pack page, its page digest). The digests come from the manifest,
 itself checked as it was read (pinned by SHA-256 when the URL is). A block that does not match
-is fetched once more, then fails the forks waiting on its chunk with an error naming the
-object and the repair; nothing of it is written to the view.
+is fetched once more; nothing of it is written to the view. If it still cannot be had verified
+(a corrupt object, or a store that ignores byte ranges or answers the wrong one), the whole
+chunk is fetched instead and decides: served if it matches its SHA-256, else the forks
+waiting on it fail with an error naming the object and the repair.
 
 A manifest without block digests (pushed before they were recorded, or with a block size of
 0) keeps the whole-chunk path: the fault waits for its chunk.
@@ -54,19 +56,26 @@ def block_of(manifest: Manifest, chunk: int, offset: int) -> tuple[int, int, int
     return block, start + first, length
 
 
-def chunk_error(where: str, url: S3Url, key: str, exc: StoreError) -> StoreError:
+def chunk_error(
+    where: str, url: S3Url, key: str, exc: StoreError, base: S3Url | None = None
+) -> StoreError:
     """``exc`` (from fetching ``key``, a chunk's object, or a block of it) as the one-line
-    error its forks fail with: what is wrong, where, and how to repair it."""
+    error its forks fail with: what is wrong, where, and how to repair it. ``base`` is the
+    template whose chunk it is when that is not ``url`` (a layer template's base): the
+    repair is then to push that one, not the layer."""
+    owner = url if base is None else base
+    whose = "" if base is None else f" (a chunk of {url}'s parent template {base})"
     if isinstance(exc, s3.CorruptObjectError):
         return StoreError(
-            f"{where}: s3://{url.bucket}/{key} does not match its SHA-256 (corrupt object in the "
-            "store; nothing of it was served): repair it with 'pagefork push --verify "
-            f"s3://{url.bucket}/{url.prefix} --mem-file MEM'"
+            f"{where}: s3://{url.bucket}/{key}{whose} does not match its SHA-256 (corrupt "
+            "object in the store; nothing of it was served): repair it with 'pagefork push "
+            f"--verify s3://{owner.bucket}/{owner.prefix} --mem-file MEM'"
         )
     if "no such object" in str(exc):
+        again = "push the template again" if base is None else f"push the parent {base} again"
         return StoreError(
-            f"{where}: s3://{url.bucket}/{key} is gone from the bucket (deleted after the push): "
-            "push the template again"
+            f"{where}: s3://{url.bucket}/{key}{whose} is gone from the bucket (deleted after "
+            f"the push): {again}"
         )
     return StoreError(f"{where}: {exc}")
 

@@ -8,7 +8,9 @@ SHA-256. A cold host fetches the pack in :data:`RANGES` parallel ranged GETs of 
 checks every page against its digest, and only then puts it in the memory view (see
 :meth:`pagefork.store.lazy.LazyTemplate.ensure_pack`). A range that does not match is fetched
 once more; one that still does not, or a pack that is missing or short, fails the forks that
-wait for it with an error naming the object and the repair (push the template again).
+wait for it with an error naming the object and the repair (push the template again). A
+store that does not honour byte ranges (it answers each with the whole object) gets one GET
+of the whole pack instead, every page still checked against its digest.
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ def build_pack(
     return pack, data
 
 
+class _RangesIgnored(Exception):
+    """The store answered a ranged GET of the pack with more than the range."""
+
+
 def _ranges(npages: int) -> list[tuple[int, int]]:
     """(first page, pages) of each ranged GET."""
     per = max(_MIN_RANGE // PAGE_SIZE, -(-npages // RANGES))
@@ -119,6 +125,22 @@ def fetch_pack(
     never installed."""
     where = f"s3://{bucket}/{pack.key}"
 
+    def whole() -> None:
+        """The pack in one GET, checked page by page as the ranges are: for a store that
+        does not honour byte ranges (it answers each with the whole object)."""
+        try:
+            data = s3.get_bytes(client, bucket, pack.key, pack.size, deadline, patient=True)
+        except StoreError as exc:
+            if "no such object" in str(exc):
+                raise StoreError(f"{what} {where} is gone from the bucket: {repair}") from None
+            raise StoreError(f"{what} {exc}") from None
+        on_get(len(data))
+        bad = _first_bad(pack, 0, len(pack.pages), data)
+        if bad is not None:
+            raise StoreError(f"{what} {where} {bad} (nothing of it was served): {repair}")
+        for i, page in enumerate(pack.pages):
+            install(page, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+
     def one(first: int, count: int) -> None:
         why = ""
         for _attempt in range(s3.VERIFY_ATTEMPTS):
@@ -140,6 +162,8 @@ def fetch_pack(
                     why = "is shorter than its index says (truncated)"
                     on_get(0)
                     continue
+                if "does not honour byte ranges" in text:
+                    raise _RangesIgnored from None
                 raise StoreError(f"{what} {exc}") from None
             on_get(len(data))
             bad = _first_bad(pack, first, count, data)
@@ -156,10 +180,12 @@ def fetch_pack(
         fut.cancel()
     if pending:
         raise StoreError(f"{what} {where}: not fetched within its deadline")
-    for fut in futures:
-        exc = fut.exception()
-        if exc is not None:
-            raise exc if isinstance(exc, StoreError) else StoreError(f"{what} {where}: {exc}")
+    errors = [exc for exc in (fut.exception() for fut in futures) if exc is not None]
+    if any(isinstance(exc, _RangesIgnored) for exc in errors):
+        whole()  # the store sends whole objects: one GET of it, then every page checked
+        return
+    for exc in errors:
+        raise exc if isinstance(exc, StoreError) else StoreError(f"{what} {where}: {exc}")
 
 
 def _first_bad(pack: HotPack, first: int, count: int, data: bytes) -> str | None:

@@ -32,10 +32,12 @@ from pagefork.store.cache import ChunkCache
 from pagefork.store.hotpack import RANGES, fetch_pack
 from pagefork.store.layout import (
     MAX_MANIFEST_BYTES,
+    PINNED_MANIFESTS,
     HotPack,
     Manifest,
     S3Url,
     parse_manifest,
+    parse_s3_url,
     sha256,
 )
 
@@ -52,6 +54,20 @@ class ResolvedChain:
 
     base: Manifest
     packs: tuple[HotPack, ...]
+    #: The base template (pinned to its manifest): what a damaged base chunk's error names,
+    #: since pushing that template again, not the layer, repairs it.
+    base_url: S3Url
+    #: Templates in the chain, the top one and the base included.
+    depth: int = 1
+
+
+def template_of(bucket: str, key: str, sha: str) -> S3Url:
+    """The template (pinned) whose manifest ``key`` is: ``PREFIX/manifests/<sha>.json`` is
+    ``s3://BUCKET/PREFIX#sha256=<sha>``; a key of another shape is named as it is."""
+    suffix = f"/{PINNED_MANIFESTS}{sha}.json"
+    if key.endswith(suffix) and len(key) > len(suffix):
+        return S3Url(bucket, key[: -len(suffix)], sha)
+    return S3Url(bucket, key)
 
 
 def repair_hint(where: str) -> str:
@@ -71,6 +87,7 @@ def resolve_chain(
     packs: list[HotPack] = []
     m = top
     depth = 1
+    base_url = parse_s3_url(where)  # top itself, when it is not a layer
     while m.parent is not None:
         if m.layer_pack is not None:
             packs.append(m.layer_pack)
@@ -83,6 +100,11 @@ def resolve_chain(
         ref = m.parent
         url = f"s3://{bucket}/{ref.key}"
         data = cache.get(ref.sha256) if cache is not None else None
+        if data is not None and sha256(data) != ref.sha256:
+            # A manifest is small: hashed even from the cache, so an entry damaged in place
+            # (by root, or this user behind the cache's back) is fetched again, not a fork
+            # that fails on this host forever.
+            data = None
         if data is None:
             try:
                 data = s3.get_bytes(client, bucket, ref.key, MAX_MANIFEST_BYTES)
@@ -110,7 +132,8 @@ def resolve_chain(
                 f"{repair_hint(where)} over its real parent"
             )
         m = parent
-    return ResolvedChain(m, tuple(packs))
+        base_url = template_of(bucket, ref.key, ref.sha256)
+    return ResolvedChain(m, tuple(packs), base_url, depth)
 
 
 class LayerOverlay:
@@ -157,6 +180,12 @@ class LayerOverlay:
         if not top.is_layer:
             return None
         return cls(client, url.bucket, top, str(url), cache, install)
+
+    @property
+    def base_url(self) -> S3Url | None:
+        """The base template whose chunks serve the pages no layer holds (None until the
+        chain is resolved)."""
+        return None if self._chain is None else self._chain.base_url
 
     @property
     def ready(self) -> bool:

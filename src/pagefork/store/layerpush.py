@@ -28,6 +28,7 @@ from pagefork.memfile import scan_zero_pages
 from pagefork.regions import PAGE_SIZE
 from pagefork.store import client as s3
 from pagefork.store.hotpack import build_pack, hot_file_pages
+from pagefork.store.layered import MAX_DEPTH, resolve_chain
 from pagefork.store.layout import Manifest, ParentRef, S3Url, sha256
 from pagefork.store.push import (
     Progress,
@@ -64,8 +65,19 @@ def push_layer(
     side, hot = read_side_files(hot_pages, vmstate)
     started = time.monotonic()
     s3.check_bucket(client, url.bucket)
-    pm, psha = s3.read_pinned(client, parent)
+    try:
+        pm, psha = s3.read_pinned(client, parent)
+    except StoreError as exc:  # say which URL of the command line it is about
+        raise StoreError(f"parent {parent}: {exc}") from None
     parent_key = s3.pinned_key(parent, psha)
+    if pm.is_layer:  # every manifest below it must be there and right, or no fork would run
+        below_chain = resolve_chain(client, parent.bucket, pm, str(parent.pinned(psha)), None)
+        if below_chain.depth + 1 > MAX_DEPTH:
+            raise StoreError(
+                f"parent {parent} is a layer chain of {below_chain.depth} templates: a layer "
+                f"over it would be deeper than {MAX_DEPTH}, which no host serves: push the "
+                "memory whole (without --parent) to start a new chain"
+            )
     if not s3.exists(client, parent.bucket, parent_key):  # what the layer will point to
         raise StoreError(
             f"parent {parent}: s3://{parent.bucket}/{parent_key} is missing: push the parent "

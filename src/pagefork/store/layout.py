@@ -421,6 +421,22 @@ def valid_block_size(block_size: int, chunk_size: int) -> bool:
     return PAGE_SIZE <= block_size <= chunk_size and not block_size & (block_size - 1)
 
 
+def _inflate_digests(packed: bytes, most: int) -> bytes:
+    """``packed`` (zlib) inflated, when it holds at most ``most`` bytes and could be a list
+    of SHA-256 digests: digests do not compress, so a list of them inflates to little more
+    than it was. One that inflates further (a zlib bomb from a hostile store) is refused
+    before it is held in memory (:class:`ValueError`); one over ``most`` comes back with a
+    byte more, for the caller to refuse by its size."""
+    bound = min(most, 2 * len(packed) + 4096)
+    inflate = zlib.decompressobj()
+    out = inflate.decompress(packed, bound + 1)
+    if len(out) > bound and bound < most:
+        raise ValueError(
+            f"it inflates past {bound} bytes from {len(packed)}: not a list of SHA-256 digests"
+        )
+    return out
+
+
 def _parse_blocks(
     doc: dict[str, Any], size: int, chunk_size: int, chunks: list[Any], bad: Any
 ) -> tuple[int, tuple[bytes, ...]]:
@@ -440,9 +456,8 @@ def _parse_blocks(
     ]
     want = 32 * sum(counts)
     try:
-        inflate = zlib.decompressobj()  # bounded, as the zero map is
         packed = base64.b64decode(doc.get("block_digests") or "", validate=True)
-        flat = inflate.decompress(packed, want + 1)
+        flat = _inflate_digests(packed, want)
     except (ValueError, TypeError, zlib.error) as exc:
         raise bad(f"block_digests does not decode ({exc})") from None
     if len(flat) != want:
@@ -468,9 +483,8 @@ def _parse_pack(value: Any, npages: int, zeros: bytes, bad: Any, name: str = "ho
     ):
         raise bad(f"{name} must be {{key, sha256, size, index}}")
     try:
-        inflate = zlib.decompressobj()
-        limit = npages * PACK_ENTRY + 1
-        index = inflate.decompress(base64.b64decode(value["index"], validate=True), limit)
+        packed = base64.b64decode(value["index"], validate=True)
+        index = _inflate_digests(packed, npages * PACK_ENTRY)
         pages, digests = parse_pack_index(index)
     except (ValueError, TypeError, zlib.error) as exc:
         raise bad(f"{name} index does not decode ({exc})") from None

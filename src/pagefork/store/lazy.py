@@ -261,7 +261,7 @@ class LazyTemplate(ZeroIndexed):
             fut = self._inflight.get(chunk)
             if fut is not None:
                 return fut
-            if self.present(chunk) or self._closed:
+            if self._closed or self.present(chunk):  # closed: no presence map left
                 fut = concurrent.futures.Future()
                 if self._closed:
                     fut.set_exception(StoreError(f"{self.path}: template closed"))
@@ -335,7 +335,8 @@ class LazyTemplate(ZeroIndexed):
                     on_get=counted,
                 )
             except StoreError as exc:
-                raise chunk_error(where, self.url, key, exc) from None
+                base = None if self._layers is None else self._layers.base_url
+                raise chunk_error(where, self.url, key, exc, base) from None
         self._install(chunk * self.chunk_size, data, where, chunk, m.zero_pages)
         if not cached:
             # On a thread of its own: the faults waiting for this chunk need not wait for it.
@@ -359,8 +360,8 @@ class LazyTemplate(ZeroIndexed):
         base, npages = self.nchunks + first, (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
         # Without per-page presence (no pack, no blocks) chunks are written in parallel.
         with self._view_lock if self._per_page else contextlib.nullcontext():
-            if chunk is None and self._presence[offset // self.chunk_size]:
-                return  # its chunk came in first: every page of it is in already
+            if self._presence[offset // self.chunk_size]:
+                return  # its chunk came in first (or twice): every page of it is in already
             write_absent(self.fd, data, offset, self._presence[base : base + npages])
             # Only now may a worker copy from it: the bytes are in the view and verified.
             if chunk is not None:
@@ -379,13 +380,17 @@ class LazyTemplate(ZeroIndexed):
         block = span[0]
         with self._lock:
             fut = self._inflight.get(chunk)  # the chunk is coming: the page comes with it
-            if fut is not None or self._closed or self.present(chunk):
-                return fut if fut is not None else self.request(chunk)
-            fut = self._blocks.get((chunk, block))
             if fut is not None:
                 return fut
-            fut = self._pool.submit(self._fetch_block, chunk, span)
-            self._blocks[(chunk, block)] = fut
+            whole = self._closed or self.present(chunk)
+            if not whole:
+                fut = self._blocks.get((chunk, block))
+                if fut is not None:
+                    return fut
+                fut = self._pool.submit(self._fetch_block, chunk, span)
+                self._blocks[(chunk, block)] = fut
+        if fut is None:  # in already, or closed: request() answers (it takes the lock itself)
+            return self.request(chunk)
         # Added before any caller's: the rest of the chunk is asked for before a fault
         # answered on this block can ask again for another page of it.
         fut.add_done_callback(lambda f: self._block_done(chunk, block, f))
@@ -410,7 +415,18 @@ class LazyTemplate(ZeroIndexed):
 
         block, offset, _ = span
         deadline = time.monotonic() + self.fetch_deadline
-        data = fetch_block(self._client, self.url, self.manifest, chunk, block, deadline, counted)
+        try:
+            data = fetch_block(
+                self._client, self.url, self.manifest, chunk, block, deadline, counted
+            )
+        except StoreError as exc:
+            if "is gone from the bucket" in str(exc):
+                raise  # the chunk is gone with it
+            # A block that cannot be had verified alone (a store that ignores byte ranges or
+            # answers the wrong one, a block that does not match): the whole chunk, verified
+            # against its own SHA-256, decides. Its error, if any, names the chunk.
+            log.warning("%s: fetching the whole chunk instead", exc)
+            return fetched + self._fetch(chunk)
         where = f"block {block} of chunk {chunk} of {self.path}"
         self._install(offset, data, where, None, self.manifest.zero_pages)
         return fetched
