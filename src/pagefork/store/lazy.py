@@ -167,7 +167,7 @@ class LazyTemplate(ZeroIndexed):
         self._warmer: threading.Thread | None = None
         if warm and self._layers is None:  # a layer's chunks are its base's
             self._warmer = threading.Thread(
-                target=self._warm_from_cache, name="pagefork-warm", daemon=True
+                target=_warm_from_cache, args=(self,), name="pagefork-warm", daemon=True
             )
             self._warmer.start()
 
@@ -439,24 +439,6 @@ class LazyTemplate(ZeroIndexed):
         with contextlib.suppress(StoreError):
             self.request(chunk)  # the rest, in the background (its failure fails its waiters)
 
-    # --- a warm host cache ------------------------------------------------------------------
-    def _warm_from_cache(self) -> None:
-        """Install every chunk the host cache holds, one after another (a thread of its own):
-        one read each, no hashing (verified when it entered the cache), so a warm host's
-        forks never park. One chunk at a time, so demand fetches always find a pool thread."""
-        names = self.cache.names()
-        for chunk, sha in enumerate(self.manifest.chunks):
-            if sha is None or sha not in names or self.present(chunk):
-                continue
-            try:
-                self.request(chunk).result()
-            except (StoreError, concurrent.futures.CancelledError):
-                if self._closed:
-                    return
-                continue  # an entry gone bad meanwhile: fetched again, its error to its forks
-            with self._lock:
-                self.warm_chunks += 1
-
     # --- publishing a hot set recorded here --------------------------------------------------
     def publish_hot_set(self, hot: HotPageList, regions: Sequence[Region]) -> str:
         """Push ``hot`` with its hot pack (see :func:`pagefork.store.publish.publish_hot_set`);
@@ -467,6 +449,11 @@ class LazyTemplate(ZeroIndexed):
     def client(self) -> Any:
         """The S3 client this template fetches with."""
         return self._client
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` began: nothing more is fetched."""
+        return self._closed
 
     # --- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -495,6 +482,24 @@ class LazyTemplate(ZeroIndexed):
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+
+
+def _warm_from_cache(template: LazyTemplate) -> None:
+    """Install every chunk of ``template`` the host cache holds, one after another (the
+    template's warming thread, the only writer of ``warm_chunks``): one read each, no hashing
+    (verified when it entered the cache), so a warm host's forks never park. One chunk at a
+    time, so demand fetches always find a pool thread."""
+    names = template.cache.names()
+    for chunk, sha in enumerate(template.manifest.chunks):
+        if sha is None or sha not in names or template.present(chunk):
+            continue
+        try:
+            template.request(chunk).result()
+        except (StoreError, concurrent.futures.CancelledError):
+            if template.closed:
+                return
+            continue  # an entry gone bad meanwhile: fetched again, its error to its forks
+        template.warm_chunks += 1
 
 
 @dataclass(frozen=True)
