@@ -79,6 +79,11 @@ MSG = struct.Struct("=B3xI QQQ")
 #: Where ``uffd_msg.arg.pagefault.address`` sits: the fault loop's one-fault fast path.
 PAGEFAULT_ADDRESS = struct.Struct("=16xQ8x")
 
+#: ``struct uffdio_copy`` (dst, src, len, mode, copy) and ``struct uffdio_zeropage`` (range,
+#: mode, zeropage): for a caller that packs its own argument buffer (the worker's fault path).
+COPY_ARG = struct.Struct("=QQQQq")
+ZEROPAGE_ARG = struct.Struct("=QQQq")
+
 _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "i686": 374, "armv7l": 388}
 _O_CLOEXEC = os.O_CLOEXEC
 _O_NONBLOCK = os.O_NONBLOCK
@@ -296,8 +301,8 @@ class UffdIoctls:
 
     __slots__ = ("_copy", "_fd", "_range", "_zero")
 
-    _COPY = struct.Struct("=QQQQq")
-    _ZERO = struct.Struct("=QQQq")
+    _COPY = COPY_ARG
+    _ZERO = ZEROPAGE_ARG
     _RANGE = struct.Struct("=QQ")
 
     def __init__(self, fd: int) -> None:
@@ -341,6 +346,7 @@ class UffdIoctls:
 
 
 __all__ = [
+    "COPY_ARG",
     "MSG",
     "PAGEFAULT_ADDRESS",
     "UFFDIO_API",
@@ -358,6 +364,7 @@ __all__ = [
     "UFFD_EVENT_UNMAP",
     "UFFD_FEATURE_EVENT_REMOVE",
     "UFFD_MSG_SIZE",
+    "ZEROPAGE_ARG",
     "CopyOutcome",
     "ForkEvent",
     "PageFault",

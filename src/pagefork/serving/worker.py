@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -56,6 +57,18 @@ _READ_BATCH = 64
 _READ_SIZE = uffd.UFFD_MSG_SIZE * _READ_BATCH
 _MSG_SIZE, _PAGEFAULT = uffd.UFFD_MSG_SIZE, uffd.UFFD_EVENT_PAGEFAULT
 _unpack_address = uffd.PAGEFAULT_ADDRESS.unpack_from
+_preadv, _RWF_NOWAIT, _clock = os.preadv, os.RWF_NOWAIT, time.perf_counter_ns
+_EPOLLERR = select.EPOLLERR
+#: Events taken per epoll_wait: without a bound, each call allocates room for 1,023.
+_POLL_EVENTS = 64
+_ioctl = fcntl.ioctl
+_pack_copy, _pack_zeropage = uffd.COPY_ARG.pack_into, uffd.ZEROPAGE_ARG.pack_into
+_UFFDIO_COPY, _UFFDIO_ZEROPAGE = uffd.UFFDIO_COPY, uffd.UFFDIO_ZEROPAGE
+_NO_ROW = (0, 0, 0, 0, -1)  # a region table's row for no region
+_PAGE_SHIFT, _PAGE_MASK = PAGE_SIZE.bit_length() - 1, -PAGE_SIZE
+_FAULTS, _MISSES, _PREFETCHED = L.FAULTS, L.MISSES, L.PREFETCHED
+_PAGES_COPIED, _ZERO_PAGES, _LATENCY_N = L.PAGES_COPIED, L.ZERO_PAGES, L.LATENCY_N
+_LATENCY_MASK = L.LATENCY_SLOTS - 1
 _MADV_POPULATE_READ = 22
 _COPY, _ZEROPAGE, _OUTSIDE = int(Action.COPY), int(Action.ZEROPAGE), int(Action.OUTSIDE)
 
@@ -110,7 +123,10 @@ class Worker:
         self.by_fd = self.table.by_fd  # what each watched fd is, and its fork
         self.crash_at: dict[str, int] = {}
         self.stop_at: set[str] = set()  # points where a test wants SIGSTOP, not SIGKILL
-        self._read_buf = bytearray(uffd.UFFD_MSG_SIZE * _READ_BATCH)
+        self._read_buf = bytearray(_READ_SIZE)
+        self._read_bufs = [self._read_buf]  # preadv's argument, built once
+        # The fault path's ioctl argument (one thread: one buffer serves every fork).
+        self._ioctl_arg = bytearray(uffd.COPY_ARG.size)
         self.plans: collections.OrderedDict[int, PrefetchPlan] = collections.OrderedDict()
         # Messages read during a prefetch (to answer a ping) and kept for the loop: no
         # prefetch inside a prefetch, no fork added or released under one.
@@ -148,15 +164,15 @@ class Worker:
         ipc.send(self.chan, M.Ready(M.PROTOCOL_VERSION, os.getpid()))
         chan_fd = self.chan.fileno()
         # Bound once: the loop runs once per fault when faults come one at a time.
-        poll, table, on_fd = self.ep.poll, self.table, self._on_fd
-        closed, hooks, backlog = table.closed_fds, self.hooks, self._backlog
+        poll, table, on_fd, on_uffd = self.ep.poll, self.table, self._on_fd, self._on_uffd
+        closed, hooks, backlog, by_fd = table.closed_fds, self.hooks, self._backlog, self.by_fd
         while True:
             while backlog:
                 self._on_message(*backlog.popleft())
-            events = poll(self._timeout() if table.attend else -1)
+            events = poll(self._timeout() if table.attend else -1, _POLL_EVENTS)
             closed.clear()
             for fd, ev in events:
-                if fd in closed:
+                if closed and fd in closed:
                     continue  # closed by an earlier event of this batch: the number may be reused
                 if fd == chan_fd:
                     message, fds = ipc.recv(self.chan)
@@ -164,7 +180,15 @@ class Worker:
                 elif hooks and fd in hooks:
                     hooks[fd]()
                 else:
-                    on_fd(fd, ev)
+                    entry = by_fd.get(fd)
+                    if entry is not None and entry[0] == UFFD and not ev & _EPOLLERR:
+                        # A fault: what _on_fd and _guard would do, a call or two less.
+                        try:
+                            on_uffd(entry[1])
+                        except Exception as exc:
+                            self._crashed(entry[1], exc)
+                    else:
+                        on_fd(fd, ev)
             if table.attend:
                 self._housekeeping()
 
@@ -193,7 +217,7 @@ class Worker:
             return
         kind, f = entry
         if kind == UFFD:
-            if ev & select.EPOLLERR:
+            if ev & _EPOLLERR:
                 # A uffd polls as an error once O_NONBLOCK is off its file (the handshake
                 # refused one without UFFDIO_API): only the VMM, which shares that file, can
                 # have cleared it. It can no longer be served safely.
@@ -201,7 +225,10 @@ class Worker:
                     f, "the VMM cleared O_NONBLOCK on its uffd, which then cannot be polled"
                 )
                 return
-            self._guard(f, self._on_uffd)
+            try:  # _guard, inlined: this is the fault path
+                self._on_uffd(f)
+            except Exception as exc:
+                self._crashed(f, exc)
         elif kind == PIDFD:
             self.table.end(f, M.EndState.ENDED, None)  # the VMM exited
         else:
@@ -211,10 +238,15 @@ class Worker:
         """Run ``fn(f, *args)``; an error fails this fork only."""
         try:
             fn(f, *args)
-        except (_Fatal, PageforkError) as exc:
+        except Exception as exc:
+            self._crashed(f, exc)
+
+    def _crashed(self, f: WorkerFork, exc: Exception) -> None:
+        """Serving ``f`` raised ``exc``: fail that fork only."""
+        if isinstance(exc, (_Fatal, PageforkError)):
             self.table.fail(f, str(exc))
-        except Exception as exc:  # a bug must end this fork only, never the worker
-            log.exception("fork %s: fault loop crashed", f.name)
+        else:  # a bug must end this fork only, never the worker
+            log.error("fork %s: fault loop crashed", f.name, exc_info=exc)
             self.table.fail(f, f"internal error: {exc!r}")
 
     def _on_conn(self, f: WorkerFork) -> None:
@@ -235,75 +267,131 @@ class Worker:
 
     # --- faults --------------------------------------------------------------------------
     def _on_uffd(self, f: WorkerFork) -> None:
-        faults = self.read_events(f, until_empty=False)
-        self._serve_faults(f, faults)
+        """The fault path: read the uffd once, serve what it gave (and faults deferred)."""
+        buf = self._read_buf
+        try:
+            # RWF_NOWAIT, not O_NONBLOCK: the file flags belong to the VMM too, and a peer
+            # that clears O_NONBLOCK must not be able to block this loop in read(2).
+            got = _preadv(f.uffd, self._read_bufs, -1, _RWF_NOWAIT)
+        except BlockingIOError:
+            got = 0
+        if got != _MSG_SIZE or buf[0] != _PAGEFAULT or self.crash_at or f.deferred:
+            self._serve_faults(f, self._decode(f, got) if got else [])
+            return
+        # The usual read: one fault, served here when it is the usual fault too (a 4 KiB page
+        # of a fork that removed nothing and records nothing, from a mem-file): the rule of
+        # policy.decide for such a page, without its calls. Anything else takes the full path.
+        t0 = _clock()
+        address = _unpack_address(buf)[0]
+        if f.rec_seen is not None or self.lazy is not None or f.removed:
+            self._serve_faults(f, [address])
+            return
+        for row in f.table:  # regions.region_at, inline
+            if row[0] <= address < row[1]:
+                break
+        else:
+            row = _NO_ROW
+        base, _end, offset, psize, idx = row
+        if psize != PAGE_SIZE:
+            self._serve_faults(f, [address])  # outside every region, or a huge page
+            return
+        page = (address - base) & _PAGE_MASK
+        file_offset = offset + page
+        c = f.counters
+        # Count before the ioctl: it wakes the guest, which may read the stats right after.
+        c[_FAULTS] += 1
+        prefetched = c[_PREFETCHED]
+        if prefetched:
+            c[_MISSES] += 1
+        arg = self._ioctl_arg
+        try:
+            if self.zeros[file_offset >> _PAGE_SHIFT] == 1:
+                action = _ZEROPAGE
+                c[_ZERO_PAGES] += 1
+                _pack_zeropage(arg, 0, base + page, PAGE_SIZE, 0, 0)
+                _ioctl(f.uffd, _UFFDIO_ZEROPAGE, arg, True)
+            else:
+                action = _COPY
+                c[_PAGES_COPIED] += 1
+                _pack_copy(arg, 0, base + page, self.mem_address + file_offset, PAGE_SIZE, 0, 0)
+                _ioctl(f.uffd, _UFFDIO_COPY, arg, True)
+        except OSError as exc:
+            outcome = self._install_failed(f, exc, action, base + page, file_offset, psize, idx)
+            if outcome is CopyOutcome.RETRY:
+                c[_FAULTS] -= 1
+                if prefetched:
+                    c[_MISSES] -= 1
+                self._defer(f, [address])
+                return
+            if outcome is CopyOutcome.GONE:
+                self.table.end(f, M.EndState.ENDED, None)
+                return
+        n = c[_LATENCY_N]
+        f.latency_ring[n & _LATENCY_MASK] = _clock() - t0
+        c[_LATENCY_N] = n + 1
 
     def read_events(self, f: WorkerFork, *, until_empty: bool) -> list[int]:
         """Read the uffd's events: REMOVE is made durable at once; faults are returned."""
         faults: list[int] = []
-        buf = self._read_buf
         while True:
             try:
-                # RWF_NOWAIT, not O_NONBLOCK: the file flags belong to the VMM too, and a peer
-                # that clears O_NONBLOCK must not be able to block this loop in read(2).
-                got = os.preadv(f.uffd, [buf], -1, os.RWF_NOWAIT)
+                got = _preadv(f.uffd, self._read_bufs, -1, _RWF_NOWAIT)
             except BlockingIOError:
                 return faults
-            if got == _MSG_SIZE and buf[0] == _PAGEFAULT:
-                # The usual read: one fault, its address read in place.
-                faults.append(_unpack_address(buf)[0])
-            else:
-                for offset in range(0, got, _MSG_SIZE):
-                    if buf[offset] == _PAGEFAULT:
-                        faults.append(_unpack_address(buf, offset)[0])
-                    else:
-                        removed = self.table.on_event(f, uffd.decode_msg(buf, offset))
-                        if removed and self.crash_at:
-                            self.crash_point("remove_noted")
-            if faults and self.crash_at:
-                self.crash_point("fault_read")
+            faults += self._decode(f, got)
             if not until_empty or got < _READ_SIZE:
                 return faults
 
+    def _decode(self, f: WorkerFork, got: int) -> list[int]:
+        """The faults among the ``got`` bytes of messages just read; the other events acted on
+        (a REMOVE made durable) in their order."""
+        buf = self._read_buf
+        faults: list[int] = []
+        for offset in range(0, got, _MSG_SIZE):
+            if buf[offset] == _PAGEFAULT:
+                faults.append(_unpack_address(buf, offset)[0])
+            else:
+                removed = self.table.on_event(f, uffd.decode_msg(buf, offset))
+                if removed and self.crash_at:
+                    self.crash_point("remove_noted")
+        if faults and self.crash_at:
+            self.crash_point("fault_read")
+        return faults
+
     def _serve_faults(self, f: WorkerFork, faults: list[int]) -> None:
         """Install the page of each faulting address (and of those deferred before)."""
-        addresses = f.deferred + faults if f.deferred else faults
-        if not addresses:
+        if f.deferred:
+            addresses = f.deferred + faults
+            f.deferred = []
+        elif faults:
+            addresses = faults
+        else:
             return
-        f.deferred = []
-        c = f.ledger.counters
+        # The fault path: what it touches is bound to a local once per batch, the constants
+        # are module globals (as cheap to read).
+        c = f.counters
+        ring = f.latency_ring
         table = f.table
         zeros = self.zeros
         is_zero = self._is_zero
         is_removed = f.removed.contains if f.removed else None
         src_base = self.mem_address
-        prefetched = c[L.PREFETCHED]
+        prefetched = c[_PREFETCHED]
         recording = f.rec_seen is not None
         ioctls = f.ioctls
-        clock = time.perf_counter_ns
-        ring = f.ledger.latency_ring
+        clock = _clock
         lazy = self.lazy
         present = lazy.presence if lazy is not None else None
         shift = lazy.chunk_shift if lazy is not None else 0
-        # The fault path: everything it touches is bound to a local once per batch.
-        copy_, zeropage_, outside = _COPY, _ZEROPAGE, _OUTSIDE
-        faults_, misses_, copied_, zeroed_, lat_n = (
-            L.FAULTS,
-            L.MISSES,
-            L.PAGES_COPIED,
-            L.ZERO_PAGES,
-            L.LATENCY_N,
-        )
-        mask = L.LATENCY_SLOTS - 1
         again: list[int] = []
         for address in addresses:
             t0 = clock()
             action, dst, file_offset, psize, idx = decide(
                 address, table, zeros, is_removed, is_zero
             )
-            if action == outside:
+            if action == _OUTSIDE:
                 raise _Fatal(f"fault at {address:#x} is outside every region")
-            if present is not None and action == copy_:
+            if present is not None and action == _COPY:
                 # A lazy template: copy only from a chunk that is verified and in the view. A
                 # page inside one chunk that is in (the usual case) is tested here; the rest
                 # (a huge page over several chunks, a page from a hot pack) by LazyChunks.
@@ -315,61 +403,83 @@ class Worker:
                         self._park(f, address, chunk, file_offset)
                         continue
             # Count before the ioctl: it wakes the guest, which may read the stats right after.
-            c[faults_] += 1
+            c[_FAULTS] += 1
             if prefetched:
-                c[misses_] += 1
+                c[_MISSES] += 1
             # Recorded before the copy: a worker killed after it would leave a page the guest
             # has out of the recording.
             if recording:
                 added = self.table.record(f, idx, file_offset - f.regions[idx].offset)
                 if added and self.crash_at:
                     self.crash_point("recorded")
-            slot = copied_ if action == copy_ else zeroed_
-            c[slot] += 1
             try:
-                if action == copy_:
+                if action == _COPY:
+                    c[_PAGES_COPIED] += 1
                     ioctls.copy(dst, src_base + file_offset, psize)
-                elif action == zeropage_:
+                elif action == _ZEROPAGE:
+                    c[_ZERO_PAGES] += 1
                     ioctls.zeropage(dst, psize)
                 else:
+                    c[_ZERO_PAGES] += 1
                     ioctls.copy(dst, zero_source(psize), psize)  # hugetlbfs: no ZEROPAGE
             except OSError as exc:
-                c[slot] -= 1
-                outcome = copy_outcome(exc.errno)
-                if outcome is CopyOutcome.PRESENT:
-                    # Installed first (by prefetch, with DONTWAKE): wake the faulting thread.
-                    c[L.ALREADY_PRESENT] += 1
-                    with contextlib.suppress(OSError):
-                        ioctls.wake(dst, psize)
-                elif outcome is CopyOutcome.RETRY:
+                outcome = self._install_failed(f, exc, action, dst, file_offset, psize, idx)
+                if outcome is CopyOutcome.RETRY:
                     # Defer: the events are read below and the fault retried within 1 ms.
-                    c[L.FAULTS] -= 1
+                    c[_FAULTS] -= 1
                     if prefetched:
-                        c[L.MISSES] -= 1
+                        c[_MISSES] -= 1
                     again.append(address)
                     continue
-                elif outcome is CopyOutcome.GONE:
+                if outcome is CopyOutcome.GONE:
                     f.deferred = []
                     self.table.end(f, M.EndState.ENDED, None)
                     return
-                elif outcome is CopyOutcome.UNREADABLE and action == copy_:
-                    raise _Fatal(
-                        f"page at file offset {file_offset:#x} cannot be read from the mem-file "
-                        "(did it shrink?)"
-                    ) from None
-                else:
-                    raise _Fatal(
-                        f"installing the page at {dst:#x} (region {idx}) failed: "
-                        f"{os.strerror(exc.errno or 0)}"
-                    ) from None
-            n = c[lat_n]
-            ring[n & mask] = clock() - t0
-            c[lat_n] = n + 1
+            n = c[_LATENCY_N]
+            ring[n & _LATENCY_MASK] = clock() - t0
+            c[_LATENCY_N] = n + 1
         if again:
-            c[L.EAGAIN_RETRIES] += len(again)
-            # Read the events now (faults read with them wait their turn behind these).
-            f.deferred = again + self.read_events(f, until_empty=True)
-            self.table.attend.add(f)
+            self._defer(f, again)
+
+    def _defer(self, f: WorkerFork, again: list[int]) -> None:
+        """Faults whose copy met EAGAIN: read the events now (faults read with them wait
+        their turn behind these), and retry them all within 1 ms."""
+        f.ledger.counters[L.EAGAIN_RETRIES] += len(again)
+        f.deferred = again + self.read_events(f, until_empty=True)
+        self.table.attend.add(f)
+
+    def _install_failed(
+        self,
+        f: WorkerFork,
+        exc: OSError,
+        action: int,
+        dst: int,
+        file_offset: int,
+        psize: int,
+        idx: int,
+    ) -> CopyOutcome:
+        """A copy or zeropage ioctl failed: undo its count, act on what the errno means, and
+        say what it was (RETRY and GONE are left to the caller; the others that return were
+        served; a fork-fatal one raises)."""
+        c = f.ledger.counters
+        c[_PAGES_COPIED if action == _COPY else _ZERO_PAGES] -= 1
+        outcome = copy_outcome(exc.errno)
+        if outcome is CopyOutcome.PRESENT:
+            # Installed first (by prefetch, with DONTWAKE): wake the faulting thread.
+            c[L.ALREADY_PRESENT] += 1
+            with contextlib.suppress(OSError):
+                f.ioctls.wake(dst, psize)
+        elif outcome is CopyOutcome.UNREADABLE and action == _COPY:
+            raise _Fatal(
+                f"page at file offset {file_offset:#x} cannot be read from the mem-file "
+                "(did it shrink?)"
+            ) from None
+        elif outcome is not CopyOutcome.RETRY and outcome is not CopyOutcome.GONE:
+            raise _Fatal(
+                f"installing the page at {dst:#x} (region {idx}) failed: "
+                f"{os.strerror(exc.errno or 0)}"
+            ) from None
+        return outcome
 
     def _park(self, f: WorkerFork, address: int, chunk: int, file_offset: int) -> None:
         """Keep a fault until its page is in the view; ask the supervisor for it once."""

@@ -35,11 +35,13 @@ class WorkerFork:
 
     __slots__ = (
         "conn",
+        "counters",
         "deferred",
         "end_reason",
         "fork_id",
         "hangup_ends",
         "ioctls",
+        "latency_ring",
         "ledger",
         "name",
         "on_failure",
@@ -68,6 +70,8 @@ class WorkerFork:
         self.conn = fds.get("conn", -1)
         self.pidfd = fds.get("pidfd", -1)
         self.ledger = ledger
+        self.counters = ledger.counters  # the fault path's: an attribute less per fault
+        self.latency_ring = ledger.latency_ring
         self.ioctls = uffd.UffdIoctls(self.uffd)
         self.regions: list[Region] = list(spec.regions)
         self.table = RegionMap(self.regions).table
