@@ -64,6 +64,13 @@ _POLL_EVENTS = 64
 _ioctl = fcntl.ioctl
 _pack_copy, _pack_zeropage = uffd.COPY_ARG.pack_into, uffd.ZEROPAGE_ARG.pack_into
 _UFFDIO_COPY, _UFFDIO_ZEROPAGE = uffd.UFFDIO_COPY, uffd.UFFDIO_ZEROPAGE
+#: Faults one fork may have served in a row, each read as soon as the last is served, before
+#: the loop looks at epoll again: a guest on this CPU faults again before this worker runs
+#: again (its wake-up preempts us), so the read finds it and an epoll_wait is saved.
+_EAGER_READS = 8
+#: Faults served one epoll wake-up each after such a read found nothing (a guest on another
+#: CPU, still running): the failed read cost a syscall and an exception.
+_EAGER_BACKOFF = 8
 _NO_ROW = (0, 0, 0, 0, -1)  # a region table's row for no region
 _PAGE_SHIFT, _PAGE_MASK = PAGE_SIZE.bit_length() - 1, -PAGE_SIZE
 _FAULTS, _MISSES, _PREFETCHED = L.FAULTS, L.MISSES, L.PREFETCHED
@@ -267,68 +274,75 @@ class Worker:
 
     # --- faults --------------------------------------------------------------------------
     def _on_uffd(self, f: WorkerFork) -> None:
-        """The fault path: read the uffd once, serve what it gave (and faults deferred)."""
-        buf = self._read_buf
-        try:
-            # RWF_NOWAIT, not O_NONBLOCK: the file flags belong to the VMM too, and a peer
-            # that clears O_NONBLOCK must not be able to block this loop in read(2).
-            got = _preadv(f.uffd, self._read_bufs, -1, _RWF_NOWAIT)
-        except BlockingIOError:
-            got = 0
-        if got != _MSG_SIZE or buf[0] != _PAGEFAULT or self.crash_at or f.deferred:
-            self._serve_faults(f, self._decode(f, got) if got else [])
-            return
-        # The usual read: one fault, served here when it is the usual fault too (a 4 KiB page
-        # of a fork that removed nothing and records nothing, from a mem-file): the rule of
-        # policy.decide for such a page, without its calls. Anything else takes the full path.
-        t0 = _clock()
-        address = _unpack_address(buf)[0]
-        if f.rec_seen is not None or self.lazy is not None or f.removed:
-            self._serve_faults(f, [address])
-            return
-        for row in f.table:  # regions.region_at, inline
-            if row[0] <= address < row[1]:
-                break
-        else:
-            row = _NO_ROW
-        base, _end, offset, psize, idx = row
-        if psize != PAGE_SIZE:
-            self._serve_faults(f, [address])  # outside every region, or a huge page
-            return
-        page = (address - base) & _PAGE_MASK
-        file_offset = offset + page
-        c = f.counters
-        # Count before the ioctl: it wakes the guest, which may read the stats right after.
-        c[_FAULTS] += 1
-        prefetched = c[_PREFETCHED]
-        if prefetched:
-            c[_MISSES] += 1
-        arg = self._ioctl_arg
-        try:
-            if self.zeros[file_offset >> _PAGE_SHIFT] == 1:
-                action = _ZEROPAGE
-                c[_ZERO_PAGES] += 1
-                _pack_zeropage(arg, 0, base + page, PAGE_SIZE, 0, 0)
-                _ioctl(f.uffd, _UFFDIO_ZEROPAGE, arg, True)
+        """The fault path: read the uffd, serve what it gave (and faults deferred); while the
+        guest faults again as fast as it is served, read again before going back to epoll."""
+        buf, bufs, fd = self._read_buf, self._read_bufs, f.uffd
+        for turn in range(_EAGER_READS):
+            try:
+                # RWF_NOWAIT, not O_NONBLOCK: the file flags belong to the VMM too, and a peer
+                # that clears O_NONBLOCK must not be able to block this loop in read(2).
+                got = _preadv(fd, bufs, -1, _RWF_NOWAIT)
+            except BlockingIOError:
+                if turn:  # nothing yet after a fault served: let epoll say when
+                    f.eager_skip = _EAGER_BACKOFF
+                    return
+                got = 0
+            if got != _MSG_SIZE or buf[0] != _PAGEFAULT or self.crash_at or f.deferred:
+                self._serve_faults(f, self._decode(f, got) if got else [])
+                return
+            # The usual read: one fault, served here when it is the usual fault too (a 4 KiB
+            # page of a fork that removed nothing and records nothing, from a mem-file): the
+            # rule of policy.decide for such a page, without its calls. Anything else takes
+            # the full path.
+            t0 = _clock()
+            address = _unpack_address(buf)[0]
+            if not f.plain or f.rec_seen is not None or self.lazy is not None:
+                self._serve_faults(f, [address])
+                return
+            for row in f.table:  # regions.region_at, inline
+                if row[0] <= address < row[1]:
+                    break
             else:
-                action = _COPY
-                c[_PAGES_COPIED] += 1
-                _pack_copy(arg, 0, base + page, self.mem_address + file_offset, PAGE_SIZE, 0, 0)
-                _ioctl(f.uffd, _UFFDIO_COPY, arg, True)
-        except OSError as exc:
-            outcome = self._install_failed(f, exc, action, base + page, file_offset, psize, idx)
-            if outcome is CopyOutcome.RETRY:
+                row = _NO_ROW
+            base, _end, offset, psize, _idx = row
+            if psize != PAGE_SIZE:
+                self._serve_faults(f, [address])  # outside every region, or a huge page
+                return
+            page = (address - base) & _PAGE_MASK
+            file_offset = offset + page
+            c = f.counters
+            # Count before the ioctl: it wakes the guest, which may read the stats right after.
+            c[_FAULTS] += 1
+            prefetched = c[_PREFETCHED]
+            if prefetched:
+                c[_MISSES] += 1
+            arg = self._ioctl_arg
+            zero = self.zeros[file_offset >> _PAGE_SHIFT] == 1
+            slot = _ZERO_PAGES if zero else _PAGES_COPIED
+            c[slot] += 1
+            try:
+                if zero:
+                    _pack_zeropage(arg, 0, base + page, PAGE_SIZE, 0, 0)
+                    _ioctl(fd, _UFFDIO_ZEROPAGE, arg, True)
+                else:
+                    _pack_copy(arg, 0, base + page, self.mem_address + file_offset, PAGE_SIZE, 0, 0)
+                    _ioctl(fd, _UFFDIO_COPY, arg, True)
+            except OSError:
+                # Rare (a prefetch put the page first, a REMOVE is unread, the VMM is exiting):
+                # uncounted, the fault takes the full path, whose ioctl meets the same errno
+                # and which knows what each means.
+                c[slot] -= 1
                 c[_FAULTS] -= 1
                 if prefetched:
                     c[_MISSES] -= 1
-                self._defer(f, [address])
+                self._serve_faults(f, [address])
                 return
-            if outcome is CopyOutcome.GONE:
-                self.table.end(f, M.EndState.ENDED, None)
+            n = c[_LATENCY_N]
+            f.latency_ring[n & _LATENCY_MASK] = _clock() - t0
+            c[_LATENCY_N] = n + 1
+            if f.eager_skip:
+                f.eager_skip -= 1
                 return
-        n = c[_LATENCY_N]
-        f.latency_ring[n & _LATENCY_MASK] = _clock() - t0
-        c[_LATENCY_N] = n + 1
 
     def read_events(self, f: WorkerFork, *, until_empty: bool) -> list[int]:
         """Read the uffd's events: REMOVE is made durable at once; faults are returned."""
@@ -412,74 +426,52 @@ class Worker:
                 added = self.table.record(f, idx, file_offset - f.regions[idx].offset)
                 if added and self.crash_at:
                     self.crash_point("recorded")
+            slot = _PAGES_COPIED if action == _COPY else _ZERO_PAGES
+            c[slot] += 1
             try:
                 if action == _COPY:
-                    c[_PAGES_COPIED] += 1
                     ioctls.copy(dst, src_base + file_offset, psize)
                 elif action == _ZEROPAGE:
-                    c[_ZERO_PAGES] += 1
                     ioctls.zeropage(dst, psize)
                 else:
-                    c[_ZERO_PAGES] += 1
                     ioctls.copy(dst, zero_source(psize), psize)  # hugetlbfs: no ZEROPAGE
             except OSError as exc:
-                outcome = self._install_failed(f, exc, action, dst, file_offset, psize, idx)
-                if outcome is CopyOutcome.RETRY:
+                c[slot] -= 1
+                outcome = copy_outcome(exc.errno)
+                if outcome is CopyOutcome.PRESENT:
+                    # Installed first (by prefetch, with DONTWAKE): wake the faulting thread.
+                    c[L.ALREADY_PRESENT] += 1
+                    with contextlib.suppress(OSError):
+                        ioctls.wake(dst, psize)
+                elif outcome is CopyOutcome.RETRY:
                     # Defer: the events are read below and the fault retried within 1 ms.
                     c[_FAULTS] -= 1
                     if prefetched:
                         c[_MISSES] -= 1
                     again.append(address)
                     continue
-                if outcome is CopyOutcome.GONE:
+                elif outcome is CopyOutcome.GONE:
                     f.deferred = []
                     self.table.end(f, M.EndState.ENDED, None)
                     return
+                elif outcome is CopyOutcome.UNREADABLE and action == _COPY:
+                    raise _Fatal(
+                        f"page at file offset {file_offset:#x} cannot be read from the mem-file "
+                        "(did it shrink?)"
+                    ) from None
+                else:
+                    raise _Fatal(
+                        f"installing the page at {dst:#x} (region {idx}) failed: "
+                        f"{os.strerror(exc.errno or 0)}"
+                    ) from None
             n = c[_LATENCY_N]
             ring[n & _LATENCY_MASK] = clock() - t0
             c[_LATENCY_N] = n + 1
         if again:
-            self._defer(f, again)
-
-    def _defer(self, f: WorkerFork, again: list[int]) -> None:
-        """Faults whose copy met EAGAIN: read the events now (faults read with them wait
-        their turn behind these), and retry them all within 1 ms."""
-        f.ledger.counters[L.EAGAIN_RETRIES] += len(again)
-        f.deferred = again + self.read_events(f, until_empty=True)
-        self.table.attend.add(f)
-
-    def _install_failed(
-        self,
-        f: WorkerFork,
-        exc: OSError,
-        action: int,
-        dst: int,
-        file_offset: int,
-        psize: int,
-        idx: int,
-    ) -> CopyOutcome:
-        """A copy or zeropage ioctl failed: undo its count, act on what the errno means, and
-        say what it was (RETRY and GONE are left to the caller; the others that return were
-        served; a fork-fatal one raises)."""
-        c = f.ledger.counters
-        c[_PAGES_COPIED if action == _COPY else _ZERO_PAGES] -= 1
-        outcome = copy_outcome(exc.errno)
-        if outcome is CopyOutcome.PRESENT:
-            # Installed first (by prefetch, with DONTWAKE): wake the faulting thread.
-            c[L.ALREADY_PRESENT] += 1
-            with contextlib.suppress(OSError):
-                f.ioctls.wake(dst, psize)
-        elif outcome is CopyOutcome.UNREADABLE and action == _COPY:
-            raise _Fatal(
-                f"page at file offset {file_offset:#x} cannot be read from the mem-file "
-                "(did it shrink?)"
-            ) from None
-        elif outcome is not CopyOutcome.RETRY and outcome is not CopyOutcome.GONE:
-            raise _Fatal(
-                f"installing the page at {dst:#x} (region {idx}) failed: "
-                f"{os.strerror(exc.errno or 0)}"
-            ) from None
-        return outcome
+            c[L.EAGAIN_RETRIES] += len(again)
+            # Read the events now (faults read with them wait their turn behind these).
+            f.deferred = again + self.read_events(f, until_empty=True)
+            self.table.attend.add(f)
 
     def _park(self, f: WorkerFork, address: int, chunk: int, file_offset: int) -> None:
         """Keep a fault until its page is in the view; ask the supervisor for it once."""

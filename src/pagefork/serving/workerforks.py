@@ -37,6 +37,7 @@ class WorkerFork:
         "conn",
         "counters",
         "deferred",
+        "eager_skip",
         "end_reason",
         "fork_id",
         "hangup_ends",
@@ -47,6 +48,7 @@ class WorkerFork:
         "on_failure",
         "pid",
         "pidfd",
+        "plain",
         "rec_deadline",
         "rec_max",
         "rec_seen",
@@ -78,7 +80,10 @@ class WorkerFork:
         self.removed = RemovedRanges()
         for start, end in ledger.removed():  # what a dead worker made durable
             self.removed.add(start, end)
+        #: Nothing removed yet: the fault path's usual case (a plain attribute, read per fault).
+        self.plain = not self.removed
         self.deferred: list[int] = []
+        self.eager_skip = 0  # faults to serve one epoll wake-up each (see the worker's loop)
         self.stage = WorkerStage.SERVING
         #: Why it ends, kept while a prefetch it is in finishes (stage ENDING).
         self.end_reason: tuple[M.EndState, str | None] | None = None
@@ -159,6 +164,7 @@ class WorkerForks:
             # Balloon inflation: the template's bytes are stale here from now on. Durable
             # first, so a worker that replaces us after a crash serves zeros here too.
             f.ledger.note_removed(event.start, event.end)
+            f.plain = False
             f.ledger.counters[L.REMOVED_BYTES] += f.removed.add(event.start, event.end)
             return True
         elif isinstance(event, uffd.Remap):
