@@ -151,6 +151,28 @@ def test_fault_on_a_page_prefetch_installed_meanwhile_wakes_the_guest(harness: H
 
 
 @needs_uffd
+def test_the_usual_fault_copies_template_pages_maps_zero_pages_and_counts_each(
+    harness: Harness,
+) -> None:
+    """One fault per read, a 4 KiB page, nothing removed: the loop's short path, which may
+    serve several of the guest's faults in one turn. In both regions (the second at a file
+    offset) template pages are copied and all-zero ones get the zero page; every fault is
+    counted and timed once."""
+    h = harness
+    # The mem-file's every 4th page is zero: region 1 starts at file page 2048.
+    pages = [[0, 0], [0, PAGE], [0, 5 * PAGE], [1, 0], [1, 4 * PAGE], [1, 7 * PAGE]]
+    h.ask(cmd="touch", pages=pages)  # the guest checks every byte against the template
+    while h.ledger.counters[L.FAULTS] < len(pages):
+        h.wait_uffd_readable()
+        h.step()
+    reply = h.vmm._reply()
+    assert reply["bad"] == 0 and reply["touched"] == len(pages)
+    c = h.ledger.counters
+    assert (c[L.FAULTS], c[L.ZERO_PAGES], c[L.PAGES_COPIED]) == (6, 3, 3)
+    assert c[L.LATENCY_N] == 6 and c[L.ALREADY_PRESENT] == 0 and c[L.ERRORS] == 0
+
+
+@needs_uffd
 def test_prefetch_never_copies_into_a_range_removed_before_it_ran(harness: Harness) -> None:
     """The guest removes a range (balloon) and the REMOVE is still unread when prefetch
     starts: prefetch's copy gets EAGAIN from the kernel, the worker reads and notes the REMOVE
