@@ -107,12 +107,12 @@ class FaultLoop:
                 self._serve_faults(f, self._decode(f, got) if got else [])
                 return
             # The usual read: one fault, served here when it is the usual fault too (a 4 KiB
-            # page of a fork that removed nothing and records nothing, from a mem-file): the
-            # rule of policy.decide for such a page, without its calls. Anything else takes
-            # the full path.
+            # page of a fork that removed nothing and records nothing, from a mem-file or from
+            # a lazy view's chunk that is in): the rule of policy.decide for such a page,
+            # without its calls. Anything else takes the full path.
             t0 = _clock()
             address = _unpack_address(buf)[0]
-            if not f.plain or f.rec_seen is not None or self.lazy is not None:
+            if not f.plain or f.rec_seen is not None:
                 self._serve_faults(f, [address])
                 return
             for row in f.table:  # regions.region_at, inline
@@ -126,6 +126,11 @@ class FaultLoop:
                 return
             page = (address - base) & _PAGE_MASK
             file_offset = offset + page
+            zero = self.zeros[file_offset >> _PAGE_SHIFT] == 1
+            lazy = self.lazy
+            if lazy is not None and not zero and not lazy.presence[file_offset >> lazy.chunk_shift]:
+                self._serve_faults(f, [address])  # its chunk is not in (yet): it may park
+                return
             c = f.counters
             # Count before the ioctl: it wakes the guest, which may read the stats right after.
             c[_FAULTS] += 1
@@ -133,7 +138,6 @@ class FaultLoop:
             if prefetched:
                 c[_MISSES] += 1
             arg = self._ioctl_arg
-            zero = self.zeros[file_offset >> _PAGE_SHIFT] == 1
             slot = _ZERO_PAGES if zero else _PAGES_COPIED
             c[slot] += 1
             try:
