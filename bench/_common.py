@@ -36,6 +36,7 @@ from rich.table import Table
 from pagefork.hotpages import HotPageList
 from pagefork.server import PageServer, ServerConfig
 from pagefork.stats import ForkStats
+from pagefork.testing.s3proxy import MotoServer, S3ProxyProcess
 from pagefork.testing.vmm import VmmProcess
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -293,3 +294,28 @@ def verdict(name: str, value: float, op: str, target: float) -> str:
 def standalone(main: Callable[[bool], dict[str, Any]]) -> None:
     """Run one benchmark module as a script (``--quick`` for the short version)."""
     main("--quick" in sys.argv[1:])
+
+
+#: Credentials for the benchmarks' own S3 server (moto accepts any).
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "pagefork-bench",
+    "AWS_SECRET_ACCESS_KEY": "pagefork-bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextlib.contextmanager
+def s3_store() -> Iterator[tuple[str, S3ProxyProcess]]:
+    """A local ``moto_server`` behind the latency proxy, with the benchmarks' credentials in
+    the environment while it runs: (the server's URL, the proxy process)."""
+    saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
+    os.environ.update(S3_CREDENTIALS)
+    try:
+        with MotoServer() as moto, S3ProxyProcess(moto.url) as proxy:
+            yield moto.url, proxy
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -27,8 +27,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from _common import (
@@ -41,6 +39,7 @@ from _common import (
     make_mem_file,
     median,
     paired_ratio,
+    s3_store,
     scattered_runs,
     scratch_dir,
     standalone,
@@ -53,7 +52,7 @@ from pagefork.store.client import make_client
 from pagefork.store.layout import parse_s3_url
 from pagefork.store.lazy import LazyTemplate, StoreOptions
 from pagefork.store.push import push
-from pagefork.testing.s3proxy import MotoServer, S3ProxyProcess
+from pagefork.testing.s3proxy import S3ProxyProcess
 from pagefork.testing.vmm import VmmProcess
 
 TARGETS = {"warm_cache_ratio": ("<=", 1.2)}
@@ -70,26 +69,6 @@ SUMMARY = {
 }
 #: The capped link of the last cold-fault row (bytes per second, shared by all GETs).
 _CAP = 40 * MiB
-_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "pagefork-bench",
-    "AWS_SECRET_ACCESS_KEY": "pagefork-bench",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-@contextmanager
-def _store() -> Iterator[tuple[str, S3ProxyProcess]]:
-    saved = {k: os.environ.get(k) for k in _CREDENTIALS}
-    os.environ.update(_CREDENTIALS)
-    try:
-        with MotoServer() as moto, S3ProxyProcess(moto.url) as proxy:
-            yield moto.url, proxy
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class _Servers:
@@ -189,7 +168,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         "moto_server behind a latency proxy.",
     )
     figures: dict[str, Any] = {}
-    with scratch_dir() as work, _store() as (endpoint, proxy):
+    with scratch_dir() as work, s3_store() as (endpoint, proxy):
         client = make_client(endpoint)
         client.create_bucket(Bucket="bench")
         s = _Servers(work, proxy)

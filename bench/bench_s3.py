@@ -51,8 +51,6 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from _common import (
@@ -65,6 +63,7 @@ from _common import (
     make_mem_file,
     median,
     paired_ratio,
+    s3_store,
     scattered_runs,
     scratch_dir,
     standalone,
@@ -80,7 +79,7 @@ from pagefork.store.layerpush import push_layer
 from pagefork.store.layout import parse_s3_url
 from pagefork.store.lazy import LazyTemplate, StoreOptions
 from pagefork.store.push import push
-from pagefork.testing.s3proxy import MotoServer, S3ProxyProcess
+from pagefork.testing.s3proxy import S3ProxyProcess
 from pagefork.testing.vmm import VmmProcess
 
 TARGETS = {
@@ -117,12 +116,6 @@ SUMMARY = {
 #: The bandwidth cap of the capped-store row (bytes per second, shared by all GETs): a
 #: store reached over a busy or modest link.
 _CAP = 40 << 20
-
-_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "pagefork-bench",
-    "AWS_SECRET_ACCESS_KEY": "pagefork-bench",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 def _hot_pages(guest_pages: int, share: float, seed: int) -> list[tuple[int, int]]:
@@ -210,21 +203,6 @@ class _Bench:
 
 def _chunk_gets(proxy: S3ProxyProcess) -> int:
     return sum(n for path, n in proxy.gets().items() if "/chunks/" in path)
-
-
-@contextmanager
-def _store() -> Iterator[tuple[str, S3ProxyProcess]]:
-    saved = {k: os.environ.get(k) for k in _CREDENTIALS}
-    os.environ.update(_CREDENTIALS)
-    try:
-        with MotoServer() as moto, S3ProxyProcess(moto.url) as proxy:
-            yield moto.url, proxy
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _cold(
@@ -351,7 +329,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         f"1-3, {rounds} rounds per comparison; moto_server behind a latency proxy.",
     )
     figures: dict[str, Any] = {}
-    with scratch_dir() as work, _store() as (endpoint, proxy):
+    with scratch_dir() as work, s3_store() as (endpoint, proxy):
         b = _Bench(work, endpoint, proxy)
         mem = os.path.join(work, "mem")
         make_mem_file(mem, guest, 0.25, seed=1)
