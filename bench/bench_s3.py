@@ -97,7 +97,8 @@ SUMMARY = {
     "cold_pack_speedup_50ms": "(a) the same, store at 50 ms",
     "cold_pack_speedup_20ms_cap": "(a) the same, store at 20 ms over a link capped at 40 MiB/s",
     "cold_demand_gets_0ms": "(a) GETs an on-demand cold fork makes (chunks)",
-    "cold_demand_fetched_0ms": "(a) bytes an on-demand cold fork fetches",
+    "cold_demand_fetched_0ms": "(a) bytes an on-demand cold fork fetches before resume (none)",
+    "cold_demand_total_bytes_0ms": "(a) bytes an on-demand cold fork fetches in all, 0 ms",
     "cold_pack_fetch_ratio": "(a) bytes a hot-pack prefetch fetches before resume / hot set bytes",
     "cold_pack_gets": "(a) GETs a hot-pack prefetched fork makes (pack and chunks)",
     "warm_view_ratio": "(b1) a later fork, chunks in the server's view / a local mem-file",
@@ -423,6 +424,7 @@ def main(quick: bool = False) -> dict[str, Any]:
                 )
                 figures[f"cold_{mode}_fetched_{ms}"] = before
                 figures[f"cold_{mode}_gets_{ms}"] = median(got[f"{mode}_gets"])
+                figures[f"cold_{mode}_total_bytes_{ms}"] = median(got[f"{mode}_total_bytes"])
         proxy.set_bandwidth(0)
         figures["cold_pack_fetch_ratio"] = figures["cold_pack_fetched_0ms"] / hot_bytes
         figures["cold_pack_gets"] = figures["cold_pack_gets_0ms"]
