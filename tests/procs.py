@@ -8,6 +8,8 @@ on templates in S3-compatible storage, and the fixtures at the end serve the S3 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import select
@@ -303,3 +305,17 @@ def s3_server_fixture(tmp_path: Path, proxy: S3Proxy) -> Iterator[S3Servers]:
     make = S3Servers(tmp_path, proxy.url)
     yield make
     make.close()
+
+
+@contextlib.contextmanager
+def host_lock(name: str) -> Iterator[None]:
+    """Hold the host-wide lock ``name`` (a file under /tmp): a setting that is the host's
+    (KSM's, the hugetlb pool) is changed by one test run at a time, so two runs on one host
+    (two CI jobs) never take each other's values for the ones they found and must restore."""
+    path = f"/tmp/pagefork-tests-{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

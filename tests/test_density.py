@@ -7,7 +7,6 @@ fails, and checks that it did.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from procs import host_lock
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli_serve import Serve
 from test_fc_fanout import FAKE_JAILER, _snapshot
@@ -45,14 +45,9 @@ needs_ksm = pytest.mark.skipif(not ksm.available(), reason="this kernel has no K
 
 @pytest.fixture(autouse=True)
 def _host_ksm_lock() -> Iterator[None]:
-    # KSM's settings are the host's: two test runs on one host (two CI jobs) take turns at
-    # them, or one would see the other's settings as its own "found" values.
-    fd = os.open("/tmp/pagefork-tests-ksm.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    # KSM's settings are the host's: two test runs on one host take turns at them.
+    with host_lock("ksm"):
         yield
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import host_lock
 
 from conftest import make_mem_file, needs_uffd
 from pagefork.hotpages import HotPage
@@ -20,18 +21,22 @@ NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
 @pytest.fixture
 def hugepages() -> Iterator[None]:
-    """Reserve 2 MiB pages for the test (root can), restoring the setting afterwards."""
-    try:
-        before = int(NR_HUGEPAGES.read_text())
-        NR_HUGEPAGES.write_text(str(before + 16))
-        got = int(NR_HUGEPAGES.read_text())
-    except OSError as exc:
-        pytest.skip(f"cannot reserve hugetlbfs pages here: {exc}")
-    if got < before + 8:
-        NR_HUGEPAGES.write_text(str(before))
-        pytest.skip(f"only {got - before} hugetlbfs pages could be reserved")
-    yield
-    NR_HUGEPAGES.write_text(str(before))
+    """Reserve 2 MiB pages for the test (root can), restoring the setting afterwards. The pool
+    is the host's: two test runs on one host take turns at it, or one would restore the
+    other's reservation as its own (and free pages the other is using)."""
+    with host_lock("hugepages"):
+        try:
+            before = int(NR_HUGEPAGES.read_text())
+            NR_HUGEPAGES.write_text(str(before + 16))
+            got = int(NR_HUGEPAGES.read_text())
+        except OSError as exc:
+            pytest.skip(f"cannot reserve hugetlbfs pages here: {exc}")
+        try:
+            if got < before + 8:
+                pytest.skip(f"only {got - before} hugetlbfs pages could be reserved")
+            yield
+        finally:
+            NR_HUGEPAGES.write_text(str(before))
 
 
 def test_hugepage_regions_are_served_in_2mib_pages(tmp_path: Path, hugepages: None) -> None:
