@@ -94,6 +94,10 @@ class CorruptObjectError(StoreError):
     """An object's bytes did not match their SHA-256 in every attempt: corrupt in the store."""
 
 
+class MissingObjectError(StoreError):
+    """The store has no object under the key asked for (deleted, or never pushed)."""
+
+
 def _refused(exc: BaseException) -> bool:
     import botocore.exceptions
 
@@ -177,7 +181,7 @@ def store_error(exc: BaseException, what: str) -> StoreError:
         if code == "NoSuchBucket":
             return StoreError(f"{what}: the bucket does not exist")
         if code in ("NoSuchKey", "404", "NotFound"):
-            return StoreError(f"{what}: no such object")
+            return MissingObjectError(f"{what}: no such object")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StoreError(f"{what}: access denied ({code})")
         message = str(err.get("Message", "")).splitlines()[0] if err.get("Message") else ""
@@ -438,7 +442,7 @@ def read_pinned(client: Any, url: S3Url) -> tuple[Manifest, str]:
             try:
                 data = get_bytes(client, url.bucket, candidate, MAX_MANIFEST_BYTES)
             except StoreError as exc:
-                if "no such object" in str(exc):
+                if isinstance(exc, MissingObjectError):
                     continue
                 raise
             if sha256(data) == url.pin:

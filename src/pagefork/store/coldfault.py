@@ -71,9 +71,9 @@ def chunk_error(
             "object in the store; nothing of it was served): repair it with 'pagefork push "
             f"--verify s3://{owner.bucket}/{owner.prefix} --mem-file MEM'"
         )
-    if "no such object" in str(exc):
+    if isinstance(exc, s3.MissingObjectError):
         again = "push the template again" if base is None else f"push the parent {base} again"
-        return StoreError(
+        return s3.MissingObjectError(
             f"{where}: s3://{url.bucket}/{key}{whose} is gone from the bucket (deleted after "
             f"the push): {again}"
         )

@@ -131,8 +131,10 @@ def fetch_pack(
         try:
             data = s3.get_bytes(client, bucket, pack.key, pack.size, deadline, patient=True)
         except StoreError as exc:
-            if "no such object" in str(exc):
-                raise StoreError(f"{what} {where} is gone from the bucket: {repair}") from None
+            if isinstance(exc, s3.MissingObjectError):
+                raise s3.MissingObjectError(
+                    f"{what} {where} is gone from the bucket: {repair}"
+                ) from None
             raise StoreError(f"{what} {exc}") from None
         on_get(len(data))
         bad = _first_bad(pack, 0, len(pack.pages), data)
@@ -156,8 +158,10 @@ def fetch_pack(
                 )
             except StoreError as exc:
                 text = str(exc)
-                if "no such object" in text:
-                    raise StoreError(f"{what} {where} is gone from the bucket: {repair}") from None
+                if isinstance(exc, s3.MissingObjectError):
+                    raise s3.MissingObjectError(
+                        f"{what} {where} is gone from the bucket: {repair}"
+                    ) from None
                 if "InvalidRange" in text:
                     why = "is shorter than its index says (truncated)"
                     on_get(0)

@@ -109,7 +109,7 @@ def resolve_chain(
             try:
                 data = s3.get_bytes(client, bucket, ref.key, MAX_MANIFEST_BYTES)
             except StoreError as exc:
-                if "no such object" in str(exc):
+                if isinstance(exc, s3.MissingObjectError):
                     raise StoreError(
                         f"{where}: parent manifest {url} is gone from the bucket: push the "
                         f"parent template again from the same files, or {repair_hint(where)} "

@@ -420,7 +420,7 @@ class LazyTemplate(ZeroIndexed):
                 self._client, self.url, self.manifest, chunk, block, deadline, counted
             )
         except StoreError as exc:
-            if "is gone from the bucket" in str(exc):
+            if isinstance(exc, s3.MissingObjectError):
                 raise  # the chunk is gone with it
             # A block that cannot be had verified alone (a store that ignores byte ranges or
             # answers the wrong one, a block that does not match): the whole chunk, verified
