@@ -14,6 +14,7 @@ import pytest
 from conftest import StartDaemon, needs_uffd
 from pagefork.cli import main
 from pagefork.daemon.client import DaemonClient, DaemonError
+from pagefork.daemon.fork import Fork
 from pagefork.daemon.service import Daemon
 from pagefork.testing.fcdouble import FcDoubleProcess
 from pagefork.vmm.firecracker import create_snapshot
@@ -162,3 +163,21 @@ def test_invalid_prefetch_policies_get_400_naming_the_field(
     )
     shown = json.loads(capsys.readouterr().out)
     assert (shown["prefetch_policy"], shown["prefetch_head"]) == ("stream", 16)
+
+
+def test_a_fork_handed_over_mid_stream_gets_a_final_report_saying_so(
+    start_daemon: StartDaemon,
+) -> None:
+    # A live takeover carries each fork's prefetch report as it stood; the stream's waiter
+    # stayed with the old daemon. A report still "streaming" on arrival would never settle:
+    # the new daemon makes it final, and a client's wait returns at once.
+    daemon, _ = start_daemon(drivers={})
+    streaming = {"policy": "stream", "head": 8, "before_resume": 9, "after_resume": 0}
+    fork = Fork("f1", "fc", "/nonexistent/f1.sock", "prefetch", created=0.0)
+    fork.prefetch = {**streaming, "streaming": True}
+    daemon.manager.handover.adopt_fork(fork, 0)
+    # (Its template is not adopted here, so the API's live counters are not asked for.)
+    shown = daemon.manager.fork("f1").to_dict()["prefetch"]
+    assert {k: shown[k] for k in streaming} == streaming and shown["streaming"] is False
+    assert "handed over while this fork's hot set streamed" in shown["stream_error"]
+    assert daemon.manager.hot_sets.wait_streamed(fork, timeout=0) == shown

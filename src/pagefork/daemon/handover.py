@@ -13,6 +13,12 @@ from pagefork.hotloop import HotSetLoop
 from pagefork.server import PageServer
 from pagefork.templates import TemplateRecord
 
+#: The ``stream_error`` of a fork handed over while its hot set streamed into it.
+_HANDED_OVER = (
+    "the daemon was handed over while this fork's hot set streamed: the rest of it is served "
+    "on demand, and the counts are those at the handover"
+)
+
 
 class ManagerHandover:
     """Exports a fork manager's holdings to a takeover, and adopts another daemon's."""
@@ -58,6 +64,12 @@ class ManagerHandover:
         h = self.holdings
         with h.feed_lock:
             h.fed[fork.fork_id] = latencies_fed
+        report = fork.prefetch
+        if report is not None and report.get("streaming"):
+            # The stream's waiter was the old daemon's; this one's page server never saw the
+            # stream (the old side's workers cut it short when they let the fork go), so the
+            # report is final now, saying why its counts stop at the handover.
+            fork.prefetch = {**report, "streaming": False, "stream_error": _HANDED_OVER}
         with h.lock:
             loop = h.loops.get(fork.template_key)
             if fork.role == "prefetch" and loop is not None:
