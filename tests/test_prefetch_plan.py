@@ -751,6 +751,13 @@ def test_a_stored_plan_whose_zero_runs_are_not_zero_any_more_is_made_again() -> 
         (lambda t: t.__setitem__(3, 65 * P), "outside region 0"),  # past the region's end
         (lambda t: t.__setitem__(0, 7), "no region 7"),
         (lambda t: t.__setitem__(4, 2), "zero flag"),
+        (lambda t: t.__setitem__(1, BASE0 + 1), "outside region 0"),  # not page aligned
+        (lambda t: t.__setitem__(3, -P), "outside region 0"),  # negative length
+        (lambda t: t.__setitem__(5, H), "page size"),  # another region's page size
+        (lambda t: t.__setitem__(6, 3), "hot pages"),  # more hot pages than the run holds
+        # Values that would overflow int64 arithmetic: judged one run at a time instead.
+        (lambda t: t.__setitem__(1, (1 << 63) - 1), "outside region 0"),
+        (lambda t: t.__setitem__(3, (1 << 63) - 1), "outside region 0"),
     ],
 )
 def test_a_stored_plan_that_installs_outside_its_regions_is_refused(
@@ -767,6 +774,25 @@ def test_a_stored_plan_that_installs_outside_its_regions_is_refused(
     hot = HotPageList.from_pages([(0, 0), (0, P)])
     hot.set_plan_data(layout_key(MIXED), blob.tobytes())
     assert plan_hot_set(hot, MIXED, never_zero, bridge_gap=0) == plan  # planned anew
+
+
+def test_a_stored_plan_is_read_without_python_work_per_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A template's first fork reads its hot set's stored plan: thousands of runs, checked as
+    # whole arrays (the per-run check only runs to name a bad run).
+    import pagefork.prefetch as prefetch_module
+
+    pages = [(0, i * P) for i in range(0, 64, 2)] + [(2, i * P) for i in range(1, 32, 3)]
+    plan = plan_exact(pages, MIXED, never_zero)
+    assert plan.run_count == 43
+
+    def per_run(*args: object) -> None:
+        raise AssertionError("a good stored plan was checked run by run")
+
+    monkeypatch.setattr(prefetch_module, "_check_table", per_run)
+    again = PrefetchPlan.from_bytes(plan.to_bytes(), "hot.hpl")
+    assert again == plan and again.regions == frozenset({0, 2})
 
 
 def test_a_stored_plan_filed_under_another_layout_is_made_again() -> None:

@@ -189,8 +189,10 @@ class PrefetchPlan:
         for r in regions:
             if r.size <= 0 or r.offset < 0 or r.page_size <= 0 or r.page_size & (r.page_size - 1):
                 raise PrefetchError(f"{name}: stored plan: bad region {r}")
-        _check_table(table, regions, name)
-        touched = sorted({table[i] for i in range(0, len(table), RUN_FIELDS)})
+        touched = _checked_regions(table, regions)
+        if touched is None:
+            _check_table(table, regions, name)  # names the first bad run
+            raise AssertionError("no bad run found")  # pragma: no cover - it found one
         return cls(
             table,
             pages,
@@ -220,6 +222,48 @@ def _unpack_plan(packed: bytes, *fields: object) -> PrefetchPlan:
     table = array.array("q")
     table.frombytes(packed)
     return PrefetchPlan(table, *fields)  # type: ignore[arg-type]
+
+
+#: Values below this bound add and subtract in int64 without overflow.
+_SANE = 1 << 61
+
+
+def _checked_regions(table: array.array[int], regions: Sequence[Region]) -> list[int] | None:
+    """The sorted region indices of a run table that :func:`_check_table` accepts, checked
+    as whole arrays (a stored plan is read on a template's first fork: no Python per run);
+    None when some run is bad, or a value is too large to check without overflow (then
+    :func:`_check_table` decides, and names the run)."""
+    import numpy as np  # the supervisor reads stored plans; workers get plans over their channel
+
+    if not len(table):
+        return []
+    if any(not (0 <= v < _SANE) for r in regions for v in (r.base, r.size, r.offset)):
+        return None
+    t = np.frombuffer(table, dtype=np.int64).reshape(-1, RUN_FIELDS)
+    region, host, offset, length, zero, ps, hot = t.T
+    if (t < 0).any() or (t[:, 1:4] >= _SANE).any() or (region >= len(regions)).any():
+        return None
+    base = np.array([r.base for r in regions], dtype=np.int64)[region]
+    size = np.array([r.size for r in regions], dtype=np.int64)[region]
+    r_off = np.array([r.offset for r in regions], dtype=np.int64)[region]
+    r_ps = np.array([r.page_size for r in regions], dtype=np.int64)[region]
+    rel = host - base
+    ok = (
+        (ps == r_ps)
+        & (zero <= 1)
+        & ((zero == 0) | (ps == PAGE_SIZE))
+        & (length > 0)
+        & (rel >= 0)
+        & (rel % r_ps == 0)
+        & (length % r_ps == 0)
+        & (length <= size)
+        & (rel <= size - length)
+        & (offset == r_off + rel)
+        & (hot <= length // r_ps)
+    )
+    if not ok.all():
+        return None
+    return np.flatnonzero(np.bincount(region, minlength=len(regions))).tolist()
 
 
 def _check_table(table: array.array[int], regions: Sequence[Region], name: str) -> None:
@@ -272,6 +316,9 @@ class PrefetchResult:
     raced: int = 0
     #: Seconds from the start until the head was installed (all of ``seconds`` unstreamed).
     head_seconds: float = 0.0
+    #: When the install started, on the execution's clock (``time.perf_counter``: the
+    #: system-wide monotonic clock on Linux, so comparable across processes).
+    started_at: float = 0.0
 
 
 class PrefetchTarget(Protocol):
@@ -847,6 +894,7 @@ def execute_plan(
         streamed=streamed,
         raced=raced,
         head_seconds=head_seconds if stream_from is not None else seconds,
+        started_at=started,
     )
 
 
@@ -879,7 +927,8 @@ def _report_head(
     _wake_regions(plan, deltas, target, tally, quiet=False)
     seconds = clock() - started
     if on_head is not None:
-        on_head(dataclasses.replace(_result(plan, tally, bridged, seconds), head_seconds=seconds))
+        so_far = _result(plan, tally, bridged, seconds)
+        on_head(dataclasses.replace(so_far, head_seconds=seconds, started_at=started))
     return (tally.installed, tally.already_present), seconds
 
 
