@@ -115,6 +115,13 @@ class ForkReport:
     already_present: int = 0
     #: The fork's memory at ready (``pagefork.memstats`` figures, ``*_bytes``).
     memory: dict[str, Any] = field(default_factory=dict)
+    #: When, in ms from the fork's start, the orchestrator saw its handshake, the prefetch's
+    #: install began and ended in the worker (a stream: its head), and the orchestrator was set
+    #: to resume it (0 when not reached); ``restore_ms`` says when the VMM was restored.
+    handshake_at_ms: float = 0.0
+    install_from_ms: float = 0.0
+    install_to_ms: float = 0.0
+    set_to_go_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures (progress as [ms since resume, pages read])."""
@@ -140,6 +147,8 @@ class _Fork:
         self.prefetched: PrefetchResult | None = None
         #: When the orchestrator was done preparing the fork (monotonic; 0: not yet).
         self.prepared_at = 0.0
+        #: When the orchestrator saw its handshake (monotonic; 0: not yet).
+        self.connected_at = 0.0
 
 
 def _report(
@@ -172,6 +181,12 @@ def _report(
         # Wall time; less only a burst's wait at the barrier after this fork was set to go.
         set_to_go = max(result.t_restored, fork.prepared_at or result.t_restored)
         ready = result.ready_seconds - max(0.0, result.t_go - set_to_go)
+    def since_start(t: float) -> float:
+        return (t - result.t_start) * 1e3 if t else 0.0
+
+    pre = fork.prefetched
+    install_from = since_start(pre.started_at) if pre is not None else 0.0
+    install_to = install_from + pre.head_seconds * 1e3 if pre is not None else 0.0
     total_pages: dict[int, int] = {}
     progress = []
     for t, vcpu, pages in result.progress:
@@ -202,6 +217,10 @@ def _report(
         raced=raced,
         already_present=stats.already_present,
         memory=dict(result.memory),
+        handshake_at_ms=since_start(fork.connected_at),
+        install_from_ms=install_from,
+        install_to_ms=install_to,
+        set_to_go_ms=since_start(fork.prepared_at),
     )
 
 
@@ -248,6 +267,7 @@ def run_forks(
 
             def prepare(fork: _Fork) -> None:
                 server.wait_connected(fork.name, timeout=timeout)
+                fork.connected_at = time.monotonic()
                 if mode in ("prefetch", "present"):
                     assert hot is not None
                     # Wall clock of the whole call: planning counts as much as the copies.
