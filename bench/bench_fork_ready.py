@@ -9,6 +9,10 @@ a. **Paired rounds on one trace variant.** Each round picks a variant the warm-u
    - ``prefetch``: prefetched from a fresh copy of the hot set, so the plan is made anew and
      the fork pays for planning, as the first fork of a template does;
    - ``cached``: prefetched from the hot set whose plan the server has cached (later forks);
+   - ``late``: the same, but the prefetch is asked for once the orchestrator sees the fork's
+     handshake, where the other modes arm it when the fork is registered, so that its worker
+     starts installing the moment the handshake is in (``PageServer.prefetch_at_handshake``):
+     the A/B of starting at the handshake;
    - ``stream``: resumed early: the first quarter of the hot set (in first-touch order) is
      installed before resume and the fork's worker streams the rest while the guest runs,
      serving its faults first (cached plan);
@@ -73,8 +77,8 @@ from pagefork.vmm.kvm.template import MEM_FILE, Template, TemplateSpec, build_te
 console = Console(highlight=False, width=120)  # tables wider than a pipe's 80 columns
 
 DEMAND, PREFETCH, CACHED, LIMIT = "demand", "prefetch", "cached", "present"
-STREAM = "stream"
-PAIRED_MODES = (DEMAND, PREFETCH, CACHED, STREAM, LIMIT)
+STREAM, LATE = "stream", "late"
+PAIRED_MODES = (DEMAND, PREFETCH, CACHED, LATE, STREAM, LIMIT)
 #: ``stream``: the share of the hot set (first touches first) installed before resume; the
 #: fork's worker streams the rest while the guest runs.
 STREAM_HEAD = 0.25
@@ -129,6 +133,8 @@ SUMMARY = {
     "present_ready_ms_p50": "(a) every page present before resume (the physical limit), p50 (ms)",
     "prefetch_over_present": "(a) a template's first prefetched fork (it plans) / the limit",
     "cached_over_present": "(a) a later prefetched fork (plan cached) / the limit",
+    "late_over_cached": "(a) plan cached, prefetch asked for after the handshake is seen / "
+    "armed to start at the handshake",
     "stream_over_present": "(a) resumed early, the rest of the hot set streamed / the limit",
     "speedup_stream": "(a) on demand / resumed early and streamed",
     "stream_raced_mean": "(a) faults that raced the stream, per streamed fork",
@@ -212,6 +218,17 @@ def paired_rounds(
                 server, template, [index], "demand", warmup_variant=warm.variant
             )
             return report
+        if mode == LATE:
+            [report] = orchestrate.run_forks(
+                server,
+                template,
+                [index],
+                "prefetch",
+                hot=hot,
+                warmup_variant=warm.variant,
+                at_handshake=False,
+            )
+            return report
         if mode == STREAM:
             [report] = orchestrate.run_forks(
                 server, template, [index], "prefetch", warmup_variant=warm.variant, stream=stream
@@ -253,6 +270,8 @@ def paired_rounds(
         # A template's first prefetched fork (it plans) and later ones, to the limit.
         "prefetch_over_present": ratios(ready[PREFETCH], ready[LIMIT]),
         "cached_over_present": ratios(ready[CACHED], ready[LIMIT]),
+        "late_over_present": ratios(ready[LATE], ready[LIMIT]),
+        "late_over_cached": ratios(ready[LATE], ready[CACHED]),
         "stream_over_present": ratios(ready[STREAM], ready[LIMIT]),
         "speedup_stream": ratios(ready[DEMAND], ready[STREAM]),
     }
@@ -301,6 +320,11 @@ def paired_rounds(
         f"{figures['stream_raced_mean']:.0f} faults raced the stream per fork"
     )
     console.print(
+        "starting the install at the handshake (armed at registration) against asking for it "
+        f"once the handshake is seen: the latter takes {spread(per_round['late_over_cached'])} "
+        "as long"
+    )
+    console.print(
         f"hot set ({len(hot)} pages) against the pages a fork of each trace touched (recorded): "
         f"precision {figures['hot_set_precision']:.3f}, recall {figures['hot_set_recall']:.3f}; "
         f"misses {figures['misses_mean']:.0f} per prefetched fork, beyond the touched pages the "
@@ -322,7 +346,7 @@ def _breakdown(got: dict[str, list[ForkReport]]) -> dict[str, float]:
         table.add_column(col, justify="left" if col == "forks" else "right")
     limit = got[LIMIT]
     figures: dict[str, float] = {}
-    for mode in (PREFETCH, CACHED, STREAM, LIMIT, DEMAND):
+    for mode in (PREFETCH, CACHED, LATE, STREAM, LIMIT, DEMAND):
         reports = got[mode]
         # Time between the VMM's restore and resume that the fork paid (its prefetch's tail).
         waits = [max(0.0, r.ready_ms - r.restore_ms - r.run_ms) for r in reports]
@@ -349,7 +373,7 @@ def _breakdown(got: dict[str, list[ForkReport]]) -> dict[str, float]:
             *(f"{c:.1f}" for c in cells),
             f"{median(per_miss):.0f}" if per_miss else "-",
         )
-        if mode in (PREFETCH, CACHED, STREAM):
+        if mode in (PREFETCH, CACHED, LATE, STREAM):
             figures[f"{mode}_install_ms"] = median(
                 [r.install_to_ms - r.install_from_ms for r in reports]
             )
@@ -463,12 +487,12 @@ def main(quick: bool = False, argv: list[str] | None = None) -> dict[str, float]
     parser.add_argument("--pairs", type=int, default=None, help="paired rounds of (a)")
     parser.add_argument("--burst", type=int, default=16, help="concurrent forks")
     parser.add_argument("--burst-rounds", type=int, default=2, help="rounds of (b)")
-    parser.add_argument("--quick", action="store_true", help="64 MiB guest, 8 concurrent")
+    parser.add_argument("--quick", action="store_true", help="64 MiB, 12 rounds, 8 concurrent")
     args = parser.parse_args(argv if argv is not None else [])
     if quick or args.quick:
         args.mem_size, args.burst = 64, 8
     if args.pairs is None:
-        args.pairs = 16
+        args.pairs = 12 if quick or args.quick else 16
     try:
         orchestrate.check_environment()
     except PageforkError as exc:

@@ -263,7 +263,7 @@ def _checked_regions(table: array.array[int], regions: Sequence[Region]) -> list
     )
     if not ok.all():
         return None
-    return np.flatnonzero(np.bincount(region, minlength=len(regions))).tolist()
+    return [int(i) for i in np.flatnonzero(np.bincount(region, minlength=len(regions)))]
 
 
 def _check_table(table: array.array[int], regions: Sequence[Region], name: str) -> None:

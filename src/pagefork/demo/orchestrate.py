@@ -134,11 +134,19 @@ class _Fork:
     """A fork in flight: its process and the name the server knows it by."""
 
     def __init__(
-        self, server: PageServer, template: Template, name: str, index: int, record: bool
+        self,
+        server: PageServer,
+        template: Template,
+        name: str,
+        index: int,
+        record: bool,
+        arm: tuple[HotPageList, int | None] | None = None,
     ) -> None:
         self.name = name
         self.index = index
         socket_path = server.register_fork(name, record=record)
+        if arm is not None:  # installing starts at the handshake, as the VMM restores
+            server.prefetch_at_handshake(name, arm[0], head=arm[1])
         # A child template (a snapshot) checks its pages against its base and layers.
         memory = template.memory_chain if len(template.memory_chain) > 1 else ()
         self.process = ForkProcess(str(template.path), socket_path, index, memory=memory)
@@ -181,6 +189,7 @@ def _report(
         # Wall time; less only a burst's wait at the barrier after this fork was set to go.
         set_to_go = max(result.t_restored, fork.prepared_at or result.t_restored)
         ready = result.ready_seconds - max(0.0, result.t_go - set_to_go)
+
     def since_start(t: float) -> float:
         return (t - result.t_start) * 1e3 if t else 0.0
 
@@ -236,6 +245,7 @@ def run_forks(
     timeout: float = 60.0,
     on_done: Callable[[ForkReport], None] | None = None,
     stream: Stream | None = None,
+    at_handshake: bool = True,
 ) -> list[ForkReport]:
     """Run one fork per entry of ``indices`` (fork index picks the trace variant).
 
@@ -246,6 +256,8 @@ def run_forks(
     ``warmup_variant`` lets each report say how many of its pages the warm-up never touched
     (the misses a perfect prefetch leaves). With ``stream`` (mode ``prefetch``), only its
     head is installed before resume and the worker streams the rest while the guest runs.
+    ``at_handshake`` arms the prefetch when the fork is registered, so its worker starts
+    installing the moment the handshake is in; False asks for it once the handshake is seen.
     """
     if stream is not None:
         if mode != "prefetch":
@@ -263,7 +275,10 @@ def run_forks(
         try:
             for index in group:
                 name = f"{mode}-{index}-{time.monotonic_ns() % 1_000_000_000}"
-                forks.append(_Fork(server, template, name, index, record=mode == "warmup"))
+                head = stream.head if stream is not None else None
+                armed = at_handshake and mode in ("prefetch", "present") and hot is not None
+                arm = (hot, head) if armed and hot is not None else None
+                forks.append(_Fork(server, template, name, index, record=mode == "warmup", arm=arm))
 
             def prepare(fork: _Fork) -> None:
                 server.wait_connected(fork.name, timeout=timeout)

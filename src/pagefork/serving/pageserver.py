@@ -306,6 +306,20 @@ class PageServer:
         entry = self._wait_connected(fork_id, timeout)
         return self._sup.prefetcher.prefetch(entry, hot_pages, timeout, head)
 
+    def prefetch_at_handshake(
+        self,
+        fork_id: str,
+        hot_pages: HotPageList | Sequence[HotPage],
+        timeout: float = 10.0,
+        head: int | None = None,
+    ) -> None:
+        """Arm a prefetch of ``hot_pages`` for a registered fork: its worker starts installing
+        the moment the fork's handshake is in (at once if it is in already), overlapping the
+        VMM's restore, rather than when a caller woken by the handshake asks. Then
+        :meth:`prefetch` with the same list waits for it and returns its result (a list that
+        does not fit the fork's regions fails there, nothing installed)."""
+        self._sup.prefetcher.arm(self._get(fork_id), hot_pages, timeout, head)
+
     def stream_result(self, fork_id: str, timeout: float = 10.0) -> PrefetchResult | None:
         """Wait for the streamed prefetch of ``fork_id`` to finish: the whole result
         (``streamed`` and ``raced`` say what happened after the head), or None if no

@@ -4,6 +4,11 @@ a caller waits for, and a lazy template's chunk fetches for the workers' parked 
 A plan goes to a worker once and then by its token (:meth:`WorkerProcess.send_prefetch`). A
 prefetch whose worker dies is sent again to the worker that adopts its fork: installing a page
 twice is harmless (EEXIST).
+
+A prefetch may be armed before its fork connects (:meth:`PrefetchService.arm`): the supervisor
+then sends it to the fork's worker together with the fork itself, the moment the handshake is
+in, while the VMM still restores, instead of after a caller woken by the handshake has asked for
+it (a thread switch and a round trip later).
 """
 
 from __future__ import annotations
@@ -70,6 +75,18 @@ class _Request:
         return _with_fetch(self.result, self.fetched)
 
 
+@dataclass(eq=False)
+class _Armed:
+    """A prefetch asked for before its fork connected: started at the handshake."""
+
+    hot: HotPageList | Sequence[HotPage]
+    timeout: float
+    head: int | None
+    request: _Request | None = None
+    #: Why it could not start (a list that does not fit the fork's regions).
+    error: str | None = None
+
+
 def _with_fetch(result: PrefetchResult, fetched: tuple[int, float] | None) -> PrefetchResult:
     if fetched is None:
         return result
@@ -93,6 +110,8 @@ class PrefetchService:
         self._requests: dict[int, _Request] = {}
         # Fork id -> its streamed prefetch, kept (done or not) until the fork is unregistered.
         self._streams: dict[str, _Request] = {}
+        # Fork id -> the prefetch armed for its handshake, until a caller takes its result.
+        self._armed: dict[str, _Armed] = {}
         self._plans: OrderedDict[tuple[object, ...], tuple[HotPageList, PrefetchPlan, int]] = (
             OrderedDict()
         )
@@ -121,6 +140,49 @@ class PrefetchService:
         with self._plans_lock:
             return self._plans_made
 
+    def arm(
+        self,
+        entry: ForkRecord,
+        hot_pages: HotPageList | Sequence[HotPage],
+        timeout: float,
+        head: int | None = None,
+    ) -> None:
+        """Start prefetching ``hot_pages`` into ``entry`` the moment its handshake is in (at
+        once if it is in already); :meth:`prefetch` with the same list then waits for it."""
+        with self._table.lock:
+            if entry.final:
+                raise PrefetchError(f"fork {entry.fork_id}: session has ended")
+            if entry.fork_id in self._armed:
+                raise PrefetchError(f"fork {entry.fork_id}: a prefetch is armed for it already")
+            armed = _Armed(hot_pages, timeout, head)
+            self._armed[entry.fork_id] = armed
+            if entry.connected:
+                self._start_armed(entry, armed)
+
+    def connected(self, entry: ForkRecord) -> None:
+        """``entry``'s handshake is in and its worker has it (lock held): start its armed
+        prefetch, if any. A lazy template's is left to its caller, which fetches first."""
+        armed = self._armed.get(entry.fork_id)
+        if armed is not None and armed.request is None and armed.error is None:
+            self._start_armed(entry, armed)
+
+    def _start_armed(self, entry: ForkRecord, armed: _Armed) -> None:
+        # Lock held. The plan is cached (or stored with the list) in the usual case; planning
+        # anew here holds the lock for about a millisecond.
+        if self._lazy is not None or entry.worker is None:
+            return  # the caller's prefetch() sends it (a lazy template's chunks come first)
+        try:
+            token, plan = self._plan(armed.hot, list(entry.regions))
+        except PrefetchError as exc:
+            armed.error = str(exc)
+            return
+        request = _Request(
+            next(self._table.serial), entry.key, plan, armed.timeout, token, armed.head
+        )
+        self._requests[request.req] = request
+        armed.request = request
+        entry.worker.send_prefetch(request.req, entry.key, token, plan, armed.timeout, armed.head)
+
     def prefetch(
         self,
         entry: ForkRecord,
@@ -131,9 +193,21 @@ class PrefetchService:
         """Install ``hot_pages`` into the connected fork ``entry`` through its worker.
 
         With ``head``, return once the first ``head`` hot pages are in (the result so far);
-        the worker streams the rest, and :meth:`stream_result` waits for the whole.
+        the worker streams the rest, and :meth:`stream_result` waits for the whole. A prefetch
+        armed for the fork (:meth:`arm`) is waited for instead of sent: ``hot_pages`` must be
+        the list it was armed with, and its own ``head`` holds.
         """
         fork_id = entry.fork_id
+        with self._table.lock:
+            armed = self._armed.pop(fork_id, None)
+        if armed is not None:
+            if armed.hot is not hot_pages:
+                raise PrefetchError(f"fork {fork_id}: another hot set was armed for it")
+            if armed.error is not None:
+                raise PrefetchError(armed.error)
+            if armed.request is not None:
+                return self._wait(entry, armed.request, timeout)
+            head = armed.head  # armed, but left to this call (a lazy template's)
         token, plan = self._plan(hot_pages, list(entry.regions))
         request = _Request(next(self._table.serial), "", plan, timeout, token, head)
         request.fetched = self._fetch_for(fork_id, plan, timeout)
@@ -146,10 +220,20 @@ class PrefetchService:
             request.key = entry.key
             self._requests[request.req] = request
             worker = entry.worker
-        streaming = False
         try:
             worker.send_prefetch(request.req, entry.key, token, plan, timeout, head)
-            installs = plan.pages + plan.bridged_pages
+        except BaseException:
+            with self._table.lock:
+                self._requests.pop(request.req, None)
+            raise
+        return self._wait(entry, request, timeout)
+
+    def _wait(self, entry: ForkRecord, request: _Request, timeout: float) -> PrefetchResult:
+        """Wait for ``request``'s head (or the whole, unstreamed) and return its result."""
+        fork_id = entry.fork_id
+        streaming = False
+        try:
+            installs = request.plan.pages + request.plan.bridged_pages
             if not request.head_done.wait(timeout + _PREFETCH_GRACE + installs / 10_000):
                 raise PrefetchError(f"fork {fork_id}: its worker did not finish the prefetch")
             with self._table.lock:
@@ -208,8 +292,10 @@ class PrefetchService:
                 del self._streams[entry.fork_id]  # nobody can ask for it by name any more
 
     def forget(self, fork_id: str) -> None:
-        """The fork is unregistered: drop what its stream left (lock held)."""
+        """The fork is unregistered: drop what its stream or its armed prefetch left (lock
+        held)."""
         self._streams.pop(fork_id, None)
+        self._armed.pop(fork_id, None)
 
     def resend_to(self, new: WorkerProcess) -> None:
         """Send again to ``new`` the unfinished prefetches of the forks it adopted."""

@@ -233,6 +233,7 @@ class Supervisor:
             entry.ledger.counters[L.RECORD_START_NS] = time.monotonic_ns()
         entry.connected = True
         self.carry_out(entry, self.table.move(entry, Event.PLACED), worker=worker)
+        self.prefetcher.connected(entry)  # a prefetch armed for it starts now, with the fork
         if self.config.on_connect is not None:
             # Off the loop's thread: the callback may prefetch while the worker serves.
             self.callbacks.run([(self.config.on_connect, (entry.fork_id,))])
