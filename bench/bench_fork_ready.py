@@ -89,9 +89,19 @@ def ratios(a: list[float], b: list[float]) -> list[float]:
     return [x / y for x, y in zip(a, b, strict=True) if y > 0]
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The lower and upper quartiles of ``values``: the middle half of the rounds, which
+    rounds a stall hit do not move as they move the min and the max."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
 def spread(values: list[float]) -> str:
-    """``median [min-max]`` of per-round values, for a report line."""
-    return f"{median(values):.2f}x [{min(values):.2f}-{max(values):.2f}]"
+    """``median (quartiles) [min-max]`` of per-round values, for a report line."""
+    lo, hi = quartiles(values)
+    return f"{median(values):.2f}x ({lo:.2f}-{hi:.2f}) [{min(values):.2f}-{max(values):.2f}]"
 
 
 def _row(table: Table, label: str, reports: list[ForkReport], ready: list[float]) -> None:
@@ -280,6 +290,7 @@ def paired_rounds(
         figures[name] = median(values)
         figures[f"{name}_min"] = min(values)
         figures[f"{name}_max"] = max(values)
+        figures[f"{name}_q1"], figures[f"{name}_q3"] = quartiles(values)
     figures.update(_breakdown(got))
     figures.update(
         {
@@ -306,7 +317,7 @@ def paired_rounds(
         }
     )
     console.print(
-        "per-round ratios, median \\[min-max] over "
+        "per-round ratios, median (quartiles) \\[min-max] over "
         f"{pairs} rounds: on demand / prefetched {spread(per_round['speedup'])}, plan cached "
         f"{spread(per_round['speedup_cached'])}, every page present "
         f"{spread(per_round['speedup_present'])} (target >= 8x)"
