@@ -30,8 +30,10 @@ a. **Paired rounds on one trace variant.** Each round picks a variant the warm-u
 
    The machine is shared and busy: a fork now and then stalls for tens or hundreds of ms, and
    whichever mode it hits gets a wild ratio in that round. So the figures are medians of the
-   per-round ratios of many rounds, each given with its min-max, and the load average before
-   and after. A second table splits each mode's fork-ready into its parts from each fork's
+   per-round ratios of many rounds, each given with its quartiles (the middle half of the
+   rounds) and its min-max, and the load average before and after. Even so, on a busy 2-core
+   host a median moves by a few tenths from one run to the next: compare figures of one run.
+   A second table splits each mode's fork-ready into its parts from each fork's
    timeline (handshake, the prefetch's install, restore, set to go, run) and sets them against
    the limit's in the same round: the wait after restore is the prefetch's tail, the run's
    excess is the misses' round trips (with the cost per miss). Planning, and reading a plan
