@@ -159,6 +159,7 @@ class ForkCreator:
         # Before this call answers with the fork's socket, and before its VMM starts: nobody
         # has asked for its prefetch yet.
         fork.policy = policy
+        self.hot_sets.arm(fork, self.holdings.state_of(fork))
         log.info("fork %s of %s: %s, socket %s", fork_id, template_id, fork.role, fork.socket_path)
         hooks = self.hooks
         if hooks.socket_journal is not None:

@@ -121,6 +121,20 @@ class HotSets:
         self._layouts = {k: v for k, v in self._layouts.items() if k[0] != template_id}
 
     # --- prefetch ----------------------------------------------------------------------------
+    def arm(self, fork: Fork, state: TemplateState) -> None:
+        """Have ``fork``'s worker start installing its hot set the moment the VMM's handshake
+        arrives, overlapping the snapshot load (a caller woken by the handshake would start a
+        thread switch and a round trip later); :meth:`prefetch` then waits for that install.
+        Nothing to arm for a fork without a hot set of its own."""
+        if fork.role != "prefetch" or fork.hot is None:
+            return
+        try:
+            state.server.prefetch_at_handshake(
+                fork.fork_id, fork.hot, timeout=self.config.prefetch_timeout, head=_head(fork)
+            )
+        except PrefetchError as exc:  # e.g. its session ended: prefetch() says so in its turn
+            log.debug("fork %s: prefetch not armed: %s", fork.fork_id, exc)
+
     def prefetch(self, fork: Fork, state: TemplateState, timeout: float | None) -> dict[str, Any]:
         """Install the template's hot set into ``fork`` (waits for its handshake); see
         :meth:`~pagefork.daemon.manager.ForkManager.prefetch`."""
@@ -146,8 +160,7 @@ class HotSets:
             fork.prefetch = {"role": fork.role, "hot_pages": 0, "installed": 0}
             return fork.prefetch
         policy = fork.policy
-        # A head as large as the hot set streams nothing: all of it goes in before resume.
-        head = policy.head if policy.head is not None and policy.head < len(fork.hot) else None
+        head = _head(fork)
         try:
             result = state.server.prefetch(fork_id, fork.hot, timeout=wait, head=head)
         except PrefetchError as exc:
@@ -321,3 +334,10 @@ class HotSets:
                 )
             except PageforkError as exc:
                 log.error("template %s: cannot save the learned hot set: %s", state.key[0], exc)
+
+
+def _head(fork: Fork) -> int | None:
+    """How many of ``fork``'s hot pages go in before its VMM resumes (None: all of them). A
+    head as large as the hot set streams nothing."""
+    head, hot = fork.policy.head, fork.hot
+    return head if head is not None and hot is not None and head < len(hot) else None
