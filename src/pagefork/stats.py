@@ -32,7 +32,8 @@ class ForkStats:
     ``faults`` counts page-fault events served on demand; ``pages_copied`` and ``zero_pages``
     count pages installed by the fault loop; ``prefetched_pages`` those installed by prefetch;
     ``misses`` demand faults after a prefetch ran (the pages the hot set did not have).
-    ``worker_pid`` is the worker process serving the fork now.
+    ``worker_pid`` is the worker process serving the fork now; ``moves`` how many times the
+    fork moved to the worker on the CPU its VMM runs on (``ServerConfig.follow_vmms``).
     """
 
     fork: str
@@ -50,6 +51,7 @@ class ForkStats:
     latency_us: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     worker_pid: int | None = None
+    moves: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The stats as plain JSON-ready data."""

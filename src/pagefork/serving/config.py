@@ -34,6 +34,9 @@ class ServerConfig:
     worker is replaced at once. With one worker per CPU, a fork whose VMM is pinned to one CPU
     goes to that CPU's worker, and ``pin_workers`` pins each worker to its CPU (measured no
     worse, and better for a lone fork: see :meth:`~pagefork.serving.pool.WorkerPool.place`).
+    ``follow_vmms`` (on by default) moves a fork whose VMM the scheduler has settled on another
+    worker's CPU to that worker, so its faults are served on the VMM's core
+    (:mod:`pagefork.serving.following`); it needs a worker per CPU.
     ``on_connect`` / ``on_fork_end`` / ``on_window_closed`` are called with the fork's id;
     ``on_worker_restarted`` with (old pid, new pid, forks adopted). ``layers`` are layer
     files over the mem-file, bottom first: forks then read the layered template
@@ -54,6 +57,7 @@ class ServerConfig:
     workers: int | Literal["auto"] = "auto"
     spare_worker: bool = True
     pin_workers: bool = True
+    follow_vmms: bool = True
     on_connect: Callable[[str], None] | None = None
     on_fork_end: Callable[[str, ForkStats], None] | None = None
     on_window_closed: Callable[[str, HotPageList], None] | None = None

@@ -63,6 +63,8 @@ class ForkRecord:
     ledger: L.Ledger | None = None
     record_capacity: int = 0
     worker: WorkerProcess | None = None
+    #: Times it moved to the worker next to its VMM (pagefork.serving.following).
+    moves: int = 0
     #: Its handshake once completed (its end is then reported to ``on_fork_end``).
     connected: bool = False
     # The VMM keeps its socket open while it runs (Firecracker 1.12+): a hang-up ends the fork
@@ -174,6 +176,7 @@ class ForkTable:
             error=entry.error,
             latency_us={},
             worker_pid=entry.worker.pid if entry.worker is not None else None,
+            moves=entry.moves,
             **{name: int(c[slot]) for name, slot in L.COUNTERS.items()},
         )
         return stats, ledger.latencies()

@@ -442,6 +442,11 @@ class WorkerPool:
         except PageforkError as exc:
             log.warning("no spare worker: %s", exc)
 
+    @property
+    def pins_one_per_cpu(self) -> bool:
+        """True when each slot has a home CPU and its worker is pinned there."""
+        return self._pin and all(cpu is not None for cpu in self._cpus)
+
     def live(self) -> list[WorkerProcess]:
         """The workers serving a slot now."""
         return [w for w in self.workers if w is not None]

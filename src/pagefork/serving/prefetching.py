@@ -33,6 +33,7 @@ from pagefork.regions import Region
 from pagefork.serving import messages as M
 from pagefork.serving.forks import ForkRecord, ForkTable
 from pagefork.serving.pool import WorkerProcess
+from pagefork.serving.state import Stage
 from pagefork.store.lazy import LazyTemplate
 
 #: Prefetch plans kept (one per hot set and region layout; a template usually needs one).
@@ -211,7 +212,11 @@ class PrefetchService:
         token, plan = self._plan(hot_pages, list(entry.regions))
         request = _Request(next(self._table.serial), "", plan, timeout, token, head)
         request.fetched = self._fetch_for(fork_id, plan, timeout)
-        with self._table.lock:
+        with self._table.changed:
+            # A fork moving to another worker (pagefork.serving.following) is taken by it soon.
+            self._table.changed.wait_for(lambda: entry.stage is not Stage.MOVING, timeout)
+            if entry.stage is Stage.MOVING:
+                raise PrefetchError(f"fork {fork_id}: still moving to another worker")
             if entry.final or entry.worker is None:
                 raise PrefetchError(f"fork {fork_id}: session has ended")
             streaming_now = self._streams.get(fork_id)
@@ -279,6 +284,13 @@ class PrefetchService:
                 request.result = dataclasses.replace(
                     request.result, head_seconds=request.head_result.head_seconds
                 )
+
+    def in_flight(self, entry: ForkRecord) -> bool:
+        """True while a prefetch runs or streams into ``entry`` (lock held)."""
+        stream = self._streams.get(entry.fork_id)
+        if stream is not None and not stream.done.is_set():
+            return True
+        return any(r.key == entry.key and not r.done.is_set() for r in self._requests.values())
 
     def fork_ended(self, entry: ForkRecord) -> None:
         """Fail the prefetches still waiting on ``entry``'s session."""

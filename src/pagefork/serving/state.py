@@ -73,6 +73,7 @@ class Stage(enum.Enum):
     ADOPTING = "adopting"  # its worker died; another is taking it over
     DROPPING = "dropping"  # unregistered: its worker is ending it, never to be adopted again
     RELEASING = "releasing"  # a takeover asked its worker to let it go
+    MOVING = "moving"  # asked to let it go, for a worker next to its VMM to serve it next
     RELEASED = "released"  # no worker holds it: the takeover's new side or ours takes it next
     ENDED = "ended"
     FAILED = "failed"
@@ -95,6 +96,7 @@ class Event(enum.Enum):
     RELEASE_ASKED = "release_asked"  # a takeover asks its worker to let it go
     WORKER_RELEASED = "worker_released"  # its worker let it go
     READOPTED = "readopted"  # the takeover failed: our workers take it again
+    MOVE_ASKED = "move_asked"  # its VMM runs on another worker's CPU now: that worker takes it
     CLOSED = "closed"  # the page server closes
 
 
@@ -155,6 +157,21 @@ SUPERVISOR_TABLE: dict[tuple[Stage, Event], tuple[Stage, tuple[Command, ...]]] =
     (_S_.RELEASED, _E_.READOPTED): (_S_.ADOPTING, (_C_.ADOPT_ON_WORKER,)),
     (_S_.RELEASED, _E_.UNREGISTERED): (_S_.ENDED, (_C_.FINISH,)),
     (_S_.RELEASED, _E_.CLOSED): (_S_.ENDED, (_C_.FINISH,)),
+    # A move (pagefork.serving.following): the worker lets it go, then the worker on its
+    # VMM's CPU adopts it (wakes its vCPUs: faults raised meanwhile wait in the uffd). A death
+    # of the first worker ends the move there: a replacement adopts it as any other orphan. A
+    # takeover's release takes over the release already asked for.
+    (_S_.SERVING, _E_.MOVE_ASKED): (_S_.MOVING, (_C_.SEND_RELEASE,)),
+    (_S_.MOVING, _E_.WORKER_RELEASED): (_S_.ADOPTING, (_C_.ADOPT_ON_WORKER,)),
+    (_S_.MOVING, _E_.WORKER_ENDED): (_S_.ENDED, (_C_.FINISH,)),
+    (_S_.MOVING, _E_.WORKER_FAILED): (_S_.FAILED, (_C_.FINISH,)),
+    (_S_.MOVING, _E_.WORKER_DIED): (_S_.ADOPTING, (_C_.ADOPT_ON_WORKER,)),
+    (_S_.MOVING, _E_.WORKER_LOST): (_S_.FAILED, (_C_.APPLY_POLICY, _C_.FINISH)),
+    (_S_.MOVING, _E_.UNREGISTERED): (_S_.DROPPING, (_C_.SEND_DROP,)),
+    (_S_.MOVING, _E_.RELEASE_ASKED): (_S_.RELEASING, ()),
+    (_S_.MOVING, _E_.CLOSED): (_S_.ENDED, (_C_.FINISH,)),
+    # Unregistered while its worker let it go (a move or a takeover): nobody serves it now.
+    (_S_.DROPPING, _E_.WORKER_RELEASED): (_S_.ENDED, (_C_.FINISH,)),
 }
 
 _WORKER_EVENTS = frozenset(
@@ -166,9 +183,10 @@ _WORKER_EVENTS = frozenset(
 IGNORED: frozenset[tuple[Stage, Event]] = frozenset(
     {(s, e) for s in (_S_.ENDED, _S_.FAILED) for e in (*_WORKER_EVENTS, _E_.UNREGISTERED,
                                                           _E_.CLOSED, _E_.READOPTED)}
-    | {(s, _E_.WORKER_SERVING) for s in (_S_.SERVING, _S_.DROPPING, _S_.RELEASING)}
-    | {(s, _E_.WORKER_RELEASED) for s in (_S_.SERVING, _S_.ADOPTING, _S_.DROPPING)}
-    | {(_S_.SERVING, _E_.READOPTED), (_S_.ADOPTING, _E_.READOPTED)}
+    | {(s, _E_.WORKER_SERVING) for s in (_S_.SERVING, _S_.DROPPING, _S_.RELEASING, _S_.MOVING)}
+    | {(s, _E_.MOVE_ASKED) for s in _S_ if s is not _S_.SERVING}
+    | {(s, _E_.WORKER_RELEASED) for s in (_S_.SERVING, _S_.ADOPTING)}
+    | {(_S_.SERVING, _E_.READOPTED), (_S_.ADOPTING, _E_.READOPTED), (_S_.MOVING, _E_.READOPTED)}
     | {(_S_.DROPPING, _E_.UNREGISTERED), (_S_.DROPPING, _E_.RELEASE_ASKED)}
     | {(_S_.RELEASING, _E_.RELEASE_ASKED)}
 )  # fmt: skip
@@ -182,13 +200,16 @@ SHOWN: dict[Stage, ForkState] = {
     _S_.DROPPING: ForkState.SERVING,
     _S_.RELEASING: ForkState.SERVING,
     _S_.RELEASED: ForkState.SERVING,
+    _S_.MOVING: ForkState.SERVING,
     _S_.ENDED: ForkState.ENDED,
     _S_.FAILED: ForkState.FAILED,
 }
 #: Stages after which a fork is never served again.
 FINAL_STAGES = frozenset({Stage.ENDED, Stage.FAILED})
 #: Stages in which a worker holds the fork.
-HELD = frozenset({Stage.SERVING, Stage.ADOPTING, Stage.DROPPING, Stage.RELEASING})
+HELD = frozenset(
+    {Stage.SERVING, Stage.ADOPTING, Stage.DROPPING, Stage.RELEASING, Stage.MOVING}
+)
 
 
 def step(fork_id: str, stage: Stage, event: Event) -> tuple[Stage, tuple[Command, ...]]:

@@ -26,6 +26,7 @@ from pagefork.serving import ipc
 from pagefork.serving import ledger as L
 from pagefork.serving import messages as M
 from pagefork.serving.config import ServerConfig
+from pagefork.serving.following import ForkFollower
 from pagefork.serving.forks import Callback, Callbacks, ForkRecord, ForkTable
 from pagefork.serving.handshakes import Handshake, HandshakeReader
 from pagefork.serving.pool import WorkerPool, WorkerProcess, pinned_cpu
@@ -62,6 +63,7 @@ class Supervisor:
         )
         lazy = memfile if isinstance(memfile, LazyTemplate) else None
         self.prefetcher = PrefetchService(self.table, memfile.is_zero, lazy, self.tell_workers)
+        self.follower = ForkFollower(config, self.table, pool, self.prefetcher, self.carry_out)
         self._workers_by_fd: dict[int, WorkerProcess] = {}
         self._acks: dict[int, threading.Event] = {}  # tests' crash points, once armed
         for w in pool.all_processes():
@@ -113,7 +115,7 @@ class Supervisor:
         now = time.monotonic()
         with self.lock:
             deadlines = self.handshakes.deadlines()
-            deadlines += [w.ping_due(now) for w in self._pinged()]
+            deadlines += [w.ping_due(now) for w in self._pinged()] + self.follower.due()
         if not deadlines:
             return -1
         return max(0.0, min(deadlines) - now)
@@ -141,6 +143,7 @@ class Supervisor:
         with self.lock:
             self.handshakes.run_timers(now)
             suspects = [w for w in self._pinged() if not w.heartbeat(now)]
+            self.follower.run(now)  # forks to the workers next to their VMMs
         for w in suspects:
             self._drain(w)  # an answer that came while this turn ran still counts
             now = time.monotonic()
@@ -349,12 +352,12 @@ class Supervisor:
             entry = by_key.get(message.key)
             if entry is not None:
                 entry.regions = list(message.regions)
-        elif isinstance(message, M.Released):  # a takeover: the worker let these forks go
+        elif isinstance(message, M.Released):  # a takeover or a move: these forks are let go
             for key in message.keys:
                 worker.forks.discard(key)
                 entry = by_key.get(key)
                 if entry is not None and entry.worker is worker:
-                    self.carry_out(entry, self.table.move(entry, Event.WORKER_RELEASED))
+                    self.follower.released(entry, worker)  # a move's target adopts it
         elif isinstance(message, M.Ready):
             try:
                 M.check_version(message.version, f"worker {worker.pid}")
@@ -421,8 +424,7 @@ class Supervisor:
         return callbacks
 
     def crash_worker_at(self, entry: ForkRecord, point: str, count: int, stop: bool = False) -> int:
-        """Tests only: make ``entry``'s worker SIGKILL (or SIGSTOP) itself at ``point``; its
-        pid."""
+        """Tests only: make ``entry``'s worker SIGKILL (or SIGSTOP) itself at ``point``."""
         worker = entry.worker
         if worker is None:
             raise ForkError(f"fork {entry.fork_id} has no worker")

@@ -1,0 +1,209 @@
+"""A fork follows its VMM: the worker whose home is the CPU the VMM runs on serves its faults.
+
+A fault and its answer are two wake-ups: the guest's thread wakes the worker, the worker's copy
+wakes the guest's thread. Between two cores each is an inter-processor interrupt, which costs
+more than the rest of the fault (about 100 us on a nested-virtualisation host, against 15-25
+us served on the same core). A VMM pinned to one CPU is placed on that CPU's worker at its
+handshake (:meth:`~pagefork.serving.pool.WorkerPool.place`); one the scheduler moves about
+lands anywhere, and the scheduler cannot bring a pinned worker to it. So the supervisor looks,
+every :data:`SAMPLE_INTERVAL`, at where the VMM of each fork that faulted since the last look
+ran, and moves the fork to the worker of that CPU once the VMM has settled there.
+
+Where a VMM runs: each of its threads' last CPU (``/proc/PID/task/TID/stat``, field 39),
+weighted by the CPU time the thread took since the last look (``schedstat``), so the vCPU
+threads that fault count and idle threads do not. A VMM whose threads ran mostly (more than
+half of that time) on one CPU other than its worker's home, at :data:`SETTLE_LOOKS` looks in a
+row, has settled there. Forks that fault seldom are not looked at: a fork whose fault count did
+not move since the last look costs one read of its ledger.
+
+A move is the release and adoption a takeover uses (:mod:`pagefork.serving.state`): the fork
+goes ``MOVING`` and its worker is asked to let it go (it finishes what it read, closes its
+copies of the fork's fds, and answers); faults raised meanwhile wait in the uffd. On that
+answer the target worker adopts the fork and wakes its vCPUs, so a fault read and not served
+is raised again, to it: nothing is lost, and never are two workers serving one fork. A worker
+that dies before it answers has the fork adopted by its replacement, as any orphan. A fork
+with a prefetch running or streaming into it is not moved (a prefetch waits for a move).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pagefork.serving import ledger as L
+from pagefork.serving.config import ServerConfig
+from pagefork.serving.forks import ForkRecord, ForkTable
+from pagefork.serving.pool import WorkerPool, WorkerProcess
+from pagefork.serving.prefetching import PrefetchService
+from pagefork.serving.state import Event, Stage
+
+#: Seconds between two looks at where the VMMs of faulting forks run. A look costs a few
+#: small /proc reads per faulting fork (about 10 us each).
+SAMPLE_INTERVAL = 0.025
+#: Looks in a row a VMM must be seen on another worker's CPU before its fork moves: one look
+#: may catch a thread the scheduler is about to move back.
+SETTLE_LOOKS = 2
+
+#: A thread's last CPU and its CPU time so far (ns), by thread id.
+ThreadTimes = dict[int, tuple[int, int]]
+
+
+def thread_times(pid: int) -> ThreadTimes:
+    """Each thread of process ``pid``: the CPU it last ran on and its CPU time (ns); empty
+    when the process is gone."""
+    found: ThreadTimes = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for name in tids:
+        try:
+            stat = _read(f"/proc/{pid}/task/{name}/stat")
+            sched = _read(f"/proc/{pid}/task/{name}/schedstat")
+        except OSError:
+            continue  # a thread that exited meanwhile
+        # The command name (in parentheses) may hold any byte: fields follow its last ')'.
+        # After it come the fields from 3 (state) on: 39 (processor) is the 37th.
+        fields = stat[stat.rfind(b")") + 1 :].split()
+        with contextlib.suppress(IndexError, ValueError):
+            found[int(name)] = (int(fields[36]), int(sched.split()[0]))
+    return found
+
+
+def _read(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1024)
+    finally:
+        os.close(fd)
+
+
+def busiest_cpu(before: ThreadTimes, now: ThreadTimes) -> int | None:
+    """The CPU where the threads ran more than half the CPU time they took between two
+    looks (each thread counted on the CPU it last ran on), or None (no time taken, or spread
+    over CPUs)."""
+    by_cpu: dict[int, int] = {}
+    for tid, (cpu, ran) in now.items():
+        took = ran - before[tid][1] if tid in before else 0
+        if took > 0:
+            by_cpu[cpu] = by_cpu.get(cpu, 0) + took
+    total = sum(by_cpu.values())
+    if not total:
+        return None
+    cpu, took = max(by_cpu.items(), key=lambda item: item[1])
+    return cpu if 2 * took > total else None
+
+
+@dataclass
+class _Watch:
+    """What the follower remembers of one fork between looks."""
+
+    faults: int = -1
+    times: ThreadTimes = field(default_factory=dict)
+    #: The other worker's CPU its VMM was seen on, and at how many looks in a row.
+    cpu: int | None = None
+    looks: int = 0
+    #: While it moves: the worker that takes it.
+    target: WorkerProcess | None = None
+
+
+class ForkFollower:
+    """Moves each fork to the worker next to its VMM (the supervisor's loop calls it, with
+    the lock held). It follows only with ``ServerConfig.follow_vmms`` and a worker pinned to
+    each CPU (:attr:`~pagefork.serving.pool.WorkerPool.pins_one_per_cpu`)."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        table: ForkTable,
+        pool: WorkerPool,
+        prefetcher: PrefetchService,
+        carry_out: Callable[..., object],
+    ) -> None:
+        self._table = table
+        self._pool = pool
+        self._prefetcher = prefetcher
+        self._carry_out = carry_out
+        #: Following now (tests and benchmarks may turn it off and on).
+        self.enabled = config.follow_vmms and pool.pins_one_per_cpu
+        self._watches: dict[str, _Watch] = {}
+        self._next = 0.0
+
+    def due(self) -> list[float]:
+        """When the next look is due (none while following is off)."""
+        return [self._next] if self.enabled else []
+
+    def homes(self) -> dict[int, WorkerProcess]:
+        """The workers a fork may move to, by home CPU: live, started and answering."""
+        return {
+            w.cpu: w
+            for w in self._pool.live()
+            if w.cpu is not None and w.alive and w.ready.is_set() and w.answering
+        }
+
+    def run(self, now: float) -> None:
+        """Look where the VMMs of faulting forks run, and move the settled ones (lock held)."""
+        if not self.enabled or now < self._next:
+            return
+        self._next = now + SAMPLE_INTERVAL
+        homes = self.homes()
+        watches = self._watches
+        for key in [k for k in watches if k not in self._table.by_key]:
+            del watches[key]
+        if len(homes) < 2:
+            return
+        for key, entry in self._table.by_key.items():
+            if entry.stage is not Stage.SERVING or entry.worker is None or entry.pid is None:
+                continue
+            watch = watches.get(key)
+            if watch is None:
+                watch = watches[key] = _Watch()
+            self._look(entry, watch, homes)
+
+    def _look(self, entry: ForkRecord, watch: _Watch, homes: dict[int, WorkerProcess]) -> None:
+        assert entry.ledger is not None and entry.worker is not None and entry.pid is not None
+        faults = int(entry.ledger.counters[L.FAULTS])
+        if faults == watch.faults:  # idle: start afresh when it faults again
+            watch.times, watch.cpu, watch.looks = {}, None, 0
+            return
+        watch.faults = faults
+        times = thread_times(entry.pid)
+        cpu = busiest_cpu(watch.times, times)
+        watch.times = times
+        if cpu is None or cpu == entry.worker.cpu or cpu not in homes:
+            watch.cpu, watch.looks = None, 0
+            return
+        watch.looks = watch.looks + 1 if cpu == watch.cpu else 1
+        watch.cpu = cpu
+        if watch.looks >= SETTLE_LOOKS and not self._prefetcher.in_flight(entry):
+            self.move(entry, homes[cpu])
+
+    def move(self, entry: ForkRecord, target: WorkerProcess) -> bool:
+        """Ask ``entry``'s worker to let it go for ``target`` to serve it (lock held); False
+        when it is not served now, or is served by ``target`` already."""
+        if entry.stage is not Stage.SERVING or entry.worker in (None, target):
+            return False
+        watch = self._watches.setdefault(entry.key, _Watch())
+        watch.target, watch.cpu, watch.looks = target, None, 0
+        self._carry_out(entry, self._table.move(entry, Event.MOVE_ASKED))
+        return True
+
+    def released(self, entry: ForkRecord, worker: WorkerProcess) -> None:
+        """``worker`` let ``entry`` go (lock held): a move's target adopts it now (another
+        worker if that one is gone, else ``worker`` again); a takeover's fork waits for the
+        takeover's new side."""
+        watch = self._watches.get(entry.key)
+        target = None
+        if watch is not None:
+            target, watch.target = watch.target, None
+        if entry.stage is not Stage.MOVING:
+            target = None  # a takeover's release (it may have cut a move short)
+        else:
+            if target is None or target not in self._pool.live() or not target.answering:
+                target = self._pool.place(None) or worker
+            if target is not worker:
+                entry.moves += 1
+        commands = self._table.move(entry, Event.WORKER_RELEASED)
+        self._carry_out(entry, commands, worker=target)
