@@ -4,9 +4,11 @@ N forks (N = 1, 4, 16, 32) of one 32 MiB template each take 8,192 demand faults 
 in random order) at the same moment. Every fork is a test VMM in its own process
 (``pagefork.testing.vmm``, as Firecracker would be). The handlers:
 
-- pagefork: one :class:`PageServer` with its defaults, and one with the other
-  ``pin_workers`` setting: one worker per CPU either way, each with that CPU as its home,
-  pinned there or left to the scheduler;
+- pagefork: one :class:`PageServer` with its defaults, one with the other
+  ``pin_workers`` setting (one worker per CPU either way, each with that CPU as its home,
+  pinned there or left to the scheduler), and one that does not move a fork to the worker of
+  the CPU its VMM settled on (``follow_vmms`` off: a free VMM stays on the worker it was
+  placed on);
 - C: ``c_handler.c --fork-per-connection``, which serves each VMM in its own process, so it
   uses every core: the mark a fan-out server is measured against.
 
@@ -22,7 +24,7 @@ connected and waiting) until the last has touched its last page, and the ratio p
 per round (median, and min-max over rounds). The variants take turns within each N, in an
 order that reverses every round, so drift on this shared machine hits them alike. Every fork's
 faults are counted by its server, and the first round of each variant checks every page's
-bytes.
+bytes. For free VMMs the moves per fork (to the worker next to its VMM) are reported too.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ SUMMARY = {
     **{f"ratio_{n}": f"burst wall time of {n} forks, pagefork / C, free VMMs" for n in SIZES},
     **{f"ratio_{n}_pinned_vmm": f"the same, {n} pinned VMMs" for n in SIZES},
     **{f"ratio_{n}_other_pinning": f"{n} free VMMs, workers pinned the other way" for n in SIZES},
+    **{f"ratio_{n}_no_follow": f"{n} free VMMs, forks not following their VMMs" for n in SIZES},
+    **{f"moves_per_fork_{n}": f"moves per fork, {n} free VMMs (median of rounds)" for n in SIZES},
     **{f"pagefork_ms_{n}": f"burst wall time of {n} forks, pagefork (ms)" for n in SIZES},
     **{f"c_ms_{n}": "the same, C with a process per connection (ms)" for n in SIZES},
 }
@@ -85,11 +89,13 @@ SUMMARY = {
 
 @dataclass
 class Burst:
-    """One burst: its wall time and each fork's server-side fault count."""
+    """One burst: its wall time, each fork's server-side fault count, and how many times each
+    fork moved to the worker next to its VMM."""
 
     seconds: float
     faults: list[int]
     bad: int
+    moves: list[int] = dataclasses.field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -195,7 +201,7 @@ class PageforkSide:
         stats: list[ForkStats] = [self.server.wait_ended(f, timeout=60) for f in ids]
         for fork_id in ids:
             self.server.unregister_fork(fork_id)
-        return Burst(seconds, [s.faults for s in stats], bad)
+        return Burst(seconds, [s.faults for s in stats], bad, [s.moves for s in stats])
 
     def close(self) -> None:
         """Stop the page server."""
@@ -258,18 +264,24 @@ def _pinnings() -> tuple[bool, dict[str, dict[str, Any]]]:
     return default, {names[default]: {}, names[not default]: {"pin_workers": not default}}
 
 
+#: The page server whose forks stay on the worker they were placed on (free VMMs only).
+NO_FOLLOW = "pf no-follow"
+
+
 def _variants(quick: bool) -> tuple[list[Variant], dict[str, dict[str, Any]]]:
     """The variants to run and the page-server configurations they need. A quick run: the
-    default configuration only, with free and pinned VMMs; a full one adds the other
-    ``pin_workers`` setting, and crossed VMMs for the one that pins workers."""
+    default configuration, with free and pinned VMMs, and free VMMs whose forks do not follow
+    them; a full one adds the other ``pin_workers`` setting, and crossed VMMs for the one that
+    pins workers."""
     default, configs = _pinnings()
     sides = list(configs)[:1] if quick else list(configs)
     variants = [Variant(side, mode) for side in sides for mode in ("free", "pinned")]
+    variants.append(Variant(NO_FOLLOW, "free"))
     pinned_side = sides[0] if default else (sides[1] if len(sides) > 1 else None)
     if not quick and pinned_side is not None:
         variants.append(Variant(pinned_side, "crossed"))
     variants += [Variant(C, "free"), Variant(C, "pinned")]
-    return variants, {s: configs[s] for s in sides}
+    return variants, {**{s: configs[s] for s in sides}, NO_FOLLOW: {"follow_vmms": False}}
 
 
 def _ratios(a: list[float], b: list[float]) -> list[float]:
@@ -340,7 +352,8 @@ def main(quick: bool = False) -> dict[str, Any]:
         Variant(default_side, "free"): "",
         Variant(default_side, "pinned"): "_pinned_vmm",
     }
-    if other_side is not None:
+    names[Variant(NO_FOLLOW, "free")] = "_no_follow"
+    if other_side is not None and other_side != NO_FOLLOW:
         names[Variant(other_side, "free")] = "_other_pinning"
         names[Variant(other_side, "pinned")] = "_other_pinning_pinned_vmm"
     for v in variants:
@@ -359,6 +372,8 @@ def main(quick: bool = False) -> dict[str, Any]:
             figures[key] = median(paired)
             figures[f"{key}_min"], figures[f"{key}_max"] = min(paired), max(paired)
             figures[f"pagefork_ms_{n}{names[v]}"] = median(ms(v, n))
+        free = results[(Variant(default_side, "free"), n)]
+        figures[f"moves_per_fork_{n}"] = median([sum(b.moves) / n for b in free])
         figures[f"c_ms_{n}"] = median(ms(Variant(C, "free"), n))
         figures[f"c_ms_{n}_pinned_vmm"] = median(ms(Variant(C, "pinned"), n))
         figures[f"us_per_fault_pagefork_{n}"] = figures[f"pagefork_ms_{n}"] * 1e3 / (n * PAGES)
@@ -384,6 +399,10 @@ def main(quick: bool = False) -> dict[str, Any]:
             ]
             for v in pf_variants
         ],
+    )
+    console.print(
+        "moves per fork, free VMMs (to the worker on the VMM's CPU; median of rounds): "
+        + ", ".join(f"{n} forks {fmt(figures[f'moves_per_fork_{n}'])}" for n in sizes)
     )
     for n in sizes:
         for suffix, what in (("", "free"), ("_pinned_vmm", "pinned")):
