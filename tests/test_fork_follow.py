@@ -45,6 +45,8 @@ def big_mem(tmp_path: Path) -> Path:
 def quick_looks(monkeypatch: pytest.MonkeyPatch) -> None:
     # Looks every 5 ms rather than 25: a move takes a few ms of faults, not a hundred.
     monkeypatch.setattr(following, "SAMPLE_INTERVAL", 0.005)
+    # A VMM pinned to its worker's CPU, then moved by the test, is seen at once.
+    monkeypatch.setattr(following, "PINNED_RECHECK", 0.005)
 
 
 def _start_on(cpu: int, socket: str, mem: Path) -> VmmProcess:

@@ -14,7 +14,9 @@ weighted by the CPU time the thread took since the last look (``schedstat``), so
 threads that fault count and idle threads do not. A VMM whose threads ran mostly (more than
 half of that time) on one CPU other than its worker's home, at :data:`SETTLE_LOOKS` looks in a
 row, has settled there. Forks that fault seldom are not looked at: a fork whose fault count did
-not move since the last look costs one read of its ledger.
+not move since the last look costs one read of its ledger. Nor are, for :data:`PINNED_RECHECK`,
+VMMs pinned to their worker's CPU (placed there at their handshake). Looks take at most
+:data:`LOOK_SHARE` of the supervisor's time.
 
 A move is the release and adoption a takeover uses (:mod:`pagefork.serving.state`): the fork
 goes ``MOVING`` and its worker is asked to let it go (it finishes what it read, closes its
@@ -29,13 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagefork.serving import ledger as L
 from pagefork.serving.config import ServerConfig
 from pagefork.serving.forks import ForkRecord, ForkTable
-from pagefork.serving.pool import WorkerPool, WorkerProcess
+from pagefork.serving.pool import WorkerPool, WorkerProcess, pinned_cpu
 from pagefork.serving.prefetching import PrefetchService
 from pagefork.serving.state import Event, Stage
 
@@ -45,6 +48,13 @@ SAMPLE_INTERVAL = 0.025
 #: Looks in a row a VMM must be seen on another worker's CPU before its fork moves: one look
 #: may catch a thread the scheduler is about to move back.
 SETTLE_LOOKS = 2
+#: Seconds a VMM found pinned to its worker's CPU is not looked at again (it stays there
+#: unless someone pins it elsewhere): a look at its pinning costs a fifth of a look at its
+#: threads' times.
+PINNED_RECHECK = 1.0
+#: A look may take at most this share of the supervisor's time: with many faulting forks on
+#: a slow host, looks come less often than every SAMPLE_INTERVAL.
+LOOK_SHARE = 0.05
 
 #: A thread's last CPU and its CPU time so far (ns), by thread id.
 ThreadTimes = dict[int, tuple[int, int]]
@@ -107,6 +117,8 @@ class _Watch:
     looks: int = 0
     #: While it moves: the worker that takes it.
     target: WorkerProcess | None = None
+    #: Until when its VMM counts as pinned to its worker's CPU (not looked at).
+    pinned_until: float = 0.0
 
 
 class ForkFollower:
@@ -147,7 +159,6 @@ class ForkFollower:
         """Look where the VMMs of faulting forks run, and move the settled ones (lock held)."""
         if not self.enabled or now < self._next:
             return
-        self._next = now + SAMPLE_INTERVAL
         homes = self.homes()
         watches = self._watches
         for key in [k for k in watches if k not in self._table.by_key]:
@@ -160,15 +171,24 @@ class ForkFollower:
             watch = watches.get(key)
             if watch is None:
                 watch = watches[key] = _Watch()
-            self._look(entry, watch, homes)
+            self._look(entry, watch, homes, now)
+        spent = time.monotonic() - now
+        self._next = now + max(SAMPLE_INTERVAL, spent / LOOK_SHARE)
 
-    def _look(self, entry: ForkRecord, watch: _Watch, homes: dict[int, WorkerProcess]) -> None:
+    def _look(
+        self, entry: ForkRecord, watch: _Watch, homes: dict[int, WorkerProcess], now: float
+    ) -> None:
         assert entry.ledger is not None and entry.worker is not None and entry.pid is not None
         faults = int(entry.ledger.counters[L.FAULTS])
-        if faults == watch.faults:  # idle: start afresh when it faults again
-            watch.times, watch.cpu, watch.looks = {}, None, 0
+        if faults == watch.faults or now < watch.pinned_until:
+            # Idle (start afresh when it faults again), or pinned where it is served.
+            watch.faults, watch.times, watch.cpu, watch.looks = faults, {}, None, 0
             return
         watch.faults = faults
+        if pinned_cpu(entry.pid) == entry.worker.cpu:
+            watch.pinned_until = now + PINNED_RECHECK
+            watch.times, watch.cpu, watch.looks = {}, None, 0
+            return
         times = thread_times(entry.pid)
         cpu = busiest_cpu(watch.times, times)
         watch.times = times
