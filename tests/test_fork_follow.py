@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PAGE, in_thread, make_mem_file, needs_uffd
+from pagefork.hotpages import HotPageList
 from pagefork.serving import following
 from pagefork.serving.following import busiest_cpu
 from pagefork.serving.state import Stage
@@ -159,6 +161,53 @@ def test_a_worker_killed_after_a_move_was_decided_has_its_fork_adopted_and_serve
         # The replacement adopted it (the move died with the worker): nothing lost.
         assert stats.worker_pid == new and stats.moves == 0 and stats.errors == 0
         assert stats.faults == PAGES
+    finally:
+        vmm.close()
+
+
+def _blocked_in_a_wait(thread: threading.Thread, timeout: float = 10.0) -> bool:
+    """True once ``thread`` waits on a lock or condition (its innermost Python frame is
+    threading's ``wait``), False if it did not within ``timeout``."""
+    until = threading.Event()
+    for _ in range(int(timeout * 1000)):
+        frame = sys._current_frames().get(thread.ident or -1)
+        if frame is not None and frame.f_code.co_name == "wait" and "threading" in (
+            frame.f_code.co_filename
+        ):
+            return True
+        until.wait(0.001)
+    return False
+
+
+def test_a_prefetch_asked_for_during_a_move_waits_for_it_and_runs_on_the_new_worker(
+    make_server, big_mem: Path
+) -> None:
+    cpus = _two_cpus()
+    server = make_server(mem_file_path=str(big_mem))
+    first, other = server.worker_pids()
+    vmm = _start_on(cpus[0], server.register_fork("a"), big_mem)
+    try:
+        server.wait_connected("a")
+        # The move's release waits in the stopped worker's channel: the fork stays MOVING.
+        os.kill(first, signal.SIGSTOP)
+        sup = server._sup
+        with sup.lock:
+            entry = sup.table.by_id["a"]
+            target = next(w for w in sup.pool.live() if w.pid == other)
+            assert sup.follower.move(entry, target)
+        hot = HotPageList.from_pages([(0, i * PAGE) for i in range(1024)])
+        thread, result = in_thread(lambda: server.prefetch("a", hot, timeout=20))
+        # Sent to the old worker now, it would meet a fork already let go, and fail.
+        assert _blocked_in_a_wait(thread)
+        os.kill(first, signal.SIGCONT)
+        thread.join(30)
+        assert "error" not in result, result
+        assert result["result"].installed + result["result"].already_present == 1024
+        stats = server.stats("a")
+        assert stats.worker_pid == other and stats.moves == 1
+        reply = vmm.send(cmd="touch", pages=[[0, i * PAGE] for i in range(1024)])
+        assert reply["bad"] == 0, reply["mismatches"]
+        assert server.stats("a").faults == 0  # every page was there already
     finally:
         vmm.close()
 

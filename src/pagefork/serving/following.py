@@ -140,6 +140,8 @@ class ForkFollower:
         self._carry_out = carry_out
         #: Following now (tests and benchmarks may turn it off and on).
         self.enabled = config.follow_vmms and pool.pins_one_per_cpu
+        #: Seconds between looks (:data:`SAMPLE_INTERVAL` when it was made).
+        self.interval = SAMPLE_INTERVAL
         self._watches: dict[str, _Watch] = {}
         self._next = 0.0
 
@@ -173,7 +175,7 @@ class ForkFollower:
                 watch = watches[key] = _Watch()
             self._look(entry, watch, homes, now)
         spent = time.monotonic() - now
-        self._next = now + max(SAMPLE_INTERVAL, spent / LOOK_SHARE)
+        self._next = now + max(self.interval, spent / LOOK_SHARE)
 
     def _look(
         self, entry: ForkRecord, watch: _Watch, homes: dict[int, WorkerProcess], now: float
