@@ -171,9 +171,8 @@ def _blocked_in_a_wait(thread: threading.Thread, timeout: float = 10.0) -> bool:
     until = threading.Event()
     for _ in range(int(timeout * 1000)):
         frame = sys._current_frames().get(thread.ident or -1)
-        if frame is not None and frame.f_code.co_name == "wait" and "threading" in (
-            frame.f_code.co_filename
-        ):
+        code = frame.f_code if frame is not None else None
+        if code is not None and code.co_name == "wait" and "threading" in code.co_filename:
             return True
         until.wait(0.001)
     return False

@@ -146,8 +146,13 @@ class ForkFollower:
         self._next = 0.0
 
     def due(self) -> list[float]:
-        """When the next look is due (none while following is off)."""
-        return [self._next] if self.enabled else []
+        """When the next look is due (lock held): none while following is off or no fork is
+        served (an idle server is not woken for it)."""
+        if not self.enabled or not any(
+            e.stage is Stage.SERVING for e in self._table.by_key.values()
+        ):
+            return []
+        return [self._next]
 
     def homes(self) -> dict[int, WorkerProcess]:
         """The workers a fork may move to, by home CPU: live, started and answering."""

@@ -207,9 +207,7 @@ SHOWN: dict[Stage, ForkState] = {
 #: Stages after which a fork is never served again.
 FINAL_STAGES = frozenset({Stage.ENDED, Stage.FAILED})
 #: Stages in which a worker holds the fork.
-HELD = frozenset(
-    {Stage.SERVING, Stage.ADOPTING, Stage.DROPPING, Stage.RELEASING, Stage.MOVING}
-)
+HELD = frozenset({Stage.SERVING, Stage.ADOPTING, Stage.DROPPING, Stage.RELEASING, Stage.MOVING})
 
 
 def step(fork_id: str, stage: Stage, event: Event) -> tuple[Stage, tuple[Command, ...]]:

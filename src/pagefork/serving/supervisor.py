@@ -424,7 +424,7 @@ class Supervisor:
         return callbacks
 
     def crash_worker_at(self, entry: ForkRecord, point: str, count: int, stop: bool = False) -> int:
-        """Tests only: make ``entry``'s worker SIGKILL (or SIGSTOP) itself at ``point``."""
+        """Tests only: make ``entry``'s worker SIGKILL (or SIGSTOP) itself at ``point``; its pid."""
         worker = entry.worker
         if worker is None:
             raise ForkError(f"fork {entry.fork_id} has no worker")
