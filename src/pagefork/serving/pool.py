@@ -468,9 +468,12 @@ class WorkerPool:
         the CPU it ran on at its handshake was no better than the least loaded worker
         (1.56-2.73x against 0.87-1.91x): the scheduler moves it soon after. So a free VMM's
         fork follows it later instead, once the VMM has settled on a CPU
-        (:mod:`pagefork.serving.following`): paired in one run, free VMMs measured 0.65,
-        1.01, 1.10 and 0.86x at 1, 4, 16 and 32 forks following, against 1.28, 1.32, 1.36
-        and 1.05x staying where placed.
+        (:mod:`pagefork.serving.following`). Paired in the same runs (four quick runs on a
+        host with a load average of 6-17), free VMMs measured 0.94-1.13x at 16 forks and
+        0.82-0.94x at 32 following, against 1.34-1.48x and 1.05-1.12x staying where placed;
+        at 1 and 4 forks a quick run's two rounds swing either way (1 fork: 0.65-1.97x
+        against 1.19-3.30x; 4: 0.95-2.57x against 0.93-1.94x), and ten rounds gave 1.02x
+        against 1.19x at 1 fork and 1.12x against 1.62x at 4.
         """
         live = [w for w in self.live() if w.answering]
         if vmm_cpu is not None:

@@ -211,8 +211,7 @@ class Supervisor:
         entry = done.entry
         self.table.new_key(entry)
         entry.conn, entry.uffd, entry.pidfd = done.conn, done.uffd, done.pidfd
-        entry.regions = done.regions
-        entry.window_reported = False
+        entry.regions, entry.window_reported = done.regions, False
         self.table.by_key[entry.key] = entry
         pages = sum(r.size // r.page_size for r in done.regions)
         limit = self.config.record_max_pages
