@@ -469,7 +469,7 @@ class WorkerPool:
         (1.56-2.73x against 0.87-1.91x): the scheduler moves it soon after. So a free VMM's
         fork follows it later instead, once the VMM has settled on a CPU
         (:mod:`pagefork.serving.following`). Paired in the same runs (four quick runs on a
-        host with a load average of 6-17), free VMMs measured 0.94-1.13x at 16 forks and
+        host with a load average of 6-17), free VMMs measured 1.00-1.13x at 16 forks and
         0.82-0.94x at 32 following, against 1.34-1.48x and 1.05-1.12x staying where placed;
         at 1 and 4 forks a quick run's two rounds swing either way (1 fork: 0.65-1.97x
         against 1.19-3.30x; 4: 0.95-2.57x against 0.93-1.94x), and ten rounds gave 1.02x
