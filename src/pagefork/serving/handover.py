@@ -183,9 +183,12 @@ class Handover:
             taken.add(index)
             return fds[index]
 
-        adopted = 0
+        placed: list[tuple[ForkRecord, WorkerProcess]] = []
         try:
             with sup.changed:
+                # Every fork is made ready first, and only then are they handed to the workers,
+                # one message after another: the first fork handed resumes its guest, which
+                # competes for the CPU with the preparation of the forks still waiting.
                 for spec in state["forks"]:
                     got = {n: fd_at(i) for n, i in spec["fds"].items() if n in _FD_NAMES}
                     entry = _adopted_fork(spec, got)
@@ -198,8 +201,10 @@ class Handover:
                         raise HandoverError("no worker process is left to serve the forks")
                     sup.table.by_id[entry.fork_id] = entry
                     sup.table.by_key[entry.key] = entry
+                    worker.forks.add(entry.key)  # counted now: the next fork goes round
+                    placed.append((entry, worker))
+                for entry, worker in placed:
                     sup.hand_to(entry, worker, adopt=True)
-                    adopted += 1
                 for spec in state["waiting"]:
                     sock = socket.socket(fileno=fd_at(spec["fd"]))
                     entry = ForkRecord(str(spec["fork"]), record=bool(spec["record"]))
@@ -216,7 +221,7 @@ class Handover:
                 if i not in taken:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-        return adopted
+        return len(placed)
 
 
 def _fork_state(entry: ForkRecord, add: Callable[[int], int]) -> dict[str, Any]:

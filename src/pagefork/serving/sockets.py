@@ -1,6 +1,6 @@
 """The page server's Unix sockets: fork ids as file names, private listening sockets, the
-peer's pidfd, the lock that makes one process the owner of a socket path, and removing only
-the socket files this process made."""
+peer's pidfd, the lock that makes one process the owner of a socket path, removing only the
+socket files this process made, and room in the fd table for the fds sockets bring."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import errno
 import fcntl
 import os
 import re
+import resource
 import select
 import socket
 import stat
@@ -19,6 +20,34 @@ _FORK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+#: The fd slots a page server makes room for at start (:func:`reserve_fd_slots`): a fork holds
+#: four (uffd, VMM connection, pidfd, ledger), so about 250 forks' worth; 8 KiB of table.
+FD_SLOTS_AT_START = 1024
+
+
+def reserve_fd_slots(count: int) -> None:
+    """Grow this process's fd table now, so that ``count`` more fds fit without growing it.
+
+    Linux grows a process's fd table when an fd lands past its end, and in a process of more
+    than one thread each growth first waits for an RCU grace period (``expand_files``): tens of
+    ms on a busy host, and the thread that receives the fds waits it out. A takeover's state
+    (four fds per fork, in one ``recvmsg``) or a burst of handshakes would pay that while forks
+    wait for their pages; grown ahead, the table never shrinks. Bounded by ``RLIMIT_NOFILE``;
+    a failure only leaves the growth for later.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        probe = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            top = max(int(name) for name in os.listdir(probe)) + count
+            if soft != resource.RLIM_INFINITY:
+                top = min(top, soft - 1)
+            # The lowest free fd from ``top`` on: never one in use, and the table holds it.
+            os.close(fcntl.fcntl(probe, fcntl.F_DUPFD_CLOEXEC, top))
+        finally:
+            os.close(probe)
 
 
 def validate_fork_id(fork_id: str) -> str:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pagefork
+from pagefork.serving.sockets import FD_SLOTS_AT_START, reserve_fd_slots
 from pagefork.takeover.protocol import (
     PROTOCOL_VERSION,
     Channel,
@@ -76,6 +77,14 @@ def _stop_point(step: str) -> None:
     if os.environ.get("PAGEFORK_TAKEOVER_PAUSE_AT") == step:
         print(f"takeover: paused at {step}", file=sys.stderr, flush=True)
         sys.stdin.readline()  # a test goes on when it is ready: one line on our stdin
+
+
+def _fds_expected(estimate: object) -> int:
+    """Room to make for the state's fds: the old side's estimate (forks may connect until it
+    quiesces, hence the margin), or :data:`FD_SLOTS_AT_START` from an old side that gives none."""
+    if isinstance(estimate, int) and not isinstance(estimate, bool) and estimate >= 0:
+        return min(estimate, 1 << 20) + 64
+    return FD_SLOTS_AT_START
 
 
 def _peer_pidfd(sock: socket.socket) -> int:
@@ -140,6 +149,8 @@ def take_over(
             if why is not None:  # the old side is the one with another major version
                 raise TakeoverError(f"the running process: {why}")
             workers = target.build(dict(plan.get("plan") or {}))
+            # Room for the state's fds now, not while the forks wait for it to be received.
+            reserve_fd_slots(_fds_expected(plan.get("fds")))
             _stop_point("built")
             ch.send({"type": "ready", "worker_pids": workers})
             # The old side quiesces and releases before it sends the state.

@@ -62,6 +62,11 @@ class Source(abc.ABC):
     def resume(self) -> None:
         """The takeover failed: adopt every released fork again and accept again."""
 
+    def fd_estimate(self) -> int:
+        """About how many fds the state would carry if it were taken now (0: unknown): the new
+        side makes room for them before the handover, not while the forks wait."""
+        return 0
+
 
 class TakeoverListener:
     """Listens on ``path`` (0600) for a new process that takes over from ``source``.
@@ -219,6 +224,7 @@ class TakeoverListener:
                     "pid": os.getpid(),
                     "version": pagefork.__version__,
                     "plan": self.source.plan(),
+                    "fds": self.source.fd_estimate(),
                 }
             )
             ready, fds = ch.recv(time.monotonic() + self.ready_timeout, ["ready"])

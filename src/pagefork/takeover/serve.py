@@ -90,6 +90,10 @@ class ServeSource(Source):
     def resume(self) -> None:
         pageserver.readopt(self.server)
 
+    def fd_estimate(self) -> int:
+        # Four per fork (uffd, connection, pidfd, ledger), and the listening sockets.
+        return 4 * len(self.server.forks()) + 8
+
 
 class ServeTarget(Target):
     """A new ``serve --takeover`` whose page server is started and serves nothing yet."""
