@@ -5,25 +5,55 @@
 
 The baseline (by default the revision before the page server was split into the modules of
 ``serving/``) is unpacked from git into a temporary directory, removed afterwards. Both trees
-are compiled to bytecode first, as an install is: no process compiles source while timed. Every
-round of every scenario runs ``bench/_versus_driver.py`` in a fresh process once per tree, with
-``PYTHONPATH`` set to that tree's ``src``: each tree runs its own code on the same template,
-through the API both share. The two trees take turns in an order that reverses every round
-(old new, new old, ...), so drift on the machine hits them alike. Scenarios (see the driver):
+are compiled to bytecode first, by the same interpreter, as an install is: no process compiles
+source while timed, and neither tree's first round pays for it. Every round of every scenario
+runs ``bench/_versus_driver.py`` in a fresh process once per tree, with ``PYTHONPATH`` set to
+that tree's ``src``: each tree runs its own code (page server, workers, ``serve``, test VMMs)
+on the same template, driven by the same driver through the API both share. The two trees
+take turns in an order that reverses every round (old new, new old, ...), so drift on the
+machine hits them alike.
 
-- **fan-out at 16 forks**: 16 test VMMs of a 32 MiB template touch every page at once (burst
-  wall time); also what a user pays before that: start-up (imports, page server, workers
-  ready) and connecting 16 forks;
-- **demand faults**: one fork of 16 MiB, µs per fault as the guest sees it (median of three);
-- **worker recovery**: a worker SIGKILLed under 4 faulting forks of 16 MiB, until every fork
-  it served is served again, with the spare worker and cold (a new interpreter must start);
-  ``respawn`` is the part until a worker took the dead one's place, ``ready`` until it has
-  started and mapped the template (the rest is adopting the forks and their next fault);
-- **takeover pause**: ``serve --takeover`` of 16 forks faulting, go-on to ``took_over``, and
-  the longest page a fork waited for meanwhile.
+Rounds: each scenario has its own number of paired rounds (:data:`ROUNDS`). The takeover and
+recovery figures are a few tens of ms on a host where one scheduling delay is as long, so a
+single round swings 0.3-4x; they get the most rounds (cheap ones), fan-out (the dearest) the
+fewest. A ratio is the median of the per-round ratios, so one slow round moves it little.
+
+Figures, each the median per tree over its rounds (times from ``time.perf_counter`` in the
+driver, or when the driver read a line of ``serve``'s output):
+
+- ``fanout16_burst_ms``: 16 test VMMs of a 32 MiB template (default server settings) touch
+  every page in random order at the same moment; from that moment until the last VMM said it
+  is done (every page answered and checked).
+- ``fanout16_connect_ms``: registering those 16 forks and starting their VMMs until all are
+  connected (the VMMs' interpreter start-up included, the same code for both trees).
+- ``startup_ms``: from the driver's first line (interpreter start-up not counted) until the
+  page server's workers all serve: the driver's and pagefork's imports, opening the
+  template, starting the workers and each one's start-up.
+- ``fault_us``: one fork of 16 MiB touches every page in random order; the guest's time per
+  page (its fault as it sees it), the median of three forks one after another.
+- ``recovery_ms``: 4 forks of 16 MiB on 2 workers fault continuously; one worker is SIGKILLed
+  (timed from when it is dead) until every fork it served has had a fault served again; with
+  the spare worker. ``recovery_cold_ms``: the same without a spare, so a new worker
+  interpreter starts (its imports, mapping the template) before the forks move to it;
+  ``recovery_cold_respawn_ms`` is the part until a new worker took the dead one's place,
+  ``recovery_cold_ready_ms`` until it has started and mapped the template.
+- ``takeover_pause_ms``: a ``pagefork serve`` (2 workers) serves 16 forks of 16 MiB; a
+  ``serve --takeover`` started beside it is held once connected (its start-up, imports and
+  workers done); then the 16 VMMs start touching every page (2 threads each) and the
+  successor is let go. From letting it go until its ``took_over`` line was read: the whole
+  protocol (plan, ready, the old side's release of every fork, the state with the forks'
+  fds, adopting them), and the successor's main thread getting the CPU back to print, while
+  the forks it woke compete for both cores.
+- ``takeover_slowest_fault_ms``: the longest any one page took to be answered, over every
+  fault of those 16 VMMs' touch (before, during and after the handover): the pause a fork
+  feels, which the handover usually sets.
+- ``takeover_command_s``: what an operator waits for ``serve --takeover`` in all: its
+  start-up (interpreter included) until it is ready to hand over, plus the pause.
 
 Each figure: the median per tree, and the ratio new / old as the median of per-round ratios,
-with their smallest and largest (the spread). A ratio above 1 is slower now.
+with their smallest and largest (the spread). A ratio above 1 is slower now. ``load_start``
+and ``load_end`` are the host's 1-minute load average around the run: figures from a host
+that was busy with other work say so.
 """
 
 from __future__ import annotations
@@ -83,6 +113,8 @@ METRICS: tuple[tuple[str, str, str, str, str], ...] = (
     ("takeover_command_s", "takeover", "", "command_s",
      "what an operator waits for serve --takeover in all (s)"),
 )  # fmt: skip
+#: Paired rounds per scenario, (quick, full): see the module's docstring.
+ROUNDS = {"fanout": (2, 5), "faults": (3, 6), "recovery": (5, 11), "takeover": (7, 15)}
 SUMMARY = {f"ratio_{name}": f"new / old: {meaning}" for name, _, _, _, meaning in METRICS}
 #: The figures "no regression" is judged by: none more than 25% slower than the baseline's
 #: (the others say where a difference comes from).
@@ -165,7 +197,7 @@ def run_driver(tree: str, scenario: str, arg: str, mem: str, workdir: str) -> di
 
 def compare(baseline: str, quick: bool) -> dict[str, Any]:
     """Run every scenario on both trees, interleaved; the figures (see the module docstring)."""
-    rounds = 2 if quick else 6
+    load_start = os.getloadavg()[0]
     trees = {NEW: str(REPO)}
     runs = sorted({(m[1], m[2]) for m in METRICS}, key=lambda s: [m[1:3] for m in METRICS].index(s))
     got: dict[tuple[str, str, str], list[dict[str, float]]] = {}
@@ -177,6 +209,7 @@ def compare(baseline: str, quick: bool) -> dict[str, Any]:
         make_mem_file(small, 16 * MiB, 0.25, seed=5)
         for scenario, arg in runs:
             mem = big if scenario == "fanout" else small
+            rounds = ROUNDS[scenario][0 if quick else 1]
             for r in range(rounds):
                 for side in (OLD, NEW) if r % 2 == 0 else (NEW, OLD):
                     one = run_driver(trees[side], scenario, arg, mem, workdir)
@@ -191,7 +224,12 @@ def compare(baseline: str, quick: bool) -> dict[str, Any]:
                     for runs_ in [got[(scenario, arg, side)]]
                 )
             )  # fmt: skip
-    figures: dict[str, Any] = {"baseline": baseline, "rounds": rounds}
+    figures: dict[str, Any] = {
+        "baseline": baseline,
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+        **{f"rounds_{scenario}": ROUNDS[scenario][0 if quick else 1] for scenario in ROUNDS},
+    }
     rows = []
     # The side-by-side table of docs/benchmarks.md (bench/report.py renders it).
     comparison: list[dict[str, Any]] = []
@@ -215,7 +253,9 @@ def compare(baseline: str, quick: bool) -> dict[str, Any]:
         })  # fmt: skip
     figures["comparison"] = {"old": baseline, "new": "this tree", "rows": comparison}
     table(
-        f"this tree (new) against {baseline} (old), {rounds} paired rounds",
+        f"this tree (new) against {baseline} (old), paired rounds "
+        + ", ".join(f"{k} {v[0 if quick else 1]}" for k, v in ROUNDS.items())
+        + f"; load {load_start:.1f} -> {figures['load_end']:.1f}",
         ["figure", "old (median)", "new (median)", "new / old", "spread over rounds"],
         rows,
     )
@@ -238,7 +278,7 @@ def main(quick: bool = False, baseline: str = DEFAULT_BASELINE) -> dict[str, Any
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 6")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (see ROUNDS)")
     parser.add_argument(
         "--baseline",
         default=DEFAULT_BASELINE,

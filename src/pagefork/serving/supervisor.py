@@ -69,9 +69,7 @@ class Supervisor:
         self._acks: dict[int, threading.Event] = {}  # tests' crash points, once armed
         for w in pool.all_processes():
             self.watch_worker(w)
-        # Before the loop's thread starts: with one thread, growing the fd table waits for
-        # nothing, and the forks' fds (handshakes, a takeover's state) then never grow it.
-        reserve_fd_slots(FD_SLOTS_AT_START)
+        reserve_fd_slots(FD_SLOTS_AT_START)  # before our thread: then the growth waits for none
         self._thread = threading.Thread(target=self._loop, name="pagefork-supervisor", daemon=True)
         self._thread.start()
 
