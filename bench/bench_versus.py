@@ -31,9 +31,9 @@ driver, or when the driver read a line of ``serve``'s output):
   template, starting the workers and each one's start-up.
 - ``fault_us``: one fork of 16 MiB touches every page in random order; the guest's time per
   page (its fault as it sees it), the median of three forks one after another.
-- ``recovery_ms``: 4 forks of 16 MiB on 2 workers fault continuously; one worker is SIGKILLed
-  (timed from when it is dead) until every fork it served has had a fault served again; with
-  the spare worker. ``recovery_cold_ms``: the same without a spare, so a new worker
+- ``recovery_ms``: 4 forks of 16 MiB on 2 workers fault continuously (the page server in the
+  driver's process); from the SIGKILL of one worker until every fork it served has had a
+  fault served again (polled every 0.1 ms); with the spare worker. ``recovery_cold_ms``: the same without a spare, so a new worker
   interpreter starts (its imports, mapping the template) before the forks move to it;
   ``recovery_cold_respawn_ms`` is the part until a new worker took the dead one's place,
   ``recovery_cold_ready_ms`` until it has started and mapped the template.
