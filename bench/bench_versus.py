@@ -33,8 +33,9 @@ driver, or when the driver read a line of ``serve``'s output):
   page (its fault as it sees it), the median of three forks one after another.
 - ``recovery_ms``: 4 forks of 16 MiB on 2 workers fault continuously (the page server in the
   driver's process); from the SIGKILL of one worker until every fork it served has had a
-  fault served again (polled every 0.1 ms); with the spare worker. ``recovery_cold_ms``: the same without a spare, so a new worker
-  interpreter starts (its imports, mapping the template) before the forks move to it;
+  fault served again (polled every 0.1 ms); with the spare worker. ``recovery_cold_ms``: the
+  same without a spare, so a new worker interpreter starts (its imports, mapping the
+  template) before the forks move to it;
   ``recovery_cold_respawn_ms`` is the part until a new worker took the dead one's place,
   ``recovery_cold_ready_ms`` until it has started and mapped the template.
 - ``takeover_pause_ms``: a ``pagefork serve`` (2 workers) serves 16 forks of 16 MiB; a
@@ -250,6 +251,8 @@ def compare(baseline: str, quick: bool) -> dict[str, Any]:
             "figure": name, "meaning": meaning, "old": median(old), "new": median(new),
             "ratio": median(ratios), "ratio_min": figures[f"ratio_{name}_min"],
             "ratio_max": figures[f"ratio_{name}_max"],
+            # Every round's figure, in the order run: an outlier shows as what it is.
+            "old_rounds": old, "new_rounds": new,
         })  # fmt: skip
     figures["comparison"] = {"old": baseline, "new": "this tree", "rows": comparison}
     table(

@@ -263,6 +263,7 @@ class MemorySampler:
         self._lock = threading.Lock()
         self._procs: dict[str, _Sampled] = {}
         self._stop = threading.Event()
+        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
         self._thread.start()
 
@@ -312,11 +313,23 @@ class MemorySampler:
             entry.peak = max(entry.peak, memory.pss)
             entry.taken_at = time.monotonic()
 
+    def pause(self, paused: bool) -> None:
+        """Stop the periodic samples (True), even one under way, until told to go on (False):
+        for a spell when the CPU they take is wanted elsewhere (a takeover's handover, when a
+        sample of many VMMs would hold up the forks). :meth:`add` and :meth:`take` still
+        measure."""
+        if paused:
+            self._paused.set()
+        else:
+            self._paused.clear()
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             with self._lock:
                 entries = list(self._procs.values())
             for entry in entries:
+                if self._paused.is_set():
+                    break
                 self._sample(entry)
 
     def close(self) -> None:

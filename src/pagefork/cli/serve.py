@@ -492,8 +492,9 @@ def _serve(args: argparse.Namespace, inbox: SignalInbox, owner: _Owner) -> int:
             inbox.post()
 
         handover = ServeHandover(
-            server, loop, args.socket, handed_over, listener, record=args.record, lock_fd=owner.fd
-        )
+            server, loop, args.socket, handed_over, listener, record=args.record,
+            lock_fd=owner.fd, pause=sampler.pause if sampler is not None else None,
+        )  # fmt: skip
         server.wait_ready()  # "listening" promises forks are served at once
         if pushed_vmstate is not None:
             # Written once this process owns the socket: a successor replaces its

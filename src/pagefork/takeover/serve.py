@@ -62,6 +62,7 @@ class ServeSource(Source):
         socket_path: str,
         record: str | None = None,
         lock_fd: int = -1,
+        pause: Callable[[bool], None] | None = None,
     ) -> None:
         self.server = server
         self.loop = loop
@@ -69,11 +70,16 @@ class ServeSource(Source):
         self.record_path = record
         #: The socket's lock (``SOCKET.lock``): handed on, so the socket never has no owner.
         self.lock_fd = lock_fd
+        #: Called with True when the handover starts, False if it fails: background work
+        #: (the VMMs' memory samples) waits meanwhile, as the forks do.
+        self.pause = pause
 
     def plan(self) -> dict[str, Any]:
         return {**_identity(self.server, self.record_path), "socket": self.socket_path}
 
     def quiesce(self, deadline: float) -> None:
+        if self.pause is not None:
+            self.pause(True)
         pageserver.quiesce(self.server, deadline)
 
     def release(self, deadline: float) -> None:
@@ -89,6 +95,8 @@ class ServeSource(Source):
 
     def resume(self) -> None:
         pageserver.readopt(self.server)
+        if self.pause is not None:
+            self.pause(False)
 
     def fd_estimate(self) -> int:
         # Four per fork (uffd, connection, pidfd, ledger), and the listening sockets.
@@ -171,6 +179,7 @@ class ServeHandover:
         sock: Any = None,
         record: str | None = None,
         lock_fd: int = -1,
+        pause: Callable[[bool], None] | None = None,
     ) -> None:
         self.server = server
         self.handed = False
@@ -183,7 +192,7 @@ class ServeHandover:
         try:
             self.listener = TakeoverListener(
                 takeover_path(socket_path),
-                ServeSource(server, loop, socket_path, record, lock_fd),
+                ServeSource(server, loop, socket_path, record, lock_fd, pause),
                 done,
                 sock=sock,
             )
