@@ -16,7 +16,14 @@ machine hits them alike.
 Rounds: each scenario has its own number of paired rounds (:data:`ROUNDS`). The takeover and
 recovery figures are a few tens of ms on a host where one scheduling delay is as long, so a
 single round swings 0.3-4x; they get the most rounds (cheap ones), fan-out (the dearest) the
-fewest. A ratio is the median of the per-round ratios, so one slow round moves it little.
+fewest.
+
+The ratio new / old is the median over every pair of one old round and one new round of
+new / old (all n x n pairs, the Hodges-Lehmann estimate of a ratio): on this kind of host the
+noise is mostly a burst that hits one run, not a drift that hits both runs of a round alike,
+and the median of n x n ratios moves far less from run to run than the median of the n
+per-round ratios (also given, as ``ratio_<figure>_paired``). Either way one slow round moves
+it little. The spread is the smallest and largest per-round ratio.
 
 Figures, each the median per tree over its rounds (times from ``time.perf_counter`` in the
 driver, or when the driver read a line of ``serve``'s output):
@@ -51,10 +58,11 @@ driver, or when the driver read a line of ``serve``'s output):
 - ``takeover_command_s``: what an operator waits for ``serve --takeover`` in all: its
   start-up (interpreter included) until it is ready to hand over, plus the pause.
 
-Each figure: the median per tree, and the ratio new / old as the median of per-round ratios,
-with their smallest and largest (the spread). A ratio above 1 is slower now. ``load_start``
-and ``load_end`` are the host's 1-minute load average around the run: figures from a host
-that was busy with other work say so.
+Each figure: the median per tree, and the ratio new / old (above), with the smallest and
+largest per-round ratio (the spread). A ratio above 1 is slower now. Every round's figures
+are kept in the JSON (``comparison``: ``old_rounds``, ``new_rounds``, in the order run).
+``load_start`` and ``load_end`` are the host's 1-minute load average around the run: figures
+from a host that was busy with other work say so.
 """
 
 from __future__ import annotations
@@ -240,16 +248,18 @@ def compare(baseline: str, quick: bool) -> dict[str, Any]:
         # A round where a part could not be timed (nan) counts for neither side.
         ratios = [n / o for n, o in zip(new, old, strict=True) if o > 0 and math.isfinite(n)]
         old, new = [x for x in old if math.isfinite(x)], [x for x in new if math.isfinite(x)]
+        every_pair = [n / o for o in old if o > 0 for n in new]
         figures[f"old_{name}"] = median(old)
         figures[f"new_{name}"] = median(new)
-        figures[f"ratio_{name}"] = median(ratios)
+        figures[f"ratio_{name}"] = median(every_pair)
+        figures[f"ratio_{name}_paired"] = median(ratios)
         figures[f"ratio_{name}_min"] = min(ratios, default=float("nan"))
         figures[f"ratio_{name}_max"] = max(ratios, default=float("nan"))
         spread = f"{fmt(figures[f'ratio_{name}_min'])} to {fmt(figures[f'ratio_{name}_max'])}"
-        rows.append([name, fmt(median(old)), fmt(median(new)), fmt(median(ratios)), spread])
+        rows.append([name, fmt(median(old)), fmt(median(new)), fmt(median(every_pair)), spread])
         comparison.append({
             "figure": name, "meaning": meaning, "old": median(old), "new": median(new),
-            "ratio": median(ratios), "ratio_min": figures[f"ratio_{name}_min"],
+            "ratio": median(every_pair), "ratio_min": figures[f"ratio_{name}_min"],
             "ratio_max": figures[f"ratio_{name}_max"],
             # Every round's figure, in the order run: an outlier shows as what it is.
             "old_rounds": old, "new_rounds": new,
@@ -259,7 +269,7 @@ def compare(baseline: str, quick: bool) -> dict[str, Any]:
         f"this tree (new) against {baseline} (old), paired rounds "
         + ", ".join(f"{k} {v[0 if quick else 1]}" for k, v in ROUNDS.items())
         + f"; load {load_start:.1f} -> {figures['load_end']:.1f}",
-        ["figure", "old (median)", "new (median)", "new / old", "spread over rounds"],
+        ["figure", "old (median)", "new (median)", "new / old", "per-round spread"],
         rows,
     )
     return figures
