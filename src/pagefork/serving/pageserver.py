@@ -39,7 +39,13 @@ from pagefork.serving.forks import Callback, ForkRecord
 from pagefork.serving.handover import Handover
 from pagefork.serving.handshakes import RecordRule
 from pagefork.serving.pool import WorkerPool, usable_cpus
-from pagefork.serving.sockets import bind_private_socket, has_pending, validate_fork_id
+from pagefork.serving.sockets import (
+    FD_SLOTS_AT_START,
+    bind_private_socket,
+    has_pending,
+    reserve_fd_slots,
+    validate_fork_id,
+)
 from pagefork.serving.state import Event
 from pagefork.serving.supervisor import Supervisor
 from pagefork.stats import ForkStats, percentiles_us
@@ -97,6 +103,9 @@ class PageServer:
         except BaseException:
             self.memfile.close()
             raise
+        # Before the supervisor's thread starts: with one thread, growing the fd table waits
+        # for nothing, and the forks' fds (handshakes, a takeover's state) then never grow it.
+        reserve_fd_slots(FD_SLOTS_AT_START)
         self._sup = Supervisor(config, self.memfile, pool)
         self._table = self._sup.table
         self._handover = Handover(self._sup)

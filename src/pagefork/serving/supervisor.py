@@ -31,7 +31,6 @@ from pagefork.serving.forks import Callback, Callbacks, ForkRecord, ForkTable
 from pagefork.serving.handshakes import Handshake, HandshakeReader
 from pagefork.serving.pool import WorkerPool, WorkerProcess, pinned_cpu
 from pagefork.serving.prefetching import PrefetchService
-from pagefork.serving.sockets import FD_SLOTS_AT_START, reserve_fd_slots
 from pagefork.serving.state import Command, Event, Stage
 from pagefork.store.lazy import LazyTemplate
 
@@ -69,7 +68,6 @@ class Supervisor:
         self._acks: dict[int, threading.Event] = {}  # tests' crash points, once armed
         for w in pool.all_processes():
             self.watch_worker(w)
-        reserve_fd_slots(FD_SLOTS_AT_START)  # before our thread: then the growth waits for none
         self._thread = threading.Thread(target=self._loop, name="pagefork-supervisor", daemon=True)
         self._thread.start()
 
