@@ -113,13 +113,14 @@ def _every_message() -> list[M.Message]:
     return [
         M.Hello(M.PROTOCOL_VERSION), M.Serve(spec), M.Prefetch(1, "a#1", 3, plan, 2.0),
         M.Prefetch(2, "a#1", 3, None, 2.0, 100), M.ChunkReady(5), M.ChunkFailed(5, "gone"),
-        M.Drop("a#1"), M.Release(("a#1", "b#2")), M.Ping(9), M.CrashAt("fault_read", 1, 4),
+        M.Drop("a#1"), M.Release(("a#1", "b#2")), M.Release(("a#1",), True),
+        M.Forget(("a#1",)), M.Ping(9), M.CrashAt("fault_read", 1, 4),
         M.CrashAt("stream", 1, 5, True), M.Stop(),
         M.OrphanSetup("pagefork.takeover.orphan", '{"deadline": 60}'),
         M.Ready(M.PROTOCOL_VERSION, 123), M.Serving("a#1"),
         M.Ended("a#1", M.EndState.FAILED, "why"), M.Ended("a#1", M.EndState.ENDED, None),
         M.WindowClosed("a#1"), M.HungUp("a#1"), M.Remapped("a#1", tuple(regions)),
-        M.Released(("a#1",)), M.Need(3), M.Prefetched(1, result, None, 2),
+        M.Released(("a#1",)), M.Refused("a#1"), M.Need(3), M.Prefetched(1, result, None, 2),
         M.Prefetched(1, None, "failed", 0), M.PrefetchHead(1, result), M.Pong(9), M.Armed(4),
         M.OrphanPrepared(),
     ]  # fmt: skip

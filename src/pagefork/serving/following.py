@@ -19,28 +19,39 @@ VMMs pinned to their worker's CPU (placed there at their handshake). Looks take 
 :data:`LOOK_SHARE` of the supervisor's time.
 
 A move is the release and adoption a takeover uses (:mod:`pagefork.serving.state`): the fork
-goes ``MOVING`` and its worker is asked to let it go (it finishes what it read, closes its
-copies of the fork's fds, and answers); faults raised meanwhile wait in the uffd. On that
-answer the target worker adopts the fork and wakes its vCPUs, so a fault read and not served
-is raised again, to it: nothing is lost, and never are two workers serving one fork. A worker
-that dies before it answers has the fork adopted by its replacement, as any orphan. A fork
-with a prefetch running or streaming into it is not moved (a prefetch waits for a move).
+goes ``MOVING`` and its worker is asked to let it go (it finishes what it read, stops watching
+the fork's fds, drops the lock on its ledger, and answers); faults raised meanwhile wait in the
+uffd. On that answer the target worker takes the ledger's lock, adopts the fork and wakes its
+vCPUs, so a fault read and not served is raised again, to it: nothing is lost, and never are
+two workers serving one fork (the lock decides, never timing: see
+:mod:`pagefork.serving.ledger`). A worker that dies before it answers has the fork adopted by
+its replacement, as any orphan. A fork with a prefetch running or streaming into it is not
+moved (a prefetch waits for a move). Nor is one moved to a worker late with its heartbeat.
+
+The first worker keeps its copies of the fork's fds, parked, until the target says it serves
+the fork; then it is told to forget them (:class:`~pagefork.serving.messages.Forget`). So a
+supervisor killed in between loses nothing: orphaned, the first worker tries the ledger's lock
+and serves the fork on if nobody took it, or closes its copies if the target did.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagefork.serving import ledger as L
+from pagefork.serving import messages as M
 from pagefork.serving.config import ServerConfig
 from pagefork.serving.forks import ForkRecord, ForkTable
 from pagefork.serving.pool import WorkerPool, WorkerProcess, pinned_cpu
 from pagefork.serving.prefetching import PrefetchService
 from pagefork.serving.state import Event, Stage
+
+log = logging.getLogger("pagefork")
 
 #: Seconds between two looks at where the VMMs of faulting forks run. A look costs a few
 #: small /proc reads per faulting fork (about 10 us each).
@@ -119,6 +130,8 @@ class _Watch:
     target: WorkerProcess | None = None
     #: Until when its VMM counts as pinned to its worker's CPU (not looked at).
     pinned_until: float = 0.0
+    #: After a move: the worker that parked its fds, until another one serves it.
+    parked: WorkerProcess | None = None
 
 
 class ForkFollower:
@@ -169,7 +182,7 @@ class ForkFollower:
         homes = self.homes()
         watches = self._watches
         for key in [k for k in watches if k not in self._table.by_key]:
-            del watches[key]
+            self._forget(key, watches.pop(key))
         if len(homes) < 2:
             return
         for key, entry in self._table.by_key.items():
@@ -209,28 +222,61 @@ class ForkFollower:
 
     def move(self, entry: ForkRecord, target: WorkerProcess) -> bool:
         """Ask ``entry``'s worker to let it go for ``target`` to serve it (lock held); False
-        when it is not served now, or is served by ``target`` already."""
+        when it is not served now, is served by ``target`` already, or ``target`` is late
+        with its heartbeat."""
         if entry.stage is not Stage.SERVING or entry.worker in (None, target):
             return False
+        if not target.answering:
+            return False  # late with its heartbeat: perhaps stopped, to be killed soon
         watch = self._watches.setdefault(entry.key, _Watch())
         watch.target, watch.cpu, watch.looks = target, None, 0
         self._carry_out(entry, self._table.move(entry, Event.MOVE_ASKED))
         return True
 
+    def let_go(self, worker: WorkerProcess, message: M.Released | M.Refused) -> None:
+        """``worker`` let these forks go (:class:`~M.Released`), or did not take one because
+        another process holds its ledger's lock (:class:`~M.Refused`: that one serves it)."""
+        if isinstance(message, M.Refused):
+            log.error("worker %d: fork %s is served by another process", worker.pid, message.key)
+        keys = message.keys if isinstance(message, M.Released) else (message.key,)
+        for key in keys:
+            worker.forks.discard(key)
+            entry = self._table.by_key.get(key)
+            if isinstance(message, M.Released) and entry is not None and entry.worker is worker:
+                self.released(entry, worker)
+
+    def adopted(self, entry: ForkRecord, worker: WorkerProcess) -> None:
+        """``worker`` serves ``entry`` now (lock held): the worker it moved from, if any, may
+        close its parked copies."""
+        watch = self._watches.get(entry.key)
+        if watch is not None and watch.parked is not None and watch.parked is not worker:
+            self._forget(entry.key, watch)
+
+    @staticmethod
+    def _forget(key: str, watch: _Watch) -> None:
+        if watch.parked is not None:
+            watch.parked.send(M.Forget((key,)))  # one that is gone forgets by dying
+            watch.parked = None
+
     def released(self, entry: ForkRecord, worker: WorkerProcess) -> None:
         """``worker`` let ``entry`` go (lock held): a move's target adopts it now (another
         worker if that one is gone, else ``worker`` again); a takeover's fork waits for the
-        takeover's new side."""
+        takeover's new side. A move's fork stays parked in ``worker`` until another serves
+        it."""
         watch = self._watches.get(entry.key)
         target = None
         if watch is not None:
             target, watch.target = watch.target, None
+            self._forget(entry.key, watch)  # an earlier move's parked copy, if still kept
         if entry.stage is not Stage.MOVING:
-            target = None  # a takeover's release (it may have cut a move short)
+            target = None  # a takeover's release (it may have cut a move short), or a stop
+            if watch is not None:  # asked to park it, perhaps: it is let go whole instead
+                worker.send(M.Forget((entry.key,)))
         else:
             if target is None or target not in self._pool.live() or not target.answering:
                 target = self._pool.place(None) or worker
             if target is not worker:
                 entry.moves += 1
+                self._watches.setdefault(entry.key, _Watch()).parked = worker
         commands = self._table.move(entry, Event.WORKER_RELEASED)
         self._carry_out(entry, commands, worker=target)

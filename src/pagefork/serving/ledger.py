@@ -13,12 +13,23 @@ here survives its death:
 The file is sparse: its sections are sized for the worst case but only touched pages use
 memory. Appends write the entry first and then bump the count (x86 keeps stores in order), so
 a reader never sees a count covering an entry not yet written.
+
+Who serves a fork is decided by a lock, never by timing: the worker that serves it holds an
+exclusive open-file-description lock (``F_OFD_SETLK``) on the ledger, taken on a description of
+its own (:meth:`Ledger.own` reopens the memfd through ``/proc/self/fd``; a lock on the
+description passed with ``SCM_RIGHTS`` would be shared by every process holding that
+description, the supervisor's included). A worker that cannot take it does not serve the fork:
+another one does. The lock goes with the description: on :meth:`Ledger.disown`, on
+:meth:`Ledger.close`, and when its process dies.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
+import struct
 from collections.abc import Iterator
 
 from pagefork.errors import ForkError
@@ -60,6 +71,11 @@ COUNTERS = {
 REMOVED_CAPACITY = 1 << 20
 LATENCY_SLOTS = LATENCY_WINDOW
 
+#: ``struct flock`` (Linux, 64-bit): type, whence, start, len, pid (0 for an OFD lock).
+_FLOCK = struct.Struct("hhqqi4x")
+#: A write lock on the whole file.
+_WHOLE_FILE = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+
 
 class LedgerFull(ForkError):
     """A section of the ledger is full (the fork cannot be served safely any more)."""
@@ -76,12 +92,15 @@ class Ledger:
         "counters",
         "fd",
         "latency_ring",
+        "owner",
         "record_capacity",
         "size",
     )
 
     def __init__(self, fd: int, record_capacity: int) -> None:
         self.fd = fd
+        #: This process's own description of the memfd, holding the serving lock; -1 if none.
+        self.owner = -1
         self.record_capacity = record_capacity
         removed_at = _HEADER_SLOTS * 8
         latency_at = removed_at + REMOVED_CAPACITY * 16
@@ -169,8 +188,32 @@ class Ledger:
         """The recorded fault latencies in ns (the most recent window, unordered)."""
         return list(self.latency_ring[: min(self.counters[LATENCY_N], LATENCY_SLOTS)])
 
+    # --- who serves the fork ------------------------------------------------------------------
+    def own(self) -> bool:
+        """Take the serving lock (non-blocking): True once this process holds it, False when
+        another process does (it serves the fork; this one must not)."""
+        if self.owner >= 0:
+            return True
+        mine = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(mine, fcntl.F_OFD_SETLK, _WHOLE_FILE)
+        except OSError as exc:
+            os.close(mine)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        self.owner = mine
+        return True
+
+    def disown(self) -> None:
+        """Drop the serving lock (close this process's own description); idempotent."""
+        if self.owner >= 0:
+            os.close(self.owner)
+            self.owner = -1
+
     def close(self) -> None:
-        """Unmap and close the memfd; idempotent."""
+        """Drop the serving lock, unmap and close the memfd; idempotent."""
+        self.disown()
         if self.fd < 0:
             return
         self._unmap()

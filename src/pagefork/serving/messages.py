@@ -133,7 +133,7 @@ else:
     dataclass = _frozen_dataclass
 
 #: Bumped whenever a message below changes shape.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 #: Prefetch plans a worker keeps, so forks of one template send theirs once per worker (the
 #: supervisor's copy of what each worker kept follows the same bound).
@@ -231,7 +231,19 @@ class Drop:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """A takeover: let these forks go without ending them."""
+    """Let these forks go without ending them: for a takeover (close their fds), or, with
+    ``park``, for a move to another worker (drop their ledgers' locks and stop watching them,
+    but keep their fds until a :class:`Forget`: should this supervisor die before the other
+    worker adopts them, this one serves them on)."""
+
+    keys: tuple[str, ...]
+    park: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Another worker serves these parked forks now (it holds their ledgers' locks): close
+    their fds."""
 
     keys: tuple[str, ...]
 
@@ -324,6 +336,13 @@ class Released:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """Fork ``key`` was not taken: another process holds its ledger's lock (serves it)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Need:
     """Faults wait on this chunk of a lazy template: fetch it (the block holding file
     ``offset``, the first fault's, first when the template has block digests)."""
@@ -379,6 +398,7 @@ ToWorker = (
     | ChunkFailed
     | Drop
     | Release
+    | Forget
     | Ping
     | OrphanSetup
     | Stop
@@ -392,6 +412,7 @@ ToSupervisor = (
     | HungUp
     | Remapped
     | Released
+    | Refused
     | Need
     | Prefetched
     | PrefetchHead
@@ -402,9 +423,9 @@ ToSupervisor = (
 Message = ToWorker | ToSupervisor
 
 _MESSAGES: tuple[type, ...] = (
-    Hello, Serve, Prefetch, ChunkReady, ChunkFailed, Drop, Release, Ping, OrphanSetup, Stop,
-    CrashAt,
-    Ready, Serving, Ended, WindowClosed, HungUp, Remapped, Released, Need, Prefetched,
+    Hello, Serve, Prefetch, ChunkReady, ChunkFailed, Drop, Release, Forget, Ping, OrphanSetup,
+    Stop, CrashAt,
+    Ready, Serving, Ended, WindowClosed, HungUp, Remapped, Released, Refused, Need, Prefetched,
     PrefetchHead, Pong, OrphanPrepared, Armed,
 )  # fmt: skip
 #: Every type a frame may name: the messages and the values they carry.

@@ -9,7 +9,10 @@ imports the handler by that name, never by an import of its own, and calls it:
 - ``prepare(worker, settings)`` when told, returning what the handler keeps;
 - ``forget(kept)`` on a stop (the channel's end that follows is no death);
 - ``become_orphan(worker, kept)`` when the channel ends without a stop: True when the worker
-  serves on (the handler has swapped its channel), False when it exits.
+  serves on (the handler has swapped its channel), False when it exits. Before it, the worker
+  claims the forks it parked for a move
+  (:meth:`~pagefork.serving.workerforks.WorkerForks.claim_parked`): those no other worker
+  adopted are its own again, and are handed on with the rest.
 
 One worker per process: the link is this module's.
 """
@@ -77,6 +80,9 @@ def channel_ended(worker: Any) -> bool:
         worker.ep.unregister(worker.chan.fileno())
     if link.handler is None or kept is None:
         return False
+    # A fork parked for a move the supervisor did not finish: its ledger's lock says whether
+    # the other worker took it; if not, this worker serves it on with the rest.
+    worker.table.claim_parked()
     return bool(link.handler.become_orphan(worker, kept))
 
 

@@ -195,7 +195,8 @@ class Supervisor:
             elif command is Command.SEND_DROP and entry.worker is not None:
                 entry.worker.send(M.Drop(entry.key))  # one that is gone ends it by dying
             elif command is Command.SEND_RELEASE and entry.worker is not None:
-                entry.worker.send(M.Release((entry.key,)))
+                # A move's fork is parked by its worker until another is known to serve it.
+                entry.worker.send(M.Release((entry.key,), park=entry.stage is Stage.MOVING))
             elif command is Command.FORGET_WORKER:
                 entry.worker = None
             elif command is Command.APPLY_POLICY:
@@ -337,6 +338,7 @@ class Supervisor:
             entry = by_key.get(message.key)
             if entry is not None:
                 self.table.move(entry, Event.WORKER_SERVING)
+                self.follower.adopted(entry, worker)  # a moved fork's parked copy is closed
         elif isinstance(message, M.WindowClosed):
             entry = by_key.get(message.key)
             if entry is not None:
@@ -351,12 +353,8 @@ class Supervisor:
             entry = by_key.get(message.key)
             if entry is not None:
                 entry.regions = list(message.regions)
-        elif isinstance(message, M.Released):  # a takeover or a move: these forks are let go
-            for key in message.keys:
-                worker.forks.discard(key)
-                entry = by_key.get(key)
-                if entry is not None and entry.worker is worker:
-                    self.follower.released(entry, worker)  # a move's target adopts it
+        elif isinstance(message, (M.Released, M.Refused)):  # let go, or not taken
+            self.follower.let_go(worker, message)  # a move's target adopts a released fork
         elif isinstance(message, M.Ready):
             try:
                 M.check_version(message.version, f"worker {worker.pid}")

@@ -39,7 +39,7 @@ from pagefork.regions import PAGE_SIZE
 from pagefork.serving import ipc, orphaning
 from pagefork.serving import messages as M
 from pagefork.serving.workerfaults import READ_SIZE, FaultLoop
-from pagefork.serving.workerforks import PIDFD, UFFD, LazyChunks, WorkerFork, WorkerForks
+from pagefork.serving.workerforks import PARKED, PIDFD, UFFD, LazyChunks, WorkerFork, WorkerForks
 from pagefork.serving.workerprefetch import run_prefetch
 
 if TYPE_CHECKING:
@@ -200,6 +200,8 @@ class Worker(FaultLoop):
                 self._crashed(f, exc)
         elif kind == PIDFD:
             self.table.end(f, M.EndState.ENDED, None)  # the VMM exited
+        elif kind == PARKED:
+            self.table.forget((f.fork_id,))  # a parked fork's VMM exited
         else:
             self._on_conn(f)
 
@@ -272,7 +274,9 @@ class Worker(FaultLoop):
             if f is not None:
                 self.table.end(f, M.EndState.ENDED, None)
         elif isinstance(message, M.Release):
-            self.table.release(message.keys)
+            self.table.release(message.keys, park=message.park)
+        elif isinstance(message, M.Forget):
+            self.table.forget(message.keys)
         elif isinstance(message, M.Hello):
             try:
                 M.check_version(message.version, "the supervisor")

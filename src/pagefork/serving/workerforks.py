@@ -1,13 +1,15 @@
 """A worker's fork table: the forks it serves, their fds in its epoll, their lifecycle.
 
 Each :class:`WorkerFork` moves only by :data:`pagefork.serving.state.WORKER_TABLE`; this module
-carries out what the table says (close the fork's fds and report its end, or let it go in a
-takeover). The worker's loop (:mod:`pagefork.serving.worker`) serves the faults.
+carries out what the table says (close the fork's fds and report its end, let it go in a
+takeover, or park it for a move). The worker's loop (:mod:`pagefork.serving.worker`) serves the
+faults.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import mmap
 import os
@@ -26,8 +28,8 @@ from pagefork.serving.state import WorkerCommand, WorkerEvent, WorkerStage, work
 
 log = logging.getLogger("pagefork.worker")
 
-#: What an fd in the epoll is to its fork.
-UFFD, PIDFD, CONN = 0, 1, 2
+#: What an fd in the epoll is to its fork (PARKED: a parked fork's pidfd).
+UFFD, PIDFD, CONN, PARKED = 0, 1, 2, 3
 
 
 class WorkerFork:
@@ -120,6 +122,8 @@ class WorkerForks:
         # window with a time limit. Usually empty, so an idle loop costs nothing per fork.
         self.attend: set[WorkerFork] = set()
         self.closed_fds: set[int] = set()  # closed while the loop handles the current batch
+        #: Forks let go for a move, by key, until another worker is known to serve them.
+        self.parked: dict[str, WorkerFork] = {}
 
     def track(self, f: WorkerFork) -> None:
         """Keep :attr:`attend` in step with ``f``'s deferred faults and recording deadline."""
@@ -192,8 +196,12 @@ class WorkerForks:
         ipc.send(self.chan, M.HungUp(f.fork_id))
 
     def add(self, spec: M.ForkSpec, fds: list[int]) -> None:
-        """Serve the fork of ``spec`` with ``fds`` (an adopted one: wake its vCPUs first)."""
+        """Serve the fork of ``spec`` with ``fds`` (an adopted one: wake its vCPUs first),
+        unless another worker holds its ledger's lock: then close them and say so."""
         named = dict(zip(spec.fds, fds, strict=True))
+        parked = self.parked.pop(spec.key, None)
+        if parked is not None:  # moved back here: these fds are the same files
+            self._close_parked(parked)
         try:
             ledger = L.Ledger.adopt(named["ledger"], spec.record_capacity)
         except Exception as exc:
@@ -201,7 +209,20 @@ class WorkerForks:
                 os.close(fd)
             ipc.send(self.chan, M.Ended(spec.key, M.EndState.FAILED, f"ledger: {exc}"))
             return
-        f = WorkerFork(spec, named, ledger)
+        if not ledger.own():
+            # Another worker serves it (one this supervisor's death left serving it): two
+            # serving one uffd would each take faults the other is waiting for.
+            log.warning("fork %s: another worker holds its ledger's lock", spec.fork)
+            ledger.close()
+            for name, fd in named.items():
+                if name != "ledger":
+                    os.close(fd)
+            ipc.send(self.chan, M.Refused(spec.key))
+            return
+        self._serve(WorkerFork(spec, named, ledger))
+
+    def _serve(self, f: WorkerFork) -> None:
+        """Watch ``f``'s fds and serve it (its ledger's lock held)."""
         old = self.forks.pop(f.fork_id, None)
         if old is not None:
             self.end(old, M.EndState.ENDED, None, report=False)
@@ -212,8 +233,8 @@ class WorkerForks:
             self._watch(f.pidfd, PIDFD, f)
         if f.conn >= 0:
             self._watch(f.conn, CONN, f)
-        if spec.adopt:
-            ledger.counters[L.ADOPTIONS] += 1
+        if f.spec.adopt:
+            f.ledger.counters[L.ADOPTIONS] += 1
             # The dead worker may have read faults it never served: their vCPUs sleep until
             # a wake makes them retry, which raises the faults again, to us.
             for r in f.regions:
@@ -277,20 +298,79 @@ class WorkerForks:
         f.uffd = f.conn = f.pidfd = -1
         self.attend.discard(f)
 
-    def release(self, keys: tuple[str, ...]) -> None:
-        """A takeover: stop serving these forks without ending them (another process serves
-        them next). Their ledgers are final once this answers: the recording stays open."""
+    def release(self, keys: tuple[str, ...], *, park: bool = False) -> None:
+        """Stop serving these forks without ending them (another process serves them next).
+        Their ledgers are final once this answers: the recording stays open. A takeover's
+        forks are let go whole; a move's are parked (:meth:`_park`)."""
         for key in keys:
             f = self.forks.get(key)
             if f is None or WorkerCommand.LET_GO not in f.move(WorkerEvent.RELEASE):
                 continue
             del self.forks[key]
-            self._drop(f)
             # Faults deferred on EAGAIN were read but not served: the adopter's wake makes
             # their vCPUs fault again.
             f.deferred = []
-            f.ledger.close()
+            if park:
+                self._park(f)
+            else:
+                self._drop(f)
+                f.ledger.close()
         ipc.send(self.chan, M.Released(keys))
+
+    # --- parked forks: let go for a move, kept until another worker is known to serve them ----
+    # A move hands a fork from this worker to another through the supervisor: between this
+    # worker's "released" and the other's adoption, the supervisor alone knows where the fork
+    # goes. Should it die there, the fork would be in no worker, and its guest would hang on
+    # its next fault. So a fork let go for a move keeps its fds here, unwatched (its faults
+    # wait in the uffd) and without its ledger's lock, until the supervisor says another
+    # worker serves it (Forget) or its VMM exits. A worker orphaned meanwhile tries each
+    # parked fork's lock (claim_parked): taken, nobody else serves it, and this worker serves
+    # it on; refused, the other worker does, and the copies here are closed.
+    def _park(self, f: WorkerFork) -> None:
+        for fd in (f.uffd, f.conn, f.pidfd):
+            if fd >= 0:
+                self.unwatch(fd)
+        self.attend.discard(f)
+        f.ledger.disown()  # from now on, the worker that adopts it takes the lock
+        self.parked[f.fork_id] = f
+        if f.pidfd >= 0:  # its VMM's exit ends it here too
+            self._watch(f.pidfd, PARKED, f)
+
+    def forget(self, keys: tuple[str, ...]) -> None:
+        """Close the parked copies of these forks (another worker serves them, or their VMM
+        exited); a fork served here is never touched."""
+        for key in keys:
+            f = self.parked.pop(key, None)
+            if f is not None:
+                self._close_parked(f)
+
+    def _close_parked(self, f: WorkerFork) -> None:
+        if f.pidfd >= 0 and self.by_fd.get(f.pidfd, (None, None))[1] is f:
+            self.unwatch(f.pidfd)
+        for fd in (f.uffd, f.conn, f.pidfd):
+            if fd >= 0:
+                os.close(fd)
+        f.uffd = f.conn = f.pidfd = -1
+        f.ledger.close()
+
+    def claim_parked(self) -> None:
+        """The supervisor died: serve on each parked fork whose ledger's lock is free (no
+        worker adopted it, or the one that did died), close the others' copies."""
+        for key in list(self.parked):
+            f = self.parked.pop(key)
+            if f.pidfd >= 0:
+                self.unwatch(f.pidfd)
+            if not f.ledger.own():
+                log.info("fork %s: adopted by another worker; closing the parked copy", f.name)
+                self._close_parked(f)
+                continue
+            log.warning("fork %s: its move died with the supervisor; serving it on", f.name)
+            spec = dataclasses.replace(
+                f.spec, regions=tuple(f.regions), hangup_ends=f.hangup_ends, adopt=True
+            )
+            # Anew from the ledger: a worker that adopted it and died may have noted more.
+            fds = {"uffd": f.uffd, "conn": f.conn, "pidfd": f.pidfd}
+            self._serve(WorkerFork(spec, fds, f.ledger))
 
 
 class LazyChunks:
