@@ -219,3 +219,38 @@ def test_the_busiest_cpu_is_where_the_threads_took_most_of_their_time() -> None:
     assert busiest_cpu(before, {1: (1, 200), 2: (0, 200)}) is None
     assert busiest_cpu(before, dict(before)) is None
     assert busiest_cpu({}, {4: (1, 10**9)}) is None
+
+
+def test_a_fork_is_not_moved_to_a_worker_late_with_its_heartbeat(
+    make_server, big_mem: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpus = _two_cpus()
+    monkeypatch.setenv("PAGEFORK_WORKER_STUCK_AFTER", "600")  # late, never killed for it
+    server = make_server(mem_file_path=str(big_mem))
+    server.wait_ready()  # pinged from now on
+    first, other = server.worker_pids()
+    vmm = _start_on(cpus[0], server.register_fork("a"), big_mem)
+    try:
+        server.wait_connected("a")
+        os.kill(other, signal.SIGSTOP)  # stopped: it answers no ping until SIGCONT
+        try:
+            late = threading.Event()
+            for _ in range(3000):  # its pings wait: it counts as late within half a second
+                if other not in server.answering_worker_pids():
+                    late.set()
+                    break
+                late.wait(0.01)
+            assert late.is_set(), "the stopped worker still counts as answering"
+            sup = server._sup
+            with sup.lock:
+                entry = sup.table.by_id["a"]
+                target = next(w for w in sup.pool.live() if w.pid == other)
+                assert not sup.follower.move(entry, target)
+                assert entry.stage is Stage.SERVING and entry.worker is not target
+        finally:
+            os.kill(other, signal.SIGCONT)
+        assert vmm.send(cmd="touch", pages=[[0, i * PAGE] for i in range(64)])["bad"] == 0
+        stats = server.stats("a")
+        assert stats.worker_pid == first and stats.moves == 0
+    finally:
+        vmm.close()
