@@ -209,15 +209,22 @@ class WorkerForks:
                 os.close(fd)
             ipc.send(self.chan, M.Ended(spec.key, M.EndState.FAILED, f"ledger: {exc}"))
             return
-        if not ledger.own():
-            # Another worker serves it (one this supervisor's death left serving it): two
-            # serving one uffd would each take faults the other is waiting for.
-            log.warning("fork %s: another worker holds its ledger's lock", spec.fork)
+        refusal: M.Refused | M.Ended = M.Refused(spec.key)
+        try:
+            owned = ledger.own()
+        except OSError as exc:  # out of fds, say: who serves it cannot be known here
+            owned, why = False, f"cannot lock its ledger: {exc.strerror}"
+            refusal = M.Ended(spec.key, M.EndState.FAILED, why)
+        if not owned:
+            # Another worker serves it (one a dead supervisor's move left serving it). Two
+            # readers of one uffd would each miss what the other read: a REMOVE among it, and
+            # a copy would put template bytes where the guest removed them.
+            log.warning("fork %s: not served here (%s)", spec.fork, type(refusal).__name__)
             ledger.close()
             for name, fd in named.items():
                 if name != "ledger":
                     os.close(fd)
-            ipc.send(self.chan, M.Refused(spec.key))
+            ipc.send(self.chan, refusal)
             return
         self._serve(WorkerFork(spec, named, ledger))
 
@@ -360,7 +367,12 @@ class WorkerForks:
             f = self.parked.pop(key)
             if f.pidfd >= 0:
                 self.unwatch(f.pidfd)
-            if not f.ledger.own():
+            try:
+                owned = f.ledger.own()
+            except OSError as exc:  # unknown: serving it beside another would be worse
+                log.error("fork %s: cannot lock its ledger (%s)", f.name, exc.strerror)
+                owned = False
+            if not owned:
                 log.info("fork %s: adopted by another worker; closing the parked copy", f.name)
                 self._close_parked(f)
                 continue
