@@ -5,7 +5,8 @@ a process of its own (a page server in a child, driven over its stdin), killed w
 at a chosen step of a move, held there deterministically: the child blocks its own loop at
 that step and says so. The VMMs are real processes faulting real uffd memory and checking
 every byte against the template. Which worker serves a fork is decided by the lock on its
-ledger (an open-file-description lock), which the last test checks on its own.
+ledger (an open-file-description lock), held by another process in the unit tests at the end,
+which drive one worker's fork table directly.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pagefork.serving import ipc
 from pagefork.serving import ledger as L
 from pagefork.serving import messages as M
 from pagefork.serving.state import Stage
-from pagefork.serving.workerforks import WorkerForks
+from pagefork.serving.workerforks import PARKED, WorkerForks
 from pagefork.testing.vmm import VmmProcess
 
 #: The supervisor: a page server whose workers serve on if it is killed, with two forks; it
@@ -271,3 +272,56 @@ def test_after_a_move_the_old_worker_closes_its_parked_copy_once_the_target_serv
     assert vmm.send(cmd="touch", all=True, order="random")["bad"] == 0
     stats = server.stats("a")
     assert stats.worker_pid == target.pid and stats.moves == 1 and stats.faults == ALL_PAGES
+
+
+@needs_uffd
+def test_a_parked_fork_keeps_its_fds_without_the_lock_until_its_owner_is_known() -> None:
+    ledger = L.Ledger.create(0)
+    chan, supervisor_end = ipc.channel_pair()
+    ep = select.epoll()
+    forks = WorkerForks(chan, ep)
+    vmm = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                           stdin=subprocess.PIPE)  # fmt: skip
+    spec = M.ForkSpec("a#1", "a", vmm.pid, "close", (Region(0x7F0000000000, 1 << 20, 0),),
+                      0, None, None, ("uffd", "ledger", "pidfd"), False, False)  # fmt: skip
+
+    def serve_and_park() -> tuple[int, int]:
+        fd, pidfd = uffd.open_userfaultfd(), os.pidfd_open(vmm.pid)
+        forks.add(spec, [fd, os.dup(ledger.fd), pidfd])
+        assert ipc.recv(supervisor_end)[0] == M.Serving("a#1")
+        forks.release(("a#1",), park=True)
+        assert ipc.recv(supervisor_end)[0] == M.Released(("a#1",))
+        # Parked: unwatched but for its VMM's exit, its fds kept, its ledger's lock free.
+        assert forks.forks == {} and forks.by_fd == {pidfd: (PARKED, forks.parked["a#1"])}
+        os.fstat(fd)
+        return fd, pidfd
+
+    try:
+        fd, _ = serve_and_park()
+        assert ledger.own()  # another "worker" (this test) adopted it
+        forks.claim_parked()  # as the supervisor's death has it do
+        assert forks.parked == {} and forks.forks == {} and forks.by_fd == {}
+        with pytest.raises(OSError):
+            os.fstat(fd)  # its copy closed: the lock's holder serves it
+        ledger.disown()
+        fd, _ = serve_and_park()
+        forks.claim_parked()  # nobody adopted it: served here again, its vCPUs woken
+        assert ipc.recv(supervisor_end)[0] == M.Serving("a#1")
+        assert forks.forks["a#1"].uffd == fd and forks.parked == {}
+        assert not ledger.own()  # the lock is the worker's again
+        forks.end(forks.forks["a#1"], M.EndState.ENDED, None)
+        assert ipc.recv(supervisor_end)[0] == M.Ended("a#1", M.EndState.ENDED, None)
+        fd, pidfd = serve_and_park()
+        vmm.kill()  # its VMM exits: the worker's loop sees the pidfd and forgets the fork
+        assert ep.poll(30) == [(pidfd, select.EPOLLIN)]
+        forks.forget(("a#1",))
+        assert forks.parked == {} and forks.by_fd == {}
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    finally:
+        vmm.kill()
+        vmm.wait(30)
+        ledger.close()
+        ep.close()
+        chan.close()
+        supervisor_end.close()
