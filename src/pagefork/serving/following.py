@@ -249,14 +249,16 @@ class ForkFollower:
         """``worker`` serves ``entry`` now (lock held): the worker it moved from, if any, may
         close its parked copies."""
         watch = self._watches.get(entry.key)
-        if watch is not None and watch.parked is not None and watch.parked is not worker:
-            self._forget(entry.key, watch)
+        if watch is not None:
+            self._forget(entry.key, watch, worker)
 
     @staticmethod
-    def _forget(key: str, watch: _Watch) -> None:
-        if watch.parked is not None:
-            watch.parked.send(M.Forget((key,)))  # one that is gone forgets by dying
-            watch.parked = None
+    def _forget(key: str, watch: _Watch, serving: WorkerProcess | None = None) -> None:
+        """Tell the worker that parked the fork to close its copies, unless it is ``serving``
+        it now (it closed them itself as it took the fork back)."""
+        parked, watch.parked = watch.parked, None
+        if parked is not None and parked is not serving:
+            parked.send(M.Forget((key,)))  # one that is gone forgets by dying
 
     def released(self, entry: ForkRecord, worker: WorkerProcess) -> None:
         """``worker`` let ``entry`` go (lock held): a move's target adopts it now (another
@@ -267,7 +269,7 @@ class ForkFollower:
         target = None
         if watch is not None:
             target, watch.target = watch.target, None
-            self._forget(entry.key, watch)  # an earlier move's parked copy, if still kept
+            self._forget(entry.key, watch, worker)  # an earlier move's parked copy, if kept
         if entry.stage is not Stage.MOVING:
             target = None  # a takeover's release (it may have cut a move short), or a stop
             if watch is not None:  # asked to park it, perhaps: it is let go whole instead
