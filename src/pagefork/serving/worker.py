@@ -50,6 +50,8 @@ log = logging.getLogger("pagefork.worker")
 _EPOLLERR = select.EPOLLERR
 #: Events taken per epoll_wait: without a bound, each call allocates room for 1,023.
 _POLL_EVENTS = 64
+#: A recording window without a deadline (``WorkerFork.rec_deadline``).
+_NEVER = float("inf")
 _MADV_POPULATE_READ = 22
 
 
@@ -167,15 +169,21 @@ class Worker(FaultLoop):
         if any(f.deferred for f in self.table.attend):
             return 0.001  # deferred on EAGAIN: retry soon
         deadline = min(f.rec_deadline for f in self.table.attend)
+        if deadline == _NEVER:
+            return -1  # nothing due (the next turn's housekeeping lets the forks go)
         return max(0.0, (deadline - time.monotonic_ns()) / 1e9)
 
     def _housekeeping(self) -> None:
         if not self.table.attend:
             return
         now = time.monotonic_ns()
+        # Every loop turn of a recording fork comes here: one whose window is not due yet and
+        # that has nothing deferred stays attended, for a few attribute reads, not a call.
         for f in list(self.table.attend):
             if f.deferred:
                 self._guard(f, self._serve_faults, [])
+            elif now < f.rec_deadline != _NEVER:
+                continue
             if f.rec_seen is not None and now >= f.rec_deadline:
                 self.table.close_window(f)
             self.table.track(f)

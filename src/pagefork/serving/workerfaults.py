@@ -107,12 +107,12 @@ class FaultLoop:
                 self._serve_faults(f, self._decode(f, got) if got else [])
                 return
             # The usual read: one fault, served here when it is the usual fault too (a 4 KiB
-            # page of a fork that removed nothing and records nothing, from a mem-file or from
-            # a lazy view's chunk that is in): the rule of policy.decide for such a page,
-            # without its calls. Anything else takes the full path.
+            # page of a fork that removed nothing, from a mem-file or from a lazy view's chunk
+            # that is in): the rule of policy.decide for such a page, without its calls.
+            # Anything else takes the full path.
             t0 = _clock()
             address = _unpack_address(buf)[0]
-            if not f.plain or f.rec_seen is not None:
+            if not f.plain:
                 self._serve_faults(f, [address])
                 return
             for row in f.table:  # regions.region_at, inline
@@ -120,7 +120,7 @@ class FaultLoop:
                     break
             else:
                 row = _NO_ROW
-            base, _end, offset, psize, _idx = row
+            base, _end, offset, psize, idx = row
             if psize != PAGE_SIZE:
                 self._serve_faults(f, [address])  # outside every region, or a huge page
                 return
@@ -131,6 +131,10 @@ class FaultLoop:
             if lazy is not None and not zero and not lazy.presence[file_offset >> lazy.chunk_shift]:
                 self._serve_faults(f, [address])  # its chunk is not in (yet): it may park
                 return
+            if f.rec_seen is not None:
+                # Recorded before the copy, as on the full path (which finds it recorded if
+                # the copy below sends the fault there).
+                self.table.record(f, idx, page)
             c = f.counters
             # Count before the ioctl: it wakes the guest, which may read the stats right after.
             c[_FAULTS] += 1
