@@ -1,0 +1,257 @@
+"""Hostile moves: a fork moved between workers while its old worker is stopped or killed,
+its guest removes memory, it is unregistered, or the page server is taken over or closed.
+
+Each move is decided as the follower decides one (:meth:`ForkFollower.move`), held where the
+test wants it by a real SIGSTOP of the worker that must answer; the guests are real VMM
+processes faulting real uffd memory and checking every byte against the template (zeros where
+they removed memory). Waits are on the server's condition or a worker's fds, with timeouts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from conftest import PAGE, in_thread, needs_uffd
+from pagefork.server import PageServer
+from pagefork.takeover import pageserver
+from pagefork.serving.state import Stage
+from pagefork.testing.vmm import VmmProcess
+
+pytestmark = needs_uffd
+
+PAGES = 2048  # the 8 MiB region of the default two-region guest
+
+
+def _two_workers(server: PageServer) -> tuple[int, int]:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs (a worker pinned to each)")
+    server.wait_ready()
+    first, other = server.worker_pids()[:2]
+    return first, other
+
+
+def _uffds(pid: int) -> int:
+    """How many userfaultfds process ``pid`` holds."""
+    found = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found += os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]"
+        except OSError:
+            pass
+    return found
+
+
+def _until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """True once ``check()`` holds (re-checked every millisecond), False after ``timeout``."""
+    tick = threading.Event()
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            return False
+        tick.wait(0.001)
+    return True
+
+
+def _move(server: PageServer, fork: str, to_pid: int) -> None:
+    """Decide a move of ``fork`` to the worker ``to_pid`` (as the follower does)."""
+    sup = server._sup
+    with sup.lock:
+        entry = sup.table.by_id[fork]
+        target = next(w for w in sup.pool.live() if w.pid == to_pid)
+        assert sup.follower.move(entry, target)
+        assert entry.stage is Stage.MOVING
+
+
+def _served_by(server: PageServer, fork: str, pid: int) -> None:
+    sup = server._sup
+    entry = sup.table.by_id[fork]
+    with sup.changed:
+        assert sup.changed.wait_for(
+            lambda: entry.stage is Stage.SERVING and entry.worker is not None
+            and entry.worker.pid == pid, 10
+        ), (entry.stage, entry.worker)  # fmt: skip
+
+
+def _start(server: PageServer, vmms, fork: str = "a") -> VmmProcess:
+    sup = server._sup
+    sup.follower.enabled = False  # only the test's moves
+    vmm = vmms(server.register_fork(fork))
+    server.wait_connected(fork)
+    return vmm
+
+
+def test_a_range_removed_while_its_fork_moves_stays_zero_on_both_workers(
+    make_server, vmms
+) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    vmm = _start(server, vmms)
+    start = server.stats("a").worker_pid
+    to = other if start == first else first
+    pages = [[0, i * PAGE] for i in range(128)]
+    assert vmm.send(cmd="touch", pages=pages)["bad"] == 0  # template bytes in
+    os.kill(start, signal.SIGSTOP)  # the move's release waits, unread
+    try:
+        _move(server, "a", to)
+        # The guest removes half of what it read while nobody serves the fork: its madvise
+        # waits in the uffd until the next server of the fork reads the REMOVE.
+        thread, result = in_thread(
+            lambda: vmm.send(cmd="remove", region=0, offset=0, length=64 * PAGE)
+        )
+    finally:
+        os.kill(start, signal.SIGCONT)
+    thread.join(30)
+    assert "error" not in result and "error" not in result["result"], result
+    _served_by(server, "a", to)
+    for where in (to, start):  # on the target, then moved back to the first worker
+        if server.stats("a").worker_pid != where:
+            _move(server, "a", where)
+            _served_by(server, "a", where)
+        assert vmm.send(cmd="check_zero", region=0, offset=0, length=64 * PAGE)["zero"]
+        reply = vmm.send(cmd="touch", pages=[[0, i * PAGE] for i in range(256)])
+        assert reply["bad"] == 0, reply["mismatches"]
+    stats = server.stats("a")
+    assert stats.removed_bytes == 64 * PAGE and stats.moves == 2 and stats.errors == 0
+    # 128 first reads, 64 removed pages read again, 128 new ones: each fault served once.
+    assert stats.faults == 128 + 64 + 128
+
+
+def test_many_moves_lose_nothing_and_leak_no_fd(make_server, vmms) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    vmm = _start(server, vmms)
+    at = server.stats("a").worker_pid
+    assert at is not None
+    order = list(range(PAGES))
+    chunk = 32
+    touched = 0
+
+    def step() -> None:
+        nonlocal at, touched
+        to = other if at == first else first
+        _move(server, "a", to)
+        # Faults raised during the move wait in the uffd for the target.
+        pages = [[0, i * PAGE] for i in order[touched : touched + chunk]]
+        reply = vmm.send(cmd="touch", pages=pages)
+        assert reply["bad"] == 0, reply["mismatches"]
+        touched += len(pages)
+        _served_by(server, "a", to)
+        at = to
+
+    step()
+    step()
+    before = {pid: len(os.listdir(f"/proc/{pid}/fd")) for pid in (os.getpid(), first, other)}
+    for _ in range(40):
+        step()
+    # The worker that served it last parked its copies until told to forget them.
+    assert _until(lambda: _uffds(first) + _uffds(other) == 1)
+    after = {pid: len(os.listdir(f"/proc/{pid}/fd")) for pid in (os.getpid(), first, other)}
+    assert after == before
+    stats = server.stats("a")
+    assert stats.moves == 42 and stats.faults == touched == 42 * chunk and stats.errors == 0
+    assert stats.pages_copied + stats.zero_pages == touched
+
+
+def test_a_target_killed_before_it_adopts_leaves_the_fork_served_and_the_old_copy_closed(
+    make_server, vmms
+) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    vmm = _start(server, vmms)
+    start = server.stats("a").worker_pid
+    to = other if start == first else first
+    sup = server._sup
+    entry = sup.table.by_id["a"]
+    os.kill(to, signal.SIGSTOP)  # the adoption waits in its channel, unread
+    _move(server, "a", to)
+    with sup.changed:  # the first worker let it go (parked): the target is told
+        assert sup.changed.wait_for(lambda: entry.stage is Stage.ADOPTING, 10)
+    os.kill(to, signal.SIGKILL)
+    reply = vmm.send(cmd="touch", all=True)
+    assert reply["bad"] == 0, reply["mismatches"]
+    with sup.changed:
+        assert sup.changed.wait_for(lambda: entry.stage is Stage.SERVING, 10)
+    served = server.stats("a").worker_pid
+    assert served not in (to, None)
+    stats = server.stats("a")
+    assert stats.faults == reply["touched"] and stats.errors == 0
+    # Exactly one copy of the fork's uffd among the workers: no parked copy left behind.
+    pids = [p for p in server.worker_pids() if p != to]
+    assert _until(lambda: sum(_uffds(p) for p in pids) == 1)
+
+
+def test_a_fork_unregistered_while_it_moves_ends_and_leaves_no_copy(make_server, vmms) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    vmm = _start(server, vmms)
+    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    start = server.stats("a").worker_pid
+    to = other if start == first else first
+    os.kill(start, signal.SIGSTOP)
+    try:
+        _move(server, "a", to)
+        thread, result = in_thread(lambda: server.unregister_fork("a"))
+    finally:
+        os.kill(start, signal.SIGCONT)
+    thread.join(30)
+    assert not thread.is_alive() and "error" not in result, result
+    assert _until(lambda: _uffds(first) + _uffds(other) == 0)
+    assert set(server.worker_pids()[:2]) == {first, other}  # nobody died for it
+    # Another fork is served as usual.
+    vmm2 = _start(server, vmms, "b")
+    assert vmm2.send(cmd="touch", all=True)["bad"] == 0
+
+
+def test_a_takeover_during_a_move_releases_the_fork_once_and_readopts_it(
+    make_server, vmms
+) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    vmm = _start(server, vmms)
+    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    start = server.stats("a").worker_pid
+    to = other if start == first else first
+    os.kill(start, signal.SIGSTOP)
+    try:
+        _move(server, "a", to)
+        pageserver.quiesce(server, time.monotonic() + 5)
+        thread, result = in_thread(
+            lambda: pageserver.release(server, time.monotonic() + 20)
+        )
+    finally:
+        os.kill(start, signal.SIGCONT)
+    thread.join(30)
+    assert "error" not in result, result
+    state, fds = pageserver.export(server)
+    assert [f["fork"] for f in state["forks"]] == ["a"]
+    # Released whole: no worker keeps a copy for the new side to compete with.
+    assert _until(lambda: _uffds(first) + _uffds(other) == 0)
+    assert pageserver.readopt(server) == 1
+    reply = vmm.send(cmd="touch", all=True)
+    assert reply["bad"] == 0, reply["mismatches"]
+    stats = server.stats("a")
+    assert stats.state == "serving" and stats.errors == 0 and stats.faults == reply["touched"]
+    assert _until(lambda: _uffds(first) + _uffds(other) == 1)
+
+
+def test_a_page_server_closed_during_a_move_closes_and_leaves_the_vmm_alone(
+    make_server, vmms
+) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    vmm = _start(server, vmms)
+    start = server.stats("a").worker_pid
+    to = other if start == first else first
+    os.kill(start, signal.SIGSTOP)
+    _move(server, "a", to)
+    thread, result = in_thread(server.close)
+    os.kill(start, signal.SIGCONT)
+    thread.join(30)
+    assert not thread.is_alive() and "error" not in result, result
+    assert vmm.proc.poll() is None  # the server never kills a VMM on its own close
