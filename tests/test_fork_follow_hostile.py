@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pytest
 
 from conftest import PAGE, in_thread, needs_uffd
+from pagefork.hotpages import HotPageList
 from pagefork.server import PageServer
 from pagefork.takeover import pageserver
 from pagefork.serving.state import Stage
@@ -255,3 +256,28 @@ def test_a_page_server_closed_during_a_move_closes_and_leaves_the_vmm_alone(
     thread.join(30)
     assert not thread.is_alive() and "error" not in result, result
     assert vmm.proc.poll() is None  # the server never kills a VMM on its own close
+
+
+def test_a_prefetch_armed_during_a_move_runs_on_the_worker_that_takes_the_fork(
+    make_server, vmms
+) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    vmm = _start(server, vmms)
+    start = server.stats("a").worker_pid
+    to = other if start == first else first
+    hot = HotPageList.from_pages([(0, i * PAGE) for i in range(256)])
+    os.kill(start, signal.SIGSTOP)  # the move's release waits, unread
+    try:
+        _move(server, "a", to)
+        # Sent to the old worker now, it would meet a fork already let go, and fail.
+        server.prefetch_at_handshake("a", hot, timeout=20)
+    finally:
+        os.kill(start, signal.SIGCONT)
+    result = server.prefetch("a", hot, timeout=20)
+    assert result.installed + result.already_present == 256
+    stats = server.stats("a")
+    assert stats.worker_pid == to and stats.moves == 1 and stats.errors == 0
+    reply = vmm.send(cmd="touch", pages=[[0, i * PAGE] for i in range(256)])
+    assert reply["bad"] == 0, reply["mismatches"]
+    assert server.stats("a").faults == 0  # every page was there already

@@ -170,8 +170,10 @@ class PrefetchService:
     def _start_armed(self, entry: ForkRecord, armed: _Armed) -> None:
         # Lock held. The plan is cached (or stored with the list) in the usual case; planning
         # anew here holds the lock for about a millisecond.
-        if self._lazy is not None or entry.worker is None:
-            return  # the caller's prefetch() sends it (a lazy template's chunks come first)
+        if self._lazy is not None or entry.worker is None or entry.stage is Stage.MOVING:
+            # The caller's prefetch() sends it: a lazy template's chunks come first, and a
+            # moving fork's worker is letting it go (prefetch() waits for the move).
+            return
         try:
             token, plan = self._plan(armed.hot, list(entry.regions))
         except PrefetchError as exc:
