@@ -10,6 +10,7 @@ they removed memory). Waits are on the server's condition or a worker's fds, wit
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 import time
@@ -17,11 +18,12 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import PAGE, in_thread, needs_uffd
+from conftest import PAGE, in_thread, make_mem_file, needs_uffd
 from pagefork.hotpages import HotPageList
 from pagefork.server import PageServer
-from pagefork.takeover import pageserver
+from pagefork.serving import following
 from pagefork.serving.state import Stage
+from pagefork.takeover import pageserver
 from pagefork.testing.vmm import VmmProcess
 
 pytestmark = needs_uffd
@@ -43,6 +45,17 @@ def _uffds(pid: int) -> int:
     for name in os.listdir(f"/proc/{pid}/fd"):
         try:
             found += os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]"
+        except OSError:
+            pass
+    return found
+
+
+def _kinds() -> list[str]:
+    """What each fd of this process is."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{name}"))
         except OSError:
             pass
     return found
@@ -87,9 +100,7 @@ def _start(server: PageServer, vmms, fork: str = "a") -> VmmProcess:
     return vmm
 
 
-def test_a_range_removed_while_its_fork_moves_stays_zero_on_both_workers(
-    make_server, vmms
-) -> None:
+def test_a_range_removed_while_its_fork_moves_stays_zero_on_both_workers(make_server, vmms) -> None:
     server = make_server()
     first, other = _two_workers(server)
     vmm = _start(server, vmms)
@@ -209,9 +220,7 @@ def test_a_fork_unregistered_while_it_moves_ends_and_leaves_no_copy(make_server,
     assert vmm2.send(cmd="touch", all=True)["bad"] == 0
 
 
-def test_a_takeover_during_a_move_releases_the_fork_once_and_readopts_it(
-    make_server, vmms
-) -> None:
+def test_a_takeover_during_a_move_releases_the_fork_once_and_readopts_it(make_server, vmms) -> None:
     server = make_server()
     first, other = _two_workers(server)
     vmm = _start(server, vmms)
@@ -222,14 +231,12 @@ def test_a_takeover_during_a_move_releases_the_fork_once_and_readopts_it(
     try:
         _move(server, "a", to)
         pageserver.quiesce(server, time.monotonic() + 5)
-        thread, result = in_thread(
-            lambda: pageserver.release(server, time.monotonic() + 20)
-        )
+        thread, result = in_thread(lambda: pageserver.release(server, time.monotonic() + 20))
     finally:
         os.kill(start, signal.SIGCONT)
     thread.join(30)
     assert "error" not in result, result
-    state, fds = pageserver.export(server)
+    state, _ = pageserver.export(server)  # the fds stay the server's
     assert [f["fork"] for f in state["forks"]] == ["a"]
     # Released whole: no worker keeps a copy for the new side to compete with.
     assert _until(lambda: _uffds(first) + _uffds(other) == 0)
@@ -281,3 +288,96 @@ def test_a_prefetch_armed_during_a_move_runs_on_the_worker_that_takes_the_fork(
     reply = vmm.send(cmd="touch", pages=[[0, i * PAGE] for i in range(256)])
     assert reply["bad"] == 0, reply["mismatches"]
     assert server.stats("a").faults == 0  # every page was there already
+
+
+def test_a_vmm_that_exits_during_a_move_ends_its_fork_and_leaves_no_fd(make_server, vmms) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    server.wait_ready()
+    pidfds = _kinds().count("anon_inode:[pidfd]")
+    vmm = _start(server, vmms)
+    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    start = server.stats("a").worker_pid
+    to = other if start == first else first
+    os.kill(start, signal.SIGSTOP)
+    try:
+        _move(server, "a", to)
+        vmm.proc.send_signal(signal.SIGKILL)
+        vmm.proc.wait(10)
+    finally:
+        os.kill(start, signal.SIGCONT)
+    assert server.wait_ended("a", timeout=10).faults == 1
+    assert _until(lambda: _uffds(first) + _uffds(other) == 0)
+    server.unregister_fork("a")
+    # This process (the supervisor) keeps neither its uffd nor its pidfd.
+    assert "anon_inode:[userfaultfd]" not in _kinds()
+    assert _kinds().count("anon_inode:[pidfd]") == pidfds
+    assert set(server.worker_pids()[:2]) == {first, other}  # nobody died for it
+
+
+def test_forks_whose_vmms_hop_between_cpus_are_served_every_byte_once(
+    make_server, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(following, "SAMPLE_INTERVAL", 0.002)
+    monkeypatch.setattr(following, "PINNED_RECHECK", 0.002)
+    monkeypatch.setattr(following, "SETTLE_LOOKS", 1)  # move at the first look: many moves
+    mem = make_mem_file(tmp_path / "hop.mem", 4096)
+    server = make_server(mem_file_path=str(mem))
+    _two_workers(server)
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    guests = {f: VmmProcess(server.register_fork(f), str(mem), ["16M"]) for f in ("a", "b")}
+    try:
+
+        def hop(fork: str, vmm: VmmProcess) -> int:
+            server.wait_connected(fork)
+            order = [[0, i * PAGE] for i in range(4096)]
+            random.Random(fork).shuffle(order)
+            for n, i in enumerate(range(0, len(order), 128)):
+                cpu = cpus[(n + (fork == "b")) % 2]
+                for tid in os.listdir(f"/proc/{vmm.pid}/task"):
+                    os.sched_setaffinity(int(tid), {cpu})
+                reply = vmm.send(cmd="touch", pages=order[i : i + 128])
+                assert reply["bad"] == 0, reply["mismatches"]
+            return len(order)
+
+        runs = {f: in_thread(lambda f=f, v=v: hop(f, v)) for f, v in guests.items()}
+        for thread, result in runs.values():
+            thread.join(60)
+            assert "error" not in result, result
+        for fork in guests:
+            stats = server.stats(fork)
+            assert stats.faults == 4096 and stats.pages_copied + stats.zero_pages == 4096
+            assert stats.errors == 0 and stats.state == "serving"
+        workers = server.worker_pids()[:2]
+        assert _until(lambda: sum(_uffds(p) for p in workers) == 2)  # no parked copy kept
+    finally:
+        for vmm in guests.values():
+            vmm.close()
+
+
+def test_an_old_worker_killed_after_it_parked_the_fork_costs_the_move_nothing(
+    make_server, vmms
+) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    vmm = _start(server, vmms)
+    start = server.stats("a").worker_pid
+    to = other if start == first else first
+    sup = server._sup
+    entry = sup.table.by_id["a"]
+    os.kill(to, signal.SIGSTOP)  # the adoption waits in the target's channel
+    try:
+        _move(server, "a", to)
+        with sup.changed:  # the old worker parked it and answered
+            assert sup.changed.wait_for(lambda: entry.stage is Stage.ADOPTING, 10)
+        os.kill(start, signal.SIGKILL)
+        thread, result = in_thread(lambda: vmm.send(cmd="touch", all=True, order="random"))
+    finally:
+        os.kill(to, signal.SIGCONT)
+    thread.join(30)
+    assert "error" not in result, result
+    assert result["result"]["bad"] == 0, result["result"]["mismatches"]
+    _served_by(server, "a", to)
+    stats = server.stats("a")
+    assert stats.faults == result["result"]["touched"] and stats.errors == 0
+    assert stats.moves == 1
