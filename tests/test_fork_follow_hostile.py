@@ -24,6 +24,7 @@ from pagefork.server import PageServer
 from pagefork.serving import following
 from pagefork.serving.state import Stage
 from pagefork.takeover import pageserver
+from pagefork.takeover.protocol import TakeoverError
 from pagefork.testing.vmm import VmmProcess
 
 pytestmark = needs_uffd
@@ -381,3 +382,91 @@ def test_an_old_worker_killed_after_it_parked_the_fork_costs_the_move_nothing(
     stats = server.stats("a")
     assert stats.faults == result["result"]["touched"] and stats.errors == 0
     assert stats.moves == 1
+
+
+def test_a_takeover_whose_release_times_out_mid_move_readopts_the_fork_once(
+    make_server, vmms
+) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    vmm = _start(server, vmms)
+    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    start = server.stats("a").worker_pid
+    to = other if start == first else first
+    os.kill(start, signal.SIGSTOP)  # asked to park it for the move, it cannot answer
+    try:
+        _move(server, "a", to)
+        pageserver.quiesce(server, time.monotonic() + 5)
+        with pytest.raises(TakeoverError, match="did not release their forks in time"):
+            pageserver.release(server, time.monotonic() + 0.3)
+        assert pageserver.readopt(server) == 1
+    finally:
+        os.kill(start, signal.SIGCONT)  # it parks the fork, then takes it back
+    reply = vmm.send(cmd="touch", all=True, order="random")
+    assert reply["bad"] == 0, reply["mismatches"]
+    stats = server.stats("a")
+    assert stats.state == "serving" and stats.errors == 0
+    assert stats.faults == reply["touched"]  # the first page was in already
+    assert _until(lambda: _uffds(first) + _uffds(other) == 1)
+
+
+def test_a_fork_taken_over_while_its_move_target_is_stopped_is_served_by_the_new_side(
+    make_server, vmms
+) -> None:
+    old = make_server()
+    first, other = _two_workers(old)
+    vmm = _start(old, vmms)
+    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    start = old.stats("a").worker_pid
+    to = other if start == first else first
+    sup = old._sup
+    entry = sup.table.by_id["a"]
+    os.kill(to, signal.SIGSTOP)  # the adoption waits in the target's channel
+    try:
+        _move(old, "a", to)
+        with sup.changed:  # parked by the first worker, not yet taken by the target
+            assert sup.changed.wait_for(lambda: entry.stage is Stage.ADOPTING, 10)
+        pageserver.quiesce(old, time.monotonic() + 5)
+        thread, result = in_thread(lambda: pageserver.release(old, time.monotonic() + 20))
+    finally:
+        os.kill(to, signal.SIGCONT)
+    thread.join(30)
+    assert "error" not in result, result
+    state, fds = pageserver.export(old)
+    new = make_server(workers=1)
+    assert pageserver.adopt(new, state, [os.dup(fd) for fd in fds]) == 1
+    pageserver.abandon(old)
+    reply = vmm.send(cmd="touch", all=True, order="random")
+    assert reply["bad"] == 0, reply["mismatches"]
+    stats = new.stats("a")
+    assert stats.errors == 0 and stats.faults == reply["touched"]  # every page once
+    assert stats.worker_pid in new.worker_pids()
+
+
+def test_a_fork_unregistered_while_its_move_target_dies_leaves_no_parked_copy_following_off(
+    make_server, vmms
+) -> None:
+    server = make_server()
+    first, other = _two_workers(server)
+    vmm = _start(server, vmms)
+    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
+    start = server.stats("a").worker_pid
+    to = other if start == first else first
+    sup = server._sup
+    entry = sup.table.by_id["a"]
+    os.kill(to, signal.SIGSTOP)  # the adoption and the drop wait in the target's channel
+    try:
+        _move(server, "a", to)
+        with sup.changed:  # parked by the first worker, not yet taken by the target
+            assert sup.changed.wait_for(lambda: entry.stage is Stage.ADOPTING, 10)
+        thread, result = in_thread(lambda: server.unregister_fork("a"))
+        with sup.changed:
+            assert sup.changed.wait_for(lambda: entry.stage is Stage.DROPPING, 10)
+    finally:
+        os.kill(to, signal.SIGKILL)  # dies with the adoption unread: the drop ends the fork
+    thread.join(30)
+    assert not thread.is_alive() and "error" not in result, result
+    assert entry.final  # following is off (as _start left it): no move is decided again
+    # The first worker must not keep its parked copy of the uffd: with it open, the guest
+    # (still running) would wait on its next fault for a server that never comes.
+    assert _until(lambda: _uffds(start) == 0, 5), "the parked copy was never forgotten"

@@ -176,13 +176,18 @@ class ForkFollower:
         }
 
     def run(self, now: float) -> None:
-        """Look where the VMMs of faulting forks run, and move the settled ones (lock held)."""
-        if not self.enabled or now < self._next:
+        """Look where the VMMs of faulting forks run, and move the settled ones; have the
+        parked copies of forks that ended closed (lock held)."""
+        if now < self._next:
             return
-        homes = self.homes()
         watches = self._watches
+        # Even with following turned off: a fork that ended mid-move (its target died before
+        # it served it) has its parked copy closed only here.
         for key in [k for k in watches if k not in self._table.by_key]:
             self._forget(key, watches.pop(key))
+        if not self.enabled:
+            return
+        homes = self.homes()
         if len(homes) < 2:
             return
         for key, entry in self._table.by_key.items():
