@@ -38,8 +38,6 @@ from pagefork.vmm.kvm.process import ForkProcess
 TEMPLATE = {"mem_size_mib": 16, "variants": 4}
 
 
-
-
 def _run_fork(client: DaemonClient, template: str, index: int) -> tuple[dict[str, Any], Any]:
     """One fork with the KVM driver: create (restore, prefetch, resume), wait, release."""
     fork = client.create_fork(template, vmm="kvm", options={"fork_index": index})

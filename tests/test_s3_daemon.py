@@ -248,9 +248,7 @@ def test_a_hot_set_recorded_here_is_pushed_with_its_hot_pack_for_cold_hosts(
     assert doc["hot_pack"]["size"] == 30 * PAGE  # exactly the recorded pages
     # A cold host (its own cache) made from the prefix prefetches just those pages.
     here.close()
-    cold = StoreOptions(
-        cache=ChunkCache(str(tmp_path / "cold"), 1 << 30), endpoint_url=s3_endpoint
-    )
+    cold = StoreOptions(cache=ChunkCache(str(tmp_path / "cold"), 1 << 30), endpoint_url=s3_endpoint)
     _, other = start_daemon(drivers={}, store=cold, state_dir=tmp_path / "state2")
     other.create_template_from("rec", url)
     later = other.create_fork("rec", fork_id="later")
