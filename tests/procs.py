@@ -319,3 +319,17 @@ def host_lock(name: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def fd_targets(pid: int | str = "self") -> list[str]:
+    """What each open fd of process ``pid`` is (its /proc link: a path or an anon inode)."""
+    found = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            found.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+    return found
+
+
+def uffds_held(pid: int) -> int:
+    """How many userfaultfds process ``pid`` holds."""
+    return fd_targets(pid).count("anon_inode:[userfaultfd]")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from procs import fd_targets, uffds_held
 
 from conftest import PAGE, in_thread, make_mem_file, needs_uffd
 from pagefork.hotpages import HotPageList
@@ -38,28 +39,6 @@ def _two_workers(server: PageServer) -> tuple[int, int]:
     server.wait_ready()
     first, other = server.worker_pids()[:2]
     return first, other
-
-
-def _uffds(pid: int) -> int:
-    """How many userfaultfds process ``pid`` holds."""
-    found = 0
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            found += os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]"
-        except OSError:
-            pass
-    return found
-
-
-def _kinds() -> list[str]:
-    """What each fd of this process is."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            found.append(os.readlink(f"/proc/self/fd/{name}"))
-        except OSError:
-            pass
-    return found
 
 
 def _until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -101,12 +80,26 @@ def _start(server: PageServer, vmms, fork: str = "a") -> VmmProcess:
     return vmm
 
 
-def test_a_range_removed_while_its_fork_moves_stays_zero_on_both_workers(make_server, vmms) -> None:
-    server = make_server()
+def _placed(server: PageServer, vmms, touch_first: bool) -> tuple[VmmProcess, int, int]:
+    """Fork "a" of a new VMM on ``server`` (its first page in, if ``touch_first``): the VMM,
+    the worker serving it, and the other worker (a move's target)."""
     first, other = _two_workers(server)
     vmm = _start(server, vmms)
+    if touch_first:
+        assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
     start = server.stats("a").worker_pid
-    to = other if start == first else first
+    return vmm, start, other if start == first else first
+
+
+def _wait_stage(entry, sup, stage: Stage) -> None:
+    """Wait (10 s at most) until the fork ``entry`` of supervisor ``sup`` is at ``stage``."""
+    with sup.changed:
+        assert sup.changed.wait_for(lambda: entry.stage is stage, 10), entry.stage
+
+
+def test_a_range_removed_while_its_fork_moves_stays_zero_on_both_workers(make_server, vmms) -> None:
+    server = make_server()
+    vmm, start, to = _placed(server, vmms, touch_first=False)
     pages = [[0, i * PAGE] for i in range(128)]
     assert vmm.send(cmd="touch", pages=pages)["bad"] == 0  # template bytes in
     os.kill(start, signal.SIGSTOP)  # the move's release waits, unread
@@ -163,7 +156,7 @@ def test_many_moves_lose_nothing_and_leak_no_fd(make_server, vmms) -> None:
     for _ in range(40):
         step()
     # The worker that served it last parked its copies until told to forget them.
-    assert _until(lambda: _uffds(first) + _uffds(other) == 1)
+    assert _until(lambda: uffds_held(first) + uffds_held(other) == 1)
     after = {pid: len(os.listdir(f"/proc/{pid}/fd")) for pid in (os.getpid(), first, other)}
     assert after == before
     stats = server.stats("a")
@@ -175,16 +168,13 @@ def test_a_target_killed_before_it_adopts_leaves_the_fork_served_and_the_old_cop
     make_server, vmms
 ) -> None:
     server = make_server()
-    first, other = _two_workers(server)
-    vmm = _start(server, vmms)
-    start = server.stats("a").worker_pid
-    to = other if start == first else first
+    vmm, _start_pid, to = _placed(server, vmms, touch_first=False)
     sup = server._sup
     entry = sup.table.by_id["a"]
     os.kill(to, signal.SIGSTOP)  # the adoption waits in its channel, unread
     _move(server, "a", to)
-    with sup.changed:  # the first worker let it go (parked): the target is told
-        assert sup.changed.wait_for(lambda: entry.stage is Stage.ADOPTING, 10)
+    # The first worker let it go (parked): the target is told.
+    _wait_stage(entry, sup, Stage.ADOPTING)
     os.kill(to, signal.SIGKILL)
     reply = vmm.send(cmd="touch", all=True)
     assert reply["bad"] == 0, reply["mismatches"]
@@ -196,16 +186,12 @@ def test_a_target_killed_before_it_adopts_leaves_the_fork_served_and_the_old_cop
     assert stats.faults == reply["touched"] and stats.errors == 0
     # Exactly one copy of the fork's uffd among the workers: no parked copy left behind.
     pids = [p for p in server.worker_pids() if p != to]
-    assert _until(lambda: sum(_uffds(p) for p in pids) == 1)
+    assert _until(lambda: sum(uffds_held(p) for p in pids) == 1)
 
 
 def test_a_fork_unregistered_while_it_moves_ends_and_leaves_no_copy(make_server, vmms) -> None:
     server = make_server()
-    first, other = _two_workers(server)
-    vmm = _start(server, vmms)
-    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
-    start = server.stats("a").worker_pid
-    to = other if start == first else first
+    _vmm, start, to = _placed(server, vmms, touch_first=True)
     os.kill(start, signal.SIGSTOP)
     try:
         _move(server, "a", to)
@@ -214,8 +200,8 @@ def test_a_fork_unregistered_while_it_moves_ends_and_leaves_no_copy(make_server,
         os.kill(start, signal.SIGCONT)
     thread.join(30)
     assert not thread.is_alive() and "error" not in result, result
-    assert _until(lambda: _uffds(first) + _uffds(other) == 0)
-    assert set(server.worker_pids()[:2]) == {first, other}  # nobody died for it
+    assert _until(lambda: uffds_held(start) + uffds_held(to) == 0)
+    assert set(server.worker_pids()[:2]) == {start, to}  # nobody died for it
     # Another fork is served as usual.
     vmm2 = _start(server, vmms, "b")
     assert vmm2.send(cmd="touch", all=True)["bad"] == 0
@@ -223,11 +209,7 @@ def test_a_fork_unregistered_while_it_moves_ends_and_leaves_no_copy(make_server,
 
 def test_a_takeover_during_a_move_releases_the_fork_once_and_readopts_it(make_server, vmms) -> None:
     server = make_server()
-    first, other = _two_workers(server)
-    vmm = _start(server, vmms)
-    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
-    start = server.stats("a").worker_pid
-    to = other if start == first else first
+    vmm, start, to = _placed(server, vmms, touch_first=True)
     os.kill(start, signal.SIGSTOP)
     try:
         _move(server, "a", to)
@@ -240,23 +222,20 @@ def test_a_takeover_during_a_move_releases_the_fork_once_and_readopts_it(make_se
     state, _ = pageserver.export(server)  # the fds stay the server's
     assert [f["fork"] for f in state["forks"]] == ["a"]
     # Released whole: no worker keeps a copy for the new side to compete with.
-    assert _until(lambda: _uffds(first) + _uffds(other) == 0)
+    assert _until(lambda: uffds_held(start) + uffds_held(to) == 0)
     assert pageserver.readopt(server) == 1
     reply = vmm.send(cmd="touch", all=True)
     assert reply["bad"] == 0, reply["mismatches"]
     stats = server.stats("a")
     assert stats.state == "serving" and stats.errors == 0 and stats.faults == reply["touched"]
-    assert _until(lambda: _uffds(first) + _uffds(other) == 1)
+    assert _until(lambda: uffds_held(start) + uffds_held(to) == 1)
 
 
 def test_a_page_server_closed_during_a_move_closes_and_leaves_the_vmm_alone(
     make_server, vmms
 ) -> None:
     server = make_server()
-    first, other = _two_workers(server)
-    vmm = _start(server, vmms)
-    start = server.stats("a").worker_pid
-    to = other if start == first else first
+    vmm, start, to = _placed(server, vmms, touch_first=False)
     os.kill(start, signal.SIGSTOP)
     _move(server, "a", to)
     thread, result = in_thread(server.close)
@@ -270,10 +249,7 @@ def test_a_prefetch_armed_during_a_move_runs_on_the_worker_that_takes_the_fork(
     make_server, vmms
 ) -> None:
     server = make_server()
-    first, other = _two_workers(server)
-    vmm = _start(server, vmms)
-    start = server.stats("a").worker_pid
-    to = other if start == first else first
+    vmm, start, to = _placed(server, vmms, touch_first=False)
     hot = HotPageList.from_pages([(0, i * PAGE) for i in range(256)])
     os.kill(start, signal.SIGSTOP)  # the move's release waits, unread
     try:
@@ -295,7 +271,7 @@ def test_a_vmm_that_exits_during_a_move_ends_its_fork_and_leaves_no_fd(make_serv
     server = make_server()
     first, other = _two_workers(server)
     server.wait_ready()
-    pidfds = _kinds().count("anon_inode:[pidfd]")
+    pidfds = fd_targets().count("anon_inode:[pidfd]")
     vmm = _start(server, vmms)
     assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
     start = server.stats("a").worker_pid
@@ -308,12 +284,12 @@ def test_a_vmm_that_exits_during_a_move_ends_its_fork_and_leaves_no_fd(make_serv
     finally:
         os.kill(start, signal.SIGCONT)
     assert server.wait_ended("a", timeout=10).faults == 1
-    assert _until(lambda: _uffds(first) + _uffds(other) == 0)
+    assert _until(lambda: uffds_held(start) + uffds_held(to) == 0)
     server.unregister_fork("a")
     # This process (the supervisor) keeps neither its uffd nor its pidfd.
-    assert "anon_inode:[userfaultfd]" not in _kinds()
-    assert _kinds().count("anon_inode:[pidfd]") == pidfds
-    assert set(server.worker_pids()[:2]) == {first, other}  # nobody died for it
+    assert "anon_inode:[userfaultfd]" not in fd_targets()
+    assert fd_targets().count("anon_inode:[pidfd]") == pidfds
+    assert set(server.worker_pids()[:2]) == {start, to}  # nobody died for it
 
 
 def test_forks_whose_vmms_hop_between_cpus_are_served_every_byte_once(
@@ -350,7 +326,7 @@ def test_forks_whose_vmms_hop_between_cpus_are_served_every_byte_once(
             assert stats.faults == 4096 and stats.pages_copied + stats.zero_pages == 4096
             assert stats.errors == 0 and stats.state == "serving"
         workers = server.worker_pids()[:2]
-        assert _until(lambda: sum(_uffds(p) for p in workers) == 2)  # no parked copy kept
+        assert _until(lambda: sum(uffds_held(p) for p in workers) == 2)  # no parked copy kept
     finally:
         for vmm in guests.values():
             vmm.close()
@@ -360,17 +336,13 @@ def test_an_old_worker_killed_after_it_parked_the_fork_costs_the_move_nothing(
     make_server, vmms
 ) -> None:
     server = make_server()
-    first, other = _two_workers(server)
-    vmm = _start(server, vmms)
-    start = server.stats("a").worker_pid
-    to = other if start == first else first
+    vmm, start, to = _placed(server, vmms, touch_first=False)
     sup = server._sup
     entry = sup.table.by_id["a"]
     os.kill(to, signal.SIGSTOP)  # the adoption waits in the target's channel
     try:
         _move(server, "a", to)
-        with sup.changed:  # the old worker parked it and answered
-            assert sup.changed.wait_for(lambda: entry.stage is Stage.ADOPTING, 10)
+        _wait_stage(entry, sup, Stage.ADOPTING)  # the old worker parked it and answered
         os.kill(start, signal.SIGKILL)
         thread, result = in_thread(lambda: vmm.send(cmd="touch", all=True, order="random"))
     finally:
@@ -388,11 +360,7 @@ def test_a_takeover_whose_release_times_out_mid_move_readopts_the_fork_once(
     make_server, vmms
 ) -> None:
     server = make_server()
-    first, other = _two_workers(server)
-    vmm = _start(server, vmms)
-    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
-    start = server.stats("a").worker_pid
-    to = other if start == first else first
+    vmm, start, to = _placed(server, vmms, touch_first=True)
     os.kill(start, signal.SIGSTOP)  # asked to park it for the move, it cannot answer
     try:
         _move(server, "a", to)
@@ -407,25 +375,21 @@ def test_a_takeover_whose_release_times_out_mid_move_readopts_the_fork_once(
     stats = server.stats("a")
     assert stats.state == "serving" and stats.errors == 0
     assert stats.faults == reply["touched"]  # the first page was in already
-    assert _until(lambda: _uffds(first) + _uffds(other) == 1)
+    assert _until(lambda: uffds_held(start) + uffds_held(to) == 1)
 
 
 def test_a_fork_taken_over_while_its_move_target_is_stopped_is_served_by_the_new_side(
     make_server, vmms
 ) -> None:
     old = make_server()
-    first, other = _two_workers(old)
-    vmm = _start(old, vmms)
-    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
-    start = old.stats("a").worker_pid
-    to = other if start == first else first
+    vmm, _start_pid, to = _placed(old, vmms, touch_first=True)
     sup = old._sup
     entry = sup.table.by_id["a"]
     os.kill(to, signal.SIGSTOP)  # the adoption waits in the target's channel
     try:
         _move(old, "a", to)
-        with sup.changed:  # parked by the first worker, not yet taken by the target
-            assert sup.changed.wait_for(lambda: entry.stage is Stage.ADOPTING, 10)
+        # Parked by the first worker, not yet taken by the target.
+        _wait_stage(entry, sup, Stage.ADOPTING)
         pageserver.quiesce(old, time.monotonic() + 5)
         thread, result = in_thread(lambda: pageserver.release(old, time.monotonic() + 20))
     finally:
@@ -447,18 +411,14 @@ def test_a_fork_unregistered_while_its_move_target_dies_leaves_no_parked_copy_fo
     make_server, vmms
 ) -> None:
     server = make_server()
-    first, other = _two_workers(server)
-    vmm = _start(server, vmms)
-    assert vmm.send(cmd="touch", pages=[[0, 0]])["bad"] == 0
-    start = server.stats("a").worker_pid
-    to = other if start == first else first
+    _vmm, start, to = _placed(server, vmms, touch_first=True)
     sup = server._sup
     entry = sup.table.by_id["a"]
     os.kill(to, signal.SIGSTOP)  # the adoption and the drop wait in the target's channel
     try:
         _move(server, "a", to)
-        with sup.changed:  # parked by the first worker, not yet taken by the target
-            assert sup.changed.wait_for(lambda: entry.stage is Stage.ADOPTING, 10)
+        # Parked by the first worker, not yet taken by the target.
+        _wait_stage(entry, sup, Stage.ADOPTING)
         thread, result = in_thread(lambda: server.unregister_fork("a"))
         with sup.changed:
             assert sup.changed.wait_for(lambda: entry.stage is Stage.DROPPING, 10)
@@ -469,4 +429,4 @@ def test_a_fork_unregistered_while_its_move_target_dies_leaves_no_parked_copy_fo
     assert entry.final  # following is off (as _start left it): no move is decided again
     # The first worker must not keep its parked copy of the uffd: with it open, the guest
     # (still running) would wait on its next fault for a server that never comes.
-    assert _until(lambda: _uffds(start) == 0, 5), "the parked copy was never forgotten"
+    assert _until(lambda: uffds_held(start) == 0, 5), "the parked copy was never forgotten"

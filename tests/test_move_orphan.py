@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import ALL_PAGES, Proc, exited
+from procs import ALL_PAGES, Proc, exited, uffds_held
 
 from conftest import in_thread, needs_uffd
 from pagefork import uffd
@@ -96,17 +96,6 @@ def _tell(proc: Proc, **command: object) -> None:
     proc.proc.stdin.flush()
 
 
-def _uffds(pid: int) -> int:
-    """How many userfaultfds process ``pid`` holds."""
-    found = 0
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            found += os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]"
-        except OSError:
-            pass  # closed meanwhile
-    return found
-
-
 def _kill_mid_move(
     supervisor: Proc, mem_file: Path, step: str
 ) -> tuple[dict[str, VmmProcess], int, int]:
@@ -164,7 +153,7 @@ def test_supervisor_killed_between_the_release_and_the_adoption_the_old_worker_s
         # The old worker had parked "a": nobody took its ledger's lock, so it serves it on.
         _touch_all(guests)
         supervisor.wait_err(f"pagefork worker {old}: supervisor gone: serving 2 forks on")
-        assert _uffds(old) == 2
+        assert uffds_held(old) == 2
     finally:
         for g in guests.values():
             g.close()
@@ -181,9 +170,9 @@ def test_supervisor_killed_after_the_adoption_only_the_target_serves_the_fork(
         # serves only "b" on; the target serves "a" on.
         supervisor.wait_err(f"pagefork worker {old}: supervisor gone: serving 1 forks on")
         supervisor.wait_err(f"pagefork worker {target}: supervisor gone: serving 1 forks on")
-        assert _uffds(old) == 1 and _uffds(target) == 1
+        assert uffds_held(old) == 1 and uffds_held(target) == 1
         _touch_all(guests)
-        assert _uffds(old) == 1 and _uffds(target) == 1
+        assert uffds_held(old) == 1 and uffds_held(target) == 1
     finally:
         for g in guests.values():
             g.close()
@@ -263,12 +252,12 @@ def test_after_a_move_the_old_worker_closes_its_parked_copy_once_the_target_serv
     # Told to forget it once the target serves it: its copies go (the uffd among them).
     gone = threading.Event()
     for _ in range(3000):
-        if _uffds(old.pid) == 0:
+        if uffds_held(old.pid) == 0:
             gone.set()
             break
         gone.wait(0.01)
     assert gone.is_set(), "the old worker keeps its copy of the moved fork's uffd"
-    assert _uffds(target.pid) == 1
+    assert uffds_held(target.pid) == 1
     assert vmm.send(cmd="touch", all=True, order="random")["bad"] == 0
     stats = server.stats("a")
     assert stats.worker_pid == target.pid and stats.moves == 1 and stats.faults == ALL_PAGES
