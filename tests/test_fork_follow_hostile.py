@@ -258,6 +258,8 @@ def test_a_prefetch_armed_during_a_move_runs_on_the_worker_that_takes_the_fork(
         server.prefetch_at_handshake("a", hot, timeout=20)
     finally:
         os.kill(start, signal.SIGCONT)
+    # It starts on its own once the new worker serves the fork, before anyone asks for it.
+    assert _until(lambda: server.stats("a").prefetched_pages == 256), server.stats("a")
     result = server.prefetch("a", hot, timeout=20)
     assert result.installed + result.already_present == 256
     stats = server.stats("a")

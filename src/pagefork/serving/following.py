@@ -252,10 +252,11 @@ class ForkFollower:
 
     def adopted(self, entry: ForkRecord, worker: WorkerProcess) -> None:
         """``worker`` serves ``entry`` now (lock held): the worker it moved from, if any, may
-        close its parked copies."""
+        close its parked copies, and a prefetch armed while it moved starts, on ``worker``."""
         watch = self._watches.get(entry.key)
         if watch is not None:
             self._forget(entry.key, watch, worker)
+        self._prefetcher.connected(entry)
 
     @staticmethod
     def _forget(key: str, watch: _Watch, serving: WorkerProcess | None = None) -> None:

@@ -171,8 +171,9 @@ class PrefetchService:
         # Lock held. The plan is cached (or stored with the list) in the usual case; planning
         # anew here holds the lock for about a millisecond.
         if self._lazy is not None or entry.worker is None or entry.stage is Stage.MOVING:
-            # The caller's prefetch() sends it: a lazy template's chunks come first, and a
-            # moving fork's worker is letting it go (prefetch() waits for the move).
+            # Not now: a lazy template's chunks come first (the caller's prefetch() sends it),
+            # and a moving fork's worker is letting it go (it starts once the fork's new
+            # worker serves it: ForkFollower.adopted).
             return
         try:
             token, plan = self._plan(armed.hot, list(entry.regions))
