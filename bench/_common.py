@@ -36,7 +36,7 @@ from rich.table import Table
 from pagefork.hotpages import HotPageList
 from pagefork.server import PageServer, ServerConfig
 from pagefork.stats import ForkStats
-from pagefork.testing.s3proxy import MotoServer, S3ProxyProcess
+from pagefork.testing.s3proxy import MotoServer, S3ProxyProcess, environment
 from pagefork.testing.vmm import VmmProcess
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -308,14 +308,5 @@ S3_CREDENTIALS = {
 def s3_store() -> Iterator[tuple[str, S3ProxyProcess]]:
     """A local ``moto_server`` behind the latency proxy, with the benchmarks' credentials in
     the environment while it runs: (the server's URL, the proxy process)."""
-    saved = {k: os.environ.get(k) for k in S3_CREDENTIALS}
-    os.environ.update(S3_CREDENTIALS)
-    try:
-        with MotoServer() as moto, S3ProxyProcess(moto.url) as proxy:
-            yield moto.url, proxy
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environment(S3_CREDENTIALS), MotoServer() as moto, S3ProxyProcess(moto.url) as proxy:
+        yield moto.url, proxy

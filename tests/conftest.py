@@ -181,19 +181,10 @@ S3_ENV = {
 def s3_endpoint() -> Iterator[str]:
     """``http://127.0.0.1:PORT`` of a ``moto_server`` started for the session (killed after);
     the AWS credentials the session's clients use are set meanwhile."""
-    from pagefork.testing.s3proxy import MotoServer
+    from pagefork.testing.s3proxy import MotoServer, environment
 
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    try:
-        with MotoServer() as server:
-            yield server.url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environment(S3_ENV), MotoServer() as server:
+        yield server.url
 
 
 @pytest.fixture

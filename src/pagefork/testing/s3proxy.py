@@ -31,6 +31,7 @@ import contextlib
 import http.client
 import http.server
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 
 #: Headers that belong to one hop, not to the request or response.
@@ -392,6 +394,22 @@ class S3Proxy:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` while the block runs (a test's or a benchmark's store
+    credentials); what was there before, or its absence, is restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class MotoServer:
