@@ -62,14 +62,17 @@ def run_prefetch(
         return
 
     def head_in(so_far: PrefetchResult) -> None:
-        ipc.send(chan, M.PrefetchHead(req, so_far))  # the guest may resume now
+        c[L.PREFETCHED] = 1  # the guest may resume now: from now on a demand fault is a miss
+        ipc.send(chan, M.PrefetchHead(req, so_far))
         if worker.crash_at:
             worker.crash_point("stream")
 
     target = _Target(worker, f)
     f.move(WorkerEvent.PREFETCH_STARTED)
     c = f.ledger.counters
-    c[L.PREFETCHED] = 1  # from now on a demand fault is a miss
+    # A fault served between two slices of the install is the VMM's own (Firecracker writes
+    # VMGenID while it loads), not a page the guest missed: misses count from the moment the
+    # guest may resume, once the install (or its head) is in.
     try:
         result = execute_plan(
             plan, target, regions=f.regions, timeout=timeout, head=head, on_head=head_in
@@ -84,6 +87,7 @@ def run_prefetch(
         c[L.PREFETCHED_PAGES] += result.installed
         ipc.send(chan, M.Prefetched(req, result, None, result.installed))
     finally:
+        c[L.PREFETCHED] = 1  # from now on a demand fault is a miss
         if WorkerCommand.END_DEFERRED in f.move(WorkerEvent.PREFETCH_STOPPED):
             assert f.end_reason is not None
             worker.table.close(f, *f.end_reason)
